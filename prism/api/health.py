@@ -1,0 +1,76 @@
+"""``grpc.health.v1.Health``: the server ("") and each namespace by name.
+
+A namespace is SERVING while its backend answers; backends that can go away
+(issue 4) report through :meth:`HealthState.set`. ``Watch`` streams the
+current status and then every change until the client leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import trio
+from grpc_health.v1 import health_pb2
+
+from prism.errors import NotFound
+
+SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthState:
+    """Status per service name, with a parking lot for watchers."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": SERVING}
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def set(self, name: str, status: int) -> None:
+        if self._status.get(name) != status:
+            self._status[name] = status
+            self._changed.unpark_all()
+
+    def forget(self, name: str) -> None:
+        if self._status.pop(name, None) is not None:
+            self._changed.unpark_all()
+
+    def items(self) -> list[tuple[str, int]]:
+        return list(self._status.items())
+
+    def get(self, name: str) -> int | None:
+        return self._status.get(name)
+
+    async def changed(self) -> None:
+        await self._changed.park()
+
+
+class Health:
+    def __init__(self, state: HealthState) -> None:
+        self._state = state
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, call: object) -> health_pb2.HealthCheckResponse:
+        status = self._state.get(request.service)
+        if status is None:
+            raise NotFound(f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+
+    async def List(self, request: health_pb2.HealthListRequest, call: object) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for name, status in self._state.items():
+            response.statuses[name].status = status  # type: ignore[assignment]
+        return response
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, call: object
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last: int | None = None
+        while True:
+            status = self._state.get(request.service)
+            current = SERVICE_UNKNOWN if status is None else status
+            if current != last:
+                yield health_pb2.HealthCheckResponse(status=current)  # type: ignore[arg-type]
+                last = current
+            await self._state.changed()

@@ -1,0 +1,192 @@
+"""``prism.kv.v1.KeyValue``: request checks and conversion, nothing stored here.
+
+Each RPC validates its request (namespace known, id non-empty, predicate and
+page token sound), turns protobuf into the backend's plain structs, and the
+backend's answer back into protobuf. Semantics live in the backends (see
+``prism/backends/base.py``), so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+
+from prism.backends import base
+from prism.errors import InvalidArgument, NotFound
+from prism.proto import common_pb2, kv_pb2
+
+from .pagetoken import PageTokens
+
+SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"]
+
+DEFAULT_LIMIT_ITEMS = 1000
+MAX_LIMIT_ITEMS = 10000
+DEFAULT_LIMIT_BYTES = 1024 * 1024
+
+_Item = kv_pb2.Item
+_MATCH_ALL = base.MatchAll()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _stamp(token: common_pb2.IdempotencyToken) -> base.Stamp:
+    if token.generation_time_us < 0:
+        raise InvalidArgument("idempotency_token.generation_time_us must not be negative")
+    t = token.generation_time_us or time.time_ns() // 1000
+    return base.Stamp(t, token.token)
+
+
+def _predicate(p: kv_pb2.Predicate) -> base.Predicate:
+    which = p.WhichOneof("match")
+    if which is None or which == "match_all":
+        return _MATCH_ALL
+    if which == "match_keys":
+        if not p.match_keys.keys:
+            raise InvalidArgument("predicate.match_keys.keys must not be empty")
+        return base.MatchKeys(tuple(sorted(set(p.match_keys.keys))))
+    r = p.match_range
+    if r.end and r.start >= r.end:
+        raise InvalidArgument("predicate.match_range: start must be before end")
+    return base.MatchRange(r.start, r.end)
+
+
+def _item_write(item: kv_pb2.Item, now_ms: int) -> base.ItemWrite:
+    if not item.key:
+        raise InvalidArgument("item key must not be empty")
+    if item.ttl_ms < 0:
+        raise InvalidArgument("item ttl_ms must not be negative")
+    expires = now_ms + item.ttl_ms if item.ttl_ms else 0
+    return base.ItemWrite(item.key, item.value, expires)
+
+
+def _fingerprint(*parts: bytes) -> bytes:
+    return hashlib.blake2b(b"\x00".join(parts), digest_size=16).digest()
+
+
+class KeyValue:
+    """The KeyValue service over a namespace -> backend table."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, base.KeyValueBackend],
+        tokens: PageTokens,
+        *,
+        max_limit_bytes: int,
+    ) -> None:
+        self.backends = backends
+        self._tokens = tokens
+        self._max_limit_bytes = max_limit_bytes
+
+    def _backend(self, namespace: str, id: str | None = None) -> base.KeyValueBackend:
+        backend = self.backends.get(namespace)
+        if backend is None:
+            raise NotFound(f"unknown namespace {namespace!r}")
+        if id is not None and not id:
+            raise InvalidArgument("id must not be empty")
+        return backend
+
+    def _limits(self, s: common_pb2.Selection) -> tuple[int, int]:
+        items = min(s.limit_items or DEFAULT_LIMIT_ITEMS, MAX_LIMIT_ITEMS)
+        nbytes = min(s.limit_bytes or DEFAULT_LIMIT_BYTES, self._max_limit_bytes)
+        return items, nbytes
+
+    async def PutItems(self, request: kv_pb2.PutItemsRequest, call: object) -> kv_pb2.PutItemsResponse:
+        backend = self._backend(request.namespace, request.id)
+        now = _now_ms()
+        items = [_item_write(i, now) for i in request.items]
+        await backend.put_items(request.id, items, _stamp(request.idempotency_token), now)
+        return kv_pb2.PutItemsResponse()
+
+    async def GetItems(self, request: kv_pb2.GetItemsRequest, call: object) -> kv_pb2.GetItemsResponse:
+        backend = self._backend(request.namespace, request.id)
+        predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
+        selection = request.selection
+        limit_items, limit_bytes = self._limits(selection)
+        after: bytes | None = None
+        fingerprint = b""
+        if request.page_token:
+            fingerprint = self._get_fingerprint(request)
+            cursor = self._tokens.open(request.page_token, fingerprint)
+            if not isinstance(cursor, bytes):
+                raise InvalidArgument("page_token was issued for another request")
+            after = cursor
+        page = await backend.get_items(
+            request.id,
+            predicate,
+            reverse=selection.reverse,
+            after=after,
+            limit_items=limit_items,
+            limit_bytes=limit_bytes,
+            now_ms=_now_ms(),
+        )
+        response = kv_pb2.GetItemsResponse(
+            items=[_Item(key=i.key, value=i.value, expires_at_ms=i.expires_at_ms) for i in page.items]
+        )
+        if page.last_key is not None:
+            fingerprint = fingerprint or self._get_fingerprint(request)
+            response.next_page_token = self._tokens.seal(fingerprint, page.last_key)
+        return response
+
+    @staticmethod
+    def _get_fingerprint(request: kv_pb2.GetItemsRequest) -> bytes:
+        return _fingerprint(
+            b"get",
+            request.namespace.encode(),
+            request.id.encode(),
+            request.predicate.SerializeToString(deterministic=True),
+            b"r" if request.selection.reverse else b"f",
+        )
+
+    async def DeleteItems(
+        self, request: kv_pb2.DeleteItemsRequest, call: object
+    ) -> kv_pb2.DeleteItemsResponse:
+        backend = self._backend(request.namespace, request.id)
+        predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
+        await backend.delete_items(request.id, predicate, _stamp(request.idempotency_token), _now_ms())
+        return kv_pb2.DeleteItemsResponse()
+
+    async def MutateItems(
+        self, request: kv_pb2.MutateItemsRequest, call: object
+    ) -> kv_pb2.MutateItemsResponse:
+        backend = self._backend(request.namespace, request.id)
+        now = _now_ms()
+        mutations: list[base.Mutation] = []
+        for n, m in enumerate(request.mutations):
+            which = m.WhichOneof("op")
+            if which == "put":
+                mutations.append(base.Put(_item_write(m.put, now)))
+            elif which == "delete":
+                mutations.append(base.Delete(_predicate(m.delete)))
+            else:
+                raise InvalidArgument(f"mutations[{n}]: neither put nor delete is set")
+        await backend.mutate_items(request.id, mutations, _stamp(request.idempotency_token), now)
+        return kv_pb2.MutateItemsResponse()
+
+    async def ScanItems(self, request: kv_pb2.ScanItemsRequest, call: object) -> kv_pb2.ScanItemsResponse:
+        backend = self._backend(request.namespace)
+        limit_items, limit_bytes = self._limits(request.selection)
+        fingerprint = _fingerprint(b"scan", request.namespace.encode())
+        after: str | None = None
+        if request.page_token:
+            cursor = self._tokens.open(request.page_token, fingerprint)
+            if not isinstance(cursor, str):
+                raise InvalidArgument("page_token was issued for another request")
+            after = cursor
+        page = await backend.scan_items(
+            after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=_now_ms()
+        )
+        response = kv_pb2.ScanItemsResponse(
+            records=[
+                kv_pb2.Record(
+                    id=rid,
+                    items=[_Item(key=i.key, value=i.value, expires_at_ms=i.expires_at_ms) for i in items],
+                )
+                for rid, items in page.records
+            ]
+        )
+        if page.last_id is not None:
+            response.next_page_token = self._tokens.seal(fingerprint, page.last_id)
+        return response

@@ -1,0 +1,133 @@
+"""The KeyValue backend Protocol and the plain data types it speaks.
+
+Backends see neither protobuf nor gRPC: the API layer validates requests and
+hands over these structs; backends return them. Every method receives the
+caller's clock (``now_ms``) so that TTL behaves identically in every backend
+and tests can drive time.
+
+Semantics every backend implements (the contract suite checks them):
+
+- Items of a record are ordered by key, unsigned bytewise.
+- Each stored item remembers the stamp (``generation_time_us``, ``token``)
+  of the write that produced it. A put of an item is skipped when the stored
+  item's stamp is newer: stamps compare as the tuple (time, token).
+  A delete removes only matched items whose stamp is not newer than its own.
+- A write whose non-empty token was already applied to the same
+  (namespace, id) within ``IDEMPOTENCY_WINDOW_MS`` does nothing.
+- Items with ``expires_at_ms`` != 0 and <= now_ms are never returned and
+  count as absent.
+- ``mutate_items`` applies its mutations in order, all or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+
+
+class Stamp(msgspec.Struct, frozen=True):
+    """When and by which token a write was made (client clock, or server's)."""
+
+    generation_time_us: int
+    token: str = ""
+
+
+class ItemWrite(msgspec.Struct, frozen=True):
+    key: bytes
+    value: bytes
+    expires_at_ms: int = 0  # absolute; 0 never
+
+
+class StoredItem(msgspec.Struct, frozen=True):
+    key: bytes
+    value: bytes
+    expires_at_ms: int = 0
+
+
+class MatchAll(msgspec.Struct, frozen=True, tag="all"):
+    pass
+
+
+class MatchKeys(msgspec.Struct, frozen=True, tag="keys"):
+    keys: tuple[bytes, ...]
+
+
+class MatchRange(msgspec.Struct, frozen=True, tag="range"):
+    start: bytes = b""
+    end: bytes = b""  # exclusive; b"" means to the last key
+
+
+Predicate = MatchAll | MatchKeys | MatchRange
+
+
+class Put(msgspec.Struct, frozen=True, tag="put"):
+    item: ItemWrite
+
+
+class Delete(msgspec.Struct, frozen=True, tag="delete"):
+    predicate: Predicate
+
+
+Mutation = Put | Delete
+
+
+class ItemPage(msgspec.Struct, frozen=True):
+    items: list[StoredItem]
+    # Key of the last item returned when more remain, else None.
+    last_key: bytes | None
+
+
+class RecordPage(msgspec.Struct, frozen=True):
+    records: list[tuple[str, list[StoredItem]]]
+    # Id of the last record returned when more remain, else None.
+    last_id: str | None
+
+
+@runtime_checkable
+class KeyValueBackend(Protocol):
+    """What a KeyValue backend provides. One instance serves one namespace."""
+
+    async def put_items(
+        self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int
+    ) -> None: ...
+
+    async def get_items(
+        self,
+        id: str,
+        predicate: Predicate,
+        *,
+        reverse: bool,
+        after: bytes | None,
+        limit_items: int,
+        limit_bytes: int,
+        now_ms: int,
+    ) -> ItemPage:
+        """Matched live items of ``id`` in key order (or reverse), starting
+        strictly after ``after`` (in the direction of travel). A page holds at
+        most ``limit_items`` items and ``limit_bytes`` bytes of key + value,
+        but at least one item if any remain."""
+        ...
+
+    async def delete_items(
+        self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int
+    ) -> None: ...
+
+    async def mutate_items(
+        self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int
+    ) -> None: ...
+
+    async def scan_items(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> RecordPage:
+        """Records (with their live items, key order) in id order strictly after
+        ``after``. Records are never split: a page holds whole records, at
+        least one if any remain, and stops before the record that would take
+        it past ``limit_items`` items or ``limit_bytes`` bytes. Records with no
+        live items are skipped."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,306 @@
+"""Server configuration: frozen structs, loaded and validated once at start-up.
+
+Values come from four layers, highest first: command-line flags, ``PRISM_*``
+environment variables, a TOML file, and the defaults below. Layers are merged
+as plain data before decoding, so a struct is built (and validated) exactly
+once; an invalid ``ServerConfig`` cannot exist, which is why nothing past
+start-up ever checks config again.
+
+Every failure is a ``ConfigError`` whose text is one line that starts with the
+field it is about (``namespaces[1].name: duplicate namespace "x"``), because
+an operator reading a failed start-up wants to know which line to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from prism.errors import ConfigError
+
+__all__ = [
+    "ABSTRACTIONS",
+    "DEFAULT_CONFIG_FILE",
+    "ENV_VARS",
+    "LOG_LEVELS",
+    "NamespaceConfig",
+    "ServerConfig",
+    "load_config",
+    "parse_host_port",
+]
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+MIN_MESSAGE_BYTES = 1 * KIB
+MAX_MESSAGE_BYTES = 2 * GIB - 1  # gRPC frames a message length in 31 usable bits
+MAX_STREAMS = 2**31 - 1  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS is 31-bit in practice
+
+# Abstractions the server can serve today; "timeseries" and "pubsub" join
+# when their API modules land.
+ABSTRACTIONS: frozenset[str] = frozenset({"keyvalue"})
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+DEFAULT_CONFIG_FILE = "prism.toml"
+CONFIG_PATH_ENV = "PRISM_CONFIG"
+
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
+_MISSING_FIELD = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
+
+
+class NamespaceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One namespace: the unit of routing, and which backend holds its data.
+
+    ``options`` are backend- and abstraction-specific (``retention_days``,
+    ``dedup_window_s``...); the backend that receives them validates them.
+    """
+
+    name: str
+    abstraction: str = "keyvalue"
+    backend: str = "sqlite"
+    options: dict[str, Any] = {}
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything ``prism serve`` needs; validated on construction."""
+
+    listen: str = "127.0.0.1:8980"
+    data_dir: str = ".prism"
+    max_message_bytes: int = 4 * MIB
+    max_concurrent_streams: int = 100
+    namespaces: tuple[NamespaceConfig, ...] = (NamespaceConfig(name="default"),)
+    log_level: str = "info"
+    graceful_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        # msgspec calls this for decoded structs too, so ``load_config`` and
+        # code that builds a config by hand (tests) get the same checks.
+        _validate(self)
+
+    def listen_host_port(self) -> tuple[str, int]:
+        """``listen`` split into the host to bind and the port number."""
+        return parse_host_port(self.listen)
+
+
+class _FieldError(ConfigError):
+    """A ConfigError that remembers its field, so the loader can name its source."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[IPV6]:PORT``; raises ValueError saying what is wrong.
+
+    Brackets are required around IPv6 hosts because ``::1:8980`` has no single
+    reading. The returned host has its brackets removed, ready for ``bind``.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(f"empty IPv6 address in {address!r}")
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"IPv6 hosts need brackets, e.g. [::1]:8980, got {address!r}")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range (1-65535)")
+    return host, port
+
+
+def _validate(cfg: ServerConfig) -> None:
+    """Check what types alone cannot; raise ``_FieldError`` for the first problem."""
+    try:
+        parse_host_port(cfg.listen)
+    except ValueError as exc:
+        raise _FieldError("listen", str(exc)) from None
+    if not cfg.data_dir:
+        raise _FieldError("data_dir", "must not be empty")
+    if not MIN_MESSAGE_BYTES <= cfg.max_message_bytes <= MAX_MESSAGE_BYTES:
+        raise _FieldError(
+            "max_message_bytes",
+            f"{cfg.max_message_bytes} out of range ({MIN_MESSAGE_BYTES}-{MAX_MESSAGE_BYTES})",
+        )
+    if not 1 <= cfg.max_concurrent_streams <= MAX_STREAMS:
+        raise _FieldError(
+            "max_concurrent_streams",
+            f"{cfg.max_concurrent_streams} out of range (1-{MAX_STREAMS})",
+        )
+    if cfg.log_level not in LOG_LEVELS:
+        raise _FieldError("log_level", f"{cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if not (math.isfinite(cfg.graceful_timeout_s) and cfg.graceful_timeout_s >= 0):
+        raise _FieldError(
+            "graceful_timeout_s",
+            f"{cfg.graceful_timeout_s} must be a finite number of seconds >= 0",
+        )
+    _validate_namespaces(cfg.namespaces)
+
+
+def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...]) -> None:
+    if not namespaces:
+        raise _FieldError("namespaces", "at least one namespace is required")
+    seen: set[str] = set()
+    for index, ns in enumerate(namespaces):
+        where = f"namespaces[{index}]"
+        if not _NAMESPACE_NAME.fullmatch(ns.name):
+            raise _FieldError(
+                f"{where}.name",
+                f"{ns.name!r} must be 1-128 characters of A-Z a-z 0-9 _ . -",
+            )
+        if ns.name in seen:
+            raise _FieldError(f"{where}.name", f'duplicate namespace "{ns.name}"')
+        seen.add(ns.name)
+        if ns.abstraction not in ABSTRACTIONS:
+            known = ", ".join(sorted(ABSTRACTIONS))
+            raise _FieldError(
+                f"{where}.abstraction", f"unknown abstraction {ns.abstraction!r} (known: {known})"
+            )
+        if not ns.backend:
+            raise _FieldError(f"{where}.backend", "must not be empty")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f'expected an integer, got "{text}"') from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f'expected a number, got "{text}"') from None
+
+
+# Environment variable -> (field, parser). Parsing happens here rather than in
+# msgspec so that a bad value is reported under the variable's name.
+ENV_VARS: Mapping[str, tuple[str, Callable[[str], Any]]] = {
+    "PRISM_LISTEN": ("listen", str),
+    "PRISM_DATA_DIR": ("data_dir", str),
+    "PRISM_MAX_MESSAGE_BYTES": ("max_message_bytes", _parse_int),
+    "PRISM_MAX_CONCURRENT_STREAMS": ("max_concurrent_streams", _parse_int),
+    "PRISM_LOG_LEVEL": ("log_level", str),
+    "PRISM_GRACEFUL_TIMEOUT_S": ("graceful_timeout_s", _parse_float),
+}
+
+
+def load_config(
+    path: str | None,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> ServerConfig:
+    """Build the server config from flags > ``PRISM_*`` env > TOML file > defaults.
+
+    ``path`` is the file the user named (``--config``); without it the file is
+    ``$PRISM_CONFIG``, else ``./prism.toml`` when it exists, else none.
+    ``overrides`` maps field names to flag values; ``None`` means "flag not
+    given". Empty environment variables count as unset, as shells and
+    container specs often leave them empty rather than absent.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    file_path = _config_path(path, env)
+    if file_path is not None:
+        for field, value in _read_toml(file_path).items():
+            values[field] = value
+            sources[field] = file_path
+    for name, (field, value) in _env_values(env).items():
+        values[field] = value
+        sources[field] = name
+    for field, value in overrides.items():
+        if value is None:
+            continue
+        if field not in ServerConfig.__struct_fields__:
+            raise ConfigError(f"{field}: unknown setting")
+        values[field] = value
+        sources[field] = "--" + field.replace("_", "-")
+    return _decode(values, sources)
+
+
+def _config_path(path: str | None, env: Mapping[str, str]) -> str | None:
+    if path:
+        return path
+    from_env = env.get(CONFIG_PATH_ENV)
+    if from_env:
+        return from_env
+    return DEFAULT_CONFIG_FILE if os.path.isfile(DEFAULT_CONFIG_FILE) else None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {_one_line(str(exc))}") from None
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """Parsed ``PRISM_*`` values, keyed by variable name: ``{name: (field, value)}``."""
+    values: dict[str, tuple[str, Any]] = {}
+    for name, (field, parse) in ENV_VARS.items():
+        text = env.get(name)
+        if not text:
+            continue
+        try:
+            values[name] = (field, parse(text))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return values
+
+
+def _decode(values: dict[str, Any], sources: Mapping[str, str]) -> ServerConfig:
+    """Decode merged values strictly; rephrase every error as ``field: reason (from X)``."""
+    try:
+        return msgspec.convert(values, ServerConfig, strict=True)
+    except _FieldError as exc:
+        raise ConfigError(_with_source(str(exc), exc.field, sources)) from None
+    except msgspec.ValidationError as exc:
+        field, reason = _rephrase_msgspec(str(exc))
+        raise ConfigError(_with_source(f"{field}: {reason}", field, sources)) from None
+
+
+def _rephrase_msgspec(message: str) -> tuple[str, str]:
+    """Turn ``Expected `int`, got `str` - at `$.a[0].b``` into ``("a[0].b", "expected int, got str")``."""
+    match = _MSGSPEC_PATH.match(message)
+    if match is None:  # cannot happen: the pattern matches any string
+        return "config", _one_line(message)
+    text, path = match["msg"], (match["path"] or "").lstrip(".")
+    if unknown := _UNKNOWN_FIELD.match(text):
+        return _join(path, unknown["name"]), "unknown field"
+    if missing := _MISSING_FIELD.match(text):
+        return _join(path, missing["name"]), "required field missing"
+    reason = _one_line(text.replace("`", ""))
+    return path or "config", reason[:1].lower() + reason[1:]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _with_source(line: str, field: str, sources: Mapping[str, str]) -> str:
+    top = re.split(r"[.\[]", field, maxsplit=1)[0]
+    source = sources.get(top)
+    return f"{line} (from {source})" if source else line
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

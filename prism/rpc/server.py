@@ -1,0 +1,306 @@
+"""The trio side of the gRPC server: sockets, tasks, deadlines.
+
+One ``Connection`` owns one byte stream. Its reader task feeds
+``GrpcProtocol`` and starts a task per call; its writer task is the only code
+that writes to the stream, and it writes everything the protocol has queued
+in one ``send_all`` after each scheduling batch, so that concurrent calls on a
+connection share writes. The error boundary (``_answer_failure``) is the one
+place where exceptions become ``grpc-status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from google.protobuf.message import DecodeError
+
+from prism.errors import PrismError, StatusCode
+from prism.rpc.methods import CLIENT_STREAM, SERVER_STREAM, UNARY, Method, MethodTable
+from prism.rpc.protocol import (
+    CALL_END,
+    CALL_MESSAGE,
+    CALL_RESET,
+    CALL_START,
+    CONNECTION_CLOSED,
+    Call,
+    GrpcProtocol,
+)
+
+log = logging.getLogger("prism.rpc")
+
+_READ_SIZE = 65536
+# Streaming responses wait for the client to read once this much is queued.
+_STREAM_HIGH_WATER = 256 * 1024
+
+
+class ServerSettings:
+    """What every connection of a server shares."""
+
+    def __init__(
+        self,
+        methods: MethodTable,
+        *,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        max_concurrent_streams: int = 100,
+    ) -> None:
+        self.methods = methods
+        self.max_message_bytes = max_message_bytes
+        self.max_concurrent_streams = max_concurrent_streams
+        self.connections: set[Connection] = set()
+        self.draining = False
+
+    def start_drain(self) -> None:
+        """GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.start_drain()
+
+    @property
+    def active_calls(self) -> int:
+        return sum(len(c.proto.calls) for c in self.connections)
+
+
+class Connection:
+    """One client connection: the reader, the writer and the calls' tasks."""
+
+    def __init__(self, stream: trio.abc.Stream, settings: ServerSettings) -> None:
+        self.stream = stream
+        self.settings = settings
+        self.proto = GrpcProtocol(
+            max_message_bytes=settings.max_message_bytes,
+            max_concurrent_streams=settings.max_concurrent_streams,
+        )
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._inbound: dict[int, trio.MemorySendChannel[bytes]] = {}
+        self._dirty = False
+        self._lot = trio.lowlevel.ParkingLot()
+        self._window_lot = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+
+    async def serve(self) -> None:
+        """Serve until the peer leaves, the protocol breaks, or drain ends."""
+        self.settings.connections.add(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.proto.initiate()
+                self.wake()
+                nursery.start_soon(self._writer)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away: nothing left to answer
+        finally:
+            self.settings.connections.discard(self)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    def start_drain(self) -> None:
+        self.proto.start_drain()
+        self.wake()
+        self._maybe_close()
+
+    def wake(self) -> None:
+        """Ask the writer to flush what the protocol has queued."""
+        if not self._dirty:
+            self._dirty = True
+            self._lot.unpark()
+
+    def _maybe_close(self) -> None:
+        # A connection that the client or we have said goodbye to closes once
+        # its last call is answered; the writer flushes first.
+        if (self.proto.draining or self.proto.peer_gone) and self.proto.idle:
+            self._closing = True
+            self.wake()
+
+    async def _writer(self) -> None:
+        proto = self.proto
+        send_all = self.stream.send_all
+        while True:
+            if not self._dirty:
+                await self._lot.park()
+            self._dirty = False
+            data = proto.data_to_send()
+            if data:
+                await send_all(data)
+            if self._closing and not self._dirty:
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+                return
+
+    async def _reader(self) -> None:
+        proto = self.proto
+        receive_some = self.stream.receive_some
+        while True:
+            data = await receive_some(_READ_SIZE)
+            if not data:
+                return
+            for kind, call in proto.receive_data(data):
+                if call is None:  # CONNECTION_CLOSED
+                    if proto.broken:
+                        self._flush_then_close()
+                        return
+                    self._maybe_close()
+                elif kind == CALL_END:
+                    self._on_end(call)
+                elif kind == CALL_START:
+                    self._on_start(call)
+                elif kind == CALL_MESSAGE:
+                    self._on_message(call)
+                elif kind == CALL_RESET:
+                    self._on_reset(call)
+            self.wake()
+            if self._window_lot:
+                # Streaming handlers waiting for the client to read go on.
+                self._window_lot.unpark_all()
+            if proto.peer_gone:
+                self._maybe_close()
+
+    def _flush_then_close(self) -> None:
+        self._closing = True
+        self.wake()
+
+    # -- call lifecycle --------------------------------------------------------
+
+    def _on_start(self, call: Call) -> None:
+        if call.timeout_s is not None:
+            call.deadline = trio.current_time() + call.timeout_s
+        method = self.settings.methods.get(call.path)
+        if method is None:
+            self.proto.send_error(
+                call, StatusCode.UNIMPLEMENTED, f"unknown method {call.path.decode('latin-1')}"
+            )
+            return
+        if method.kind == CLIENT_STREAM:
+            send, receive = trio.open_memory_channel[bytes](math.inf)
+            self._inbound[call.stream_id] = send
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_streaming, call, method, _requests(receive, method))
+
+    def _on_message(self, call: Call) -> None:
+        channel = self._inbound.get(call.stream_id)
+        if channel is not None:
+            channel.send_nowait(call.messages.pop())
+        elif len(call.messages) > 1:
+            self.proto.send_error(
+                call, StatusCode.INVALID_ARGUMENT, "a unary request must carry exactly one message"
+            )
+
+    def _on_end(self, call: Call) -> None:
+        channel = self._inbound.pop(call.stream_id, None)
+        if channel is not None:
+            channel.close()
+            return
+        method = self.settings.methods.get(call.path)
+        if method is None:
+            return
+        if len(call.messages) != 1:
+            self.proto.send_error(
+                call,
+                StatusCode.INVALID_ARGUMENT,
+                f"a unary request must carry exactly one message, got {len(call.messages)}",
+            )
+            return
+        assert self._nursery is not None
+        if method.kind == UNARY:
+            self._nursery.start_soon(self._run_unary, call, method)
+        else:
+            self._nursery.start_soon(self._run_streaming, call, method, None)
+
+    def _on_reset(self, call: Call) -> None:
+        scope = self._scopes.get(call.stream_id)
+        if scope is not None:
+            scope.cancel()
+        channel = self._inbound.pop(call.stream_id, None)
+        if channel is not None:
+            channel.close()
+
+    async def _run_unary(self, call: Call, method: Method) -> None:
+        sid = call.stream_id
+        proto = self.proto
+        try:
+            with trio.CancelScope(deadline=call.deadline) as scope:
+                self._scopes[sid] = scope
+                request = method.decode(call.messages[0])
+                response = await method.handler(request, call)
+                proto.send_unary(call, response.SerializeToString())
+            if scope.cancelled_caught:
+                proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except Exception as exc:
+            self._answer_failure(call, method, exc)
+        finally:
+            del self._scopes[sid]
+            self.wake()
+            if proto.draining or proto.peer_gone:
+                self._maybe_close()
+
+    async def _run_streaming(
+        self, call: Call, method: Method, requests: AsyncIterator[Any] | None
+    ) -> None:
+        sid = call.stream_id
+        proto = self.proto
+        try:
+            with trio.CancelScope(deadline=call.deadline) as scope:
+                self._scopes[sid] = scope
+                if requests is None:
+                    arg: Any = method.decode(call.messages[0])
+                else:
+                    arg = requests
+                responses: AsyncIterator[Any] = method.handler(arg, call)
+                async for response in responses:
+                    proto.send_message(call, response.SerializeToString())
+                    self.wake()
+                    while call.pending_bytes > _STREAM_HIGH_WATER and not call.done:
+                        await self._window_lot.park()
+                proto.send_status(call, StatusCode.OK)
+            if scope.cancelled_caught:
+                proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except Exception as exc:
+            self._answer_failure(call, method, exc)
+        finally:
+            del self._scopes[sid]
+            self._inbound.pop(sid, None)
+            self.wake()
+            if proto.draining or proto.peer_gone:
+                self._maybe_close()
+
+    def _answer_failure(self, call: Call, method: Method, exc: Exception) -> None:
+        """The error boundary: PrismError -> its status; a bug -> INTERNAL."""
+        if isinstance(exc, PrismError):
+            self.proto.send_error(call, exc.grpc_status, str(exc))
+        elif isinstance(exc, DecodeError):
+            self.proto.send_error(call, StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}")
+        else:
+            log.error("unexpected error in %s", method.name, exc_info=exc)
+            self.proto.send_error(call, StatusCode.INTERNAL, "internal error")
+
+
+async def _requests(receive: trio.MemoryReceiveChannel[bytes], method: Method) -> AsyncIterator[Any]:
+    async with receive:
+        async for raw in receive:
+            yield method.decode(raw)
+
+
+async def serve_listeners(
+    listeners: list[trio.SocketListener],
+    settings: ServerSettings,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections until cancelled; a failing connection affects no other."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        if settings.draining:
+            await stream.aclose()
+            return
+        try:
+            await Connection(stream, settings).serve()
+        except Exception:
+            log.exception("connection failed")
+
+    await trio.serve_listeners(handle, listeners, task_status=task_status)

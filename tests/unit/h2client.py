@@ -1,0 +1,124 @@
+"""A minimal gRPC client on a real h2 client connection, for in-memory tests.
+
+It lets a test send what grpcio never would (wrong content-type, lying
+length prefixes, two messages in a unary call, resets) and see exactly what
+the server answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import trio
+
+
+def frame(payload: bytes, *, length: int | None = None, flag: int = 0) -> bytes:
+    n = len(payload) if length is None else length
+    return bytes([flag]) + n.to_bytes(4, "big") + payload
+
+
+@dataclass
+class Response:
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+    trailers: dict[str, str] = field(default_factory=dict)
+    ended: bool = False
+    reset_code: int | None = None
+
+    @property
+    def status(self) -> int | None:
+        raw = self.trailers.get("grpc-status", self.headers.get("grpc-status"))
+        return None if raw is None else int(raw)
+
+    @property
+    def message(self) -> str:
+        return self.trailers.get("grpc-message", self.headers.get("grpc-message", ""))
+
+    def messages(self) -> list[bytes]:
+        out, buf = [], bytes(self.data)
+        while buf:
+            n = int.from_bytes(buf[1:5], "big")
+            out.append(buf[5 : 5 + n])
+            buf = buf[5 + n :]
+        return out
+
+
+class H2Client:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.responses: dict[int, Response] = {}
+        self.goaway = False
+        self.remote_settings_seen = trio.Event()
+
+    async def start(self) -> None:
+        self.conn.initiate_connection()
+        await self.flush()
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    def headers(
+        self, path: str, *, content_type: str = "application/grpc", extra: list[tuple[str, str]] | None = None
+    ) -> list[tuple[str, str]]:
+        return [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "test"),
+            ("content-type", content_type),
+            ("te", "trailers"),
+            *(extra or []),
+        ]
+
+    async def start_call(self, path: str, body: bytes | None = None, *, end: bool = True, **kw: object) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.responses[sid] = Response()
+        self.conn.send_headers(sid, self.headers(path, **kw), end_stream=body is None and end)  # type: ignore[arg-type]
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end)
+        await self.flush()
+        return sid
+
+    async def pump(self) -> bool:
+        """Read once from the server; False at EOF."""
+        data = await self.stream.receive_some(65536)
+        if not data:
+            return False
+        for ev in self.conn.receive_data(data):
+            sid = getattr(ev, "stream_id", None)
+            r = self.responses.get(sid) if sid else None
+            if isinstance(ev, h2.events.ResponseReceived) and r is not None:
+                r.headers = dict(ev.headers)  # type: ignore[arg-type]
+            elif isinstance(ev, h2.events.TrailersReceived) and r is not None:
+                r.trailers = dict(ev.headers)  # type: ignore[arg-type]
+            elif isinstance(ev, h2.events.DataReceived) and r is not None:
+                r.data += ev.data or b""
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded) and r is not None:
+                r.ended = True
+            elif isinstance(ev, h2.events.StreamReset) and r is not None:
+                r.reset_code = ev.error_code
+                r.ended = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.goaway = True
+            elif isinstance(ev, h2.events.RemoteSettingsChanged):
+                self.remote_settings_seen.set()
+        await self.flush()
+        return True
+
+    async def wait(self, sid: int) -> Response:
+        r = self.responses[sid]
+        while not r.ended:
+            if not await self.pump():
+                raise EOFError("server closed the connection")
+        return r
+
+    async def call(self, path: str, body: bytes | None, **kw: object) -> Response:
+        return await self.wait(await self.start_call(path, body, **kw))
