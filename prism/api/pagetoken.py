@@ -16,6 +16,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -50,7 +51,8 @@ class PageTokens:
     def __init__(self, key: bytes) -> None:
         self._key = key
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes | str])
+        # msgpack keeps bin and str apart, so the cursor's type survives.
+        self._decoder = msgspec.msgpack.Decoder(tuple[bytes, Any])
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
@@ -69,6 +71,6 @@ class PageTokens:
         if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, self._mac(body)):
             raise InvalidArgument("invalid page_token") from None
         issued_for, cursor = self._decoder.decode(body)
-        if issued_for != fingerprint:
+        if issued_for != fingerprint or not isinstance(cursor, bytes | str):
             raise InvalidArgument("page_token was issued for another request")
         return cursor

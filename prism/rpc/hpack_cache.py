@@ -1,12 +1,19 @@
-"""An HPACK encoder that sends the fixed gRPC header blocks pre-encoded.
+"""HPACK work done once instead of on every call.
 
 The response headers and trailers of a successful call are the same on every
-call, yet h2 HPACK-encodes them each time: on this machine that was about a
-third of a trio + h2 server's CPU (PERF-NOTES.md). We encode each fixed block
-once, in a form that never touches the HPACK dynamic table (static-table
-indexes and "never indexed" literals), so the cached bytes are valid on any
-connection at any time. Other header lists go to the real encoder, whose
-dynamic table our cached blocks leave untouched.
+call, and a client's request header blocks repeat byte for byte once its
+HPACK dynamic table has warmed up. Yet h2 encodes and decodes each of them in
+full every time: on this machine that was a third of a trio + h2 server's CPU
+(PERF-NOTES.md). Both caches here are exact, never approximate:
+
+- ``FixedBlockEncoder`` encodes each fixed header list once, in a form that
+  never touches the dynamic table (static-table indexes and never-indexed
+  literals), so the cached bytes are right on any connection at any time and
+  leave the real encoder's table untouched for everything else.
+- ``CachingDecoder`` remembers the decoding of header blocks that did not
+  change the dynamic table. Such a block decodes the same for as long as the
+  table stays as it was, so the cache is emptied whenever any block changes
+  the table (or its size).
 """
 
 from __future__ import annotations
@@ -14,34 +21,59 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+
+_MAX_DECODED_BLOCKS = 256
 
 
-def _stateless_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+def stateless_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Encode a header list without touching any HPACK dynamic table."""
     scratch = Encoder()
-    # Pseudo-headers like ":status: 200" hit the static table (indexed, no
-    # table change); every other field is a never-indexed literal.
+    # ":status: 200" hits the static table (an index, no table change); every
+    # other field is a never-indexed literal.
     return scratch.encode(
         [NeverIndexedHeaderTuple(n, v) if n != b":status" else (n, v) for n, v in headers]
     )
 
 
 class FixedBlockEncoder(Encoder):
-    """``hpack.Encoder`` that answers known header tuples from a cache.
-
-    Cached blocks are keyed by the identity of the header tuple object: the
-    protocol passes the same module-level constant every time, so the lookup
-    is one dict access with no hashing of header contents.
-    """
+    """``hpack.Encoder`` that answers known header lists from a cache."""
 
     def __init__(self, fixed: Iterable[tuple[tuple[bytes, bytes], ...]]) -> None:
         super().__init__()
-        fixed = list(fixed)
-        self._fixed: dict[int, bytes] = {id(h): _stateless_block(h) for h in fixed}
-        self._keep = list(fixed)  # keep the keys' objects alive
+        self._fixed = {tuple(h): stateless_block(h) for h in fixed}
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        block = self._fixed.get(id(headers))
+        # h2 hands over a new list of the same (bytes, bytes) pairs each time;
+        # the bytes objects are ours, so hashing them is cached by Python.
+        block = self._fixed.get(tuple(headers))
         if block is not None and not self.header_table.resized:
             return block
         return super().encode(headers, huffman)
+
+
+class CachingDecoder(Decoder):
+    """``hpack.Decoder`` that skips decoding of repeated, table-neutral blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._decoded: dict[bytes, Any] = {}
+
+    def _table_state(self) -> tuple[int, object, int]:
+        entries = self.header_table.dynamic_entries
+        return len(entries), entries[0] if entries else None, self.header_table.maxsize
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        key = bytes(data)
+        hit = self._decoded.get(key)
+        if hit is not None and raw:
+            return hit
+        before = self._table_state()
+        headers = super().decode(data, raw)
+        if self._table_state() != before:
+            self._decoded.clear()
+        elif raw:
+            if len(self._decoded) >= _MAX_DECODED_BLOCKS:
+                self._decoded.clear()
+            self._decoded[key] = headers
+        return headers

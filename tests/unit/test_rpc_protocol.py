@@ -1,0 +1,128 @@
+"""GrpcProtocol with plain function calls: no sockets, no trio.
+
+A real h2 client connection and the protocol exchange bytes by hand, which
+shows exactly what crosses the wire for each case.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from prism.errors import StatusCode
+from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_START, GrpcProtocol, encode_grpc_message, parse_timeout
+
+from .h2client import frame
+
+
+class Pair:
+    def __init__(self, **kw: int) -> None:
+        self.server = GrpcProtocol(**kw)
+        self.server.initiate()
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.client.initiate_connection()
+        self.events: list[h2.events.Event] = []
+        self.server_events: list[tuple[int, object]] = []
+        self.exchange()
+
+    def exchange(self) -> None:
+        for _ in range(100):
+            moved = False
+            data = self.client.data_to_send()
+            if data:
+                self.server_events += self.server.receive_data(data)
+                moved = True
+            data = self.server.data_to_send()
+            if data:
+                evs = self.client.receive_data(data)
+                for ev in evs:
+                    if isinstance(ev, h2.events.DataReceived):
+                        self.client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                self.events += evs
+                moved = True
+            if not moved:
+                return
+
+    def request(self, path: str = "/s/M", body: bytes = frame(b"")) -> int:
+        sid = self.client.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
+                   ("content-type", "application/grpc"), ("te", "trailers")]
+        self.client.send_headers(sid, headers)
+        self.client.send_data(sid, body, end_stream=True)
+        self.exchange()
+        return sid
+
+    def received(self, sid: int) -> tuple[bytes, dict[str, str], dict[str, str]]:
+        data = b"".join(e.data for e in self.events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+        heads = [dict(e.headers) for e in self.events
+                 if isinstance(e, h2.events.ResponseReceived | h2.events.TrailersReceived) and e.stream_id == sid]
+        return data, heads[0], heads[-1]
+
+
+def test_unary_answer_bytes() -> None:
+    p = Pair()
+    sid = p.request()
+    kinds = [k for k, _ in p.server_events]
+    assert kinds == [CALL_START, CALL_MESSAGE, CALL_END]
+    call = p.server_events[-1][1]
+    p.server.send_unary(call, b"hello")  # type: ignore[arg-type]
+    p.exchange()
+    data, headers, trailers = p.received(sid)
+    assert data == frame(b"hello")
+    assert headers == {":status": "200", "content-type": "application/grpc"}
+    assert trailers == {"grpc-status": "0"}
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in p.events)
+    assert p.server.idle
+
+
+def test_large_answer_waits_for_flow_control() -> None:
+    p = Pair()
+    sid = p.request()
+    call = p.server_events[-1][1]
+    payload = bytes(range(256)) * 12_000  # 3 MB: far over the 64 KiB initial window
+    p.server.send_unary(call, payload)  # type: ignore[arg-type]
+    p.exchange()  # the client acknowledges; each WINDOW_UPDATE lets more out
+    data, _, trailers = p.received(sid)
+    assert data == frame(payload)
+    assert trailers == {"grpc-status": "0"}
+
+
+def test_error_is_trailers_only_with_percent_encoded_message() -> None:
+    p = Pair()
+    sid = p.request()
+    call = p.server_events[-1][1]
+    p.server.send_error(call, StatusCode.NOT_FOUND, "no ünicode 100%")  # type: ignore[arg-type]
+    p.exchange()
+    _, headers, _ = p.received(sid)
+    assert headers["grpc-status"] == "5"
+    assert headers["grpc-message"] == "no %C3%BCnicode 100%25"
+
+
+def test_many_calls_interleaved() -> None:
+    p = Pair()
+    sids = [p.request(body=frame(b"%d" % i)) for i in range(50)]
+    ends = [c for k, c in p.server_events if k == CALL_END]
+    for call in reversed(ends):
+        p.server.send_unary(call, call.messages[0])  # type: ignore[union-attr]
+    p.exchange()
+    for i, sid in enumerate(sids):
+        assert p.received(sid)[0] == frame(b"%d" % i)
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"), [(b"1S", 1.0), (b"250m", 0.25), (b"3M", 180.0), (b"2H", 7200.0), (b"99999999n", 0.099999999)]
+)
+def test_parse_timeout(raw: bytes, seconds: float) -> None:
+    assert parse_timeout(raw) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("raw", [b"", b"S", b"1", b"1x", b"123456789S", b"-1S", b"1.5S"])
+def test_parse_timeout_rejects(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_timeout(raw)
+
+
+def test_grpc_message_plain_ascii_unchanged() -> None:
+    assert encode_grpc_message("unknown namespace 'x'") == b"unknown namespace 'x'"
