@@ -51,16 +51,20 @@ class Health:
     def __init__(self, state: HealthState) -> None:
         self._state = state
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, call: object) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, call: object
+    ) -> health_pb2.HealthCheckResponse:
         status = self._state.get(request.service)
         if status is None:
             raise NotFound(f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+        return health_pb2.HealthCheckResponse(status=status)
 
-    async def List(self, request: health_pb2.HealthListRequest, call: object) -> health_pb2.HealthListResponse:
+    async def List(
+        self, request: health_pb2.HealthListRequest, call: object
+    ) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
         for name, status in self._state.items():
-            response.statuses[name].status = status  # type: ignore[assignment]
+            response.statuses[name].status = status
         return response
 
     async def Watch(
@@ -71,6 +75,6 @@ class Health:
             status = self._state.get(request.service)
             current = SERVICE_UNKNOWN if status is None else status
             if current != last:
-                yield health_pb2.HealthCheckResponse(status=current)  # type: ignore[arg-type]
+                yield health_pb2.HealthCheckResponse(status=current)
                 last = current
             await self._state.changed()

@@ -31,9 +31,7 @@ def stateless_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     scratch = Encoder()
     # ":status: 200" hits the static table (an index, no table change); every
     # other field is a never-indexed literal.
-    return scratch.encode(
-        [NeverIndexedHeaderTuple(n, v) if n != b":status" else (n, v) for n, v in headers]
-    )
+    return scratch.encode([NeverIndexedHeaderTuple(n, v) if n != b":status" else (n, v) for n, v in headers])
 
 
 class FixedBlockEncoder(Encoder):

@@ -50,7 +50,9 @@ class MethodTable:
                 kind = UNARY
             request_class = GetMessageClass(m.input_type)
             path = f"/{descriptor.full_name}/{m.name}".encode()
-            self.methods[path] = Method(kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}")
+            self.methods[path] = Method(
+                kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}"
+            )
         self.service_names.append(descriptor.full_name)
 
     def get(self, path: bytes) -> Method | None:

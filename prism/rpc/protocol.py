@@ -66,18 +66,18 @@ class Call:
     """One gRPC call: the state of one HTTP/2 stream as the server sees it."""
 
     __slots__ = (
-        "stream_id",
-        "path",
-        "deadline",
-        "metadata",
-        "timeout_s",
-        "messages",
-        "_inbuf",
         "_failed",
         "_headers_sent",
+        "_inbuf",
         "_out",
         "_trailers",
+        "deadline",
         "done",
+        "messages",
+        "metadata",
+        "path",
+        "stream_id",
+        "timeout_s",
     )
 
     def __init__(self, stream_id: int) -> None:
@@ -116,9 +116,7 @@ def encode_grpc_message(message: str) -> bytes:
     raw = message.encode("utf-8", "replace")
     if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
         return raw
-    return b"".join(
-        bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw
-    )
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -128,7 +126,7 @@ class _H2Connection(h2.connection.H2Connection):
     # side effect (forgetting closed streams) is kept.
     @property
     def open_inbound_streams(self) -> int:
-        super().open_inbound_streams
+        self._open_streams(0 if self.config.client_side else 1)
         return 0
 
 
@@ -207,7 +205,7 @@ class GrpcProtocol:
 
     # -- input ---------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[tuple[int, Call | None]]:
+    def receive_data(self, data: bytes | bytearray) -> list[tuple[int, Call | None]]:
         """Feed bytes from the peer; return what happened to which call."""
         if self.broken:
             return []

@@ -19,13 +19,12 @@ import trio
 from google.protobuf.message import DecodeError
 
 from prism.errors import PrismError, StatusCode
-from prism.rpc.methods import CLIENT_STREAM, SERVER_STREAM, UNARY, Method, MethodTable
+from prism.rpc.methods import CLIENT_STREAM, UNARY, Method, MethodTable
 from prism.rpc.protocol import (
     CALL_END,
     CALL_MESSAGE,
     CALL_RESET,
     CALL_START,
-    CONNECTION_CLOSED,
     Call,
     GrpcProtocol,
 )
@@ -239,9 +238,7 @@ class Connection:
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
 
-    async def _run_streaming(
-        self, call: Call, method: Method, requests: AsyncIterator[Any] | None
-    ) -> None:
+    async def _run_streaming(self, call: Call, method: Method, requests: AsyncIterator[Any] | None) -> None:
         sid = call.stream_id
         proto = self.proto
         try:
@@ -290,7 +287,7 @@ async def serve_listeners(
     listeners: list[trio.SocketListener],
     settings: ServerSettings,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections until cancelled; a failing connection affects no other."""
 

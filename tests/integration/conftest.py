@@ -54,8 +54,19 @@ class PrismProcess:
         cfg = self.data_dir.parent / f"{self.data_dir.name}.toml"
         cfg.write_text(self.config)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prism.cli", "serve", "--listen", self.endpoint,
-             "--data-dir", str(self.data_dir), "--config", str(cfg), *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "prism.cli",
+                "serve",
+                "--listen",
+                self.endpoint,
+                "--data-dir",
+                str(self.data_dir),
+                "--config",
+                str(cfg),
+                *self.extra_args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -64,7 +75,7 @@ class PrismProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
-                    out, err = self.proc.communicate()
+                    _, err = self.proc.communicate()
                     raise RuntimeError(f"prism serve exited {self.proc.returncode}: {err.decode()[-2000:]}")
                 try:
                     stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)

@@ -11,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import prism.proto
 from grpc_tools import protoc
+
+import prism.proto
 
 from .conftest import PrismProcess
 
-PROGRAM = r'''
+PROGRAM = r"""
 import sys
 import grpc
 from prism.proto import kv_pb2, kv_pb2_grpc, common_pb2
@@ -33,7 +34,7 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
     got = kv.GetItems(kv_pb2.GetItemsRequest(namespace="default", id="r"))
     scan = kv.ScanItems(kv_pb2.ScanItemsRequest(namespace="default"))
     print([(i.key, i.value) for i in got.items], [(r.id, len(r.items)) for r in scan.records])
-'''
+"""
 
 
 def test_stock_generated_stubs_call_every_rpc(prism_server: PrismProcess, tmp_path: Path) -> None:

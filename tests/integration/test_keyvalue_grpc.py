@@ -71,7 +71,9 @@ def test_every_rpc(channel: grpc.Channel, ns: str) -> None:
     seen, token = [], ""
     while True:
         r = stub.ScanItems(
-            kv_pb2.ScanItemsRequest(namespace=ns, page_token=token, selection=common_pb2.Selection(limit_items=1))
+            kv_pb2.ScanItemsRequest(
+                namespace=ns, page_token=token, selection=common_pb2.Selection(limit_items=1)
+            )
         )
         seen += [(rec.id, [(i.key, i.value) for i in rec.items]) for rec in r.records]
         token = r.next_page_token
@@ -135,7 +137,9 @@ def test_bad_requests_get_clear_statuses(channel: grpc.Channel) -> None:
 
 def test_message_over_maximum(channel: grpc.Channel) -> None:
     stub = kv_pb2_grpc.KeyValueStub(channel)
-    huge = kv_pb2.PutItemsRequest(namespace="mem", id="big", items=[kv_pb2.Item(key=b"k", value=b"x" * (5 << 20))])
+    huge = kv_pb2.PutItemsRequest(
+        namespace="mem", id="big", items=[kv_pb2.Item(key=b"k", value=b"x" * (5 << 20))]
+    )
     code, _ = code_of(stub.PutItems, huge)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert get_all(stub, "mem", "big") == []

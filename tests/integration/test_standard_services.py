@@ -27,7 +27,11 @@ def test_health_check_server_and_namespaces(channel: grpc.Channel) -> None:
 def test_reflection_lists_and_describes_services(channel: grpc.Channel) -> None:
     db = ProtoReflectionDescriptorDatabase(channel)
     services = set(db.get_services())
-    assert {"prism.kv.v1.KeyValue", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    assert {
+        "prism.kv.v1.KeyValue",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= services
     pool = DescriptorPool(db)
     kv = pool.FindServiceByName("prism.kv.v1.KeyValue")
     assert [m.name for m in kv.methods] == ["PutItems", "GetItems", "DeleteItems", "MutateItems", "ScanItems"]

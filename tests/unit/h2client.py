@@ -50,7 +50,9 @@ class Response:
 class H2Client:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
         self.responses: dict[int, Response] = {}
         self.goaway = False
         self.remote_settings_seen = trio.Event()
@@ -77,7 +79,9 @@ class H2Client:
             *(extra or []),
         ]
 
-    async def start_call(self, path: str, body: bytes | None = None, *, end: bool = True, **kw: object) -> int:
+    async def start_call(
+        self, path: str, body: bytes | None = None, *, end: bool = True, **kw: object
+    ) -> int:
         sid = self.conn.get_next_available_stream_id()
         self.responses[sid] = Response()
         self.conn.send_headers(sid, self.headers(path, **kw), end_stream=body is None and end)  # type: ignore[arg-type]

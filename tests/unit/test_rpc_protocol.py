@@ -12,7 +12,14 @@ import h2.events
 import pytest
 
 from prism.errors import StatusCode
-from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_START, GrpcProtocol, encode_grpc_message, parse_timeout
+from prism.rpc.protocol import (
+    CALL_END,
+    CALL_MESSAGE,
+    CALL_START,
+    GrpcProtocol,
+    encode_grpc_message,
+    parse_timeout,
+)
 
 from .h2client import frame
 
@@ -21,7 +28,9 @@ class Pair:
     def __init__(self, **kw: int) -> None:
         self.server = GrpcProtocol(**kw)
         self.server.initiate()
-        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
         self.client.initiate_connection()
         self.events: list[h2.events.Event] = []
         self.server_events: list[tuple[int, object]] = []
@@ -47,17 +56,28 @@ class Pair:
 
     def request(self, path: str = "/s/M", body: bytes = frame(b"")) -> int:
         sid = self.client.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
-                   ("content-type", "application/grpc"), ("te", "trailers")]
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
         self.client.send_headers(sid, headers)
         self.client.send_data(sid, body, end_stream=True)
         self.exchange()
         return sid
 
     def received(self, sid: int) -> tuple[bytes, dict[str, str], dict[str, str]]:
-        data = b"".join(e.data for e in self.events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
-        heads = [dict(e.headers) for e in self.events
-                 if isinstance(e, h2.events.ResponseReceived | h2.events.TrailersReceived) and e.stream_id == sid]
+        data = b"".join(
+            e.data for e in self.events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid
+        )
+        heads = [
+            dict(e.headers)
+            for e in self.events
+            if isinstance(e, h2.events.ResponseReceived | h2.events.TrailersReceived) and e.stream_id == sid
+        ]
         return data, heads[0], heads[-1]
 
 
@@ -112,7 +132,8 @@ def test_many_calls_interleaved() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "seconds"), [(b"1S", 1.0), (b"250m", 0.25), (b"3M", 180.0), (b"2H", 7200.0), (b"99999999n", 0.099999999)]
+    ("raw", "seconds"),
+    [(b"1S", 1.0), (b"250m", 0.25), (b"3M", 180.0), (b"2H", 7200.0), (b"99999999n", 0.099999999)],
 )
 def test_parse_timeout(raw: bytes, seconds: float) -> None:
     assert parse_timeout(raw) == pytest.approx(seconds)

@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from h2.connection import ConnectionState
 from grpc_health.v1 import health_pb2
+from h2.connection import ConnectionState
 
 from prism.errors import NotFound, StatusCode
 from prism.rpc.methods import MethodTable
@@ -38,7 +38,9 @@ class FakeHealth:
         self.cancelled = 0
         self.in_flight = trio.lowlevel.ParkingLot()
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, call: object) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, call: object
+    ) -> health_pb2.HealthCheckResponse:
         s = request.service
         if s == "slow":
             self.started += 1
@@ -198,7 +200,7 @@ async def test_client_reset_cancels_handler() -> None:
 
 
 async def test_streams_over_limit_are_refused_one_by_one() -> None:
-    async with connected(max_concurrent_streams=2) as (client, impl, settings):
+    async with connected(max_concurrent_streams=2) as (client, _, settings):
         # The client has not read our SETTINGS yet, so it does not know the limit.
         a = await client.start_call(CHECK, req("slow"))
         b = await client.start_call(CHECK, req("slow"))
