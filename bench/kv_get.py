@@ -1,0 +1,415 @@
+"""Benchmark unary KeyValue/GetItems: Prism against grpcio's grpc.aio.
+
+    python bench/kv_get.py [--duration 6] [--runs 3] [--out bench/results/kv_get.json]
+
+Each server runs alone, pinned to CPU 0, while the load generator (h2load,
+or a grpc.aio client without it) runs on CPU 1; see PERF-NOTES.md for why the
+numbers are taken this way. For each server and each concurrency (1 and 128
+calls in flight) it measures calls/s, p50/p99 latency and the server's CPU
+time per call, repeats ``--runs`` times and reports medians. A run only
+counts if every call returned the seeded value: a benchmark of a wrong
+answer is worthless. See README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import grpc
+from bench_load import (
+    Concurrency,
+    LoadFailed,
+    LoadResult,
+    Target,
+    check_correct,
+    grpc_frame,
+    h2load_path,
+    h2load_version,
+    percentile,
+    run_h2load,
+    run_python_client,
+)
+from bench_servers import CLK_TCK, ServerFailed, ServerProcess, cpu_counters, free_port, ticks_to_us
+
+from prism.proto import kv_pb2, kv_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+NAMESPACE, RECORD_ID, ITEM_KEY = "bench", "user:1", b"profile"
+# A value that is not one repeated byte, so a truncated or shifted answer shows.
+SEED_VALUE = bytes((i * 37 + 11) % 256 for i in range(100))
+METHOD = "/prism.kv.v1.KeyValue/GetItems"
+CONCURRENCIES = (Concurrency("c1", 1, 1), Concurrency("c128", 8, 16))
+SERVERS = ("prism", "grpc_aio")
+SERVER_CPU, LOAD_CPU = 0, 1
+CONFIG_TOML = '[[namespaces]]\nname = "bench"\nbackend = "memory"\n'
+METRICS = (
+    "calls_per_s", "p50_us", "p99_us", "mean_us", "cpu_us_per_call",
+    "server_cpu_pct", "other_on_server_cpu_pct", "steal_on_server_cpu_pct",
+)  # fmt: skip
+DISTURBED_PCT = 5.0  # others % on the server CPU above which a phase is flagged
+LOG_ISSUE_WORDS = ("error", "warning", "traceback", "exception", "critical")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Command-line options."""
+
+    duration_s: float
+    runs: int
+    out: Path
+    servers: tuple[str, ...]
+    loadgen: str
+    warmup_s: float
+    ready_timeout_s: float
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    """Parse and check the command line."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measured phase (default 6)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per phase; medians reported (default 3)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "kv_get.json", help="JSON output")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
+    parser.add_argument("--loadgen", choices=("auto", "h2load", "python"), default="auto")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each phase")
+    parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for a server")
+    args = parser.parse_args(argv)
+    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+    if not servers or set(servers) - set(SERVERS):
+        parser.error(f"--servers: choose from {', '.join(SERVERS)}")
+    if args.duration <= 0 or args.runs < 1 or args.warmup <= 0:
+        parser.error("--duration and --warmup must be > 0, --runs >= 1")
+    loadgen = args.loadgen
+    if loadgen == "auto":
+        loadgen = "h2load" if h2load_path() else "python"
+    elif loadgen == "h2load" and not h2load_path():
+        parser.error("--loadgen h2load: h2load not found (apt-get install nghttp2-client)")
+    return Options(args.duration, args.runs, args.out, servers, loadgen, args.warmup, args.ready_timeout)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def pin_self() -> tuple[int | None, int | None]:
+    """Move this process (and so h2load, its child) to LOAD_CPU.
+
+    Returns the (server, load) CPUs, or (None, None) when the machine has no
+    two CPUs to give: numbers are then taken unpinned, and the JSON says so.
+    """
+    if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
+        print(f"warning: CPUs {SERVER_CPU} and {LOAD_CPU} not both available; not pinning", file=sys.stderr)
+        return None, None
+    os.sched_setaffinity(0, {LOAD_CPU})
+    return SERVER_CPU, LOAD_CPU
+
+
+def prism_command() -> list[str]:
+    """The ``prism`` of this interpreter's environment, else PATH's, else ``-m``."""
+    beside = Path(sys.executable).parent / "prism"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("prism")
+    return [found] if found else [sys.executable, "-m", "prism.cli"]
+
+
+def make_server(name: str, workdir: Path, cpu: int | None) -> ServerProcess:
+    """A not-yet-started server of the given kind, with its own port and files."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    if name == "prism":
+        config = workdir / "prism.toml"
+        config.write_text(CONFIG_TOML)
+        argv = [*prism_command(), "serve", "--listen", listen, "--data-dir", str(workdir / "data")]
+        argv += ["--config", str(config)]
+    else:
+        argv = [sys.executable, str(HERE / "peer_server.py"), "--listen", listen]
+    return ServerProcess(name, argv, port, workdir / f"{name}.log", cpu)
+
+
+def seed(target: str) -> None:
+    """Write the one item every GetItems call will read back."""
+    with grpc.insecure_channel(target) as channel:
+        item = kv_pb2.Item(key=ITEM_KEY, value=SEED_VALUE)
+        request = kv_pb2.PutItemsRequest(namespace=NAMESPACE, id=RECORD_ID, items=[item])
+        kv_pb2_grpc.KeyValueStub(channel).PutItems(request, timeout=10)
+
+
+def fetch_checked_answer(target: str, request: bytes) -> bytes:
+    """The raw GetItems answer, after checking it holds exactly the seeded item.
+
+    Raw bytes, because the benchmark checks every answer under load by
+    length, and that length must be the server's own encoding.
+    """
+    with grpc.insecure_channel(target) as channel:
+        raw: bytes = channel.unary_unary(METHOD)(request, timeout=10)
+    items = [(item.key, item.value) for item in kv_pb2.GetItemsResponse.FromString(raw).items]
+    if items != [(ITEM_KEY, SEED_VALUE)]:
+        raise ServerFailed(f"GetItems answered {items!r}, expected [({ITEM_KEY!r}, <100 seeded bytes>)]")
+    return raw
+
+
+# ---------------------------------------------------------------- measuring
+
+LoadFn = Callable[[Concurrency, Path, int | None, float | None], LoadResult]
+
+
+def load_function(loadgen: str, target: Target, answer: bytes) -> LoadFn:
+    """Bind the chosen load generator to the target, as (conc, log, n, seconds) -> result."""
+
+    def load(conc: Concurrency, log: Path, requests: int | None, duration_s: float | None) -> LoadResult:
+        if loadgen == "h2load":
+            return run_h2load(target, conc, log, requests=requests, duration_s=duration_s)
+        return run_python_client(target, conc, log, answer, requests=requests, duration_s=duration_s)
+
+    return load
+
+
+def warm_up(load: LoadFn, conc: Concurrency, log: Path, opts: Options) -> int:
+    """Run unmeasured for ``--warmup`` s; the call count that makes a phase ``--duration`` s.
+
+    A fixed count, not a fixed time, makes the CPU window hold exactly the
+    calls it is divided by.
+    """
+    result = load(conc, log, None, opts.warmup_s)
+    if result.succeeded == 0 or result.failed or result.non_2xx:
+        raise LoadFailed(
+            f"warm-up: {result.succeeded} succeeded, {result.failed} failed, {result.non_2xx} non-2xx"
+        )
+    return max(conc.in_flight * 20, round(result.calls_per_s * opts.duration_s))
+
+
+def measure_phase(
+    server: ServerProcess, load: LoadFn, conc: Concurrency, log: Path, requests: int, frame_len: int
+) -> dict[str, float]:
+    """One measured run: server CPU ticks around a fixed-count load run.
+
+    Also what else used the server's CPU meanwhile, so that a run disturbed
+    by other work on the machine can be told from a clean one.
+    """
+    cpu = server.cpu if server.cpu is not None else SERVER_CPU
+    wall_before, (busy_before, steal_before) = time.monotonic(), cpu_counters(cpu)
+    ticks_before = server.cpu_ticks()
+    result = load(conc, log, requests, None)
+    ticks_after = server.cpu_ticks()
+    wall_ticks = (time.monotonic() - wall_before) * CLK_TCK
+    busy_after, steal_after = cpu_counters(cpu)
+    check_correct(result, frame_len)
+    latencies = sorted(result.latencies_us)
+    server_ticks = ticks_after - ticks_before
+    return {
+        "calls": result.succeeded,
+        "elapsed_s": result.span_s or result.elapsed_s,
+        "calls_per_s": result.calls_per_s,
+        "p50_us": percentile(latencies, 50),
+        "p99_us": percentile(latencies, 99),
+        "mean_us": statistics.fmean(latencies),
+        "cpu_us_per_call": ticks_to_us(server_ticks) / result.succeeded,
+        "server_cpu_pct": round(100 * server_ticks / wall_ticks, 1),
+        "other_on_server_cpu_pct": round(
+            100 * max(0, busy_after - busy_before - server_ticks) / wall_ticks, 1
+        ),
+        "steal_on_server_cpu_pct": round(100 * (steal_after - steal_before) / wall_ticks, 1),
+    }
+
+
+def summarize(conc: Concurrency, requests: int, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians over runs, with the runs themselves kept for inspection."""
+    summary: dict[str, Any] = {m: statistics.median(run[m] for run in runs) for m in METRICS}
+    summary.update(
+        in_flight=conc.in_flight, clients=conc.clients, streams_per_client=conc.streams,
+        requests_per_run=requests, runs=runs,
+    )  # fmt: skip
+    return summary
+
+
+def log_issues(server: ServerProcess) -> list[str]:
+    """Server output lines that look like errors or warnings (first 20)."""
+    try:
+        lines = server.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if any(w in line.lower() for w in LOG_ISSUE_WORDS)][:20]
+
+
+def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> dict[str, Any]:
+    """Start one server, check it, measure every concurrency, stop it."""
+    server = make_server(name, workdir, cpu)
+    request = kv_pb2.GetItemsRequest(namespace=NAMESPACE, id=RECORD_ID).SerializeToString()
+    body_file = workdir / "get_items.body"
+    body_file.write_bytes(grpc_frame(request))
+    target = Target("127.0.0.1", server.port, METHOD, request, body_file)
+    report: dict[str, Any] = {}
+    try:
+        server.start()
+        server.wait_ready(opts.ready_timeout_s)
+        server.pin_tree()
+        report["server_affinity"] = sorted(sorted(cpus) for cpus in server.affinities())
+        seed(server.target)
+        answer = fetch_checked_answer(server.target, request)
+        report["answer_bytes"] = len(answer)
+        load = load_function(opts.loadgen, target, answer)
+        for conc in CONCURRENCIES:
+            log = workdir / f"{name}-{conc.label}.log"
+            requests = warm_up(load, conc, log, opts)
+            runs = [
+                measure_phase(server, load, conc, log, requests, 5 + len(answer)) for _ in range(opts.runs)
+            ]
+            report[conc.label] = summarize(conc, requests, runs)
+            print(f"  {name} {conc.label}: {_row_text(report[conc.label])}", flush=True)
+        fetch_checked_answer(server.target, request)  # still right after the load
+    except (ServerFailed, LoadFailed, grpc.RpcError, OSError) as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        report["server_log_tail"] = server.log_tail()
+        print(f"  {name}: FAILED: {report['error']}", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    report["server_log_issues"] = log_issues(server)
+    return report
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """prism / grpc_aio for the headline metrics; None where one is missing."""
+
+    def ratio(label: str, metric: str) -> float | None:
+        ours, peer = results.get("prism", {}).get(label), results.get("grpc_aio", {}).get(label)
+        if not ours or not peer or not peer[metric]:
+            return None
+        return round(float(ours[metric]) / float(peer[metric]), 3)
+
+    return {
+        "cpu_per_call_c128": ratio("c128", "cpu_us_per_call"),
+        "cpu_per_call_c1": ratio("c1", "cpu_us_per_call"),
+        "calls_per_s_c128": ratio("c128", "calls_per_s"),
+        "calls_per_s_c1": ratio("c1", "calls_per_s"),
+        "p50_c1": ratio("c1", "p50_us"),
+    }
+
+
+def _row_text(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['calls_per_s']:,.0f} calls/s, p50 {summary['p50_us']:,.0f} us, "
+        f"p99 {summary['p99_us']:,.0f} us, CPU {summary['cpu_us_per_call']:,.1f} us/call, "
+        f"others on server CPU {summary['other_on_server_cpu_pct']:.0f}%"
+    )
+
+
+def table(results: dict[str, dict[str, Any]], ratio_values: dict[str, float | None]) -> str:
+    """The human-readable summary printed at the end, with a warning if the CPU was shared."""
+    header = ("server", "in flight", "calls/s", "p50 us", "p99 us", "CPU us/call", "others %")
+    lines = ["{:<10} {:>9} {:>10} {:>9} {:>9} {:>12} {:>9}".format(*header)]
+    disturbed = False
+    for conc in CONCURRENCIES:
+        for name, report in results.items():
+            row = report.get(conc.label)
+            if row is None:
+                lines.append(f"{name:<10} {conc.in_flight:>9} {'(failed)':>10}")
+                continue
+            disturbed |= row["other_on_server_cpu_pct"] > DISTURBED_PCT
+            lines.append(
+                f"{name:<10} {conc.in_flight:>9} {row['calls_per_s']:>10,.0f} {row['p50_us']:>9,.0f} "
+                f"{row['p99_us']:>9,.0f} {row['cpu_us_per_call']:>12,.1f} "
+                f"{row['other_on_server_cpu_pct']:>9.0f}"
+            )
+    shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in ratio_values.items())
+    lines.append(f"ratio prism/grpc_aio: {shown}")
+    if disturbed:
+        lines.append(
+            f"warning: other work used > {DISTURBED_PCT:g}% of the server CPU in some phase "
+            "('others %'); those numbers are not clean"
+        )
+    return "\n".join(lines)
+
+
+def machine_info(loadgen: str) -> dict[str, Any]:
+    """What the numbers were taken on, to compare runs across machines."""
+    from google.protobuf.internal import api_implementation
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "clk_tck": CLK_TCK,
+        "versions": {d: version(d) for d in ("grpcio", "protobuf", "h2", "hpack", "trio")},
+        "protobuf_backend": api_implementation.Type(),
+        "loadgen": loadgen,
+        "h2load": h2load_version() if loadgen == "h2load" else None,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every server in turn, print the table, write the JSON; 1 if any failed."""
+    opts = parse_args(argv)
+    # SIGTERM's default action would skip the finally blocks that stop the servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    server_cpu, load_cpu = pin_self()
+    started = time.time()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="prism-bench-") as tmp:
+        for name in opts.servers:
+            print(f"{name}: measuring ({opts.runs} x {opts.duration_s:g}s per phase)", flush=True)
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            results[name] = bench_server(name, opts, workdir, server_cpu)
+    ratio_values = ratios(results)
+    print()
+    print(table(results, ratio_values))
+    for name, report in results.items():
+        for line in report.get("server_log_issues", []):
+            print(f"{name} log: {line}")
+    document = {
+        "benchmark": "kv_get",
+        "machine": machine_info(opts.loadgen),
+        "params": {
+            "duration_s": opts.duration_s, "runs": opts.runs, "warmup_s": opts.warmup_s,
+            "servers": list(opts.servers), "method": METHOD, "namespace": NAMESPACE, "id": RECORD_ID,
+            "value_bytes": len(SEED_VALUE), "server_cpu": server_cpu, "load_cpu": load_cpu,
+            "concurrency": {c.label: {"clients": c.clients, "streams": c.streams} for c in CONCURRENCIES},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_s": round(time.time() - started, 1),
+        },
+        "results": results,
+        "ratios": ratio_values,
+    }  # fmt: skip
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nwrote {opts.out}")
+    return 1 if any("error" in report for report in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
