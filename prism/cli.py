@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib
 import os
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 
-from prism.config import ServerConfig, load_config
+from prism.config import load_config
 from prism.errors import ConfigError
 from prism.proto import kv_pb2
 
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ENDPOINT",
     "KeyValueStubLike",
+    "PageTokenLoop",
     "delete_items",
     "display_bytes",
     "error_line",
@@ -202,16 +202,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, os.environ, overrides)
         # Imported only now: a bad config must be reported before the server
         # module (and everything it pulls in) is loaded.
-        return _server_entry()(config)
+        from prism.server import serve
+
+        return serve(config)
     except ConfigError as exc:
         print(f"prism: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _server_entry() -> Callable[[ServerConfig], int]:
-    module = importlib.import_module("prism.server")
-    serve: Callable[[ServerConfig], int] = module.serve
-    return serve
 
 
 # ---------------------------------------------------------------- kv: calls
@@ -473,3 +469,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         return render_records(scan_records(stub, args.namespace, args.timeout), args.json)
 
     return _run_kv(args, lines)
+
+
+if __name__ == "__main__":
+    run()
