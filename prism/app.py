@@ -1,29 +1,48 @@
-"""Everything one serving process needs, built from the config.
+"""The services one serving process runs, over the namespaces it holds.
 
-``open_app`` opens each namespace's backend and builds the method table
-(KeyValue, Health, reflection); ``App.aclose`` closes the backends.
+``App`` owns the process's backends and the method table (KeyValue, Health,
+reflection). ``apply`` brings the held namespaces in line with a new list:
+it opens what is new, and retires what was removed or changed. A retired
+backend stays open for ``graceful_timeout_s`` so calls already using it
+finish, then ``close_retired`` closes it.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from prism.api import health, keyvalue, reflection
 from prism.api.pagetoken import PageTokens, load_or_create_key
 from prism.backends import registry
 from prism.backends.base import KeyValueBackend
-from prism.config import ServerConfig
+from prism.config import NamespaceConfig, ServerConfig
+from prism.router.cache import SharedCache
 from prism.rpc.methods import MethodTable
 from prism.rpc.server import ServerSettings
+
+log = logging.getLogger("prism.app")
 
 # Room for the response's own framing around a page of items.
 _PAGE_OVERHEAD_BYTES = 64 * 1024
 
 
 class App:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        shared_cache: SharedCache | None = None,
+        remote: keyvalue.Remote | None = None,
+    ) -> None:
         self.config = config
         self.backends: dict[str, KeyValueBackend] = {}
+        self.caches: dict[str, keyvalue.Cached] = {}
+        self._specs: dict[str, NamespaceConfig] = {}
+        self._retired: list[tuple[float, str, KeyValueBackend]] = []
+        self._shared_cache = shared_cache
         self.health = health.HealthState()
         self.methods = MethodTable()
         self.settings = ServerSettings(
@@ -31,31 +50,79 @@ class App:
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=config.max_concurrent_streams,
         )
+        self._data_dir = Path(config.data_dir)
+        tokens = PageTokens(load_or_create_key(self._data_dir))
+        max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)
+        self.kv = keyvalue.KeyValue(
+            self.backends,
+            tokens,
+            max_limit_bytes=max_page,
+            remote=remote,
+            caches=self.caches,
+            shared_cache=shared_cache,
+        )
+        self.methods.add_service(keyvalue.SERVICE, self.kv)
+        self.methods.add_service(health.SERVICE, health.Health(self.health))
+        names = [*self.methods.service_names, reflection.SERVICE.full_name]
+        self.methods.add_service(reflection.SERVICE, reflection.Reflection(names))
+
+    async def apply(self, namespaces: Iterable[NamespaceConfig], *, strict: bool = False) -> list[str]:
+        """Hold exactly ``namespaces``; return the names that failed to open.
+
+        With ``strict`` (at boot) the first failure raises instead: a worker
+        that cannot open its backends must not pretend to serve them.
+        """
+        wanted = {ns.name: ns for ns in namespaces}
+        for name in list(self.backends):
+            if wanted.get(name) != self._specs.get(name):
+                self._retire(name)
+        failed = []
+        for name, ns in wanted.items():
+            if name in self.backends:
+                continue
+            try:
+                backend = registry.create(ns.backend, ns.options, data_dir=self._data_dir, namespace=name)
+                await backend.open()
+            except Exception as exc:
+                if strict:
+                    raise
+                log.error("namespace %s: cannot open backend %s: %s", name, ns.backend, exc)
+                self.health.set(name, health.NOT_SERVING)
+                failed.append(name)
+                continue
+            self.backends[name] = backend
+            self._specs[name] = ns
+            self.health.set(name, health.SERVING)
+            if ns.cache.enabled and self._shared_cache is not None:
+                self.caches[name] = keyvalue.Cached(
+                    self._shared_cache,
+                    int(ns.cache.ttl_s * 1000),
+                    min(ns.cache.max_value_bytes, self._shared_cache.max_item_bytes),
+                )
+        return failed
+
+    def _retire(self, name: str) -> None:
+        backend = self.backends.pop(name)
+        self._specs.pop(name, None)
+        self.caches.pop(name, None)
+        self.health.forget(name)
+        self._retired.append((time.monotonic() + self.config.graceful_timeout_s, name, backend))
+
+    async def close_retired(self, *, everything: bool = False) -> None:
+        """Close retired backends whose grace period is over (or all of them)."""
+        now = time.monotonic()
+        keep = []
+        for due, name, backend in self._retired:
+            if everything or due <= now:
+                try:
+                    await backend.aclose()
+                except Exception as exc:
+                    log.warning("namespace %s: error closing backend: %s", name, exc)
+            else:
+                keep.append((due, name, backend))
+        self._retired = keep
 
     async def aclose(self) -> None:
-        for backend in self.backends.values():
-            await backend.aclose()
-        self.backends.clear()
-
-
-async def open_app(config: ServerConfig) -> App:
-    """Open every namespace's backend and register the services."""
-    app = App(config)
-    data_dir = Path(config.data_dir)
-    try:
-        for ns in config.namespaces:
-            backend = registry.create(ns.backend, ns.options, data_dir=data_dir, namespace=ns.name)
-            await backend.open()
-            app.backends[ns.name] = backend
-            app.health.set(ns.name, health.SERVING)
-    except BaseException:
-        await app.aclose()
-        raise
-    tokens = PageTokens(load_or_create_key(data_dir))
-    max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)
-    kv = keyvalue.KeyValue(app.backends, tokens, max_limit_bytes=max_page)
-    app.methods.add_service(keyvalue.SERVICE, kv)
-    app.methods.add_service(health.SERVICE, health.Health(app.health))
-    names = [*app.methods.service_names, reflection.SERVICE.full_name]
-    app.methods.add_service(reflection.SERVICE, reflection.Reflection(names))
-    return app
+        for name in list(self.backends):
+            self._retire(name)
+        await self.close_retired(everything=True)

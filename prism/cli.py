@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 
-from prism.config import load_config
+from prism.config import ServerConfig, load_config
 from prism.errors import ConfigError
 from prism.proto import kv_pb2
 
@@ -200,11 +200,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"listen": args.listen, "data_dir": args.data_dir, "log_level": args.log_level}
     try:
         config = load_config(args.config, os.environ, overrides)
+
+        def reload_config() -> ServerConfig:
+            # SIGHUP: the same sources, read again.
+            return load_config(args.config, os.environ, overrides)
+
         # Imported only now: a bad config must be reported before the server
         # module (and everything it pulls in) is loaded.
         from prism.server import serve
 
-        return serve(config)
+        return serve(config, reload_config)
     except ConfigError as exc:
         print(f"prism: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

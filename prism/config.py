@@ -29,8 +29,11 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ENV_VARS",
     "LOG_LEVELS",
+    "CacheConfig",
+    "CacheTableConfig",
     "NamespaceConfig",
     "ServerConfig",
+    "TenantConfig",
     "load_config",
     "parse_host_port",
 ]
@@ -56,6 +59,14 @@ _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$"
 _MISSING_FIELD = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
 
 
+class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A namespace's look-aside cache for GetItems answers (shared memory)."""
+
+    enabled: bool = False
+    ttl_s: float = 30.0
+    max_value_bytes: int = 16 * KIB
+
+
 class NamespaceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One namespace: the unit of routing, and which backend holds its data.
 
@@ -67,20 +78,56 @@ class NamespaceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abstraction: str = "keyvalue"
     backend: str = "sqlite"
     options: dict[str, Any] = {}
+    cache: CacheConfig = CacheConfig()
+
+
+class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A tenant: its namespaces are served by its own worker processes only.
+
+    ``workers`` processes are pinned round robin over ``cpus`` (default: every
+    CPU this process may use).
+    """
+
+    name: str
+    workers: int = 1
+    cpus: tuple[int, ...] = ()
+    namespaces: tuple[NamespaceConfig, ...] = ()
+
+
+class CacheTableConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The one shared-memory cache table all workers use (sized at start-up)."""
+
+    total_bytes: int = 64 * MIB
+    slot_bytes: int = 4 * KIB
+
+
+DEFAULT_TENANT = "default"
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Everything ``prism serve`` needs; validated on construction."""
+    """Everything ``prism serve`` needs; validated on construction.
+
+    Top-level ``namespaces`` belong to the tenant ``default``, which runs
+    ``workers`` processes (0: one per CPU). With neither ``namespaces`` nor
+    ``tenants`` the server serves namespace ``default`` on SQLite.
+    """
 
     listen: str = "127.0.0.1:8980"
+    admin_listen: str = "127.0.0.1:8981"
     data_dir: str = ".prism"
     max_message_bytes: int = 4 * MIB
     max_concurrent_streams: int = 100
-    namespaces: tuple[NamespaceConfig, ...] = (NamespaceConfig(name="default"),)
+    namespaces: tuple[NamespaceConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    workers: int = 0
+    cache: CacheTableConfig = CacheTableConfig()
     log_level: str = "info"
     graceful_timeout_s: float = 10.0
+    heartbeat_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
+        if not self.namespaces and not self.tenants:
+            msgspec.structs.force_setattr(self, "namespaces", (NamespaceConfig(name="default"),))
         # msgspec calls this for decoded structs too, so ``load_config`` and
         # code that builds a config by hand (tests) get the same checks.
         _validate(self)
@@ -88,6 +135,22 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def listen_host_port(self) -> tuple[str, int]:
         """``listen`` split into the host to bind and the port number."""
         return parse_host_port(self.listen)
+
+    def admin_host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.admin_listen)
+
+    def effective_tenants(self, cpu_count: int) -> tuple[TenantConfig, ...]:
+        """The configured tenants, plus ``default`` holding top-level namespaces."""
+        if not self.namespaces:
+            return self.tenants
+        workers = self.workers or cpu_count
+        if not self.workers and any(ns.backend == "memory" for ns in self.namespaces):
+            workers = 1  # memory holds data inside one process: several would disagree
+        default = TenantConfig(DEFAULT_TENANT, workers=workers, namespaces=self.namespaces)
+        return (*self.tenants, default)
+
+    def all_namespaces(self) -> tuple[NamespaceConfig, ...]:
+        return (*self.namespaces, *(ns for t in self.tenants for ns in t.namespaces))
 
 
 class _FieldError(ConfigError):
@@ -146,15 +209,55 @@ def _validate(cfg: ServerConfig) -> None:
             "graceful_timeout_s",
             f"{cfg.graceful_timeout_s} must be a finite number of seconds >= 0",
         )
-    _validate_namespaces(cfg.namespaces)
-
-
-def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...]) -> None:
-    if not namespaces:
-        raise _FieldError("namespaces", "at least one namespace is required")
+    try:
+        parse_host_port(cfg.admin_listen)
+    except ValueError as exc:
+        raise _FieldError("admin_listen", str(exc)) from None
+    if cfg.workers < 0:
+        raise _FieldError("workers", f"{cfg.workers} must be >= 0 (0: one per CPU)")
+    if not 0 < cfg.heartbeat_timeout_s < math.inf:
+        raise _FieldError("heartbeat_timeout_s", f"{cfg.heartbeat_timeout_s} must be > 0")
+    if not 512 <= cfg.cache.slot_bytes <= 16 * MIB:
+        raise _FieldError("cache.slot_bytes", f"{cfg.cache.slot_bytes} out of range (512-16777216)")
+    if cfg.cache.total_bytes < 0:
+        raise _FieldError("cache.total_bytes", "must be >= 0")
     seen: set[str] = set()
+    _validate_namespaces(cfg.namespaces, "namespaces", seen)
+    tenant_names: set[str] = set()
+    for index, tenant in enumerate(cfg.tenants):
+        where = f"tenants[{index}]"
+        if not _NAMESPACE_NAME.fullmatch(tenant.name):
+            raise _FieldError(
+                f"{where}.name", f"{tenant.name!r} must be 1-128 characters of A-Z a-z 0-9 _ . -"
+            )
+        if tenant.name in tenant_names or (tenant.name == DEFAULT_TENANT and cfg.namespaces):
+            raise _FieldError(f"{where}.name", f'duplicate tenant "{tenant.name}"')
+        tenant_names.add(tenant.name)
+        if tenant.workers < 1:
+            raise _FieldError(f"{where}.workers", f"{tenant.workers} must be >= 1")
+        if any(cpu < 0 for cpu in tenant.cpus):
+            raise _FieldError(f"{where}.cpus", "CPU numbers must be >= 0")
+        _validate_namespaces(tenant.namespaces, f"{where}.namespaces", seen)
+        _check_memory_single_worker(tenant.namespaces, tenant.workers, where)
+    _check_memory_single_worker(cfg.namespaces, cfg.workers, "workers")
+
+
+def _check_memory_single_worker(namespaces: tuple[NamespaceConfig, ...], workers: int, where: str) -> None:
+    # The memory backend keeps data inside one worker process; with several
+    # workers each would hold a different copy, and answers would depend on
+    # which worker a connection reached.
+    if workers > 1:
+        for ns in namespaces:
+            if ns.backend == "memory":
+                raise _FieldError(
+                    f"{where}.workers" if where != "workers" else "workers",
+                    f"namespace {ns.name!r} uses the memory backend, which needs exactly 1 worker",
+                )
+
+
+def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, seen: set[str]) -> None:
     for index, ns in enumerate(namespaces):
-        where = f"namespaces[{index}]"
+        where = f"{field}[{index}]"
         if not _NAMESPACE_NAME.fullmatch(ns.name):
             raise _FieldError(
                 f"{where}.name",
@@ -170,6 +273,10 @@ def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...]) -> None:
             )
         if not ns.backend:
             raise _FieldError(f"{where}.backend", "must not be empty")
+        if ns.cache.ttl_s <= 0 or not math.isfinite(ns.cache.ttl_s):
+            raise _FieldError(f"{where}.cache.ttl_s", f"{ns.cache.ttl_s} must be > 0")
+        if ns.cache.max_value_bytes < 1:
+            raise _FieldError(f"{where}.cache.max_value_bytes", "must be >= 1")
 
 
 # ---------------------------------------------------------------- loading
@@ -198,6 +305,8 @@ ENV_VARS: Mapping[str, tuple[str, Callable[[str], Any]]] = {
     "PRISM_MAX_CONCURRENT_STREAMS": ("max_concurrent_streams", _parse_int),
     "PRISM_LOG_LEVEL": ("log_level", str),
     "PRISM_GRACEFUL_TIMEOUT_S": ("graceful_timeout_s", _parse_float),
+    "PRISM_ADMIN_LISTEN": ("admin_listen", str),
+    "PRISM_WORKERS": ("workers", _parse_int),
 }
 
 
@@ -231,6 +340,10 @@ def load_config(
             raise ConfigError(f"{field}: unknown setting")
         values[field] = value
         sources[field] = "--" + field.replace("_", "-")
+    if values.get("namespaces") == [] and not values.get("tenants"):
+        raise ConfigError(
+            _with_source("namespaces: at least one namespace is required", "namespaces", sources)
+        )
     return _decode(values, sources)
 
 

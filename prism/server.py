@@ -1,81 +1,58 @@
-"""``prism serve`` in one process: bind, serve, drain on SIGTERM.
+"""``prism serve``: prepare the runtime directory, then run the supervisor.
 
-The socket is bound before trio starts (the supervisor of DESIGN.md binds
-before it forks, and hands the same socket to its workers); the trio loop then
-serves gRPC on it until a signal says stop.
+The metrics directory must be in the environment before anything imports
+prometheus-client (it picks its multiprocess value store at import time), so
+this module imports the supervisor, and with it the rest of Prism, only after
+setting it.
 """
 
 from __future__ import annotations
 
-import logging
-import signal
-import socket
-import sys
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
-import trio
-
-from prism.app import open_app
 from prism.config import ServerConfig
 from prism.errors import ConfigError
-from prism.log import setup_logging
-from prism.rpc.server import ServerSettings, serve_listeners
-
-log = logging.getLogger("prism.server")
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket with SO_REUSEADDR, ready to hand to workers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+def check_namespaces(config: ServerConfig) -> None:
+    """Build (not open) every namespace's backend, so that an unknown backend
+    or a bad option stops start-up (or a reload) with one line naming it."""
+    from prism.backends import registry
+
+    places = [(f"namespaces[{i}]", ns) for i, ns in enumerate(config.namespaces)]
+    for t, tenant in enumerate(config.tenants):
+        places += [(f"tenants[{t}].namespaces[{i}]", ns) for i, ns in enumerate(tenant.namespaces)]
+    for where, ns in places:
+        try:
+            registry.create(ns.backend, ns.options, data_dir=Path(config.data_dir), namespace=ns.name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
-async def run(config: ServerConfig, sock: socket.socket) -> None:
-    """Serve on ``sock`` until SIGTERM (drain) or SIGINT (stop now)."""
-    app = await open_app(config)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_listeners, [listener], app.settings)
-                log.info("serving gRPC on %s", config.listen)
-                async for signum in signals:
-                    if signum == signal.SIGTERM:
-                        await drain(app.settings, config.graceful_timeout_s)
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        await app.aclose()
+def prepare_runtime(config: ServerConfig) -> Path:
+    """The runtime directory (sockets, metrics files), emptied of a previous run's."""
+    runtime = Path(os.environ.get("RUNTIME_DIRECTORY") or Path(config.data_dir) / "run").absolute()
+    runtime.mkdir(parents=True, exist_ok=True)
+    for stale in runtime.glob("*.ipc"):
+        stale.unlink(missing_ok=True)
+    for stale in runtime.glob("*.sock"):
+        stale.unlink(missing_ok=True)
+    metrics_dir = runtime / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    return runtime
 
 
-async def drain(settings: ServerSettings, timeout_s: float) -> None:
-    """GOAWAY everywhere, then wait for in-flight calls, at most ``timeout_s``."""
-    settings.start_drain()
-    with trio.move_on_after(timeout_s):
-        while settings.active_calls:
-            await trio.sleep(0.01)
+def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> int:
+    """Run the supervisor until it is stopped; the process exit code."""
+    check_namespaces(config)
+    runtime = prepare_runtime(config)
+    from prism.log import setup_logging
+    from prism.workers.supervisor import Supervisor
 
-
-def serve(config: ServerConfig) -> int:
-    """Run the server in this process; the exit code for the CLI."""
     setup_logging(config.log_level)
-    host, port = config.listen_host_port()
-    try:
-        sock = bind_socket(host, port)
-    except OSError as exc:
-        print(f"prism: cannot listen on {config.listen}: {exc.strerror}", file=sys.stderr)
-        return 1
-    try:
-        trio.run(run, config, sock)
-    except ConfigError as exc:
-        print(f"prism: config error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        sock.close()
-    return 0
+    return Supervisor(config, reload_config, runtime).run()

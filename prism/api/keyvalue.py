@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
+from prism import metrics
 from prism.backends import base
-from prism.errors import InvalidArgument, NotFound
+from prism.errors import InvalidArgument, NotFound, Unavailable
 from prism.proto import common_pb2, kv_pb2
+from prism.router.cache import SharedCache
 
 from .pagetoken import PageTokens
 
@@ -26,6 +29,7 @@ DEFAULT_LIMIT_BYTES = 1024 * 1024
 
 _Item = kv_pb2.Item
 _MATCH_ALL = base.MatchAll()
+_PUT_OK = kv_pb2.PutItemsResponse().SerializeToString()
 
 
 def _now_ms() -> int:
@@ -66,8 +70,30 @@ def _fingerprint(*parts: bytes) -> bytes:
     return hashlib.blake2b(b"\x00".join(parts), digest_size=16).digest()
 
 
+class Remote(Protocol):
+    """Where calls for namespaces this process does not hold go (another tenant's worker)."""
+
+    async def forward(self, namespace: str, call: Any) -> bytes | None:
+        """The owner's answer bytes; None if no tenant owns ``namespace``."""
+        ...
+
+
+class Cached(NamedTuple):
+    cache: SharedCache
+    ttl_ms: int
+    max_value_bytes: int
+
+
 class KeyValue:
-    """The KeyValue service over a namespace -> backend table."""
+    """The KeyValue service over a namespace -> backend table.
+
+    ``backends`` holds this process's namespaces; calls for any other go to
+    ``remote`` (raw request bytes in, raw answer bytes out). ``caches`` names
+    the namespaces whose GetItems answers are kept in the shared cache, and
+    ``shared_cache`` (if any) is invalidated by every write, cached or not, so
+    that turning a namespace's cache on never serves an answer older than a
+    write made while it was off.
+    """
 
     def __init__(
         self,
@@ -75,10 +101,16 @@ class KeyValue:
         tokens: PageTokens,
         *,
         max_limit_bytes: int,
+        remote: Remote | None = None,
+        caches: Mapping[str, Cached] | None = None,
+        shared_cache: SharedCache | None = None,
     ) -> None:
         self.backends = backends
         self._tokens = tokens
         self._max_limit_bytes = max_limit_bytes
+        self._remote = remote
+        self.caches: Mapping[str, Cached] = caches if caches is not None else {}
+        self._shared_cache = shared_cache
 
     def _backend(self, namespace: str, id: str | None = None) -> base.KeyValueBackend:
         backend = self.backends.get(namespace)
@@ -88,19 +120,65 @@ class KeyValue:
             raise InvalidArgument("id must not be empty")
         return backend
 
+    async def _elsewhere(self, namespace: str, call: Any) -> bytes:
+        """Forward a call for a namespace this process does not hold."""
+        if self._remote is not None and not call.forwarded:
+            answer = await self._remote.forward(namespace, call)
+            if answer is not None:
+                return answer
+        if call.forwarded:
+            raise Unavailable(f"namespace {namespace!r} moved while the call was forwarded; retry")
+        raise NotFound(f"unknown namespace {namespace!r}")
+
+    def _invalidate(self, namespace: str, id: str) -> None:
+        # After the backend committed, before the client hears OK.
+        if self._shared_cache is not None:
+            self._shared_cache.invalidate(namespace, id)
+
     def _limits(self, s: common_pb2.Selection) -> tuple[int, int]:
         items = min(s.limit_items or DEFAULT_LIMIT_ITEMS, MAX_LIMIT_ITEMS)
         nbytes = min(s.limit_bytes or DEFAULT_LIMIT_BYTES, self._max_limit_bytes)
         return items, nbytes
 
-    async def PutItems(self, request: kv_pb2.PutItemsRequest, call: object) -> kv_pb2.PutItemsResponse:
-        backend = self._backend(request.namespace, request.id)
+    async def PutItems(self, request: kv_pb2.PutItemsRequest, call: Any) -> kv_pb2.PutItemsResponse | bytes:
+        ns = call.namespace = request.namespace
+        if ns not in self.backends:
+            return await self._elsewhere(ns, call)
+        backend = self._backend(ns, request.id)
         now = _now_ms()
         items = [_item_write(i, now) for i in request.items]
         await backend.put_items(request.id, items, _stamp(request.idempotency_token), now)
-        return kv_pb2.PutItemsResponse()
+        self._invalidate(ns, request.id)
+        return _PUT_OK
 
-    async def GetItems(self, request: kv_pb2.GetItemsRequest, call: object) -> kv_pb2.GetItemsResponse:
+    async def GetItems(self, request: kv_pb2.GetItemsRequest, call: Any) -> kv_pb2.GetItemsResponse | bytes:
+        ns = call.namespace = request.namespace
+        if ns not in self.backends:
+            return await self._elsewhere(ns, call)
+        cached = self.caches.get(ns)
+        if cached is None:
+            return await self._get_items(request)
+        # The request bytes are the cache key: the same bytes ask the same
+        # question. The record's version is read before the backend is.
+        key = call.messages[0]
+        version = cached.cache.record_version(ns, request.id)
+        now = _now_ms()
+        hit = cached.cache.get(key, version, now)
+        if hit is not None:
+            metrics.cache_hit(ns)
+            return hit
+        metrics.cache_miss(ns)
+        response = await self._get_items(request)
+        payload: bytes = response.SerializeToString()
+        if len(payload) <= cached.max_value_bytes:
+            expires = now + cached.ttl_ms
+            for item in response.items:
+                if item.expires_at_ms:
+                    expires = min(expires, item.expires_at_ms)
+            cached.cache.put(key, version, payload, expires)
+        return payload
+
+    async def _get_items(self, request: kv_pb2.GetItemsRequest) -> kv_pb2.GetItemsResponse:
         backend = self._backend(request.namespace, request.id)
         predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
         selection = request.selection
@@ -141,17 +219,24 @@ class KeyValue:
         )
 
     async def DeleteItems(
-        self, request: kv_pb2.DeleteItemsRequest, call: object
-    ) -> kv_pb2.DeleteItemsResponse:
-        backend = self._backend(request.namespace, request.id)
+        self, request: kv_pb2.DeleteItemsRequest, call: Any
+    ) -> kv_pb2.DeleteItemsResponse | bytes:
+        ns = call.namespace = request.namespace
+        if ns not in self.backends:
+            return await self._elsewhere(ns, call)
+        backend = self._backend(ns, request.id)
         predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
         await backend.delete_items(request.id, predicate, _stamp(request.idempotency_token), _now_ms())
+        self._invalidate(ns, request.id)
         return kv_pb2.DeleteItemsResponse()
 
     async def MutateItems(
-        self, request: kv_pb2.MutateItemsRequest, call: object
-    ) -> kv_pb2.MutateItemsResponse:
-        backend = self._backend(request.namespace, request.id)
+        self, request: kv_pb2.MutateItemsRequest, call: Any
+    ) -> kv_pb2.MutateItemsResponse | bytes:
+        ns = call.namespace = request.namespace
+        if ns not in self.backends:
+            return await self._elsewhere(ns, call)
+        backend = self._backend(ns, request.id)
         now = _now_ms()
         mutations: list[base.Mutation] = []
         for n, m in enumerate(request.mutations):
@@ -163,10 +248,16 @@ class KeyValue:
             else:
                 raise InvalidArgument(f"mutations[{n}]: neither put nor delete is set")
         await backend.mutate_items(request.id, mutations, _stamp(request.idempotency_token), now)
+        self._invalidate(ns, request.id)
         return kv_pb2.MutateItemsResponse()
 
-    async def ScanItems(self, request: kv_pb2.ScanItemsRequest, call: object) -> kv_pb2.ScanItemsResponse:
-        backend = self._backend(request.namespace)
+    async def ScanItems(
+        self, request: kv_pb2.ScanItemsRequest, call: Any
+    ) -> kv_pb2.ScanItemsResponse | bytes:
+        ns = call.namespace = request.namespace
+        if ns not in self.backends:
+            return await self._elsewhere(ns, call)
+        backend = self._backend(ns)
         limit_items, limit_bytes = self._limits(request.selection)
         fingerprint = _fingerprint(b"scan", request.namespace.encode())
         after: str | None = None

@@ -91,9 +91,7 @@ class RecordPage(msgspec.Struct, frozen=True):
 class KeyValueBackend(Protocol):
     """What a KeyValue backend provides. One instance serves one namespace."""
 
-    async def put_items(
-        self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int
-    ) -> None: ...
+    async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None: ...
 
     async def get_items(
         self,
@@ -112,9 +110,7 @@ class KeyValueBackend(Protocol):
         but at least one item if any remain."""
         ...
 
-    async def delete_items(
-        self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int
-    ) -> None: ...
+    async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None: ...
 
     async def mutate_items(
         self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int

@@ -171,9 +171,7 @@ class MemoryBackend:
         chosen = rec.select(predicate, reverse, after)
         return page_items((items[i] for i in chosen), limit_items, limit_bytes)
 
-    async def put_items(
-        self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int
-    ) -> None:
+    async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)
         if self._replayed(id, stamp.token, now_ms):
             return
@@ -183,9 +181,7 @@ class MemoryBackend:
             rec.put(item, key, now_ms)
         self._finish(id, rec, stamp.token, now_ms)
 
-    async def delete_items(
-        self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int
-    ) -> None:
+    async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
         if self._replayed(id, stamp.token, now_ms):
             return
         rec = self._records.get(id)
@@ -193,9 +189,7 @@ class MemoryBackend:
             rec.delete(predicate, (stamp.generation_time_us, stamp.token))
         self._finish(id, rec, stamp.token, now_ms)
 
-    async def mutate_items(
-        self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int
-    ) -> None:
+    async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
         # Validating first is what makes this all or nothing: past this
         # point nothing can fail.
         check_mutations(mutations)
@@ -225,9 +219,7 @@ class MemoryBackend:
             if not rec.items:
                 empty.append(rid)  # dropped after the loop: it indexes ``ids``
                 continue
-            if records and (
-                n_items + len(rec.items) > limit_items or n_bytes + rec.nbytes > limit_bytes
-            ):
+            if records and (n_items + len(rec.items) > limit_items or n_bytes + rec.nbytes > limit_bytes):
                 self._drop_empty(empty)
                 return RecordPage(records, records[-1][0])
             records.append((rid, rec.items[:]))

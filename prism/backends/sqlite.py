@@ -13,8 +13,8 @@ is only ever handed back once its thread is done with it.
 The semantics live in SQL: the stamp rule is the WHERE of an upsert and of
 the delete, each write is one transaction (idempotency check, changes,
 token) committed before the call returns, and reads filter expired items.
-Expired items and old tokens are purged in small batches after a write, at
-most once a minute of caller time.
+Expired items and old tokens are purged in small batches inside a write's
+transaction, at most once a minute of caller time.
 
 ``SqliteBackend(...)`` only checks options; ``await open()`` creates the
 file and schema and must come before any other call.
@@ -22,7 +22,6 @@ file and schema and must come before any other call.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from typing import TypeVar
 
 import trio
 
-from prism.backends import sql_kv
+from prism.backends import sqlite_ops as ops
 from prism.backends.base import (
     ItemPage,
     ItemWrite,
@@ -41,9 +40,7 @@ from prism.backends.base import (
     Stamp,
 )
 from prism.backends.common import check_items, check_mutations
-from prism.errors import ConfigError, Internal, PrismError, Unavailable
-
-log = logging.getLogger(__name__)
+from prism.errors import ConfigError, Internal, Unavailable
 
 _T = TypeVar("_T")
 
@@ -111,7 +108,7 @@ class SqliteBackend:
         self._read_slots = trio.Semaphore(READERS)
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []
-        self._purger = sql_kv.Purger()
+        self._purger = ops.Purger()
         self._closed = False
 
     async def open(self) -> None:
@@ -128,7 +125,7 @@ class SqliteBackend:
         try:
             writer = self._connect()
             conns.append(writer)
-            sql_kv.prepare_writer(writer, self.synchronous)
+            ops.prepare_writer(writer, self.synchronous)
             for _ in range(READERS):
                 conns.append(self._connect())
                 conns[-1].execute("PRAGMA query_only = ON")
@@ -178,7 +175,7 @@ class SqliteBackend:
             finally:
                 self._readers.append(conn)
 
-    async def _write(self, id: str, stamp: Stamp, now_ms: int, apply: sql_kv.Apply) -> None:
+    async def _write(self, id: str, stamp: Stamp, now_ms: int, apply: ops.Apply) -> None:
         self._check_open()
         async with self._write_lock:
             self._check_open()
@@ -186,19 +183,8 @@ class SqliteBackend:
             assert conn is not None
             with _mapped_errors():
                 await trio.to_thread.run_sync(
-                    self._write_in_thread, conn, id, stamp, now_ms, apply, limiter=self._limiter
+                    ops.write, conn, id, stamp, now_ms, apply, self._purger, limiter=self._limiter
                 )
-
-    def _write_in_thread(
-        self, conn: sqlite3.Connection, id: str, stamp: Stamp, now_ms: int, apply: sql_kv.Apply
-    ) -> None:
-        sql_kv.write(conn, id, stamp, now_ms, apply)
-        try:
-            self._purger.maybe_purge(conn, now_ms)
-        except sqlite3.Error as exc:
-            # The write is committed and must be acknowledged; the purge
-            # will be tried again after a later write.
-            log.warning("sqlite purge failed: %s", translate(exc), exc_info=exc)
 
     async def get_items(
         self,
@@ -212,9 +198,7 @@ class SqliteBackend:
         now_ms: int,
     ) -> ItemPage:
         def run(conn: sqlite3.Connection) -> ItemPage:
-            return sql_kv.get_items(
-                conn, id, predicate, reverse, after, limit_items, limit_bytes, now_ms
-            )
+            return ops.get_items(conn, id, predicate, reverse, after, limit_items, limit_bytes, now_ms)
 
         return await self._read(run)
 
@@ -222,37 +206,28 @@ class SqliteBackend:
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
     ) -> RecordPage:
         def run(conn: sqlite3.Connection) -> RecordPage:
-            return sql_kv.scan_items(conn, after, limit_items, limit_bytes, now_ms)
+            return ops.scan_items(conn, after, limit_items, limit_bytes, now_ms)
 
         return await self._read(run)
 
-    async def put_items(
-        self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int
-    ) -> None:
+    async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)
 
         def apply(conn: sqlite3.Connection) -> None:
-            sql_kv.put(conn, id, items, stamp, now_ms)
+            ops.put(conn, id, items, stamp, now_ms)
 
         await self._write(id, stamp, now_ms, apply)
 
-    async def delete_items(
-        self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int
-    ) -> None:
+    async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
         def apply(conn: sqlite3.Connection) -> None:
-            sql_kv.delete(conn, id, predicate, stamp)
+            ops.delete(conn, id, predicate, stamp)
 
         await self._write(id, stamp, now_ms, apply)
 
-    async def mutate_items(
-        self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int
-    ) -> None:
+    async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
         check_mutations(mutations)
 
         def apply(conn: sqlite3.Connection) -> None:
-            sql_kv.mutate(conn, id, mutations, stamp, now_ms)
+            ops.mutate(conn, id, mutations, stamp, now_ms)
 
         await self._write(id, stamp, now_ms, apply)
-
-
-__all__ = ["PrismError", "SqliteBackend", "translate"]

@@ -71,14 +71,19 @@ class Call:
         "_inbuf",
         "_out",
         "_trailers",
+        "backend",
         "deadline",
         "done",
         "messages",
         "metadata",
+        "namespace",
         "path",
+        "started",
         "stream_id",
         "timeout_s",
     )
+
+    forwarded = False  # arrived on a client connection (see prism.router.forward)
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
@@ -93,6 +98,9 @@ class Call:
         self._out = bytearray()  # outbound DATA waiting for flow-control window
         self._trailers: tuple[tuple[bytes, bytes], ...] | None = None
         self.done = False  # end of stream sent (or stream reset): nothing more to send
+        self.started = 0.0  # when the request was complete (server's clock, for metrics)
+        self.namespace = ""  # set by handlers, for metrics and logs
+        self.backend = ""
 
     @property
     def pending_bytes(self) -> int:

@@ -10,9 +10,11 @@ place where exceptions become ``grpc-status``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -36,6 +38,9 @@ _READ_SIZE = 65536
 _STREAM_HIGH_WATER = 256 * 1024
 
 
+Observer = Callable[[Call, Method, StatusCode, float], None]
+
+
 class ServerSettings:
     """What every connection of a server shares."""
 
@@ -51,10 +56,15 @@ class ServerSettings:
         self.max_concurrent_streams = max_concurrent_streams
         self.connections: set[Connection] = set()
         self.draining = False
+        self.accept_scope: trio.CancelScope | None = None
+        # Called once per answered call (metrics); None costs nothing.
+        self.observer: Observer | None = None
 
     def start_drain(self) -> None:
-        """GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
+        """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
         self.draining = True
+        if self.accept_scope is not None:
+            self.accept_scope.cancel()
         for conn in list(self.connections):
             conn.start_drain()
 
@@ -88,11 +98,13 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.proto.initiate()
+                if self.settings.draining:  # accepted just before the drain began
+                    self.proto.start_drain()
                 self.wake()
                 nursery.start_soon(self._writer)
                 await self._reader()
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away: nothing left to answer
         finally:
             self.settings.connections.discard(self)
@@ -191,6 +203,7 @@ class Connection:
             )
 
     def _on_end(self, call: Call) -> None:
+        call.started = time.perf_counter()
         channel = self._inbound.pop(call.stream_id, None)
         if channel is not None:
             channel.close()
@@ -227,9 +240,13 @@ class Connection:
                 self._scopes[sid] = scope
                 request = method.decode(call.messages[0])
                 response = await method.handler(request, call)
-                proto.send_unary(call, response.SerializeToString())
+                # A handler may answer pre-serialized bytes (cache hits, forwarded calls).
+                proto.send_unary(call, response if type(response) is bytes else response.SerializeToString())
+                status = StatusCode.OK
             if scope.cancelled_caught:
-                proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                status = StatusCode.DEADLINE_EXCEEDED if not call.done else StatusCode.CANCELLED
+                proto.send_error(call, status, "deadline exceeded")
+            self._observe(call, method, status)
         except Exception as exc:
             self._answer_failure(call, method, exc)
         finally:
@@ -267,14 +284,24 @@ class Connection:
                 self._maybe_close()
 
     def _answer_failure(self, call: Call, method: Method, exc: Exception) -> None:
-        """The error boundary: PrismError -> its status; a bug -> INTERNAL."""
-        if isinstance(exc, PrismError):
-            self.proto.send_error(call, exc.grpc_status, str(exc))
-        elif isinstance(exc, DecodeError):
-            self.proto.send_error(call, StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}")
-        else:
-            log.error("unexpected error in %s", method.name, exc_info=exc)
-            self.proto.send_error(call, StatusCode.INTERNAL, "internal error")
+        status, message = failure_status(exc, method)
+        self.proto.send_error(call, status, message)
+        self._observe(call, method, status)
+
+    def _observe(self, call: Call, method: Method, status: StatusCode) -> None:
+        observer = self.settings.observer
+        if observer is not None:
+            observer(call, method, status, time.perf_counter() - call.started)
+
+
+def failure_status(exc: Exception, method: Method) -> tuple[StatusCode, str]:
+    """The error boundary: PrismError -> its status; a bug -> INTERNAL, logged once."""
+    if isinstance(exc, PrismError):
+        return exc.grpc_status, str(exc)
+    if isinstance(exc, DecodeError):
+        return StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"
+    log.error("unexpected error in %s", method.name, exc_info=exc)
+    return StatusCode.INTERNAL, "internal error"
 
 
 async def _requests(receive: trio.MemoryReceiveChannel[bytes], method: Method) -> AsyncIterator[Any]:
@@ -287,17 +314,50 @@ async def serve_listeners(
     listeners: list[trio.SocketListener],
     settings: ServerSettings,
     *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections until cancelled; a failing connection affects no other."""
+    """Accept and serve connections; a failing connection affects no other.
+
+    ``settings.start_drain()`` stops accepting (other processes on the same
+    socket take new connections) and GOAWAYs every connection; this returns
+    once the last of them has closed.
+    """
 
     async def handle(stream: trio.SocketStream) -> None:
-        if settings.draining:
-            await stream.aclose()
-            return
         try:
             await Connection(stream, settings).serve()
         except Exception:
             log.exception("connection failed")
 
-    await trio.serve_listeners(handle, listeners, task_status=task_status)
+    async with trio.open_nursery() as connections:
+        with trio.CancelScope() as accepting:
+            settings.accept_scope = accepting
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(_accept_loop, listener, connections, handle)
+                task_status.started()
+        for listener in listeners:
+            await listener.aclose()
+
+
+# Errors from accept() that mean "out of resources, try again soon" (as in
+# trio.serve_listeners): we pause rather than die.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_PAUSE_S = 0.1
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    connections: trio.Nursery,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error("accept failed (%s); pausing", exc.strerror)
+            await trio.sleep(_ACCEPT_PAUSE_S)
+            continue
+        connections.start_soon(handle, stream)

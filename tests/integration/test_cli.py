@@ -16,7 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .conftest import PrismProcess, free_port
 
 
-def prism(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def prism(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "prism.cli", *args],
         capture_output=True,
@@ -54,7 +56,9 @@ def test_cli_errors_are_one_line(prism_server: PrismProcess) -> None:
 def test_unknown_backend_stops_startup_with_exit_2(tmp_path: Path) -> None:
     cfg = tmp_path / "prism.toml"
     cfg.write_text('[[namespaces]]\nname = "x"\nbackend = "cassandra"\n')
-    r = prism("serve", "--config", str(cfg), "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path))
+    r = prism(
+        "serve", "--config", str(cfg), "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path)
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "cassandra" in r.stderr, r.stderr
 
@@ -64,8 +68,11 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PRISM_LISTEN": f"127.0.0.1:{port}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prism.cli", "serve"], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "prism.cli", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,9 @@ def fake_server(monkeypatch: pytest.MonkeyPatch, result: int | Exception = 0) ->
     """Install a stand-in ``prism.server`` whose ``serve`` records its config."""
     seen: list[ServerConfig] = []
 
-    def serve(config: ServerConfig) -> int:
+    def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> int:
         seen.append(config)
+        assert reload_config() == config  # SIGHUP reads the same sources again
         if isinstance(result, Exception):
             raise result
         return result

@@ -1,0 +1,227 @@
+"""The admin HTTP app: a plain ASGI callable, so hypercorn serves it and tests call it directly.
+
+Four read-only routes, no framework: a router table of four entries does not
+earn one. Everything a route needs comes from the routing table the supervisor
+publishes and from the metric files the workers write, so the admin process
+holds no state of its own and can be restarted at any time.
+
+Routes:
+
+- ``GET /metrics``: every worker's samples merged (prometheus-client multiprocess mode).
+- ``GET /healthz``: liveness, 200 while this process answers at all.
+- ``GET /readyz``: readiness, 200 once every worker in the routing table serves.
+- ``GET /v1/namespaces``: the namespaces, their backends and owner workers, as JSON.
+
+``HEAD`` is accepted wherever ``GET`` is; other methods get 405, unknown paths 404.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+import msgspec
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
+
+__all__ = [
+    "ASGIApp",
+    "Receive",
+    "Scope",
+    "Send",
+    "make_app",
+    "namespaces_page",
+    "readiness",
+    "render_metrics",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_TEXT: Final = b"text/plain; charset=utf-8"
+_JSON: Final = b"application/json"
+_METHODS: Final = frozenset({"GET", "HEAD"})
+
+# Only ever the keys below: a NamespaceEntry's ``options`` carry backend
+# settings such as DSNs with passwords, and this API is for operators' tools,
+# not for secrets. Declaring the output shape (rather than dropping a key from
+# the entry) means a field added to NamespaceEntry later stays private too.
+
+
+class _Owner(msgspec.Struct, frozen=True):
+    id: int
+    pid: int
+    serving: bool
+
+
+class _Namespace(msgspec.Struct, frozen=True):
+    name: str
+    tenant: str
+    abstraction: str
+    backend: str
+    cache: dict[str, Any]
+    owners: list[_Owner]
+
+
+class _NamespacesPage(msgspec.Struct, frozen=True):
+    generation: int
+    namespaces: list[_Namespace]
+
+
+_json = msgspec.json.Encoder()
+
+
+class _Response(msgspec.Struct, frozen=True):
+    status: int
+    body: bytes
+    content_type: bytes = _TEXT
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _text(status: int, text: str) -> _Response:
+    return _Response(status, (text + "\n").encode())
+
+
+def namespaces_page(routes: Routes) -> bytes:
+    """The ``/v1/namespaces`` body: namespaces sorted by name, owners by worker id, never options."""
+    page = _NamespacesPage(
+        generation=routes.generation,
+        namespaces=[
+            _Namespace(
+                name=entry.name,
+                tenant=entry.tenant,
+                abstraction=entry.abstraction,
+                backend=entry.backend,
+                cache=entry.cache,
+                owners=[_Owner(w.id, w.pid, w.serving) for w in routes.owners(name)],
+            )
+            for name, entry in sorted(routes.namespaces.items())
+        ],
+    )
+    return _json.encode(page)
+
+
+def readiness(routes: Routes) -> str | None:
+    """Why the gateway is not ready (one line), or None when every worker serves."""
+    total = len(routes.workers)
+    if total == 0:
+        return f"no workers in routing table generation {routes.generation}"
+    serving = sum(1 for w in routes.workers.values() if w.serving)
+    if serving < total:
+        return f"{serving} of {total} workers serving"
+    return None
+
+
+def render_metrics(multiproc_dir: str) -> bytes:
+    """Merge every process's metric files into one exposition page (blocking file reads).
+
+    A fresh registry per scrape is prometheus-client's documented multiprocess
+    pattern: the collector reads the directory as it is now, including files
+    of workers that have died since (their counters must not go backwards).
+    """
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiproc_dir)
+    return generate_latest(registry)
+
+
+def make_app(
+    routes: RoutingTableReader | Callable[[], Routes],
+    multiproc_dir: str | os.PathLike[str] | None = None,
+) -> ASGIApp:
+    """Build the admin ASGI app.
+
+    ``routes`` is the supervisor's routing table (or, in tests, any callable
+    returning ``Routes``; it may raise ``RoutingTableUnavailable``).
+    ``multiproc_dir`` is where workers write their metric files; it defaults
+    to ``PROMETHEUS_MULTIPROC_DIR`` as the supervisor sets it for every child.
+    """
+    current = routes.current if isinstance(routes, RoutingTableReader) else routes
+    if multiproc_dir is None:
+        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    metrics_dir = os.fspath(multiproc_dir) if multiproc_dir is not None else None
+    # One scrape at a time reads the files: a burst of scrapes then queues on
+    # the loop instead of occupying every thread trio would lend it.
+    scrape_limiter = trio.CapacityLimiter(1)
+
+    async def metrics() -> _Response:
+        if metrics_dir is None:
+            return _text(503, "metrics unavailable: PROMETHEUS_MULTIPROC_DIR is not set")
+        try:
+            body = await trio.to_thread.run_sync(render_metrics, metrics_dir, limiter=scrape_limiter)
+        except (OSError, ValueError) as exc:  # ValueError: the directory is missing
+            return _text(503, f"metrics unavailable: {exc}")
+        return _Response(200, body, CONTENT_TYPE_LATEST.encode())
+
+    async def healthz() -> _Response:
+        return _text(200, "ok")
+
+    async def readyz() -> _Response:
+        try:
+            reason = readiness(current())
+        except RoutingTableUnavailable as exc:
+            return _text(503, str(exc).replace("\n", " "))
+        return _text(503, reason) if reason is not None else _text(200, "ready")
+
+    async def namespaces() -> _Response:
+        try:
+            body = namespaces_page(current())
+        except RoutingTableUnavailable as exc:
+            return _text(503, str(exc).replace("\n", " "))
+        return _Response(200, body, _JSON)
+
+    handlers: dict[str, Callable[[], Awaitable[_Response]]] = {
+        "/metrics": metrics,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/v1/namespaces": namespaces,
+    }
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            await send({"type": "websocket.close", "code": 1000})  # refused: answered 403
+            return
+        handler = handlers.get(scope["path"])
+        method = scope["method"]
+        if handler is None:
+            response = _text(404, "not found")
+        elif method not in _METHODS:
+            response = _Response(405, b"method not allowed\n", extra_headers=((b"allow", b"GET, HEAD"),))
+        else:
+            response = await handler()
+        await _send(send, response, head=method == "HEAD")
+
+    return app
+
+
+async def _send(send: Send, response: _Response, *, head: bool) -> None:
+    headers = [
+        (b"content-type", response.content_type),
+        (b"content-length", str(len(response.body)).encode()),
+        (b"cache-control", b"no-store"),
+        *response.extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    # HEAD: the same headers (content-length included), no body, as HTTP requires.
+    await send({"type": "http.response.body", "body": b"" if head else response.body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge startup and shutdown: there is nothing to open or close."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

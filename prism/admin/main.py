@@ -1,0 +1,123 @@
+"""``python -m prism.admin.main``: the admin process the supervisor starts beside the workers.
+
+The supervisor binds the admin socket and creates the routing table before it
+starts any child, and hands both down as inherited file descriptors, described
+by ``PRISM_ADMIN_SPEC`` (JSON)::
+
+    {"listen_fd": 3, "routes_fd": 4, "routes_bytes": 4194304, "log_level": "info"}
+
+Binding in the supervisor means a restarted admin process serves the same
+socket without a window where the port is closed or taken by someone else.
+``PROMETHEUS_MULTIPROC_DIR`` (also set by the supervisor) names the directory
+of the workers' metric files.
+
+SIGTERM or SIGINT stops the server gracefully and the process exits 0. A
+missing or malformed spec exits ``EXIT_BOOT_FAILED``, the code on which the
+supervisor stops restarting a child that cannot even boot.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import signal
+import socket
+import sys
+from typing import Final, cast
+
+import msgspec
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework
+
+from prism.admin.app import ASGIApp, make_app
+from prism.log import setup_logging
+from prism.router.table import RoutingTableReader
+from prism.workers.lifeline import die_with_parent
+
+log = logging.getLogger("prism.admin")
+
+SPEC_ENV: Final = "PRISM_ADMIN_SPEC"
+EXIT_BOOT_FAILED: Final = 3  # the same code as a worker's (prism.workers.worker)
+# Admin requests are tiny; a scraper holding a keep-alive connection must not
+# delay shutdown by hypercorn's default 3 s.
+GRACEFUL_TIMEOUT_S: Final = 1.0
+
+
+class AdminSpec(msgspec.Struct, frozen=True):
+    """What the supervisor hands the admin process (``PRISM_ADMIN_SPEC``)."""
+
+    listen_fd: int  # a bound (and usually listening) TCP socket
+    routes_fd: int  # the routing table's memfd
+    routes_bytes: int  # its size, as the supervisor created it
+    log_level: str = "info"
+    supervisor_pid: int = 0  # 0: do not tie our life to a parent (tests)
+
+
+def hypercorn_config(spec: AdminSpec) -> Config:
+    """Serve on the inherited socket, log through prism's JSON logger, no access log."""
+    config = Config()
+    config.bind = [f"fd://{spec.listen_fd}"]
+    # Prometheus scrapes and probes every few seconds: an access log line for
+    # each would drown everything else the gateway logs.
+    config.accesslog = None
+    config.errorlog = logging.getLogger("prism.admin.http")
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.include_server_header = False
+    return config
+
+
+async def run(app: ASGIApp, config: Config) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then let hypercorn shut down gracefully."""
+    # The receiver is opened before serving starts, so a signal that arrives
+    # during startup is queued for the trigger rather than killing the process.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+        async def stop_on_signal() -> None:
+            async for signum in signals:
+                log.info("admin process stopping on %s", signal.Signals(signum).name)
+                return
+
+        # The app is a plain ASGI callable typed with generic mappings;
+        # hypercorn's TypedDict-based alias describes the same protocol.
+        await serve(cast(ASGIFramework, app), config, shutdown_trigger=stop_on_signal)
+
+
+def main() -> int:
+    """Run the admin process; returns its exit code."""
+    try:
+        spec = msgspec.json.decode(os.environ[SPEC_ENV], type=AdminSpec)
+    except (KeyError, msgspec.DecodeError) as exc:
+        print(f"prism: admin process cannot boot: bad or missing {SPEC_ENV}: {exc}", file=sys.stderr)
+        return EXIT_BOOT_FAILED
+    if spec.supervisor_pid:
+        die_with_parent(spec.supervisor_pid)
+    setup_logging(spec.log_level)
+    try:
+        _check_listener(spec.listen_fd)
+        # Read-only: the supervisor is the table's only writer, and a stray write
+        # from here should fault rather than corrupt what every worker reads.
+        buffer = mmap.mmap(spec.routes_fd, spec.routes_bytes, prot=mmap.PROT_READ)
+    except (OSError, ValueError) as exc:
+        print(f"prism: admin process cannot boot: {exc}", file=sys.stderr)
+        return EXIT_BOOT_FAILED
+    os.close(spec.routes_fd)  # the mapping holds its own reference
+    app = make_app(RoutingTableReader(buffer))
+    trio.run(run, app, hypercorn_config(spec))
+    return 0
+
+
+def _check_listener(fd: int) -> None:
+    """Fail at boot, with the reason, if ``fd`` is not the TCP socket the supervisor meant to pass."""
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"listen_fd {fd} is not a stream socket")
+    finally:
+        sock.detach()  # hypercorn wraps the same fd again (fd:// bind); this object must not close it
+
+
+if __name__ == "__main__":
+    sys.exit(main())

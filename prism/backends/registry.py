@@ -1,0 +1,73 @@
+"""Backend name -> factory, so that config can name a backend (ADR-005).
+
+Built-ins are registered here. A third-party package adds one with an entry
+point in the ``prism.backends`` group whose object is a factory; entry points
+are only looked at when config names a backend we do not know, so start-up
+never imports plugins it does not use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol
+
+from prism.backends.base import KeyValueBackend
+from prism.backends.memory import MemoryBackend
+from prism.backends.sqlite import SqliteBackend
+from prism.errors import ConfigError
+
+ENTRY_POINT_GROUP = "prism.backends"
+
+
+class BackendFactory(Protocol):
+    """Builds an unopened backend for one namespace; raises ConfigError for
+    bad options. The caller then awaits its ``open()``."""
+
+    def __call__(
+        self, options: Mapping[str, object], *, data_dir: Path, namespace: str
+    ) -> KeyValueBackend: ...
+
+
+def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
+    return MemoryBackend(options)
+
+
+_factories: dict[str, BackendFactory] = {"memory": _memory, "sqlite": SqliteBackend}
+
+
+def register(name: str, factory: BackendFactory, *, replace: bool = False) -> None:
+    """Make ``factory`` available as ``name``. Refuses to shadow a registered
+    name unless ``replace``: a plugin must not silently take over "sqlite"."""
+    if name in _factories and not replace:
+        raise ValueError(f"backend {name!r} is already registered")
+    _factories[name] = factory
+
+
+def known_backends() -> list[str]:
+    """Registered names and installed plugins' names (without loading them)."""
+    plugins = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(set(_factories) | plugins)
+
+
+def create(name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
+    """A new, unopened backend named ``name`` for ``namespace``."""
+    factory = _factories.get(name) or _load_plugin(name)
+    return factory(options, data_dir=data_dir, namespace=namespace)
+
+
+def _load_plugin(name: str) -> BackendFactory:
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not found:
+        known = ", ".join(known_backends())
+        raise ConfigError(f"unknown backend {name!r}; known backends: {known}")
+    ep = next(iter(found))
+    try:
+        factory = ep.load()
+    except Exception as exc:
+        raise ConfigError(f"backend {name!r}: cannot load plugin {ep.value}: {exc}") from exc
+    if not callable(factory):
+        raise ConfigError(f"backend {name!r}: plugin {ep.value} is not a factory")
+    register(name, factory)
+    return factory  # type: ignore[no-any-return]

@@ -1,0 +1,64 @@
+"""Messages on the nng sockets, as msgspec structs (msgpack on the wire).
+
+Control messages (supervisor -> workers, PUB/SUB) announce *state*, not
+commands: "the routing generation is N", "drain", "log level is X". The
+supervisor repeats the current state every heartbeat interval, so a worker
+that missed a message (PUB/SUB drops to late or slow subscribers) catches up,
+and a message received twice does nothing the second time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class State(msgspec.Struct, tag="state", frozen=True):
+    """The supervisor's current word to every worker."""
+
+    generation: int
+    draining: bool = False
+    log_level: str = "info"
+
+
+class Heartbeat(msgspec.Struct, tag="hb", frozen=True):
+    """A worker is alive and serving ``generation`` (workers -> supervisor, PUSH/PULL)."""
+
+    worker_id: int
+    pid: int
+    generation: int
+    active_calls: int = 0
+
+
+class BootFailed(msgspec.Struct, tag="bootfail", frozen=True):
+    """A worker could not start serving at all; the supervisor halts."""
+
+    worker_id: int
+    pid: int
+    reason: str
+
+
+WorkerEvent = Heartbeat | BootFailed
+
+
+class ForwardRequest(msgspec.Struct, frozen=True, array_like=True):
+    """A call for a namespace of another tenant, sent to one of its workers."""
+
+    path: bytes
+    payload: bytes
+    metadata: list[tuple[str, Any]]  # str values, bytes for -bin keys
+    timeout_s: float | None
+
+
+class ForwardResponse(msgspec.Struct, frozen=True, array_like=True):
+    status: int
+    message: str
+    payload: bytes
+
+
+control_encoder = msgspec.msgpack.Encoder()
+control_decoder = msgspec.msgpack.Decoder(State)
+event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
+forward_request_decoder = msgspec.msgpack.Decoder(ForwardRequest)
+forward_response_decoder = msgspec.msgpack.Decoder(ForwardResponse)

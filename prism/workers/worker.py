@@ -1,0 +1,279 @@
+"""A worker process: serves gRPC for one tenant's namespaces.
+
+The supervisor starts each worker as ``python -m prism.workers.worker`` with
+its ``WorkerSpec`` in the environment and the listening socket, routing table
+and cache table as inherited file descriptors (fork + exec, never a bare
+fork: nng's threads do not survive fork, and a worker must start clean).
+
+Inside, one trio loop runs: the gRPC server on the shared listening socket,
+the nng endpoint other workers forward calls to, heartbeats to the
+supervisor, and a watch on the routing table that opens and retires
+namespaces as the supervisor republishes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgspec
+import pynng
+import trio
+
+from prism.app import App
+from prism.config import NamespaceConfig, ServerConfig
+from prism.errors import StatusCode, Unavailable
+from prism.log import setup_logging
+from prism.router.cache import SharedCache
+from prism.router.forward import Forwarder, serve_forwarded
+from prism.router.messages import (
+    BootFailed,
+    ForwardRequest,
+    ForwardResponse,
+    Heartbeat,
+    State,
+    control_decoder,
+    control_encoder,
+)
+from prism.router.table import Routes, RoutingTableReader
+from prism.rpc.methods import UNARY
+from prism.rpc.server import failure_status, serve_listeners
+from prism.workers.lifeline import die_with_parent
+
+log = logging.getLogger("prism.worker")
+
+SPEC_ENV = "PRISM_WORKER_SPEC"
+EXIT_BOOT_FAILED = 3  # the supervisor halts instead of restarting in a loop
+HEARTBEAT_INTERVAL_S = 0.25
+ROUTES_POLL_S = 0.25
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    worker_id: int
+    tenant: str
+    cpu: int | None
+    listen_fd: int
+    routes_fd: int
+    routes_bytes: int
+    cache_fd: int  # -1: no shared cache
+    cache_bytes: int
+    control_address: str
+    events_address: str
+    forward_address: str
+    handoff_address: str
+    config: ServerConfig
+    supervisor_pid: int
+
+
+class BootError(Exception):
+    """The worker cannot start serving (its namespaces' backends will not open)."""
+
+
+class ForwardedCall:
+    """What handlers see of a call that another worker forwarded here."""
+
+    forwarded = True
+
+    def __init__(self, request: ForwardRequest) -> None:
+        self.path = request.path
+        self.messages = [request.payload]
+        self.metadata = request.metadata
+        self.deadline = trio.current_time() + request.timeout_s if request.timeout_s else math.inf
+        self.started = time.perf_counter()
+        self.namespace = ""
+        self.backend = ""
+
+
+def namespace_config(entry: Any) -> NamespaceConfig:
+    """A routing-table namespace entry as the config struct the backends take."""
+    return msgspec.convert(
+        {
+            "name": entry.name,
+            "abstraction": entry.abstraction,
+            "backend": entry.backend,
+            "options": entry.options,
+            "cache": entry.cache,
+        },
+        NamespaceConfig,
+    )
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.routes = RoutingTableReader(mmap.mmap(spec.routes_fd, spec.routes_bytes))
+        self.cache = SharedCache(mmap.mmap(spec.cache_fd, spec.cache_bytes)) if spec.cache_fd >= 0 else None
+        self.forwarder = Forwarder()
+        self.app = App(spec.config, shared_cache=self.cache, remote=self)
+        self.generation = -1
+        self.draining = False
+
+    # -- routing -------------------------------------------------------------
+
+    def _mine(self, routes: Routes) -> list[NamespaceConfig]:
+        return [namespace_config(e) for e in routes.namespaces.values() if e.tenant == self.spec.tenant]
+
+    async def _apply_routes(self, *, strict: bool = False) -> None:
+        routes = self.routes.current()
+        if routes.generation == self.generation:
+            return
+        await self.app.apply(self._mine(routes), strict=strict)
+        self.generation = routes.generation
+
+    async def forward(self, namespace: str, call: Any) -> bytes | None:
+        """KeyValue's Remote: send a call for another tenant's namespace to its owner."""
+        owners = self.routes.current().owners(namespace)
+        if not owners:
+            return None
+        if any(w.id == self.spec.worker_id for w in owners):
+            # The table says we own it but we have not opened it (yet).
+            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
+        from prism import metrics
+
+        metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
+        return await self.forwarder.forward(owners, call.path, call.messages[0], call.metadata, call.deadline)
+
+    async def _handle_forwarded(self, request: ForwardRequest) -> ForwardResponse:
+        method = self.app.methods.get(request.path)
+        if method is None or method.kind != UNARY:
+            return ForwardResponse(StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
+        call = ForwardedCall(request)
+        with trio.CancelScope(deadline=call.deadline) as scope:
+            try:
+                response = await method.handler(method.decode(request.payload), call)
+            except Exception as exc:
+                status, message = failure_status(exc, method)
+                return ForwardResponse(status, message, b"")
+            payload = response if type(response) is bytes else response.SerializeToString()
+            return ForwardResponse(StatusCode.OK, "", payload)
+        assert scope.cancelled_caught
+        return ForwardResponse(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")
+
+    # -- loops ---------------------------------------------------------------
+
+    async def _heartbeats(self, push: pynng.Push0) -> None:
+        while True:
+            beat = Heartbeat(
+                self.spec.worker_id, os.getpid(), self.generation, self.app.settings.active_calls
+            )
+            try:
+                push.send(control_encoder.encode(beat), block=False)
+            except pynng.TryAgain:
+                pass  # the supervisor is busy or restarting: the next beat will do
+            await trio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _control(self, sub: pynng.Sub0, drain: trio.Event) -> None:
+        while True:
+            raw = await sub.arecv()
+            try:
+                state: State = control_decoder.decode(raw)
+            except msgspec.DecodeError:
+                log.warning("undecodable control message ignored")
+                continue
+            logging.getLogger("prism").setLevel(state.log_level.upper())
+            if state.generation != self.generation:
+                await self._apply_routes()
+            if state.draining:
+                drain.set()
+
+    async def _watch_routes(self) -> None:
+        failures = 0
+        while True:
+            await trio.sleep(ROUTES_POLL_S)
+            if self.routes.generation() != self.generation:
+                await self._apply_routes()
+            if self.routes.failures != failures:
+                failures = self.routes.failures
+                log.error(
+                    "routing table unreadable, keeping generation %d: %s",
+                    self.generation,
+                    self.routes.last_error,
+                )
+            await self.app.close_retired()
+
+    async def run(self) -> None:
+        spec = self.spec
+        try:
+            await self._apply_routes(strict=True)
+        except Exception as exc:
+            raise BootError(str(exc)) from exc
+        # The inherited fd becomes ours: closing the listener on drain must
+        # release it, or the kernel would keep queueing connections to us.
+        sock = socket.socket(fileno=spec.listen_fd)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        drain = trio.Event()
+        with (
+            pynng.Push0(dial=spec.events_address, block_on_dial=False) as push,
+            pynng.Sub0(dial=spec.control_address, block_on_dial=False) as sub,
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) as signals,
+        ):
+            sub.subscribe(b"")
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve_forwarded, spec.forward_address, self._handle_forwarded)
+                    nursery.start_soon(self._serve_then_stop, listener, nursery)
+                    nursery.start_soon(self._heartbeats, push)
+                    nursery.start_soon(self._control, sub, drain)
+                    nursery.start_soon(self._watch_routes)
+                    nursery.start_soon(self._on_drain, drain, nursery)
+                    async for signum in signals:
+                        if signum == signal.SIGTERM:
+                            drain.set()
+                        else:
+                            nursery.cancel_scope.cancel()
+                            break
+            finally:
+                self.forwarder.close()
+                with trio.CancelScope(shield=True):
+                    await self.app.aclose()
+
+    async def _serve_then_stop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        await serve_listeners([listener], self.app.settings)
+        nursery.cancel_scope.cancel()  # drained: every connection has closed
+
+    async def _on_drain(self, drain: trio.Event, nursery: trio.Nursery) -> None:
+        await drain.wait()
+        log.info("worker %d draining", self.spec.worker_id)
+        self.app.settings.start_drain()
+        await trio.sleep(self.spec.config.graceful_timeout_s)
+        nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    spec = msgspec.json.decode(os.environ[SPEC_ENV], type=WorkerSpec)
+    die_with_parent(spec.supervisor_pid)
+    setup_logging(spec.config.log_level)
+    if spec.cpu is not None:
+        os.sched_setaffinity(0, {spec.cpu})
+    try:
+        trio.run(Worker(spec).run)
+    except BootError as exc:
+        reason = str(exc).replace("\n", " ")
+        print(
+            f"prism: worker {spec.worker_id} of tenant {spec.tenant!r} cannot boot: {reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+        _report_boot_failure(spec, reason)
+        sys.exit(EXIT_BOOT_FAILED)
+    except KeyboardInterrupt:
+        pass
+
+
+def _report_boot_failure(spec: WorkerSpec, reason: str) -> None:
+    try:
+        with pynng.Push0(dial=spec.events_address, send_timeout=500) as push:
+            push.send(control_encoder.encode(BootFailed(spec.worker_id, os.getpid(), reason)))
+    except pynng.NNGException:
+        pass  # the exit code tells the supervisor too
+
+
+if __name__ == "__main__":
+    main()
