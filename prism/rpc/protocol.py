@@ -71,6 +71,7 @@ class Call:
         "_inbuf",
         "_out",
         "_trailers",
+        "authority",
         "backend",
         "deadline",
         "done",
@@ -88,6 +89,7 @@ class Call:
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
         self.path = b""
+        self.authority = b""
         self.deadline = float("inf")  # set by the server from timeout_s (its clock)
         self.metadata: list[tuple[str, str | bytes]] = []
         self.timeout_s: float | None = None
@@ -266,6 +268,8 @@ class GrpcProtocol:
                     path = value
                 elif n == b":method":
                     method = value
+                elif n == b":authority":
+                    call.authority = bytes(value)
             elif n == b"content-type":
                 content_type = value
             elif n == b"grpc-timeout":

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from google.protobuf.message import DecodeError
@@ -34,11 +34,23 @@ from prism.rpc.protocol import (
 log = logging.getLogger("prism.rpc")
 
 _READ_SIZE = 65536
+# A connection's first request is looked at (for hand-off) within these bounds;
+# past them it is served where it landed.
+_SNIFF_TIMEOUT_S = 1.0
+_SNIFF_LIMIT_BYTES = 64 * 1024
 # Streaming responses wait for the client to read once this much is queued.
 _STREAM_HIGH_WATER = 256 * 1024
 
 
 Observer = Callable[[Call, Method, StatusCode, float], None]
+
+
+class Handoff(Protocol):
+    """Moves a connection whose first request names another tenant to its worker."""
+
+    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
+        """True if another worker took the socket (and ``buffered``) over."""
+        ...
 
 
 class ServerSettings:
@@ -57,6 +69,7 @@ class ServerSettings:
         self.connections: set[Connection] = set()
         self.draining = False
         self.accept_scope: trio.CancelScope | None = None
+        self.handoff: Handoff | None = None
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
 
@@ -76,8 +89,11 @@ class ServerSettings:
 class Connection:
     """One client connection: the reader, the writer and the calls' tasks."""
 
-    def __init__(self, stream: trio.abc.Stream, settings: ServerSettings) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, settings: ServerSettings, *, handed_in: bytes | None = None
+    ) -> None:
         self.stream = stream
+        self._handed_in = handed_in
         self.settings = settings
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
@@ -98,18 +114,85 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.proto.initiate()
+                events: list[tuple[int, Call | None]] | None = []
+                if self._handed_in is not None:
+                    # The worker that accepted this connection sent our preface
+                    # (the same bytes) and read these: take over from there.
+                    self.proto.data_to_send()
+                    events = self.proto.receive_data(self._handed_in)
+                elif self.settings.handoff is not None:
+                    events = await self._sniff(self.settings.handoff)
+                    if events is None:
+                        return  # handed to another worker, which now owns the socket
                 if self.settings.draining:  # accepted just before the drain began
                     self.proto.start_drain()
-                self.wake()
                 nursery.start_soon(self._writer)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+                if self._dispatch(events or []):
+                    await self._reader()
+                if not self._closing:
+                    nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away: nothing left to answer
         finally:
             self.settings.connections.discard(self)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+
+    async def _sniff(self, handoff: Handoff) -> list[tuple[int, Call | None]] | None:
+        """Read up to the first request, and hand the connection to another
+        worker if that request names another tenant. Returns the events read
+        (to serve here), or None once handed off.
+
+        Only our SETTINGS preface goes out before the decision (grpcio waits
+        for it before sending a request); nothing the receiving worker would
+        send differently. Not even a SETTINGS ACK: that worker replays the
+        bytes read here and acknowledges them itself.
+        """
+        assert isinstance(self.stream, trio.SocketStream)
+        await self.stream.send_all(self.proto.data_to_send())
+        buffered = bytearray()
+        events: list[tuple[int, Call | None]] = []
+        with trio.move_on_after(_SNIFF_TIMEOUT_S):
+            while len(buffered) < _SNIFF_LIMIT_BYTES:
+                data = await self.stream.receive_some(_READ_SIZE)
+                if not data:
+                    break
+                buffered += data
+                events += self.proto.receive_data(data)
+                first = next((c for k, c in events if k == CALL_START), None)
+                if first is not None:
+                    if await handoff.hand_off(first, self.stream, bytes(buffered)):
+                        return None
+                    break
+                if self.proto.broken:
+                    break
+        return events
+
+    def _dispatch(self, events: list[tuple[int, Call | None]]) -> bool:
+        """Act on protocol events; False once the connection is finished."""
+        proto = self.proto
+        for kind, call in events:
+            if call is None:  # CONNECTION_CLOSED
+                if proto.broken:
+                    self._closing = True
+                    self.wake()
+                    return False
+                self._maybe_close()
+            elif kind == CALL_END:
+                self._on_end(call)
+            elif kind == CALL_START:
+                self._on_start(call)
+            elif kind == CALL_MESSAGE:
+                self._on_message(call)
+            elif kind == CALL_RESET:
+                self._on_reset(call)
+        self.wake()
+        if self._window_lot:
+            # Streaming handlers waiting for the client to read go on.
+            self._window_lot.unpark_all()
+        if proto.peer_gone:
+            self._maybe_close()
+        return True
 
     def start_drain(self) -> None:
         self.proto.start_drain()
@@ -145,36 +228,12 @@ class Connection:
                 return
 
     async def _reader(self) -> None:
-        proto = self.proto
+        receive_data = self.proto.receive_data
         receive_some = self.stream.receive_some
         while True:
             data = await receive_some(_READ_SIZE)
-            if not data:
+            if not data or not self._dispatch(receive_data(data)):
                 return
-            for kind, call in proto.receive_data(data):
-                if call is None:  # CONNECTION_CLOSED
-                    if proto.broken:
-                        self._flush_then_close()
-                        return
-                    self._maybe_close()
-                elif kind == CALL_END:
-                    self._on_end(call)
-                elif kind == CALL_START:
-                    self._on_start(call)
-                elif kind == CALL_MESSAGE:
-                    self._on_message(call)
-                elif kind == CALL_RESET:
-                    self._on_reset(call)
-            self.wake()
-            if self._window_lot:
-                # Streaming handlers waiting for the client to read go on.
-                self._window_lot.unpark_all()
-            if proto.peer_gone:
-                self._maybe_close()
-
-    def _flush_then_close(self) -> None:
-        self._closing = True
-        self.wake()
 
     # -- call lifecycle --------------------------------------------------------
 

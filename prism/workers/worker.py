@@ -33,6 +33,7 @@ from prism.errors import StatusCode, Unavailable
 from prism.log import setup_logging
 from prism.router.cache import SharedCache
 from prism.router.forward import Forwarder, serve_forwarded
+from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import (
     BootFailed,
     ForwardRequest,
@@ -218,6 +219,8 @@ class Worker:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_forwarded, spec.forward_address, self._handle_forwarded)
+                    self.app.settings.handoff = TenantHandoff(spec.tenant, self.routes.current)
+                    await nursery.start(serve_handoffs, spec.handoff_address, self.app.settings)
                     nursery.start_soon(self._serve_then_stop, listener, nursery)
                     nursery.start_soon(self._heartbeats, push)
                     nursery.start_soon(self._control, sub, drain)
