@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -125,6 +126,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     serve.set_defaults(handler=_cmd_serve)
 
+    reload = commands.add_parser("reload", help="make a running server re-read its config (SIGHUP)")
+    reload.add_argument("--data-dir", metavar="DIR", help="the server's data dir (default: from config)")
+    reload.add_argument("--config", metavar="FILE", help="TOML config file")
+    reload.set_defaults(handler=_cmd_reload)
+
     kv = commands.add_parser("kv", help="call the KeyValue API of a running server")
     _add_kv_commands(kv.add_subparsers(dest="kv_command", required=True, metavar="OP"))
     return parser
@@ -213,6 +219,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"prism: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    """Send SIGHUP to the supervisor named in the runtime dir's pid file."""
+    from prism.server import pid_file
+
+    try:
+        config = load_config(args.config, os.environ, {"data_dir": args.data_dir})
+    except ConfigError as exc:
+        print(f"prism: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    path = pid_file(config)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except FileNotFoundError:
+        print(f"prism: no running server: {path} does not exist", file=sys.stderr)
+        return EXIT_FAILURE
+    except ValueError:
+        print(f"prism: {path} does not hold a process id", file=sys.stderr)
+        return EXIT_FAILURE
+    except ProcessLookupError:
+        print(f"prism: no running server: process {path.read_text().strip()} is gone", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"reload requested (pid {pid}); the server logs whether the new config was applied")
+    return 0
 
 
 # ---------------------------------------------------------------- kv: calls

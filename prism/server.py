@@ -32,9 +32,23 @@ def check_namespaces(config: ServerConfig) -> None:
             raise ConfigError(f"{where}: {exc}") from None
 
 
+def runtime_dir(config: ServerConfig) -> Path:
+    """Where a server keeps its sockets, metrics files and pid file.
+
+    systemd's ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY``) when set, else
+    ``DATA_DIR/run``.
+    """
+    return Path(os.environ.get("RUNTIME_DIRECTORY") or Path(config.data_dir) / "run").absolute()
+
+
+def pid_file(config: ServerConfig) -> Path:
+    """The supervisor's pid, for ``prism reload``."""
+    return runtime_dir(config) / "prism.pid"
+
+
 def prepare_runtime(config: ServerConfig) -> Path:
     """The runtime directory (sockets, metrics files), emptied of a previous run's."""
-    runtime = Path(os.environ.get("RUNTIME_DIRECTORY") or Path(config.data_dir) / "run").absolute()
+    runtime = runtime_dir(config)
     runtime.mkdir(parents=True, exist_ok=True)
     for stale in runtime.glob("*.ipc"):
         stale.unlink(missing_ok=True)

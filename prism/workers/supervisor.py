@@ -269,6 +269,8 @@ class Supervisor:
         self.control_address = f"ipc://{self.shared.runtime_dir / 'control.ipc'}"
         self.events_address = f"ipc://{self.shared.runtime_dir / 'events.ipc'}"
         wake = self._install_signals()
+        pid_path = self.runtime_dir / "prism.pid"
+        pid_path.write_text(f"{os.getpid()}\n")
         with (
             pynng.Pub0(listen=self.control_address) as control,
             pynng.Pull0(listen=self.events_address) as events,
@@ -287,6 +289,7 @@ class Supervisor:
                 self._loop(selector, wake)
             finally:
                 self._stop_everything()
+                pid_path.unlink(missing_ok=True)
         return self.exit_code
 
     def _loop(self, selector: selectors.BaseSelector, wake: int) -> None:

@@ -95,3 +95,21 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_prism_reload_applies_a_new_namespace(prism_server: PrismProcess) -> None:
+    cfg = prism_server.data_dir.parent / f"{prism_server.data_dir.name}.toml"
+    cfg.write_text(prism_server.config + '\n[[namespaces]]\nname = "added"\nbackend = "sqlite"\n')
+    r = prism("reload", "--data-dir", str(prism_server.data_dir), "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    ep = ["--endpoint", prism_server.endpoint]
+    deadline = time.monotonic() + 5
+    while prism("kv", "put", "added", "r", "k", "v", *ep).returncode != 0:
+        assert time.monotonic() < deadline, "the reloaded namespace never answered"
+        time.sleep(0.1)
+    assert prism("kv", "get", "added", "r", *ep).stdout == "k = v\n"
+
+
+def test_prism_reload_without_a_server(tmp_path: Path) -> None:
+    r = prism("reload", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.startswith("prism: no running server") and r.stderr.count("\n") == 1
