@@ -13,14 +13,17 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from prism import metrics
 from prism.api import health, keyvalue, reflection
 from prism.api.pagetoken import PageTokens, load_or_create_key
 from prism.backends import registry
 from prism.backends.base import KeyValueBackend
 from prism.config import NamespaceConfig, ServerConfig
+from prism.errors import StatusCode
 from prism.router.cache import SharedCache
-from prism.rpc.methods import MethodTable
+from prism.rpc.methods import Method, MethodTable
 from prism.rpc.server import ServerSettings
 
 log = logging.getLogger("prism.app")
@@ -50,6 +53,7 @@ class App:
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=config.max_concurrent_streams,
         )
+        self.settings.observer = self._observe
         self._data_dir = Path(config.data_dir)
         tokens = PageTokens(load_or_create_key(self._data_dir))
         max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)
@@ -65,6 +69,12 @@ class App:
         self.methods.add_service(health.SERVICE, health.Health(self.health))
         names = [*self.methods.service_names, reflection.SERVICE.full_name]
         self.methods.add_service(reflection.SERVICE, reflection.Reflection(names))
+
+    def _observe(self, call: Any, method: Method, status: StatusCode, seconds: float) -> None:
+        spec = self._specs.get(call.namespace)
+        backend = spec.backend if spec is not None else "forwarded"
+        operation = method.name.rpartition("/")[2]
+        metrics.record_call(call.namespace, operation, status.name, backend, seconds)
 
     async def apply(self, namespaces: Iterable[NamespaceConfig], *, strict: bool = False) -> list[str]:
         """Hold exactly ``namespaces``; return the names that failed to open.

@@ -197,6 +197,13 @@ class SharedCache:
         return cls(buffer, slot_bytes)
 
     @classmethod
+    def format_zeroed(cls, buffer: mmap.mmap, slot_bytes: int = 4096) -> SharedCache:
+        """Lay out a table in a buffer known to read as zeros (a new memfd):
+        only the header is written, so no page is committed before use."""
+        _write_header(buffer, slot_bytes, 4, 65536)
+        return cls(buffer, slot_bytes)
+
+    @classmethod
     def format(
         cls,
         buffer: mmap.mmap | bytearray | memoryview,

@@ -42,7 +42,8 @@ _SNIFF_LIMIT_BYTES = 64 * 1024
 _STREAM_HIGH_WATER = 256 * 1024
 
 
-Observer = Callable[[Call, Method, StatusCode, float], None]
+# The first argument is the call (a protocol Call, or a forwarded one).
+Observer = Callable[[Any, Method, StatusCode, float], None]
 
 
 class Handoff(Protocol):

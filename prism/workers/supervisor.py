@@ -157,10 +157,12 @@ class Supervisor:
         admin_sock = bind(cfg.admin_host_port())
         routes_fd, routes_map = _memfd("prism-routes", ROUTES_BYTES)
         cache_fd, cache_bytes = -1, 0
-        if cfg.cache.total_bytes and any(ns.cache.enabled for ns in cfg.all_namespaces()):
+        if cfg.cache.total_bytes:
+            # Always made (pages are committed only when used), so that a
+            # reload can turn a namespace's cache on.
             cache_bytes = cfg.cache.total_bytes
             cache_fd, cache_map = _memfd("prism-cache", cache_bytes)
-            SharedCache.format(cache_map, cfg.cache.slot_bytes).close()
+            SharedCache.format_zeroed(cache_map, cfg.cache.slot_bytes).close()
         shared = Shared(
             grpc_sock, admin_sock, routes_fd, RoutingTableWriter(routes_map), cache_fd, cache_bytes, runtime
         )

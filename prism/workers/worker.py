@@ -115,6 +115,7 @@ class Worker:
         self.app = App(spec.config, shared_cache=self.cache, remote=self)
         self.generation = -1
         self.draining = False
+        self._applying = trio.Lock()
 
     # -- routing -------------------------------------------------------------
 
@@ -122,11 +123,14 @@ class Worker:
         return [namespace_config(e) for e in routes.namespaces.values() if e.tenant == self.spec.tenant]
 
     async def _apply_routes(self, *, strict: bool = False) -> None:
-        routes = self.routes.current()
-        if routes.generation == self.generation:
-            return
-        await self.app.apply(self._mine(routes), strict=strict)
-        self.generation = routes.generation
+        # Both the control loop and the table watch call this; one at a time,
+        # or both could open the same namespace.
+        async with self._applying:
+            routes = self.routes.current()
+            if routes.generation == self.generation:
+                return
+            await self.app.apply(self._mine(routes), strict=strict)
+            self.generation = routes.generation
 
     async def forward(self, namespace: str, call: Any) -> bytes | None:
         """KeyValue's Remote: send a call for another tenant's namespace to its owner."""
@@ -146,14 +150,21 @@ class Worker:
         if method is None or method.kind != UNARY:
             return ForwardResponse(StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
         call = ForwardedCall(request)
+        response = await self._run_forwarded(method, call, request.payload)
+        observer = self.app.settings.observer
+        if observer is not None:
+            observer(call, method, StatusCode(response.status), time.perf_counter() - call.started)
+        return response
+
+    async def _run_forwarded(self, method: Any, call: ForwardedCall, payload: bytes) -> ForwardResponse:
         with trio.CancelScope(deadline=call.deadline) as scope:
             try:
-                response = await method.handler(method.decode(request.payload), call)
+                response = await method.handler(method.decode(payload), call)
             except Exception as exc:
                 status, message = failure_status(exc, method)
                 return ForwardResponse(status, message, b"")
-            payload = response if type(response) is bytes else response.SerializeToString()
-            return ForwardResponse(StatusCode.OK, "", payload)
+            answer = response if type(response) is bytes else response.SerializeToString()
+            return ForwardResponse(StatusCode.OK, "", answer)
         assert scope.cancelled_caught
         return ForwardResponse(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")
 
