@@ -84,12 +84,14 @@ class App:
         """
         wanted = {ns.name: ns for ns in namespaces}
         for name in list(self.backends):
-            if wanted.get(name) != self._specs.get(name):
+            if name not in wanted:
                 self._retire(name)
         failed = []
         for name, ns in wanted.items():
-            if name in self.backends:
+            if self._specs.get(name) == ns:
                 continue
+            # Open the new backend before the old one (if the namespace's
+            # settings changed) steps aside: calls never find neither.
             try:
                 backend = registry.create(ns.backend, ns.options, data_dir=self._data_dir, namespace=name)
                 await backend.open()
@@ -97,9 +99,12 @@ class App:
                 if strict:
                     raise
                 log.error("namespace %s: cannot open backend %s: %s", name, ns.backend, exc)
-                self.health.set(name, health.NOT_SERVING)
+                if name not in self.backends:
+                    self.health.set(name, health.NOT_SERVING)
                 failed.append(name)
                 continue
+            if name in self.backends:
+                self._retire(name)
             self.backends[name] = backend
             self._specs[name] = ns
             self.health.set(name, health.SERVING)

@@ -17,6 +17,18 @@ from prism.config import ServerConfig
 from prism.errors import ConfigError
 
 
+def check_deployable(config: ServerConfig) -> None:
+    """What config validation cannot see from the file alone: backends that
+    exist with valid options, and CPUs that this machine lets us use."""
+    check_namespaces(config)
+    allowed = os.sched_getaffinity(0)
+    for t, tenant in enumerate(config.tenants):
+        for cpu in tenant.cpus:
+            if cpu not in allowed:
+                cpus = ",".join(str(c) for c in sorted(allowed))
+                raise ConfigError(f"tenants[{t}].cpus: CPU {cpu} is not available here (allowed: {cpus})")
+
+
 def check_namespaces(config: ServerConfig) -> None:
     """Build (not open) every namespace's backend, so that an unknown backend
     or a bad option stops start-up (or a reload) with one line naming it."""
@@ -63,7 +75,7 @@ def prepare_runtime(config: ServerConfig) -> Path:
 
 def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> int:
     """Run the supervisor until it is stopped; the process exit code."""
-    check_namespaces(config)
+    check_deployable(config)
     runtime = prepare_runtime(config)
     from prism.log import setup_logging
     from prism.workers.supervisor import Supervisor

@@ -94,6 +94,7 @@ def main() -> int:
         return EXIT_BOOT_FAILED
     if spec.supervisor_pid:
         die_with_parent(spec.supervisor_pid)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload is the supervisor's, see worker.py
     setup_logging(spec.log_level)
     try:
         _check_listener(spec.listen_fd)

@@ -37,7 +37,7 @@ from prism.errors import ConfigError
 from prism.router.cache import SharedCache
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
-from prism.server import check_namespaces
+from prism.server import check_deployable
 from prism.workers.sdnotify import SystemdNotifier
 from prism.workers.worker import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
 
@@ -52,6 +52,7 @@ STABLE_AFTER_S = 10.0  # a worker up this long resets its slot's failure count
 BOOT_TIMEOUT_S = 60.0
 FAST_STOP_S = 3.0
 EXIT_HALTED = 3
+ADMIN_RESTART_S = 0.5
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Slot:
     failures: int = 0
     restart_at: float | None = None
     retiring: bool = False  # removed by a reload: drain, do not replace
+    from_reload: bool = False  # started by a reload: failing to boot rejects it, not the server
 
 
 @dataclass
@@ -133,6 +135,9 @@ class Supervisor:
         self.notifier = SystemdNotifier.from_env(unset_environment=True)
         self.exit_code = 0
         self._halted = False
+        self.admin: subprocess.Popen[bytes] | None = None
+        self._admin_restart_at = 0.0
+        self._handovers: list[tuple[set[int], set[int]]] = []
 
     # -- signals ---------------------------------------------------------------
 
@@ -315,6 +320,9 @@ class Supervisor:
                 continue
             self._check_heartbeats(now)
             self._restart_due(now)
+            self._reap_admin(now)
+            if self._handovers:
+                self._finish_handovers()
             if not ready_sent and self.slots and all(s.serving for s in self.slots.values()):
                 ready_sent = True
                 self.notifier.ready(f"serving with {len(self.slots)} workers")
@@ -347,7 +355,21 @@ class Supervisor:
                     slot.serving = True
                     self._publish()
             elif isinstance(event, BootFailed):
-                self._halt(f"worker {slot.id} of tenant {slot.tenant!r} cannot boot: {event.reason}")
+                self._boot_failed(slot, event.reason)
+
+    def _boot_failed(self, slot: Slot, reason: str) -> None:
+        message = f"worker {slot.id} of tenant {slot.tenant!r} cannot boot: {reason}"
+        if not slot.from_reload:
+            self._halt(message)
+            return
+        # A reload's new worker: give up on it, keep the workers it was to replace.
+        log.error("reload: %s; keeping the previous workers of tenant %r", message, slot.tenant)
+        slot.retiring = True
+        slot.restart_at = None
+        self._handovers = [(old, new) for old, new in self._handovers if slot.id not in new]
+        for other in self.slots.values():
+            if other.tenant == slot.tenant and not other.from_reload:
+                other.retiring = False
 
     def _halt(self, reason: str) -> None:
         if not self._halted:
@@ -395,8 +417,10 @@ class Supervisor:
             if slot.retiring:
                 continue
             if code == EXIT_BOOT_FAILED and not slot.booted:
-                self._halt(f"worker {slot.id} of tenant {slot.tenant!r} cannot boot (see its message above)")
-                return
+                self._boot_failed(slot, "see its message above")
+                if self._halted:
+                    return
+                continue
             if time.monotonic() - slot.started > STABLE_AFTER_S:
                 slot.failures = 0
             delay = min(BACKOFF_BASE_S * 2**slot.failures, BACKOFF_MAX_S) * random.uniform(0.5, 1.5)
@@ -410,7 +434,12 @@ class Supervisor:
             metrics.WORKER_RESTARTS.labels(slot.tenant).inc()
             if was_serving:
                 self._publish()
-        self.slots = {i: s for i, s in self.slots.items() if not (s.retiring and s.proc is None)}
+        gone = [i for i, s in self.slots.items() if s.retiring and s.proc is None]
+        if gone:
+            for slot_id in gone:
+                del self.slots[slot_id]
+            if not self.draining and not self._halted:
+                self._publish()  # the table no longer lists the retired workers
         if self.draining:
             now = time.monotonic()
             if now > self.drain_deadline:
@@ -418,6 +447,32 @@ class Supervisor:
                     if slot.proc is not None:
                         log.warning("worker %d did not drain in time: SIGKILL", slot.id)
                         _signal(slot.proc, signal.SIGKILL)
+
+    def _reap_admin(self, now: float) -> None:
+        admin = self.admin
+        if admin is not None and admin.poll() is not None:
+            log.error("admin process (pid %d) exited with %s; restarting", admin.pid, admin.returncode)
+            self.admin = None
+            self._admin_restart_at = now + ADMIN_RESTART_S
+        elif admin is None and now >= self._admin_restart_at:
+            self._spawn_admin()
+
+    def _finish_handovers(self) -> None:
+        """Retire a reload's superseded workers once their replacements serve."""
+        pending = []
+        for old, new in self._handovers:
+            starting = [self.slots[i] for i in new if i in self.slots and not self.slots[i].retiring]
+            if all(s.serving for s in starting):
+                for slot_id in old:
+                    slot = self.slots.get(slot_id)
+                    if slot is not None and not slot.retiring:
+                        slot.retiring = True
+                        if slot.proc is not None:
+                            _signal(slot.proc, signal.SIGTERM)
+                self._publish()
+            else:
+                pending.append((old, new))
+        self._handovers = pending
 
     def _check_heartbeats(self, now: float) -> None:
         limit = self.config.heartbeat_timeout_s
@@ -443,7 +498,7 @@ class Supervisor:
         self.notifier.reloading()
         try:
             new = self._reload_config()
-            check_namespaces(new)
+            check_deployable(new)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.notifier.ready("reload rejected")
@@ -458,24 +513,28 @@ class Supervisor:
         old_tenants = {t.name: t for t in self.config.effective_tenants(len(self.allowed_cpus))}
         new_tenants = {t.name: t for t in new.effective_tenants(len(self.allowed_cpus))}
         self.config = new
-        for name, tenant in old_tenants.items():
-            changed = name not in new_tenants or (new_tenants[name].workers, new_tenants[name].cpus) != (
-                tenant.workers,
-                tenant.cpus,
-            )
-            if changed:
-                for slot in self.slots.values():
-                    if slot.tenant == name:
-                        slot.retiring = True
-        added = tuple(
-            t
-            for name, t in new_tenants.items()
-            if name not in old_tenants or all(s.retiring for s in self.slots.values() if s.tenant == name)
-        )
+        replaced: list[TenantConfig] = []
+        superseded: dict[str, set[int]] = {}
+        for name, tenant in new_tenants.items():
+            old = old_tenants.get(name)
+            if old is None or (old.workers, old.cpus) != (tenant.workers, tenant.cpus):
+                replaced.append(tenant)
+                superseded[name] = {s.id for s in self.slots.values() if s.tenant == name and not s.retiring}
+        for name in old_tenants.keys() - new_tenants.keys():
+            for slot in self.slots.values():
+                if slot.tenant == name:
+                    slot.retiring = True  # its namespaces are gone: nothing to hand over
         before = set(self.slots)
-        self._add_slots(added)
+        self._add_slots(tuple(replaced))
+        started = set(self.slots) - before
+        for slot_id in started:
+            self.slots[slot_id].from_reload = True
+        for tenant in replaced:
+            new_ids = {i for i in started if self.slots[i].tenant == tenant.name}
+            # The superseded workers serve until their replacements do.
+            self._handovers.append((superseded[tenant.name], new_ids))
         self._publish()
-        for slot_id in set(self.slots) - before:
+        for slot_id in started:
             self._spawn(self.slots[slot_id])
         for slot in self.slots.values():
             if slot.retiring and slot.proc is not None:
@@ -487,7 +546,7 @@ class Supervisor:
 
     def _stop_everything(self) -> None:
         procs = [s.proc for s in self.slots.values() if s.proc is not None]
-        if getattr(self, "admin", None) is not None:
+        if self.admin is not None:
             procs.append(self.admin)
         for proc in procs:
             _signal(proc, signal.SIGINT if self._halted else signal.SIGTERM)

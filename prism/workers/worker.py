@@ -249,7 +249,12 @@ class Worker:
                     await self.app.aclose()
 
     async def _serve_then_stop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        await serve_listeners([listener], self.app.settings)
+        settings = self.app.settings
+        await serve_listeners([listener], settings)
+        # Our own connections have closed; connections other workers handed
+        # to us are served outside the listener and may still have calls.
+        while settings.connections:
+            await trio.sleep(0.02)
         nursery.cancel_scope.cancel()  # drained: every connection has closed
 
     async def _on_drain(self, drain: trio.Event, nursery: trio.Nursery) -> None:
@@ -263,10 +268,16 @@ class Worker:
 def main() -> None:
     spec = msgspec.json.decode(os.environ[SPEC_ENV], type=WorkerSpec)
     die_with_parent(spec.supervisor_pid)
+    # Reload is the supervisor's business; a hangup sent to the whole process
+    # group (a closing terminal, kill -HUP -PGID) must not stop workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(spec.config.log_level)
-    if spec.cpu is not None:
-        os.sched_setaffinity(0, {spec.cpu})
     try:
+        if spec.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {spec.cpu})
+            except OSError as exc:
+                raise BootError(f"cannot pin to CPU {spec.cpu}: {exc.strerror}") from None
         trio.run(Worker(spec).run)
     except BootError as exc:
         reason = str(exc).replace("\n", " ")
@@ -279,6 +290,12 @@ def main() -> None:
         sys.exit(EXIT_BOOT_FAILED)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:
+        # SIGINT while still starting (the supervisor halting) arrives wrapped.
+        if group.subgroup(KeyboardInterrupt) is None or group.subgroup(
+            lambda e: not isinstance(e, KeyboardInterrupt | BaseExceptionGroup)
+        ):
+            raise
 
 
 def _report_boot_failure(spec: WorkerSpec, reason: str) -> None:

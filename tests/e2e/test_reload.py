@@ -1,0 +1,194 @@
+"""SIGHUP reloads the config file live; an invalid file is rejected and the old config keeps serving."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from .conftest import Load, get, put, sqlite_ns, tenant_toml, wait_until
+
+BEFORE = tenant_toml("t", [sqlite_ns("keep"), sqlite_ns("gone")], workers=2)
+AFTER = tenant_toml("t", [sqlite_ns("keep"), sqlite_ns("new")], workers=2)
+
+
+def _status(call) -> str:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return "OK"
+
+
+def _keep_load(tree, threads: int = 4) -> Load:
+    stubs = [tree.kv("t.prism") for _ in range(threads)]
+
+    def work(i: int, n: int) -> None:
+        if n % 2:
+            put(stubs[i], "keep", f"r{i}", b"k", f"v{n}".encode(), timeout=10)
+        else:
+            get(stubs[i], "keep", f"r{i}", timeout=10)
+
+    return Load(threads, work)
+
+
+def test_sighup_adds_and_removes_namespaces_without_failing_calls(prism_tree) -> None:
+    tree = prism_tree(BEFORE)
+    stub = tree.kv("t.prism")
+    put(stub, "gone", "r", b"k", b"v")
+    assert _status(lambda: get(stub, "new", "r")) == "NOT_FOUND"
+
+    with _keep_load(tree) as load:
+        load.wait_for_calls(100)
+        tree.write_config(AFTER)
+        tree.send_signal(signal.SIGHUP)
+        hup = time.monotonic()
+        wait_until(
+            lambda: _status(lambda: put(stub, "new", "r", b"k", b"v", timeout=2)) == "OK",
+            2.0,
+            what="namespace 'new' answers",
+        )
+        wait_until(
+            lambda: _status(lambda: get(stub, "gone", "r", timeout=2)) == "NOT_FOUND",
+            2.0 - (time.monotonic() - hup),
+            what="namespace 'gone' answers NOT_FOUND",
+        )
+        took = time.monotonic() - hup
+        # Every worker of the tenant (not only the one this connection is on) has it.
+        for other in [tree.kv("t.prism") for _ in range(4)]:
+            assert get(other, "new", "r") == {b"k": b"v"}
+            assert _status(lambda o=other: get(o, "gone", "r")) == "NOT_FOUND"
+        done = load.ok
+        wait_until(lambda: load.ok > done + 100, 5.0, what="load on keep continues")
+    print(f"reload visible in {took:.3f}s; keep: {load.statuses}")
+    assert not load.errors, f"calls on 'keep' failed during the reload: {load.errors[:5]}"
+    assert set(tree.namespaces()) == {"keep", "new"}
+
+    # An invalid file: rejected, logged, the running config keeps serving.
+    pids_before = tree.worker_pids()
+    tree.write_config(AFTER.replace("workers = 2", "workers = -1"))
+    with _keep_load(tree) as load:
+        load.wait_for_calls(50)
+        tree.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload rejected" in tree.stderr(), 3.0, what="'reload rejected' logged")
+        done = load.ok
+        wait_until(lambda: load.ok > done + 100, 5.0, what="load on keep continues")
+    assert not load.errors, f"calls on 'keep' failed after a rejected reload: {load.errors[:5]}"
+    rejected = [line for line in tree.stderr().splitlines() if "reload rejected" in line]
+    assert any("workers" in line for line in rejected), rejected
+    assert get(stub, "new", "r") == {b"k": b"v"}
+    assert _status(lambda: get(stub, "gone", "r")) == "NOT_FOUND"
+    assert set(tree.namespaces()) == {"keep", "new"}
+    assert tree.worker_pids() == pids_before
+    assert tree.proc is not None and tree.proc.poll() is None
+
+
+def _datagrams(sock: socket.socket, until: float) -> list[str]:
+    out = []
+    while True:
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            return out
+        sock.settimeout(remaining)
+        try:
+            out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return out
+
+
+def _expect(sock: socket.socket, key: str, timeout_s: float) -> list[str]:
+    """Datagrams up to and including the first with ``key`` (e.g. ``READY=1``)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        seen.append(message)
+        if key in message.splitlines():
+            return seen
+    pytest.fail(f"no {key} within {timeout_s}s; got {seen}")
+
+
+def test_sd_notify_ready_reloading_stopping(prism_tree, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        tree = prism_tree(BEFORE, start=False, env={"NOTIFY_SOCKET": str(path)})
+        tree.start()
+        start = _expect(sock, "READY=1", 5.0)
+        assert not any("STOPPING=1" in m or "RELOADING=1" in m for m in start), start
+        # READY=1 only once every worker serves.
+        assert tree.fetch("/readyz")[0] == 200
+
+        tree.write_config(AFTER)
+        tree.send_signal(signal.SIGHUP)
+        reload = _expect(sock, "READY=1", 5.0)
+        assert [m for m in reload if "RELOADING=1" in m.splitlines()], reload
+        first_reloading = next(i for i, m in enumerate(reload) if "RELOADING=1" in m.splitlines())
+        assert first_reloading < len(reload) - 1, reload  # RELOADING=1 comes before READY=1
+        reloading = reload[first_reloading].splitlines()
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading), reloading
+
+        tree.send_signal(signal.SIGTERM)
+        stopping = _expect(sock, "STOPPING=1", 5.0)
+        assert tree.proc is not None
+        assert tree.proc.wait(10) == 0
+        rest = _datagrams(sock, time.monotonic() + 0.2)
+        assert not any("READY=1" in m.splitlines() for m in rest), (stopping, rest)
+    finally:
+        sock.close()
+
+
+def test_sighup_changing_a_tenants_worker_count_fails_no_call(prism_tree) -> None:
+    """Replacing a tenant's workers (another count) on SIGHUP must not fail calls meanwhile.
+
+    Another tenant is configured too: t's clients that reconnect while t's
+    workers are replaced may land on its worker.
+    """
+    other = tenant_toml("o", [sqlite_ns("no")])
+    tree = prism_tree(other + tenant_toml("t", [sqlite_ns("keep")], workers=1))
+    [old] = tree.owners("keep")
+    with _keep_load(tree, threads=8) as load:
+        load.wait_for_calls(100)
+        tree.write_config(other + tenant_toml("t", [sqlite_ns("keep")], workers=2))
+        tree.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                (owners := tree.owners("keep"))
+                and len(owners) == 2
+                and all(o["serving"] and o["pid"] != old["pid"] for o in owners)
+            ),
+            5.0,
+            what="t served by two new workers",
+        )
+        done = load.ok
+        wait_until(lambda: load.ok > done + 100, 5.0, what="load on keep continues")
+    tree.worker_pids()
+    print(f"keep during the worker change: {load.statuses}")
+    assert not load.errors, f"{len(load.errors)} calls failed, first: {load.errors[:3]}"
+
+
+def test_sighup_changing_a_namespaces_settings_fails_no_call(prism_tree) -> None:
+    """A namespace whose settings change (here: its cache) is reopened without failing calls."""
+    tree = prism_tree(tenant_toml("t", [sqlite_ns("keep")], workers=2))
+    with _keep_load(tree) as load:
+        load.wait_for_calls(100)
+        for n in range(4):
+            tree.write_config(tenant_toml("t", [sqlite_ns("keep", cache=n % 2 == 0)], workers=2))
+            tree.send_signal(signal.SIGHUP)
+            want = n % 2 == 0
+            wait_until(
+                lambda w=want: tree.namespaces()["keep"]["cache"]["enabled"] == w, 2.0, what="reload applied"
+            )
+            done = load.ok
+            wait_until(lambda d=done: load.ok > d + 50, 5.0, what="load on keep continues")
+    print(f"keep during the settings changes: {load.statuses}")
+    assert not load.errors, f"{len(load.errors)} calls failed, first: {load.errors[:3]}"
