@@ -192,3 +192,18 @@ def test_sighup_changing_a_namespaces_settings_fails_no_call(prism_tree) -> None
             wait_until(lambda d=done: load.ok > d + 50, 5.0, what="load on keep continues")
     print(f"keep during the settings changes: {load.statuses}")
     assert not load.errors, f"{len(load.errors)} calls failed, first: {load.errors[:3]}"
+
+
+def test_supervisor_pings_the_systemd_watchdog(prism_tree, tmp_path: Path) -> None:
+    """With WATCHDOG_USEC set, WATCHDOG=1 arrives every half interval from the supervisor."""
+    path = tmp_path / "watchdog.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        tree = prism_tree(BEFORE, start=False, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+        tree.start()
+        _expect(sock, "READY=1", 5.0)
+        pings = [m for m in _datagrams(sock, time.monotonic() + 1.0) if "WATCHDOG=1" in m.splitlines()]
+        assert 3 <= len(pings) <= 7, pings  # every 0.2 s over 1 s
+    finally:
+        sock.close()
