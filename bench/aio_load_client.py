@@ -71,10 +71,10 @@ async def worker(
 async def run(args: argparse.Namespace) -> Totals:
     """Open the connections, run all workers, close the connections."""
     request, expect = bytes.fromhex(args.request_hex), bytes.fromhex(args.expect_hex)
-    channels = [
-        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(args.connections)
-    ]
+    options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
+    if args.authority:
+        options.append(("grpc.default_authority", args.authority))
+    channels = [grpc.aio.insecure_channel(args.target, options=options) for _ in range(args.connections)]
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), timeout=10)
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int)
     parser.add_argument("--duration", type=float)
     parser.add_argument("--log-file", required=True)
+    parser.add_argument("--authority", help=":authority to send (default: the target)")
     args = parser.parse_args()
     if (args.requests is None) == (args.duration is None):
         parser.error("give exactly one of --requests and --duration")

@@ -15,53 +15,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import grpc
 from bench_load import (
+    DISTURBED_PCT,
     Concurrency,
     LoadFailed,
-    LoadResult,
+    LoadFn,
     Target,
-    check_correct,
     grpc_frame,
-    h2load_path,
-    h2load_version,
-    percentile,
-    run_h2load,
-    run_python_client,
+    load_function,
+    machine_info,
+    measure_run,
+    resolve_loadgen,
+    summarize,
+    warm_up,
 )
-from bench_servers import CLK_TCK, ServerFailed, ServerProcess, cpu_counters, free_port, ticks_to_us
+from bench_servers import (
+    ServerFailed,
+    ServerProcess,
+    fetch_checked_answer,
+    free_port,
+    make_prism,
+    pin_benchmark,
+    seed,
+)
 
-from prism.proto import kv_pb2, kv_pb2_grpc
+from prism.proto import kv_pb2
 
 HERE = Path(__file__).resolve().parent
 NAMESPACE, RECORD_ID, ITEM_KEY = "bench", "user:1", b"profile"
 # A value that is not one repeated byte, so a truncated or shifted answer shows.
 SEED_VALUE = bytes((i * 37 + 11) % 256 for i in range(100))
+EXPECTED = [(ITEM_KEY, SEED_VALUE)]
 METHOD = "/prism.kv.v1.KeyValue/GetItems"
 CONCURRENCIES = (Concurrency("c1", 1, 1), Concurrency("c128", 8, 16))
 SERVERS = ("prism", "grpc_aio")
 SERVER_CPU, LOAD_CPU = 0, 1
-CONFIG_TOML = '[[namespaces]]\nname = "bench"\nbackend = "memory"\n'
-METRICS = (
-    "calls_per_s", "p50_us", "p99_us", "mean_us", "cpu_us_per_call",
-    "server_cpu_pct", "other_on_server_cpu_pct", "steal_on_server_cpu_pct",
-)  # fmt: skip
-DISTURBED_PCT = 5.0  # others % on the server CPU above which a phase is flagged
-LOG_ISSUE_WORDS = ("error", "warning", "traceback", "exception", "critical")
+# One worker: a memory namespace lives in one process (Prism would force 1 anyway).
+CONFIG_TOML = f'workers = 1\n[[namespaces]]\nname = "{NAMESPACE}"\nbackend = "memory"\n'
 
 
 @dataclass(frozen=True)
@@ -93,10 +92,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         parser.error(f"--servers: choose from {', '.join(SERVERS)}")
     if args.duration <= 0 or args.runs < 1 or args.warmup <= 0:
         parser.error("--duration and --warmup must be > 0, --runs >= 1")
-    loadgen = args.loadgen
-    if loadgen == "auto":
-        loadgen = "h2load" if h2load_path() else "python"
-    elif loadgen == "h2load" and not h2load_path():
+    loadgen = resolve_loadgen(args.loadgen)
+    if loadgen is None:
         parser.error("--loadgen h2load: h2load not found (apt-get install nghttp2-client)")
     return Options(args.duration, args.runs, args.out, servers, loadgen, args.warmup, args.ready_timeout)
 
@@ -110,139 +107,34 @@ def pin_self() -> tuple[int | None, int | None]:
     Returns the (server, load) CPUs, or (None, None) when the machine has no
     two CPUs to give: numbers are then taken unpinned, and the JSON says so.
     """
-    if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
-        print(f"warning: CPUs {SERVER_CPU} and {LOAD_CPU} not both available; not pinning", file=sys.stderr)
+    if not pin_benchmark({SERVER_CPU}, LOAD_CPU):
         return None, None
-    os.sched_setaffinity(0, {LOAD_CPU})
     return SERVER_CPU, LOAD_CPU
 
 
-def prism_command() -> list[str]:
-    """The ``prism`` of this interpreter's environment, else PATH's, else ``-m``."""
-    beside = Path(sys.executable).parent / "prism"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("prism")
-    return [found] if found else [sys.executable, "-m", "prism.cli"]
-
-
 def make_server(name: str, workdir: Path, cpu: int | None) -> ServerProcess:
-    """A not-yet-started server of the given kind, with its own port and files."""
-    port = free_port()
-    listen = f"127.0.0.1:{port}"
-    if name == "prism":
-        config = workdir / "prism.toml"
-        config.write_text(CONFIG_TOML)
-        argv = [*prism_command(), "serve", "--listen", listen, "--data-dir", str(workdir / "data")]
-        argv += ["--config", str(config)]
-    else:
-        argv = [sys.executable, str(HERE / "peer_server.py"), "--listen", listen]
-    return ServerProcess(name, argv, port, workdir / f"{name}.log", cpu)
+    """A not-yet-started server of the given kind, with its own ports and files.
 
-
-def seed(target: str) -> None:
-    """Write the one item every GetItems call will read back."""
-    with grpc.insecure_channel(target) as channel:
-        item = kv_pb2.Item(key=ITEM_KEY, value=SEED_VALUE)
-        request = kv_pb2.PutItemsRequest(namespace=NAMESPACE, id=RECORD_ID, items=[item])
-        kv_pb2_grpc.KeyValueStub(channel).PutItems(request, timeout=10)
-
-
-def fetch_checked_answer(target: str, request: bytes) -> bytes:
-    """The raw GetItems answer, after checking it holds exactly the seeded item.
-
-    Raw bytes, because the benchmark checks every answer under load by
-    length, and that length must be the server's own encoding.
+    Prism is a process tree (supervisor, admin, one worker); pinning the
+    supervisor pins them all, since a worker pins itself to the supervisor's CPUs.
     """
-    with grpc.insecure_channel(target) as channel:
-        raw: bytes = channel.unary_unary(METHOD)(request, timeout=10)
-    items = [(item.key, item.value) for item in kv_pb2.GetItemsResponse.FromString(raw).items]
-    if items != [(ITEM_KEY, SEED_VALUE)]:
-        raise ServerFailed(f"GetItems answered {items!r}, expected [({ITEM_KEY!r}, <100 seeded bytes>)]")
-    return raw
+    cpus = () if cpu is None else (cpu,)
+    if name == "prism":
+        return make_prism(name, workdir, CONFIG_TOML, cpus, NAMESPACE)
+    port = free_port()
+    argv = [sys.executable, str(HERE / "peer_server.py"), "--listen", f"127.0.0.1:{port}"]
+    return ServerProcess(name, argv, port, workdir / f"{name}.log", cpus, NAMESPACE)
 
 
 # ---------------------------------------------------------------- measuring
-
-LoadFn = Callable[[Concurrency, Path, int | None, float | None], LoadResult]
-
-
-def load_function(loadgen: str, target: Target, answer: bytes) -> LoadFn:
-    """Bind the chosen load generator to the target, as (conc, log, n, seconds) -> result."""
-
-    def load(conc: Concurrency, log: Path, requests: int | None, duration_s: float | None) -> LoadResult:
-        if loadgen == "h2load":
-            return run_h2load(target, conc, log, requests=requests, duration_s=duration_s)
-        return run_python_client(target, conc, log, answer, requests=requests, duration_s=duration_s)
-
-    return load
-
-
-def warm_up(load: LoadFn, conc: Concurrency, log: Path, opts: Options) -> int:
-    """Run unmeasured for ``--warmup`` s; the call count that makes a phase ``--duration`` s.
-
-    A fixed count, not a fixed time, makes the CPU window hold exactly the
-    calls it is divided by.
-    """
-    result = load(conc, log, None, opts.warmup_s)
-    if result.succeeded == 0 or result.failed or result.non_2xx:
-        raise LoadFailed(
-            f"warm-up: {result.succeeded} succeeded, {result.failed} failed, {result.non_2xx} non-2xx"
-        )
-    return max(conc.in_flight * 20, round(result.calls_per_s * opts.duration_s))
 
 
 def measure_phase(
     server: ServerProcess, load: LoadFn, conc: Concurrency, log: Path, requests: int, frame_len: int
 ) -> dict[str, float]:
-    """One measured run: server CPU ticks around a fixed-count load run.
-
-    Also what else used the server's CPU meanwhile, so that a run disturbed
-    by other work on the machine can be told from a clean one.
-    """
-    cpu = server.cpu if server.cpu is not None else SERVER_CPU
-    wall_before, (busy_before, steal_before) = time.monotonic(), cpu_counters(cpu)
-    ticks_before = server.cpu_ticks()
-    result = load(conc, log, requests, None)
-    ticks_after = server.cpu_ticks()
-    wall_ticks = (time.monotonic() - wall_before) * CLK_TCK
-    busy_after, steal_after = cpu_counters(cpu)
-    check_correct(result, frame_len)
-    latencies = sorted(result.latencies_us)
-    server_ticks = ticks_after - ticks_before
-    return {
-        "calls": result.succeeded,
-        "elapsed_s": result.span_s or result.elapsed_s,
-        "calls_per_s": result.calls_per_s,
-        "p50_us": percentile(latencies, 50),
-        "p99_us": percentile(latencies, 99),
-        "mean_us": statistics.fmean(latencies),
-        "cpu_us_per_call": ticks_to_us(server_ticks) / result.succeeded,
-        "server_cpu_pct": round(100 * server_ticks / wall_ticks, 1),
-        "other_on_server_cpu_pct": round(
-            100 * max(0, busy_after - busy_before - server_ticks) / wall_ticks, 1
-        ),
-        "steal_on_server_cpu_pct": round(100 * (steal_after - steal_before) / wall_ticks, 1),
-    }
-
-
-def summarize(conc: Concurrency, requests: int, runs: list[dict[str, float]]) -> dict[str, Any]:
-    """Medians over runs, with the runs themselves kept for inspection."""
-    summary: dict[str, Any] = {m: statistics.median(run[m] for run in runs) for m in METRICS}
-    summary.update(
-        in_flight=conc.in_flight, clients=conc.clients, streams_per_client=conc.streams,
-        requests_per_run=requests, runs=runs,
-    )  # fmt: skip
-    return summary
-
-
-def log_issues(server: ServerProcess) -> list[str]:
-    """Server output lines that look like errors or warnings (first 20)."""
-    try:
-        lines = server.log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    return [line for line in lines if any(w in line.lower() for w in LOG_ISSUE_WORDS)][:20]
+    """One measured run; see ``bench_load.measure_run``."""
+    metrics, _details = measure_run(server, load, conc, log, requests, frame_len, {LOAD_CPU})
+    return metrics
 
 
 def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> dict[str, Any]:
@@ -256,28 +148,27 @@ def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> di
     try:
         server.start()
         server.wait_ready(opts.ready_timeout_s)
-        server.pin_tree()
         report["server_affinity"] = sorted(sorted(cpus) for cpus in server.affinities())
-        seed(server.target)
-        answer = fetch_checked_answer(server.target, request)
+        seed(server.target, NAMESPACE, RECORD_ID, ITEM_KEY, SEED_VALUE)
+        answer = fetch_checked_answer(server.target, request, EXPECTED)
         report["answer_bytes"] = len(answer)
         load = load_function(opts.loadgen, target, answer)
         for conc in CONCURRENCIES:
             log = workdir / f"{name}-{conc.label}.log"
-            requests = warm_up(load, conc, log, opts)
+            requests = warm_up(load, conc, log, opts.warmup_s, opts.duration_s)
             runs = [
                 measure_phase(server, load, conc, log, requests, 5 + len(answer)) for _ in range(opts.runs)
             ]
             report[conc.label] = summarize(conc, requests, runs)
             print(f"  {name} {conc.label}: {_row_text(report[conc.label])}", flush=True)
-        fetch_checked_answer(server.target, request)  # still right after the load
+        fetch_checked_answer(server.target, request, EXPECTED)  # still right after the load
     except (ServerFailed, LoadFailed, grpc.RpcError, OSError) as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
         report["server_log_tail"] = server.log_tail()
         print(f"  {name}: FAILED: {report['error']}", file=sys.stderr, flush=True)
     finally:
         server.stop()
-    report["server_log_issues"] = log_issues(server)
+    report["server_log_issues"] = server.log_issues()
     return report
 
 
@@ -335,40 +226,6 @@ def table(results: dict[str, dict[str, Any]], ratio_values: dict[str, float | No
             "('others %'); those numbers are not clean"
         )
     return "\n".join(lines)
-
-
-def machine_info(loadgen: str) -> dict[str, Any]:
-    """What the numbers were taken on, to compare runs across machines."""
-    from google.protobuf.internal import api_implementation
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "clk_tck": CLK_TCK,
-        "versions": {d: version(d) for d in ("grpcio", "protobuf", "h2", "hpack", "trio")},
-        "protobuf_backend": api_implementation.Type(),
-        "loadgen": loadgen,
-        "h2load": h2load_version() if loadgen == "h2load" else None,
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from prism.proto import kv_pb2, kv_pb2_grpc
 Records = dict[tuple[str, str], dict[bytes, bytes]]
 
 
-class KeyValuePeer(kv_pb2_grpc.KeyValueServicer):  # type: ignore[misc]
+class KeyValuePeer(kv_pb2_grpc.KeyValueServicer):
     """Items per (namespace, id) in a dict; no TTLs, predicates or paging.
 
     The benchmark reads one whole record, so a handler that answers that
@@ -55,7 +55,7 @@ class KeyValuePeer(kv_pb2_grpc.KeyValueServicer):  # type: ignore[misc]
 async def serve(listen: str) -> None:
     """Serve until SIGTERM or SIGINT, then stop without a grace period."""
     server = grpc.aio.server()
-    kv_pb2_grpc.add_KeyValueServicer_to_server(KeyValuePeer(), server)
+    kv_pb2_grpc.add_KeyValueServicer_to_server(KeyValuePeer(), server)  # type: ignore[no-untyped-call]
     if server.add_insecure_port(listen) == 0:
         raise SystemExit(f"peer_server: cannot listen on {listen}")
     await server.start()

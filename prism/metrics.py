@@ -63,4 +63,7 @@ def cache_miss(namespace: str) -> None:
 
 
 def forwarded(namespace: str, operation: str) -> None:
-    FORWARDED.labels(namespace, operation).inc()
+    child = _children.get(("fwd", namespace, operation))
+    if child is None:
+        child = _children[("fwd", namespace, operation)] = FORWARDED.labels(namespace, operation)
+    child.inc()

@@ -42,23 +42,27 @@ class BootFailed(msgspec.Struct, tag="bootfail", frozen=True):
 WorkerEvent = Heartbeat | BootFailed
 
 
-class ForwardRequest(msgspec.Struct, frozen=True, array_like=True):
+class ForwardCall(msgspec.Struct, tag="c", frozen=True, array_like=True):
     """A call for a namespace of another tenant, sent to one of its workers."""
 
+    id: int
+    reply_to: str  # the sender's forward address, where the answer goes
     path: bytes
     payload: bytes
     metadata: list[tuple[str, Any]]  # str values, bytes for -bin keys
     timeout_s: float | None
 
 
-class ForwardResponse(msgspec.Struct, frozen=True, array_like=True):
+class ForwardAnswer(msgspec.Struct, tag="a", frozen=True, array_like=True):
+    id: int
     status: int
     message: str
     payload: bytes
 
 
+Forwarded = ForwardCall | ForwardAnswer
+
+
 control_encoder = msgspec.msgpack.Encoder()
 control_decoder = msgspec.msgpack.Decoder(State)
 event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
-forward_request_decoder = msgspec.msgpack.Decoder(ForwardRequest)
-forward_response_decoder = msgspec.msgpack.Decoder(ForwardResponse)

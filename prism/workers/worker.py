@@ -32,12 +32,12 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode, Unavailable
 from prism.log import setup_logging
 from prism.router.cache import SharedCache
-from prism.router.forward import Forwarder, serve_forwarded
+from prism.router.forward import ForwardBus
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import (
     BootFailed,
-    ForwardRequest,
-    ForwardResponse,
+    ForwardAnswer,
+    ForwardCall,
     Heartbeat,
     State,
     control_decoder,
@@ -82,7 +82,7 @@ class ForwardedCall:
 
     forwarded = True
 
-    def __init__(self, request: ForwardRequest) -> None:
+    def __init__(self, request: ForwardCall) -> None:
         self.path = request.path
         self.messages = [request.payload]
         self.metadata = request.metadata
@@ -111,7 +111,7 @@ class Worker:
         self.spec = spec
         self.routes = RoutingTableReader(mmap.mmap(spec.routes_fd, spec.routes_bytes))
         self.cache = SharedCache(mmap.mmap(spec.cache_fd, spec.cache_bytes)) if spec.cache_fd >= 0 else None
-        self.forwarder = Forwarder()
+        self.bus = ForwardBus(spec.forward_address, self._handle_forwarded)
         self.app = App(spec.config, shared_cache=self.cache, remote=self)
         self.generation = -1
         self.draining = False
@@ -143,30 +143,30 @@ class Worker:
         from prism import metrics
 
         metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
-        return await self.forwarder.forward(owners, call.path, call.messages[0], call.metadata, call.deadline)
+        return await self.bus.forward(owners, call.path, call.messages[0], call.metadata, call.deadline)
 
-    async def _handle_forwarded(self, request: ForwardRequest) -> ForwardResponse:
+    async def _handle_forwarded(self, request: ForwardCall) -> ForwardAnswer:
         method = self.app.methods.get(request.path)
         if method is None or method.kind != UNARY:
-            return ForwardResponse(StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
+            return ForwardAnswer(request.id, StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
         call = ForwardedCall(request)
-        response = await self._run_forwarded(method, call, request.payload)
+        response = await self._run_forwarded(method, call, request)
         observer = self.app.settings.observer
         if observer is not None:
             observer(call, method, StatusCode(response.status), time.perf_counter() - call.started)
         return response
 
-    async def _run_forwarded(self, method: Any, call: ForwardedCall, payload: bytes) -> ForwardResponse:
+    async def _run_forwarded(self, method: Any, call: ForwardedCall, request: ForwardCall) -> ForwardAnswer:
         with trio.CancelScope(deadline=call.deadline) as scope:
             try:
-                response = await method.handler(method.decode(payload), call)
+                response = await method.handler(method.decode(request.payload), call)
             except Exception as exc:
                 status, message = failure_status(exc, method)
-                return ForwardResponse(status, message, b"")
+                return ForwardAnswer(request.id, status, message, b"")
             answer = response if type(response) is bytes else response.SerializeToString()
-            return ForwardResponse(StatusCode.OK, "", answer)
+            return ForwardAnswer(request.id, StatusCode.OK, "", answer)
         assert scope.cancelled_caught
-        return ForwardResponse(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")
+        return ForwardAnswer(request.id, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")
 
     # -- loops ---------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class Worker:
             sub.subscribe(b"")
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(serve_forwarded, spec.forward_address, self._handle_forwarded)
+                    await nursery.start(self.bus.run)
                     self.app.settings.handoff = TenantHandoff(spec.tenant, self.routes.current)
                     await nursery.start(serve_handoffs, spec.handoff_address, self.app.settings)
                     nursery.start_soon(self._serve_then_stop, listener, nursery)
@@ -244,7 +244,7 @@ class Worker:
                             nursery.cancel_scope.cancel()
                             break
             finally:
-                self.forwarder.close()
+                self.bus.close()
                 with trio.CancelScope(shield=True):
                     await self.app.aclose()
 
