@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Protocol
 
 from prism import metrics
 from prism.backends import base
-from prism.errors import InvalidArgument, NotFound, Unavailable
+from prism.errors import InvalidArgument, NotFound
 from prism.proto import common_pb2, kv_pb2
 from prism.router.cache import SharedCache
 
@@ -74,7 +74,10 @@ class Remote(Protocol):
     """Where calls for namespaces this process does not hold go (another tenant's worker)."""
 
     async def forward(self, namespace: str, call: Any) -> bytes | None:
-        """The owner's answer bytes; None if no tenant owns ``namespace``."""
+        """The owner's answer bytes; None if no tenant owns ``namespace``.
+
+        Also called for a call that was itself forwarded here (``call.forwarded``):
+        the remote must then not forward it again."""
         ...
 
 
@@ -121,13 +124,12 @@ class KeyValue:
         return backend
 
     async def _elsewhere(self, namespace: str, call: Any) -> bytes:
-        """Forward a call for a namespace this process does not hold."""
-        if self._remote is not None and not call.forwarded:
+        """A call for a namespace this process does not hold: the remote
+        (another tenant's worker) answers it, or it is unknown."""
+        if self._remote is not None:
             answer = await self._remote.forward(namespace, call)
             if answer is not None:
                 return answer
-        if call.forwarded:
-            raise Unavailable(f"namespace {namespace!r} moved while the call was forwarded; retry")
         raise NotFound(f"unknown namespace {namespace!r}")
 
     def _invalidate(self, namespace: str, id: str) -> None:

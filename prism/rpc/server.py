@@ -71,6 +71,9 @@ class ServerSettings:
         self.draining = False
         self.accept_scope: trio.CancelScope | None = None
         self.handoff: Handoff | None = None
+        # Per connection already held, how long to wait before accepting the
+        # next one (0: this process accepts alone; see _accept_loop).
+        self.accept_backoff_s = 0.0
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
 
@@ -394,7 +397,7 @@ async def serve_listeners(
             settings.accept_scope = accepting
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
-                    acceptors.start_soon(_accept_loop, listener, connections, handle)
+                    acceptors.start_soon(_accept_loop, listener, connections, handle, settings)
                 task_status.started()
         for listener in listeners:
             await listener.aclose()
@@ -404,12 +407,14 @@ async def serve_listeners(
 # trio.serve_listeners): we pause rather than die.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_PAUSE_S = 0.1
+_ACCEPT_BACKOFF_MAX_S = 0.005
 
 
 async def _accept_loop(
     listener: trio.SocketListener,
     connections: trio.Nursery,
     handle: Callable[[trio.SocketStream], Awaitable[None]],
+    settings: ServerSettings,
 ) -> None:
     while True:
         try:
@@ -421,3 +426,11 @@ async def _accept_loop(
             await trio.sleep(_ACCEPT_PAUSE_S)
             continue
         connections.start_soon(handle, stream)
+        if settings.accept_backoff_s:
+            # Several processes accept on one socket and the kernel gives a
+            # burst of connections to whichever wakes first. A process that
+            # already holds connections waits a little (more, the more it
+            # holds) before taking the next, so idle siblings take their share.
+            await trio.sleep(
+                min(settings.accept_backoff_s * len(settings.connections), _ACCEPT_BACKOFF_MAX_S)
+            )

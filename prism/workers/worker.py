@@ -27,6 +27,7 @@ import msgspec
 import pynng
 import trio
 
+from prism import metrics
 from prism.app import App
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode, Unavailable
@@ -54,6 +55,10 @@ SPEC_ENV = "PRISM_WORKER_SPEC"
 EXIT_BOOT_FAILED = 3  # the supervisor halts instead of restarting in a loop
 HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
+# Accept spreading between workers sharing the port (see rpc.server._accept_loop).
+ACCEPT_BACKOFF_S = 0.0005
+# How long a call waits for a namespace this worker was just given to open.
+OPEN_WAIT_S = 5.0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -133,17 +138,35 @@ class Worker:
             self.generation = routes.generation
 
     async def forward(self, namespace: str, call: Any) -> bytes | None:
-        """KeyValue's Remote: send a call for another tenant's namespace to its owner."""
+        """KeyValue's Remote: answer a call for a namespace this worker does not hold.
+
+        Another tenant's namespace goes to a worker of that tenant. One that
+        the routing table says is ours but that we have not opened yet (a
+        reload moved or added it a moment ago) waits for it to open, so a move
+        fails no call.
+        """
         owners = self.routes.current().owners(namespace)
         if not owners:
             return None
         if any(w.id == self.spec.worker_id for w in owners):
-            # The table says we own it but we have not opened it (yet).
-            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
-        from prism import metrics
-
+            return await self._run_when_open(namespace, call)
+        if call.forwarded:
+            raise Unavailable(f"namespace {namespace!r} moved while the call was forwarded; retry")
         metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
         return await self.bus.forward(owners, call.path, call.messages[0], call.metadata, call.deadline)
+
+    async def _run_when_open(self, namespace: str, call: Any) -> bytes:
+        with trio.move_on_after(OPEN_WAIT_S):
+            while namespace not in self.app.backends:
+                await self._apply_routes()
+                if namespace not in self.app.backends:
+                    await trio.sleep(0.005)
+        if namespace not in self.app.backends:
+            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
+        method = self.app.methods.get(call.path)
+        assert method is not None  # the call got here through this method
+        response = await method.handler(method.decode(call.messages[0]), call)
+        return response if type(response) is bytes else response.SerializeToString()
 
     async def _handle_forwarded(self, request: ForwardCall) -> ForwardAnswer:
         method = self.app.methods.get(request.path)
@@ -231,6 +254,8 @@ class Worker:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.bus.run)
                     self.app.settings.handoff = TenantHandoff(spec.tenant, self.routes.current)
+                    if len(self.routes.current().workers) > 1:
+                        self.app.settings.accept_backoff_s = ACCEPT_BACKOFF_S
                     await nursery.start(serve_handoffs, spec.handoff_address, self.app.settings)
                     nursery.start_soon(self._serve_then_stop, listener, nursery)
                     nursery.start_soon(self._heartbeats, push)

@@ -207,3 +207,29 @@ def test_supervisor_pings_the_systemd_watchdog(prism_tree, tmp_path: Path) -> No
         assert 3 <= len(pings) <= 7, pings  # every 0.2 s over 1 s
     finally:
         sock.close()
+
+
+def test_sighup_moving_a_namespace_to_another_tenant_fails_no_call(prism_tree) -> None:
+    """A namespace moved from tenant a to tenant b: its calls (from a's and b's
+    connections alike) keep succeeding while b opens it and a lets it go."""
+    before = tenant_toml("a", [sqlite_ns("mv"), sqlite_ns("stay")]) + tenant_toml("b", [sqlite_ns("other")])
+    after = tenant_toml("a", [sqlite_ns("stay")]) + tenant_toml("b", [sqlite_ns("other"), sqlite_ns("mv")])
+    tree = prism_tree(before)
+    stubs = [tree.kv("a.prism") for _ in range(2)] + [tree.kv("b.prism") for _ in range(2)]
+
+    def work(i: int, n: int) -> None:
+        if n % 2:
+            put(stubs[i], "mv", f"r{i}", b"k", f"v{n}".encode(), timeout=10)
+        else:
+            get(stubs[i], "mv", f"r{i}", timeout=10)
+
+    with Load(len(stubs), work) as load:
+        load.wait_for_calls(100)
+        tree.write_config(after)
+        tree.send_signal(signal.SIGHUP)
+        wait_until(lambda: tree.namespaces()["mv"]["tenant"] == "b", 3.0, what="mv owned by b")
+        done = load.ok
+        wait_until(lambda: load.ok > done + 100, 5.0, what="load on mv continues")
+    assert not load.errors, f"calls on 'mv' failed during the move: {load.errors[:5]}"
+    # The data moved with it (the same SQLite file, now opened by b's worker).
+    assert get(stubs[0], "mv", "r1", timeout=5)[b"k"].startswith(b"v")
