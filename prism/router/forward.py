@@ -41,7 +41,8 @@ from prism.router.table import WorkerEntry
 log = logging.getLogger("prism.forward")
 
 # Without a deadline from the client, a forwarded call waits this long for
-# the owner (e.g. one that died mid-call) before answering UNAVAILABLE.
+# the owner before answering UNAVAILABLE (an owner that dies is noticed
+# sooner: see owners_gone).
 DEFAULT_FORWARD_TIMEOUT_S = 30.0
 # Messages an nng PUSH socket queues for a peer before send would block.
 _SEND_BUFFER = 1024
@@ -63,11 +64,12 @@ class RemoteStatus(PrismError):
 
 
 class _Pending:
-    __slots__ = ("answer", "event")
+    __slots__ = ("answer", "event", "owner_id")
 
-    def __init__(self) -> None:
+    def __init__(self, owner_id: int) -> None:
         self.event = trio.Event()
         self.answer: ForwardAnswer | None = None
+        self.owner_id = owner_id
 
 
 class ForwardBus:
@@ -177,7 +179,7 @@ class ForwardBus:
         timeout = None if math.isinf(deadline) else deadline - now
         give_up = min(deadline, now + DEFAULT_FORWARD_TIMEOUT_S)
         call_id = next(self._ids)
-        pending = self._pending[call_id] = _Pending()
+        pending = self._pending[call_id] = _Pending(owner.id)
         try:
             self._post(
                 owner.forward_address, ForwardCall(call_id, self.address, path, payload, metadata, timeout)
@@ -188,12 +190,19 @@ class ForwardBus:
             del self._pending[call_id]
         answer = pending.answer
         if answer is None:
-            if give_up == deadline:
+            if trio.current_time() >= deadline:
                 raise DeadlineExceeded("deadline exceeded")
             raise Unavailable(f"worker {owner.id} of tenant {owner.tenant!r} did not answer; retry")
         if answer.status != StatusCode.OK:
             raise RemoteStatus(answer.status, answer.message)
         return answer.payload
+
+    def owners_gone(self, serving: set[int]) -> None:
+        """Give up at once on calls sent to workers that no longer serve (the
+        routing table says so), instead of waiting out their timeout."""
+        for pending in self._pending.values():
+            if pending.owner_id not in serving:
+                pending.event.set()  # no answer: the caller raises UNAVAILABLE
 
     def close(self) -> None:
         for push in self._pushes.values():

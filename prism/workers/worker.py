@@ -136,6 +136,7 @@ class Worker:
                 return
             await self.app.apply(self._mine(routes), strict=strict)
             self.generation = routes.generation
+            self.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
     async def forward(self, namespace: str, call: Any) -> bytes | None:
         """KeyValue's Remote: answer a call for a namespace this worker does not hold.

@@ -78,3 +78,40 @@ def test_kill9_of_a_worker_is_invisible_to_the_other_tenant(prism_tree) -> None:
         missing = {k: v for k, v in items.items() if got.get(k) != v}
         assert not missing, f"{rid}: {len(missing)} acked writes lost, e.g. {list(missing.items())[:3]}"
     assert tree.metric("prism_worker_restarts_total", tenant="a") >= 1
+
+
+def test_forwarded_call_to_a_worker_killed_mid_call_fails_fast(prism_tree) -> None:
+    """A call forwarded to a worker that dies before answering ends UNAVAILABLE
+    (safe to retry) as soon as the routing table says so, not after 30 s."""
+    import sqlite3
+
+    import grpc
+
+    tree = prism_tree(tenant_toml("a", [sqlite_ns("na")]) + tenant_toml("b", [sqlite_ns("nb")]))
+    put(tree.kv("b.prism"), "nb", "r", b"k", b"v")
+    [owner] = tree.owners("nb")
+    db = sqlite3.connect(tree.data_dir / "nb.sqlite3", timeout=0)
+    db.execute("BEGIN EXCLUSIVE")  # b's write now blocks in its backend
+    try:
+        front = tree.kv("a.prism")  # handed to a's worker: calls to nb are forwarded
+        outcome: list[object] = []
+
+        def call() -> None:
+            try:
+                put(front, "nb", "r", b"k", b"w", timeout=60)
+                outcome.append("OK")
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.5)  # the forwarded write is now waiting on the lock at b
+        os.kill(owner["pid"], signal.SIGKILL)
+        started = time.monotonic()
+        thread.join(10)
+        took = time.monotonic() - started
+    finally:
+        db.rollback()
+        db.close()
+    assert outcome and outcome[0] == grpc.StatusCode.UNAVAILABLE, outcome
+    assert took < 2.0, f"the forwarded call took {took:.1f}s to fail"
