@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from prism import metrics
-from prism.api import health, keyvalue, reflection
+from prism.api import health, keyvalue, reflection, timeseries
 from prism.api.pagetoken import PageTokens, load_or_create_key
 from prism.backends import registry
 from prism.backends.base import KeyValueBackend
+from prism.backends.timeseries_base import TimeSeriesBackend
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode
 from prism.router.cache import SharedCache
@@ -42,9 +43,10 @@ class App:
     ) -> None:
         self.config = config
         self.backends: dict[str, KeyValueBackend] = {}
+        self.ts_backends: dict[str, TimeSeriesBackend] = {}
         self.caches: dict[str, keyvalue.Cached] = {}
         self._specs: dict[str, NamespaceConfig] = {}
-        self._retired: list[tuple[float, str, KeyValueBackend]] = []
+        self._retired: list[tuple[float, str, KeyValueBackend | TimeSeriesBackend]] = []
         self._shared_cache = shared_cache
         self.health = health.HealthState()
         self.methods = MethodTable()
@@ -66,6 +68,8 @@ class App:
             shared_cache=shared_cache,
         )
         self.methods.add_service(keyvalue.SERVICE, self.kv)
+        self.ts = timeseries.TimeSeries(self.ts_backends, tokens, max_limit_bytes=max_page, remote=remote)
+        self.methods.add_service(timeseries.SERVICE, self.ts)
         self.methods.add_service(health.SERVICE, health.Health(self.health))
         names = [*self.methods.service_names, reflection.SERVICE.full_name]
         self.methods.add_service(reflection.SERVICE, reflection.Reflection(names))
@@ -83,7 +87,7 @@ class App:
         that cannot open its backends must not pretend to serve them.
         """
         wanted = {ns.name: ns for ns in namespaces}
-        for name in list(self.backends):
+        for name in [*self.backends, *self.ts_backends]:
             if name not in wanted:
                 self._retire(name)
         failed = []
@@ -93,19 +97,24 @@ class App:
             # Open the new backend before the old one (if the namespace's
             # settings changed) steps aside: calls never find neither.
             try:
-                backend = registry.create(ns.backend, ns.options, data_dir=self._data_dir, namespace=name)
+                backend = registry.create_any(
+                    ns.abstraction, ns.backend, ns.options, data_dir=self._data_dir, namespace=name
+                )
                 await backend.open()
             except Exception as exc:
                 if strict:
                     raise
                 log.error("namespace %s: cannot open backend %s: %s", name, ns.backend, exc)
-                if name not in self.backends:
+                if not self.holds(name):
                     self.health.set(name, health.NOT_SERVING)
                 failed.append(name)
                 continue
-            if name in self.backends:
+            if self.holds(name):
                 self._retire(name)
-            self.backends[name] = backend
+            if isinstance(backend, KeyValueBackend) and ns.abstraction == "keyvalue":
+                self.backends[name] = backend
+            else:
+                self.ts_backends[name] = backend  # type: ignore[assignment]
             self._specs[name] = ns
             self.health.set(name, health.SERVING)
             if ns.cache.enabled and self._shared_cache is not None:
@@ -116,8 +125,13 @@ class App:
                 )
         return failed
 
+    def holds(self, name: str) -> bool:
+        """Whether this process has ``name`` open (any abstraction)."""
+        return name in self.backends or name in self.ts_backends
+
     def _retire(self, name: str) -> None:
-        backend = self.backends.pop(name)
+        backend: KeyValueBackend | TimeSeriesBackend
+        backend = self.backends.pop(name) if name in self.backends else self.ts_backends.pop(name)
         self._specs.pop(name, None)
         self.caches.pop(name, None)
         self.health.forget(name)
@@ -138,6 +152,6 @@ class App:
         self._retired = keep
 
     async def aclose(self) -> None:
-        for name in list(self.backends):
+        for name in [*self.backends, *self.ts_backends]:
             self._retire(name)
         await self.close_retired(everything=True)

@@ -46,9 +46,8 @@ MIN_MESSAGE_BYTES = 1 * KIB
 MAX_MESSAGE_BYTES = 2 * GIB - 1  # gRPC frames a message length in 31 usable bits
 MAX_STREAMS = 2**31 - 1  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS is 31-bit in practice
 
-# Abstractions the server can serve today; "timeseries" and "pubsub" join
-# when their API modules land.
-ABSTRACTIONS: frozenset[str] = frozenset({"keyvalue"})
+# Abstractions the server can serve today; "pubsub" joins when its API lands.
+ABSTRACTIONS: frozenset[str] = frozenset({"keyvalue", "timeseries"})
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_FILE = "prism.toml"
 CONFIG_PATH_ENV = "PRISM_CONFIG"
@@ -273,6 +272,8 @@ def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, se
             )
         if not ns.backend:
             raise _FieldError(f"{where}.backend", "must not be empty")
+        if ns.cache.enabled and ns.abstraction != "keyvalue":
+            raise _FieldError(f"{where}.cache.enabled", "the cache serves KeyValue GetItems only")
         if ns.cache.ttl_s <= 0 or not math.isfinite(ns.cache.ttl_s):
             raise _FieldError(f"{where}.cache.ttl_s", f"{ns.cache.ttl_s} must be > 0")
         if ns.cache.max_value_bytes < 1:

@@ -70,6 +70,10 @@ class PermissionDenied(PrismError):
     grpc_status = StatusCode.PERMISSION_DENIED
 
 
+class FailedPrecondition(PrismError):
+    grpc_status = StatusCode.FAILED_PRECONDITION
+
+
 class Internal(PrismError):
     """A failure we detected ourselves (not a bug): its message is safe to show."""
 

@@ -39,7 +39,9 @@ def check_namespaces(config: ServerConfig) -> None:
         places += [(f"tenants[{t}].namespaces[{i}]", ns) for i, ns in enumerate(tenant.namespaces)]
     for where, ns in places:
         try:
-            registry.create(ns.backend, ns.options, data_dir=Path(config.data_dir), namespace=ns.name)
+            registry.create_any(
+                ns.abstraction, ns.backend, ns.options, data_dir=Path(config.data_dir), namespace=ns.name
+            )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

@@ -16,6 +16,9 @@ from typing import Protocol
 from prism.backends.base import KeyValueBackend
 from prism.backends.memory import MemoryBackend
 from prism.backends.sqlite import SqliteBackend
+from prism.backends.timeseries_base import TimeSeriesBackend
+from prism.backends.timeseries_memory import MemoryTimeSeriesBackend
+from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
 from prism.errors import ConfigError
 
 ENTRY_POINT_GROUP = "prism.backends"
@@ -71,3 +74,34 @@ def _load_plugin(name: str) -> BackendFactory:
         raise ConfigError(f"backend {name!r}: plugin {ep.value} is not a factory")
     register(name, factory)
     return factory  # type: ignore[no-any-return]
+
+
+class TimeSeriesFactory(Protocol):
+    def __call__(
+        self, options: Mapping[str, object], *, data_dir: Path, namespace: str
+    ) -> TimeSeriesBackend: ...
+
+
+_timeseries: dict[str, TimeSeriesFactory] = {
+    "memory": MemoryTimeSeriesBackend,
+    "sqlite": SqliteTimeSeriesBackend,
+}
+
+
+def create_timeseries(
+    name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
+) -> TimeSeriesBackend:
+    """A new, unopened TimeSeries backend named ``name`` for ``namespace``."""
+    factory = _timeseries.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown timeseries backend {name!r}; known: {', '.join(sorted(_timeseries))}")
+    return factory(options, data_dir=data_dir, namespace=namespace)
+
+
+def create_any(
+    abstraction: str, name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
+) -> KeyValueBackend | TimeSeriesBackend:
+    """The backend for a namespace of ``abstraction``."""
+    if abstraction == "timeseries":
+        return create_timeseries(name, options, data_dir=data_dir, namespace=namespace)
+    return create(name, options, data_dir=data_dir, namespace=namespace)

@@ -30,7 +30,7 @@ import trio
 from prism import metrics
 from prism.app import App
 from prism.config import NamespaceConfig, ServerConfig
-from prism.errors import StatusCode, Unavailable
+from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.log import setup_logging
 from prism.router.cache import SharedCache
 from prism.router.forward import ForwardBus
@@ -57,6 +57,12 @@ HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
 # Accept spreading between workers sharing the port (see rpc.server._accept_loop).
 ACCEPT_BACKOFF_S = 0.0005
+# Which abstraction each service's calls need (a call naming a namespace of
+# another abstraction is FAILED_PRECONDITION, wherever that namespace lives).
+_ABSTRACTION_OF_SERVICE = {
+    b"prism.kv.v1.KeyValue": "keyvalue",
+    b"prism.timeseries.v1.TimeSeries": "timeseries",
+}
 # How long a call waits for a namespace this worker was just given to open.
 OPEN_WAIT_S = 5.0
 
@@ -146,9 +152,16 @@ class Worker:
         reload moved or added it a moment ago) waits for it to open, so a move
         fails no call.
         """
-        owners = self.routes.current().owners(namespace)
-        if not owners:
+        routes = self.routes.current()
+        entry = routes.namespaces.get(namespace)
+        if entry is None:
             return None
+        wanted = _ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
+        if wanted is not None and entry.abstraction != wanted:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} is a {entry.abstraction} namespace, not {wanted}"
+            )
+        owners = routes.owners(namespace)
         if any(w.id == self.spec.worker_id for w in owners):
             return await self._run_when_open(namespace, call)
         if call.forwarded:
@@ -158,11 +171,11 @@ class Worker:
 
     async def _run_when_open(self, namespace: str, call: Any) -> bytes:
         with trio.move_on_after(OPEN_WAIT_S):
-            while namespace not in self.app.backends:
+            while not self.app.holds(namespace):
                 await self._apply_routes()
-                if namespace not in self.app.backends:
+                if not self.app.holds(namespace):
                     await trio.sleep(0.005)
-        if namespace not in self.app.backends:
+        if not self.app.holds(namespace):
             raise Unavailable(f"namespace {namespace!r} is being opened; retry")
         method = self.app.methods.get(call.path)
         assert method is not None  # the call got here through this method

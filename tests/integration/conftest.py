@@ -29,6 +29,11 @@ backend = "sqlite"
 [[namespaces]]
 name = "mem"
 backend = "memory"
+
+[[namespaces]]
+name = "events"
+abstraction = "timeseries"
+backend = "sqlite"
 """
 
 

@@ -1,0 +1,212 @@
+"""What every SQLite backend shares: options, the file's WAL set-up, and the
+connection pool that keeps blocking sqlite3 calls off the trio loop.
+
+The threading model is the KeyValue backend's (see ``sqlite.py``): every
+call runs in a worker thread under the backend's own CapacityLimiter; one
+writer connection behind a ``trio.Lock``; a few query-only reader
+connections in WAL mode beside it. A connection is only handed back once
+its thread is done with it, so cancellation never shares one between two
+threads. Driver errors become PrismErrors through ``sqlite.translate``.
+
+``sqlite.py`` predates this module and still has its own copy of the pool;
+it can move onto ``SqlitePool`` without changing behaviour.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from prism.backends.sqlite import BUSY_TIMEOUT_S, READERS, translate
+from prism.errors import ConfigError, Internal, Unavailable
+
+_T = TypeVar("_T")
+_SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+@contextmanager
+def mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        mapped = translate(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+def file_options(
+    options: Mapping[str, object], *, data_dir: Path, namespace: str, kind: str
+) -> tuple[Path, str, dict[str, object]]:
+    """``path`` (absolute, or relative to ``data_dir``; default
+    ``<namespace>.sqlite3``) and ``synchronous`` ("FULL" or "NORMAL"), and
+    the options left for the caller to check."""
+    opts = dict(options)
+    path = opts.pop("path", f"{namespace}.sqlite3")
+    synchronous = opts.pop("synchronous", "FULL")
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ConfigError(f"{kind} backend: option 'path' must be a non-empty string")
+    if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
+        raise ConfigError(f"{kind} backend: option 'synchronous' must be 'FULL' or 'NORMAL'")
+    return Path(data_dir) / path, synchronous.upper(), opts
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls it all back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back (e.g. after SQLITE_FULL), and a
+    # failing rollback must not hide the error that caused it.
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def prepare_wal(
+    conn: sqlite3.Connection, synchronous: str, schema: Sequence[str], version: int, *, app_id: int
+) -> None:
+    """Switch the file to WAL and create (or check) ``schema`` at ``version``.
+
+    ``app_id`` (PRAGMA application_id) tells the file kinds apart, so that a
+    namespace pointed at another abstraction's file fails to open instead of
+    reading it wrongly."""
+    (mode,) = _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+    if str(mode).lower() != "wal":
+        raise Internal("sqlite: cannot enable WAL mode on this file system")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")  # FULL or NORMAL, checked
+    with transaction(conn):
+        (found_app,) = conn.execute("PRAGMA application_id").fetchone()
+        (found,) = conn.execute("PRAGMA user_version").fetchone()
+        if found_app not in (0, app_id) or (found_app == 0 and found != 0):
+            raise Internal("sqlite: database file holds another kind of data")
+        if found > version:
+            raise Internal("sqlite: database was written by a newer Prism")
+        if found < version:
+            for statement in schema:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {int(app_id)}")
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+def _retry_locked(step: Callable[[], Any]) -> Any:
+    """Switching a new file to WAL takes an exclusive lock, and SQLite answers
+    "database is locked" at once (without its busy timeout) when two
+    processes do it together, as the workers of one tenant do at start-up."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class SqlitePool:
+    """One writer and ``READERS`` reader connections to ``path``.
+
+    ``prepare`` runs on the writer once, in a worker thread, at ``open()``."""
+
+    def __init__(self, path: Path, prepare: Callable[[sqlite3.Connection], None]) -> None:
+        self.path = path
+        self._prepare = prepare
+        self._limiter = trio.CapacityLimiter(READERS + 1)
+        self._write_lock = trio.Lock()
+        self._read_slots = trio.Semaphore(READERS)
+        self._writer: sqlite3.Connection | None = None
+        self._readers: list[sqlite3.Connection] = []
+        self._closed = False
+
+    async def open(self) -> None:
+        """Create the directory, file and schema, and connect. Idempotent."""
+        if self._writer is not None or self._closed:
+            return
+        with mapped_errors():
+            writer, readers = await trio.to_thread.run_sync(self._connect_all, limiter=self._limiter)
+        self._writer, self._readers = writer, readers
+
+    def _connect_all(self) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conns: list[sqlite3.Connection] = []
+        try:
+            writer = self._connect()
+            conns.append(writer)
+            self._prepare(writer)
+            for _ in range(READERS):
+                conns.append(self._connect())
+                conns[-1].execute("PRAGMA query_only = ON")
+        except BaseException:
+            for conn in conns:
+                conn.close()
+            raise
+        return writer, conns[1:]
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+        # check_same_thread=False: a connection moves between pool threads,
+        # but the lock (writer) or the pool (readers) gives it one user at a time.
+        return sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+
+    async def aclose(self) -> None:
+        """Wait for calls in flight, then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        for _ in range(READERS):  # every slot back means no read is running
+            await self._read_slots.acquire()
+        for conn in self._readers:
+            conn.close()
+        self._readers = []
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("sqlite backend is closed")
+        if self._writer is None:
+            raise RuntimeError("open() was not awaited")
+
+    async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(reader)`` in a worker thread."""
+        self._check_open()
+        async with self._read_slots:
+            self._check_open()
+            conn = self._readers.pop()
+            try:
+                with mapped_errors():
+                    return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+            finally:
+                self._readers.append(conn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(writer)`` in a worker thread, one at a time; ``fn`` owns the transaction."""
+        self._check_open()
+        async with self._write_lock:
+            self._check_open()
+            conn = self._writer
+            assert conn is not None
+            with mapped_errors():
+                return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
