@@ -37,7 +37,15 @@ def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) ->
     return MemoryBackend(options)
 
 
-_factories: dict[str, BackendFactory] = {"memory": _memory, "sqlite": SqliteBackend}
+def _postgres(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
+    # Imported on first use: psycopg takes ~0.1 s to import, which a worker
+    # that serves no PostgreSQL namespace should not pay at start-up.
+    from prism.backends.postgres import PostgresBackend
+
+    return PostgresBackend(options, data_dir=data_dir, namespace=namespace)
+
+
+_factories: dict[str, BackendFactory] = {"memory": _memory, "sqlite": SqliteBackend, "postgres": _postgres}
 
 
 def register(name: str, factory: BackendFactory, *, replace: bool = False) -> None:

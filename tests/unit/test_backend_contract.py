@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,19 +32,23 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.memory import MemoryBackend
+from prism.backends.postgres import PostgresBackend
 from prism.backends.sqlite import SqliteBackend
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
+from tests.pg import drop_tables
 
 NOW = 1_700_000_000_000  # ms
 BIG = 1 << 30
 ALL = MatchAll()
 
-Backend = MemoryBackend | SqliteBackend
+Backend = MemoryBackend | SqliteBackend | PostgresBackend
 
 
 async def open_backend(kind: str, data_dir: Path) -> Backend:
-    backend = registry.create(kind, {}, data_dir=data_dir, namespace="ns")
-    assert isinstance(backend, (MemoryBackend, SqliteBackend))
+    # PostgreSQL tables are shared by every run: each test gets its own.
+    namespace = f"prism_test_{uuid.uuid4().hex}" if kind == "postgres" else "ns"
+    backend = registry.create(kind, {}, data_dir=data_dir, namespace=namespace)
+    assert isinstance(backend, (MemoryBackend, SqliteBackend, PostgresBackend))
     await backend.open()
     return backend
 
@@ -54,11 +59,15 @@ async def open_sqlite(data_dir: Path) -> SqliteBackend:
     return backend
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def kv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     backend = await open_backend(request.param, tmp_path)
-    yield backend
-    await backend.aclose()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+        if isinstance(backend, PostgresBackend):
+            drop_tables(backend)
 
 
 def st(t: int, token: str = "") -> Stamp:
@@ -452,7 +461,7 @@ def test_sqlite_path_option(tmp_path: Path) -> None:
 
 
 def test_registry_names_known_backends_on_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown backend 'nosuch'.*memory, sqlite"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'nosuch'.*memory, postgres, sqlite"):
         registry.create("nosuch", {}, data_dir=tmp_path, namespace="ns")
     assert isinstance(registry.create("memory", {}, data_dir=tmp_path, namespace="ns"), MemoryBackend)
     with pytest.raises(ValueError):

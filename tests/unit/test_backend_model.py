@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import shutil
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -39,8 +40,10 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.memory import MemoryBackend
+from prism.backends.postgres import PostgresBackend
 from prism.backends.sqlite import SqliteBackend
 from prism.errors import InvalidArgument
+from tests.pg import drop_tables
 
 T = TypeVar("T")
 
@@ -169,7 +172,7 @@ def item_writes(draw: st.DrawFn, allow_empty_key: bool = False) -> tuple[bytes, 
 
 # -- the machine ---------------------------------------------------------------
 
-Backend = MemoryBackend | SqliteBackend
+Backend = MemoryBackend | SqliteBackend | PostgresBackend
 BIG = 1 << 30
 
 
@@ -217,13 +220,17 @@ class BackendMachine(RuleBasedStateMachine):
         self.model = Model()
         self.tmp = Path(tempfile.mkdtemp(prefix="prism-model-"))
         sqlite = SqliteBackend({"synchronous": "NORMAL"}, data_dir=self.tmp, namespace="ns")
-        self.backends: list[Backend] = [MemoryBackend({}), sqlite]
+        # Own tables per example; dropped at teardown.
+        postgres = PostgresBackend({}, data_dir=self.tmp, namespace=f"prism_test_{uuid.uuid4().hex}")
+        self.backends: list[Backend] = [MemoryBackend({}), sqlite, postgres]
         for backend in self.backends:
             trio.from_thread.run(backend.open)
 
     def teardown(self) -> None:
         for backend in self.backends:
             trio.from_thread.run(backend.aclose)
+            if isinstance(backend, PostgresBackend):
+                drop_tables(backend)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def each(self, afn: Callable[..., Awaitable[T]], *args: object) -> list[T]:
@@ -243,7 +250,7 @@ class BackendMachine(RuleBasedStateMachine):
                 return "invalid"
             return "ok"
 
-        assert self.each(attempt) == [expected, expected]
+        assert self.each(attempt) == [expected] * len(self.backends)
 
     def _items(self, drawn: list[tuple[bytes, bytes, int | None]]) -> list[ItemWrite]:
         return [ItemWrite(k, v, 0 if ttl is None else self.now + ttl) for k, v, ttl in drawn]
@@ -294,7 +301,7 @@ class BackendMachine(RuleBasedStateMachine):
             after = want[-1].last_key if want else None
             want.append(self.model.get(id, predicate, reverse, after, limit_items, limit_bytes, self.now))
         got = self.each(_get_pages, id, predicate, reverse, limit_items, limit_bytes, self.now)
-        assert got == [want, want]
+        assert got == [want] * len(self.backends)
 
     @rule(limit_items=st.integers(1, 8), limit_bytes=st.integers(1, 30))
     def scan_all_pages(self, limit_items: int, limit_bytes: int) -> None:
@@ -303,7 +310,7 @@ class BackendMachine(RuleBasedStateMachine):
             after = want[-1].last_id if want else None
             want.append(self.model.scan(after, limit_items, limit_bytes, self.now))
         got = self.each(_scan_pages, limit_items, limit_bytes, self.now)
-        assert got == [want, want]
+        assert got == [want] * len(self.backends)
 
     @rule(ms=st.sampled_from([0, 1, 2, 3, 5]))
     def tick(self, ms: int) -> None:
@@ -319,7 +326,7 @@ class BackendMachine(RuleBasedStateMachine):
     @invariant()
     def whole_records_agree(self) -> None:
         want = {id: self.model.live_items(id, self.now) for id in IDS}
-        assert self.each(_records, self.now) == [want, want]
+        assert self.each(_records, self.now) == [want] * len(self.backends)
 
 
 SETTINGS = settings(

@@ -1,0 +1,302 @@
+"""KeyValue on PostgreSQL: one table pair per namespace, trio-native I/O.
+
+Connections come from ``pgio`` (psycopg's libpq generators driven by trio,
+no threads; see its docstring for why and the numbers). A small pool bounds
+them; when every connection stays busy past ``pool_timeout_s`` a call fails
+with RESOURCE_EXHAUSTED rather than queueing without bound, and a server
+that cannot be reached fails calls with UNAVAILABLE within
+``connect_timeout_s``. A call cancelled by trio (deadline, client gone)
+cancels its statement on the server.
+
+The semantics live in SQL (``postgres_sql``): the stamp rule is the WHERE of
+the upsert and of the delete; a write with a token claims the token with an
+upsert in the same transaction as its changes (a replay finds the claim and
+rolls back); reads filter expired items; expired items and old tokens are
+purged in small batches inside a write's transaction at most once a minute
+of caller time. A write that is a single statement without a token runs
+without BEGIN/COMMIT: one statement is atomic on its own.
+
+Tables ``prism_kv_<namespace>`` and ``prism_kv_<namespace>_idem`` are created
+by ``open()`` if missing and never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from psycopg import ProgrammingError
+from psycopg.conninfo import make_conninfo
+
+from prism.backends import pgio
+from prism.backends import postgres_sql as sql
+from prism.backends.base import (
+    IDEMPOTENCY_WINDOW_MS,
+    ItemPage,
+    ItemWrite,
+    Mutation,
+    Predicate,
+    Put,
+    RecordPage,
+    Stamp,
+    StoredItem,
+)
+from prism.backends.common import check_items, check_mutations, page_items
+from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
+
+DEFAULT_DSN = "postgresql://127.0.0.1/test"
+PURGE_INTERVAL_MS = 60_000
+PURGE_BATCH = 1000
+SCAN_CHUNK_MAX = 1000  # rows per round trip of a scan
+
+# SQLSTATE classes and codes that mean "the database cannot serve now"
+# (retryable by the client), not "the request or our SQL is wrong".
+_UNAVAILABLE_CLASSES = ("08", "53", "57P", "40")
+Statement = tuple[bytes, list[pgio.Param]]
+
+
+def translate(exc: pgio.PgError) -> Exception:
+    if isinstance(exc, pgio.PoolTimeout):
+        return ResourceExhausted(str(exc))
+    state = exc.sqlstate
+    if state is None:
+        return Unavailable(str(exc))
+    if state.startswith(_UNAVAILABLE_CLASSES) or state == "57014":
+        return Unavailable(f"postgres: database unavailable (SQLSTATE {state})")
+    return Internal(f"postgres: database error (SQLSTATE {state})")
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except pgio.PgError as exc:
+        raise translate(exc) from exc
+
+
+def _number(opts: dict[str, object], name: str, default: float, *, integer: bool = False) -> float:
+    value = opts.pop(name, default)
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or value <= 0:  # type: ignore[operator]
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"postgres backend: option {name!r} must be {kind}")
+    return value  # type: ignore[return-value]
+
+
+class PostgresBackend:
+    """Options: ``dsn`` (libpq URI or key=value string; default
+    ``postgresql://127.0.0.1/test``), ``pool_size`` (connections, default 8),
+    ``connect_timeout_s`` (default 5), ``pool_timeout_s`` (longest wait for a
+    free connection before RESOURCE_EXHAUSTED, default 0.05)."""
+
+    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
+        opts = dict(options)
+        dsn = opts.pop("dsn", DEFAULT_DSN)
+        pool_size = int(_number(opts, "pool_size", 8, integer=True))
+        connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
+        pool_timeout_s = _number(opts, "pool_timeout_s", 0.05)
+        if opts:
+            raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
+        if not isinstance(dsn, str) or not dsn:
+            raise ConfigError("postgres backend: option 'dsn' must be a non-empty string")
+        try:
+            conninfo = make_conninfo(dsn, application_name="prism")
+        except ProgrammingError as exc:
+            raise ConfigError(f"postgres backend: option 'dsn' is invalid: {exc}") from None
+        stem = sql.table_stem(namespace)
+        self.items_table = f"prism_kv_{stem}"
+        self.tokens_table = f"prism_kv_{stem}_idem"
+        self._sql = sql.Statements(self.items_table, self.tokens_table)
+        self._pool = pgio.Pool(
+            conninfo, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
+        )
+        self._purge_next_ms = 0
+        self._opened = False
+        self._closed = False
+
+    async def open(self) -> None:
+        """Connect and create the tables if missing. Idempotent."""
+        if self._opened or self._closed:
+            return
+        with _mapped_errors():
+            conn = await self._pool.acquire()
+            try:
+                # Workers of one tenant open together; CREATE ... IF NOT EXISTS
+                # alone can still collide on the catalog, so serialise them.
+                await conn.execute(b"BEGIN")
+                await conn.execute(
+                    b"SELECT 1 FROM pg_advisory_xact_lock($1::int8)", [sql.lock_key(self.items_table)]
+                )
+                for statement in self._sql.schema:
+                    await conn.execute(statement)
+                await conn.execute(b"COMMIT")
+            finally:
+                await self._pool.release(conn)
+        self._opened = True
+
+    async def aclose(self) -> None:
+        """Wait for calls in flight, then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._pool.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("postgres backend is closed")
+        if not self._opened:
+            raise RuntimeError("PostgresBackend.open() was not awaited")
+
+    async def get_items(
+        self,
+        id: str,
+        predicate: Predicate,
+        *,
+        reverse: bool,
+        after: bytes | None,
+        limit_items: int,
+        limit_bytes: int,
+        now_ms: int,
+    ) -> ItemPage:
+        self._check_open()
+        statement = self._sql.get(predicate, reverse=reverse, after=after is not None)
+        params: list[pgio.Param] = [id, now_ms, limit_items + 1]
+        if after is not None:
+            params.append(after)
+        params.extend(sql.predicate_params(predicate))
+        with _mapped_errors():
+            conn = await self._pool.acquire()
+            try:
+                rows = await conn.execute(statement, params)
+            finally:
+                await self._pool.release(conn)
+        return page_items((StoredItem(*row) for row in rows), limit_items, limit_bytes)
+
+    async def scan_items(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> RecordPage:
+        """Rows come in chunks, all from one REPEATABLE READ snapshot, and are
+        read only as far as the first record that does not fit."""
+        self._check_open()
+        chunk = max(64, min(limit_items + 1, SCAN_CHUNK_MAX))
+        records: list[tuple[str, list[StoredItem]]] = []
+        n_items = n_bytes = 0  # of the records already in the page
+        rid: str | None = None
+        items: list[StoredItem] = []
+        size = 0  # of ``items``, the record being read
+        with _mapped_errors():
+            conn = await self._pool.acquire()
+            try:
+                await conn.execute(b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                rows = await self._scan_chunk(conn, now_ms, chunk, after, None)
+                while rows:
+                    for row_id, key, value, expires_at_ms in rows:
+                        if row_id != rid:
+                            if rid is not None:
+                                records.append((rid, items))
+                                n_items += len(items)
+                                n_bytes += size
+                            rid, items, size = row_id, [], 0
+                        items.append(StoredItem(key, value, expires_at_ms))
+                        size += len(key) + len(value)
+                        if records and (n_items + len(items) > limit_items or n_bytes + size > limit_bytes):
+                            await conn.execute(b"COMMIT")
+                            return RecordPage(records, records[-1][0])
+                    if len(rows) < chunk:
+                        break
+                    last = rows[-1]
+                    rows = await self._scan_chunk(conn, now_ms, chunk, last[0], last[1])
+                await conn.execute(b"COMMIT")
+            finally:
+                await self._pool.release(conn)
+        if rid is not None:
+            records.append((rid, items))
+        return RecordPage(records, None)
+
+    async def _scan_chunk(
+        self, conn: pgio.Connection, now_ms: int, chunk: int, after_id: str | None, after_key: bytes | None
+    ) -> list[pgio.Row]:
+        params: list[pgio.Param] = [now_ms, chunk]
+        if after_id is not None:
+            params.append(after_id)
+        if after_key is not None:
+            params.append(after_key)
+        statement = self._sql.scan(after_row=after_key is not None, after_id=after_id is not None)
+        return await conn.execute(statement, params)
+
+    def _upsert(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> Statement:
+        # One row per key (the last write of a key wins, as it would one by
+        # one: its stamp equals the earlier one's): ON CONFLICT cannot touch
+        # a row twice in one statement.
+        last = {item.key: item for item in items}
+        keys = list(last)
+        return self._sql.upsert, [
+            id,
+            keys,
+            [last[k].value for k in keys],
+            [last[k].expires_at_ms for k in keys],
+            stamp.generation_time_us,
+            stamp.token,
+            now_ms,
+        ]
+
+    def _delete(self, id: str, predicate: Predicate, stamp: Stamp) -> Statement:
+        params: list[pgio.Param] = [id, stamp.generation_time_us, stamp.token]
+        params.extend(sql.predicate_params(predicate))
+        return self._sql.delete(predicate), params
+
+    async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
+        check_items(items)
+        await self._write(id, stamp, now_ms, [self._upsert(id, items, stamp, now_ms)] if items else [])
+
+    async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
+        await self._write(id, stamp, now_ms, [self._delete(id, predicate, stamp)])
+
+    async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
+        check_mutations(mutations)
+        statements = [
+            self._upsert(id, (m.item,), stamp, now_ms)
+            if isinstance(m, Put)
+            else self._delete(id, m.predicate, stamp)
+            for m in mutations
+        ]
+        await self._write(id, stamp, now_ms, statements)
+
+    async def _write(self, id: str, stamp: Stamp, now_ms: int, statements: list[Statement]) -> None:
+        self._check_open()
+        token = stamp.token
+        purge = now_ms >= self._purge_next_ms
+        if not token and not purge and len(statements) <= 1:
+            if statements:
+                with _mapped_errors():
+                    conn = await self._pool.acquire()
+                    try:
+                        await conn.execute(*statements[0])
+                    finally:
+                        await self._pool.release(conn)
+            return
+        with _mapped_errors():
+            conn = await self._pool.acquire()
+            try:
+                await conn.execute(b"BEGIN")
+                if token:
+                    claimed = await conn.execute(
+                        self._sql.claim_token, [id, token, now_ms, now_ms - IDEMPOTENCY_WINDOW_MS]
+                    )
+                    if not claimed:  # a replay: nothing to do
+                        await conn.execute(b"ROLLBACK")
+                        return
+                for statement in statements:
+                    await conn.execute(*statement)
+                full = False
+                if purge:
+                    n = await conn.execute_count(self._sql.purge_items, [now_ms, PURGE_BATCH])
+                    horizon = now_ms - IDEMPOTENCY_WINDOW_MS
+                    m = await conn.execute_count(self._sql.purge_tokens, [horizon, PURGE_BATCH])
+                    full = n >= PURGE_BATCH or m >= PURGE_BATCH
+                await conn.execute(b"COMMIT")
+                if purge:
+                    self._purge_next_ms = now_ms if full else now_ms + PURGE_INTERVAL_MS
+            finally:
+                await self._pool.release(conn)  # rolls back whatever is left open

@@ -1,0 +1,166 @@
+"""The SQL of the PostgreSQL KeyValue backend, per namespace table pair.
+
+The contract's rules hold in the statements themselves, as in
+``sqlite_ops``: the stamp rule is the WHERE of the upsert and of the delete
+(row values compare as tuples; ``stamp_token`` and ``id`` are ``text COLLATE
+"C"``, which compares UTF-8 bytewise, i.e. in code point order like Python's
+``str``; ``key`` is ``bytea``, which compares as unsigned bytes, shorter
+prefix first, like Python's ``bytes``), and an expired stored item loses to
+any write. Tables are created if missing and never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from prism.backends.base import MatchKeys, MatchRange, Predicate
+
+_SAFE = re.compile(r"[^a-z0-9_]")
+_MAX_STEM = 40  # 63-byte identifiers: "prism_kv_" + stem + "_idem" + margin
+
+
+def table_stem(namespace: str) -> str:
+    """A lowercase identifier part for ``namespace``; distinct namespaces get
+    distinct stems (a hash suffix whenever sanitising changed or cut the name)."""
+    stem = _SAFE.sub("_", namespace.lower())
+    if stem != namespace or len(stem) > _MAX_STEM:
+        digest = hashlib.sha1(namespace.encode()).hexdigest()[:10]
+        stem = f"{stem[: _MAX_STEM - 11]}_{digest}"
+    return stem
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``."""
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+
+
+class Statements:
+    """Every statement the backend sends, rendered once for its tables."""
+
+    def __init__(self, items: str, tokens: str) -> None:
+        self.items, self.tokens = items, tokens
+        i, t = f'"{items}"', f'"{tokens}"'
+        self.schema = (
+            f"""CREATE TABLE IF NOT EXISTS {i} (
+                id text COLLATE "C" NOT NULL,
+                key bytea NOT NULL,
+                value bytea NOT NULL,
+                expires_at_ms bigint NOT NULL,
+                stamp_us bigint NOT NULL,
+                stamp_token text COLLATE "C" NOT NULL,
+                PRIMARY KEY (id, key))""".encode(),
+            f"""CREATE INDEX IF NOT EXISTS "{items}_expiry" ON {i} (expires_at_ms)
+                WHERE expires_at_ms != 0""".encode(),
+            f"""CREATE TABLE IF NOT EXISTS {t} (
+                id text COLLATE "C" NOT NULL,
+                token text COLLATE "C" NOT NULL,
+                applied_at_ms bigint NOT NULL,
+                PRIMARY KEY (id, token))""".encode(),
+            f'CREATE INDEX IF NOT EXISTS "{tokens}_age" ON {t} (applied_at_ms)'.encode(),
+        )
+        # One statement for a whole put: the caller passes each key once.
+        # $1 id, $2 keys, $3 values, $4 expiries, $5 stamp time, $6 token, $7 now.
+        self.upsert = f"""INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
+            SELECT $1::text, k, v, e, $5::int8, $6::text
+            FROM unnest($2::bytea[], $3::bytea[], $4::int8[]) AS u(k, v, e)
+            ON CONFLICT (id, key) DO UPDATE SET
+                value = excluded.value,
+                expires_at_ms = excluded.expires_at_ms,
+                stamp_us = excluded.stamp_us,
+                stamp_token = excluded.stamp_token
+            WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
+               OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)""".encode()
+        # A row back means the token is fresh (new, or past the window) and
+        # is now recorded; none means a replay. A concurrent write with the
+        # same token waits on the row lock and then sees it as a replay.
+        # $1 id, $2 token, $3 now, $4 now - window.
+        self.claim_token = f"""INSERT INTO {t} AS old (id, token, applied_at_ms)
+            VALUES ($1::text, $2::text, $3::int8)
+            ON CONFLICT (id, token) DO UPDATE SET applied_at_ms = excluded.applied_at_ms
+            WHERE old.applied_at_ms <= $4::int8
+            RETURNING 1""".encode()
+        self.purge_items = f"""DELETE FROM {i} WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {i} WHERE expires_at_ms != 0 AND expires_at_ms <= $1::int8
+            LIMIT $2::int8))""".encode()
+        self.purge_tokens = f"""DELETE FROM {t} WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {t} WHERE applied_at_ms <= $1::int8 LIMIT $2::int8))""".encode()
+        self._i = i
+        self._cache: dict[tuple[object, ...], bytes] = {}
+
+    def delete(self, predicate: Predicate) -> bytes:
+        """DELETE for ``predicate``: $1 id, $2 stamp time, $3 token, then the
+        predicate's parameters (``predicate_params``)."""
+        cache_key = ("delete", _kind(predicate))
+        sql = self._cache.get(cache_key)
+        if sql is None:
+            where = _where(predicate, 4)
+            sql = self._cache[cache_key] = (
+                f"DELETE FROM {self._i} WHERE id = $1::text AND {where}"
+                " AND (stamp_us, stamp_token) <= ($2::int8, $3::text)"
+            ).encode()
+        return sql
+
+    def get(self, predicate: Predicate, *, reverse: bool, after: bool) -> bytes:
+        """SELECT of live items: $1 id, $2 now, $3 limit, [$4 after], then the
+        predicate's parameters."""
+        cache_key = ("get", _kind(predicate), reverse, after)
+        sql = self._cache.get(cache_key)
+        if sql is None:
+            text = (
+                f"SELECT key, value, expires_at_ms FROM {self._i}"
+                " WHERE id = $1::text AND (expires_at_ms = 0 OR expires_at_ms > $2::int8)"
+            )
+            if after:
+                text += " AND key < $4::bytea" if reverse else " AND key > $4::bytea"
+            where = _where(predicate, 5 if after else 4)
+            text += f" AND {where} ORDER BY key {'DESC' if reverse else 'ASC'} LIMIT $3::int8"
+            sql = self._cache[cache_key] = text.encode()
+        return sql
+
+    def scan(self, *, after_row: bool, after_id: bool) -> bytes:
+        """Live rows in (id, key) order: $1 now, $2 limit, then [$3 id, $4 key]
+        (strictly after that row) or [$3 id] (strictly after that record)."""
+        sql = (
+            f"SELECT id, key, value, expires_at_ms FROM {self._i}"
+            " WHERE (expires_at_ms = 0 OR expires_at_ms > $1::int8)"
+        )
+        if after_row:
+            sql += " AND (id, key) > ($3::text, $4::bytea)"
+        elif after_id:
+            sql += " AND id > $3::text"
+        return (sql + " ORDER BY id, key LIMIT $2::int8").encode()
+
+
+def _kind(predicate: Predicate) -> str:
+    if isinstance(predicate, MatchKeys):
+        return "keys"
+    if isinstance(predicate, MatchRange):
+        return f"range{int(bool(predicate.start))}{int(bool(predicate.end))}"
+    return "all"
+
+
+def _where(predicate: Predicate, first: int) -> str:
+    """The predicate's WHERE fragment with parameters numbered from ``first``."""
+    if isinstance(predicate, MatchKeys):
+        return f"key = ANY(${first}::bytea[])"
+    if isinstance(predicate, MatchRange):
+        conds: list[str] = []
+        n = first
+        if predicate.start:
+            conds.append(f"key >= ${n}::bytea")
+            n += 1
+        if predicate.end:
+            conds.append(f"key < ${n}::bytea")
+            n += 1
+        return " AND ".join(conds) or "true"
+    return "true"
+
+
+def predicate_params(predicate: Predicate) -> list[bytes | list[bytes]]:
+    """The parameters ``_where`` numbered, in order."""
+    if isinstance(predicate, MatchKeys):
+        return [list(predicate.keys)]
+    if isinstance(predicate, MatchRange):
+        return [b for b in (predicate.start, predicate.end) if b]
+    return []

@@ -1,0 +1,19 @@
+"""PostgreSQL helpers for tests: the server the suite uses, and clean-up.
+
+Tests may drop tables; the product never does."""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+
+from prism.backends.postgres import PostgresBackend
+
+DSN = os.environ.get("PRISM_TEST_PG_DSN", "postgresql://127.0.0.1/test")
+
+
+def drop_tables(backend: PostgresBackend) -> None:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        for table in (backend.items_table, backend.tokens_table):
+            conn.execute(f'DROP TABLE IF EXISTS "{table}"'.encode())
