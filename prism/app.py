@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from prism import metrics
 from prism.api import health, keyvalue, reflection, timeseries
 from prism.api.pagetoken import PageTokens, load_or_create_key
@@ -29,6 +31,8 @@ from prism.rpc.server import ServerSettings
 
 log = logging.getLogger("prism.app")
 
+# A backend health probe that takes longer than this counts as down.
+HEALTH_TIMEOUT_S = 1.0
 # Room for the response's own framing around a page of items.
 _PAGE_OVERHEAD_BYTES = 64 * 1024
 
@@ -46,6 +50,7 @@ class App:
         self.ts_backends: dict[str, TimeSeriesBackend] = {}
         self.caches: dict[str, keyvalue.Cached] = {}
         self._specs: dict[str, NamespaceConfig] = {}
+        self._failed: dict[str, NamespaceConfig] = {}  # could not open: retried
         self._retired: list[tuple[float, str, KeyValueBackend | TimeSeriesBackend]] = []
         self._shared_cache = shared_cache
         self.health = health.HealthState()
@@ -90,6 +95,10 @@ class App:
         for name in [*self.backends, *self.ts_backends]:
             if name not in wanted:
                 self._retire(name)
+        for name in list(self._failed):
+            if name not in wanted:
+                del self._failed[name]
+                self.health.forget(name)
         failed = []
         for name, ns in wanted.items():
             if self._specs.get(name) == ns:
@@ -107,8 +116,10 @@ class App:
                 log.error("namespace %s: cannot open backend %s: %s", name, ns.backend, exc)
                 if not self.holds(name):
                     self.health.set(name, health.NOT_SERVING)
+                self._failed[name] = ns  # check_health tries again
                 failed.append(name)
                 continue
+            self._failed.pop(name, None)
             if self.holds(name):
                 self._retire(name)
             if isinstance(backend, KeyValueBackend) and ns.abstraction == "keyvalue":
@@ -124,6 +135,26 @@ class App:
                     min(ns.cache.max_value_bytes, self._shared_cache.max_item_bytes),
                 )
         return failed
+
+    async def check_health(self) -> None:
+        """Probe each backend that can be probed; a namespace is SERVING only
+        while its backend answers, and one that failed to open is retried, so
+        health (and service) come back by themselves when the backend does."""
+        for name, backend in [*self.backends.items(), *self.ts_backends.items()]:
+            ping = getattr(backend, "ping", None)
+            if ping is None:
+                continue
+            ok = False
+            with trio.move_on_after(HEALTH_TIMEOUT_S):
+                try:
+                    await ping()
+                    ok = True
+                except Exception:
+                    ok = False
+            self.health.set(name, health.SERVING if ok else health.NOT_SERVING)
+        if self._failed:
+            retry, self._failed = list(self._failed.values()), {}
+            await self.apply([*self._specs.values(), *retry])
 
     def holds(self, name: str) -> bool:
         """Whether this process has ``name`` open (any abstraction)."""

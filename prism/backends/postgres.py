@@ -173,6 +173,16 @@ class PostgresBackend:
                 await self._pool.release(conn)
         return page_items((StoredItem(*row) for row in rows), limit_items, limit_bytes)
 
+    async def ping(self) -> None:
+        """Raise unless the server answers a trivial query (health checks)."""
+        self._check_open()
+        with _mapped_errors():
+            conn = await self._pool.acquire()
+            try:
+                await conn.execute(b"SELECT 1")
+            finally:
+                await self._pool.release(conn)
+
     async def scan_items(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
     ) -> RecordPage:

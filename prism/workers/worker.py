@@ -55,6 +55,7 @@ SPEC_ENV = "PRISM_WORKER_SPEC"
 EXIT_BOOT_FAILED = 3  # the supervisor halts instead of restarting in a loop
 HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
+HEALTH_INTERVAL_S = 1.0
 # Accept spreading between workers sharing the port (see rpc.server._accept_loop).
 ACCEPT_BACKOFF_S = 0.0005
 # Which abstraction each service's calls need (a call naming a namespace of
@@ -232,6 +233,11 @@ class Worker:
             if state.draining:
                 drain.set()
 
+    async def _watch_health(self) -> None:
+        while True:
+            await trio.sleep(HEALTH_INTERVAL_S)
+            await self.app.check_health()
+
     async def _watch_routes(self) -> None:
         failures = 0
         while True:
@@ -275,6 +281,7 @@ class Worker:
                     nursery.start_soon(self._heartbeats, push)
                     nursery.start_soon(self._control, sub, drain)
                     nursery.start_soon(self._watch_routes)
+                    nursery.start_soon(self._watch_health)
                     nursery.start_soon(self._on_drain, drain, nursery)
                     async for signum in signals:
                         if signum == signal.SIGTERM:

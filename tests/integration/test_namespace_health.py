@@ -1,0 +1,126 @@
+"""A namespace's health follows its backend: NOT_SERVING while PostgreSQL is
+unreachable, SERVING again by itself when it is back.
+
+PostgreSQL is made unreachable for the namespace by a TCP relay the test
+controls (the real server behind it keeps running for everyone else).
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from prism.api import health
+from prism.app import App
+from prism.backends.base import MatchAll
+from prism.backends.postgres import PostgresBackend
+from prism.config import NamespaceConfig, ServerConfig
+from prism.errors import Unavailable
+from tests.pg import drop_tables
+
+
+class Relay:
+    """127.0.0.1:port -> PostgreSQL, which the test can cut and restore."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._scope: trio.CancelScope | None = None
+
+    async def _pipe(self, a: trio.SocketStream, b: trio.SocketStream) -> None:
+        try:
+            async for chunk in a:
+                await b.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await b.aclose()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", 5432)
+        async with trio.open_nursery() as n:
+            n.start_soon(self._pipe, client, upstream)
+            n.start_soon(self._pipe, upstream, client)
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+
+    async def up(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self._serve)
+
+    def down(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()  # closes the listener and every relayed connection
+
+
+@asynccontextmanager
+async def app_with_pg(tmp_path: Path, port: int) -> AsyncIterator[App]:
+    name = f"prism_test_{uuid.uuid4().hex[:12]}"
+    ns = NamespaceConfig(
+        name=name,
+        backend="postgres",
+        options={"dsn": f"postgresql://127.0.0.1:{port}/test", "connect_timeout_s": 1, "pool_size": 2},
+    )
+    app = App(ServerConfig(data_dir=str(tmp_path), namespaces=(ns,)))
+    try:
+        yield app
+    finally:
+        backend = app.backends.get(name)
+        await app.aclose()
+        if isinstance(backend, PostgresBackend):
+            drop_tables(backend)
+
+
+@pytest.mark.trio
+async def test_health_follows_the_backend(tmp_path: Path) -> None:
+    relay = Relay()
+    async with trio.open_nursery() as nursery:
+        await relay.up(nursery)
+        async with app_with_pg(tmp_path, relay.port) as app:
+            [ns] = app.config.namespaces
+            assert await app.apply(app.config.namespaces) == []
+            await app.check_health()
+            assert app.health.get(ns.name) == health.SERVING
+            backend = app.backends[ns.name]
+
+            relay.down()
+            with trio.fail_after(5):
+                with pytest.raises(Unavailable):
+                    await backend.get_items(
+                        "r", MatchAll(), reverse=False, after=None, limit_items=10, limit_bytes=1000, now_ms=0
+                    )
+            await app.check_health()
+            assert app.health.get(ns.name) == health.NOT_SERVING
+
+            await relay.up(nursery)
+            await app.check_health()
+            assert app.health.get(ns.name) == health.SERVING
+            page = await backend.get_items(
+                "r", MatchAll(), reverse=False, after=None, limit_items=10, limit_bytes=1000, now_ms=0
+            )
+            assert page.items == []
+            relay.down()
+
+
+@pytest.mark.trio
+async def test_a_namespace_that_could_not_open_is_opened_when_the_backend_comes(tmp_path: Path) -> None:
+    relay = Relay()  # not up yet: nothing listens on its port
+    async with trio.open_nursery() as nursery, app_with_pg(tmp_path, relay.port) as app:
+        [ns] = app.config.namespaces
+        assert await app.apply(app.config.namespaces) == [ns.name]
+        assert app.health.get(ns.name) == health.NOT_SERVING
+        assert not app.holds(ns.name)
+        await relay.up(nursery)
+        await app.check_health()
+        assert app.holds(ns.name)
+        assert app.health.get(ns.name) == health.SERVING
+        relay.down()
