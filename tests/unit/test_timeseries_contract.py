@@ -4,32 +4,48 @@ against every backend, plus what is particular to SQLite (files, options)."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from prism.backends.timeseries_base import DAY_MS, Event, EventPage, TimeSeriesBackend
 from prism.backends.timeseries_memory import MemoryTimeSeriesBackend
+from prism.backends.timeseries_postgres import PostgresTimeSeriesBackend
 from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
+from tests.pg import DSN
 
 NOW = 1_700_000_000_000  # ms
 NOW_US = NOW * 1000
 BIG = 1 << 30
 
-Backend = MemoryTimeSeriesBackend | SqliteTimeSeriesBackend
+Backend = MemoryTimeSeriesBackend | SqliteTimeSeriesBackend | PostgresTimeSeriesBackend
+_pg_tables: list[str] = []
 
 
 def make(kind: str, data_dir: Path, **options: object) -> Backend:
     if kind == "memory":
         return MemoryTimeSeriesBackend(options, data_dir=data_dir, namespace="ns")
+    if kind == "postgres":
+        backend = PostgresTimeSeriesBackend(
+            {"dsn": DSN, **options}, data_dir=data_dir, namespace=f"prism_test_{uuid.uuid4().hex[:12]}"
+        )
+        _pg_tables.append(backend.table)
+        return backend
     return SqliteTimeSeriesBackend(options, data_dir=data_dir, namespace="ns")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield str(request.param)
+    # Each PostgreSQL test has its own table; tests may drop, the product never does.
+    if _pg_tables:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            while _pg_tables:
+                conn.execute(f'DROP TABLE IF EXISTS "{_pg_tables.pop()}"'.encode())
 
 
 @pytest.fixture
