@@ -45,7 +45,19 @@ def _postgres(options: Mapping[str, object], *, data_dir: Path, namespace: str) 
     return PostgresBackend(options, data_dir=data_dir, namespace=namespace)
 
 
-_factories: dict[str, BackendFactory] = {"memory": _memory, "sqlite": SqliteBackend, "postgres": _postgres}
+def _redis(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
+    # Imported on first use, like PostgreSQL: hiredis is not needed otherwise.
+    from prism.backends.redis_kv import RedisBackend
+
+    return RedisBackend(options, data_dir=data_dir, namespace=namespace)
+
+
+_factories: dict[str, BackendFactory] = {
+    "memory": _memory,
+    "sqlite": SqliteBackend,
+    "postgres": _postgres,
+    "redis": _redis,
+}
 
 
 def register(name: str, factory: BackendFactory, *, replace: bool = False) -> None:
@@ -90,9 +102,18 @@ class TimeSeriesFactory(Protocol):
     ) -> TimeSeriesBackend: ...
 
 
+def _postgres_timeseries(
+    options: Mapping[str, object], *, data_dir: Path, namespace: str
+) -> TimeSeriesBackend:
+    from prism.backends.timeseries_postgres import PostgresTimeSeriesBackend  # lazy, as for "postgres"
+
+    return PostgresTimeSeriesBackend(options, data_dir=data_dir, namespace=namespace)
+
+
 _timeseries: dict[str, TimeSeriesFactory] = {
     "memory": MemoryTimeSeriesBackend,
     "sqlite": SqliteTimeSeriesBackend,
+    "postgres": _postgres_timeseries,
 }
 
 

@@ -33,22 +33,28 @@ from prism.backends.base import (
 )
 from prism.backends.memory import MemoryBackend
 from prism.backends.postgres import PostgresBackend
+from prism.backends.redis_kv import RedisBackend
 from prism.backends.sqlite import SqliteBackend
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import drop_tables
+from tests.rd import delete_keys, new_backend
 
 NOW = 1_700_000_000_000  # ms
 BIG = 1 << 30
 ALL = MatchAll()
 
-Backend = MemoryBackend | SqliteBackend | PostgresBackend
+Backend = MemoryBackend | SqliteBackend | PostgresBackend | RedisBackend
 
 
 async def open_backend(kind: str, data_dir: Path) -> Backend:
-    # PostgreSQL tables are shared by every run: each test gets its own.
-    namespace = f"prism_test_{uuid.uuid4().hex}" if kind == "postgres" else "ns"
-    backend = registry.create(kind, {}, data_dir=data_dir, namespace=namespace)
-    assert isinstance(backend, (MemoryBackend, SqliteBackend, PostgresBackend))
+    # PostgreSQL tables and Redis keys are shared by every run: each test gets its own.
+    backend: KeyValueBackend
+    if kind == "redis":
+        backend = new_backend(data_dir)
+    else:
+        namespace = f"prism_test_{uuid.uuid4().hex}" if kind == "postgres" else "ns"
+        backend = registry.create(kind, {}, data_dir=data_dir, namespace=namespace)
+    assert isinstance(backend, (MemoryBackend, SqliteBackend, PostgresBackend, RedisBackend))
     await backend.open()
     return backend
 
@@ -59,7 +65,7 @@ async def open_sqlite(data_dir: Path) -> SqliteBackend:
     return backend
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "redis"])
 async def kv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     backend = await open_backend(request.param, tmp_path)
     try:
@@ -68,6 +74,8 @@ async def kv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ba
         await backend.aclose()
         if isinstance(backend, PostgresBackend):
             drop_tables(backend)
+        if isinstance(backend, RedisBackend):
+            await delete_keys(backend.key_prefix)
 
 
 def st(t: int, token: str = "") -> Stamp:
@@ -461,7 +469,7 @@ def test_sqlite_path_option(tmp_path: Path) -> None:
 
 
 def test_registry_names_known_backends_on_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown backend 'nosuch'.*memory, postgres, sqlite"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'nosuch'.*memory, postgres, redis, sqlite"):
         registry.create("nosuch", {}, data_dir=tmp_path, namespace="ns")
     assert isinstance(registry.create("memory", {}, data_dir=tmp_path, namespace="ns"), MemoryBackend)
     with pytest.raises(ValueError):

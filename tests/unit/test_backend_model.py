@@ -41,9 +41,11 @@ from prism.backends.base import (
 )
 from prism.backends.memory import MemoryBackend
 from prism.backends.postgres import PostgresBackend
+from prism.backends.redis_kv import RedisBackend
 from prism.backends.sqlite import SqliteBackend
 from prism.errors import InvalidArgument
 from tests.pg import drop_tables
+from tests.rd import delete_keys, new_backend
 
 T = TypeVar("T")
 
@@ -172,7 +174,7 @@ def item_writes(draw: st.DrawFn, allow_empty_key: bool = False) -> tuple[bytes, 
 
 # -- the machine ---------------------------------------------------------------
 
-Backend = MemoryBackend | SqliteBackend | PostgresBackend
+Backend = MemoryBackend | SqliteBackend | PostgresBackend | RedisBackend
 BIG = 1 << 30
 
 
@@ -222,7 +224,8 @@ class BackendMachine(RuleBasedStateMachine):
         sqlite = SqliteBackend({"synchronous": "NORMAL"}, data_dir=self.tmp, namespace="ns")
         # Own tables per example; dropped at teardown.
         postgres = PostgresBackend({}, data_dir=self.tmp, namespace=f"prism_test_{uuid.uuid4().hex}")
-        self.backends: list[Backend] = [MemoryBackend({}), sqlite, postgres]
+        redis = new_backend(self.tmp)  # own key prefix per example; keys deleted at teardown
+        self.backends: list[Backend] = [MemoryBackend({}), sqlite, postgres, redis]
         for backend in self.backends:
             trio.from_thread.run(backend.open)
 
@@ -231,6 +234,8 @@ class BackendMachine(RuleBasedStateMachine):
             trio.from_thread.run(backend.aclose)
             if isinstance(backend, PostgresBackend):
                 drop_tables(backend)
+            if isinstance(backend, RedisBackend):
+                trio.from_thread.run(delete_keys, backend.key_prefix)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def each(self, afn: Callable[..., Awaitable[T]], *args: object) -> list[T]:

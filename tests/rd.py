@@ -1,0 +1,35 @@
+"""Redis helpers for tests: the server the suite uses, unique key prefixes, clean-up.
+
+Tests may delete keys; the product never deletes keys it did not write."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from prism.backends import resp
+from prism.backends.redis_kv import RedisBackend
+
+URL = os.environ.get("PRISM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def new_backend(data_dir: Path, **options: object) -> RedisBackend:
+    """An unopened backend whose keys live under a prefix of its own."""
+    prefix = f"prism_test:{uuid.uuid4().hex}:"
+    return RedisBackend({"url": URL, "key_prefix": prefix, **options}, data_dir=data_dir, namespace="ns")
+
+
+async def delete_keys(prefix: str) -> None:
+    """SCAN + DEL every key under ``prefix`` (which must hold no glob characters)."""
+    conn = await resp.connect(resp.Address(URL), timeout_s=5)
+    try:
+        cursor = b"0"
+        while True:
+            cursor, keys = await conn.call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
+            if keys:
+                await conn.call("DEL", *keys)
+            if cursor == b"0":
+                break
+    finally:
+        conn.close()
