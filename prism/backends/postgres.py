@@ -88,14 +88,14 @@ class PostgresBackend:
     """Options: ``dsn`` (libpq URI or key=value string; default
     ``postgresql://127.0.0.1/test``), ``pool_size`` (connections, default 8),
     ``connect_timeout_s`` (default 5), ``pool_timeout_s`` (longest wait for a
-    free connection before RESOURCE_EXHAUSTED, default 0.05)."""
+    free connection before RESOURCE_EXHAUSTED, default 0.5)."""
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
         dsn = opts.pop("dsn", DEFAULT_DSN)
         pool_size = int(_number(opts, "pool_size", 8, integer=True))
         connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.05)
+        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
         if opts:
             raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
         if not isinstance(dsn, str) or not dsn:

@@ -252,7 +252,7 @@ def _lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tupl
 class RedisBackend:
     """Options: ``url`` (default ``redis://127.0.0.1:6379/0``), ``pool_size``
     (8), ``connect_timeout_s`` (5), ``pool_timeout_s`` (longest wait for a free
-    connection before RESOURCE_EXHAUSTED, 0.05), ``key_prefix`` ("prism:")."""
+    connection before RESOURCE_EXHAUSTED, 0.5), ``key_prefix`` ("prism:")."""
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
@@ -260,7 +260,7 @@ class RedisBackend:
         prefix = opts.pop("key_prefix", "prism:")
         pool_size = int(_number(opts, "pool_size", 8, integer=True))
         connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.05)
+        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
         if opts:
             raise ConfigError(f"redis backend: unknown option {next(iter(opts))!r}")
         if not isinstance(url, str) or not url:

@@ -50,7 +50,7 @@ class PostgresTimeSeriesBackend:
         dsn = opts.pop("dsn", DEFAULT_DSN)
         pool_size = int(_number(opts, "pool_size", 8, integer=True))
         connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.05)
+        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
         if opts:
             raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
         if not isinstance(dsn, str) or not dsn:
