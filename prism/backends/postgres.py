@@ -84,6 +84,24 @@ def _number(opts: dict[str, object], name: str, default: float, *, integer: bool
     return value  # type: ignore[return-value]
 
 
+def pool_from_options(opts: dict[str, object]) -> pgio.Pool:
+    """Pop the connection options every PostgreSQL backend takes (``dsn``,
+    ``pool_size``, ``connect_timeout_s``, ``pool_timeout_s``) and build its pool."""
+    dsn = opts.pop("dsn", DEFAULT_DSN)
+    pool_size = int(_number(opts, "pool_size", 8, integer=True))
+    connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
+    pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
+    if not isinstance(dsn, str) or not dsn:
+        raise ConfigError("postgres backend: option 'dsn' must be a non-empty string")
+    try:
+        conninfo = make_conninfo(dsn, application_name="prism")
+    except ProgrammingError as exc:
+        raise ConfigError(f"postgres backend: option 'dsn' is invalid: {exc}") from None
+    return pgio.Pool(
+        conninfo, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
+    )
+
+
 class PostgresBackend:
     """Options: ``dsn`` (libpq URI or key=value string; default
     ``postgresql://127.0.0.1/test``), ``pool_size`` (connections, default 8),
@@ -92,25 +110,13 @@ class PostgresBackend:
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
-        dsn = opts.pop("dsn", DEFAULT_DSN)
-        pool_size = int(_number(opts, "pool_size", 8, integer=True))
-        connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
+        self._pool = pool_from_options(opts)
         if opts:
             raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
-        if not isinstance(dsn, str) or not dsn:
-            raise ConfigError("postgres backend: option 'dsn' must be a non-empty string")
-        try:
-            conninfo = make_conninfo(dsn, application_name="prism")
-        except ProgrammingError as exc:
-            raise ConfigError(f"postgres backend: option 'dsn' is invalid: {exc}") from None
         stem = sql.table_stem(namespace)
         self.items_table = f"prism_kv_{stem}"
         self.tokens_table = f"prism_kv_{stem}_idem"
         self._sql = sql.Statements(self.items_table, self.tokens_table)
-        self._pool = pgio.Pool(
-            conninfo, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
-        )
         self._purge_next_ms = 0
         self._opened = False
         self._closed = False

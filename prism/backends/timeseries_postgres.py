@@ -16,12 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
-from psycopg import ProgrammingError
-from psycopg.conninfo import make_conninfo
 
 from prism.backends import pgio
 from prism.backends import postgres_sql as kv_sql
-from prism.backends.postgres import DEFAULT_DSN, _mapped_errors, _number
+from prism.backends.postgres import _mapped_errors, pool_from_options
 from prism.backends.timeseries_base import (
     Cursor,
     Event,
@@ -47,18 +45,9 @@ class PostgresTimeSeriesBackend:
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
         self._retention_ms = retention_ms(opts, "postgres")
-        dsn = opts.pop("dsn", DEFAULT_DSN)
-        pool_size = int(_number(opts, "pool_size", 8, integer=True))
-        connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
+        self._pool = pool_from_options(opts)
         if opts:
             raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
-        if not isinstance(dsn, str) or not dsn:
-            raise ConfigError("postgres backend: option 'dsn' must be a non-empty string")
-        try:
-            conninfo = make_conninfo(dsn, application_name="prism")
-        except ProgrammingError as exc:
-            raise ConfigError(f"postgres backend: option 'dsn' is invalid: {exc}") from None
         self.table = f"prism_ts_{kv_sql.table_stem(namespace)}"
         t = self.table
         self._schema = (
@@ -79,9 +68,6 @@ class PostgresTimeSeriesBackend:
             (True, True): f"{select}{where} AND (event_time_us, event_id) < ($5, $6)"
             " ORDER BY event_time_us DESC, event_id DESC LIMIT $4",
         }
-        self._pool = pgio.Pool(
-            conninfo, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
-        )
         self._purge_next_ms = 0
         self._opened = False
         self._closed = False
