@@ -33,7 +33,7 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.log import setup_logging
 from prism.router.cache import SharedCache
-from prism.router.forward import ForwardBus
+from prism.router.forward import ForwardBus, RemoteStatus
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import (
     BootFailed,
@@ -64,6 +64,9 @@ _ABSTRACTION_OF_SERVICE = {
     b"prism.kv.v1.KeyValue": "keyvalue",
     b"prism.timeseries.v1.TimeSeries": "timeseries",
 }
+# The start of the answer a worker gives to a call forwarded for a namespace
+# it no longer owns; the sender refreshes its table and tries again once.
+MOVED = "namespace moved while the call was forwarded:"
 # How long a call waits for a namespace this worker was just given to open.
 OPEN_WAIT_S = 5.0
 
@@ -153,22 +156,37 @@ class Worker:
         reload moved or added it a moment ago) waits for it to open, so a move
         fails no call.
         """
-        routes = self.routes.current()
-        entry = routes.namespaces.get(namespace)
-        if entry is None:
-            return None
-        wanted = _ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
-        if wanted is not None and entry.abstraction != wanted:
-            raise FailedPrecondition(
-                f"namespace {namespace!r} is a {entry.abstraction} namespace, not {wanted}"
-            )
-        owners = routes.owners(namespace)
-        if any(w.id == self.spec.worker_id for w in owners):
-            return await self._run_when_open(namespace, call)
-        if call.forwarded:
-            raise Unavailable(f"namespace {namespace!r} moved while the call was forwarded; retry")
-        metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
-        return await self.bus.forward(owners, call.path, call.messages[0], call.metadata, call.deadline)
+        for attempt in (1, 2):
+            routes = self.routes.current()
+            entry = routes.namespaces.get(namespace)
+            if entry is None:
+                return None
+            wanted = _ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
+            if wanted is not None and entry.abstraction != wanted:
+                raise FailedPrecondition(
+                    f"namespace {namespace!r} is a {entry.abstraction} namespace, not {wanted}"
+                )
+            owners = routes.owners(namespace)
+            if any(w.id == self.spec.worker_id for w in owners):
+                return await self._run_when_open(namespace, call)
+            if call.forwarded:
+                # The sender's table still names us; ours may be older still.
+                if attempt == 1 and self.routes.generation() != self.generation:
+                    await self._apply_routes()
+                    continue
+                raise RemoteStatus(StatusCode.UNAVAILABLE, f"{MOVED} {namespace!r}; retry")
+            metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
+            try:
+                return await self.bus.forward(
+                    owners, call.path, call.messages[0], call.metadata, call.deadline
+                )
+            except RemoteStatus as exc:
+                # The owner we picked had already let the namespace go (a
+                # reload moved it): our table is older than its; refresh, once.
+                if attempt == 2 or not str(exc).startswith(MOVED):
+                    raise
+                await self._apply_routes()
+        return None
 
     async def _run_when_open(self, namespace: str, call: Any) -> bytes:
         with trio.move_on_after(OPEN_WAIT_S):
