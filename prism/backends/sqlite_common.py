@@ -6,10 +6,9 @@ call runs in a worker thread under the backend's own CapacityLimiter; one
 writer connection behind a ``trio.Lock``; a few query-only reader
 connections in WAL mode beside it. A connection is only handed back once
 its thread is done with it, so cancellation never shares one between two
-threads. Driver errors become PrismErrors through ``sqlite.translate``.
+threads. Driver errors become PrismErrors through ``translate``.
 
-``sqlite.py`` predates this module and still has its own copy of the pool;
-it can move onto ``SqlitePool`` without changing behaviour.
+Both the KeyValue (``sqlite.py``) and TimeSeries backends run on ``SqlitePool``.
 """
 
 from __future__ import annotations
@@ -23,10 +22,49 @@ from typing import Any, TypeVar
 
 import trio
 
-from prism.backends.sqlite import BUSY_TIMEOUT_S, READERS, translate
 from prism.errors import ConfigError, Internal, Unavailable
 
 _T = TypeVar("_T")
+READERS = 4  # reader connections; reads beyond this wait for one
+BUSY_TIMEOUT_S = 5.0  # other processes (workers of the same tenant) may hold the lock
+
+# Primary result codes -> what the client is told. Messages stay short and
+# carry no paths; the driver's exception is chained for the log.
+_UNAVAILABLE = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+_MESSAGES = {
+    sqlite3.SQLITE_IOERR: "sqlite: disk I/O error",
+    sqlite3.SQLITE_CORRUPT: "sqlite: database file is corrupt",
+    sqlite3.SQLITE_NOTADB: "sqlite: file is not a database",
+    sqlite3.SQLITE_FULL: "sqlite: disk is full",
+    sqlite3.SQLITE_CANTOPEN: "sqlite: cannot open database file",
+    sqlite3.SQLITE_READONLY: "sqlite: database is read-only",
+    sqlite3.SQLITE_CONSTRAINT: "sqlite: constraint failed",
+}
+
+
+def translate(exc: sqlite3.Error) -> Exception:
+    """The PrismError a driver error becomes. Misuse of the driver
+    (ProgrammingError, InterfaceError) is our bug and is returned unchanged."""
+    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in _UNAVAILABLE:
+        return Unavailable("sqlite: database is locked")
+    return Internal(_MESSAGES.get(primary or -1, "sqlite: database error"))
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        mapped = translate(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
 _SYNCHRONOUS = ("FULL", "NORMAL")
 
 
@@ -87,7 +125,7 @@ def prepare_wal(
     ``app_id`` (PRAGMA application_id) tells the file kinds apart, so that a
     namespace pointed at another abstraction's file fails to open instead of
     reading it wrongly."""
-    (mode,) = _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+    (mode,) = retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
     if str(mode).lower() != "wal":
         raise Internal("sqlite: cannot enable WAL mode on this file system")
     conn.execute(f"PRAGMA synchronous = {synchronous}")  # FULL or NORMAL, checked
@@ -105,7 +143,7 @@ def prepare_wal(
             conn.execute(f"PRAGMA user_version = {int(version)}")
 
 
-def _retry_locked(step: Callable[[], Any]) -> Any:
+def retry_locked(step: Callable[[], Any]) -> Any:
     """Switching a new file to WAL takes an exclusive lock, and SQLite answers
     "database is locked" at once (without its busy timeout) when two
     processes do it together, as the workers of one tenant do at start-up."""

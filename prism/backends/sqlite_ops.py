@@ -14,9 +14,7 @@ written in SQL so that they hold inside the transaction that applies them:
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 from prism.backends.base import (
     IDEMPOTENCY_WINDOW_MS,
@@ -32,6 +30,7 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.common import is_replay, page_items
+from prism.backends.sqlite_common import retry_locked
 from prism.errors import Internal
 
 Apply = Callable[[sqlite3.Connection], None]
@@ -80,9 +79,9 @@ _PURGE_TOKENS = """DELETE FROM idempotency WHERE (id, token) IN (
     SELECT id, token FROM idempotency WHERE applied_at_ms <= ? LIMIT ?)"""
 
 
-def prepare_writer(conn: sqlite3.Connection, synchronous: str, *, busy_timeout_s: float = 5.0) -> None:
+def prepare_writer(conn: sqlite3.Connection, synchronous: str) -> None:
     """Switch the file to WAL and create (or check) the schema."""
-    (mode,) = _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone(), busy_timeout_s)
+    (mode,) = retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
     if str(mode).lower() != "wal":
         raise Internal("sqlite: cannot enable WAL mode on this file system")
     conn.execute(f"PRAGMA synchronous = {synchronous}")  # FULL or NORMAL, checked
@@ -99,25 +98,6 @@ def prepare_writer(conn: sqlite3.Connection, synchronous: str, *, busy_timeout_s
     except BaseException:
         _rollback(conn)
         raise
-
-
-def _retry_locked(step: Callable[[], Any], timeout_s: float) -> Any:
-    """Run ``step``, retrying while another process holds the file locked.
-
-    Switching a new file to WAL takes an exclusive lock, and SQLite answers
-    "database is locked" at once (without its busy timeout) when two
-    processes do it together, as the workers of one tenant do at start-up.
-    """
-    deadline = time.monotonic() + timeout_s
-    delay = 0.005
-    while True:
-        try:
-            return step()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
