@@ -56,18 +56,18 @@ _T = TypeVar("_T")
 
 CANCEL_TIMEOUT_S = 2.0  # cancel + drain after a trio cancellation, then give up on the connection
 
-Param = bytes | str | int | bool | None | list[bytes] | list[int]
+Param = bytes | str | int | bool | None | list[bytes] | list[int] | list[str]
 Row = tuple[Any, ...]
 
 _INT8 = struct.Struct("!q")
 _INT4 = struct.Struct("!i")
 _OID_BYTEA, _OID_INT8, _OID_TEXT, _OID_BOOL, _OID_INT4, _OID_VARCHAR = 17, 20, 25, 16, 23, 1043
-_OID_BYTEA_ARRAY, _OID_INT8_ARRAY = 1001, 1016
+_OID_BYTEA_ARRAY, _OID_INT8_ARRAY, _OID_TEXT_ARRAY = 1001, 1016, 1009
 _ARRAY_HEAD = struct.Struct("!iiiii")  # ndim, has nulls, element oid, length, lower bound
 
 
-def _array(items: list[bytes] | list[int]) -> tuple[bytes, int]:
-    """A one-dimensional array in binary format: bytea[] (also when empty) or int8[]."""
+def _array(items: list[bytes] | list[int] | list[str]) -> tuple[bytes, int]:
+    """A one-dimensional array in binary format: bytea[] (also when empty), int8[] or text[]."""
     if not items:
         return struct.pack("!iii", 0, 0, _OID_BYTEA), _OID_BYTEA_ARRAY
     parts: list[bytes] = []
@@ -77,6 +77,14 @@ def _array(items: list[bytes] | list[int]) -> tuple[bytes, int]:
             assert isinstance(i, int)
             parts.append(b"\x00\x00\x00\x08" + _INT8.pack(i))
         return b"".join(parts), _OID_INT8_ARRAY
+    if isinstance(items[0], str):
+        parts.append(_ARRAY_HEAD.pack(1, 0, _OID_TEXT, len(items), 1))
+        for t in items:
+            assert isinstance(t, str)
+            data = t.encode()
+            parts.append(_INT4.pack(len(data)))
+            parts.append(data)
+        return b"".join(parts), _OID_TEXT_ARRAY
     parts.append(_ARRAY_HEAD.pack(1, 0, _OID_BYTEA, len(items), 1))
     for b in items:
         assert isinstance(b, bytes)

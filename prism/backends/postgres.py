@@ -35,6 +35,7 @@ from prism.backends.base import (
     IDEMPOTENCY_WINDOW_MS,
     ItemPage,
     ItemWrite,
+    MatchAll,
     Mutation,
     Predicate,
     Put,
@@ -42,6 +43,7 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
+from prism.backends.coalesce import Coalescer
 from prism.backends.common import check_items, check_mutations, page_items
 from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
 
@@ -106,11 +108,19 @@ class PostgresBackend:
     """Options: ``dsn`` (libpq URI or key=value string; default
     ``postgresql://127.0.0.1/test``), ``pool_size`` (connections, default 8),
     ``connect_timeout_s`` (default 5), ``pool_timeout_s`` (longest wait for a
-    free connection before RESOURCE_EXHAUSTED, default 0.5)."""
+    free connection before RESOURCE_EXHAUSTED, default 0.5), ``coalesce_reads``
+    (default true: concurrent whole-record reads share one statement, see
+    ``prism.backends.coalesce``)."""
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
         self._pool = pool_from_options(opts)
+        coalesce = opts.pop("coalesce_reads", True)
+        if not isinstance(coalesce, bool):
+            raise ConfigError("postgres backend: option 'coalesce_reads' must be true or false")
+        self._coalesce = coalesce
+        # One coalescer per statement shape: (reverse, rows per record).
+        self._readers: dict[tuple[bool, int], Coalescer[tuple[str, int], list[StoredItem]]] = {}
         if opts:
             raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
         stem = sql.table_stem(namespace)
@@ -166,6 +176,14 @@ class PostgresBackend:
         now_ms: int,
     ) -> ItemPage:
         self._check_open()
+        if self._coalesce and after is None and isinstance(predicate, MatchAll):
+            with _mapped_errors():
+                fetched = await self._reader(reverse, limit_items + 1).get((id, now_ms))
+            items = [i for i in fetched if not i.expires_at_ms or i.expires_at_ms > now_ms]
+            # Rows another caller's clock let through but ours filtered: when
+            # the record filled its row limit, the page's end is unknown; ask alone.
+            if len(items) == len(fetched) or len(fetched) <= limit_items:
+                return page_items(items, limit_items, limit_bytes)
         statement = self._sql.get(predicate, reverse=reverse, after=after is not None)
         params: list[pgio.Param] = [id, now_ms, limit_items + 1]
         if after is not None:
@@ -178,6 +196,33 @@ class PostgresBackend:
             finally:
                 await self._pool.release(conn)
         return page_items((StoredItem(*row) for row in rows), limit_items, limit_bytes)
+
+    def _reader(self, reverse: bool, limit: int) -> Coalescer[tuple[str, int], list[StoredItem]]:
+        reader = self._readers.get((reverse, limit))
+        if reader is None:
+            if len(self._readers) >= 64:  # many page sizes in use: keep it bounded
+                self._readers.clear()
+            reader = self._readers[(reverse, limit)] = Coalescer(
+                lambda keys: self._get_many(keys, reverse, limit)
+            )
+        return reader
+
+    async def _get_many(
+        self, keys: list[tuple[str, int]], reverse: bool, limit: int
+    ) -> list[list[StoredItem]]:
+        # Expiry is filtered by the earliest caller's clock in SQL (a
+        # superset for the others) and by each caller's own in get_items.
+        ids = [id for id, _ in keys]
+        now_ms = min(now for _, now in keys)
+        conn = await self._pool.acquire()
+        try:
+            rows = await conn.execute(self._sql.get_many(reverse=reverse), [ids, now_ms, limit])
+        finally:
+            await self._pool.release(conn)
+        out: list[list[StoredItem]] = [[] for _ in ids]
+        for n, key, value, expires_at_ms in rows:
+            out[n - 1].append(StoredItem(key, value, expires_at_ms))
+        return out
 
     async def ping(self) -> None:
         """Raise unless the server answers a trivial query (health checks)."""

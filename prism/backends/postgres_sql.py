@@ -118,6 +118,24 @@ class Statements:
             sql = self._cache[cache_key] = text.encode()
         return sql
 
+    def get_many(self, *, reverse: bool) -> bytes:
+        """The live items of several records in one statement (coalesced
+        reads): $1 ids (text[]), $2 now, $3 limit per record. Rows are
+        (position of the id in $1, from 1; key; value; expires_at_ms), each
+        record's rows in key order, as ``get`` would return them."""
+        cache_key = ("get_many", reverse)
+        sql = self._cache.get(cache_key)
+        if sql is None:
+            sql = self._cache[cache_key] = (
+                "SELECT q.n, r.key, r.value, r.expires_at_ms"
+                " FROM unnest($1::text[]) WITH ORDINALITY AS q(id, n)"
+                " CROSS JOIN LATERAL (SELECT key, value, expires_at_ms"
+                f" FROM {self._i} WHERE id = q.id"
+                " AND (expires_at_ms = 0 OR expires_at_ms > $2::int8)"
+                f" ORDER BY key {'DESC' if reverse else 'ASC'} LIMIT $3::int8) AS r"
+            ).encode()
+        return sql
+
     def scan(self, *, after_row: bool, after_id: bool) -> bytes:
         """Live rows in (id, key) order: $1 now, $2 limit, then [$3 id, $4 key]
         (strictly after that row) or [$3 id] (strictly after that record)."""

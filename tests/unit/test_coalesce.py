@@ -1,0 +1,161 @@
+"""Read coalescing: concurrent reads share fetches, and every caller gets its own answer."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from prism.backends.base import ItemWrite, MatchAll, Stamp
+from prism.backends.coalesce import Coalescer
+from prism.errors import ResourceExhausted
+from tests.pg import DSN, drop_tables
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.01) -> None:
+        self.calls: list[list[str]] = []
+        self.delay = delay
+        self.fail: Exception | None = None
+
+    async def fetch(self, keys: list[str]) -> list[str]:
+        self.calls.append(list(keys))
+        await trio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return [k.upper() for k in keys]
+
+
+async def test_alone_a_read_goes_out_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder(delay=0)
+    c = Coalescer(rec.fetch)
+    assert await c.get("a") == "A"
+    assert rec.calls == [["a"]]
+
+
+async def test_concurrent_reads_share_fetches_and_each_gets_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder()
+    c = Coalescer(rec.fetch, slots=1)
+    got: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        got[i] = await c.get(f"k{i % 7}")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(one, i)
+    assert got == {i: f"K{i % 7}" for i in range(50)}
+    assert len(rec.calls) < 5  # one alone, then the rest piled up behind it
+    assert sum(len(call) for call in rec.calls) == 50  # no key dropped, none deduplicated
+
+
+async def test_batches_respect_max_batch(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    c = Coalescer(rec.fetch, slots=1, max_batch=8)
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(c.get, f"k{i}")
+    assert max(len(call) for call in rec.calls) <= 8
+    assert sum(len(call) for call in rec.calls) == 40
+
+
+async def test_an_error_fails_every_caller_of_that_batch(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    rec.fail = ResourceExhausted("pool busy")
+    c = Coalescer(rec.fetch, slots=1)
+    errors: list[BaseException] = []
+
+    async def one(i: int) -> None:
+        try:
+            await c.get(f"k{i}")
+        except ResourceExhausted as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(one, i)
+    assert len(errors) == 10
+    assert all(str(e) == "pool busy" for e in errors)
+    rec.fail = None
+    assert await c.get("z") == "Z"  # the coalescer is not stuck
+
+
+async def test_a_cancelled_leader_does_not_fail_its_followers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder(delay=1.0)
+    c = Coalescer(rec.fetch, slots=1)
+    got: dict[str, str] = {}
+
+    async def one(key: str) -> None:
+        got[key] = await c.get(key)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "first")  # leads the first batch, holds the slot 1 s
+        await trio.testing.wait_all_tasks_blocked()
+        leader_scope = trio.CancelScope()
+
+        async def leader() -> None:
+            with leader_scope:
+                await c.get("doomed")
+
+        nursery.start_soon(leader)  # leads the second batch, waits for the slot
+        await trio.testing.wait_all_tasks_blocked()
+        for key in ("x", "y"):
+            nursery.start_soon(one, key)  # follow the doomed leader
+        await trio.testing.wait_all_tasks_blocked()
+        leader_scope.cancel()
+    assert got == {"first": "FIRST", "x": "X", "y": "Y"}
+    assert ["doomed", "x", "y"] not in rec.calls
+
+
+@pytest.fixture
+async def pg_backend(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from prism.backends.postgres import PostgresBackend
+
+    namespace = f"co_{uuid.uuid4().hex[:10]}"
+    backend = PostgresBackend({"dsn": DSN, "pool_size": 4}, data_dir=tmp_path, namespace=namespace)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+        drop_tables(backend)
+
+
+async def test_postgres_concurrent_gets_are_coalesced_and_exact(pg_backend) -> None:  # type: ignore[no-untyped-def]
+    now = int(time.time() * 1000)
+    for i in range(30):
+        items = [ItemWrite(f"k{j}".encode(), f"v{i}.{j}".encode(), 0) for j in range(i % 4)]
+        if items:
+            await pg_backend.put_items(f"r{i}", items, Stamp(1, ""), now)
+    # An expired item is never returned, also from a batch.
+    await pg_backend.put_items("r29", [ItemWrite(b"old", b"x", now - 1)], Stamp(2, ""), now - 10)
+    pages: dict[int, list[tuple[bytes, bytes]]] = {}
+
+    async def get(i: int) -> None:
+        page = await pg_backend.get_items(
+            f"r{i % 30}", MatchAll(), reverse=i % 2 == 1, after=None,
+            limit_items=2, limit_bytes=1 << 20, now_ms=now,
+        )  # fmt: skip
+        pages[i] = [(item.key, item.value) for item in page.items]
+        assert (page.last_key is not None) == (i % 30 % 4 == 3)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(120):
+            nursery.start_soon(get, i)
+    for i, got in pages.items():
+        r = i % 30
+        want = [(f"k{j}".encode(), f"v{r}.{j}".encode()) for j in range(r % 4)]
+        if i % 2:
+            want.reverse()
+        assert got == want[:2], (i, got)
+    readers = pg_backend._readers.values()
+    assert sum(r.reads for r in readers) == 120
+    assert sum(r.batches for r in readers) < 60  # shared statements, not one per call
