@@ -19,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -46,8 +47,7 @@ MIN_MESSAGE_BYTES = 1 * KIB
 MAX_MESSAGE_BYTES = 2 * GIB - 1  # gRPC frames a message length in 31 usable bits
 MAX_STREAMS = 2**31 - 1  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS is 31-bit in practice
 
-# Abstractions the server can serve today; "pubsub" joins when its API lands.
-ABSTRACTIONS: frozenset[str] = frozenset({"keyvalue", "timeseries"})
+ABSTRACTIONS: frozenset[str] = frozenset({"keyvalue", "timeseries", "pubsub"})
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_FILE = "prism.toml"
 CONFIG_PATH_ENV = "PRISM_CONFIG"
@@ -58,12 +58,29 @@ _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$"
 _MISSING_FIELD = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
 
 
+CACHE_TIERS: tuple[str, ...] = ("shared", "redis")
+
+
 class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A namespace's look-aside cache for GetItems answers (shared memory)."""
+    """A namespace's look-aside cache for GetItems answers.
+
+    ``tier = "shared"`` (the default) is the shared-memory table of this
+    host's workers (used when ``enabled``); ``tier = "redis"`` keeps answers
+    in the Redis at ``url`` under ``key_prefix``, shared by every Prism
+    instance using it (see ``prism/api/redis_cache.py``), and implies
+    ``enabled``.
+    """
 
     enabled: bool = False
     ttl_s: float = 30.0
     max_value_bytes: int = 16 * KIB
+    tier: str = "shared"
+    url: str = ""
+    key_prefix: str = "prism:cache:"
+
+    def __post_init__(self) -> None:
+        if self.tier == "redis" and not self.enabled:
+            msgspec.structs.force_setattr(self, "enabled", True)
 
 
 class NamespaceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -278,6 +295,48 @@ def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, se
             raise _FieldError(f"{where}.cache.ttl_s", f"{ns.cache.ttl_s} must be > 0")
         if ns.cache.max_value_bytes < 1:
             raise _FieldError(f"{where}.cache.max_value_bytes", "must be >= 1")
+        _validate_cache_tier(ns.cache, f"{where}.cache")
+
+
+def _validate_cache_tier(cache: CacheConfig, where: str) -> None:
+    if cache.tier not in CACHE_TIERS:
+        known = ", ".join(CACHE_TIERS)
+        raise _FieldError(f"{where}.tier", f"unknown cache tier {cache.tier!r} (known: {known})")
+    if cache.tier != "redis":
+        if cache.url:
+            raise _FieldError(f"{where}.url", 'is only used with tier = "redis"')
+        return
+    if not cache.url:
+        raise _FieldError(f"{where}.url", 'required with tier = "redis" (e.g. "redis://127.0.0.1:6379/0")')
+    try:
+        _check_redis_url(cache.url)
+    except ValueError as exc:
+        raise _FieldError(f"{where}.url", str(exc)) from None
+    if not cache.key_prefix:
+        raise _FieldError(f"{where}.key_prefix", "must not be empty")
+    if cache.max_value_bytes > 512 * MIB:
+        raise _FieldError(f"{where}.max_value_bytes", "must be <= 536870912 (a Redis string's limit)")
+
+
+def _check_redis_url(url: str) -> None:
+    """``redis://[[user]:password@]host[:port][/db]``, or ValueError saying what is wrong
+    (never echoing the URL, which may hold a password)."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"expected a redis:// URL, got scheme {parts.scheme!r}")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the port is not a number in 1-65535") from None
+    if port == 0:
+        raise ValueError("the port is not a number in 1-65535")
+    db = parts.path.lstrip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"the database {db!r} is not a number")
+    if parts.query or parts.fragment:
+        raise ValueError("query strings and fragments are not supported")
 
 
 # ---------------------------------------------------------------- loading

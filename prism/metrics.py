@@ -20,9 +20,11 @@ DURATION = Histogram(
     ["namespace", "operation", "backend"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
-CACHE_HITS = Counter("prism_cache_hits_total", "GetItems answered from the shared cache", ["namespace"])
+CACHE_HITS = Counter(
+    "prism_cache_hits_total", "GetItems answered from the cache (shared memory or Redis)", ["namespace"]
+)
 CACHE_MISSES = Counter(
-    "prism_cache_misses_total", "GetItems the shared cache could not answer", ["namespace"]
+    "prism_cache_misses_total", "GetItems the cache could not answer (Redis bypassed included)", ["namespace"]
 )
 FORWARDED = Counter(
     "prism_forwarded_calls_total", "Calls forwarded to another tenant's worker", ["namespace", "operation"]

@@ -99,7 +99,7 @@ def namespaces_page(routes: Routes) -> bytes:
                 tenant=entry.tenant,
                 abstraction=entry.abstraction,
                 backend=entry.backend,
-                cache=entry.cache,
+                cache={k: v for k, v in entry.cache.items() if k != "url"},  # may hold a password
                 owners=[_Owner(w.id, w.pid, w.serving) for w in routes.owners(name)],
             )
             for name, entry in sorted(routes.namespaces.items())

@@ -20,6 +20,7 @@ from prism.proto import common_pb2, kv_pb2
 from prism.router.cache import SharedCache
 
 from .pagetoken import PageTokens
+from .redis_cache import RedisTier
 
 SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"]
 
@@ -87,15 +88,20 @@ class Cached(NamedTuple):
     max_value_bytes: int
 
 
+# A namespace's GetItems cache: the shared-memory table, or Redis (``redis_cache``).
+CacheTier = Cached | RedisTier
+
+
 class KeyValue:
     """The KeyValue service over a namespace -> backend table.
 
     ``backends`` holds this process's namespaces; calls for any other go to
     ``remote`` (raw request bytes in, raw answer bytes out). ``caches`` names
-    the namespaces whose GetItems answers are kept in the shared cache, and
-    ``shared_cache`` (if any) is invalidated by every write, cached or not, so
-    that turning a namespace's cache on never serves an answer older than a
-    write made while it was off.
+    the namespaces whose GetItems answers are kept in a cache (the shared
+    one or Redis), and ``shared_cache`` (if any) is invalidated by every
+    write, cached or not, so that turning a namespace's cache on never serves
+    an answer older than a write made while it was off. A namespace's Redis
+    tier is invalidated by the writes to it while it is configured.
     """
 
     def __init__(
@@ -105,14 +111,14 @@ class KeyValue:
         *,
         max_limit_bytes: int,
         remote: Remote | None = None,
-        caches: Mapping[str, Cached] | None = None,
+        caches: Mapping[str, CacheTier] | None = None,
         shared_cache: SharedCache | None = None,
     ) -> None:
         self.backends = backends
         self._tokens = tokens
         self._max_limit_bytes = max_limit_bytes
         self._remote = remote
-        self.caches: Mapping[str, Cached] = caches if caches is not None else {}
+        self.caches: Mapping[str, CacheTier] = caches if caches is not None else {}
         self._shared_cache = shared_cache
 
     def _backend(self, namespace: str, id: str | None = None) -> base.KeyValueBackend:
@@ -132,10 +138,13 @@ class KeyValue:
                 return answer
         raise NotFound(f"unknown namespace {namespace!r}")
 
-    def _invalidate(self, namespace: str, id: str) -> None:
+    async def _invalidate(self, namespace: str, id: str) -> None:
         # After the backend committed, before the client hears OK.
         if self._shared_cache is not None:
             self._shared_cache.invalidate(namespace, id)
+        tier = self.caches.get(namespace)
+        if isinstance(tier, RedisTier):
+            await tier.invalidate(id)
 
     def _limits(self, s: common_pb2.Selection) -> tuple[int, int]:
         items = min(s.limit_items or DEFAULT_LIMIT_ITEMS, MAX_LIMIT_ITEMS)
@@ -150,7 +159,7 @@ class KeyValue:
         now = _now_ms()
         items = [_item_write(i, now) for i in request.items]
         await backend.put_items(request.id, items, _stamp(request.idempotency_token), now)
-        self._invalidate(ns, request.id)
+        await self._invalidate(ns, request.id)
         return _PUT_OK
 
     async def GetItems(self, request: kv_pb2.GetItemsRequest, call: Any) -> kv_pb2.GetItemsResponse | bytes:
@@ -160,6 +169,9 @@ class KeyValue:
         cached = self.caches.get(ns)
         if cached is None:
             return await self._get_items(request)
+        if isinstance(cached, RedisTier):
+            self._backend(ns, request.id)  # a bad request costs no round trip
+            return await cached.get_items(request.id, call.messages[0], lambda: self._get_items(request))
         # The request bytes are the cache key: the same bytes ask the same
         # question. The record's version is read before the backend is.
         key = call.messages[0]
@@ -229,7 +241,7 @@ class KeyValue:
         backend = self._backend(ns, request.id)
         predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
         await backend.delete_items(request.id, predicate, _stamp(request.idempotency_token), _now_ms())
-        self._invalidate(ns, request.id)
+        await self._invalidate(ns, request.id)
         return kv_pb2.DeleteItemsResponse()
 
     async def MutateItems(
@@ -250,7 +262,7 @@ class KeyValue:
             else:
                 raise InvalidArgument(f"mutations[{n}]: neither put nor delete is set")
         await backend.mutate_items(request.id, mutations, _stamp(request.idempotency_token), now)
-        self._invalidate(ns, request.id)
+        await self._invalidate(ns, request.id)
         return kv_pb2.MutateItemsResponse()
 
     async def ScanItems(

@@ -253,6 +253,13 @@ class Pool:
     async def eval(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
         return (await self.eval_many(script, [(keys, args)]))[0]
 
+    def close_nowait(self) -> None:
+        """Close idle connections now and busy ones as they come back, without waiting."""
+        self.closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
     async def aclose(self) -> None:
         """Close idle connections now, busy ones as they come back (waits for them)."""
         self.closed = True

@@ -97,7 +97,7 @@ def routes(*workers: WorkerEntry, generation: int = 7) -> Routes:
             abstraction="keyvalue",
             backend="sqlite",
             options={"path": "/var/lib/prism/events.db"},
-            cache={},
+            cache={"tier": "redis", "url": "redis://:r3dispw@cache:6379/0"},
         ),
     }
     return Routes(generation=generation, namespaces=namespaces, workers={w.id: w for w in workers})
@@ -237,7 +237,7 @@ async def test_namespaces_lists_backends_and_owners_sorted_by_name() -> None:
                 "tenant": "default",
                 "abstraction": "keyvalue",
                 "backend": "sqlite",
-                "cache": {},
+                "cache": {"tier": "redis"},
                 "owners": [{"id": 2, "pid": 4002, "serving": True}],
             },
             {
@@ -258,6 +258,7 @@ async def test_namespaces_never_show_backend_options() -> None:
     assert b"options" not in response.body
     assert b"s3cret" not in response.body
     assert b"/var/lib/prism" not in response.body
+    assert b"r3dispw" not in response.body  # a Redis cache tier's URL may hold a password
 
 
 async def test_namespaces_without_a_routing_table_is_503() -> None:

@@ -211,6 +211,41 @@ def test_longest_namespace_name_is_accepted() -> None:
     assert load_config(None, {}, {}).namespaces[0].name == "n" * 128
 
 
+def test_redis_cache_tier_implies_enabled_and_has_defaults() -> None:
+    write(Path("prism.toml"), NS.format("p") + 'cache = { tier = "redis", url = "redis://127.0.0.1:6379" }\n')
+    cache = load_config(None, {}, {}).namespaces[0].cache
+    assert (cache.enabled, cache.tier, cache.key_prefix) == (True, "redis", "prism:cache:")
+    assert NamespaceConfig(name="x").cache.tier == "shared"
+
+
+@pytest.mark.parametrize(
+    ("cache", "expected"),
+    [
+        (
+            '{ tier = "memcached" }',
+            "namespaces[0].cache.tier: unknown cache tier 'memcached' (known: shared, redis)",
+        ),
+        ('{ tier = "redis" }', 'namespaces[0].cache.url: required with tier = "redis"'),
+        ('{ tier = "redis", url = "http://h" }', "namespaces[0].cache.url: expected a redis:// URL"),
+        ('{ tier = "redis", url = "redis://h:70000" }', "namespaces[0].cache.url: the port is not a number"),
+        ('{ tier = "redis", url = "redis://h/zero" }', "namespaces[0].cache.url: the database 'zero'"),
+        ('{ tier = "redis", url = "redis://:pw@/0" }', "namespaces[0].cache.url: the URL names no host"),
+        (
+            '{ tier = "redis", url = "redis://h", key_prefix = "" }',
+            "namespaces[0].cache.key_prefix: must not",
+        ),
+        (
+            '{ enabled = true, url = "redis://h" }',
+            'namespaces[0].cache.url: is only used with tier = "redis"',
+        ),
+    ],
+)
+def test_bad_cache_tiers(cache: str, expected: str) -> None:
+    message = load_error(NS.format("p") + f"cache = {cache}\n")
+    assert message.startswith(expected)
+    assert "pw" not in message
+
+
 # ---------------------------------------------------------------- decoding errors
 
 
