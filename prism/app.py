@@ -18,10 +18,13 @@ from typing import Any
 import trio
 
 from prism import metrics
-from prism.api import health, keyvalue, reflection, timeseries
+from prism.api import health, keyvalue, pubsub, reflection, timeseries
 from prism.api.pagetoken import PageTokens, load_or_create_key
+from prism.api.redis_cache import RedisTier
 from prism.backends import registry
 from prism.backends.base import KeyValueBackend
+from prism.backends.pubsub_base import PubSubBackend
+from prism.backends.registry import AnyBackend
 from prism.backends.timeseries_base import TimeSeriesBackend
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode
@@ -44,14 +47,16 @@ class App:
         *,
         shared_cache: SharedCache | None = None,
         remote: keyvalue.Remote | None = None,
+        locator: pubsub.Locator | None = None,
     ) -> None:
         self.config = config
         self.backends: dict[str, KeyValueBackend] = {}
         self.ts_backends: dict[str, TimeSeriesBackend] = {}
-        self.caches: dict[str, keyvalue.Cached] = {}
+        self.ps_backends: dict[str, PubSubBackend] = {}
+        self.caches: dict[str, keyvalue.CacheTier] = {}
         self._specs: dict[str, NamespaceConfig] = {}
         self._failed: dict[str, NamespaceConfig] = {}  # could not open: retried
-        self._retired: list[tuple[float, str, KeyValueBackend | TimeSeriesBackend]] = []
+        self._retired: list[tuple[float, str, AnyBackend]] = []
         self._shared_cache = shared_cache
         self.health = health.HealthState()
         self.methods = MethodTable()
@@ -75,6 +80,8 @@ class App:
         self.methods.add_service(keyvalue.SERVICE, self.kv)
         self.ts = timeseries.TimeSeries(self.ts_backends, tokens, max_limit_bytes=max_page, remote=remote)
         self.methods.add_service(timeseries.SERVICE, self.ts)
+        self.pubsub = pubsub.PubSub(self.ps_backends, remote=remote, locator=locator)
+        self.methods.add_service(pubsub.SERVICE, self.pubsub)
         self.methods.add_service(health.SERVICE, health.Health(self.health))
         names = [*self.methods.service_names, reflection.SERVICE.full_name]
         self.methods.add_service(reflection.SERVICE, reflection.Reflection(names))
@@ -92,7 +99,7 @@ class App:
         that cannot open its backends must not pretend to serve them.
         """
         wanted = {ns.name: ns for ns in namespaces}
-        for name in [*self.backends, *self.ts_backends]:
+        for name in [*self.backends, *self.ts_backends, *self.ps_backends]:
             if name not in wanted:
                 self._retire(name)
         for name in list(self._failed):
@@ -122,13 +129,17 @@ class App:
             self._failed.pop(name, None)
             if self.holds(name):
                 self._retire(name)
-            if isinstance(backend, KeyValueBackend) and ns.abstraction == "keyvalue":
-                self.backends[name] = backend
+            if ns.abstraction == "keyvalue":
+                self.backends[name] = backend  # type: ignore[assignment]
+            elif ns.abstraction == "pubsub":
+                self.ps_backends[name] = backend  # type: ignore[assignment]
             else:
                 self.ts_backends[name] = backend  # type: ignore[assignment]
             self._specs[name] = ns
             self.health.set(name, health.SERVING)
-            if ns.cache.enabled and self._shared_cache is not None:
+            if ns.cache.enabled and ns.cache.tier == "redis":
+                self.caches[name] = RedisTier.from_config(name, ns.cache)  # connects on first use
+            elif ns.cache.enabled and self._shared_cache is not None:
                 self.caches[name] = keyvalue.Cached(
                     self._shared_cache,
                     int(ns.cache.ttl_s * 1000),
@@ -140,7 +151,12 @@ class App:
         """Probe each backend that can be probed; a namespace is SERVING only
         while its backend answers, and one that failed to open is retried, so
         health (and service) come back by themselves when the backend does."""
-        for name, backend in [*self.backends.items(), *self.ts_backends.items()]:
+        held: list[tuple[str, AnyBackend]] = [
+            *self.backends.items(),
+            *self.ts_backends.items(),
+            *self.ps_backends.items(),
+        ]
+        for name, backend in held:
             ping = getattr(backend, "ping", None)
             if ping is None:
                 continue
@@ -158,13 +174,20 @@ class App:
 
     def holds(self, name: str) -> bool:
         """Whether this process has ``name`` open (any abstraction)."""
-        return name in self.backends or name in self.ts_backends
+        return name in self.backends or name in self.ts_backends or name in self.ps_backends
 
     def _retire(self, name: str) -> None:
-        backend: KeyValueBackend | TimeSeriesBackend
-        backend = self.backends.pop(name) if name in self.backends else self.ts_backends.pop(name)
+        backend: AnyBackend
+        if name in self.backends:
+            backend = self.backends.pop(name)
+        elif name in self.ps_backends:
+            backend = self.ps_backends.pop(name)
+        else:
+            backend = self.ts_backends.pop(name)
         self._specs.pop(name, None)
-        self.caches.pop(name, None)
+        cache = self.caches.pop(name, None)
+        if isinstance(cache, RedisTier):
+            cache.close()
         self.health.forget(name)
         self._retired.append((time.monotonic() + self.config.graceful_timeout_s, name, backend))
 
@@ -183,6 +206,6 @@ class App:
         self._retired = keep
 
     async def aclose(self) -> None:
-        for name in [*self.backends, *self.ts_backends]:
+        for name in [*self.backends, *self.ts_backends, *self.ps_backends]:
             self._retire(name)
         await self.close_retired(everything=True)

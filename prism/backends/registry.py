@@ -15,6 +15,8 @@ from typing import Protocol
 
 from prism.backends.base import KeyValueBackend
 from prism.backends.memory import MemoryBackend
+from prism.backends.pubsub_base import PubSubBackend
+from prism.backends.pubsub_memory import MemoryPubSubBackend
 from prism.backends.sqlite import SqliteBackend
 from prism.backends.timeseries_base import TimeSeriesBackend
 from prism.backends.timeseries_memory import MemoryTimeSeriesBackend
@@ -127,10 +129,41 @@ def create_timeseries(
     return factory(options, data_dir=data_dir, namespace=namespace)
 
 
+class PubSubFactory(Protocol):
+    def __call__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend: ...
+
+
+def _nats_pubsub(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend:
+    from prism.backends.pubsub_nats import NatsPubSubBackend  # lazy: only NATS namespaces need it
+
+    return NatsPubSubBackend(options, data_dir=data_dir, namespace=namespace)
+
+
+_pubsub: dict[str, PubSubFactory] = {
+    "memory": MemoryPubSubBackend,
+    "nats": _nats_pubsub,
+}
+
+
+def create_pubsub(
+    name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
+) -> PubSubBackend:
+    """A new, unopened PubSub backend named ``name`` for ``namespace``."""
+    factory = _pubsub.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown pubsub backend {name!r}; known: {', '.join(sorted(_pubsub))}")
+    return factory(options, data_dir=data_dir, namespace=namespace)
+
+
+AnyBackend = KeyValueBackend | TimeSeriesBackend | PubSubBackend
+
+
 def create_any(
     abstraction: str, name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
-) -> KeyValueBackend | TimeSeriesBackend:
+) -> AnyBackend:
     """The backend for a namespace of ``abstraction``."""
     if abstraction == "timeseries":
         return create_timeseries(name, options, data_dir=data_dir, namespace=namespace)
+    if abstraction == "pubsub":
+        return create_pubsub(name, options, data_dir=data_dir, namespace=namespace)
     return create(name, options, data_dir=data_dir, namespace=namespace)

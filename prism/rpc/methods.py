@@ -16,6 +16,11 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 UNARY: Final = 0  # one request, one response
+# A streaming handler may yield this (instead of a message) to have the
+# response headers sent at once: a client then knows the call is under way
+# (PubSub's Subscribe yields it once its subscription is in place).
+SEND_HEADERS: Final = object()
+
 SERVER_STREAM: Final = 1  # one request, a stream of responses
 CLIENT_STREAM: Final = 2  # requests streamed; handler yields responses (bidi too)
 

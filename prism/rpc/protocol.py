@@ -404,6 +404,13 @@ class GrpcProtocol:
             )
         )
 
+    def send_headers(self, call: Call) -> None:
+        """Send a streaming response's headers now, before its first message."""
+        if not call.done and not call._headers_sent:
+            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
+            call._headers_sent = True
+            self._pump(call)
+
     def send_message(self, call: Call, payload: bytes) -> None:
         """Queue one message of a streaming response."""
         if call.done:

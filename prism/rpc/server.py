@@ -10,6 +10,7 @@ place where exceptions become ``grpc-status``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -21,7 +22,7 @@ import trio
 from google.protobuf.message import DecodeError
 
 from prism.errors import PrismError, StatusCode
-from prism.rpc.methods import CLIENT_STREAM, UNARY, Method, MethodTable
+from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method, MethodTable
 from prism.rpc.protocol import (
     CALL_END,
     CALL_MESSAGE,
@@ -329,11 +330,19 @@ class Connection:
                 else:
                     arg = requests
                 responses: AsyncIterator[Any] = method.handler(arg, call)
-                async for response in responses:
-                    proto.send_message(call, response.SerializeToString())
-                    self.wake()
-                    while call.pending_bytes > _STREAM_HIGH_WATER and not call.done:
-                        await self._window_lot.park()
+                # Closed here, not by the garbage collector, whatever ends the
+                # call: a handler's ``finally``/``async with`` (a PubSub
+                # subscription giving back unacked messages) runs in this task.
+                async with contextlib.aclosing(responses):  # type: ignore[type-var]
+                    async for response in responses:
+                        if response is SEND_HEADERS:
+                            proto.send_headers(call)
+                            self.wake()
+                            continue
+                        proto.send_message(call, response.SerializeToString())
+                        self.wake()
+                        while call.pending_bytes > _STREAM_HIGH_WATER and not call.done:
+                            await self._window_lot.park()
                 proto.send_status(call, StatusCode.OK)
             if scope.cancelled_caught:
                 proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")

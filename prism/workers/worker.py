@@ -63,6 +63,7 @@ ACCEPT_BACKOFF_S = 0.0005
 _ABSTRACTION_OF_SERVICE = {
     b"prism.kv.v1.KeyValue": "keyvalue",
     b"prism.timeseries.v1.TimeSeries": "timeseries",
+    b"prism.pubsub.v1.PubSub": "pubsub",
 }
 # The start of the answer a worker gives to a call forwarded for a namespace
 # it no longer owns; the sender refreshes its table and tries again once.
@@ -127,7 +128,7 @@ class Worker:
         self.routes = RoutingTableReader(mmap.mmap(spec.routes_fd, spec.routes_bytes))
         self.cache = SharedCache(mmap.mmap(spec.cache_fd, spec.cache_bytes)) if spec.cache_fd >= 0 else None
         self.bus = ForwardBus(spec.forward_address, self._handle_forwarded)
-        self.app = App(spec.config, shared_cache=self.cache, remote=self)
+        self.app = App(spec.config, shared_cache=self.cache, remote=self, locator=self)
         self.generation = -1
         self.draining = False
         self._applying = trio.Lock()
@@ -147,6 +148,20 @@ class Worker:
             await self.app.apply(self._mine(routes), strict=strict)
             self.generation = routes.generation
             self.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
+
+    def tenant_of(self, namespace: str) -> str | None:
+        """PubSub's Locator: the tenant holding ``namespace`` (a Subscribe
+        stream cannot be forwarded; its client is told where to connect)."""
+        entry = self.routes.current().namespaces.get(namespace)
+        if entry is None:
+            return None
+        if entry.abstraction != "pubsub":
+            raise FailedPrecondition(
+                f"namespace {namespace!r} is a {entry.abstraction} namespace, not pubsub"
+            )
+        if entry.tenant == self.spec.tenant:
+            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
+        return entry.tenant
 
     async def forward(self, namespace: str, call: Any) -> bytes | None:
         """KeyValue's Remote: answer a call for a namespace this worker does not hold.

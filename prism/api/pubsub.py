@@ -1,0 +1,115 @@
+"""``prism.pubsub.v1.PubSub``: request checks and conversion, nothing stored here.
+
+Semantics live in the backends (see ``prism/backends/pubsub_base.py``).
+``Publish`` and ``Ack`` for a namespace another tenant holds are forwarded
+like any unary call. A ``Subscribe`` stream is served where its namespace is
+held: on a connection that reached another tenant's worker it fails with
+FAILED_PRECONDITION naming the tenant, whose workers the client reaches with
+the ``prism-tenant`` metadata key (or an ``:authority`` of ``<tenant>.*``) on
+its first call of the connection (the connection is then handed over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+from prism.backends.pubsub_base import PubSubBackend, Start, StartKind
+from prism.errors import FailedPrecondition, InvalidArgument, NotFound
+from prism.proto import pubsub_pb2
+from prism.rpc.methods import SEND_HEADERS
+
+from .keyvalue import Remote
+
+SERVICE = pubsub_pb2.DESCRIPTOR.services_by_name["PubSub"]
+
+_ACK_OK = pubsub_pb2.AckResponse().SerializeToString()
+_KINDS = {int(k) for k in StartKind}
+
+
+class Locator(Protocol):
+    def tenant_of(self, namespace: str) -> str | None:
+        """The tenant that holds ``namespace``, or None if none does."""
+        ...
+
+
+class PubSub:
+    """The PubSub service over a namespace -> backend table."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, PubSubBackend],
+        *,
+        remote: Remote | None = None,
+        locator: Locator | None = None,
+    ) -> None:
+        self.backends = backends
+        self._remote = remote
+        self._locator = locator
+
+    async def _elsewhere(self, namespace: str, call: Any) -> bytes:
+        if self._remote is not None:
+            answer = await self._remote.forward(namespace, call)
+            if answer is not None:
+                return answer
+        raise NotFound(f"unknown namespace {namespace!r}")
+
+    async def Publish(self, request: pubsub_pb2.PublishRequest, call: Any) -> bytes:
+        call.namespace = request.namespace
+        backend = self.backends.get(request.namespace)
+        if backend is None:
+            return await self._elsewhere(request.namespace, call)
+        if not request.topic:
+            raise InvalidArgument("topic must not be empty")
+        sequence = await backend.publish(
+            request.topic, request.payload, dict(request.headers), request.message_id
+        )
+        return pubsub_pb2.PublishResponse(sequence=sequence).SerializeToString()
+
+    async def Ack(self, request: pubsub_pb2.AckRequest, call: Any) -> bytes:
+        call.namespace = request.namespace
+        backend = self.backends.get(request.namespace)
+        if backend is None:
+            return await self._elsewhere(request.namespace, call)
+        if not request.topic:
+            raise InvalidArgument("topic must not be empty")
+        if not request.group:
+            raise InvalidArgument("group must not be empty: an ephemeral subscription needs no acks")
+        if request.sequences:
+            await backend.ack(request.topic, request.group, list(request.sequences))
+        return _ACK_OK
+
+    async def Subscribe(
+        self, request: pubsub_pb2.SubscribeRequest, call: Any
+    ) -> AsyncIterator[pubsub_pb2.Message | object]:
+        call.namespace = request.namespace
+        backend = self.backends.get(request.namespace)
+        if backend is None:
+            tenant = self._locator.tenant_of(request.namespace) if self._locator else None
+            if tenant is None:
+                raise NotFound(f"unknown namespace {request.namespace!r}")
+            raise FailedPrecondition(
+                f"namespace {request.namespace!r} is held by tenant {tenant!r}: subscribe on a "
+                f"connection to that tenant (metadata prism-tenant: {tenant})"
+            )
+        if not request.topic:
+            raise InvalidArgument("topic must not be empty")
+        kind = request.start.kind
+        if kind not in _KINDS:
+            raise InvalidArgument(f"start.kind {kind} is not LATEST, EARLIEST or SEQUENCE")
+        start = Start(StartKind(kind), request.start.sequence)
+        if start.kind == StartKind.SEQUENCE and start.sequence < 1:
+            raise InvalidArgument("start.sequence must be >= 1 for a SEQUENCE start")
+        async with backend.subscribe(request.topic, request.group, start) as subscription:
+            # The subscription is in place: a LATEST subscriber that waits for
+            # the response headers misses nothing published after them.
+            yield SEND_HEADERS
+            while True:
+                m = await subscription.receive()
+                yield pubsub_pb2.Message(
+                    topic=m.topic,
+                    sequence=m.sequence,
+                    payload=m.payload,
+                    headers=m.headers,
+                    message_id=m.message_id,
+                )
