@@ -13,6 +13,11 @@ fall.
 Keys are not deduplicated: each caller gets the rows fetched for its own
 position, so the work per call (rows decoded) is what it would be alone.
 
+A batch whose leader waits longer than ``wait_timeout_s`` for a slot fails
+every caller in it with ``timeout_error()`` (for PostgreSQL: the pool's
+RESOURCE_EXHAUSTED), so reads behind stuck batches fail fast instead of
+queueing without bound.
+
 Cancellation: a follower that is cancelled just stops waiting. A leader that
 is cancelled before its batch has an answer abandons it; every follower of
 an abandoned batch tries again (one of them leads the next batch), so one
@@ -23,6 +28,7 @@ caller's deadline never fails another caller's read. An error from ``fetch``
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -54,8 +60,12 @@ class Coalescer(Generic[K, V]):
         *,
         slots: int = DEFAULT_SLOTS,
         max_batch: int = DEFAULT_MAX_BATCH,
+        wait_timeout_s: float = math.inf,
+        timeout_error: Callable[[], Exception] = lambda: TimeoutError("no batch slot came free"),
     ) -> None:
         self._fetch = fetch
+        self._wait_timeout_s = wait_timeout_s
+        self._timeout_error = timeout_error
         self._slots = trio.Semaphore(slots)
         self._max_batch = max_batch
         self._open: _Batch[K, V] | None = None
@@ -81,16 +91,24 @@ class Coalescer(Generic[K, V]):
 
     async def _lead(self, batch: _Batch[K, V]) -> None:
         try:
-            async with self._slots:
-                if self._open is batch:
-                    self._open = None  # closed: later callers start the next batch
-                try:
-                    batch.result = await self._fetch(batch.keys)
-                except Exception as exc:
-                    batch.error = exc
-                    raise
-                self.batches += 1
-                self.reads += len(batch.keys)
+            got_slot = False
+            with trio.move_on_after(self._wait_timeout_s):
+                await self._slots.acquire()
+                got_slot = True
+            if self._open is batch:
+                self._open = None  # closed: later callers start the next batch
+            if not got_slot:
+                batch.error = self._timeout_error()
+                raise batch.error
+            try:
+                batch.result = await self._fetch(batch.keys)
+            except Exception as exc:
+                batch.error = exc
+                raise
+            finally:
+                self._slots.release()
+            self.batches += 1
+            self.reads += len(batch.keys)
         finally:
             if self._open is batch:
                 self._open = None

@@ -202,8 +202,14 @@ class PostgresBackend:
         if reader is None:
             if len(self._readers) >= 64:  # many page sizes in use: keep it bounded
                 self._readers.clear()
+            pool = self._pool
             reader = self._readers[(reverse, limit)] = Coalescer(
-                lambda keys: self._get_many(keys, reverse, limit)
+                lambda keys: self._get_many(keys, reverse, limit),
+                slots=min(2, pool.size),
+                wait_timeout_s=pool.acquire_timeout_s,
+                timeout_error=lambda: pgio.PoolTimeout(
+                    f"postgres: reads waited {pool.acquire_timeout_s:g} s behind busy connections"
+                ),
             )
         return reader
 

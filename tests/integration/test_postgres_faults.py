@@ -66,9 +66,9 @@ def prism_statements(table: str) -> list[tuple[object, ...]]:
         ).fetchall()
 
 
-async def wait_until_blocked(table: str) -> None:
+async def wait_until_blocked(table: str, count: int = 1) -> None:
     with trio.fail_after(5):
-        while not await trio.to_thread.run_sync(prism_statements, table):
+        while len(await trio.to_thread.run_sync(prism_statements, table)) < count:
             await trio.sleep(0.01)
 
 
@@ -123,9 +123,28 @@ async def test_exhausted_pool_is_resource_exhausted_quickly(
 ) -> None:
     lock_table(locker, kv.items_table)
     async with trio.open_nursery() as nursery:
-        for _ in range(2):  # pool_size=2, both stuck behind the lock
+        for n in range(2):  # pool_size=2, both stuck behind the lock
+            nursery.start_soon(kv.put_items, f"w{n}", [ItemWrite(b"k", b"v")], Stamp(1, ""), NOW)
+        await wait_until_blocked(kv.items_table, 2)
+        start = trio.current_time()
+        with pytest.raises(ResourceExhausted):
+            await get_all(kv)
+        assert trio.current_time() - start < 0.5
+        nursery.cancel_scope.cancel()
+    locker.rollback()
+    assert await get_all(kv) == []
+
+
+async def test_reads_behind_stuck_coalesced_reads_are_resource_exhausted_quickly(
+    kv: PostgresBackend, locker: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    # Coalesced reads use at most two statements at a time; a third batch
+    # waits for one of them no longer than the pool timeout.
+    lock_table(locker, kv.items_table)
+    async with trio.open_nursery() as nursery:
+        for n in (1, 2):
             nursery.start_soon(get_all, kv)
-        await wait_until_blocked(kv.items_table)
+            await wait_until_blocked(kv.items_table, n)
         start = trio.current_time()
         with pytest.raises(ResourceExhausted):
             await get_all(kv)

@@ -159,3 +159,25 @@ async def test_postgres_concurrent_gets_are_coalesced_and_exact(pg_backend) -> N
     readers = pg_backend._readers.values()
     assert sum(r.reads for r in readers) == 120
     assert sum(r.batches for r in readers) < 60  # shared statements, not one per call
+
+
+async def test_a_batch_that_waits_too_long_for_a_slot_fails_fast(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder(delay=10.0)  # the batch in flight holds the only slot for 10 s
+    c = Coalescer(rec.fetch, slots=1, wait_timeout_s=0.5, timeout_error=lambda: ResourceExhausted("busy"))
+    failed: list[float] = []
+
+    async def late(key: str) -> None:
+        start = trio.current_time()
+        with pytest.raises(ResourceExhausted, match="busy"):
+            await c.get(key)
+        failed.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(c.get, "slow")
+        await trio.testing.wait_all_tasks_blocked()
+        for key in ("a", "b"):  # one batch: leader and follower both fail
+            nursery.start_soon(late, key)
+    assert failed == [0.5, 0.5]
+    assert rec.calls == [["slow"]]
