@@ -12,11 +12,19 @@ from prism.backends import resp
 from prism.backends.redis_kv import RedisBackend
 
 URL = os.environ.get("PRISM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Every key a test writes starts with this; .ci/run gives each run its own
+# (and deletes that run's keys at the end), so runs never see each other's keys.
+RUN_PREFIX = os.environ.get("PRISM_TEST_REDIS_PREFIX", "prism_test:")
+
+
+def new_prefix() -> str:
+    """A key prefix no other test (or run) uses."""
+    return f"{RUN_PREFIX}{uuid.uuid4().hex}:"
 
 
 def new_backend(data_dir: Path, **options: object) -> RedisBackend:
     """An unopened backend whose keys live under a prefix of its own."""
-    prefix = f"prism_test:{uuid.uuid4().hex}:"
+    prefix = new_prefix()
     return RedisBackend({"url": URL, "key_prefix": prefix, **options}, data_dir=data_dir, namespace="ns")
 
 

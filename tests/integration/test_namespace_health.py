@@ -22,7 +22,7 @@ from prism.backends.base import MatchAll
 from prism.backends.postgres import PostgresBackend
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import Unavailable
-from tests.pg import drop_tables
+from tests.pg import drop_tables, dsn_via
 
 
 class Relay:
@@ -68,7 +68,7 @@ async def app_with_pg(tmp_path: Path, port: int) -> AsyncIterator[App]:
     ns = NamespaceConfig(
         name=name,
         backend="postgres",
-        options={"dsn": f"postgresql://127.0.0.1:{port}/test", "connect_timeout_s": 1, "pool_size": 2},
+        options={"dsn": dsn_via(port), "connect_timeout_s": 1, "pool_size": 2},
     )
     app = App(ServerConfig(data_dir=str(tmp_path), namespaces=(ns,)))
     try:

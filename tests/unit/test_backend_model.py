@@ -44,7 +44,7 @@ from prism.backends.postgres import PostgresBackend
 from prism.backends.redis_kv import RedisBackend
 from prism.backends.sqlite import SqliteBackend
 from prism.errors import InvalidArgument
-from tests.pg import drop_tables
+from tests.pg import DSN, drop_tables
 from tests.rd import delete_keys, new_backend
 
 T = TypeVar("T")
@@ -223,7 +223,9 @@ class BackendMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="prism-model-"))
         sqlite = SqliteBackend({"synchronous": "NORMAL"}, data_dir=self.tmp, namespace="ns")
         # Own tables per example; dropped at teardown.
-        postgres = PostgresBackend({}, data_dir=self.tmp, namespace=f"prism_test_{uuid.uuid4().hex}")
+        postgres = PostgresBackend(
+            {"dsn": DSN}, data_dir=self.tmp, namespace=f"prism_test_{uuid.uuid4().hex}"
+        )
         redis = new_backend(self.tmp)  # own key prefix per example; keys deleted at teardown
         self.backends: list[Backend] = [MemoryBackend({}), sqlite, postgres, redis]
         for backend in self.backends:
