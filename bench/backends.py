@@ -1,7 +1,7 @@
 """Prism's CPU per call on each backend, beside the same operation done directly.
 
     python bench/backends.py [--duration 5] [--runs 3] [--out bench/results/backends.json]
-                             [--backends memory,sqlite,postgres,redis]
+                             [--backends memory,sqlite,postgres,postgres_single,redis]
 
 For each backend, ``GetItems`` (a record with one 100-byte item) and
 ``PutItems`` (the same shape) through Prism with 64 calls in flight (h2load
@@ -67,7 +67,9 @@ from bench_servers import (
 from prism.proto import kv_pb2
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ("memory", "sqlite", "postgres", "redis")
+# "postgres_single" is PostgreSQL with read coalescing off (coalesce_reads =
+# false): one statement per GetItems, to show what coalescing buys.
+BACKENDS = ("memory", "sqlite", "postgres", "postgres_single", "redis")
 DSN = "postgresql://127.0.0.1/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 GET_ID, PUT_ID, ITEM_KEY = "user:1", "user:2", b"profile"
@@ -109,8 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(backend: str, namespace: str, redis_prefix: str, pg_pool_timeout: float | None = None) -> str:
     """The TOML body for one backend (make_prism adds the admin port)."""
     options = ""
-    if backend == "postgres":
+    if backend in ("postgres", "postgres_single"):
         extra = "" if pg_pool_timeout is None else f", pool_timeout_s = {pg_pool_timeout}"
+        if backend == "postgres_single":
+            extra += ", coalesce_reads = false"
+            backend = "postgres"
         options = f'options = {{ dsn = "{DSN}"{extra} }}\n'
     elif backend == "redis":
         options = f'options = {{ url = "{REDIS_URL}", key_prefix = "{redis_prefix}" }}\n'
@@ -309,7 +314,7 @@ def direct_sqlite(path: Path, duration_s: float, runs: int) -> dict[str, Any]:
 def cleanup(backend: str, namespace: str, prefix: str) -> list[str]:
     """Drop the bench's PostgreSQL tables / Redis keys; what was dropped."""
     done: list[str] = []
-    if backend == "postgres":
+    if backend in ("postgres", "postgres_single"):
         import psycopg
 
         from prism.backends.postgres_sql import table_stem
@@ -355,7 +360,7 @@ def bench_backend(backend: str, opts: argparse.Namespace, workdir: Path, pinned:
             print(f"  prism {op}: {_row_text(report[f'prism_{op}'])}", flush=True)
         # Direct clients run while Prism is idle (its tables/keys/file are in place).
         direct: dict[str, Any] | None = None
-        if backend == "postgres":
+        if backend in ("postgres", "postgres_single"):
             direct = direct_postgres(namespace, opts.duration, opts.runs)
         elif backend == "redis":
             direct = direct_redis(namespace, prefix, opts.duration, opts.runs)
@@ -400,7 +405,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
 def table(results: dict[str, dict[str, Any]], ratio_values: dict[str, float | None]) -> str:
     """The printed summary."""
-    fmt = "{:<9} {:<4} {:<7} {:>9} {:>8} {:>8} {:>12} {:>8} {:>5}"
+    fmt = "{:<15} {:<4} {:<7} {:>9} {:>8} {:>8} {:>12} {:>8} {:>5}"
     head = ("backend", "op", "path", "calls/s", "p50 us", "p99 us", "CPU us/call", "others%", "ok")
     lines = [fmt.format(*head)]
     for backend, row in results.items():
