@@ -300,6 +300,14 @@ class RedisBackend:
         self._closed = True
         await self._pool.aclose()
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers PING (the namespace's health probe)."""
+        self._check_open()
+        try:
+            await self._pool.call("PING")
+        except resp.ReplyError as exc:
+            raise _translate(exc) from exc
+
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("redis backend is closed")

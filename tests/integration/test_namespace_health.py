@@ -23,12 +23,15 @@ from prism.backends.postgres import PostgresBackend
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import Unavailable
 from tests.pg import drop_tables, dsn_via
+from tests.rd import delete_keys, new_prefix
 
 
 class Relay:
-    """127.0.0.1:port -> PostgreSQL, which the test can cut and restore."""
+    """127.0.0.1:port -> a real server (PostgreSQL by default), which the test
+    can cut and restore."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream_port: int = 5432) -> None:
+        self.upstream_port = upstream_port
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -44,7 +47,7 @@ class Relay:
             await b.aclose()
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        upstream = await trio.open_tcp_stream("127.0.0.1", 5432)
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
         async with trio.open_nursery() as n:
             n.start_soon(self._pipe, client, upstream)
             n.start_soon(self._pipe, upstream, client)
@@ -124,3 +127,49 @@ async def test_a_namespace_that_could_not_open_is_opened_when_the_backend_comes(
         assert app.holds(ns.name)
         assert app.health.get(ns.name) == health.SERVING
         relay.down()
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_redis_and_nats_namespace_health_follows_the_backend(tmp_path: Path, kind: str) -> None:
+    relay = Relay(6379 if kind == "redis" else 4222)
+    name = f"prism_test_{uuid.uuid4().hex[:12]}"
+    prefix = new_prefix()
+    if kind == "redis":
+        ns = NamespaceConfig(
+            name=name,
+            backend="redis",
+            options={
+                "url": f"redis://127.0.0.1:{relay.port}/0",
+                "key_prefix": prefix,
+                "connect_timeout_s": 1,
+            },
+        )
+    else:
+        ns = NamespaceConfig(
+            name=name,
+            abstraction="pubsub",
+            backend="nats",
+            options={"url": f"nats://127.0.0.1:{relay.port}", "stream": f"T{uuid.uuid4().hex}"},
+        )
+    app = App(ServerConfig(data_dir=str(tmp_path), namespaces=(ns,)))
+    async with trio.open_nursery() as nursery:
+        await relay.up(nursery)
+        try:
+            assert await app.apply(app.config.namespaces) == []
+            await app.check_health()
+            assert app.health.get(name) == health.SERVING
+            relay.down()
+            with trio.fail_after(5):
+                await app.check_health()
+            assert app.health.get(name) == health.NOT_SERVING
+            await relay.up(nursery)
+            with trio.fail_after(5):
+                await app.check_health()
+            assert app.health.get(name) == health.SERVING
+            if kind == "nats":
+                await app.ps_backends[name].drop()  # type: ignore[attr-defined]
+        finally:
+            await app.aclose()
+            await delete_keys(prefix)
+            relay.down()
