@@ -82,6 +82,17 @@ class Remote(Protocol):
         ...
 
 
+async def elsewhere(remote: Remote | None, namespace: str, call: Any) -> bytes:
+    """A call for a namespace this process does not hold: the remote
+    (another tenant's worker) answers it, or the namespace is unknown.
+    Every service's unary calls go this way."""
+    if remote is not None:
+        answer = await remote.forward(namespace, call)
+        if answer is not None:
+            return answer
+    raise NotFound(f"unknown namespace {namespace!r}")
+
+
 class Cached(NamedTuple):
     cache: SharedCache
     ttl_ms: int
@@ -130,13 +141,7 @@ class KeyValue:
         return backend
 
     async def _elsewhere(self, namespace: str, call: Any) -> bytes:
-        """A call for a namespace this process does not hold: the remote
-        (another tenant's worker) answers it, or it is unknown."""
-        if self._remote is not None:
-            answer = await self._remote.forward(namespace, call)
-            if answer is not None:
-                return answer
-        raise NotFound(f"unknown namespace {namespace!r}")
+        return await elsewhere(self._remote, namespace, call)
 
     async def _invalidate(self, namespace: str, id: str) -> None:
         # After the backend committed, before the client hears OK.

@@ -19,7 +19,7 @@ from prism.errors import FailedPrecondition, InvalidArgument, NotFound
 from prism.proto import pubsub_pb2
 from prism.rpc.methods import SEND_HEADERS
 
-from .keyvalue import Remote
+from .keyvalue import Remote, elsewhere
 
 SERVICE = pubsub_pb2.DESCRIPTOR.services_by_name["PubSub"]
 
@@ -48,11 +48,7 @@ class PubSub:
         self._locator = locator
 
     async def _elsewhere(self, namespace: str, call: Any) -> bytes:
-        if self._remote is not None:
-            answer = await self._remote.forward(namespace, call)
-            if answer is not None:
-                return answer
-        raise NotFound(f"unknown namespace {namespace!r}")
+        return await elsewhere(self._remote, namespace, call)
 
     async def Publish(self, request: pubsub_pb2.PublishRequest, call: Any) -> bytes:
         call.namespace = request.namespace

@@ -18,7 +18,7 @@ from prism.backends.timeseries_base import Cursor, Event, TimeSeriesBackend
 from prism.errors import InvalidArgument, NotFound
 from prism.proto import common_pb2, timeseries_pb2
 
-from .keyvalue import Remote
+from .keyvalue import Remote, elsewhere
 from .pagetoken import PageTokens
 
 SERVICE = timeseries_pb2.DESCRIPTOR.services_by_name["TimeSeries"]
@@ -74,12 +74,7 @@ class TimeSeries:
         self._remote = remote
 
     async def _elsewhere(self, namespace: str, call: Any) -> bytes:
-        """A call for a namespace this process does not hold (see KeyValue)."""
-        if self._remote is not None:
-            answer = await self._remote.forward(namespace, call)
-            if answer is not None:
-                return answer
-        raise NotFound(f"unknown namespace {namespace!r}")
+        return await elsewhere(self._remote, namespace, call)
 
     def _backend(self, namespace: str) -> TimeSeriesBackend:
         backend = self.backends.get(namespace)

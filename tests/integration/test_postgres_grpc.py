@@ -21,7 +21,11 @@ from .conftest import PrismProcess
 @pytest.fixture
 def pg_server(tmp_path: Path) -> Iterator[tuple[PrismProcess, str]]:
     name = f"prism_test_{uuid.uuid4().hex[:12]}"
-    config = f'[[namespaces]]\nname = "{name}"\nbackend = "postgres"\noptions = {{ dsn = "{DSN}" }}\n'
+    # One worker: a second one still opening the namespace (CREATE ... IF NOT
+    # EXISTS) when the test locks the tables would wait on that lock too.
+    config = (
+        f'workers = 1\n[[namespaces]]\nname = "{name}"\nbackend = "postgres"\noptions = {{ dsn = "{DSN}" }}\n'
+    )
     server = PrismProcess(tmp_path / "data", config)
     server.start()
     try:
@@ -66,7 +70,13 @@ def test_postgres_namespace_serves_and_cancels_slow_queries(pg_server: tuple[Pri
                     ).fetchone()
                 if waiting is not None and waiting[0] == 0:
                     break
-                assert time.monotonic() < deadline, "the cancelled query still waits in PostgreSQL"
+                if time.monotonic() >= deadline:
+                    with psycopg.connect(DSN, autocommit=True) as watcher:
+                        rows = watcher.execute(
+                            "SELECT pid, application_name, state, query FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock'"
+                        ).fetchall()
+                    raise AssertionError(f"the cancelled query still waits in PostgreSQL: {rows}")
                 time.sleep(0.05)
             locker.rollback()
         got = kv.GetItems(kv_pb2.GetItemsRequest(namespace=ns, id="r"), timeout=5)
