@@ -57,7 +57,11 @@ def test_kill9_of_a_worker_is_invisible_to_the_other_tenant(prism_tree) -> None:
     tree.known_pids.add(new_a["pid"])
 
     print(f"a's worker replaced in {took:.3f}s; b made {load.ok} calls")
-    assert took < 1.0, f"a's worker took {took:.3f}s to be replaced and serving"
+    # Restart backoff (~0.05 s) + exec + ~0.5 s of imports + opening the
+    # namespace; on this 2-CPU machine, with b's worker and the load sharing
+    # both CPUs, that measured 0.7-1.5 s. 2 s still catches a lost restart
+    # (the next backoff step) or a boot that waits on something.
+    assert took < 2.0, f"a's worker took {took:.3f}s to be replaced and serving"
     assert not load.errors, f"b saw {len(load.errors)} errors, first: {load.errors[:5]}"
     assert load.ok > 200
     assert not pid_alive(old_a["pid"])
