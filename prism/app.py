@@ -82,6 +82,7 @@ class App:
         self.methods.add_service(timeseries.SERVICE, self.ts)
         self.pubsub = pubsub.PubSub(self.ps_backends, remote=remote, locator=locator)
         self.methods.add_service(pubsub.SERVICE, self.pubsub)
+        self.settings.on_drain.append(self.pubsub.end_streams)
         self.methods.add_service(health.SERVICE, health.Health(self.health))
         names = [*self.methods.service_names, reflection.SERVICE.full_name]
         self.methods.add_service(reflection.SERVICE, reflection.Reflection(names))
@@ -182,6 +183,7 @@ class App:
             backend = self.backends.pop(name)
         elif name in self.ps_backends:
             backend = self.ps_backends.pop(name)
+            self.pubsub.end_streams(name)
         else:
             backend = self.ts_backends.pop(name)
         self._specs.pop(name, None)

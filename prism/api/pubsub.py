@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from prism.backends.pubsub_base import PubSubBackend, Start, StartKind
-from prism.errors import FailedPrecondition, InvalidArgument, NotFound
+import trio
+
+from prism.backends.pubsub_base import Message, PubSubBackend, Start, StartKind, Subscription
+from prism.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prism.proto import pubsub_pb2
 from prism.rpc.methods import SEND_HEADERS
 
@@ -46,6 +48,16 @@ class PubSub:
         self.backends = backends
         self._remote = remote
         self._locator = locator
+        self._streams: dict[str, set[_Stream]] = {}
+
+    def end_streams(self, namespace: str | None = None) -> None:
+        """End the Subscribe streams of ``namespace`` (every one if None) with
+        UNAVAILABLE: the worker is draining or the namespace left it. Their
+        unacknowledged messages go back to their groups; clients subscribe again."""
+        names = list(self._streams) if namespace is None else [namespace]
+        for name in names:
+            for stream in self._streams.get(name, ()):
+                stream.end()
 
     async def _elsewhere(self, namespace: str, call: Any) -> bytes:
         return await elsewhere(self._remote, namespace, call)
@@ -96,16 +108,52 @@ class PubSub:
         start = Start(StartKind(kind), request.start.sequence)
         if start.kind == StartKind.SEQUENCE and start.sequence < 1:
             raise InvalidArgument("start.sequence must be >= 1 for a SEQUENCE start")
-        async with backend.subscribe(request.topic, request.group, start) as subscription:
-            # The subscription is in place: a LATEST subscriber that waits for
-            # the response headers misses nothing published after them.
-            yield SEND_HEADERS
-            while True:
-                m = await subscription.receive()
-                yield pubsub_pb2.Message(
-                    topic=m.topic,
-                    sequence=m.sequence,
-                    payload=m.payload,
-                    headers=m.headers,
-                    message_id=m.message_id,
-                )
+        stream = _Stream()
+        streams = self._streams.setdefault(request.namespace, set())
+        streams.add(stream)
+        try:
+            async with backend.subscribe(request.topic, request.group, start) as subscription:
+                # The subscription is in place: a LATEST subscriber that waits
+                # for the response headers misses nothing published after them.
+                yield SEND_HEADERS
+                while True:
+                    m = await stream.receive(subscription)
+                    yield pubsub_pb2.Message(
+                        topic=m.topic,
+                        sequence=m.sequence,
+                        payload=m.payload,
+                        headers=m.headers,
+                        message_id=m.message_id,
+                    )
+        finally:
+            streams.discard(stream)
+            if not streams and self._streams.get(request.namespace) is streams:
+                del self._streams[request.namespace]
+
+
+class _Stream:
+    """One Subscribe call, which ``end`` stops between (or during) receives.
+
+    The cancel scope covers only the wait for the next message, never the
+    ``yield`` (a scope held across a generator's yield would also cover the
+    code consuming it)."""
+
+    __slots__ = ("ended", "scope")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.scope: trio.CancelScope | None = None
+
+    def end(self) -> None:
+        self.ended = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def receive(self, subscription: Subscription) -> Message:
+        if not self.ended:
+            with trio.CancelScope() as self.scope:
+                return await subscription.receive()
+            self.scope = None
+        raise Unavailable(
+            "subscription ended: the server is draining or the namespace moved; subscribe again"
+        )

@@ -281,6 +281,12 @@ class NatsPubSubBackend:
                     yield sub
                 finally:
                     nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group_exc:
+            # The nursery wraps what the subscriber's own code raised (say,
+            # Unavailable when the stream is ended); give it back as it was.
+            if len(group_exc.exceptions) == 1:
+                raise group_exc.exceptions[0] from None
+            raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await sub.release()

@@ -77,10 +77,15 @@ class ServerSettings:
         self.accept_backoff_s = 0.0
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
+        # Called when the drain starts: long-lived streams (PubSub's
+        # Subscribe) end themselves so that the drain need not wait for them.
+        self.on_drain: list[Callable[[], None]] = []
 
     def start_drain(self) -> None:
         """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
         self.draining = True
+        for hook in self.on_drain:
+            hook()
         if self.accept_scope is not None:
             self.accept_scope.cancel()
         for conn in list(self.connections):
@@ -370,6 +375,8 @@ def failure_status(exc: Exception, method: Method) -> tuple[StatusCode, str]:
     """The error boundary: PrismError -> its status; a bug -> INTERNAL, logged once."""
     if isinstance(exc, PrismError):
         return exc.grpc_status, str(exc)
+    if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        return failure_status(exc.exceptions[0], method)  # one error, wrapped by a nursery
     if isinstance(exc, DecodeError):
         return StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"
     log.error("unexpected error in %s", method.name, exc_info=exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,3 +175,28 @@ def test_nats_group_resumes_after_prism_restart(server: PrismProcess) -> None:
         rest = take(stream, 2)
         stream.cancel()
     assert sorted(m.sequence for m in rest) == seqs[2:]
+
+
+def test_sigterm_ends_subscriptions_at_once_and_loses_nothing(server: PrismProcess) -> None:
+    # Without ending them, open Subscribe streams would hold the drain for
+    # graceful_timeout_s (10 s here) and then be killed.
+    assert server.proc is not None
+    with grpc.insecure_channel(server.endpoint) as ch:
+        stub = pubsub_pb2_grpc.PubSubStub(ch)
+        seq = publish(stub, "orders", "d", b"x")
+        stream = subscribe(stub, "orders", "d", "g")
+        assert next(stream).sequence == seq  # delivered, not acknowledged
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "subscribe again" in (info.value.details() or "")
+    assert server.stop() == 0
+    assert time.monotonic() - started < 5
+    server.start()
+    with grpc.insecure_channel(server.endpoint) as ch:
+        stub = pubsub_pb2_grpc.PubSubStub(ch)
+        again = subscribe(stub, "orders", "d", "g", kind=Kind.LATEST)
+        assert next(again).sequence == seq  # the group resumes; the unacked delivery comes back
+        again.cancel()

@@ -29,7 +29,7 @@ import trio.testing
 
 from prism.backends.pubsub_base import Message, PubSubBackend, Start, StartKind, Subscription
 from prism.backends.pubsub_memory import MemoryPubSubBackend
-from prism.errors import ConfigError
+from prism.errors import ConfigError, Unavailable
 
 ACK_WAIT = 0.3  # seconds
 WINDOW = 1.0  # dedup window, seconds
@@ -342,3 +342,13 @@ async def test_ack_of_what_is_not_pending_does_nothing(pubsub: PubSubBackend) ->
 async def test_bad_options(kind: str, tmp_path: Path, options: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         make(kind, tmp_path, **options)
+
+
+@pytest.mark.parametrize("group", ["g", ""])
+async def test_an_error_inside_a_subscription_comes_out_as_raised(pubsub: PubSubBackend, group: str) -> None:
+    # Not wrapped in an ExceptionGroup by a backend's own nursery: the API
+    # maps errors raised there (Unavailable when a stream is ended) to statuses.
+    with pytest.raises(Unavailable, match="ended"):
+        async with pubsub.subscribe(T, group, Start()) as sub:
+            assert isinstance(sub, Subscription)
+            raise Unavailable("ended by the caller")
