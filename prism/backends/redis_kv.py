@@ -40,8 +40,9 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
+from prism.backends.coalesce import Coalescer
 from prism.backends.common import check_items, check_mutations, page_items
-from prism.errors import ConfigError, Internal, Unavailable
+from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SCAN_CHUNK = 64  # records read per round trip of a scan
@@ -252,7 +253,9 @@ def _lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tupl
 class RedisBackend:
     """Options: ``url`` (default ``redis://127.0.0.1:6379/0``), ``pool_size``
     (8), ``connect_timeout_s`` (5), ``pool_timeout_s`` (longest wait for a free
-    connection before RESOURCE_EXHAUSTED, 0.5), ``key_prefix`` ("prism:")."""
+    connection before RESOURCE_EXHAUSTED, 0.5), ``key_prefix`` ("prism:"),
+    ``coalesce_reads`` (true: concurrent GetItems go out together, pipelined
+    on one connection, see ``prism.backends.coalesce``)."""
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
@@ -261,6 +264,9 @@ class RedisBackend:
         pool_size = int(_number(opts, "pool_size", 8, integer=True))
         connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
         pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
+        coalesce = opts.pop("coalesce_reads", True)
+        if not isinstance(coalesce, bool):
+            raise ConfigError("redis backend: option 'coalesce_reads' must be true or false")
         if opts:
             raise ConfigError(f"redis backend: unknown option {next(iter(opts))!r}")
         if not isinstance(url, str) or not url:
@@ -277,6 +283,16 @@ class RedisBackend:
         self._pool = resp.Pool(
             address, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
         )
+        self._reads: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
+        if coalesce:
+            self._reads = Coalescer(
+                self._read_many,
+                slots=min(2, pool_size),
+                wait_timeout_s=pool_timeout_s,
+                timeout_error=lambda: ResourceExhausted(
+                    f"redis: reads waited {pool_timeout_s:g} s behind busy connections"
+                ),
+            )
         self._opened = False
         self._closed = False
 
@@ -367,8 +383,18 @@ class RedisBackend:
     ) -> ItemPage:
         self._check_open()
         call = self._read_call(id, predicate, reverse, after, limit_items, limit_bytes, now_ms)
-        (reply,) = await self._eval_many(_READ, [call])
+        if self._reads is None:
+            (reply,) = await self._eval_many(_READ, [call])
+        else:
+            reply = await self._reads.get(call)
+            if isinstance(reply, resp.ReplyError):
+                raise _translate(reply)
         return page_items(self._items(reply), limit_items, limit_bytes)
+
+    async def _read_many(self, calls: list[tuple[list[resp.Arg], list[resp.Arg]]]) -> list[resp.Reply]:
+        # One pipelined round trip for every read of the batch; each caller
+        # gets its own reply (an error, too, stays its own).
+        return await self._pool.eval_many(_READ, calls, raise_errors=False)
 
     async def scan_items(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int

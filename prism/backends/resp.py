@@ -225,9 +225,14 @@ class Pool:
         return reply
 
     async def eval_many(
-        self, script: Script, calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]]
+        self,
+        script: Script,
+        calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]],
+        *,
+        raise_errors: bool = True,
     ) -> list[Reply]:
-        """Run ``script`` once per (keys, args), pipelined; ReplyError raised.
+        """Run ``script`` once per (keys, args), pipelined; a ReplyError is
+        raised (or, without ``raise_errors``, left in its call's place).
         On NOSCRIPT the script is loaded and the calls run again."""
         commands = [script.command(k, a) for k, a in calls]
         conn = await self.acquire()
@@ -245,9 +250,10 @@ class Pool:
                     replies[i] = r
         finally:
             self.release(conn)
-        for r in replies:
-            if isinstance(r, ReplyError):
-                raise r
+        if raise_errors:
+            for r in replies:
+                if isinstance(r, ReplyError):
+                    raise r
         return replies
 
     async def eval(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:

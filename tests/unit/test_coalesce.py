@@ -10,9 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from prism.backends.base import ItemWrite, MatchAll, Stamp
+from prism.backends.base import ItemWrite, MatchAll, MatchKeys, Stamp
 from prism.backends.coalesce import Coalescer
 from prism.errors import ResourceExhausted
+from tests import rd
 from tests.pg import DSN, drop_tables
 
 
@@ -181,3 +182,42 @@ async def test_a_batch_that_waits_too_long_for_a_slot_fails_fast(
             nursery.start_soon(late, key)
     assert failed == [0.5, 0.5]
     assert rec.calls == [["slow"]]
+
+
+async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: Path) -> None:
+    kv = rd.new_backend(tmp_path, pool_size=4)
+    await kv.open()
+    try:
+        now = int(time.time() * 1000)
+        for i in range(20):
+            items = [ItemWrite(f"k{j}".encode(), f"v{i}.{j}".encode(), 0) for j in range(i % 3)]
+            if items:
+                await kv.put_items(f"r{i}", items, Stamp(1, ""), now)
+        pages: dict[int, list[tuple[bytes, bytes]]] = {}
+
+        async def get(i: int) -> None:
+            # Mixed shapes share batches too: each call is its own script call.
+            predicate = MatchKeys([b"k1"]) if i % 5 == 0 else MatchAll()
+            page = await kv.get_items(
+                f"r{i % 20}", predicate, reverse=i % 2 == 1, after=None,
+                limit_items=10, limit_bytes=1 << 20, now_ms=now,
+            )  # fmt: skip
+            pages[i] = [(item.key, item.value) for item in page.items]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(get, i)
+        for i, got in pages.items():
+            r = i % 20
+            want = [(f"k{j}".encode(), f"v{r}.{j}".encode()) for j in range(r % 3)]
+            if i % 5 == 0:
+                want = [w for w in want if w[0] == b"k1"]
+            if i % 2:
+                want.reverse()
+            assert got == want, (i, got)
+        assert kv._reads is not None
+        assert kv._reads.reads == 100
+        assert kv._reads.batches < 50
+    finally:
+        await kv.aclose()
+        await rd.delete_keys(kv.key_prefix)
