@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from prism.backends import resp
@@ -40,4 +42,16 @@ async def delete_keys(prefix: str) -> None:
             if cursor == b"0":
                 break
     finally:
+        conn.close()
+
+
+@asynccontextmanager
+async def admin_client() -> AsyncIterator[resp.Connection]:
+    """A client outside Prism, to look at keys and pause the server; unpauses at the end."""
+    conn = await resp.connect(resp.Address(URL), timeout_s=5)
+    try:
+        yield conn
+    finally:
+        if not conn.broken:
+            await conn.call("CLIENT", "UNPAUSE")
         conn.close()

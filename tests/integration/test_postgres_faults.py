@@ -118,6 +118,13 @@ async def test_cancelled_write_is_rolled_back(
     assert await get_all(kv) == [StoredItem(b"k", b"v")]
 
 
+async def assert_read_exhausted_quickly(kv: PostgresBackend) -> None:
+    start = trio.current_time()
+    with pytest.raises(ResourceExhausted):
+        await get_all(kv)
+    assert trio.current_time() - start < 0.5
+
+
 async def test_exhausted_pool_is_resource_exhausted_quickly(
     kv: PostgresBackend, locker: psycopg.Connection[tuple[object, ...]]
 ) -> None:
@@ -126,10 +133,7 @@ async def test_exhausted_pool_is_resource_exhausted_quickly(
         for n in range(2):  # pool_size=2, both stuck behind the lock
             nursery.start_soon(kv.put_items, f"w{n}", [ItemWrite(b"k", b"v")], Stamp(1, ""), NOW)
         await wait_until_blocked(kv.items_table, 2)
-        start = trio.current_time()
-        with pytest.raises(ResourceExhausted):
-            await get_all(kv)
-        assert trio.current_time() - start < 0.5
+        await assert_read_exhausted_quickly(kv)
         nursery.cancel_scope.cancel()
     locker.rollback()
     assert await get_all(kv) == []
@@ -145,10 +149,7 @@ async def test_reads_behind_stuck_coalesced_reads_are_resource_exhausted_quickly
         for n in (1, 2):
             nursery.start_soon(get_all, kv)
             await wait_until_blocked(kv.items_table, n)
-        start = trio.current_time()
-        with pytest.raises(ResourceExhausted):
-            await get_all(kv)
-        assert trio.current_time() - start < 0.5
+        await assert_read_exhausted_quickly(kv)
         nursery.cancel_scope.cancel()
     locker.rollback()
     assert await get_all(kv) == []

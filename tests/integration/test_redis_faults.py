@@ -15,7 +15,7 @@ from prism.backends import resp
 from prism.backends.base import ItemWrite, MatchAll, Stamp, StoredItem
 from prism.backends.redis_kv import RedisBackend
 from prism.errors import ResourceExhausted, Unavailable
-from tests.rd import URL, delete_keys, new_backend
+from tests.rd import admin_client, delete_keys, new_backend
 
 NOW = 1_700_000_000_000
 
@@ -33,14 +33,9 @@ async def kv(tmp_path: Path) -> AsyncIterator[RedisBackend]:
 
 @pytest.fixture
 async def admin() -> AsyncIterator[resp.Connection]:
-    """A second client, outside Prism, to pause the server; unpauses at the end."""
-    conn = await resp.connect(resp.Address(URL), timeout_s=5)
-    try:
+    """A second client, outside Prism, to pause the server."""
+    async with admin_client() as conn:
         yield conn
-    finally:
-        if not conn.broken:
-            await conn.call("CLIENT", "UNPAUSE")
-        conn.close()
 
 
 async def put(kv: RedisBackend, key: bytes, value: bytes = b"v") -> None:

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from prism.api.redis_cache import RedisTier
 from prism.backends import resp
 from prism.proto import kv_pb2
-from tests.rd import URL, delete_keys, new_prefix
+from tests.rd import URL, admin_client, delete_keys, new_prefix
 
 DEAD_URL = "redis://127.0.0.1:1/0"
 
@@ -63,14 +63,9 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def redis() -> AsyncIterator[resp.Connection]:
-    """A client outside the tier, to look at keys and pause the server; unpauses at the end."""
-    conn = await resp.connect(resp.Address(URL), timeout_s=5)
-    try:
+    """A client outside the tier, to look at keys and pause the server."""
+    async with admin_client() as conn:
         yield conn
-    finally:
-        if not conn.broken:
-            await conn.call("CLIENT", "UNPAUSE")
-        conn.close()
 
 
 @pytest.fixture
