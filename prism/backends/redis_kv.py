@@ -254,8 +254,8 @@ class RedisBackend:
     """Options: ``url`` (default ``redis://127.0.0.1:6379/0``), ``pool_size``
     (8), ``connect_timeout_s`` (5), ``pool_timeout_s`` (longest wait for a free
     connection before RESOURCE_EXHAUSTED, 0.5), ``key_prefix`` ("prism:"),
-    ``coalesce_reads`` (true: concurrent GetItems go out together, pipelined
-    on one connection, see ``prism.backends.coalesce``)."""
+    ``coalesce_reads`` (true: concurrent reads go out together, pipelined on
+    one connection, and so do concurrent writes; see ``prism.backends.coalesce``)."""
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
@@ -284,15 +284,10 @@ class RedisBackend:
             address, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
         )
         self._reads: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
+        self._writes: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
         if coalesce:
-            self._reads = Coalescer(
-                self._read_many,
-                slots=min(2, pool_size),
-                wait_timeout_s=pool_timeout_s,
-                timeout_error=lambda: ResourceExhausted(
-                    f"redis: reads waited {pool_timeout_s:g} s behind busy connections"
-                ),
-            )
+            self._reads = self._coalescer(_READ, "reads", pool_size, pool_timeout_s)
+            self._writes = self._coalescer(_WRITE, "writes", pool_size, pool_timeout_s)
         self._opened = False
         self._closed = False
 
@@ -391,10 +386,27 @@ class RedisBackend:
                 raise _translate(reply)
         return page_items(self._items(reply), limit_items, limit_bytes)
 
-    async def _read_many(self, calls: list[tuple[list[resp.Arg], list[resp.Arg]]]) -> list[resp.Reply]:
-        # One pipelined round trip for every read of the batch; each caller
-        # gets its own reply (an error, too, stays its own).
-        return await self._pool.eval_many(_READ, calls, raise_errors=False)
+    def _coalescer(
+        self, script: resp.Script, what: str, pool_size: int, pool_timeout_s: float
+    ) -> Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply]:
+        """Concurrent calls of ``script`` go out together: one pipelined round
+        trip per batch, each call still its own atomic script run, and each
+        caller gets its own reply (an error, too, stays its own). A write in a
+        batch whose leader was cancelled mid-flight may run again when its
+        caller retries the batch: with its token that is a replay (no effect),
+        without one it is the same stamped write again."""
+
+        async def run(calls: list[tuple[list[resp.Arg], list[resp.Arg]]]) -> list[resp.Reply]:
+            return await self._pool.eval_many(script, calls, raise_errors=False)
+
+        return Coalescer(
+            run,
+            slots=min(2, pool_size),
+            wait_timeout_s=pool_timeout_s,
+            timeout_error=lambda: ResourceExhausted(
+                f"redis: {what} waited {pool_timeout_s:g} s behind busy connections"
+            ),
+        )
 
     async def scan_items(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
@@ -449,7 +461,12 @@ class RedisBackend:
             IDEMPOTENCY_WINDOW_MS,
             *ops,
         ]
-        await self._eval_many(_WRITE, [(self._keys(id), args)])
+        if self._writes is None:
+            await self._eval_many(_WRITE, [(self._keys(id), args)])
+            return
+        reply = await self._writes.get((self._keys(id), args))
+        if isinstance(reply, resp.ReplyError):
+            raise _translate(reply)
 
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)

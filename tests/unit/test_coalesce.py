@@ -221,3 +221,36 @@ async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: 
     finally:
         await kv.aclose()
         await rd.delete_keys(kv.key_prefix)
+
+
+async def test_redis_concurrent_writes_are_pipelined_together_and_each_applies(tmp_path: Path) -> None:
+    kv = rd.new_backend(tmp_path, pool_size=4)
+    await kv.open()
+    try:
+        now = int(time.time() * 1000)
+
+        async def put(i: int) -> None:
+            # The same token twice per record: one of each pair is a replay.
+            stamp = Stamp(1000 + i // 2, f"t{i // 2}")
+            await kv.put_items(f"r{i // 2}", [ItemWrite(b"k", f"v{i // 2}".encode())], stamp, now)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(80):
+                nursery.start_soon(put, i)
+        for r in range(40):
+            page = await kv.get_items(
+                f"r{r}",
+                MatchAll(),
+                reverse=False,
+                after=None,
+                limit_items=10,
+                limit_bytes=1 << 20,
+                now_ms=now,
+            )
+            assert [(i.key, i.value) for i in page.items] == [(b"k", f"v{r}".encode())]
+        assert kv._writes is not None
+        assert kv._writes.reads == 80
+        assert kv._writes.batches < 40
+    finally:
+        await kv.aclose()
+        await rd.delete_keys(kv.key_prefix)
