@@ -83,6 +83,7 @@ class App:
         self.pubsub = pubsub.PubSub(self.ps_backends, remote=remote, locator=locator)
         self.methods.add_service(pubsub.SERVICE, self.pubsub)
         self.settings.on_drain.append(self.pubsub.end_streams)
+        self.settings.on_drain.append(self.health.enter_drain)
         self.methods.add_service(health.SERVICE, health.Health(self.health))
         names = [*self.methods.service_names, reflection.SERVICE.full_name]
         self.methods.add_service(reflection.SERVICE, reflection.Reflection(names))

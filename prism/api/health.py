@@ -2,7 +2,10 @@
 
 A namespace is SERVING while its backend answers; backends that can go away
 (issue 4) report through :meth:`HealthState.set`. ``Watch`` streams the
-current status and then every change until the client leaves.
+current status and then every change until the client leaves, or until the
+server drains: then every service turns NOT_SERVING, watchers hear it, and
+their streams end with UNAVAILABLE (so that a load balancer's watch never
+holds the drain; it moves to another server).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import AsyncIterator
 import trio
 from grpc_health.v1 import health_pb2
 
-from prism.errors import NotFound
+from prism.errors import NotFound, Unavailable
 
 SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
@@ -27,8 +30,18 @@ class HealthState:
     def __init__(self) -> None:
         self._status: dict[str, int] = {"": SERVING}
         self._changed = trio.lowlevel.ParkingLot()
+        self.draining = False
+
+    def enter_drain(self) -> None:
+        """Every service NOT_SERVING from now on, whatever backends report."""
+        self.draining = True
+        for name in self._status:
+            self._status[name] = NOT_SERVING
+        self._changed.unpark_all()
 
     def set(self, name: str, status: int) -> None:
+        if self.draining:
+            status = NOT_SERVING
         if self._status.get(name) != status:
             self._status[name] = status
             self._changed.unpark_all()
@@ -77,4 +90,6 @@ class Health:
             if current != last:
                 yield health_pb2.HealthCheckResponse(status=current)
                 last = current
+            if self._state.draining:
+                raise Unavailable("server draining: watch another server")
             await self._state.changed()
