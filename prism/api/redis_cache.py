@@ -300,7 +300,7 @@ class RedisTier:
                         loaded = await conn.pipeline([[b"SCRIPT", b"LOAD", _LOOKUP.source], batch[-1]])
                         replies[-1] = loaded[1]
                 finally:
-                    self._pool.release(conn)
+                    self._pool.put_back(conn)
                 for reply in replies:
                     if isinstance(reply, resp.ReplyError):
                         raise reply

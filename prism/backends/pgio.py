@@ -52,6 +52,8 @@ from psycopg import generators, pq
 from psycopg.pq.abc import PGconn, PGresult
 from psycopg.waiting import Ready, Wait
 
+from prism.backends.pool import BoundedPool
+
 _T = TypeVar("_T")
 
 CANCEL_TIMEOUT_S = 2.0  # cancel + drain after a trio cancellation, then give up on the connection
@@ -320,68 +322,52 @@ class PoolTimeout(PgError):
     """Every connection stayed busy for longer than the pool's acquire timeout."""
 
 
-class Pool:
-    """At most ``size`` connections, opened on first need and reused.
-
-    A caller that finds them all busy waits at most ``acquire_timeout_s`` and
-    then gets PoolTimeout: a backend that has stopped answering makes calls
-    fail fast instead of queueing without bound. A connection goes back to
-    the pool only when it is idle (not broken, no transaction open).
-    """
+class Pool(BoundedPool[Connection]):
+    """At most ``size`` connections (``prism.backends.pool``); PoolTimeout when
+    all stay busy past ``acquire_timeout_s``. A connection goes back only
+    when it is idle (not broken, no transaction open)."""
 
     def __init__(
         self, conninfo: str, *, size: int, connect_timeout_s: float, acquire_timeout_s: float
     ) -> None:
+        super().__init__(size=size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=acquire_timeout_s)
         self.conninfo = conninfo
-        self.size = size
-        self.connect_timeout_s = connect_timeout_s
-        self.acquire_timeout_s = acquire_timeout_s
-        self._slots = trio.Semaphore(size)
-        self._idle: list[Connection] = []
-        self.closed = False
 
-    async def acquire(self) -> Connection:
-        """A connection for this task alone; give it back with ``release``."""
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.move_on_after(self.acquire_timeout_s) as scope:
-                await self._slots.acquire()
-            if scope.cancelled_caught:
-                raise PoolTimeout(
-                    f"postgres: all {self.size} connections busy for {self.acquire_timeout_s:g} s"
-                ) from None
-        return await self._take()
+    async def _open(self) -> Connection:
+        return await connect(self.conninfo, timeout_s=self.connect_timeout_s)
 
-    async def _take(self) -> Connection:
-        try:
-            if self.closed:
-                raise PgError("postgres: connection pool is closed")
-            if self._idle:
-                return self._idle.pop()
-            return await connect(self.conninfo, timeout_s=self.connect_timeout_s)
-        except BaseException:
-            self._slots.release()
-            raise
+    def _busy_error(self) -> Exception:
+        return PoolTimeout(f"postgres: all {self.size} connections busy for {self.acquire_timeout_s:g} s")
+
+    def _closed_error(self) -> Exception:
+        return PgError("postgres: connection pool is closed")
 
     async def release(self, conn: Connection) -> None:
         try:
             if not conn.broken and conn.in_transaction:
                 await conn.rollback()
-            if conn.broken:
-                return
-            if self.closed:
-                conn.close()
-            else:
-                self._idle.append(conn)
         finally:
-            self._slots.release()
+            self.put_back(conn)
 
-    async def aclose(self) -> None:
-        """Close idle connections now, busy ones as they come back (waits for them)."""
-        self.closed = True
-        for _ in range(self.size):
-            await self._slots.acquire()
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()
+    async def execute(self, sql: bytes, params: Sequence[Param] = ()) -> list[Row]:
+        """One statement on a pooled connection (acquire, run, give back)."""
+        conn = await self.acquire()
+        try:
+            return await conn.execute(sql, params)
+        finally:
+            await self.release(conn)
+
+    async def create_schema(self, lock_key: int, statements: Sequence[bytes]) -> None:
+        """Run ``statements`` (CREATE ... IF NOT EXISTS) in one transaction.
+        Workers of one tenant open together, and CREATE ... IF NOT EXISTS alone
+        can still collide on the catalog, so the advisory lock ``lock_key``
+        serialises them."""
+        conn = await self.acquire()
+        try:
+            await conn.execute(b"BEGIN")
+            await conn.execute(b"SELECT 1 FROM pg_advisory_xact_lock($1::int8)", [lock_key])
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute(b"COMMIT")
+        finally:
+            await self.release(conn)

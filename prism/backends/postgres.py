@@ -136,19 +136,7 @@ class PostgresBackend:
         if self._opened or self._closed:
             return
         with _mapped_errors():
-            conn = await self._pool.acquire()
-            try:
-                # Workers of one tenant open together; CREATE ... IF NOT EXISTS
-                # alone can still collide on the catalog, so serialise them.
-                await conn.execute(b"BEGIN")
-                await conn.execute(
-                    b"SELECT 1 FROM pg_advisory_xact_lock($1::int8)", [sql.lock_key(self.items_table)]
-                )
-                for statement in self._sql.schema:
-                    await conn.execute(statement)
-                await conn.execute(b"COMMIT")
-            finally:
-                await self._pool.release(conn)
+            await self._pool.create_schema(sql.lock_key(self.items_table), self._sql.schema)
         self._opened = True
 
     async def aclose(self) -> None:
@@ -190,11 +178,7 @@ class PostgresBackend:
             params.append(after)
         params.extend(sql.predicate_params(predicate))
         with _mapped_errors():
-            conn = await self._pool.acquire()
-            try:
-                rows = await conn.execute(statement, params)
-            finally:
-                await self._pool.release(conn)
+            rows = await self._pool.execute(statement, params)
         return page_items((StoredItem(*row) for row in rows), limit_items, limit_bytes)
 
     def _reader(self, reverse: bool, limit: int) -> Coalescer[tuple[str, int], list[StoredItem]]:
@@ -220,11 +204,7 @@ class PostgresBackend:
         # superset for the others) and by each caller's own in get_items.
         ids = [id for id, _ in keys]
         now_ms = min(now for _, now in keys)
-        conn = await self._pool.acquire()
-        try:
-            rows = await conn.execute(self._sql.get_many(reverse=reverse), [ids, now_ms, limit])
-        finally:
-            await self._pool.release(conn)
+        rows = await self._pool.execute(self._sql.get_many(reverse=reverse), [ids, now_ms, limit])
         out: list[list[StoredItem]] = [[] for _ in ids]
         for n, key, value, expires_at_ms in rows:
             out[n - 1].append(StoredItem(key, value, expires_at_ms))
@@ -234,11 +214,7 @@ class PostgresBackend:
         """Raise unless the server answers a trivial query (health checks)."""
         self._check_open()
         with _mapped_errors():
-            conn = await self._pool.acquire()
-            try:
-                await conn.execute(b"SELECT 1")
-            finally:
-                await self._pool.release(conn)
+            await self._pool.execute(b"SELECT 1")
 
     async def scan_items(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
@@ -337,11 +313,7 @@ class PostgresBackend:
         if not token and not purge and len(statements) <= 1:
             if statements:
                 with _mapped_errors():
-                    conn = await self._pool.acquire()
-                    try:
-                        await conn.execute(*statements[0])
-                    finally:
-                        await self._pool.release(conn)
+                    await self._pool.execute(*statements[0])
             return
         with _mapped_errors():
             conn = await self._pool.acquire()

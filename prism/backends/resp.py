@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import trio
 
+from prism.backends.pool import BoundedPool
 from prism.errors import ResourceExhausted, Unavailable
 
 Arg = bytes | str | int
@@ -164,59 +165,29 @@ class Script:
         return ["EVALSHA", self.sha, len(keys), *keys, *args]
 
 
-class Pool:
-    """At most ``size`` connections, opened on first need and reused.
-
-    A caller that finds them all busy waits at most ``acquire_timeout_s`` and
-    then gets ResourceExhausted. A connection goes back only if not broken.
-    """
+class Pool(BoundedPool[Connection]):
+    """At most ``size`` connections (``prism.backends.pool``); ResourceExhausted
+    when all stay busy past ``acquire_timeout_s``."""
 
     def __init__(self, address: Address, *, size: int, connect_timeout_s: float, acquire_timeout_s: float):
+        super().__init__(size=size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=acquire_timeout_s)
         self.address = address
-        self.size = size
-        self.connect_timeout_s = connect_timeout_s
-        self.acquire_timeout_s = acquire_timeout_s
-        self._slots = trio.Semaphore(size)
-        self._idle: list[Connection] = []
-        self.closed = False
 
-    async def acquire(self) -> Connection:
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.move_on_after(self.acquire_timeout_s) as scope:
-                await self._slots.acquire()
-            if scope.cancelled_caught:
-                raise ResourceExhausted(
-                    f"redis: all {self.size} connections busy for {self.acquire_timeout_s:g} s"
-                ) from None
-        try:
-            if self.closed:
-                raise Unavailable("redis: connection pool is closed")
-            if self._idle:
-                return self._idle.pop()
-            return await connect(self.address, timeout_s=self.connect_timeout_s)
-        except BaseException:
-            self._slots.release()
-            raise
+    async def _open(self) -> Connection:
+        return await connect(self.address, timeout_s=self.connect_timeout_s)
 
-    def release(self, conn: Connection) -> None:
-        try:
-            if conn.broken:
-                return
-            if self.closed:
-                conn.close()
-            else:
-                self._idle.append(conn)
-        finally:
-            self._slots.release()
+    def _busy_error(self) -> Exception:
+        return ResourceExhausted(f"redis: all {self.size} connections busy for {self.acquire_timeout_s:g} s")
+
+    def _closed_error(self) -> Exception:
+        return Unavailable("redis: connection pool is closed")
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         conn = await self.acquire()
         try:
             return await conn.pipeline(commands)
         finally:
-            self.release(conn)
+            self.put_back(conn)
 
     async def call(self, *args: Arg) -> Reply:
         (reply,) = await self.pipeline([args])
@@ -249,7 +220,7 @@ class Pool:
                 for i, r in zip(redo, again[1:], strict=True):
                     replies[i] = r
         finally:
-            self.release(conn)
+            self.put_back(conn)
         if raise_errors:
             for r in replies:
                 if isinstance(r, ReplyError):
@@ -258,19 +229,3 @@ class Pool:
 
     async def eval(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
         return (await self.eval_many(script, [(keys, args)]))[0]
-
-    def close_nowait(self) -> None:
-        """Close idle connections now and busy ones as they come back, without waiting."""
-        self.closed = True
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()
-
-    async def aclose(self) -> None:
-        """Close idle connections now, busy ones as they come back (waits for them)."""
-        self.closed = True
-        for _ in range(self.size):
-            await self._slots.acquire()
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()

@@ -60,7 +60,7 @@ class PostgresTimeSeriesBackend:
         self._purge = f'DELETE FROM "{t}" WHERE event_time_us < $1'.encode()
         select = f'SELECT event_time_us, event_id, payload, tags FROM "{t}"'
         where = " WHERE series_id = $1 AND event_time_us >= $2 AND event_time_us < $3"
-        self._read = {
+        read = {
             (False, False): f"{select}{where} ORDER BY event_time_us, event_id LIMIT $4",
             (True, False): f"{select}{where} ORDER BY event_time_us DESC, event_id DESC LIMIT $4",
             (False, True): f"{select}{where} AND (event_time_us, event_id) > ($5, $6)"
@@ -68,6 +68,7 @@ class PostgresTimeSeriesBackend:
             (True, True): f"{select}{where} AND (event_time_us, event_id) < ($5, $6)"
             " ORDER BY event_time_us DESC, event_id DESC LIMIT $4",
         }
+        self._read = {shape: text.encode() for shape, text in read.items()}  # encoded once
         self._purge_next_ms = 0
         self._opened = False
         self._closed = False
@@ -76,16 +77,7 @@ class PostgresTimeSeriesBackend:
         if self._opened or self._closed:
             return
         with _mapped_errors():
-            conn = await self._pool.acquire()
-            try:
-                await conn.execute(b"BEGIN")
-                await conn.execute(
-                    b"SELECT 1 FROM pg_advisory_xact_lock($1::int8)", [kv_sql.lock_key(self.table)]
-                )
-                await conn.execute(self._schema)
-                await conn.execute(b"COMMIT")
-            finally:
-                await self._pool.release(conn)
+            await self._pool.create_schema(kv_sql.lock_key(self.table), [self._schema])
         self._opened = True
 
     async def aclose(self) -> None:
@@ -96,11 +88,7 @@ class PostgresTimeSeriesBackend:
     async def ping(self) -> None:
         self._check_open()
         with _mapped_errors():
-            conn = await self._pool.acquire()
-            try:
-                await conn.execute(b"SELECT 1")
-            finally:
-                await self._pool.release(conn)
+            await self._pool.execute(b"SELECT 1")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -150,11 +138,7 @@ class PostgresTimeSeriesBackend:
         if after is not None:
             params += [after[0], after[1]]
         with _mapped_errors():
-            conn = await self._pool.acquire()
-            try:
-                rows = await conn.execute(self._read[(reverse, after is not None)].encode(), params)
-            finally:
-                await self._pool.release(conn)
+            rows = await self._pool.execute(self._read[(reverse, after is not None)], params)
         events = (
             Event(series_id, t, eid, payload, _tags_decoder.decode(tags)) for t, eid, payload, tags in rows
         )
