@@ -43,12 +43,14 @@ from bench_load import (
     Concurrency,
     LoadFailed,
     Target,
+    add_run_options,
+    check_run_options,
+    choose,
     grpc_frame,
     load_function,
     machine_info,
     measure_run,
     percentile,
-    resolve_loadgen,
     summarize,
     warm_up,
 )
@@ -84,27 +86,15 @@ DIRECT_WARMUP = 300
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement; medians (default 3)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "backends.json", help="JSON output")
+    add_run_options(parser, out=HERE / "results" / "backends.json", duration_s=5.0, unit="run")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
-    parser.add_argument("--loadgen", choices=("auto", "h2load", "python"), default="auto")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each load")
-    parser.add_argument("--ready-timeout", type=float, default=30.0)
     parser.add_argument(
         "--pg-pool-timeout", type=float, default=None,
-        help="postgres option pool_timeout_s (default: Prism's own, 0.05 s)",
+        help="postgres option pool_timeout_s (default: Prism's own, 0.5 s)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not chosen or set(chosen) - set(BACKENDS):
-        parser.error(f"--backends: choose from {', '.join(BACKENDS)}")
-    args.backends = [b for b in BACKENDS if b in chosen]
-    if args.duration <= 0 or args.runs < 1 or args.warmup <= 0:
-        parser.error("--duration and --warmup must be > 0, --runs >= 1")
-    args.loadgen = resolve_loadgen(args.loadgen)
-    if args.loadgen is None:
-        parser.error("--loadgen h2load: h2load not found")
+    args.backends = list(choose(parser, "--backends", args.backends, BACKENDS))
+    args.loadgen = check_run_options(parser, args)
     return args
 
 

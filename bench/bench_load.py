@@ -12,6 +12,7 @@ answer is exactly one known-length gRPC message.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -426,3 +427,37 @@ def resolve_loadgen(choice: str) -> str | None:
     if choice == "h2load" and not h2load_path():
         return None
     return choice
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, out: Path, duration_s: float, unit: str) -> None:
+    """The options every benchmark takes: --duration --runs --out --loadgen --warmup --ready-timeout.
+    ``unit`` names what one measurement is ("run", "phase")."""
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=duration_s,
+        help=f"seconds per measured {unit} (default {duration_s:g})",
+    )
+    parser.add_argument("--runs", type=int, default=3, help=f"runs per {unit}; medians reported (default 3)")
+    parser.add_argument("--out", type=Path, default=out, help="JSON output")
+    parser.add_argument("--loadgen", choices=("auto", "h2load", "python"), default="auto")
+    parser.add_argument("--warmup", type=float, default=1.0, help=f"unmeasured seconds before each {unit}")
+    parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for a server")
+
+
+def check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Exit with a usage error if the common options are out of range; the load generator to use."""
+    if args.duration <= 0 or args.runs < 1 or args.warmup <= 0:
+        parser.error("--duration and --warmup must be > 0, --runs >= 1")
+    loadgen = resolve_loadgen(args.loadgen)
+    if loadgen is None:
+        parser.error("--loadgen h2load: h2load not found (apt-get install nghttp2-client)")
+    return loadgen
+
+
+def choose(parser: argparse.ArgumentParser, flag: str, value: str, known: Sequence[str]) -> tuple[str, ...]:
+    """A comma list of ``known`` names, in ``known``'s (documented) order."""
+    chosen = {s.strip() for s in value.split(",") if s.strip()}
+    if not chosen or chosen - set(known):
+        parser.error(f"{flag}: choose from {', '.join(known)}")
+    return tuple(name for name in known if name in chosen)

@@ -30,11 +30,13 @@ from bench_load import (
     LoadFailed,
     LoadFn,
     Target,
+    add_run_options,
+    check_run_options,
+    choose,
     grpc_frame,
     load_function,
     machine_info,
     measure_run,
-    resolve_loadgen,
     summarize,
     warm_up,
 )
@@ -79,22 +81,11 @@ class Options:
 def parse_args(argv: list[str] | None = None) -> Options:
     """Parse and check the command line."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measured phase (default 6)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per phase; medians reported (default 3)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "kv_get.json", help="JSON output")
+    add_run_options(parser, out=HERE / "results" / "kv_get.json", duration_s=6.0, unit="phase")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
-    parser.add_argument("--loadgen", choices=("auto", "h2load", "python"), default="auto")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each phase")
-    parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for a server")
     args = parser.parse_args(argv)
-    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
-    if not servers or set(servers) - set(SERVERS):
-        parser.error(f"--servers: choose from {', '.join(SERVERS)}")
-    if args.duration <= 0 or args.runs < 1 or args.warmup <= 0:
-        parser.error("--duration and --warmup must be > 0, --runs >= 1")
-    loadgen = resolve_loadgen(args.loadgen)
-    if loadgen is None:
-        parser.error("--loadgen h2load: h2load not found (apt-get install nghttp2-client)")
+    servers = choose(parser, "--servers", args.servers, SERVERS)
+    loadgen = check_run_options(parser, args)
     return Options(args.duration, args.runs, args.out, servers, loadgen, args.warmup, args.ready_timeout)
 
 
