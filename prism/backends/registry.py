@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prism.backends.base import KeyValueBackend
 from prism.backends.memory import MemoryBackend
@@ -26,13 +26,18 @@ from prism.errors import ConfigError
 ENTRY_POINT_GROUP = "prism.backends"
 
 
-class BackendFactory(Protocol):
+B_co = TypeVar("B_co", covariant=True)
+_F = TypeVar("_F")
+
+
+class Factory(Protocol[B_co]):
     """Builds an unopened backend for one namespace; raises ConfigError for
     bad options. The caller then awaits its ``open()``."""
 
-    def __call__(
-        self, options: Mapping[str, object], *, data_dir: Path, namespace: str
-    ) -> KeyValueBackend: ...
+    def __call__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> B_co: ...
+
+
+BackendFactory = Factory[KeyValueBackend]  # what a "prism.backends" plugin provides
 
 
 def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
@@ -98,10 +103,11 @@ def _load_plugin(name: str) -> BackendFactory:
     return factory  # type: ignore[no-any-return]
 
 
-class TimeSeriesFactory(Protocol):
-    def __call__(
-        self, options: Mapping[str, object], *, data_dir: Path, namespace: str
-    ) -> TimeSeriesBackend: ...
+def _factory(table: Mapping[str, _F], abstraction: str, name: str) -> _F:
+    factory = table.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown {abstraction} backend {name!r}; known: {', '.join(sorted(table))}")
+    return factory
 
 
 def _postgres_timeseries(
@@ -112,7 +118,7 @@ def _postgres_timeseries(
     return PostgresTimeSeriesBackend(options, data_dir=data_dir, namespace=namespace)
 
 
-_timeseries: dict[str, TimeSeriesFactory] = {
+_timeseries: dict[str, Factory[TimeSeriesBackend]] = {
     "memory": MemoryTimeSeriesBackend,
     "sqlite": SqliteTimeSeriesBackend,
     "postgres": _postgres_timeseries,
@@ -123,14 +129,7 @@ def create_timeseries(
     name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
 ) -> TimeSeriesBackend:
     """A new, unopened TimeSeries backend named ``name`` for ``namespace``."""
-    factory = _timeseries.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown timeseries backend {name!r}; known: {', '.join(sorted(_timeseries))}")
-    return factory(options, data_dir=data_dir, namespace=namespace)
-
-
-class PubSubFactory(Protocol):
-    def __call__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend: ...
+    return _factory(_timeseries, "timeseries", name)(options, data_dir=data_dir, namespace=namespace)
 
 
 def _nats_pubsub(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend:
@@ -139,7 +138,7 @@ def _nats_pubsub(options: Mapping[str, object], *, data_dir: Path, namespace: st
     return NatsPubSubBackend(options, data_dir=data_dir, namespace=namespace)
 
 
-_pubsub: dict[str, PubSubFactory] = {
+_pubsub: dict[str, Factory[PubSubBackend]] = {
     "memory": MemoryPubSubBackend,
     "nats": _nats_pubsub,
 }
@@ -149,10 +148,7 @@ def create_pubsub(
     name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
 ) -> PubSubBackend:
     """A new, unopened PubSub backend named ``name`` for ``namespace``."""
-    factory = _pubsub.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown pubsub backend {name!r}; known: {', '.join(sorted(_pubsub))}")
-    return factory(options, data_dir=data_dir, namespace=namespace)
+    return _factory(_pubsub, "pubsub", name)(options, data_dir=data_dir, namespace=namespace)
 
 
 AnyBackend = KeyValueBackend | TimeSeriesBackend | PubSubBackend
