@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -97,6 +97,8 @@ MAX_PENDING = 1024  # undelivered invalidations remembered by id; past that: the
 POOL_SIZE = 16
 MIN_VERSION_TTL_MS = 10_000
 _TAG_BYTES = 16  # epoch (8) + version (8)
+# Epochs and versions need to be unique, not secret: ``random`` (seeded from
+# the OS once per process) costs no system call per GetItems as os.urandom would.
 
 # KEYS: epoch, version, entry. ARGV: a fresh epoch, a fresh version, the version's TTL (ms).
 # Returns {epoch .. version, entry or false}.
@@ -205,12 +207,12 @@ class RedisTier:
         tag: bytes | None = None
         entry_key = self.entry_key(request)
         if trio.current_time() >= self._retry_at:
-            fresh = os.urandom(_TAG_BYTES)
+            fresh = random.randbytes(_TAG_BYTES)
             lookup = _LOOKUP.command(
                 [self.epoch_key, self.version_key(id), entry_key],
                 [fresh[:8], fresh[8:], self._version_ttl_ms],
             )
-            replies = await self._run([lookup], script=True)
+            replies = await self._run([lookup])
             if replies is not None:
                 reply = replies[-1]
                 if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], bytes):
@@ -244,9 +246,8 @@ class RedisTier:
         if trio.current_time() < self._retry_at:
             self._remember(id)
             return
-        command: list[resp.Arg] = [b"SET", self.version_key(id), os.urandom(8), b"PX", self._version_ttl_ms]
         with trio.CancelScope(shield=True):
-            if await self._run([command]) is None:
+            if await self._run([self._new_version(id)]) is None:
                 self._remember(id)
 
     def close(self) -> None:
@@ -257,6 +258,9 @@ class RedisTier:
         await self._pool.aclose()
 
     # -- plumbing -----------------------------------------------------------
+
+    def _new_version(self, id: str) -> list[resp.Arg]:
+        return [b"SET", self.version_key(id), random.randbytes(8), b"PX", self._version_ttl_ms]
 
     def _remember(self, id: str) -> None:
         self._troubles += 1
@@ -272,19 +276,16 @@ class RedisTier:
         """Commands delivering the pending invalidations, and what they cover."""
         pending = dict(self._pending)
         epoch = self._epoch_pending
-        commands: list[list[resp.Arg]] = [
-            [b"SET", self.version_key(id), os.urandom(8), b"PX", self._version_ttl_ms] for id in pending
-        ]
+        commands = [self._new_version(id) for id in pending]
         if epoch:
-            commands.append([b"SET", self.epoch_key, os.urandom(8)])
+            commands.append([b"SET", self.epoch_key, random.randbytes(8)])
         return commands, pending, epoch
 
-    async def _run(
-        self, commands: Sequence[Sequence[resp.Arg]], *, script: bool = False
-    ) -> list[resp.Reply] | None:
+    async def _run(self, commands: Sequence[Sequence[resp.Arg]]) -> list[resp.Reply] | None:
         """Deliver pending invalidations, then ``commands``, in one round trip
-        (the last may be ``_LOOKUP``'s EVALSHA when ``script``); their replies,
-        or None if Redis failed (then the tier backs off)."""
+        (``_LOOKUP``'s EVALSHA among them runs again after loading it if the
+        server lost the script); their replies, or None if Redis failed (then
+        the tier backs off)."""
         flush, pending, epoch = (
             self._flush_commands() if self._pending or self._epoch_pending else ([], {}, 0)
         )
@@ -294,11 +295,7 @@ class RedisTier:
             try:
                 conn = await self._pool.acquire()
                 try:
-                    replies = await conn.pipeline(batch)
-                    last = replies[-1]
-                    if script and isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
-                        loaded = await conn.pipeline([[b"SCRIPT", b"LOAD", _LOOKUP.source], batch[-1]])
-                        replies[-1] = loaded[1]
+                    replies = await conn.pipeline_scripts(batch, _LOOKUP)
                 finally:
                     self._pool.put_back(conn)
                 for reply in replies:

@@ -109,6 +109,20 @@ class Connection:
             raise
         return replies
 
+    async def pipeline_scripts(self, commands: Sequence[Sequence[Arg]], script: Script) -> list[Reply]:
+        """``pipeline``, where some commands are ``script``'s EVALSHA: those the
+        server answered NOSCRIPT did not run, so the script is loaded and they
+        run again (in the same order), and their new replies take their places."""
+        replies = await self.pipeline(commands)
+        redo = [
+            i for i, r in enumerate(replies) if isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT")
+        ]
+        if redo:
+            again = await self.pipeline([["SCRIPT", "LOAD", script.source], *(commands[i] for i in redo)])
+            for i, r in zip(redo, again[1:], strict=True):
+                replies[i] = r
+        return replies
+
     async def call(self, *args: Arg) -> Reply:
         """One command; its reply, ReplyError raised."""
         (reply,) = await self.pipeline([args])
@@ -208,17 +222,7 @@ class Pool(BoundedPool[Connection]):
         commands = [script.command(k, a) for k, a in calls]
         conn = await self.acquire()
         try:
-            replies = await conn.pipeline(commands)
-            # Calls that found no script did not run: load it and run them again.
-            redo = [
-                i
-                for i, r in enumerate(replies)
-                if isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT")
-            ]
-            if redo:
-                again = await conn.pipeline([["SCRIPT", "LOAD", script.source], *(commands[i] for i in redo)])
-                for i, r in zip(redo, again[1:], strict=True):
-                    replies[i] = r
+            replies = await conn.pipeline_scripts(commands, script)
         finally:
             self.put_back(conn)
         if raise_errors:
