@@ -290,3 +290,15 @@ async def test_namespaces_and_prefixes_are_isolated(make_tier: Callable[..., Red
     await b.invalidate("r")
     await a.get_items("r", REQUEST, db.read)
     assert db.reads == 3
+
+
+async def test_a_flushed_lookup_script_is_loaded_again_and_still_hits(
+    make_tier: Callable[..., RedisTier], redis: resp.Connection
+) -> None:
+    tier = make_tier()
+    db = Backend()
+    await tier.get_items("r", REQUEST, db.read)
+    await redis.call("SCRIPT", "FLUSH")  # a Redis restart or failover loses loaded scripts
+    assert await tier.get_items("r", REQUEST, db.read) == db.answer().SerializeToString()
+    assert db.reads == 1  # answered from the cache, not bypassed
+    assert not tier.suspect
