@@ -15,6 +15,7 @@ from prism.backends.base import (
     ItemWrite,
     Mutation,
     Put,
+    RecordPage,
     StoredItem,
 )
 from prism.errors import InvalidArgument
@@ -57,3 +58,54 @@ def page_items(items: Iterable[StoredItem], limit_items: int, limit_bytes: int) 
         out.append(item)
         size += n
     return ItemPage(out, None)
+
+
+class RecordPager:
+    """Builds one ScanItems page: whole records in id order until the next
+    would pass a limit, but always at least one. Records come whole
+    (``add_record``) or row by row in (id, key) order (``add_row``, which
+    stops as soon as the record being read can no longer fit, without
+    reading the rest of it). Either returns the page once it is full."""
+
+    def __init__(self, limit_items: int, limit_bytes: int) -> None:
+        self._limit_items = limit_items
+        self._limit_bytes = limit_bytes
+        self._records: list[tuple[str, list[StoredItem]]] = []
+        self._n_items = self._n_bytes = 0  # of the records in the page
+        self._rid: str | None = None  # the record add_row is reading
+        self._items: list[StoredItem] = []
+        self._size = 0
+
+    def _full(self, n_items: int, size: int) -> RecordPage | None:
+        if self._records and (
+            self._n_items + n_items > self._limit_items or self._n_bytes + size > self._limit_bytes
+        ):
+            return RecordPage(self._records, self._records[-1][0])
+        return None
+
+    def _append(self, rid: str, items: list[StoredItem], size: int) -> None:
+        self._records.append((rid, items))
+        self._n_items += len(items)
+        self._n_bytes += size
+
+    def add_record(self, rid: str, items: list[StoredItem], size: int) -> RecordPage | None:
+        page = self._full(len(items), size)
+        if page is None:
+            self._append(rid, items, size)
+        return page
+
+    def add_row(self, rid: str, item: StoredItem) -> RecordPage | None:
+        if rid != self._rid:
+            if self._rid is not None:
+                self._append(self._rid, self._items, self._size)
+            self._rid, self._items, self._size = rid, [], 0
+        self._items.append(item)
+        self._size += len(item.key) + len(item.value)
+        return self._full(len(self._items), self._size)
+
+    def last_page(self) -> RecordPage:
+        """The page when the records ran out first."""
+        if self._rid is not None:
+            self._append(self._rid, self._items, self._size)
+            self._rid = None
+        return RecordPage(self._records, None)

@@ -32,6 +32,7 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.common import (
+    RecordPager,
     check_items,
     check_mutations,
     is_expired,
@@ -208,8 +209,7 @@ class MemoryBackend:
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
     ) -> RecordPage:
         ids = self._ids()
-        records: list[tuple[str, list[StoredItem]]] = []
-        n_items = n_bytes = 0
+        pager = RecordPager(limit_items, limit_bytes)
         empty: list[str] = []
         start = 0 if after is None else bisect_right(ids, after)
         for i in range(start, len(ids)):
@@ -219,14 +219,12 @@ class MemoryBackend:
             if not rec.items:
                 empty.append(rid)  # dropped after the loop: it indexes ``ids``
                 continue
-            if records and (n_items + len(rec.items) > limit_items or n_bytes + rec.nbytes > limit_bytes):
+            page = pager.add_record(rid, rec.items[:], rec.nbytes)
+            if page is not None:
                 self._drop_empty(empty)
-                return RecordPage(records, records[-1][0])
-            records.append((rid, rec.items[:]))
-            n_items += len(rec.items)
-            n_bytes += rec.nbytes
+                return page
         self._drop_empty(empty)
-        return RecordPage(records, None)
+        return pager.last_page()
 
     def _replayed(self, id: str, token: str, now_ms: int) -> bool:
         if not token:

@@ -44,7 +44,7 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.coalesce import Coalescer
-from prism.backends.common import check_items, check_mutations, page_items
+from prism.backends.common import RecordPager, check_items, check_mutations, page_items
 from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
 
 DEFAULT_DSN = "postgresql://127.0.0.1/test"
@@ -223,11 +223,7 @@ class PostgresBackend:
         read only as far as the first record that does not fit."""
         self._check_open()
         chunk = max(64, min(limit_items + 1, SCAN_CHUNK_MAX))
-        records: list[tuple[str, list[StoredItem]]] = []
-        n_items = n_bytes = 0  # of the records already in the page
-        rid: str | None = None
-        items: list[StoredItem] = []
-        size = 0  # of ``items``, the record being read
+        pager = RecordPager(limit_items, limit_bytes)
         with _mapped_errors():
             conn = await self._pool.acquire()
             try:
@@ -235,17 +231,10 @@ class PostgresBackend:
                 rows = await self._scan_chunk(conn, now_ms, chunk, after, None)
                 while rows:
                     for row_id, key, value, expires_at_ms in rows:
-                        if row_id != rid:
-                            if rid is not None:
-                                records.append((rid, items))
-                                n_items += len(items)
-                                n_bytes += size
-                            rid, items, size = row_id, [], 0
-                        items.append(StoredItem(key, value, expires_at_ms))
-                        size += len(key) + len(value)
-                        if records and (n_items + len(items) > limit_items or n_bytes + size > limit_bytes):
+                        page = pager.add_row(row_id, StoredItem(key, value, expires_at_ms))
+                        if page is not None:
                             await conn.execute(b"COMMIT")
-                            return RecordPage(records, records[-1][0])
+                            return page
                     if len(rows) < chunk:
                         break
                     last = rows[-1]
@@ -253,9 +242,7 @@ class PostgresBackend:
                 await conn.execute(b"COMMIT")
             finally:
                 await self._pool.release(conn)
-        if rid is not None:
-            records.append((rid, items))
-        return RecordPage(records, None)
+        return pager.last_page()
 
     async def _scan_chunk(
         self, conn: pgio.Connection, now_ms: int, chunk: int, after_id: str | None, after_key: bytes | None

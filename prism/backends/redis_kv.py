@@ -41,7 +41,7 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.coalesce import Coalescer
-from prism.backends.common import check_items, check_mutations, page_items
+from prism.backends.common import RecordPager, check_items, check_mutations, page_items
 from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -412,8 +412,7 @@ class RedisBackend:
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
     ) -> RecordPage:
         self._check_open()
-        records: list[tuple[str, list[StoredItem]]] = []
-        n_items = n_bytes = 0
+        pager = RecordPager(limit_items, limit_bytes)
         cursor = b"-" if after is None else b"(" + after.encode()
         while True:
             try:
@@ -429,15 +428,13 @@ class RedisBackend:
                 if not items:
                     continue
                 size = sum(len(it.key) + len(it.value) for it in items)
-                if records and (n_items + len(items) > limit_items or n_bytes + size > limit_bytes):
-                    return RecordPage(records, records[-1][0])
-                records.append((raw_id.decode(), items))
-                n_items += len(items)
-                n_bytes += size
+                page = pager.add_record(raw_id.decode(), items, size)
+                if page is not None:
+                    return page
             if len(ids) < SCAN_CHUNK:
                 break
             cursor = b"(" + ids[-1]
-        return RecordPage(records, None)
+        return pager.last_page()
 
     def _put_args(self, item: ItemWrite, stamp: Stamp) -> list[resp.Arg]:
         return [b"p", item.key, _pack(item, stamp), item.expires_at_ms]

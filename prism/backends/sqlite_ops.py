@@ -29,7 +29,7 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.common import is_replay, page_items
+from prism.backends.common import RecordPager, is_replay, page_items
 from prism.backends.sqlite_common import retry_locked
 from prism.errors import Internal
 
@@ -235,28 +235,15 @@ def scan_items(
         sql += " AND id > ?"
         params += (after,)
     cursor = conn.execute(sql + " ORDER BY id, key", params)
-    records: list[tuple[str, list[StoredItem]]] = []
-    n_items = n_bytes = 0  # of the records already in the page
-    rid: str | None = None
-    items: list[StoredItem] = []
-    size = 0  # of ``items``, the record being read
+    pager = RecordPager(limit_items, limit_bytes)
     try:
         for row_id, key, value, expires_at_ms in cursor:
-            if row_id != rid:
-                if rid is not None:
-                    records.append((rid, items))
-                    n_items += len(items)
-                    n_bytes += size
-                rid, items, size = row_id, [], 0
-            items.append(StoredItem(key, value, expires_at_ms))
-            size += len(key) + len(value)
-            if records and (n_items + len(items) > limit_items or n_bytes + size > limit_bytes):
-                return RecordPage(records, records[-1][0])
+            page = pager.add_row(row_id, StoredItem(key, value, expires_at_ms))
+            if page is not None:
+                return page
     finally:
         cursor.close()
-    if rid is not None:
-        records.append((rid, items))
-    return RecordPage(records, None)
+    return pager.last_page()
 
 
 class Purger:
