@@ -13,7 +13,9 @@ full every time: on this machine that was a third of a trio + h2 server's CPU
 - ``CachingDecoder`` remembers the decoding of header blocks that did not
   change the dynamic table. Such a block decodes the same for as long as the
   table stays as it was, so the cache is emptied whenever any block changes
-  the table (or its size).
+  the table (or its size). ``plain(block)`` answers from that cache alone,
+  for blocks whose headers need nothing from h2 beyond the stream state
+  (``prism.rpc.h2conn``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CachingDecoder(Decoder):
     def __init__(self) -> None:
         super().__init__()
         self._decoded: dict[bytes, Any] = {}
+        self._plain: dict[bytes, Any] = {}
 
     def _table_state(self) -> tuple[int, object, int]:
         entries = self.header_table.dynamic_entries
@@ -70,8 +73,34 @@ class CachingDecoder(Decoder):
         headers = super().decode(data, raw)
         if self._table_state() != before:
             self._decoded.clear()
+            self._plain.clear()
         elif raw:
             if len(self._decoded) >= _MAX_DECODED_BLOCKS:
                 self._decoded.clear()
+                self._plain.clear()
             self._decoded[key] = headers
+            entry = _plain_request(headers)
+            if entry is not None:
+                self._plain[key] = entry
         return headers
+
+    def plain(self, block: bytes) -> tuple[Any, int | None] | None:
+        """``(headers, content-length or None)`` of ``block`` if it was decoded
+        before without changing the table and is a plain request; else None."""
+        return self._plain.get(block)
+
+
+def _plain_request(headers: Any) -> tuple[Any, int | None] | None:
+    """What h2 takes from a request's headers when it receives them: the
+    content-length it will hold the body to (read as h2 reads it). None for a
+    block h2 would treat otherwise: a response ``:status``, a content-length
+    that is not digits, or two that differ (h2 refuses those)."""
+    length: int | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                return None
+            length = int(value)
+        elif name == b":status":
+            return None
+    return headers, length

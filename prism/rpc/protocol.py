@@ -29,7 +29,8 @@ from h2.connection import ConnectionState
 from h2.stream import StreamInputs
 
 from prism.errors import StatusCode
-from prism.rpc.hpack_cache import CachingDecoder, FixedBlockEncoder, stateless_block
+from prism.rpc.h2conn import HEADERS_READ, PlainFrame, ServerConnection
+from prism.rpc.hpack_cache import FixedBlockEncoder, stateless_block
 
 # Event kinds returned by receive_data.
 CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
@@ -129,17 +130,6 @@ def encode_grpc_message(message: str) -> bytes:
     return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
-class _H2Connection(h2.connection.H2Connection):
-    # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
-    # error (TooManyStreamsError). gRPC wants only that stream refused, so we
-    # count calls ourselves and keep h2's check from firing. The property's
-    # side effect (forgetting closed streams) is kept.
-    @property
-    def open_inbound_streams(self) -> int:
-        self._open_streams(0 if self.config.client_side else 1)
-        return 0
-
-
 class GrpcProtocol:
     """The gRPC server side of one HTTP/2 connection."""
 
@@ -160,12 +150,8 @@ class GrpcProtocol:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._h2 = _H2Connection(config=config)
+        self._h2 = ServerConnection(config)
         self._h2.encoder = FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK))
-        decoder = CachingDecoder()
-        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
-        decoder.max_allowed_table_size = self._h2.decoder.max_allowed_table_size
-        self._h2.decoder = decoder
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
         self._initial_window = initial_window_bytes
@@ -215,23 +201,31 @@ class GrpcProtocol:
 
     # -- input ---------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray) -> list[tuple[int, Call | None]]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[tuple[int, Call | None]]:
         """Feed bytes from the peer; return what happened to which call."""
         if self.broken:
             return []
         out: list[tuple[int, Call | None]] = []
+        plain: list[PlainFrame] = []
+        if not (self.draining or self.peer_gone):
+            data = self._h2.receive_plain(data, plain)
         try:
-            events = self._h2.receive_data(data)
+            events = self._h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
             # h2 has queued a GOAWAY with the right error code already.
             self.broken = True
             out.append((CONNECTION_CLOSED, None))
             return out
+        for kind, sid, value, length, ended in plain:
+            if kind == HEADERS_READ:
+                self._start_call(sid, value, ended, out)
+            else:
+                self._on_data(sid, value, length, ended, out)
         for ev in events:
             if type(ev) is h2.events.DataReceived:
-                self._on_data(ev, out)
+                self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)
             elif type(ev) is h2.events.RequestReceived:
-                self._start_call(ev, out)
+                self._start_call(ev.stream_id, ev.headers, False, out)
             elif type(ev) is h2.events.StreamEnded:
                 self._end_call(ev.stream_id, out)
             elif type(ev) is h2.events.StreamReset:
@@ -253,15 +247,16 @@ class GrpcProtocol:
                 pass
         return out
 
-    def _start_call(self, ev: h2.events.RequestReceived, out: list[tuple[int, Call | None]]) -> None:
-        sid = ev.stream_id
+    def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:
         if self.draining or self.peer_gone or len(self.calls) >= self.max_concurrent_streams:
-            self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            stream = self._h2.streams.get(sid)
+            if stream is not None and not stream.closed:  # else the client reset it already
+                self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         call = Call(sid)
         method = path = content_type = timeout = None
         metadata = call.metadata
-        for name, value in ev.headers or ():
+        for name, value in headers or ():
             n = bytes(name)
             if n[:1] == b":":
                 if n == b":path":
@@ -301,20 +296,26 @@ class GrpcProtocol:
                 self.send_error(call, StatusCode.INVALID_ARGUMENT, f"invalid grpc-timeout {timeout!r}")
                 return
         out.append((CALL_START, call))
-        if ev.stream_ended is not None:
+        if ended:
             self._end_call(sid, out)
 
-    def _on_data(self, ev: h2.events.DataReceived, out: list[tuple[int, Call | None]]) -> None:
-        sid = ev.stream_id
-        if ev.flow_controlled_length:
+    def _on_data(
+        self, sid: int, data: bytes | None, length: int, ended: bool, out: list[tuple[int, Call | None]]
+    ) -> None:
+        if length:
             # We buffer at most one bounded message per call, so give the
             # window back at once; h2 batches the WINDOW_UPDATEs.
-            self._h2.acknowledge_received_data(ev.flow_controlled_length, sid)
+            self._h2.acknowledge_received_data(length, sid)
+        self._take_data(sid, data, out)
+        if ended:
+            self._end_call(sid, out)
+
+    def _take_data(self, sid: int, data: bytes | None, out: list[tuple[int, Call | None]]) -> None:
         call = self.calls.get(sid)
-        if call is None or call._failed or ev.data is None:
+        if call is None or call._failed or data is None:
             return
         buf = call._inbuf
-        buf += ev.data
+        buf += data
         while len(buf) >= _PREFIX_LEN:
             if buf[0] != 0:
                 self.send_error(call, StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
@@ -372,7 +373,7 @@ class GrpcProtocol:
         self._pump(call)
 
     @staticmethod
-    def _send_unary_frames(conn: _H2Connection, stream: Any, sid: int, payload: bytes, n: int) -> None:
+    def _send_unary_frames(conn: ServerConnection, stream: Any, sid: int, payload: bytes, n: int) -> None:
         # The common case, a small OK answer within the flow-control window,
         # written as three frames straight into h2's output buffer. h2's own
         # send_headers/send_data/send_headers did the same work at about three
@@ -434,10 +435,8 @@ class GrpcProtocol:
                 trailers += ((b"grpc-message", encode_grpc_message(message)),)
         if not call._headers_sent:
             # Trailers-only response: one HEADERS frame with everything.
-            call._headers_sent = True
             call._failed = True
-            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS[:2] + trailers, end_stream=True)
-            self._finish(call)
+            self._send_final_headers(call, RESPONSE_HEADERS[:2] + trailers)
             return
         call._trailers = trailers
         self._pump(call)
@@ -455,17 +454,24 @@ class GrpcProtocol:
 
     def _refuse_http(self, call: Call, status: bytes, reason: str) -> None:
         call._failed = True
-        call._headers_sent = True
-        self._h2.send_headers(
-            call.stream_id,
+        self._send_final_headers(
+            call,
             (
                 (b":status", status),
                 (b"content-type", b"text/plain"),
                 (b"grpc-status", b"%d" % StatusCode.UNKNOWN),
                 (b"grpc-message", encode_grpc_message(reason)),
             ),
-            end_stream=True,
         )
+
+    def _send_final_headers(self, call: Call, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        call._headers_sent = True
+        try:
+            self._h2.send_headers(call.stream_id, headers, end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            # The client reset the stream in the same read that opened it
+            # (h2 has taken in every frame of a read before we answer any).
+            pass
         self._finish(call)
 
     def _finish(self, call: Call) -> None:

@@ -1,0 +1,299 @@
+"""The plain-frame reader (prism.rpc.h2conn) against h2's own reading.
+
+Two GrpcProtocol servers get the same client bytes, cut at the same random
+places: one reads plain call frames itself (as in production), the other
+gives every byte to h2. Whatever the client does (requests with and without
+a body, bodies split over frames, timeouts, content-length, resets, pings,
+window updates, settings changes, frames that break the protocol), both must
+report the same calls and messages, send the same bytes back, and leave h2's
+connection and stream state the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from prism.errors import StatusCode
+from prism.rpc.protocol import CALL_START, Call, GrpcProtocol
+
+from .h2client import frame
+
+WINDOW = 32 * 1024  # a stream's receive window: a "flood" (3 x 16 KiB in one read) overruns it
+PATHS = ["/prism.kv.v1.KeyValue/GetItems", "/prism.kv.v1.KeyValue/PutItems", "/s/M"]
+
+RAW = [
+    "data_unknown",
+    "data_again",
+    "data_padded",
+    "data_huge",
+    "flood",
+    "headers_even",
+    "headers_low",
+    "headers_open",
+    "continuation",
+]
+
+# Mostly the same few header blocks, as real clients send: a block is read
+# by the plain path from its third sending on (h2 decodes the first, which
+# teaches the HPACK table, and the second, which is then remembered).
+request = st.tuples(
+    st.just("request"),
+    st.sampled_from(PATHS[:1] * 4 + PATHS),
+    st.binary(max_size=40),  # message body
+    st.integers(0, 3),  # 0: one DATA frame, 1: split in two, 2: headers only, 3: DATA at a later step
+    st.sampled_from([None] * 6 + ["5S", "bad"]),  # grpc-timeout
+    st.sampled_from([None] * 6 + [0] * 6 + [1, -1]),  # content-length: none, right, one off
+)
+action = st.one_of(
+    request,
+    request,
+    request,
+    request,
+    request,
+    st.tuples(st.just("late")),
+    st.tuples(st.just("answer"), st.integers(0, 50), st.booleans()),
+    st.tuples(st.just("reset"), st.integers(0, 50)),
+    st.tuples(st.just("ping")),
+    st.tuples(st.just("window"), st.integers(1, 100_000)),
+    st.tuples(st.just("table"), st.sampled_from([0, 256, 4096])),
+    # Frames that break the protocol end the connection: drawn rarely, so that
+    # most runs go on long enough to reach the plain path's other cases.
+    st.tuples(st.just("raw"), st.sampled_from(RAW + ["nothing"] * 3 * len(RAW))),
+    st.tuples(st.just("flush"), st.integers(0, 200)),
+    st.tuples(st.just("flush"), st.just(1 << 20)),
+    st.tuples(st.just("flush"), st.just(1 << 20)),
+    st.tuples(st.just("flush"), st.just(1 << 20)),
+)
+WARM_UP = [("request", PATHS[0], b"", 0, None, None), ("flush", 1 << 20)] * 2
+
+
+def _plain_off(proto: GrpcProtocol) -> GrpcProtocol:
+    proto._h2.receive_plain = lambda data, *_: data  # type: ignore[method-assign]
+    return proto
+
+
+def _call_view(call: Call | None) -> object:
+    if call is None:
+        return None
+    return (call.stream_id, call.path, call.timeout_s, tuple(call.messages), tuple(call.metadata), call.done)
+
+
+def _h2_state(proto: GrpcProtocol) -> object:
+    conn = proto._h2
+    streams = {
+        sid: (
+            s.state_machine.state,
+            s._inbound_window_manager.current_window_size,
+            s.outbound_flow_control_window,
+            s._actual_content_length,
+        )
+        for sid, s in conn.streams.items()
+        if not s.closed  # closed streams are forgotten at different times
+    }
+    return (
+        conn.state_machine.state,
+        conn.highest_inbound_stream_id,
+        conn._inbound_flow_control_window_manager.current_window_size,
+        conn.outbound_flow_control_window,
+        streams,
+        proto.broken,
+    )
+
+
+def _request_headers(path: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", b"127.0.0.1:8980"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+
+
+class Run:
+    def __init__(self) -> None:
+        self.fast = GrpcProtocol(initial_window_bytes=WINDOW)
+        self.slow = _plain_off(GrpcProtocol(initial_window_bytes=WINDOW))
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+        self.fast.initiate()
+        self.slow.initiate()
+        self.pending = b""
+        self.calls: list[tuple[Call, Call]] = []
+        self.late: list[tuple[int, bytes]] = []
+        self.deliver(0, everything=True)
+
+    def deliver(self, cut: int, *, everything: bool = False) -> None:
+        if self.slow.broken:
+            return
+        self.pending += self.client.data_to_send()
+        if everything:
+            cut = len(self.pending)
+        chunk, self.pending = self.pending[:cut], self.pending[cut:]
+        if chunk:
+            fast = self.fast.receive_data(chunk)
+            slow = self.slow.receive_data(chunk)
+            assert [(k, _call_view(c)) for k, c in fast] == [(k, _call_view(c)) for k, c in slow]
+            self.calls += [(f, s) for (k, f), (_, s) in zip(fast, slow, strict=True) if k == CALL_START]
+        self.compare()
+
+    def compare(self) -> None:
+        out = self.fast.data_to_send()
+        assert out == self.slow.data_to_send()
+        if self.slow.broken:  # both sent the same GOAWAY; nothing more to compare
+            assert self.fast.broken
+            return
+        assert _h2_state(self.fast) == _h2_state(self.slow)
+        if out and not self.fast.broken:
+            try:
+                for ev in self.client.receive_data(out):
+                    if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
+                        self.client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    def act(self, step: tuple[Any, ...]) -> None:
+        if step[0] == "flush":
+            self.deliver(step[1])
+            return
+        try:
+            self._act(step)
+        except h2.exceptions.ProtocolError:
+            pass  # what the client's h2 refuses to send (limits, closed streams, GOAWAY)
+
+    def _act(self, step: tuple[Any, ...]) -> None:
+        kind = step[0]
+        client = self.client
+        if kind == "request":
+            _, path, body, shape, timeout, content_length = step
+            sid = client.get_next_available_stream_id()
+            message = frame(body)
+            headers = _request_headers(path)
+            if timeout is not None:
+                headers.append((b"grpc-timeout", timeout.encode()))
+            if content_length is not None:
+                headers.append((b"content-length", str(len(message) + content_length).encode()))
+            client.send_headers(sid, headers, end_stream=shape == 2)
+            if shape == 0:
+                client.send_data(sid, message, end_stream=True)
+            elif shape == 1:
+                client.send_data(sid, message[:3])
+                client.send_data(sid, message[3:], end_stream=True)
+            elif shape == 3:
+                self.late.append((sid, message))
+        elif kind == "late":
+            if self.late:
+                sid, message = self.late.pop(0)
+                if sid in client.streams and client.streams[sid].open:
+                    client.send_data(sid, message, end_stream=True)
+        elif kind == "answer":
+            if self.calls:
+                fast, slow = self.calls.pop(step[1] % len(self.calls))
+                for proto, call in ((self.fast, fast), (self.slow, slow)):
+                    if step[2]:
+                        proto.send_unary(call, b"answer" * 3)
+                    else:
+                        proto.send_error(call, StatusCode.NOT_FOUND, "no such record")
+        elif kind == "reset":
+            open_ids = sorted(sid for sid, s in client.streams.items() if s.open)
+            if open_ids:
+                client.reset_stream(open_ids[step[1] % len(open_ids)])
+        elif kind == "ping":
+            client.ping(b"12345678")
+        elif kind == "window":
+            client.increment_flow_control_window(step[1])
+        elif kind == "table":
+            client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: step[1]})
+        elif kind == "raw" and step[1] != "nothing":
+            client._data_to_send += self._raw(step[1])
+
+    def _raw(self, what: str) -> bytes:
+        highest = max(self.client.highest_outbound_stream_id or 1, 1)
+        if what == "data_unknown":
+            return DataFrame(highest + 200, data=frame(b"x"), flags=["END_STREAM"]).serialize()
+        if what == "data_again":  # most likely after that stream's END_STREAM
+            return DataFrame(highest, data=frame(b"x"), flags=["END_STREAM"]).serialize()
+        if what == "data_huge":  # one byte over the frame size limit
+            return DataFrame(highest, data=bytes(16385)).serialize()
+        if what == "flood":  # past the stream's flow-control window
+            return DataFrame(highest, data=bytes(16384)).serialize() * 3
+        if what == "data_padded":
+            f = DataFrame(highest, data=frame(b"x"), flags=["END_STREAM", "PADDED"])
+            f.pad_length = 3
+            return f.serialize()
+        if what == "continuation":
+            return ContinuationFrame(highest + 2, data=b"", flags=["END_HEADERS"]).serialize()
+        # The warm-up's header block: one the plain path knows.
+        block = self.client.encoder.encode(_request_headers(PATHS[0]))
+        if what == "headers_open":  # its block goes on in a CONTINUATION frame
+            return HeadersFrame(highest + 2, data=block).serialize()
+        sid = highest + 1 if what == "headers_even" else max(highest - 2, 1)
+        return HeadersFrame(sid, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize()
+
+
+PLAIN = ("request", PATHS[0], b"", 0, None, None)  # the warm-up's request: read plainly
+LATE = ("request", PATHS[0], b"", 3, None, None)  # the same, its body sent later
+ALL = ("flush", 1 << 20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(action, min_size=10, max_size=100))
+# A body that breaks its content-length, arriving in a later read than its headers.
+@example(steps=[("request", "/s/M", b"abc", 3, None, 1), ALL, ("late",)])
+# A request read plainly (its header block, content-length 9 included, seen
+# twice before) whose body is shorter than its content-length.
+@example(
+    steps=[("request", PATHS[0], b"abcd", 0, None, 0), ALL] * 2
+    + [("request", PATHS[0], b"abc", 0, None, 1), ALL]
+)
+# A plain request reset by the client in the same read.
+@example(steps=[PLAIN, ALL, PLAIN, ("reset", 0)])
+# Frames the plain path must leave to h2, on a stream it could otherwise read.
+@example(steps=[LATE, ALL, ("raw", "flood"), ALL])
+@example(steps=[LATE, ALL, ("raw", "data_huge"), ALL])
+@example(steps=[LATE, ALL, ("raw", "data_padded"), ALL])
+@example(steps=[PLAIN, ALL, ("raw", "data_again"), ALL])
+@example(steps=[("raw", "headers_even"), ALL])
+@example(steps=[PLAIN, ALL, PLAIN, ALL, ("raw", "headers_low"), ALL])
+@example(steps=[("raw", "headers_open"), ALL, ("raw", "continuation"), ALL, PLAIN, ALL])
+@example(steps=[("raw", "headers_open"), ALL, PLAIN, ALL])
+# A read that ends inside a frame, and the next one.
+@example(steps=[PLAIN, ("flush", 20), PLAIN, ALL])
+def test_plain_frames_agree_with_h2(steps: list[tuple[Any, ...]]) -> None:
+    run = Run()
+    for step in WARM_UP + steps:
+        run.act(step)
+        if run.slow.broken:
+            break
+    run.deliver(0, everything=True)
+
+
+def test_repeated_requests_take_the_plain_path() -> None:
+    # Not a timing test: once the client's header block repeats, the h2
+    # parser is not asked at all, and the calls still come out right.
+    run = Run()
+    asked = 0
+    receive = run.fast._h2.receive_data
+
+    def counting(data: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        return receive(data)
+
+    run.fast._h2.receive_data = counting  # type: ignore[method-assign]
+    for n in range(20):
+        run.act(("request", PATHS[0], b"%d" % n, 0, None, None))
+        run.deliver(0, everything=True)
+    assert asked <= 2  # the first request teaches the HPACK table; the rest are plain
+    assert [f.messages for f, _ in run.calls] == [[b"%d" % n] for n in range(20)]
