@@ -14,7 +14,8 @@ duplicate's PubAck carries the first one's ``seq``).
 
 Groups. A named group is a durable pull consumer ``g_<hash(topic, group)>``
 (explicit acks, ``ack_wait`` = ``ack_wait_ms``), created at ``start`` if
-missing and reused as it is otherwise; its members pull from it, so they
+missing and reused otherwise (its position kept; its ``ack_wait`` updated if
+the option changed since); its members pull from it, so they
 share its messages. ``receive`` sends a pull of one message
 (``$JS.API.CONSUMER.MSG.NEXT``) only when called, so no member holds
 messages it was not asked for. An empty group is an ephemeral consumer
@@ -237,11 +238,13 @@ class NatsPubSubBackend:
     async def _durable(self, topic: str, group: str, start: Start) -> str:
         name = consumer_name(topic, group)
         try:
-            await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{name}")
-            return name
+            info = await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{name}")
         except JetStreamError as exc:
             if exc.err_code != _ERR_CONSUMER_NOT_FOUND:
                 raise
+        else:
+            await self._follow_ack_wait(name, info.get("config", {}))
+            return name
         config = {
             **self._consumer_config(topic, start), "durable_name": name, "ack_policy": "explicit",
             "ack_wait": self.options.ack_wait_ms * 1_000_000, "max_ack_pending": MAX_ACK_PENDING,
@@ -257,6 +260,18 @@ class NatsPubSubBackend:
             except JetStreamError:
                 raise exc from None
         return name
+
+    async def _follow_ack_wait(self, name: str, config: dict[str, Any]) -> None:
+        # A group made under another ack_wait_ms (the option changed since)
+        # takes the namespace's current one: JetStream keeps a durable
+        # consumer's ack_wait until the consumer is updated, and ack_wait is
+        # one of the settings an update may change.
+        wanted = self.options.ack_wait_ms * 1_000_000
+        if config.get("ack_wait") != wanted:
+            await self._api(
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{self.stream}.{name}",
+                {"stream_name": self.stream, "config": {**config, "ack_wait": wanted}},
+            )
 
     @asynccontextmanager
     async def _subscribe(self, topic: str, group: str, start: Start) -> AsyncIterator[_Subscription]:

@@ -352,3 +352,33 @@ async def test_an_error_inside_a_subscription_comes_out_as_raised(pubsub: PubSub
         async with pubsub.subscribe(T, group, Start()) as sub:
             assert isinstance(sub, Subscription)
             raise Unavailable("ended by the caller")
+
+
+async def test_nats_group_follows_a_changed_ack_wait(tmp_path: Path) -> None:
+    # API.md: an unacknowledged delivery comes again after the namespace's
+    # ack_wait_ms. A group made while it was 60 s must follow it once Prism
+    # serves the namespace with 0.3 s (JetStream keeps a durable consumer's
+    # own ack_wait until it is updated).
+    from prism.backends.pubsub_nats import NatsPubSubBackend
+
+    opts = {"stream": f"T{uuid.uuid4().hex}", "dedup_window_s": WINDOW}
+    namespace = f"ns_{uuid.uuid4().hex[:12]}"
+    before = NatsPubSubBackend({**opts, "ack_wait_ms": 60_000}, data_dir=tmp_path, namespace=namespace)
+    await before.open()
+    try:
+        async with before.subscribe(T, "g", EARLIEST):
+            pass  # the group now exists
+    finally:
+        await before.aclose()
+    after = NatsPubSubBackend(
+        {**opts, "ack_wait_ms": int(ACK_WAIT * 1000)}, data_dir=tmp_path, namespace=namespace
+    )
+    await after.open()
+    try:
+        seq = await pub(after, b"x")
+        async with after.subscribe(T, "g", EARLIEST) as sub:
+            assert seqs(await take(sub)) == [seq]
+            assert seqs(await take(sub)) == [seq]  # again within GUARD, not after 60 s
+    finally:
+        await after.drop()
+        await after.aclose()
