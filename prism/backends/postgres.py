@@ -22,8 +22,9 @@ by ``open()`` if missing and never dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from psycopg import ProgrammingError
 from psycopg.conninfo import make_conninfo
@@ -45,6 +46,11 @@ from prism.backends.base import (
 from prism.backends.coalesce import Coalescer
 from prism.backends.common import RecordPager, check_items, check_mutations, page_items
 from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
+
+K = TypeVar("K")
+V = TypeVar("V")
+# One coalesced put: (id, items, stamp, now_ms).
+_Put = tuple[str, Sequence[ItemWrite], Stamp, int]
 
 DEFAULT_DSN = "postgresql://127.0.0.1/test"
 PURGE_INTERVAL_MS = 60_000
@@ -123,7 +129,9 @@ class PostgresBackend:
     ``connect_timeout_s`` (default 5), ``pool_timeout_s`` (longest wait for a
     free connection before RESOURCE_EXHAUSTED, default 0.5), ``coalesce_reads``
     (default true: concurrent whole-record reads share one statement, see
-    ``prism.backends.coalesce``)."""
+    ``prism.backends.coalesce``), ``coalesce_writes`` (default true: concurrent
+    PutItems without an idempotency token share one statement, see
+    ``_put_many``)."""
 
     def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
         opts = dict(options)
@@ -132,6 +140,12 @@ class PostgresBackend:
         if not isinstance(coalesce, bool):
             raise ConfigError("postgres backend: option 'coalesce_reads' must be true or false")
         self._coalesce = coalesce
+        coalesce_writes = opts.pop("coalesce_writes", True)
+        if not isinstance(coalesce_writes, bool):
+            raise ConfigError("postgres backend: option 'coalesce_writes' must be true or false")
+        self._writes: Coalescer[_Put, None] | None = None
+        if coalesce_writes:
+            self._writes = self._coalescer(self._put_many, "writes")
         # One coalescer per statement shape: (reverse, rows per record).
         self._readers: dict[tuple[bool, int], Coalescer[tuple[str, int], list[StoredItem]]] = {}
         if opts:
@@ -199,16 +213,21 @@ class PostgresBackend:
         if reader is None:
             if len(self._readers) >= 64:  # many page sizes in use: keep it bounded
                 self._readers.clear()
-            pool = self._pool
-            reader = self._readers[(reverse, limit)] = Coalescer(
-                lambda keys: self._get_many(keys, reverse, limit),
-                slots=min(2, pool.size),
-                wait_timeout_s=pool.acquire_timeout_s,
-                timeout_error=lambda: pgio.PoolTimeout(
-                    f"postgres: reads waited {pool.acquire_timeout_s:g} s behind busy connections"
-                ),
+            reader = self._readers[(reverse, limit)] = self._coalescer(
+                lambda keys: self._get_many(keys, reverse, limit), "reads"
             )
         return reader
+
+    def _coalescer(self, fetch: Callable[[list[K]], Awaitable[Sequence[V]]], what: str) -> Coalescer[K, V]:
+        pool = self._pool
+        return Coalescer(
+            fetch,
+            slots=min(2, pool.size),
+            wait_timeout_s=pool.acquire_timeout_s,
+            timeout_error=lambda: pgio.PoolTimeout(
+                f"postgres: {what} waited {pool.acquire_timeout_s:g} s behind busy connections"
+            ),
+        )
 
     async def _get_many(
         self, keys: list[tuple[str, int]], reverse: bool, limit: int
@@ -291,7 +310,42 @@ class PostgresBackend:
 
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)
+        if self._writes is not None and items and not stamp.token and now_ms < self._purge_next_ms:
+            self._check_open()
+            with _mapped_errors():
+                await self._writes.get((id, items, stamp, now_ms))
+            return
         await self._write(id, stamp, now_ms, [self._upsert(id, items, stamp, now_ms)] if items else [])
+
+    async def _put_many(self, puts: list[_Put]) -> list[None]:
+        # Concurrent puts without a token, as one autocommit statement: the
+        # same rows end up stored as if each put ran alone, in any order.
+        # Per (id, key) only the put that would win goes in (ON CONFLICT
+        # cannot touch a row twice): the greatest stamp, the later one of
+        # equal stamps (as the upsert's WHERE lets a later equal stamp win).
+        # Expiry is judged at the latest caller's clock: the statement runs
+        # after every caller's now. All the puts commit together or fail
+        # together (each put is still all or nothing, as alone).
+        rows: dict[tuple[str, bytes], tuple[ItemWrite, Stamp]] = {}
+        for id, items, stamp, _ in puts:
+            for item in items:
+                held = rows.get((id, item.key))
+                if held is None or (held[1].generation_time_us, held[1].token) <= (
+                    stamp.generation_time_us,
+                    stamp.token,
+                ):
+                    rows[(id, item.key)] = (item, stamp)
+        params: list[pgio.Param] = [
+            [id for id, _ in rows],
+            [key for _, key in rows],
+            [item.value for item, _ in rows.values()],
+            [item.expires_at_ms for item, _ in rows.values()],
+            [stamp.generation_time_us for _, stamp in rows.values()],
+            [stamp.token for _, stamp in rows.values()],
+            max(now for *_, now in puts),
+        ]
+        await self._pool.execute(self._sql.upsert_many, params)
+        return [None] * len(puts)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
         await self._write(id, stamp, now_ms, [self._delete(id, predicate, stamp)])

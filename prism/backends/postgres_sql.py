@@ -71,6 +71,18 @@ class Statements:
                 stamp_token = excluded.stamp_token
             WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
                OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)""".encode()
+        # Several records' items in one statement (coalesced puts without a
+        # token): $1 ids, $2 keys, $3 values, $4 expiries, $5 stamps, $6
+        # tokens (one entry per row, no (id, key) twice), $7 now.
+        self.upsert_many = f"""INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
+            SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[], $6::text[])
+            ON CONFLICT (id, key) DO UPDATE SET
+                value = excluded.value,
+                expires_at_ms = excluded.expires_at_ms,
+                stamp_us = excluded.stamp_us,
+                stamp_token = excluded.stamp_token
+            WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
+               OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)""".encode()
         # A row back means the token is fresh (new, or past the window) and
         # is now recorded; none means a replay. A concurrent write with the
         # same token waits on the row lock and then sees it as a replay.

@@ -457,6 +457,9 @@ def test_unknown_options_are_config_errors(tmp_path: Path) -> None:
         SqliteBackend({"synchronous": "OFF"}, data_dir=tmp_path, namespace="ns")
     with pytest.raises(ConfigError, match="path"):
         SqliteBackend({"path": 3}, data_dir=tmp_path, namespace="ns")
+    for flag in ("coalesce_reads", "coalesce_writes"):
+        with pytest.raises(ConfigError, match=f"'{flag}' must be true or false"):
+            PostgresBackend({flag: "yes"}, data_dir=tmp_path, namespace="ns")
 
 
 def test_sqlite_path_option(tmp_path: Path) -> None:

@@ -162,6 +162,40 @@ async def test_postgres_concurrent_gets_are_coalesced_and_exact(pg_backend) -> N
     assert sum(r.batches for r in readers) < 60  # shared statements, not one per call
 
 
+async def test_postgres_concurrent_puts_share_statements_and_last_writer_wins(pg_backend) -> None:  # type: ignore[no-untyped-def]
+    now = int(time.time() * 1000)
+    # The first write of a backend purges (its own transaction); so does none after.
+    await pg_backend.put_items("expired", [ItemWrite(b"k", b"old", now - 1)], Stamp(10**15, ""), now - 10)
+
+    async def put(i: int) -> None:
+        # 4 puts per record with stamps in shuffled order, 2 items each.
+        stamp = Stamp(1000 + (i * 7) % 80, "")
+        items = [ItemWrite(b"k", b"v%d" % i), ItemWrite(b"j", b"w%d" % i)]
+        await pg_backend.put_items(f"r{i % 20}", items, stamp, now)
+
+    async def put_over_expired() -> None:  # an expired item loses to any write, whatever its stamp
+        await pg_backend.put_items("expired", [ItemWrite(b"k", b"new")], Stamp(5, ""), now)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(80):
+            nursery.start_soon(put, i)
+        nursery.start_soon(put_over_expired)
+
+    async def items(id: str) -> list[tuple[bytes, bytes]]:
+        page = await pg_backend.get_items(
+            id, MatchAll(), reverse=False, after=None, limit_items=10, limit_bytes=1 << 20, now_ms=now
+        )
+        return [(item.key, item.value) for item in page.items]
+
+    for r in range(20):
+        winner = max((i for i in range(80) if i % 20 == r), key=lambda i: (i * 7) % 80)
+        assert await items(f"r{r}") == [(b"j", b"w%d" % winner), (b"k", b"v%d" % winner)]
+    assert await items("expired") == [(b"k", b"new")]
+    writes = pg_backend._writes
+    assert writes.reads == 81
+    assert writes.batches < 40  # shared statements, not one per put
+
+
 async def test_a_batch_that_waits_too_long_for_a_slot_fails_fast(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
