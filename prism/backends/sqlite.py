@@ -12,8 +12,10 @@ own snapshot. Thread hops are never abandoned on cancellation: a connection
 is only ever handed back once its thread is done with it.
 
 The semantics live in SQL: the stamp rule is the WHERE of an upsert and of
-the delete, each write is one transaction (idempotency check, changes,
-token) committed before the call returns, and reads filter expired items.
+the delete, each write (idempotency check, changes, token) is all or
+nothing and committed before the call returns, and reads filter expired
+items. Concurrent writes share one transaction, each in its own savepoint
+(``sqlite_ops.write_many``): one fsync per batch, not per write.
 Expired items and old tokens are purged in small batches inside a write's
 transaction, at most once a minute of caller time.
 
@@ -37,12 +39,14 @@ from prism.backends.base import (
     RecordPage,
     Stamp,
 )
+from prism.backends.coalesce import Coalescer
 from prism.backends.common import check_items, check_mutations
 from prism.backends.sqlite_common import (  # translate, READERS: re-exported
     BUSY_TIMEOUT_S,
     READERS,
     SqlitePool,
     file_options,
+    mapped_errors,
     translate,
 )
 from prism.errors import ConfigError
@@ -67,6 +71,10 @@ class SqliteBackend:
         synchronous = self.synchronous
         self._pool = SqlitePool(path, lambda conn: ops.prepare_writer(conn, synchronous))
         self._purger = ops.Purger()
+        # Concurrent writes share one transaction (ops.write_many): one lock
+        # and one fsync per batch instead of per write. One batch at a time:
+        # SQLite has one writer.
+        self._writes: Coalescer[ops.Write, Exception | None] = Coalescer(self._write_many, slots=1)
 
     async def open(self) -> None:
         """Create the directory, file and schema, and connect. Idempotent."""
@@ -80,10 +88,16 @@ class SqliteBackend:
         return await self._pool.read(fn)
 
     async def _write(self, id: str, stamp: Stamp, now_ms: int, apply: ops.Apply) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            ops.write(conn, id, stamp, now_ms, apply, self._purger)
+        failed = await self._writes.get((id, stamp, now_ms, apply))
+        if failed is not None:
+            with mapped_errors():
+                raise failed
 
-        await self._pool.write(run)
+    async def _write_many(self, writes: list[ops.Write]) -> list[Exception | None]:
+        def run(conn: sqlite3.Connection) -> list[Exception | None]:
+            return ops.write_many(conn, writes, self._purger)
+
+        return await self._pool.write(run)
 
     async def get_items(
         self,

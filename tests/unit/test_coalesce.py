@@ -1,4 +1,5 @@
-"""Read coalescing: concurrent reads share fetches, and every caller gets its own answer."""
+"""Coalescing: concurrent reads (and writes) share fetches (and transactions),
+and every caller gets its own answer."""
 
 from __future__ import annotations
 
@@ -288,3 +289,66 @@ async def test_redis_concurrent_writes_are_pipelined_together_and_each_applies(t
     finally:
         await kv.aclose()
         await rd.delete_keys(kv.key_prefix)
+
+
+async def test_sqlite_concurrent_writes_share_transactions_and_each_applies(tmp_path: Path) -> None:
+    from prism.backends.sqlite import SqliteBackend
+
+    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    await kv.open()
+    try:
+        now = int(time.time() * 1000)
+
+        async def put(i: int) -> None:
+            # The same token twice per record: one of each pair is a replay
+            # (the replay's value would differ: it must not land).
+            stamp = Stamp(1000 + i, f"t{i // 2}")
+            await kv.put_items(f"r{i // 2}", [ItemWrite(b"k", f"v{i}".encode())], stamp, now)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(80):
+                nursery.start_soon(put, i)
+        for r in range(40):
+            page = await kv.get_items(
+                f"r{r}",
+                MatchAll(),
+                reverse=False,
+                after=None,
+                limit_items=10,
+                limit_bytes=1 << 20,
+                now_ms=now,
+            )
+            assert [i.value for i in page.items] in ([f"v{2 * r}".encode()], [f"v{2 * r + 1}".encode()])
+        assert kv._writes.reads == 80
+        assert kv._writes.batches < 40
+    finally:
+        await kv.aclose()
+
+
+def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
+    import sqlite3
+
+    from prism.backends import sqlite_ops as ops
+
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    ops.prepare_writer(conn, "FULL")
+
+    def put(id: str) -> ops.Apply:
+        return lambda c: ops.put(c, id, [ItemWrite(b"k", id.encode())], Stamp(1, ""), 0)
+
+    def half_then_fail(c: sqlite3.Connection) -> None:
+        ops.put(c, "bad", [ItemWrite(b"k", b"x")], Stamp(1, ""), 0)
+        raise sqlite3.IntegrityError("refused")
+
+    writes = [
+        ("a", Stamp(1, "ta"), 0, put("a")),
+        ("bad", Stamp(1, "tb"), 0, half_then_fail),
+        ("c", Stamp(1, ""), 0, put("c")),
+    ]
+    outcomes = ops.write_many(conn, writes, ops.Purger())
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert sorted(conn.execute("SELECT id, value FROM items")) == [("a", b"a"), ("c", b"c")]
+    # The failed write's token was not recorded either: its retry applies.
+    assert [r[0] for r in conn.execute("SELECT id FROM idempotency ORDER BY id")] == ["a"]
+    assert not conn.in_transaction
