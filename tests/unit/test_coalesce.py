@@ -13,7 +13,7 @@ import trio.testing
 
 from prism.backends.base import ItemWrite, MatchAll, MatchKeys, Stamp
 from prism.backends.coalesce import Coalescer
-from prism.errors import ResourceExhausted
+from prism.errors import PrismError, ResourceExhausted
 from tests import rd
 from tests.pg import DSN, drop_tables
 
@@ -352,3 +352,52 @@ def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
     # The failed write's token was not recorded either: its retry applies.
     assert [r[0] for r in conn.execute("SELECT id FROM idempotency ORDER BY id")] == ["a"]
     assert not conn.in_transaction
+
+
+async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(tmp_path: Path) -> None:
+    from prism.backends.sqlite import SqliteBackend
+
+    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    await kv.open()
+    try:
+        now = int(time.time() * 1000)
+        for r in range(10):
+            items = [ItemWrite(b"k%d" % j, b"v%d.%d" % (r, j)) for j in range(r % 4)]
+            if items:
+                await kv.put_items(f"r{r}", items, Stamp(1, ""), now)
+        got: dict[int, list[bytes]] = {}
+
+        async def get(i: int) -> None:
+            predicate = MatchKeys((b"k1",)) if i % 3 == 0 else MatchAll()
+            page = await kv.get_items(
+                f"r{i % 10}", predicate, reverse=i % 2 == 1, after=None,
+                limit_items=2, limit_bytes=1 << 20, now_ms=now,
+            )  # fmt: skip
+            got[i] = [item.value for item in page.items]
+
+        failed: list[Exception] = []
+
+        async def bad_read() -> None:  # fails alone, inside some batch
+            try:
+                await kv._read(lambda conn: conn.execute("SELECT no_such_column FROM items").fetchall())
+            except PrismError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(90):
+                nursery.start_soon(get, i)
+                if i % 30 == 0:
+                    nursery.start_soon(bad_read)
+        assert len(failed) == 3 and len(got) == 90
+        for i, values in got.items():
+            r = i % 10
+            want = [b"v%d.%d" % (r, j) for j in range(r % 4)]
+            if i % 3 == 0:
+                want = [v for v in want if v.endswith(b".1")]
+            if i % 2:
+                want.reverse()
+            assert values == want[:2], (i, values)
+        assert kv._reads.reads == 93
+        assert kv._reads.batches < 45
+    finally:
+        await kv.aclose()
