@@ -167,6 +167,19 @@ class KeyValue:
         await self._invalidate(ns, request.id)
         return _PUT_OK
 
+    def GetItemsNow(self, request: kv_pb2.GetItemsRequest, call: Any) -> bytes | None:
+        """A shared-cache hit, answered without waiting (``Method.now``); None otherwise."""
+        ns = request.namespace
+        cached = self.caches.get(ns)
+        if cached is None or isinstance(cached, RedisTier) or ns not in self.backends:
+            return None
+        hit = cached.cache.get(call.messages[0], cached.cache.record_version(ns, request.id), _now_ms())
+        if hit is None:
+            return None  # GetItems counts the miss
+        call.namespace = ns
+        metrics.cache_hit(ns)
+        return hit
+
     async def GetItems(self, request: kv_pb2.GetItemsRequest, call: Any) -> kv_pb2.GetItemsResponse | bytes:
         ns = call.namespace = request.namespace
         if ns not in self.backends:

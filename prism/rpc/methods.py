@@ -1,7 +1,8 @@
 """The method table: which handler serves which ``/package.Service/Method``.
 
 A service is registered from its protobuf ``ServiceDescriptor`` plus an object
-with one ``async def`` per RPC, named as in the .proto. Request decoding and
+with one ``async def`` per RPC, named as in the .proto (and, optionally, a
+``<Method>Now`` for answers that need no waiting: ``Method.now``). Request decoding and
 streaming kinds come from the descriptor, so a handler cannot disagree with
 the contract clients are generated from.
 """
@@ -33,6 +34,11 @@ class Method(NamedTuple):
     decode: Callable[[bytes], Message]
     handler: Callable[..., Any]
     name: str  # "Service/Method", for logs and metrics
+    # ``<Method>Now(request, call)`` of a unary RPC, if the implementation has
+    # one: the serialized answer when it needs no waiting (a shared-cache
+    # hit), else None. The server tries it first and answers at once, with no
+    # task of its own; None (or an error) sends the call to the handler.
+    now: Callable[[Any, Any], bytes | None] | None = None
 
 
 class MethodTable:
@@ -55,8 +61,9 @@ class MethodTable:
                 kind = UNARY
             request_class = GetMessageClass(m.input_type)
             path = f"/{descriptor.full_name}/{m.name}".encode()
+            now = getattr(implementation, f"{m.name}Now", None) if kind == UNARY else None
             self.methods[path] = Method(
-                kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}"
+                kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}", now
             )
         self.service_names.append(descriptor.full_name)
 

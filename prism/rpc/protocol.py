@@ -80,6 +80,7 @@ class Call:
         "metadata",
         "namespace",
         "path",
+        "request",
         "started",
         "stream_id",
         "timeout_s",
@@ -95,6 +96,7 @@ class Call:
         self.metadata: list[tuple[str, str | bytes]] = []
         self.timeout_s: float | None = None
         self.messages: list[bytes] = []
+        self.request: Any = None  # the decoded request, once the server has decoded it
         self._inbuf = bytearray()
         self._failed = False  # we already answered (with an error): ignore input
         self._headers_sent = False

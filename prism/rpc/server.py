@@ -289,9 +289,28 @@ class Connection:
             return
         assert self._nursery is not None
         if method.kind == UNARY:
-            self._nursery.start_soon(self._run_unary, call, method)
+            if method.now is None or not self._answer_now(call, method):
+                self._nursery.start_soon(self._run_unary, call, method)
         else:
             self._nursery.start_soon(self._run_streaming, call, method, None)
+
+    def _answer_now(self, call: Call, method: Method) -> bool:
+        """Answer a unary call whose answer needs no waiting (``Method.now``)
+        here, in the reader's step, without a task, a cancel scope or a
+        coroutine: a task per call was a tenth of a shared-cache hit's CPU."""
+        assert method.now is not None
+        try:
+            request = call.request = method.decode(call.messages[0])
+            answer = method.now(request, call)
+        except Exception:
+            return False  # the handler's path answers, its errors included
+        if answer is None:
+            return False
+        self.proto.send_unary(call, answer)
+        self._observe(call, method, StatusCode.OK)
+        if self.proto.draining:
+            self._maybe_close()
+        return True
 
     def _on_reset(self, call: Call) -> None:
         scope = self._scopes.get(call.stream_id)
@@ -307,7 +326,7 @@ class Connection:
         try:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope
-                request = method.decode(call.messages[0])
+                request = call.request if call.request is not None else method.decode(call.messages[0])
                 response = await method.handler(request, call)
                 # A handler may answer pre-serialized bytes (cache hits, forwarded calls).
                 proto.send_unary(call, response if type(response) is bytes else response.SerializeToString())

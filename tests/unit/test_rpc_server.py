@@ -36,11 +36,20 @@ class FakeHealth:
     def __init__(self) -> None:
         self.started = 0
         self.cancelled = 0
+        self.checked = 0  # calls that reached the async handler
         self.in_flight = trio.lowlevel.ParkingLot()
+
+    def CheckNow(self, request: health_pb2.HealthCheckRequest, call: object) -> bytes | None:
+        if request.service == "now":
+            return health_pb2.HealthCheckResponse(status=NOT_SERVING).SerializeToString()
+        if request.service == "now-boom":
+            raise RuntimeError("not now")
+        return None
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, call: object
     ) -> health_pb2.HealthCheckResponse:
+        self.checked += 1
         s = request.service
         if s == "slow":
             self.started += 1
@@ -100,6 +109,28 @@ async def test_unary_ok() -> None:
         # A second call on the same connection uses the cached header blocks.
         r2 = await client.call(CHECK, req())
         assert r2.status == 0 and r2.headers["content-type"] == "application/grpc"
+
+
+async def test_an_answer_that_needs_no_waiting_skips_the_handler() -> None:
+    seen: list[tuple[str, StatusCode]] = []
+
+    def observe(call: object, method: object, status: StatusCode, seconds: float) -> None:
+        seen.append((method.name, status))  # type: ignore[attr-defined]
+
+    async with connected() as (client, impl, settings):
+        settings.observer = observe
+        r = await client.call(CHECK, req("now"))
+        assert r.status == 0 and status_of(r).status == NOT_SERVING
+        assert impl.checked == 0  # answered by CheckNow alone
+        # None, or an error, from CheckNow: the handler answers as usual.
+        r = await client.call(CHECK, req(""))
+        assert r.status == 0 and status_of(r).status == SERVING
+        r = await client.call(CHECK, req("now-boom"))
+        assert r.status == 0 and status_of(r).status == SERVING
+        r = await client.call(CHECK, req("missing"))
+        assert r.status == StatusCode.NOT_FOUND
+        assert impl.checked == 3
+    assert seen == [("Health/Check", StatusCode.OK)] * 3 + [("Health/Check", StatusCode.NOT_FOUND)]
 
 
 async def test_metadata_reaches_handler() -> None:
