@@ -35,6 +35,17 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
 
 
+# The stamp rule of every upsert: a stored item is replaced by a write whose
+# stamp is not older, or whatever its stamp once it has expired ($7: now).
+_STAMP_RULE = """ON CONFLICT (id, key) DO UPDATE SET
+                value = excluded.value,
+                expires_at_ms = excluded.expires_at_ms,
+                stamp_us = excluded.stamp_us,
+                stamp_token = excluded.stamp_token
+            WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
+               OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)"""
+
+
 class Statements:
     """Every statement the backend sends, rendered once for its tables."""
 
@@ -64,25 +75,13 @@ class Statements:
         self.upsert = f"""INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
             SELECT $1::text, k, v, e, $5::int8, $6::text
             FROM unnest($2::bytea[], $3::bytea[], $4::int8[]) AS u(k, v, e)
-            ON CONFLICT (id, key) DO UPDATE SET
-                value = excluded.value,
-                expires_at_ms = excluded.expires_at_ms,
-                stamp_us = excluded.stamp_us,
-                stamp_token = excluded.stamp_token
-            WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
-               OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)""".encode()
+            {_STAMP_RULE}""".encode()
         # Several records' items in one statement (coalesced puts without a
         # token): $1 ids, $2 keys, $3 values, $4 expiries, $5 stamps, $6
         # tokens (one entry per row, no (id, key) twice), $7 now.
         self.upsert_many = f"""INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
             SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[], $6::text[])
-            ON CONFLICT (id, key) DO UPDATE SET
-                value = excluded.value,
-                expires_at_ms = excluded.expires_at_ms,
-                stamp_us = excluded.stamp_us,
-                stamp_token = excluded.stamp_token
-            WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
-               OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)""".encode()
+            {_STAMP_RULE}""".encode()
         # A row back means the token is fresh (new, or past the window) and
         # is now recorded; none means a replay. A concurrent write with the
         # same token waits on the row lock and then sees it as a replay.

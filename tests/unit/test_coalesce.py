@@ -258,50 +258,24 @@ async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: 
         await rd.delete_keys(kv.key_prefix)
 
 
-async def test_redis_concurrent_writes_are_pipelined_together_and_each_applies(tmp_path: Path) -> None:
-    kv = rd.new_backend(tmp_path, pool_size=4)
-    await kv.open()
-    try:
-        now = int(time.time() * 1000)
-
-        async def put(i: int) -> None:
-            # The same token twice per record: one of each pair is a replay.
-            stamp = Stamp(1000 + i // 2, f"t{i // 2}")
-            await kv.put_items(f"r{i // 2}", [ItemWrite(b"k", f"v{i // 2}".encode())], stamp, now)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(80):
-                nursery.start_soon(put, i)
-        for r in range(40):
-            page = await kv.get_items(
-                f"r{r}",
-                MatchAll(),
-                reverse=False,
-                after=None,
-                limit_items=10,
-                limit_bytes=1 << 20,
-                now_ms=now,
-            )
-            assert [(i.key, i.value) for i in page.items] == [(b"k", f"v{r}".encode())]
-        assert kv._writes is not None
-        assert kv._writes.reads == 80
-        assert kv._writes.batches < 40
-    finally:
-        await kv.aclose()
-        await rd.delete_keys(kv.key_prefix)
-
-
-async def test_sqlite_concurrent_writes_share_transactions_and_each_applies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, tmp_path: Path) -> None:
+    # Redis pipelines them (each its own script run); SQLite commits them
+    # together (each in its own savepoint).
     from prism.backends.sqlite import SqliteBackend
 
-    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    kv = (
+        rd.new_backend(tmp_path, pool_size=4)
+        if kind == "redis"
+        else SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    )
     await kv.open()
     try:
         now = int(time.time() * 1000)
 
         async def put(i: int) -> None:
             # The same token twice per record: one of each pair is a replay
-            # (the replay's value would differ: it must not land).
+            # (the replay's value differs: it must not land).
             stamp = Stamp(1000 + i, f"t{i // 2}")
             await kv.put_items(f"r{i // 2}", [ItemWrite(b"k", f"v{i}".encode())], stamp, now)
 
@@ -319,10 +293,13 @@ async def test_sqlite_concurrent_writes_share_transactions_and_each_applies(tmp_
                 now_ms=now,
             )
             assert [i.value for i in page.items] in ([f"v{2 * r}".encode()], [f"v{2 * r + 1}".encode()])
+        assert kv._writes is not None
         assert kv._writes.reads == 80
         assert kv._writes.batches < 40
     finally:
         await kv.aclose()
+        if kind == "redis":
+            await rd.delete_keys(kv.key_prefix)
 
 
 def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
