@@ -11,14 +11,14 @@ WAL mode they run beside the writer and each other, each statement on its
 own snapshot. Thread hops are never abandoned on cancellation: a connection
 is only ever handed back once its thread is done with it. Concurrent reads
 share a thread hop (each runs its own statements, as alone), and concurrent
-writes share a transaction (below): the hop and the fsync, not the SQL,
-were most of a call's cost.
+writes share a transaction (``SqlitePool``): the hop and the fsync, not the
+SQL, were most of a call's cost.
 
 The semantics live in SQL: the stamp rule is the WHERE of an upsert and of
 the delete, each write (idempotency check, changes, token) is all or
 nothing and committed before the call returns, and reads filter expired
 items. Concurrent writes share one transaction, each in its own savepoint
-(``sqlite_ops.write_many``): one fsync per batch, not per write.
+(``SqlitePool.write``): one fsync per batch, not per write.
 Expired items and old tokens are purged in small batches inside a write's
 transaction, at most once a minute of caller time.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from prism.backends import sqlite_ops as ops
 from prism.backends.base import (
@@ -42,20 +42,17 @@ from prism.backends.base import (
     RecordPage,
     Stamp,
 )
-from prism.backends.coalesce import Coalescer
 from prism.backends.common import check_items, check_mutations
 from prism.backends.sqlite_common import (  # translate, READERS: re-exported
     BUSY_TIMEOUT_S,
     READERS,
     SqlitePool,
     file_options,
-    mapped_errors,
     translate,
 )
 from prism.errors import ConfigError
 
 _T = TypeVar("_T")
-_Outcome = tuple[Any, Exception | None]  # a read's value, or what it raised
 __all__ = ["BUSY_TIMEOUT_S", "READERS", "SqliteBackend", "translate"]
 
 
@@ -75,17 +72,6 @@ class SqliteBackend:
         synchronous = self.synchronous
         self._pool = SqlitePool(path, lambda conn: ops.prepare_writer(conn, synchronous))
         self._purger = ops.Purger()
-        # Concurrent writes share one transaction (ops.write_many): one lock
-        # and one fsync per batch instead of per write. One batch at a time:
-        # SQLite has one writer.
-        self._writes: Coalescer[ops.Write, Exception | None] = Coalescer(self._write_many, slots=1)
-        # Concurrent reads share a thread hop (each its own statements, as
-        # alone): the hop, not the query, was most of a read's CPU (~120 of
-        # ~170 us per GetItems through Prism). Two batches at a time: reads
-        # are CPU, and the GIL lets one thread run at once anyway.
-        self._reads: Coalescer[Callable[[sqlite3.Connection], Any], _Outcome] = Coalescer(
-            self._read_many, slots=2
-        )
 
     async def open(self) -> None:
         """Create the directory, file and schema, and connect. Idempotent."""
@@ -96,35 +82,13 @@ class SqliteBackend:
         await self._pool.aclose()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        value, failed = await self._reads.get(fn)
-        if failed is not None:
-            with mapped_errors():
-                raise failed
-        return value  # type: ignore[no-any-return]
-
-    async def _read_many(self, reads: list[Callable[[sqlite3.Connection], Any]]) -> list[_Outcome]:
-        def run(conn: sqlite3.Connection) -> list[_Outcome]:
-            out: list[_Outcome] = []
-            for read in reads:
-                try:
-                    out.append((read(conn), None))
-                except Exception as exc:
-                    out.append((None, exc))
-            return out
-
-        return await self._pool.read(run)
+        return await self._pool.read(fn)
 
     async def _write(self, id: str, stamp: Stamp, now_ms: int, apply: ops.Apply) -> None:
-        failed = await self._writes.get((id, stamp, now_ms, apply))
-        if failed is not None:
-            with mapped_errors():
-                raise failed
+        def run(conn: sqlite3.Connection) -> None:
+            ops.write_once(conn, id, stamp, now_ms, apply, self._purger)
 
-    async def _write_many(self, writes: list[ops.Write]) -> list[Exception | None]:
-        def run(conn: sqlite3.Connection) -> list[Exception | None]:
-            return ops.write_many(conn, writes, self._purger)
-
-        return await self._pool.write(run)
+        await self._pool.write(run)
 
     async def get_items(
         self,

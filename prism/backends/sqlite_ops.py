@@ -34,8 +34,6 @@ from prism.backends.sqlite_common import retry_locked
 from prism.errors import Internal
 
 Apply = Callable[[sqlite3.Connection], None]
-# One write: (id, stamp, now_ms, apply).
-Write = tuple[str, Stamp, int, Apply]
 
 SCHEMA_VERSION = 1
 _SCHEMA = (
@@ -112,38 +110,13 @@ def _rollback(conn: sqlite3.Connection) -> None:
         pass
 
 
-def write_many(conn: sqlite3.Connection, writes: Sequence[Write], purger: Purger) -> list[Exception | None]:
-    """Several writes in one transaction, committed on return: one lock and
-    one fsync for all (group commit). Each runs as it would alone (its own
-    idempotency check and token) inside a savepoint, so a write that fails
-    is undone alone and its error returned in its place; the others commit.
-
-    The purge, when due, rides in the same transaction: no second wait for a
-    lock another process may hold."""
-    outcomes: list[Exception | None] = []
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for id, stamp, now_ms, apply in writes:
-            conn.execute("SAVEPOINT one_write")
-            try:
-                _write_once(conn, id, stamp, now_ms, apply)
-            except Exception as exc:
-                if not conn.in_transaction:
-                    raise  # SQLite rolled the whole transaction back (disk full, I/O error)
-                conn.execute("ROLLBACK TO one_write")
-                outcomes.append(exc)
-            else:
-                outcomes.append(None)
-            conn.execute("RELEASE one_write")
-        purger.maybe_purge(conn, max(now_ms for _, _, now_ms, _ in writes))
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-    return outcomes
-
-
-def _write_once(conn: sqlite3.Connection, id: str, stamp: Stamp, now_ms: int, apply: Apply) -> None:
+def write_once(
+    conn: sqlite3.Connection, id: str, stamp: Stamp, now_ms: int, apply: Apply, purger: Purger
+) -> None:
+    """``apply`` as one idempotent write of ``id``, inside the caller's
+    transaction (``SqlitePool.write``): the idempotency check, the changes and
+    the token; and the purge, when due (it rides in the same transaction: no
+    second wait for a lock another process may hold)."""
     token = stamp.token
     if token:
         row = conn.execute(
@@ -157,6 +130,7 @@ def _write_once(conn: sqlite3.Connection, id: str, stamp: Stamp, now_ms: int, ap
             "INSERT OR REPLACE INTO idempotency (id, token, applied_at_ms) VALUES (?, ?, ?)",
             (id, token, now_ms),
         )
+    purger.maybe_purge(conn, now_ms)
 
 
 def put(conn: sqlite3.Connection, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:

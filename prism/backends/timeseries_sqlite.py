@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from prism.backends.sqlite_common import SqlitePool, file_options, prepare_wal, transaction
+from prism.backends.sqlite_common import SqlitePool, file_options, prepare_wal
 from prism.backends.timeseries_base import (
     Cursor,
     Event,
@@ -115,10 +115,9 @@ class SqliteTimeSeriesBackend:
         # An event written already past retention is accepted and never returned.
         rows = [_row(e) for e in events if horizon is None or e.event_time_us >= horizon]
 
-        def run(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.executemany(_INSERT, rows)
-                self._purger.maybe_purge(conn, horizon, now_ms)
+        def run(conn: sqlite3.Connection) -> None:  # in the pool's transaction
+            conn.executemany(_INSERT, rows)
+            self._purger.maybe_purge(conn, horizon, now_ms)
 
         await self._pool.write(run)
 

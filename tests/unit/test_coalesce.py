@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -293,9 +294,10 @@ async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, t
                 now_ms=now,
             )
             assert [i.value for i in page.items] in ([f"v{2 * r}".encode()], [f"v{2 * r + 1}".encode()])
-        assert kv._writes is not None
-        assert kv._writes.reads == 80
-        assert kv._writes.batches < 40
+        writes = kv._writes if kind == "redis" else kv._pool._writes
+        assert writes is not None
+        assert writes.reads == 80
+        assert writes.batches < 40
     finally:
         await kv.aclose()
         if kind == "redis":
@@ -306,9 +308,14 @@ def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
     import sqlite3
 
     from prism.backends import sqlite_ops as ops
+    from prism.backends.sqlite_common import group
 
     conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
     ops.prepare_writer(conn, "FULL")
+    purger = ops.Purger()
+
+    def write(id: str, token: str, apply: ops.Apply) -> Callable[[sqlite3.Connection], None]:
+        return lambda c: ops.write_once(c, id, Stamp(1, token), 0, apply, purger)
 
     def put(id: str) -> ops.Apply:
         return lambda c: ops.put(c, id, [ItemWrite(b"k", id.encode())], Stamp(1, ""), 0)
@@ -317,14 +324,11 @@ def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
         ops.put(c, "bad", [ItemWrite(b"k", b"x")], Stamp(1, ""), 0)
         raise sqlite3.IntegrityError("refused")
 
-    writes = [
-        ("a", Stamp(1, "ta"), 0, put("a")),
-        ("bad", Stamp(1, "tb"), 0, half_then_fail),
-        ("c", Stamp(1, ""), 0, put("c")),
-    ]
-    outcomes = ops.write_many(conn, writes, ops.Purger())
-    assert outcomes[0] is None and outcomes[2] is None
-    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    outcomes = group(
+        conn, [write("a", "ta", put("a")), write("bad", "tb", half_then_fail), write("c", "", put("c"))]
+    )
+    assert outcomes[0] == (None, None) and outcomes[2] == (None, None)
+    assert isinstance(outcomes[1][1], sqlite3.IntegrityError)
     assert sorted(conn.execute("SELECT id, value FROM items")) == [("a", b"a"), ("c", b"c")]
     # The failed write's token was not recorded either: its retry applies.
     assert [r[0] for r in conn.execute("SELECT id FROM idempotency ORDER BY id")] == ["a"]
@@ -374,7 +378,42 @@ async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(t
             if i % 2:
                 want.reverse()
             assert values == want[:2], (i, values)
-        assert kv._reads.reads == 93
-        assert kv._reads.batches < 45
+        assert kv._pool._reads.reads == 93
+        assert kv._pool._reads.batches < 45
     finally:
         await kv.aclose()
+
+
+async def test_sqlite_timeseries_concurrent_writes_share_transactions(tmp_path: Path) -> None:
+    from prism.backends.timeseries_base import Event
+    from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
+
+    ts = SqliteTimeSeriesBackend({}, data_dir=tmp_path, namespace="ts")
+    await ts.open()
+    try:
+        now = int(time.time() * 1000)
+
+        async def write(i: int) -> None:  # each event twice: the second is skipped
+            await ts.write_events([Event(f"s{i // 2 % 4}", 1000 + i // 2, f"e{i // 2}", b"%d" % (i // 2))], now)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(80):
+                nursery.start_soon(write, i)
+        got = []
+        for s in range(4):
+            page = await ts.read_events(
+                f"s{s}",
+                None,
+                None,
+                reverse=False,
+                after=None,
+                limit_items=100,
+                limit_bytes=1 << 20,
+                now_ms=now,
+            )
+            got += [(e.series_id, e.event_id, e.payload) for e in page.events]
+        want = {(f"s{i // 2 % 4}", f"e{i // 2}", b"%d" % (i // 2)) for i in range(80)}
+        assert sorted(got) == sorted(want) and len(got) == 40
+        assert ts._pool._writes.batches < 40
+    finally:
+        await ts.aclose()
