@@ -394,7 +394,8 @@ async def test_sqlite_timeseries_concurrent_writes_share_transactions(tmp_path: 
         now = int(time.time() * 1000)
 
         async def write(i: int) -> None:  # each event twice: the second is skipped
-            await ts.write_events([Event(f"s{i // 2 % 4}", 1000 + i // 2, f"e{i // 2}", b"%d" % (i // 2))], now)
+            n = i // 2
+            await ts.write_events([Event(f"s{n % 4}", 1000 + n, f"e{n}", b"%d" % n)], now)
 
         async with trio.open_nursery() as nursery:
             for i in range(80):
