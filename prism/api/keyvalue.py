@@ -190,15 +190,13 @@ class KeyValue:
         if isinstance(cached, RedisTier):
             self._backend(ns, request.id)  # a bad request costs no round trip
             return await cached.get_items(request.id, call.messages[0], lambda: self._get_items(request))
-        # The request bytes are the cache key: the same bytes ask the same
-        # question. The record's version is read before the backend is.
+        # A miss: hits were answered by GetItemsNow, which the server tries
+        # first (Method.now). The request bytes are the cache key: the same
+        # bytes ask the same question. The record's version is read before
+        # the backend is.
         key = call.messages[0]
         version = cached.cache.record_version(ns, request.id)
         now = _now_ms()
-        hit = cached.cache.get(key, version, now)
-        if hit is not None:
-            metrics.cache_hit(ns)
-            return hit
         metrics.cache_miss(ns)
         response = await self._get_items(request)
         payload: bytes = response.SerializeToString()

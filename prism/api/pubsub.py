@@ -62,25 +62,30 @@ class PubSub:
     async def _elsewhere(self, namespace: str, call: Any) -> bytes:
         return await elsewhere(self._remote, namespace, call)
 
-    async def Publish(self, request: pubsub_pb2.PublishRequest, call: Any) -> bytes:
+    def _local(
+        self, request: pubsub_pb2.PublishRequest | pubsub_pb2.AckRequest, call: Any
+    ) -> PubSubBackend | None:
+        """The backend of the request's namespace if this process holds it
+        (None: forward), after the checks every local call gets."""
         call.namespace = request.namespace
         backend = self.backends.get(request.namespace)
+        if backend is not None and not request.topic:
+            raise InvalidArgument("topic must not be empty")
+        return backend
+
+    async def Publish(self, request: pubsub_pb2.PublishRequest, call: Any) -> bytes:
+        backend = self._local(request, call)
         if backend is None:
             return await self._elsewhere(request.namespace, call)
-        if not request.topic:
-            raise InvalidArgument("topic must not be empty")
         sequence = await backend.publish(
             request.topic, request.payload, dict(request.headers), request.message_id
         )
         return pubsub_pb2.PublishResponse(sequence=sequence).SerializeToString()
 
     async def Ack(self, request: pubsub_pb2.AckRequest, call: Any) -> bytes:
-        call.namespace = request.namespace
-        backend = self.backends.get(request.namespace)
+        backend = self._local(request, call)
         if backend is None:
             return await self._elsewhere(request.namespace, call)
-        if not request.topic:
-            raise InvalidArgument("topic must not be empty")
         if not request.group:
             raise InvalidArgument("group must not be empty: an ephemeral subscription needs no acks")
         if request.sequences:

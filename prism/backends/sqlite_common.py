@@ -5,9 +5,9 @@ The threading model is the KeyValue backend's (see ``sqlite.py``): every
 call runs in a worker thread under the backend's own CapacityLimiter; one
 writer connection behind a ``trio.Lock``; a few query-only reader
 connections in WAL mode beside it. Concurrent reads share a thread hop and
-concurrent writes a transaction (``SqlitePool.read`` / ``write``). A connection is only handed back once
-its thread is done with it, so cancellation never shares one between two
-threads. Driver errors become PrismErrors through ``translate``.
+concurrent writes a transaction (``SqlitePool.read`` / ``write``). A
+connection is only handed back once its thread is done with it, so
+cancellation never shares one between two threads. Driver errors become PrismErrors through ``translate``.
 
 Both the KeyValue (``sqlite.py``) and TimeSeries backends run on ``SqlitePool``.
 """

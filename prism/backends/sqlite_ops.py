@@ -30,7 +30,7 @@ from prism.backends.base import (
     StoredItem,
 )
 from prism.backends.common import RecordPager, is_replay, page_items
-from prism.backends.sqlite_common import retry_locked
+from prism.backends.sqlite_common import retry_locked, transaction
 from prism.errors import Internal
 
 Apply = Callable[[sqlite3.Connection], None]
@@ -85,8 +85,7 @@ def prepare_writer(conn: sqlite3.Connection, synchronous: str) -> None:
     if str(mode).lower() != "wal":
         raise Internal("sqlite: cannot enable WAL mode on this file system")
     conn.execute(f"PRAGMA synchronous = {synchronous}")  # FULL or NORMAL, checked
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise Internal("sqlite: database was written by a newer Prism")
@@ -94,20 +93,6 @@ def prepare_writer(conn: sqlite3.Connection, synchronous: str) -> None:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    # SQLite may already have rolled back (e.g. after SQLITE_FULL), and a
-    # failing rollback must not hide the error that caused it.
-    try:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
 
 
 def write_once(

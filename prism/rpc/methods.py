@@ -40,6 +40,16 @@ class Method(NamedTuple):
     # task of its own; None (or an error) sends the call to the handler.
     now: Callable[[Any, Any], bytes | None] | None = None
 
+    def answer_now(self, request: Any, call: Any) -> bytes | None:
+        """``now``'s answer; None without one, or if it raised (the handler
+        then answers the call, its errors included)."""
+        if self.now is None:
+            return None
+        try:
+            return self.now(request, call)
+        except Exception:
+            return None
+
 
 class MethodTable:
     """Paths (as bytes, as they arrive in ``:path``) to methods."""

@@ -298,12 +298,11 @@ class Connection:
         """Answer a unary call whose answer needs no waiting (``Method.now``)
         here, in the reader's step, without a task, a cancel scope or a
         coroutine: a task per call was a tenth of a shared-cache hit's CPU."""
-        assert method.now is not None
         try:
-            request = call.request = method.decode(call.messages[0])
-            answer = method.now(request, call)
+            call.request = method.decode(call.messages[0])
         except Exception:
-            return False  # the handler's path answers, its errors included
+            return False  # the handler's path answers with the decoding error
+        answer = method.answer_now(call.request, call)
         if answer is None:
             return False
         self.proto.send_unary(call, answer)

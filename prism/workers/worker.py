@@ -238,11 +238,14 @@ class Worker:
     async def _run_forwarded(self, method: Any, call: ForwardedCall, request: ForwardCall) -> ForwardAnswer:
         with trio.CancelScope(deadline=call.deadline) as scope:
             try:
-                response = await method.handler(method.decode(request.payload), call)
+                decoded = method.decode(request.payload)
+                answer = method.answer_now(decoded, call)  # a shared-cache hit, as on a connection
+                if answer is None:
+                    response = await method.handler(decoded, call)
+                    answer = response if type(response) is bytes else response.SerializeToString()
             except Exception as exc:
                 status, message = failure_status(exc, method)
                 return ForwardAnswer(request.id, status, message, b"")
-            answer = response if type(response) is bytes else response.SerializeToString()
             return ForwardAnswer(request.id, StatusCode.OK, "", answer)
         assert scope.cancelled_caught
         return ForwardAnswer(request.id, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")

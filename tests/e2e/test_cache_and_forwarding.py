@@ -35,6 +35,13 @@ def test_cache_hits_and_never_serves_a_stale_value(prism_tree) -> None:
     assert tree.metric("prism_cache_hits_total", namespace="nb") == hits
     assert get(first, "nb", "c") == {b"k": b"v1"}
     assert tree.metric("prism_cache_hits_total", namespace="nb") == hits + 1
+    # A read forwarded from tenant a is answered by b's worker from the same
+    # shared table: a hit, not a miss (either of b's workers may take it).
+    via_a = tree.kv("a.prism")
+    for n in range(2, 5):
+        assert get(via_a, "nb", "c") == {b"k": b"v1"}
+        assert tree.metric("prism_cache_hits_total", namespace="nb") == hits + n
+    assert tree.metric("prism_cache_misses_total", namespace="nb") == misses + 1
 
     # Writes through other connections (b's other worker, or forwarded from a's)
     # invalidate what ``first`` has cached: every read sees the last acked value.
