@@ -63,7 +63,9 @@ class PubSub:
         return await elsewhere(self._remote, namespace, call)
 
     def _local(
-        self, request: pubsub_pb2.PublishRequest | pubsub_pb2.AckRequest, call: Any
+        self,
+        request: pubsub_pb2.PublishRequest | pubsub_pb2.AckRequest | pubsub_pb2.SubscribeRequest,
+        call: Any,
     ) -> PubSubBackend | None:
         """The backend of the request's namespace if this process holds it
         (None: forward), after the checks every local call gets."""
@@ -95,8 +97,7 @@ class PubSub:
     async def Subscribe(
         self, request: pubsub_pb2.SubscribeRequest, call: Any
     ) -> AsyncIterator[pubsub_pb2.Message | object]:
-        call.namespace = request.namespace
-        backend = self.backends.get(request.namespace)
+        backend = self._local(request, call)
         if backend is None:
             tenant = self._locator.tenant_of(request.namespace) if self._locator else None
             if tenant is None:
@@ -105,8 +106,6 @@ class PubSub:
                 f"namespace {request.namespace!r} is held by tenant {tenant!r}: subscribe on a "
                 f"connection to that tenant (metadata prism-tenant: {tenant})"
             )
-        if not request.topic:
-            raise InvalidArgument("topic must not be empty")
         kind = request.start.kind
         if kind not in _KINDS:
             raise InvalidArgument(f"start.kind {kind} is not LATEST, EARLIEST or SEQUENCE")
