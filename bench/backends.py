@@ -201,7 +201,7 @@ def direct_postgres(namespace: str, duration_s: float, runs: int) -> dict[str, A
     """psycopg sync, one connection, autocommit: Prism's SELECT and upsert on its table."""
     import psycopg
 
-    from prism.backends.postgres_sql import table_stem
+    from prism.backends.postgres.keyvalue_sql import table_stem
 
     table = f'"prism_kv_{table_stem(namespace)}"'
     get_sql = (
@@ -267,7 +267,7 @@ def direct_redis(namespace: str, prefix: str, duration_s: float, runs: int) -> d
 
 def direct_sqlite(path: Path, duration_s: float, runs: int) -> dict[str, Any]:
     """sqlite3 on Prism's file: its SELECT; its upsert in BEGIN IMMEDIATE/COMMIT (synchronous FULL)."""
-    from prism.backends import sqlite_ops
+    from prism.backends.sqlite import keyvalue_ops as sqlite_ops
 
     get_sql = (
         "SELECT key, value, expires_at_ms FROM items"
@@ -307,7 +307,7 @@ def cleanup(backend: str, namespace: str, prefix: str) -> list[str]:
     if backend in ("postgres", "postgres_single"):
         import psycopg
 
-        from prism.backends.postgres_sql import table_stem
+        from prism.backends.postgres.keyvalue_sql import table_stem
 
         stem = table_stem(namespace)
         with psycopg.connect(DSN, autocommit=True) as conn:

@@ -1,7 +1,7 @@
 """CPU per PostgreSQL query for three ways of running psycopg 3, one at a time.
 
 Paths: sync psycopg (what a client process spends), sync psycopg under
-``trio.to_thread.run_sync`` with a CapacityLimiter, and ``prism.backends.pgio``
+``trio.to_thread.run_sync`` with a CapacityLimiter, and ``prism.drivers.pg``
 (psycopg's generators driven by trio). Prints a table and writes JSON.
 
     python bench/pg_driver_cpu.py [--dsn postgresql://127.0.0.1/test] [-n 20000]
@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import trio
 
-from prism.backends import pgio
+from prism.drivers import pg as pgio
 
 SETUP = (
     'CREATE TABLE IF NOT EXISTS prism_bench_kv (id text COLLATE "C", key bytea, value bytea,'

@@ -1,4 +1,4 @@
-"""CPU per Redis GET: redis-py's sync client vs ``prism.backends.resp`` (trio + hiredis).
+"""CPU per Redis GET: redis-py's sync client vs ``prism.drivers.resp`` (trio + hiredis).
 
 Process CPU time over ``n`` sequential GETs on one connection after a warm-up.
 Also: a pipelined batch of 16 GETs per round trip (per GET), and the
@@ -18,9 +18,9 @@ from pathlib import Path
 import redis
 import trio
 
-from prism.backends import resp
-from prism.backends.base import ItemWrite, MatchAll, Stamp
-from prism.backends.redis_kv import RedisBackend
+from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp
+from prism.backends.redis.keyvalue import RedisBackend
+from prism.drivers import resp
 
 KEY = b"prism_bench:k"
 

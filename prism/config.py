@@ -67,7 +67,7 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``tier = "shared"`` (the default) is the shared-memory table of this
     host's workers (used when ``enabled``); ``tier = "redis"`` keeps answers
     in the Redis at ``url`` under ``key_prefix``, shared by every Prism
-    instance using it (see ``prism/api/redis_cache.py``), and implies
+    instance using it (see ``prism/cache/redis.py``), and implies
     ``enabled``.
     """
 

@@ -9,7 +9,7 @@ import os
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from prism.backends.postgres import PostgresBackend
+from prism.backends.postgres.keyvalue import PostgresBackend
 
 # .ci/run gives each run a database of its own (and drops it at the end).
 DSN = os.environ.get("PRISM_TEST_PG_DSN", "postgresql://127.0.0.1/test")

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from prism.backends import resp
-from prism.backends.redis_kv import RedisBackend
+from prism.backends.redis.keyvalue import RedisBackend
+from prism.drivers import resp
 
 URL = os.environ.get("PRISM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Every key a test writes starts with this; .ci/run gives each run its own

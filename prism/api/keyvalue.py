@@ -3,7 +3,7 @@
 Each RPC validates its request (namespace known, id non-empty, predicate and
 page token sound), turns protobuf into the backend's plain structs, and the
 backend's answer back into protobuf. Semantics live in the backends (see
-``prism/backends/base.py``), so every backend behaves the same.
+``prism/backends/keyvalue.py``), so every backend behaves the same.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
 from prism import metrics
-from prism.backends import base
+from prism.backends import keyvalue as base
+from prism.cache.redis import RedisTier
+from prism.cache.shared import SharedCache
 from prism.errors import InvalidArgument, NotFound
 from prism.proto import common_pb2, kv_pb2
-from prism.router.cache import SharedCache
 
 from .pagetoken import PageTokens
-from .redis_cache import RedisTier
 
 SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"]
 

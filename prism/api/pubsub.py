@@ -1,6 +1,6 @@
 """``prism.pubsub.v1.PubSub``: request checks and conversion, nothing stored here.
 
-Semantics live in the backends (see ``prism/backends/pubsub_base.py``).
+Semantics live in the backends (see ``prism/backends/pubsub.py``).
 ``Publish`` and ``Ack`` for a namespace another tenant holds are forwarded
 like any unary call. A ``Subscribe`` stream is served where its namespace is
 held: on a connection that reached another tenant's worker it fails with
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import trio
 
-from prism.backends.pubsub_base import Message, PubSubBackend, Start, StartKind, Subscription
+from prism.backends.pubsub import Message, PubSubBackend, Start, StartKind, Subscription
 from prism.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prism.proto import pubsub_pb2
 from prism.rpc.methods import SEND_HEADERS

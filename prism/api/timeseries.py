@@ -3,7 +3,7 @@
 Each RPC validates its request (namespace known, series_id and event_id
 non-empty, time range and page token sound), turns protobuf into the
 backend's plain structs, and the backend's answer back into protobuf.
-Semantics live in the backends (see ``prism/backends/timeseries_base.py``).
+Semantics live in the backends (see ``prism/backends/timeseries.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from prism.backends.timeseries_base import Cursor, Event, TimeSeriesBackend
+from prism.backends.timeseries import Cursor, Event, TimeSeriesBackend
 from prism.errors import InvalidArgument, NotFound
 from prism.proto import common_pb2, timeseries_pb2
 

@@ -13,14 +13,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from prism.backends.base import KeyValueBackend
-from prism.backends.memory import MemoryBackend
-from prism.backends.pubsub_base import PubSubBackend
-from prism.backends.pubsub_memory import MemoryPubSubBackend
-from prism.backends.sqlite import SqliteBackend
-from prism.backends.timeseries_base import TimeSeriesBackend
-from prism.backends.timeseries_memory import MemoryTimeSeriesBackend
-from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
+from prism.backends.keyvalue import KeyValueBackend
+from prism.backends.memory.keyvalue import MemoryBackend
+from prism.backends.memory.pubsub import MemoryPubSubBackend
+from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
+from prism.backends.pubsub import PubSubBackend
+from prism.backends.sqlite.keyvalue import SqliteBackend
+from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
+from prism.backends.timeseries import TimeSeriesBackend
 from prism.errors import ConfigError
 
 ENTRY_POINT_GROUP = "prism.backends"
@@ -47,14 +47,14 @@ def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) ->
 def _postgres(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
     # Imported on first use: psycopg takes ~0.1 s to import, which a worker
     # that serves no PostgreSQL namespace should not pay at start-up.
-    from prism.backends.postgres import PostgresBackend
+    from prism.backends.postgres.keyvalue import PostgresBackend
 
     return PostgresBackend(options, data_dir=data_dir, namespace=namespace)
 
 
 def _redis(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
     # Imported on first use, like PostgreSQL: hiredis is not needed otherwise.
-    from prism.backends.redis_kv import RedisBackend
+    from prism.backends.redis.keyvalue import RedisBackend
 
     return RedisBackend(options, data_dir=data_dir, namespace=namespace)
 
@@ -113,7 +113,7 @@ def _factory(table: Mapping[str, _F], abstraction: str, name: str) -> _F:
 def _postgres_timeseries(
     options: Mapping[str, object], *, data_dir: Path, namespace: str
 ) -> TimeSeriesBackend:
-    from prism.backends.timeseries_postgres import PostgresTimeSeriesBackend  # lazy, as for "postgres"
+    from prism.backends.postgres.timeseries import PostgresTimeSeriesBackend  # lazy, as for "postgres"
 
     return PostgresTimeSeriesBackend(options, data_dir=data_dir, namespace=namespace)
 
@@ -133,7 +133,7 @@ def create_timeseries(
 
 
 def _nats_pubsub(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend:
-    from prism.backends.pubsub_nats import NatsPubSubBackend  # lazy: only NATS namespaces need it
+    from prism.backends.nats.pubsub import NatsPubSubBackend  # lazy: only NATS namespaces need it
 
     return NatsPubSubBackend(options, data_dir=data_dir, namespace=namespace)
 

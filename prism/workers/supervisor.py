@@ -32,9 +32,9 @@ from pathlib import Path
 import msgspec
 import pynng
 
+from prism.cache.shared import SharedCache
 from prism.config import ServerConfig, TenantConfig
 from prism.errors import ConfigError
-from prism.router.cache import SharedCache
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
 from prism.server import check_deployable

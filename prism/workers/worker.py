@@ -29,11 +29,10 @@ import pynng
 import trio
 
 from prism import metrics
-from prism.app import App
+from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.log import setup_logging
-from prism.router.cache import SharedCache
 from prism.router.forward import ForwardBus, RemoteStatus
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import (
@@ -48,6 +47,7 @@ from prism.router.messages import (
 from prism.router.table import Routes, RoutingTableReader
 from prism.rpc.methods import UNARY
 from prism.rpc.server import failure_status, serve_listeners
+from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
 
 log = logging.getLogger("prism.worker")

@@ -105,7 +105,7 @@ def _open_backends(directories: list[str], barrier: Any, results: Any) -> None:
     """In a child process: open (and close) each directory's SQLite backend, in step with a sibling."""
     import trio
 
-    from prism.backends.sqlite import SqliteBackend
+    from prism.backends.sqlite.keyvalue import SqliteBackend
 
     for directory in directories:
         backend = SqliteBackend({}, data_dir=Path(directory), namespace="ns")

@@ -17,11 +17,11 @@ import pytest
 import trio
 
 from prism.api import health
-from prism.app import App
-from prism.backends.base import MatchAll
-from prism.backends.postgres import PostgresBackend
+from prism.backends.keyvalue import MatchAll
+from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import Unavailable
+from prism.workers.app import App
 from tests.pg import drop_tables, dsn_via
 from tests.rd import delete_keys, new_prefix
 

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 import trio
 
-from prism.backends.base import ItemWrite, MatchAll, Stamp, StoredItem
-from prism.backends.postgres import PostgresBackend
+from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp, StoredItem
+from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.errors import ConfigError, ResourceExhausted, Unavailable
 from tests.pg import DSN, drop_tables
 

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from prism.backends import natsio
-from prism.backends.pubsub_base import Start, StartKind, Subscription
-from prism.backends.pubsub_nats import NatsPubSubBackend
+from prism.backends.nats.pubsub import NatsPubSubBackend
+from prism.backends.pubsub import Start, StartKind, Subscription
+from prism.drivers import nats as natsio
 from prism.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 
 URL = os.environ.get("PRISM_TEST_NATS_URL", "nats://127.0.0.1:4222")

@@ -13,7 +13,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from prism.backends import resp
+from prism.drivers import resp
 from prism.proto import kv_pb2, kv_pb2_grpc
 from tests.rd import URL, delete_keys, new_prefix
 

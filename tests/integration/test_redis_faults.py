@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from prism.backends import resp
-from prism.backends.base import ItemWrite, MatchAll, Stamp, StoredItem
-from prism.backends.redis_kv import RedisBackend
+from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp, StoredItem
+from prism.backends.redis.keyvalue import RedisBackend
+from prism.drivers import resp
 from prism.errors import ResourceExhausted, Unavailable
 from tests.rd import admin_client, delete_keys, new_backend
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from prism.backends.base import ItemWrite, KeyValueBackend, MatchAll, Stamp, StoredItem
-from prism.backends.postgres import PostgresBackend
+from prism.backends.keyvalue import ItemWrite, KeyValueBackend, MatchAll, Stamp, StoredItem
+from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.errors import Unavailable
 from tests import rd
 from tests.pg import drop_tables, dsn_via
@@ -145,7 +145,7 @@ async def test_redis_unknown_script_outcome(nursery: trio.Nursery, tmp_path: Pat
 
     def make() -> KeyValueBackend:
         url = f"redis://127.0.0.1:{relay.port}{target.path}"
-        from prism.backends.redis_kv import RedisBackend
+        from prism.backends.redis.keyvalue import RedisBackend
 
         return RedisBackend({"url": url, "key_prefix": prefix}, data_dir=tmp_path, namespace="ns")
 

@@ -15,8 +15,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism.backends.pubsub_base import Message, Start, StartKind, Subscription
-from prism.backends.pubsub_memory import MemoryPubSubBackend
+from prism.backends.memory.pubsub import MemoryPubSubBackend
+from prism.backends.pubsub import Message, Start, StartKind, Subscription
 from prism.errors import ConfigError
 
 EARLIEST = Start(StartKind.EARLIEST)

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prism.router import cache as cache_mod
-from prism.router.cache import CacheLayoutError, SharedCache
+from prism.cache import shared as cache_mod
+from prism.cache.shared import CacheLayoutError, SharedCache
 
 FAR = 10**13  # an expiry no test reaches
 NOW = 1_000
@@ -115,7 +115,7 @@ def test_invalidate_retires_entries_cached_under_the_old_version() -> None:
 def test_invalidate_never_writes_back_the_current_value(monkeypatch: pytest.MonkeyPatch) -> None:
     cache = small_cache()
     draws: Iterator[bytes] = iter([bytes(8), bytes(8), (42).to_bytes(8, "little")])
-    monkeypatch.setattr("prism.router.cache.os.urandom", lambda n: next(draws))
+    monkeypatch.setattr("prism.cache.shared.os.urandom", lambda n: next(draws))
     assert cache.record_version("ns", "x") == 0
     cache.invalidate("ns", "x")
     assert cache.record_version("ns", "x") == 42

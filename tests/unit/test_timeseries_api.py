@@ -14,9 +14,9 @@ import trio.testing
 
 from prism.api import timeseries
 from prism.api.pagetoken import PageTokens
-from prism.backends.timeseries_base import TimeSeriesBackend
-from prism.backends.timeseries_memory import MemoryTimeSeriesBackend
-from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
+from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
+from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
+from prism.backends.timeseries import TimeSeriesBackend
 from prism.errors import StatusCode
 from prism.proto import common_pb2
 from prism.proto import timeseries_pb2 as pb

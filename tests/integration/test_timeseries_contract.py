@@ -1,4 +1,4 @@
-"""The TimeSeriesBackend contract (prism/backends/timeseries_base.py), checked
+"""The TimeSeriesBackend contract (prism/backends/timeseries.py), checked
 against every backend, plus what is particular to SQLite (files, options)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from prism.backends.timeseries_base import DAY_MS, Event, EventPage, TimeSeriesBackend
-from prism.backends.timeseries_memory import MemoryTimeSeriesBackend
-from prism.backends.timeseries_postgres import PostgresTimeSeriesBackend
-from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
+from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
+from prism.backends.postgres.timeseries import PostgresTimeSeriesBackend
+from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
+from prism.backends.timeseries import DAY_MS, Event, EventPage, TimeSeriesBackend
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import DSN
 
@@ -267,7 +267,7 @@ async def test_sqlite_path_option(tmp_path: Path) -> None:
 
 
 async def test_sqlite_refuses_a_keyvalue_file(tmp_path: Path) -> None:
-    from prism.backends.sqlite import SqliteBackend
+    from prism.backends.sqlite.keyvalue import SqliteBackend
 
     kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
     await kv.open()

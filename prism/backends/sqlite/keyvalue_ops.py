@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 
-from prism.backends.base import (
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     ItemPage,
     ItemWrite,
@@ -29,8 +29,8 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.common import RecordPager, is_replay, page_items
-from prism.backends.sqlite_common import retry_locked, transaction
+from prism.backends.paging import RecordPager, is_replay, page_items
+from prism.backends.sqlite.pool import retry_locked, transaction
 from prism.errors import Internal
 
 Apply = Callable[[sqlite3.Connection], None]

@@ -33,8 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from prism.backends import sqlite_ops as ops
-from prism.backends.base import (
+from prism.backends.keyvalue import (
     ItemPage,
     ItemWrite,
     Mutation,
@@ -42,8 +41,9 @@ from prism.backends.base import (
     RecordPage,
     Stamp,
 )
-from prism.backends.common import check_items, check_mutations
-from prism.backends.sqlite_common import (  # translate, READERS: re-exported
+from prism.backends.paging import check_items, check_mutations
+from prism.backends.sqlite import keyvalue_ops as ops
+from prism.backends.sqlite.pool import (  # translate, READERS: re-exported
     BUSY_TIMEOUT_S,
     READERS,
     SqlitePool,

@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from prism.backends import resp
-from prism.backends.base import (
+from prism.backends.coalesce import Coalescer
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     ItemPage,
     ItemWrite,
@@ -40,8 +40,8 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.coalesce import Coalescer
-from prism.backends.common import RecordPager, check_items, check_mutations, page_items
+from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.drivers import resp
 from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"

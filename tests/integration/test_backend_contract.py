@@ -1,4 +1,4 @@
-"""The KeyValueBackend contract (prism/backends/base.py), checked against
+"""The KeyValueBackend contract (prism/backends/keyvalue.py), checked against
 every backend, plus what is particular to each (options, SQLite files)."""
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import pytest
 import trio
 
 from prism.backends import registry
-from prism.backends import sqlite as sqlite_mod
-from prism.backends.base import (
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     Delete,
     ItemPage,
@@ -31,10 +30,11 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.memory import MemoryBackend
-from prism.backends.postgres import PostgresBackend
-from prism.backends.redis_kv import RedisBackend
-from prism.backends.sqlite import SqliteBackend
+from prism.backends.memory.keyvalue import MemoryBackend
+from prism.backends.postgres.keyvalue import PostgresBackend
+from prism.backends.redis.keyvalue import RedisBackend
+from prism.backends.sqlite import keyvalue as sqlite_mod
+from prism.backends.sqlite.keyvalue import SqliteBackend
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import drop_tables
 from tests.rd import delete_keys, new_backend
@@ -486,7 +486,7 @@ def test_registry_loads_entry_point_plugins_lazily(tmp_path: Path, monkeypatch: 
 
     def fake_entry_points(*, group: str, name: str | None = None) -> EntryPoints:
         assert group == "prism.backends"
-        eps = [EntryPoint("plug", "prism.backends.memory:MemoryBackend", group)]
+        eps = [EntryPoint("plug", "prism.backends.memory.keyvalue:MemoryBackend", group)]
         loaded.append(name or "*")
         return EntryPoints(ep for ep in eps if name is None or ep.name == name)
 
@@ -525,8 +525,8 @@ def test_sqlite_acknowledged_write_survives_kill_9(tmp_path: Path) -> None:
         f"""
         import os, signal, sys, trio
         from pathlib import Path
-        from prism.backends.base import ItemWrite, Stamp
-        from prism.backends.sqlite import SqliteBackend
+        from prism.backends.keyvalue import ItemWrite, Stamp
+        from prism.backends.sqlite.keyvalue import SqliteBackend
 
         async def main():
             kv = SqliteBackend({{}}, data_dir=Path({str(tmp_path)!r}), namespace="ns")

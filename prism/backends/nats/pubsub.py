@@ -57,9 +57,9 @@ from typing import Any
 
 import trio
 
-from prism.backends import natsio
-from prism.backends.pubsub_base import Message, Start, StartKind, pop_pubsub_options
-from prism.backends.timeseries_base import reject_unknown
+from prism.backends.pubsub import Message, Start, StartKind, pop_pubsub_options
+from prism.backends.timeseries import reject_unknown
+from prism.drivers import nats as natsio
 from prism.errors import ConfigError, FailedPrecondition, Internal, PrismError, Unavailable
 
 KIND = "nats"

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import msgspec
 
-from prism.backends import pgio
-from prism.backends import postgres_sql as kv_sql
-from prism.backends.postgres import _mapped_errors, pool_from_options
-from prism.backends.timeseries_base import (
+from prism.backends.postgres import keyvalue_sql as kv_sql
+from prism.backends.postgres.keyvalue import _mapped_errors, pool_from_options
+from prism.backends.timeseries import (
     Cursor,
     Event,
     EventPage,
@@ -29,6 +28,7 @@ from prism.backends.timeseries_base import (
     page_events,
     retention_ms,
 )
+from prism.drivers import pg as pgio
 from prism.errors import ConfigError, Unavailable
 
 _MIN_US = -(2**63)

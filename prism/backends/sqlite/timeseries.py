@@ -23,8 +23,8 @@ from pathlib import Path
 
 import msgspec
 
-from prism.backends.sqlite_common import SqlitePool, file_options, prepare_wal
-from prism.backends.timeseries_base import (
+from prism.backends.sqlite.pool import SqlitePool, file_options, prepare_wal
+from prism.backends.timeseries import (
     Cursor,
     Event,
     EventPage,

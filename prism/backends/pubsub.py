@@ -1,7 +1,7 @@
 """The PubSub backend Protocol, its plain data types and shared option parsing.
 
 Backends see neither protobuf nor gRPC. Semantics every backend implements
-(tests/unit/test_pubsub_contract.py checks them against each backend):
+(tests/integration/test_pubsub_contract.py checks them against each backend):
 
 - ``publish`` stores a message on a topic and returns its sequence.
   Sequences increase per topic (not necessarily by one: a backend may number

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import trio
 
-from prism.backends.pool import BoundedPool
+from prism.drivers.pool import BoundedPool
 from prism.errors import ResourceExhausted, Unavailable
 
 Arg = bytes | str | int
@@ -180,7 +180,7 @@ class Script:
 
 
 class Pool(BoundedPool[Connection]):
-    """At most ``size`` connections (``prism.backends.pool``); ResourceExhausted
+    """At most ``size`` connections (``prism.drivers.pool``); ResourceExhausted
     when all stay busy past ``acquire_timeout_s``."""
 
     def __init__(self, address: Address, *, size: int, connect_timeout_s: float, acquire_timeout_s: float):

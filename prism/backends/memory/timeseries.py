@@ -14,7 +14,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from prism.backends.timeseries_base import (
+from prism.backends.timeseries import (
     Cursor,
     Event,
     EventPage,

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from prism.backends.base import ItemWrite, MatchAll, MatchKeys, Stamp
 from prism.backends.coalesce import Coalescer
+from prism.backends.keyvalue import ItemWrite, MatchAll, MatchKeys, Stamp
 from prism.errors import PrismError, ResourceExhausted
 from tests import rd
 from tests.pg import DSN, drop_tables
@@ -120,7 +120,7 @@ async def test_a_cancelled_leader_does_not_fail_its_followers(
 
 @pytest.fixture
 async def pg_backend(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from prism.backends.postgres import PostgresBackend
+    from prism.backends.postgres.keyvalue import PostgresBackend
 
     namespace = f"co_{uuid.uuid4().hex[:10]}"
     backend = PostgresBackend({"dsn": DSN, "pool_size": 4}, data_dir=tmp_path, namespace=namespace)
@@ -263,7 +263,7 @@ async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: 
 async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, tmp_path: Path) -> None:
     # Redis pipelines them (each its own script run); SQLite commits them
     # together (each in its own savepoint).
-    from prism.backends.sqlite import SqliteBackend
+    from prism.backends.sqlite.keyvalue import SqliteBackend
 
     kv = (
         rd.new_backend(tmp_path, pool_size=4)
@@ -307,8 +307,8 @@ async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, t
 def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
     import sqlite3
 
-    from prism.backends import sqlite_ops as ops
-    from prism.backends.sqlite_common import group
+    from prism.backends.sqlite import keyvalue_ops as ops
+    from prism.backends.sqlite.pool import group
 
     conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
     ops.prepare_writer(conn, "FULL")
@@ -336,7 +336,7 @@ def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
 
 
 async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(tmp_path: Path) -> None:
-    from prism.backends.sqlite import SqliteBackend
+    from prism.backends.sqlite.keyvalue import SqliteBackend
 
     kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
     await kv.open()
@@ -385,8 +385,8 @@ async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(t
 
 
 async def test_sqlite_timeseries_concurrent_writes_share_transactions(tmp_path: Path) -> None:
-    from prism.backends.timeseries_base import Event
-    from prism.backends.timeseries_sqlite import SqliteTimeSeriesBackend
+    from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
+    from prism.backends.timeseries import Event
 
     ts = SqliteTimeSeriesBackend({}, data_dir=tmp_path, namespace="ts")
     await ts.open()

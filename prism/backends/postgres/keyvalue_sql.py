@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from prism.backends.base import MatchKeys, MatchRange, Predicate
+from prism.backends.keyvalue import MatchKeys, MatchRange, Predicate
 
 _SAFE = re.compile(r"[^a-z0-9_]")
 _MAX_STEM = 40  # 63-byte identifiers: "prism_kv_" + stem + "_idem" + margin

@@ -29,9 +29,8 @@ from typing import TypeVar
 from psycopg import ProgrammingError
 from psycopg.conninfo import make_conninfo
 
-from prism.backends import pgio
-from prism.backends import postgres_sql as sql
-from prism.backends.base import (
+from prism.backends.coalesce import Coalescer
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     ItemPage,
     ItemWrite,
@@ -43,8 +42,9 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.coalesce import Coalescer
-from prism.backends.common import RecordPager, check_items, check_mutations, page_items
+from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.backends.postgres import keyvalue_sql as sql
+from prism.drivers import pg as pgio
 from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
 
 K = TypeVar("K")

@@ -20,15 +20,15 @@ import trio
 from prism import metrics
 from prism.api import health, keyvalue, pubsub, reflection, timeseries
 from prism.api.pagetoken import PageTokens, load_or_create_key
-from prism.api.redis_cache import RedisTier
 from prism.backends import registry
-from prism.backends.base import KeyValueBackend
-from prism.backends.pubsub_base import PubSubBackend
+from prism.backends.keyvalue import KeyValueBackend
+from prism.backends.pubsub import PubSubBackend
 from prism.backends.registry import AnyBackend
-from prism.backends.timeseries_base import TimeSeriesBackend
+from prism.backends.timeseries import TimeSeriesBackend
+from prism.cache.redis import RedisTier
+from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode
-from prism.router.cache import SharedCache
 from prism.rpc.methods import Method, MethodTable
 from prism.rpc.server import ServerSettings
 

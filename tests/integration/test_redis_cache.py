@@ -1,4 +1,4 @@
-"""The Redis cache tier (``prism.api.redis_cache``) against the real Redis.
+"""The Redis cache tier (``prism.cache.redis``) against the real Redis.
 
 Every test has a key prefix of its own and deletes its keys at the end.
 Redis is made to fail with ``CLIENT PAUSE ... WRITE`` from a second
@@ -16,8 +16,8 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
-from prism.api.redis_cache import RedisTier
-from prism.backends import resp
+from prism.cache.redis import RedisTier
+from prism.drivers import resp
 from prism.proto import kv_pb2
 from tests.rd import URL, admin_client, delete_keys, new_prefix
 

@@ -52,7 +52,7 @@ from psycopg import generators, pq
 from psycopg.pq.abc import PGconn, PGresult
 from psycopg.waiting import Ready, Wait
 
-from prism.backends.pool import BoundedPool
+from prism.drivers.pool import BoundedPool
 
 _T = TypeVar("_T")
 
@@ -323,7 +323,7 @@ class PoolTimeout(PgError):
 
 
 class Pool(BoundedPool[Connection]):
-    """At most ``size`` connections (``prism.backends.pool``); PoolTimeout when
+    """At most ``size`` connections (``prism.drivers.pool``); PoolTimeout when
     all stay busy past ``acquire_timeout_s``. A connection goes back only
     when it is idle (not broken, no transaction open)."""
 

@@ -3,7 +3,7 @@ every worker and every Prism instance that uses the same Redis and prefix.
 
 Configured per namespace with ``cache = { tier = "redis", url = "redis://...",
 ttl_s = 30, key_prefix = "prism:cache:", max_value_bytes = 16384 }``. It is
-the same look-aside protocol as the shared-memory tier (``prism/router/cache.py``),
+the same look-aside protocol as the shared-memory tier (``prism/cache/shared.py``),
 with Redis keys in place of shared-memory words, under ``<key_prefix><namespace>:``:
 
 - ``epoch``: 8 random bytes, one per namespace (no TTL);
@@ -82,8 +82,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from prism import metrics
-from prism.backends import resp
 from prism.config import CacheConfig
+from prism.drivers import resp
 from prism.errors import PrismError, ResourceExhausted
 from prism.proto import kv_pb2
 

@@ -1,5 +1,5 @@
 """An in-process PubSub backend: the reference for the contract
-(prism/backends/pubsub_base.py) and the store for tests and development.
+(prism/backends/pubsub.py) and the store for tests and development.
 Everything, groups included, is lost on restart.
 
 Per topic: a log ``sequence -> Message`` (sequences 1, 2, ... with no gaps;
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import trio
 
-from prism.backends.pubsub_base import Message, Start, StartKind, pop_pubsub_options
-from prism.backends.timeseries_base import reject_unknown
+from prism.backends.pubsub import Message, Start, StartKind, pop_pubsub_options
+from prism.backends.timeseries import reject_unknown
 from prism.errors import ConfigError
 
 DEFAULT_MAX_MESSAGES = 100_000

@@ -1,4 +1,4 @@
-"""The PubSubBackend contract (prism/backends/pubsub_base.py), checked
+"""The PubSubBackend contract (prism/backends/pubsub.py), checked
 against every backend.
 
 Clocks: each test is written once, waiting real durations (``ACK_WAIT``,
@@ -27,8 +27,8 @@ import pytest
 import trio
 import trio.testing
 
-from prism.backends.pubsub_base import Message, PubSubBackend, Start, StartKind, Subscription
-from prism.backends.pubsub_memory import MemoryPubSubBackend
+from prism.backends.memory.pubsub import MemoryPubSubBackend
+from prism.backends.pubsub import Message, PubSubBackend, Start, StartKind, Subscription
 from prism.errors import ConfigError, Unavailable
 
 ACK_WAIT = 0.3  # seconds
@@ -51,7 +51,7 @@ def make(kind: str, data_dir: Path, **options: object) -> Any:
     opts = {"ack_wait_ms": int(ACK_WAIT * 1000), "dedup_window_s": WINDOW, **options}
     namespace = f"ns_{uuid.uuid4().hex[:12]}"
     if kind == "nats":
-        from prism.backends.pubsub_nats import NatsPubSubBackend
+        from prism.backends.nats.pubsub import NatsPubSubBackend
 
         opts = {"stream": f"T{uuid.uuid4().hex}", **opts}
         return NatsPubSubBackend(opts, data_dir=data_dir, namespace=namespace)
@@ -359,7 +359,7 @@ async def test_nats_group_follows_a_changed_ack_wait(tmp_path: Path) -> None:
     # ack_wait_ms. A group made while it was 60 s must follow it once Prism
     # serves the namespace with 0.3 s (JetStream keeps a durable consumer's
     # own ack_wait until it is updated).
-    from prism.backends.pubsub_nats import NatsPubSubBackend
+    from prism.backends.nats.pubsub import NatsPubSubBackend
 
     opts = {"stream": f"T{uuid.uuid4().hex}", "dedup_window_s": WINDOW}
     namespace = f"ns_{uuid.uuid4().hex[:12]}"

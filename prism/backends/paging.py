@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from prism.backends.base import (
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     ItemPage,
     ItemWrite,

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from prism.backends.base import (
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     Delete,
     ItemPage,
@@ -39,10 +39,10 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.memory import MemoryBackend
-from prism.backends.postgres import PostgresBackend
-from prism.backends.redis_kv import RedisBackend
-from prism.backends.sqlite import SqliteBackend
+from prism.backends.memory.keyvalue import MemoryBackend
+from prism.backends.postgres.keyvalue import PostgresBackend
+from prism.backends.redis.keyvalue import RedisBackend
+from prism.backends.sqlite.keyvalue import SqliteBackend
 from prism.errors import InvalidArgument
 from tests.pg import DSN, drop_tables
 from tests.rd import delete_keys, new_backend

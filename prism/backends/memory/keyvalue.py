@@ -17,7 +17,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-from prism.backends.base import (
+from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
     ItemPage,
     ItemWrite,
@@ -31,7 +31,7 @@ from prism.backends.base import (
     Stamp,
     StoredItem,
 )
-from prism.backends.common import (
+from prism.backends.paging import (
     RecordPager,
     check_items,
     check_mutations,
