@@ -36,11 +36,11 @@ from prism.admin.app import ASGIApp, make_app
 from prism.log import setup_logging
 from prism.router.table import RoutingTableReader
 from prism.workers.lifeline import die_with_parent
+from prism.workers.spec import EXIT_BOOT_FAILED
 
 log = logging.getLogger("prism.admin")
 
 SPEC_ENV: Final = "PRISM_ADMIN_SPEC"
-EXIT_BOOT_FAILED: Final = 3  # the same code as a worker's (prism.workers.worker)
 # Admin requests are tiny; a scraper holding a keep-alive connection must not
 # delay shutdown by hypercorn's default 3 s.
 GRACEFUL_TIMEOUT_S: Final = 1.0

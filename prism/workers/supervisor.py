@@ -37,9 +37,9 @@ from prism.config import ServerConfig, TenantConfig
 from prism.errors import ConfigError
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
-from prism.server import check_deployable
+from prism.workers.preflight import check_deployable
 from prism.workers.sdnotify import SystemdNotifier
-from prism.workers.worker import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
+from prism.workers.spec import EXIT_BOOT_FAILED, EXIT_HALTED, SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("prism.supervisor")
 
@@ -51,7 +51,6 @@ BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 10.0  # a worker up this long resets its slot's failure count
 BOOT_TIMEOUT_S = 60.0
 FAST_STOP_S = 3.0
-EXIT_HALTED = 3
 ADMIN_RESTART_S = 0.5
 
 

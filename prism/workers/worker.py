@@ -30,7 +30,7 @@ import trio
 
 from prism import metrics
 from prism.cache.shared import SharedCache
-from prism.config import NamespaceConfig, ServerConfig
+from prism.config import NamespaceConfig
 from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.log import setup_logging
 from prism.router.forward import ForwardBus, RemoteStatus
@@ -49,11 +49,10 @@ from prism.rpc.methods import UNARY
 from prism.rpc.server import failure_status, serve_listeners
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
+from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("prism.worker")
 
-SPEC_ENV = "PRISM_WORKER_SPEC"
-EXIT_BOOT_FAILED = 3  # the supervisor halts instead of restarting in a loop
 HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
 HEALTH_INTERVAL_S = 1.0
@@ -78,23 +77,6 @@ OPEN_WAIT_S = 5.0
 # ~70 us call. At 10,000 it collects a few times a minute under the same
 # load; cyclic garbage still goes, just in larger, rarer batches.
 GC_GEN0_THRESHOLD = 10_000
-
-
-class WorkerSpec(msgspec.Struct, frozen=True):
-    worker_id: int
-    tenant: str
-    cpu: int | None
-    listen_fd: int
-    routes_fd: int
-    routes_bytes: int
-    cache_fd: int  # -1: no shared cache
-    cache_bytes: int
-    control_address: str
-    events_address: str
-    forward_address: str
-    handoff_address: str
-    config: ServerConfig
-    supervisor_pid: int
 
 
 class BootError(Exception):
