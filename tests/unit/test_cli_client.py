@@ -350,7 +350,7 @@ def fake_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStub]:
 
     class FakeConnection:
         def __init__(self, endpoint: str) -> None:
-            self.stub = stub
+            self.channel = object()
 
         def ever_connected(self) -> bool:
             return True
@@ -358,7 +358,8 @@ def fake_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStub]:
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(cli, "_Connection", FakeConnection)
+    monkeypatch.setattr(cli.client, "Connection", FakeConnection)
+    monkeypatch.setattr(cli.kv, "_stub", lambda channel: stub)
     yield stub
 
 

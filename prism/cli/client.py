@@ -1,0 +1,195 @@
+"""What every ``prism`` client command shares: the gRPC channel, the common
+options, paging, and one-line output and errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import msgspec
+
+if TYPE_CHECKING:
+    import grpc
+
+DEFAULT_ENDPOINT = "localhost:8980"
+DEFAULT_TIMEOUT_S = 5.0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_Page = TypeVar("_Page", bound="_Paged")
+
+
+class _Paged(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+class PageTokenLoop(Exception):
+    """The server handed back the token we sent: following it would never end."""
+
+
+def call_options() -> argparse.ArgumentParser:
+    """A parent parser with the options every client command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--endpoint",
+        default=os.environ.get("PRISM_ENDPOINT") or DEFAULT_ENDPOINT,
+        help=f"server HOST:PORT (default: $PRISM_ENDPOINT or {DEFAULT_ENDPOINT})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"deadline of each call (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON")
+    return common
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def arg_bytes(text: str) -> bytes:
+    # surrogateescape gives back the exact bytes of an argv entry that was not
+    # valid UTF-8, instead of failing on it.
+    return text.encode("utf-8", "surrogateescape")
+
+
+def follow_pages(fetch: Callable[[str], _Page]) -> Iterator[_Page]:
+    """Yield ``fetch(token)`` pages until the server returns an empty token."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield page
+        if not page.next_page_token:
+            return
+        if page.next_page_token == token:
+            raise PageTokenLoop(f"server returned the same page token {token!r} again")
+        token = page.next_page_token
+
+
+# ---------------------------------------------------------------- output
+
+
+def display_bytes(data: bytes) -> str:
+    """Printable UTF-8 as is; anything else as a Python bytes literal (``b'\\xff'``).
+
+    The literal form keeps one item on one line and shows exactly which bytes
+    are stored, where a lossy decode would hide them.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(data)
+    return text if text.isprintable() else repr(data)
+
+
+def display_text(text: str) -> str:
+    return text if text.isprintable() else repr(text)
+
+
+def to_json(obj: Any) -> str:
+    return msgspec.json.encode(obj).decode("utf-8")
+
+
+def ok_lines(as_json: bool) -> Iterator[str]:
+    yield to_json({"ok": True}) if as_json else "ok"
+
+
+def error_line(code_name: str, details: str, endpoint: str, connected: bool, timeout_s: float) -> str:
+    """The one stderr line for a failed call.
+
+    grpcio reports "nothing listens there" and "the server said UNAVAILABLE"
+    with the same status code, so whether the channel ever connected decides
+    which of the two the user is told.
+    """
+    reason = " ".join(details.split())
+    if not connected and code_name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        if code_name == "DEADLINE_EXCEEDED":
+            reason = f"no connection within {timeout_s:g}s"
+        return f"prism: cannot reach {endpoint}: {reason}"
+    return f"prism: {code_name}: {reason}" if reason else f"prism: {code_name}"
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+class Connection:
+    """A grpcio channel that remembers whether it ever connected."""
+
+    def __init__(self, endpoint: str) -> None:
+        import grpc
+
+        self._grpc = grpc
+        self._ready = threading.Event()
+        self.channel = grpc.insecure_channel(endpoint, options=[("grpc.max_receive_message_length", -1)])
+        self.channel.subscribe(self._on_state, try_to_connect=False)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        if state == self._grpc.ChannelConnectivity.READY:
+            self._ready.set()
+
+    def ever_connected(self) -> bool:
+        # Connectivity callbacks arrive on grpcio's own thread; a short wait
+        # lets a READY that raced with the failed call land. Only the error
+        # path pays it.
+        return self._ready.wait(0.1)
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._on_state)
+        self.channel.close()
+
+
+def run_calls(args: argparse.Namespace, lines: Callable[[grpc.Channel], Iterable[str]]) -> int:
+    """Open a channel, print the lines the command produces, map failures to one line."""
+    import grpc
+
+    conn = Connection(args.endpoint)
+    try:
+        for line in lines(conn.channel):
+            print(line, flush=True)
+        return 0
+    except grpc.RpcError as exc:
+        code, details = _status_of(exc)
+        print(
+            error_line(code, details, args.endpoint, conn.ever_connected(), args.timeout),
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except PageTokenLoop as exc:
+        print(f"prism: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        conn.close()
+
+
+def _status_of(exc: grpc.RpcError) -> tuple[str, str]:
+    import grpc
+
+    # The errors grpcio raises from calls are also ``grpc.Call``s; the base
+    # class promises neither ``code()`` nor ``details()``.
+    if isinstance(exc, grpc.Call):
+        return exc.code().name, exc.details() or ""
+    return "UNKNOWN", str(exc)
