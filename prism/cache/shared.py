@@ -83,6 +83,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from prism import metrics
+
 __all__ = ["CacheLayoutError", "CacheStats", "SharedCache"]
 
 _MAGIC = b"PRISMCSH"
@@ -187,10 +189,9 @@ class SharedCache:
     def create(
         cls, total_bytes: int, slot_bytes: int = 4096, *, ways: int = 4, version_words: int = 65536
     ) -> SharedCache:
-        """Map ``total_bytes`` of anonymous shared memory and lay out an empty table in it.
-
-        Call in the supervisor before forking: the children inherit the mapping.
-        """
+        """An empty table in ``total_bytes`` of anonymous memory, for one process
+        (tests). The server shares its table between processes through a memfd:
+        see ``format_zeroed``."""
         buffer = mmap.mmap(-1, total_bytes)
         # A fresh anonymous mapping reads as zeros; writing them would commit every page now.
         _write_header(buffer, slot_bytes, ways, version_words)
@@ -310,12 +311,12 @@ class SharedCache:
                     continue
                 end = off + _SLOT_HEAD_BYTES + klen + vlen
                 if end > off + step:
-                    self._corrupt += 1
+                    self._count_corrupt()
                     continue
                 # One private copy; from here on every check is made on it.
                 snap = view[off + _BODY_OFFSET : end].tobytes()
                 if _crc32(snap) != crc:
-                    self._corrupt += 1
+                    self._count_corrupt()
                     continue
                 c_klen, c_hash, c_version, c_expires, c_vlen, _ = _unpack_body(snap)
                 if (
@@ -326,7 +327,7 @@ class SharedCache:
                     or not snap.startswith(key, _BODY_BYTES)
                     or _unpack_seq(view, off)[0] != seq
                 ):
-                    self._corrupt += 1
+                    self._count_corrupt()
                     continue
                 if c_expires <= now_ms:
                     continue
@@ -367,6 +368,7 @@ class SharedCache:
         else:
             if target_expires > now_ms:
                 self._evictions += 1
+                metrics.SHARED_CACHE_EVICTIONS.inc()
 
         # The checksum covers our private copy, never the shared bytes: a
         # concurrent writer's bytes mixed into the slot then fail it.
@@ -393,6 +395,10 @@ class SharedCache:
         while new == old:  # a new value, with certainty rather than 1 - 2**-64
             new = int.from_bytes(os.urandom(8), "little")
         _WORD.pack_into(self._view, at, new)
+
+    def _count_corrupt(self) -> None:
+        self._corrupt += 1
+        metrics.SHARED_CACHE_CORRUPT.inc()
 
     def stats(self) -> CacheStats:
         """This process's counters since it attached (a forked child starts from its parent's)."""

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from prism.cache import shared as cache_mod
 from prism.cache.shared import CacheLayoutError, SharedCache
@@ -420,3 +421,24 @@ def test_processes_racing_on_the_same_slots_never_read_wrong_data() -> None:
     assert parent_wrong == 0
     assert [(seed, wrong) for seed, _, wrong in reports] == [(1, 0), (2, 0)]
     assert parent_hits > 0 and all(hits > 0 for _, hits, _ in reports)
+
+
+# -- what reaches Prometheus --------------------------------------------------------------------
+
+
+def _exported(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_evictions_and_corrupt_slots_reach_prometheus() -> None:
+    evictions = _exported("prism_shared_cache_evictions_total")
+    corrupt = _exported("prism_shared_cache_corrupt_slots_total")
+    cache = small_cache(slots=4, ways=4)  # one bucket
+    for i in range(5):  # the fifth put replaces a live entry
+        assert cache.put(b"k%d" % i, 1, b"value", FAR, now_ms=NOW)
+    kept = next(k for k in (b"k0", b"k1", b"k2", b"k3", b"k4") if cache.get(k, 1, NOW) is not None)
+    cache._view[slot_offset(cache, slot_of(cache, kept)) + 48 + 3] ^= 0x20  # flip a value byte
+    assert cache.get(kept, 1, NOW) is None
+
+    assert _exported("prism_shared_cache_evictions_total") == evictions + 1
+    assert _exported("prism_shared_cache_corrupt_slots_total") == corrupt + 1
