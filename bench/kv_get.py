@@ -3,12 +3,13 @@
     python bench/kv_get.py [--duration 6] [--runs 3] [--out bench/results/kv_get.json]
 
 Each server runs alone, pinned to CPU 0, while the load generator (h2load,
-or a grpc.aio client without it) runs on CPU 1; see PERF-NOTES.md for why the
-numbers are taken this way. For each server and each concurrency (1 and 128
-calls in flight) it measures calls/s, p50/p99 latency and the server's CPU
-time per call, repeats ``--runs`` times and reports medians. A run only
-counts if every call returned the seeded value: a benchmark of a wrong
-answer is worthless. See README.md for how to read the output.
+or a grpc.aio client without it) runs on CPU 1, so that the two never
+compete for a core and the server's CPU time per call is its own (see
+bench/README.md). For each server and each concurrency (1 and 128 calls in
+flight) it measures calls/s, p50/p99 latency and the server's CPU time per
+call, repeats ``--runs`` times and reports medians. A run only counts if
+every call returned the seeded value: a benchmark of a wrong answer is
+worthless.
 """
 
 from __future__ import annotations
