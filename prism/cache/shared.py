@@ -125,8 +125,9 @@ def _key_hash(key: bytes) -> int:
     crc32 in the low half (it picks the bucket) and adler32 in the high half:
     two different functions, so the halves are not tied to each other the
     way two crc32s with different seeds are (crc32 is affine, so for keys of
-    equal length the seeded one adds no bits). 140 ns for a 30-byte key against
-    380 ns for ``blake2b(digest_size=8)``. The hash only chooses a bucket and
+    equal length the seeded one adds no bits). Both run in C over the key
+    once, several times cheaper than ``blake2b(digest_size=8)`` for short
+    keys. The hash only chooses a bucket and
     filters candidates; a hit always compares the full key bytes, so
     collisions cost a miss or an extra check, never a wrong answer.
     """
