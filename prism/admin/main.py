@@ -12,8 +12,10 @@ socket without a window where the port is closed or taken by someone else.
 of the workers' metric files.
 
 SIGTERM or SIGINT stops the server gracefully and the process exits 0. A
-missing or malformed spec exits ``EXIT_BOOT_FAILED``, the code on which the
-supervisor stops restarting a child that cannot even boot.
+missing or malformed spec exits ``EXIT_BOOT_FAILED`` with the reason on
+stderr. Unlike a worker that cannot boot, this does not halt the server: the
+admin process holds no state and no call depends on it, so the supervisor
+keeps restarting it while the workers serve.
 """
 
 from __future__ import annotations

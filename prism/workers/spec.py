@@ -17,8 +17,9 @@ from prism.config import ServerConfig
 
 SPEC_ENV: Final = "PRISM_WORKER_SPEC"
 ADMIN_SPEC_ENV: Final = "PRISM_ADMIN_SPEC"
-# A worker (or the admin process) that cannot start serving exits with this
-# code; the supervisor halts instead of restarting it in a loop.
+# A worker that cannot start serving exits with this code; the supervisor
+# halts instead of restarting it in a loop. The admin process exits with it
+# too, but is restarted: no call depends on it.
 EXIT_BOOT_FAILED: Final = 3
 # The supervisor's own exit code when it halts (a worker could not boot).
 EXIT_HALTED: Final = 3
