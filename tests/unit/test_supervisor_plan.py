@@ -135,7 +135,7 @@ def test_fields_a_reload_cannot_change_keep_their_running_values() -> None:
     assert kept.log_level == "debug"  # the rest is the new config's
 
 
-def test_a_reload_within_the_restart_only_fields_changes_nothing_there() -> None:
+def test_a_reload_that_leaves_those_fields_alone_keeps_the_new_config_as_it_is() -> None:
     running = ServerConfig(log_level="info")
     new = msgspec.structs.replace(running, log_level="debug")
     kept, changed = keep_restart_only_fields(running, new)
