@@ -70,17 +70,32 @@ def test_modules_shared_with_the_supervisor_pull_in_no_trio(module: str) -> None
     "(and so loads trio); the backends branch replaces it with a light options check. "
     "Remove this mark when that is merged.",
 )
-def test_the_start_up_checks_load_no_backend() -> None:
-    """``prism serve`` runs ``check_deployable`` in the supervisor, at start and on every reload."""
-    code = """
-from prism.config import NamespaceConfig, ServerConfig, TenantConfig
+def test_the_start_up_checks_load_no_backend(tmp_path: Path) -> None:
+    """``prism serve`` loads and checks the config in the supervisor, at start and on every reload."""
+    config = tmp_path / "prism.toml"
+    config.write_text(
+        """
+[[namespaces]]
+name = "kv"
+backend = "sqlite"
+
+[[namespaces]]
+name = "events"
+abstraction = "timeseries"
+backend = "sqlite"
+
+[[tenants]]
+name = "t"
+namespaces = [
+    { name = "mem", backend = "memory" },
+    { name = "topic", abstraction = "pubsub", backend = "memory" },
+]
+"""
+    )
+    code = f"""
+from prism.config import load_config
 from prism.workers.preflight import check_deployable
-namespaces = (
-    NamespaceConfig("kv", backend="sqlite"),
-    NamespaceConfig("events", abstraction="timeseries", backend="sqlite"),
-    NamespaceConfig("mem", backend="memory"),
-)
-check_deployable(ServerConfig(namespaces=namespaces, tenants=(TenantConfig("t", namespaces=()),)))
+check_deployable(load_config({str(config)!r}, {{}}, {{}}))
 """
     assert _loaded_after(code) == []
 
