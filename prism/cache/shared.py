@@ -1,10 +1,12 @@
 """The look-aside cache for GetItems answers, one table in shared memory for all workers.
 
-The supervisor calls ``SharedCache.create()`` before it forks; the anonymous
-``MAP_SHARED`` mapping is inherited, so every worker reads and writes the same
-slots with no locks and no messages. Python gives us no atomic instructions
-and no memory barriers on shared memory, so nothing here relies on them:
-correctness rests on checksums over private copies (see the end).
+The supervisor lays the table out in a memfd (``SharedCache.format_zeroed``)
+before it starts any worker, and passes the descriptor down to each worker it
+execs (``cache_fd`` in the worker's spec); every worker maps it ``MAP_SHARED``,
+so all of them read and write the same slots with no locks and no messages.
+Python gives us no atomic instructions and no memory barriers on shared
+memory, so nothing here relies on them: correctness rests on checksums over
+private copies (see the end).
 
 Caller protocol (invalidation)
 ------------------------------
