@@ -24,7 +24,7 @@ import trio
 
 from prism import metrics
 from prism.router.table import Routes
-from prism.rpc.protocol import Call
+from prism.rpc.call import Call
 from prism.rpc.server import Connection, ServerSettings
 
 log = logging.getLogger("prism.handoff")
