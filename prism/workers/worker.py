@@ -45,8 +45,9 @@ from prism.router.messages import (
     control_encoder,
 )
 from prism.router.table import Routes, RoutingTableReader
+from prism.rpc.listen import serve_listeners
 from prism.rpc.methods import UNARY
-from prism.rpc.server import failure_status, serve_listeners
+from prism.rpc.server import failure_status
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
 from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
@@ -56,7 +57,7 @@ log = logging.getLogger("prism.worker")
 HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
 HEALTH_INTERVAL_S = 1.0
-# Accept spreading between workers sharing the port (see rpc.server._accept_loop).
+# Accept spreading between workers sharing the port (see prism.rpc.listen).
 ACCEPT_BACKOFF_S = 0.0005
 # Which abstraction each service's calls need (a call naming a namespace of
 # another abstraction is FAILED_PRECONDITION, wherever that namespace lives).
@@ -95,7 +96,6 @@ class ForwardedCall:
         self.deadline = trio.current_time() + request.timeout_s if request.timeout_s else math.inf
         self.started = time.perf_counter()
         self.namespace = ""
-        self.backend = ""
 
 
 def namespace_config(entry: Any) -> NamespaceConfig:
@@ -203,8 +203,7 @@ class Worker:
             raise Unavailable(f"namespace {namespace!r} is being opened; retry")
         method = self.app.methods.get(call.path)
         assert method is not None  # the call got here through this method
-        response = await method.handler(method.decode(call.messages[0]), call)
-        return response if type(response) is bytes else response.SerializeToString()
+        return await method.invoke(method.decode(call.messages[0]), call)
 
     async def _handle_forwarded(self, request: ForwardCall) -> ForwardAnswer:
         method = self.app.methods.get(request.path)
@@ -223,8 +222,7 @@ class Worker:
                 decoded = method.decode(request.payload)
                 answer = method.answer_now(decoded, call)  # a shared-cache hit, as on a connection
                 if answer is None:
-                    response = await method.handler(decoded, call)
-                    answer = response if type(response) is bytes else response.SerializeToString()
+                    answer = await method.invoke(decoded, call)
             except Exception as exc:
                 status, message = failure_status(exc, method)
                 return ForwardAnswer(request.id, status, message, b"")
