@@ -3,8 +3,8 @@
 Every worker writes its samples to files under ``PROMETHEUS_MULTIPROC_DIR``
 (set by the supervisor before any worker starts); the admin process merges
 them into one page. Label children are cached per label tuple, so recording a
-call costs two dict lookups plus prometheus-client's own mmap writes (about
-3.5 us measured here: small beside the ~60 us of a call).
+call costs two dict lookups plus prometheus-client's own mmap writes: small
+beside the rest of a call.
 """
 
 from __future__ import annotations
