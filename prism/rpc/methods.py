@@ -45,7 +45,17 @@ NOW_FAILURE_LOG_INTERVAL_S: Final = 10.0
 class Method:
     """One RPC of a registered service."""
 
-    __slots__ = ("_clock", "_log_after", "_not_logged", "decode", "handler", "kind", "name", "now")
+    __slots__ = (
+        "_clock",
+        "_log_after",
+        "_not_logged",
+        "decode",
+        "handler",
+        "kind",
+        "name",
+        "now",
+        "operation",
+    )
 
     def __init__(
         self,
@@ -60,7 +70,8 @@ class Method:
         self.kind = kind
         self.decode = decode
         self.handler = handler  # a UnaryHandler, or a StreamHandler for the streaming kinds
-        self.name = name  # "Service/Method", for logs and metrics
+        self.name = name  # "Service/Method", for logs
+        self.operation = name.rpartition("/")[2]  # "Method", for metrics
         # ``<Method>Now(request, call)`` of a unary RPC, if the implementation
         # has one: the serialized answer when it needs no waiting (a
         # shared-cache hit), else None. The server tries it first and answers

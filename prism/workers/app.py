@@ -38,6 +38,9 @@ log = logging.getLogger("prism.app")
 HEALTH_TIMEOUT_S = 1.0
 # Room for the response's own framing around a page of items.
 _PAGE_OVERHEAD_BYTES = 64 * 1024
+# Metrics label per status: ``StatusCode.name`` is a property of the enum
+# machinery, several times the cost of this lookup, and _observe runs per call.
+_STATUS_NAMES = {status: status.name for status in StatusCode}
 
 
 class App:
@@ -85,8 +88,7 @@ class App:
     def _observe(self, call: CallContext, method: Method, status: StatusCode, seconds: float) -> None:
         held = self.namespaces.by_name.get(call.namespace)
         backend = held.config.backend if held is not None else "forwarded"
-        operation = method.name.rpartition("/")[2]
-        metrics.record_call(call.namespace, operation, status.name, backend, seconds)
+        metrics.record_call(call.namespace, method.operation, _STATUS_NAMES[status], backend, seconds)
 
     async def apply(self, namespaces: Iterable[NamespaceConfig], *, strict: bool = False) -> list[str]:
         """Hold exactly ``namespaces``; return the names that failed to open.
