@@ -3,8 +3,8 @@
 Every worker writes its samples to files under ``PROMETHEUS_MULTIPROC_DIR``
 (set by the supervisor before any worker starts); the admin process merges
 them into one page. Label children are cached per label tuple, so recording a
-call costs two dict lookups plus prometheus-client's own mmap writes, a small
-part of a call (bench/results/ has the figures of whole calls).
+call costs two dict lookups plus prometheus-client's own mmap writes: small
+beside the rest of a call.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import trio
 from grpc_health.v1 import health_pb2
 
 from prism.errors import NotFound, Unavailable
+from prism.rpc.call import CallContext
 
 SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
@@ -65,7 +66,7 @@ class Health:
         self._state = state
 
     async def Check(
-        self, request: health_pb2.HealthCheckRequest, call: object
+        self, request: health_pb2.HealthCheckRequest, call: CallContext
     ) -> health_pb2.HealthCheckResponse:
         status = self._state.get(request.service)
         if status is None:
@@ -73,7 +74,7 @@ class Health:
         return health_pb2.HealthCheckResponse(status=status)
 
     async def List(
-        self, request: health_pb2.HealthListRequest, call: object
+        self, request: health_pb2.HealthListRequest, call: CallContext
     ) -> health_pb2.HealthListResponse:
         response = health_pb2.HealthListResponse()
         for name, status in self._state.items():
@@ -81,7 +82,7 @@ class Health:
         return response
 
     async def Watch(
-        self, request: health_pb2.HealthCheckRequest, call: object
+        self, request: health_pb2.HealthCheckRequest, call: CallContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last: int | None = None
         while True:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Protocol
 
 from prism import metrics
 from prism.backends import keyvalue as base
 from prism.cache.redis import RedisTier
 from prism.cache.shared import SharedCache
-from prism.errors import InvalidArgument, NotFound
+from prism.errors import InvalidArgument
 from prism.proto import common_pb2, kv_pb2
+from prism.rpc.call import CallContext
 
+from .namespaces import Held, Remote, elsewhere
 from .pagetoken import PageTokens
 
 SERVICE = kv_pb2.DESCRIPTOR.services_by_name["KeyValue"]
@@ -71,83 +72,47 @@ def _fingerprint(*parts: bytes) -> bytes:
     return hashlib.blake2b(b"\x00".join(parts), digest_size=16).digest()
 
 
-class Remote(Protocol):
-    """Where calls for namespaces this process does not hold go (another tenant's worker)."""
-
-    async def forward(self, namespace: str, call: Any) -> bytes | None:
-        """The owner's answer bytes; None if no tenant owns ``namespace``.
-
-        Also called for a call that was itself forwarded here (``call.forwarded``):
-        the remote must then not forward it again."""
-        ...
-
-
-async def elsewhere(remote: Remote | None, namespace: str, call: Any) -> bytes:
-    """A call for a namespace this process does not hold: the remote
-    (another tenant's worker) answers it, or the namespace is unknown.
-    Every service's unary calls go this way."""
-    if remote is not None:
-        answer = await remote.forward(namespace, call)
-        if answer is not None:
-            return answer
-    raise NotFound(f"unknown namespace {namespace!r}")
-
-
-class Cached(NamedTuple):
-    cache: SharedCache
-    ttl_ms: int
-    max_value_bytes: int
-
-
-# A namespace's GetItems cache: the shared-memory table, or Redis (``redis_cache``).
-CacheTier = Cached | RedisTier
+def _check_id(id: str) -> None:
+    if not id:
+        raise InvalidArgument("id must not be empty")
 
 
 class KeyValue:
-    """The KeyValue service over a namespace -> backend table.
+    """The KeyValue service over this process's KeyValue namespaces.
 
-    ``backends`` holds this process's namespaces; calls for any other go to
-    ``remote`` (raw request bytes in, raw answer bytes out). ``caches`` names
-    the namespaces whose GetItems answers are kept in a cache (the shared
-    one or Redis), and ``shared_cache`` (if any) is invalidated by every
-    write, cached or not, so that turning a namespace's cache on never serves
-    an answer older than a write made while it was off. A namespace's Redis
-    tier is invalidated by the writes to it while it is configured.
+    ``namespaces`` is the table's KeyValue view; calls for any other
+    namespace go to ``remote`` (raw request bytes in, raw answer bytes out).
+    A namespace's GetItems answers are kept in its cache tier, if it has one
+    (the shared table or Redis), and ``shared_cache`` (if any) is
+    invalidated by every write, cached or not, so that turning a
+    namespace's cache on never serves an answer older than a write made
+    while it was off. A namespace's Redis tier is invalidated by the writes
+    to it while it is configured.
     """
 
     def __init__(
         self,
-        backends: Mapping[str, base.KeyValueBackend],
+        namespaces: Mapping[str, Held[base.KeyValueBackend]],
         tokens: PageTokens,
         *,
         max_limit_bytes: int,
         remote: Remote | None = None,
-        caches: Mapping[str, CacheTier] | None = None,
         shared_cache: SharedCache | None = None,
     ) -> None:
-        self.backends = backends
+        self.namespaces = namespaces
         self._tokens = tokens
         self._max_limit_bytes = max_limit_bytes
         self._remote = remote
-        self.caches: Mapping[str, CacheTier] = caches if caches is not None else {}
         self._shared_cache = shared_cache
 
-    def _backend(self, namespace: str, id: str | None = None) -> base.KeyValueBackend:
-        backend = self.backends.get(namespace)
-        if backend is None:
-            raise NotFound(f"unknown namespace {namespace!r}")
-        if id is not None and not id:
-            raise InvalidArgument("id must not be empty")
-        return backend
-
-    async def _elsewhere(self, namespace: str, call: Any) -> bytes:
+    async def _elsewhere(self, namespace: str, call: CallContext) -> bytes:
         return await elsewhere(self._remote, namespace, call)
 
-    async def _invalidate(self, namespace: str, id: str) -> None:
+    async def _invalidate(self, held: Held[base.KeyValueBackend], id: str) -> None:
         # After the backend committed, before the client hears OK.
         if self._shared_cache is not None:
-            self._shared_cache.invalidate(namespace, id)
-        tier = self.caches.get(namespace)
+            self._shared_cache.invalidate(held.config.name, id)
+        tier = held.cache
         if isinstance(tier, RedisTier):
             await tier.invalidate(id)
 
@@ -156,22 +121,28 @@ class KeyValue:
         nbytes = min(s.limit_bytes or DEFAULT_LIMIT_BYTES, self._max_limit_bytes)
         return items, nbytes
 
-    async def PutItems(self, request: kv_pb2.PutItemsRequest, call: Any) -> kv_pb2.PutItemsResponse | bytes:
+    async def PutItems(
+        self, request: kv_pb2.PutItemsRequest, call: CallContext
+    ) -> kv_pb2.PutItemsResponse | bytes:
         ns = call.namespace = request.namespace
-        if ns not in self.backends:
+        held = self.namespaces.get(ns)
+        if held is None:
             return await self._elsewhere(ns, call)
-        backend = self._backend(ns, request.id)
+        _check_id(request.id)
         now = _now_ms()
         items = [_item_write(i, now) for i in request.items]
-        await backend.put_items(request.id, items, _stamp(request.idempotency_token), now)
-        await self._invalidate(ns, request.id)
+        await held.backend.put_items(request.id, items, _stamp(request.idempotency_token), now)
+        await self._invalidate(held, request.id)
         return _PUT_OK
 
-    def GetItemsNow(self, request: kv_pb2.GetItemsRequest, call: Any) -> bytes | None:
+    def GetItemsNow(self, request: kv_pb2.GetItemsRequest, call: CallContext) -> bytes | None:
         """A shared-cache hit, answered without waiting (``Method.now``); None otherwise."""
         ns = request.namespace
-        cached = self.caches.get(ns)
-        if cached is None or isinstance(cached, RedisTier) or ns not in self.backends:
+        held = self.namespaces.get(ns)
+        if held is None:
+            return None
+        cached = held.cache
+        if cached is None or isinstance(cached, RedisTier):
             return None
         hit = cached.cache.get(call.messages[0], cached.cache.record_version(ns, request.id), _now_ms())
         if hit is None:
@@ -180,16 +151,22 @@ class KeyValue:
         metrics.cache_hit(ns)
         return hit
 
-    async def GetItems(self, request: kv_pb2.GetItemsRequest, call: Any) -> kv_pb2.GetItemsResponse | bytes:
+    async def GetItems(
+        self, request: kv_pb2.GetItemsRequest, call: CallContext
+    ) -> kv_pb2.GetItemsResponse | bytes:
         ns = call.namespace = request.namespace
-        if ns not in self.backends:
+        held = self.namespaces.get(ns)
+        if held is None:
             return await self._elsewhere(ns, call)
-        cached = self.caches.get(ns)
+        backend = held.backend
+        cached = held.cache
         if cached is None:
-            return await self._get_items(request)
+            return await self._get_items(backend, request)
         if isinstance(cached, RedisTier):
-            self._backend(ns, request.id)  # a bad request costs no round trip
-            return await cached.get_items(request.id, call.messages[0], lambda: self._get_items(request))
+            _check_id(request.id)  # a bad request costs no round trip
+            return await cached.get_items(
+                request.id, call.messages[0], lambda: self._get_items(backend, request)
+            )
         # A miss: hits were answered by GetItemsNow, which the server tries
         # first (Method.now). The request bytes are the cache key: the same
         # bytes ask the same question. The record's version is read before
@@ -198,7 +175,7 @@ class KeyValue:
         version = cached.cache.record_version(ns, request.id)
         now = _now_ms()
         metrics.cache_miss(ns)
-        response = await self._get_items(request)
+        response = await self._get_items(backend, request)
         payload: bytes = response.SerializeToString()
         if len(payload) <= cached.max_value_bytes:
             expires = now + cached.ttl_ms
@@ -208,8 +185,10 @@ class KeyValue:
             cached.cache.put(key, version, payload, expires)
         return payload
 
-    async def _get_items(self, request: kv_pb2.GetItemsRequest) -> kv_pb2.GetItemsResponse:
-        backend = self._backend(request.namespace, request.id)
+    async def _get_items(
+        self, backend: base.KeyValueBackend, request: kv_pb2.GetItemsRequest
+    ) -> kv_pb2.GetItemsResponse:
+        _check_id(request.id)
         predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
         selection = request.selection
         limit_items, limit_bytes = self._limits(selection)
@@ -249,24 +228,26 @@ class KeyValue:
         )
 
     async def DeleteItems(
-        self, request: kv_pb2.DeleteItemsRequest, call: Any
+        self, request: kv_pb2.DeleteItemsRequest, call: CallContext
     ) -> kv_pb2.DeleteItemsResponse | bytes:
         ns = call.namespace = request.namespace
-        if ns not in self.backends:
+        held = self.namespaces.get(ns)
+        if held is None:
             return await self._elsewhere(ns, call)
-        backend = self._backend(ns, request.id)
+        _check_id(request.id)
         predicate = _predicate(request.predicate) if request.HasField("predicate") else _MATCH_ALL
-        await backend.delete_items(request.id, predicate, _stamp(request.idempotency_token), _now_ms())
-        await self._invalidate(ns, request.id)
+        await held.backend.delete_items(request.id, predicate, _stamp(request.idempotency_token), _now_ms())
+        await self._invalidate(held, request.id)
         return kv_pb2.DeleteItemsResponse()
 
     async def MutateItems(
-        self, request: kv_pb2.MutateItemsRequest, call: Any
+        self, request: kv_pb2.MutateItemsRequest, call: CallContext
     ) -> kv_pb2.MutateItemsResponse | bytes:
         ns = call.namespace = request.namespace
-        if ns not in self.backends:
+        held = self.namespaces.get(ns)
+        if held is None:
             return await self._elsewhere(ns, call)
-        backend = self._backend(ns, request.id)
+        _check_id(request.id)
         now = _now_ms()
         mutations: list[base.Mutation] = []
         for n, m in enumerate(request.mutations):
@@ -277,17 +258,17 @@ class KeyValue:
                 mutations.append(base.Delete(_predicate(m.delete)))
             else:
                 raise InvalidArgument(f"mutations[{n}]: neither put nor delete is set")
-        await backend.mutate_items(request.id, mutations, _stamp(request.idempotency_token), now)
-        await self._invalidate(ns, request.id)
+        await held.backend.mutate_items(request.id, mutations, _stamp(request.idempotency_token), now)
+        await self._invalidate(held, request.id)
         return kv_pb2.MutateItemsResponse()
 
     async def ScanItems(
-        self, request: kv_pb2.ScanItemsRequest, call: Any
+        self, request: kv_pb2.ScanItemsRequest, call: CallContext
     ) -> kv_pb2.ScanItemsResponse | bytes:
         ns = call.namespace = request.namespace
-        if ns not in self.backends:
+        held = self.namespaces.get(ns)
+        if held is None:
             return await self._elsewhere(ns, call)
-        backend = self._backend(ns)
         limit_items, limit_bytes = self._limits(request.selection)
         fingerprint = _fingerprint(b"scan", request.namespace.encode())
         after: str | None = None
@@ -296,7 +277,7 @@ class KeyValue:
             if not isinstance(cursor, str):
                 raise InvalidArgument("page_token was issued for another request")
             after = cursor
-        page = await backend.scan_items(
+        page = await held.backend.scan_items(
             after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=_now_ms()
         )
         response = kv_pb2.ScanItemsResponse(

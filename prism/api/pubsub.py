@@ -12,16 +12,17 @@ its first call of the connection (the connection is then handed over).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
 from prism.backends.pubsub import Message, PubSubBackend, Start, StartKind, Subscription
 from prism.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prism.proto import pubsub_pb2
+from prism.rpc.call import CallContext
 from prism.rpc.methods import SEND_HEADERS
 
-from .keyvalue import Remote, elsewhere
+from .namespaces import Held, Remote, elsewhere
 
 SERVICE = pubsub_pb2.DESCRIPTOR.services_by_name["PubSub"]
 
@@ -36,16 +37,17 @@ class Locator(Protocol):
 
 
 class PubSub:
-    """The PubSub service over a namespace -> backend table."""
+    """The PubSub service over this process's PubSub namespaces (the table's
+    PubSub view); Publish and Ack for any other go to ``remote``."""
 
     def __init__(
         self,
-        backends: Mapping[str, PubSubBackend],
+        namespaces: Mapping[str, Held[PubSubBackend]],
         *,
         remote: Remote | None = None,
         locator: Locator | None = None,
     ) -> None:
-        self.backends = backends
+        self.namespaces = namespaces
         self._remote = remote
         self._locator = locator
         self._streams: dict[str, set[_Stream]] = {}
@@ -59,23 +61,25 @@ class PubSub:
             for stream in self._streams.get(name, ()):
                 stream.end()
 
-    async def _elsewhere(self, namespace: str, call: Any) -> bytes:
+    async def _elsewhere(self, namespace: str, call: CallContext) -> bytes:
         return await elsewhere(self._remote, namespace, call)
 
     def _local(
         self,
         request: pubsub_pb2.PublishRequest | pubsub_pb2.AckRequest | pubsub_pb2.SubscribeRequest,
-        call: Any,
+        call: CallContext,
     ) -> PubSubBackend | None:
         """The backend of the request's namespace if this process holds it
         (None: forward), after the checks every local call gets."""
         call.namespace = request.namespace
-        backend = self.backends.get(request.namespace)
-        if backend is not None and not request.topic:
+        held = self.namespaces.get(request.namespace)
+        if held is None:
+            return None
+        if not request.topic:
             raise InvalidArgument("topic must not be empty")
-        return backend
+        return held.backend
 
-    async def Publish(self, request: pubsub_pb2.PublishRequest, call: Any) -> bytes:
+    async def Publish(self, request: pubsub_pb2.PublishRequest, call: CallContext) -> bytes:
         backend = self._local(request, call)
         if backend is None:
             return await self._elsewhere(request.namespace, call)
@@ -84,7 +88,7 @@ class PubSub:
         )
         return pubsub_pb2.PublishResponse(sequence=sequence).SerializeToString()
 
-    async def Ack(self, request: pubsub_pb2.AckRequest, call: Any) -> bytes:
+    async def Ack(self, request: pubsub_pb2.AckRequest, call: CallContext) -> bytes:
         backend = self._local(request, call)
         if backend is None:
             return await self._elsewhere(request.namespace, call)
@@ -95,7 +99,7 @@ class PubSub:
         return _ACK_OK
 
     async def Subscribe(
-        self, request: pubsub_pb2.SubscribeRequest, call: Any
+        self, request: pubsub_pb2.SubscribeRequest, call: CallContext
     ) -> AsyncIterator[pubsub_pb2.Message | object]:
         backend = self._local(request, call)
         if backend is None:

@@ -15,6 +15,7 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
 from prism.errors import StatusCode
+from prism.rpc.call import CallContext
 
 SERVICE = rpb.DESCRIPTOR.services_by_name["ServerReflection"]
 
@@ -43,7 +44,7 @@ class Reflection:
         self._pool = descriptor_pool.Default()
 
     async def ServerReflectionInfo(
-        self, requests: AsyncIterator[rpb.ServerReflectionRequest], call: object
+        self, requests: AsyncIterator[rpb.ServerReflectionRequest], call: CallContext
     ) -> AsyncIterator[rpb.ServerReflectionResponse]:
         async for request in requests:
             yield self._answer(request)

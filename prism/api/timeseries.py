@@ -12,13 +12,13 @@ import hashlib
 import struct
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from prism.backends.timeseries import Cursor, Event, TimeSeriesBackend
-from prism.errors import InvalidArgument, NotFound
+from prism.errors import InvalidArgument
 from prism.proto import common_pb2, timeseries_pb2
+from prism.rpc.call import CallContext
 
-from .keyvalue import Remote, elsewhere
+from .namespaces import Held, Remote, elsewhere
 from .pagetoken import PageTokens
 
 SERVICE = timeseries_pb2.DESCRIPTOR.services_by_name["TimeSeries"]
@@ -58,53 +58,48 @@ def _decode_cursor(raw: bytes | str) -> Cursor:
 
 
 class TimeSeries:
-    """The TimeSeries service over a namespace -> backend table."""
+    """The TimeSeries service over this process's TimeSeries namespaces
+    (the table's TimeSeries view); calls for any other go to ``remote``."""
 
     def __init__(
         self,
-        backends: Mapping[str, TimeSeriesBackend],
+        namespaces: Mapping[str, Held[TimeSeriesBackend]],
         tokens: PageTokens,
         *,
         max_limit_bytes: int,
         remote: Remote | None = None,
     ) -> None:
-        self.backends = backends
+        self.namespaces = namespaces
         self._tokens = tokens
         self._max_limit_bytes = max_limit_bytes
         self._remote = remote
 
-    async def _elsewhere(self, namespace: str, call: Any) -> bytes:
+    async def _elsewhere(self, namespace: str, call: CallContext) -> bytes:
         return await elsewhere(self._remote, namespace, call)
-
-    def _backend(self, namespace: str) -> TimeSeriesBackend:
-        backend = self.backends.get(namespace)
-        if backend is None:
-            raise NotFound(f"unknown namespace {namespace!r}")
-        return backend
 
     def _limits(self, s: common_pb2.Selection) -> tuple[int, int]:
         items = min(s.limit_items or DEFAULT_LIMIT_ITEMS, MAX_LIMIT_ITEMS)
         nbytes = min(s.limit_bytes or DEFAULT_LIMIT_BYTES, self._max_limit_bytes)
         return items, nbytes
 
-    async def WriteEvents(self, request: timeseries_pb2.WriteEventsRequest, call: Any) -> bytes:
-        call.namespace = request.namespace
-        if request.namespace not in self.backends:
-            return await self._elsewhere(request.namespace, call)
-        backend = self._backend(request.namespace)
+    async def WriteEvents(self, request: timeseries_pb2.WriteEventsRequest, call: CallContext) -> bytes:
+        ns = call.namespace = request.namespace
+        held = self.namespaces.get(ns)
+        if held is None:
+            return await self._elsewhere(ns, call)
         # All checked before the backend sees any: one bad event fails the batch.
         events = [_event(n, e) for n, e in enumerate(request.events)]
         if events:
-            await backend.write_events(events, _now_ms())
+            await held.backend.write_events(events, _now_ms())
         return _WRITE_OK
 
     async def ReadEvents(
-        self, request: timeseries_pb2.ReadEventsRequest, call: Any
+        self, request: timeseries_pb2.ReadEventsRequest, call: CallContext
     ) -> timeseries_pb2.ReadEventsResponse | bytes:
-        call.namespace = request.namespace
-        if request.namespace not in self.backends:
-            return await self._elsewhere(request.namespace, call)
-        backend = self._backend(request.namespace)
+        ns = call.namespace = request.namespace
+        held = self.namespaces.get(ns)
+        if held is None:
+            return await self._elsewhere(ns, call)
         if not request.series_id:
             raise InvalidArgument("series_id must not be empty")
         start, end = request.start_time_us, request.end_time_us
@@ -128,7 +123,7 @@ class TimeSeries:
         after: Cursor | None = None
         if request.page_token:
             after = _decode_cursor(self._tokens.open(request.page_token, fingerprint))
-        page = await backend.read_events(
+        page = await held.backend.read_events(
             request.series_id,
             start or None,
             end or None,

@@ -1,1 +1,1 @@
-"""Routing: the shared-memory routing table, the shared cache, the nng bus and forwarding."""
+"""Routing: the shared-memory routing table, forwarding (transport and policy), connection hand-off."""

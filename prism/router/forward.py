@@ -13,14 +13,15 @@ cost more than twice a local one. Here the trio loop waits on the PULL
 socket's ``recv_fd`` (readable while messages are queued) and sends without
 blocking, so nng's own I/O threads never call back into Python.
 
-Each nng message still costs a hand-off to nng's I/O threads and back (about
-100 us a message on this machine), so messages are batched: the calls (and
-answers) for one peer that arise in one trio scheduling batch go out as one
-nng message, flushed once the batch has run. Under load a message carries
-many calls; a lone call pays for one message, as before.
+Each nng message still costs a hand-off to nng's I/O threads and back, of
+the order of a whole local call's CPU, so messages are batched: the calls
+(and answers) for one peer that arise in one trio scheduling batch go out as
+one nng message, flushed once the batch has run. Under load a message
+carries many calls; a lone call pays for one message, as before. (What a
+forwarded call costs: the "forwarded" scenario in ``bench/results/gateway.json``.)
 
-A forwarded call is never forwarded again: an owner that no longer owns the
-namespace answers UNAVAILABLE, which the client may retry.
+This is the transport only: which calls go where, and what a worker does
+with a call forwarded to it, is the forwarding policy (``prism.router.remote``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ class RemoteStatus(PrismError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.grpc_status = StatusCode(status)
+
+
+class Moved(RemoteStatus):
+    """The worker a call was forwarded to no longer holds its namespace
+    (``ForwardAnswer.moved``). Raised by that worker's forwarding policy,
+    which answers it as a moved answer, and by ``ForwardBus.forward`` on the
+    sender's side when such an answer comes back."""
 
 
 class _Pending:
@@ -194,7 +202,7 @@ class ForwardBus:
                 raise DeadlineExceeded("deadline exceeded")
             raise Unavailable(f"worker {owner.id} of tenant {owner.tenant!r} did not answer; retry")
         if answer.status != StatusCode.OK:
-            raise RemoteStatus(answer.status, answer.message)
+            raise (Moved if answer.moved else RemoteStatus)(answer.status, answer.message)
         return answer.payload
 
     def owners_gone(self, serving: set[int]) -> None:

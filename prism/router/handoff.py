@@ -24,7 +24,7 @@ import trio
 
 from prism import metrics
 from prism.router.table import Routes
-from prism.rpc.protocol import Call
+from prism.rpc.call import Call
 from prism.rpc.server import Connection, ServerSettings
 
 log = logging.getLogger("prism.handoff")
@@ -107,7 +107,12 @@ async def _take_over(conn: trio.socket.SocketType, settings: ServerSettings) -> 
         except (OSError, ValueError) as exc:
             log.warning("bad hand-off message: %s", exc)
             return
-    client = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    try:
+        client = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+    except OSError as exc:
+        os.close(fd)
+        log.warning("bad hand-off message: the descriptor passed is not a socket (%s)", exc.strerror)
+        return
     try:
         await Connection(trio.SocketStream(client), settings, handed_in=buffered).serve()
     except Exception:

@@ -54,10 +54,17 @@ class ForwardCall(msgspec.Struct, tag="c", frozen=True, array_like=True):
 
 
 class ForwardAnswer(msgspec.Struct, tag="a", frozen=True, array_like=True):
+    """The owner's answer to a ``ForwardCall`` of the same id: the response
+    bytes with status OK, or a gRPC status and message."""
+
     id: int
     status: int
     message: str
     payload: bytes
+    # The owner no longer holds the call's namespace: a reload moved it since
+    # the sender read its routing table. The sender refreshes its table and
+    # tries once more; status and message are what its client sees otherwise.
+    moved: bool = False
 
 
 Forwarded = ForwardCall | ForwardAnswer

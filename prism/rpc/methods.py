@@ -9,12 +9,18 @@ the contract clients are generated from.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+
+from prism.rpc.call import CallContext
+
+log = logging.getLogger("prism.rpc")
 
 UNARY: Final = 0  # one request, one response
 # A streaming handler may yield this (instead of a message) to have the
@@ -25,30 +31,87 @@ SEND_HEADERS: Final = object()
 SERVER_STREAM: Final = 1  # one request, a stream of responses
 CLIENT_STREAM: Final = 2  # requests streamed; handler yields responses (bidi too)
 
-UnaryHandler = Callable[[Any, Any], Awaitable[Message]]
-StreamHandler = Callable[[Any, Any], AsyncIterator[Message]]
+# A unary handler answers a message, or its serialization when it has that
+# already (a cache hit, a forwarded call's answer).
+UnaryHandler = Callable[[Any, CallContext], Awaitable[Message | bytes]]
+StreamHandler = Callable[[Any, CallContext], AsyncIterator[Message]]
+NowHandler = Callable[[Any, CallContext], bytes | None]
+
+# ``Method.answer_now`` logs what a ``now`` raised at most this often per
+# method: a broken ``now`` raises on every call it sees.
+NOW_FAILURE_LOG_INTERVAL_S: Final = 10.0
 
 
-class Method(NamedTuple):
-    kind: int
-    decode: Callable[[bytes], Message]
-    handler: Callable[..., Any]
-    name: str  # "Service/Method", for logs and metrics
-    # ``<Method>Now(request, call)`` of a unary RPC, if the implementation has
-    # one: the serialized answer when it needs no waiting (a shared-cache
-    # hit), else None. The server tries it first and answers at once, with no
-    # task of its own; None (or an error) sends the call to the handler.
-    now: Callable[[Any, Any], bytes | None] | None = None
+class Method:
+    """One RPC of a registered service."""
 
-    def answer_now(self, request: Any, call: Any) -> bytes | None:
+    __slots__ = (
+        "_clock",
+        "_log_after",
+        "_not_logged",
+        "decode",
+        "handler",
+        "kind",
+        "name",
+        "now",
+        "operation",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        decode: Callable[[bytes], Message],
+        handler: Callable[..., Any],
+        name: str,
+        now: NowHandler | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kind = kind
+        self.decode = decode
+        self.handler = handler  # a UnaryHandler, or a StreamHandler for the streaming kinds
+        self.name = name  # "Service/Method", for logs
+        self.operation = name.rpartition("/")[2]  # "Method", for metrics
+        # ``<Method>Now(request, call)`` of a unary RPC, if the implementation
+        # has one: the serialized answer when it needs no waiting (a
+        # shared-cache hit), else None. The server tries it first and answers
+        # at once, with no task of its own; None (or an error) sends the call
+        # to the handler.
+        self.now = now
+        self._clock = clock  # for the rate limit on logging now's failures
+        self._log_after = -float("inf")
+        self._not_logged = 0
+
+    async def invoke(self, request: Any, call: CallContext) -> bytes:
+        """Run the unary handler; its answer serialized (as it is, if the handler
+        answered bytes). Every path that runs a unary call goes through here."""
+        response = await self.handler(request, call)
+        if type(response) is bytes:
+            return response
+        payload: bytes = response.SerializeToString()
+        return payload
+
+    def answer_now(self, request: Any, call: CallContext) -> bytes | None:
         """``now``'s answer; None without one, or if it raised (the handler
-        then answers the call, its errors included)."""
+        then answers the call, its errors included). What it raised is
+        logged, at most once per ``NOW_FAILURE_LOG_INTERVAL_S``."""
         if self.now is None:
             return None
         try:
             return self.now(request, call)
-        except Exception:
+        except Exception as exc:
+            self._log_now_failure(exc)
             return None
+
+    def _log_now_failure(self, exc: Exception) -> None:
+        now = self._clock()
+        if now < self._log_after:
+            self._not_logged += 1
+            return
+        since = f" ({self._not_logged} more since the last report)" if self._not_logged else ""
+        log.warning("%sNow failed; the handler answers instead%s", self.name, since, exc_info=exc)
+        self._log_after = now + NOW_FAILURE_LOG_INTERVAL_S
+        self._not_logged = 0
 
 
 class MethodTable:

@@ -10,8 +10,9 @@ What this layer decides itself, so that every server gets it right:
 request header checks (method, path, content-type -> HTTP 415, grpc-timeout),
 message framing with the size limit checked on the 5-byte prefix (a lying
 length is refused before anything is allocated for it), the concurrent-call
-limit (REFUSED_STREAM for the extra stream only), outbound flow control, and
-the cached header blocks that make a successful unary answer cheap.
+limit (REFUSED_STREAM for the extra stream only) and outbound flow control.
+The cheap paths for the frames of ordinary calls (reading a request, writing
+a successful unary answer from cached header blocks) are ``h2conn``'s.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
-from h2.stream import StreamInputs
 
 from prism.errors import StatusCode
-from prism.rpc.h2conn import HEADERS_READ, PlainFrame, ServerConnection
-from prism.rpc.hpack_cache import FixedBlockEncoder, stateless_block
+from prism.rpc.call import Call
+from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
+from prism.rpc.hpack_cache import FixedBlockEncoder
 
 # Event kinds returned by receive_data.
 CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
@@ -38,9 +39,6 @@ CALL_MESSAGE: Final = 1  # call.messages grew by one
 CALL_END: Final = 2  # the client half-closed: call.messages is complete
 CALL_RESET: Final = 3  # the client reset the stream: cancel its work
 CONNECTION_CLOSED: Final = 4  # peer went away or broke the protocol (call is None)
-
-RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", b"application/grpc"))
-TRAILERS_OK: Final = ((b"grpc-status", b"0"),)
 
 _RESERVED_HEADERS: Final = frozenset(
     (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
@@ -54,63 +52,6 @@ _TIMEOUT_UNITS: Final = {
     ord("n"): 1e-9,
 }
 _PREFIX_LEN: Final = 5
-
-# Pre-encoded HPACK blocks of the fixed header lists and the 9-byte frame
-# headers (length, type, flags; the stream id follows) that carry them.
-_RESPONSE_BLOCK: Final = stateless_block(RESPONSE_HEADERS)
-_TRAILERS_BLOCK: Final = stateless_block(TRAILERS_OK)
-_HEADERS_FRAME_HEAD: Final = len(_RESPONSE_BLOCK).to_bytes(3, "big") + b"\x01\x04"  # END_HEADERS
-_TRAILERS_FRAME_HEAD: Final = len(_TRAILERS_BLOCK).to_bytes(3, "big") + b"\x01\x05"  # + END_STREAM
-
-
-class Call:
-    """One gRPC call: the state of one HTTP/2 stream as the server sees it."""
-
-    __slots__ = (
-        "_failed",
-        "_headers_sent",
-        "_inbuf",
-        "_out",
-        "_trailers",
-        "authority",
-        "backend",
-        "deadline",
-        "done",
-        "messages",
-        "metadata",
-        "namespace",
-        "path",
-        "request",
-        "started",
-        "stream_id",
-        "timeout_s",
-    )
-
-    forwarded = False  # arrived on a client connection (see prism.router.forward)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-        self.path = b""
-        self.authority = b""
-        self.deadline = float("inf")  # set by the server from timeout_s (its clock)
-        self.metadata: list[tuple[str, str | bytes]] = []
-        self.timeout_s: float | None = None
-        self.messages: list[bytes] = []
-        self.request: Any = None  # the decoded request, once the server has decoded it
-        self._inbuf = bytearray()
-        self._failed = False  # we already answered (with an error): ignore input
-        self._headers_sent = False
-        self._out = bytearray()  # outbound DATA waiting for flow-control window
-        self._trailers: tuple[tuple[bytes, bytes], ...] | None = None
-        self.done = False  # end of stream sent (or stream reset): nothing more to send
-        self.started = 0.0  # when the request was complete (server's clock, for metrics)
-        self.namespace = ""  # set by handlers, for metrics and logs
-        self.backend = ""
-
-    @property
-    def pending_bytes(self) -> int:
-        """Response bytes queued behind flow control."""
-        return len(self._out)
 
 
 def parse_timeout(value: bytes) -> float:
@@ -192,9 +133,10 @@ class GrpcProtocol:
 
     def _reopen_for_answers(self) -> None:
         # After a GOAWAY in either direction h2 marks the whole connection
-        # CLOSED and refuses to send anything, but HTTP/2 lets the streams
-        # already started finish. We keep h2's stream machinery usable and do
-        # the refusing of new streams ourselves (draining / peer_gone).
+        # CLOSED and refuses to send anything, but HTTP/2 (RFC 9113 6.8) lets
+        # the streams already started finish: python-hyper/h2#1181 (open
+        # upstream). We keep h2's stream machinery usable and do the refusing
+        # of new streams ourselves (draining / peer_gone).
         self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
     @property
@@ -352,60 +294,16 @@ class GrpcProtocol:
         """Answer a call with one message and status OK."""
         if call.done:
             return
-        n = len(payload) + _PREFIX_LEN
         conn = self._h2
-        sid = call.stream_id
-        stream = conn.streams.get(sid)
-        if (
-            stream is not None
-            and n <= conn.max_outbound_frame_size
-            and n <= stream.outbound_flow_control_window
-            and n <= conn.outbound_flow_control_window
-            and conn.state_machine.state is ConnectionState.SERVER_OPEN
-            and not conn.encoder.header_table.resized
-        ):
-            self._send_unary_frames(conn, stream, sid, payload, n)
+        if conn.send_plain_unary(call.stream_id, payload):
             self._finish(call)
             return
         frame = b"\x00" + len(payload).to_bytes(4, "big") + payload
-        conn.send_headers(sid, RESPONSE_HEADERS)
+        conn.send_headers(call.stream_id, RESPONSE_HEADERS)
         call._headers_sent = True
         call._out += frame
         call._trailers = TRAILERS_OK
         self._pump(call)
-
-    @staticmethod
-    def _send_unary_frames(conn: ServerConnection, stream: Any, sid: int, payload: bytes, n: int) -> None:
-        # The common case, a small OK answer within the flow-control window,
-        # written as three frames straight into h2's output buffer. h2's own
-        # send_headers/send_data/send_headers did the same work at about three
-        # times the cost (frame objects, header processing, logging). We still
-        # drive h2's stream state machine and flow-control windows exactly as
-        # those calls would, so h2's view of the connection stays true.
-        sm = stream.state_machine
-        sm.process_input(StreamInputs.SEND_HEADERS)
-        sm.process_input(StreamInputs.SEND_DATA)
-        sm.process_input(StreamInputs.SEND_HEADERS)
-        sm.process_input(StreamInputs.SEND_END_STREAM)
-        stream.outbound_flow_control_window -= n
-        conn.outbound_flow_control_window -= n
-        sid_bytes = sid.to_bytes(4, "big")
-        conn._data_to_send += b"".join(
-            (
-                _HEADERS_FRAME_HEAD,
-                sid_bytes,
-                _RESPONSE_BLOCK,
-                n.to_bytes(3, "big"),
-                b"\x00\x00",  # DATA, no flags
-                sid_bytes,
-                b"\x00",
-                len(payload).to_bytes(4, "big"),
-                payload,
-                _TRAILERS_FRAME_HEAD,
-                sid_bytes,
-                _TRAILERS_BLOCK,
-            )
-        )
 
     def send_headers(self, call: Call) -> None:
         """Send a streaming response's headers now, before its first message."""
@@ -447,12 +345,6 @@ class GrpcProtocol:
         """End a call with an error status; further input for it is ignored."""
         call._failed = True
         self.send_status(call, status, message)
-
-    def reset(self, call: Call, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.CANCEL) -> None:
-        """Abort a call's stream (RST_STREAM)."""
-        if not call.done:
-            self._h2.reset_stream(call.stream_id, code)
-            self._finish(call)
 
     def _refuse_http(self, call: Call, status: bytes, reason: str) -> None:
         call._failed = True

@@ -1,36 +1,30 @@
-"""The trio side of the gRPC server: sockets, tasks, deadlines.
+"""The trio side of the gRPC server: a connection's stream, tasks, deadlines.
 
 One ``Connection`` owns one byte stream. Its reader task feeds
 ``GrpcProtocol`` and starts a task per call; its writer task is the only code
 that writes to the stream, and it writes everything the protocol has queued
 in one ``send_all`` after each scheduling batch, so that concurrent calls on a
-connection share writes. The error boundary (``_answer_failure``) is the one
-place where exceptions become ``grpc-status``.
+connection share writes. ``failure_status`` is the error boundary: the one
+place where exceptions become a ``grpc-status`` (for calls forwarded here from
+another worker too). Accepting connections is ``prism.rpc.listen``'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import trio
 from google.protobuf.message import DecodeError
 
 from prism.errors import PrismError, StatusCode
+from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method, MethodTable
-from prism.rpc.protocol import (
-    CALL_END,
-    CALL_MESSAGE,
-    CALL_RESET,
-    CALL_START,
-    Call,
-    GrpcProtocol,
-)
+from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 
 log = logging.getLogger("prism.rpc")
 
@@ -41,10 +35,13 @@ _SNIFF_TIMEOUT_S = 1.0
 _SNIFF_LIMIT_BYTES = 64 * 1024
 # Streaming responses wait for the client to read once this much is queued.
 _STREAM_HIGH_WATER = 256 * 1024
+# An enum member read from its class is an attribute lookup through the enum
+# machinery, several times a dict lookup's cost: the unary path reads this.
+_OK = StatusCode.OK
 
 
-# The first argument is the call (a protocol Call, or a forwarded one).
-Observer = Callable[[Any, Method, StatusCode, float], None]
+# Called once per answered call, with how long it took (seconds).
+Observer = Callable[[CallContext, Method, StatusCode, float], None]
 
 
 class Handoff(Protocol):
@@ -73,7 +70,7 @@ class ServerSettings:
         self.accept_scope: trio.CancelScope | None = None
         self.handoff: Handoff | None = None
         # Per connection already held, how long to wait before accepting the
-        # next one (0: this process accepts alone; see _accept_loop).
+        # next one (0: this process accepts alone; see prism.rpc.listen).
         self.accept_backoff_s = 0.0
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
@@ -306,7 +303,7 @@ class Connection:
         if answer is None:
             return False
         self.proto.send_unary(call, answer)
-        self._observe(call, method, StatusCode.OK)
+        self._observe(call, method, _OK)
         if self.proto.draining:
             self._maybe_close()
         return True
@@ -326,10 +323,8 @@ class Connection:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope
                 request = call.request if call.request is not None else method.decode(call.messages[0])
-                response = await method.handler(request, call)
-                # A handler may answer pre-serialized bytes (cache hits, forwarded calls).
-                proto.send_unary(call, response if type(response) is bytes else response.SerializeToString())
-                status = StatusCode.OK
+                proto.send_unary(call, await method.invoke(request, call))
+                status = _OK
             if scope.cancelled_caught:
                 status = StatusCode.DEADLINE_EXCEEDED if not call.done else StatusCode.CANCELLED
                 proto.send_error(call, status, "deadline exceeded")
@@ -405,66 +400,3 @@ async def _requests(receive: trio.MemoryReceiveChannel[bytes], method: Method) -
     async with receive:
         async for raw in receive:
             yield method.decode(raw)
-
-
-async def serve_listeners(
-    listeners: list[trio.SocketListener],
-    settings: ServerSettings,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept and serve connections; a failing connection affects no other.
-
-    ``settings.start_drain()`` stops accepting (other processes on the same
-    socket take new connections) and GOAWAYs every connection; this returns
-    once the last of them has closed.
-    """
-
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            await Connection(stream, settings).serve()
-        except Exception:
-            log.exception("connection failed")
-
-    async with trio.open_nursery() as connections:
-        with trio.CancelScope() as accepting:
-            settings.accept_scope = accepting
-            async with trio.open_nursery() as acceptors:
-                for listener in listeners:
-                    acceptors.start_soon(_accept_loop, listener, connections, handle, settings)
-                task_status.started()
-        for listener in listeners:
-            await listener.aclose()
-
-
-# Errors from accept() that mean "out of resources, try again soon" (as in
-# trio.serve_listeners): we pause rather than die.
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ACCEPT_PAUSE_S = 0.1
-_ACCEPT_BACKOFF_MAX_S = 0.005
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    connections: trio.Nursery,
-    handle: Callable[[trio.SocketStream], Awaitable[None]],
-    settings: ServerSettings,
-) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                raise
-            log.error("accept failed (%s); pausing", exc.strerror)
-            await trio.sleep(_ACCEPT_PAUSE_S)
-            continue
-        connections.start_soon(handle, stream)
-        if settings.accept_backoff_s:
-            # Several processes accept on one socket and the kernel gives a
-            # burst of connections to whichever wakes first. A process that
-            # already holds connections waits a little (more, the more it
-            # holds) before taking the next, so idle siblings take their share.
-            await trio.sleep(
-                min(settings.accept_backoff_s * len(settings.connections), _ACCEPT_BACKOFF_MAX_S)
-            )

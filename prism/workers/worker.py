@@ -15,38 +15,25 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import mmap
 import os
 import signal
 import socket
 import sys
-import time
 from typing import Any
 
 import msgspec
 import pynng
 import trio
 
-from prism import metrics
 from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig
-from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.log import setup_logging
-from prism.router.forward import ForwardBus, RemoteStatus
 from prism.router.handoff import TenantHandoff, serve_handoffs
-from prism.router.messages import (
-    BootFailed,
-    ForwardAnswer,
-    ForwardCall,
-    Heartbeat,
-    State,
-    control_decoder,
-    control_encoder,
-)
+from prism.router.messages import BootFailed, Heartbeat, State, control_decoder, control_encoder
+from prism.router.remote import Forwarding
 from prism.router.table import Routes, RoutingTableReader
-from prism.rpc.methods import UNARY
-from prism.rpc.server import failure_status, serve_listeners
+from prism.rpc.listen import serve_listeners
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
 from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
@@ -56,46 +43,19 @@ log = logging.getLogger("prism.worker")
 HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
 HEALTH_INTERVAL_S = 1.0
-# Accept spreading between workers sharing the port (see rpc.server._accept_loop).
+# Accept spreading between workers sharing the port (see prism.rpc.listen).
 ACCEPT_BACKOFF_S = 0.0005
-# Which abstraction each service's calls need (a call naming a namespace of
-# another abstraction is FAILED_PRECONDITION, wherever that namespace lives).
-_ABSTRACTION_OF_SERVICE = {
-    b"prism.kv.v1.KeyValue": "keyvalue",
-    b"prism.timeseries.v1.TimeSeries": "timeseries",
-    b"prism.pubsub.v1.PubSub": "pubsub",
-}
-# The start of the answer a worker gives to a call forwarded for a namespace
-# it no longer owns; the sender refreshes its table and tries again once.
-MOVED = "namespace moved while the call was forwarded:"
-# How long a call waits for a namespace this worker was just given to open.
-OPEN_WAIT_S = 5.0
 # Python's default (700 net new container objects) made a worker collect
 # about 500 times a second at 64 calls in flight on PostgreSQL: every call
 # in flight holds a few dozen objects, so each wave of calls crossed the
-# threshold and the collector walked live objects only. That was 5-8 us of a
-# ~70 us call. At 10,000 it collects a few times a minute under the same
+# threshold and the collector walked live objects only: up to a tenth of a
+# call's CPU. At 10,000 it collects a few times a minute under the same
 # load; cyclic garbage still goes, just in larger, rarer batches.
 GC_GEN0_THRESHOLD = 10_000
 
 
 class BootError(Exception):
     """The worker cannot start serving (its namespaces' backends will not open)."""
-
-
-class ForwardedCall:
-    """What handlers see of a call that another worker forwarded here."""
-
-    forwarded = True
-
-    def __init__(self, request: ForwardCall) -> None:
-        self.path = request.path
-        self.messages = [request.payload]
-        self.metadata = request.metadata
-        self.deadline = trio.current_time() + request.timeout_s if request.timeout_s else math.inf
-        self.started = time.perf_counter()
-        self.namespace = ""
-        self.backend = ""
 
 
 def namespace_config(entry: Any) -> NamespaceConfig:
@@ -113,12 +73,22 @@ def namespace_config(entry: Any) -> NamespaceConfig:
 
 
 class Worker:
+    """One worker process's wiring: its loops, sockets, signals, heartbeats and
+    drain, around the ``App`` that serves calls and the ``Forwarding`` policy
+    for the namespaces it does not hold."""
+
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.routes = RoutingTableReader(mmap.mmap(spec.routes_fd, spec.routes_bytes))
         self.cache = SharedCache(mmap.mmap(spec.cache_fd, spec.cache_bytes)) if spec.cache_fd >= 0 else None
-        self.bus = ForwardBus(spec.forward_address, self._handle_forwarded)
-        self.app = App(spec.config, shared_cache=self.cache, remote=self, locator=self)
+        self.remote = Forwarding(
+            tenant=spec.tenant,
+            worker_id=spec.worker_id,
+            address=spec.forward_address,
+            routes=self.routes,
+            host=self,
+        )
+        self.app = App(spec.config, shared_cache=self.cache, remote=self.remote, locator=self.remote)
         self.generation = -1
         self.draining = False
         self._applying = trio.Lock()
@@ -128,109 +98,17 @@ class Worker:
     def _mine(self, routes: Routes) -> list[NamespaceConfig]:
         return [namespace_config(e) for e in routes.namespaces.values() if e.tenant == self.spec.tenant]
 
-    async def _apply_routes(self, *, strict: bool = False) -> None:
-        # Both the control loop and the table watch call this; one at a time,
-        # or both could open the same namespace.
+    async def apply_routes(self, *, strict: bool = False) -> None:
+        """Open and retire namespaces as the routing table's newest generation says."""
+        # The control loop, the table watch and forwarding call this; one at
+        # a time, or two could open the same namespace.
         async with self._applying:
             routes = self.routes.current()
             if routes.generation == self.generation:
                 return
             await self.app.apply(self._mine(routes), strict=strict)
             self.generation = routes.generation
-            self.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
-
-    def tenant_of(self, namespace: str) -> str | None:
-        """PubSub's Locator: the tenant holding ``namespace`` (a Subscribe
-        stream cannot be forwarded; its client is told where to connect)."""
-        entry = self.routes.current().namespaces.get(namespace)
-        if entry is None:
-            return None
-        if entry.abstraction != "pubsub":
-            raise FailedPrecondition(
-                f"namespace {namespace!r} is a {entry.abstraction} namespace, not pubsub"
-            )
-        if entry.tenant == self.spec.tenant:
-            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
-        return entry.tenant
-
-    async def forward(self, namespace: str, call: Any) -> bytes | None:
-        """KeyValue's Remote: answer a call for a namespace this worker does not hold.
-
-        Another tenant's namespace goes to a worker of that tenant. One that
-        the routing table says is ours but that we have not opened yet (a
-        reload moved or added it a moment ago) waits for it to open, so a move
-        fails no call.
-        """
-        for attempt in (1, 2):
-            routes = self.routes.current()
-            entry = routes.namespaces.get(namespace)
-            if entry is None:
-                return None
-            wanted = _ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
-            if wanted is not None and entry.abstraction != wanted:
-                raise FailedPrecondition(
-                    f"namespace {namespace!r} is a {entry.abstraction} namespace, not {wanted}"
-                )
-            owners = routes.owners(namespace)
-            if any(w.id == self.spec.worker_id for w in owners):
-                return await self._run_when_open(namespace, call)
-            if call.forwarded:
-                # The sender's table still names us; ours may be older still.
-                if attempt == 1 and self.routes.generation() != self.generation:
-                    await self._apply_routes()
-                    continue
-                raise RemoteStatus(StatusCode.UNAVAILABLE, f"{MOVED} {namespace!r}; retry")
-            metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
-            try:
-                return await self.bus.forward(
-                    owners, call.path, call.messages[0], call.metadata, call.deadline
-                )
-            except RemoteStatus as exc:
-                # The owner we picked had already let the namespace go (a
-                # reload moved it): our table is older than its; refresh, once.
-                if attempt == 2 or not str(exc).startswith(MOVED):
-                    raise
-                await self._apply_routes()
-        return None
-
-    async def _run_when_open(self, namespace: str, call: Any) -> bytes:
-        with trio.move_on_after(OPEN_WAIT_S):
-            while not self.app.holds(namespace):
-                await self._apply_routes()
-                if not self.app.holds(namespace):
-                    await trio.sleep(0.005)
-        if not self.app.holds(namespace):
-            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
-        method = self.app.methods.get(call.path)
-        assert method is not None  # the call got here through this method
-        response = await method.handler(method.decode(call.messages[0]), call)
-        return response if type(response) is bytes else response.SerializeToString()
-
-    async def _handle_forwarded(self, request: ForwardCall) -> ForwardAnswer:
-        method = self.app.methods.get(request.path)
-        if method is None or method.kind != UNARY:
-            return ForwardAnswer(request.id, StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
-        call = ForwardedCall(request)
-        response = await self._run_forwarded(method, call, request)
-        observer = self.app.settings.observer
-        if observer is not None:
-            observer(call, method, StatusCode(response.status), time.perf_counter() - call.started)
-        return response
-
-    async def _run_forwarded(self, method: Any, call: ForwardedCall, request: ForwardCall) -> ForwardAnswer:
-        with trio.CancelScope(deadline=call.deadline) as scope:
-            try:
-                decoded = method.decode(request.payload)
-                answer = method.answer_now(decoded, call)  # a shared-cache hit, as on a connection
-                if answer is None:
-                    response = await method.handler(decoded, call)
-                    answer = response if type(response) is bytes else response.SerializeToString()
-            except Exception as exc:
-                status, message = failure_status(exc, method)
-                return ForwardAnswer(request.id, status, message, b"")
-            return ForwardAnswer(request.id, StatusCode.OK, "", answer)
-        assert scope.cancelled_caught
-        return ForwardAnswer(request.id, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")
+            self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
     # -- loops ---------------------------------------------------------------
 
@@ -255,7 +133,7 @@ class Worker:
                 continue
             logging.getLogger("prism").setLevel(state.log_level.upper())
             if state.generation != self.generation:
-                await self._apply_routes()
+                await self.apply_routes()
             if state.draining:
                 drain.set()
 
@@ -269,7 +147,7 @@ class Worker:
         while True:
             await trio.sleep(ROUTES_POLL_S)
             if self.routes.generation() != self.generation:
-                await self._apply_routes()
+                await self.apply_routes()
             if self.routes.failures != failures:
                 failures = self.routes.failures
                 log.error(
@@ -282,7 +160,7 @@ class Worker:
     async def run(self) -> None:
         spec = self.spec
         try:
-            await self._apply_routes(strict=True)
+            await self.apply_routes(strict=True)
         except Exception as exc:
             raise BootError(str(exc)) from exc
         # The inherited fd becomes ours: closing the listener on drain must
@@ -298,7 +176,7 @@ class Worker:
             sub.subscribe(b"")
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self.bus.run)
+                    await nursery.start(self.remote.bus.run)
                     self.app.settings.handoff = TenantHandoff(spec.tenant, self.routes.current)
                     if len(self.routes.current().workers) > 1:
                         self.app.settings.accept_backoff_s = ACCEPT_BACKOFF_S
@@ -316,7 +194,7 @@ class Worker:
                             nursery.cancel_scope.cancel()
                             break
             finally:
-                self.bus.close()
+                self.remote.bus.close()
                 with trio.CancelScope(shield=True):
                     await self.app.aclose()
 
@@ -373,8 +251,8 @@ def main() -> None:
 
 def _settle_heap() -> None:
     """Keep the garbage collector off what was built at import (modules,
-    protobuf descriptors: ~39,000 objects, alive for good) and let it run
-    less often (GC_GEN0_THRESHOLD)."""
+    protobuf descriptors: tens of thousands of objects, alive for good) and
+    let it run less often (GC_GEN0_THRESHOLD)."""
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

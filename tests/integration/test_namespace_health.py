@@ -79,10 +79,10 @@ async def app_with_pg(tmp_path: Path, port: int) -> AsyncIterator[App]:
     try:
         yield app
     finally:
-        backend = app.backends.get(name)
+        held = app.namespaces.keyvalue.get(name)
         await app.aclose()
-        if isinstance(backend, PostgresBackend):
-            drop_tables(backend)
+        if held is not None and isinstance(held.backend, PostgresBackend):
+            drop_tables(held.backend)
 
 
 @pytest.mark.trio
@@ -95,7 +95,7 @@ async def test_health_follows_the_backend(tmp_path: Path) -> None:
             assert await app.apply(app.config.namespaces) == []
             await app.check_health()
             assert app.health.get(ns.name) == health.SERVING
-            backend = app.backends[ns.name]
+            backend = app.namespaces.keyvalue[ns.name].backend
 
             relay.down()
             with trio.fail_after(5):
@@ -170,7 +170,7 @@ async def test_redis_and_nats_namespace_health_follows_the_backend(tmp_path: Pat
                 await app.check_health()
             assert app.health.get(name) == health.SERVING
             if kind == "nats":
-                await app.ps_backends[name].drop()  # type: ignore[attr-defined]
+                await app.namespaces.pubsub[name].backend.drop()  # type: ignore[attr-defined]
         finally:
             await app.aclose()
             await delete_keys(prefix)

@@ -22,7 +22,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prism.errors import StatusCode
-from prism.rpc.protocol import CALL_START, Call, GrpcProtocol
+from prism.rpc.call import Call
+from prism.rpc.protocol import CALL_START, GrpcProtocol
 
 from .h2client import frame
 

@@ -13,10 +13,12 @@ import trio
 import trio.testing
 
 from prism.api import timeseries
+from prism.api.namespaces import Held
 from prism.api.pagetoken import PageTokens
 from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
 from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
 from prism.backends.timeseries import TimeSeriesBackend
+from prism.config import NamespaceConfig
 from prism.errors import StatusCode
 from prism.proto import common_pb2
 from prism.proto import timeseries_pb2 as pb
@@ -63,7 +65,8 @@ class Client:
 @asynccontextmanager
 async def connected(backend: TimeSeriesBackend, key: bytes = b"k" * 32) -> AsyncIterator[Client]:
     await backend.open()
-    service = timeseries.TimeSeries({"ns": backend}, PageTokens(key), max_limit_bytes=1 << 20)
+    held = Held(NamespaceConfig(name="ns", abstraction="timeseries"), backend)
+    service = timeseries.TimeSeries({"ns": held}, PageTokens(key), max_limit_bytes=1 << 20)
     methods = MethodTable()
     methods.add_service(timeseries.SERVICE, service)
     server_stream, client_stream = trio.testing.memory_stream_pair()

@@ -1,0 +1,200 @@
+"""The forwarding policy: where a call for a namespace this worker does not
+hold goes, and how a call forwarded here is served.
+
+``ForwardBus`` (``forward.py``) carries calls and answers between workers;
+this module decides what goes on it:
+
+- A call naming a namespace of another abstraction than its service's is
+  FAILED_PRECONDITION, wherever that namespace lives.
+- A call for another tenant's namespace goes to a serving worker of that
+  tenant. One for a namespace the routing table gives to this worker but
+  that it has not opened yet (a reload moved or added it a moment ago) waits
+  for it to open, so a move fails no call.
+- A forwarded call is never forwarded again. A worker that no longer holds
+  the namespace of a call forwarded to it answers "moved"
+  (``ForwardAnswer.moved``): the sender read an older routing table than the
+  owner's, so it applies the newest one and tries once more.
+- A Subscribe stream cannot be forwarded: ``tenant_of`` tells PubSub which
+  tenant its client should name to reach the namespace's workers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Final, Protocol
+
+import trio
+
+from prism import metrics
+from prism.errors import FailedPrecondition, StatusCode, Unavailable
+from prism.router.forward import ForwardBus, Moved
+from prism.router.messages import ForwardAnswer, ForwardCall
+from prism.router.table import RoutingTableReader
+from prism.rpc.call import CallContext
+from prism.rpc.methods import UNARY, Method
+from prism.rpc.server import ServerSettings, failure_status
+
+# Which abstraction each service's calls need.
+ABSTRACTION_OF_SERVICE: Final = {
+    b"prism.kv.v1.KeyValue": "keyvalue",
+    b"prism.timeseries.v1.TimeSeries": "timeseries",
+    b"prism.pubsub.v1.PubSub": "pubsub",
+}
+# How long a call waits for a namespace this worker was just given to open.
+OPEN_WAIT_S: Final = 5.0
+_OPEN_POLL_S: Final = 0.005
+
+
+class ForwardedCall:
+    """A call another worker forwarded here, as handlers see it (a ``CallContext``)."""
+
+    __slots__ = ("deadline", "messages", "metadata", "namespace", "path", "started")
+
+    forwarded = True
+
+    def __init__(self, request: ForwardCall) -> None:
+        self.path = request.path
+        self.messages = [request.payload]
+        self.metadata: list[tuple[str, str | bytes]] = request.metadata
+        self.deadline = trio.current_time() + request.timeout_s if request.timeout_s else math.inf
+        self.started = time.perf_counter()
+        self.namespace = ""
+
+
+class Local(Protocol):
+    """The serving side of this process (``prism.workers.app.App``)."""
+
+    @property
+    def settings(self) -> ServerSettings:
+        """Its method table and observer."""
+        ...
+
+    def holds(self, namespace: str) -> bool:
+        """Whether ``namespace`` is open here."""
+        ...
+
+
+class Host(Protocol):
+    """The worker process the policy runs in (``prism.workers.worker.Worker``)."""
+
+    @property
+    def app(self) -> Local: ...
+
+    @property
+    def generation(self) -> int:
+        """The routing table generation whose namespaces this process holds."""
+        ...
+
+    async def apply_routes(self) -> None:
+        """Open and retire namespaces as the routing table's newest generation says."""
+        ...
+
+
+class Forwarding:
+    """One worker's forwarding: KeyValue's (and every service's) ``Remote``,
+    PubSub's ``Locator``, and the handler of its ``ForwardBus``."""
+
+    def __init__(
+        self, *, tenant: str, worker_id: int, address: str, routes: RoutingTableReader, host: Host
+    ) -> None:
+        self._tenant = tenant
+        self._worker_id = worker_id
+        self._routes = routes
+        self._host = host
+        self.bus = ForwardBus(address, self.serve)
+
+    def tenant_of(self, namespace: str) -> str | None:
+        """The tenant holding ``namespace``, for a Subscribe this worker cannot serve."""
+        entry = self._routes.current().namespaces.get(namespace)
+        if entry is None:
+            return None
+        if entry.abstraction != "pubsub":
+            raise FailedPrecondition(
+                f"namespace {namespace!r} is a {entry.abstraction} namespace, not pubsub"
+            )
+        if entry.tenant == self._tenant:
+            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
+        return entry.tenant
+
+    async def forward(self, namespace: str, call: CallContext) -> bytes | None:
+        """The answer to a call for ``namespace``, which this process does not
+        hold; None if no tenant holds it."""
+        for attempt in (1, 2):
+            routes = self._routes.current()
+            entry = routes.namespaces.get(namespace)
+            if entry is None:
+                return None
+            wanted = ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
+            if wanted is not None and entry.abstraction != wanted:
+                raise FailedPrecondition(
+                    f"namespace {namespace!r} is a {entry.abstraction} namespace, not {wanted}"
+                )
+            owners = routes.owners(namespace)
+            if any(w.id == self._worker_id for w in owners):
+                return await self._run_when_open(namespace, call)
+            if call.forwarded:
+                # The sender's table still names us; ours may be older still.
+                if attempt == 1 and self._routes.generation() != self._host.generation:
+                    await self._host.apply_routes()
+                    continue
+                raise Moved(
+                    StatusCode.UNAVAILABLE,
+                    f"namespace moved while the call was forwarded: {namespace!r}; retry",
+                )
+            metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
+            try:
+                return await self.bus.forward(
+                    owners, call.path, call.messages[0], call.metadata, call.deadline
+                )
+            except Moved:
+                # The owner we picked had already let the namespace go (a
+                # reload moved it): our table is older than its; refresh, once.
+                if attempt == 2:
+                    raise
+                await self._host.apply_routes()
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _run_when_open(self, namespace: str, call: CallContext) -> bytes:
+        local = self._host.app
+        with trio.move_on_after(OPEN_WAIT_S):
+            while not local.holds(namespace):
+                await self._host.apply_routes()
+                if not local.holds(namespace):
+                    await trio.sleep(_OPEN_POLL_S)
+        if not local.holds(namespace):
+            raise Unavailable(f"namespace {namespace!r} is being opened; retry")
+        method = local.settings.methods.get(call.path)
+        assert method is not None  # the call got here through this method
+        return await method.invoke(method.decode(call.messages[0]), call)
+
+    async def serve(self, request: ForwardCall) -> ForwardAnswer:
+        """Run a call another worker forwarded here, as a connection would
+        (a shared-cache hit answered at once, the same error boundary), and
+        observe it."""
+        settings = self._host.app.settings
+        method = settings.methods.get(request.path)
+        if method is None or method.kind != UNARY:
+            return ForwardAnswer(request.id, StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
+        call = ForwardedCall(request)
+        answer = await _run(method, call, request.id)
+        observer = settings.observer
+        if observer is not None:
+            observer(call, method, StatusCode(answer.status), time.perf_counter() - call.started)
+        return answer
+
+
+async def _run(method: Method, call: ForwardedCall, call_id: int) -> ForwardAnswer:
+    with trio.CancelScope(deadline=call.deadline):
+        try:
+            request = method.decode(call.messages[0])
+            payload = method.answer_now(request, call)
+            if payload is None:
+                payload = await method.invoke(request, call)
+        except Moved as exc:
+            return ForwardAnswer(call_id, exc.grpc_status, str(exc), b"", moved=True)
+        except Exception as exc:
+            status, message = failure_status(exc, method)
+            return ForwardAnswer(call_id, status, message, b"")
+        return ForwardAnswer(call_id, StatusCode.OK, "", payload)
+    return ForwardAnswer(call_id, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")

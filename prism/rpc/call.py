@@ -1,0 +1,101 @@
+"""What a call is: the ``CallContext`` handlers see, and the HTTP/2 ``Call``.
+
+A handler is ``async def Rpc(request, call)``. ``call`` is a ``CallContext``:
+either a ``Call`` (a stream of a client's connection, read by
+``GrpcProtocol``) or a ``ForwardedCall`` (``prism.router.remote``: a call
+another worker forwarded here over nng). Handlers use only what both have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class CallContext(Protocol):
+    """A call as handlers, the observer and the forwarding policy see it."""
+
+    # The service's namespace, set by the handler once it has read the
+    # request (for metrics and logs); "" until then.
+    namespace: str
+
+    @property
+    def path(self) -> bytes:
+        """``/package.Service/Method``, as it arrived in ``:path``."""
+        ...
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The request messages, undecoded: a unary call's one message is ``messages[0]``."""
+        ...
+
+    @property
+    def metadata(self) -> list[tuple[str, str | bytes]]:
+        """Custom metadata: str values, bytes for ``-bin`` keys."""
+        ...
+
+    @property
+    def deadline(self) -> float:
+        """When the call must be answered, on trio's clock (``inf``: no deadline)."""
+        ...
+
+    @property
+    def started(self) -> float:
+        """When the request was complete (``time.perf_counter``), for the call's duration."""
+        ...
+
+    @property
+    def forwarded(self) -> bool:
+        """True if another worker forwarded this call here: it must not be forwarded again."""
+        ...
+
+
+class Call:
+    """One gRPC call: the state of one HTTP/2 stream as the server sees it.
+
+    The underscored fields belong to ``GrpcProtocol`` (prism.rpc.protocol);
+    the rest is the ``CallContext`` handlers use, plus what the server needs.
+    """
+
+    __slots__ = (
+        "_failed",
+        "_headers_sent",
+        "_inbuf",
+        "_out",
+        "_trailers",
+        "authority",
+        "deadline",
+        "done",
+        "messages",
+        "metadata",
+        "namespace",
+        "path",
+        "request",
+        "started",
+        "stream_id",
+        "timeout_s",
+    )
+
+    forwarded = False  # arrived on a client connection
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.path = b""
+        self.authority = b""
+        self.deadline = float("inf")  # set by the server from timeout_s (its clock)
+        self.metadata: list[tuple[str, str | bytes]] = []
+        self.timeout_s: float | None = None
+        self.messages: list[bytes] = []
+        self.request: Any = None  # the decoded request, once the server has decoded it
+        self._inbuf = bytearray()
+        self._failed = False  # we already answered (with an error): ignore input
+        self._headers_sent = False
+        self._out = bytearray()  # outbound DATA waiting for flow-control window
+        self._trailers: tuple[tuple[bytes, bytes], ...] | None = None
+        self.done = False  # end of stream sent (or stream reset): nothing more to send
+        self.started = 0.0  # when the request was complete (server's clock, for metrics)
+        self.namespace = ""  # set by handlers, for metrics and logs
+
+    @property
+    def pending_bytes(self) -> int:
+        """Response bytes queued behind flow control."""
+        return len(self._out)

@@ -1,0 +1,81 @@
+"""Accepting connections: one loop per listening socket, a task per connection.
+
+Workers of one tenant all accept on the same inherited socket; the kernel
+wakes whichever is waiting, so a process that already holds connections
+waits a little before taking the next one (``ServerSettings.accept_backoff_s``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from prism.rpc.server import Connection, ServerSettings
+
+log = logging.getLogger("prism.rpc")
+
+
+async def serve_listeners(
+    listeners: list[trio.SocketListener],
+    settings: ServerSettings,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept and serve connections; a failing connection affects no other.
+
+    ``settings.start_drain()`` stops accepting (other processes on the same
+    socket take new connections) and GOAWAYs every connection; this returns
+    once the last of them has closed.
+    """
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await Connection(stream, settings).serve()
+        except Exception:
+            log.exception("connection failed")
+
+    async with trio.open_nursery() as connections:
+        with trio.CancelScope() as accepting:
+            settings.accept_scope = accepting
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(_accept_loop, listener, connections, handle, settings)
+                task_status.started()
+        for listener in listeners:
+            await listener.aclose()
+
+
+# Errors from accept() that mean "out of resources, try again soon" (as in
+# trio.serve_listeners): we pause rather than die.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_PAUSE_S = 0.1
+_ACCEPT_BACKOFF_MAX_S = 0.005
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    connections: trio.Nursery,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    settings: ServerSettings,
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error("accept failed (%s); pausing", exc.strerror)
+            await trio.sleep(_ACCEPT_PAUSE_S)
+            continue
+        connections.start_soon(handle, stream)
+        if settings.accept_backoff_s:
+            # Several processes accept on one socket and the kernel gives a
+            # burst of connections to whichever wakes first. A process that
+            # already holds connections waits a little (more, the more it
+            # holds) before taking the next, so idle siblings take their share.
+            await trio.sleep(
+                min(settings.accept_backoff_s * len(settings.connections), _ACCEPT_BACKOFF_MAX_S)
+            )
