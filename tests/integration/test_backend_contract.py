@@ -33,7 +33,7 @@ from prism.backends.keyvalue import (
 from prism.backends.memory.keyvalue import MemoryBackend
 from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.backends.redis.keyvalue import RedisBackend
-from prism.backends.sqlite import keyvalue as sqlite_mod
+from prism.backends.sqlite import pool as sqlite_pool
 from prism.backends.sqlite.keyvalue import SqliteBackend
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import drop_tables
@@ -591,7 +591,9 @@ async def test_sqlite_failure_midway_rolls_back_everything(tmp_path: Path) -> No
 
 @pytest.mark.trio
 async def test_sqlite_locked_database_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_S", 0.05)
+    # The pool opens its connections with this busy timeout (patching a
+    # re-export elsewhere would leave the test waiting the full 5 s).
+    monkeypatch.setattr(sqlite_pool, "BUSY_TIMEOUT_S", 0.05)
     kv = await open_sqlite(tmp_path)
     other = sqlite3.connect(kv.path, isolation_level=None)
     try:

@@ -57,6 +57,7 @@ from typing import Any
 
 import trio
 
+from prism.backends.nats.errors import ERRORS, JetStreamError
 from prism.backends.pubsub import Message, Start, StartKind, pop_pubsub_options
 from prism.backends.timeseries import reject_unknown
 from prism.drivers import nats as natsio
@@ -74,6 +75,9 @@ _NS = 1_000_000_000
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_CONSUMER_NOT_FOUND = 10014
+# What a background step (forwarded acks, release) may meet when NATS goes
+# away; the calls a client is waiting on report it instead.
+_FAILURES = (natsio.NatsError, JetStreamError, PrismError)
 
 
 def _b64(s: str) -> str:
@@ -96,14 +100,6 @@ def ack_sequence(reply: str) -> int:
     """The stream sequence in a ``$JS.ACK`` subject (old 9-token and new 12-token forms)."""
     tokens = reply.split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-class JetStreamError(Internal):
-    """An error answer of the JetStream API."""
-
-    def __init__(self, subject: str, error: Mapping[str, Any]) -> None:
-        self.err_code = int(error.get("err_code", 0))
-        super().__init__(f"nats: {subject}: {error.get('description', 'error')} (err_code {self.err_code})")
 
 
 class NatsPubSubBackend:
@@ -144,8 +140,8 @@ class NatsPubSubBackend:
             if nc is not None and not nc.closed and nc.idle_s() > natsio.IDLE_CHECK_S:
                 try:
                     await nc.flush(self.connect_timeout_s)
-                except Unavailable:
-                    pass
+                except natsio.NatsError:
+                    pass  # closed now: reconnected below
             if nc is None or nc.closed:
                 nc = self._nc = await natsio.connect(self.url, timeout_s=self.connect_timeout_s)
                 nc.orphan = _nak_orphan(nc)
@@ -167,6 +163,10 @@ class NatsPubSubBackend:
         return reply
 
     async def open(self) -> None:
+        with ERRORS:
+            await self._open()
+
+    async def _open(self) -> None:
         api = f"$JS.API.STREAM.%s.{self.stream}"
         window = int(self.options.dedup_window_s * _NS)
         try:
@@ -195,11 +195,13 @@ class NatsPubSubBackend:
 
     async def drop(self) -> None:
         """Delete the stream and everything in it. For tests: the product never calls it."""
-        await self._api(f"$JS.API.STREAM.DELETE.{self.stream}")
+        with ERRORS:
+            await self._api(f"$JS.API.STREAM.DELETE.{self.stream}")
 
     async def ping(self) -> None:
         """Raise unless NATS and JetStream answer (health checks)."""
-        await self._api("$JS.API.INFO")
+        with ERRORS:
+            await self._api("$JS.API.INFO")
 
     # -- publish ----------------------------------------------------------------
 
@@ -208,15 +210,16 @@ class NatsPubSubBackend:
         hdrs = {f"P-{_b64(k)}": _b64(v) for k, v in headers.items()}
         if message_id:
             hdrs["Nats-Msg-Id"] = f"{token}:{_b64(message_id)}"
-        nc = await self._conn()
         subject = f"{self.prefix}.{token}"
-        try:
-            msg = await nc.request(subject, payload, hdrs, timeout_s=API_TIMEOUT_S)
-        except natsio.NoResponders:
-            raise Unavailable(f"nats: no stream stores {subject} (was {self.stream} deleted?)") from None
-        ack: dict[str, Any] = json.loads(msg.data)
-        if "error" in ack:
-            raise JetStreamError(subject, ack["error"])
+        with ERRORS:
+            nc = await self._conn()
+            try:
+                msg = await nc.request(subject, payload, hdrs, timeout_s=API_TIMEOUT_S)
+            except natsio.NoResponders:
+                raise Unavailable(f"nats: no stream stores {subject} (was {self.stream} deleted?)") from None
+            ack: dict[str, Any] = json.loads(msg.data)
+            if "error" in ack:
+                raise JetStreamError(subject, ack["error"])
         return int(ack["seq"])
 
     # -- subscribe --------------------------------------------------------------
@@ -261,6 +264,15 @@ class NatsPubSubBackend:
                 raise exc from None
         return name
 
+    async def _ephemeral(self, topic: str, start: Start) -> str:
+        config = {**self._consumer_config(topic, start), "ack_policy": "none",
+                  "inactive_threshold": int(EPHEMERAL_INACTIVE_S * _NS), "mem_storage": True}  # fmt: skip
+        info = await self._api(
+            f"$JS.API.CONSUMER.CREATE.{self.stream}", {"stream_name": self.stream, "config": config}
+        )
+        name: str = info["name"]
+        return name
+
     async def _follow_ack_wait(self, name: str, config: dict[str, Any]) -> None:
         # A group made under another ack_wait_ms (the option changed since)
         # takes the namespace's current one: JetStream keeps a durable
@@ -275,21 +287,16 @@ class NatsPubSubBackend:
 
     @asynccontextmanager
     async def _subscribe(self, topic: str, group: str, start: Start) -> AsyncIterator[_Subscription]:
-        if group:
-            name = await self._durable(topic, group, start)
-        else:
-            config = {**self._consumer_config(topic, start), "ack_policy": "none",
-                      "inactive_threshold": int(EPHEMERAL_INACTIVE_S * _NS), "mem_storage": True}  # fmt: skip
-            info = await self._api(
-                f"$JS.API.CONSUMER.CREATE.{self.stream}", {"stream_name": self.stream, "config": config}
-            )
-            name = info["name"]
-        nc = await self._conn()
-        sub = _Subscription(self, nc, await nc.subscribe(nc.new_inbox()), topic, name, durable=bool(group))
+        with ERRORS:
+            name = await (self._durable(topic, group, start) if group else self._ephemeral(topic, start))
+            nc = await self._conn()
+            box = await nc.subscribe(nc.new_inbox())
+        sub = _Subscription(self, nc, box, topic, name, durable=bool(group))
         try:
             async with trio.open_nursery() as nursery:
                 if group:
-                    listener = await nc.subscribe(f"_PRISM.ack.{self.stream}.{name}")
+                    with ERRORS:
+                        listener = await nc.subscribe(f"_PRISM.ack.{self.stream}.{name}")
                     nursery.start_soon(sub.serve_forwarded_acks, listener)
                     self._members.setdefault(name, set()).add(sub)
                 try:
@@ -309,10 +316,11 @@ class NatsPubSubBackend:
     # -- ack --------------------------------------------------------------------
 
     async def ack(self, topic: str, group: str, sequences: Sequence[int]) -> None:
-        if not group or not sequences:
-            return
-        name = consumer_name(topic, group)
-        wanted = set(sequences)
+        if group and sequences:
+            with ERRORS:
+                await self._ack(consumer_name(topic, group), set(sequences))
+
+    async def _ack(self, name: str, wanted: set[int]) -> None:
         for member in list(self._members.get(name, ())):
             wanted -= await member.ack_held(wanted)
         if not wanted:
@@ -359,6 +367,10 @@ class _Subscription:
         self._fetch = json.dumps({"batch": 1, "expires": int(FETCH_EXPIRES_S * _NS)}).encode()
 
     async def receive(self) -> Message:
+        with ERRORS:
+            return await self._receive()
+
+    async def _receive(self) -> Message:
         nc = self._nc
         while True:
             if not self._box.msgs and not self._fetching:
@@ -427,13 +439,13 @@ class _Subscription:
                 done = await self.ack_held(wanted)
                 if done and msg.reply:
                     await nc.publish(msg.reply, json.dumps(sorted(done)).encode())
-        except PrismError:
+        except _FAILURES:
             pass  # connection lost: receive() reports it
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 try:
                     await nc.unsubscribe(listener)
-                except PrismError:
+                except _FAILURES:
                     pass
 
     async def release(self) -> None:
@@ -459,5 +471,5 @@ class _Subscription:
                     await nc.flush(API_TIMEOUT_S)  # sends them first
             else:
                 await backend._api(f"$JS.API.CONSUMER.DELETE.{backend.stream}.{self.consumer}")
-        except PrismError:
+        except _FAILURES:
             pass  # connection lost: the server redelivers after ack_wait / drops the consumer

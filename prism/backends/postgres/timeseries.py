@@ -18,7 +18,8 @@ from pathlib import Path
 import msgspec
 
 from prism.backends.postgres import keyvalue_sql as kv_sql
-from prism.backends.postgres.keyvalue import _mapped_errors, pool_from_options
+from prism.backends.postgres.errors import ERRORS
+from prism.backends.postgres.keyvalue import pool_from_options
 from prism.backends.timeseries import (
     Cursor,
     Event,
@@ -76,7 +77,7 @@ class PostgresTimeSeriesBackend:
     async def open(self) -> None:
         if self._opened or self._closed:
             return
-        with _mapped_errors():
+        with ERRORS:
             await self._pool.create_schema(kv_sql.lock_key(self.table), [self._schema])
         self._opened = True
 
@@ -87,7 +88,7 @@ class PostgresTimeSeriesBackend:
 
     async def ping(self) -> None:
         self._check_open()
-        with _mapped_errors():
+        with ERRORS:
             await self._pool.execute(b"SELECT 1")
 
     def _check_open(self) -> None:
@@ -100,7 +101,7 @@ class PostgresTimeSeriesBackend:
         self._check_open()
         check_events(events)
         horizon = horizon_us(self._retention_ms, now_ms)
-        with _mapped_errors():
+        with ERRORS:
             conn = await self._pool.acquire()
             try:
                 await conn.execute(b"BEGIN")
@@ -137,7 +138,7 @@ class PostgresTimeSeriesBackend:
         params: list[pgio.Param] = [series_id, low, high, limit_items + 1]
         if after is not None:
             params += [after[0], after[1]]
-        with _mapped_errors():
+        with ERRORS:
             rows = await self._pool.execute(self._read[(reverse, after is not None)], params)
         events = (
             Event(series_id, t, eid, payload, _tags_decoder.decode(tags)) for t, eid, payload, tags in rows

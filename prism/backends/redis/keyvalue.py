@@ -41,13 +41,13 @@ from prism.backends.keyvalue import (
     StoredItem,
 )
 from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.backends.redis.errors import ERRORS
 from prism.drivers import resp
-from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
+from prism.errors import ConfigError, Unavailable
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SCAN_CHUNK = 64  # records read per round trip of a scan
 BIG = 1 << 53
-_UNAVAILABLE_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
 
 _LUA_COMMON = r"""
 local function bytes_lt(a, b)
@@ -227,13 +227,6 @@ def _number(opts: dict[str, object], name: str, default: float, *, integer: bool
     return value  # type: ignore[return-value]
 
 
-def _translate(exc: resp.ReplyError) -> Exception:
-    text = str(exc)
-    if text.startswith(_UNAVAILABLE_REPLIES):
-        return Unavailable(f"redis: server unavailable ({text.split(' ', 1)[0]})")
-    return Internal(f"redis: server error: {text}")
-
-
 def _lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tuple[bytes, bytes]:
     lo, hi = b"-", b"+"
     if isinstance(predicate, MatchRange):
@@ -299,10 +292,8 @@ class RedisBackend:
         """Connect once (so that a wrong URL shows at start-up). Idempotent."""
         if self._opened or self._closed:
             return
-        try:
+        with ERRORS:
             await self._pool.call("PING")
-        except resp.ReplyError as exc:
-            raise _translate(exc) from exc
         self._opened = True
 
     async def aclose(self) -> None:
@@ -314,10 +305,8 @@ class RedisBackend:
     async def ping(self) -> None:
         """Raise unless Redis answers PING (the namespace's health probe)."""
         self._check_open()
-        try:
+        with ERRORS:
             await self._pool.call("PING")
-        except resp.ReplyError as exc:
-            raise _translate(exc) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -328,10 +317,8 @@ class RedisBackend:
     async def _eval_many(
         self, script: resp.Script, calls: Sequence[tuple[Sequence[resp.Arg], Sequence[resp.Arg]]]
     ) -> list[resp.Reply]:
-        try:
+        with ERRORS:
             return await self._pool.eval_many(script, calls)
-        except resp.ReplyError as exc:
-            raise _translate(exc) from exc
 
     def _read_call(
         self,
@@ -381,9 +368,10 @@ class RedisBackend:
         if self._reads is None:
             (reply,) = await self._eval_many(_READ, [call])
         else:
-            reply = await self._reads.get(call)
-            if isinstance(reply, resp.ReplyError):
-                raise _translate(reply)
+            with ERRORS:
+                reply = await self._reads.get(call)
+                if isinstance(reply, resp.ReplyError):
+                    raise reply
         return page_items(self._items(reply), limit_items, limit_bytes)
 
     def _coalescer(
@@ -403,7 +391,7 @@ class RedisBackend:
             run,
             slots=min(2, pool_size),
             wait_timeout_s=pool_timeout_s,
-            timeout_error=lambda: ResourceExhausted(
+            timeout_error=lambda: resp.PoolTimeout(
                 f"redis: {what} waited {pool_timeout_s:g} s behind busy connections"
             ),
         )
@@ -415,10 +403,8 @@ class RedisBackend:
         pager = RecordPager(limit_items, limit_bytes)
         cursor = b"-" if after is None else b"(" + after.encode()
         while True:
-            try:
+            with ERRORS:
                 ids = await self._pool.call("ZRANGEBYLEX", self._ids_key, cursor, "+", "LIMIT", 0, SCAN_CHUNK)
-            except resp.ReplyError as exc:
-                raise _translate(exc) from exc
             if not ids:
                 break
             calls = [self._read_call(i.decode(), MatchAll(), False, None, BIG, BIG, now_ms) for i in ids]
@@ -461,9 +447,10 @@ class RedisBackend:
         if self._writes is None:
             await self._eval_many(_WRITE, [(self._keys(id), args)])
             return
-        reply = await self._writes.get((self._keys(id), args))
-        if isinstance(reply, resp.ReplyError):
-            raise _translate(reply)
+        with ERRORS:
+            reply = await self._writes.get((self._keys(id), args))
+            if isinstance(reply, resp.ReplyError):
+                raise reply
 
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)

@@ -43,17 +43,10 @@ from prism.backends.keyvalue import (
 )
 from prism.backends.paging import check_items, check_mutations
 from prism.backends.sqlite import keyvalue_ops as ops
-from prism.backends.sqlite.pool import (  # translate, READERS: re-exported
-    BUSY_TIMEOUT_S,
-    READERS,
-    SqlitePool,
-    file_options,
-    translate,
-)
+from prism.backends.sqlite.pool import SqlitePool, file_options
 from prism.errors import ConfigError
 
 _T = TypeVar("_T")
-__all__ = ["BUSY_TIMEOUT_S", "READERS", "SqliteBackend", "translate"]
 
 
 class SqliteBackend:

@@ -7,7 +7,8 @@ writer connection behind a ``trio.Lock``; a few query-only reader
 connections in WAL mode beside it. Concurrent reads share a thread hop and
 concurrent writes a transaction (``SqlitePool.read`` / ``write``). A
 connection is only handed back once its thread is done with it, so
-cancellation never shares one between two threads. Driver errors become PrismErrors through ``translate``.
+cancellation never shares one between two threads. sqlite3 errors become
+the gateway's through the engine's error table (``errors.ERRORS``).
 
 Both the KeyValue (``sqlite.py``) and TimeSeries backends run on ``SqlitePool``.
 """
@@ -24,61 +25,14 @@ from typing import Any, TypeVar
 import trio
 
 from prism.backends.coalesce import Coalescer
+from prism.backends.sqlite.errors import ERRORS
 from prism.errors import ConfigError, Internal, Unavailable
 
 _T = TypeVar("_T")
 READERS = 4  # reader connections; reads beyond this wait for one
 BUSY_TIMEOUT_S = 5.0  # other processes (workers of the same tenant) may hold the lock
 
-# Primary result codes -> what the client is told. Messages stay short and
-# carry no paths; the driver's exception is chained for the log.
-_UNAVAILABLE = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
-_MESSAGES = {
-    sqlite3.SQLITE_IOERR: "sqlite: disk I/O error",
-    sqlite3.SQLITE_CORRUPT: "sqlite: database file is corrupt",
-    sqlite3.SQLITE_NOTADB: "sqlite: file is not a database",
-    sqlite3.SQLITE_FULL: "sqlite: disk is full",
-    sqlite3.SQLITE_CANTOPEN: "sqlite: cannot open database file",
-    sqlite3.SQLITE_READONLY: "sqlite: database is read-only",
-    sqlite3.SQLITE_CONSTRAINT: "sqlite: constraint failed",
-}
-
-
-def translate(exc: sqlite3.Error) -> Exception:
-    """The PrismError a driver error becomes. Misuse of the driver
-    (ProgrammingError, InterfaceError) is our bug and is returned unchanged."""
-    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-        return exc
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    if primary in _UNAVAILABLE:
-        return Unavailable("sqlite: database is locked")
-    return Internal(_MESSAGES.get(primary or -1, "sqlite: database error"))
-
-
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        mapped = translate(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
-
-
 _SYNCHRONOUS = ("FULL", "NORMAL")
-
-
-@contextmanager
-def mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        mapped = translate(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
 
 
 def file_options(
@@ -191,7 +145,7 @@ class SqlitePool:
         """Create the directory, file and schema, and connect. Idempotent."""
         if self._writer is not None or self._closed:
             return
-        with mapped_errors():
+        with ERRORS:
             writer, readers = await trio.to_thread.run_sync(self._connect_all, limiter=self._limiter)
         self._writer, self._readers = writer, readers
 
@@ -257,7 +211,7 @@ class SqlitePool:
             self._check_open()
             conn = self._readers.pop()
             try:
-                with mapped_errors():
+                with ERRORS:
                     return await trio.to_thread.run_sync(run_each, conn, fns, limiter=self._limiter)
             finally:
                 self._readers.append(conn)
@@ -268,7 +222,7 @@ class SqlitePool:
             self._check_open()
             conn = self._writer
             assert conn is not None
-            with mapped_errors():
+            with ERRORS:
                 return await trio.to_thread.run_sync(group, conn, fns, limiter=self._limiter)
 
 
@@ -278,7 +232,7 @@ Outcome = tuple[Any, Exception | None]  # what a call returned, or what it raise
 def _unwrap(outcome: Outcome) -> Any:
     value, failed = outcome
     if failed is not None:
-        with mapped_errors():
+        with ERRORS:
             raise failed
     return value
 
