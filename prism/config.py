@@ -23,7 +23,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from prism.backends import catalog
+from prism.backends.options import OptionError
 from prism.errors import ConfigError
+from prism.validation import join, one_line, rephrase
 
 __all__ = [
     "ABSTRACTIONS",
@@ -53,9 +56,6 @@ DEFAULT_CONFIG_FILE = "prism.toml"
 CONFIG_PATH_ENV = "PRISM_CONFIG"
 
 _NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
-_MISSING_FIELD = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
 
 
 CACHE_TIERS: tuple[str, ...] = ("shared", "redis")
@@ -87,7 +87,10 @@ class NamespaceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One namespace: the unit of routing, and which backend holds its data.
 
     ``options`` are backend- and abstraction-specific (``retention_days``,
-    ``dedup_window_s``...); the backend that receives them validates them.
+    ``dedup_window_s``...). They stay a plain table here (the routing table
+    hands it to the workers as is), checked at load against the backend's
+    options struct (``prism.backends.catalog``), so a mistake stops start-up
+    with a line naming ``namespaces[N].options.FIELD``.
     """
 
     name: str
@@ -289,6 +292,7 @@ def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, se
             )
         if not ns.backend:
             raise _FieldError(f"{where}.backend", "must not be empty")
+        _check_backend(ns, where)
         if ns.cache.enabled and ns.abstraction != "keyvalue":
             raise _FieldError(f"{where}.cache.enabled", "the cache serves KeyValue GetItems only")
         if ns.cache.ttl_s <= 0 or not math.isfinite(ns.cache.ttl_s):
@@ -296,6 +300,16 @@ def _validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, se
         if ns.cache.max_value_bytes < 1:
             raise _FieldError(f"{where}.cache.max_value_bytes", "must be >= 1")
         _validate_cache_tier(ns.cache, f"{where}.cache")
+
+
+def _check_backend(ns: NamespaceConfig, where: str) -> None:
+    """The backend exists for the abstraction and takes these options."""
+    try:
+        catalog.check(ns.abstraction, ns.backend, ns.options)
+    except catalog.UnknownBackend as exc:
+        raise _FieldError(f"{where}.backend", str(exc)) from None
+    except OptionError as exc:
+        raise _FieldError(f"{where}.{join('options', exc.field)}", exc.reason) from None
 
 
 def _validate_cache_tier(cache: CacheConfig, where: str) -> None:
@@ -423,7 +437,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {_one_line(str(exc))}") from None
+        raise ConfigError(f"{path}: invalid TOML: {one_line(str(exc))}") from None
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
@@ -447,33 +461,12 @@ def _decode(values: dict[str, Any], sources: Mapping[str, str]) -> ServerConfig:
     except _FieldError as exc:
         raise ConfigError(_with_source(str(exc), exc.field, sources)) from None
     except msgspec.ValidationError as exc:
-        field, reason = _rephrase_msgspec(str(exc))
+        field, reason = rephrase(str(exc))
+        field = field or "config"
         raise ConfigError(_with_source(f"{field}: {reason}", field, sources)) from None
-
-
-def _rephrase_msgspec(message: str) -> tuple[str, str]:
-    """Turn ``Expected `int`, got `str` - at `$.a[0].b``` into ``("a[0].b", "expected int, got str")``."""
-    match = _MSGSPEC_PATH.match(message)
-    if match is None:  # cannot happen: the pattern matches any string
-        return "config", _one_line(message)
-    text, path = match["msg"], (match["path"] or "").lstrip(".")
-    if unknown := _UNKNOWN_FIELD.match(text):
-        return _join(path, unknown["name"]), "unknown field"
-    if missing := _MISSING_FIELD.match(text):
-        return _join(path, missing["name"]), "required field missing"
-    reason = _one_line(text.replace("`", ""))
-    return path or "config", reason[:1].lower() + reason[1:]
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 def _with_source(line: str, field: str, sources: Mapping[str, str]) -> str:
     top = re.split(r"[.\[]", field, maxsplit=1)[0]
     source = sources.get(top)
     return f"{line} (from {source})" if source else line
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

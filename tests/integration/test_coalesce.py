@@ -121,9 +121,10 @@ async def test_a_cancelled_leader_does_not_fail_its_followers(
 @pytest.fixture
 async def pg_backend(tmp_path: Path):  # type: ignore[no-untyped-def]
     from prism.backends.postgres.keyvalue import PostgresBackend
+    from prism.backends.postgres.options import PostgresKeyValueOptions
 
     namespace = f"co_{uuid.uuid4().hex[:10]}"
-    backend = PostgresBackend({"dsn": DSN, "pool_size": 4}, data_dir=tmp_path, namespace=namespace)
+    backend = PostgresBackend(PostgresKeyValueOptions(dsn=DSN, pool_size=4), namespace=namespace)
     await backend.open()
     try:
         yield backend
@@ -221,7 +222,7 @@ async def test_a_batch_that_waits_too_long_for_a_slot_fails_fast(
 
 
 async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: Path) -> None:
-    kv = rd.new_backend(tmp_path, pool_size=4)
+    kv = rd.new_backend(pool_size=4)
     await kv.open()
     try:
         now = int(time.time() * 1000)
@@ -264,11 +265,12 @@ async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, t
     # Redis pipelines them (each its own script run); SQLite commits them
     # together (each in its own savepoint).
     from prism.backends.sqlite.keyvalue import SqliteBackend
+    from prism.backends.sqlite.options import SqliteOptions
 
     kv = (
-        rd.new_backend(tmp_path, pool_size=4)
+        rd.new_backend(pool_size=4)
         if kind == "redis"
-        else SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+        else SqliteBackend(SqliteOptions(), data_dir=tmp_path, namespace="ns")
     )
     await kv.open()
     try:
@@ -337,8 +339,9 @@ def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
 
 async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(tmp_path: Path) -> None:
     from prism.backends.sqlite.keyvalue import SqliteBackend
+    from prism.backends.sqlite.options import SqliteOptions
 
-    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    kv = SqliteBackend(SqliteOptions(), data_dir=tmp_path, namespace="ns")
     await kv.open()
     try:
         now = int(time.time() * 1000)
@@ -385,10 +388,11 @@ async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(t
 
 
 async def test_sqlite_timeseries_concurrent_writes_share_transactions(tmp_path: Path) -> None:
+    from prism.backends.sqlite.options import SqliteTimeSeriesOptions
     from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
     from prism.backends.timeseries import Event
 
-    ts = SqliteTimeSeriesBackend({}, data_dir=tmp_path, namespace="ts")
+    ts = SqliteTimeSeriesBackend(SqliteTimeSeriesOptions(), data_dir=tmp_path, namespace="ts")
     await ts.open()
     try:
         now = int(time.time() * 1000)

@@ -11,6 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from prism.backends import registry
+from prism.backends.memory.options import MemoryTimeSeriesOptions
 from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
 from prism.backends.postgres.timeseries import PostgresTimeSeriesBackend
 from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
@@ -27,15 +29,16 @@ _pg_tables: list[str] = []
 
 
 def make(kind: str, data_dir: Path, **options: object) -> Backend:
-    if kind == "memory":
-        return MemoryTimeSeriesBackend(options, data_dir=data_dir, namespace="ns")
+    # Through the registry, from a plain table: as a worker builds them.
+    namespace = "ns"
     if kind == "postgres":
-        backend = PostgresTimeSeriesBackend(
-            {"dsn": DSN, **options}, data_dir=data_dir, namespace=f"prism_test_{uuid.uuid4().hex[:12]}"
-        )
+        options = {"dsn": DSN, **options}
+        namespace = f"prism_test_{uuid.uuid4().hex[:12]}"
+    backend = registry.create_timeseries(kind, options, data_dir=data_dir, namespace=namespace)
+    assert isinstance(backend, MemoryTimeSeriesBackend | SqliteTimeSeriesBackend | PostgresTimeSeriesBackend)
+    if isinstance(backend, PostgresTimeSeriesBackend):
         _pg_tables.append(backend.table)
-        return backend
-    return SqliteTimeSeriesBackend(options, data_dir=data_dir, namespace="ns")
+    return backend
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -222,7 +225,7 @@ async def test_retention(kind: str, tmp_path: Path) -> None:
 
 
 async def test_retention_purges(tmp_path: Path) -> None:
-    ts = SqliteTimeSeriesBackend({"retention_days": 1}, data_dir=tmp_path, namespace="ns")
+    ts = make("sqlite", tmp_path, retention_days=1)
     await ts.open()
     try:
         await ts.write_events([ev(NOW_US, "a"), ev(NOW_US + 1, "b")], NOW)
@@ -236,7 +239,7 @@ async def test_retention_purges(tmp_path: Path) -> None:
 
 
 async def test_memory_retention_purges() -> None:
-    ts = MemoryTimeSeriesBackend({"retention_days": 1})
+    ts = MemoryTimeSeriesBackend(MemoryTimeSeriesOptions(retention_days=1))
     await ts.write_events([ev(NOW_US, "a")], NOW)
     await ts.write_events([ev(NOW_US, "a", series="t")], NOW + 2 * DAY_MS)
     assert set(ts._series) == set()  # "t"'s event was past retention on arrival
@@ -258,8 +261,7 @@ async def test_sqlite_durable_across_reopen(tmp_path: Path) -> None:
 
 
 async def test_sqlite_path_option(tmp_path: Path) -> None:
-    options = {"path": "sub/x.db", "synchronous": "normal"}
-    ts = SqliteTimeSeriesBackend(options, data_dir=tmp_path, namespace="ns")
+    ts = make("sqlite", tmp_path, path="sub/x.db", synchronous="normal")
     await ts.open()
     await ts.write_events([ev(1)], NOW)
     await ts.aclose()
@@ -267,9 +269,7 @@ async def test_sqlite_path_option(tmp_path: Path) -> None:
 
 
 async def test_sqlite_refuses_a_keyvalue_file(tmp_path: Path) -> None:
-    from prism.backends.sqlite.keyvalue import SqliteBackend
-
-    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    kv = registry.create("sqlite", {}, data_dir=tmp_path, namespace="ns")
     await kv.open()
     await kv.aclose()
     ts = make("sqlite", tmp_path)
@@ -286,15 +286,25 @@ async def test_sqlite_closed_is_unavailable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"retention_days": -1}, {"retention_days": "7"}, {"retention_days": True}, {"bogus": 1}],
+    ("options", "message"),
+    [
+        ({"retention_days": -1}, "options.retention_days: expected float >= 0.0"),
+        ({"retention_days": "7"}, "options.retention_days: expected float, got str"),
+        ({"retention_days": True}, "options.retention_days: expected float, got bool"),
+        ({"bogus": 1}, "options.bogus: unknown field"),
+    ],
 )
-def test_bad_options(kind: str, tmp_path: Path, options: dict[str, object]) -> None:
-    with pytest.raises(ConfigError):
+def test_bad_options(kind: str, tmp_path: Path, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
         make(kind, tmp_path, **options)
+    assert str(info.value) == message
 
 
 def test_sqlite_bad_file_options(tmp_path: Path) -> None:
-    for options in ({"path": ""}, {"synchronous": "OFF"}):
-        with pytest.raises(ConfigError):
-            SqliteTimeSeriesBackend(options, data_dir=tmp_path, namespace="ns")
+    for options, message in (
+        ({"path": ""}, "options.path: expected str of length >= 1"),
+        ({"synchronous": "OFF"}, "options.synchronous: 'OFF' is not 'FULL' or 'NORMAL'"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            make("sqlite", tmp_path, **options)
+        assert str(info.value) == message

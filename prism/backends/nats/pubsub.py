@@ -1,4 +1,4 @@
-"""PubSub on NATS JetStream, driven from trio by ``natsio`` (no asyncio, no threads).
+"""PubSub on NATS JetStream, driven from trio by ``prism.drivers.nats`` (no asyncio, no threads).
 
 Layout. One stream per namespace (option ``stream``, default ``PRISM_<namespace>``)
 holds subjects ``prism.<stream>.>``; a topic is the subject token
@@ -37,7 +37,7 @@ once; a delivery arriving after that (to a pull still open) is NAKed on
 arrival (the pull's subscription ends with ``UNSUB <sid> <n+1>``, so the
 server still sends that last message).
 
-Tasks. The backend has one shared ``natsio`` connection (opened again on
+Tasks. The backend has one shared NATS connection (opened again on
 next use if lost) and no background task, since ``open()`` and ``aclose()``
 are separate calls. Each durable subscription runs one task in its own
 nursery, inside its context: it answers forwarded acks, and while it waits
@@ -52,19 +52,17 @@ import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from prism.backends.nats.errors import ERRORS, JetStreamError
-from prism.backends.pubsub import Message, Start, StartKind, pop_pubsub_options
-from prism.backends.timeseries import reject_unknown
+from prism.backends.nats.options import NatsPubSubOptions
+from prism.backends.pubsub import Message, Start, StartKind
 from prism.drivers import nats as natsio
-from prism.errors import ConfigError, FailedPrecondition, Internal, PrismError, Unavailable
+from prism.errors import FailedPrecondition, Internal, PrismError, Unavailable
 
 KIND = "nats"
-DEFAULT_URL = "nats://127.0.0.1:4222"
 API_TIMEOUT_S = 5.0
 FETCH_EXPIRES_S = 30.0
 FORWARD_WAIT_S = 0.25
@@ -72,7 +70,6 @@ EPHEMERAL_INACTIVE_S = 30.0
 MAX_ACK_PENDING = 10_000
 CLOSE_TIMEOUT_S = 2.0
 _NS = 1_000_000_000
-_STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_CONSUMER_NOT_FOUND = 10014
 # What a background step (forwarded acks, release) may meet when NATS goes
@@ -103,25 +100,15 @@ def ack_sequence(reply: str) -> int:
 
 
 class NatsPubSubBackend:
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        url = opts.pop("url", DEFAULT_URL)
-        if not isinstance(url, str) or not url.startswith(("nats://", "tcp://")):
-            raise ConfigError(f"{KIND} backend: option 'url' must be a nats:// URL")
-        stream = opts.pop("stream", None)
-        if stream is None:
-            stream = "PRISM_" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)
-        if not isinstance(stream, str) or not _STREAM_NAME.match(stream):
-            raise ConfigError(f"{KIND} backend: option 'stream' must be letters, digits, '_' or '-'")
-        timeout = opts.pop("connect_timeout_s", 2.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"{KIND} backend: option 'connect_timeout_s' must be a positive number")
-        self.options = pop_pubsub_options(opts, KIND)
-        reject_unknown(opts, KIND)
-        self.url = url
-        self.stream = stream
-        self.prefix = f"prism.{stream}"
-        self.connect_timeout_s = float(timeout)
+    """Options: ``NatsPubSubOptions`` (the server, the stream, and every
+    PubSub backend's ``ack_wait_ms`` and ``dedup_window_s``)."""
+
+    def __init__(self, options: NatsPubSubOptions, *, namespace: str) -> None:
+        self.options = options
+        self.url = options.url
+        self.stream = options.stream or "PRISM_" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)
+        self.prefix = f"prism.{self.stream}"
+        self.connect_timeout_s = options.connect_timeout_s
         self._nc: natsio.Connection | None = None
         self._connect_lock = trio.Lock()
         self._members: dict[str, set[_Subscription]] = {}  # consumer -> live members here

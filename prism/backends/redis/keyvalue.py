@@ -1,4 +1,4 @@
-"""KeyValue on Redis, trio-native I/O (``resp``: no threads, no asyncio).
+"""KeyValue on Redis, trio-native I/O (``prism.drivers.resp``: no threads, no asyncio).
 
 Data model, under ``<key_prefix><namespace>:``:
 
@@ -22,8 +22,7 @@ item past the page. Timestamps are Lua numbers (doubles): exact to 2^53.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import (
@@ -42,10 +41,10 @@ from prism.backends.keyvalue import (
 )
 from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
 from prism.backends.redis.errors import ERRORS
+from prism.backends.redis.options import RedisOptions
 from prism.drivers import resp
-from prism.errors import ConfigError, Unavailable
+from prism.errors import Unavailable
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SCAN_CHUNK = 64  # records read per round trip of a scan
 BIG = 1 << 53
 
@@ -218,15 +217,6 @@ def _unpack(key: bytes, packed: bytes) -> StoredItem:
     return StoredItem(key, rest[int(token_len) :], int(expires))
 
 
-def _number(opts: dict[str, object], name: str, default: float, *, integer: bool = False) -> float:
-    value = opts.pop(name, default)
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:  # type: ignore[operator]
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"redis backend: option {name!r} must be {kind}")
-    return value  # type: ignore[return-value]
-
-
 def _lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tuple[bytes, bytes]:
     lo, hi = b"-", b"+"
     if isinstance(predicate, MatchRange):
@@ -244,43 +234,24 @@ def _lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tupl
 
 
 class RedisBackend:
-    """Options: ``url`` (default ``redis://127.0.0.1:6379/0``), ``pool_size``
-    (8), ``connect_timeout_s`` (5), ``pool_timeout_s`` (longest wait for a free
-    connection before RESOURCE_EXHAUSTED, 0.5), ``key_prefix`` ("prism:"),
-    ``coalesce_reads`` (true: concurrent reads go out together, pipelined on
-    one connection, and so do concurrent writes; see ``prism.backends.coalesce``)."""
+    """Options: ``RedisOptions`` (the server, the pool, the key prefix, and
+    whether concurrent calls are pipelined together, see ``_coalescer``)."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        url = opts.pop("url", DEFAULT_URL)
-        prefix = opts.pop("key_prefix", "prism:")
-        pool_size = int(_number(opts, "pool_size", 8, integer=True))
-        connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
-        coalesce = opts.pop("coalesce_reads", True)
-        if not isinstance(coalesce, bool):
-            raise ConfigError("redis backend: option 'coalesce_reads' must be true or false")
-        if opts:
-            raise ConfigError(f"redis backend: unknown option {next(iter(opts))!r}")
-        if not isinstance(url, str) or not url:
-            raise ConfigError("redis backend: option 'url' must be a non-empty string")
-        if not isinstance(prefix, str):
-            raise ConfigError("redis backend: option 'key_prefix' must be a string")
-        try:
-            address = resp.Address(url)
-        except ValueError as exc:
-            raise ConfigError(f"redis backend: option 'url' is invalid: {exc}") from None
-        self.key_prefix = prefix
-        self._base = f"{prefix}{namespace}:".encode()
+    def __init__(self, options: RedisOptions, *, namespace: str) -> None:
+        self.key_prefix = options.key_prefix
+        self._base = f"{options.key_prefix}{namespace}:".encode()
         self._ids_key = self._base + b"ids"
         self._pool = resp.Pool(
-            address, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
+            options.address(),
+            size=options.pool_size,
+            connect_timeout_s=options.connect_timeout_s,
+            acquire_timeout_s=options.pool_timeout_s,
         )
         self._reads: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
         self._writes: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
-        if coalesce:
-            self._reads = self._coalescer(_READ, "reads", pool_size, pool_timeout_s)
-            self._writes = self._coalescer(_WRITE, "writes", pool_size, pool_timeout_s)
+        if options.coalesce_reads:
+            self._reads = self._coalescer(_READ, "reads", options.pool_size, options.pool_timeout_s)
+            self._writes = self._coalescer(_WRITE, "writes", options.pool_size, options.pool_timeout_s)
         self._opened = False
         self._closed = False
 

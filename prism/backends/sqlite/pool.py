@@ -1,7 +1,7 @@
-"""What every SQLite backend shares: options, the file's WAL set-up, and the
+"""What every SQLite backend shares: the file's WAL set-up, and the
 connection pool that keeps blocking sqlite3 calls off the trio loop.
 
-The threading model is the KeyValue backend's (see ``sqlite.py``): every
+The threading model is the KeyValue backend's (see ``keyvalue.py``): every
 call runs in a worker thread under the backend's own CapacityLimiter; one
 writer connection behind a ``trio.Lock``; a few query-only reader
 connections in WAL mode beside it. Concurrent reads share a thread hop and
@@ -10,14 +10,14 @@ connection is only handed back once its thread is done with it, so
 cancellation never shares one between two threads. sqlite3 errors become
 the gateway's through the engine's error table (``errors.ERRORS``).
 
-Both the KeyValue (``sqlite.py``) and TimeSeries backends run on ``SqlitePool``.
+Both the KeyValue (``keyvalue.py``) and TimeSeries backends run on ``SqlitePool``.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,29 +26,11 @@ import trio
 
 from prism.backends.coalesce import Coalescer
 from prism.backends.sqlite.errors import ERRORS
-from prism.errors import ConfigError, Internal, Unavailable
+from prism.errors import Internal, Unavailable
 
 _T = TypeVar("_T")
 READERS = 4  # reader connections; reads beyond this wait for one
 BUSY_TIMEOUT_S = 5.0  # other processes (workers of the same tenant) may hold the lock
-
-_SYNCHRONOUS = ("FULL", "NORMAL")
-
-
-def file_options(
-    options: Mapping[str, object], *, data_dir: Path, namespace: str, kind: str
-) -> tuple[Path, str, dict[str, object]]:
-    """``path`` (absolute, or relative to ``data_dir``; default
-    ``<namespace>.sqlite3``) and ``synchronous`` ("FULL" or "NORMAL"), and
-    the options left for the caller to check."""
-    opts = dict(options)
-    path = opts.pop("path", f"{namespace}.sqlite3")
-    synchronous = opts.pop("synchronous", "FULL")
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise ConfigError(f"{kind} backend: option 'path' must be a non-empty string")
-    if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
-        raise ConfigError(f"{kind} backend: option 'synchronous' must be 'FULL' or 'NORMAL'")
-    return Path(data_dir) / path, synchronous.upper(), opts
 
 
 @contextmanager
