@@ -31,14 +31,8 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import (
-    RecordPager,
-    check_items,
-    check_mutations,
-    is_expired,
-    is_replay,
-    page_items,
-)
+from prism.backends.paging import RecordPager, page_items
+from prism.backends.rules import check_items, check_mutations, is_expired, is_replay
 
 _NEVER = 1 << 63  # expiry bound of a record none of whose items expires
 

@@ -39,10 +39,11 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.backends.paging import RecordPager, page_items
 from prism.backends.postgres import keyvalue_sql as sql
 from prism.backends.postgres.errors import ERRORS
 from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresOptions, conninfo
+from prism.backends.rules import check_items, check_mutations
 from prism.drivers import pg as pgio
 from prism.errors import Unavailable
 

@@ -25,10 +25,11 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.backends.paging import RecordPager, page_items
 from prism.backends.redis import keyvalue_lua as lua
 from prism.backends.redis.errors import ERRORS
 from prism.backends.redis.options import RedisOptions
+from prism.backends.rules import check_items, check_mutations
 from prism.drivers import resp
 from prism.errors import Unavailable
 

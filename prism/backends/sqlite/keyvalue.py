@@ -41,7 +41,7 @@ from prism.backends.keyvalue import (
     RecordPage,
     Stamp,
 )
-from prism.backends.paging import check_items, check_mutations
+from prism.backends.rules import check_items, check_mutations
 from prism.backends.sqlite import keyvalue_ops as ops
 from prism.backends.sqlite.options import SqliteOptions
 from prism.backends.sqlite.pool import SqlitePool
