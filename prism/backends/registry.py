@@ -76,8 +76,8 @@ def _sqlite(options: Mapping[str, object], *, data_dir: Path, namespace: str) ->
 
 
 def _postgres(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
-    # Imported on first use: psycopg takes ~0.1 s to import, which a worker
-    # that serves no PostgreSQL namespace should not pay at start-up.
+    # Imported on first use: psycopg (and libpq) are slow to import, which a
+    # worker that serves no PostgreSQL namespace should not pay at start-up.
     from prism.backends.postgres.keyvalue import PostgresBackend
 
     return PostgresBackend(convert(options, PostgresKeyValueOptions), namespace=namespace)

@@ -161,7 +161,7 @@ async def test_postgres_concurrent_gets_are_coalesced_and_exact(pg_backend) -> N
             want.reverse()
         assert got == want[:2], (i, got)
     readers = pg_backend._readers.values()
-    assert sum(r.reads for r in readers) == 120
+    assert sum(r.calls for r in readers) == 120
     assert sum(r.batches for r in readers) < 60  # shared statements, not one per call
 
 
@@ -195,7 +195,7 @@ async def test_postgres_concurrent_puts_share_statements_and_last_writer_wins(pg
         assert await items(f"r{r}") == [(b"j", b"w%d" % winner), (b"k", b"v%d" % winner)]
     assert await items("expired") == [(b"k", b"new")]
     writes = pg_backend._writes
-    assert writes.reads == 81
+    assert writes.calls == 81
     assert writes.batches < 40  # shared statements, not one per put
 
 
@@ -253,7 +253,7 @@ async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: 
                 want.reverse()
             assert got == want, (i, got)
         assert kv._reads is not None
-        assert kv._reads.reads == 100
+        assert kv._reads.calls == 100
         assert kv._reads.batches < 50
     finally:
         await kv.aclose()
@@ -298,7 +298,7 @@ async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, t
             assert [i.value for i in page.items] in ([f"v{2 * r}".encode()], [f"v{2 * r + 1}".encode()])
         writes = kv._writes if kind == "redis" else kv._pool._writes
         assert writes is not None
-        assert writes.reads == 80
+        assert writes.calls == 80
         assert writes.batches < 40
     finally:
         await kv.aclose()
@@ -381,7 +381,7 @@ async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(t
             if i % 2:
                 want.reverse()
             assert values == want[:2], (i, values)
-        assert kv._pool._reads.reads == 93
+        assert kv._pool._reads.calls == 93
         assert kv._pool._reads.batches < 45
     finally:
         await kv.aclose()

@@ -113,9 +113,9 @@ class SqlitePool:
         self._closed = False
         # Concurrent calls share a thread hop (reads) or a transaction
         # (writes): the hop and the fsync, not the SQL, were most of a call's
-        # cost (GetItems ~170 -> ~66 us, PutItems ~540 -> ~76 us of worker CPU
-        # through Prism). Reads: two batches at a time (they are CPU, and the
-        # GIL runs one thread at once anyway). Writes: one (one writer).
+        # cost (bench/backends.py measures GetItems and PutItems through
+        # Prism). Reads: two batches at a time (they are CPU, and the GIL runs
+        # one thread at once anyway). Writes: one (one writer).
         self._reads: Coalescer[Callable[[sqlite3.Connection], Any], Outcome] = Coalescer(
             self._read_batch, slots=2
         )
