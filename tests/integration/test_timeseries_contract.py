@@ -11,12 +11,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from prism.backends import registry
+from prism.backends import catalog, registry
 from prism.backends.memory.options import MemoryTimeSeriesOptions
 from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
 from prism.backends.postgres.timeseries import PostgresTimeSeriesBackend
 from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
-from prism.backends.timeseries import DAY_MS, Event, EventPage, TimeSeriesBackend
+from prism.backends.timeseries import DAY_MS, Event, EventPage
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import DSN
 
@@ -41,7 +41,7 @@ def make(kind: str, data_dir: Path, **options: object) -> Backend:
     return backend
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=catalog.builtin("timeseries"))  # every built-in, a new one too
 def kind(request: pytest.FixtureRequest) -> Iterator[str]:
     yield str(request.param)
     # Each PostgreSQL test has its own table; tests may drop, the product never does.
@@ -97,10 +97,6 @@ async def read(
 
 def ids(events: list[Event]) -> list[tuple[int, str]]:
     return [e.cursor for e in events]
-
-
-async def test_is_a_backend(ts: Backend) -> None:
-    assert isinstance(ts, TimeSeriesBackend)
 
 
 async def test_unknown_series_reads_empty(ts: Backend) -> None:
