@@ -2,7 +2,7 @@
 
 The supervisor binds the admin socket and creates the routing table before it
 starts any child, and hands both down as inherited file descriptors, described
-by ``PRISM_ADMIN_SPEC`` (JSON)::
+by ``PRISM_ADMIN_SPEC`` (an ``AdminSpec`` from ``prism.workers.spec``, as JSON)::
 
     {"listen_fd": 3, "routes_fd": 4, "routes_bytes": 4194304, "log_level": "info"}
 
@@ -12,8 +12,10 @@ socket without a window where the port is closed or taken by someone else.
 of the workers' metric files.
 
 SIGTERM or SIGINT stops the server gracefully and the process exits 0. A
-missing or malformed spec exits ``EXIT_BOOT_FAILED``, the code on which the
-supervisor stops restarting a child that cannot even boot.
+missing or malformed spec exits ``EXIT_BOOT_FAILED`` with the reason on
+stderr. Unlike a worker that cannot boot, this does not halt the server: the
+admin process holds no state and no call depends on it, so the supervisor
+keeps restarting it while the workers serve.
 """
 
 from __future__ import annotations
@@ -36,24 +38,13 @@ from prism.admin.app import ASGIApp, make_app
 from prism.log import setup_logging
 from prism.router.table import RoutingTableReader
 from prism.workers.lifeline import die_with_parent
-from prism.workers.spec import EXIT_BOOT_FAILED
+from prism.workers.spec import ADMIN_SPEC_ENV, EXIT_BOOT_FAILED, AdminSpec
 
 log = logging.getLogger("prism.admin")
 
-SPEC_ENV: Final = "PRISM_ADMIN_SPEC"
 # Admin requests are tiny; a scraper holding a keep-alive connection must not
 # delay shutdown by hypercorn's default 3 s.
 GRACEFUL_TIMEOUT_S: Final = 1.0
-
-
-class AdminSpec(msgspec.Struct, frozen=True):
-    """What the supervisor hands the admin process (``PRISM_ADMIN_SPEC``)."""
-
-    listen_fd: int  # a bound (and usually listening) TCP socket
-    routes_fd: int  # the routing table's memfd
-    routes_bytes: int  # its size, as the supervisor created it
-    log_level: str = "info"
-    supervisor_pid: int = 0  # 0: do not tie our life to a parent (tests)
 
 
 def hypercorn_config(spec: AdminSpec) -> Config:
@@ -88,9 +79,9 @@ async def run(app: ASGIApp, config: Config) -> None:
 def main() -> int:
     """Run the admin process; returns its exit code."""
     try:
-        spec = msgspec.json.decode(os.environ[SPEC_ENV], type=AdminSpec)
+        spec = msgspec.json.decode(os.environ[ADMIN_SPEC_ENV], type=AdminSpec)
     except (KeyError, msgspec.DecodeError) as exc:
-        print(f"prism: admin process cannot boot: bad or missing {SPEC_ENV}: {exc}", file=sys.stderr)
+        print(f"prism: admin process cannot boot: bad or missing {ADMIN_SPEC_ENV}: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
     if spec.supervisor_pid:
         die_with_parent(spec.supervisor_pid)

@@ -38,7 +38,7 @@ def unset_environment(env: MutableMapping[str, str] = os.environ) -> None:
     """Remove the notify and watchdog variables from ``env``.
 
     Call this in the supervisor after building its notifier and before
-    forking. Forked workers inherit the environment; a worker (or any
+    starting any child. Children inherit the environment; a worker (or any
     library in it, or a program it execs) that saw ``NOTIFY_SOCKET`` could
     send ``READY=1``/``STOPPING=1`` on the service's behalf, or ping the
     watchdog and so hide a hung supervisor. With ``NotifyAccess=main``
@@ -114,8 +114,8 @@ class SystemdNotifier:
         """Build a notifier from ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID``.
 
         With ``unset_environment=True`` those variables are then removed from
-        ``env`` (which must be mutable), so that forked workers do not see
-        them; see :func:`unset_environment`.
+        ``env`` (which must be mutable), so that the workers started later do
+        not see them; see :func:`unset_environment`.
         """
         raw = env.get("NOTIFY_SOCKET", "")
         address = _socket_address(raw) if raw else None

@@ -130,3 +130,23 @@ def test_sigterm_finishes_in_flight_calls_on_handed_off_connections(prism_tree) 
     code = tree.proc.wait(GRACEFUL_S + 2)
     assert code == 0
     assert outcomes == ["OK"] * len(calls), f"in-flight calls on handed-off connections: {outcomes}"
+
+
+def test_a_worker_that_does_not_drain_in_time_is_killed(prism_tree) -> None:
+    """SIGTERM, then SIGKILL for a worker still running graceful_timeout_s later; the exit is still 0."""
+    graceful_s = 1.0
+    body = tenant_toml("t", [sqlite_ns("kv")], workers=2)
+    tree = prism_tree(body, graceful_timeout_s=graceful_s, heartbeat_timeout_s=30.0)
+    assert tree.proc is not None
+    stuck, other = sorted(o["pid"] for o in tree.owners("kv"))
+    tree.stop_worker(stuck)  # a stopped process cannot act on SIGTERM; SIGKILL still ends it
+    tree.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = tree.proc.wait(graceful_s + 5)
+    took = time.monotonic() - sent
+    print(f"drained in {took:.3f}s")
+    assert code == 0, tree.stderr()[-2000:]
+    assert graceful_s <= took < graceful_s + 2
+    assert not pid_alive(stuck) and not pid_alive(other)
+    killed = [line for line in tree.stderr().splitlines() if "did not drain in time" in line]
+    assert killed and "SIGKILL" in killed[0], tree.stderr()[-2000:]

@@ -233,3 +233,29 @@ def test_sighup_moving_a_namespace_to_another_tenant_fails_no_call(prism_tree) -
     assert not load.errors, f"calls on 'mv' failed during the move: {load.errors[:5]}"
     # The data moved with it (the same SQLite file, now opened by b's worker).
     assert get(stubs[0], "mv", "r1", timeout=5)[b"k"].startswith(b"v")
+
+
+def test_sighup_whose_new_workers_cannot_boot_keeps_the_old_ones(prism_tree) -> None:
+    """A reload that replaces a tenant's workers with ones that cannot boot is
+    rejected for that tenant: the server keeps running, and the workers it was
+    to replace keep serving without a failed call."""
+    tree = prism_tree(tenant_toml("t", [sqlite_ns("keep")], workers=1))
+    [old] = tree.owners("keep")
+    broken = sqlite_ns("broken", extra=', options = { path = "/proc/nope/x.sqlite3" }')
+    with _keep_load(tree) as load:
+        load.wait_for_calls(100)
+        tree.write_config(tenant_toml("t", [sqlite_ns("keep"), broken], workers=2))
+        tree.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: tree.stderr().count("keeping the previous workers of tenant 't'") >= 1,
+            10.0,
+            what="the reload's new workers rejected",
+        )
+        wait_until(lambda: tree.owners("keep") == [old], 5.0, what="only the old worker listed again")
+        done = load.ok
+        wait_until(lambda: load.ok > done + 100, 5.0, what="load on keep continues")
+    print(f"keep while the reload's workers failed: {load.statuses}")
+    assert not load.errors, f"{len(load.errors)} calls failed, first: {load.errors[:3]}"
+    assert tree.proc is not None and tree.proc.poll() is None, tree.stderr()[-2000:]
+    assert "halting" not in tree.stderr()
+    assert get(tree.kv("t.prism"), "keep", "r0") != {}

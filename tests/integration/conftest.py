@@ -58,6 +58,10 @@ class PrismProcess:
     def start(self, timeout_s: float = 15.0) -> None:
         cfg = self.data_dir.parent / f"{self.data_dir.name}.toml"
         cfg.write_text(self.config)
+        env = dict(os.environ)
+        if "admin_listen" not in self.config:
+            # Not the default 8981: other servers on this machine (other test runs) may hold it.
+            env["PRISM_ADMIN_LISTEN"] = f"127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -72,6 +76,7 @@ class PrismProcess:
                 str(cfg),
                 *self.extra_args,
             ],
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

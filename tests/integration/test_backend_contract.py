@@ -41,6 +41,8 @@ from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import drop_tables
 from tests.rd import delete_keys, new_backend
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 NOW = 1_700_000_000_000  # ms
 BIG = 1 << 30
 ALL = MatchAll()

@@ -49,6 +49,8 @@ from prism.errors import InvalidArgument
 from tests.pg import DSN, drop_tables
 from tests.rd import delete_keys, new_backend
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 T = TypeVar("T")
 
 IDS = ["a", "b", "é"]

@@ -18,6 +18,8 @@ from prism.errors import PrismError, ResourceExhausted
 from tests import rd
 from tests.pg import DSN, drop_tables
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 
 class Recorder:
     def __init__(self, delay: float = 0.01) -> None:

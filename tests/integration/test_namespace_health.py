@@ -25,6 +25,8 @@ from prism.workers.app import App
 from tests.pg import drop_tables, dsn_via
 from tests.rd import delete_keys, new_prefix
 
+pytestmark = pytest.mark.services("postgres", "redis", "nats")
+
 
 class Relay:
     """127.0.0.1:port -> a real server (PostgreSQL by default), which the test

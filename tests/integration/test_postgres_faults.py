@@ -21,6 +21,8 @@ from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.errors import ConfigError, ResourceExhausted, Unavailable
 from tests.pg import DSN, drop_tables
 
+pytestmark = pytest.mark.services("postgres")
+
 NOW = 1_700_000_000_000
 
 

@@ -17,6 +17,8 @@ from tests.pg import DSN
 
 from .conftest import PrismProcess
 
+pytestmark = pytest.mark.services("postgres")
+
 
 @pytest.fixture
 def pg_server(tmp_path: Path) -> Iterator[tuple[PrismProcess, str]]:

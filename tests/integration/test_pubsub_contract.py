@@ -31,6 +31,8 @@ from prism.backends import registry
 from prism.backends.pubsub import Message, PubSubBackend, Start, StartKind, Subscription
 from prism.errors import ConfigError, Unavailable
 
+pytestmark = pytest.mark.services("nats")
+
 ACK_WAIT = 0.3  # seconds
 WINDOW = 1.0  # dedup window, seconds
 GUARD = 5.0  # the longest any one receive may take

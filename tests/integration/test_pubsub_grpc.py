@@ -16,6 +16,8 @@ from prism.proto import kv_pb2, kv_pb2_grpc, pubsub_pb2, pubsub_pb2_grpc
 
 from .conftest import PrismProcess
 
+pytestmark = pytest.mark.services("nats")
+
 Kind = pubsub_pb2.StartPosition.Kind
 
 

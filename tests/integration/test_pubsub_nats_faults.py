@@ -24,6 +24,8 @@ from prism.backends.pubsub import Start, StartKind, Subscription
 from prism.drivers import nats as natsio
 from prism.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 
+pytestmark = pytest.mark.services("nats")
+
 URL = os.environ.get("PRISM_TEST_NATS_URL", "nats://127.0.0.1:4222")
 ACK_WAIT_MS = 300
 EARLIEST = Start(StartKind.EARLIEST)

@@ -21,6 +21,8 @@ from prism.drivers import resp
 from prism.proto import kv_pb2
 from tests.rd import URL, admin_client, delete_keys, new_prefix
 
+pytestmark = pytest.mark.services("redis")
+
 DEAD_URL = "redis://127.0.0.1:1/0"
 
 

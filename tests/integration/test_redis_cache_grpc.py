@@ -19,6 +19,8 @@ from tests.rd import URL, delete_keys, new_prefix
 
 from .conftest import PrismProcess, free_port
 
+pytestmark = pytest.mark.services("redis")
+
 NS = "profiles"
 
 

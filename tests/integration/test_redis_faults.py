@@ -18,6 +18,8 @@ from prism.drivers import resp
 from prism.errors import ResourceExhausted, Unavailable
 from tests.rd import admin_client, delete_keys, new_backend
 
+pytestmark = pytest.mark.services("redis")
+
 NOW = 1_700_000_000_000
 
 

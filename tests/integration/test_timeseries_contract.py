@@ -20,6 +20,8 @@ from prism.backends.timeseries import DAY_MS, Event, EventPage
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import DSN
 
+pytestmark = pytest.mark.services("postgres")
+
 NOW = 1_700_000_000_000  # ms
 NOW_US = NOW * 1000
 BIG = 1 << 30

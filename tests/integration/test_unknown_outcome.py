@@ -27,6 +27,8 @@ from prism.errors import Unavailable
 from tests import rd
 from tests.pg import drop_tables, dsn_via
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 NOW = 1_700_000_000_000
 
 

@@ -1,0 +1,186 @@
+"""What the supervisor creates once and every child inherits, and how a child is started with it.
+
+The gRPC and admin sockets are bound here, in the supervisor, so that a
+restarted worker or admin process serves the same socket with no window in
+which the port is closed or taken. The routing table and the cache table are
+memfds: a child is a fresh interpreter (``subprocess`` execs ``python -m``,
+it is not a fork of the supervisor), so it maps them from the descriptors
+passed down with the spec that names them.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from prism.cache.shared import SharedCache
+from prism.config import ServerConfig
+from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
+from prism.workers.slot import Slot, SlotState
+from prism.workers.spec import ADMIN_SPEC_ENV, SPEC_ENV, AdminSpec, WorkerSpec
+
+__all__ = ["ROUTES_BYTES", "Resources", "bind", "signal_child"]
+
+ROUTES_BYTES: Final = 4 * 1024 * 1024
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    """A listening TCP socket on ``address`` that children can inherit."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(name, 0)  # inheritable is set below, for the children
+    os.ftruncate(fd, size)
+    os.set_inheritable(fd, True)
+    return fd, mmap.mmap(fd, size)
+
+
+@dataclass
+class Resources:
+    """The sockets, tables and addresses of one server run."""
+
+    grpc_sock: socket.socket
+    admin_sock: socket.socket
+    routes_fd: int
+    routes: RoutingTableWriter
+    cache_fd: int  # -1: no shared cache
+    cache_bytes: int
+    runtime_dir: Path
+    fds: list[int] = field(default_factory=list)  # what every worker inherits
+
+    @classmethod
+    def create(cls, config: ServerConfig, runtime_dir: Path) -> Resources:
+        """Bind the sockets and create the tables; raises OSError (a port taken, no memory)."""
+        grpc_sock = bind(config.listen_host_port())
+        admin_sock = bind(config.admin_host_port())
+        routes_fd, routes_map = _memfd("prism-routes", ROUTES_BYTES)
+        cache_fd, cache_bytes = -1, 0
+        if config.cache.total_bytes:
+            # Always made (pages are committed only when used), so that a
+            # reload can turn a namespace's cache on.
+            cache_bytes = config.cache.total_bytes
+            cache_fd, cache_map = _memfd("prism-cache", cache_bytes)
+            SharedCache.format_zeroed(cache_map, config.cache.slot_bytes).close()
+        fds = [grpc_sock.fileno(), admin_sock.fileno(), routes_fd] + ([cache_fd] if cache_fd >= 0 else [])
+        return cls(
+            grpc_sock,
+            admin_sock,
+            routes_fd,
+            RoutingTableWriter(routes_map),
+            cache_fd,
+            cache_bytes,
+            runtime_dir,
+            fds,
+        )
+
+    # -- addresses -----------------------------------------------------------
+
+    @property
+    def control_address(self) -> str:
+        """The supervisor's PUB socket: state for every worker."""
+        return f"ipc://{self.runtime_dir / 'control.ipc'}"
+
+    @property
+    def events_address(self) -> str:
+        """The supervisor's PULL socket: heartbeats and boot failures."""
+        return f"ipc://{self.runtime_dir / 'events.ipc'}"
+
+    def forward_address(self, slot_id: int) -> str:
+        return f"ipc://{self.runtime_dir / f'fwd-{slot_id}.ipc'}"
+
+    def handoff_address(self, slot_id: int) -> str:
+        return str(self.runtime_dir / f"handoff-{slot_id}.sock")
+
+    # -- the routing table ---------------------------------------------------
+
+    def routes_for(self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot]) -> Routes:
+        """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
+        namespaces: dict[str, NamespaceEntry] = {}
+        for tenant in config.effective_tenants(cpus):
+            for ns in tenant.namespaces:
+                namespaces[ns.name] = NamespaceEntry(
+                    ns.name,
+                    tenant.name,
+                    ns.abstraction,
+                    ns.backend,
+                    dict(ns.options),
+                    msgspec.to_builtins(ns.cache),
+                )
+        workers = {
+            s.id: WorkerEntry(
+                s.id,
+                s.tenant,
+                s.proc.pid if s.proc else 0,
+                self.forward_address(s.id),
+                self.handoff_address(s.id),
+                s.state is SlotState.SERVING,
+            )
+            for s in slots
+        }
+        return Routes(generation, namespaces, workers)
+
+    # -- children --------------------------------------------------------------
+
+    def start_worker(self, slot: Slot, config: ServerConfig) -> subprocess.Popen[bytes]:
+        """Exec ``python -m prism.workers.worker`` for ``slot``, with its spec and the shared fds."""
+        spec = WorkerSpec(
+            worker_id=slot.id,
+            tenant=slot.tenant,
+            cpu=slot.cpu,
+            listen_fd=self.grpc_sock.fileno(),
+            routes_fd=self.routes_fd,
+            routes_bytes=ROUTES_BYTES,
+            cache_fd=self.cache_fd,
+            cache_bytes=self.cache_bytes,
+            control_address=self.control_address,
+            events_address=self.events_address,
+            forward_address=self.forward_address(slot.id),
+            handoff_address=self.handoff_address(slot.id),
+            config=config,
+            supervisor_pid=os.getpid(),
+        )
+        env = {**os.environ, SPEC_ENV: msgspec.json.encode(spec).decode()}
+        return subprocess.Popen([sys.executable, "-m", "prism.workers.worker"], env=env, pass_fds=self.fds)
+
+    def start_admin(self, config: ServerConfig) -> subprocess.Popen[bytes]:
+        """Exec ``python -m prism.admin.main`` on the admin socket and the routing table."""
+        spec = AdminSpec(
+            listen_fd=self.admin_sock.fileno(),
+            routes_fd=self.routes_fd,
+            routes_bytes=ROUTES_BYTES,
+            log_level=config.log_level,
+            supervisor_pid=os.getpid(),
+        )
+        env = {**os.environ, ADMIN_SPEC_ENV: msgspec.json.encode(spec).decode()}
+        return subprocess.Popen(
+            [sys.executable, "-m", "prism.admin.main"],
+            env=env,
+            pass_fds=[self.admin_sock.fileno(), self.routes_fd],
+        )
+
+
+def signal_child(proc: subprocess.Popen[bytes], signum: int) -> None:
+    """Send ``signum`` to a child; one that has already exited (not yet reaped) is no error."""
+    try:
+        proc.send_signal(signum)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
