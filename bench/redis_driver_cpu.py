@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import trio
 
 from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp
 from prism.backends.redis.keyvalue import RedisBackend
+from prism.backends.redis.options import RedisOptions
 from prism.drivers import resp
 
 KEY = b"prism_bench:k"
@@ -73,9 +73,7 @@ def bench_backend(url: str, n: int) -> dict[str, float]:
     out: dict[str, float] = {}
 
     async def main() -> None:
-        kv = RedisBackend(
-            {"url": url, "key_prefix": "prism_bench:"}, data_dir=Path(tempfile.gettempdir()), namespace="b"
-        )
+        kv = RedisBackend(RedisOptions(url=url, key_prefix="prism_bench:"), namespace="b")
         await kv.open()
         try:
             await kv.put_items("r1", [ItemWrite(b"k", b"\x00\x11\x22\x33")], Stamp(1), 0)

@@ -8,9 +8,11 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+
+import msgspec
 
 from prism.backends.redis.keyvalue import RedisBackend
+from prism.backends.redis.options import RedisOptions
 from prism.drivers import resp
 
 URL = os.environ.get("PRISM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -24,10 +26,12 @@ def new_prefix() -> str:
     return f"{RUN_PREFIX}{uuid.uuid4().hex}:"
 
 
-def new_backend(data_dir: Path, **options: object) -> RedisBackend:
+def new_backend(**options: object) -> RedisBackend:
     """An unopened backend whose keys live under a prefix of its own."""
     prefix = new_prefix()
-    return RedisBackend({"url": URL, "key_prefix": prefix, **options}, data_dir=data_dir, namespace="ns")
+    return RedisBackend(
+        msgspec.structs.replace(RedisOptions(url=URL, key_prefix=prefix), **options), namespace="ns"
+    )
 
 
 async def delete_keys(prefix: str) -> None:

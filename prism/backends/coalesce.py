@@ -1,27 +1,33 @@
-"""Concurrent single-record reads become one batched read.
+"""Concurrent calls of one kind become one batched call.
 
-A backend whose round trip costs far more than the work per row (PostgreSQL:
-~57 us of client CPU per query, see ``pgio``) answers many concurrent point
-reads with one statement. ``Coalescer.get(key)`` joins the batch that is
-collecting, if any, or starts one and leads it: the leader waits for one of
-``slots`` batch slots (followers keep joining meanwhile), closes the batch
-and runs ``fetch`` once for every key in it. Under light load a read goes
-out alone and at once (the slot is free); under load, reads pile up behind
-the batches in flight, so batches grow with load and the queries per call
-fall.
+A backend whose round trip (or thread hop, or fsync) costs far more than the
+work per call lets concurrent calls share it: PostgreSQL answers concurrent
+whole-record reads with one statement and concurrent PutItems without a
+token with one upsert; Redis pipelines concurrent reads and writes on one
+connection (each still its own script run); SQLite runs concurrent reads in
+one thread hop and concurrent writes in one transaction. ``bench/backends.py``
+measures what that saves per call (``bench/results/backends.json``).
 
-Keys are not deduplicated: each caller gets the rows fetched for its own
-position, so the work per call (rows decoded) is what it would be alone.
+``Coalescer.get(key)`` joins the batch that is collecting, if any, or starts
+one and leads it: the leader waits for one of ``slots`` batch slots
+(followers keep joining meanwhile), closes the batch and runs ``fetch`` once
+for every key in it. Under light load a call goes out alone and at once (the
+slot is free); under load, calls pile up behind the batches in flight, so
+batches grow with load and the round trips per call fall.
+
+Keys are not deduplicated: each caller gets the answer computed for its own
+position, so the work per call (rows decoded, writes applied) is what it
+would be alone.
 
 A batch whose leader waits longer than ``wait_timeout_s`` for a slot fails
-every caller in it with ``timeout_error()`` (for PostgreSQL: the pool's
-RESOURCE_EXHAUSTED), so reads behind stuck batches fail fast instead of
-queueing without bound.
+every caller in it with ``timeout_error()`` (for PostgreSQL and Redis: the
+pool's RESOURCE_EXHAUSTED), so calls behind stuck batches fail fast instead
+of queueing without bound.
 
 Cancellation: a follower that is cancelled just stops waiting. A leader that
 is cancelled before its batch has an answer abandons it; every follower of
 an abandoned batch tries again (one of them leads the next batch), so one
-caller's deadline never fails another caller's read. An error from ``fetch``
+caller's deadline never fails another caller's call. An error from ``fetch``
 (``Exception``) fails every caller of that batch with a copy of it.
 """
 
@@ -70,7 +76,7 @@ class Coalescer(Generic[K, V]):
         self._max_batch = max_batch
         self._open: _Batch[K, V] | None = None
         self.batches = 0  # fetches run (for tests and benchmarks)
-        self.reads = 0  # keys answered by them
+        self.calls = 0  # keys answered by them
 
     async def get(self, key: K) -> V:
         while True:
@@ -108,7 +114,7 @@ class Coalescer(Generic[K, V]):
             finally:
                 self._slots.release()
             self.batches += 1
-            self.reads += len(batch.keys)
+            self.calls += len(batch.keys)
         finally:
             if self._open is batch:
                 self._open = None

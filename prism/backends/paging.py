@@ -1,45 +1,16 @@
-"""What every KeyValue backend does the same way: input checks and paging.
+"""Where a KeyValue page ends, the same way in every backend.
 
-Kept out of ``base`` so that the contract module stays declarative, and shared
-so that the backends cannot drift apart on the rules that the API layer turns
-into page tokens (where a page ends, when ``last_key`` is set).
+Kept out of ``keyvalue`` so that the contract module stays declarative, and
+shared so that the backends cannot drift apart on what the API layer turns
+into page tokens (where a page ends, when ``last_key`` or ``last_id`` is
+set). The other rules every backend applies alike are in ``rules``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from prism.backends.keyvalue import (
-    IDEMPOTENCY_WINDOW_MS,
-    ItemPage,
-    ItemWrite,
-    Mutation,
-    Put,
-    RecordPage,
-    StoredItem,
-)
-from prism.errors import InvalidArgument
-
-
-def check_items(items: Iterable[ItemWrite]) -> None:
-    """Reject writes no backend can store. Runs before anything is applied,
-    so a bad item fails its whole write (and the write's token stays unused)."""
-    for item in items:
-        if not item.key:
-            raise InvalidArgument("item key must not be empty")
-
-
-def check_mutations(mutations: Sequence[Mutation]) -> None:
-    check_items(m.item for m in mutations if isinstance(m, Put))
-
-
-def is_replay(applied_at_ms: int | None, now_ms: int) -> bool:
-    """Whether a token applied at ``applied_at_ms`` still blocks a write at ``now_ms``."""
-    return applied_at_ms is not None and now_ms - applied_at_ms < IDEMPOTENCY_WINDOW_MS
-
-
-def is_expired(expires_at_ms: int, now_ms: int) -> bool:
-    return expires_at_ms != 0 and expires_at_ms <= now_ms
+from prism.backends.keyvalue import ItemPage, RecordPage, StoredItem
 
 
 def page_items(items: Iterable[StoredItem], limit_items: int, limit_bytes: int) -> ItemPage:

@@ -1,4 +1,4 @@
-"""The PubSub backend Protocol, its plain data types and shared option parsing.
+"""The PubSub backend Protocol and its plain data types.
 
 Backends see neither protobuf nor gRPC. Semantics every backend implements
 (tests/integration/test_pubsub_contract.py checks them against each backend):
@@ -40,11 +40,6 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
 import msgspec
-
-from prism.errors import ConfigError
-
-DEFAULT_ACK_WAIT_MS = 30_000
-DEFAULT_DEDUP_WINDOW_S = 120.0
 
 
 class StartKind(enum.IntEnum):
@@ -95,19 +90,3 @@ class PubSubBackend(Protocol):
     async def open(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-class PubSubOptions(msgspec.Struct, frozen=True):
-    ack_wait_ms: int = DEFAULT_ACK_WAIT_MS
-    dedup_window_s: float = DEFAULT_DEDUP_WINDOW_S
-
-
-def pop_pubsub_options(options: dict[str, object], kind: str) -> PubSubOptions:
-    """Pop ``ack_wait_ms`` and ``dedup_window_s`` from ``options``."""
-    ack_wait = options.pop("ack_wait_ms", DEFAULT_ACK_WAIT_MS)
-    if isinstance(ack_wait, bool) or not isinstance(ack_wait, int) or ack_wait < 1:
-        raise ConfigError(f"{kind} backend: option 'ack_wait_ms' must be a positive integer")
-    window = options.pop("dedup_window_s", DEFAULT_DEDUP_WINDOW_S)
-    if isinstance(window, bool) or not isinstance(window, int | float) or window < 0:
-        raise ConfigError(f"{kind} backend: option 'dedup_window_s' must be a non-negative number")
-    return PubSubOptions(ack_wait_ms=ack_wait, dedup_window_s=float(window))

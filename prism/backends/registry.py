@@ -1,38 +1,64 @@
 """Backend name -> factory, so that config can name a backend (ADR-005).
 
-Built-ins are registered here. A third-party package adds one with an entry
-point in the ``prism.backends`` group whose object is a factory; entry points
-are only looked at when config names a backend we do not know, so start-up
-never imports plugins it does not use.
+Built-ins are registered here; each built-in factory converts the
+namespace's options table to its engine's struct (``prism.backends.catalog``
+says which) and hands the backend that. A third-party package adds a
+KeyValue backend with an entry point in the ``prism.backends`` group whose
+object is a factory taking the plain table; entry points are only looked at
+when config names a backend we do not know, so start-up never imports
+plugins it does not use.
+
+This module imports every built-in backend (and trio): workers use it,
+config loading in the supervisor uses ``catalog`` instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from prism.backends.catalog import ENTRY_POINT_GROUP, known_backends, plugins
 from prism.backends.keyvalue import KeyValueBackend
 from prism.backends.memory.keyvalue import MemoryBackend
+from prism.backends.memory.options import (
+    MemoryKeyValueOptions,
+    MemoryPubSubOptions,
+    MemoryTimeSeriesOptions,
+)
 from prism.backends.memory.pubsub import MemoryPubSubBackend
 from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
+from prism.backends.nats.options import NatsPubSubOptions
+from prism.backends.options import convert
+from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresTimeSeriesOptions
 from prism.backends.pubsub import PubSubBackend
+from prism.backends.redis.options import RedisOptions
 from prism.backends.sqlite.keyvalue import SqliteBackend
+from prism.backends.sqlite.options import SqliteOptions, SqliteTimeSeriesOptions
 from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
 from prism.backends.timeseries import TimeSeriesBackend
 from prism.errors import ConfigError
 
-ENTRY_POINT_GROUP = "prism.backends"
-
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "AnyBackend",
+    "BackendFactory",
+    "Factory",
+    "create",
+    "create_any",
+    "create_pubsub",
+    "create_timeseries",
+    "known_backends",
+    "register",
+]
 
 B_co = TypeVar("B_co", covariant=True)
 _F = TypeVar("_F")
 
 
 class Factory(Protocol[B_co]):
-    """Builds an unopened backend for one namespace; raises ConfigError for
-    bad options. The caller then awaits its ``open()``."""
+    """Builds an unopened backend for one namespace from its options table;
+    raises ConfigError for bad options. The caller then awaits its ``open()``."""
 
     def __call__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> B_co: ...
 
@@ -41,27 +67,32 @@ BackendFactory = Factory[KeyValueBackend]  # what a "prism.backends" plugin prov
 
 
 def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
-    return MemoryBackend(options)
+    convert(options, MemoryKeyValueOptions)  # it takes none: any option is an error
+    return MemoryBackend()
+
+
+def _sqlite(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
+    return SqliteBackend(convert(options, SqliteOptions), data_dir=data_dir, namespace=namespace)
 
 
 def _postgres(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
-    # Imported on first use: psycopg takes ~0.1 s to import, which a worker
-    # that serves no PostgreSQL namespace should not pay at start-up.
+    # Imported on first use: psycopg (and libpq) are slow to import, which a
+    # worker that serves no PostgreSQL namespace should not pay at start-up.
     from prism.backends.postgres.keyvalue import PostgresBackend
 
-    return PostgresBackend(options, data_dir=data_dir, namespace=namespace)
+    return PostgresBackend(convert(options, PostgresKeyValueOptions), namespace=namespace)
 
 
 def _redis(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
     # Imported on first use, like PostgreSQL: hiredis is not needed otherwise.
     from prism.backends.redis.keyvalue import RedisBackend
 
-    return RedisBackend(options, data_dir=data_dir, namespace=namespace)
+    return RedisBackend(convert(options, RedisOptions), namespace=namespace)
 
 
 _factories: dict[str, BackendFactory] = {
     "memory": _memory,
-    "sqlite": SqliteBackend,
+    "sqlite": _sqlite,
     "postgres": _postgres,
     "redis": _redis,
 }
@@ -75,24 +106,18 @@ def register(name: str, factory: BackendFactory, *, replace: bool = False) -> No
     _factories[name] = factory
 
 
-def known_backends() -> list[str]:
-    """Registered names and installed plugins' names (without loading them)."""
-    plugins = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return sorted(set(_factories) | plugins)
-
-
 def create(name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
-    """A new, unopened backend named ``name`` for ``namespace``."""
+    """A new, unopened KeyValue backend named ``name`` for ``namespace``."""
     factory = _factories.get(name) or _load_plugin(name)
     return factory(options, data_dir=data_dir, namespace=namespace)
 
 
 def _load_plugin(name: str) -> BackendFactory:
-    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    found = plugins(name)
     if not found:
         known = ", ".join(known_backends())
         raise ConfigError(f"unknown backend {name!r}; known backends: {known}")
-    ep = next(iter(found))
+    ep = found[0]
     try:
         factory = ep.load()
     except Exception as exc:
@@ -110,17 +135,27 @@ def _factory(table: Mapping[str, _F], abstraction: str, name: str) -> _F:
     return factory
 
 
+def _memory_timeseries(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> TimeSeriesBackend:
+    return MemoryTimeSeriesBackend(convert(options, MemoryTimeSeriesOptions))
+
+
+def _sqlite_timeseries(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> TimeSeriesBackend:
+    return SqliteTimeSeriesBackend(
+        convert(options, SqliteTimeSeriesOptions), data_dir=data_dir, namespace=namespace
+    )
+
+
 def _postgres_timeseries(
     options: Mapping[str, object], *, data_dir: Path, namespace: str
 ) -> TimeSeriesBackend:
     from prism.backends.postgres.timeseries import PostgresTimeSeriesBackend  # lazy, as for "postgres"
 
-    return PostgresTimeSeriesBackend(options, data_dir=data_dir, namespace=namespace)
+    return PostgresTimeSeriesBackend(convert(options, PostgresTimeSeriesOptions), namespace=namespace)
 
 
 _timeseries: dict[str, Factory[TimeSeriesBackend]] = {
-    "memory": MemoryTimeSeriesBackend,
-    "sqlite": SqliteTimeSeriesBackend,
+    "memory": _memory_timeseries,
+    "sqlite": _sqlite_timeseries,
     "postgres": _postgres_timeseries,
 }
 
@@ -132,14 +167,18 @@ def create_timeseries(
     return _factory(_timeseries, "timeseries", name)(options, data_dir=data_dir, namespace=namespace)
 
 
+def _memory_pubsub(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend:
+    return MemoryPubSubBackend(convert(options, MemoryPubSubOptions))
+
+
 def _nats_pubsub(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> PubSubBackend:
     from prism.backends.nats.pubsub import NatsPubSubBackend  # lazy: only NATS namespaces need it
 
-    return NatsPubSubBackend(options, data_dir=data_dir, namespace=namespace)
+    return NatsPubSubBackend(convert(options, NatsPubSubOptions), namespace=namespace)
 
 
 _pubsub: dict[str, Factory[PubSubBackend]] = {
-    "memory": MemoryPubSubBackend,
+    "memory": _memory_pubsub,
     "nats": _nats_pubsub,
 }
 
@@ -157,7 +196,8 @@ AnyBackend = KeyValueBackend | TimeSeriesBackend | PubSubBackend
 def create_any(
     abstraction: str, name: str, options: Mapping[str, object], *, data_dir: Path, namespace: str
 ) -> AnyBackend:
-    """The backend for a namespace of ``abstraction``."""
+    """The backend for a namespace of ``abstraction``, from its config's
+    options table (the routing table's plain dict)."""
     if abstraction == "timeseries":
         return create_timeseries(name, options, data_dir=data_dir, namespace=namespace)
     if abstraction == "pubsub":

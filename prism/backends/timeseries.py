@@ -21,12 +21,12 @@ Semantics every backend implements (the contract suite checks them):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from prism.errors import ConfigError, InvalidArgument
+from prism.errors import InvalidArgument
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -82,17 +82,9 @@ class TimeSeriesBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-def retention_ms(options: dict[str, object], kind: str) -> int:
-    """Pop ``retention_days`` from ``options``: milliseconds, 0 for forever."""
-    days = options.pop("retention_days", 0)
-    if isinstance(days, bool) or not isinstance(days, int | float) or days < 0:
-        raise ConfigError(f"{kind} backend: option 'retention_days' must be a non-negative number")
-    return int(days * DAY_MS)
-
-
-def reject_unknown(options: Mapping[str, object], kind: str) -> None:
-    if options:
-        raise ConfigError(f"{kind} backend: unknown option {next(iter(options))!r}")
+def retention_ms(retention_days: float) -> int:
+    """The ``retention_days`` option in milliseconds; 0 keeps events forever."""
+    return int(retention_days * DAY_MS)
 
 
 def horizon_us(retention_ms: int, now_ms: int) -> int | None:

@@ -84,7 +84,6 @@ import trio
 from prism import metrics
 from prism.config import CacheConfig
 from prism.drivers import resp
-from prism.errors import PrismError, ResourceExhausted
 from prism.proto import kv_pb2
 
 __all__ = ["MAX_PENDING", "OP_TIMEOUT_S", "RETRY_AFTER_S", "RedisTier"]
@@ -301,9 +300,9 @@ class RedisTier:
                 for reply in replies:
                     if isinstance(reply, resp.ReplyError):
                         raise reply
-            except ResourceExhausted:
+            except resp.PoolTimeout:
                 return None  # busy, not down: no back-off, and pending stays pending
-            except (PrismError, resp.ReplyError, OSError) as exc:
+            except (resp.RedisError, OSError) as exc:
                 self._fail(exc)
                 return None
         if scope.cancelled_caught:

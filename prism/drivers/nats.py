@@ -1,10 +1,10 @@
 """NATS from trio: the core client protocol over ``trio.open_tcp_stream``.
 
-Decision (the same as ``pgio``'s and ``resp``'s): no threads and no asyncio.
+Decision (the same as ``pg``'s and ``resp``'s): no threads and no asyncio.
 nats-py is asyncio-only, and its sync use would need a thread hop per call.
 The core protocol is a few text lines (INFO, CONNECT, PING/PONG, PUB/HPUB,
 SUB/UNSUB, MSG/HMSG, +OK/-ERR), so it is written here; JetStream is JSON
-request/reply on top of it (``pubsub_nats``).
+request/reply on top of it (``prism.backends.nats``).
 
 One connection is shared by all the tasks of a backend and carries no
 background task: whichever task waits for something (a reply, a message of
@@ -13,7 +13,7 @@ what it reads to the waiting tasks, and passes the reading on to another
 waiter when its own wait is over ("the waiter reads"). So the connection
 needs no nursery and fits a backend's separate ``open()``/``aclose()``
 calls. A task that wants the socket read all the time (answering server
-PINGs at once) simply keeps waiting on a subscription: ``pubsub_nats`` does
+PINGs at once) simply keeps waiting on a subscription: the NATS backend does
 that in each subscription's own nursery. A connection used only now and then
 is checked with a PING round trip before use after ``IDLE_CHECK_S`` (see
 ``idle_s``), since the server's PINGs to it go unanswered meanwhile.
@@ -22,37 +22,24 @@ Replies come to one wildcard subscription, ``_INBOX.<random>.*``; the last
 token names the waiting box (one box per request; a box may get several
 replies). A JetStream pull needs a subscription of its own (``new_inbox``):
 its deliveries carry their stream subject, not the inbox. Messages for a box that is gone are
-handed to ``Connection.orphan`` (``pubsub_nats`` NAKs late JetStream
+handed to ``Connection.orphan`` (the NATS backend NAKs late JetStream
 deliveries there).
 
 Cancellation. A waiting task cancelled in ``receive_some`` loses no data
 (trio's guarantee) and passes the reading on. Writes are shielded and
 bounded by ``SEND_TIMEOUT_S``: a write cut in the middle would corrupt the
 stream for every task, so a write that cannot finish closes the connection.
-Connection lost: every waiting and later call raises ``Unavailable``.
+Connection lost: every waiting and later call raises ``ConnectionLost``.
 
-CPU per call of the client process (process CPU time over 10,000 sequential
-calls on one connection after a warm-up, the paths interleaved in three
-rounds; NATS 2.9.10 and Redis 7 on the same 2-vCPU machine, Python 3.11).
-Other test suites were loading the machine (load average ~3), so every
-figure is ~1.5x the ones in ``resp``'s table: compare within this table.
+Errors. This module knows nothing of gRPC: it raises ``NatsError``
+subclasses whose text is fit to show a client, and the NATS backend maps
+them to the gateway's errors (``prism.backends.nats.errors``).
 
-==============================================  ==========
-path                                            CPU
-==============================================  ==========
-bare trio socket, ``PING``/``PONG`` (the floor)  94-106 us
-bare trio socket, Redis ``GET`` (for scale)     60-72 us
-``resp`` ``GET``                                66-107 us
-``flush`` (a PING/PONG round trip)              154-177 us
-``publish`` without reply (fire and forget)     61-71 us
-``NatsPubSubBackend.publish`` (JetStream ack)   217-250 us
-... with a message id and two headers           234-243 us
-==============================================  ==========
-
-So a round trip to NATS costs ~35 us more than one to Redis even on a bare
-socket (the reply comes after trio has gone to epoll), this module adds
-~55 us per round trip over the bare socket (cancel scopes, the waiter
-hand-off, parsing), and a JetStream publish costs ~0.23 ms of client CPU.
+Cost. A round trip to NATS costs more client CPU than one to Redis even on
+a bare trio socket (the reply comes after trio has gone to epoll), and this
+module adds cancel scopes, the waiter hand-off and parsing on top; a
+JetStream publish (a request with an ack) is dearer still. The figures, and
+how they were taken, are in ``bench/results/nats_driver_cpu.md``.
 """
 
 from __future__ import annotations
@@ -63,19 +50,39 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import trio
 
-from prism.errors import InvalidArgument, Unavailable
+from prism.drivers.addresses import NatsAddress
 
 SEND_TIMEOUT_S = 5.0
 IDLE_CHECK_S = 30.0
 _CRLF = b"\r\n"
 
 
-class NoResponders(Unavailable):
+class NatsError(Exception):
+    """Base of this driver's errors; ``str(exc)`` is fit to show a client."""
+
+
+class ConnectionLost(NatsError):
+    """The connection broke or was closed; every later call on it fails too."""
+
+
+class CannotConnect(NatsError):
+    """No connection: refused, unreachable, too slow, or no header support."""
+
+
+class NoReply(NatsError):
+    """A request got no reply within its timeout."""
+
+
+class NoResponders(NatsError):
     """Nobody subscribes to the subject of a request (status 503)."""
+
+
+class PayloadTooLarge(NatsError):
+    """A message over the server's ``max_payload``: not sent (the server
+    would close the connection), and the connection stays usable."""
 
 
 class Msg:
@@ -160,12 +167,13 @@ class Connection:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise Unavailable(f"nats: connection lost: {self.error}")
+            raise ConnectionLost(f"nats: connection lost: {self.error}")
 
     async def _send(self, data: bytes) -> None:
         self._check()
         # One scope (shielded, with its own deadline) and the lock taken without
-        # a checkpoint when free: each costs ~10 us of CPU per call otherwise.
+        # a checkpoint when free: a second scope or a checkpoint per call
+        # showed up in the client CPU of every publish.
         with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT_S) as scope:
             try:
                 self._send_lock.acquire_nowait()
@@ -303,7 +311,7 @@ class Connection:
         hdr = encode_headers(headers) if headers else b""
         size = len(hdr) + len(data)
         if size > self.max_payload:  # the server would close the connection
-            raise InvalidArgument(f"nats: message of {size} bytes is over the server's {self.max_payload}")
+            raise PayloadTooLarge(f"nats: message of {size} bytes is over the server's {self.max_payload}")
         rep = f" {reply}" if reply else ""
         if hdr:
             return f"HPUB {subject}{rep} {len(hdr)} {size}\r\n".encode() + hdr + data + _CRLF
@@ -328,7 +336,7 @@ class Connection:
     async def request(
         self, subject: str, data: bytes = b"", headers: Mapping[str, str] | None = None, *, timeout_s: float
     ) -> Msg:
-        """The first reply; NoResponders for status 503, Unavailable on timeout."""
+        """The first reply; NoResponders for status 503, NoReply on timeout."""
         box = self.new_box()
         try:
             await self.publish(subject, data, headers, reply=box.subject)
@@ -337,7 +345,7 @@ class Connection:
                 if msg.status == 503:
                     raise NoResponders(f"nats: no responders on {subject}")
                 return msg
-            raise Unavailable(f"nats: no reply on {subject} within {timeout_s:g} s")
+            raise NoReply(f"nats: no reply on {subject} within {timeout_s:g} s")
         finally:
             self.drop_box(box)
 
@@ -375,36 +383,36 @@ class Connection:
 
 
 async def connect(url: str, *, timeout_s: float, name: str = "prism") -> Connection:
-    """Connect, handshake and subscribe the shared inbox; Unavailable on failure or after ``timeout_s``."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("nats", "tcp"):
-        raise ValueError(f"not a nats:// URL: {url!r}")
-    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    """Connect, handshake and subscribe the shared inbox; CannotConnect (or
+    ConnectionLost, when the server closes it during the handshake) on
+    failure or after ``timeout_s``. ValueError if ``url`` is not a nats:// URL."""
+    address = NatsAddress(url)
+    host, port = address.host, address.port
     with trio.move_on_after(timeout_s):
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
-            raise Unavailable(f"nats: cannot connect to {host}:{port}: {exc}") from exc
+            raise CannotConnect(f"nats: cannot connect to {host}:{port}: {exc}") from exc
         conn = Connection(stream)
         try:
             while conn.info is None:
                 await conn._read_some()
             if not conn.info.get("headers"):
-                raise Unavailable(f"nats: server at {host}:{port} does not support headers")
+                raise CannotConnect(f"nats: server at {host}:{port} does not support headers")
             opts: dict[str, object] = {
                 "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
                 "protocol": 1, "lang": "python-trio", "version": "0.1", "name": name,
             }  # fmt: skip
-            if parts.username and parts.password is None:
-                opts["auth_token"] = unquote(parts.username)
-            elif parts.username:
-                opts["user"], opts["pass"] = unquote(parts.username), unquote(parts.password or "")
+            if address.token is not None:
+                opts["auth_token"] = address.token
+            elif address.user is not None:
+                opts["user"], opts["pass"] = address.user, address.password
             await conn._send(
                 b"CONNECT " + json.dumps(opts).encode() + b"\r\nSUB " + conn._inbox.encode() + b"* 1\r\n"
             )
-            await conn.flush(timeout_s)  # -ERR (authorization) closes the connection: Unavailable
+            await conn.flush(timeout_s)  # -ERR (authorization) closes the connection: ConnectionLost
         except BaseException:
             conn.close()
             raise
         return conn
-    raise Unavailable(f"nats: cannot connect to {host}:{port} within {timeout_s:g} s")
+    raise CannotConnect(f"nats: cannot connect to {host}:{port} within {timeout_s:g} s")

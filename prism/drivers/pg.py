@@ -1,7 +1,9 @@
 """PostgreSQL from trio: libpq's non-blocking protocol driven by trio's I/O.
 
 Decision. psycopg 3 (3.3) has no trio support: ``AsyncConnection`` is
-asyncio-only (it calls ``asyncio.get_running_loop()``; there is no anyio path).
+asyncio-only (under ``trio.run`` its ``connect`` fails with "RuntimeError:
+no running event loop": ``psycopg.waiting`` calls
+``asyncio.get_running_loop()``, and there is no anyio path).
 Running the sync driver in threads costs a thread hop per query. psycopg's
 ``generators`` module, though, is sans-I/O: ``connect``/``execute``/``cancel``
 are generators (C-accelerated in psycopg-binary) that yield what they wait
@@ -12,26 +14,19 @@ back in PostgreSQL's binary format, encoded and decoded here for the few
 types the backends use (bytea, int8, text, bool), which skips psycopg's
 adaptation layer.
 
-CPU per query of the client process, measured with ``bench/pg_driver_cpu.py``
-(process CPU time over 20,000 sequential queries on one connection, after a
-warm-up; PostgreSQL 15 on the same 2-vCPU machine, Python 3.11, psycopg 3.3.9
-binary with libpq 18; results in ``bench/results/pg_driver_cpu.json``):
+Cost. ``bench/pg_driver_cpu.py`` compares the client CPU per query of a
+sync psycopg connection, sync psycopg in ``trio.to_thread`` (with a
+CapacityLimiter), and this module (results in
+``bench/results/pg_driver_cpu.json``). A thread hop costs far more than the
+query itself, while driving libpq from trio adds little over a bare sync
+client (one ``wait_readable`` per query: epoll registration and a trip
+through trio's scheduler). A primary-key get is as cheap as ``SELECT 1``
+because parameters and rows skip psycopg's adapters.
 
-============================================  ===========  ===============
-path                                          ``SELECT 1``  primary-key get
-============================================  ===========  ===============
-sync psycopg ``Connection`` (the baseline)    40-44 us     44-48 us
-sync psycopg in ``trio.to_thread`` + limiter  151-170 us   150-195 us
-this module (generators driven by trio)       57 us        54-57 us
-============================================  ===========  ===============
-
-So a thread hop costs ~110 us per query here, while driving libpq from trio
-costs ~13 us over a bare sync client (one ``wait_readable`` per query: epoll
-registration and a trip through trio's scheduler). The primary-key get is as
-cheap as ``SELECT 1`` here because parameters and rows skip psycopg's adapters.
-psycopg's own ``AsyncConnection`` was not an option: under ``trio.run`` its
-``connect`` fails with "RuntimeError: no running event loop" (``psycopg.waiting``
-calls ``asyncio.get_running_loop()``; psycopg 3.3 has no anyio path).
+Errors. This module knows nothing of gRPC: it raises ``PgError`` (with the
+server's SQLSTATE when the server sent one) and ``PoolTimeout``, and the
+PostgreSQL backends map them to the gateway's errors
+(``prism.backends.postgres.errors``).
 
 Cancellation. When the trio task is cancelled while a query is in flight, the
 query is cancelled on the server (libpq's non-blocking cancel connection,

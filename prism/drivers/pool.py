@@ -1,9 +1,10 @@
-"""A bounded pool of connections, shared by the trio drivers (``pgio``, ``resp``).
+"""A bounded pool of connections, shared by the trio drivers (``pg``, ``resp``).
 
 At most ``size`` connections, opened on first need and reused. A caller that
 finds them all busy waits at most ``acquire_timeout_s`` and then gets the
-driver's "busy" error (RESOURCE_EXHAUSTED to the client): a backend that has
-stopped answering makes calls fail fast instead of queueing without bound.
+driver's "busy" error (its ``PoolTimeout``, which the backends answer with
+RESOURCE_EXHAUSTED): a backend that has stopped answering makes calls fail
+fast instead of queueing without bound.
 A connection goes back to the pool only if it is not broken.
 """
 

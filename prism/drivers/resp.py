@@ -1,29 +1,23 @@
 """Redis from trio: RESP over ``trio.open_tcp_stream``, parsed by hiredis.
 
-Decision (the same as ``pgio``'s): no threads and no asyncio. redis-py's
+Decision (the same as ``pg``'s): no threads and no asyncio. redis-py's
 asyncio client needs an asyncio loop and its sync client would need a thread
-hop per call (~110 us CPU here, see ``pgio``). Commands are encoded as RESP
-arrays here (a few lines); replies are parsed by ``hiredis.Reader``, the
-sans-I/O C parser, so no RESP parser is hand-written. Several commands go
-out in one write and their replies are read back in order (pipelining).
+hop per call (see ``pg``: a hop costs more CPU than the query). Commands are
+encoded as RESP arrays here (a few lines); replies are parsed by
+``hiredis.Reader``, the sans-I/O C parser, so no RESP parser is hand-written.
+Several commands go out in one write and their replies are read back in
+order (pipelining).
 
-CPU per GET of the client process, measured with ``bench/redis_driver_cpu.py``
-(process CPU time over 20,000 sequential GETs of a 4-byte value on one
-connection after a warm-up; Redis 7.0.15 on the same 2-vCPU machine, Python
-3.11, hiredis 3.5, redis-py 8.1 (which uses hiredis too); three runs; results
-in ``bench/results/redis_driver_cpu.json``):
+``bench/redis_driver_cpu.py`` compares the client CPU per GET of redis-py's
+sync client, this module, and ``RedisBackend.get_items`` (results in
+``bench/results/redis_driver_cpu.json``): driving the socket from trio costs
+no more CPU than redis-py's sync client, and pipelining makes each further
+command almost free.
 
-==========================================  ==============  ==================
-path                                        GET (CPU/wall)  pipelined x16, CPU
-==========================================  ==============  ==================
-redis-py sync client (the baseline)         56-58 / 90 us   8 us per GET
-this module (hiredis, driven by trio)       48-59 / 63 us   4-6 us per GET
-``RedisBackend.get_items`` (Lua read)       71-73 / 100 us  -
-==========================================  ==============  ==================
-
-So driving the socket from trio costs no more CPU than redis-py's sync client
-(a thread hop would add ~110 us), and pipelining makes each further command
-almost free.
+Errors. This module knows nothing of gRPC: it raises ``RedisError``
+subclasses whose text is fit to show a client ("redis: connection lost:
+..."), and the Redis backends map them to the gateway's errors
+(``prism.backends.redis.errors``).
 
 Cancellation. A connection whose task is cancelled (or fails) while a reply
 is pending is closed on the spot and never goes back to the pool: an unread
@@ -35,19 +29,39 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import hiredis
 import trio
 
+from prism.drivers.addresses import RedisAddress
 from prism.drivers.pool import BoundedPool
-from prism.errors import ResourceExhausted, Unavailable
 
 Arg = bytes | str | int
 Reply = Any  # bytes | int | None | list[Reply] | ReplyError
+Address = RedisAddress  # the name callers know
 
 
-class ReplyError(Exception):
+class RedisError(Exception):
+    """Base of this driver's errors; ``str(exc)`` is fit to show a client."""
+
+
+class ConnectionLost(RedisError):
+    """The connection broke (or was closed) with a command in flight or before it."""
+
+
+class CannotConnect(RedisError):
+    """No connection: refused, unreachable, too slow, or AUTH/SELECT failed."""
+
+
+class PoolTimeout(RedisError):
+    """Every connection stayed busy for longer than the pool's acquire timeout."""
+
+
+class PoolClosed(RedisError):
+    """The pool was closed (its backend is shutting down)."""
+
+
+class ReplyError(RedisError):
     """An error reply from the server (``-ERR ...``)."""
 
 
@@ -83,7 +97,7 @@ class Connection:
         """Send ``commands`` in one write; their replies in order. Error
         replies come back as ``ReplyError`` values, not raised."""
         if self.broken:
-            raise Unavailable("redis: connection is closed")
+            raise ConnectionLost("redis: connection is closed")
         data = b"".join(encode(c) for c in commands)
         reader = self._reader
         replies: list[Reply] = []
@@ -94,7 +108,7 @@ class Connection:
                 if reply is False:
                     chunk = await self._stream.receive_some(65536)
                     if not chunk:
-                        raise Unavailable("redis: connection closed by the server")
+                        raise ConnectionLost("redis: connection closed by the server")
                     reader.feed(chunk)
                     continue
                 if isinstance(reply, hiredis.ReplyError):
@@ -102,7 +116,7 @@ class Connection:
                 replies.append(reply)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.ProtocolError) as exc:
             self.close()
-            raise Unavailable(f"redis: connection lost: {exc}") from exc
+            raise ConnectionLost(f"redis: connection lost: {exc}") from exc
         except BaseException:
             # Cancelled (or anything else) with replies unread: never reuse.
             self.close()
@@ -131,26 +145,13 @@ class Connection:
         return reply
 
 
-class Address:
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"not a redis:// URL: {url!r}")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        path = parts.path.lstrip("/")
-        self.db = int(path) if path else 0
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-
-
 async def connect(address: Address, *, timeout_s: float) -> Connection:
-    """Open (and AUTH/SELECT) a connection; Unavailable if it fails or takes over ``timeout_s``."""
+    """Open (and AUTH/SELECT) a connection; CannotConnect if it fails or takes over ``timeout_s``."""
     with trio.move_on_after(timeout_s) as scope:
         try:
             stream = await trio.open_tcp_stream(address.host, address.port)
         except OSError as exc:
-            raise Unavailable(f"redis: cannot connect to {address.host}:{address.port}: {exc}") from exc
+            raise CannotConnect(f"redis: cannot connect to {address.host}:{address.port}: {exc}") from exc
         conn = Connection(stream)
         try:
             if address.password is not None:
@@ -162,10 +163,10 @@ async def connect(address: Address, *, timeout_s: float) -> Connection:
                 await conn.call("SELECT", address.db)
         except ReplyError as exc:
             conn.close()
-            raise Unavailable(f"redis: cannot set up the connection: {exc}") from exc
+            raise CannotConnect(f"redis: cannot set up the connection: {exc}") from exc
         return conn
     assert scope.cancelled_caught
-    raise Unavailable(f"redis: cannot connect to {address.host}:{address.port} within {timeout_s:g} s")
+    raise CannotConnect(f"redis: cannot connect to {address.host}:{address.port} within {timeout_s:g} s")
 
 
 class Script:
@@ -180,8 +181,8 @@ class Script:
 
 
 class Pool(BoundedPool[Connection]):
-    """At most ``size`` connections (``prism.drivers.pool``); ResourceExhausted
-    when all stay busy past ``acquire_timeout_s``."""
+    """At most ``size`` connections (``prism.drivers.pool``); PoolTimeout when
+    all stay busy past ``acquire_timeout_s``."""
 
     def __init__(self, address: Address, *, size: int, connect_timeout_s: float, acquire_timeout_s: float):
         super().__init__(size=size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=acquire_timeout_s)
@@ -191,10 +192,10 @@ class Pool(BoundedPool[Connection]):
         return await connect(self.address, timeout_s=self.connect_timeout_s)
 
     def _busy_error(self) -> Exception:
-        return ResourceExhausted(f"redis: all {self.size} connections busy for {self.acquire_timeout_s:g} s")
+        return PoolTimeout(f"redis: all {self.size} connections busy for {self.acquire_timeout_s:g} s")
 
     def _closed_error(self) -> Exception:
-        return Unavailable("redis: connection pool is closed")
+        return PoolClosed("redis: connection pool is closed")
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         conn = await self.acquire()

@@ -106,9 +106,10 @@ def _open_backends(directories: list[str], barrier: Any, results: Any) -> None:
     import trio
 
     from prism.backends.sqlite.keyvalue import SqliteBackend
+    from prism.backends.sqlite.options import SqliteOptions
 
     for directory in directories:
-        backend = SqliteBackend({}, data_dir=Path(directory), namespace="ns")
+        backend = SqliteBackend(SqliteOptions(), data_dir=Path(directory), namespace="ns")
         barrier.wait()
         try:
             trio.run(backend.open)

@@ -41,8 +41,10 @@ from prism.backends.keyvalue import (
 )
 from prism.backends.memory.keyvalue import MemoryBackend
 from prism.backends.postgres.keyvalue import PostgresBackend
+from prism.backends.postgres.options import PostgresKeyValueOptions
 from prism.backends.redis.keyvalue import RedisBackend
 from prism.backends.sqlite.keyvalue import SqliteBackend
+from prism.backends.sqlite.options import SqliteOptions
 from prism.errors import InvalidArgument
 from tests.pg import DSN, drop_tables
 from tests.rd import delete_keys, new_backend
@@ -223,13 +225,13 @@ class BackendMachine(RuleBasedStateMachine):
         self.now = START_MS
         self.model = Model()
         self.tmp = Path(tempfile.mkdtemp(prefix="prism-model-"))
-        sqlite = SqliteBackend({"synchronous": "NORMAL"}, data_dir=self.tmp, namespace="ns")
+        sqlite = SqliteBackend(SqliteOptions(synchronous="NORMAL"), data_dir=self.tmp, namespace="ns")
         # Own tables per example; dropped at teardown.
         postgres = PostgresBackend(
-            {"dsn": DSN}, data_dir=self.tmp, namespace=f"prism_test_{uuid.uuid4().hex}"
+            PostgresKeyValueOptions(dsn=DSN), namespace=f"prism_test_{uuid.uuid4().hex}"
         )
-        redis = new_backend(self.tmp)  # own key prefix per example; keys deleted at teardown
-        self.backends: list[Backend] = [MemoryBackend({}), sqlite, postgres, redis]
+        redis = new_backend()  # own key prefix per example; keys deleted at teardown
+        self.backends: list[Backend] = [MemoryBackend(), sqlite, postgres, redis]
         for backend in self.backends:
             trio.from_thread.run(backend.open)
 

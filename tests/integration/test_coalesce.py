@@ -123,9 +123,10 @@ async def test_a_cancelled_leader_does_not_fail_its_followers(
 @pytest.fixture
 async def pg_backend(tmp_path: Path):  # type: ignore[no-untyped-def]
     from prism.backends.postgres.keyvalue import PostgresBackend
+    from prism.backends.postgres.options import PostgresKeyValueOptions
 
     namespace = f"co_{uuid.uuid4().hex[:10]}"
-    backend = PostgresBackend({"dsn": DSN, "pool_size": 4}, data_dir=tmp_path, namespace=namespace)
+    backend = PostgresBackend(PostgresKeyValueOptions(dsn=DSN, pool_size=4), namespace=namespace)
     await backend.open()
     try:
         yield backend
@@ -162,7 +163,7 @@ async def test_postgres_concurrent_gets_are_coalesced_and_exact(pg_backend) -> N
             want.reverse()
         assert got == want[:2], (i, got)
     readers = pg_backend._readers.values()
-    assert sum(r.reads for r in readers) == 120
+    assert sum(r.calls for r in readers) == 120
     assert sum(r.batches for r in readers) < 60  # shared statements, not one per call
 
 
@@ -196,7 +197,7 @@ async def test_postgres_concurrent_puts_share_statements_and_last_writer_wins(pg
         assert await items(f"r{r}") == [(b"j", b"w%d" % winner), (b"k", b"v%d" % winner)]
     assert await items("expired") == [(b"k", b"new")]
     writes = pg_backend._writes
-    assert writes.reads == 81
+    assert writes.calls == 81
     assert writes.batches < 40  # shared statements, not one per put
 
 
@@ -223,7 +224,7 @@ async def test_a_batch_that_waits_too_long_for_a_slot_fails_fast(
 
 
 async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: Path) -> None:
-    kv = rd.new_backend(tmp_path, pool_size=4)
+    kv = rd.new_backend(pool_size=4)
     await kv.open()
     try:
         now = int(time.time() * 1000)
@@ -254,7 +255,7 @@ async def test_redis_concurrent_gets_are_pipelined_together_and_exact(tmp_path: 
                 want.reverse()
             assert got == want, (i, got)
         assert kv._reads is not None
-        assert kv._reads.reads == 100
+        assert kv._reads.calls == 100
         assert kv._reads.batches < 50
     finally:
         await kv.aclose()
@@ -266,11 +267,12 @@ async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, t
     # Redis pipelines them (each its own script run); SQLite commits them
     # together (each in its own savepoint).
     from prism.backends.sqlite.keyvalue import SqliteBackend
+    from prism.backends.sqlite.options import SqliteOptions
 
     kv = (
-        rd.new_backend(tmp_path, pool_size=4)
+        rd.new_backend(pool_size=4)
         if kind == "redis"
-        else SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+        else SqliteBackend(SqliteOptions(), data_dir=tmp_path, namespace="ns")
     )
     await kv.open()
     try:
@@ -298,7 +300,7 @@ async def test_concurrent_writes_share_round_trips_and_each_applies(kind: str, t
             assert [i.value for i in page.items] in ([f"v{2 * r}".encode()], [f"v{2 * r + 1}".encode()])
         writes = kv._writes if kind == "redis" else kv._pool._writes
         assert writes is not None
-        assert writes.reads == 80
+        assert writes.calls == 80
         assert writes.batches < 40
     finally:
         await kv.aclose()
@@ -339,8 +341,9 @@ def test_sqlite_a_failing_write_is_undone_alone(tmp_path: Path) -> None:
 
 async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(tmp_path: Path) -> None:
     from prism.backends.sqlite.keyvalue import SqliteBackend
+    from prism.backends.sqlite.options import SqliteOptions
 
-    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    kv = SqliteBackend(SqliteOptions(), data_dir=tmp_path, namespace="ns")
     await kv.open()
     try:
         now = int(time.time() * 1000)
@@ -380,17 +383,18 @@ async def test_sqlite_concurrent_reads_share_thread_hops_and_each_gets_its_own(t
             if i % 2:
                 want.reverse()
             assert values == want[:2], (i, values)
-        assert kv._pool._reads.reads == 93
+        assert kv._pool._reads.calls == 93
         assert kv._pool._reads.batches < 45
     finally:
         await kv.aclose()
 
 
 async def test_sqlite_timeseries_concurrent_writes_share_transactions(tmp_path: Path) -> None:
+    from prism.backends.sqlite.options import SqliteTimeSeriesOptions
     from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
     from prism.backends.timeseries import Event
 
-    ts = SqliteTimeSeriesBackend({}, data_dir=tmp_path, namespace="ts")
+    ts = SqliteTimeSeriesBackend(SqliteTimeSeriesOptions(), data_dir=tmp_path, namespace="ts")
     await ts.open()
     try:
         now = int(time.time() * 1000)

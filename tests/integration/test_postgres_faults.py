@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import trio
 
+from prism.backends import registry
 from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp, StoredItem
 from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.errors import ConfigError, ResourceExhausted, Unavailable
@@ -25,17 +26,23 @@ pytestmark = pytest.mark.services("postgres")
 NOW = 1_700_000_000_000
 
 
-async def open_pg(tmp_path: Path, **options: object) -> PostgresBackend:
-    kv = PostgresBackend(
-        {"dsn": DSN, **options}, data_dir=tmp_path, namespace=f"prism_test_{uuid.uuid4().hex}"
-    )
+def new_pg(options: dict[str, object], namespace: str = "") -> PostgresBackend:
+    """Through the registry, from a plain table: as a worker builds it."""
+    namespace = namespace or f"prism_test_{uuid.uuid4().hex}"
+    kv = registry.create("postgres", options, data_dir=Path("/nonexistent"), namespace=namespace)
+    assert isinstance(kv, PostgresBackend)
+    return kv
+
+
+async def open_pg(**options: object) -> PostgresBackend:
+    kv = new_pg({"dsn": DSN, **options})
     await kv.open()
     return kv
 
 
 @pytest.fixture
-async def kv(tmp_path: Path) -> AsyncIterator[PostgresBackend]:
-    backend = await open_pg(tmp_path, pool_size=2, pool_timeout_s=0.05)
+async def kv() -> AsyncIterator[PostgresBackend]:
+    backend = await open_pg(pool_size=2, pool_timeout_s=0.05)
     try:
         yield backend
     finally:
@@ -157,12 +164,8 @@ async def test_reads_behind_stuck_coalesced_reads_are_resource_exhausted_quickly
     assert await get_all(kv) == []
 
 
-async def test_closed_port_is_unavailable_quickly(tmp_path: Path) -> None:
-    kv = PostgresBackend(
-        {"dsn": "postgresql://127.0.0.1:1/test", "connect_timeout_s": 1},
-        data_dir=tmp_path,
-        namespace="ns",
-    )
+async def test_closed_port_is_unavailable_quickly() -> None:
+    kv = new_pg({"dsn": "postgresql://127.0.0.1:1/test", "connect_timeout_s": 1}, "ns")
     start = trio.current_time()
     with pytest.raises(Unavailable):
         await kv.open()
@@ -170,17 +173,13 @@ async def test_closed_port_is_unavailable_quickly(tmp_path: Path) -> None:
     await kv.aclose()
 
 
-async def test_silent_server_is_unavailable_within_the_connect_timeout(tmp_path: Path) -> None:
+async def test_silent_server_is_unavailable_within_the_connect_timeout() -> None:
     # Accepts TCP connections (the kernel's backlog) but never answers.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        kv = PostgresBackend(
-            {"dsn": f"postgresql://127.0.0.1:{port}/test", "connect_timeout_s": 0.3},
-            data_dir=tmp_path,
-            namespace="ns",
-        )
+        kv = new_pg({"dsn": f"postgresql://127.0.0.1:{port}/test", "connect_timeout_s": 0.3}, "ns")
         start = trio.current_time()
         with pytest.raises(Unavailable, match="within"):
             await kv.open()
@@ -188,20 +187,20 @@ async def test_silent_server_is_unavailable_within_the_connect_timeout(tmp_path:
         await kv.aclose()
 
 
-def test_options_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'pool'"):
-        PostgresBackend({"pool": 3}, data_dir=tmp_path, namespace="ns")
-    with pytest.raises(ConfigError, match="pool_size"):
-        PostgresBackend({"pool_size": 0}, data_dir=tmp_path, namespace="ns")
-    with pytest.raises(ConfigError, match="connect_timeout_s"):
-        PostgresBackend({"connect_timeout_s": "5"}, data_dir=tmp_path, namespace="ns")
-    with pytest.raises(ConfigError, match="dsn"):
-        PostgresBackend({"dsn": "host=x port"}, data_dir=tmp_path, namespace="ns")
+def test_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"^options\.pool: unknown field$"):
+        new_pg({"pool": 3})
+    with pytest.raises(ConfigError, match=r"^options\.pool_size: expected int >= 1$"):
+        new_pg({"pool_size": 0})
+    with pytest.raises(ConfigError, match=r"^options\.connect_timeout_s: expected float, got str$"):
+        new_pg({"connect_timeout_s": "5"})
+    with pytest.raises(ConfigError, match=r"^options\.dsn: is invalid: "):
+        new_pg({"dsn": "host=x port"})
 
 
-def test_namespaces_map_to_distinct_safe_tables(tmp_path: Path) -> None:
+def test_namespaces_map_to_distinct_safe_tables() -> None:
     names = ["orders", "Orders", "a-b", "a_b", "é" * 60]
-    tables = [PostgresBackend({}, data_dir=tmp_path, namespace=n).items_table for n in names]
+    tables = [new_pg({}, n).items_table for n in names]
     assert tables[0] == "prism_kv_orders"
     assert len(set(tables)) == len(names)
     assert all(len(t) + len("_idem") <= 63 and t.isascii() for t in tables)

@@ -27,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 
-from prism.backends.memory.pubsub import MemoryPubSubBackend
+from prism.backends import registry
 from prism.backends.pubsub import Message, PubSubBackend, Start, StartKind, Subscription
 from prism.errors import ConfigError, Unavailable
 
@@ -53,11 +53,9 @@ def make(kind: str, data_dir: Path, **options: object) -> Any:
     opts = {"ack_wait_ms": int(ACK_WAIT * 1000), "dedup_window_s": WINDOW, **options}
     namespace = f"ns_{uuid.uuid4().hex[:12]}"
     if kind == "nats":
-        from prism.backends.nats.pubsub import NatsPubSubBackend
-
         opts = {"stream": f"T{uuid.uuid4().hex}", **opts}
-        return NatsPubSubBackend(opts, data_dir=data_dir, namespace=namespace)
-    return MemoryPubSubBackend(opts, data_dir=data_dir, namespace=namespace)
+    # Through the registry, from a plain table: as a worker builds them.
+    return registry.create_pubsub(kind, opts, data_dir=data_dir, namespace=namespace)
 
 
 @pytest.fixture(params=[pytest.param("memory", marks=pytest.mark.trio(run=_autojump_run)), "nats"])
@@ -361,19 +359,19 @@ async def test_nats_group_follows_a_changed_ack_wait(tmp_path: Path) -> None:
     # ack_wait_ms. A group made while it was 60 s must follow it once Prism
     # serves the namespace with 0.3 s (JetStream keeps a durable consumer's
     # own ack_wait until it is updated).
-    from prism.backends.nats.pubsub import NatsPubSubBackend
-
     opts = {"stream": f"T{uuid.uuid4().hex}", "dedup_window_s": WINDOW}
     namespace = f"ns_{uuid.uuid4().hex[:12]}"
-    before = NatsPubSubBackend({**opts, "ack_wait_ms": 60_000}, data_dir=tmp_path, namespace=namespace)
+    before = registry.create_pubsub(
+        "nats", {**opts, "ack_wait_ms": 60_000}, data_dir=tmp_path, namespace=namespace
+    )
     await before.open()
     try:
         async with before.subscribe(T, "g", EARLIEST):
             pass  # the group now exists
     finally:
         await before.aclose()
-    after = NatsPubSubBackend(
-        {**opts, "ack_wait_ms": int(ACK_WAIT * 1000)}, data_dir=tmp_path, namespace=namespace
+    after = registry.create_pubsub(
+        "nats", {**opts, "ack_wait_ms": int(ACK_WAIT * 1000)}, data_dir=tmp_path, namespace=namespace
     )
     await after.open()
     try:

@@ -42,9 +42,10 @@ options = {{ url = "nats://127.0.0.1:4222", stream = "{stream}", ack_wait_ms = 5
 
 
 async def _drop_stream(stream: str, tmp: Path) -> None:
+    from prism.backends.nats.options import NatsPubSubOptions
     from prism.backends.nats.pubsub import NatsPubSubBackend
 
-    backend = NatsPubSubBackend({"stream": stream}, data_dir=tmp, namespace="cleanup")
+    backend = NatsPubSubBackend(NatsPubSubOptions(stream=stream), namespace="cleanup")
     await backend.open()
     try:
         await backend.drop()

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
+from prism.backends import registry
+from prism.backends.nats.options import NatsPubSubOptions
 from prism.backends.nats.pubsub import NatsPubSubBackend
 from prism.backends.pubsub import Start, StartKind, Subscription
 from prism.drivers import nats as natsio
@@ -47,11 +49,13 @@ async def new_backend(tmp_path: Path) -> AsyncIterator[Factory]:
     opened: list[NatsPubSubBackend] = []
 
     async def make(**options: object) -> NatsPubSubBackend:
-        backend = NatsPubSubBackend(
+        backend = registry.create_pubsub(
+            "nats",
             {"url": URL, "stream": stream, "ack_wait_ms": ACK_WAIT_MS, **options},
             data_dir=tmp_path,
             namespace="ns",
         )
+        assert isinstance(backend, NatsPubSubBackend)
         await backend.open()
         opened.append(backend)
         return backend
@@ -71,16 +75,22 @@ async def nothing_within(sub: Subscription, seconds: float) -> None:
 
 
 def test_options_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="bogus"):
-        NatsPubSubBackend({"bogus": 1}, data_dir=tmp_path, namespace="ns")
-    with pytest.raises(ConfigError, match="stream"):
-        NatsPubSubBackend({"stream": "a.b"}, data_dir=tmp_path, namespace="ns")
-    assert NatsPubSubBackend({}, data_dir=tmp_path, namespace="my.ns").stream == "PRISM_my_ns"
+    def create(options: dict[str, object], namespace: str = "ns") -> object:
+        return registry.create_pubsub("nats", options, data_dir=tmp_path, namespace=namespace)
+
+    with pytest.raises(ConfigError, match=r"^options\.bogus: unknown field$"):
+        create({"bogus": 1})
+    with pytest.raises(ConfigError, match=r"^options\.stream: expected str matching regex"):
+        create({"stream": "a.b"})
+    with pytest.raises(ConfigError, match=r"^options\.url: expected a nats:// URL, got scheme 'http'$"):
+        create({"url": "http://127.0.0.1:4222"})
+    backend = create({}, namespace="my.ns")
+    assert isinstance(backend, NatsPubSubBackend) and backend.stream == "PRISM_my_ns"
 
 
 @pytest.mark.parametrize("url", ["nats://127.0.0.1:1", "nats://192.0.2.1:4222"])  # refused; blackholed
 async def test_unreachable_server_is_unavailable_within_connect_timeout(tmp_path: Path, url: str) -> None:
-    backend = NatsPubSubBackend({"url": url, "connect_timeout_s": 0.3}, data_dir=tmp_path, namespace="ns")
+    backend = NatsPubSubBackend(NatsPubSubOptions(url=url, connect_timeout_s=0.3), namespace="ns")
     with trio.fail_after(1.0):
         with pytest.raises(Unavailable, match="nats: cannot connect"):
             await backend.open()
@@ -284,7 +294,7 @@ async def test_a_foreign_stream_of_the_same_name_is_not_used(tmp_path: Path) -> 
     try:
         config = {"name": stream, "subjects": [f"elsewhere.{stream}.>"]}
         await nc.request(f"$JS.API.STREAM.CREATE.{stream}", json.dumps(config).encode(), timeout_s=5)
-        backend = NatsPubSubBackend({"url": URL, "stream": stream}, data_dir=tmp_path, namespace="ns")
+        backend = NatsPubSubBackend(NatsPubSubOptions(url=URL, stream=stream), namespace="ns")
         with pytest.raises(FailedPrecondition, match="does not take subjects"):
             await backend.open()
         await backend.aclose()

@@ -13,6 +13,7 @@ import trio
 
 from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp, StoredItem
 from prism.backends.redis.keyvalue import RedisBackend
+from prism.backends.redis.options import RedisOptions
 from prism.drivers import resp
 from prism.errors import ResourceExhausted, Unavailable
 from tests.rd import admin_client, delete_keys, new_backend
@@ -24,7 +25,7 @@ NOW = 1_700_000_000_000
 
 @pytest.fixture
 async def kv(tmp_path: Path) -> AsyncIterator[RedisBackend]:
-    backend = new_backend(tmp_path, pool_size=2, pool_timeout_s=0.05)
+    backend = new_backend(pool_size=2, pool_timeout_s=0.05)
     await backend.open()
     try:
         yield backend
@@ -52,9 +53,7 @@ async def get_all(kv: RedisBackend) -> list[StoredItem]:
 
 
 async def test_unreachable_server_is_unavailable_within_connect_timeout(tmp_path: Path) -> None:
-    kv = RedisBackend(
-        {"url": "redis://127.0.0.1:1/0", "connect_timeout_s": 0.5}, data_dir=tmp_path, namespace="ns"
-    )
+    kv = RedisBackend(RedisOptions(url="redis://127.0.0.1:1/0", connect_timeout_s=0.5), namespace="ns")
     start = trio.current_time()
     with pytest.raises(Unavailable):
         await kv.open()
@@ -65,9 +64,7 @@ async def test_unreachable_server_is_unavailable_within_connect_timeout(tmp_path
 async def test_connect_timeout_is_unavailable(tmp_path: Path) -> None:
     # A listener that never accepts beyond its backlog is hard to build
     # portably; a blackhole address (TEST-NET-1) does not answer.
-    kv = RedisBackend(
-        {"url": "redis://192.0.2.1:6379/0", "connect_timeout_s": 0.2}, data_dir=tmp_path, namespace="ns"
-    )
+    kv = RedisBackend(RedisOptions(url="redis://192.0.2.1:6379/0", connect_timeout_s=0.2), namespace="ns")
     start = trio.current_time()
     with pytest.raises(Unavailable):
         await kv.open()

@@ -11,10 +11,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from prism.backends import catalog, registry
+from prism.backends.memory.options import MemoryTimeSeriesOptions
 from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
 from prism.backends.postgres.timeseries import PostgresTimeSeriesBackend
 from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
-from prism.backends.timeseries import DAY_MS, Event, EventPage, TimeSeriesBackend
+from prism.backends.timeseries import DAY_MS, Event, EventPage
 from prism.errors import ConfigError, Internal, InvalidArgument, Unavailable
 from tests.pg import DSN
 
@@ -29,18 +31,19 @@ _pg_tables: list[str] = []
 
 
 def make(kind: str, data_dir: Path, **options: object) -> Backend:
-    if kind == "memory":
-        return MemoryTimeSeriesBackend(options, data_dir=data_dir, namespace="ns")
+    # Through the registry, from a plain table: as a worker builds them.
+    namespace = "ns"
     if kind == "postgres":
-        backend = PostgresTimeSeriesBackend(
-            {"dsn": DSN, **options}, data_dir=data_dir, namespace=f"prism_test_{uuid.uuid4().hex[:12]}"
-        )
+        options = {"dsn": DSN, **options}
+        namespace = f"prism_test_{uuid.uuid4().hex[:12]}"
+    backend = registry.create_timeseries(kind, options, data_dir=data_dir, namespace=namespace)
+    assert isinstance(backend, MemoryTimeSeriesBackend | SqliteTimeSeriesBackend | PostgresTimeSeriesBackend)
+    if isinstance(backend, PostgresTimeSeriesBackend):
         _pg_tables.append(backend.table)
-        return backend
-    return SqliteTimeSeriesBackend(options, data_dir=data_dir, namespace="ns")
+    return backend
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=catalog.builtin("timeseries"))  # every built-in, a new one too
 def kind(request: pytest.FixtureRequest) -> Iterator[str]:
     yield str(request.param)
     # Each PostgreSQL test has its own table; tests may drop, the product never does.
@@ -96,10 +99,6 @@ async def read(
 
 def ids(events: list[Event]) -> list[tuple[int, str]]:
     return [e.cursor for e in events]
-
-
-async def test_is_a_backend(ts: Backend) -> None:
-    assert isinstance(ts, TimeSeriesBackend)
 
 
 async def test_unknown_series_reads_empty(ts: Backend) -> None:
@@ -224,7 +223,7 @@ async def test_retention(kind: str, tmp_path: Path) -> None:
 
 
 async def test_retention_purges(tmp_path: Path) -> None:
-    ts = SqliteTimeSeriesBackend({"retention_days": 1}, data_dir=tmp_path, namespace="ns")
+    ts = make("sqlite", tmp_path, retention_days=1)
     await ts.open()
     try:
         await ts.write_events([ev(NOW_US, "a"), ev(NOW_US + 1, "b")], NOW)
@@ -238,7 +237,7 @@ async def test_retention_purges(tmp_path: Path) -> None:
 
 
 async def test_memory_retention_purges() -> None:
-    ts = MemoryTimeSeriesBackend({"retention_days": 1})
+    ts = MemoryTimeSeriesBackend(MemoryTimeSeriesOptions(retention_days=1))
     await ts.write_events([ev(NOW_US, "a")], NOW)
     await ts.write_events([ev(NOW_US, "a", series="t")], NOW + 2 * DAY_MS)
     assert set(ts._series) == set()  # "t"'s event was past retention on arrival
@@ -260,8 +259,7 @@ async def test_sqlite_durable_across_reopen(tmp_path: Path) -> None:
 
 
 async def test_sqlite_path_option(tmp_path: Path) -> None:
-    options = {"path": "sub/x.db", "synchronous": "normal"}
-    ts = SqliteTimeSeriesBackend(options, data_dir=tmp_path, namespace="ns")
+    ts = make("sqlite", tmp_path, path="sub/x.db", synchronous="normal")
     await ts.open()
     await ts.write_events([ev(1)], NOW)
     await ts.aclose()
@@ -269,9 +267,7 @@ async def test_sqlite_path_option(tmp_path: Path) -> None:
 
 
 async def test_sqlite_refuses_a_keyvalue_file(tmp_path: Path) -> None:
-    from prism.backends.sqlite.keyvalue import SqliteBackend
-
-    kv = SqliteBackend({}, data_dir=tmp_path, namespace="ns")
+    kv = registry.create("sqlite", {}, data_dir=tmp_path, namespace="ns")
     await kv.open()
     await kv.aclose()
     ts = make("sqlite", tmp_path)
@@ -288,15 +284,25 @@ async def test_sqlite_closed_is_unavailable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"retention_days": -1}, {"retention_days": "7"}, {"retention_days": True}, {"bogus": 1}],
+    ("options", "message"),
+    [
+        ({"retention_days": -1}, "options.retention_days: expected float >= 0.0"),
+        ({"retention_days": "7"}, "options.retention_days: expected float, got str"),
+        ({"retention_days": True}, "options.retention_days: expected float, got bool"),
+        ({"bogus": 1}, "options.bogus: unknown field"),
+    ],
 )
-def test_bad_options(kind: str, tmp_path: Path, options: dict[str, object]) -> None:
-    with pytest.raises(ConfigError):
+def test_bad_options(kind: str, tmp_path: Path, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
         make(kind, tmp_path, **options)
+    assert str(info.value) == message
 
 
 def test_sqlite_bad_file_options(tmp_path: Path) -> None:
-    for options in ({"path": ""}, {"synchronous": "OFF"}):
-        with pytest.raises(ConfigError):
-            SqliteTimeSeriesBackend(options, data_dir=tmp_path, namespace="ns")
+    for options, message in (
+        ({"path": ""}, "options.path: expected str of length >= 1"),
+        ({"synchronous": "OFF"}, "options.synchronous: 'OFF' is not 'FULL' or 'NORMAL'"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            make("sqlite", tmp_path, **options)
+        assert str(info.value) == message

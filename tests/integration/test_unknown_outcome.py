@@ -22,6 +22,7 @@ import trio
 
 from prism.backends.keyvalue import ItemWrite, KeyValueBackend, MatchAll, Stamp, StoredItem
 from prism.backends.postgres.keyvalue import PostgresBackend
+from prism.backends.postgres.options import PostgresKeyValueOptions
 from prism.errors import Unavailable
 from tests import rd
 from tests.pg import drop_tables, dsn_via
@@ -128,8 +129,7 @@ async def test_postgres_unknown_commit(nursery: trio.Nursery, tmp_path: Path) ->
 
     def make() -> KeyValueBackend:
         return PostgresBackend(
-            {"dsn": dsn_via(relay.port), "connect_timeout_s": 2},
-            data_dir=tmp_path,
+            PostgresKeyValueOptions(dsn=dsn_via(relay.port), connect_timeout_s=2),
             namespace=f"prism_test_{uuid.uuid4().hex[:12]}",
         )
 
@@ -148,8 +148,9 @@ async def test_redis_unknown_script_outcome(nursery: trio.Nursery, tmp_path: Pat
     def make() -> KeyValueBackend:
         url = f"redis://127.0.0.1:{relay.port}{target.path}"
         from prism.backends.redis.keyvalue import RedisBackend
+        from prism.backends.redis.options import RedisOptions
 
-        return RedisBackend({"url": url, "key_prefix": prefix}, data_dir=tmp_path, namespace="ns")
+        return RedisBackend(RedisOptions(url=url, key_prefix=prefix), namespace="ns")
 
     async def cleanup(kv: KeyValueBackend) -> None:
         await rd.delete_keys(prefix)

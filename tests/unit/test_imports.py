@@ -64,12 +64,6 @@ def test_modules_shared_with_the_supervisor_pull_in_no_trio(module: str) -> None
     assert _loaded_after(f"import {module}") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="preflight.check_namespaces builds every backend through prism.backends.registry "
-    "(and so loads trio); the backends branch replaces it with a light options check. "
-    "Remove this mark when that is merged.",
-)
 def test_the_start_up_checks_load_no_backend(tmp_path: Path) -> None:
     """``prism serve`` loads and checks the config in the supervisor, at start and on every reload."""
     config = tmp_path / "prism.toml"

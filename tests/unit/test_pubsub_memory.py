@@ -15,6 +15,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prism.backends import registry
 from prism.backends.memory.pubsub import MemoryPubSubBackend
 from prism.backends.pubsub import Message, Start, StartKind, Subscription
 from prism.errors import ConfigError
@@ -24,18 +25,33 @@ T = "t"
 
 
 def make(**options: object) -> MemoryPubSubBackend:
-    return MemoryPubSubBackend(options, data_dir=Path("/nonexistent"), namespace="ns")
+    # Through the registry, from a plain table: as a worker builds it.
+    backend = registry.create_pubsub("memory", options, data_dir=Path("/nonexistent"), namespace="ns")
+    assert isinstance(backend, MemoryPubSubBackend)
+    return backend
 
 
-@pytest.mark.parametrize("value", [0, -1, True, "5", 1.5, None])
-def test_bad_max_messages(value: object) -> None:
-    with pytest.raises(ConfigError, match="max_messages"):
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (0, "expected int >= 1"),
+        (-1, "expected int >= 1"),
+        (True, "expected int, got bool"),
+        ("5", "expected int, got str"),
+        (1.5, "expected int, got float"),
+        (None, "expected int, got null"),
+    ],
+)
+def test_bad_max_messages(value: object, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
         make(max_messages=value)
+    assert str(info.value) == f"options.max_messages: {reason}"
 
 
 def test_options_are_not_consumed_from_the_callers_mapping() -> None:
     options: dict[str, object] = {"ack_wait_ms": 10, "dedup_window_s": 0, "max_messages": 2}
-    backend = MemoryPubSubBackend(options, data_dir=Path("/nonexistent"), namespace="ns")
+    backend = registry.create_pubsub("memory", options, data_dir=Path("/nonexistent"), namespace="ns")
+    assert isinstance(backend, MemoryPubSubBackend)
     assert (backend.ack_wait_s, backend.dedup_window_s, backend.max_messages) == (0.01, 0.0, 2)
     assert len(options) == 3
 

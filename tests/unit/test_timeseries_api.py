@@ -15,7 +15,9 @@ import trio.testing
 from prism.api import timeseries
 from prism.api.namespaces import Held
 from prism.api.pagetoken import PageTokens
+from prism.backends.memory.options import MemoryTimeSeriesOptions
 from prism.backends.memory.timeseries import MemoryTimeSeriesBackend
+from prism.backends.sqlite.options import SqliteTimeSeriesOptions
 from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
 from prism.backends.timeseries import TimeSeriesBackend
 from prism.config import NamespaceConfig
@@ -85,9 +87,9 @@ async def connected(backend: TimeSeriesBackend, key: bytes = b"k" * 32) -> Async
 async def client(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Client]:
     backend: TimeSeriesBackend
     if request.param == "memory":
-        backend = MemoryTimeSeriesBackend({})
+        backend = MemoryTimeSeriesBackend()
     else:
-        backend = SqliteTimeSeriesBackend({}, data_dir=tmp_path, namespace="ns")
+        backend = SqliteTimeSeriesBackend(SqliteTimeSeriesOptions(), data_dir=tmp_path, namespace="ns")
     async with connected(backend) as c:
         yield c
 
@@ -188,17 +190,17 @@ async def test_page_token_checks(client: Client) -> None:
 
 
 async def test_token_from_another_key_is_invalid(tmp_path: Path) -> None:
-    async with connected(MemoryTimeSeriesBackend({}), key=b"a" * 32) as c:
+    async with connected(MemoryTimeSeriesBackend(), key=b"a" * 32) as c:
         await c.write("ns", ev(1, "a"), ev(2, "a"))
         token = await c.read(namespace="ns", series_id="s", selection=common_pb2.Selection(limit_items=1))
-    async with connected(MemoryTimeSeriesBackend({}), key=b"b" * 32) as c:
+    async with connected(MemoryTimeSeriesBackend(), key=b"b" * 32) as c:
         r = await c.read_raw(namespace="ns", series_id="s", page_token=token.next_page_token)
         assert r.status == StatusCode.INVALID_ARGUMENT
 
 
 async def test_retention_hides_old_events(tmp_path: Path) -> None:
     now_us = time.time_ns() // 1000
-    async with connected(MemoryTimeSeriesBackend({"retention_days": 1})) as c:
+    async with connected(MemoryTimeSeriesBackend(MemoryTimeSeriesOptions(retention_days=1))) as c:
         old = now_us - 2 * 86_400 * 1_000_000
         r = await c.write("ns", ev(old, "old"), ev(now_us, "new"))
         assert r.status == 0  # an expired event is accepted...

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
@@ -31,15 +31,8 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import (
-    RecordPager,
-    check_items,
-    check_mutations,
-    is_expired,
-    is_replay,
-    page_items,
-)
-from prism.errors import ConfigError
+from prism.backends.paging import RecordPager, page_items
+from prism.backends.rules import check_items, check_mutations, is_expired, is_replay
 
 _NEVER = 1 << 63  # expiry bound of a record none of whose items expires
 
@@ -129,10 +122,7 @@ class MemoryBackend:
     """KeyValue in dicts. Methods never await: each runs to completion, which
     makes every write atomic with respect to other calls."""
 
-    def __init__(self, options: Mapping[str, object]) -> None:
-        if options:
-            name = next(iter(options))
-            raise ConfigError(f"memory backend: unknown option {name!r} (it takes none)")
+    def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
         self._sorted_ids: list[str] | None = None  # built by the first scan, then kept
         self._applied: dict[tuple[str, str], int] = {}  # (id, token) -> applied_at_ms

@@ -20,15 +20,13 @@ import heapq
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import trio
 
-from prism.backends.pubsub import Message, Start, StartKind, pop_pubsub_options
-from prism.backends.timeseries import reject_unknown
-from prism.errors import ConfigError
+from prism.backends.memory.options import MemoryPubSubOptions
+from prism.backends.pubsub import Message, Start, StartKind
 
-DEFAULT_MAX_MESSAGES = 100_000
+_DEFAULTS = MemoryPubSubOptions()  # frozen: one instance serves every default
 
 
 class _Group:
@@ -142,20 +140,13 @@ class _Subscription:
 
 
 class MemoryPubSubBackend:
-    """Options: ``ack_wait_ms``, ``dedup_window_s`` (see pubsub_base) and
-    ``max_messages`` (per topic; the oldest are dropped). ``data_dir`` and
-    ``namespace`` are accepted so that the class is a registry factory."""
+    """Options: ``MemoryPubSubOptions`` (``ack_wait_ms``, ``dedup_window_s``
+    and ``max_messages``)."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        parsed = pop_pubsub_options(opts, "memory")
-        self.ack_wait_s = parsed.ack_wait_ms / 1000
-        self.dedup_window_s = parsed.dedup_window_s
-        max_messages = opts.pop("max_messages", DEFAULT_MAX_MESSAGES)
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise ConfigError("memory backend: option 'max_messages' must be a positive integer")
-        self.max_messages = max_messages
-        reject_unknown(opts, "memory")
+    def __init__(self, options: MemoryPubSubOptions = _DEFAULTS) -> None:
+        self.ack_wait_s = options.ack_wait_ms / 1000
+        self.dedup_window_s = options.dedup_window_s
+        self.max_messages = options.max_messages
         self._topics: dict[str, _Topic] = {}
 
     async def open(self) -> None:

@@ -11,9 +11,9 @@ caller time.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
+from prism.backends.memory.options import MemoryTimeSeriesOptions
 from prism.backends.timeseries import (
     Cursor,
     Event,
@@ -21,11 +21,11 @@ from prism.backends.timeseries import (
     check_events,
     horizon_us,
     page_events,
-    reject_unknown,
     retention_ms,
 )
 
 SWEEP_INTERVAL_MS = 60_000
+_DEFAULTS = MemoryTimeSeriesOptions()  # frozen: one instance serves every default
 
 
 class _Series:
@@ -50,15 +50,10 @@ class _Series:
 
 
 class MemoryTimeSeriesBackend:
-    """Options: ``retention_days`` (default: keep forever). ``data_dir`` and
-    ``namespace`` are accepted so that the class is a registry factory."""
+    """Options: ``MemoryTimeSeriesOptions`` (``retention_days``)."""
 
-    def __init__(
-        self, options: Mapping[str, object], *, data_dir: Path | None = None, namespace: str = ""
-    ) -> None:
-        opts = dict(options)
-        self.retention_ms = retention_ms(opts, "memory")
-        reject_unknown(opts, "memory")
+    def __init__(self, options: MemoryTimeSeriesOptions = _DEFAULTS) -> None:
+        self.retention_ms = retention_ms(options.retention_days)
         self._series: dict[str, _Series] = {}
         self._next_sweep_ms = 0
 

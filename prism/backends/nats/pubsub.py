@@ -1,4 +1,4 @@
-"""PubSub on NATS JetStream, driven from trio by ``natsio`` (no asyncio, no threads).
+"""PubSub on NATS JetStream, driven from trio by ``prism.drivers.nats`` (no asyncio, no threads).
 
 Layout. One stream per namespace (option ``stream``, default ``PRISM_<namespace>``)
 holds subjects ``prism.<stream>.>``; a topic is the subject token
@@ -37,98 +37,65 @@ once; a delivery arriving after that (to a pull still open) is NAKed on
 arrival (the pull's subscription ends with ``UNSUB <sid> <n+1>``, so the
 server still sends that last message).
 
-Tasks. The backend has one shared ``natsio`` connection (opened again on
+Tasks. The backend has one shared NATS connection (opened again on
 next use if lost) and no background task, since ``open()`` and ``aclose()``
 are separate calls. Each durable subscription runs one task in its own
 nursery, inside its context: it answers forwarded acks, and while it waits
 for them it keeps the shared connection read (server PINGs answered).
+
+Modules. This one holds the backend (stream, consumers, publish, ack);
+``subscription`` a member (pulls, held deliveries, leaving); ``jetstream``
+the naming both use; ``errors`` the driver and JetStream errors' table.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from prism.backends.pubsub import Message, Start, StartKind, pop_pubsub_options
-from prism.backends.timeseries import reject_unknown
+from prism.backends.nats.errors import ERRORS, JetStreamError
+from prism.backends.nats.jetstream import (
+    API_TIMEOUT_S,
+    CLOSE_TIMEOUT_S,
+    FAILURES,
+    NS_PER_S,
+    b64,
+    consumer_name,
+    forward_subject,
+    topic_token,
+)
+from prism.backends.nats.options import NatsPubSubOptions
+from prism.backends.nats.subscription import Member, nak_orphan
+from prism.backends.pubsub import Start, StartKind
 from prism.drivers import nats as natsio
-from prism.errors import ConfigError, FailedPrecondition, Internal, PrismError, Unavailable
+from prism.errors import FailedPrecondition, Internal, Unavailable
 
 KIND = "nats"
-DEFAULT_URL = "nats://127.0.0.1:4222"
-API_TIMEOUT_S = 5.0
-FETCH_EXPIRES_S = 30.0
 FORWARD_WAIT_S = 0.25
 EPHEMERAL_INACTIVE_S = 30.0
 MAX_ACK_PENDING = 10_000
-CLOSE_TIMEOUT_S = 2.0
-_NS = 1_000_000_000
-_STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_CONSUMER_NOT_FOUND = 10014
 
 
-def _b64(s: str) -> str:
-    return base64.urlsafe_b64encode(s.encode()).rstrip(b"=").decode()
-
-
-def _unb64(s: str) -> str:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)).decode()
-
-
-def topic_token(topic: str) -> str:
-    return "t" + _b64(topic)
-
-
-def consumer_name(topic: str, group: str) -> str:
-    return "g_" + hashlib.sha256(f"{topic}\0{group}".encode()).hexdigest()[:32]
-
-
-def ack_sequence(reply: str) -> int:
-    """The stream sequence in a ``$JS.ACK`` subject (old 9-token and new 12-token forms)."""
-    tokens = reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-class JetStreamError(Internal):
-    """An error answer of the JetStream API."""
-
-    def __init__(self, subject: str, error: Mapping[str, Any]) -> None:
-        self.err_code = int(error.get("err_code", 0))
-        super().__init__(f"nats: {subject}: {error.get('description', 'error')} (err_code {self.err_code})")
-
-
 class NatsPubSubBackend:
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        url = opts.pop("url", DEFAULT_URL)
-        if not isinstance(url, str) or not url.startswith(("nats://", "tcp://")):
-            raise ConfigError(f"{KIND} backend: option 'url' must be a nats:// URL")
-        stream = opts.pop("stream", None)
-        if stream is None:
-            stream = "PRISM_" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)
-        if not isinstance(stream, str) or not _STREAM_NAME.match(stream):
-            raise ConfigError(f"{KIND} backend: option 'stream' must be letters, digits, '_' or '-'")
-        timeout = opts.pop("connect_timeout_s", 2.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"{KIND} backend: option 'connect_timeout_s' must be a positive number")
-        self.options = pop_pubsub_options(opts, KIND)
-        reject_unknown(opts, KIND)
-        self.url = url
-        self.stream = stream
-        self.prefix = f"prism.{stream}"
-        self.connect_timeout_s = float(timeout)
+    """Options: ``NatsPubSubOptions`` (the server, the stream, and every
+    PubSub backend's ``ack_wait_ms`` and ``dedup_window_s``)."""
+
+    def __init__(self, options: NatsPubSubOptions, *, namespace: str) -> None:
+        self.options = options
+        self.url = options.url
+        self.stream = options.stream or "PRISM_" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)
+        self.prefix = f"prism.{self.stream}"
+        self.connect_timeout_s = options.connect_timeout_s
         self._nc: natsio.Connection | None = None
         self._connect_lock = trio.Lock()
-        self._members: dict[str, set[_Subscription]] = {}  # consumer -> live members here
+        self._members: dict[str, set[Member]] = {}  # consumer -> live members here
         self._closed = False
 
     # -- connection and API ---------------------------------------------------
@@ -144,11 +111,11 @@ class NatsPubSubBackend:
             if nc is not None and not nc.closed and nc.idle_s() > natsio.IDLE_CHECK_S:
                 try:
                     await nc.flush(self.connect_timeout_s)
-                except Unavailable:
-                    pass
+                except natsio.NatsError:
+                    pass  # closed now: reconnected below
             if nc is None or nc.closed:
                 nc = self._nc = await natsio.connect(self.url, timeout_s=self.connect_timeout_s)
-                nc.orphan = _nak_orphan(nc)
+                nc.orphan = nak_orphan(nc)
             return nc
 
     async def _api(self, subject: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -167,8 +134,12 @@ class NatsPubSubBackend:
         return reply
 
     async def open(self) -> None:
+        with ERRORS:
+            await self._open()
+
+    async def _open(self) -> None:
         api = f"$JS.API.STREAM.%s.{self.stream}"
-        window = int(self.options.dedup_window_s * _NS)
+        window = int(self.options.dedup_window_s * NS_PER_S)
         try:
             info = await self._api(api % "INFO")
         except JetStreamError as exc:
@@ -195,33 +166,36 @@ class NatsPubSubBackend:
 
     async def drop(self) -> None:
         """Delete the stream and everything in it. For tests: the product never calls it."""
-        await self._api(f"$JS.API.STREAM.DELETE.{self.stream}")
+        with ERRORS:
+            await self._api(f"$JS.API.STREAM.DELETE.{self.stream}")
 
     async def ping(self) -> None:
         """Raise unless NATS and JetStream answer (health checks)."""
-        await self._api("$JS.API.INFO")
+        with ERRORS:
+            await self._api("$JS.API.INFO")
 
     # -- publish ----------------------------------------------------------------
 
     async def publish(self, topic: str, payload: bytes, headers: Mapping[str, str], message_id: str) -> int:
         token = topic_token(topic)
-        hdrs = {f"P-{_b64(k)}": _b64(v) for k, v in headers.items()}
+        hdrs = {f"P-{b64(k)}": b64(v) for k, v in headers.items()}
         if message_id:
-            hdrs["Nats-Msg-Id"] = f"{token}:{_b64(message_id)}"
-        nc = await self._conn()
+            hdrs["Nats-Msg-Id"] = f"{token}:{b64(message_id)}"
         subject = f"{self.prefix}.{token}"
-        try:
-            msg = await nc.request(subject, payload, hdrs, timeout_s=API_TIMEOUT_S)
-        except natsio.NoResponders:
-            raise Unavailable(f"nats: no stream stores {subject} (was {self.stream} deleted?)") from None
-        ack: dict[str, Any] = json.loads(msg.data)
-        if "error" in ack:
-            raise JetStreamError(subject, ack["error"])
+        with ERRORS:
+            nc = await self._conn()
+            try:
+                msg = await nc.request(subject, payload, hdrs, timeout_s=API_TIMEOUT_S)
+            except natsio.NoResponders:
+                raise Unavailable(f"nats: no stream stores {subject} (was {self.stream} deleted?)") from None
+            ack: dict[str, Any] = json.loads(msg.data)
+            if "error" in ack:
+                raise JetStreamError(subject, ack["error"])
         return int(ack["seq"])
 
     # -- subscribe --------------------------------------------------------------
 
-    def subscribe(self, topic: str, group: str, start: Start) -> AbstractAsyncContextManager[_Subscription]:
+    def subscribe(self, topic: str, group: str, start: Start) -> AbstractAsyncContextManager[Member]:
         return self._subscribe(topic, group, start)
 
     def _consumer_config(self, topic: str, start: Start) -> dict[str, Any]:
@@ -261,6 +235,16 @@ class NatsPubSubBackend:
                 raise exc from None
         return name
 
+    async def _ephemeral(self, topic: str, start: Start) -> str:
+        inactive_ns = int(EPHEMERAL_INACTIVE_S * NS_PER_S)
+        config = {**self._consumer_config(topic, start), "ack_policy": "none",
+                  "inactive_threshold": inactive_ns, "mem_storage": True}  # fmt: skip
+        info = await self._api(
+            f"$JS.API.CONSUMER.CREATE.{self.stream}", {"stream_name": self.stream, "config": config}
+        )
+        name: str = info["name"]
+        return name
+
     async def _follow_ack_wait(self, name: str, config: dict[str, Any]) -> None:
         # A group made under another ack_wait_ms (the option changed since)
         # takes the namespace's current one: JetStream keeps a durable
@@ -274,22 +258,17 @@ class NatsPubSubBackend:
             )
 
     @asynccontextmanager
-    async def _subscribe(self, topic: str, group: str, start: Start) -> AsyncIterator[_Subscription]:
-        if group:
-            name = await self._durable(topic, group, start)
-        else:
-            config = {**self._consumer_config(topic, start), "ack_policy": "none",
-                      "inactive_threshold": int(EPHEMERAL_INACTIVE_S * _NS), "mem_storage": True}  # fmt: skip
-            info = await self._api(
-                f"$JS.API.CONSUMER.CREATE.{self.stream}", {"stream_name": self.stream, "config": config}
-            )
-            name = info["name"]
-        nc = await self._conn()
-        sub = _Subscription(self, nc, await nc.subscribe(nc.new_inbox()), topic, name, durable=bool(group))
+    async def _subscribe(self, topic: str, group: str, start: Start) -> AsyncIterator[Member]:
+        with ERRORS:
+            name = await (self._durable(topic, group, start) if group else self._ephemeral(topic, start))
+            nc = await self._conn()
+            box = await nc.subscribe(nc.new_inbox())
+        sub = Member(nc, box, self.stream, topic, name, durable=bool(group))
         try:
             async with trio.open_nursery() as nursery:
                 if group:
-                    listener = await nc.subscribe(f"_PRISM.ack.{self.stream}.{name}")
+                    with ERRORS:
+                        listener = await nc.subscribe(forward_subject(self.stream, name))
                     nursery.start_soon(sub.serve_forwarded_acks, listener)
                     self._members.setdefault(name, set()).add(sub)
                 try:
@@ -304,15 +283,29 @@ class NatsPubSubBackend:
             raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-                await sub.release()
+                await self._release(sub)
+
+    async def _release(self, sub: Member) -> None:
+        members = self._members.get(sub.consumer)
+        if members is not None:
+            members.discard(sub)
+            if not members:
+                del self._members[sub.consumer]
+        try:
+            await sub.leave()
+            if not sub.durable:
+                await self._api(f"$JS.API.CONSUMER.DELETE.{self.stream}.{sub.consumer}")
+        except FAILURES:
+            pass  # connection lost: the server redelivers after ack_wait / drops the consumer
 
     # -- ack --------------------------------------------------------------------
 
     async def ack(self, topic: str, group: str, sequences: Sequence[int]) -> None:
-        if not group or not sequences:
-            return
-        name = consumer_name(topic, group)
-        wanted = set(sequences)
+        if group and sequences:
+            with ERRORS:
+                await self._ack(consumer_name(topic, group), set(sequences))
+
+    async def _ack(self, name: str, wanted: set[int]) -> None:
         for member in list(self._members.get(name, ())):
             wanted -= await member.ack_held(wanted)
         if not wanted:
@@ -321,7 +314,7 @@ class NatsPubSubBackend:
         box = nc.new_box()
         try:
             await nc.publish(
-                f"_PRISM.ack.{self.stream}.{name}", json.dumps(sorted(wanted)).encode(), reply=box.subject
+                forward_subject(self.stream, name), json.dumps(sorted(wanted)).encode(), reply=box.subject
             )
             with trio.move_on_after(FORWARD_WAIT_S):
                 while wanted:
@@ -331,133 +324,3 @@ class NatsPubSubBackend:
                     wanted -= set(json.loads(msg.data))
         finally:
             nc.drop_box(box)
-
-
-def _nak_orphan(nc: natsio.Connection) -> Any:
-    def orphan(msg: natsio.Msg) -> None:
-        # A JetStream delivery for a pull whose subscription is gone: give it back now.
-        if msg.reply.startswith("$JS.ACK.") and not msg.status:
-            nc.send_later(nc.pub_bytes(msg.reply, b"-NAK", None, ""))
-
-    return orphan
-
-
-class _Subscription:
-    def __init__(
-        self, backend: NatsPubSubBackend, nc: natsio.Connection, box: natsio.Box, topic: str, consumer: str,
-        *, durable: bool,
-    ) -> None:  # fmt: skip
-        self._backend = backend
-        self._nc = nc
-        self.topic = topic
-        self.consumer = consumer
-        self.durable = durable
-        self._box = box  # the pulls' deliveries
-        self._fetching = False
-        self._held: dict[int, str] = {}  # sequence -> reply subject of deliveries not acked yet
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{backend.stream}.{consumer}"
-        self._fetch = json.dumps({"batch": 1, "expires": int(FETCH_EXPIRES_S * _NS)}).encode()
-
-    async def receive(self) -> Message:
-        nc = self._nc
-        while True:
-            if not self._box.msgs and not self._fetching:
-                await nc.publish(self._next, self._fetch, reply=self._box.subject)
-                self._fetching = True
-            with trio.move_on_after(FETCH_EXPIRES_S + API_TIMEOUT_S) as scope:
-                msg = await nc.next_msg(self._box)
-            if scope.cancelled_caught:  # the pull's end never came: is the server still there?
-                await nc.flush(API_TIMEOUT_S)
-                self._fetching = False
-                continue
-            self._fetching = False
-            if msg.status in (404, 408, 100):  # no messages / pull expired / heartbeat
-                continue
-            if msg.status:
-                raise Unavailable(f"nats: pull from {self.consumer}: {msg.status} {msg.description}")
-            return self._message(msg)
-
-    def _message(self, msg: natsio.Msg) -> Message:
-        seq = ack_sequence(msg.reply)
-        if self.durable:
-            self._held[seq] = msg.reply
-        headers: dict[str, str] = {}
-        message_id = ""
-        for k, v in msg.headers.items():
-            if k.startswith("P-"):
-                headers[_unb64(k[2:])] = _unb64(v)
-            elif k == "Nats-Msg-Id":
-                message_id = _unb64(v.partition(":")[2])
-        return Message(
-            topic=self.topic, sequence=seq, payload=msg.data, headers=headers, message_id=message_id
-        )
-
-    async def ack_held(self, sequences: set[int]) -> set[int]:
-        """Ack the deliveries among ``sequences`` this member holds, all in one
-        write, and wait for the server to confirm each; the ones acked."""
-        held = sorted(sequences & self._held.keys())
-        if not held:
-            return set()
-        nc = self._nc
-        boxes = [nc.new_box() for _ in held]
-        try:
-            for seq, box in zip(held, boxes, strict=True):
-                nc.send_later(nc.pub_bytes(self._held[seq], b"+ACK", None, box.subject))
-            await nc.send_queued()
-            with trio.move_on_after(API_TIMEOUT_S):
-                for box in boxes:
-                    await nc.next_msg(box)  # "no responders" too: the consumer is gone, nothing to ack
-                for seq in held:
-                    self._held.pop(seq, None)
-                return set(held)
-            raise Unavailable(f"nats: acks to {self.consumer} not confirmed within {API_TIMEOUT_S:g} s")
-        finally:
-            for box in boxes:
-                nc.drop_box(box)
-
-    async def serve_forwarded_acks(self, listener: natsio.Box) -> None:
-        nc = self._nc
-        try:
-            while True:
-                msg = await nc.next_msg(listener)
-                try:
-                    wanted = {int(s) for s in json.loads(msg.data)}
-                except (ValueError, TypeError):
-                    continue
-                done = await self.ack_held(wanted)
-                if done and msg.reply:
-                    await nc.publish(msg.reply, json.dumps(sorted(done)).encode())
-        except PrismError:
-            pass  # connection lost: receive() reports it
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-                try:
-                    await nc.unsubscribe(listener)
-                except PrismError:
-                    pass
-
-    async def release(self) -> None:
-        """NAK what this member holds (redelivered at once); drop an ephemeral consumer."""
-        backend, nc = self._backend, self._nc
-        members = backend._members.get(self.consumer)
-        if members is not None:
-            members.discard(self)
-            if not members:
-                del backend._members[self.consumer]
-        naks = [m.reply for m in self._box.msgs if m.reply.startswith("$JS.ACK.") and not m.status]
-        naks += self._held.values()
-        self._held.clear()
-        try:
-            # An open pull still ends with one message (a delivery, NAKed by
-            # the orphan handler, or a status): the server unsubscribes after it.
-            pull_open = self._fetching and not self._box.msgs  # one message ends a pull
-            await nc.unsubscribe(self._box, more=1 if pull_open else 0)
-            if self.durable:
-                if naks:
-                    for reply in naks:
-                        nc.send_later(nc.pub_bytes(reply, b"-NAK", None, ""))
-                    await nc.flush(API_TIMEOUT_S)  # sends them first
-            else:
-                await backend._api(f"$JS.API.CONSUMER.DELETE.{backend.stream}.{self.consumer}")
-        except PrismError:
-            pass  # connection lost: the server redelivers after ack_wait / drops the consumer

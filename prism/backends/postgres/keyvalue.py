@@ -1,14 +1,14 @@
 """KeyValue on PostgreSQL: one table pair per namespace, trio-native I/O.
 
-Connections come from ``pgio`` (psycopg's libpq generators driven by trio,
-no threads; see its docstring for why and the numbers). A small pool bounds
+Connections come from ``prism.drivers.pg`` (psycopg's libpq generators
+driven by trio, no threads; see its docstring for why). A small pool bounds
 them; when every connection stays busy past ``pool_timeout_s`` a call fails
 with RESOURCE_EXHAUSTED rather than queueing without bound, and a server
 that cannot be reached fails calls with UNAVAILABLE within
 ``connect_timeout_s``. A call cancelled by trio (deadline, client gone)
 cancels its statement on the server.
 
-The semantics live in SQL (``postgres_sql``): the stamp rule is the WHERE of
+The semantics live in SQL (``keyvalue_sql``): the stamp rule is the WHERE of
 the upsert and of the delete; a write with a token claims the token with an
 upsert in the same transaction as its changes (a replay finds the claim and
 rolls back); reads filter expired items; expired items and old tokens are
@@ -17,17 +17,14 @@ of caller time. A write that is a single statement without a token runs
 without BEGIN/COMMIT: one statement is atomic on its own.
 
 Tables ``prism_kv_<namespace>`` and ``prism_kv_<namespace>_idem`` are created
-by ``open()`` if missing and never dropped.
+by ``open()`` if missing and never dropped. Driver errors reach the client
+through the engine's error table (``errors.ERRORS``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
-
-from psycopg import ProgrammingError
-from psycopg.conninfo import make_conninfo
 
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import (
@@ -42,114 +39,50 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.backends.paging import RecordPager, page_items
 from prism.backends.postgres import keyvalue_sql as sql
+from prism.backends.postgres.errors import ERRORS
+from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresOptions, conninfo
+from prism.backends.rules import check_items, check_mutations
 from prism.drivers import pg as pgio
-from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
+from prism.errors import Unavailable
 
 K = TypeVar("K")
 V = TypeVar("V")
 # One coalesced put: (id, items, stamp, now_ms).
 _Put = tuple[str, Sequence[ItemWrite], Stamp, int]
 
-DEFAULT_DSN = "postgresql://127.0.0.1/test"
 PURGE_INTERVAL_MS = 60_000
 PURGE_BATCH = 1000
 SCAN_CHUNK_MAX = 1000  # rows per round trip of a scan
 
-# SQLSTATE classes and codes that mean "the database cannot serve now"
-# (retryable by the client), not "the request or our SQL is wrong".
-_UNAVAILABLE_CLASSES = ("08", "53", "57P", "40")
 Statement = tuple[bytes, list[pgio.Param]]
 
 
-def translate(exc: pgio.PgError) -> Exception:
-    if isinstance(exc, pgio.PoolTimeout):
-        return ResourceExhausted(str(exc))
-    state = exc.sqlstate
-    if state is None:
-        return Unavailable(str(exc))
-    if state.startswith(_UNAVAILABLE_CLASSES) or state == "57014":
-        return Unavailable(f"postgres: database unavailable (SQLSTATE {state})")
-    return Internal(f"postgres: database error (SQLSTATE {state})")
-
-
-class _MappedErrors:
-    """``with _mapped_errors():`` raises a driver error as the gateway's own
-    (``translate``). A class, not ``@contextmanager``: it wraps every read,
-    and a generator-based context manager costs 0.55 us more per use."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, pgio.PgError):
-            raise translate(exc) from exc
-
-
-_MAPPED_ERRORS = _MappedErrors()
-
-
-def _mapped_errors() -> _MappedErrors:
-    return _MAPPED_ERRORS
-
-
-def _number(opts: dict[str, object], name: str, default: float, *, integer: bool = False) -> float:
-    value = opts.pop(name, default)
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:  # type: ignore[operator]
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"postgres backend: option {name!r} must be {kind}")
-    return value  # type: ignore[return-value]
-
-
-def pool_from_options(opts: dict[str, object]) -> pgio.Pool:
-    """Pop the connection options every PostgreSQL backend takes (``dsn``,
-    ``pool_size``, ``connect_timeout_s``, ``pool_timeout_s``) and build its pool."""
-    dsn = opts.pop("dsn", DEFAULT_DSN)
-    pool_size = int(_number(opts, "pool_size", 8, integer=True))
-    connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-    pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
-    if not isinstance(dsn, str) or not dsn:
-        raise ConfigError("postgres backend: option 'dsn' must be a non-empty string")
-    try:
-        conninfo = make_conninfo(dsn, application_name="prism")
-    except ProgrammingError as exc:
-        raise ConfigError(f"postgres backend: option 'dsn' is invalid: {exc}") from None
+def pool_from_options(options: PostgresOptions) -> pgio.Pool:
+    """The connection pool every PostgreSQL backend builds from its options."""
     return pgio.Pool(
-        conninfo, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
+        conninfo(options.dsn),
+        size=options.pool_size,
+        connect_timeout_s=options.connect_timeout_s,
+        acquire_timeout_s=options.pool_timeout_s,
     )
 
 
 class PostgresBackend:
-    """Options: ``dsn`` (libpq URI or key=value string; default
-    ``postgresql://127.0.0.1/test``), ``pool_size`` (connections, default 8),
-    ``connect_timeout_s`` (default 5), ``pool_timeout_s`` (longest wait for a
-    free connection before RESOURCE_EXHAUSTED, default 0.5), ``coalesce_reads``
-    (default true: concurrent whole-record reads share one statement, see
-    ``prism.backends.coalesce``), ``coalesce_writes`` (default true: concurrent
-    PutItems without an idempotency token share one statement, see
-    ``_put_many``)."""
+    """Options: ``PostgresKeyValueOptions`` (the connection, and whether
+    concurrent whole-record reads share one statement, see
+    ``prism.backends.coalesce``, and concurrent PutItems without an
+    idempotency token share one statement, see ``_put_many``)."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        self._pool = pool_from_options(opts)
-        coalesce = opts.pop("coalesce_reads", True)
-        if not isinstance(coalesce, bool):
-            raise ConfigError("postgres backend: option 'coalesce_reads' must be true or false")
-        self._coalesce = coalesce
-        coalesce_writes = opts.pop("coalesce_writes", True)
-        if not isinstance(coalesce_writes, bool):
-            raise ConfigError("postgres backend: option 'coalesce_writes' must be true or false")
+    def __init__(self, options: PostgresKeyValueOptions, *, namespace: str) -> None:
+        self._pool = pool_from_options(options)
+        self._coalesce = options.coalesce_reads
         self._writes: Coalescer[_Put, None] | None = None
-        if coalesce_writes:
+        if options.coalesce_writes:
             self._writes = self._coalescer(self._put_many, "writes")
         # One coalescer per statement shape: (reverse, rows per record).
         self._readers: dict[tuple[bool, int], Coalescer[tuple[str, int], list[StoredItem]]] = {}
-        if opts:
-            raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
         stem = sql.table_stem(namespace)
         self.items_table = f"prism_kv_{stem}"
         self.tokens_table = f"prism_kv_{stem}_idem"
@@ -162,7 +95,7 @@ class PostgresBackend:
         """Connect and create the tables if missing. Idempotent."""
         if self._opened or self._closed:
             return
-        with _mapped_errors():
+        with ERRORS:
             await self._pool.create_schema(sql.lock_key(self.items_table), self._sql.schema)
         self._opened = True
 
@@ -192,7 +125,7 @@ class PostgresBackend:
     ) -> ItemPage:
         self._check_open()
         if self._coalesce and after is None and isinstance(predicate, MatchAll):
-            with _mapped_errors():
+            with ERRORS:
                 fetched = await self._reader(reverse, limit_items + 1).get((id, now_ms))
             items = [i for i in fetched if not i.expires_at_ms or i.expires_at_ms > now_ms]
             # Rows another caller's clock let through but ours filtered: when
@@ -204,7 +137,7 @@ class PostgresBackend:
         if after is not None:
             params.append(after)
         params.extend(sql.predicate_params(predicate))
-        with _mapped_errors():
+        with ERRORS:
             rows = await self._pool.execute(statement, params)
         return page_items((StoredItem(*row) for row in rows), limit_items, limit_bytes)
 
@@ -245,7 +178,7 @@ class PostgresBackend:
     async def ping(self) -> None:
         """Raise unless the server answers a trivial query (health checks)."""
         self._check_open()
-        with _mapped_errors():
+        with ERRORS:
             await self._pool.execute(b"SELECT 1")
 
     async def scan_items(
@@ -256,7 +189,7 @@ class PostgresBackend:
         self._check_open()
         chunk = max(64, min(limit_items + 1, SCAN_CHUNK_MAX))
         pager = RecordPager(limit_items, limit_bytes)
-        with _mapped_errors():
+        with ERRORS:
             conn = await self._pool.acquire()
             try:
                 await conn.execute(b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -312,7 +245,7 @@ class PostgresBackend:
         check_items(items)
         if self._writes is not None and items and not stamp.token and now_ms < self._purge_next_ms:
             self._check_open()
-            with _mapped_errors():
+            with ERRORS:
                 await self._writes.get((id, items, stamp, now_ms))
             return
         await self._write(id, stamp, now_ms, [self._upsert(id, items, stamp, now_ms)] if items else [])
@@ -366,10 +299,10 @@ class PostgresBackend:
         purge = now_ms >= self._purge_next_ms
         if not token and not purge and len(statements) <= 1:
             if statements:
-                with _mapped_errors():
+                with ERRORS:
                     await self._pool.execute(*statements[0])
             return
-        with _mapped_errors():
+        with ERRORS:
             conn = await self._pool.acquire()
             try:
                 await conn.execute(b"BEGIN")

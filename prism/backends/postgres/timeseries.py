@@ -1,4 +1,4 @@
-"""TimeSeries on PostgreSQL, driven from trio by ``pgio`` like the KeyValue backend.
+"""TimeSeries on PostgreSQL, driven from trio by ``prism.drivers.pg`` like the KeyValue backend.
 
 One table per namespace, ``prism_ts_<stem>``, keyed by the event's identity
 (series_id, event_time_us, event_id): a write is ``INSERT ... ON CONFLICT DO
@@ -12,13 +12,14 @@ rows are deleted by a write at most once a minute. Tables are created on
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import msgspec
 
 from prism.backends.postgres import keyvalue_sql as kv_sql
-from prism.backends.postgres.keyvalue import _mapped_errors, pool_from_options
+from prism.backends.postgres.errors import ERRORS
+from prism.backends.postgres.keyvalue import pool_from_options
+from prism.backends.postgres.options import PostgresTimeSeriesOptions
 from prism.backends.timeseries import (
     Cursor,
     Event,
@@ -29,7 +30,7 @@ from prism.backends.timeseries import (
     retention_ms,
 )
 from prism.drivers import pg as pgio
-from prism.errors import ConfigError, Unavailable
+from prism.errors import Unavailable
 
 _MIN_US = -(2**63)
 _MAX_US = 2**63 - 1
@@ -39,15 +40,12 @@ _tags_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 class PostgresTimeSeriesBackend:
-    """Options: ``dsn``, ``pool_size``, ``connect_timeout_s``, ``pool_timeout_s``
-    (as the KeyValue backend) and ``retention_days`` (default: keep forever)."""
+    """Options: ``PostgresTimeSeriesOptions`` (the connection, as for
+    KeyValue, and ``retention_days``)."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        self._retention_ms = retention_ms(opts, "postgres")
-        self._pool = pool_from_options(opts)
-        if opts:
-            raise ConfigError(f"postgres backend: unknown option {next(iter(opts))!r}")
+    def __init__(self, options: PostgresTimeSeriesOptions, *, namespace: str) -> None:
+        self._retention_ms = retention_ms(options.retention_days)
+        self._pool = pool_from_options(options)
         self.table = f"prism_ts_{kv_sql.table_stem(namespace)}"
         t = self.table
         self._schema = (
@@ -76,7 +74,7 @@ class PostgresTimeSeriesBackend:
     async def open(self) -> None:
         if self._opened or self._closed:
             return
-        with _mapped_errors():
+        with ERRORS:
             await self._pool.create_schema(kv_sql.lock_key(self.table), [self._schema])
         self._opened = True
 
@@ -87,7 +85,7 @@ class PostgresTimeSeriesBackend:
 
     async def ping(self) -> None:
         self._check_open()
-        with _mapped_errors():
+        with ERRORS:
             await self._pool.execute(b"SELECT 1")
 
     def _check_open(self) -> None:
@@ -100,7 +98,7 @@ class PostgresTimeSeriesBackend:
         self._check_open()
         check_events(events)
         horizon = horizon_us(self._retention_ms, now_ms)
-        with _mapped_errors():
+        with ERRORS:
             conn = await self._pool.acquire()
             try:
                 await conn.execute(b"BEGIN")
@@ -137,7 +135,7 @@ class PostgresTimeSeriesBackend:
         params: list[pgio.Param] = [series_id, low, high, limit_items + 1]
         if after is not None:
             params += [after[0], after[1]]
-        with _mapped_errors():
+        with ERRORS:
             rows = await self._pool.execute(self._read[(reverse, after is not None)], params)
         events = (
             Event(series_id, t, eid, payload, _tags_decoder.decode(tags)) for t, eid, payload, tags in rows

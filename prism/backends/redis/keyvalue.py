@@ -1,29 +1,15 @@
-"""KeyValue on Redis, trio-native I/O (``resp``: no threads, no asyncio).
+"""KeyValue on Redis, trio-native I/O (``prism.drivers.resp``: no threads, no asyncio).
 
-Data model, under ``<key_prefix><namespace>:``:
-
-- ``z:<id>``: sorted set of the record's item keys, all with score 0, so that
-  ZRANGEBYLEX walks them in unsigned bytewise order;
-- ``h:<id>``: hash item key -> ``b"<expires_at_ms> <stamp_us> <len(token)> "
-  + token + value`` (a text header the Lua scripts can read: Redis's
-  ``cmsgpack`` cannot decode msgpack's bin type, so msgpack would not do);
-- ``m:<id>``: hash of bookkeeping: ``exp`` (a lower bound of the expiry
-  times held; the first write at or after it purges expired items) and
-  ``tp`` (when old tokens are next purged);
-- ``t:<id>``: hash token -> applied_at_ms (idempotency);
-- ``ids``: sorted set of the ids of non-empty records, for ScanItems.
-
-Every write (put, delete, mutate) is ONE Lua script, hence atomic: the token
-check, the stamp rule and every change happen together or not at all (input
-is validated before Redis is called, so a script never fails half-way).
-Reads run one Lua script per record that filters expired items and stops one
-item past the page. Timestamps are Lua numbers (doubles): exact to 2^53.
+The data model and the Lua scripts are in ``keyvalue_lua``: every write is
+one script run, hence atomic; a read is one script run per record. This
+module runs them on a pool of ``resp`` connections, pipelines concurrent
+calls together (``_coalescer``), and pages the answers. Driver errors reach
+the client through the engine's error table (``errors.ERRORS``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import (
@@ -32,7 +18,6 @@ from prism.backends.keyvalue import (
     ItemWrite,
     MatchAll,
     MatchKeys,
-    MatchRange,
     Mutation,
     Predicate,
     Put,
@@ -40,254 +25,37 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import RecordPager, check_items, check_mutations, page_items
+from prism.backends.paging import RecordPager, page_items
+from prism.backends.redis import keyvalue_lua as lua
+from prism.backends.redis.errors import ERRORS
+from prism.backends.redis.options import RedisOptions
+from prism.backends.rules import check_items, check_mutations
 from prism.drivers import resp
-from prism.errors import ConfigError, Internal, ResourceExhausted, Unavailable
+from prism.errors import Unavailable
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SCAN_CHUNK = 64  # records read per round trip of a scan
 BIG = 1 << 53
-_UNAVAILABLE_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
-
-_LUA_COMMON = r"""
-local function bytes_lt(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-local function meta(v)
-  local exp, us, tl, p = string.match(v, '^(%-?%d+) (%-?%d+) (%d+) ()')
-  tl = tonumber(tl)
-  return tonumber(exp), tonumber(us), string.sub(v, p, p + tl - 1), #v - (p + tl) + 1
-end
-local function stamp_gt(us1, tok1, us2, tok2)
-  if us1 ~= us2 then return us1 > us2 end
-  return bytes_lt(tok2, tok1)
-end
-"""
-
-# KEYS: z, h, m, t, ids. ARGV: id, now, us, token, window, then ops:
-#   "p", key, packed, expires_at_ms
-#   "d", "a" | "k" <n> keys... | "r" <min> <max>   (lex bounds)
-_WRITE = resp.Script(
-    _LUA_COMMON
-    + r"""
-local z, h, m, t, ids = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local id, now, us, tok, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-if tok ~= '' then
-  local at = redis.call('HGET', t, tok)
-  if at and now - tonumber(at) < window then return 0 end
-  redis.call('HSET', t, tok, ARGV[2])
-  local tp = tonumber(redis.call('HGET', m, 'tp') or '0')
-  if now >= tp then
-    local all = redis.call('HGETALL', t)
-    for i = 1, #all, 2 do
-      if now - tonumber(all[i + 1]) >= window then redis.call('HDEL', t, all[i]) end
-    end
-    redis.call('HSET', m, 'tp', string.format('%.0f', now + 60000))
-  end
-end
-local bound = tonumber(redis.call('HGET', m, 'exp') or '-1')
-if bound >= 0 and now >= bound then
-  local all = redis.call('HGETALL', h)
-  local nb = -1
-  for i = 1, #all, 2 do
-    local exp = meta(all[i + 1])
-    if exp ~= 0 and exp <= now then
-      redis.call('HDEL', h, all[i]); redis.call('ZREM', z, all[i])
-    elseif exp ~= 0 and (nb < 0 or exp < nb) then nb = exp end
-  end
-  bound = nb
-  if nb < 0 then redis.call('HDEL', m, 'exp') else redis.call('HSET', m, 'exp', string.format('%.0f', nb)) end
-end
-local function del(key)
-  local old = redis.call('HGET', h, key)
-  if old then
-    local _, us2, tok2 = meta(old)
-    if not stamp_gt(us2, tok2, us, tok) then
-      redis.call('HDEL', h, key); redis.call('ZREM', z, key)
-    end
-  end
-end
-local i = 6
-local n = #ARGV
-while i <= n do
-  local op = ARGV[i]
-  if op == 'p' then
-    local key, packed, exp = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-    i = i + 4
-    local old = redis.call('HGET', h, key)
-    local skip = false
-    if old then
-      local exp2, us2, tok2 = meta(old)
-      if stamp_gt(us2, tok2, us, tok) and not (exp2 ~= 0 and exp2 <= now) then skip = true end
-    end
-    if not skip then
-      redis.call('HSET', h, key, packed); redis.call('ZADD', z, 0, key)
-      if exp ~= 0 and (bound < 0 or exp < bound) then
-        bound = exp; redis.call('HSET', m, 'exp', ARGV[i - 1])
-      end
-    end
-  else
-    local kind = ARGV[i + 1]
-    if kind == 'a' then
-      i = i + 2
-      for _, key in ipairs(redis.call('ZRANGE', z, 0, -1)) do del(key) end
-    elseif kind == 'k' then
-      local cnt = tonumber(ARGV[i + 2])
-      for j = i + 3, i + 2 + cnt do del(ARGV[j]) end
-      i = i + 3 + cnt
-    else
-      local lo, hi = ARGV[i + 2], ARGV[i + 3]
-      i = i + 4
-      for _, key in ipairs(redis.call('ZRANGEBYLEX', z, lo, hi)) do del(key) end
-    end
-  end
-end
-if redis.call('ZCARD', z) == 0 then
-  redis.call('DEL', z, h); redis.call('HDEL', m, 'exp'); redis.call('ZREM', ids, id)
-else
-  redis.call('ZADD', ids, 0, id)
-end
-return 1
-"""
-)
-
-# KEYS: z, h. ARGV: kind ("l" lex range | "k" keys), rev, now, limit_items,
-# limit_bytes, then min max (lex, in forward order) or keys (travel order).
-# Returns key, packed, key, packed, ...: the live items of the page and one past it.
-_READ = resp.Script(
-    _LUA_COMMON
-    + r"""
-local z, h = KEYS[1], KEYS[2]
-local kind, rev = ARGV[1], ARGV[2] == '1'
-local now, li, lb = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local out, n, size = {}, 0, 0
-local function take(ks, vs)
-  for i = 1, #ks do
-    local v = vs[i]
-    if v then
-      local exp, _, _, vlen = meta(v)
-      if exp == 0 or exp > now then
-        out[#out + 1] = ks[i]; out[#out + 1] = v
-        local s = #ks[i] + vlen
-        if n > 0 and (n >= li or size + s > lb) then return true end
-        n = n + 1; size = size + s
-      end
-    end
-  end
-  return false
-end
-if kind == 'k' then
-  local i = 6
-  while i <= #ARGV do  -- in chunks: unpack() is bounded by Lua's C stack
-    local ks = {}
-    for j = i, math.min(i + 255, #ARGV) do ks[#ks + 1] = ARGV[j] end
-    i = i + 256
-    if take(ks, redis.call('HMGET', h, unpack(ks))) then break end
-  end
-  return out
-end
-local lo, hi = ARGV[6], ARGV[7]
-local off, chunk = 0, 256
-while true do
-  local ks
-  if rev then ks = redis.call('ZREVRANGEBYLEX', z, hi, lo, 'LIMIT', off, chunk)
-  else ks = redis.call('ZRANGEBYLEX', z, lo, hi, 'LIMIT', off, chunk) end
-  if #ks == 0 then break end
-  if take(ks, redis.call('HMGET', h, unpack(ks))) then break end
-  if #ks < chunk then break end
-  off = off + chunk
-end
-return out
-"""
-)
-
-
-def _pack(item: ItemWrite, stamp: Stamp) -> bytes:
-    token = stamp.token.encode()
-    head = b"%d %d %d " % (item.expires_at_ms, stamp.generation_time_us, len(token))
-    return head + token + item.value
-
-
-def _unpack(key: bytes, packed: bytes) -> StoredItem:
-    expires, _, token_len, rest = packed.split(b" ", 3)
-    return StoredItem(key, rest[int(token_len) :], int(expires))
-
-
-def _number(opts: dict[str, object], name: str, default: float, *, integer: bool = False) -> float:
-    value = opts.pop(name, default)
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:  # type: ignore[operator]
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"redis backend: option {name!r} must be {kind}")
-    return value  # type: ignore[return-value]
-
-
-def _translate(exc: resp.ReplyError) -> Exception:
-    text = str(exc)
-    if text.startswith(_UNAVAILABLE_REPLIES):
-        return Unavailable(f"redis: server unavailable ({text.split(' ', 1)[0]})")
-    return Internal(f"redis: server error: {text}")
-
-
-def _lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tuple[bytes, bytes]:
-    lo, hi = b"-", b"+"
-    if isinstance(predicate, MatchRange):
-        if predicate.start:
-            lo = b"[" + predicate.start
-        if predicate.end:
-            hi = b"(" + predicate.end
-    if after is not None:
-        if reverse:
-            if hi == b"+" or after <= hi[1:]:
-                hi = b"(" + after
-        elif lo == b"-" or after >= lo[1:]:
-            lo = b"(" + after
-    return lo, hi
 
 
 class RedisBackend:
-    """Options: ``url`` (default ``redis://127.0.0.1:6379/0``), ``pool_size``
-    (8), ``connect_timeout_s`` (5), ``pool_timeout_s`` (longest wait for a free
-    connection before RESOURCE_EXHAUSTED, 0.5), ``key_prefix`` ("prism:"),
-    ``coalesce_reads`` (true: concurrent reads go out together, pipelined on
-    one connection, and so do concurrent writes; see ``prism.backends.coalesce``)."""
+    """Options: ``RedisOptions`` (the server, the pool, the key prefix, and
+    whether concurrent calls are pipelined together, see ``_coalescer``)."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        opts = dict(options)
-        url = opts.pop("url", DEFAULT_URL)
-        prefix = opts.pop("key_prefix", "prism:")
-        pool_size = int(_number(opts, "pool_size", 8, integer=True))
-        connect_timeout_s = _number(opts, "connect_timeout_s", 5.0)
-        pool_timeout_s = _number(opts, "pool_timeout_s", 0.5)
-        coalesce = opts.pop("coalesce_reads", True)
-        if not isinstance(coalesce, bool):
-            raise ConfigError("redis backend: option 'coalesce_reads' must be true or false")
-        if opts:
-            raise ConfigError(f"redis backend: unknown option {next(iter(opts))!r}")
-        if not isinstance(url, str) or not url:
-            raise ConfigError("redis backend: option 'url' must be a non-empty string")
-        if not isinstance(prefix, str):
-            raise ConfigError("redis backend: option 'key_prefix' must be a string")
-        try:
-            address = resp.Address(url)
-        except ValueError as exc:
-            raise ConfigError(f"redis backend: option 'url' is invalid: {exc}") from None
-        self.key_prefix = prefix
-        self._base = f"{prefix}{namespace}:".encode()
+    def __init__(self, options: RedisOptions, *, namespace: str) -> None:
+        self.key_prefix = options.key_prefix
+        self._base = f"{options.key_prefix}{namespace}:".encode()
         self._ids_key = self._base + b"ids"
         self._pool = resp.Pool(
-            address, size=pool_size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=pool_timeout_s
+            options.address(),
+            size=options.pool_size,
+            connect_timeout_s=options.connect_timeout_s,
+            acquire_timeout_s=options.pool_timeout_s,
         )
         self._reads: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
         self._writes: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
-        if coalesce:
-            self._reads = self._coalescer(_READ, "reads", pool_size, pool_timeout_s)
-            self._writes = self._coalescer(_WRITE, "writes", pool_size, pool_timeout_s)
+        if options.coalesce_reads:
+            self._reads = self._coalescer(lua.READ, "reads", options.pool_size, options.pool_timeout_s)
+            self._writes = self._coalescer(lua.WRITE, "writes", options.pool_size, options.pool_timeout_s)
         self._opened = False
         self._closed = False
 
@@ -299,10 +67,8 @@ class RedisBackend:
         """Connect once (so that a wrong URL shows at start-up). Idempotent."""
         if self._opened or self._closed:
             return
-        try:
+        with ERRORS:
             await self._pool.call("PING")
-        except resp.ReplyError as exc:
-            raise _translate(exc) from exc
         self._opened = True
 
     async def aclose(self) -> None:
@@ -314,10 +80,8 @@ class RedisBackend:
     async def ping(self) -> None:
         """Raise unless Redis answers PING (the namespace's health probe)."""
         self._check_open()
-        try:
+        with ERRORS:
             await self._pool.call("PING")
-        except resp.ReplyError as exc:
-            raise _translate(exc) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -328,10 +92,8 @@ class RedisBackend:
     async def _eval_many(
         self, script: resp.Script, calls: Sequence[tuple[Sequence[resp.Arg], Sequence[resp.Arg]]]
     ) -> list[resp.Reply]:
-        try:
+        with ERRORS:
             return await self._pool.eval_many(script, calls)
-        except resp.ReplyError as exc:
-            raise _translate(exc) from exc
 
     def _read_call(
         self,
@@ -355,14 +117,14 @@ class RedisBackend:
             if after is not None:
                 chosen = [k for k in chosen if (k < after if reverse else k > after)]
             return keys, [b"k", *head, *chosen]
-        lo, hi = _lex_range(predicate, reverse, after)
+        lo, hi = lua.lex_range(predicate, reverse, after)
         return keys, [b"l", *head, lo, hi]
 
     @staticmethod
     def _items(reply: list[bytes]) -> list[StoredItem]:
         out = []
         for i in range(0, len(reply), 2):
-            out.append(_unpack(reply[i], reply[i + 1]))
+            out.append(lua.unpack(reply[i], reply[i + 1]))
         return out
 
     async def get_items(
@@ -379,11 +141,12 @@ class RedisBackend:
         self._check_open()
         call = self._read_call(id, predicate, reverse, after, limit_items, limit_bytes, now_ms)
         if self._reads is None:
-            (reply,) = await self._eval_many(_READ, [call])
+            (reply,) = await self._eval_many(lua.READ, [call])
         else:
-            reply = await self._reads.get(call)
-            if isinstance(reply, resp.ReplyError):
-                raise _translate(reply)
+            with ERRORS:
+                reply = await self._reads.get(call)
+                if isinstance(reply, resp.ReplyError):
+                    raise reply
         return page_items(self._items(reply), limit_items, limit_bytes)
 
     def _coalescer(
@@ -403,7 +166,7 @@ class RedisBackend:
             run,
             slots=min(2, pool_size),
             wait_timeout_s=pool_timeout_s,
-            timeout_error=lambda: ResourceExhausted(
+            timeout_error=lambda: resp.PoolTimeout(
                 f"redis: {what} waited {pool_timeout_s:g} s behind busy connections"
             ),
         )
@@ -415,14 +178,12 @@ class RedisBackend:
         pager = RecordPager(limit_items, limit_bytes)
         cursor = b"-" if after is None else b"(" + after.encode()
         while True:
-            try:
+            with ERRORS:
                 ids = await self._pool.call("ZRANGEBYLEX", self._ids_key, cursor, "+", "LIMIT", 0, SCAN_CHUNK)
-            except resp.ReplyError as exc:
-                raise _translate(exc) from exc
             if not ids:
                 break
             calls = [self._read_call(i.decode(), MatchAll(), False, None, BIG, BIG, now_ms) for i in ids]
-            replies = await self._eval_many(_READ, calls)
+            replies = await self._eval_many(lua.READ, calls)
             for raw_id, reply in zip(ids, replies, strict=True):
                 items = self._items(reply)
                 if not items:
@@ -437,7 +198,7 @@ class RedisBackend:
         return pager.last_page()
 
     def _put_args(self, item: ItemWrite, stamp: Stamp) -> list[resp.Arg]:
-        return [b"p", item.key, _pack(item, stamp), item.expires_at_ms]
+        return [b"p", item.key, lua.pack(item, stamp), item.expires_at_ms]
 
     @staticmethod
     def _delete_args(predicate: Predicate) -> list[resp.Arg]:
@@ -445,7 +206,7 @@ class RedisBackend:
             return [b"d", b"a"]
         if isinstance(predicate, MatchKeys):
             return [b"d", b"k", len(predicate.keys), *predicate.keys]
-        lo, hi = _lex_range(predicate, False, None)
+        lo, hi = lua.lex_range(predicate, False, None)
         return [b"d", b"r", lo, hi]
 
     async def _write(self, id: str, stamp: Stamp, now_ms: int, ops: list[resp.Arg]) -> None:
@@ -459,11 +220,12 @@ class RedisBackend:
             *ops,
         ]
         if self._writes is None:
-            await self._eval_many(_WRITE, [(self._keys(id), args)])
+            await self._eval_many(lua.WRITE, [(self._keys(id), args)])
             return
-        reply = await self._writes.get((self._keys(id), args))
-        if isinstance(reply, resp.ReplyError):
-            raise _translate(reply)
+        with ERRORS:
+            reply = await self._writes.get((self._keys(id), args))
+            if isinstance(reply, resp.ReplyError):
+                raise reply
 
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)

@@ -1,6 +1,6 @@
 """KeyValue on a local SQLite file: the durable default backend.
 
-Threading model (``sqlite_common.SqlitePool``, shared with TimeSeries).
+Threading model (``pool.SqlitePool``, shared with TimeSeries).
 sqlite3 calls block, so every one runs in a worker thread
 (``trio.to_thread.run_sync``) under this backend's own CapacityLimiter: a
 slow disk in one namespace cannot use up the threads of another. There is
@@ -22,14 +22,14 @@ items. Concurrent writes share one transaction, each in its own savepoint
 Expired items and old tokens are purged in small batches inside a write's
 transaction, at most once a minute of caller time.
 
-``SqliteBackend(...)`` only checks options; ``await open()`` creates the
+``SqliteBackend(...)`` touches no file; ``await open()`` creates the
 file and schema and must come before any other call.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,36 +41,22 @@ from prism.backends.keyvalue import (
     RecordPage,
     Stamp,
 )
-from prism.backends.paging import check_items, check_mutations
+from prism.backends.rules import check_items, check_mutations
 from prism.backends.sqlite import keyvalue_ops as ops
-from prism.backends.sqlite.pool import (  # translate, READERS: re-exported
-    BUSY_TIMEOUT_S,
-    READERS,
-    SqlitePool,
-    file_options,
-    translate,
-)
-from prism.errors import ConfigError
+from prism.backends.sqlite.options import SqliteOptions
+from prism.backends.sqlite.pool import SqlitePool
 
 _T = TypeVar("_T")
-__all__ = ["BUSY_TIMEOUT_S", "READERS", "SqliteBackend", "translate"]
 
 
 class SqliteBackend:
-    """One SQLite file per namespace. Options: ``path`` (absolute, or relative
-    to ``data_dir``; default ``<data_dir>/<namespace>.sqlite3``) and
-    ``synchronous`` ("FULL", the default, or "NORMAL": WAL commits survive a
-    process kill either way, only FULL also survives power loss)."""
+    """One SQLite file per namespace. Options: ``SqliteOptions`` (the file's
+    ``path`` and ``synchronous``)."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        path, self.synchronous, opts = file_options(
-            options, data_dir=data_dir, namespace=namespace, kind="sqlite"
-        )
-        if opts:
-            raise ConfigError(f"sqlite backend: unknown option {next(iter(opts))!r}")
-        self.path = path
-        synchronous = self.synchronous
-        self._pool = SqlitePool(path, lambda conn: ops.prepare_writer(conn, synchronous))
+    def __init__(self, options: SqliteOptions, *, data_dir: Path, namespace: str) -> None:
+        self.path = options.file(data_dir, namespace)
+        self.synchronous = synchronous = options.synchronous
+        self._pool = SqlitePool(self.path, lambda conn: ops.prepare_writer(conn, synchronous))
         self._purger = ops.Purger()
 
     async def open(self) -> None:

@@ -1,14 +1,17 @@
 """The SQL of the SQLite KeyValue backend: plain functions on a connection.
 
-No trio here: ``sqlite.py`` decides which thread runs these and when. Each
-function assumes it has the connection to itself. The contract's rules are
-written in SQL so that they hold inside the transaction that applies them:
+No trio here: ``keyvalue.py`` (through ``pool.SqlitePool``) decides which
+thread runs these and when. Each function assumes it has the connection to
+itself. The contract's rules are written in SQL so that they hold inside the
+transaction that applies them:
 
 - the stamp rule is the WHERE of the upsert and of the delete (row values
   compare as tuples, TEXT and BLOB with memcmp: the same order as Python's
   ``str`` and ``bytes``);
-- a write is one ``BEGIN IMMEDIATE`` transaction: token check, changes,
-  token record, COMMIT. Any exception rolls all of it back.
+- a write (token check, changes, token record: ``write_once``) runs in its
+  own savepoint of the pool's ``BEGIN IMMEDIATE`` transaction
+  (``SqlitePool.write``): any exception rolls all of it back, and the call
+  returns only after COMMIT.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
-from prism.backends.paging import RecordPager, is_replay, page_items
+from prism.backends.paging import RecordPager, page_items
+from prism.backends.rules import is_replay
 from prism.backends.sqlite.pool import retry_locked, transaction
 from prism.errors import Internal
 

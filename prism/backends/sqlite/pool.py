@@ -1,22 +1,23 @@
-"""What every SQLite backend shares: options, the file's WAL set-up, and the
+"""What every SQLite backend shares: the file's WAL set-up, and the
 connection pool that keeps blocking sqlite3 calls off the trio loop.
 
-The threading model is the KeyValue backend's (see ``sqlite.py``): every
+The threading model is the KeyValue backend's (see ``keyvalue.py``): every
 call runs in a worker thread under the backend's own CapacityLimiter; one
 writer connection behind a ``trio.Lock``; a few query-only reader
 connections in WAL mode beside it. Concurrent reads share a thread hop and
 concurrent writes a transaction (``SqlitePool.read`` / ``write``). A
 connection is only handed back once its thread is done with it, so
-cancellation never shares one between two threads. Driver errors become PrismErrors through ``translate``.
+cancellation never shares one between two threads. sqlite3 errors become
+the gateway's through the engine's error table (``errors.ERRORS``).
 
-Both the KeyValue (``sqlite.py``) and TimeSeries backends run on ``SqlitePool``.
+Both the KeyValue (``keyvalue.py``) and TimeSeries backends run on ``SqlitePool``.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,77 +25,12 @@ from typing import Any, TypeVar
 import trio
 
 from prism.backends.coalesce import Coalescer
-from prism.errors import ConfigError, Internal, Unavailable
+from prism.backends.sqlite.errors import ERRORS
+from prism.errors import Internal, Unavailable
 
 _T = TypeVar("_T")
 READERS = 4  # reader connections; reads beyond this wait for one
 BUSY_TIMEOUT_S = 5.0  # other processes (workers of the same tenant) may hold the lock
-
-# Primary result codes -> what the client is told. Messages stay short and
-# carry no paths; the driver's exception is chained for the log.
-_UNAVAILABLE = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
-_MESSAGES = {
-    sqlite3.SQLITE_IOERR: "sqlite: disk I/O error",
-    sqlite3.SQLITE_CORRUPT: "sqlite: database file is corrupt",
-    sqlite3.SQLITE_NOTADB: "sqlite: file is not a database",
-    sqlite3.SQLITE_FULL: "sqlite: disk is full",
-    sqlite3.SQLITE_CANTOPEN: "sqlite: cannot open database file",
-    sqlite3.SQLITE_READONLY: "sqlite: database is read-only",
-    sqlite3.SQLITE_CONSTRAINT: "sqlite: constraint failed",
-}
-
-
-def translate(exc: sqlite3.Error) -> Exception:
-    """The PrismError a driver error becomes. Misuse of the driver
-    (ProgrammingError, InterfaceError) is our bug and is returned unchanged."""
-    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-        return exc
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    if primary in _UNAVAILABLE:
-        return Unavailable("sqlite: database is locked")
-    return Internal(_MESSAGES.get(primary or -1, "sqlite: database error"))
-
-
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        mapped = translate(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
-
-
-_SYNCHRONOUS = ("FULL", "NORMAL")
-
-
-@contextmanager
-def mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        mapped = translate(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
-
-
-def file_options(
-    options: Mapping[str, object], *, data_dir: Path, namespace: str, kind: str
-) -> tuple[Path, str, dict[str, object]]:
-    """``path`` (absolute, or relative to ``data_dir``; default
-    ``<namespace>.sqlite3``) and ``synchronous`` ("FULL" or "NORMAL"), and
-    the options left for the caller to check."""
-    opts = dict(options)
-    path = opts.pop("path", f"{namespace}.sqlite3")
-    synchronous = opts.pop("synchronous", "FULL")
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise ConfigError(f"{kind} backend: option 'path' must be a non-empty string")
-    if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
-        raise ConfigError(f"{kind} backend: option 'synchronous' must be 'FULL' or 'NORMAL'")
-    return Path(data_dir) / path, synchronous.upper(), opts
 
 
 @contextmanager
@@ -177,9 +113,9 @@ class SqlitePool:
         self._closed = False
         # Concurrent calls share a thread hop (reads) or a transaction
         # (writes): the hop and the fsync, not the SQL, were most of a call's
-        # cost (GetItems ~170 -> ~66 us, PutItems ~540 -> ~76 us of worker CPU
-        # through Prism). Reads: two batches at a time (they are CPU, and the
-        # GIL runs one thread at once anyway). Writes: one (one writer).
+        # cost (bench/backends.py measures GetItems and PutItems through
+        # Prism). Reads: two batches at a time (they are CPU, and the GIL runs
+        # one thread at once anyway). Writes: one (one writer).
         self._reads: Coalescer[Callable[[sqlite3.Connection], Any], Outcome] = Coalescer(
             self._read_batch, slots=2
         )
@@ -191,7 +127,7 @@ class SqlitePool:
         """Create the directory, file and schema, and connect. Idempotent."""
         if self._writer is not None or self._closed:
             return
-        with mapped_errors():
+        with ERRORS:
             writer, readers = await trio.to_thread.run_sync(self._connect_all, limiter=self._limiter)
         self._writer, self._readers = writer, readers
 
@@ -257,7 +193,7 @@ class SqlitePool:
             self._check_open()
             conn = self._readers.pop()
             try:
-                with mapped_errors():
+                with ERRORS:
                     return await trio.to_thread.run_sync(run_each, conn, fns, limiter=self._limiter)
             finally:
                 self._readers.append(conn)
@@ -268,7 +204,7 @@ class SqlitePool:
             self._check_open()
             conn = self._writer
             assert conn is not None
-            with mapped_errors():
+            with ERRORS:
                 return await trio.to_thread.run_sync(group, conn, fns, limiter=self._limiter)
 
 
@@ -278,7 +214,7 @@ Outcome = tuple[Any, Exception | None]  # what a call returned, or what it raise
 def _unwrap(outcome: Outcome) -> Any:
     value, failed = outcome
     if failed is not None:
-        with mapped_errors():
+        with ERRORS:
             raise failed
     return value
 

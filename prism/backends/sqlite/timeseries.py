@@ -1,6 +1,6 @@
 """TimeSeries on a local SQLite file, one file per namespace.
 
-The threading model is ``sqlite_common.SqlitePool``'s (the KeyValue
+The threading model is ``pool.SqlitePool``'s (the KeyValue
 backend's): one writer behind a trio lock, reader connections in WAL mode,
 every sqlite3 call in a worker thread. The contract's rules are written in
 SQL so that they hold inside the transaction that applies them:
@@ -18,12 +18,13 @@ Tags are stored as msgspec JSON (``b""`` when there are none).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
 
-from prism.backends.sqlite.pool import SqlitePool, file_options, prepare_wal
+from prism.backends.sqlite.options import SqliteTimeSeriesOptions
+from prism.backends.sqlite.pool import SqlitePool, prepare_wal
 from prism.backends.timeseries import (
     Cursor,
     Event,
@@ -31,7 +32,6 @@ from prism.backends.timeseries import (
     check_events,
     horizon_us,
     page_events,
-    reject_unknown,
     retention_ms,
 )
 
@@ -85,19 +85,16 @@ def _event(cursor: sqlite3.Cursor, row: tuple[str, int, str, bytes, bytes]) -> E
 
 
 class SqliteTimeSeriesBackend:
-    """Options: ``path`` and ``synchronous`` as for the KeyValue SQLite
-    backend, and ``retention_days`` (default: keep forever).
-    ``SqliteTimeSeriesBackend(...)`` only checks options; ``await open()``
-    creates the file and schema and must come before any other call."""
+    """Options: ``SqliteTimeSeriesOptions`` (``path`` and ``synchronous`` as
+    for KeyValue, and ``retention_days``). ``SqliteTimeSeriesBackend(...)``
+    touches no file; ``await open()`` creates the file and schema and must
+    come before any other call."""
 
-    def __init__(self, options: Mapping[str, object], *, data_dir: Path, namespace: str) -> None:
-        path, self.synchronous, rest = file_options(
-            options, data_dir=data_dir, namespace=namespace, kind="sqlite timeseries"
-        )
-        self.retention_ms = retention_ms(rest, "sqlite timeseries")
-        reject_unknown(rest, "sqlite timeseries")
-        self.path = path
-        self._pool = SqlitePool(path, self._prepare)
+    def __init__(self, options: SqliteTimeSeriesOptions, *, data_dir: Path, namespace: str) -> None:
+        self.synchronous = options.synchronous
+        self.retention_ms = retention_ms(options.retention_days)
+        self.path = options.file(data_dir, namespace)
+        self._pool = SqlitePool(self.path, self._prepare)
         self._purger = Purger()
 
     def _prepare(self, conn: sqlite3.Connection) -> None:

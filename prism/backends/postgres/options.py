@@ -1,0 +1,54 @@
+"""Options of the PostgreSQL backends (msgspec only at import: config loading
+imports this; psycopg is imported only to check a DSN)."""
+
+from __future__ import annotations
+
+from prism.backends.options import NonEmpty, NonNegative, OptionError, Options, PositiveInt, Seconds
+
+DEFAULT_DSN = "postgresql://127.0.0.1/test"
+
+
+def conninfo(dsn: str) -> str:
+    """``dsn`` as libpq connection info naming Prism as the application;
+    ValueError saying what is wrong with it."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        return make_conninfo(dsn, application_name="prism")
+    except ProgrammingError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class PostgresOptions(Options, frozen=True):
+    """The connection options every PostgreSQL backend takes: ``dsn`` (a
+    libpq URI or key=value string), ``pool_size`` (connections),
+    ``connect_timeout_s``, and ``pool_timeout_s`` (the longest wait for a
+    free connection before RESOURCE_EXHAUSTED)."""
+
+    dsn: NonEmpty = DEFAULT_DSN
+    pool_size: PositiveInt = 8
+    connect_timeout_s: Seconds = 5.0
+    pool_timeout_s: Seconds = 0.5
+
+    def __post_init__(self) -> None:
+        try:
+            conninfo(self.dsn)
+        except ValueError as exc:
+            raise OptionError("dsn", f"is invalid: {exc}") from None
+
+
+class PostgresKeyValueOptions(PostgresOptions, frozen=True):
+    """The connection options, and ``coalesce_reads`` (concurrent whole-record
+    reads share one statement) and ``coalesce_writes`` (concurrent PutItems
+    without an idempotency token share one statement), both on by default."""
+
+    coalesce_reads: bool = True
+    coalesce_writes: bool = True
+
+
+class PostgresTimeSeriesOptions(PostgresOptions, frozen=True):
+    """The connection options, and ``retention_days``: events older than
+    this are never returned and get purged (0: keep forever)."""
+
+    retention_days: NonNegative = 0.0

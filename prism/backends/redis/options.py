@@ -1,0 +1,33 @@
+"""Options of the Redis backend (msgspec only: config loading imports this)."""
+
+from __future__ import annotations
+
+from prism.backends.options import OptionError, Options, PositiveInt, Seconds
+from prism.drivers.addresses import RedisAddress
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+class RedisOptions(Options, frozen=True):
+    """``url`` (``redis://[[user]:password@]host[:port][/db]``), ``pool_size``
+    (connections), ``connect_timeout_s``, ``pool_timeout_s`` (the longest wait
+    for a free connection before RESOURCE_EXHAUSTED), ``key_prefix`` (every
+    key of the namespace starts with it and the namespace's name), and
+    ``coalesce_reads`` (on by default: concurrent reads go out together,
+    pipelined on one connection, and so do concurrent writes)."""
+
+    url: str = DEFAULT_URL
+    pool_size: PositiveInt = 8
+    connect_timeout_s: Seconds = 5.0
+    pool_timeout_s: Seconds = 0.5
+    key_prefix: str = "prism:"
+    coalesce_reads: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            RedisAddress(self.url)
+        except ValueError as exc:
+            raise OptionError("url", str(exc)) from None
+
+    def address(self) -> RedisAddress:
+        return RedisAddress(self.url)
