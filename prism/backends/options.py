@@ -29,9 +29,12 @@ from prism.validation import one_line, rephrase
 DEFAULT_ACK_WAIT_MS = 30_000
 DEFAULT_DEDUP_WINDOW_S = 120.0
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]  # a timeout: more than zero
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+# Every number has both bounds: a typo of a few zeros (or TOML's inf) is
+# refused at load instead of becoming a pool of a million connections or a
+# timeout that never fires.
+PoolSize = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]  # a timeout: more than zero, at most an hour
+Days = Annotated[float, msgspec.Meta(ge=0, le=36_500)]  # retention: 0 keeps forever
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
@@ -55,8 +58,8 @@ class PubSubOptions(Options, frozen=True):
     """What every PubSub backend takes: how long a delivery may stay unacked
     before it is redelivered, and how long a message id is remembered."""
 
-    ack_wait_ms: PositiveInt = DEFAULT_ACK_WAIT_MS
-    dedup_window_s: NonNegative = DEFAULT_DEDUP_WINDOW_S
+    ack_wait_ms: Annotated[int, msgspec.Meta(ge=1, le=86_400_000)] = DEFAULT_ACK_WAIT_MS  # up to a day
+    dedup_window_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = DEFAULT_DEDUP_WINDOW_S
 
 
 OptionsT = TypeVar("OptionsT", bound=Options)

@@ -154,6 +154,27 @@ BAD = [
         'url = "nats://h:port"',
         "namespaces[0].options.url: the port is not a number in 1-65535",
     ),
+    # Upper bounds: a few zeros too many, or TOML's inf, is refused at load.
+    ("keyvalue", "postgres", "pool_size = 100000", "namespaces[0].options.pool_size: expected int <= 1024"),
+    (
+        "keyvalue",
+        "redis",
+        "connect_timeout_s = inf",
+        "namespaces[0].options.connect_timeout_s: expected float <= 3600",
+    ),
+    (
+        "timeseries",
+        "sqlite",
+        "retention_days = 1e9",
+        "namespaces[0].options.retention_days: expected float <= 36500",
+    ),
+    (
+        "pubsub",
+        "memory",
+        "max_messages = 1000000000",
+        "namespaces[0].options.max_messages: expected int <= 100000000",
+    ),
+    ("pubsub", "nats", "dedup_window_s = nan", "namespaces[0].options.dedup_window_s: expected float"),
 ]
 
 

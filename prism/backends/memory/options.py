@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prism.backends.options import NonNegative, Options, PositiveInt, PubSubOptions
+from typing import Annotated
+
+import msgspec
+
+from prism.backends.options import Days, Options, PubSubOptions
 
 DEFAULT_MAX_MESSAGES = 100_000
 
@@ -14,11 +18,11 @@ class MemoryKeyValueOptions(Options, frozen=True):
 class MemoryTimeSeriesOptions(Options, frozen=True):
     """``retention_days``: events older than this are never returned (0: keep forever)."""
 
-    retention_days: NonNegative = 0.0
+    retention_days: Days = 0.0
 
 
 class MemoryPubSubOptions(PubSubOptions, frozen=True):
     """``ack_wait_ms``, ``dedup_window_s`` (every PubSub backend's) and
     ``max_messages``: messages kept per topic, the oldest dropped first."""
 
-    max_messages: PositiveInt = DEFAULT_MAX_MESSAGES
+    max_messages: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = DEFAULT_MAX_MESSAGES

@@ -3,7 +3,7 @@ imports this; psycopg is imported only to check a DSN)."""
 
 from __future__ import annotations
 
-from prism.backends.options import NonEmpty, NonNegative, OptionError, Options, PositiveInt, Seconds
+from prism.backends.options import Days, NonEmpty, OptionError, Options, PoolSize, Seconds
 
 DEFAULT_DSN = "postgresql://127.0.0.1/test"
 
@@ -27,7 +27,7 @@ class PostgresOptions(Options, frozen=True):
     free connection before RESOURCE_EXHAUSTED)."""
 
     dsn: NonEmpty = DEFAULT_DSN
-    pool_size: PositiveInt = 8
+    pool_size: PoolSize = 8
     connect_timeout_s: Seconds = 5.0
     pool_timeout_s: Seconds = 0.5
 
@@ -51,4 +51,4 @@ class PostgresTimeSeriesOptions(PostgresOptions, frozen=True):
     """The connection options, and ``retention_days``: events older than
     this are never returned and get purged (0: keep forever)."""
 
-    retention_days: NonNegative = 0.0
+    retention_days: Days = 0.0

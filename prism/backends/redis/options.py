@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prism.backends.options import OptionError, Options, PositiveInt, Seconds
+from prism.backends.options import OptionError, Options, PoolSize, Seconds
 from prism.drivers.addresses import RedisAddress
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -17,7 +17,7 @@ class RedisOptions(Options, frozen=True):
     pipelined on one connection, and so do concurrent writes)."""
 
     url: str = DEFAULT_URL
-    pool_size: PositiveInt = 8
+    pool_size: PoolSize = 8
     connect_timeout_s: Seconds = 5.0
     pool_timeout_s: Seconds = 0.5
     key_prefix: str = "prism:"

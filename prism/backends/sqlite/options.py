@@ -6,7 +6,7 @@ from pathlib import Path
 
 import msgspec
 
-from prism.backends.options import NonEmpty, NonNegative, OptionError, Options
+from prism.backends.options import Days, NonEmpty, OptionError, Options
 
 SYNCHRONOUS = ("FULL", "NORMAL")
 
@@ -36,4 +36,4 @@ class SqliteTimeSeriesOptions(SqliteOptions, frozen=True):
     """``path`` and ``synchronous`` as for KeyValue, and ``retention_days``:
     events older than this are never returned and get purged (0: keep forever)."""
 
-    retention_days: NonNegative = 0.0
+    retention_days: Days = 0.0
