@@ -160,6 +160,10 @@ class GrpcProtocol:
             self.broken = True
             out.append((CONNECTION_CLOSED, None))
             return out
+        if self._h2.state_machine.state is ConnectionState.CLOSED:
+            # The client's GOAWAY came in this read, after requests that are
+            # answered below, some at once (a refusal): reopen before that.
+            self._reopen_for_answers()
         for kind, sid, value, length, ended in plain:
             if kind == HEADERS_READ:
                 self._start_call(sid, value, ended, out)

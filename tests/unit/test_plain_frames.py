@@ -269,6 +269,14 @@ ALL = ("flush", 1 << 20)
 @example(steps=[PLAIN, ALL, PLAIN, ALL, ("raw", "headers_low"), ALL])
 @example(steps=[("raw", "headers_open"), ALL, ("raw", "continuation"), ALL, PLAIN, ALL])
 @example(steps=[("raw", "headers_open"), ALL, PLAIN, ALL])
+# Found by this test: the client's h2 breaks off (a GOAWAY) after table-size
+# changes, and that GOAWAY arrives in the same read as a request refused at
+# once (a bad grpc-timeout), which must still be answered.
+@example(
+    steps=[("request", PATHS[0], b"", 0, None, None)] * 4
+    + [("table", 0), ("table", 0), ALL, ("answer", 0, False)]
+    + [("request", PATHS[0], b"", 0, "bad", None), ("flush", 0)]
+)
 # A read that ends inside a frame, and the next one.
 @example(steps=[PLAIN, ("flush", 20), PLAIN, ALL])
 def test_plain_frames_agree_with_h2(steps: list[tuple[Any, ...]]) -> None:

@@ -10,6 +10,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hyperframe.frame import Frame, HeadersFrame
 
 from prism.errors import StatusCode
 from prism.rpc.protocol import (
@@ -129,6 +130,47 @@ def test_many_calls_interleaved() -> None:
     p.exchange()
     for i, sid in enumerate(sids):
         assert p.received(sid)[0] == frame(b"%d" % i)
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [(("grpc-timeout", "bad"), b"3"), (("content-type", "text/plain"), b"2")],
+    ids=["bad grpc-timeout", "not grpc"],
+)
+def test_request_refused_in_the_same_read_as_the_clients_goaway_is_answered(
+    header: tuple[str, str], status: bytes
+) -> None:
+    # A client may send its last request and GOAWAY in one write. h2 marks
+    # the connection CLOSED as it reads the GOAWAY, before the request is
+    # answered; a request refused at once used to raise ProtocolError out of
+    # receive_data (the connection died with a traceback, the call unanswered).
+    p = Pair()
+    sid = p.client.get_next_available_stream_id()
+    headers = {
+        ":method": "POST",
+        ":scheme": "http",
+        ":path": "/s/M",
+        ":authority": "x",
+        "content-type": "application/grpc",
+        "te": "trailers",
+    }
+    headers[header[0]] = header[1]
+    p.client.send_headers(sid, list(headers.items()))
+    p.client.send_data(sid, frame(b""), end_stream=True)
+    p.client.close_connection()
+    p.server.receive_data(p.client.data_to_send())
+    assert not p.server.broken
+    # The client's h2 (CLOSED since its GOAWAY) would not read the answer:
+    # read the frames, and the header block with the client's HPACK table.
+    answer = memoryview(p.server.data_to_send())
+    blocks = []
+    while answer:
+        head, length = Frame.parse_frame_header(answer[:9])
+        if isinstance(head, HeadersFrame) and head.stream_id == sid:
+            head.parse_body(answer[9 : 9 + length])
+            blocks.append(dict(p.client.decoder.decode(head.data, raw=True)))
+        answer = answer[9 + length :]
+    assert [b.get(b"grpc-status") for b in blocks] == [status]
 
 
 @pytest.mark.parametrize(
