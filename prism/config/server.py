@@ -14,6 +14,17 @@ import msgspec
 
 from prism.config.fields import GIB, KIB, MIB, FieldError, parse_host_port
 from prism.config.namespaces import NamespaceConfig, TenantConfig, check_name, validate_namespaces
+from prism.config.security import (
+    AccessRule,
+    AdminConfig,
+    AuthConfig,
+    TlsConfig,
+    security_on,
+    validate_access,
+    validate_admin,
+    validate_auth,
+    validate_tls,
+)
 
 MIN_MESSAGE_BYTES = 1 * KIB
 MAX_MESSAGE_BYTES = 2 * GIB - 1  # gRPC frames a message length in 31 usable bits
@@ -50,6 +61,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_level: str = "info"
     graceful_timeout_s: float = 10.0
     heartbeat_timeout_s: float = 5.0
+    # Security (prism.config.security): TLS on the gRPC port, callers'
+    # identities, who may do what; the admin port's token and TLS.
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    access: tuple[AccessRule, ...] = ()
+    audit_writes: bool = False  # also one audit line per allowed write (denials always get one)
+    admin_token_file: str = ""
+    admin: AdminConfig = AdminConfig()
 
     def __post_init__(self) -> None:
         if not self.namespaces and not self.tenants:
@@ -77,6 +96,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def all_namespaces(self) -> tuple[NamespaceConfig, ...]:
         return (*self.namespaces, *(ns for t in self.tenants for ns in t.namespaces))
+
+    @property
+    def secured(self) -> bool:
+        """Whether every data call needs a principal that an access rule allows."""
+        return security_on(self.auth, self.tls, self.access)
 
 
 def _validate(cfg: ServerConfig) -> None:
@@ -116,6 +140,10 @@ def _validate(cfg: ServerConfig) -> None:
         raise FieldError("cache.slot_bytes", f"{cfg.cache.slot_bytes} out of range (512-16777216)")
     if cfg.cache.total_bytes < 0:
         raise FieldError("cache.total_bytes", "must be >= 0")
+    validate_tls(cfg.tls, "tls")
+    validate_auth(cfg.auth)
+    validate_access(cfg.access, cfg.auth, cfg.tls)
+    validate_admin(cfg.admin, cfg.admin_host_port()[0], cfg.admin_token_file)
     seen: set[str] = set()
     validate_namespaces(cfg.namespaces, "namespaces", seen)
     tenant_names: set[str] = set()
