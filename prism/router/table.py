@@ -42,6 +42,7 @@ from typing import Any, Final
 import msgspec
 
 from prism.errors import ConfigError, Unavailable
+from prism.security.section import SecuritySection
 
 __all__ = [
     "DEFAULT_SIZE_BYTES",
@@ -107,6 +108,7 @@ class Routes(msgspec.Struct, frozen=True):
     generation: int
     namespaces: dict[str, NamespaceEntry]
     workers: dict[int, WorkerEntry]
+    security: SecuritySection = SecuritySection()
 
     def owners(self, namespace: str) -> list[WorkerEntry]:
         """Workers of the tenant that owns ``namespace`` (by id), or [] if it is unknown.

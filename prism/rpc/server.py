@@ -25,6 +25,7 @@ from prism.errors import PrismError, StatusCode
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method, MethodTable
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
+from prism.security.runtime import Security
 
 log = logging.getLogger("prism.rpc")
 
@@ -77,6 +78,8 @@ class ServerSettings:
         # Called when the drain starts: long-lived streams (PubSub's
         # Subscribe) end themselves so that the drain need not wait for them.
         self.on_drain: list[Callable[[], None]] = []
+        # TLS and who may call: rebuilt by the worker from the routing table.
+        self.security = Security()
 
     def start_drain(self) -> None:
         """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""

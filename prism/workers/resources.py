@@ -26,6 +26,7 @@ import msgspec
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
 from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
+from prism.security.section import section_of
 from prism.workers.slot import Slot, SlotState
 from prism.workers.spec import ADMIN_SPEC_ENV, SPEC_ENV, AdminSpec, WorkerSpec
 
@@ -111,7 +112,9 @@ class Resources:
 
     # -- the routing table ---------------------------------------------------
 
-    def routes_for(self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot]) -> Routes:
+    def routes_for(
+        self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot], security_serial: int
+    ) -> Routes:
         """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
         namespaces: dict[str, NamespaceEntry] = {}
         for tenant in config.effective_tenants(cpus):
@@ -135,7 +138,7 @@ class Resources:
             )
             for s in slots
         }
-        return Routes(generation, namespaces, workers)
+        return Routes(generation, namespaces, workers, section_of(config, security_serial))
 
     # -- children --------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from prometheus_client import multiprocess
 
 from prism import metrics
 from prism.config import ServerConfig, TenantConfig
+from prism.config.security import is_loopback
 from prism.errors import ConfigError
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
@@ -67,6 +68,7 @@ class Supervisor:
         self.slots: dict[int, Slot] = {}
         self._next_slot = 0
         self.generation = 0
+        self.security_serial = 1  # moves on every accepted reload: see SecuritySection
         self._routes_changed = False
         self.draining = False
         self.drain_deadline = 0.0
@@ -99,7 +101,9 @@ class Supervisor:
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
         self.resources.routes.publish(
-            self.resources.routes_for(self.generation, self.config, cpus, self.slots.values())
+            self.resources.routes_for(
+                self.generation, self.config, cpus, self.slots.values(), self.security_serial
+            )
         )
         self._broadcast()
 
@@ -169,6 +173,12 @@ class Supervisor:
             selector.register(wake, selectors.EVENT_READ)
             selector.register(events.recv_fd, selectors.EVENT_READ)
             log.info("serving gRPC on %s, admin on %s", self.config.listen, self.config.admin_listen)
+            if not self.config.secured and not is_loopback(self.config.listen_host_port()[0]):
+                log.warning(
+                    "gRPC on %s is open to any caller that reaches it: no [auth], tls.client_ca_file "
+                    "or [[access]] rule is configured",
+                    self.config.listen,
+                )
             try:
                 self._loop(selector, wake)
             finally:
@@ -367,6 +377,7 @@ class Supervisor:
             self.notifier.ready("reload rejected")
             return
         new, kept = keep_restart_only_fields(self.config, new)
+        self.security_serial += 1  # workers read the TLS and JWKS files again (rotation)
         for name, value in kept:
             log.warning("reload: %s changes only at restart; keeping %r", name, value)
         cpus = len(self.allowed_cpus)

@@ -107,6 +107,7 @@ class Worker:
             if routes.generation == self.generation:
                 return
             await self.app.apply(self._mine(routes), strict=strict)
+            self.app.settings.security.apply(routes.security)
             self.generation = routes.generation
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
