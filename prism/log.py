@@ -1,7 +1,9 @@
 """Structured logs: one JSON object per line on stderr.
 
 Nothing on the hot path logs at info level; a handler's unexpected exception
-is logged once, with its traceback, by the RPC error boundary.
+is logged once, with its traceback, by the RPC error boundary. Every line,
+traceback included, goes through ``prism.redact``: a DSN or URL that reaches
+a message (in a foreign library's exception text, say) shows no password.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 
 import msgspec
 
+from prism.redact import redact
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -23,11 +27,11 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
             "pid": os.getpid(),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return _encoder.encode(entry).decode()
 
 

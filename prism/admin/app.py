@@ -26,6 +26,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from prism.redact import redact
 from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
 
 __all__ = [
@@ -53,6 +54,7 @@ _METHODS: Final = frozenset({"GET", "HEAD"})
 # settings such as DSNs with passwords, and this API is for operators' tools,
 # not for secrets. Declaring the output shape (rather than dropping a key from
 # the entry) means a field added to NamespaceEntry later stays private too.
+# The cache's settings are shown, its Redis URL with the password masked.
 
 
 class _Owner(msgspec.Struct, frozen=True):
@@ -99,7 +101,7 @@ def namespaces_page(routes: Routes) -> bytes:
                 tenant=entry.tenant,
                 abstraction=entry.abstraction,
                 backend=entry.backend,
-                cache={k: v for k, v in entry.cache.items() if k != "url"},  # may hold a password
+                cache={k: redact(v) if k == "url" else v for k, v in entry.cache.items()},
                 owners=[_Owner(w.id, w.pid, w.serving) for w in routes.owners(name)],
             )
             for name, entry in sorted(routes.namespaces.items())

@@ -12,6 +12,7 @@ from prism.cli import kv
 from prism.cli.client import EXIT_FAILURE, EXIT_USAGE
 from prism.config import ServerConfig, load_config
 from prism.errors import ConfigError
+from prism.redact import redact
 
 EXIT_INTERRUPTED = 130
 
@@ -76,7 +77,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         return serve(config, reload_config)
     except ConfigError as exc:
-        print(f"prism: config error: {exc}", file=sys.stderr)
+        print(f"prism: config error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -87,7 +88,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, os.environ, {"data_dir": args.data_dir})
     except ConfigError as exc:
-        print(f"prism: config error: {exc}", file=sys.stderr)
+        print(f"prism: config error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     path = pid_file(config)
     try:

@@ -48,6 +48,7 @@ from psycopg.pq.abc import PGconn, PGresult
 from psycopg.waiting import Ready, Wait
 
 from prism.drivers.pool import BoundedPool
+from prism.redact import redact
 
 _T = TypeVar("_T")
 
@@ -215,8 +216,10 @@ async def connect(conninfo: str, *, timeout_s: float) -> Connection:
 
 
 def _first_line(exc: BaseException) -> str:
+    """libpq's message, for a client or a log: its last line, with no password
+    (it can quote the connection string)."""
     text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    return redact(text[-1]) if text else type(exc).__name__
 
 
 class Connection:

@@ -237,7 +237,7 @@ async def test_namespaces_lists_backends_and_owners_sorted_by_name() -> None:
                 "tenant": "default",
                 "abstraction": "keyvalue",
                 "backend": "sqlite",
-                "cache": {"tier": "redis"},
+                "cache": {"tier": "redis", "url": "redis://:***@cache:6379/0"},
                 "owners": [{"id": 2, "pid": 4002, "serving": True}],
             },
             {
@@ -259,6 +259,7 @@ async def test_namespaces_never_show_backend_options() -> None:
     assert b"s3cret" not in response.body
     assert b"/var/lib/prism" not in response.body
     assert b"r3dispw" not in response.body  # a Redis cache tier's URL may hold a password
+    assert b'"url":"redis://:***@cache:6379/0"' in response.body  # shown, masked
 
 
 async def test_namespaces_without_a_routing_table_is_503() -> None:

@@ -3,21 +3,36 @@ imports this; psycopg is imported only to check a DSN)."""
 
 from __future__ import annotations
 
+import re
+
 from prism.backends.options import Days, NonEmpty, OptionError, Options, PoolSize, Seconds
+from prism.redact import MASK, has_secret, redact
 
 DEFAULT_DSN = "postgresql://127.0.0.1/test"
+_QUOTED = re.compile(r'"([^"]*)"')
+_SYNTAX = frozenset({"=", "]"})  # what libpq quotes of its own syntax ('missing "=" after ...')
 
 
 def conninfo(dsn: str) -> str:
     """``dsn`` as libpq connection info naming Prism as the application;
-    ValueError saying what is wrong with it."""
+    ValueError saying what is wrong with it, with no password in it."""
     from psycopg import ProgrammingError
     from psycopg.conninfo import make_conninfo
 
     try:
         return make_conninfo(dsn, application_name="prism")
     except ProgrammingError as exc:
-        raise ValueError(str(exc)) from None
+        reason = str(exc).strip()
+        if has_secret(dsn):
+            # libpq quotes the part it could not parse, which can be the raw
+            # password itself ('invalid percent-encoded token: "p%zz..."'),
+            # or a piece of one that a blank split: no pattern finds those.
+            reason = _QUOTED.sub(_mask_quoted, reason)
+        raise ValueError(redact(reason)) from None
+
+
+def _mask_quoted(match: re.Match[str]) -> str:
+    return match.group(0) if match.group(1) in _SYNTAX else f'"{MASK}"'
 
 
 class PostgresOptions(Options, frozen=True):
