@@ -13,10 +13,17 @@ Routes:
 - ``GET /v1/namespaces``: the namespaces, their backends and owner workers, as JSON.
 
 ``HEAD`` is accepted wherever ``GET`` is; other methods get 405, unknown paths 404.
+
+With a token (``admin_token_file``), every path under ``/v1/`` (unknown ones
+too: the answer does not tell which routes exist) needs ``Authorization:
+Bearer <token>``, else 401 with ``WWW-Authenticate: Bearer``. The probes and
+``/metrics`` stay open: load balancers and Prometheus call them without
+credentials, and they show no namespace or setting.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
@@ -34,6 +41,7 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "bearer_token_matches",
     "make_app",
     "namespaces_page",
     "readiness",
@@ -49,6 +57,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _TEXT: Final = b"text/plain; charset=utf-8"
 _JSON: Final = b"application/json"
 _METHODS: Final = frozenset({"GET", "HEAD"})
+_GUARDED_PREFIX: Final = "/v1/"
 
 # Only ever the keys below: a NamespaceEntry's ``options`` carry backend
 # settings such as DSNs with passwords, and this API is for operators' tools,
@@ -89,6 +98,13 @@ class _Response(msgspec.Struct, frozen=True):
 
 def _text(status: int, text: str) -> _Response:
     return _Response(status, (text + "\n").encode())
+
+
+_UNAUTHORIZED: Final = _Response(
+    401,
+    b"unauthorized: send Authorization: Bearer <the admin token>\n",
+    extra_headers=((b"www-authenticate", b"Bearer"),),
+)
 
 
 def namespaces_page(routes: Routes) -> bytes:
@@ -133,9 +149,24 @@ def render_metrics(multiproc_dir: str) -> bytes:
     return generate_latest(registry)
 
 
+def bearer_token_matches(headers: list[tuple[bytes, bytes]], token: bytes) -> bool:
+    """Whether ``headers`` (ASGI's: lower-case names) carry ``Authorization: Bearer <token>``.
+
+    The comparison takes the same time wherever the first differing byte is,
+    so response times do not give the token away a byte at a time.
+    """
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, given = value.strip().partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+    return False
+
+
 def make_app(
     routes: RoutingTableReader | Callable[[], Routes],
     multiproc_dir: str | os.PathLike[str] | None = None,
+    *,
+    token: bytes | None = None,
 ) -> ASGIApp:
     """Build the admin ASGI app.
 
@@ -143,6 +174,7 @@ def make_app(
     returning ``Routes``; it may raise ``RoutingTableUnavailable``).
     ``multiproc_dir`` is where workers write their metric files; it defaults
     to ``PROMETHEUS_MULTIPROC_DIR`` as the supervisor sets it for every child.
+    ``token``: the bearer token every ``/v1/`` route requires (None: open).
     """
     current = routes.current if isinstance(routes, RoutingTableReader) else routes
     if multiproc_dir is None:
@@ -193,9 +225,16 @@ def make_app(
         if kind != "http":
             await send({"type": "websocket.close", "code": 1000})  # refused: answered 403
             return
-        handler = handlers.get(scope["path"])
+        path: str = scope["path"]
+        handler = handlers.get(path)
         method = scope["method"]
-        if handler is None:
+        if (
+            token is not None
+            and path.startswith(_GUARDED_PREFIX)
+            and not bearer_token_matches(scope["headers"], token)
+        ):
+            response = _UNAUTHORIZED
+        elif handler is None:
             response = _text(404, "not found")
         elif method not in _METHODS:
             response = _Response(405, b"method not allowed\n", extra_headers=((b"allow", b"GET, HEAD"),))

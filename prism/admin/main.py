@@ -4,12 +4,19 @@ The supervisor binds the admin socket and creates the routing table before it
 starts any child, and hands both down as inherited file descriptors, described
 by ``PRISM_ADMIN_SPEC`` (an ``AdminSpec`` from ``prism.workers.spec``, as JSON)::
 
-    {"listen_fd": 3, "routes_fd": 4, "routes_bytes": 4194304, "log_level": "info"}
+    {"listen_fd": 3, "routes_fd": 4, "routes_bytes": 4194304, "log_level": "info",
+     "token_file": "/etc/prism/admin.token",
+     "tls": {"cert_file": "/etc/prism/admin.pem", "key_file": "/etc/prism/admin.key"}}
 
 Binding in the supervisor means a restarted admin process serves the same
 socket without a window where the port is closed or taken by someone else.
 ``PROMETHEUS_MULTIPROC_DIR`` (also set by the supervisor) names the directory
 of the workers' metric files.
+
+The token file and the certificate and key are read once, at start; the
+supervisor checked them already (``prism.workers.preflight``), and changing
+them takes a restart of ``prism serve`` (they are restart-only fields). With
+``tls``, hypercorn serves HTTPS itself (its ``certfile``/``keyfile``).
 
 SIGTERM or SIGINT stops the server gracefully and the process exits 0. A
 missing or malformed spec exits ``EXIT_BOOT_FAILED`` with the reason on
@@ -35,9 +42,11 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
 from prism.admin.app import ASGIApp, make_app
+from prism.errors import ConfigError
 from prism.log import setup_logging
 from prism.router.table import RoutingTableReader
 from prism.workers.lifeline import die_with_parent
+from prism.workers.preflight import read_admin_token
 from prism.workers.spec import ADMIN_SPEC_ENV, EXIT_BOOT_FAILED, AdminSpec
 
 log = logging.getLogger("prism.admin")
@@ -45,10 +54,14 @@ log = logging.getLogger("prism.admin")
 # Admin requests are tiny; a scraper holding a keep-alive connection must not
 # delay shutdown by hypercorn's default 3 s.
 GRACEFUL_TIMEOUT_S: Final = 1.0
+# A TLS client that connects and says nothing holds a task until then
+# (hypercorn's default is a minute).
+TLS_HANDSHAKE_TIMEOUT_S: Final = 10.0
 
 
 def hypercorn_config(spec: AdminSpec) -> Config:
-    """Serve on the inherited socket, log through prism's JSON logger, no access log."""
+    """Serve on the inherited socket (over TLS with ``spec.tls``), log through
+    prism's JSON logger, no access log."""
     config = Config()
     config.bind = [f"fd://{spec.listen_fd}"]
     # Prometheus scrapes and probes every few seconds: an access log line for
@@ -57,6 +70,10 @@ def hypercorn_config(spec: AdminSpec) -> Config:
     config.errorlog = logging.getLogger("prism.admin.http")
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     config.include_server_header = False
+    if spec.tls is not None:
+        config.certfile = spec.tls.cert_file
+        config.keyfile = spec.tls.key_file
+        config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT_S
     return config
 
 
@@ -87,17 +104,22 @@ def main() -> int:
         die_with_parent(spec.supervisor_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload is the supervisor's, see worker.py
     setup_logging(spec.log_level)
+    config = hypercorn_config(spec)
     try:
         _check_listener(spec.listen_fd)
+        token = read_admin_token(spec.token_file) if spec.token_file else None
+        # Loaded here once to fail with one line: hypercorn would load it
+        # again inside its serve loop and end in a traceback.
+        config.create_ssl_context()
         # Read-only: the supervisor is the table's only writer, and a stray write
         # from here should fault rather than corrupt what every worker reads.
         buffer = mmap.mmap(spec.routes_fd, spec.routes_bytes, prot=mmap.PROT_READ)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ConfigError) as exc:  # ssl.SSLError is an OSError
         print(f"prism: admin process cannot boot: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
     os.close(spec.routes_fd)  # the mapping holds its own reference
-    app = make_app(RoutingTableReader(buffer))
-    trio.run(run, app, hypercorn_config(spec))
+    app = make_app(RoutingTableReader(buffer), token=token)
+    trio.run(run, app, config)
     return 0
 
 

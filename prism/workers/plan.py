@@ -24,8 +24,17 @@ __all__ = [
 ]
 
 # What the running processes were built around (bound sockets, the data dir
-# every backend opened, the shared cache's size): a reload cannot change them.
-RESTART_ONLY_FIELDS: Final = ("listen", "admin_listen", "data_dir", "cache", "max_message_bytes")
+# every backend opened, the shared cache's size, the admin process's token and
+# certificate, read when it starts): a reload cannot change them.
+RESTART_ONLY_FIELDS: Final = (
+    "listen",
+    "admin_listen",
+    "data_dir",
+    "cache",
+    "max_message_bytes",
+    "admin_token_file",
+    "admin",
+)
 
 
 def plan_cpus(tenants: Sequence[TenantConfig], allowed: Sequence[int]) -> list[tuple[str, int | None]]:

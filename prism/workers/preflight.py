@@ -1,7 +1,7 @@
 """Checks before serving (or reloading) what config validation cannot see
 from the file alone: CPUs that this machine lets us use, and certificate,
-key and CA files that load. The supervisor runs them at start-up and on
-every reload; a failure is one line naming the field (exit code 2, or a
+key, CA and token files that load. The supervisor runs them at start-up and
+on every reload; a failure is one line naming the field (exit code 2, or a
 rejected reload that keeps the running config and its files).
 
 Namespaces are not checked here: loading the config already checked that
@@ -13,11 +13,16 @@ process (the supervisor) must not import trio or a driver.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 
 from prism.config import ServerConfig
 from prism.errors import ConfigError
 from prism.security.tls import server_context
+
+MAX_ADMIN_TOKEN_BYTES = 4096
+# RFC 6750's b64token: what fits in ``Authorization: Bearer <token>`` as is.
+_BEARER_TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
 
 
 def check_deployable(config: ServerConfig) -> None:
@@ -35,6 +40,42 @@ def check_deployable(config: ServerConfig) -> None:
             raise ConfigError(
                 f"tls: cannot load the certificate, key or client CA: {_one_line(exc)}"
             ) from None
+    check_admin(config)
+
+
+def check_admin(config: ServerConfig) -> None:
+    """Raise ConfigError if the admin token file or the admin port's certificate and key do not load."""
+    if config.admin_token_file:
+        read_admin_token(config.admin_token_file)
+    if config.admin.tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(config.admin.tls.cert_file, config.admin.tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"admin.tls: cannot load the certificate or key: {_one_line(exc)}") from None
+
+
+def read_admin_token(path: str) -> bytes:
+    """The bearer token in ``path`` (surrounding blanks and the final newline
+    dropped); ConfigError naming ``admin_token_file`` if it cannot be read or
+    is not a token. The admin process reads it with this too, at its start."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_ADMIN_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"admin_token_file: cannot read {path}: {exc.strerror or exc}") from None
+    token = raw.strip()
+    if len(raw) > MAX_ADMIN_TOKEN_BYTES:
+        raise ConfigError(f"admin_token_file: {path} is over {MAX_ADMIN_TOKEN_BYTES} bytes")
+    if not token:
+        raise ConfigError(f"admin_token_file: {path} is empty")
+    if not _BEARER_TOKEN.fullmatch(token):
+        # Not echoed: it is a secret, however malformed.
+        raise ConfigError(
+            f"admin_token_file: {path} does not hold one bearer token "
+            "(letters, digits and - . _ ~ + / then = padding, on one line)"
+        )
+    return token
 
 
 def _one_line(exc: BaseException) -> str:

@@ -171,6 +171,8 @@ class Resources:
             routes_bytes=ROUTES_BYTES,
             log_level=config.log_level,
             supervisor_pid=os.getpid(),
+            token_file=config.admin_token_file,
+            tls=config.admin.tls,
         )
         env = {**os.environ, ADMIN_SPEC_ENV: msgspec.json.encode(spec).decode()}
         return subprocess.Popen(

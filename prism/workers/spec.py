@@ -14,6 +14,7 @@ from typing import Final
 import msgspec
 
 from prism.config import ServerConfig
+from prism.config.security import AdminTlsConfig
 
 SPEC_ENV: Final = "PRISM_WORKER_SPEC"
 ADMIN_SPEC_ENV: Final = "PRISM_ADMIN_SPEC"
@@ -52,3 +53,8 @@ class AdminSpec(msgspec.Struct, frozen=True):
     routes_bytes: int  # its size, as the supervisor created it
     log_level: str = "info"
     supervisor_pid: int = 0  # 0: do not tie our life to a parent (tests)
+    # The file of the bearer token every /v1 route needs ("": none needed).
+    # The path, not the token: a secret in the environment would outlive its
+    # use in /proc and in anything that dumps the environment.
+    token_file: str = ""
+    tls: AdminTlsConfig | None = None  # serve HTTPS with this certificate and key

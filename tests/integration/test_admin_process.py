@@ -7,16 +7,18 @@ import mmap
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
 
@@ -49,10 +51,12 @@ class Admin:
     proc: subprocess.Popen[bytes]
     writer: RoutingTableWriter
     base_url: str
+    ssl_context: ssl.SSLContext | None = None
 
-    def fetch(self, path: str) -> tuple[int, bytes]:
+    def fetch(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base_url + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(self.base_url + path, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=self.ssl_context) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             with exc:
@@ -66,7 +70,7 @@ def wait_until_live(admin: Admin, timeout_s: float = 15.0) -> None:
             _, err = admin.proc.communicate()
             raise RuntimeError(f"admin process exited {admin.proc.returncode}: {err.decode()[-2000:]}")
         try:
-            with urllib.request.urlopen(admin.base_url + "/healthz", timeout=0.5):
+            with urllib.request.urlopen(admin.base_url + "/healthz", timeout=0.5, context=admin.ssl_context):
                 return
         except (urllib.error.URLError, TimeoutError):
             if time.monotonic() > deadline:
@@ -74,40 +78,57 @@ def wait_until_live(admin: Admin, timeout_s: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+StartAdmin = Callable[..., Admin]
+
+
 @pytest.fixture
-def admin(tmp_path: Path) -> Iterator[Admin]:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    routes_fd = os.memfd_create("prism-routes")
-    os.ftruncate(routes_fd, ROUTES_BYTES)
-    writer = RoutingTableWriter(mmap.mmap(routes_fd, ROUTES_BYTES))
-    writer.publish(table(1, serving=False))
-    spec = {
-        "listen_fd": listener.fileno(),
-        "routes_fd": routes_fd,
-        "routes_bytes": ROUTES_BYTES,
-        "log_level": "info",
-    }
-    env = {**os.environ, "PRISM_ADMIN_SPEC": json.dumps(spec), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prism.admin.main"],
-        env=env,
-        cwd=REPO_ROOT,
-        pass_fds=(listener.fileno(), routes_fd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    port = listener.getsockname()[1]
+def start_admin(tmp_path: Path) -> Iterator[StartAdmin]:
+    """Start admin processes as the supervisor would, with extra spec fields; stops every one."""
+    started: list[tuple[subprocess.Popen[bytes], RoutingTableWriter, int, socket.socket]] = []
+
+    def start(ssl_context: ssl.SSLContext | None = None, **spec_fields: object) -> Admin:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        routes_fd = os.memfd_create("prism-routes")
+        os.ftruncate(routes_fd, ROUTES_BYTES)
+        writer = RoutingTableWriter(mmap.mmap(routes_fd, ROUTES_BYTES))
+        writer.publish(table(1, serving=False))
+        spec = {
+            "listen_fd": listener.fileno(),
+            "routes_fd": routes_fd,
+            "routes_bytes": ROUTES_BYTES,
+            "log_level": "info",
+            **spec_fields,
+        }
+        env = {**os.environ, "PRISM_ADMIN_SPEC": json.dumps(spec), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prism.admin.main"],
+            env=env,
+            cwd=REPO_ROOT,
+            pass_fds=(listener.fileno(), routes_fd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        started.append((proc, writer, routes_fd, listener))
+        scheme = "https" if ssl_context is not None else "http"
+        return Admin(proc, writer, f"{scheme}://127.0.0.1:{listener.getsockname()[1]}", ssl_context)
+
     try:
-        yield Admin(proc, writer, f"http://127.0.0.1:{port}")
+        yield start
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        writer.close()
-        os.close(routes_fd)
-        listener.close()
+        for proc, writer, routes_fd, listener in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+            writer.close()
+            os.close(routes_fd)
+            listener.close()
+
+
+@pytest.fixture
+def admin(start_admin: StartAdmin) -> Admin:
+    return start_admin()
 
 
 def test_serves_probes_and_namespaces_from_the_shared_table(admin: Admin) -> None:
@@ -155,3 +176,42 @@ def test_missing_spec_is_a_boot_failure() -> None:
 
     assert done.returncode == 3
     assert b"PRISM_ADMIN_SPEC" in done.stderr
+
+
+def test_v1_routes_need_the_token_from_the_file_over_tls(start_admin: StartAdmin, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "admin.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "admin.key"))
+    (tmp_path / "admin.token").write_text("t0ken-from-the-file\n")
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    admin = start_admin(
+        ssl_context=client,
+        token_file=str(tmp_path / "admin.token"),
+        tls={"cert_file": str(tmp_path / "admin.pem"), "key_file": str(tmp_path / "admin.key")},
+    )
+    wait_until_live(admin)
+
+    assert admin.fetch("/healthz") == (200, b"ok\n")
+    assert admin.fetch("/metrics")[0] == 200
+    assert admin.fetch("/v1/namespaces")[0] == 401
+    assert admin.fetch("/v1/namespaces", {"Authorization": "Bearer wrong"})[0] == 401
+    status, body = admin.fetch("/v1/namespaces", {"Authorization": "Bearer t0ken-from-the-file"})
+    assert status == 200
+    assert [ns["name"] for ns in json.loads(body)["namespaces"]] == ["default"]
+    # Plain HTTP to the TLS port gets no answer from the app.
+    plain = Admin(admin.proc, admin.writer, admin.base_url.replace("https", "http"))
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        plain.fetch("/healthz")
+
+
+def test_an_unreadable_token_file_is_a_boot_failure(start_admin: StartAdmin, tmp_path: Path) -> None:
+    admin = start_admin(token_file=str(tmp_path / "missing.token"))
+
+    assert admin.proc.wait(timeout=30) == 3
+    _, err = admin.proc.communicate()
+    assert err.decode().strip().splitlines() == [
+        f"prism: admin process cannot boot: admin_token_file: cannot read {tmp_path / 'missing.token'}: "
+        "No such file or directory"
+    ]

@@ -38,7 +38,9 @@ class Response:
         return self.body.decode()
 
 
-async def call(app: ASGIApp, path: str, method: str = "GET") -> Response:
+async def call(
+    app: ASGIApp, path: str, method: str = "GET", headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> Response:
     """One HTTP request through the app, as an ASGI server would make it."""
     sent: list[dict[str, Any]] = []
     scope = {
@@ -51,7 +53,7 @@ async def call(app: ASGIApp, path: str, method: str = "GET") -> Response:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"admin")],
+        "headers": [(b"host", b"admin"), *headers],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8981),
     }
@@ -310,3 +312,62 @@ async def test_lifespan_is_acknowledged() -> None:
     await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
 
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# -- the admin token ----------------------------------------------------------------------------------
+
+TOKEN = b"s3cret-admin.token~42=="
+
+
+def bearer(token: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    return ((b"authorization", b"Bearer " + token),)
+
+
+def guarded() -> ASGIApp:
+    return make_app(fixed(routes(worker(1, "shop"))), token=TOKEN)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        bearer(b"wrong"),
+        bearer(TOKEN[:-1]),
+        bearer(TOKEN + b"x"),
+        ((b"authorization", b"Basic " + TOKEN),),
+        ((b"authorization", TOKEN),),
+        ((b"authorization", b"Bearer"),),
+    ],
+)
+async def test_v1_without_the_token_is_401(headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    response = await call(guarded(), "/v1/namespaces", headers=headers)
+
+    assert response.status == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "orders" not in response.text and "shop" not in response.text
+
+
+async def test_v1_with_the_token_answers() -> None:
+    response = await call(guarded(), "/v1/namespaces", headers=bearer(TOKEN))
+
+    assert response.status == 200
+    assert [ns["name"] for ns in json.loads(response.body)["namespaces"]] == ["events", "orders"]
+    lower = await call(guarded(), "/v1/namespaces", headers=((b"authorization", b"bearer " + TOKEN),))
+    assert lower.status == 200  # the scheme is case-insensitive (RFC 9110)
+
+
+async def test_unknown_v1_paths_and_other_methods_need_the_token_too() -> None:
+    """A 404 or 405 before the token check would tell a stranger which routes exist."""
+    assert (await call(guarded(), "/v1/secrets")).status == 401
+    assert (await call(guarded(), "/v1/namespaces", method="POST")).status == 401
+    assert (await call(guarded(), "/v1/secrets", headers=bearer(TOKEN))).status == 404
+    head = await call(guarded(), "/v1/namespaces", method="HEAD")
+    assert (head.status, head.body) == (401, b"")
+
+
+async def test_probes_and_metrics_stay_open_with_a_token(tmp_path: Path) -> None:
+    app = make_app(fixed(routes(worker(1, "shop"))), multiproc_dir=tmp_path, token=TOKEN)
+
+    assert (await call(app, "/healthz")).status == 200
+    assert (await call(app, "/readyz")).status == 200
+    assert (await call(app, "/metrics")).status == 200

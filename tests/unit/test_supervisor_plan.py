@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from prism.config import CacheTableConfig, NamespaceConfig, ServerConfig, TenantConfig
+from prism.config.security import AdminConfig, AdminTlsConfig
 from prism.workers.plan import RESTART_ONLY_FIELDS, keep_restart_only_fields, plan_cpus, plan_reload
 
 
@@ -140,3 +141,15 @@ def test_a_reload_that_leaves_those_fields_alone_keeps_the_new_config_as_it_is()
     new = msgspec.structs.replace(running, log_level="debug")
     kept, changed = keep_restart_only_fields(running, new)
     assert changed == [] and kept is new
+
+
+def test_the_admin_token_and_certificate_change_only_at_restart() -> None:
+    running = ServerConfig(admin_token_file="/etc/prism/admin.token")
+    new = ServerConfig(
+        admin_token_file="/etc/prism/other.token",
+        admin=AdminConfig(tls=AdminTlsConfig("/etc/prism/admin.pem", "/etc/prism/admin.key")),
+    )
+    kept, changed = keep_restart_only_fields(running, new)
+    assert [name for name, _ in changed] == ["admin_token_file", "admin"]
+    assert kept.admin_token_file == "/etc/prism/admin.token"
+    assert kept.admin.tls is None
