@@ -50,6 +50,7 @@ class PrismProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    stderr: str | None = None  # what the server logged, once stopped
 
     @property
     def endpoint(self) -> str:
@@ -107,7 +108,8 @@ class PrismProcess:
                 self.proc.kill()
                 self.proc.wait()
         code = self.proc.returncode
-        self.proc.communicate()
+        _, err = self.proc.communicate()
+        self.stderr = err.decode(errors="replace")
         self.proc = None
         return code
 
