@@ -2,7 +2,9 @@
 every worker and every Prism instance that uses the same Redis and prefix.
 
 Configured per namespace with ``cache = { tier = "redis", url = "redis://...",
-ttl_s = 30, key_prefix = "prism:cache:", max_value_bytes = 16384 }``. It is
+ttl_s = 30, key_prefix = "prism:cache:", max_value_bytes = 16384 }``
+(``url = "rediss://..."`` for TLS, with ``ca_file`` naming the CAs its
+certificate must chain to; default: the system's). It is
 the same look-aside protocol as the shared-memory tier (``prism/cache/shared.py``),
 with Redis keys in place of shared-memory words, under ``<key_prefix><namespace>:``:
 
@@ -147,6 +149,7 @@ class RedisTier:
         retry_after_s: float = RETRY_AFTER_S,
         max_pending: int = MAX_PENDING,
         pool_size: int = POOL_SIZE,
+        ca_file: str = "",
     ) -> None:
         self.namespace = namespace
         self.ttl_ms = max(1, ttl_ms)
@@ -160,6 +163,7 @@ class RedisTier:
             size=pool_size,
             connect_timeout_s=op_timeout_s,
             acquire_timeout_s=op_timeout_s / 2,
+            ca_file=ca_file,
         )
         base = f"{key_prefix}{namespace}:".encode()
         self.epoch_key = base + b"epoch"
@@ -181,6 +185,7 @@ class RedisTier:
             key_prefix=cache.key_prefix,
             ttl_ms=int(cache.ttl_s * 1000),
             max_value_bytes=cache.max_value_bytes,
+            ca_file=cache.ca_file,
         )
 
     # -- keys ---------------------------------------------------------------

@@ -44,11 +44,11 @@ def parse_host_port(address: str) -> tuple[str, int]:
 
 
 def check_redis_url(url: str) -> None:
-    """``redis://[[user]:password@]host[:port][/db]``, or ValueError saying what is wrong
-    (never echoing the URL, which may hold a password)."""
+    """``redis://[[user]:password@]host[:port][/db]`` (``rediss://``: over TLS),
+    or ValueError saying what is wrong (never echoing the URL, which may hold a password)."""
     parts = urlsplit(url)
-    if parts.scheme != "redis":
-        raise ValueError(f"expected a redis:// URL, got scheme {parts.scheme!r}")
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"expected a redis:// or rediss:// URL, got scheme {parts.scheme!r}")
     if not parts.hostname:
         raise ValueError("the URL names no host")
     try:

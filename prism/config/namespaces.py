@@ -40,7 +40,8 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host's workers (used when ``enabled``); ``tier = "redis"`` keeps answers
     in the Redis at ``url`` under ``key_prefix``, shared by every Prism
     instance using it (see ``prism/cache/redis.py``), and implies
-    ``enabled``.
+    ``enabled``. A ``rediss://`` url is TLS, checked against ``ca_file``
+    (default: the system's CAs).
     """
 
     enabled: bool = False
@@ -49,6 +50,7 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tier: str = "shared"
     url: str = ""
     key_prefix: str = "prism:cache:"
+    ca_file: str = ""
 
     def __post_init__(self) -> None:
         if self.tier == "redis" and not self.enabled:
@@ -125,8 +127,9 @@ def _validate_cache_tier(cache: CacheConfig, where: str) -> None:
         known = ", ".join(CACHE_TIERS)
         raise FieldError(f"{where}.tier", f"unknown cache tier {cache.tier!r} (known: {known})")
     if cache.tier != "redis":
-        if cache.url:
-            raise FieldError(f"{where}.url", 'is only used with tier = "redis"')
+        for name in ("url", "ca_file"):
+            if getattr(cache, name):
+                raise FieldError(f"{where}.{name}", 'is only used with tier = "redis"')
         return
     if not cache.url:
         raise FieldError(f"{where}.url", 'required with tier = "redis" (e.g. "redis://127.0.0.1:6379/0")')
@@ -134,6 +137,8 @@ def _validate_cache_tier(cache: CacheConfig, where: str) -> None:
         check_redis_url(cache.url)
     except ValueError as exc:
         raise FieldError(f"{where}.url", str(exc)) from None
+    if cache.ca_file and not cache.url.startswith("rediss://"):
+        raise FieldError(f"{where}.ca_file", "is only used with a rediss:// url")
     if not cache.key_prefix:
         raise FieldError(f"{where}.key_prefix", "must not be empty")
     if cache.max_value_bytes > 512 * MIB:

@@ -22,14 +22,16 @@ def _port(parts: SplitResult, default: int) -> int:
 
 
 class RedisAddress:
-    """``redis://[[user]:password@]host[:port][/db]``; ValueError if not a redis:// URL."""
+    """``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for
+    TLS (``tls``); ValueError if not such a URL."""
 
-    __slots__ = ("db", "host", "password", "port", "username")
+    __slots__ = ("db", "host", "password", "port", "tls", "username")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"expected a redis:// URL, got scheme {parts.scheme!r}")
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"expected a redis:// or rediss:// URL, got scheme {parts.scheme!r}")
+        self.tls = parts.scheme == "rediss"
         self.host = parts.hostname or "127.0.0.1"
         self.port = _port(parts, 6379)
         path = parts.path.lstrip("/")
@@ -41,14 +43,16 @@ class RedisAddress:
 
 
 class NatsAddress:
-    """``nats://[token@|user:password@]host[:port]`` (or ``tcp://``); ValueError otherwise."""
+    """``nats://[token@|user:password@]host[:port]`` (or ``tcp://``), or
+    ``tls://`` to require TLS (``tls``); ValueError otherwise."""
 
-    __slots__ = ("host", "password", "port", "token", "user")
+    __slots__ = ("host", "password", "port", "tls", "token", "user")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("nats", "tcp"):
-            raise ValueError(f"expected a nats:// URL, got scheme {parts.scheme!r}")
+        if parts.scheme not in ("nats", "tcp", "tls"):
+            raise ValueError(f"expected a nats:// or tls:// URL, got scheme {parts.scheme!r}")
+        self.tls = parts.scheme == "tls"
         self.host = parts.hostname or "127.0.0.1"
         self.port = _port(parts, 4222)
         self.token: str | None = None

@@ -1,4 +1,4 @@
-"""NATS from trio: the core client protocol over ``trio.open_tcp_stream``.
+"""NATS from trio: the core client protocol over ``trio.open_tcp_stream`` (TLS when asked).
 
 Decision (the same as ``pg``'s and ``resp``'s): no threads and no asyncio.
 nats-py is asyncio-only, and its sync use would need a thread hop per call.
@@ -25,8 +25,14 @@ its deliveries carry their stream subject, not the inbox. Messages for a box tha
 handed to ``Connection.orphan`` (the NATS backend NAKs late JetStream
 deliveries there).
 
+TLS. NATS sends INFO in plaintext; for a ``tls://`` URL, or an INFO saying
+``tls_required``, the stream is upgraded (``prism.drivers.tls``) before
+CONNECT, so credentials never go out in plaintext. A ``tls://`` URL to a
+server offering no TLS fails: falling back would hand them to anyone.
+
 Cancellation. A waiting task cancelled in ``receive_some`` loses no data
-(trio's guarantee) and passes the reading on. Writes are shielded and
+(trio's guarantee, over TLS too once the handshake is done) and passes the
+reading on. Writes are shielded and
 bounded by ``SEND_TIMEOUT_S``: a write cut in the middle would corrupt the
 stream for every task, so a write that cannot finish closes the connection.
 Connection lost: every waiting and later call raises ``ConnectionLost``.
@@ -53,6 +59,7 @@ from typing import Any
 
 import trio
 
+from prism.drivers import tls
 from prism.drivers.addresses import NatsAddress
 
 SEND_TIMEOUT_S = 5.0
@@ -69,7 +76,7 @@ class ConnectionLost(NatsError):
 
 
 class CannotConnect(NatsError):
-    """No connection: refused, unreachable, too slow, or no header support."""
+    """No connection: refused, unreachable, too slow, TLS refused, or no header support."""
 
 
 class NoReply(NatsError):
@@ -132,7 +139,7 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: tls.Stream) -> None:
         self._stream = stream
         self._buf = bytearray()
         self._send_lock = trio.Lock()
@@ -150,6 +157,7 @@ class Connection:
         self.info: dict[str, Any] | None = None
         self.max_payload = 1 << 20
         self.orphan: Callable[[Msg], None] | None = None
+        self.tls = False  # upgraded to TLS after INFO
 
     @property
     def closed(self) -> bool:
@@ -161,7 +169,7 @@ class Connection:
     def close(self, reason: str = "closed") -> None:
         if self.error is None:
             self.error = reason
-            self._stream.socket.close()
+            tls.raw_socket(self._stream).close()
         for box in self._waiting:
             box.wake.set()
 
@@ -382,10 +390,13 @@ class Connection:
         self._check()
 
 
-async def connect(url: str, *, timeout_s: float, name: str = "prism") -> Connection:
-    """Connect, handshake and subscribe the shared inbox; CannotConnect (or
+async def connect(
+    url: str, *, timeout_s: float, name: str = "prism", contexts: tls.ClientContexts | None = None
+) -> Connection:
+    """Connect (TLS verified with ``contexts``, default: the system's CAs),
+    handshake and subscribe the shared inbox; CannotConnect (or
     ConnectionLost, when the server closes it during the handshake) on
-    failure or after ``timeout_s``. ValueError if ``url`` is not a nats:// URL."""
+    failure or after ``timeout_s``. ValueError if ``url`` is not a NATS URL."""
     address = NatsAddress(url)
     host, port = address.host, address.port
     with trio.move_on_after(timeout_s):
@@ -397,11 +408,14 @@ async def connect(url: str, *, timeout_s: float, name: str = "prism") -> Connect
         try:
             while conn.info is None:
                 await conn._read_some()
+            if address.tls or conn.info.get("tls_required"):
+                await _upgrade(conn, stream, address, contexts or tls.ClientContexts())
             if not conn.info.get("headers"):
                 raise CannotConnect(f"nats: server at {host}:{port} does not support headers")
             opts: dict[str, object] = {
                 "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
                 "protocol": 1, "lang": "python-trio", "version": "0.1", "name": name,
+                "tls_required": conn.tls,
             }  # fmt: skip
             if address.token is not None:
                 opts["auth_token"] = address.token
@@ -416,3 +430,20 @@ async def connect(url: str, *, timeout_s: float, name: str = "prism") -> Connect
             raise
         return conn
     raise CannotConnect(f"nats: cannot connect to {host}:{port} within {timeout_s:g} s")
+
+
+async def _upgrade(
+    conn: Connection, stream: trio.SocketStream, address: NatsAddress, contexts: tls.ClientContexts
+) -> None:
+    """Switch ``conn`` to TLS after the server's plaintext INFO."""
+    where = f"{address.host}:{address.port}"
+    assert conn.info is not None
+    if not (conn.info.get("tls_required") or conn.info.get("tls_available")):
+        raise CannotConnect(f"nats: server at {where} does not offer TLS (the URL asks for tls://)")
+    if conn._buf:  # nothing may follow INFO before the handshake
+        raise CannotConnect(f"nats: server at {where} sent data before the TLS handshake")
+    try:
+        conn._stream = await tls.start_tls(stream, contexts.get(), address.host)
+    except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
+        raise CannotConnect(f"nats: cannot connect to {where}: {tls.reason(exc)}") from exc
+    conn.tls = True

@@ -1,4 +1,4 @@
-"""Redis from trio: RESP over ``trio.open_tcp_stream``, parsed by hiredis.
+"""Redis from trio: RESP over ``trio.open_tcp_stream`` (TLS for ``rediss://``), parsed by hiredis.
 
 Decision (the same as ``pg``'s): no threads and no asyncio. redis-py's
 asyncio client needs an asyncio loop and its sync client would need a thread
@@ -13,6 +13,10 @@ sync client, this module, and ``RedisBackend.get_items`` (results in
 ``bench/results/redis_driver_cpu.json``): driving the socket from trio costs
 no more CPU than redis-py's sync client, and pipelining makes each further
 command almost free.
+
+TLS. A ``rediss://`` URL's connections are wrapped in ``trio.SSLStream``
+from the start (Redis has no STARTTLS), checking the server's certificate
+against the pool's ``ca_file`` (``prism.drivers.tls``).
 
 Errors. This module knows nothing of gRPC: it raises ``RedisError``
 subclasses whose text is fit to show a client ("redis: connection lost:
@@ -33,6 +37,7 @@ from typing import Any
 import hiredis
 import trio
 
+from prism.drivers import tls
 from prism.drivers.addresses import RedisAddress
 from prism.drivers.pool import BoundedPool
 
@@ -50,7 +55,7 @@ class ConnectionLost(RedisError):
 
 
 class CannotConnect(RedisError):
-    """No connection: refused, unreachable, too slow, or AUTH/SELECT failed."""
+    """No connection: refused, unreachable, too slow, TLS refused, or AUTH/SELECT failed."""
 
 
 class PoolTimeout(RedisError):
@@ -82,16 +87,16 @@ def encode(args: Sequence[Arg]) -> bytes:
 
 
 class Connection:
-    """One TCP connection; one task at a time (the pool hands it out)."""
+    """One TCP (or TLS) connection; one task at a time (the pool hands it out)."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: tls.Stream) -> None:
         self._stream = stream
         self._reader = hiredis.Reader()
         self.broken = False
 
     def close(self) -> None:
         self.broken = True
-        self._stream.socket.close()
+        tls.raw_socket(self._stream).close()
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         """Send ``commands`` in one write; their replies in order. Error
@@ -109,7 +114,7 @@ class Connection:
                     chunk = await self._stream.receive_some(65536)
                     if not chunk:
                         raise ConnectionLost("redis: connection closed by the server")
-                    reader.feed(chunk)
+                    reader.feed(chunk)  # type: ignore[arg-type]  # any buffer; the stub says bytes
                     continue
                 if isinstance(reply, hiredis.ReplyError):
                     reply = ReplyError(str(reply))
@@ -145,13 +150,29 @@ class Connection:
         return reply
 
 
-async def connect(address: Address, *, timeout_s: float) -> Connection:
-    """Open (and AUTH/SELECT) a connection; CannotConnect if it fails or takes over ``timeout_s``."""
+async def connect(
+    address: Address, *, timeout_s: float, contexts: tls.ClientContexts | None = None
+) -> Connection:
+    """Open (and AUTH/SELECT) a connection, over TLS for a ``rediss://`` address
+    (verified with ``contexts``, by default the system's CAs); CannotConnect
+    if it fails or takes over ``timeout_s``."""
+    where = f"{address.host}:{address.port}"
     with trio.move_on_after(timeout_s) as scope:
         try:
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            tcp = await trio.open_tcp_stream(address.host, address.port)
         except OSError as exc:
-            raise CannotConnect(f"redis: cannot connect to {address.host}:{address.port}: {exc}") from exc
+            raise CannotConnect(f"redis: cannot connect to {where}: {exc}") from exc
+        stream: tls.Stream = tcp
+        if address.tls:
+            try:
+                context = (contexts or tls.ClientContexts()).get()
+                stream = await tls.start_tls(tcp, context, address.host)
+            except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
+                tcp.socket.close()
+                raise CannotConnect(f"redis: cannot connect to {where}: {tls.reason(exc)}") from exc
+            except BaseException:
+                tcp.socket.close()
+                raise
         conn = Connection(stream)
         try:
             if address.password is not None:
@@ -166,7 +187,7 @@ async def connect(address: Address, *, timeout_s: float) -> Connection:
             raise CannotConnect(f"redis: cannot set up the connection: {exc}") from exc
         return conn
     assert scope.cancelled_caught
-    raise CannotConnect(f"redis: cannot connect to {address.host}:{address.port} within {timeout_s:g} s")
+    raise CannotConnect(f"redis: cannot connect to {where} within {timeout_s:g} s")
 
 
 class Script:
@@ -182,14 +203,24 @@ class Script:
 
 class Pool(BoundedPool[Connection]):
     """At most ``size`` connections (``prism.drivers.pool``); PoolTimeout when
-    all stay busy past ``acquire_timeout_s``."""
+    all stay busy past ``acquire_timeout_s``. ``ca_file``: the CAs a
+    ``rediss://`` server's certificate must chain to (default: the system's)."""
 
-    def __init__(self, address: Address, *, size: int, connect_timeout_s: float, acquire_timeout_s: float):
+    def __init__(
+        self,
+        address: Address,
+        *,
+        size: int,
+        connect_timeout_s: float,
+        acquire_timeout_s: float,
+        ca_file: str = "",
+    ):
         super().__init__(size=size, connect_timeout_s=connect_timeout_s, acquire_timeout_s=acquire_timeout_s)
         self.address = address
+        self._contexts = tls.ClientContexts(ca_file)
 
     async def _open(self) -> Connection:
-        return await connect(self.address, timeout_s=self.connect_timeout_s)
+        return await connect(self.address, timeout_s=self.connect_timeout_s, contexts=self._contexts)
 
     def _busy_error(self) -> Exception:
         return PoolTimeout(f"redis: all {self.size} connections busy for {self.acquire_timeout_s:g} s")

@@ -82,7 +82,9 @@ def test_options_are_checked(tmp_path: Path) -> None:
         create({"bogus": 1})
     with pytest.raises(ConfigError, match=r"^options\.stream: expected str matching regex"):
         create({"stream": "a.b"})
-    with pytest.raises(ConfigError, match=r"^options\.url: expected a nats:// URL, got scheme 'http'$"):
+    with pytest.raises(
+        ConfigError, match=r"^options\.url: expected a nats:// or tls:// URL, got scheme 'http'$"
+    ):
         create({"url": "http://127.0.0.1:4222"})
     backend = create({}, namespace="my.ns")
     assert isinstance(backend, NatsPubSubBackend) and backend.stream == "PRISM_my_ns"

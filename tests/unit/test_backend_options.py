@@ -124,7 +124,7 @@ BAD = [
         "keyvalue",
         "redis",
         'url = "http://h:1"',
-        "namespaces[0].options.url: expected a redis:// URL, got scheme 'http'",
+        "namespaces[0].options.url: expected a redis:// or rediss:// URL, got scheme 'http'",
     ),
     (
         "keyvalue",
@@ -138,6 +138,12 @@ BAD = [
         'url = "redis://h/zero"',
         "namespaces[0].options.url: the database 'zero' is not a number",
     ),
+    (
+        "keyvalue",
+        "redis",
+        'url = "redis://h/0", ca_file = "/etc/prism/ca.pem"',
+        "namespaces[0].options.ca_file: is only used with a rediss:// URL",
+    ),
     ("pubsub", "nats", "bogus = 1", "namespaces[0].options.bogus: unknown field"),
     ("pubsub", "nats", "stream = 5", "namespaces[0].options.stream: expected str, got int"),
     ("pubsub", "nats", 'stream = "a.b"', "namespaces[0].options.stream: expected str matching regex"),
@@ -146,7 +152,7 @@ BAD = [
         "pubsub",
         "nats",
         'url = "redis://h:4222"',
-        "namespaces[0].options.url: expected a nats:// URL, got scheme 'redis'",
+        "namespaces[0].options.url: expected a nats:// or tls:// URL, got scheme 'redis'",
     ),
     (
         "pubsub",
@@ -224,8 +230,8 @@ options = { pool_size = 0 }
 
 
 def test_a_url_with_a_password_is_never_repeated() -> None:
-    message = load_error(namespace_toml("keyvalue", "redis", 'url = "rediss://u:s3cret@h:1/0"'))
-    assert message.startswith("namespaces[0].options.url: expected a redis:// URL")
+    message = load_error(namespace_toml("keyvalue", "redis", 'url = "https://u:s3cret@h:1/0"'))
+    assert message.startswith("namespaces[0].options.url: expected a redis:// or rediss:// URL")
     assert "s3cret" not in message
 
 

@@ -218,6 +218,13 @@ def test_redis_cache_tier_implies_enabled_and_has_defaults() -> None:
     assert NamespaceConfig(name="x").cache.tier == "shared"
 
 
+def test_redis_cache_tier_over_tls_takes_a_ca_file() -> None:
+    cache = '{ tier = "redis", url = "rediss://:pw@cache:6380/0", ca_file = "/etc/prism/redis-ca.pem" }'
+    write(Path("prism.toml"), NS.format("p") + f"cache = {cache}\n")
+    loaded = load_config(None, {}, {}).namespaces[0].cache
+    assert (loaded.url, loaded.ca_file) == ("rediss://:pw@cache:6380/0", "/etc/prism/redis-ca.pem")
+
+
 @pytest.mark.parametrize(
     ("cache", "expected"),
     [
@@ -226,7 +233,10 @@ def test_redis_cache_tier_implies_enabled_and_has_defaults() -> None:
             "namespaces[0].cache.tier: unknown cache tier 'memcached' (known: shared, redis)",
         ),
         ('{ tier = "redis" }', 'namespaces[0].cache.url: required with tier = "redis"'),
-        ('{ tier = "redis", url = "http://h" }', "namespaces[0].cache.url: expected a redis:// URL"),
+        (
+            '{ tier = "redis", url = "http://h" }',
+            "namespaces[0].cache.url: expected a redis:// or rediss:// URL",
+        ),
         ('{ tier = "redis", url = "redis://h:70000" }', "namespaces[0].cache.url: the port is not a number"),
         ('{ tier = "redis", url = "redis://h/zero" }', "namespaces[0].cache.url: the database 'zero'"),
         ('{ tier = "redis", url = "redis://:pw@/0" }', "namespaces[0].cache.url: the URL names no host"),
@@ -237,6 +247,14 @@ def test_redis_cache_tier_implies_enabled_and_has_defaults() -> None:
         (
             '{ enabled = true, url = "redis://h" }',
             'namespaces[0].cache.url: is only used with tier = "redis"',
+        ),
+        (
+            '{ enabled = true, ca_file = "/etc/ca.pem" }',
+            'namespaces[0].cache.ca_file: is only used with tier = "redis"',
+        ),
+        (
+            '{ tier = "redis", url = "redis://:pw@h", ca_file = "/etc/ca.pem" }',
+            "namespaces[0].cache.ca_file: is only used with a rediss:// url",
         ),
     ],
 )

@@ -15,11 +15,14 @@ StreamName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,200}$")]
 
 class NatsPubSubOptions(PubSubOptions, frozen=True):
     """``ack_wait_ms`` and ``dedup_window_s`` (every PubSub backend's),
-    ``url`` (``nats://[token@|user:password@]host[:port]``), ``stream`` (the
-    JetStream stream of the namespace, 1-200 letters, digits, ``_`` or ``-``;
-    default ``PRISM_<namespace>``), and ``connect_timeout_s``."""
+    ``url`` (``nats://[token@|user:password@]host[:port]``, or ``tls://`` to
+    require TLS), ``ca_file`` (a PEM bundle of the CAs the server's
+    certificate must chain to when TLS is used; default: the system's),
+    ``stream`` (the JetStream stream of the namespace, 1-200 letters, digits,
+    ``_`` or ``-``; default ``PRISM_<namespace>``), and ``connect_timeout_s``."""
 
     url: str = DEFAULT_URL
+    ca_file: str = ""
     # "" (which config cannot give: the pattern wants a character) means the default.
     stream: StreamName = ""
     connect_timeout_s: Seconds = 2.0

@@ -73,6 +73,7 @@ from prism.backends.nats.options import NatsPubSubOptions
 from prism.backends.nats.subscription import Member, nak_orphan
 from prism.backends.pubsub import Start, StartKind
 from prism.drivers import nats as natsio
+from prism.drivers.tls import ClientContexts
 from prism.errors import FailedPrecondition, Internal, Unavailable
 
 KIND = "nats"
@@ -93,6 +94,7 @@ class NatsPubSubBackend:
         self.stream = options.stream or "PRISM_" + re.sub(r"[^A-Za-z0-9_-]", "_", namespace)
         self.prefix = f"prism.{self.stream}"
         self.connect_timeout_s = options.connect_timeout_s
+        self._tls = ClientContexts(options.ca_file)
         self._nc: natsio.Connection | None = None
         self._connect_lock = trio.Lock()
         self._members: dict[str, set[Member]] = {}  # consumer -> live members here
@@ -114,7 +116,9 @@ class NatsPubSubBackend:
                 except natsio.NatsError:
                     pass  # closed now: reconnected below
             if nc is None or nc.closed:
-                nc = self._nc = await natsio.connect(self.url, timeout_s=self.connect_timeout_s)
+                nc = self._nc = await natsio.connect(
+                    self.url, timeout_s=self.connect_timeout_s, contexts=self._tls
+                )
                 nc.orphan = nak_orphan(nc)
             return nc
 

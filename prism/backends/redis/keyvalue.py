@@ -50,6 +50,7 @@ class RedisBackend:
             size=options.pool_size,
             connect_timeout_s=options.connect_timeout_s,
             acquire_timeout_s=options.pool_timeout_s,
+            ca_file=options.ca_file,
         )
         self._reads: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
         self._writes: Coalescer[tuple[list[resp.Arg], list[resp.Arg]], resp.Reply] | None = None
