@@ -1,5 +1,6 @@
-"""What every ``prism`` client command shares: the gRPC channel, the common
-options, paging, and one-line output and errors."""
+"""What every ``prism`` client command shares: the gRPC channel (TLS and a
+token when asked: ``prism.cli.credentials``), the common options, paging,
+and one-line output and errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
+
+from prism.cli import credentials
+from prism.cli.credentials import Credentials, CredentialsError
 
 if TYPE_CHECKING:
     import grpc
@@ -48,6 +52,7 @@ def call_options() -> argparse.ArgumentParser:
         help=f"deadline of each call (default: {DEFAULT_TIMEOUT_S:g})",
     )
     common.add_argument("--json", action="store_true", help="print JSON")
+    credentials.add_options(common)
     return common
 
 
@@ -118,19 +123,54 @@ def ok_lines(as_json: bool) -> Iterator[str]:
     yield to_json({"ok": True}) if as_json else "ok"
 
 
-def error_line(code_name: str, details: str, endpoint: str, connected: bool, timeout_s: float) -> str:
+def error_line(
+    code_name: str,
+    details: str,
+    endpoint: str,
+    connected: bool,
+    timeout_s: float,
+    *,
+    tls: bool = False,
+    identified: bool = True,
+) -> str:
     """The one stderr line for a failed call.
 
-    grpcio reports "nothing listens there" and "the server said UNAVAILABLE"
-    with the same status code, so whether the channel ever connected decides
-    which of the two the user is told.
+    grpcio reports "nothing listens there", "the TLS handshake failed" and
+    "the server said UNAVAILABLE" with the same status code, so whether the
+    channel ever connected decides which the user is told. ``tls``: the
+    channel spoke TLS; ``identified``: the calls carried a token or a client
+    certificate (a server's UNAUTHENTICATED then means a bad one, else none).
     """
     reason = " ".join(details.split())
     if not connected and code_name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         if code_name == "DEADLINE_EXCEEDED":
             reason = f"no connection within {timeout_s:g}s"
-        return f"prism: cannot reach {endpoint}: {reason}"
+        return f"prism: {_connect_failure(reason, endpoint, tls)}"
+    if code_name == "UNAUTHENTICATED" and not identified:
+        reason = f"{reason} (no --token-file or --cert was given)".lstrip()
     return f"prism: {code_name}: {reason}" if reason else f"prism: {code_name}"
+
+
+def _connect_failure(reason: str, endpoint: str, tls: bool) -> str:
+    """Why no connection was made, in words a user can act on (grpcio's are
+    about its transports: "Tls handshake failed (TSI_PROTOCOL_FAILURE): ...")."""
+    lowered = reason.lower()
+    if "handshake failed" in lowered:
+        cause = reason.rpartition("OPENSSL_internal:")[2].removesuffix(": OK") or reason
+        if "CERTIFICATE_VERIFY_FAILED" in cause:
+            detail = cause.partition(": ")[2] or "certificate verify failed"
+            cause = f"the server's certificate does not verify ({detail}); is --tls-ca the CA that signed it?"
+        elif "WRONG_VERSION_NUMBER" in cause:
+            cause = "the server does not speak TLS there (a plaintext port?)"
+        return f"TLS handshake with {endpoint} failed: {cause}"
+    if lowered.endswith("socket closed"):
+        if tls:
+            return (
+                f"{endpoint} closed the connection during the TLS handshake "
+                "(it may want a client certificate: --cert and --key, or not this one)"
+            )
+        return f"{endpoint} closed the connection (a TLS port? give --tls-ca)"
+    return f"cannot reach {endpoint}: {reason}"
 
 
 # ---------------------------------------------------------------- plumbing
@@ -139,12 +179,17 @@ def error_line(code_name: str, details: str, endpoint: str, connected: bool, tim
 class Connection:
     """A grpcio channel that remembers whether it ever connected."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, creds: Credentials | None = None) -> None:
+        # grpcio's core logs handshake failures on stderr by itself; the
+        # command says what failed in its own one line. GRPC_VERBOSITY set by
+        # the user (to debug) wins.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         import grpc
 
         self._grpc = grpc
         self._ready = threading.Event()
-        self.channel = grpc.insecure_channel(endpoint, options=[("grpc.max_receive_message_length", -1)])
+        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", -1)]
+        self.channel = credentials.channel(endpoint, creds or Credentials(), options)
         self.channel.subscribe(self._on_state, try_to_connect=False)
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
@@ -164,19 +209,30 @@ class Connection:
 
 def run_calls(args: argparse.Namespace, lines: Callable[[grpc.Channel], Iterable[str]]) -> int:
     """Open a channel, print the lines the command produces, map failures to one line."""
+    try:
+        creds = credentials.load(args, os.environ, args.endpoint)
+    except CredentialsError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    conn = Connection(args.endpoint, creds)
     import grpc
 
-    conn = Connection(args.endpoint)
     try:
         for line in lines(conn.channel):
             print(line, flush=True)
         return 0
     except grpc.RpcError as exc:
         code, details = _status_of(exc)
-        print(
-            error_line(code, details, args.endpoint, conn.ever_connected(), args.timeout),
-            file=sys.stderr,
+        line = error_line(
+            code,
+            details,
+            args.endpoint,
+            conn.ever_connected(),
+            args.timeout,
+            tls=creds.tls,
+            identified=creds.identified,
         )
+        print(line, file=sys.stderr)
         return EXIT_FAILURE
     except PageTokenLoop as exc:
         print(f"prism: {exc}", file=sys.stderr)

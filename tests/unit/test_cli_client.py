@@ -12,8 +12,10 @@ from typing import Any
 import grpc
 import msgspec
 import pytest
+import trustme
 
 from prism import cli
+from prism.cli.credentials import Credentials
 from prism.config import ServerConfig
 from prism.errors import ConfigError
 from prism.proto import kv_pb2
@@ -22,7 +24,17 @@ from prism.proto import kv_pb2
 @pytest.fixture(autouse=True)
 def _clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    for name in ("PRISM_CONFIG", "PRISM_LISTEN", "PRISM_DATA_DIR", "PRISM_LOG_LEVEL", "PRISM_ENDPOINT"):
+    for name in (
+        "PRISM_CONFIG",
+        "PRISM_LISTEN",
+        "PRISM_DATA_DIR",
+        "PRISM_LOG_LEVEL",
+        "PRISM_ENDPOINT",
+        "PRISM_TLS_CA",
+        "PRISM_TLS_CERT",
+        "PRISM_TLS_KEY",
+        "PRISM_TOKEN_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -237,6 +249,7 @@ class FakeStub:
         self.scan_pages: list[kv_pb2.ScanItemsResponse] = [kv_pb2.ScanItemsResponse()]
         self.requests: list[Any] = []
         self.timeouts: list[float | None] = []
+        self.credentials: list[Credentials | None] = []  # what each command's connection was given
 
     def _record(self, request: Any, timeout: float | None) -> int:
         self.requests.append(request)
@@ -349,8 +362,9 @@ def fake_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStub]:
     stub = FakeStub()
 
     class FakeConnection:
-        def __init__(self, endpoint: str) -> None:
+        def __init__(self, endpoint: str, creds: Credentials | None = None) -> None:
             self.channel = object()
+            stub.credentials.append(creds)
 
         def ever_connected(self) -> bool:
             return True
@@ -413,3 +427,184 @@ def test_page_token_loop_is_one_line(fake_connection: FakeStub, capsys: pytest.C
     assert cli.main(["kv", "scan", "ns"]) == 1
     lines = stderr_lines(capsys)
     assert len(lines) == 1 and lines[0].startswith("prism: server returned the same page token")
+
+
+# ---------------------------------------------------------------- TLS files and the token
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA file, a client certificate and key it signed, and files that are not those."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    client = ca.issue_cert("client@prism.test")
+    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
+    client.private_key_pem.write_to_path(str(d / "client.key"))
+    trustme.CA().issue_cert("other").private_key_pem.write_to_path(str(d / "other.key"))
+    (d / "junk.pem").write_text("not a certificate\n")
+    (d / "token").write_text("  eyJhbGciOiJFUzI1NiJ9.e30.c2ln\n")
+    return {p.name: p for p in d.iterdir()}
+
+
+def test_the_files_are_read_and_handed_to_the_connection(
+    fake_connection: FakeStub, pki: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--tls-ca", str(pki["ca.pem"]), "--cert", str(pki["client.pem"]), "--key", str(pki["client.key"])]
+    assert cli.main(["kv", "get", "ns", "r", *argv, "--token-file", str(pki["token"])]) == 0
+
+    [creds] = fake_connection.credentials
+    assert creds is not None and creds.tls and creds.identified
+    assert creds.root_certificates == pki["ca.pem"].read_bytes()
+    assert creds.certificate_chain == pki["client.pem"].read_bytes()
+    assert creds.private_key == pki["client.key"].read_bytes()
+    assert creds.token == "eyJhbGciOiJFUzI1NiJ9.e30.c2ln"  # blanks and the newline dropped
+
+
+def test_the_environment_names_the_files_and_a_flag_wins(
+    fake_connection: FakeStub, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PRISM_TLS_CA", str(pki["ca.pem"]))
+    monkeypatch.setenv("PRISM_TOKEN_FILE", str(pki["token"]))
+    monkeypatch.setenv("PRISM_TLS_CERT", str(pki["junk.pem"]))  # overridden below, never read
+    monkeypatch.setenv("PRISM_TLS_KEY", str(pki["junk.pem"]))
+    argv = ["--cert", str(pki["client.pem"]), "--key", str(pki["client.key"])]
+    assert cli.main(["kv", "scan", "ns", *argv]) == 0
+
+    [creds] = fake_connection.credentials
+    assert creds is not None
+    assert creds.root_certificates == pki["ca.pem"].read_bytes()
+    assert creds.certificate_chain == pki["client.pem"].read_bytes()
+    assert creds.token == "eyJhbGciOiJFUzI1NiJ9.e30.c2ln"
+
+
+def test_without_files_the_channel_stays_plaintext(fake_connection: FakeStub) -> None:
+    assert cli.main(["kv", "scan", "ns"]) == 0
+    assert fake_connection.credentials == [Credentials()]
+    assert not Credentials().tls and not Credentials().identified
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    [line] = out.err.splitlines()
+    return line
+
+
+def test_a_missing_file_is_one_line_and_exit_2(
+    fake_connection: FakeStub,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    missing = tmp_path / "missing.pem"
+    line = usage_error(["kv", "get", "ns", "r", "--tls-ca", str(missing)], capsys)
+    assert line == f"prism: cannot read --tls-ca {missing}: No such file or directory"
+
+    monkeypatch.setenv("PRISM_TOKEN_FILE", str(missing))
+    line = usage_error(["kv", "get", "ns", "r"], capsys)
+    assert line == f"prism: cannot read $PRISM_TOKEN_FILE {missing}: No such file or directory"
+
+    line = usage_error(["kv", "get", "ns", "r", "--token-file", str(tmp_path)], capsys)  # a directory
+    assert line.startswith(f"prism: cannot read --token-file {tmp_path}: ")
+    assert fake_connection.credentials == []  # no call was made
+
+
+def test_files_that_are_not_what_they_should_be_are_one_line_and_exit_2(
+    fake_connection: FakeStub, pki: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    get = ["kv", "get", "ns", "r"]
+    line = usage_error([*get, "--tls-ca", str(pki["junk.pem"])], capsys)
+    assert line.startswith(f"prism: --tls-ca {pki['junk.pem']}: not PEM CA certificates (")
+
+    line = usage_error([*get, "--cert", str(pki["client.pem"]), "--key", str(pki["other.key"])], capsys)
+    assert line.startswith(f"prism: --cert {pki['client.pem']} and --key {pki['other.key']}: not a PEM")
+
+    line = usage_error([*get, "--cert", str(pki["client.pem"])], capsys)
+    assert line == "prism: --cert and --key go together (a certificate and its private key)"
+    assert fake_connection.credentials == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\n \n", b"two words", b"line1\nline2", b"t\xc3\xb6ken"])
+def test_a_token_file_without_one_token_is_one_line_and_exit_2(
+    fake_connection: FakeStub, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(content)
+
+    line = usage_error(["kv", "get", "ns", "r", "--token-file", str(path)], capsys)
+
+    assert line.startswith(f"prism: --token-file {path} ")
+    assert "words" not in line and "line1" not in line  # a secret, however malformed
+
+
+def test_a_token_never_goes_in_plaintext_to_another_machine(
+    fake_connection: FakeStub, pki: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_connection.get_pages = [kv_pb2.GetItemsResponse()] * 4  # one per call below
+    token = ["--token-file", str(pki["token"])]
+    line = usage_error(["kv", "get", "ns", "r", *token, "--endpoint", "prism.example:8980"], capsys)
+    assert line == (
+        "prism: --token-file: a bearer token goes over TLS (--tls-ca) or to this machine only, "
+        "and prism.example:8980 is neither"
+    )
+    for endpoint in ("127.0.0.1:8980", "localhost:8980", "[::1]:8980"):
+        assert cli.main(["kv", "get", "ns", "r", *token, "--endpoint", endpoint]) == 0
+    tls = ["--tls-ca", str(pki["ca.pem"])]
+    assert cli.main(["kv", "get", "ns", "r", *token, *tls, "--endpoint", "prism.example:8980"]) == 0
+
+
+# What grpcio says when a channel never connected, as it says it.
+BAD_CA = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8980: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+    "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
+)
+TLS_TO_PLAINTEXT = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8980: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:"
+    "WRONG_VERSION_NUMBER: Invalid certificate verification context: OK"
+)
+CLOSED = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:8980: Socket closed"
+
+
+def test_error_lines_for_tls_failures() -> None:
+    assert cli.error_line("UNAVAILABLE", BAD_CA, "h:1", False, 5, tls=True) == (
+        "prism: TLS handshake with h:1 failed: the server's certificate does not verify "
+        "(unable to get local issuer certificate); is --tls-ca the CA that signed it?"
+    )
+    assert cli.error_line("UNAVAILABLE", TLS_TO_PLAINTEXT, "h:1", False, 5, tls=True) == (
+        "prism: TLS handshake with h:1 failed: the server does not speak TLS there (a plaintext port?)"
+    )
+    assert cli.error_line("UNAVAILABLE", CLOSED, "h:1", False, 5, tls=True) == (
+        "prism: h:1 closed the connection during the TLS handshake "
+        "(it may want a client certificate: --cert and --key, or not this one)"
+    )
+    assert cli.error_line("UNAVAILABLE", CLOSED, "h:1", False, 5) == (
+        "prism: h:1 closed the connection (a TLS port? give --tls-ca)"
+    )
+
+
+def test_error_lines_for_auth_failures() -> None:
+    line = cli.error_line("UNAUTHENTICATED", "token expired", "h:1", True, 5, identified=True)
+    assert line == "prism: UNAUTHENTICATED: token expired"
+    line = cli.error_line("UNAUTHENTICATED", "no credentials", "h:1", True, 5, identified=False)
+    assert line == "prism: UNAUTHENTICATED: no credentials (no --token-file or --cert was given)"
+    line = cli.error_line("PERMISSION_DENIED", "not allowed", "h:1", True, 5, identified=True)
+    assert line == "prism: PERMISSION_DENIED: not allowed"
+
+
+def test_an_auth_failure_is_one_line_and_exit_1(
+    fake_connection: FakeStub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(request: Any, *, timeout: float | None = None) -> Any:
+        raise rpc_error(grpc.StatusCode.UNAUTHENTICATED, "a call needs a principal")
+
+    monkeypatch.setattr(fake_connection, "PutItems", fail)
+    assert cli.main(["kv", "put", "ns", "r", "k", "v"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert (
+        out.err == "prism: UNAUTHENTICATED: a call needs a principal (no --token-file or --cert was given)\n"
+    )
