@@ -1,19 +1,33 @@
-"""``prism serve``: prepare the runtime directory, then run the supervisor.
+"""``prism serve``: prepare the data and runtime directories, then run the supervisor.
 
 The metrics directory must be in the environment before anything imports
 prometheus-client (it picks its multiprocess value store at import time), so
 this module imports the supervisor, and with it the rest of Prism, only after
 setting it.
+
+Permissions. The data directory holds the page-token key and SQLite files,
+the runtime directory the sockets workers trust each other over (forwarded
+calls, hand-offs, the supervisor's control): both are created 0700, the key
+0600 (``prism.api.pagetoken``). A directory that already exists is the
+user's: one that group or others can use is left as it is, with one warning
+line, and so is a key or token file that anyone can read.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from prism.config import ServerConfig
+
+log = logging.getLogger("prism.server")
+
+PRIVATE_DIR_MODE = 0o700
+_PAGE_TOKEN_KEY = "page-token.key"
 
 
 def runtime_dir(config: ServerConfig) -> Path:
@@ -30,10 +44,55 @@ def pid_file(config: ServerConfig) -> Path:
     return runtime_dir(config) / "prism.pid"
 
 
+def private_dir(path: Path, what: str) -> str | None:
+    """Create ``path`` with mode 0700 (missing parents get the default mode);
+    for an existing one that group or others may use, the warning to log."""
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+        return None
+    except FileExistsError:
+        pass
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return None
+    return (
+        f"{what} {path} is open to group or others (mode {mode:04o}); left as it is, "
+        f"but `chmod 700 {path}` keeps what it holds to the service's user"
+    )
+
+
+def readable_by_others(path: str, what: str) -> str | None:
+    """The warning to log when the secret file ``path`` is readable by anyone
+    (group-readable is fine: ``root:prism 0640`` is how deploy/systemd installs keys)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None  # preflight reports a file that cannot be read
+    if not mode & stat.S_IROTH:
+        return None
+    return f"{what} {path} is readable by any user (mode {mode:04o}): `chmod o-r {path}`"
+
+
+def permission_warnings(config: ServerConfig) -> list[str]:
+    """What to warn about before serving: shared directories and readable secrets. Creates the
+    data directory (0700) if missing."""
+    warnings = [private_dir(Path(config.data_dir).absolute(), "data_dir")]
+    key = Path(config.data_dir) / _PAGE_TOKEN_KEY
+    if key.exists() and stat.S_IMODE(key.stat().st_mode) & 0o077:
+        warnings.append(f"{key} is open to group or others: `chmod 600 {key}` (it signs page tokens)")
+    secrets = [("tls.key_file", config.tls.key_file if config.tls else "")]
+    secrets.append(("admin.tls.key_file", config.admin.tls.key_file if config.admin.tls else ""))
+    secrets.append(("admin_token_file", config.admin_token_file))
+    warnings += [readable_by_others(path, what) for what, path in secrets if path]
+    return [w for w in warnings if w is not None]
+
+
 def prepare_runtime(config: ServerConfig) -> Path:
     """The runtime directory (sockets, metrics files), emptied of a previous run's."""
     runtime = runtime_dir(config)
-    runtime.mkdir(parents=True, exist_ok=True)
+    warning = private_dir(runtime, "the runtime directory")
+    if warning is not None:
+        log.warning("%s", warning)
     for stale in runtime.glob("*.ipc"):
         stale.unlink(missing_ok=True)
     for stale in runtime.glob("*.sock"):
@@ -50,9 +109,12 @@ def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> in
     from prism.workers.preflight import check_deployable
 
     check_deployable(config)
-    runtime = prepare_runtime(config)
     from prism.log import setup_logging
-    from prism.workers.supervisor import Supervisor
 
     setup_logging(config.log_level)
+    for warning in permission_warnings(config):
+        log.warning("%s", warning)
+    runtime = prepare_runtime(config)
+    from prism.workers.supervisor import Supervisor
+
     return Supervisor(config, reload_config, runtime).run()

@@ -27,7 +27,8 @@ _KEY_FILE = "page-token.key"
 
 
 def load_or_create_key(data_dir: Path) -> bytes:
-    """The deployment's token key, created (mode 0600) on first use."""
+    """The deployment's token key, created (mode 0600, in a data directory
+    created 0700 if missing) on first use."""
     path = data_dir / _KEY_FILE
     try:
         key = path.read_bytes()
@@ -35,7 +36,7 @@ def load_or_create_key(data_dir: Path) -> bytes:
             return key
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
