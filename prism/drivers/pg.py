@@ -209,17 +209,18 @@ async def connect(conninfo: str, *, timeout_s: float) -> Connection:
         try:
             pgconn = await _drive_conn(generators.connect(conninfo))
         except pgerrors.OperationalError as exc:
-            raise PgError(f"postgres: cannot connect: {_first_line(exc)}") from exc
+            raise PgError(f"postgres: cannot connect: {_one_line(exc)}") from exc
     if scope.cancelled_caught:
         raise PgError(f"postgres: cannot connect within {timeout_s:g} s")
     return Connection(pgconn)
 
 
-def _first_line(exc: BaseException) -> str:
-    """libpq's message, for a client or a log: its last line, with no password
-    (it can quote the connection string)."""
-    text = str(exc).strip().splitlines()
-    return redact(text[-1]) if text else type(exc).__name__
+def _one_line(exc: BaseException) -> str:
+    """libpq's message, for a client or a log: its lines joined (the first
+    says what failed, a hint may follow), with no password (it can quote the
+    connection string)."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines()]
+    return redact("; ".join(line for line in lines if line)) or type(exc).__name__
 
 
 class Connection:
@@ -260,7 +261,7 @@ class Connection:
             results = await _drive(generators.execute(pgconn), self.fileno)
         except pgerrors.OperationalError as exc:
             self.close()
-            raise PgError(f"postgres: connection lost: {_first_line(exc)}") from exc
+            raise PgError(f"postgres: connection lost: {_one_line(exc)}") from exc
         except BaseException:
             # Cancelled (or a bug) with the statement in flight: stop it on the
             # server and bring the connection back to idle before going on.

@@ -121,7 +121,7 @@ class Connection:
                 replies.append(reply)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.ProtocolError) as exc:
             self.close()
-            raise ConnectionLost(f"redis: connection lost: {exc}") from exc
+            raise ConnectionLost(f"redis: connection lost: {tls.reason(exc)}") from exc
         except BaseException:
             # Cancelled (or anything else) with replies unread: never reuse.
             self.close()

@@ -111,9 +111,9 @@ def test_an_invalid_dsn_without_a_password_says_what_is_wrong() -> None:
 
 
 def test_a_driver_error_quoting_a_dsn_is_masked() -> None:
-    exc = RuntimeError('first line\nconnection to "postgresql://u:s3cret@db/app" failed')
+    exc = RuntimeError('connection to "postgresql://u:s3cret@db/app" failed\n\tIs the server running?\n')
 
-    assert pg._first_line(exc) == 'connection to "postgresql://u:***@db/app" failed'
+    assert pg._one_line(exc) == 'connection to "postgresql://u:***@db/app" failed; Is the server running?'
 
 
 def test_every_log_line_is_masked_traceback_included() -> None:
