@@ -200,7 +200,7 @@ async def _run(method: Method, call: ForwardedCall, call_id: int, security: Secu
         try:
             request: Any = method.decode(call.messages[0])
             if security.secured and method.action is not None:
-                security.check_caller(call.caller, method, request.namespace)
+                security.check_caller(call.caller, method, request.namespace, forwarded=True)
             payload = method.answer_now(request, call)
             if payload is None:
                 payload = await method.invoke(request, call)

@@ -21,7 +21,8 @@ is PERMISSION_DENIED like a forbidden existing one. Its order:
    UNAUTHENTICATED;
 2. the rules: a principal no rule allows the method's action on the
    namespace is PERMISSION_DENIED;
-3. the audit: every denial, and with ``audit_writes`` every allowed write.
+3. the audit: every denial, and with ``audit_writes`` every allowed write
+   (once, by the worker the client reached).
 
 A forwarded call's token was verified by the worker the client reached;
 the owner checks the rules for the principal that worker established.
@@ -121,10 +122,13 @@ class Security:
         self.check_caller(caller, method, namespace)
         return caller
 
-    def check_caller(self, caller: Caller | None, method: Method, namespace: str) -> None:
+    def check_caller(
+        self, caller: Caller | None, method: Method, namespace: str, *, forwarded: bool = False
+    ) -> None:
         """Nothing if ``caller`` may ``action`` on ``namespace``; else Unauthenticated
         (no principal) or PermissionDenied, audited. A forwarded call is checked
-        with this alone, for the caller its sender established."""
+        with this alone, for the caller its sender established; its sender
+        audited it if it was an allowed write."""
         action = method.action
         if action is None:
             return  # open to every caller (Health, reflection)
@@ -144,7 +148,7 @@ class Security:
                 f"no rule allows {action}",
             )
             raise PermissionDenied(f"permission denied: {principal!r} may not {action} this namespace")
-        if self.audit_writes and action == WRITE:
+        if self.audit_writes and action == WRITE and not forwarded:
             self.audit.allowed_write(caller, namespace, method.name)
 
 

@@ -309,7 +309,7 @@ async def test_a_forwarded_call_is_checked_again_where_it_arrives(
 
 
 async def test_a_call_goes_out_with_its_principal_not_its_token(
-    issuer: Issuer, nodes: tuple[Node, Node], make_section: object
+    issuer: Issuer, nodes: tuple[Node, Node], make_section: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = nodes
     table = routes(1, {"kv": ("b", "keyvalue")}, a, b)
@@ -317,8 +317,11 @@ async def test_a_call_goes_out_with_its_principal_not_its_token(
     await b.install(table)
     # The front worker lets bob write kv; the owner does not (its rules are
     # another generation's, say): the owner's check decides.
-    a.app.settings.security.apply(make_section((*RULES, AccessRule(("bob",), ("kv",), ("write",)))))  # type: ignore[operator]
-    b.app.settings.security.apply(make_section())  # type: ignore[operator]
+    a.app.settings.security.apply(
+        make_section((*RULES, AccessRule(("bob",), ("kv",), ("write",))), audit_writes=True)  # type: ignore[operator]
+    )
+    b.app.settings.security.apply(make_section(audit_writes=True))  # type: ignore[operator]
+    caplog.set_level(logging.INFO, logger="prism.audit")
     arrived: list[ForwardCall] = []
     serve = b.remote.serve
 
@@ -337,3 +340,6 @@ async def test_a_call_goes_out_with_its_principal_not_its_token(
         ("KeyValue/PutItems", StatusCode.OK),
         ("KeyValue/PutItems", StatusCode.PERMISSION_DENIED),
     ]
+    # Each write audited once, by the worker the client reached; the owner's denial by the owner.
+    audit = [(r.getMessage(), r.fields["principal"]) for r in caplog.records if r.name == "prism.audit"]  # type: ignore[attr-defined]
+    assert audit == [("write", "alice"), ("write", "bob"), ("denied", "bob")]
