@@ -141,3 +141,39 @@ def test_no_token_appears_in_logs_or_admin_output(prism_tree: Any, issuer: Issue
         for token in tokens:
             signature = token.split(".")[2]
             assert token not in text and (not signature or signature not in text), where  # ...but no token
+
+
+def test_sighup_reads_the_jwks_again_and_a_bad_one_is_rejected(
+    prism_tree: Any, issuer: Issuer, tmp_path: Any
+) -> None:
+    jwks = tmp_path / "jwks.json"
+    tree = prism_tree(body(issuer.write_jwks(jwks, "rsa")))
+    kv = tree.kv("a.prism")
+    request = kv_pb2.GetItemsRequest(namespace="na", id="r")
+    by_rsa, by_ec = bearer(issuer.token("alice", kid="rsa")), bearer(issuer.token("alice", kid="ec"))
+    kv.GetItems(request, metadata=by_rsa, timeout=10)
+    assert refused(lambda: kv.GetItems(request, metadata=by_ec, timeout=10)) == (
+        "UNAUTHENTICATED",
+        "invalid bearer token: unknown key",
+    )
+
+    def accepted(metadata: list[tuple[str, str]]) -> bool:
+        try:
+            kv.GetItems(request, metadata=metadata, timeout=10)
+        except grpc.RpcError:
+            return False
+        return True
+
+    issuer.write_jwks(jwks, "ec")  # rotation: the ec key in, the rsa key out
+    tree.send_signal(1)
+    wait_until(lambda: accepted(by_ec), 10, what="the new key accepted after SIGHUP")
+    assert refused(lambda: kv.GetItems(request, metadata=by_rsa, timeout=10)) == (
+        "UNAUTHENTICATED",
+        "invalid bearer token: unknown key",
+    )
+    jwks.write_text('{"keys": [')  # a bad file: the reload is rejected, the keys in use stay
+    tree.send_signal(1)
+    wait_until(lambda: "reload rejected" in tree.stderr(), 10, what="the reload rejected")
+    rejected = [line for line in tree.stderr().splitlines() if "reload rejected" in line]
+    assert len(rejected) == 1 and f"auth.jwt.jwks_file: {jwks}: not JSON" in rejected[0]
+    assert accepted(by_ec) and not accepted(by_rsa)

@@ -215,3 +215,18 @@ def test_subscribe_is_checked(issuer: Issuer, channel: grpc.Channel) -> None:
     pubsub.Publish(pubsub_pb2.PublishRequest(namespace="topics", topic="t", payload=b"hi"), metadata=team)
     assert next(iter(stream)).payload == b"hi"
     stream.cancel()
+
+
+def test_a_jwks_that_does_not_load_stops_start_up_with_one_line(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("badjwks")
+    (root / "jwks.json").write_text('{"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0", "alg": "HS256"}]}')
+    config = CONFIG.format(jwks=root / "jwks.json", issuer=ISSUER, audience=AUDIENCE)
+    process = PrismProcess(root / "data", config)
+    with pytest.raises(RuntimeError) as info:
+        process.start()
+    assert str(info.value) == (
+        f"prism serve exited 2: prism: config error: auth.jwt.jwks_file: {root}/jwks.json: "
+        "keys[0] (kid 'h'): algorithm HS256 is not one of RS256, ES256, EdDSA\n"
+    )
