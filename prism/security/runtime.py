@@ -99,8 +99,8 @@ class Security:
     def check_call(
         self, call: CallContext, method: Method, namespace: str, peer: PeerIdentity, certificate: str | None
     ) -> Caller:
-        """The caller of a call on a client connection, allowed its method's
-        action on ``namespace``; else Unauthenticated or PermissionDenied,
+        """The caller of a call on a client connection, if it may do ``method``'s
+        action on ``namespace``; else raise Unauthenticated or PermissionDenied,
         audited. ``certificate``: the connection's client-certificate principal."""
         verifier = self.verifier
         try:
@@ -125,10 +125,10 @@ class Security:
     def check_caller(
         self, caller: Caller | None, method: Method, namespace: str, *, forwarded: bool = False
     ) -> None:
-        """Nothing if ``caller`` may ``action`` on ``namespace``; else Unauthenticated
-        (no principal) or PermissionDenied, audited. A forwarded call is checked
-        with this alone, for the caller its sender established; its sender
-        audited it if it was an allowed write."""
+        """Return if ``caller`` may do ``method``'s action on ``namespace``; else raise
+        Unauthenticated (no principal) or PermissionDenied, audited. A forwarded
+        call is checked with this alone, for the caller its sender established
+        (which audited it already if it was an allowed write)."""
         action = method.action
         if action is None:
             return  # open to every caller (Health, reflection)
