@@ -10,7 +10,9 @@ is checked again where it arrives.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -42,6 +44,8 @@ SUBSCRIBE = "/prism.pubsub.v1.PubSub/Subscribe"
 HEALTH = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
+MakeSection = Callable[..., SecuritySection]
+
 RULES = (
     AccessRule(("alice",), ("kv", "orders-*", "topics"), ("read", "write")),
     AccessRule(("bob", "team-*"), ("kv",), ("read",)),
@@ -54,7 +58,7 @@ def issuer() -> Issuer:
 
 
 @pytest.fixture
-def make_section(issuer: Issuer, tmp_path: Path) -> Iterator[object]:
+def make_section(issuer: Issuer, tmp_path: Path) -> Iterator[MakeSection]:
     jwks = issuer.write_jwks(tmp_path / "jwks.json")
 
     def make(rules: tuple[AccessRule, ...] = RULES, *, audit_writes: bool = False) -> SecuritySection:
@@ -111,10 +115,10 @@ DENIED_BOB = (StatusCode.PERMISSION_DENIED, "permission denied: 'bob' may not wr
 
 
 async def test_a_token_and_a_rule_are_needed_on_a_secured_server(
-    issuer: Issuer, make_section: object, tmp_path: Path
+    issuer: Issuer, make_section: MakeSection, tmp_path: Path
 ) -> None:
     alice, bob = issuer.token("alice"), issuer.token("bob", kid="ec")
-    async with served(tmp_path, make_section()) as (_, client):  # type: ignore[operator]
+    async with served(tmp_path, make_section()) as (_, client):
         assert (await put(client, "kv", alice)).status == StatusCode.OK
         assert (await get(client, "kv", bob)).status == StatusCode.OK  # bob may read kv
         assert outcome(await put(client, "kv", bob)) == DENIED_BOB
@@ -138,18 +142,18 @@ async def test_a_token_and_a_rule_are_needed_on_a_secured_server(
 
 
 async def test_a_forbidden_unknown_namespace_looks_like_a_forbidden_existing_one(
-    issuer: Issuer, make_section: object, tmp_path: Path
+    issuer: Issuer, make_section: MakeSection, tmp_path: Path
 ) -> None:
     bob = issuer.token("bob")
-    async with served(tmp_path, make_section()) as (_, client):  # type: ignore[operator]
+    async with served(tmp_path, make_section()) as (_, client):
         assert outcome(await put(client, "kv", bob)) == DENIED_BOB
         assert outcome(await put(client, "no-such-namespace", bob)) == DENIED_BOB
         # Without credentials, nothing about namespaces either.
         assert outcome(await get(client, "no-such-namespace", None)) == outcome(await get(client, "kv", None))
 
 
-async def test_health_and_reflection_stay_open(make_section: object, tmp_path: Path) -> None:
-    async with served(tmp_path, make_section()) as (_, client):  # type: ignore[operator]
+async def test_health_and_reflection_stay_open(make_section: MakeSection, tmp_path: Path) -> None:
+    async with served(tmp_path, make_section()) as (_, client):
         r = await client.call(HEALTH, frame(health_pb2.HealthCheckRequest().SerializeToString()))
         assert r.status == StatusCode.OK
         request = reflection_pb2.ServerReflectionRequest(list_services="")
@@ -161,10 +165,10 @@ async def test_health_and_reflection_stay_open(make_section: object, tmp_path: P
 
 
 async def test_a_shared_cache_hit_is_checked_before_it_is_served(
-    issuer: Issuer, make_section: object, tmp_path: Path
+    issuer: Issuer, make_section: MakeSection, tmp_path: Path
 ) -> None:
     alice = issuer.token("alice")
-    async with served(tmp_path, make_section((RULES[0],))) as (app, client):  # type: ignore[operator]
+    async with served(tmp_path, make_section((RULES[0],))) as (app, client):
         cache = app.kv._shared_cache
         assert cache is not None
         assert (await put(client, "kv", alice)).status == StatusCode.OK
@@ -182,10 +186,10 @@ async def test_a_shared_cache_hit_is_checked_before_it_is_served(
 
 
 async def test_subscribe_is_checked(
-    issuer: Issuer, make_section: object, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    issuer: Issuer, make_section: MakeSection, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     body = frame(pubsub_pb2.SubscribeRequest(namespace="topics", topic="t").SerializeToString())
-    async with served(tmp_path, make_section()) as (_, client):  # type: ignore[operator]
+    async with served(tmp_path, make_section()) as (_, client):
         r = await client.call(SUBSCRIBE, body)
         assert outcome(r) == (StatusCode.UNAUTHENTICATED, NO_CREDENTIALS)
         r = await client.call(SUBSCRIBE, body, extra=auth(issuer.token("bob")))
@@ -205,11 +209,11 @@ async def test_without_security_nothing_is_checked(issuer: Issuer, tmp_path: Pat
 
 
 async def test_denials_and_audited_writes_are_logged_without_the_token(
-    issuer: Issuer, make_section: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    issuer: Issuer, make_section: MakeSection, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="prism")  # every line Prism writes, at any level
     alice, bob, expired = issuer.token("alice"), issuer.token("bob"), issuer.token("alice", exp=1)
-    async with served(tmp_path, make_section(audit_writes=True)) as (_, client):  # type: ignore[operator]
+    async with served(tmp_path, make_section(audit_writes=True)) as (_, client):
         await put(client, "kv", alice)
         await get(client, "kv", alice)  # a read: not audited
         await put(client, "ledger", bob)
@@ -271,20 +275,17 @@ def forwarded(principal: str | None, *, namespace: str = "kv", peer: str = "10.1
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    import shutil
-    import tempfile
-
     ipc = Path(tempfile.mkdtemp(prefix="pacc", dir="/tmp"))
     yield Node(1, "a", ipc, tmp_path), Node(2, "b", ipc, tmp_path)
     shutil.rmtree(ipc, ignore_errors=True)
 
 
 async def test_a_forwarded_call_is_checked_again_where_it_arrives(
-    nodes: tuple[Node, Node], make_section: object, caplog: pytest.LogCaptureFixture
+    nodes: tuple[Node, Node], make_section: MakeSection, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, b = nodes
     await b.install(routes(1, {"kv": ("b", "keyvalue")}, b))
-    b.app.settings.security.apply(make_section())  # type: ignore[operator]
+    b.app.settings.security.apply(make_section())
     caplog.set_level(logging.INFO, logger="prism.audit")
     answer = await b.remote.serve(forwarded("bob"))
     assert (answer.status, answer.message) == DENIED_BOB
@@ -309,7 +310,7 @@ async def test_a_forwarded_call_is_checked_again_where_it_arrives(
 
 
 async def test_a_call_goes_out_with_its_principal_not_its_token(
-    issuer: Issuer, nodes: tuple[Node, Node], make_section: object, caplog: pytest.LogCaptureFixture
+    issuer: Issuer, nodes: tuple[Node, Node], make_section: MakeSection, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = nodes
     table = routes(1, {"kv": ("b", "keyvalue")}, a, b)
@@ -318,9 +319,9 @@ async def test_a_call_goes_out_with_its_principal_not_its_token(
     # The front worker lets bob write kv; the owner does not (its rules are
     # another generation's, say): the owner's check decides.
     a.app.settings.security.apply(
-        make_section((*RULES, AccessRule(("bob",), ("kv",), ("write",))), audit_writes=True)  # type: ignore[operator]
+        make_section((*RULES, AccessRule(("bob",), ("kv",), ("write",))), audit_writes=True)
     )
-    b.app.settings.security.apply(make_section(audit_writes=True))  # type: ignore[operator]
+    b.app.settings.security.apply(make_section(audit_writes=True))
     caplog.set_level(logging.INFO, logger="prism.audit")
     arrived: list[ForwardCall] = []
     serve = b.remote.serve
