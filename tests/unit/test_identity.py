@@ -6,11 +6,14 @@ import json
 import logging
 from pathlib import Path
 
+import jwt
 import pytest
 
 from prism.config import ServerConfig
-from prism.config.security import AuthConfig, JwtConfig
-from prism.errors import ConfigError
+from prism.config.security import AccessRule, AuthConfig, JwtConfig
+from prism.errors import ConfigError, PermissionDenied
+from prism.rpc.call import Call
+from prism.rpc.methods import UNARY, Method
 from prism.security.identity import (
     MAX_TOKEN_BYTES,
     JwksError,
@@ -19,6 +22,7 @@ from prism.security.identity import (
     TokenVerifier,
     bearer,
     load_jwks,
+    peer_address,
 )
 from prism.security.runtime import Security
 from prism.security.section import SecuritySection
@@ -83,6 +87,17 @@ def test_each_bad_token_is_refused_with_its_reason(issuer: Issuer, tmp_path: Pat
     assert reason(v, "Bearer a.b.c") == "not a JWT"
     assert reason(v, f"Basic {issuer.token()}") == "not a bearer token"
     assert len(v) == 0  # nothing refused is remembered
+
+
+def test_a_signed_token_with_a_malformed_payload_or_times_is_refused(issuer: Issuer, tmp_path: Path) -> None:
+    v = verifier(issuer, tmp_path)
+    not_json = jwt.api_jws.encode(
+        b"not json", issuer.keys["rsa"][1], algorithm="RS256", headers={"kid": "rsa"}
+    )
+    assert reason(v, f"Bearer {not_json}") == "not a JWT"
+    assert reason(v, f"Bearer {issuer.token(exp='tomorrow')}") == "exp is not a number"
+    assert reason(v, f"Bearer {issuer.token(nbf=True)}") == "nbf is not a number"
+    assert reason(v, f"Bearer {issuer.token(sub='')}") == "no sub claim"
 
 
 def test_leeway_accepts_a_token_just_expired_or_just_not_yet_valid(issuer: Issuer, tmp_path: Path) -> None:
@@ -219,3 +234,55 @@ def test_a_reload_reads_the_jwks_again_and_keeps_the_old_keys_if_it_does_not_loa
     ]
     security.apply(SecuritySection(4))  # [auth] removed
     assert security.verifier is None and not security.secured
+
+
+class FakeSocket:
+    def __init__(self, name: object) -> None:
+        self.name = name
+
+    def getpeername(self) -> object:
+        if isinstance(self.name, OSError):
+            raise self.name
+        return self.name
+
+
+class FakeStream:
+    def __init__(self, socket: object = None, transport_stream: object = None) -> None:
+        if socket is not None:
+            self.socket = socket
+        if transport_stream is not None:
+            self.transport_stream = transport_stream
+
+
+def test_peer_address_of_a_socket_stream_and_of_a_tls_stream_over_one() -> None:
+    assert peer_address(FakeStream(FakeSocket(("10.0.0.7", 51000)))) == "10.0.0.7:51000"
+    assert peer_address(FakeStream(FakeSocket(("::1", 443, 0, 0)))) == "[::1]:443"
+    tls = FakeStream(transport_stream=FakeStream(FakeSocket(("192.0.2.1", 8))))
+    assert peer_address(tls) == "192.0.2.1:8"
+    assert peer_address(FakeStream(FakeSocket(OSError("not connected")))) == ""
+    assert peer_address(object()) == ""  # a memory stream (tests)
+    assert peer_address(FakeStream(FakeSocket(""))) == ""  # an unnamed Unix socket
+
+
+def test_a_client_certificate_is_the_principal_when_the_call_carries_no_token(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    rules = (AccessRule(("spiffe://corp/svc/payments",), ("ledger",), ("read",)),)
+    auth = AuthConfig(JwtConfig(issuer.write_jwks(tmp_path / "jwks.json"), ISSUER, AUDIENCE))
+    security = Security()
+    security.apply(SecuritySection(1, auth=auth, access=rules))
+    read = Method(UNARY, bytes, None, "KeyValue/GetItems", action="read")
+    peer = PeerIdentity(FakeStream(FakeSocket(("10.0.0.7", 51000))))
+    call = Call(1)
+    caller = security.check_call(call, read, "ledger", peer, "spiffe://corp/svc/payments")
+    assert caller == ("spiffe://corp/svc/payments", "10.0.0.7:51000")
+    assert security.check_call(call, read, "ledger", peer, "spiffe://corp/svc/payments") is caller
+    # A token, when there is one, names the principal instead: here one no rule allows.
+    call.metadata = [("authorization", f"Bearer {issuer.token('alice')}")]
+    with pytest.raises(PermissionDenied, match="'alice' may not read this namespace"):
+        security.check_call(call, read, "ledger", peer, "spiffe://corp/svc/payments")
+    # Without [auth], a token is not Prism's to judge: the certificate decides.
+    security.apply(SecuritySection(2, access=rules))
+    assert security.check_call(call, read, "ledger", peer, "spiffe://corp/svc/payments").principal == (
+        "spiffe://corp/svc/payments"
+    )
