@@ -1,6 +1,6 @@
 """Checks before serving (or reloading) what config validation cannot see
 from the file alone: CPUs that this machine lets us use, and certificate,
-key and CA files that load. The supervisor runs them at start-up and on
+key, CA and JWKS files that load. The supervisor runs them at start-up and on
 every reload; a failure is one line naming the field (exit code 2, or a
 rejected reload that keeps the running config and its files).
 
@@ -17,6 +17,7 @@ import ssl
 
 from prism.config import ServerConfig
 from prism.errors import ConfigError
+from prism.security.identity import JwksError, load_jwks
 from prism.security.tls import server_context
 
 
@@ -35,6 +36,11 @@ def check_deployable(config: ServerConfig) -> None:
             raise ConfigError(
                 f"tls: cannot load the certificate, key or client CA: {_one_line(exc)}"
             ) from None
+    if config.auth is not None:
+        try:
+            load_jwks(config.auth.jwt.jwks_file)
+        except JwksError as exc:
+            raise ConfigError(f"auth.jwt.jwks_file: {exc}") from None
 
 
 def _one_line(exc: BaseException) -> str:
