@@ -69,11 +69,13 @@ class Target:
     request: bytes  # the serialized request message, without gRPC framing
     body_file: Path  # the same, with the 5-byte gRPC prefix, for h2load -d
     authority: str | None = None  # the :authority to send (None: HOST:PORT)
+    scheme: str = "http"  # "https": TLS (h2load offers ALPN h2 and checks no certificate)
+    headers: tuple[str, ...] = ()  # more request headers ("name: value"), sent on every call
 
     @property
     def url(self) -> str:
-        """The h2c URL of the method."""
-        return f"http://{self.host}:{self.port}{self.path}"
+        """The URL of the method (h2c, or h2 over TLS)."""
+        return f"{self.scheme}://{self.host}:{self.port}{self.path}"
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ def run_h2load(
     ]  # fmt: skip
     if target.authority:
         argv += ["-H", f":authority: {target.authority}"]  # h2load overrides the pseudo-header
+    for header in target.headers:
+        argv += ["-H", header]
     argv.append(target.url)
     out = _run(argv, _timeout(requests, duration_s))
     return _parse_h2load(out, *read_log(log_file))

@@ -72,6 +72,9 @@ class ServerProcess:
     log_path: Path
     cpus: tuple[int, ...] = ()
     probe_namespace: str = "bench"
+    # How a grpcio client reaches it: None is plaintext; else TLS credentials
+    # (and the metadata every call carries, a token say).
+    access: GrpcAccess | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -123,12 +126,13 @@ class ServerProcess:
         """
         deadline = time.monotonic() + timeout_s
         request = kv_pb2.GetItemsRequest(namespace=self.probe_namespace, id="ready").SerializeToString()
-        with grpc.insecure_channel(self.target) as channel:
+        with open_channel(self.target, None, self.access) as channel:
             call = channel.unary_unary(GET_ITEMS)
+            metadata = self.access.metadata if self.access else ()
             while True:
                 self.check_alive()
                 try:
-                    call(request, timeout=1.0)
+                    call(request, timeout=1.0, metadata=metadata)
                     return
                 except grpc.RpcError as exc:
                     if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -271,7 +275,12 @@ class PrismServer(ServerProcess):
 
 
 def make_prism(
-    name: str, workdir: Path, config_body: str, cpus: Sequence[int], probe_namespace: str
+    name: str,
+    workdir: Path,
+    config_body: str,
+    cpus: Sequence[int],
+    probe_namespace: str,
+    access: GrpcAccess | None = None,
 ) -> PrismServer:
     """A not-yet-started ``prism serve`` with free gRPC and admin ports and its own data dir.
 
@@ -286,7 +295,7 @@ def make_prism(
     argv = [*prism_command(), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(workdir / "data")]
     argv += ["--config", str(config)]
     return PrismServer(
-        name, argv, port, workdir / f"{name}.log", tuple(cpus), probe_namespace, admin_port=admin_port
+        name, argv, port, workdir / f"{name}.log", tuple(cpus), probe_namespace, access, admin_port=admin_port
     )
 
 
@@ -332,26 +341,58 @@ def channel_options(authority: str | None) -> list[tuple[str, str]]:
     return [("grpc.default_authority", authority)] if authority else []
 
 
+@dataclass(frozen=True)
+class GrpcAccess:
+    """TLS and credentials for a grpcio client: the CA that signed the
+    server's certificate, the name that certificate is for, and the metadata
+    every call carries (``authorization: Bearer ...``)."""
+
+    ca_pem: bytes
+    server_name: str
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+def open_channel(target: str, authority: str | None, access: GrpcAccess | None = None) -> grpc.Channel:
+    """A grpcio channel to ``target``: plaintext, or TLS as ``access`` says."""
+    options = channel_options(authority)
+    if access is None:
+        return grpc.insecure_channel(target, options=options)
+    options.append(("grpc.ssl_target_name_override", access.server_name))
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(access.ca_pem), options=options)
+
+
 def seed(
-    target: str, namespace: str, record_id: str, key: bytes, value: bytes, authority: str | None = None
+    target: str,
+    namespace: str,
+    record_id: str,
+    key: bytes,
+    value: bytes,
+    authority: str | None = None,
+    access: GrpcAccess | None = None,
 ) -> None:
     """Write one item with a grpcio ``PutItems``."""
     item = kv_pb2.Item(key=key, value=value)
     request = kv_pb2.PutItemsRequest(namespace=namespace, id=record_id, items=[item]).SerializeToString()
-    with grpc.insecure_channel(target, options=channel_options(authority)) as channel:
-        channel.unary_unary(PUT_ITEMS)(request, timeout=10)
+    with open_channel(target, authority, access) as channel:
+        channel.unary_unary(PUT_ITEMS)(request, timeout=10, metadata=access.metadata if access else ())
 
 
 def fetch_checked_answer(
-    target: str, request: bytes, expected: list[tuple[bytes, bytes]], authority: str | None = None
+    target: str,
+    request: bytes,
+    expected: list[tuple[bytes, bytes]],
+    authority: str | None = None,
+    access: GrpcAccess | None = None,
 ) -> bytes:
     """The raw GetItems answer, after checking it holds exactly the ``expected`` items.
 
     Raw bytes, because the benchmark checks every answer under load by
     length, and that length must be the server's own encoding.
     """
-    with grpc.insecure_channel(target, options=channel_options(authority)) as channel:
-        raw: bytes = channel.unary_unary(GET_ITEMS)(request, timeout=10)
+    with open_channel(target, authority, access) as channel:
+        raw: bytes = channel.unary_unary(GET_ITEMS)(
+            request, timeout=10, metadata=access.metadata if access else ()
+        )
     items = [(item.key, item.value) for item in kv_pb2.GetItemsResponse.FromString(raw).items]
     if items != expected:
         shown = [(key, f"<{len(value)} bytes>") for key, value in expected]

@@ -30,6 +30,10 @@ class JsonFormatter(logging.Formatter):
             "msg": redact(record.getMessage()),
             "pid": os.getpid(),
         }
+        # Structured lines (the audit log) pass their fields with extra={"fields": {...}}.
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return _encoder.encode(entry).decode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
+from typing import Final
 
 from prism import metrics
 from prism.backends import keyvalue as base
@@ -19,6 +20,7 @@ from prism.cache.shared import SharedCache
 from prism.errors import InvalidArgument
 from prism.proto import common_pb2, kv_pb2
 from prism.rpc.call import CallContext
+from prism.rpc.methods import READ, WRITE
 
 from .namespaces import Held, Remote, elsewhere
 from .pagetoken import PageTokens
@@ -89,6 +91,15 @@ class KeyValue:
     while it was off. A namespace's Redis tier is invalidated by the writes
     to it while it is configured.
     """
+
+    # What the access rules must allow, per RPC (prism.rpc.methods).
+    actions: Final = {
+        "GetItems": READ,
+        "ScanItems": READ,
+        "PutItems": WRITE,
+        "DeleteItems": WRITE,
+        "MutateItems": WRITE,
+    }
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ its first call of the connection (the connection is then handed over).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -20,7 +20,7 @@ from prism.backends.pubsub import Message, PubSubBackend, Start, StartKind, Subs
 from prism.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from prism.proto import pubsub_pb2
 from prism.rpc.call import CallContext
-from prism.rpc.methods import SEND_HEADERS
+from prism.rpc.methods import READ, SEND_HEADERS, WRITE
 
 from .namespaces import Held, Remote, elsewhere
 
@@ -39,6 +39,9 @@ class Locator(Protocol):
 class PubSub:
     """The PubSub service over this process's PubSub namespaces (the table's
     PubSub view); Publish and Ack for any other go to ``remote``."""
+
+    # What the access rules must allow, per RPC (prism.rpc.methods).
+    actions: Final = {"Subscribe": READ, "Ack": READ, "Publish": WRITE}
 
     def __init__(
         self,

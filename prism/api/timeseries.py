@@ -12,11 +12,13 @@ import hashlib
 import struct
 import time
 from collections.abc import Mapping
+from typing import Final
 
 from prism.backends.timeseries import Cursor, Event, TimeSeriesBackend
 from prism.errors import InvalidArgument
 from prism.proto import common_pb2, timeseries_pb2
 from prism.rpc.call import CallContext
+from prism.rpc.methods import READ, WRITE
 
 from .namespaces import Held, Remote, elsewhere
 from .pagetoken import PageTokens
@@ -60,6 +62,9 @@ def _decode_cursor(raw: bytes | str) -> Cursor:
 class TimeSeries:
     """The TimeSeries service over this process's TimeSeries namespaces
     (the table's TimeSeries view); calls for any other go to ``remote``."""
+
+    # What the access rules must allow, per RPC (prism.rpc.methods).
+    actions: Final = {"ReadEvents": READ, "WriteEvents": WRITE}
 
     def __init__(
         self,

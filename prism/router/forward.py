@@ -38,6 +38,7 @@ import trio
 from prism.errors import DeadlineExceeded, PrismError, StatusCode, Unavailable
 from prism.router.messages import ForwardAnswer, ForwardCall, Forwarded
 from prism.router.table import WorkerEntry
+from prism.rpc.call import Caller
 
 log = logging.getLogger("prism.forward")
 
@@ -174,8 +175,10 @@ class ForwardBus:
         payload: bytes,
         metadata: list[tuple[str, str | bytes]],
         deadline: float,
+        caller: Caller | None = None,
     ) -> bytes:
-        """Run a call on one of ``owners``; its response bytes, or its error raised."""
+        """Run a call on one of ``owners``; its response bytes, or its error raised.
+        ``caller``: who made it, as this worker's access check established."""
         serving = [w for w in owners if w.serving]
         if not serving:
             raise Unavailable("no worker of the owning tenant is serving; retry")
@@ -189,8 +192,10 @@ class ForwardBus:
         call_id = next(self._ids)
         pending = self._pending[call_id] = _Pending(owner.id)
         try:
+            principal, peer = caller if caller is not None else (None, "")
             self._post(
-                owner.forward_address, ForwardCall(call_id, self.address, path, payload, metadata, timeout)
+                owner.forward_address,
+                ForwardCall(call_id, self.address, path, payload, metadata, timeout, principal, peer),
             )
             with trio.move_on_at(give_up):
                 await pending.event.wait()

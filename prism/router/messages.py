@@ -43,7 +43,14 @@ WorkerEvent = Heartbeat | BootFailed
 
 
 class ForwardCall(msgspec.Struct, tag="c", frozen=True, array_like=True):
-    """A call for a namespace of another tenant, sent to one of its workers."""
+    """A call for a namespace of another tenant, sent to one of its workers.
+
+    With security on, the sender has checked the call and established who
+    made it: ``principal`` (the bearer token's subject or the client
+    certificate's identity; the token itself is not sent) and ``peer`` (the
+    client's address, for the owner's audit lines). The owner checks the
+    access rules for that principal again: no worker serves an unchecked call.
+    """
 
     id: int
     reply_to: str  # the sender's forward address, where the answer goes
@@ -51,6 +58,8 @@ class ForwardCall(msgspec.Struct, tag="c", frozen=True, array_like=True):
     payload: bytes
     metadata: list[tuple[str, Any]]  # str values, bytes for -bin keys
     timeout_s: float | None
+    principal: str | None = None  # None: the sender ran no check (security off there)
+    peer: str = ""
 
 
 class ForwardAnswer(msgspec.Struct, tag="a", frozen=True, array_like=True):

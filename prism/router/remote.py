@@ -16,13 +16,16 @@ this module decides what goes on it:
   owner's, so it applies the newest one and tries once more.
 - A Subscribe stream cannot be forwarded: ``tenant_of`` tells PubSub which
   tenant its client should name to reach the namespace's workers.
+- With security on, a call goes out with the caller this worker's access
+  check established (not its bearer token), and a call forwarded here is
+  checked again against the access rules for that caller before it runs.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -31,9 +34,10 @@ from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.router.forward import ForwardBus, Moved
 from prism.router.messages import ForwardAnswer, ForwardCall
 from prism.router.table import RoutingTableReader
-from prism.rpc.call import CallContext
+from prism.rpc.call import CallContext, Caller
 from prism.rpc.methods import UNARY, Method
 from prism.rpc.server import ServerSettings, failure_status
+from prism.security.runtime import Security
 
 # Which abstraction each service's calls need.
 ABSTRACTION_OF_SERVICE: Final = {
@@ -49,7 +53,7 @@ _OPEN_POLL_S: Final = 0.005
 class ForwardedCall:
     """A call another worker forwarded here, as handlers see it (a ``CallContext``)."""
 
-    __slots__ = ("deadline", "messages", "metadata", "namespace", "path", "started")
+    __slots__ = ("caller", "deadline", "messages", "metadata", "namespace", "path", "started")
 
     forwarded = True
 
@@ -60,6 +64,8 @@ class ForwardedCall:
         self.deadline = trio.current_time() + request.timeout_s if request.timeout_s else math.inf
         self.started = time.perf_counter()
         self.namespace = ""
+        # Who made the call, as the sender established it (to be checked here).
+        self.caller: Caller | None = Caller(request.principal, request.peer)
 
 
 class Local(Protocol):
@@ -143,9 +149,14 @@ class Forwarding:
                     f"namespace moved while the call was forwarded: {namespace!r}; retry",
                 )
             metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
+            metadata = call.metadata
+            if call.caller is not None:
+                # Checked here: the owner trusts the caller, not the token, so
+                # the token stays in this process.
+                metadata = [entry for entry in metadata if entry[0] != "authorization"]
             try:
                 return await self.bus.forward(
-                    owners, call.path, call.messages[0], call.metadata, call.deadline
+                    owners, call.path, call.messages[0], metadata, call.deadline, call.caller
                 )
             except Moved:
                 # The owner we picked had already let the namespace go (a
@@ -177,17 +188,19 @@ class Forwarding:
         if method is None or method.kind != UNARY:
             return ForwardAnswer(request.id, StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
         call = ForwardedCall(request)
-        answer = await _run(method, call, request.id)
+        answer = await _run(method, call, request.id, settings.security)
         observer = settings.observer
         if observer is not None:
             observer(call, method, StatusCode(answer.status), time.perf_counter() - call.started)
         return answer
 
 
-async def _run(method: Method, call: ForwardedCall, call_id: int) -> ForwardAnswer:
+async def _run(method: Method, call: ForwardedCall, call_id: int, security: Security) -> ForwardAnswer:
     with trio.CancelScope(deadline=call.deadline):
         try:
-            request = method.decode(call.messages[0])
+            request: Any = method.decode(call.messages[0])
+            if security.secured and method.action is not None:
+                security.check_caller(call.caller, method, request.namespace, forwarded=True)
             payload = method.answer_now(request, call)
             if payload is None:
                 payload = await method.invoke(request, call)

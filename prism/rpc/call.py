@@ -8,7 +8,16 @@ another worker forwarded here over nng). Handlers use only what both have.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+
+class Caller(NamedTuple):
+    """Who made a call, as the access check (``prism.security``) established it."""
+
+    # The token's subject or the client certificate's identity; None on a
+    # call forwarded by a worker that ran no check (security was off there).
+    principal: str | None
+    address: str  # the client's address, for the audit log ("" if unknown)
 
 
 class CallContext(Protocol):
@@ -17,6 +26,9 @@ class CallContext(Protocol):
     # The service's namespace, set by the handler once it has read the
     # request (for metrics and logs); "" until then.
     namespace: str
+    # Who made the call: set by the access check when security is on (a
+    # forwarded call carries its sender's); None otherwise.
+    caller: Caller | None
 
     @property
     def path(self) -> bytes:
@@ -63,6 +75,7 @@ class Call:
         "_out",
         "_trailers",
         "authority",
+        "caller",
         "deadline",
         "done",
         "messages",
@@ -94,6 +107,7 @@ class Call:
         self.done = False  # end of stream sent (or stream reset): nothing more to send
         self.started = 0.0  # when the request was complete (server's clock, for metrics)
         self.namespace = ""  # set by handlers, for metrics and logs
+        self.caller: Caller | None = None  # set by the access check
 
     @property
     def pending_bytes(self) -> int:

@@ -5,13 +5,18 @@ with one ``async def`` per RPC, named as in the .proto (and, optionally, a
 ``<Method>Now`` for answers that need no waiting: ``Method.now``). Request decoding and
 streaming kinds come from the descriptor, so a handler cannot disagree with
 the contract clients are generated from.
+
+The object's ``actions`` (RPC name -> ``"read"`` or ``"write"``) give each
+method the action the access rules govern it by (``Method.action``); a
+method without one (Health, reflection) is open to every caller. A governed
+method's request has a ``namespace`` field, which the check reads.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -40,6 +45,9 @@ NowHandler = Callable[[Any, CallContext], bytes | None]
 # ``Method.answer_now`` logs what a ``now`` raised at most this often per
 # method: a broken ``now`` raises on every call it sees.
 NOW_FAILURE_LOG_INTERVAL_S: Final = 10.0
+# What access rules allow (prism.config.security.ACTIONS).
+READ: Final = "read"
+WRITE: Final = "write"
 
 
 class Method:
@@ -49,6 +57,7 @@ class Method:
         "_clock",
         "_log_after",
         "_not_logged",
+        "action",
         "decode",
         "handler",
         "kind",
@@ -65,6 +74,7 @@ class Method:
         name: str,
         now: NowHandler | None = None,
         *,
+        action: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kind = kind
@@ -78,6 +88,9 @@ class Method:
         # at once, with no task of its own; None (or an error) sends the call
         # to the handler.
         self.now = now
+        # READ or WRITE: what the access rules must allow a caller on the
+        # request's namespace; None: open to every caller.
+        self.action = action
         self._clock = clock  # for the rate limit on logging now's failures
         self._log_after = -float("inf")
         self._not_logged = 0
@@ -123,7 +136,12 @@ class MethodTable:
 
     def add_service(self, descriptor: ServiceDescriptor, implementation: object) -> None:
         """Register every RPC of ``descriptor`` from same-named methods of
-        ``implementation``; a missing one is a programming error."""
+        ``implementation``, with the actions of its ``actions``; a missing
+        method, or an action that cannot be checked, is a programming error."""
+        actions: Mapping[str, str] = getattr(implementation, "actions", {})
+        unknown = set(actions) - {m.name for m in descriptor.methods}
+        if unknown:
+            raise ValueError(f"{descriptor.full_name}: actions for no such RPC: {sorted(unknown)}")
         for m in descriptor.methods:
             handler = getattr(implementation, m.name)
             if m.client_streaming:
@@ -135,8 +153,15 @@ class MethodTable:
             request_class = GetMessageClass(m.input_type)
             path = f"/{descriptor.full_name}/{m.name}".encode()
             now = getattr(implementation, f"{m.name}Now", None) if kind == UNARY else None
+            action = actions.get(m.name)
+            if action is not None:
+                if action not in (READ, WRITE):
+                    raise ValueError(f"{path.decode()}: action {action!r} is not {READ!r} or {WRITE!r}")
+                if kind == CLIENT_STREAM or "namespace" not in request_class.DESCRIPTOR.fields_by_name:
+                    # The check reads the namespace of the call's one request.
+                    raise ValueError(f"{path.decode()}: no single request with a namespace to check")
             self.methods[path] = Method(
-                kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}", now
+                kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}", now, action=action
             )
         self.service_names.append(descriptor.full_name)
 

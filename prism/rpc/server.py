@@ -25,6 +25,7 @@ from prism.errors import PrismError, StatusCode
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method, MethodTable
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
+from prism.security.identity import PeerIdentity
 from prism.security.runtime import Security
 
 log = logging.getLogger("prism.rpc")
@@ -116,6 +117,10 @@ class Connection:
         self._window_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        # The client certificate's principal (prism.security.tls.peer_principal),
+        # set once the TLS handshake is done; None in plaintext.
+        self.peer_principal: str | None = None
+        self.identity = PeerIdentity(stream)  # what the access check remembers of it
 
     async def serve(self) -> None:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""
@@ -297,16 +302,23 @@ class Connection:
     def _answer_now(self, call: Call, method: Method) -> bool:
         """Answer a unary call whose answer needs no waiting (``Method.now``)
         here, in the reader's step, without a task, a cancel scope or a
-        coroutine: a task per call was a tenth of a shared-cache hit's CPU."""
+        coroutine: a task per call was a tenth of a shared-cache hit's CPU.
+        A call the access check refuses is answered here too."""
         try:
             call.request = method.decode(call.messages[0])
         except Exception:
             return False  # the handler's path answers with the decoding error
-        answer = method.answer_now(call.request, call)
-        if answer is None:
-            return False
-        self.proto.send_unary(call, answer)
-        self._observe(call, method, _OK)
+        try:
+            if self.settings.security.secured:
+                self._authorize(call, method, call.request)
+        except PrismError as exc:
+            self._answer_failure(call, method, exc)
+        else:
+            answer = method.answer_now(call.request, call)
+            if answer is None:
+                return False
+            self.proto.send_unary(call, answer)
+            self._observe(call, method, _OK)
         if self.proto.draining:
             self._maybe_close()
         return True
@@ -326,6 +338,8 @@ class Connection:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope
                 request = call.request if call.request is not None else method.decode(call.messages[0])
+                if self.settings.security.secured and call.caller is None:  # else _answer_now checked it
+                    self._authorize(call, method, request)
                 proto.send_unary(call, await method.invoke(request, call))
                 status = _OK
             if scope.cancelled_caught:
@@ -348,6 +362,8 @@ class Connection:
                 self._scopes[sid] = scope
                 if requests is None:
                     arg: Any = method.decode(call.messages[0])
+                    if self.settings.security.secured:
+                        self._authorize(call, method, arg)
                 else:
                     arg = requests
                 responses: AsyncIterator[Any] = method.handler(arg, call)
@@ -375,6 +391,14 @@ class Connection:
             self.wake()
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
+
+    def _authorize(self, call: Call, method: Method, request: Any) -> None:
+        """The access check (``prism.security.runtime``) of a call on this connection,
+        every call path's: sets ``call.caller``, or raises Unauthenticated or PermissionDenied."""
+        if method.action is not None:  # else open to every caller
+            call.caller = self.settings.security.check_call(
+                call, method, request.namespace, self.identity, self.peer_principal
+            )
 
     def _answer_failure(self, call: Call, method: Method, exc: Exception) -> None:
         status, message = failure_status(exc, method)

@@ -1,8 +1,8 @@
 """Checks before serving (or reloading) what config validation cannot see
 from the file alone: CPUs that this machine lets us use, and certificate,
-key, CA and token files that load. The supervisor runs them at start-up and
-on every reload; a failure is one line naming the field (exit code 2, or a
-rejected reload that keeps the running config and its files).
+key, CA, JWKS and token files that load. The supervisor runs them at
+start-up and on every reload; a failure is one line naming the field (exit
+code 2, or a rejected reload that keeps the running config and its files).
 
 Namespaces are not checked here: loading the config already checked that
 each names a backend that exists and options it takes
@@ -18,6 +18,7 @@ import ssl
 
 from prism.config import ServerConfig
 from prism.errors import ConfigError
+from prism.security.identity import JwksError, load_jwks
 from prism.security.tls import server_context
 
 MAX_ADMIN_TOKEN_BYTES = 4096
@@ -40,6 +41,11 @@ def check_deployable(config: ServerConfig) -> None:
             raise ConfigError(
                 f"tls: cannot load the certificate, key or client CA: {_one_line(exc)}"
             ) from None
+    if config.auth is not None:
+        try:
+            load_jwks(config.auth.jwt.jwks_file)
+        except JwksError as exc:
+            raise ConfigError(f"auth.jwt.jwks_file: {exc}") from None
     check_admin(config)
 
 

@@ -1,16 +1,22 @@
-"""Method.invoke (the one way a unary handler's answer becomes bytes) and
-Method.answer_now (a ``<Method>Now`` that fails is logged, rate-limited)."""
+"""Method.invoke (the one way a unary handler's answer becomes bytes),
+Method.answer_now (a ``<Method>Now`` that fails is logged, rate-limited), and
+Method.action (what the access rules govern each RPC by)."""
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from grpc_health.v1 import health_pb2
 
+from prism.config import ServerConfig
 from prism.errors import NotFound
 from prism.rpc.call import Call, CallContext
-from prism.rpc.methods import NOW_FAILURE_LOG_INTERVAL_S, UNARY, Method
+from prism.rpc.methods import NOW_FAILURE_LOG_INTERVAL_S, UNARY, Method, MethodTable
+from prism.workers.app import App
 
 Request = health_pb2.HealthCheckRequest
 Response = health_pb2.HealthCheckResponse
@@ -96,3 +102,43 @@ def test_a_failing_now_is_logged_at_most_once_per_interval(caplog: pytest.LogCap
     assert m.answer_now(Request(), Call(1)) is None
     assert len(caplog.records) == 3
     assert "more since" not in caplog.records[2].getMessage()
+
+
+def test_every_data_rpc_has_its_action_and_health_and_reflection_none(tmp_path: Path) -> None:
+    app = App(ServerConfig(data_dir=str(tmp_path)))
+    actions = {path.decode(): m.action for path, m in app.methods.methods.items()}
+    data = {p: a for p, a in actions.items() if p.startswith("/prism.")}
+    assert data == {
+        "/prism.kv.v1.KeyValue/GetItems": "read",
+        "/prism.kv.v1.KeyValue/ScanItems": "read",
+        "/prism.kv.v1.KeyValue/PutItems": "write",
+        "/prism.kv.v1.KeyValue/DeleteItems": "write",
+        "/prism.kv.v1.KeyValue/MutateItems": "write",
+        "/prism.timeseries.v1.TimeSeries/ReadEvents": "read",
+        "/prism.timeseries.v1.TimeSeries/WriteEvents": "write",
+        "/prism.pubsub.v1.PubSub/Subscribe": "read",
+        "/prism.pubsub.v1.PubSub/Ack": "read",
+        "/prism.pubsub.v1.PubSub/Publish": "write",
+    }
+    assert {a for p, a in actions.items() if not p.startswith("/prism.")} == {None}  # Health, reflection
+
+
+def test_an_action_the_check_could_not_apply_is_refused_at_registration() -> None:
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+    class Service:
+        actions: ClassVar[dict[str, str]] = {}
+
+        async def Check(self, request: Request, call: CallContext) -> Response:
+            return Response()
+
+        List = Watch = Check
+
+    for actions, error in [
+        ({"Nope": "read"}, "actions for no such RPC: ['Nope']"),
+        ({"Check": "admin"}, "action 'admin' is not 'read' or 'write'"),
+        ({"Check": "read"}, "no single request with a namespace to check"),  # HealthCheckRequest has none
+    ]:
+        Service.actions = actions
+        with pytest.raises(ValueError, match=re.escape(error)):
+            MethodTable().add_service(health, Service())
