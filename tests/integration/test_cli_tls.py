@@ -1,9 +1,10 @@
-"""``prism kv`` over TLS, as a user runs it (a subprocess), against a grpcio server with trustme certificates.
+"""``prism kv`` over TLS and with tokens, as a user runs it (a subprocess).
 
-The server is stock grpcio in this process, so these tests check the
-client's side alone: the TLS handshake (server certificate, client
-certificate), the bearer token on every call, and the one line a user gets
-when any of it fails, with nothing of grpcio's own logging around it.
+Most tests use a stock grpcio server in this process, with trustme
+certificates, to check the client's side alone: the TLS handshake (server
+certificate, client certificate), the bearer token on every call, and the
+one line a user gets when any of it fails, with nothing of grpcio's own
+logging around it. The last ones run against a real ``prism serve``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import pytest
 import trustme
 
 from prism.proto import kv_pb2
-from tests.integration.conftest import free_port
+from tests.integration.conftest import PrismProcess, free_port
+from tests.tokens import AUDIENCE, ISSUER, Issuer
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln"
 
@@ -286,3 +288,51 @@ def test_a_real_prism_serve_over_tls(pki: Pki, tmp_path: Path) -> None:
             server.kill()
             server.wait()
         server.communicate()
+
+
+AUTH_CONFIG = """
+[auth]
+jwt = {{ jwks_file = "{jwks}", issuer = "{issuer}", audience = "{audience}" }}
+
+[[access]]
+principals = ["alice"]
+namespaces = ["default"]
+allow = ["read", "write"]
+
+[[access]]
+principals = ["bob"]
+namespaces = ["default"]
+allow = ["read"]
+
+[[namespaces]]
+name = "default"
+backend = "sqlite"
+"""
+
+
+def test_tokens_against_a_real_prism_serve_with_auth(tmp_path: Path) -> None:
+    """The token reaches prism's own check (plaintext to this machine), and its refusals are one line."""
+    issuer = Issuer()
+    jwks = issuer.write_jwks(tmp_path / "jwks.json")
+    for name in ("alice", "bob"):
+        (tmp_path / f"{name}.token").write_text(issuer.token(name) + "\n")
+    (tmp_path / "expired.token").write_text(issuer.token("alice", exp=int(time.time()) - 3600) + "\n")
+    server = PrismProcess(tmp_path / "data", AUTH_CONFIG.format(jwks=jwks, issuer=ISSUER, audience=AUDIENCE))
+    server.start()
+    try:
+        ep = ["--endpoint", server.endpoint]
+        put = ["kv", "put", "default", "r", "k", "v", *ep]
+
+        done = prism(*put, "--token-file", str(tmp_path / "alice.token"))
+        assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+        got = prism("kv", "get", "default", "r", *ep, env={"PRISM_TOKEN_FILE": str(tmp_path / "bob.token")})
+        assert (got.returncode, got.stdout) == (0, "k = v\n"), got.stderr
+
+        assert one_line_failure(prism(*put)).startswith("prism: UNAUTHENTICATED: ")
+        assert one_line_failure(prism(*put)).endswith("(no --token-file or --cert was given)")
+        expired = one_line_failure(prism(*put, "--token-file", str(tmp_path / "expired.token")))
+        assert expired.startswith("prism: UNAUTHENTICATED: ") and "expired" in expired
+        denied = one_line_failure(prism(*put, "--token-file", str(tmp_path / "bob.token")))
+        assert denied.startswith("prism: PERMISSION_DENIED: ")
+    finally:
+        server.stop()
