@@ -13,10 +13,11 @@ socket without a window where the port is closed or taken by someone else.
 ``PROMETHEUS_MULTIPROC_DIR`` (also set by the supervisor) names the directory
 of the workers' metric files.
 
-The token file and the certificate and key are read once, at start; the
-supervisor checked them already (``prism.workers.preflight``), and changing
-them takes a restart of ``prism serve`` (they are restart-only fields). With
-``tls``, hypercorn serves HTTPS itself (its ``certfile``/``keyfile``).
+The token file and the certificate and key are read when this process
+starts (the supervisor checked them already, ``prism.workers.preflight``). A
+reload neither restarts this process nor changes those settings (they are
+restart-only fields): a new token or certificate takes a restart of ``prism
+serve``. With ``tls``, hypercorn serves HTTPS itself (its ``certfile``/``keyfile``).
 
 SIGTERM or SIGINT stops the server gracefully and the process exits 0. A
 missing or malformed spec exits ``EXIT_BOOT_FAILED`` with the reason on
