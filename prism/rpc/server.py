@@ -6,7 +6,8 @@ that writes to the stream, and it writes everything the protocol has queued
 in one ``send_all`` after each scheduling batch, so that concurrent calls on a
 connection share writes. ``failure_status`` is the error boundary: the one
 place where exceptions become a ``grpc-status`` (for calls forwarded here from
-another worker too). Accepting connections is ``prism.rpc.listen``'s job.
+another worker too). Accepting connections is ``prism.rpc.listen``'s job,
+and a TLS connection's handshake ``prism.rpc.handshake``'s.
 """
 
 from __future__ import annotations
@@ -46,10 +47,17 @@ Observer = Callable[[CallContext, Method, StatusCode, float], None]
 
 
 class Handoff(Protocol):
-    """Moves a connection whose first request names another tenant to its worker."""
+    """Moves a connection that names another tenant to a worker of that tenant."""
 
     async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
-        """True if another worker took the socket (and ``buffered``) over."""
+        """A plaintext connection, by its first request: True if another
+        worker took the socket (and ``buffered``) over."""
+        ...
+
+    async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
+        """A TLS connection, by the server name its ClientHello asks for,
+        before the handshake (nothing read, nothing sent): True if another
+        worker took the socket over."""
         ...
 
 
@@ -97,12 +105,25 @@ class ServerSettings:
 
 
 class Connection:
-    """One client connection: the reader, the writer and the calls' tasks."""
+    """One client connection: the reader, the writer and the calls' tasks.
+
+    ``peer`` is the client's address ("host:port"); ``peer_principal`` the
+    identity of the client certificate verified in the TLS handshake (None
+    without one: plaintext, or TLS with no client CA).
+    """
 
     def __init__(
-        self, stream: trio.abc.Stream, settings: ServerSettings, *, handed_in: bytes | None = None
+        self,
+        stream: trio.abc.Stream,
+        settings: ServerSettings,
+        *,
+        handed_in: bytes | None = None,
+        peer: str = "",
+        peer_principal: str | None = None,
     ) -> None:
         self.stream = stream
+        self.peer = peer
+        self.peer_principal = peer_principal
         self._handed_in = handed_in
         self.settings = settings
         self.proto = GrpcProtocol(
@@ -130,7 +151,10 @@ class Connection:
                     # (the same bytes) and read these: take over from there.
                     self.proto.data_to_send()
                     events = self.proto.receive_data(self._handed_in)
-                elif self.settings.handoff is not None:
+                elif self.settings.handoff is not None and isinstance(self.stream, trio.SocketStream):
+                    # A TLS session cannot move to another process: a TLS
+                    # connection was placed by its ClientHello instead
+                    # (prism.rpc.handshake), and is not sniffed.
                     events = await self._sniff(self.settings.handoff)
                     if events is None:
                         return  # handed to another worker, which now owns the socket
