@@ -18,7 +18,8 @@ the connection was accepted under:
 
 A handshake that fails (plaintext bytes, an unknown, expired or missing
 client certificate, a timeout) ends that connection with one debug line and
-nothing else: it is the client's error, not the server's.
+nothing else: it is the client's error, not the server's. A drain gives the
+handshakes under way ``DRAIN_HANDSHAKE_GRACE_S`` more, not their whole timeout.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ log = logging.getLogger("prism.rpc")
 # A ClientHello larger than this is not read for its server name (the
 # connection is served where it landed); real ones are under 2 KiB.
 HELLO_LIMIT_BYTES = 16 * 1024
+# Once a drain starts, how long a handshake under way may still take.
+DRAIN_HANDSHAKE_GRACE_S = 1.0
 
 
 async def serve_tls(
@@ -78,7 +81,16 @@ async def _start(
     # https_compatible: a client that closes without close_notify has ended
     # the connection as a plaintext one does (HTTP/2 frames its own end).
     tls_stream = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
-    with trio.move_on_after(handshake_timeout_s):
+    with trio.move_on_after(handshake_timeout_s) as handshake:
+
+        def hurry() -> None:
+            # A drain waits for calls in flight, not for a client that may
+            # never handshake: the handshakes under way get a moment more.
+            handshake.deadline = min(handshake.deadline, trio.current_time() + DRAIN_HANDSHAKE_GRACE_S)
+
+        if settings.draining:
+            hurry()
+        settings.on_drain.append(hurry)
         try:
             if may_hand_off and settings.handoff is not None:
                 server_name = await peek_server_name(stream.socket)
@@ -88,6 +100,8 @@ async def _start(
         except (trio.BrokenResourceError, OSError) as exc:
             log.debug("tls: handshake with %s failed: %s", peer, _reason(exc))
             return None
+        finally:
+            settings.on_drain.remove(hurry)
         # Python's ssl cannot fail a handshake for want of a protocol: when the
         # client offers no ALPN, or none we offer, OpenSSL's selection callback
         # answers "no ack" and the handshake completes without one. So the
@@ -96,7 +110,10 @@ async def _start(
             log.debug("tls: %s did not select ALPN h2: closed", peer)
             return None
         return tls_stream
-    log.debug("tls: no handshake from %s within %gs: closed", peer, handshake_timeout_s)
+    if settings.draining:
+        log.debug("tls: no handshake from %s before the drain: closed", peer)
+    else:
+        log.debug("tls: no handshake from %s within %gs: closed", peer, handshake_timeout_s)
     return None
 
 

@@ -30,7 +30,7 @@ from prism.api import health
 from prism.config.security import TlsConfig
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.table import Routes, WorkerEntry
-from prism.rpc.handshake import HELLO_LIMIT_BYTES
+from prism.rpc.handshake import DRAIN_HANDSHAKE_GRACE_S, HELLO_LIMIT_BYTES
 from prism.rpc.listen import serve_listeners
 from prism.rpc.methods import MethodTable
 from prism.rpc.server import ServerSettings
@@ -407,3 +407,24 @@ async def test_a_tls_connection_whose_tenant_cannot_take_it_is_served_here(
     [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warning.startswith("hand-off to worker 7 failed (")
     assert warning.endswith("); serving here")
+
+
+async def test_a_drain_does_not_wait_for_a_handshake_that_never_comes(
+    ca: trustme.CA, files: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="prism")
+    settings = settings_for(server_files(files, ca, handshake_timeout_s=60))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_listeners, listeners, settings)
+        silent = await trio.open_tcp_stream("127.0.0.1", port)
+        await trio.sleep(0.1)  # accepted
+        start = trio.current_time()
+        settings.start_drain()
+    # serve_listeners has returned: every connection task has ended.
+    assert trio.current_time() - start == pytest.approx(DRAIN_HANDSHAKE_GRACE_S, abs=0.1)
+    assert await silent.receive_some() == b""
+    assert tls_lines(caplog) == [
+        f"tls: no handshake from 127.0.0.1:{silent.socket.getsockname()[1]} before the drain: closed"
+    ]
