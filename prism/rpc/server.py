@@ -50,14 +50,11 @@ class Handoff(Protocol):
     """Moves a connection that names another tenant to a worker of that tenant."""
 
     async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
-        """A plaintext connection, by its first request: True if another
-        worker took the socket (and ``buffered``) over."""
+        """True if another worker took the socket (and ``buffered``) over."""
         ...
 
     async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
-        """A TLS connection, by the server name its ClientHello asks for,
-        before the handshake (nothing read, nothing sent): True if another
-        worker took the socket over."""
+        """The same for a TLS connection, by its ClientHello's server name, before the handshake."""
         ...
 
 
@@ -105,12 +102,8 @@ class ServerSettings:
 
 
 class Connection:
-    """One client connection: the reader, the writer and the calls' tasks.
-
-    ``peer`` is the client's address ("host:port"); ``peer_principal`` the
-    identity of the client certificate verified in the TLS handshake (None
-    without one: plaintext, or TLS with no client CA).
-    """
+    """One client connection: the reader, the writer and the calls' tasks. ``peer``: the client's
+    "host:port"; ``peer_principal``: the identity of its verified TLS client certificate, or None."""
 
     def __init__(
         self,
@@ -152,9 +145,7 @@ class Connection:
                     self.proto.data_to_send()
                     events = self.proto.receive_data(self._handed_in)
                 elif self.settings.handoff is not None and isinstance(self.stream, trio.SocketStream):
-                    # A TLS session cannot move to another process: a TLS
-                    # connection was placed by its ClientHello instead
-                    # (prism.rpc.handshake), and is not sniffed.
+                    # (TLS is not sniffed: its ClientHello placed it, prism.rpc.handshake.)
                     events = await self._sniff(self.settings.handoff)
                     if events is None:
                         return  # handed to another worker, which now owns the socket
