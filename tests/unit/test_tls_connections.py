@@ -190,6 +190,21 @@ async def test_a_refused_handshake_ends_that_connection_alone(
         assert len(settings.connections) == 2
 
 
+async def test_a_client_below_min_version_is_refused(
+    ca: trustme.CA, files: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="prism")
+    tls = msgspec.structs.replace(server_files(files, ca), min_version="TLSv1.3")
+    async with server(tls) as (port, _):
+        old = client_context(ca)
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        await refused(port, old)
+        [line] = tls_lines(caplog)
+        assert "failed" in line and "unsupported protocol" in line
+        no_warnings(caplog)
+        await served(await tls_client(port, client_context(ca)))
+
+
 async def test_plaintext_bytes_to_the_tls_port_end_that_connection(
     ca: trustme.CA, files: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
