@@ -59,7 +59,8 @@ def grpcio_hello(**options: str) -> bytes:
             f"127.0.0.1:{port}", grpc.ssl_channel_credentials(), options=list(options.items())
         )
         try:
-            channel.subscribe(lambda state: None, try_to_connect=True)  # channels connect lazily
+            # A channel connects on its first call (the server here never answers it).
+            channel.unary_unary("/prism.Test/Hello").future(b"", timeout=10)
             reader.join(10)
         finally:
             channel.close()
