@@ -1,11 +1,18 @@
 """Connection hand-off: a connection that names its tenant goes to that tenant.
 
-A client says which tenant it is for with ``:authority`` ``TENANT.anything``
-or ``prism-tenant`` metadata on its first request. The worker that accepted
+A plaintext client says which tenant it is for with ``:authority``
+``TENANT.anything`` or ``prism-tenant`` metadata on its first request; a TLS
+client with the server name of its ClientHello (SNI), ``TENANT.anything``,
+read before the handshake (``prism.rpc.handshake``). The worker that accepted
 the connection (all workers accept on the one port) passes the socket to a
-serving worker of that tenant over a Unix socket (SCM_RIGHTS), together with
-the bytes it has read; that worker replays them and serves the connection,
-so its later calls take no forwarding hop.
+serving worker of that tenant over a Unix socket (SCM_RIGHTS), so that the
+connection's calls take no forwarding hop:
+
+- plaintext: together with the bytes it has read (after it sent its server
+  preface); the receiving worker replays them and serves the connection;
+- TLS: with no bytes, nothing having been read or sent; the receiving worker
+  serves it as a connection it accepted itself (handshake included), but
+  never passes it on again.
 
 Message on the Unix socket: 4-byte big-endian length, then the bytes read,
 with the client socket's fd attached to the first chunk.
@@ -25,6 +32,7 @@ import trio
 from prism import metrics
 from prism.router.table import Routes
 from prism.rpc.call import Call
+from prism.rpc.listen import peer_address, serve_accepted
 from prism.rpc.server import Connection, ServerSettings
 
 log = logging.getLogger("prism.handoff")
@@ -37,8 +45,12 @@ def tenant_of(call: Call) -> str:
     for name, value in call.metadata:
         if name == "prism-tenant" and isinstance(value, str):
             return value
-    authority = call.authority.decode("latin-1")
-    head, dot, _ = authority.partition(".")
+    return tenant_of_host(call.authority.decode("latin-1"))
+
+
+def tenant_of_host(host: str) -> str:
+    """The tenant a host name (``:authority``, SNI) names: ``TENANT.anything`` ("" for none)."""
+    head, dot, _ = host.partition(".")
     return head if dot else ""
 
 
@@ -51,7 +63,12 @@ class TenantHandoff:
         self._next = 0
 
     async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
-        tenant = tenant_of(first)
+        return await self._to(tenant_of(first), stream, buffered)
+
+    async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
+        return await self._to(tenant_of_host(server_name), stream, b"")
+
+    async def _to(self, tenant: str, stream: trio.SocketStream, buffered: bytes) -> bool:
         if not tenant or tenant == self._tenant:
             return False
         workers = [w for w in self._routes().tenant_workers(tenant) if w.serving]
@@ -113,8 +130,15 @@ async def _take_over(conn: trio.socket.SocketType, settings: ServerSettings) -> 
         os.close(fd)
         log.warning("bad hand-off message: the descriptor passed is not a socket (%s)", exc.strerror)
         return
+    stream = trio.SocketStream(client)
     try:
-        await Connection(trio.SocketStream(client), settings, handed_in=buffered).serve()
+        if buffered:
+            await Connection(stream, settings, handed_in=buffered, peer=peer_address(client)).serve()
+        else:  # TLS, untouched: as if accepted here, under this worker's TLS context
+            security = settings.security
+            await serve_accepted(
+                stream, settings, security.tls, security.handshake_timeout_s, may_hand_off=False
+            )
     except Exception:
         log.exception("handed-off connection failed")
 

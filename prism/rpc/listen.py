@@ -3,16 +3,22 @@
 Workers of one tenant all accept on the same inherited socket; the kernel
 wakes whichever is waiting, so a process that already holds connections
 waits a little before taking the next one (``ServerSettings.accept_backoff_s``).
+
+A connection is accepted under the TLS context in effect at that moment
+(``settings.security``: None is plaintext) and keeps it; its handshake runs in
+its own task (``prism.rpc.handshake``).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from prism.rpc.handshake import serve_tls
 from prism.rpc.server import Connection, ServerSettings
 
 log = logging.getLogger("prism.rpc")
@@ -31,9 +37,11 @@ async def serve_listeners(
     once the last of them has closed.
     """
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(
+        stream: trio.SocketStream, tls: ssl.SSLContext | None, handshake_timeout_s: float
+    ) -> None:
         try:
-            await Connection(stream, settings).serve()
+            await serve_accepted(stream, settings, tls, handshake_timeout_s)
         except Exception:
             log.exception("connection failed")
 
@@ -55,10 +63,39 @@ _ACCEPT_PAUSE_S = 0.1
 _ACCEPT_BACKOFF_MAX_S = 0.005
 
 
+async def serve_accepted(
+    stream: trio.SocketStream,
+    settings: ServerSettings,
+    tls: ssl.SSLContext | None,
+    handshake_timeout_s: float,
+    *,
+    may_hand_off: bool = True,
+) -> None:
+    """Serve a connection accepted here (or handed here before any byte was
+    read: ``may_hand_off`` False) until it ends: over TLS with ``tls``, else plaintext."""
+    peer = peer_address(stream.socket)
+    if tls is None:
+        await Connection(stream, settings, peer=peer).serve()
+    else:
+        await serve_tls(stream, settings, tls, handshake_timeout_s, peer, may_hand_off=may_hand_off)
+
+
+def peer_address(sock: trio.socket.SocketType) -> str:
+    """``host:port`` (``[host]:port`` for IPv6) of the socket's peer; "" if it has gone already."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return ""
+    if not isinstance(address, tuple):
+        return str(address)
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def _accept_loop(
     listener: trio.SocketListener,
     connections: trio.Nursery,
-    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    handle: Callable[[trio.SocketStream, ssl.SSLContext | None, float], Awaitable[None]],
     settings: ServerSettings,
 ) -> None:
     while True:
@@ -70,7 +107,8 @@ async def _accept_loop(
             log.error("accept failed (%s); pausing", exc.strerror)
             await trio.sleep(_ACCEPT_PAUSE_S)
             continue
-        connections.start_soon(handle, stream)
+        security = settings.security
+        connections.start_soon(handle, stream, security.tls, security.handshake_timeout_s)
         if settings.accept_backoff_s:
             # Several processes accept on one socket and the kernel gives a
             # burst of connections to whichever wakes first. A process that

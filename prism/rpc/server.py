@@ -6,7 +6,8 @@ that writes to the stream, and it writes everything the protocol has queued
 in one ``send_all`` after each scheduling batch, so that concurrent calls on a
 connection share writes. ``failure_status`` is the error boundary: the one
 place where exceptions become a ``grpc-status`` (for calls forwarded here from
-another worker too). Accepting connections is ``prism.rpc.listen``'s job.
+another worker too). Accepting connections is ``prism.rpc.listen``'s job,
+and a TLS connection's handshake ``prism.rpc.handshake``'s.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ Observer = Callable[[CallContext, Method, StatusCode, float], None]
 
 
 class Handoff(Protocol):
-    """Moves a connection whose first request names another tenant to its worker."""
+    """Moves a connection that names another tenant to a worker of that tenant."""
 
     async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
         """True if another worker took the socket (and ``buffered``) over."""
+        ...
+
+    async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
+        """The same for a TLS connection, by its ClientHello's server name, before the handshake."""
         ...
 
 
@@ -98,12 +103,21 @@ class ServerSettings:
 
 
 class Connection:
-    """One client connection: the reader, the writer and the calls' tasks."""
+    """One client connection: the reader, the writer and the calls' tasks. ``peer``: the client's
+    "host:port"; ``peer_principal``: the identity of its verified TLS client certificate, or None."""
 
     def __init__(
-        self, stream: trio.abc.Stream, settings: ServerSettings, *, handed_in: bytes | None = None
+        self,
+        stream: trio.abc.Stream,
+        settings: ServerSettings,
+        *,
+        handed_in: bytes | None = None,
+        peer: str = "",
+        peer_principal: str | None = None,
     ) -> None:
         self.stream = stream
+        self.peer = peer
+        self.peer_principal = peer_principal
         self._handed_in = handed_in
         self.settings = settings
         self.proto = GrpcProtocol(
@@ -117,10 +131,7 @@ class Connection:
         self._window_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._closing = False
-        # The client certificate's principal (prism.security.tls.peer_principal),
-        # set once the TLS handshake is done; None in plaintext.
-        self.peer_principal: str | None = None
-        self.identity = PeerIdentity(stream)  # what the access check remembers of it
+        self.identity = PeerIdentity(peer)  # what the access check remembers of it
 
     async def serve(self) -> None:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""
@@ -135,7 +146,8 @@ class Connection:
                     # (the same bytes) and read these: take over from there.
                     self.proto.data_to_send()
                     events = self.proto.receive_data(self._handed_in)
-                elif self.settings.handoff is not None:
+                elif self.settings.handoff is not None and isinstance(self.stream, trio.SocketStream):
+                    # (TLS is not sniffed: its ClientHello placed it, prism.rpc.handshake.)
                     events = await self._sniff(self.settings.handoff)
                     if events is None:
                         return  # handed to another worker, which now owns the socket

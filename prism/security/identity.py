@@ -255,23 +255,15 @@ class PeerIdentity:
     the last token verified on it with the caller it made, until that token's
     ``exp`` or until the verifier is replaced (a reload)."""
 
-    __slots__ = ("_address", "_caller", "_certificate", "_expires", "_header", "_stream", "_verifier")
+    __slots__ = ("_caller", "_certificate", "_expires", "_header", "_verifier", "address")
 
-    def __init__(self, stream: object) -> None:
-        self._stream = stream
-        self._address: str | None = None
+    def __init__(self, address: str) -> None:
+        self.address = address  # the client's "host:port" ("" if unknown)
         self._header: str | None = None
         self._verifier: TokenVerifier | None = None
         self._caller: Caller | None = None
         self._expires = 0.0
         self._certificate: Caller | None = None
-
-    @property
-    def address(self) -> str:
-        """``host:port`` of the client ("" if the stream is no socket's), looked up once."""
-        if self._address is None:
-            self._address = peer_address(self._stream)
-        return self._address
 
     def token_caller(self, header: str, verifier: TokenVerifier) -> Caller:
         """The caller an ``authorization`` value stands for on this connection; TokenError if none."""
@@ -289,14 +281,3 @@ class PeerIdentity:
         if caller is None or caller.principal != principal:
             caller = self._certificate = Caller(principal, self.address)
         return caller
-
-
-def peer_address(stream: object) -> str:
-    """``host:port`` of the other end of a trio stream ("" if it has no socket)."""
-    inner = getattr(stream, "transport_stream", stream)  # under TLS: the socket stream
-    sock = getattr(inner, "socket", None)
-    try:
-        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
-    except (AttributeError, OSError, TypeError, ValueError):
-        return ""
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -6,7 +6,9 @@ generation; nothing is rebuilt unless the section's serial moved (a start or
 an accepted reload). A file that does not load (a certificate or JWKS
 replaced by a half-written one, say) keeps what was built before, with one
 log line: the supervisor checked the files before it published the section,
-so that is a file changed again in between.
+so that is a file changed again in between. With no certificate built
+before, TLS handshakes are refused: a port configured for TLS never serves
+plaintext.
 
 The check (``check_call`` for a call on a client connection,
 ``check_caller`` for one another worker forwarded here) runs only when
@@ -51,12 +53,18 @@ NO_CREDENTIALS: Final = "no credentials: send a bearer token (authorization meta
 
 class Security:
     """What connections and calls consult: the TLS context (None: plaintext),
-    the token verifier (None: no ``[auth]``), the compiled access rules, the
-    audit log, and the section they were built from."""
+    how long a TLS handshake may take, the token verifier (None: no
+    ``[auth]``), the compiled access rules, the audit log, and the section
+    they were built from.
+
+    A connection takes ``tls`` and ``handshake_timeout_s`` when it is accepted
+    and keeps them: a rotation changes new connections only.
+    """
 
     def __init__(self) -> None:
         self.section = SecuritySection(serial=-1)
         self.tls: ssl.SSLContext | None = None
+        self.handshake_timeout_s = 0.0  # no TLS: no handshake
         # Whether calls are checked at all: a plain attribute, the one thing
         # a call reads when security is off.
         self.secured = False
@@ -75,8 +83,17 @@ class Security:
             try:
                 tls = server_context(section.tls)
             except (OSError, ssl.SSLError) as exc:
-                log.error("tls: keeping the previous certificate, key and client CA: %s", _one_line(exc))
+                if tls is None:
+                    # Nothing to keep (a worker starting, or TLS just turned
+                    # on): never fall back to plaintext on a port configured
+                    # for TLS. A context without a certificate fails every
+                    # handshake, until a reload brings files that load.
+                    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    log.error("tls: refusing TLS connections, no certificate loads: %s", _one_line(exc))
+                else:
+                    log.error("tls: keeping the previous certificate, key and client CA: %s", _one_line(exc))
         self.tls = tls
+        self.handshake_timeout_s = section.tls.handshake_timeout_s if section.tls else 0.0
         self.verifier = self._verifier(section.auth)
         self.rules = AccessRules(section.access)
         self.audit_writes = section.audit_writes

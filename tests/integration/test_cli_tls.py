@@ -252,7 +252,6 @@ def test_a_missing_file_is_one_line_and_exit_2(tls_server: Server, pki: Pki) -> 
     assert seen.authorization == []
 
 
-@pytest.mark.skip(reason="needs TLS on the gRPC port (branch tls): remove this mark when merging it")
 def test_a_real_prism_serve_over_tls(pki: Pki, tmp_path: Path) -> None:
     """The CLI against ``prism serve`` with [tls], not a stand-in."""
     pki.server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))

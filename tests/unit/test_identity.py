@@ -22,7 +22,6 @@ from prism.security.identity import (
     TokenVerifier,
     bearer,
     load_jwks,
-    peer_address,
 )
 from prism.security.runtime import Security
 from prism.security.section import SecuritySection
@@ -154,7 +153,7 @@ def test_the_token_cache_is_bounded_and_sweeps_expired_entries_first(issuer: Iss
 def test_a_connection_pays_once_for_a_repeated_token(issuer: Issuer, tmp_path: Path) -> None:
     clock = FakeClock(1_000_000.0)
     v = verifier(issuer, tmp_path, clock=clock)
-    peer = PeerIdentity(object())
+    peer = PeerIdentity("")
     header = f"Bearer {issuer.token(iat=None, exp=1_000_100)}"
     first = peer.token_caller(header, v)
     assert (first.principal, first.address) == ("alice", "")
@@ -236,34 +235,6 @@ def test_a_reload_reads_the_jwks_again_and_keeps_the_old_keys_if_it_does_not_loa
     assert security.verifier is None and not security.secured
 
 
-class FakeSocket:
-    def __init__(self, name: object) -> None:
-        self.name = name
-
-    def getpeername(self) -> object:
-        if isinstance(self.name, OSError):
-            raise self.name
-        return self.name
-
-
-class FakeStream:
-    def __init__(self, socket: object = None, transport_stream: object = None) -> None:
-        if socket is not None:
-            self.socket = socket
-        if transport_stream is not None:
-            self.transport_stream = transport_stream
-
-
-def test_peer_address_of_a_socket_stream_and_of_a_tls_stream_over_one() -> None:
-    assert peer_address(FakeStream(FakeSocket(("10.0.0.7", 51000)))) == "10.0.0.7:51000"
-    assert peer_address(FakeStream(FakeSocket(("::1", 443, 0, 0)))) == "[::1]:443"
-    tls = FakeStream(transport_stream=FakeStream(FakeSocket(("192.0.2.1", 8))))
-    assert peer_address(tls) == "192.0.2.1:8"
-    assert peer_address(FakeStream(FakeSocket(OSError("not connected")))) == ""
-    assert peer_address(object()) == ""  # a memory stream (tests)
-    assert peer_address(FakeStream(FakeSocket(""))) == ""  # an unnamed Unix socket
-
-
 def test_a_client_certificate_is_the_principal_when_the_call_carries_no_token(
     issuer: Issuer, tmp_path: Path
 ) -> None:
@@ -272,7 +243,7 @@ def test_a_client_certificate_is_the_principal_when_the_call_carries_no_token(
     security = Security()
     security.apply(SecuritySection(1, auth=auth, access=rules))
     read = Method(UNARY, bytes, None, "KeyValue/GetItems", action="read")
-    peer = PeerIdentity(FakeStream(FakeSocket(("10.0.0.7", 51000))))
+    peer = PeerIdentity("10.0.0.7:51000")
     call = Call(1)
     caller = security.check_call(call, read, "ledger", peer, "spiffe://corp/svc/payments")
     assert caller == ("spiffe://corp/svc/payments", "10.0.0.7:51000")
