@@ -53,13 +53,19 @@ def write_server_cert(directory: Path, ca: trustme.CA) -> trustme.LeafCert:
 
 
 def tls_toml(tls: TlsConfig) -> str:
-    return (
+    """The ``[tls]`` section; with a client CA (which turns access control on,
+    deny by default) also a rule that lets every verified client read and
+    write everything: these tests are about the transport, not the rules."""
+    toml = (
         "[tls]\n"
         f'cert_file = "{tls.cert_file}"\n'
         f'key_file = "{tls.key_file}"\n'
         f'client_ca_file = "{tls.client_ca_file}"\n'
         f"handshake_timeout_s = {tls.handshake_timeout_s}\n"
     )
+    if tls.client_ca_file:
+        toml += '[[access]]\nprincipals = ["*"]\nnamespaces = ["*"]\nallow = ["read", "write"]\n'
+    return toml
 
 
 def client_cert(ca: trustme.CA, name: str, *, expired: bool = False) -> trustme.LeafCert:

@@ -271,3 +271,27 @@ def test_a_certificate_rotated_by_sighup_is_served_to_new_connections_while_old_
     assert get(tls_kv(tree, channels, grpc_credentials(new_ca)), "kv", "r") == {b"k": b"v4"}
     assert get(old, "kv", "r") == {b"k": b"v4"}
     quiet(tree)
+
+
+def test_the_client_certificate_is_the_principal_the_rules_decide_on(
+    tmp_path: Path, channels: list[grpc.Channel]
+) -> None:
+    ca, clients = trustme.CA(), trustme.CA()
+    tls = server_files(tmp_path / "tls", ca, client_ca=clients)
+    rules = '[[access]]\nprincipals = ["alice"]\nnamespaces = ["kv"]\nallow = ["read", "write"]\n'
+    plain_tls = tls_toml(tls).split("[[access]]")[0]  # this test's own rules, not the allow-all one
+    tree = PrismTree(tmp_path / "tree", plain_tls + rules + tenant_toml("t", [sqlite_ns("kv")]))
+    tree.start()
+    try:
+        alice = tls_kv(tree, channels, grpc_credentials(ca, client_cert(clients, "alice")))
+        put(alice, "kv", "r", b"k", b"v")
+        assert get(alice, "kv", "r") == {b"k": b"v"}
+        bob = tls_kv(tree, channels, grpc_credentials(ca, client_cert(clients, "bob")))
+        with pytest.raises(grpc.RpcError) as denied:
+            get(bob, "kv", "r", timeout=5)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'bob'" in (denied.value.details() or "")
+    finally:
+        tree.stop()
+    audit = [line for line in tree.stderr().splitlines() if '"prism.audit"' in line]
+    assert any('"bob"' in line for line in audit), audit
