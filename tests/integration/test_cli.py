@@ -66,7 +66,11 @@ def test_unknown_backend_stops_startup_with_exit_2(tmp_path: Path) -> None:
 def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
     """No config file, no flags but the port: namespace default on SQLite in ./.prism."""
     port = free_port()
-    env = {**os.environ, "PRISM_LISTEN": f"127.0.0.1:{port}"}
+    env = {
+        **os.environ,
+        "PRISM_LISTEN": f"127.0.0.1:{port}",
+        "PRISM_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism.cli", "serve"],
         cwd=tmp_path,
@@ -95,6 +99,62 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def _serve_briefly(tmp_path: Path, listen_host: str, config: str = "") -> str:
+    """Start prism serve listening on ``listen_host``, wait for its first answer, stop it: its stderr."""
+    port = free_port()
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "prism.toml").write_text(config)
+    env = {
+        **os.environ,
+        "PRISM_LISTEN": f"{listen_host}:{port}",
+        "PRISM_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PRISM_WORKERS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+OPEN_WARNING = "is open to any caller that reaches it"
+
+
+def test_an_open_server_on_a_non_loopback_address_warns_once(tmp_path: Path) -> None:
+    err = _serve_briefly(tmp_path, "0.0.0.0")
+    assert err.count(OPEN_WARNING) == 1, err
+
+
+def test_no_warning_on_loopback_or_with_access_control(tmp_path: Path) -> None:
+    assert OPEN_WARNING not in _serve_briefly(tmp_path / "a", "127.0.0.1")
+    jwks = tmp_path / "b" / "jwks.json"
+    jwks.parent.mkdir()
+    jwks.write_text('{"keys": []}')
+    secured = f'[auth]\njwt = {{ jwks_file = "{jwks}", issuer = "i", audience = "a" }}\n'
+    assert OPEN_WARNING not in _serve_briefly(tmp_path / "b", "0.0.0.0", secured)
 
 
 def test_prism_reload_applies_a_new_namespace(prism_server: PrismProcess) -> None:
