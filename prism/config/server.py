@@ -13,6 +13,7 @@ import math
 import msgspec
 
 from prism.config.fields import GIB, KIB, MIB, FieldError, parse_host_port
+from prism.config.limits import Http2Config, validate_limits
 from prism.config.namespaces import NamespaceConfig, TenantConfig, check_name, validate_namespaces
 from prism.config.security import (
     AccessRule,
@@ -69,6 +70,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     audit_writes: bool = False  # also one audit line per allowed write (denials always get one)
     admin_token_file: str = ""
     admin: AdminConfig = AdminConfig()
+    # What one peer may take (prism.config.limits).
+    max_inflight: int = 4096  # calls in flight per worker; beyond: RESOURCE_EXHAUSTED at once
+    http2: Http2Config = Http2Config()
 
     def __post_init__(self) -> None:
         if not self.namespaces and not self.tenants:
@@ -96,6 +100,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def all_namespaces(self) -> tuple[NamespaceConfig, ...]:
         return (*self.namespaces, *(ns for t in self.tenants for ns in t.namespaces))
+
+    @property
+    def streams_per_connection(self) -> int:
+        """``http2.max_concurrent_streams``, else the top-level ``max_concurrent_streams``."""
+        return self.http2.max_concurrent_streams or self.max_concurrent_streams
 
     @property
     def secured(self) -> bool:
@@ -140,6 +149,7 @@ def _validate(cfg: ServerConfig) -> None:
         raise FieldError("cache.slot_bytes", f"{cfg.cache.slot_bytes} out of range (512-16777216)")
     if cfg.cache.total_bytes < 0:
         raise FieldError("cache.total_bytes", "must be >= 0")
+    validate_limits(cfg.http2, cfg.max_inflight, cfg.max_concurrent_streams, cfg.max_message_bytes)
     validate_tls(cfg.tls, "tls")
     validate_auth(cfg.auth)
     validate_access(cfg.access, cfg.auth, cfg.tls)

@@ -64,7 +64,7 @@ class App:
         self.settings = ServerSettings(
             self.methods,
             max_message_bytes=config.max_message_bytes,
-            max_concurrent_streams=config.max_concurrent_streams,
+            max_concurrent_streams=config.streams_per_connection,
         )
         self.settings.observer = self._observe
         self._data_dir = Path(config.data_dir)

@@ -123,3 +123,50 @@ def test_non_loopback_admin_with_a_token_file_loads() -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+# ---------------------------------------------------------------- [http2] and max_inflight
+
+
+def test_http2_defaults_and_the_top_level_streams_key() -> None:
+    cfg = load("")
+    assert (cfg.max_inflight, cfg.http2.max_connections, cfg.http2.idle_timeout_s) == (4096, 10_000, 300.0)
+    assert cfg.streams_per_connection == 100
+    assert load("max_concurrent_streams = 7\n").streams_per_connection == 7
+    assert load("[http2]\nmax_concurrent_streams = 9\n").streams_per_connection == 9
+    assert (
+        load("max_concurrent_streams = 9\n[http2]\nmax_concurrent_streams = 9\n").streams_per_connection == 9
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            "max_concurrent_streams = 7\n[http2]\nmax_concurrent_streams = 9\n",
+            "http2.max_concurrent_streams: 9 disagrees",
+        ),
+        ("[http2]\nmax_header_list_bytes = 10\n", "http2.max_header_list_bytes: 10 out of range"),
+        (
+            "[http2]\nmax_connection_buffer_bytes = 1048576\n",
+            "http2.max_connection_buffer_bytes: 1048576 is less than",
+        ),
+        (
+            "[http2]\nmax_worker_buffer_bytes = 1048576\n",
+            "http2.max_worker_buffer_bytes: 1048576 out of range",
+        ),
+        ("[http2]\nhandshake_timeout_s = 0\n", "http2.handshake_timeout_s: 0.0 out of range"),
+        ("[http2]\nidle_timeout_s = inf\n", "http2.idle_timeout_s: inf out of range"),
+        ("[http2]\nkeepalive_time_s = -1\n", "http2.keepalive_time_s: -1.0 out of range (0 (off), or"),
+        (
+            "[http2]\nmax_connection_age_s = 1e12\n",
+            "http2.max_connection_age_s: 1000000000000.0 out of range",
+        ),
+        ("[http2]\nmax_connections = 0\n", "http2.max_connections: 0 out of range"),
+        ("[http2]\nmax_streams = 5\n", "http2.max_streams: unknown field"),
+        ("max_inflight = 0\n", "max_inflight: 0 out of range"),
+    ],
+)
+def test_bad_limits_are_one_line_naming_the_field(toml: str, expected: str) -> None:
+    message = load_error(toml)
+    assert message.startswith(expected), message
