@@ -16,18 +16,20 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
 from google.protobuf.message import DecodeError
 
 from prism.errors import PrismError, StatusCode
-from prism.rpc.call import Call, CallContext
-from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method, MethodTable
+from prism.rpc.call import Call
+from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
+from prism.rpc.settings import Handoff, Observer, ServerSettings
 from prism.security.identity import PeerIdentity
-from prism.security.runtime import Security
+
+__all__ = ["Connection", "Handoff", "Observer", "ServerSettings", "failure_status"]
 
 log = logging.getLogger("prism.rpc")
 
@@ -41,65 +43,6 @@ _STREAM_HIGH_WATER = 256 * 1024
 # An enum member read from its class is an attribute lookup through the enum
 # machinery, several times a dict lookup's cost: the unary path reads this.
 _OK = StatusCode.OK
-
-
-# Called once per answered call, with how long it took (seconds).
-Observer = Callable[[CallContext, Method, StatusCode, float], None]
-
-
-class Handoff(Protocol):
-    """Moves a connection that names another tenant to a worker of that tenant."""
-
-    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
-        """True if another worker took the socket (and ``buffered``) over."""
-        ...
-
-    async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
-        """The same for a TLS connection, by its ClientHello's server name, before the handshake."""
-        ...
-
-
-class ServerSettings:
-    """What every connection of a server shares."""
-
-    def __init__(
-        self,
-        methods: MethodTable,
-        *,
-        max_message_bytes: int = 4 * 1024 * 1024,
-        max_concurrent_streams: int = 100,
-    ) -> None:
-        self.methods = methods
-        self.max_message_bytes = max_message_bytes
-        self.max_concurrent_streams = max_concurrent_streams
-        self.connections: set[Connection] = set()
-        self.draining = False
-        self.accept_scope: trio.CancelScope | None = None
-        self.handoff: Handoff | None = None
-        # Per connection already held, how long to wait before accepting the
-        # next one (0: this process accepts alone; see prism.rpc.listen).
-        self.accept_backoff_s = 0.0
-        # Called once per answered call (metrics); None costs nothing.
-        self.observer: Observer | None = None
-        # Called when the drain starts: long-lived streams (PubSub's
-        # Subscribe) end themselves so that the drain need not wait for them.
-        self.on_drain: list[Callable[[], None]] = []
-        # TLS and who may call: rebuilt by the worker from the routing table.
-        self.security = Security()
-
-    def start_drain(self) -> None:
-        """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
-        self.draining = True
-        for hook in self.on_drain:
-            hook()
-        if self.accept_scope is not None:
-            self.accept_scope.cancel()
-        for conn in list(self.connections):
-            conn.start_drain()
-
-    @property
-    def active_calls(self) -> int:
-        return sum(len(c.proto.calls) for c in self.connections)
 
 
 class Connection:

@@ -1,0 +1,86 @@
+"""What every connection of a server shares: ``ServerSettings``.
+
+The method table, the limits, the worker's connections and calls in flight,
+the drain, the hooks the worker sets (hand-off, observer, security). One
+object per serving process; ``prism.rpc.server.Connection`` reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from prism.errors import StatusCode
+from prism.rpc.call import Call, CallContext
+from prism.rpc.methods import Method, MethodTable
+from prism.rpc.protocol import GrpcProtocol
+from prism.security.runtime import Security
+
+# Called once per answered call, with how long it took (seconds).
+Observer = Callable[[CallContext, Method, StatusCode, float], None]
+
+
+class Handoff(Protocol):
+    """Moves a connection that names another tenant to a worker of that tenant."""
+
+    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
+        """True if another worker took the socket (and ``buffered``) over."""
+        ...
+
+    async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
+        """The same for a TLS connection, by its ClientHello's server name, before the handshake."""
+        ...
+
+
+class Served(Protocol):
+    """A connection as the settings see it (``prism.rpc.server.Connection``)."""
+
+    @property
+    def proto(self) -> GrpcProtocol: ...
+
+    def start_drain(self) -> None: ...
+
+
+class ServerSettings:
+    """What every connection of a server shares."""
+
+    def __init__(
+        self,
+        methods: MethodTable,
+        *,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        max_concurrent_streams: int = 100,
+    ) -> None:
+        self.methods = methods
+        self.max_message_bytes = max_message_bytes
+        self.max_concurrent_streams = max_concurrent_streams
+        self.connections: set[Served] = set()
+        self.draining = False
+        self.accept_scope: trio.CancelScope | None = None
+        self.handoff: Handoff | None = None
+        # Per connection already held, how long to wait before accepting the
+        # next one (0: this process accepts alone; see prism.rpc.listen).
+        self.accept_backoff_s = 0.0
+        # Called once per answered call (metrics); None costs nothing.
+        self.observer: Observer | None = None
+        # Called when the drain starts: long-lived streams (PubSub's
+        # Subscribe) end themselves so that the drain need not wait for them.
+        self.on_drain: list[Callable[[], None]] = []
+        # TLS and who may call: rebuilt by the worker from the routing table.
+        self.security = Security()
+
+    def start_drain(self) -> None:
+        """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
+        self.draining = True
+        for hook in self.on_drain:
+            hook()
+        if self.accept_scope is not None:
+            self.accept_scope.cancel()
+        for conn in list(self.connections):
+            conn.start_drain()
+
+    @property
+    def active_calls(self) -> int:
+        return sum(len(c.proto.calls) for c in self.connections)
