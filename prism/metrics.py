@@ -43,6 +43,23 @@ SHARED_CACHE_CORRUPT = Counter(
     "Shared-memory cache slots rejected as torn or corrupt (answered as misses)",
 )
 
+# What one peer may take (Issue 11): refusals and the connections the
+# server closed on a timer. Rare beside calls, but a flood makes them many:
+# their children are cached like the rest.
+CALLS_REFUSED = Counter(
+    "prism_calls_refused_total", "Calls refused before their handler ran (reason: max_inflight)", ["reason"]
+)
+CONNECTIONS_REFUSED = Counter(
+    "prism_connections_refused_total",
+    "Connections closed as soon as accepted (reason: max_connections)",
+    ["reason"],
+)
+CONNECTIONS_CLOSED = Counter(
+    "prism_connections_closed_total",
+    "Connections the server closed on a timer (reason: handshake_timeout, idle, keepalive_timeout, max_age)",
+    ["reason"],
+)
+
 _children: dict[tuple[Any, ...], Any] = {}
 
 
@@ -77,4 +94,23 @@ def forwarded(namespace: str, operation: str) -> None:
     child = _children.get(("fwd", namespace, operation))
     if child is None:
         child = _children[("fwd", namespace, operation)] = FORWARDED.labels(namespace, operation)
+    child.inc()
+
+
+def call_refused(reason: str) -> None:
+    _count(CALLS_REFUSED, "refused call", reason)
+
+
+def connection_refused(reason: str) -> None:
+    _count(CONNECTIONS_REFUSED, "refused connection", reason)
+
+
+def connection_closed(reason: str) -> None:
+    _count(CONNECTIONS_CLOSED, "closed connection", reason)
+
+
+def _count(counter: Counter, kind: str, reason: str) -> None:
+    child = _children.get((kind, reason))
+    if child is None:
+        child = _children[(kind, reason)] = counter.labels(reason)
     child.inc()

@@ -61,7 +61,7 @@ class ForwardedCall:
         self.path = request.path
         self.messages = [request.payload]
         self.metadata: list[tuple[str, str | bytes]] = request.metadata
-        self.deadline = trio.current_time() + request.timeout_s if request.timeout_s else math.inf
+        self.deadline = math.inf if request.timeout_s is None else trio.current_time() + request.timeout_s
         self.started = time.perf_counter()
         self.namespace = ""
         # Who made the call, as the sender established it (to be checked here).
@@ -196,6 +196,11 @@ class Forwarding:
 
 
 async def _run(method: Method, call: ForwardedCall, call_id: int, security: Security) -> ForwardAnswer:
+    # A deadline that passed on the way here: no handler runs (as on a
+    # connection), not even the shared cache's answer, which has no checkpoint
+    # for the cancel scope below to stop it at.
+    if call.deadline <= trio.current_time():
+        return ForwardAnswer(call_id, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")
     with trio.CancelScope(deadline=call.deadline):
         try:
             request: Any = method.decode(call.messages[0])

@@ -22,7 +22,8 @@ from typing import Any
 import trio
 from google.protobuf.message import DecodeError
 
-from prism.errors import PrismError, StatusCode
+from prism import metrics
+from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
@@ -75,6 +76,9 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.identity = PeerIdentity(peer)  # what the access check remembers of it
+        # trio.current_time() without its lookups: one read per call with a deadline.
+        self._now = trio.lowlevel.current_clock().current_time
+        self.opened = 0  # streams opened: the idle timer's sign of activity (prism.rpc.keepalive)
 
     async def serve(self) -> None:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""
@@ -208,8 +212,9 @@ class Connection:
     # -- call lifecycle --------------------------------------------------------
 
     def _on_start(self, call: Call) -> None:
+        self.opened += 1
         if call.timeout_s is not None:
-            call.deadline = trio.current_time() + call.timeout_s
+            call.deadline = self._now() + call.timeout_s
         method = self.settings.methods.get(call.path)
         if method is None:
             self.proto.send_error(
@@ -217,6 +222,9 @@ class Connection:
             )
             return
         if method.kind == CLIENT_STREAM:
+            # Its handler starts now, before the request is complete.
+            if not self._admit(call, method):
+                return
             send, receive = trio.open_memory_channel[bytes](math.inf)
             self._inbound[call.stream_id] = send
             assert self._nursery is not None
@@ -247,23 +255,47 @@ class Connection:
                 f"a unary request must carry exactly one message, got {len(call.messages)}",
             )
             return
+        if method.kind == UNARY and method.now is not None and self._answer_now(call, method):
+            return
+        if not self._admit(call, method):
+            return
         assert self._nursery is not None
         if method.kind == UNARY:
-            if method.now is None or not self._answer_now(call, method):
-                self._nursery.start_soon(self._run_unary, call, method)
+            self._nursery.start_soon(self._run_unary, call, method)
         else:
             self._nursery.start_soon(self._run_streaming, call, method, None)
+
+    def _admit(self, call: Call, method: Method) -> bool:
+        """Whether the call's handler may run: its deadline has not passed
+        already, and the worker is under ``max_inflight``; else it is answered
+        here. Admitted, it counts in flight until its task ends."""
+        settings = self.settings
+        if call.timeout_s is not None and call.deadline <= self._now():
+            refusal: PrismError = DeadlineExceeded("deadline exceeded")
+        elif settings.inflight >= settings.max_inflight:
+            metrics.call_refused("max_inflight")
+            refusal = ResourceExhausted("too many calls in flight on this worker")
+        else:
+            settings.inflight += 1
+            return True
+        self._answer_failure(call, method, refusal)
+        if self.proto.draining:
+            self._maybe_close()
+        return False
 
     def _answer_now(self, call: Call, method: Method) -> bool:
         """Answer a unary call whose answer needs no waiting (``Method.now``)
         here, in the reader's step, without a task, a cancel scope or a
         coroutine: a task per call was a tenth of a shared-cache hit's CPU.
-        A call the access check refuses is answered here too."""
+        A call the access check refuses, or whose deadline has passed, is
+        answered here too. It holds nothing, so ``max_inflight`` does not count it."""
         try:
             call.request = method.decode(call.messages[0])
         except Exception:
             return False  # the handler's path answers with the decoding error
         try:
+            if call.timeout_s is not None and call.deadline <= self._now():
+                raise DeadlineExceeded("deadline exceeded")
             if self.settings.security.secured:
                 self._authorize(call, method, call.request)
         except PrismError as exc:
@@ -305,6 +337,7 @@ class Connection:
             self._answer_failure(call, method, exc)
         finally:
             del self._scopes[sid]
+            self.settings.inflight -= 1
             self.wake()
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
@@ -342,6 +375,7 @@ class Connection:
             self._answer_failure(call, method, exc)
         finally:
             del self._scopes[sid]
+            self.settings.inflight -= 1
             self._inbound.pop(sid, None)
             self.wake()
             if proto.draining or proto.peer_gone:

@@ -12,11 +12,13 @@ from typing import Protocol
 
 import trio
 
+from prism.config.limits import Http2Config
 from prism.errors import StatusCode
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import Method, MethodTable
-from prism.rpc.protocol import GrpcProtocol
 from prism.security.runtime import Security
+
+_DEFAULT_HTTP2 = Http2Config()
 
 # Called once per answered call, with how long it took (seconds).
 Observer = Callable[[CallContext, Method, StatusCode, float], None]
@@ -37,9 +39,6 @@ class Handoff(Protocol):
 class Served(Protocol):
     """A connection as the settings see it (``prism.rpc.server.Connection``)."""
 
-    @property
-    def proto(self) -> GrpcProtocol: ...
-
     def start_drain(self) -> None: ...
 
 
@@ -52,10 +51,25 @@ class ServerSettings:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
+        http2: Http2Config = _DEFAULT_HTTP2,
+        max_inflight: int = 4096,
+        drain_timeout_s: float = 10.0,
     ) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
+        self.http2 = http2  # per connection: timers, buffers, headers ([http2])
+        # Calls whose handler is running or about to (a task each, streaming
+        # calls while open), on every connection of this worker: a counter, so
+        # admission costs a comparison, not a sum over the connections.
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        # How long a connection that has said GOAWAY for its age (or a
+        # worker's drain) waits for its calls: the server's graceful_timeout_s.
+        self.drain_timeout_s = drain_timeout_s
+        # Connections accepted by this process and not yet closed (TLS
+        # handshakes included): max_connections is checked against it.
+        self.accepted = 0
         self.connections: set[Served] = set()
         self.draining = False
         self.accept_scope: trio.CancelScope | None = None
@@ -63,6 +77,8 @@ class ServerSettings:
         # Per connection already held, how long to wait before accepting the
         # next one (0: this process accepts alone; see prism.rpc.listen).
         self.accept_backoff_s = 0.0
+        _DEFAULT_HTTP2 = Http2Config()
+
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
         # Called when the drain starts: long-lived streams (PubSub's
@@ -83,4 +99,5 @@ class ServerSettings:
 
     @property
     def active_calls(self) -> int:
-        return sum(len(c.proto.calls) for c in self.connections)
+        """Calls in flight on this worker (its heartbeat reports them)."""
+        return self.inflight

@@ -304,6 +304,23 @@ async def test_a_forwarded_call_waits_for_its_namespace_to_open_within_its_deadl
     await a.app.aclose()
 
 
+async def test_a_forwarded_call_whose_deadline_passed_is_not_run(nodes: tuple[Node, Node, Node]) -> None:
+    a, _, _ = nodes
+    await a.install(routes(1, {"kv": ("a", "keyvalue")}, a))
+    put = kv_pb2.PutItemsRequest(namespace="kv", id="r", items=[kv_pb2.Item(key=b"k", value=b"v")])
+    # 0 s left (it was once read as "no deadline"), and a nanosecond.
+    for timeout_s in (0.0, 1e-9):
+        answer = await a.remote.serve(forwarded(PUT, put.SerializeToString(), timeout_s))
+        assert (answer.status, answer.message) == (StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    get = kv_pb2.GetItemsRequest(namespace="kv", id="r").SerializeToString()
+    answer = await a.remote.serve(forwarded(GET, get, None))
+    assert answer.status == 0
+    assert not kv_pb2.GetItemsResponse.FromString(answer.payload).items  # nothing was written
+    answer = await a.remote.serve(forwarded(GET, get, 1e-9))
+    assert answer.status == StatusCode.DEADLINE_EXCEEDED
+    await a.app.aclose()
+
+
 async def test_tenant_of_names_the_tenant_a_subscriber_must_reach(nodes: tuple[Node, Node, Node]) -> None:
     a, b, _ = nodes
     table = routes(1, {"topics": ("b", "pubsub"), "kv": ("b", "keyvalue"), "mine": ("a", "pubsub")}, a, b)
