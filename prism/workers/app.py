@@ -65,6 +65,9 @@ class App:
             self.methods,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=config.streams_per_connection,
+            http2=config.http2,
+            max_inflight=config.max_inflight,
+            drain_timeout_s=config.graceful_timeout_s,
         )
         self.settings.observer = self._observe
         self._data_dir = Path(config.data_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -20,9 +21,12 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from prism.api import reflection
+from prism.config import ServerConfig
+from prism.config.limits import Http2Config
 from prism.errors import StatusCode
 from prism.rpc.methods import MethodTable
 from prism.rpc.server import Connection, ServerSettings
+from prism.workers.app import App
 
 from .h2client import H2Client
 from .test_rpc_server import CHECK, SERVING, WATCH, FakeHealth, req, status_of
@@ -154,3 +158,12 @@ async def test_a_streaming_call_counts_in_flight_while_it_is_open() -> None:
         while server.settings.inflight:
             await trio.sleep(0)
         assert (await client.call(CHECK, req(""))).status == 0
+
+
+async def test_a_worker_takes_its_limits_from_the_server_config(tmp_path: Path) -> None:
+    http2 = Http2Config(idle_timeout_s=9.0, max_connections=3)
+    config = ServerConfig(data_dir=str(tmp_path), max_inflight=7, http2=http2, graceful_timeout_s=2.5)
+    app = App(config)
+    settings = app.settings
+    assert (settings.max_inflight, settings.http2, settings.drain_timeout_s) == (7, http2, 2.5)
+    await app.aclose()
