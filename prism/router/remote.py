@@ -34,9 +34,10 @@ from prism.errors import FailedPrecondition, StatusCode, Unavailable
 from prism.router.forward import ForwardBus, Moved
 from prism.router.messages import ForwardAnswer, ForwardCall
 from prism.router.table import RoutingTableReader
+from prism.rpc.boundary import failure_status
 from prism.rpc.call import CallContext, Caller
 from prism.rpc.methods import UNARY, Method
-from prism.rpc.server import ServerSettings, failure_status
+from prism.rpc.settings import ServerSettings
 from prism.security.runtime import Security
 
 # Which abstraction each service's calls need.

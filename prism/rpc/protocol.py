@@ -131,6 +131,10 @@ class GrpcProtocol:
         self._h2.close_connection()
         self._reopen_for_answers()
 
+    def ping(self) -> None:
+        """Queue a keepalive PING (``prism.rpc.keepalive``); its ACK comes back as any frame would."""
+        self._h2.ping(b"keepaliv")
+
     def _reopen_for_answers(self) -> None:
         # After a GOAWAY in either direction h2 marks the whole connection
         # CLOSED and refuses to send anything, but HTTP/2 (RFC 9113 6.8) lets

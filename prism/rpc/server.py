@@ -4,10 +4,10 @@ One ``Connection`` owns one byte stream. Its reader task feeds
 ``GrpcProtocol`` and starts a task per call; its writer task is the only code
 that writes to the stream, and it writes everything the protocol has queued
 in one ``send_all`` after each scheduling batch, so that concurrent calls on a
-connection share writes. ``failure_status`` is the error boundary: the one
-place where exceptions become a ``grpc-status`` (for calls forwarded here from
-another worker too). Accepting connections is ``prism.rpc.listen``'s job,
-and a TLS connection's handshake ``prism.rpc.handshake``'s.
+connection share writes. Exceptions become a ``grpc-status`` in one place,
+``prism.rpc.boundary``; the connection's timers are ``prism.rpc.keepalive``'s.
+Accepting connections is ``prism.rpc.listen``'s job, and a TLS connection's
+handshake ``prism.rpc.handshake``'s.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
-from google.protobuf.message import DecodeError
 
 from prism import metrics
 from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
+from prism.rpc import keepalive
+from prism.rpc.boundary import failure_status
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.settings import Handoff, Observer, ServerSettings
 from prism.security.identity import PeerIdentity
 
-__all__ = ["Connection", "Handoff", "Observer", "ServerSettings", "failure_status"]
+__all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
 
 log = logging.getLogger("prism.rpc")
 
@@ -78,11 +79,16 @@ class Connection:
         self.identity = PeerIdentity(peer)  # what the access check remembers of it
         # trio.current_time() without its lookups: one read per call with a deadline.
         self._now = trio.lowlevel.current_clock().current_time
-        self.opened = 0  # streams opened: the idle timer's sign of activity (prism.rpc.keepalive)
+        # For the connection's timers (prism.rpc.keepalive): a count, not a clock read, per read and call.
+        self.reads = 0
+        self.opened = 0
+        self._preface = keepalive.Preface()
 
     async def serve(self) -> None:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""
-        self.settings.connections.add(self)
+        settings = self.settings
+        settings.connections.add(self)
+        handshake_by = trio.current_time() + settings.http2.handshake_timeout_s
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -92,6 +98,7 @@ class Connection:
                     # The worker that accepted this connection sent our preface
                     # (the same bytes) and read these: take over from there.
                     self.proto.data_to_send()
+                    self._preface.feed(self._handed_in)
                     events = self.proto.receive_data(self._handed_in)
                 elif self.settings.handoff is not None and isinstance(self.stream, trio.SocketStream):
                     # (TLS is not sniffed: its ClientHello placed it, prism.rpc.handshake.)
@@ -101,7 +108,8 @@ class Connection:
                 if self.settings.draining:  # accepted just before the drain began
                     self.proto.start_drain()
                 nursery.start_soon(self._writer)
-                if self._dispatch(events or []):
+                if self._dispatch(events or []) and await self._handshake(handshake_by):
+                    nursery.start_soon(keepalive.watch, self, settings.http2, settings.drain_timeout_s)
                     await self._reader()
                 if not self._closing:
                     nursery.cancel_scope.cancel()
@@ -132,6 +140,7 @@ class Connection:
                 if not data:
                     break
                 buffered += data
+                self._preface.feed(data)
                 events += self.proto.receive_data(data)
                 first = next((c for k, c in events if k == CALL_START), None)
                 if first is not None:
@@ -168,10 +177,42 @@ class Connection:
             self._maybe_close()
         return True
 
+    async def _handshake(self, deadline: float) -> bool:
+        """Read (and serve) until the client's preface and first SETTINGS are
+        in; False if the connection ended first, or the deadline came."""
+        with trio.move_on_at(deadline):
+            while not self._preface.done:
+                data = await self.stream.receive_some(_READ_SIZE)
+                if not data or not self._dispatch(self.proto.receive_data(data)):
+                    return False
+                self._preface.feed(data)
+            return True
+        self._closed("handshake_timeout")
+        return False
+
     def start_drain(self) -> None:
         self.proto.start_drain()
         self.wake()
         self._maybe_close()
+
+    # -- what the timers do (prism.rpc.keepalive) -------------------------------
+
+    def ping(self) -> None:
+        self.proto.ping()
+        self.wake()
+
+    def go_away(self, reason: str) -> None:
+        self._closed(reason)
+        self.start_drain()
+
+    def abort(self, reason: str) -> None:
+        self._closed(reason)
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    def _closed(self, reason: str) -> None:
+        log.debug("connection from %s closed by the server: %s", self.peer or "a client", reason)
+        metrics.connection_closed(reason)
 
     def wake(self) -> None:
         """Ask the writer to flush what the protocol has queued."""
@@ -206,6 +247,7 @@ class Connection:
         receive_some = self.stream.receive_some
         while True:
             data = await receive_some(_READ_SIZE)
+            self.reads += 1
             if not data or not self._dispatch(receive_data(data)):
                 return
 
@@ -398,18 +440,6 @@ class Connection:
         observer = self.settings.observer
         if observer is not None:
             observer(call, method, status, time.perf_counter() - call.started)
-
-
-def failure_status(exc: Exception, method: Method) -> tuple[StatusCode, str]:
-    """The error boundary: PrismError -> its status; a bug -> INTERNAL, logged once."""
-    if isinstance(exc, PrismError):
-        return exc.grpc_status, str(exc)
-    if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
-        return failure_status(exc.exceptions[0], method)  # one error, wrapped by a nursery
-    if isinstance(exc, DecodeError):
-        return StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"
-    log.error("unexpected error in %s", method.name, exc_info=exc)
-    return StatusCode.INTERNAL, "internal error"
 
 
 async def _requests(receive: trio.MemoryReceiveChannel[bytes], method: Method) -> AsyncIterator[Any]:

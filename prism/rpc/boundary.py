@@ -1,0 +1,28 @@
+"""The error boundary: the one place where an exception becomes a
+``grpc-status`` and ``grpc-message``, for calls on a connection
+(``prism.rpc.server``) and calls forwarded from another worker
+(``prism.router.remote``) alike.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from google.protobuf.message import DecodeError
+
+from prism.errors import PrismError, StatusCode
+from prism.rpc.methods import Method
+
+log = logging.getLogger("prism.rpc")
+
+
+def failure_status(exc: Exception, method: Method) -> tuple[StatusCode, str]:
+    """The error boundary: PrismError -> its status; a bug -> INTERNAL, logged once."""
+    if isinstance(exc, PrismError):
+        return exc.grpc_status, str(exc)
+    if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        return failure_status(exc.exceptions[0], method)  # one error, wrapped by a nursery
+    if isinstance(exc, DecodeError):
+        return StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"
+    log.error("unexpected error in %s", method.name, exc_info=exc)
+    return StatusCode.INTERNAL, "internal error"
