@@ -7,17 +7,25 @@ waits a little before taking the next one (``ServerSettings.accept_backoff_s``).
 A connection is accepted under the TLS context in effect at that moment
 (``settings.security``: None is plaintext) and keeps it; its handshake runs in
 its own task (``prism.rpc.handshake``).
+
+What accepting may take: a connection past ``http2.max_connections`` held by
+this process is closed as soon as it is accepted (and counted); when the
+process is out of descriptors (EMFILE, ENFILE...) the loop waits, longer each
+time up to a second, logs once per ``ACCEPT_LOG_INTERVAL_S`` with the count
+since, and the connections already held are served meanwhile.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from prism import metrics
 from prism.rpc.handshake import serve_tls
 from prism.rpc.server import Connection, ServerSettings
 
@@ -44,6 +52,8 @@ async def serve_listeners(
             await serve_accepted(stream, settings, tls, handshake_timeout_s)
         except Exception:
             log.exception("connection failed")
+        finally:
+            settings.accepted -= 1
 
     async with trio.open_nursery() as connections:
         with trio.CancelScope() as accepting:
@@ -59,7 +69,9 @@ async def serve_listeners(
 # Errors from accept() that mean "out of resources, try again soon" (as in
 # trio.serve_listeners): we pause rather than die.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ACCEPT_PAUSE_S = 0.1
+_ACCEPT_PAUSE_S = 0.01  # the first wait; it doubles up to _ACCEPT_PAUSE_MAX_S
+_ACCEPT_PAUSE_MAX_S = 1.0
+ACCEPT_LOG_INTERVAL_S = 10.0
 _ACCEPT_BACKOFF_MAX_S = 0.005
 
 
@@ -98,15 +110,35 @@ async def _accept_loop(
     handle: Callable[[trio.SocketStream, ssl.SSLContext | None, float], Awaitable[None]],
     settings: ServerSettings,
 ) -> None:
+    pause = _ACCEPT_PAUSE_S
+    failed = 0  # accept() failures since the last line logged
+    log_after = -math.inf
     while True:
         try:
             stream = await listener.accept()
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
-            log.error("accept failed (%s); pausing", exc.strerror)
-            await trio.sleep(_ACCEPT_PAUSE_S)
+            failed += 1
+            if trio.current_time() >= log_after:
+                log.error(
+                    "accept failed (%s), %d time(s) since the last such line: accepting waits, "
+                    "connections held are served",
+                    exc.strerror,
+                    failed,
+                )
+                failed, log_after = 0, trio.current_time() + ACCEPT_LOG_INTERVAL_S
+            await trio.sleep(pause)
+            pause = min(pause * 2, _ACCEPT_PAUSE_MAX_S)
             continue
+        pause = _ACCEPT_PAUSE_S
+        if settings.accepted >= settings.http2.max_connections:
+            # Closed before any byte: the client sees the connection end and
+            # may try another server; nothing of this one is held for it.
+            metrics.connection_refused("max_connections")
+            await trio.aclose_forcefully(stream)
+            continue
+        settings.accepted += 1
         security = settings.security
         connections.start_soon(handle, stream, security.tls, security.handshake_timeout_s)
         if settings.accept_backoff_s:
