@@ -56,7 +56,8 @@ CONNECTIONS_REFUSED = Counter(
 )
 CONNECTIONS_CLOSED = Counter(
     "prism_connections_closed_total",
-    "Connections the server closed on a timer (reason: handshake_timeout, idle, keepalive_timeout, max_age)",
+    "Connections the server closed on a timer (reason: handshake_timeout, idle, keepalive_timeout, "
+    "max_age: GOAWAY at its age, max_age_drain: its calls outlived the drain timeout)",
     ["reason"],
 )
 

@@ -142,7 +142,7 @@ class Timers:
 
     def _age(self, now: float) -> float:
         if self._close_at <= now:
-            self._conn.abort("max_age")
+            self._conn.abort("max_age_drain")
             return math.inf
         if self._goaway_at <= now:
             self._conn.go_away("max_age")

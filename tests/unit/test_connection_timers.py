@@ -322,6 +322,7 @@ async def test_past_its_age_a_connection_waits_for_its_calls_at_most_the_drain_t
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = Server(AGED, drain_timeout_s=10.0)
+    before = closed("max_age_drain")
     async with server.client() as client:
         start = trio.current_time()
         await client.start_call(CHECK, req("slow"))  # never ends by itself
@@ -329,6 +330,7 @@ async def test_past_its_age_a_connection_waits_for_its_calls_at_most_the_drain_t
         assert 100 <= client.goaway_at - start <= 110
         assert when - client.goaway_at == pytest.approx(10.0)
         assert server.health.cancelled == 1
+    assert closed("max_age_drain") == before + 1
 
 
 class FakeConnection:
