@@ -13,7 +13,8 @@ chunk itself, as long as they are the plain frames of ordinary calls:
 - HEADERS opening a new client stream, END_HEADERS set (no CONTINUATION),
   no padding or priority, whose header block ``CachingDecoder`` has already
   decoded once (the same bytes mean the same headers while the HPACK table
-  is unchanged), with no ``:status`` and a well-formed content-length if any;
+  is unchanged), a well-formed request (``prism.rpc.headers``) with a
+  well-formed content-length if any;
 - DATA without padding on a stream that is open, within both flow-control
   windows and within the stream's content-length if it declared one.
 
@@ -74,14 +75,27 @@ PlainFrame = tuple[int, int, Any, int, bool]
 
 
 class ServerConnection(h2.connection.H2Connection):
-    """``h2.connection.H2Connection`` for the server side of gRPC."""
+    """``h2.connection.H2Connection`` for the server side of gRPC.
 
-    def __init__(self, config: h2.config.H2Configuration) -> None:
+    ``max_header_list_bytes`` bounds the decoded size of a header block (as
+    HPACK counts it) from the first block on, before the client has seen the
+    SETTINGS that advertise it (the caller advertises it; h2 sets the same
+    bound again when the client acknowledges). The decoder stops at the bound,
+    so a block's decoding never grows past it; the HPACK state is then
+    unusable, and h2 ends the connection with GOAWAY(ENHANCE_YOUR_CALM), which
+    RFC 9113 10.5.1 allows: the block must be processed "unless the
+    connection is closed".
+    """
+
+    def __init__(self, config: h2.config.H2Configuration, max_header_list_bytes: int) -> None:
         super().__init__(config=config)
         decoder = CachingDecoder()
-        decoder.max_header_list_size = self.decoder.max_header_list_size
+        decoder.max_header_list_size = max_header_list_bytes
         decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
         self.decoder = self._decoder = decoder
+        # Stream id -> why its request is malformed, for the requests h2 read
+        # (the plain path reads well-formed ones only); taken by the caller.
+        self.malformed: dict[int, str] = {}
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -111,6 +125,15 @@ class ServerConnection(h2.connection.H2Connection):
             return self._refused_frame(frame, exc)
         self._prepare_for_sending(frames)
         return events
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        frames, events = super()._receive_headers_frame(frame)
+        verdict = self._decoder.verdict  # of this frame's block, just decoded
+        if verdict is not None:
+            for event in events:
+                if type(event) is h2.events.RequestReceived:
+                    self.malformed[event.stream_id] = verdict
+        return frames, events
 
     def _refused_frame(self, frame: Any, exc: Exception) -> list[h2.events.Event]:
         def reraise(_frame: Any) -> Any:

@@ -7,7 +7,8 @@ with :meth:`GrpcProtocol.data_to_send`. No sockets, no trio, no clocks: the
 trio server (``server.py``) owns all of those.
 
 What this layer decides itself, so that every server gets it right:
-request header checks (method, path, content-type -> HTTP 415, grpc-timeout),
+request header checks (RFC 9113's in ``headers``, a malformed request reset
+with PROTOCOL_ERROR; then method, path, content-type -> HTTP 415, grpc-timeout),
 message framing with the size limit checked on the 5-byte prefix (a lying
 length is refused before anything is allocated for it), the concurrent-call
 limit (REFUSED_STREAM for the extra stream only) and outbound flow control.
@@ -82,6 +83,7 @@ class GrpcProtocol:
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
         initial_window_bytes: int = 1024 * 1024,
+        max_header_list_bytes: int = 16 * 1024,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -93,11 +95,12 @@ class GrpcProtocol:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._h2 = ServerConnection(config)
+        self._h2 = ServerConnection(config, max_header_list_bytes)
         self._h2.encoder = FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK))
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
         self._initial_window = initial_window_bytes
+        self.max_header_list_bytes = max_header_list_bytes
         self.calls: dict[int, Call] = {}
         self._blocked: dict[int, Call] = {}  # calls with output waiting for window
         self.draining = False  # we sent GOAWAY: refuse new streams
@@ -114,7 +117,7 @@ class GrpcProtocol:
             initial_values={
                 s.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
                 s.INITIAL_WINDOW_SIZE: self._initial_window,
-                s.MAX_HEADER_LIST_SIZE: 64 * 1024,
+                s.MAX_HEADER_LIST_SIZE: self.max_header_list_bytes,
             },
         )
         self._h2.initiate_connection()
@@ -196,10 +199,14 @@ class GrpcProtocol:
         return out
 
     def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:
+        # Judged by prism.rpc.headers when its block was decoded; only
+        # requests h2 read can be malformed (the plain path reads no others).
+        malformed = self._h2.malformed
+        if malformed and malformed.pop(sid, None) is not None:
+            self._reset_new_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
+            return
         if self.draining or self.peer_gone or len(self.calls) >= self.max_concurrent_streams:
-            stream = self._h2.streams.get(sid)
-            if stream is not None and not stream.closed:  # else the client reset it already
-                self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         call = Call(sid)
         method = path = content_type = timeout = None
@@ -246,6 +253,11 @@ class GrpcProtocol:
         out.append((CALL_START, call))
         if ended:
             self._end_call(sid, out)
+
+    def _reset_new_stream(self, sid: int, code: h2.errors.ErrorCodes) -> None:
+        stream = self._h2.streams.get(sid)
+        if stream is not None and not stream.closed:  # else the client reset it already
+            self._h2.reset_stream(sid, code)
 
     def _on_data(
         self, sid: int, data: bytes | None, length: int, ended: bool, out: list[tuple[int, Call | None]]
