@@ -78,13 +78,14 @@ class ServerConnection(h2.connection.H2Connection):
     """``h2.connection.H2Connection`` for the server side of gRPC.
 
     ``max_header_list_bytes`` bounds the decoded size of a header block (as
-    HPACK counts it) from the first block on, before the client has seen the
-    SETTINGS that advertise it (the caller advertises it; h2 sets the same
-    bound again when the client acknowledges). The decoder stops at the bound,
-    so a block's decoding never grows past it; the HPACK state is then
-    unusable, and h2 ends the connection with GOAWAY(ENHANCE_YOUR_CALM), which
-    RFC 9113 10.5.1 allows: the block must be processed "unless the
-    connection is closed".
+    HPACK counts it), in place of h2's own default (64 KiB), from the first
+    block on: before the client has seen the SETTINGS that advertise it
+    (``GrpcProtocol.initiate``), and after, since h2 moves the bound only when
+    an acknowledged SETTINGS changes it and ours are initial values. The
+    decoder stops at the bound, so a block's decoding never grows past it;
+    the HPACK state is then unusable, and h2 ends the connection with
+    GOAWAY(ENHANCE_YOUR_CALM), which RFC 9113 10.5.1 allows: the block must
+    be processed "unless the connection is closed".
     """
 
     def __init__(self, config: h2.config.H2Configuration, max_header_list_bytes: int) -> None:

@@ -68,10 +68,12 @@ class ServerSettings:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
+        max_header_list_bytes: int = 16 * 1024,
     ) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
+        self.max_header_list_bytes = max_header_list_bytes
         self.connections: set[Connection] = set()
         self.draining = False
         self.accept_scope: trio.CancelScope | None = None
@@ -123,6 +125,7 @@ class Connection:
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_streams=settings.max_concurrent_streams,
+            max_header_list_bytes=settings.max_header_list_bytes,
         )
         self._scopes: dict[int, trio.CancelScope] = {}
         self._inbound: dict[int, trio.MemorySendChannel[bytes]] = {}

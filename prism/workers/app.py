@@ -65,6 +65,7 @@ class App:
             self.methods,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=config.streams_per_connection,
+            max_header_list_bytes=config.http2.max_header_list_bytes,
         )
         self.settings.observer = self._observe
         self._data_dir = Path(config.data_dir)
