@@ -404,12 +404,15 @@ class GrpcProtocol:
         out = call._out
         sid = call.stream_id
         while out:
-            n = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if n <= 0:
+            sent = conn.send_plain_data(sid, out)
+            if sent is None:  # the stream or the connection is not plainly open: h2 decides
+                sent = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if sent > 0:
+                    conn.send_data(sid, bytes(out[:sent]))
+            if sent <= 0:
                 self._blocked[sid] = call
                 return
-            conn.send_data(sid, bytes(out[:n]))
-            del out[:n]
+            del out[:sent]
         self._blocked.pop(sid, None)
         if call._trailers is not None:
             conn.send_headers(sid, call._trailers, end_stream=True)
