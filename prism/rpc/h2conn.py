@@ -39,7 +39,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from h2.connection import AllowedStreamIDs, ConnectionState
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 
 from prism.rpc.hpack_cache import CachingDecoder, stateless_block
@@ -277,3 +277,40 @@ class ServerConnection(h2.connection.H2Connection):
             )
         )
         return True
+
+    def send_plain_data(self, sid: int, data: bytearray) -> int | None:
+        """Queue as much of ``data`` on stream ``sid`` as both flow-control
+        windows allow, in DATA frames of the peer's maximum frame size,
+        written straight into h2's output buffer; the number of bytes queued
+        (0: no window now). None when the stream is gone or the connection is
+        not open, and the caller goes through h2's ``send_data`` (which raises
+        as it should).
+
+        The frames are the bytes h2's ``send_data`` would write, and h2's
+        connection and stream state machines and windows are driven exactly
+        as it drives them, frame by frame; its per-frame objects, checks and
+        logging were most of a large answer's cost.
+        """
+        stream = self.streams.get(sid)
+        if stream is None or self.state_machine.state is not ConnectionState.SERVER_OPEN:
+            return None
+        room = min(len(data), stream.outbound_flow_control_window, self.outbound_flow_control_window)
+        if room <= 0:
+            return 0
+        size = self.max_outbound_frame_size
+        head = b"\x00\x00" + sid.to_bytes(4, "big")  # type DATA, no flags, the stream
+        connection_input = self.state_machine.process_input
+        stream_input = stream.state_machine.process_input
+        out = self._data_to_send
+        sent = 0
+        with memoryview(data) as view:  # released before the caller trims ``data``
+            while sent < room:
+                n = min(size, room - sent)
+                connection_input(ConnectionInputs.SEND_DATA)
+                stream_input(StreamInputs.SEND_DATA)
+                out += n.to_bytes(3, "big") + head
+                out += view[sent : sent + n]
+                sent += n
+        stream.outbound_flow_control_window -= sent
+        self.outbound_flow_control_window -= sent
+        return sent

@@ -271,16 +271,28 @@ class GrpcProtocol:
             self._end_call(sid, out)
 
     def _take_data(self, sid: int, data: bytes | None, out: list[tuple[int, Call | None]]) -> None:
+        # Whole messages are sliced out of the frame that holds them; a
+        # message that spans frames is kept as a list of the frames' bytes
+        # and joined once when it is complete. (Appending each frame to one
+        # growing buffer copied a 1 MiB message about eight times over as
+        # the buffer grew.)
         call = self.calls.get(sid)
-        if call is None or call._failed or data is None:
+        if call is None or call._failed or not data:
             return
-        buf = call._inbuf
-        buf += data
-        while len(buf) >= _PREFIX_LEN:
-            if buf[0] != 0:
+        if call._inbuf is not None:
+            call._inbuf.append(data)
+            call._inlen += len(data)
+            if call._inlen < call._need:
+                return
+            data = b"".join(call._inbuf)
+            call._inbuf = None
+        n = len(data)
+        pos = 0
+        while n - pos >= _PREFIX_LEN:
+            if data[pos] != 0:
                 self.send_error(call, StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
                 return
-            length = int.from_bytes(buf[1:5], "big")
+            length = int.from_bytes(data[pos + 1 : pos + _PREFIX_LEN], "big")
             if length > self.max_message_bytes:
                 self.send_error(
                     call,
@@ -288,18 +300,27 @@ class GrpcProtocol:
                     f"message of {length} bytes exceeds the maximum of {self.max_message_bytes}",
                 )
                 return
-            end = _PREFIX_LEN + length
-            if len(buf) < end:
+            end = pos + _PREFIX_LEN + length
+            if end > n:
                 break
-            call.messages.append(bytes(buf[_PREFIX_LEN:end]))
-            del buf[:end]
+            call.messages.append(data[pos + _PREFIX_LEN : end])
             out.append((CALL_MESSAGE, call))
+            pos = end
+        if pos < n:
+            rest = data[pos:] if pos else data
+            call._inbuf = [rest]
+            call._inlen = len(rest)
+            # The whole message's size once its prefix is here (checked above);
+            # until then 0, so the next frame is joined and looked at again.
+            call._need = (
+                _PREFIX_LEN + int.from_bytes(rest[1:_PREFIX_LEN], "big") if len(rest) >= _PREFIX_LEN else 0
+            )
 
     def _end_call(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
         call = self.calls.get(sid)
         if call is None or call._failed:
             return
-        if call._inbuf:
+        if call._inbuf is not None:
             self.send_error(call, StatusCode.INVALID_ARGUMENT, "stream ended inside a message (truncated)")
             return
         out.append((CALL_END, call))
@@ -395,12 +416,15 @@ class GrpcProtocol:
         out = call._out
         sid = call.stream_id
         while out:
-            n = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if n <= 0:
+            sent = conn.send_plain_data(sid, out)
+            if sent is None:  # the stream or the connection is not plainly open: h2 decides
+                sent = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if sent > 0:
+                    conn.send_data(sid, bytes(out[:sent]))
+            if sent <= 0:
                 self._blocked[sid] = call
                 return
-            conn.send_data(sid, bytes(out[:n]))
-            del out[:n]
+            del out[:sent]
         self._blocked.pop(sid, None)
         if call._trailers is not None:
             conn.send_headers(sid, call._trailers, end_stream=True)

@@ -96,7 +96,7 @@ action = st.one_of(
     request,
     st.tuples(st.just("late")),
     st.tuples(st.just("odd"), st.integers(0, 3), st.booleans()),  # an odd header list, with a body or not
-    st.tuples(st.just("answer"), st.integers(0, 50), st.booleans()),
+    st.tuples(st.just("answer"), st.integers(0, 50), st.sampled_from([True, False, "big"])),
     st.tuples(st.just("reset"), st.integers(0, 50)),
     st.tuples(st.just("ping")),
     st.tuples(st.just("window"), st.integers(1, 100_000)),
@@ -114,6 +114,7 @@ WARM_UP = [("request", PATHS[0], b"", 0, None, None), ("flush", 1 << 20)] * 2
 
 def _plain_off(proto: GrpcProtocol) -> GrpcProtocol:
     proto._h2.receive_plain = lambda data, *_: data  # type: ignore[method-assign]
+    proto._h2.send_plain_data = lambda sid, data: None  # type: ignore[method-assign]  # h2 frame by frame
     return proto
 
 
@@ -250,7 +251,9 @@ class Run:
             if self.calls:
                 fast, slow = self.calls.pop(step[1] % len(self.calls))
                 for proto, call in ((self.fast, fast), (self.slow, slow)):
-                    if step[2]:
+                    if step[2] == "big":  # over both windows: sent as the client gives window back
+                        proto.send_unary(call, bytes(range(256)) * 400)
+                    elif step[2]:
                         proto.send_unary(call, b"answer" * 3)
                     else:
                         proto.send_error(call, StatusCode.NOT_FOUND, "no such record")
@@ -335,6 +338,15 @@ ODD = ("odd", 0, True)
 @example(odd=[[*_request_headers(PATHS[0]), (b":path", b"/s/M")]], steps=[ODD, ALL] * 4)
 @example(
     odd=[[(b"x-user", b"v"), *_request_headers(PATHS[0])]], steps=[ODD, ALL, ODD, ODD, ALL, PLAIN, ODD, ALL]
+)
+# A large answer written as plain DATA frames, over both windows, going out
+# as the client gives window back, and another one after a window update.
+@example(
+    odd=[],
+    steps=[
+        *(PLAIN, ALL, ("answer", 0, "big"), ALL, ALL, ALL, ALL, PLAIN, ALL, ("window", 100_000)),
+        *(("answer", 0, "big"), ALL, ALL, ALL, ALL),
+    ],
 )
 # A read that ends inside a frame, and the next one.
 @example(odd=[], steps=[PLAIN, ("flush", 20), PLAIN, ALL])
