@@ -7,9 +7,11 @@ or a grpc.aio client without it) runs on CPU 1, so that the two never
 compete for a core and the server's CPU time per call is its own (see
 bench/README.md). For each server and each concurrency (1 and 128 calls in
 flight) it measures calls/s, p50/p99 latency and the server's CPU time per
-call, repeats ``--runs`` times and reports medians. A run only counts if
-every call returned the seeded value: a benchmark of a wrong answer is
-worthless.
+call, repeats ``--runs`` times and reports medians. Then a value-size
+ladder (``--sizes``, default 100 B, 4 KiB, 64 KiB, 1 MiB): GetItems and
+PutItems of one item of each size at 16 in flight, for the CPU per call of
+big messages. A run only counts if every call returned the seeded value: a
+benchmark of a wrong answer is worthless.
 """
 
 from __future__ import annotations
@@ -59,7 +61,13 @@ NAMESPACE, RECORD_ID, ITEM_KEY = "bench", "user:1", b"profile"
 SEED_VALUE = bytes((i * 37 + 11) % 256 for i in range(100))
 EXPECTED = [(ITEM_KEY, SEED_VALUE)]
 METHOD = "/prism.kv.v1.KeyValue/GetItems"
+PUT_METHOD = "/prism.kv.v1.KeyValue/PutItems"
 CONCURRENCIES = (Concurrency("c1", 1, 1), Concurrency("c128", 8, 16))
+# The value-size ladder: GetItems and PutItems of one item of each size, at
+# 16 in flight (128 x 1 MiB in flight would measure the machine's memory).
+LADDER_SIZES = (100, 4096, 65536, 1 << 20)
+LADDER_CONCURRENCY = Concurrency("c16", 2, 8)
+LADDER_TARGET = 0.5  # at 64 KiB and 1 MiB, Prism's CPU per call at most this share of grpc.aio's
 SERVERS = ("prism", "grpc_aio")
 SERVER_CPU, LOAD_CPU = 0, 1
 # One worker: a memory namespace lives in one process (Prism would force 1 anyway).
@@ -77,6 +85,7 @@ class Options:
     loadgen: str
     warmup_s: float
     ready_timeout_s: float
+    sizes: tuple[int, ...]
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -84,10 +93,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     add_run_options(parser, out=HERE / "results" / "kv_get.json", duration_s=6.0, unit="phase")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(n) for n in LADDER_SIZES),
+        help="value sizes of the GetItems/PutItems ladder, bytes, comma list ('' skips it)",
+    )
     args = parser.parse_args(argv)
     servers = choose(parser, "--servers", args.servers, SERVERS)
     loadgen = check_run_options(parser, args)
-    return Options(args.duration, args.runs, args.out, servers, loadgen, args.warmup, args.ready_timeout)
+    try:
+        sizes = tuple(int(n) for n in args.sizes.split(",") if n.strip())
+    except ValueError:
+        parser.error(f"--sizes: expected a comma list of byte counts, got {args.sizes!r}")
+    if any(not 1 <= n <= 2 << 20 for n in sizes):
+        parser.error("--sizes: each size must be 1 to 2097152 bytes (the servers' message limits)")
+    return Options(
+        args.duration, args.runs, args.out, servers, loadgen, args.warmup, args.ready_timeout, sizes
+    )
 
 
 # ---------------------------------------------------------------- setup
@@ -154,6 +176,8 @@ def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> di
             report[conc.label] = summarize(conc, requests, runs)
             print(f"  {name} {conc.label}: {_row_text(report[conc.label])}", flush=True)
         fetch_checked_answer(server.target, request, EXPECTED)  # still right after the load
+        if opts.sizes:
+            report["ladder"] = measure_ladder(name, server, opts, workdir)
     except (ServerFailed, LoadFailed, grpc.RpcError, OSError) as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
         report["server_log_tail"] = server.log_tail()
@@ -162,6 +186,38 @@ def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> di
         server.stop()
     report["server_log_issues"] = server.log_issues()
     return report
+
+
+def measure_ladder(name: str, server: ServerProcess, opts: Options, workdir: Path) -> dict[str, Any]:
+    """GetItems and PutItems of one item of each size: ``{"get_65536": summary, ...}``."""
+    conc = LADDER_CONCURRENCY
+    out: dict[str, Any] = {}
+    for size in opts.sizes:
+        record, value = f"size:{size}", bytes((i * 131 + size) % 251 for i in range(size))
+        seed(server.target, NAMESPACE, record, ITEM_KEY, value)
+        get = kv_pb2.GetItemsRequest(namespace=NAMESPACE, id=record).SerializeToString()
+        put = kv_pb2.PutItemsRequest(
+            namespace=NAMESPACE, id=record, items=[kv_pb2.Item(key=ITEM_KEY, value=value)]
+        ).SerializeToString()
+        for op, method, request in (("get", METHOD, get), ("put", PUT_METHOD, put)):
+            if op == "get":
+                answer = fetch_checked_answer(server.target, request, [(ITEM_KEY, value)])
+            else:
+                answer = b""  # PutItemsResponse {} serializes to no bytes
+            body_file = workdir / f"{op}_{size}.body"
+            body_file.write_bytes(grpc_frame(request))
+            load = load_function(
+                opts.loadgen, Target("127.0.0.1", server.port, method, request, body_file), answer
+            )
+            log = workdir / f"{name}-{op}-{size}.log"
+            requests = warm_up(load, conc, log, opts.warmup_s, opts.duration_s)
+            runs = [
+                measure_phase(server, load, conc, log, requests, 5 + len(answer)) for _ in range(opts.runs)
+            ]
+            out[f"{op}_{size}"] = summarize(conc, requests, runs)
+            print(f"  {name} {op} {size} B ({conc.label}): {_row_text(out[f'{op}_{size}'])}", flush=True)
+        fetch_checked_answer(server.target, get, [(ITEM_KEY, value)])  # the puts stored the same bytes
+    return out
 
 
 # ---------------------------------------------------------------- reporting
@@ -176,13 +232,20 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             return None
         return round(float(ours[metric]) / float(peer[metric]), 3)
 
-    return {
+    values = {
         "cpu_per_call_c128": ratio("c128", "cpu_us_per_call"),
         "cpu_per_call_c1": ratio("c1", "cpu_us_per_call"),
         "calls_per_s_c128": ratio("c128", "calls_per_s"),
         "calls_per_s_c1": ratio("c1", "calls_per_s"),
         "p50_c1": ratio("c1", "p50_us"),
     }
+    ours, peer = results.get("prism", {}).get("ladder", {}), results.get("grpc_aio", {}).get("ladder", {})
+    for case in ours:
+        if case in peer and peer[case]["cpu_us_per_call"]:
+            values[f"cpu_per_call_{case}"] = round(
+                ours[case]["cpu_us_per_call"] / peer[case]["cpu_us_per_call"], 3
+            )
+    return values
 
 
 def _row_text(summary: dict[str, Any]) -> str:
@@ -210,8 +273,20 @@ def table(results: dict[str, dict[str, Any]], ratio_values: dict[str, float | No
                 f"{row['p99_us']:>9,.0f} {row['cpu_us_per_call']:>12,.1f} "
                 f"{row['other_on_server_cpu_pct']:>9.0f}"
             )
-    shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in ratio_values.items())
+    headline = {
+        k: v for k, v in ratio_values.items() if not k.startswith(("cpu_per_call_get_", "cpu_per_call_put_"))
+    }
+    shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in headline.items())
     lines.append(f"ratio prism/grpc_aio: {shown}")
+    ladder = {k: v for k, v in ratio_values.items() if k not in headline and v is not None}
+    if ladder:
+        lines.append(
+            f"value-size ladder ({LADDER_CONCURRENCY.in_flight} in flight), CPU per call prism/grpc_aio:"
+        )
+        for key, value in ladder.items():
+            size = int(key.rsplit("_", 1)[1])
+            target = f" (target <= {LADDER_TARGET:g}: {'met' if value <= LADDER_TARGET else 'MISSED'})"
+            lines.append(f"  {key[len('cpu_per_call_') :]:>12}: {value:.2f}{target if size >= 65536 else ''}")
     if disturbed:
         lines.append(
             f"warning: other work used > {DISTURBED_PCT:g}% of the server CPU in some phase "
@@ -247,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": opts.duration_s, "runs": opts.runs, "warmup_s": opts.warmup_s,
             "servers": list(opts.servers), "method": METHOD, "namespace": NAMESPACE, "id": RECORD_ID,
             "value_bytes": len(SEED_VALUE), "server_cpu": server_cpu, "load_cpu": load_cpu,
+            "ladder_sizes": list(opts.sizes), "ladder_concurrency": LADDER_CONCURRENCY.in_flight,
             "concurrency": {c.label: {"clients": c.clients, "streams": c.streams} for c in CONCURRENCIES},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "wall_s": round(time.time() - started, 1),

@@ -72,6 +72,8 @@ class Call:
         "_failed",
         "_headers_sent",
         "_inbuf",
+        "_inlen",
+        "_need",
         "_out",
         "_trailers",
         "authority",
@@ -99,7 +101,11 @@ class Call:
         self.timeout_s: float | None = None
         self.messages: list[bytes] = []
         self.request: Any = None  # the decoded request, once the server has decoded it
-        self._inbuf = bytearray()
+        # A request message that spans DATA frames, as the frames' bytes
+        # (None: none under way), their total, and the whole message's size.
+        self._inbuf: list[bytes] | None = None
+        self._inlen = 0
+        self._need = 0
         self._failed = False  # we already answered (with an error): ignore input
         self._headers_sent = False
         self._out = bytearray()  # outbound DATA waiting for flow-control window

@@ -13,7 +13,8 @@ chunk itself, as long as they are the plain frames of ordinary calls:
 - HEADERS opening a new client stream, END_HEADERS set (no CONTINUATION),
   no padding or priority, whose header block ``CachingDecoder`` has already
   decoded once (the same bytes mean the same headers while the HPACK table
-  is unchanged), with no ``:status`` and a well-formed content-length if any;
+  is unchanged), a well-formed request (``prism.rpc.headers``) with a
+  well-formed content-length if any;
 - DATA without padding on a stream that is open, within both flow-control
   windows and within the stream's content-length if it declared one.
 
@@ -38,7 +39,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from h2.connection import AllowedStreamIDs, ConnectionState
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 
 from prism.rpc.hpack_cache import CachingDecoder, stateless_block
@@ -74,14 +75,28 @@ PlainFrame = tuple[int, int, Any, int, bool]
 
 
 class ServerConnection(h2.connection.H2Connection):
-    """``h2.connection.H2Connection`` for the server side of gRPC."""
+    """``h2.connection.H2Connection`` for the server side of gRPC.
 
-    def __init__(self, config: h2.config.H2Configuration) -> None:
+    ``max_header_list_bytes`` bounds the decoded size of a header block (as
+    HPACK counts it), in place of h2's own default (64 KiB), from the first
+    block on: before the client has seen the SETTINGS that advertise it
+    (``GrpcProtocol.initiate``), and after, since h2 moves the bound only when
+    an acknowledged SETTINGS changes it and ours are initial values. The
+    decoder stops at the bound, so a block's decoding never grows past it;
+    the HPACK state is then unusable, and h2 ends the connection with
+    GOAWAY(ENHANCE_YOUR_CALM), which RFC 9113 10.5.1 allows: the block must
+    be processed "unless the connection is closed".
+    """
+
+    def __init__(self, config: h2.config.H2Configuration, max_header_list_bytes: int) -> None:
         super().__init__(config=config)
         decoder = CachingDecoder()
-        decoder.max_header_list_size = self.decoder.max_header_list_size
+        decoder.max_header_list_size = max_header_list_bytes
         decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
         self.decoder = self._decoder = decoder
+        # Stream id -> why its request is malformed, for the requests h2 read
+        # (the plain path reads well-formed ones only); taken by the caller.
+        self.malformed: dict[int, str] = {}
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -111,6 +126,15 @@ class ServerConnection(h2.connection.H2Connection):
             return self._refused_frame(frame, exc)
         self._prepare_for_sending(frames)
         return events
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        frames, events = super()._receive_headers_frame(frame)
+        verdict = self._decoder.verdict  # of this frame's block, just decoded
+        if verdict is not None:
+            for event in events:
+                if type(event) is h2.events.RequestReceived:
+                    self.malformed[event.stream_id] = verdict
+        return frames, events
 
     def _refused_frame(self, frame: Any, exc: Exception) -> list[h2.events.Event]:
         def reraise(_frame: Any) -> Any:
@@ -253,3 +277,40 @@ class ServerConnection(h2.connection.H2Connection):
             )
         )
         return True
+
+    def send_plain_data(self, sid: int, data: bytearray) -> int | None:
+        """Queue as much of ``data`` on stream ``sid`` as both flow-control
+        windows allow, in DATA frames of the peer's maximum frame size,
+        written straight into h2's output buffer; the number of bytes queued
+        (0: no window now). None when the stream is gone or the connection is
+        not open, and the caller goes through h2's ``send_data`` (which raises
+        as it should).
+
+        The frames are the bytes h2's ``send_data`` would write, and h2's
+        connection and stream state machines and windows are driven exactly
+        as it drives them, frame by frame; its per-frame objects, checks and
+        logging were most of a large answer's cost.
+        """
+        stream = self.streams.get(sid)
+        if stream is None or self.state_machine.state is not ConnectionState.SERVER_OPEN:
+            return None
+        room = min(len(data), stream.outbound_flow_control_window, self.outbound_flow_control_window)
+        if room <= 0:
+            return 0
+        size = self.max_outbound_frame_size
+        head = b"\x00\x00" + sid.to_bytes(4, "big")  # type DATA, no flags, the stream
+        connection_input = self.state_machine.process_input
+        stream_input = stream.state_machine.process_input
+        out = self._data_to_send
+        sent = 0
+        with memoryview(data) as view:  # released before the caller trims ``data``
+            while sent < room:
+                n = min(size, room - sent)
+                connection_input(ConnectionInputs.SEND_DATA)
+                stream_input(StreamInputs.SEND_DATA)
+                out += n.to_bytes(3, "big") + head
+                out += view[sent : sent + n]
+                sent += n
+        stream.outbound_flow_control_window -= sent
+        self.outbound_flow_control_window -= sent
+        return sent

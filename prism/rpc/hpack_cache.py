@@ -14,9 +14,11 @@ cost after the backend itself. Both caches here are exact, never approximate:
 - ``CachingDecoder`` remembers the decoding of header blocks that did not
   change the dynamic table. Such a block decodes the same for as long as the
   table stays as it was, so the cache is emptied whenever any block changes
-  the table (or its size). ``plain(block)`` answers from that cache alone,
-  for blocks whose headers need nothing from h2 beyond the stream state
-  (``prism.rpc.h2conn``).
+  the table (or its size). Each block is judged once, when it is decoded
+  (``prism.rpc.headers``), and the verdict is kept with the decoding:
+  ``verdict`` is that of the block decoded last. ``plain(block)`` answers
+  from the cache alone, for well-formed requests whose headers need nothing
+  from h2 beyond the stream state (``prism.rpc.h2conn``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+
+from prism.rpc.headers import malformed_request
 
 _MAX_DECODED_BLOCKS = 256
 
@@ -58,8 +62,10 @@ class CachingDecoder(Decoder):
 
     def __init__(self) -> None:
         super().__init__()
-        self._decoded: dict[bytes, Any] = {}
+        self._decoded: dict[bytes, tuple[Any, str | None]] = {}
         self._plain: dict[bytes, Any] = {}
+        # Why the block decoded last is a malformed request, or None.
+        self.verdict: str | None = None
 
     def _table_state(self) -> tuple[int, object, int]:
         entries = self.header_table.dynamic_entries
@@ -69,39 +75,38 @@ class CachingDecoder(Decoder):
         key = bytes(data)
         hit = self._decoded.get(key)
         if hit is not None and raw:
-            return hit
+            headers, self.verdict = hit
+            return headers
         before = self._table_state()
         headers = super().decode(data, raw)
-        if self._table_state() != before:
+        changed = self._table_state() != before
+        if changed or len(self._decoded) >= _MAX_DECODED_BLOCKS:
             self._decoded.clear()
             self._plain.clear()
-        elif raw:
-            if len(self._decoded) >= _MAX_DECODED_BLOCKS:
-                self._decoded.clear()
-                self._plain.clear()
-            self._decoded[key] = headers
-            entry = _plain_request(headers)
-            if entry is not None:
-                self._plain[key] = entry
+        if raw:
+            self.verdict = verdict = malformed_request(headers)
+            if not changed:
+                self._decoded[key] = headers, verdict
+                entry = _plain_request(headers) if verdict is None else None
+                if entry is not None:
+                    self._plain[key] = entry
         return headers
 
     def plain(self, block: bytes) -> tuple[Any, int | None] | None:
         """``(headers, content-length or None)`` of ``block`` if it was decoded
-        before without changing the table and is a plain request; else None."""
+        before without changing the table and is a well-formed request; else None."""
         return self._plain.get(block)
 
 
 def _plain_request(headers: Any) -> tuple[Any, int | None] | None:
-    """What h2 takes from a request's headers when it receives them: the
-    content-length it will hold the body to (read as h2 reads it). None for a
-    block h2 would treat otherwise: a response ``:status``, a content-length
-    that is not digits, or two that differ (h2 refuses those)."""
+    """What h2 takes from a well-formed request's headers when it receives
+    them: the content-length it will hold the body to (read as h2 reads it).
+    None for a block h2 would treat otherwise: a content-length that is not
+    digits, or two that differ (h2 refuses those)."""
     length: int | None = None
     for name, value in headers:
         if name == b"content-length":
             if not value.isdigit() or (length is not None and int(value) != length):
                 return None
             length = int(value)
-        elif name == b":status":
-            return None
     return headers, length

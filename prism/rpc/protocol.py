@@ -7,7 +7,8 @@ with :meth:`GrpcProtocol.data_to_send`. No sockets, no trio, no clocks: the
 trio server (``server.py``) owns all of those.
 
 What this layer decides itself, so that every server gets it right:
-request header checks (method, path, content-type -> HTTP 415, grpc-timeout),
+request header checks (RFC 9113's in ``headers``, a malformed request reset
+with PROTOCOL_ERROR; then method, path, content-type -> HTTP 415, grpc-timeout),
 message framing with the size limit checked on the 5-byte prefix (a lying
 length is refused before anything is allocated for it), the concurrent-call
 limit (REFUSED_STREAM for the extra stream only) and outbound flow control.
@@ -82,6 +83,7 @@ class GrpcProtocol:
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
         initial_window_bytes: int = 1024 * 1024,
+        max_header_list_bytes: int = 16 * 1024,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -93,11 +95,12 @@ class GrpcProtocol:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._h2 = ServerConnection(config)
+        self._h2 = ServerConnection(config, max_header_list_bytes)
         self._h2.encoder = FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK))
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
         self._initial_window = initial_window_bytes
+        self.max_header_list_bytes = max_header_list_bytes
         self.calls: dict[int, Call] = {}
         self._blocked: dict[int, Call] = {}  # calls with output waiting for window
         self.draining = False  # we sent GOAWAY: refuse new streams
@@ -114,7 +117,7 @@ class GrpcProtocol:
             initial_values={
                 s.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
                 s.INITIAL_WINDOW_SIZE: self._initial_window,
-                s.MAX_HEADER_LIST_SIZE: 64 * 1024,
+                s.MAX_HEADER_LIST_SIZE: self.max_header_list_bytes,
             },
         )
         self._h2.initiate_connection()
@@ -200,10 +203,14 @@ class GrpcProtocol:
         return out
 
     def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:
+        # Judged by prism.rpc.headers when its block was decoded; only
+        # requests h2 read can be malformed (the plain path reads no others).
+        malformed = self._h2.malformed
+        if malformed and malformed.pop(sid, None) is not None:
+            self._reset_new_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # RFC 9113 8.1.1
+            return
         if self.draining or self.peer_gone or len(self.calls) >= self.max_concurrent_streams:
-            stream = self._h2.streams.get(sid)
-            if stream is not None and not stream.closed:  # else the client reset it already
-                self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         call = Call(sid)
         method = path = content_type = timeout = None
@@ -251,6 +258,11 @@ class GrpcProtocol:
         if ended:
             self._end_call(sid, out)
 
+    def _reset_new_stream(self, sid: int, code: h2.errors.ErrorCodes) -> None:
+        stream = self._h2.streams.get(sid)
+        if stream is not None and not stream.closed:  # else the client reset it already
+            self._h2.reset_stream(sid, code)
+
     def _on_data(
         self, sid: int, data: bytes | None, length: int, ended: bool, out: list[tuple[int, Call | None]]
     ) -> None:
@@ -263,16 +275,28 @@ class GrpcProtocol:
             self._end_call(sid, out)
 
     def _take_data(self, sid: int, data: bytes | None, out: list[tuple[int, Call | None]]) -> None:
+        # Whole messages are sliced out of the frame that holds them; a
+        # message that spans frames is kept as a list of the frames' bytes
+        # and joined once when it is complete. (Appending each frame to one
+        # growing buffer copied a 1 MiB message about eight times over as
+        # the buffer grew.)
         call = self.calls.get(sid)
-        if call is None or call._failed or data is None:
+        if call is None or call._failed or not data:
             return
-        buf = call._inbuf
-        buf += data
-        while len(buf) >= _PREFIX_LEN:
-            if buf[0] != 0:
+        if call._inbuf is not None:
+            call._inbuf.append(data)
+            call._inlen += len(data)
+            if call._inlen < call._need:
+                return
+            data = b"".join(call._inbuf)
+            call._inbuf = None
+        n = len(data)
+        pos = 0
+        while n - pos >= _PREFIX_LEN:
+            if data[pos] != 0:
                 self.send_error(call, StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
                 return
-            length = int.from_bytes(buf[1:5], "big")
+            length = int.from_bytes(data[pos + 1 : pos + _PREFIX_LEN], "big")
             if length > self.max_message_bytes:
                 self.send_error(
                     call,
@@ -280,18 +304,27 @@ class GrpcProtocol:
                     f"message of {length} bytes exceeds the maximum of {self.max_message_bytes}",
                 )
                 return
-            end = _PREFIX_LEN + length
-            if len(buf) < end:
+            end = pos + _PREFIX_LEN + length
+            if end > n:
                 break
-            call.messages.append(bytes(buf[_PREFIX_LEN:end]))
-            del buf[:end]
+            call.messages.append(data[pos + _PREFIX_LEN : end])
             out.append((CALL_MESSAGE, call))
+            pos = end
+        if pos < n:
+            rest = data[pos:] if pos else data
+            call._inbuf = [rest]
+            call._inlen = len(rest)
+            # The whole message's size once its prefix is here (checked above);
+            # until then 0, so the next frame is joined and looked at again.
+            call._need = (
+                _PREFIX_LEN + int.from_bytes(rest[1:_PREFIX_LEN], "big") if len(rest) >= _PREFIX_LEN else 0
+            )
 
     def _end_call(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
         call = self.calls.get(sid)
         if call is None or call._failed:
             return
-        if call._inbuf:
+        if call._inbuf is not None:
             self.send_error(call, StatusCode.INVALID_ARGUMENT, "stream ended inside a message (truncated)")
             return
         out.append((CALL_END, call))
@@ -387,12 +420,15 @@ class GrpcProtocol:
         out = call._out
         sid = call.stream_id
         while out:
-            n = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if n <= 0:
+            sent = conn.send_plain_data(sid, out)
+            if sent is None:  # the stream or the connection is not plainly open: h2 decides
+                sent = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if sent > 0:
+                    conn.send_data(sid, bytes(out[:sent]))
+            if sent <= 0:
                 self._blocked[sid] = call
                 return
-            conn.send_data(sid, bytes(out[:n]))
-            del out[:n]
+            del out[:sent]
         self._blocked.pop(sid, None)
         if call._trailers is not None:
             conn.send_headers(sid, call._trailers, end_stream=True)

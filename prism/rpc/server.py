@@ -68,6 +68,7 @@ class Connection:
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_streams=settings.max_concurrent_streams,
+            max_header_list_bytes=settings.max_header_list_bytes,
         )
         self._scopes: dict[int, trio.CancelScope] = {}
         self._inbound: dict[int, trio.MemorySendChannel[bytes]] = {}

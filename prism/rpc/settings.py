@@ -51,6 +51,7 @@ class ServerSettings:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
+        max_header_list_bytes: int = 16 * 1024,
         http2: Http2Config = _DEFAULT_HTTP2,
         max_inflight: int = 4096,
         drain_timeout_s: float = 10.0,
@@ -58,6 +59,7 @@ class ServerSettings:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
+        self.max_header_list_bytes = max_header_list_bytes
         self.http2 = http2  # per connection: timers, buffers, headers ([http2])
         # Calls whose handler is running or about to (a task each, streaming
         # calls while open), on every connection of this worker: a counter, so

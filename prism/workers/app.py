@@ -65,6 +65,7 @@ class App:
             self.methods,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_streams=config.streams_per_connection,
+            max_header_list_bytes=config.http2.max_header_list_bytes,
             http2=config.http2,
             max_inflight=config.max_inflight,
             drain_timeout_s=config.graceful_timeout_s,

@@ -48,13 +48,22 @@ class Response:
 
 
 class H2Client:
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    """``lenient``: send any header list as given (names and values as bytes),
+    even one that breaks HTTP/2's rules, as only a test would."""
+
+    def __init__(self, stream: trio.abc.Stream, *, lenient: bool = False) -> None:
         self.stream = stream
         self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding="utf-8",
+                validate_outbound_headers=not lenient,
+                normalize_outbound_headers=not lenient,
+            )
         )
         self.responses: dict[int, Response] = {}
         self.goaway = False
+        self.goaway_code: int | None = None
         self.remote_settings_seen = trio.Event()
 
     async def start(self) -> None:
@@ -112,6 +121,7 @@ class H2Client:
                 r.ended = True
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = True
+                self.goaway_code = ev.error_code
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 self.remote_settings_seen.set()
         await self.flush()
@@ -126,3 +136,19 @@ class H2Client:
 
     async def call(self, path: str, body: bytes | None, **kw: object) -> Response:
         return await self.wait(await self.start_call(path, body, **kw))
+
+    async def send_raw_headers(self, headers: list[tuple[bytes, bytes]], body: bytes | None) -> int:
+        """Open a stream with exactly this header list (a lenient client sends
+        it unchecked), then the body if any; return the stream id."""
+        sid = self.conn.get_next_available_stream_id()
+        self.responses[sid] = Response()
+        self.conn.send_headers(sid, headers, end_stream=body is None)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=True)
+        await self.flush()
+        return sid
+
+    async def read_to_eof(self) -> None:
+        """Read until the server closes the connection."""
+        while await self.pump():
+            pass

@@ -4,9 +4,10 @@ Two GrpcProtocol servers get the same client bytes, cut at the same random
 places: one reads plain call frames itself (as in production), the other
 gives every byte to h2. Whatever the client does (requests with and without
 a body, bodies split over frames, timeouts, content-length, resets, pings,
-window updates, settings changes, frames that break the protocol), both must
-report the same calls and messages, send the same bytes back, and leave h2's
-connection and stream state the same.
+window updates, settings changes, frames that break the protocol, header
+lists well-formed or not, each sent more than once), both must report the
+same calls and messages, send the same bytes back (the same RST_STREAM for a
+malformed request), and leave h2's connection and stream state the same.
 """
 
 from __future__ import annotations
@@ -42,6 +43,40 @@ RAW = [
     "continuation",
 ]
 
+# Header lists that may break RFC 9113's rules: the usual request with fields
+# taken out or put in anywhere, drawn from names and values that are wrong in
+# each way prism.rpc.headers looks for, or any bytes at all.
+FIELD_NAMES = [b":method", b":scheme", b":path", b":authority", b":status", b":x", b"te", b"host"]
+FIELD_NAMES += [
+    b"Host",
+    b"connection",
+    b"upgrade",
+    b"x-user",
+    b"x user",
+    b"x:y",
+    b"x\x00",
+    b"",
+    b"content-type",
+]
+FIELD_VALUES = [b"POST", b"CONNECT", b"http", b"/s/M", b"", b"127.0.0.1:8980", b"u@h", b"trailers", b"gzip"]
+FIELD_VALUES += [b"application/grpc", b" v", b"v\t", b"v\r", b"a\nb", b"v\x00", b"v"]
+field = st.tuples(
+    st.one_of(st.sampled_from(FIELD_NAMES), st.binary(max_size=3)),
+    st.one_of(st.sampled_from(FIELD_VALUES), st.binary(max_size=3)),
+)
+
+
+@st.composite
+def header_list(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
+    headers = _request_headers(draw(st.sampled_from(PATHS)))
+    for _ in range(draw(st.integers(0, 3))):
+        if draw(st.booleans()):
+            del headers[draw(st.integers(0, len(headers) - 1))]
+        else:
+            headers.insert(draw(st.integers(0, len(headers))), draw(field))
+    return headers
+
+
 # Mostly the same few header blocks, as real clients send: a block is read
 # by the plain path from its third sending on (h2 decodes the first, which
 # teaches the HPACK table, and the second, which is then remembered).
@@ -60,7 +95,8 @@ action = st.one_of(
     request,
     request,
     st.tuples(st.just("late")),
-    st.tuples(st.just("answer"), st.integers(0, 50), st.booleans()),
+    st.tuples(st.just("odd"), st.integers(0, 3), st.booleans()),  # an odd header list, with a body or not
+    st.tuples(st.just("answer"), st.integers(0, 50), st.sampled_from([True, False, "big"])),
     st.tuples(st.just("reset"), st.integers(0, 50)),
     st.tuples(st.just("ping")),
     st.tuples(st.just("window"), st.integers(1, 100_000)),
@@ -78,6 +114,7 @@ WARM_UP = [("request", PATHS[0], b"", 0, None, None), ("flush", 1 << 20)] * 2
 
 def _plain_off(proto: GrpcProtocol) -> GrpcProtocol:
     proto._h2.receive_plain = lambda data, *_: data  # type: ignore[method-assign]
+    proto._h2.send_plain_data = lambda sid, data: None  # type: ignore[method-assign]  # h2 frame by frame
     return proto
 
 
@@ -121,11 +158,18 @@ def _request_headers(path: str) -> list[tuple[bytes, bytes]]:
 
 
 class Run:
-    def __init__(self) -> None:
+    def __init__(self, odd: list[list[tuple[bytes, bytes]]] | None = None) -> None:
+        self.odd = odd or [_request_headers(PATHS[0])]
         self.fast = GrpcProtocol(initial_window_bytes=WINDOW)
         self.slow = _plain_off(GrpcProtocol(initial_window_bytes=WINDOW))
         self.client = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                # Sends the odd header lists as they are.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self.client.initiate_connection()
         self.fast.initiate()
@@ -193,6 +237,11 @@ class Run:
                 client.send_data(sid, message[3:], end_stream=True)
             elif shape == 3:
                 self.late.append((sid, message))
+        elif kind == "odd":
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, self.odd[step[1] % len(self.odd)], end_stream=not step[2])
+            if step[2]:
+                client.send_data(sid, frame(b"odd"), end_stream=True)
         elif kind == "late":
             if self.late:
                 sid, message = self.late.pop(0)
@@ -202,7 +251,9 @@ class Run:
             if self.calls:
                 fast, slow = self.calls.pop(step[1] % len(self.calls))
                 for proto, call in ((self.fast, fast), (self.slow, slow)):
-                    if step[2]:
+                    if step[2] == "big":  # over both windows: sent as the client gives window back
+                        proto.send_unary(call, bytes(range(256)) * 400)
+                    elif step[2]:
                         proto.send_unary(call, b"answer" * 3)
                     else:
                         proto.send_error(call, StatusCode.NOT_FOUND, "no such record")
@@ -248,39 +299,61 @@ LATE = ("request", PATHS[0], b"", 3, None, None)  # the same, its body sent late
 ALL = ("flush", 1 << 20)
 
 
+ODD = ("odd", 0, True)
+
+
 @settings(max_examples=300, deadline=None)
-@given(steps=st.lists(action, min_size=10, max_size=100))
+@given(steps=st.lists(action, min_size=10, max_size=100), odd=st.lists(header_list(), min_size=1, max_size=4))
 # A body that breaks its content-length, arriving in a later read than its headers.
-@example(steps=[("request", "/s/M", b"abc", 3, None, 1), ALL, ("late",)])
+@example(odd=[], steps=[("request", "/s/M", b"abc", 3, None, 1), ALL, ("late",)])
 # A request read plainly (its header block, content-length 9 included, seen
 # twice before) whose body is shorter than its content-length.
 @example(
+    odd=[],
     steps=[("request", PATHS[0], b"abcd", 0, None, 0), ALL] * 2
-    + [("request", PATHS[0], b"abc", 0, None, 1), ALL]
+    + [("request", PATHS[0], b"abc", 0, None, 1), ALL],
 )
 # A plain request reset by the client in the same read.
-@example(steps=[PLAIN, ALL, PLAIN, ("reset", 0)])
+@example(odd=[], steps=[PLAIN, ALL, PLAIN, ("reset", 0)])
 # Frames the plain path must leave to h2, on a stream it could otherwise read.
-@example(steps=[LATE, ALL, ("raw", "flood"), ALL])
-@example(steps=[LATE, ALL, ("raw", "data_huge"), ALL])
-@example(steps=[LATE, ALL, ("raw", "data_padded"), ALL])
-@example(steps=[PLAIN, ALL, ("raw", "data_again"), ALL])
-@example(steps=[("raw", "headers_even"), ALL])
-@example(steps=[PLAIN, ALL, PLAIN, ALL, ("raw", "headers_low"), ALL])
-@example(steps=[("raw", "headers_open"), ALL, ("raw", "continuation"), ALL, PLAIN, ALL])
-@example(steps=[("raw", "headers_open"), ALL, PLAIN, ALL])
+@example(odd=[], steps=[LATE, ALL, ("raw", "flood"), ALL])
+@example(odd=[], steps=[LATE, ALL, ("raw", "data_huge"), ALL])
+@example(odd=[], steps=[LATE, ALL, ("raw", "data_padded"), ALL])
+@example(odd=[], steps=[PLAIN, ALL, ("raw", "data_again"), ALL])
+@example(odd=[], steps=[("raw", "headers_even"), ALL])
+@example(odd=[], steps=[PLAIN, ALL, PLAIN, ALL, ("raw", "headers_low"), ALL])
+@example(odd=[], steps=[("raw", "headers_open"), ALL, ("raw", "continuation"), ALL, PLAIN, ALL])
+@example(odd=[], steps=[("raw", "headers_open"), ALL, PLAIN, ALL])
 # Found by this test: the client's h2 breaks off (a GOAWAY) after table-size
 # changes, and that GOAWAY arrives in the same read as a request refused at
 # once (a bad grpc-timeout), which must still be answered.
 @example(
+    odd=[],
     steps=[("request", PATHS[0], b"", 0, None, None)] * 4
     + [("table", 0), ("table", 0), ALL, ("answer", 0, False)]
-    + [("request", PATHS[0], b"", 0, "bad", None), ("flush", 0)]
+    + [("request", PATHS[0], b"", 0, "bad", None), ("flush", 0)],
+)
+# A malformed request (here: a second :path) sent until its block is cached,
+# then the same block that the plain path would read if it were well-formed.
+@example(odd=[[*_request_headers(PATHS[0]), (b":path", b"/s/M")]], steps=[ODD, ALL] * 4)
+@example(
+    odd=[[(b"x-user", b"v"), *_request_headers(PATHS[0])]], steps=[ODD, ALL, ODD, ODD, ALL, PLAIN, ODD, ALL]
+)
+# A large answer written as plain DATA frames, over both windows, going out
+# as the client gives window back, and another one after a window update.
+@example(
+    odd=[],
+    steps=[
+        *(PLAIN, ALL, ("answer", 0, "big"), ALL, ALL, ALL, ALL, PLAIN, ALL, ("window", 100_000)),
+        *(("answer", 0, "big"), ALL, ALL, ALL, ALL),
+    ],
 )
 # A read that ends inside a frame, and the next one.
-@example(steps=[PLAIN, ("flush", 20), PLAIN, ALL])
-def test_plain_frames_agree_with_h2(steps: list[tuple[Any, ...]]) -> None:
-    run = Run()
+@example(odd=[], steps=[PLAIN, ("flush", 20), PLAIN, ALL])
+def test_plain_frames_agree_with_h2(
+    steps: list[tuple[Any, ...]], odd: list[list[tuple[bytes, bytes]]]
+) -> None:
+    run = Run(odd)
     for step in WARM_UP + steps:
         run.act(step)
         if run.slow.broken:

@@ -11,6 +11,8 @@ import h2.connection
 import h2.events
 import pytest
 from hyperframe.frame import Frame, HeadersFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prism.errors import StatusCode
 from prism.rpc.protocol import (
@@ -23,6 +25,15 @@ from prism.rpc.protocol import (
 )
 
 from .h2client import frame
+
+REQUEST_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/s/M"),
+    (":authority", "x"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+]
 
 
 class Pair:
@@ -189,3 +200,35 @@ def test_parse_timeout_rejects(raw: bytes) -> None:
 
 def test_grpc_message_plain_ascii_unchanged() -> None:
     assert encode_grpc_message("unknown namespace 'x'") == b"unknown namespace 'x'"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40_000), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(1, 70_000), max_size=12),
+)
+def test_messages_split_anywhere_across_data_frames_arrive_whole(sizes: list[int], cuts: list[int]) -> None:
+    p = Pair()
+    messages = [bytes((i * 7 + n) % 256 for i in range(n)) for n in sizes]
+    body = b"".join(frame(m) for m in messages)
+    sid = p.client.get_next_available_stream_id()
+    p.client.send_headers(sid, REQUEST_HEADERS)
+    points = sorted({c % len(body) for c in cuts} - {0})
+    for start, stop in zip([0, *points], [*points, len(body)], strict=True):
+        for piece in range(start, stop, 16_384):  # a DATA frame's default maximum size
+            end = min(piece + 16_384, stop)
+            p.client.send_data(sid, body[piece:end], end_stream=end == len(body))
+            p.exchange()  # the server gives the window back as it reads
+    call = next(c for k, c in p.server_events if k == CALL_END)
+    assert call.messages == messages  # type: ignore[union-attr]
+
+
+def test_a_stream_that_ends_inside_a_message_is_invalid_argument() -> None:
+    p = Pair()
+    sid = p.client.get_next_available_stream_id()
+    p.client.send_headers(sid, REQUEST_HEADERS)
+    p.client.send_data(sid, frame(b"x" * 100)[:50], end_stream=True)
+    p.exchange()
+    _, headers, _ = p.received(sid)
+    assert headers["grpc-status"] == str(int(StatusCode.INVALID_ARGUMENT))
+    assert "truncated" in headers["grpc-message"]
