@@ -3,14 +3,15 @@
 ``GrpcProtocol`` wraps one server-side ``h2`` connection. Feed it bytes with
 :meth:`GrpcProtocol.receive_data`; it answers a list of ``(kind, call)``
 events. Answer calls with the ``send_*`` methods and drain the bytes to write
-with :meth:`GrpcProtocol.data_to_send`. No sockets, no trio, no clocks: the
-trio server (``server.py``) owns all of those.
+with :meth:`GrpcProtocol.data_to_send`. No sockets, no trio: the trio server
+(``server.py``) owns those, and passes in the clock the flood limits read.
 
 What this layer decides itself, so that every server gets it right:
 request header checks (method, path, content-type -> HTTP 415, grpc-timeout),
 message framing with the size limit checked on the 5-byte prefix (a lying
 length is refused before anything is allocated for it), the concurrent-call
-limit (REFUSED_STREAM for the extra stream only) and outbound flow control.
+limit (REFUSED_STREAM for the extra stream only), outbound flow control, and
+the HTTP/2 flood limits (``prism.rpc.flood``: GOAWAY(ENHANCE_YOUR_CALM)).
 The cheap paths for the frames of ordinary calls (reading a request, writing
 a successful unary answer from cached header blocks) are ``h2conn``'s.
 """
@@ -18,6 +19,8 @@ a successful unary answer from cached header blocks) are ``h2conn``'s.
 from __future__ import annotations
 
 import base64
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import h2.config
@@ -30,6 +33,7 @@ from h2.connection import ConnectionState
 
 from prism.errors import StatusCode
 from prism.rpc.call import Call
+from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
 from prism.rpc.hpack_cache import FixedBlockEncoder
 
@@ -82,6 +86,7 @@ class GrpcProtocol:
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
         initial_window_bytes: int = 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -103,6 +108,10 @@ class GrpcProtocol:
         self.draining = False  # we sent GOAWAY: refuse new streams
         self.peer_gone = False  # the client sent GOAWAY
         self.broken = False  # protocol error: the connection is finished
+        # Flood limits (prism.rpc.flood) on every frame h2 parses; ``clock``
+        # (the server's) times the control-frame and idle-PING windows.
+        self._flood = FloodGuard(self._h2, self.calls, clock)
+        self._flood.watch()
 
     # -- connection ----------------------------------------------------------
 
@@ -139,6 +148,14 @@ class GrpcProtocol:
         # of new streams ourselves (draining / peer_gone).
         self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
+    def _calm_down(self, debug: bytes) -> list[tuple[int, Call | None]]:
+        """End the connection of a flooding peer: GOAWAY(ENHANCE_YOUR_CALM)
+        naming the flood, and nothing more read from it. Its calls are the
+        server's to cancel; none of this read's frames reach them."""
+        self.broken = True
+        self._h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=debug)
+        return [(CONNECTION_CLOSED, None)]
+
     @property
     def idle(self) -> bool:
         return not self.calls
@@ -151,8 +168,14 @@ class GrpcProtocol:
             return []
         out: list[tuple[int, Call | None]] = []
         plain: list[PlainFrame] = []
+        flood = self._flood
         if not (self.draining or self.peer_gone):
             data = self._h2.receive_plain(data, plain)
+            if plain:
+                # The plain frames come first in this read and are none of
+                # them empty: tell the flood counters before h2 reads the rest.
+                flood.empty_run = 0
+                flood.plain_pending = len(plain)
         try:
             events = self._h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
@@ -160,15 +183,22 @@ class GrpcProtocol:
             self.broken = True
             out.append((CONNECTION_CLOSED, None))
             return out
+        except Flood as exc:
+            return self._calm_down(exc.debug)
         if self._h2.state_machine.state is ConnectionState.CLOSED:
             # The client's GOAWAY came in this read, after requests that are
             # answered below, some at once (a refusal): reopen before that.
             self._reopen_for_answers()
-        for kind, sid, value, length, ended in plain:
-            if kind == HEADERS_READ:
-                self._start_call(sid, value, ended, out)
-            else:
-                self._on_data(sid, value, length, ended, out)
+        if plain:
+            opened = 0
+            for kind, sid, value, length, ended in plain:
+                if kind == HEADERS_READ:
+                    opened += 1
+                    self._start_call(sid, value, ended, out)
+                else:
+                    self._on_data(sid, value, length, ended, out)
+            flood.opened += opened
+            flood.plain_pending = 0
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)

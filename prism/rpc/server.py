@@ -38,6 +38,8 @@ _SNIFF_TIMEOUT_S = 1.0
 _SNIFF_LIMIT_BYTES = 64 * 1024
 # Streaming responses wait for the client to read once this much is queued.
 _STREAM_HIGH_WATER = 256 * 1024
+# A connection error's GOAWAY gets this long to be written (as in Go's net/http2).
+_GOAWAY_GRACE_S = 1.0
 # An enum member read from its class is an attribute lookup through the enum
 # machinery, several times a dict lookup's cost: the unary path reads this.
 _OK = StatusCode.OK
@@ -123,6 +125,7 @@ class Connection:
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_streams=settings.max_concurrent_streams,
+            clock=trio.current_time,
         )
         self._scopes: dict[int, trio.CancelScope] = {}
         self._inbound: dict[int, trio.MemorySendChannel[bytes]] = {}
@@ -203,6 +206,9 @@ class Connection:
                 if proto.broken:
                     self._closing = True
                     self.wake()
+                    # A flooding peer may never read the GOAWAY: close anyway.
+                    assert self._nursery is not None
+                    self._nursery.cancel_scope.deadline = trio.current_time() + _GOAWAY_GRACE_S
                     return False
                 self._maybe_close()
             elif kind == CALL_END:
