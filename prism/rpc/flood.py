@@ -109,11 +109,11 @@ class FloodGuard:
         self._stamps: collections.deque[float] = collections.deque(maxlen=_STAMPS)
         # Set by GrpcProtocol around each read whose leading frames the plain
         # path took (h2conn: non-empty HEADERS and DATA only): before h2 parses
-        # the rest, ``empty_run`` is zeroed and ``plain_pending`` is the number
-        # of plain frames (at least the streams they opened); after, their
-        # streams are added to ``opened`` and ``plain_pending`` is zero again.
+        # the rest, ``empty_run`` is zeroed and ``plain`` holds those frames
+        # (as many as, or more than, the streams they opened); after, their
+        # streams are added to ``opened`` and ``plain`` is emptied.
         self.empty_run = 0
-        self.plain_pending = 0
+        self.plain: Sized = ()
         self.opened = 0  # streams the client opened
         self._resets = 0
         self._last_ping = _NEVER
@@ -175,7 +175,7 @@ class FloodGuard:
             return
         self._resets += 1
         doubled = 2 * self._resets
-        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + self.plain_pending:
+        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + len(self.plain):
             raise Flood(RAPID_RESET)
 
     def _ping(self, frame: PingFrame) -> None:

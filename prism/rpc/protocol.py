@@ -175,7 +175,7 @@ class GrpcProtocol:
                 # The plain frames come first in this read and are none of
                 # them empty: tell the flood counters before h2 reads the rest.
                 flood.empty_run = 0
-                flood.plain_pending = len(plain)
+                flood.plain = plain
         try:
             events = self._h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
@@ -198,7 +198,7 @@ class GrpcProtocol:
                 else:
                     self._on_data(sid, value, length, ended, out)
             flood.opened += opened
-            flood.plain_pending = 0
+            flood.plain = ()
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)
