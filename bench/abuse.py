@@ -9,7 +9,8 @@ frames on plain sockets, so that its own work does not share a GIL with the
 neighbour: a grpcio client on its own connection calling ``GetItems`` one
 call at a time throughout the case. Per case it records:
 
-- ``worker_cpu_s``: the worker's CPU time (utime + stime) over the case;
+- ``worker_cpu_s``: the worker's CPU time (utime + stime) over the case,
+  the neighbour's calls included (``neighbour.calls`` says how many);
 - ``worker_rss_mb``: its RSS before, at the peak (``VmHWM`` and 20 ms
   samples of ``VmRSS``) and after the abuser's connections closed;
 - ``goaway``: the GOAWAY the abuser read (error code, debug data), if any,
@@ -260,7 +261,7 @@ def slow_bodies(port: int) -> dict[str, Any]:
     return {
         "streams": 100,
         "bytes_left_unsent": sum(len(v) for v in pending.values()),
-        "seconds_to_send": sent_s,
+        "seconds_to_send": round(sent_s, 3),
     }
 
 
