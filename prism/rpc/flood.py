@@ -35,7 +35,7 @@ acts on it, and raises ``Flood`` when the peer has crossed one of these lines
 The ordinary call path pays nothing here: its HEADERS and DATA are read by
 ``prism.rpc.h2conn``'s plain path, which this does not see, and the frames
 h2 parses on an ordinary connection (WINDOW_UPDATE mostly) cost one dict
-lookup each. The clock is read once per ``_STAMP_EVERY`` control frames and
+lookup each (one more function call). The clock is read once per ``_STAMP_EVERY`` control frames and
 on PINGs that arrive on an idle connection, never per call.
 """
 

@@ -152,9 +152,19 @@ class GrpcProtocol:
         """End the connection of a flooding peer: GOAWAY(ENHANCE_YOUR_CALM)
         naming the flood, and nothing more read from it. Its calls are the
         server's to cancel; none of this read's frames reach them."""
-        self.broken = True
         self._h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=debug)
+        self._break()
         return [(CONNECTION_CLOSED, None)]
+
+    def _break(self) -> None:
+        # After a connection error h2 sends nothing more: every call is over,
+        # so that a handler ending before the server cancels it sends nothing
+        # (h2 would raise) and its answer is dropped.
+        self.broken = True
+        for call in self.calls.values():
+            call.done = True
+        self.calls.clear()
+        self._blocked.clear()
 
     @property
     def idle(self) -> bool:
@@ -180,7 +190,7 @@ class GrpcProtocol:
             events = self._h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
             # h2 has queued a GOAWAY with the right error code already.
-            self.broken = True
+            self._break()
             out.append((CONNECTION_CLOSED, None))
             return out
         except Flood as exc:

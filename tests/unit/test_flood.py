@@ -27,6 +27,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from prism.errors import StatusCode
 from prism.rpc import flood
 from prism.rpc.protocol import CALL_END, CALL_START, CONNECTION_CLOSED, GrpcProtocol
 
@@ -328,3 +329,21 @@ def test_rapid_reset_ends_early_once_no_later_stream_could_save_it(opened: int) 
     assert peer.goaway() is None
     peer.send(peer.headers() + RstStreamFrame(peer.sid, error_code=8).serialize())
     assert_calm(peer, flood.RAPID_RESET)
+
+
+@pytest.mark.parametrize(
+    "breaking",
+    # A flood, and a protocol error (a client stream with an even id).
+    [ping() * 20_000, HeadersFrame(2, data=b"", flags=["END_HEADERS"]).serialize()],
+    ids=["flood", "protocol_error"],
+)
+def test_an_answer_after_a_connection_error_is_dropped(breaking: bytes) -> None:
+    peer = Peer()
+    events = peer.send(peer.request())
+    (call,) = (c for k, c in events if k == CALL_END)
+    assert peer.send(breaking) == [(CONNECTION_CLOSED, None)]
+    assert peer.goaway() is not None
+    peer.proto.send_unary(call, b"late")  # the handler ends after the GOAWAY
+    peer.proto.send_status(call, StatusCode.INTERNAL, "late")
+    assert peer.proto.data_to_send() == b""
+    assert peer.proto.idle

@@ -139,3 +139,40 @@ async def test_a_flooder_that_does_not_read_is_closed_anyway(autojump_clock: tri
                 nursery.start_soon(send_flood)
                 while not srv.closed:
                     await trio.sleep(0.1)
+
+
+class LateHealth(FakeHealth):
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, call: object
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service == "late":
+            await trio.sleep(0.5)  # answers while the flooder's GOAWAY waits to be written
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return await super().Check(request, call)
+
+
+async def test_a_call_that_ends_after_the_goaway_is_dropped_quietly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with server() as srv:
+        srv.impl = LateHealth()
+        methods = MethodTable()
+        methods.add_service(health_pb2.DESCRIPTOR.services_by_name["Health"], srv.impl)
+        srv.settings.methods = methods
+        flooder = await srv.connect(lockstep=True)
+        await flooder.pump()
+        await flooder.start_call(CHECK, req("late"))
+
+        async def send_flood() -> None:
+            try:
+                await flooder.stream.send_all(ping() * 50_000)
+            except trio.BrokenResourceError:
+                pass
+
+        with trio.fail_after(2.0):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_flood)
+                while not srv.closed:
+                    await trio.sleep(0.1)
+        neighbour = await srv.connect()
+        assert (await neighbour.call(CHECK, req())).status == 0
