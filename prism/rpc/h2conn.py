@@ -16,7 +16,8 @@ chunk itself, as long as they are the plain frames of ordinary calls:
   is unchanged), a well-formed request (``prism.rpc.headers``) with a
   well-formed content-length if any;
 - DATA without padding on a stream that is open, within both flow-control
-  windows and within the stream's content-length if it declared one.
+  windows and within the stream's content-length if it declared one, and
+  not empty unless it ends the stream (``prism.rpc.flood`` counts those).
 
 For those it changes h2's state exactly as h2's own ``receive_data`` would:
 the stream is created by h2's ``_begin_new_stream``, its state machine is
@@ -203,6 +204,7 @@ class ServerConnection(h2.connection.H2Connection):
                 stream = streams.get(sid)
                 if (
                     flags & ~_END_STREAM
+                    or not (length or end_stream)  # empty: h2's, for prism.rpc.flood to count
                     or stream is None
                     or stream.state_machine.state is not StreamState.OPEN
                     or length > conn_window.current_window_size

@@ -3,15 +3,16 @@
 ``GrpcProtocol`` wraps one server-side ``h2`` connection. Feed it bytes with
 :meth:`GrpcProtocol.receive_data`; it answers a list of ``(kind, call)``
 events. Answer calls with the ``send_*`` methods and drain the bytes to write
-with :meth:`GrpcProtocol.data_to_send`. No sockets, no trio, no clocks: the
-trio server (``server.py``) owns all of those.
+with :meth:`GrpcProtocol.data_to_send`. No sockets, no trio: the trio server
+(``server.py``) owns those, and passes in the clock the flood limits read.
 
 What this layer decides itself, so that every server gets it right:
 request header checks (RFC 9113's in ``headers``, a malformed request reset
 with PROTOCOL_ERROR; then method, path, content-type -> HTTP 415, grpc-timeout),
 message framing with the size limit checked on the 5-byte prefix (a lying
 length is refused before anything is allocated for it), the concurrent-call
-limit (REFUSED_STREAM for the extra stream only) and outbound flow control.
+limit (REFUSED_STREAM for the extra stream only), outbound flow control, and
+the HTTP/2 flood limits (``prism.rpc.flood``: GOAWAY(ENHANCE_YOUR_CALM)).
 The cheap paths for the frames of ordinary calls (reading a request, writing
 a successful unary answer from cached header blocks) are ``h2conn``'s.
 """
@@ -19,6 +20,8 @@ a successful unary answer from cached header blocks) are ``h2conn``'s.
 from __future__ import annotations
 
 import base64
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import h2.config
@@ -31,8 +34,10 @@ from h2.connection import ConnectionState
 
 from prism.errors import StatusCode
 from prism.rpc.call import Call
+from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
 from prism.rpc.hpack_cache import FixedBlockEncoder
+from prism.rpc.respond import Responses, encode_grpc_message
 
 # Event kinds returned by receive_data.
 CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
@@ -65,17 +70,8 @@ def parse_timeout(value: bytes) -> float:
     return int(value[:-1]) * unit
 
 
-def encode_grpc_message(message: str) -> bytes:
-    """Percent-encode a grpc-message as the gRPC spec asks (UTF-8, then %XX
-    for bytes outside printable ASCII and for '%')."""
-    raw = message.encode("utf-8", "replace")
-    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
-        return raw
-    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
-
-
-class GrpcProtocol:
-    """The gRPC server side of one HTTP/2 connection."""
+class GrpcProtocol(Responses):
+    """The gRPC server side of one HTTP/2 connection (input here, answers in ``Responses``)."""
 
     def __init__(
         self,
@@ -84,6 +80,7 @@ class GrpcProtocol:
         max_concurrent_streams: int = 100,
         initial_window_bytes: int = 1024 * 1024,
         max_header_list_bytes: int = 16 * 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -106,6 +103,10 @@ class GrpcProtocol:
         self.draining = False  # we sent GOAWAY: refuse new streams
         self.peer_gone = False  # the client sent GOAWAY
         self.broken = False  # protocol error: the connection is finished
+        # Flood limits (prism.rpc.flood) on every frame h2 parses; ``clock``
+        # (the server's) times the control-frame and idle-PING windows.
+        self._flood = FloodGuard(self._h2, self.calls, clock)
+        self._flood.watch()
 
     # -- connection ----------------------------------------------------------
 
@@ -146,6 +147,24 @@ class GrpcProtocol:
         # of new streams ourselves (draining / peer_gone).
         self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
+    def _calm_down(self, debug: bytes) -> list[tuple[int, Call | None]]:
+        """End the connection of a flooding peer: GOAWAY(ENHANCE_YOUR_CALM)
+        naming the flood, and nothing more read from it. Its calls are the
+        server's to cancel; none of this read's frames reach them."""
+        self._h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=debug)
+        self._break()
+        return [(CONNECTION_CLOSED, None)]
+
+    def _break(self) -> None:
+        # After a connection error h2 sends nothing more: every call is over,
+        # so that a handler ending before the server cancels it sends nothing
+        # (h2 would raise) and its answer is dropped.
+        self.broken = True
+        for call in self.calls.values():
+            call.done = True
+        self.calls.clear()
+        self._blocked.clear()
+
     @property
     def idle(self) -> bool:
         return not self.calls
@@ -158,24 +177,37 @@ class GrpcProtocol:
             return []
         out: list[tuple[int, Call | None]] = []
         plain: list[PlainFrame] = []
+        flood = self._flood
         if not (self.draining or self.peer_gone):
             data = self._h2.receive_plain(data, plain)
+            if plain:
+                # The plain frames come first in this read and are none of
+                # them empty: tell the flood counters before h2 reads the rest.
+                flood.empty_run = 0
+                flood.plain = plain
         try:
             events = self._h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
             # h2 has queued a GOAWAY with the right error code already.
-            self.broken = True
+            self._break()
             out.append((CONNECTION_CLOSED, None))
             return out
+        except Flood as exc:
+            return self._calm_down(exc.debug)
         if self._h2.state_machine.state is ConnectionState.CLOSED:
             # The client's GOAWAY came in this read, after requests that are
             # answered below, some at once (a refusal): reopen before that.
             self._reopen_for_answers()
-        for kind, sid, value, length, ended in plain:
-            if kind == HEADERS_READ:
-                self._start_call(sid, value, ended, out)
-            else:
-                self._on_data(sid, value, length, ended, out)
+        if plain:
+            opened = 0
+            for kind, sid, value, length, ended in plain:
+                if kind == HEADERS_READ:
+                    opened += 1
+                    self._start_call(sid, value, ended, out)
+                else:
+                    self._on_data(sid, value, length, ended, out)
+            flood.opened += opened
+            flood.plain = ()
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)
@@ -329,114 +361,16 @@ class GrpcProtocol:
             return
         out.append((CALL_END, call))
 
-    # -- output --------------------------------------------------------------
 
-    def send_unary(self, call: Call, payload: bytes) -> None:
-        """Answer a call with one message and status OK."""
-        if call.done:
-            return
-        conn = self._h2
-        if conn.send_plain_unary(call.stream_id, payload):
-            self._finish(call)
-            return
-        frame = b"\x00" + len(payload).to_bytes(4, "big") + payload
-        conn.send_headers(call.stream_id, RESPONSE_HEADERS)
-        call._headers_sent = True
-        call._out += frame
-        call._trailers = TRAILERS_OK
-        self._pump(call)
-
-    def send_headers(self, call: Call) -> None:
-        """Send a streaming response's headers now, before its first message."""
-        if not call.done and not call._headers_sent:
-            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
-            call._headers_sent = True
-            self._pump(call)
-
-    def send_message(self, call: Call, payload: bytes) -> None:
-        """Queue one message of a streaming response."""
-        if call.done:
-            return
-        if not call._headers_sent:
-            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
-            call._headers_sent = True
-        call._out += len(payload).to_bytes(5, "big")  # flag byte 0 + length
-        call._out += payload
-        self._pump(call)
-
-    def send_status(self, call: Call, status: StatusCode, message: str = "") -> None:
-        """End a call with trailers (after messages, or trailers-only)."""
-        if call.done or call._trailers is not None:
-            return
-        if status == StatusCode.OK and not message:
-            trailers: tuple[tuple[bytes, bytes], ...] = TRAILERS_OK
-        else:
-            trailers = ((b"grpc-status", str(int(status)).encode()),)
-            if message:
-                trailers += ((b"grpc-message", encode_grpc_message(message)),)
-        if not call._headers_sent:
-            # Trailers-only response: one HEADERS frame with everything.
-            call._failed = True
-            self._send_final_headers(call, RESPONSE_HEADERS[:2] + trailers)
-            return
-        call._trailers = trailers
-        self._pump(call)
-
-    def send_error(self, call: Call, status: StatusCode, message: str) -> None:
-        """End a call with an error status; further input for it is ignored."""
-        call._failed = True
-        self.send_status(call, status, message)
-
-    def _refuse_http(self, call: Call, status: bytes, reason: str) -> None:
-        call._failed = True
-        self._send_final_headers(
-            call,
-            (
-                (b":status", status),
-                (b"content-type", b"text/plain"),
-                (b"grpc-status", b"%d" % StatusCode.UNKNOWN),
-                (b"grpc-message", encode_grpc_message(reason)),
-            ),
-        )
-
-    def _send_final_headers(self, call: Call, headers: tuple[tuple[bytes, bytes], ...]) -> None:
-        call._headers_sent = True
-        try:
-            self._h2.send_headers(call.stream_id, headers, end_stream=True)
-        except h2.exceptions.StreamClosedError:
-            # The client reset the stream in the same read that opened it
-            # (h2 has taken in every frame of a read before we answer any).
-            pass
-        self._finish(call)
-
-    def _finish(self, call: Call) -> None:
-        call.done = True
-        self.calls.pop(call.stream_id, None)
-        self._blocked.pop(call.stream_id, None)
-
-    def _pump(self, call: Call) -> None:
-        """Send as much of a call's queued output as flow control allows."""
-        conn = self._h2
-        out = call._out
-        sid = call.stream_id
-        while out:
-            sent = conn.send_plain_data(sid, out)
-            if sent is None:  # the stream or the connection is not plainly open: h2 decides
-                sent = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                if sent > 0:
-                    conn.send_data(sid, bytes(out[:sent]))
-            if sent <= 0:
-                self._blocked[sid] = call
-                return
-            del out[:sent]
-        self._blocked.pop(sid, None)
-        if call._trailers is not None:
-            conn.send_headers(sid, call._trailers, end_stream=True)
-            self._finish(call)
-
-    def _pump_blocked(self) -> None:
-        for call in list(self._blocked.values()):
-            try:
-                self._pump(call)
-            except h2.exceptions.StreamClosedError:
-                self._finish(call)
+__all__ = [
+    "CALL_END",
+    "CALL_MESSAGE",
+    "CALL_RESET",
+    "CALL_START",
+    "CONNECTION_CLOSED",
+    "RESPONSE_HEADERS",
+    "TRAILERS_OK",
+    "GrpcProtocol",
+    "encode_grpc_message",
+    "parse_timeout",
+]

@@ -29,6 +29,7 @@ from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.settings import Handoff, Observer, ServerSettings
+from prism.rpc.sniff import sniff
 from prism.security.identity import PeerIdentity
 
 __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
@@ -36,12 +37,10 @@ __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
 log = logging.getLogger("prism.rpc")
 
 _READ_SIZE = 65536
-# A connection's first request is looked at (for hand-off) within these bounds;
-# past them it is served where it landed.
-_SNIFF_TIMEOUT_S = 1.0
-_SNIFF_LIMIT_BYTES = 64 * 1024
 # Streaming responses wait for the client to read once this much is queued.
 _STREAM_HIGH_WATER = 256 * 1024
+# A connection error's GOAWAY gets this long to be written (as in Go's net/http2).
+_GOAWAY_GRACE_S = 1.0
 # An enum member read from its class is an attribute lookup through the enum
 # machinery, several times a dict lookup's cost: the unary path reads this.
 _OK = StatusCode.OK
@@ -69,6 +68,7 @@ class Connection:
             max_message_bytes=settings.max_message_bytes,
             max_concurrent_streams=settings.max_concurrent_streams,
             max_header_list_bytes=settings.max_header_list_bytes,
+            clock=trio.current_time,
         )
         self._scopes: dict[int, trio.CancelScope] = {}
         self._inbound: dict[int, trio.MemorySendChannel[bytes]] = {}
@@ -103,7 +103,7 @@ class Connection:
                     events = self.proto.receive_data(self._handed_in)
                 elif self.settings.handoff is not None and isinstance(self.stream, trio.SocketStream):
                     # (TLS is not sniffed: its ClientHello placed it, prism.rpc.handshake.)
-                    events = await self._sniff(self.settings.handoff)
+                    events = await sniff(self.stream, self.proto, self._preface, self.settings.handoff)
                     if events is None:
                         return  # handed to another worker, which now owns the socket
                 if self.settings.draining:  # accepted just before the drain began
@@ -121,37 +121,6 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
-    async def _sniff(self, handoff: Handoff) -> list[tuple[int, Call | None]] | None:
-        """Read up to the first request, and hand the connection to another
-        worker if that request names another tenant. Returns the events read
-        (to serve here), or None once handed off.
-
-        Only our SETTINGS preface goes out before the decision (grpcio waits
-        for it before sending a request); nothing the receiving worker would
-        send differently. Not even a SETTINGS ACK: that worker replays the
-        bytes read here and acknowledges them itself.
-        """
-        assert isinstance(self.stream, trio.SocketStream)
-        await self.stream.send_all(self.proto.data_to_send())
-        buffered = bytearray()
-        events: list[tuple[int, Call | None]] = []
-        with trio.move_on_after(_SNIFF_TIMEOUT_S):
-            while len(buffered) < _SNIFF_LIMIT_BYTES:
-                data = await self.stream.receive_some(_READ_SIZE)
-                if not data:
-                    break
-                buffered += data
-                self._preface.feed(data)
-                events += self.proto.receive_data(data)
-                first = next((c for k, c in events if k == CALL_START), None)
-                if first is not None:
-                    if await handoff.hand_off(first, self.stream, bytes(buffered)):
-                        return None
-                    break
-                if self.proto.broken:
-                    break
-        return events
-
     def _dispatch(self, events: list[tuple[int, Call | None]]) -> bool:
         """Act on protocol events; False once the connection is finished."""
         proto = self.proto
@@ -160,6 +129,9 @@ class Connection:
                 if proto.broken:
                     self._closing = True
                     self.wake()
+                    # A flooding peer may never read the GOAWAY: close anyway.
+                    assert self._nursery is not None
+                    self._nursery.cancel_scope.deadline = trio.current_time() + _GOAWAY_GRACE_S
                     return False
                 self._maybe_close()
             elif kind == CALL_END:

@@ -1,0 +1,224 @@
+"""HTTP/2 flood limits, sans I/O: what one peer may make a connection do.
+
+A ``FloodGuard`` looks at every frame h2 parses for one connection, before h2
+acts on it, and raises ``Flood`` when the peer has crossed one of these lines
+(``GrpcProtocol`` then answers GOAWAY(ENHANCE_YOUR_CALM) with the flood's
+``debug`` bytes and stops reading):
+
+- **Control frames**: more than ``CONTROL_FRAMES_PER_WINDOW`` PING, SETTINGS,
+  PRIORITY or unknown frames within ``CONTROL_WINDOW_S``. PING and SETTINGS
+  make h2 queue an acknowledgement; the others are work with no request in
+  them. Frames are counted as they arrive, not as acknowledgements pile up:
+  the kernel's socket buffers take megabytes of acks from a peer that does
+  not read before any queue in this process would grow. A SETTINGS frame
+  counts once per parameter, and one with more than ``MAX_SETTINGS_PARAMS``
+  (Go's net/http2 limit) is a flood by itself: h2 works through every one.
+- **Empty frames**: more than ``MAX_CONSECUTIVE_EMPTY_FRAMES`` HEADERS,
+  CONTINUATION or DATA frames in a row with no payload (padding aside) and no
+  END_STREAM; a non-empty one of those kinds ends the run. This is Envoy's
+  ``max_consecutive_inbound_frames_with_empty_payload`` with its default.
+- **Rapid reset**: the client resets more than half of the streams it opened
+  before they were answered, once that is more than half of at least
+  ``RAPID_RESET_MIN_STREAMS`` (Envoy's rule, which likewise closes early once
+  so many resets are in that no later stream could bring the share back
+  under half).
+- **Pings on an idle connection** (gRPC's keepalive enforcement, as
+  grpc-core's ``Chttp2PingAbusePolicy``): with no call open, a PING less than
+  ``MIN_IDLE_PING_INTERVAL_S`` after the previous one is a strike, and the
+  strike after ``MAX_PING_STRIKES`` is the end (debug data
+  ``too_many_pings``, which gRPC clients read as "back off your keepalive").
+  grpc-core forgets the strikes whenever the server sends HEADERS or DATA;
+  here a call opened since the previous PING does the same (every stream is
+  answered), and a PING while calls are open is never a strike: those are
+  bounded by the control-frame count.
+
+The ordinary call path pays nothing here: its HEADERS and DATA are read by
+``prism.rpc.h2conn``'s plain path, which this does not see, and each frame
+h2 parses on an ordinary connection (WINDOW_UPDATE mostly) costs one more
+function call and a dict lookup, small beside h2's own work on it. The clock
+is read once per ``_STAMP_EVERY`` control frames and on PINGs that arrive on
+an idle connection, never per call.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sized
+from typing import Any, Final
+
+import h2.connection
+from h2.stream import StreamState
+from hyperframe.frame import (
+    AltSvcFrame,
+    ContinuationFrame,
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+
+CONTROL_FRAMES_PER_WINDOW: Final = 10_000
+CONTROL_WINDOW_S: Final = 10.0
+MAX_SETTINGS_PARAMS: Final = 100
+MAX_CONSECUTIVE_EMPTY_FRAMES: Final = 1
+RAPID_RESET_MIN_STREAMS: Final = 500
+MIN_IDLE_PING_INTERVAL_S: Final = 5.0
+MAX_PING_STRIKES: Final = 2
+
+# GOAWAY debug data, one per kind of flood; ``too_many_pings`` is gRPC's own.
+TOO_MANY_PINGS: Final = b"too_many_pings"
+CONTROL_FLOOD: Final = b"too_many_control_frames"
+SETTINGS_TOO_LARGE: Final = b"too_many_settings_parameters"
+EMPTY_FRAMES: Final = b"too_many_empty_frames"
+RAPID_RESET: Final = b"too_many_resets"
+
+# Control frames are timed in batches of this many: one clock read per batch,
+# and a window is judged on CONTROL_FRAMES_PER_WINDOW frames to that accuracy.
+_STAMP_EVERY: Final = 1000
+_STAMPS: Final = CONTROL_FRAMES_PER_WINDOW // _STAMP_EVERY + 1
+# A stream in these states was opened by the client and not answered yet.
+_UNANSWERED: Final = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+_NEVER: Final = float("-inf")
+
+
+class Flood(Exception):
+    """The peer crossed a flood limit; ``debug`` goes in the GOAWAY."""
+
+    def __init__(self, debug: bytes) -> None:
+        super().__init__(debug.decode())
+        self.debug = debug
+
+
+class FloodGuard:
+    """The flood counters of one connection.
+
+    ``conn`` is the connection's h2 state (read, never changed), ``calls`` the
+    calls open on it (only its emptiness is read), ``clock`` a monotonic clock
+    in seconds. ``watch`` puts the guard in front of h2's frame parsing.
+    """
+
+    def __init__(self, conn: h2.connection.H2Connection, calls: Sized, clock: Callable[[], float]) -> None:
+        self._conn = conn
+        self._calls = calls
+        self._clock = clock
+        self._control = 0
+        self._next_stamp = 1
+        self._stamps: collections.deque[float] = collections.deque(maxlen=_STAMPS)
+        # Set by GrpcProtocol around each read whose leading frames the plain
+        # path took (h2conn: non-empty HEADERS and DATA only): before h2 parses
+        # the rest, ``empty_run`` is zeroed and ``plain`` holds those frames
+        # (as many as, or more than, the streams they opened); after, their
+        # streams are added to ``opened`` and ``plain`` is emptied.
+        self.empty_run = 0
+        self.plain: Sized = ()
+        self.opened = 0  # streams the client opened
+        self._resets = 0
+        self._last_ping = _NEVER
+        self._ping_streams = 0
+        self._strikes = 0
+        self._checks: dict[type[Frame], Callable[[Any], None]] = {
+            DataFrame: self._data,
+            HeadersFrame: self._headers,
+            ContinuationFrame: self._continuation,
+            RstStreamFrame: self._reset,
+            PingFrame: self._ping,
+            SettingsFrame: self._settings,
+            PriorityFrame: self._control_frame,
+            ExtensionFrame: self._control_frame,
+            AltSvcFrame: self._control_frame,
+        }
+
+    def watch(self) -> None:
+        """See every frame h2 parses from now on, before h2 acts on it."""
+        buffer = self._conn.incoming_buffer
+        # FrameBuffer passes each parsed frame, CONTINUATIONs included, through
+        # this method before h2 dispatches it: one place that sees them all,
+        # in order, one at a time (h2 acts on a frame before parsing the next).
+        parse = buffer._update_header_buffer
+        checks = self._checks
+
+        def checked(frame: Any) -> Any:
+            check = checks.get(frame.__class__)
+            if check is not None:
+                check(frame)
+            return parse(frame)
+
+        buffer._update_header_buffer = checked  # type: ignore[method-assign,assignment]
+
+    # -- per frame type ------------------------------------------------------
+
+    def _data(self, frame: DataFrame) -> None:
+        self._payload(frame.data, frame.flags)
+
+    def _headers(self, frame: HeadersFrame) -> None:
+        if frame.stream_id > self._conn.highest_inbound_stream_id:
+            self.opened += 1
+        self._payload(frame.data, frame.flags)
+
+    def _continuation(self, frame: ContinuationFrame) -> None:
+        self._payload(frame.data, frame.flags)
+
+    def _payload(self, data: bytes, flags: Any) -> None:
+        if data or "END_STREAM" in flags:
+            self.empty_run = 0
+            return
+        self.empty_run += 1
+        if self.empty_run > MAX_CONSECUTIVE_EMPTY_FRAMES:
+            raise Flood(EMPTY_FRAMES)
+
+    def _reset(self, frame: RstStreamFrame) -> None:
+        stream = self._conn.streams.get(frame.stream_id)
+        if stream is None or stream.state_machine.state not in _UNANSWERED:
+            return
+        self._resets += 1
+        doubled = 2 * self._resets
+        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + len(self.plain):
+            raise Flood(RAPID_RESET)
+
+    def _ping(self, frame: PingFrame) -> None:
+        self._count_control(1)
+        if "ACK" in frame.flags:
+            return
+        streams = self._conn.highest_inbound_stream_id
+        if self._calls or streams != self._ping_streams:
+            # Calls open, or answered since the last PING: the client is
+            # working, and its pings are not keepalive abuse.
+            self._ping_streams = streams
+            self._strikes = 0
+            self._last_ping = _NEVER
+            if self._calls:
+                return
+        now = self._clock()
+        if now - self._last_ping < MIN_IDLE_PING_INTERVAL_S:
+            self._strikes += 1
+            if self._strikes > MAX_PING_STRIKES:
+                raise Flood(TOO_MANY_PINGS)
+        self._last_ping = now
+
+    def _settings(self, frame: SettingsFrame) -> None:
+        n = len(frame.settings)
+        if n > MAX_SETTINGS_PARAMS:
+            raise Flood(SETTINGS_TOO_LARGE)
+        self._count_control(n or 1)
+
+    def _control_frame(self, frame: Frame) -> None:
+        self._count_control(1)
+
+    def _count_control(self, n: int) -> None:
+        self._control += n
+        if self._control >= self._next_stamp:
+            self._stamp()
+
+    def _stamp(self) -> None:
+        # Stamps are taken at the 1st, 1001st, 2001st... frame: the oldest of
+        # a full deque is CONTROL_FRAMES_PER_WINDOW frames before the newest.
+        now = self._clock()
+        stamps = self._stamps
+        stamps.append(now)
+        self._next_stamp += _STAMP_EVERY  # (a frame counts at most MAX_SETTINGS_PARAMS: one batch)
+        if len(stamps) == _STAMPS and now - stamps[0] < CONTROL_WINDOW_S:
+            raise Flood(CONTROL_FLOOD)

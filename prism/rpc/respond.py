@@ -1,0 +1,143 @@
+"""The answering half of ``GrpcProtocol``: headers, messages, trailers and
+outbound flow control for the calls of one connection, sans I/O.
+
+``GrpcProtocol`` (``protocol.py``) reads requests; this base class holds what
+it sends back, so that each module keeps one job. It works on the
+connection's h2 state (``_h2``), its open calls (``calls``) and the calls
+waiting for flow-control window (``_blocked``), which ``GrpcProtocol`` owns.
+"""
+
+from __future__ import annotations
+
+import h2.exceptions
+
+from prism.errors import StatusCode
+from prism.rpc.call import Call
+from prism.rpc.h2conn import RESPONSE_HEADERS, TRAILERS_OK, ServerConnection
+
+
+def encode_grpc_message(message: str) -> bytes:
+    """Percent-encode a grpc-message as the gRPC spec asks (UTF-8, then %XX
+    for bytes outside printable ASCII and for '%')."""
+    raw = message.encode("utf-8", "replace")
+    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
+        return raw
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
+class Responses:
+    """Answers for the calls of one connection (see the module docstring)."""
+
+    _h2: ServerConnection
+    calls: dict[int, Call]
+    _blocked: dict[int, Call]
+
+    def send_unary(self, call: Call, payload: bytes) -> None:
+        """Answer a call with one message and status OK."""
+        if call.done:
+            return
+        conn = self._h2
+        if conn.send_plain_unary(call.stream_id, payload):
+            self._finish(call)
+            return
+        frame = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        conn.send_headers(call.stream_id, RESPONSE_HEADERS)
+        call._headers_sent = True
+        call._out += frame
+        call._trailers = TRAILERS_OK
+        self._pump(call)
+
+    def send_headers(self, call: Call) -> None:
+        """Send a streaming response's headers now, before its first message."""
+        if not call.done and not call._headers_sent:
+            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
+            call._headers_sent = True
+            self._pump(call)
+
+    def send_message(self, call: Call, payload: bytes) -> None:
+        """Queue one message of a streaming response."""
+        if call.done:
+            return
+        if not call._headers_sent:
+            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
+            call._headers_sent = True
+        call._out += len(payload).to_bytes(5, "big")  # flag byte 0 + length
+        call._out += payload
+        self._pump(call)
+
+    def send_status(self, call: Call, status: StatusCode, message: str = "") -> None:
+        """End a call with trailers (after messages, or trailers-only)."""
+        if call.done or call._trailers is not None:
+            return
+        if status == StatusCode.OK and not message:
+            trailers: tuple[tuple[bytes, bytes], ...] = TRAILERS_OK
+        else:
+            trailers = ((b"grpc-status", str(int(status)).encode()),)
+            if message:
+                trailers += ((b"grpc-message", encode_grpc_message(message)),)
+        if not call._headers_sent:
+            # Trailers-only response: one HEADERS frame with everything.
+            call._failed = True
+            self._send_final_headers(call, RESPONSE_HEADERS[:2] + trailers)
+            return
+        call._trailers = trailers
+        self._pump(call)
+
+    def send_error(self, call: Call, status: StatusCode, message: str) -> None:
+        """End a call with an error status; further input for it is ignored."""
+        call._failed = True
+        self.send_status(call, status, message)
+
+    def _refuse_http(self, call: Call, status: bytes, reason: str) -> None:
+        call._failed = True
+        self._send_final_headers(
+            call,
+            (
+                (b":status", status),
+                (b"content-type", b"text/plain"),
+                (b"grpc-status", b"%d" % StatusCode.UNKNOWN),
+                (b"grpc-message", encode_grpc_message(reason)),
+            ),
+        )
+
+    def _send_final_headers(self, call: Call, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        call._headers_sent = True
+        try:
+            self._h2.send_headers(call.stream_id, headers, end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            # The client reset the stream in the same read that opened it
+            # (h2 has taken in every frame of a read before we answer any).
+            pass
+        self._finish(call)
+
+    def _finish(self, call: Call) -> None:
+        call.done = True
+        self.calls.pop(call.stream_id, None)
+        self._blocked.pop(call.stream_id, None)
+
+    def _pump(self, call: Call) -> None:
+        """Send as much of a call's queued output as flow control allows."""
+        conn = self._h2
+        out = call._out
+        sid = call.stream_id
+        while out:
+            sent = conn.send_plain_data(sid, out)
+            if sent is None:  # the stream or the connection is not plainly open: h2 decides
+                sent = min(len(out), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if sent > 0:
+                    conn.send_data(sid, bytes(out[:sent]))
+            if sent <= 0:
+                self._blocked[sid] = call
+                return
+            del out[:sent]
+        self._blocked.pop(sid, None)
+        if call._trailers is not None:
+            conn.send_headers(sid, call._trailers, end_stream=True)
+            self._finish(call)
+
+    def _pump_blocked(self) -> None:
+        for call in list(self._blocked.values()):
+            try:
+                self._pump(call)
+            except h2.exceptions.StreamClosedError:
+                self._finish(call)

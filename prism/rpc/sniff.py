@@ -1,0 +1,56 @@
+"""Reading a plaintext connection up to its first request, to hand it to its tenant.
+
+A connection whose first request names another tenant (``prism-tenant``
+metadata or an ``:authority`` of ``<tenant>.*``) is handed to a worker of that
+tenant (``prism.router.handoff``), with the bytes read so far. TLS connections
+are not sniffed: their ClientHello placed them (``prism.rpc.handshake``).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from prism.rpc.call import Call
+from prism.rpc.keepalive import Preface
+from prism.rpc.protocol import CALL_START, GrpcProtocol
+from prism.rpc.settings import Handoff
+
+# The first request is looked at within these bounds; past them the
+# connection is served where it landed.
+SNIFF_TIMEOUT_S = 1.0
+SNIFF_LIMIT_BYTES = 64 * 1024
+_READ_SIZE = 65536
+
+
+async def sniff(
+    stream: trio.abc.Stream, proto: GrpcProtocol, preface: Preface, handoff: Handoff
+) -> list[tuple[int, Call | None]] | None:
+    """Read up to the first request, and hand the connection to another
+    worker if that request names another tenant. Returns the events read
+    (to serve here), or None once handed off.
+
+    Only our SETTINGS preface goes out before the decision (grpcio waits for
+    it before sending a request); nothing the receiving worker would send
+    differently. Not even a SETTINGS ACK: that worker replays the bytes read
+    here and acknowledges them itself.
+    """
+    assert isinstance(stream, trio.SocketStream)
+    await stream.send_all(proto.data_to_send())
+    buffered = bytearray()
+    events: list[tuple[int, Call | None]] = []
+    with trio.move_on_after(SNIFF_TIMEOUT_S):
+        while len(buffered) < SNIFF_LIMIT_BYTES:
+            data = await stream.receive_some(_READ_SIZE)
+            if not data:
+                break
+            buffered += data
+            preface.feed(data)
+            events += proto.receive_data(data)
+            first = next((c for k, c in events if k == CALL_START), None)
+            if first is not None:
+                if await handoff.hand_off(first, stream, bytes(buffered)):
+                    return None
+                break
+            if proto.broken:
+                break
+    return events
