@@ -15,6 +15,7 @@ from prism.config.fields import GIB, KIB, MIB, FieldError
 
 MAX_STREAMS = 2**31 - 1  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS is 31-bit in practice
 DAY_S = 86_400.0
+STREAM_WINDOW = 65_536  # a stream's initial window, and a message's prefix (prism.rpc.budget)
 
 
 class Http2Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,11 +60,11 @@ def validate_limits(
             )
     _count(http2.max_header_list_bytes, "http2.max_header_list_bytes", 1 * KIB, 1 * MIB)
     _count(http2.max_connection_buffer_bytes, "http2.max_connection_buffer_bytes", max(64 * KIB, 1), 4 * GIB)
-    if http2.max_connection_buffer_bytes < max_message_bytes:
+    if http2.max_connection_buffer_bytes < max_message_bytes + STREAM_WINDOW:
         raise FieldError(
             "http2.max_connection_buffer_bytes",
-            f"{http2.max_connection_buffer_bytes} is less than max_message_bytes ({max_message_bytes}): "
-            "one message must fit",
+            f"{http2.max_connection_buffer_bytes} is less than max_message_bytes ({max_message_bytes}) "
+            f"+ {STREAM_WINDOW}: one message and a stream's window must fit",
         )
     _count(
         http2.max_worker_buffer_bytes,

@@ -69,17 +69,23 @@ class Call:
     """
 
     __slots__ = (
+        "_charged",
+        "_credit",
         "_failed",
         "_headers_sent",
         "_inbuf",
         "_inlen",
+        "_inpos",
+        "_inq",
         "_need",
         "_out",
         "_trailers",
+        "_wants",
         "authority",
         "caller",
         "deadline",
         "done",
+        "half_closed",
         "messages",
         "metadata",
         "namespace",
@@ -101,11 +107,23 @@ class Call:
         self.timeout_s: float | None = None
         self.messages: list[bytes] = []
         self.request: Any = None  # the decoded request, once the server has decoded it
-        # A request message that spans DATA frames, as the frames' bytes
-        # (None: none under way), their total, and the whole message's size.
-        self._inbuf: list[bytes] | None = None
+        # A request message that spans DATA frames (None: none under way):
+        # its buffer (the whole message's size once its prefix is in, ``_need``;
+        # until then what came, ``_need`` 0), and how much of it has come.
+        self._inbuf: bytearray | None = None
         self._inlen = 0
         self._need = 0
+        # A streaming request's bytes not yet taken by its handler (None: a
+        # unary call), from ``_inpos`` on.
+        self._inq: bytearray | None = None
+        self._inpos = 0
+        self.half_closed = False  # the client ended its side (END_STREAM)
+        # Budget (prism.rpc.budget): request bytes charged (received, plus
+        # window granted and not yet used, ``_credit``), and the window the
+        # stream waits for (0: not waiting).
+        self._charged = 0
+        self._credit = 0
+        self._wants = 0
         self._failed = False  # we already answered (with an error): ignore input
         self._headers_sent = False
         self._out = bytearray()  # outbound DATA waiting for flow-control window

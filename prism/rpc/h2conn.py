@@ -42,6 +42,7 @@ import h2.events
 import h2.exceptions
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
+from hyperframe.frame import WindowUpdateFrame
 
 from prism.rpc.hpack_cache import CachingDecoder, stateless_block
 
@@ -69,7 +70,8 @@ _SWEEP_STREAMS_AT: Final = 128
 
 # What receive_plain read, frame by frame: (HEADERS_READ, stream id, header
 # list, 0, end of stream) or (DATA_READ, stream id, data, flow-controlled
-# length, end of stream).
+# length, end of stream); the data is a memoryview of the bytes read, valid
+# until the next read: its taker copies what it keeps.
 HEADERS_READ: Final = 0
 DATA_READ: Final = 1
 PlainFrame = tuple[int, int, Any, int, bool]
@@ -224,11 +226,20 @@ class ServerConnection(h2.connection.H2Connection):
                 machine.process_input(StreamInputs.RECV_DATA)
                 if end_stream:
                     machine.process_input(StreamInputs.RECV_END_STREAM)
-                read.append((DATA_READ, sid, bytes(view[pos + _FRAME_HEAD : stop]), length, end_stream))
+                read.append((DATA_READ, sid, view[pos + _FRAME_HEAD : stop], length, end_stream))
             else:
                 break
             pos = stop
         return view[pos:] if pos else data
+
+    def ack_connection(self, length: int) -> None:
+        """Hand ``length`` received bytes back to the connection's window (h2
+        batches the WINDOW_UPDATEs); the streams' windows are the caller's."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(length)
+        if increment:
+            frame = WindowUpdateFrame(0)
+            frame.window_increment = increment
+            self._prepare_for_sending([frame])
 
     def send_plain_unary(self, sid: int, payload: bytes) -> bool:
         """Queue a whole OK answer of one message (headers, DATA, trailers) on

@@ -133,6 +133,8 @@ class MethodTable:
     def __init__(self) -> None:
         self.methods: dict[bytes, Method] = {}
         self.service_names: list[str] = []
+        # The paths whose requests stream (``GrpcProtocol`` buffers them unsplit).
+        self.streaming_paths: set[bytes] = set()
 
     def add_service(self, descriptor: ServiceDescriptor, implementation: object) -> None:
         """Register every RPC of ``descriptor`` from same-named methods of
@@ -144,14 +146,15 @@ class MethodTable:
             raise ValueError(f"{descriptor.full_name}: actions for no such RPC: {sorted(unknown)}")
         for m in descriptor.methods:
             handler = getattr(implementation, m.name)
+            path = f"/{descriptor.full_name}/{m.name}".encode()
             if m.client_streaming:
                 kind = CLIENT_STREAM
+                self.streaming_paths.add(path)
             elif m.server_streaming:
                 kind = SERVER_STREAM
             else:
                 kind = UNARY
             request_class = GetMessageClass(m.input_type)
-            path = f"/{descriptor.full_name}/{m.name}".encode()
             now = getattr(implementation, f"{m.name}Now", None) if kind == UNARY else None
             action = actions.get(m.name)
             if action is not None:

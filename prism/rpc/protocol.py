@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
 import h2.config
@@ -32,17 +33,20 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
 
+from prism import metrics
 from prism.errors import StatusCode
+from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget, unlimited
 from prism.rpc.call import Call
 from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
 from prism.rpc.hpack_cache import FixedBlockEncoder
+from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
 from prism.rpc.respond import Responses, encode_grpc_message
 
 # Event kinds returned by receive_data.
 CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
-CALL_MESSAGE: Final = 1  # call.messages grew by one
-CALL_END: Final = 2  # the client half-closed: call.messages is complete
+# CALL_MESSAGE = 1: call.messages grew by one (a streaming call: its buffer did)
+# CALL_END = 2: the client half-closed: call.messages is complete
 CALL_RESET: Final = 3  # the client reset the stream: cancel its work
 CONNECTION_CLOSED: Final = 4  # peer went away or broke the protocol (call is None)
 
@@ -57,7 +61,8 @@ _TIMEOUT_UNITS: Final = {
     ord("u"): 1e-6,
     ord("n"): 1e-9,
 }
-_PREFIX_LEN: Final = 5
+# The connection's receive window: handed back as bytes arrive (prism.rpc.budget).
+_CONNECTION_WINDOW: Final = 4 * 1024 * 1024
 
 
 def parse_timeout(value: bytes) -> float:
@@ -70,7 +75,7 @@ def parse_timeout(value: bytes) -> float:
     return int(value[:-1]) * unit
 
 
-class GrpcProtocol(Responses):
+class GrpcProtocol(Requests, Responses):
     """The gRPC server side of one HTTP/2 connection (input here, answers in ``Responses``)."""
 
     def __init__(
@@ -78,9 +83,11 @@ class GrpcProtocol(Responses):
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         max_concurrent_streams: int = 100,
-        initial_window_bytes: int = 1024 * 1024,
+        initial_window_bytes: int = INITIAL_STREAM_WINDOW,
         max_header_list_bytes: int = 16 * 1024,
         clock: Callable[[], float] = time.monotonic,
+        budget: ConnectionBudget | None = None,
+        streaming_paths: AbstractSet[bytes] = frozenset(),
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -100,6 +107,15 @@ class GrpcProtocol(Responses):
         self.max_header_list_bytes = max_header_list_bytes
         self.calls: dict[int, Call] = {}
         self._blocked: dict[int, Call] = {}  # calls with output waiting for window
+        # What this connection holds against its buffer budgets (prism.rpc.budget).
+        self.budget = budget if budget is not None else unlimited()
+        self._waiting: dict[int, Call] = {}  # streams waiting for the budget to grant window
+        self.out_held = 0  # response bytes queued behind the client's flow control
+        self.writing = 0  # bytes the server is writing now (set by its writer)
+        self.on_output: Callable[[], None] = _nothing
+        self._admit_bytes = max(initial_window_bytes, max_message_bytes + 5)
+        # The methods whose requests stream: their messages wait in the call's buffer.
+        self._streaming_paths = streaming_paths
         self.draining = False  # we sent GOAWAY: refuse new streams
         self.peer_gone = False  # the client sent GOAWAY
         self.broken = False  # protocol error: the connection is finished
@@ -122,7 +138,7 @@ class GrpcProtocol(Responses):
             },
         )
         self._h2.initiate_connection()
-        self._h2.increment_flow_control_window(self._initial_window * 4)
+        self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65_535)
 
     def data_to_send(self) -> bytes:
         return self._h2.data_to_send()
@@ -216,10 +232,9 @@ class GrpcProtocol(Responses):
             elif type(ev) is h2.events.StreamEnded:
                 self._end_call(ev.stream_id, out)
             elif type(ev) is h2.events.StreamReset:
-                call = self.calls.pop(ev.stream_id, None)
+                call = self.calls.get(ev.stream_id)
                 if call is not None:
-                    call.done = True
-                    self._blocked.pop(call.stream_id, None)
+                    self._finish(call)
                     out.append((CALL_RESET, call))
             elif type(ev) is h2.events.WindowUpdated or type(ev) is h2.events.RemoteSettingsChanged:
                 self._pump_blocked()
@@ -244,7 +259,20 @@ class GrpcProtocol(Responses):
         if self.draining or self.peer_gone or len(self.calls) >= self.max_concurrent_streams:
             self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        budget = self.budget
+        # A stream is taken only while there is room for a whole message
+        # besides what every open stream may already send: so some stream can
+        # always complete its message (prism.rpc.budget); gRPC clients retry a
+        # refused stream.
+        if not budget.room(self._admit_bytes + self.unwritten()):
+            metrics.call_refused(budget.full(self._admit_bytes + self.unwritten()) or "buffer")
+            self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         call = Call(sid)
+        # What the stream may send before anything is granted is charged now
+        # (as window granted, ``_credit``): the budget bounds what may come.
+        call._charged = call._credit = self._initial_window
+        budget.charge(self._initial_window)
         method = path = content_type = timeout = None
         metadata = call.metadata
         for name, value in headers or ():
@@ -280,6 +308,8 @@ class GrpcProtocol(Responses):
             self.send_error(call, StatusCode.UNIMPLEMENTED, "missing :path")
             return
         call.path = bytes(path)
+        if call.path in self._streaming_paths:
+            call._inq = bytearray()
         if timeout is not None:
             try:
                 call.timeout_s = parse_timeout(bytes(timeout))
@@ -295,71 +325,9 @@ class GrpcProtocol(Responses):
         if stream is not None and not stream.closed:  # else the client reset it already
             self._h2.reset_stream(sid, code)
 
-    def _on_data(
-        self, sid: int, data: bytes | None, length: int, ended: bool, out: list[tuple[int, Call | None]]
-    ) -> None:
-        if length:
-            # We buffer at most one bounded message per call, so give the
-            # window back at once; h2 batches the WINDOW_UPDATEs.
-            self._h2.acknowledge_received_data(length, sid)
-        self._take_data(sid, data, out)
-        if ended:
-            self._end_call(sid, out)
 
-    def _take_data(self, sid: int, data: bytes | None, out: list[tuple[int, Call | None]]) -> None:
-        # Whole messages are sliced out of the frame that holds them; a
-        # message that spans frames is kept as a list of the frames' bytes
-        # and joined once when it is complete. (Appending each frame to one
-        # growing buffer copied a 1 MiB message about eight times over as
-        # the buffer grew.)
-        call = self.calls.get(sid)
-        if call is None or call._failed or not data:
-            return
-        if call._inbuf is not None:
-            call._inbuf.append(data)
-            call._inlen += len(data)
-            if call._inlen < call._need:
-                return
-            data = b"".join(call._inbuf)
-            call._inbuf = None
-        n = len(data)
-        pos = 0
-        while n - pos >= _PREFIX_LEN:
-            if data[pos] != 0:
-                self.send_error(call, StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
-                return
-            length = int.from_bytes(data[pos + 1 : pos + _PREFIX_LEN], "big")
-            if length > self.max_message_bytes:
-                self.send_error(
-                    call,
-                    StatusCode.RESOURCE_EXHAUSTED,
-                    f"message of {length} bytes exceeds the maximum of {self.max_message_bytes}",
-                )
-                return
-            end = pos + _PREFIX_LEN + length
-            if end > n:
-                break
-            call.messages.append(data[pos + _PREFIX_LEN : end])
-            out.append((CALL_MESSAGE, call))
-            pos = end
-        if pos < n:
-            rest = data[pos:] if pos else data
-            call._inbuf = [rest]
-            call._inlen = len(rest)
-            # The whole message's size once its prefix is here (checked above);
-            # until then 0, so the next frame is joined and looked at again.
-            call._need = (
-                _PREFIX_LEN + int.from_bytes(rest[1:_PREFIX_LEN], "big") if len(rest) >= _PREFIX_LEN else 0
-            )
-
-    def _end_call(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
-        call = self.calls.get(sid)
-        if call is None or call._failed:
-            return
-        if call._inbuf is not None:
-            self.send_error(call, StatusCode.INVALID_ARGUMENT, "stream ended inside a message (truncated)")
-            return
-        out.append((CALL_END, call))
+def _nothing() -> None:
+    pass
 
 
 __all__ = [

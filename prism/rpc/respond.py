@@ -9,9 +9,12 @@ waiting for flow-control window (``_blocked``), which ``GrpcProtocol`` owns.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Final
+
 import h2.exceptions
 
 from prism.errors import StatusCode
+from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.h2conn import RESPONSE_HEADERS, TRAILERS_OK, ServerConnection
 
@@ -25,25 +28,41 @@ def encode_grpc_message(message: str) -> bytes:
     return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
+# Answers up to this size are not weighed against the budgets: the
+# concurrent-stream limit bounds what small answers can hold.
+_WEIGHED_ANSWER: Final = 16 * 1024
+
+
 class Responses:
     """Answers for the calls of one connection (see the module docstring)."""
 
     _h2: ServerConnection
     calls: dict[int, Call]
     _blocked: dict[int, Call]
+    budget: ConnectionBudget
+    out_held: int
+    writing: int
+
+    if TYPE_CHECKING:
+
+        def _drop_input(self, call: Call) -> None: ...  # Requests'
 
     def send_unary(self, call: Call, payload: bytes) -> None:
         """Answer a call with one message and status OK."""
         if call.done:
             return
         conn = self._h2
+        n = len(payload)
+        if n > _WEIGHED_ANSWER and not self._fits(call, n):
+            return
         if conn.send_plain_unary(call.stream_id, payload):
             self._finish(call)
             return
-        frame = b"\x00" + len(payload).to_bytes(4, "big") + payload
         conn.send_headers(call.stream_id, RESPONSE_HEADERS)
         call._headers_sent = True
-        call._out += frame
+        call._out += n.to_bytes(5, "big")  # flag byte 0 + length
+        call._out += payload
+        self._charge_out(n + 5)
         call._trailers = TRAILERS_OK
         self._pump(call)
 
@@ -63,6 +82,7 @@ class Responses:
             call._headers_sent = True
         call._out += len(payload).to_bytes(5, "big")  # flag byte 0 + length
         call._out += payload
+        self._charge_out(len(payload) + 5)
         self._pump(call)
 
     def send_status(self, call: Call, status: StatusCode, message: str = "") -> None:
@@ -114,6 +134,40 @@ class Responses:
         call.done = True
         self.calls.pop(call.stream_id, None)
         self._blocked.pop(call.stream_id, None)
+        if call._out:
+            self._release_out(len(call._out))
+            call._out = bytearray()
+        self._drop_input(call)
+
+    def _fits(self, call: Call, n: int) -> bool:
+        """Whether a large answer may be queued: always while the connection
+        holds no undelivered output (one answer up to max_message_bytes always
+        fits), else only within the budgets. If not, the call is answered
+        RESOURCE_EXHAUSTED naming the limit, and False."""
+        written = self.unwritten()
+        unsent = self.out_held + written
+        if not unsent or self.budget.room(n + written):
+            return True
+        limit = self.budget.full(n + written) or "the buffer budget"
+        self.send_error(
+            call,
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"an answer of {n} bytes does not fit in {limit}: the client has "
+            f"{unsent} bytes of answers it has not read yet",
+        )
+        return False
+
+    def unwritten(self) -> int:
+        """Bytes queued for the socket or being written (held, though not charged)."""
+        return len(self._h2._data_to_send) + self.writing
+
+    def _charge_out(self, n: int) -> None:
+        self.out_held += n
+        self.budget.charge(n)
+
+    def _release_out(self, n: int) -> None:
+        self.out_held -= n
+        self.budget.release(n)
 
     def _pump(self, call: Call) -> None:
         """Send as much of a call's queued output as flow control allows."""
@@ -130,6 +184,7 @@ class Responses:
                 self._blocked[sid] = call
                 return
             del out[:sent]
+            self._release_out(sent)
         self._blocked.pop(sid, None)
         if call._trailers is not None:
             conn.send_headers(sid, call._trailers, end_stream=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,9 +21,10 @@ from typing import Any
 import trio
 
 from prism import metrics
-from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
+from prism.errors import DeadlineExceeded, InvalidArgument, PrismError, ResourceExhausted, StatusCode
 from prism.rpc import keepalive
 from prism.rpc.boundary import failure_status
+from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
@@ -39,6 +39,9 @@ log = logging.getLogger("prism.rpc")
 _READ_SIZE = 65536
 # Streaming responses wait for the client to read once this much is queued.
 _STREAM_HIGH_WATER = 256 * 1024
+# A streaming handler held back by the worker's buffer budget (which other
+# connections free) looks again this often.
+_BUDGET_RECHECK_S = 0.05
 # A connection error's GOAWAY gets this long to be written (as in Go's net/http2).
 _GOAWAY_GRACE_S = 1.0
 # An enum member read from its class is an attribute lookup through the enum
@@ -69,12 +72,15 @@ class Connection:
             max_concurrent_streams=settings.max_concurrent_streams,
             max_header_list_bytes=settings.max_header_list_bytes,
             clock=trio.current_time,
+            budget=ConnectionBudget(settings.http2.max_connection_buffer_bytes, settings.buffers),
+            streaming_paths=settings.methods.streaming_paths,
         )
+        self.proto.on_output = self.wake
         self._scopes: dict[int, trio.CancelScope] = {}
-        self._inbound: dict[int, trio.MemorySendChannel[bytes]] = {}
         self._dirty = False
         self._lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()
+        self._input_lot = trio.lowlevel.ParkingLot()  # streaming handlers waiting for requests
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.identity = PeerIdentity(peer)  # what the access check remembers of it
@@ -118,6 +124,7 @@ class Connection:
             pass  # the peer went away: nothing left to answer
         finally:
             self.settings.connections.discard(self)
+            self.proto.budget.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
@@ -146,6 +153,8 @@ class Connection:
         if self._window_lot:
             # Streaming handlers waiting for the client to read go on.
             self._window_lot.unpark_all()
+        if self._input_lot:
+            self._input_lot.unpark_all()
         if proto.peer_gone:
             self._maybe_close()
         return True
@@ -209,7 +218,9 @@ class Connection:
             self._dirty = False
             data = proto.data_to_send()
             if data:
+                proto.writing = len(data)  # still held, for the buffer budget
                 await send_all(data)
+                proto.writing = 0
             if self._closing and not self._dirty:
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
@@ -240,26 +251,19 @@ class Connection:
             # Its handler starts now, before the request is complete.
             if not self._admit(call, method):
                 return
-            send, receive = trio.open_memory_channel[bytes](math.inf)
-            self._inbound[call.stream_id] = send
             assert self._nursery is not None
-            self._nursery.start_soon(self._run_streaming, call, method, _requests(receive, method))
+            self._nursery.start_soon(self._run_streaming, call, method, self._requests(call, method))
 
     def _on_message(self, call: Call) -> None:
-        channel = self._inbound.get(call.stream_id)
-        if channel is not None:
-            channel.send_nowait(call.messages.pop())
-        elif len(call.messages) > 1:
+        if call._inq is None and len(call.messages) > 1:
             self.proto.send_error(
                 call, StatusCode.INVALID_ARGUMENT, "a unary request must carry exactly one message"
             )
 
     def _on_end(self, call: Call) -> None:
         call.started = time.perf_counter()
-        channel = self._inbound.pop(call.stream_id, None)
-        if channel is not None:
-            channel.close()
-            return
+        if call._inq is not None:
+            return  # its handler reads on to the end (_requests)
         method = self.settings.methods.get(call.path)
         if method is None:
             return
@@ -329,9 +333,6 @@ class Connection:
         scope = self._scopes.get(call.stream_id)
         if scope is not None:
             scope.cancel()
-        channel = self._inbound.pop(call.stream_id, None)
-        if channel is not None:
-            channel.close()
 
     async def _run_unary(self, call: Call, method: Method) -> None:
         sid = call.stream_id
@@ -342,7 +343,9 @@ class Connection:
                 request = call.request if call.request is not None else method.decode(call.messages[0])
                 if self.settings.security.secured and call.caller is None:  # else _answer_now checked it
                     self._authorize(call, method, request)
-                proto.send_unary(call, await method.invoke(request, call))
+                answer = await method.invoke(request, call)
+                proto.release_request(call)
+                proto.send_unary(call, answer)
                 status = _OK
             if scope.cancelled_caught:
                 status = StatusCode.DEADLINE_EXCEEDED if not call.done else StatusCode.CANCELLED
@@ -381,8 +384,7 @@ class Connection:
                             continue
                         proto.send_message(call, response.SerializeToString())
                         self.wake()
-                        while call.pending_bytes > _STREAM_HIGH_WATER and not call.done:
-                            await self._window_lot.park()
+                        await self._wait_for_room(call)
                 proto.send_status(call, StatusCode.OK)
             if scope.cancelled_caught:
                 proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -391,10 +393,42 @@ class Connection:
         finally:
             del self._scopes[sid]
             self.settings.inflight -= 1
-            self._inbound.pop(sid, None)
             self.wake()
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
+
+    async def _wait_for_room(self, call: Call) -> None:
+        """Hold a streaming handler back (its next message not asked for) while its answers
+        wait for the client, past the high-water mark or the connection's or worker's budget."""
+        while not call.done and call.pending_bytes:
+            if call.pending_bytes > _STREAM_HIGH_WATER:
+                await self._window_lot.park()
+            elif self.proto.budget.full(self.proto.unwritten()) is not None:
+                with trio.move_on_after(_BUDGET_RECHECK_S):
+                    await self._window_lot.park()
+            else:
+                return
+
+    async def _requests(self, call: Call, method: Method) -> AsyncIterator[Any]:
+        """A streaming call's requests, decoded, as its handler asks for them: each taken from
+        the protocol's buffer (which gives the client window back), waiting while none is whole."""
+        proto = self.proto
+        while True:
+            try:
+                raw = proto.next_message(call)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            if raw is not None:
+                self.wake()  # a window it may have given back
+                yield method.decode(raw)
+            elif call.done:
+                return
+            elif call.half_closed:
+                if proto.stream_tail(call):
+                    raise InvalidArgument("stream ended inside a message (truncated)")
+                return
+            else:
+                await self._input_lot.park()
 
     def _authorize(self, call: Call, method: Method, request: Any) -> None:
         """The access check (``prism.security.runtime``) of a call on this connection,
@@ -413,9 +447,3 @@ class Connection:
         observer = self.settings.observer
         if observer is not None:
             observer(call, method, status, time.perf_counter() - call.started)
-
-
-async def _requests(receive: trio.MemoryReceiveChannel[bytes], method: Method) -> AsyncIterator[Any]:
-    async with receive:
-        async for raw in receive:
-            yield method.decode(raw)

@@ -14,6 +14,7 @@ import trio
 
 from prism.config.limits import Http2Config
 from prism.errors import StatusCode
+from prism.rpc.budget import WorkerBudget
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import Method, MethodTable
 from prism.security.runtime import Security
@@ -79,7 +80,8 @@ class ServerSettings:
         # Per connection already held, how long to wait before accepting the
         # next one (0: this process accepts alone; see prism.rpc.listen).
         self.accept_backoff_s = 0.0
-        _DEFAULT_HTTP2 = Http2Config()
+        # Request and response bytes held for every connection (prism.rpc.budget).
+        self.buffers = WorkerBudget(http2.max_worker_buffer_bytes)
 
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None

@@ -182,7 +182,7 @@ def test_out_of_range_values(toml: str, expected: str) -> None:
 def test_limits_themselves_are_accepted() -> None:
     cfg = load_config(None, {}, {"max_message_bytes": 1024, "graceful_timeout_s": 0.0})
     assert cfg.max_message_bytes == 1024
-    buffers = {"max_connection_buffer_bytes": 2**31, "max_worker_buffer_bytes": 2**31}  # one message must fit
+    buffers = {"max_connection_buffer_bytes": 2**32, "max_worker_buffer_bytes": 2**32}  # one message must fit
     big = load_config(None, {}, {"max_message_bytes": 2**31 - 1, "http2": buffers})
     assert big.max_message_bytes == 2**31 - 1
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import trio
 
 from prism.backends.coalesce import Coalescer
+from prism.backends.keyvalue import ItemPage, RecordPage
 from prism.backends.sqlite.errors import ERRORS
 from prism.errors import Internal, Unavailable
 
@@ -178,8 +179,12 @@ class SqlitePool:
 
     async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(reader)`` in a worker thread, on its own statements; reads that
-        arrive meanwhile share the thread hop (run one after another)."""
-        return _unwrap(await self._reads.get(fn))  # type: ignore[no-any-return]
+        arrive meanwhile share the thread hop (run one after another), up to
+        ``READ_HOP_BYTES`` of pages: the rest go again in the next hop."""
+        while True:
+            outcome = await self._reads.get(fn)
+            if outcome is not _NOT_RUN:
+                return _unwrap(outcome)  # type: ignore[no-any-return]
 
     async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(writer)`` in a worker thread, all or nothing, committed on
@@ -219,16 +224,39 @@ def _unwrap(outcome: Outcome) -> Any:
     return value
 
 
+# What one read hop may return at most (and one page more): a hop of 128
+# large pages at once, all alive until their calls are answered, was the
+# worker's peak RSS under a burst of large reads (prism.rpc.budget bounds
+# what the answers then hold, not what the backend returns at once).
+READ_HOP_BYTES = 8 * 1024 * 1024
+_NOT_RUN: Outcome = (None, None)  # (identity-compared) left for the next hop
+
+
 def run_each(conn: sqlite3.Connection, fns: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Outcome]:
     """Each of ``fns`` on ``conn``, one after another; one that raises does
-    not stop the others."""
+    not stop the others. Past ``READ_HOP_BYTES`` of pages the rest are not run."""
     out: list[Outcome] = []
+    size = 0
     for fn in fns:
+        if size > READ_HOP_BYTES:
+            out.append(_NOT_RUN)
+            continue
         try:
-            out.append((fn(conn), None))
+            value = fn(conn)
         except Exception as exc:
             out.append((None, exc))
+        else:
+            out.append((value, None))
+            size += _page_bytes(value)
     return out
+
+
+def _page_bytes(value: object) -> int:
+    if isinstance(value, ItemPage):
+        return sum(len(item.key) + len(item.value) for item in value.items)
+    if isinstance(value, RecordPage):
+        return sum(len(item.key) + len(item.value) for _, items in value.records for item in items)
+    return 0
 
 
 def group(conn: sqlite3.Connection, fns: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Outcome]:
