@@ -123,14 +123,14 @@ def test_sd_notify_ready_reloading_stopping(prism_tree, tmp_path: Path) -> None:
     try:
         tree = prism_tree(BEFORE, start=False, env={"NOTIFY_SOCKET": str(path)})
         tree.start()
-        start = _expect(sock, "READY=1", 5.0)
+        start = _expect(sock, "READY=1", 20.0)
         assert not any("STOPPING=1" in m or "RELOADING=1" in m for m in start), start
         # READY=1 only once every worker serves.
         assert tree.fetch("/readyz")[0] == 200
 
         tree.write_config(AFTER)
         tree.send_signal(signal.SIGHUP)
-        reload = _expect(sock, "READY=1", 5.0)
+        reload = _expect(sock, "READY=1", 20.0)
         assert [m for m in reload if "RELOADING=1" in m.splitlines()], reload
         first_reloading = next(i for i, m in enumerate(reload) if "RELOADING=1" in m.splitlines())
         assert first_reloading < len(reload) - 1, reload  # RELOADING=1 comes before READY=1
@@ -202,7 +202,7 @@ def test_supervisor_pings_the_systemd_watchdog(prism_tree, tmp_path: Path) -> No
     try:
         tree = prism_tree(BEFORE, start=False, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
         tree.start()
-        _expect(sock, "READY=1", 5.0)
+        _expect(sock, "READY=1", 20.0)
         pings = [m for m in _datagrams(sock, time.monotonic() + 1.0) if "WATCHDOG=1" in m.splitlines()]
         assert 3 <= len(pings) <= 7, pings  # every 0.2 s over 1 s
     finally:
