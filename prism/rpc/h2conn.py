@@ -98,6 +98,9 @@ class ServerConnection(h2.connection.H2Connection):
         # Stream id -> why its request is malformed, for the requests h2 read
         # (the plain path reads well-formed ones only); taken by the caller.
         self.malformed: dict[int, str] = {}
+        # DATA frames queued to the client by every send path, for the
+        # WINDOW_UPDATE flood limit (``prism.rpc.flood``).
+        self.data_frames_sent = 0
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -136,6 +139,13 @@ class ServerConnection(h2.connection.H2Connection):
                 if type(event) is h2.events.RequestReceived:
                     self.malformed[event.stream_id] = verdict
         return frames, events
+
+    def send_data(
+        self, stream_id: int, data: bytes | memoryview, end_stream: bool = False, pad_length: Any = None
+    ) -> None:
+        # h2 sends one DATA frame per call (more data than a frame raises).
+        self.data_frames_sent += 1
+        super().send_data(stream_id, data, end_stream, pad_length)
 
     def _refused_frame(self, frame: Any, exc: Exception) -> list[h2.events.Event]:
         def reraise(_frame: Any) -> Any:
@@ -261,6 +271,7 @@ class ServerConnection(h2.connection.H2Connection):
         machine.process_input(StreamInputs.SEND_END_STREAM)
         stream.outbound_flow_control_window -= n
         self.outbound_flow_control_window -= n
+        self.data_frames_sent += 1
         sid_bytes = sid.to_bytes(4, "big")
         self._data_to_send += b"".join(
             (
@@ -315,4 +326,5 @@ class ServerConnection(h2.connection.H2Connection):
                 sent += n
         stream.outbound_flow_control_window -= sent
         self.outbound_flow_control_window -= sent
+        self.data_frames_sent += -(-sent // size)  # the frames just queued
         return sent
