@@ -43,6 +43,7 @@ import h2.exceptions
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 
+from prism.rpc.headers import malformed_trailers
 from prism.rpc.hpack_cache import CachingDecoder, stateless_block
 
 # The header lists of every successful answer: the response headers, and the
@@ -95,8 +96,9 @@ class ServerConnection(h2.connection.H2Connection):
         decoder.max_header_list_size = max_header_list_bytes
         decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
         self.decoder = self._decoder = decoder
-        # Stream id -> why its request is malformed, for the requests h2 read
-        # (the plain path reads well-formed ones only); taken by the caller.
+        # Stream id -> why its request (or its trailers) is malformed, for the
+        # blocks h2 read (the plain path reads well-formed requests only, and
+        # no trailers); taken by the caller.
         self.malformed: dict[int, str] = {}
         # DATA frames queued to the client by every send path, for the
         # WINDOW_UPDATE flood limit (``prism.rpc.flood``).
@@ -134,10 +136,16 @@ class ServerConnection(h2.connection.H2Connection):
     def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         frames, events = super()._receive_headers_frame(frame)
         verdict = self._decoder.verdict  # of this frame's block, just decoded
-        if verdict is not None:
-            for event in events:
-                if type(event) is h2.events.RequestReceived:
+        for event in events:
+            if type(event) is h2.events.RequestReceived:
+                if verdict is not None:
                     self.malformed[event.stream_id] = verdict
+            elif type(event) is h2.events.TrailersReceived:
+                # (In the read that opened the stream, _start_call takes this
+                # and refuses the request; later, the trailers' own branch.)
+                why = malformed_trailers(event.headers or ())
+                if why is not None:
+                    self.malformed[event.stream_id] = why
         return frames, events
 
     def send_data(
