@@ -4,15 +4,17 @@
 
 Each case gets a fresh server (1 worker, SQLite namespace ``bench``), pinned
 to CPU 0 like the other benchmarks; this process runs on CPU 1. The abuser
-is a child process (this file with ``--abuser CASE``) writing raw HTTP/2
+is a child process (``abuse_clients.py CASE PORT``) writing raw HTTP/2
 frames on plain sockets, so that its own work does not share a GIL with the
 neighbour: a grpcio client on its own connection calling ``GetItems`` one
 call at a time throughout the case. Per case it records:
 
 - ``worker_cpu_s``: the worker's CPU time (utime + stime) over the case,
   the neighbour's calls included (``neighbour.calls`` says how many);
-- ``worker_rss_mb``: its RSS before, at the peak (``VmHWM`` and 20 ms
-  samples of ``VmRSS``) and after the abuser's connections closed;
+- ``worker_rss_mb``: its RSS before and at the peak (``VmHWM`` and 20 ms
+  samples of ``VmRSS``), and ``rss_after_mb``: its RSS 2 s after the
+  abuser's connections closed (the abuser process exited), what the worker
+  kept of what the case made it take;
 - ``goaway``: the GOAWAY the abuser read (error code, debug data), if any,
   and ``seconds_to_end``: from its first flood byte to that GOAWAY or to the
   server closing the connection (None: still open when the case ended);
@@ -20,12 +22,18 @@ call at a time throughout the case. Per case it records:
 
 The cases (issue 11's first section): ``rapid_reset`` (200,000 HEADERS+
 RST_STREAM), ``ping_flood`` (1,000,000 PINGs, a call open, never reading),
-``settings_flood`` (50,000 SETTINGS), ``empty_data`` (100,000 empty DATA
-frames on an open stream), ``half_prefaces`` (2,000 connections sending half
-the preface and 2,000 idle after a whole one, held 15 s) and ``slow_bodies``
-(100 streams each sending all but the last byte of a 4 MB message, held 5 s).
-The last two are other parts of issue 11 (connection timeouts, memory
-budgets): they are run and recorded as the code handles them today.
+``settings_flood`` (50,000 SETTINGS), ``window_update_flood`` (100,000
+WINDOW_UPDATEs on a connection with no stream), ``empty_data`` (100,000
+empty DATA frames on an open stream), ``half_prefaces`` (2,000 connections
+sending half the preface and 2,000 idle after a whole one, held 15 s),
+``slow_bodies`` (100 streams each sending all but the last byte of a 4 MB
+message, held 5 s), ``no_read_scans`` (100 ScanItems at once on one
+connection, each answered with a ~3.9 MB page of the ~4 MB seeded, none of
+it read, held 5 s) and ``stream_flood`` (100 ServerReflectionInfo streams on
+one connection fed small requests as fast as flow control allows for 5 s,
+the answers never consumed). The last four but ``window_update_flood`` are
+other parts of issue 11 (connection timeouts, memory budgets): they are run
+and recorded as the code handles them today.
 """
 
 from __future__ import annotations
@@ -33,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,10 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
-import hpack
+from abuse_clients import CASE_TIMEOUT_S, CASES, HOLD_S, NAMESPACE, PUT_ITEMS
 from bench_load import machine_info
 from bench_servers import (
     GET_ITEMS,
@@ -60,221 +63,15 @@ from bench_servers import (
     process_tree,
     seed,
 )
-from hyperframe.frame import DataFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
 from prism.proto import kv_pb2
 
 SERVER_CPU, LOAD_CPU = 0, 1
-NAMESPACE = "bench"
 CONFIG = f'workers = 1\n[[namespaces]]\nname = "{NAMESPACE}"\nbackend = "sqlite"\n'
-PUT_ITEMS = "/prism.kv.v1.KeyValue/PutItems"
-CASES = ("rapid_reset", "ping_flood", "settings_flood", "empty_data", "half_prefaces", "slow_bodies")
-CASE_TIMEOUT_S = 30.0
-HOLD_S = {"half_prefaces": 15.0, "slow_bodies": 5.0}
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def request_headers(path: str = GET_ITEMS) -> list[tuple[str, str]]:
-    return [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", "bench"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
-
-
-# ---------------------------------------------------------------- the abuser (child process)
-
-
-class Raw:
-    """A client connection that writes frames as told and reads in a thread."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        self.sock.sendall(conn.data_to_send())
-        self.encoder = hpack.Encoder()
-        self.encoded = 0
-        self.block = b""
-        self.goaway: dict[str, Any] | None = None
-        self.ended_at: float | None = None
-
-    def start_reading(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        buf = bytearray()
-        try:
-            while data := self.sock.recv(1 << 20):
-                buf += data
-                pos = 0
-                while len(buf) - pos >= 9:
-                    length = int.from_bytes(buf[pos : pos + 3], "big")
-                    if len(buf) - pos < 9 + length:
-                        break
-                    if buf[pos + 3] == 0x7 and self.goaway is None:  # GOAWAY
-                        body = bytes(buf[pos + 9 : pos + 9 + length])
-                        self.goaway = {
-                            "error_code": int.from_bytes(body[4:8], "big"),
-                            "debug": body[8:].decode("latin-1"),
-                            "last_stream_id": int.from_bytes(body[:4], "big") & 0x7FFFFFFF,
-                        }
-                        self.ended_at = time.monotonic()
-                    pos += 9 + length
-                del buf[:pos]
-        except OSError:
-            pass
-        if self.ended_at is None:
-            self.ended_at = time.monotonic()
-
-    def send(self, data: bytes) -> bool:
-        """False once the server has closed the connection."""
-        try:
-            self.sock.sendall(data)
-            return True
-        except OSError:
-            if self.ended_at is None:
-                self.ended_at = time.monotonic()
-            return False
-
-    def headers(self, sid: int, *, end: bool) -> bytes:
-        """A GetItems request's HEADERS (the block is the same bytes from the second on)."""
-        if self.encoded < 2:
-            self.block = self.encoder.encode(request_headers())
-            self.encoded += 1
-        flags = ["END_HEADERS", "END_STREAM"] if end else ["END_HEADERS"]
-        return HeadersFrame(sid, data=self.block, flags=flags).serialize()
-
-
-def flood(port: int, case: str) -> dict[str, Any]:
-    raw = Raw(port)
-    if case != "ping_flood":  # the PING flooder never reads
-        raw.start_reading()
-    start = time.monotonic()
-    if case == "rapid_reset":
-        chunk = bytearray()
-        sending = True
-        for sid in range(1, 400_000, 2):
-            chunk += raw.headers(sid, end=True) + RstStreamFrame(sid, error_code=8).serialize()
-            if len(chunk) > 1 << 16:
-                sending = raw.send(bytes(chunk))
-                chunk.clear()
-                if not sending:
-                    break
-        if sending and chunk:
-            raw.send(bytes(chunk))
-    elif case == "ping_flood":
-        raw.send(raw.headers(1, end=False))
-        pings = PingFrame(0, opaque_data=b"abusive!").serialize() * 1000
-        for _ in range(1000):
-            if not raw.send(pings):
-                break
-    elif case == "settings_flood":
-        settings = SettingsFrame(0).serialize() * 1000
-        for _ in range(50):
-            if not raw.send(settings):
-                break
-    elif case == "empty_data":
-        raw.send(raw.headers(1, end=False))
-        empty = DataFrame(1).serialize() * 1000
-        for _ in range(100):
-            if not raw.send(empty):
-                break
-    deadline = start + CASE_TIMEOUT_S
-    while raw.ended_at is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    raw.sock.close()
-    return {
-        "goaway": raw.goaway,
-        "seconds_to_end": None if raw.ended_at is None else round(raw.ended_at - start, 3),
-    }
-
-
-def half_prefaces(port: int) -> dict[str, Any]:
-    socks = []
-    for i in range(4000):
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(PREFACE[:12] if i % 2 else PREFACE + SettingsFrame(0).serialize())
-        sock.setblocking(False)
-        socks.append(sock)
-    start = time.monotonic()
-    closed_at: dict[int, float] = {}
-    while time.monotonic() - start < HOLD_S["half_prefaces"] and len(closed_at) < len(socks):
-        for i, sock in enumerate(socks):
-            if i in closed_at:
-                continue
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        closed_at[i] = time.monotonic()
-                        break
-            except BlockingIOError:
-                pass
-            except OSError:
-                closed_at[i] = time.monotonic()
-        time.sleep(0.2)
-    for sock in socks:
-        sock.close()
-    ends = sorted(t - start for t in closed_at.values())
-    return {
-        "connections": len(socks),
-        "closed_by_server": len(ends),
-        "seconds_to_end": round(ends[-1], 3) if len(ends) == len(socks) else None,
-    }
-
-
-def slow_bodies(port: int) -> dict[str, Any]:
-    sock = socket.create_connection(("127.0.0.1", port))
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    body = (4 * 1024 * 1024).to_bytes(5, "big") + bytes(4 * 1024 * 1024 - 1)  # one byte short
-    pending: dict[int, memoryview] = {}
-    for _ in range(100):
-        sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, request_headers(PUT_ITEMS))
-        pending[sid] = memoryview(body)
-    start = time.monotonic()
-    sock.settimeout(0.05)
-    while pending and time.monotonic() - start < CASE_TIMEOUT_S:
-        for sid, rest in list(pending.items()):
-            n = min(len(rest), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if n > 0:
-                conn.send_data(sid, rest[:n].tobytes())
-                pending[sid] = rest[n:]
-            if not pending[sid]:
-                del pending[sid]
-        sock.sendall(conn.data_to_send())
-        try:
-            data = sock.recv(1 << 20)
-        except TimeoutError:
-            continue
-        if not data:
-            break
-        conn.receive_data(data)
-    sent_s = time.monotonic() - start
-    time.sleep(HOLD_S["slow_bodies"])
-    sock.close()
-    return {
-        "streams": 100,
-        "bytes_left_unsent": sum(len(v) for v in pending.values()),
-        "seconds_to_send": round(sent_s, 3),
-    }
-
-
-def abuser_main(case: str, port: int) -> int:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    if case == "half_prefaces":
-        result = half_prefaces(port)
-    elif case == "slow_bodies":
-        result = slow_bodies(port)
-    else:
-        result = flood(port, case)
-    print(json.dumps(result))
-    return 0
+CLIENTS = Path(__file__).with_name("abuse_clients.py")
+AFTER_CLOSE_S = 2.0
+# no_read_scans: records enough for a ScanItems page of the server's largest size.
+SCAN_RECORDS, SCAN_VALUE_BYTES = 40, 100_000
 
 
 # ---------------------------------------------------------------- the measurer
@@ -333,12 +130,25 @@ class Neighbour:
         }
 
 
+def seed_scan_pages(target: str) -> None:
+    """Records enough that a ScanItems page is as large as the server makes one."""
+    value = os.urandom(SCAN_VALUE_BYTES)  # (incompressible, were anything compressed)
+    with grpc.insecure_channel(target) as channel:
+        put = channel.unary_unary(PUT_ITEMS)
+        for n in range(SCAN_RECORDS):
+            item = kv_pb2.Item(key=b"blob", value=value)
+            request = kv_pb2.PutItemsRequest(namespace=NAMESPACE, id=f"scan:{n:03d}", items=[item])
+            put(request.SerializeToString(), timeout=10)
+
+
 def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
     server = make_prism(case, workdir, CONFIG, (SERVER_CPU,) if pinned else (), NAMESPACE)
     try:
         server.start()
         server.wait_ready(30)
         seed(server.target, NAMESPACE, "user:1", b"profile", b"v" * 100)
+        if case == "no_read_scans":
+            seed_scan_pages(server.target)
         pid = worker_pid(server)
         neighbour = Neighbour(server.target)
         neighbour.thread.start()
@@ -357,15 +167,17 @@ def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         abuser = subprocess.run(
-            [sys.executable, __file__, "--abuser", case, "--port", str(server.port)],
+            [sys.executable, str(CLIENTS), case, str(server.port)],
             capture_output=True,
             timeout=CASE_TIMEOUT_S + 60,
             check=False,
         )
+        closed_at = time.monotonic()  # the abuser has exited: its sockets are closed
         worker_cpu = cpu_s(pid) - cpu_before
         neighbour.stop.set()
         neighbour.thread.join(10)
-        time.sleep(1.0)  # the abuser's connections closed: what is given back
+        time.sleep(max(0.0, closed_at + AFTER_CLOSE_S - time.monotonic()))
+        rss_after = proc_status_kb(pid, "VmRSS")
         done.set()
         sampler.join()
         row: dict[str, Any] = {
@@ -374,8 +186,8 @@ def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
                 "before": round(rss_before / 1024, 1),
                 "peak_sampled": round(peak[0] / 1024, 1),
                 "peak_hwm": round(proc_status_kb(pid, "VmHWM") / 1024, 1),
-                "after_close": round(proc_status_kb(pid, "VmRSS") / 1024, 1),
             },
+            "rss_after_mb": round(rss_after / 1024, 1),
             "neighbour": neighbour.summary(),
         }
         neighbour.channel.close()
@@ -392,13 +204,13 @@ def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     head = (
-        f"{'case':<15} {'cpu s':>7} {'rss MB before/peak/after':>26} {'end s':>7} "
+        f"{'case':<20} {'cpu s':>7} {'rss MB before/peak/after':>26} {'end s':>7} "
         f"{'goaway':<28} {'nb p99 ms':>9} {'nb err':>6}"
     )
     lines = [head, "-" * len(head)]
     for case, row in results.items():
         if "error" in row:
-            lines.append(f"{case:<15} ERROR {row['error'][:80]}")
+            lines.append(f"{case:<20} ERROR {row['error'][:80]}")
             continue
         rss = row["worker_rss_mb"]
         peak = max(rss["peak_sampled"], rss["peak_hwm"])
@@ -406,8 +218,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         what = f"{goaway['error_code']} {goaway['debug']}" if goaway else "-"
         end = row.get("seconds_to_end")
         lines.append(
-            f"{case:<15} {row['worker_cpu_s']:>7.2f} "
-            f"{rss['before']:>8.1f}/{peak:>7.1f}/{rss['after_close']:>7.1f} "
+            f"{case:<20} {row['worker_cpu_s']:>7.2f} "
+            f"{rss['before']:>8.1f}/{peak:>7.1f}/{row['rss_after_mb']:>7.1f} "
             f"{'open' if end is None else f'{end:.2f}':>7} {what:<28} "
             f"{row['neighbour']['p99_ms'] or 0:>9.2f} {row['neighbour']['errors']:>6}"
         )
@@ -420,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "abuse.json")
-    parser.add_argument("--abuser", choices=CASES, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    if opts.abuser:
-        return abuser_main(opts.abuser, opts.port)
     cases = [c for c in opts.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
     if unknown:
@@ -449,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_cpu": LOAD_CPU if pinned else None,
             "config": CONFIG,
             "hold_s": HOLD_S,
+            "rss_after_s": AFTER_CLOSE_S,
             "case_timeout_s": CASE_TIMEOUT_S,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "wall_s": round(time.time() - started, 1),

@@ -13,6 +13,16 @@ acts on it, and raises ``Flood`` when the peer has crossed one of these lines
   not read before any queue in this process would grow. A SETTINGS frame
   counts once per parameter, and one with more than ``MAX_SETTINGS_PARAMS``
   (Go's net/http2 limit) is a flood by itself: h2 works through every one.
+- **WINDOW_UPDATE and PRIORITY frames**, Envoy's rules over the connection's
+  life (``protocol_constraints.cc``, with its defaults): more WINDOW_UPDATE
+  frames than ``1 + 2 * (streams opened + WINDOW_UPDATES_PER_DATA_FRAME_SENT
+  * DATA frames sent)``, or more PRIORITY frames than
+  ``PRIORITY_FRAMES_PER_STREAM * (1 + streams opened)``. A receiver sends
+  WINDOW_UPDATEs for the data it is sent, so a client that sends far more
+  than our DATA frames call for is making h2 walk its windows for nothing;
+  PRIORITY frames mean nothing to this server (h2 ignores them) beyond the
+  work of parsing them. ``ServerConnection.data_frames_sent`` counts the
+  DATA frames of every send path (the plain ones and h2's ``send_data``).
 - **Empty frames**: more than ``MAX_CONSECUTIVE_EMPTY_FRAMES`` HEADERS,
   CONTINUATION or DATA frames in a row with no payload (padding aside) and no
   END_STREAM; a non-empty one of those kinds ends the run. This is Envoy's
@@ -46,7 +56,6 @@ import collections
 from collections.abc import Callable, Sized
 from typing import Any, Final
 
-import h2.connection
 from h2.stream import StreamState
 from hyperframe.frame import (
     AltSvcFrame,
@@ -59,7 +68,10 @@ from hyperframe.frame import (
     PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
+
+from prism.rpc.h2conn import ServerConnection
 
 CONTROL_FRAMES_PER_WINDOW: Final = 10_000
 CONTROL_WINDOW_S: Final = 10.0
@@ -68,6 +80,10 @@ MAX_CONSECUTIVE_EMPTY_FRAMES: Final = 1
 RAPID_RESET_MIN_STREAMS: Final = 500
 MIN_IDLE_PING_INTERVAL_S: Final = 5.0
 MAX_PING_STRIKES: Final = 2
+# Envoy's max_inbound_window_update_frames_per_data_frame_sent and
+# max_inbound_priority_frames_per_stream, at their defaults.
+WINDOW_UPDATES_PER_DATA_FRAME_SENT: Final = 10
+PRIORITY_FRAMES_PER_STREAM: Final = 100
 
 # GOAWAY debug data, one per kind of flood; ``too_many_pings`` is gRPC's own.
 TOO_MANY_PINGS: Final = b"too_many_pings"
@@ -75,6 +91,8 @@ CONTROL_FLOOD: Final = b"too_many_control_frames"
 SETTINGS_TOO_LARGE: Final = b"too_many_settings_parameters"
 EMPTY_FRAMES: Final = b"too_many_empty_frames"
 RAPID_RESET: Final = b"too_many_resets"
+WINDOW_UPDATE_FLOOD: Final = b"too_many_window_updates"
+PRIORITY_FLOOD: Final = b"too_many_priority_frames"
 
 # Control frames are timed in batches of this many: one clock read per batch,
 # and a window is judged on CONTROL_FRAMES_PER_WINDOW frames to that accuracy.
@@ -101,7 +119,7 @@ class FloodGuard:
     in seconds. ``watch`` puts the guard in front of h2's frame parsing.
     """
 
-    def __init__(self, conn: h2.connection.H2Connection, calls: Sized, clock: Callable[[], float]) -> None:
+    def __init__(self, conn: ServerConnection, calls: Sized, clock: Callable[[], float]) -> None:
         self._conn = conn
         self._calls = calls
         self._clock = clock
@@ -120,6 +138,8 @@ class FloodGuard:
         self._last_ping = _NEVER
         self._ping_streams = 0
         self._strikes = 0
+        self._window_updates = 0
+        self._priorities = 0
         self._checks: dict[type[Frame], Callable[[Any], None]] = {
             DataFrame: self._data,
             HeadersFrame: self._headers,
@@ -127,7 +147,8 @@ class FloodGuard:
             RstStreamFrame: self._reset,
             PingFrame: self._ping,
             SettingsFrame: self._settings,
-            PriorityFrame: self._control_frame,
+            PriorityFrame: self._priority,
+            WindowUpdateFrame: self._window_update,
             ExtensionFrame: self._control_frame,
             AltSvcFrame: self._control_frame,
         }
@@ -204,6 +225,20 @@ class FloodGuard:
         if n > MAX_SETTINGS_PARAMS:
             raise Flood(SETTINGS_TOO_LARGE)
         self._count_control(n or 1)
+
+    def _window_update(self, frame: WindowUpdateFrame) -> None:
+        self._window_updates += 1
+        # (``plain``: streams the plain path opened in this read, at most.)
+        streams = self.opened + len(self.plain)
+        allowed = 1 + 2 * (streams + WINDOW_UPDATES_PER_DATA_FRAME_SENT * self._conn.data_frames_sent)
+        if self._window_updates > allowed:
+            raise Flood(WINDOW_UPDATE_FLOOD)
+
+    def _priority(self, frame: PriorityFrame) -> None:
+        self._priorities += 1
+        if self._priorities > PRIORITY_FRAMES_PER_STREAM * (1 + self.opened + len(self.plain)):
+            raise Flood(PRIORITY_FLOOD)
+        self._count_control(1)
 
     def _control_frame(self, frame: Frame) -> None:
         self._count_control(1)

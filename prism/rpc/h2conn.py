@@ -44,6 +44,7 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 from hyperframe.frame import WindowUpdateFrame
 
+from prism.rpc.headers import malformed_trailers
 from prism.rpc.hpack_cache import CachingDecoder, stateless_block
 
 # The header lists of every successful answer: the response headers, and the
@@ -97,9 +98,13 @@ class ServerConnection(h2.connection.H2Connection):
         decoder.max_header_list_size = max_header_list_bytes
         decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
         self.decoder = self._decoder = decoder
-        # Stream id -> why its request is malformed, for the requests h2 read
-        # (the plain path reads well-formed ones only); taken by the caller.
+        # Stream id -> why its request (or its trailers) is malformed, for the
+        # blocks h2 read (the plain path reads well-formed requests only, and
+        # no trailers); taken by the caller.
         self.malformed: dict[int, str] = {}
+        # DATA frames queued to the client by every send path, for the
+        # WINDOW_UPDATE flood limit (``prism.rpc.flood``).
+        self.data_frames_sent = 0
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -133,11 +138,24 @@ class ServerConnection(h2.connection.H2Connection):
     def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         frames, events = super()._receive_headers_frame(frame)
         verdict = self._decoder.verdict  # of this frame's block, just decoded
-        if verdict is not None:
-            for event in events:
-                if type(event) is h2.events.RequestReceived:
+        for event in events:
+            if type(event) is h2.events.RequestReceived:
+                if verdict is not None:
                     self.malformed[event.stream_id] = verdict
+            elif type(event) is h2.events.TrailersReceived:
+                # (In the read that opened the stream, _start_call takes this
+                # and refuses the request; later, the trailers' own branch.)
+                why = malformed_trailers(event.headers or ())
+                if why is not None:
+                    self.malformed[event.stream_id] = why
         return frames, events
+
+    def send_data(
+        self, stream_id: int, data: bytes | memoryview, end_stream: bool = False, pad_length: Any = None
+    ) -> None:
+        # h2 sends one DATA frame per call (more data than a frame raises).
+        self.data_frames_sent += 1
+        super().send_data(stream_id, data, end_stream, pad_length)
 
     def _refused_frame(self, frame: Any, exc: Exception) -> list[h2.events.Event]:
         def reraise(_frame: Any) -> Any:
@@ -272,6 +290,7 @@ class ServerConnection(h2.connection.H2Connection):
         machine.process_input(StreamInputs.SEND_END_STREAM)
         stream.outbound_flow_control_window -= n
         self.outbound_flow_control_window -= n
+        self.data_frames_sent += 1
         sid_bytes = sid.to_bytes(4, "big")
         self._data_to_send += b"".join(
             (
@@ -326,4 +345,5 @@ class ServerConnection(h2.connection.H2Connection):
                 sent += n
         stream.outbound_flow_control_window -= sent
         self.outbound_flow_control_window -= sent
+        self.data_frames_sent += -(-sent // size)  # the frames just queued
         return sent

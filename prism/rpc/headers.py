@@ -9,6 +9,8 @@ that is malformed is never read by the plain path (``prism.rpc.h2conn``),
 and the h2-event path hands its verdict to ``GrpcProtocol._start_call``,
 which answers RST_STREAM(PROTOCOL_ERROR) for that stream alone (RFC 9113
 8.1.1: a malformed request is a stream error). The connection goes on.
+A request's trailers (``malformed_trailers``) are judged by h2conn when h2
+reads them, and malformed ones reset the stream the same way.
 
 A header list over ``SETTINGS_MAX_HEADER_LIST_SIZE`` is not judged here:
 the HPACK decoder stops at the limit, which leaves the compression state
@@ -64,19 +66,47 @@ def malformed_request(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             pseudo[name] = value
         else:
             regular = True
-            if not name or name.translate(None, _NAME_BYTES):
-                return f"field name {name!r} is not lowercase visible ASCII"
-            if name in _CONNECTION_SPECIFIC:
-                return f"connection-specific field {name!r}"
-            if name == b"te" and value.lower() != b"trailers":
-                return f"te {value!r} is not trailers"
+            why = _malformed_field(name, value)
+            if why is not None:
+                return why
             if name == b"host":
                 if host is not None:
                     return "host repeated"
                 host = value
         if value and _BAD_VALUE.search(value):
-            return f"value of {name!r} holds NUL, CR or LF, or starts or ends with whitespace"
+            return _BAD_VALUE_REASON % name
     return _malformed_pseudo(pseudo, host)
+
+
+def malformed_trailers(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's trailers are malformed, or None: RFC 9113 8.1 allows
+    no pseudo-header in trailers, and their fields follow the same rules as
+    a request's (8.2). Unlike request blocks these are judged each time they
+    come, not once per distinct block: gRPC clients send no trailers, so no
+    ordinary call pays for it."""
+    for name, value in headers:
+        if name[:1] == b":":
+            return f"pseudo-header {name!r} in trailers"
+        why = _malformed_field(name, value)
+        if why is not None:
+            return why
+        if value and _BAD_VALUE.search(value):
+            return _BAD_VALUE_REASON % name
+    return None
+
+
+_BAD_VALUE_REASON: Final = "value of %r holds NUL, CR or LF, or starts or ends with whitespace"
+
+
+def _malformed_field(name: bytes, value: bytes) -> str | None:
+    """RFC 9113 8.2.1-8.2.2 for one regular field (its value aside)."""
+    if not name or name.translate(None, _NAME_BYTES):
+        return f"field name {name!r} is not lowercase visible ASCII"
+    if name in _CONNECTION_SPECIFIC:
+        return f"connection-specific field {name!r}"
+    if name == b"te" and value.lower() != b"trailers":
+        return f"te {value!r} is not trailers"
+    return None
 
 
 def _malformed_pseudo(pseudo: dict[bytes, bytes], host: bytes | None) -> str | None:

@@ -245,8 +245,11 @@ class GrpcProtocol(Requests, Responses):
                     out.append((CONNECTION_CLOSED, None))
             elif type(ev) is h2.events.TrailersReceived:
                 # Clients do not send trailers in gRPC; END_STREAM comes with
-                # them and is reported as StreamEnded.
-                pass
+                # them and is reported as StreamEnded, next. Malformed ones
+                # (RFC 9113 8.1, judged by h2conn) make the request malformed.
+                malformed = self._h2.malformed
+                if malformed and malformed.pop(ev.stream_id, None) is not None:
+                    self._reset_malformed(ev.stream_id, out)
         return out
 
     def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:
@@ -319,6 +322,14 @@ class GrpcProtocol(Requests, Responses):
         out.append((CALL_START, call))
         if ended:
             self._end_call(sid, out)
+
+    def _reset_malformed(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
+        self._reset_new_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        call = self.calls.pop(sid, None)
+        if call is not None:  # its work is cancelled, as if the client had reset it
+            call.done = True
+            self._blocked.pop(sid, None)
+            out.append((CALL_RESET, call))
 
     def _reset_new_stream(self, sid: int, code: h2.errors.ErrorCodes) -> None:
         stream = self._h2.streams.get(sid)

@@ -25,6 +25,7 @@ from hyperframe.frame import (
     PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from prism.errors import StatusCode
@@ -164,10 +165,92 @@ def test_settings_count_per_parameter_and_too_many_in_one_frame_end_it() -> None
     assert peer.dispatched <= flood.CONTROL_FRAMES_PER_WINDOW // flood.MAX_SETTINGS_PARAMS + 1
 
 
+def priority(sid: int = 1) -> bytes:
+    return PriorityFrame(sid, depends_on=0, stream_weight=16).serialize()
+
+
 def test_priority_frames_count_as_control_frames() -> None:
     peer = Peer()
-    peer.send(PriorityFrame(1, depends_on=0, stream_weight=16).serialize() * 20_000)
+    for _ in range(100):  # streams enough for the per-stream limit to be above the window's
+        peer.send(peer.headers())
+    peer.send(priority() * 20_000)
     assert_calm(peer, flood.CONTROL_FLOOD)
+
+
+# -- WINDOW_UPDATE and PRIORITY frames (Envoy's rules) ---------------------------
+
+
+def window_update(sid: int = 0, increment: int = 1) -> bytes:
+    return WindowUpdateFrame(sid, window_increment=increment).serialize()
+
+
+def test_priority_frames_are_limited_per_stream_opened() -> None:
+    peer = Peer()
+    before = peer.dispatched
+    peer.send(priority() * flood.PRIORITY_FRAMES_PER_STREAM)  # (1 + 0 streams) * 100
+    assert peer.goaway() is None
+    peer.send(priority())
+    assert_calm(peer, flood.PRIORITY_FLOOD)
+    assert peer.dispatched - before == flood.PRIORITY_FRAMES_PER_STREAM
+    # Each stream opened, by h2 or the plain path, allows 100 more.
+    peer = Peer()
+    peer.send(peer.request())  # h2's path (a new header block)
+    peer.send(peer.request() + peer.request())  # the plain path (the same block again)
+    peer.send(priority() * (4 * flood.PRIORITY_FRAMES_PER_STREAM))
+    assert peer.goaway() is None
+    peer.send(priority())
+    assert_calm(peer, flood.PRIORITY_FLOOD)
+
+
+def test_window_updates_beyond_envoys_allowance_end_the_connection() -> None:
+    peer = Peer()
+    before = peer.dispatched
+    events = peer.send(window_update() * 100_000)  # no stream, nothing sent: 1 allowed
+    assert events == [(CONNECTION_CLOSED, None)]
+    assert_calm(peer, flood.WINDOW_UPDATE_FLOOD)
+    assert peer.dispatched - before == 1
+
+
+def sent_data_frames(peer: Peer) -> int:
+    return sum(1 for f in peer.out if isinstance(f, DataFrame))
+
+
+def test_the_window_update_allowance_counts_streams_and_every_data_frame_sent() -> None:
+    peer = Peer()
+    for size in (10, 40_000):  # one frame (send_plain_unary); three (send_plain_data)
+        events = peer.send(peer.request())
+        (call,) = (c for k, c in events if k == CALL_END)
+        peer.proto.send_unary(call, b"x" * size)
+    events = peer.send(peer.request())
+    (call,) = (c for k, c in events if k == CALL_END)
+    peer.proto.send_headers(call)
+    peer.proto._h2.send_data(call.stream_id, b"\x00\x00\x00\x00\x00")  # h2's own path
+    peer.out += parse(peer.proto.data_to_send())
+    frames = sent_data_frames(peer)
+    assert frames == 1 + 3 + 1 == peer.proto._h2.data_frames_sent
+    allowed = 1 + 2 * (3 + flood.WINDOW_UPDATES_PER_DATA_FRAME_SENT * frames)
+    peer.send(window_update() * allowed)
+    assert peer.goaway() is None
+    peer.send(window_update(call.stream_id))  # stream-level ones count alike
+    assert_calm(peer, flood.WINDOW_UPDATE_FLOOD)
+
+
+def test_a_client_acknowledging_large_answers_is_never_cut() -> None:
+    peer = Peer(max_concurrent_streams=1000)
+    client_window = 0
+    for _ in range(200):
+        events = peer.send(peer.request())
+        (call,) = (c for k, c in events if k == CALL_END)
+        before = len(peer.out)
+        peer.proto.send_unary(call, b"x" * 60_000)
+        peer.out += parse(peer.proto.data_to_send())
+        for f in peer.out[before:]:
+            if isinstance(f, DataFrame):  # a WINDOW_UPDATE per frame, stream and connection
+                client_window += f.flow_controlled_length
+                peer.send(window_update(f.stream_id, f.flow_controlled_length))
+                peer.send(window_update(0, f.flow_controlled_length))
+    assert client_window == 200 * 60_005
+    assert peer.goaway() is None
 
 
 # -- pings on an idle connection (gRPC keepalive enforcement) ------------------

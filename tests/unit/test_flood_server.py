@@ -15,7 +15,7 @@ import h2.events
 import trio
 import trio.testing
 from grpc_health.v1 import health_pb2
-from hyperframe.frame import PingFrame, RstStreamFrame
+from hyperframe.frame import PingFrame, RstStreamFrame, WindowUpdateFrame
 
 from prism.rpc import flood
 from prism.rpc.methods import MethodTable
@@ -176,3 +176,17 @@ async def test_a_call_that_ends_after_the_goaway_is_dropped_quietly(
                     await trio.sleep(0.1)
         neighbour = await srv.connect()
         assert (await neighbour.call(CHECK, req())).status == 0
+
+
+async def test_a_window_update_flood_spares_the_neighbour(autojump_clock: trio.testing.MockClock) -> None:
+    async with server() as srv:
+        flooder = await srv.connect()
+        neighbour = await srv.connect()
+        await flooder.pump()
+        update = WindowUpdateFrame(0, window_increment=1).serialize()
+        await flooder.stream.send_all(update * 100_000)
+        assert (await neighbour.call(CHECK, req())).status == 0
+        ev = await goaway_of(flooder)
+        assert (ev.error_code, ev.additional_data) == (CALM, flood.WINDOW_UPDATE_FLOOD)
+        assert (await neighbour.call(CHECK, req())).status == 0
+        assert len(srv.closed) == 1

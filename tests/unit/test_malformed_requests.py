@@ -28,11 +28,12 @@ from hyperframe.frame import HeadersFrame
 from prism.config import ServerConfig
 from prism.config.limits import Http2Config
 from prism.rpc.methods import MethodTable
-from prism.rpc.protocol import CALL_END, CALL_START, GrpcProtocol
+from prism.rpc.protocol import CALL_END, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.server import Connection, ServerSettings
 from prism.workers.app import App
 
 from .h2client import H2Client
+from .h2client import Response as H2Response
 from .test_rpc_server import CHECK, FakeHealth, req
 
 Headers = list[tuple[bytes, bytes]]
@@ -253,3 +254,67 @@ def test_an_hpack_bomb_is_refused_before_it_is_decoded() -> None:
         e for e in client.receive_data(server.data_to_send()) if isinstance(e, h2.events.ConnectionTerminated)
     ]
     assert [e.error_code for e in goaway] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+
+
+# -- trailers (RFC 9113 8.1: no pseudo-header; fields as in a request) ----------
+
+MALFORMED_TRAILERS: dict[str, Headers] = {
+    "a pseudo-header": [(b":path", CHECK.encode())],
+    ":status": [(b":status", b"200")],
+    "connection": [(b"connection", b"close")],
+    "transfer-encoding": [(b"transfer-encoding", b"chunked")],
+    "te gzip": [(b"te", b"gzip")],
+    "uppercase name": [(b"X-Checksum", b"abc")],
+    "CR in a value": [(b"x-checksum", b"a\rbc")],
+    "LF in a value": [(b"x-checksum", b"a\nbc")],
+    "NUL in a value": [(b"x-checksum", b"a\x00bc")],
+    "NUL in a name": [(b"x-check\x00sum", b"abc")],
+    "a good field, then a bad one": [(b"x-checksum", b"abc"), (b"Upgrade", b"h2c")],
+}
+
+
+async def send_with_trailers(client: H2Client, trailers: Headers) -> int:
+    """A whole request, then trailers with END_STREAM (a lenient client's)."""
+    sid = client.conn.get_next_available_stream_id()
+    client.responses[sid] = H2Response()
+    client.conn.send_headers(sid, BASE)
+    client.conn.send_data(sid, req())
+    client.conn.send_headers(sid, trailers, end_stream=True)
+    await client.flush()
+    return sid
+
+
+@pytest.mark.parametrize("case", MALFORMED_TRAILERS)
+async def test_malformed_trailers_reset_the_stream_and_the_connection_goes_on(case: str) -> None:
+    async with serving() as (settings, connect):
+        client = await connect()
+        for _ in range(2):  # a new header block, then the same bytes again
+            r = await client.wait(await send_with_trailers(client, MALFORMED_TRAILERS[case]))
+            assert r.reset_code == h2.errors.ErrorCodes.PROTOCOL_ERROR, case
+            assert not r.headers and not r.data
+            assert await served(client)
+        assert not client.goaway
+        assert settings.active_calls == 0
+
+
+async def test_well_formed_trailers_are_served() -> None:
+    async with serving() as (_, connect):
+        client = await connect()
+        trailers = [(b"x-checksum", b"abc"), (b"te", b"trailers"), (b"x-empty", b"")]
+        r = await client.wait(await send_with_trailers(client, trailers))
+        assert r.reset_code is None and r.status == 0
+
+
+def test_malformed_trailers_cancel_a_call_already_started() -> None:
+    proto = GrpcProtocol()
+    proto.initiate()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, BASE)
+    events = proto.receive_data(client.data_to_send())
+    (call,) = (c for k, c in events if k == CALL_START)
+    client.send_headers(1, [(b"x-checksum", b"a\nb")], end_stream=True)
+    assert proto.receive_data(client.data_to_send()) == [(CALL_RESET, call)]
+    assert call.done and proto.idle
+    client.receive_data(proto.data_to_send())
+    assert client.streams[1].closed
