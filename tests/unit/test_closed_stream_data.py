@@ -29,8 +29,8 @@ from .h2client import H2Client, Response
 from .test_rpc_server import CHECK, FakeHealth, req
 
 FRAME = 16_384
-PER_STREAM = 1024 * 1024  # each stream's window, as the server advertises it
-STREAMS = 5  # 5 MiB in all: more than the connection window of 4 MiB + 64 KiB
+PER_STREAM = 65_530  # a stream's initial window (prism.rpc.budget), less a message prefix
+STREAMS = 70  # 4.4 MiB in all: more than the connection window of 4 MiB
 
 
 async def connected(nursery: trio.Nursery, settings: ServerSettings) -> tuple[Connection, H2Client]:
@@ -47,9 +47,11 @@ async def flood_data(client: H2Client, sid: int) -> None:
     """A stream window of DATA on ``sid``, raw (the client's h2 knows the
     stream is over and would send nothing), reading what the server sends
     meanwhile as a client does (its WINDOW_UPDATEs, its resets)."""
-    frame = DataFrame(sid, data=b"\x00" * FRAME).serialize()
-    for _ in range(PER_STREAM // FRAME):
-        await client.stream.send_all(frame)
+    sent = 0
+    while sent < PER_STREAM:
+        n = min(FRAME, PER_STREAM - sent)
+        await client.stream.send_all(DataFrame(sid, data=b"\x00" * n).serialize())
+        sent += n
         with trio.move_on_after(0):
             await client.pump()
 
