@@ -10,7 +10,10 @@ neighbour: a grpcio client on its own connection calling ``GetItems`` one
 call at a time throughout the case. Per case it records:
 
 - ``worker_cpu_s``: the worker's CPU time (utime + stime) over the case,
-  the neighbour's calls included (``neighbour.calls`` says how many);
+  the neighbour's calls included (``neighbour.calls`` says how many), and
+  ``abuse_cpu_s``: the same less the neighbour's calls at what each cost
+  the worker in the second before the case (``neighbour_cpu_per_call_us``):
+  the abuser's share, the figure the issue bounds (1 s);
 - ``worker_rss_mb``: its RSS before and at the peak (``VmHWM`` and 20 ms
   samples of ``VmRSS``), and ``rss_after_mb``: its RSS 2 s after the
   abuser's connections closed (the abuser process exited), what the worker
@@ -153,6 +156,12 @@ def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
         neighbour = Neighbour(server.target)
         neighbour.thread.start()
         time.sleep(1.0)  # the neighbour's connection up and warm
+        # What the neighbour's calls cost the worker alone, to take out of
+        # the case's CPU (it calls throughout: the longer a case, the more).
+        neighbour.latencies.clear()
+        cpu_quiet = cpu_s(pid)
+        time.sleep(1.0)
+        per_call = (cpu_s(pid) - cpu_quiet) / max(1, len(neighbour.latencies))
         neighbour.latencies.clear()
         rss_before = proc_status_kb(pid, "VmRSS")
         cpu_before = cpu_s(pid)
@@ -182,6 +191,9 @@ def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
         sampler.join()
         row: dict[str, Any] = {
             "worker_cpu_s": round(worker_cpu, 3),
+            # The abuser's share: less the neighbour's calls at their quiet cost.
+            "abuse_cpu_s": round(max(0.0, worker_cpu - per_call * len(neighbour.latencies)), 3),
+            "neighbour_cpu_per_call_us": round(per_call * 1e6, 1),
             "worker_rss_mb": {
                 "before": round(rss_before / 1024, 1),
                 "peak_sampled": round(peak[0] / 1024, 1),
@@ -204,7 +216,7 @@ def run_case(case: str, workdir: Path, pinned: bool) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     head = (
-        f"{'case':<20} {'cpu s':>7} {'rss MB before/peak/after':>26} {'end s':>7} "
+        f"{'case':<20} {'cpu s':>7} {'abuse':>6} {'rss MB before/peak/after':>26} {'end s':>7} "
         f"{'goaway':<28} {'nb p99 ms':>9} {'nb err':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -218,7 +230,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         what = f"{goaway['error_code']} {goaway['debug']}" if goaway else "-"
         end = row.get("seconds_to_end")
         lines.append(
-            f"{case:<20} {row['worker_cpu_s']:>7.2f} "
+            f"{case:<20} {row['worker_cpu_s']:>7.2f} {row['abuse_cpu_s']:>6.2f} "
             f"{rss['before']:>8.1f}/{peak:>7.1f}/{row['rss_after_mb']:>7.1f} "
             f"{'open' if end is None else f'{end:.2f}':>7} {what:<28} "
             f"{row['neighbour']['p99_ms'] or 0:>9.2f} {row['neighbour']['errors']:>6}"
