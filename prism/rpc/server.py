@@ -37,8 +37,9 @@ __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
 log = logging.getLogger("prism.rpc")
 
 _READ_SIZE = 65536
-# Streaming responses wait for the client to read once this much is queued.
-_STREAM_HIGH_WATER = 256 * 1024
+# Streaming responses wait for the client once this much waits for its window
+# (256 KiB let 100 unread streams make the server build ~320 K answers).
+_STREAM_HIGH_WATER = 64 * 1024
 # A streaming handler held back by the worker's buffer budget (which other
 # connections free) looks again this often.
 _BUDGET_RECHECK_S = 0.05
