@@ -34,7 +34,7 @@ side does the same for a small OK answer (``send_plain_unary``).
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
 import h2.connection
@@ -44,6 +44,9 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 
 from prism.rpc.hpack_cache import CachingDecoder, stateless_block
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 # The header lists of every successful answer: the response headers, and the
 # trailers of an OK status.
@@ -75,6 +78,11 @@ DATA_READ: Final = 1
 PlainFrame = tuple[int, int, Any, int, bool]
 
 
+def _length(view: memoryview, pos: int) -> int:
+    """The length field of the frame header at ``pos``."""
+    return int.from_bytes(view[pos : pos + 3], "big")
+
+
 class ServerConnection(h2.connection.H2Connection):
     """``h2.connection.H2Connection`` for the server side of gRPC.
 
@@ -98,6 +106,8 @@ class ServerConnection(h2.connection.H2Connection):
         # Stream id -> why its request is malformed, for the requests h2 read
         # (the plain path reads well-formed ones only); taken by the caller.
         self.malformed: dict[int, str] = {}
+        # The start of a frame a read ended inside of (``receive_plain``).
+        self._held: bytes = b""
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -149,6 +159,15 @@ class ServerConnection(h2.connection.H2Connection):
         finally:
             self._frame_dispatch_table = table
 
+    def receive_data(self, data: Buffer) -> list[h2.events.Event]:
+        # A frame that ``receive_plain`` holds the start of comes first.
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        events: list[h2.events.Event] = super().receive_data(data)
+        return events
+
     def receive_plain(
         self, data: bytes | bytearray | memoryview, read: list[PlainFrame]
     ) -> bytes | bytearray | memoryview:
@@ -156,7 +175,16 @@ class ServerConnection(h2.connection.H2Connection):
         docstring), appending each to ``read``; return the bytes left for
         ``receive_data``, which the caller must feed to it before acting on
         ``read``: h2 takes in a whole read before its events are acted on,
-        and so must we, for the same frames to have the same effects."""
+        and so must we, for the same frames to have the same effects.
+
+        A read that ends inside a DATA or HEADERS frame leaves that frame's
+        start here (``_held``, as h2's own buffer would hold it), so that the
+        next read goes on with the plain path: given to h2, a partial frame
+        made h2 parse every later frame of the connection until a read
+        happened to end on a frame boundary, which large request messages
+        (many 16 KiB frames per 64 KiB read) almost never do. ``receive_data``
+        puts the held bytes in front of whatever it is given next.
+        """
         buffer = self.incoming_buffer
         if (
             buffer._data
@@ -164,8 +192,49 @@ class ServerConnection(h2.connection.H2Connection):
             or buffer._headers_buffer
             or self.state_machine.state is not ConnectionState.SERVER_OPEN
         ):
-            return data
+            return data  # (nothing is held: h2's buffer took it with the read that broke off)
+        held = self._held
+        if held:
+            # The rest of the held frame, then this read.
+            missing = _FRAME_HEAD - len(held)
+            if missing > 0:
+                held += bytes(data[:missing])
+                data = data[missing:]
+            if len(held) >= _FRAME_HEAD:
+                if not self._holdable(held):
+                    self._held = b""
+                    return held + data  # not a frame the plain path reads: h2's
+                missing = _FRAME_HEAD + int.from_bytes(held[:3], "big") - len(held)
+                if missing > len(data):
+                    self._held = held + data
+                    return b""
+                held += bytes(data[:missing])
+                data = data[missing:]
+                if self._read_plain(memoryview(held), read) < len(held):
+                    self._held = b""
+                    return held + data  # not a plain frame: h2 reads it, and the rest
+            else:
+                self._held = held
+                return b""
+            self._held = b""
         view = memoryview(data)
+        pos = self._read_plain(view, read)
+        rest = len(view) - pos
+        if rest and (
+            rest < _FRAME_HEAD or (self._holdable(view[pos:]) and rest < _FRAME_HEAD + _length(view, pos))
+        ):
+            self._held = bytes(view[pos:])  # the start of a frame, no more: the loop took all it could
+            return b""
+        return view[pos:] if pos else data
+
+    def _holdable(self, head: bytes | memoryview) -> bool:
+        """Whether the frame of this 9-byte header is one to hold the start of:
+        DATA or HEADERS, within the frame size limit."""
+        return head[3] in (_DATA, _HEADERS) and int.from_bytes(head[:3], "big") <= self.max_inbound_frame_size
+
+    def _read_plain(self, view: memoryview, read: list[PlainFrame]) -> int:
+        """Read the leading plain frames of ``view`` (see ``receive_plain``);
+        how many bytes they took."""
         end = len(view)
         pos = 0
         max_length = self.max_inbound_frame_size
@@ -217,18 +286,20 @@ class ServerConnection(h2.connection.H2Connection):
                     body_length > expected_length or (end_stream and body_length != expected_length)
                 ):
                     break
-                conn_window.window_consumed(length)
-                stream._inbound_window_manager.window_consumed(length)
+                # What h2's window_consumed and RECV_DATA do, less their
+                # checks (made above) and the event h2 would build and drop:
+                # an OPEN stream stays OPEN. Per frame, on every 16 KiB of a
+                # large request.
+                conn_window.current_window_size -= length
+                stream._inbound_window_manager.current_window_size -= length
                 stream._actual_content_length = body_length
-                machine = stream.state_machine
-                machine.process_input(StreamInputs.RECV_DATA)
                 if end_stream:
-                    machine.process_input(StreamInputs.RECV_END_STREAM)
+                    stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
                 read.append((DATA_READ, sid, bytes(view[pos + _FRAME_HEAD : stop]), length, end_stream))
             else:
                 break
             pos = stop
-        return view[pos:] if pos else data
+        return pos
 
     def send_plain_unary(self, sid: int, payload: bytes) -> bool:
         """Queue a whole OK answer of one message (headers, DATA, trailers) on
