@@ -29,7 +29,7 @@ order. The caller acts on the frames read here only after h2 has taken in
 the rest of the read, as h2's own user would, so every reply and window
 update goes out in the same order with the same values.
 ``tests/unit/test_plain_frames.py`` holds this against h2 itself. The send
-side does the same for a small OK answer (``send_plain_unary``).
+side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
 """
 
 from __future__ import annotations
@@ -40,26 +40,15 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
+from h2.connection import AllowedStreamIDs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 
-from prism.rpc.hpack_cache import CachingDecoder, stateless_block
+from prism.rpc.h2send import RESPONSE_HEADERS, TRAILERS_OK, PlainSender
+from prism.rpc.hpack_cache import CachingDecoder
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-# The header lists of every successful answer: the response headers, and the
-# trailers of an OK status.
-RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", b"application/grpc"))
-TRAILERS_OK: Final = ((b"grpc-status", b"0"),)
-
-# Their HPACK blocks, encoded once, and the 9-byte frame headers (length,
-# type, flags; the stream id follows) that carry them in a plain unary answer.
-_RESPONSE_BLOCK: Final = stateless_block(RESPONSE_HEADERS)
-_TRAILERS_BLOCK: Final = stateless_block(TRAILERS_OK)
-_HEADERS_FRAME_HEAD: Final = len(_RESPONSE_BLOCK).to_bytes(3, "big") + b"\x01\x04"  # END_HEADERS
-_TRAILERS_FRAME_HEAD: Final = len(_TRAILERS_BLOCK).to_bytes(3, "big") + b"\x01\x05"  # + END_STREAM
-_MESSAGE_PREFIX: Final = 5  # gRPC's: compressed flag, 4-byte length
 
 _DATA: Final = 0x0
 _HEADERS: Final = 0x1
@@ -83,7 +72,7 @@ def _length(view: memoryview, pos: int) -> int:
     return int.from_bytes(view[pos : pos + 3], "big")
 
 
-class ServerConnection(h2.connection.H2Connection):
+class ServerConnection(PlainSender):
     """``h2.connection.H2Connection`` for the server side of gRPC.
 
     ``max_header_list_bytes`` bounds the decoded size of a header block (as
@@ -195,7 +184,9 @@ class ServerConnection(h2.connection.H2Connection):
             return data  # (nothing is held: h2's buffer took it with the read that broke off)
         held = self._held
         if held:
-            # The rest of the held frame, then this read.
+            # The rest of the held frame, then this read (a view of it: a
+            # slice of the bytes would copy up to a whole read).
+            data = memoryview(data)
             missing = _FRAME_HEAD - len(held)
             if missing > 0:
                 held += bytes(data[:missing])
@@ -301,89 +292,5 @@ class ServerConnection(h2.connection.H2Connection):
             pos = stop
         return pos
 
-    def send_plain_unary(self, sid: int, payload: bytes) -> bool:
-        """Queue a whole OK answer of one message (headers, DATA, trailers) on
-        stream ``sid`` if it is the common case: the stream open, the message
-        within one frame and both flow-control windows, the connection open
-        and the HPACK table size unchanged. False (nothing done) otherwise;
-        the caller then goes through h2's ``send_headers``/``send_data``.
 
-        The three frames are written straight into h2's output buffer: h2's
-        own calls did the same work at about three times the cost (frame
-        objects, header processing, logging). h2's stream state machine and
-        flow-control windows are driven exactly as those calls would, so
-        h2's view of the connection stays true.
-        """
-        n = len(payload) + _MESSAGE_PREFIX
-        stream = self.streams.get(sid)
-        if (
-            stream is None
-            or n > self.max_outbound_frame_size
-            or n > stream.outbound_flow_control_window
-            or n > self.outbound_flow_control_window
-            or self.state_machine.state is not ConnectionState.SERVER_OPEN
-            or self.encoder.header_table.resized
-        ):
-            return False
-        machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_HEADERS)
-        machine.process_input(StreamInputs.SEND_DATA)
-        machine.process_input(StreamInputs.SEND_HEADERS)
-        machine.process_input(StreamInputs.SEND_END_STREAM)
-        stream.outbound_flow_control_window -= n
-        self.outbound_flow_control_window -= n
-        sid_bytes = sid.to_bytes(4, "big")
-        self._data_to_send += b"".join(
-            (
-                _HEADERS_FRAME_HEAD,
-                sid_bytes,
-                _RESPONSE_BLOCK,
-                n.to_bytes(3, "big"),
-                b"\x00\x00",  # DATA, no flags
-                sid_bytes,
-                b"\x00",
-                len(payload).to_bytes(4, "big"),
-                payload,
-                _TRAILERS_FRAME_HEAD,
-                sid_bytes,
-                _TRAILERS_BLOCK,
-            )
-        )
-        return True
-
-    def send_plain_data(self, sid: int, data: bytearray) -> int | None:
-        """Queue as much of ``data`` on stream ``sid`` as both flow-control
-        windows allow, in DATA frames of the peer's maximum frame size,
-        written straight into h2's output buffer; the number of bytes queued
-        (0: no window now). None when the stream is gone or the connection is
-        not open, and the caller goes through h2's ``send_data`` (which raises
-        as it should).
-
-        The frames are the bytes h2's ``send_data`` would write, and h2's
-        connection and stream state machines and windows are driven exactly
-        as it drives them, frame by frame; its per-frame objects, checks and
-        logging were most of a large answer's cost.
-        """
-        stream = self.streams.get(sid)
-        if stream is None or self.state_machine.state is not ConnectionState.SERVER_OPEN:
-            return None
-        room = min(len(data), stream.outbound_flow_control_window, self.outbound_flow_control_window)
-        if room <= 0:
-            return 0
-        size = self.max_outbound_frame_size
-        head = b"\x00\x00" + sid.to_bytes(4, "big")  # type DATA, no flags, the stream
-        connection_input = self.state_machine.process_input
-        stream_input = stream.state_machine.process_input
-        out = self._data_to_send
-        sent = 0
-        with memoryview(data) as view:  # released before the caller trims ``data``
-            while sent < room:
-                n = min(size, room - sent)
-                connection_input(ConnectionInputs.SEND_DATA)
-                stream_input(StreamInputs.SEND_DATA)
-                out += n.to_bytes(3, "big") + head
-                out += view[sent : sent + n]
-                sent += n
-        stream.outbound_flow_control_window -= sent
-        self.outbound_flow_control_window -= sent
-        return sent
+__all__ = ["DATA_READ", "HEADERS_READ", "RESPONSE_HEADERS", "TRAILERS_OK", "PlainFrame", "ServerConnection"]

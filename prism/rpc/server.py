@@ -30,6 +30,7 @@ from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.settings import Handoff, Observer, ServerSettings
 from prism.rpc.sniff import sniff
+from prism.rpc.writev import send_buffers
 from prism.security.identity import PeerIdentity
 
 __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
@@ -208,14 +209,14 @@ class Connection:
 
     async def _writer(self) -> None:
         proto = self.proto
-        send_all = self.stream.send_all
+        stream = self.stream
         while True:
             if not self._dirty:
                 await self._lot.park()
             self._dirty = False
-            data = proto.data_to_send()
-            if data:
-                await send_all(data)
+            buffers = proto.buffers_to_send()  # a large answer's message as it is, no copy
+            if buffers:
+                await send_buffers(stream, buffers)
             if self._closing and not self._dirty:
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
