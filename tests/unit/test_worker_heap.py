@@ -35,7 +35,7 @@ def test_a_burst_stays_while_busy_and_goes_back_once_idle() -> None:
         nonlocal active
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heap.trim_when_idle, lambda: active)
-            await trio.sleep(0)
+            await trio.testing.wait_all_tasks_blocked()  # it has taken its baseline, before the burst
             _burst()
             seen.append(heap.rss_bytes())
             await trio.sleep(3 * heap.IDLE_CHECK_S + 0.5)  # calls in flight: kept
