@@ -29,36 +29,28 @@ order. The caller acts on the frames read here only after h2 has taken in
 the rest of the read, as h2's own user would, so every reply and window
 update goes out in the same order with the same values.
 ``tests/unit/test_plain_frames.py`` holds this against h2 itself. The send
-side does the same for a small OK answer (``send_plain_unary``).
+side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
+from h2.connection import AllowedStreamIDs, ConnectionState
 from h2.stream import StreamInputs, StreamState
 from hyperframe.frame import WindowUpdateFrame
 
+from prism.rpc.h2send import RESPONSE_HEADERS, TRAILERS_OK, PlainSender
 from prism.rpc.headers import malformed_trailers
-from prism.rpc.hpack_cache import CachingDecoder, stateless_block
+from prism.rpc.hpack_cache import CachingDecoder
 
-# The header lists of every successful answer: the response headers, and the
-# trailers of an OK status.
-RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", b"application/grpc"))
-TRAILERS_OK: Final = ((b"grpc-status", b"0"),)
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
-# Their HPACK blocks, encoded once, and the 9-byte frame headers (length,
-# type, flags; the stream id follows) that carry them in a plain unary answer.
-_RESPONSE_BLOCK: Final = stateless_block(RESPONSE_HEADERS)
-_TRAILERS_BLOCK: Final = stateless_block(TRAILERS_OK)
-_HEADERS_FRAME_HEAD: Final = len(_RESPONSE_BLOCK).to_bytes(3, "big") + b"\x01\x04"  # END_HEADERS
-_TRAILERS_FRAME_HEAD: Final = len(_TRAILERS_BLOCK).to_bytes(3, "big") + b"\x01\x05"  # + END_STREAM
-_MESSAGE_PREFIX: Final = 5  # gRPC's: compressed flag, 4-byte length
 
 _DATA: Final = 0x0
 _HEADERS: Final = 0x1
@@ -78,7 +70,12 @@ DATA_READ: Final = 1
 PlainFrame = tuple[int, int, Any, int, bool]
 
 
-class ServerConnection(h2.connection.H2Connection):
+def _length(view: memoryview, pos: int) -> int:
+    """The length field of the frame header at ``pos``."""
+    return int.from_bytes(view[pos : pos + 3], "big")
+
+
+class ServerConnection(PlainSender):
     """``h2.connection.H2Connection`` for the server side of gRPC.
 
     ``max_header_list_bytes`` bounds the decoded size of a header block (as
@@ -105,6 +102,8 @@ class ServerConnection(h2.connection.H2Connection):
         # DATA frames queued to the client by every send path, for the
         # WINDOW_UPDATE flood limit (``prism.rpc.flood``).
         self.data_frames_sent = 0
+        # The start of a frame a read ended inside of (``receive_plain``).
+        self._held: bytes = b""
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -169,6 +168,15 @@ class ServerConnection(h2.connection.H2Connection):
         finally:
             self._frame_dispatch_table = table
 
+    def receive_data(self, data: Buffer) -> list[h2.events.Event]:
+        # A frame that ``receive_plain`` holds the start of comes first.
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        events: list[h2.events.Event] = super().receive_data(data)
+        return events
+
     def receive_plain(
         self, data: bytes | bytearray | memoryview, read: list[PlainFrame]
     ) -> bytes | bytearray | memoryview:
@@ -176,7 +184,16 @@ class ServerConnection(h2.connection.H2Connection):
         docstring), appending each to ``read``; return the bytes left for
         ``receive_data``, which the caller must feed to it before acting on
         ``read``: h2 takes in a whole read before its events are acted on,
-        and so must we, for the same frames to have the same effects."""
+        and so must we, for the same frames to have the same effects.
+
+        A read that ends inside a DATA or HEADERS frame leaves that frame's
+        start here (``_held``, as h2's own buffer would hold it), so that the
+        next read goes on with the plain path: given to h2, a partial frame
+        made h2 parse every later frame of the connection until a read
+        happened to end on a frame boundary, which large request messages
+        (many 16 KiB frames per 64 KiB read) almost never do. ``receive_data``
+        puts the held bytes in front of whatever it is given next.
+        """
         buffer = self.incoming_buffer
         if (
             buffer._data
@@ -184,8 +201,51 @@ class ServerConnection(h2.connection.H2Connection):
             or buffer._headers_buffer
             or self.state_machine.state is not ConnectionState.SERVER_OPEN
         ):
-            return data
+            return data  # (nothing is held: h2's buffer took it with the read that broke off)
+        held = self._held
+        if held:
+            # The rest of the held frame, then this read (a view of it: a
+            # slice of the bytes would copy up to a whole read).
+            data = memoryview(data)
+            missing = _FRAME_HEAD - len(held)
+            if missing > 0:
+                held += bytes(data[:missing])
+                data = data[missing:]
+            if len(held) >= _FRAME_HEAD:
+                if not self._holdable(held):
+                    self._held = b""
+                    return held + data  # not a frame the plain path reads: h2's
+                missing = _FRAME_HEAD + int.from_bytes(held[:3], "big") - len(held)
+                if missing > len(data):
+                    self._held = held + data
+                    return b""
+                held += bytes(data[:missing])
+                data = data[missing:]
+                if self._read_plain(memoryview(held), read) < len(held):
+                    self._held = b""
+                    return held + data  # not a plain frame: h2 reads it, and the rest
+            else:
+                self._held = held
+                return b""
+            self._held = b""
         view = memoryview(data)
+        pos = self._read_plain(view, read)
+        rest = len(view) - pos
+        if rest and (
+            rest < _FRAME_HEAD or (self._holdable(view[pos:]) and rest < _FRAME_HEAD + _length(view, pos))
+        ):
+            self._held = bytes(view[pos:])  # the start of a frame, no more: the loop took all it could
+            return b""
+        return view[pos:] if pos else data
+
+    def _holdable(self, head: bytes | memoryview) -> bool:
+        """Whether the frame of this 9-byte header is one to hold the start of:
+        DATA or HEADERS, within the frame size limit."""
+        return head[3] in (_DATA, _HEADERS) and int.from_bytes(head[:3], "big") <= self.max_inbound_frame_size
+
+    def _read_plain(self, view: memoryview, read: list[PlainFrame]) -> int:
+        """Read the leading plain frames of ``view`` (see ``receive_plain``);
+        how many bytes they took."""
         end = len(view)
         pos = 0
         max_length = self.max_inbound_frame_size
@@ -237,18 +297,20 @@ class ServerConnection(h2.connection.H2Connection):
                     body_length > expected_length or (end_stream and body_length != expected_length)
                 ):
                     break
-                conn_window.window_consumed(length)
-                stream._inbound_window_manager.window_consumed(length)
+                # What h2's window_consumed and RECV_DATA do, less their
+                # checks (made above) and the event h2 would build and drop:
+                # an OPEN stream stays OPEN. Per frame, on every 16 KiB of a
+                # large request.
+                conn_window.current_window_size -= length
+                stream._inbound_window_manager.current_window_size -= length
                 stream._actual_content_length = body_length
-                machine = stream.state_machine
-                machine.process_input(StreamInputs.RECV_DATA)
                 if end_stream:
-                    machine.process_input(StreamInputs.RECV_END_STREAM)
+                    stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
                 read.append((DATA_READ, sid, view[pos + _FRAME_HEAD : stop], length, end_stream))
             else:
                 break
             pos = stop
-        return view[pos:] if pos else data
+        return pos
 
     def ack_connection(self, length: int) -> None:
         """Hand ``length`` received bytes back to the connection's window (h2
@@ -259,91 +321,5 @@ class ServerConnection(h2.connection.H2Connection):
             frame.window_increment = increment
             self._prepare_for_sending([frame])
 
-    def send_plain_unary(self, sid: int, payload: bytes) -> bool:
-        """Queue a whole OK answer of one message (headers, DATA, trailers) on
-        stream ``sid`` if it is the common case: the stream open, the message
-        within one frame and both flow-control windows, the connection open
-        and the HPACK table size unchanged. False (nothing done) otherwise;
-        the caller then goes through h2's ``send_headers``/``send_data``.
 
-        The three frames are written straight into h2's output buffer: h2's
-        own calls did the same work at about three times the cost (frame
-        objects, header processing, logging). h2's stream state machine and
-        flow-control windows are driven exactly as those calls would, so
-        h2's view of the connection stays true.
-        """
-        n = len(payload) + _MESSAGE_PREFIX
-        stream = self.streams.get(sid)
-        if (
-            stream is None
-            or n > self.max_outbound_frame_size
-            or n > stream.outbound_flow_control_window
-            or n > self.outbound_flow_control_window
-            or self.state_machine.state is not ConnectionState.SERVER_OPEN
-            or self.encoder.header_table.resized
-        ):
-            return False
-        machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_HEADERS)
-        machine.process_input(StreamInputs.SEND_DATA)
-        machine.process_input(StreamInputs.SEND_HEADERS)
-        machine.process_input(StreamInputs.SEND_END_STREAM)
-        stream.outbound_flow_control_window -= n
-        self.outbound_flow_control_window -= n
-        self.data_frames_sent += 1
-        sid_bytes = sid.to_bytes(4, "big")
-        self._data_to_send += b"".join(
-            (
-                _HEADERS_FRAME_HEAD,
-                sid_bytes,
-                _RESPONSE_BLOCK,
-                n.to_bytes(3, "big"),
-                b"\x00\x00",  # DATA, no flags
-                sid_bytes,
-                b"\x00",
-                len(payload).to_bytes(4, "big"),
-                payload,
-                _TRAILERS_FRAME_HEAD,
-                sid_bytes,
-                _TRAILERS_BLOCK,
-            )
-        )
-        return True
-
-    def send_plain_data(self, sid: int, data: bytearray) -> int | None:
-        """Queue as much of ``data`` on stream ``sid`` as both flow-control
-        windows allow, in DATA frames of the peer's maximum frame size,
-        written straight into h2's output buffer; the number of bytes queued
-        (0: no window now). None when the stream is gone or the connection is
-        not open, and the caller goes through h2's ``send_data`` (which raises
-        as it should).
-
-        The frames are the bytes h2's ``send_data`` would write, and h2's
-        connection and stream state machines and windows are driven exactly
-        as it drives them, frame by frame; its per-frame objects, checks and
-        logging were most of a large answer's cost.
-        """
-        stream = self.streams.get(sid)
-        if stream is None or self.state_machine.state is not ConnectionState.SERVER_OPEN:
-            return None
-        room = min(len(data), stream.outbound_flow_control_window, self.outbound_flow_control_window)
-        if room <= 0:
-            return 0
-        size = self.max_outbound_frame_size
-        head = b"\x00\x00" + sid.to_bytes(4, "big")  # type DATA, no flags, the stream
-        connection_input = self.state_machine.process_input
-        stream_input = stream.state_machine.process_input
-        out = self._data_to_send
-        sent = 0
-        with memoryview(data) as view:  # released before the caller trims ``data``
-            while sent < room:
-                n = min(size, room - sent)
-                connection_input(ConnectionInputs.SEND_DATA)
-                stream_input(StreamInputs.SEND_DATA)
-                out += n.to_bytes(3, "big") + head
-                out += view[sent : sent + n]
-                sent += n
-        stream.outbound_flow_control_window -= sent
-        self.outbound_flow_control_window -= sent
-        self.data_frames_sent += -(-sent // size)  # the frames just queued
-        return sent
+__all__ = ["DATA_READ", "HEADERS_READ", "RESPONSE_HEADERS", "TRAILERS_OK", "PlainFrame", "ServerConnection"]

@@ -39,6 +39,7 @@ from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget, unlimited
 from prism.rpc.call import Call
 from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
+from prism.rpc.h2send import Chunk
 from prism.rpc.hpack_cache import FixedBlockEncoder
 from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
 from prism.rpc.respond import Responses, encode_grpc_message
@@ -142,6 +143,10 @@ class GrpcProtocol(Requests, Responses):
 
     def data_to_send(self) -> bytes:
         return self._h2.data_to_send()
+
+    def buffers_to_send(self) -> list[Chunk]:
+        """What ``data_to_send`` gives, as buffers in order, uncopied (``prism.rpc.h2send``)."""
+        return self._h2.buffers_to_send()
 
     def start_drain(self) -> None:
         """Send GOAWAY: streams already started finish, new ones are refused."""

@@ -159,7 +159,7 @@ class Responses:
 
     def unwritten(self) -> int:
         """Bytes queued for the socket or being written (held, though not charged)."""
-        return len(self._h2._data_to_send) + self.writing
+        return self._h2.unsent_bytes + self.writing
 
     def _charge_out(self, n: int) -> None:
         self.out_held += n

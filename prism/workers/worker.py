@@ -34,6 +34,7 @@ from prism.router.messages import BootFailed, Heartbeat, State, control_decoder,
 from prism.router.remote import Forwarding
 from prism.router.table import Routes, RoutingTableReader
 from prism.rpc.listen import serve_listeners
+from prism.workers import heap
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
 from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
@@ -187,6 +188,7 @@ class Worker:
                     nursery.start_soon(self._control, sub, drain)
                     nursery.start_soon(self._watch_routes)
                     nursery.start_soon(self._watch_health)
+                    nursery.start_soon(heap.trim_when_idle, lambda: self.app.settings.active_calls)
                     nursery.start_soon(self._on_drain, drain, nursery)
                     async for signum in signals:
                         if signum == signal.SIGTERM:
@@ -253,7 +255,9 @@ def main() -> None:
 def _settle_heap() -> None:
     """Keep the garbage collector off what was built at import (modules,
     protobuf descriptors: tens of thousands of objects, alive for good) and
-    let it run less often (GC_GEN0_THRESHOLD)."""
+    let it run less often (GC_GEN0_THRESHOLD); set malloc for large messages
+    (``prism.workers.heap``)."""
+    heap.tune()
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

@@ -379,3 +379,46 @@ def test_repeated_requests_take_the_plain_path() -> None:
         run.deliver(0, everything=True)
     assert asked <= 2  # the first request teaches the HPACK table; the rest are plain
     assert [f.messages for f, _ in run.calls] == [[b"%d" % n] for n in range(20)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(1, 20_000), min_size=1, max_size=8))
+@example(cuts=[1])  # every read one byte: the held frame header completed byte by byte
+@example(cuts=[65_536])  # the reader's first read size: four frames and part of the fifth
+def test_reads_that_end_inside_frames_stay_plain(cuts: list[int]) -> None:
+    # A message of several 16 KiB DATA frames, read in pieces cut anywhere:
+    # the start of a frame a read ends inside is held for the next read, not
+    # given to h2 (which would then parse every later frame itself); the
+    # calls, answers and h2 state still equal h2's own reading (``deliver``
+    # compares them on every read).
+    run = Run()
+    for step in WARM_UP:
+        run.act(step)
+    asked = 0
+    receive = run.fast._h2.receive_data
+
+    def counting(data: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        return receive(data)
+
+    run.fast._h2.receive_data = counting  # type: ignore[method-assign]
+    body = bytes(range(256)) * 120  # 30,720 bytes: two DATA frames within the 32 KiB window
+    read: list[list[bytes]] = []
+    for n in range(3):
+        sid = run.client.get_next_available_stream_id()
+        run.client.send_headers(sid, _request_headers(PATHS[0]))
+        message = frame(body[n:])
+        for start in range(0, len(message), 16_384):  # h2 sends no frame over the peer's maximum
+            chunk = message[start : start + 16_384]
+            run.client.send_data(sid, chunk, end_stream=start + len(chunk) == len(message))
+        run.pending += run.client.data_to_send()
+        i = 0
+        while run.pending:
+            run.deliver(cuts[i % len(cuts)])
+            i += 1
+        read.append(run.calls[-1][0].messages)
+        run.act(("answer", len(run.calls) - 1, True))
+        run.deliver(0, everything=True)
+    assert asked == 0
+    assert read == [[body[n:]] for n in range(3)]

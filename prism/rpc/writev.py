@@ -1,0 +1,54 @@
+"""Writing a list of buffers to a connection's stream, with as few copies as the stream allows.
+
+The protocol queues a large answer as views of its serialized message between
+small frame headers (``prism.rpc.h2send``). On a plain TCP stream those go to
+the kernel as they are, in ``sendmsg`` calls of up to ``IOV_MAX`` buffers
+(a vectored write, like ``writev``): no copy is made in this process. Any other
+stream (TLS encrypts a copy anyway) gets them joined, in one ``send_all``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Final
+
+import trio
+
+from prism.rpc.h2send import Chunk
+
+# Buffers per sendmsg (Linux: 1024).
+_IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
+# What trio's SocketStream turns into ClosedResourceError rather than BrokenResourceError.
+_CLOSED: Final = frozenset((errno.EBADF, errno.ENOTSOCK))
+
+
+async def send_buffers(stream: trio.abc.Stream, buffers: list[Chunk]) -> None:
+    """Write ``buffers`` to ``stream``, in order, all of them (as ``send_all``
+    does for one buffer, with the same errors)."""
+    if len(buffers) == 1:
+        await stream.send_all(buffers[0])
+        return
+    if not isinstance(stream, trio.SocketStream):
+        await stream.send_all(b"".join(buffers))
+        return
+    sock = stream.socket
+    pending = [memoryview(b) for b in buffers]
+    first = 0
+    try:
+        while first < len(pending):
+            sent = await sock.sendmsg(pending[first : first + _IOV_MAX])
+            while sent:  # drop what went, trim what went in part
+                n = len(pending[first])
+                if sent >= n:
+                    sent -= n
+                    first += 1
+                else:
+                    pending[first] = pending[first][sent:]
+                    sent = 0
+            while first < len(pending) and not pending[first]:
+                first += 1
+    except OSError as exc:
+        if exc.errno in _CLOSED:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
