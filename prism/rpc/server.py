@@ -222,6 +222,7 @@ class Connection:
             if buffers:
                 proto.writing = sum(map(len, buffers))  # still held, for the buffer budget
                 await send_buffers(stream, buffers)
+                self.settings.traffic_bytes += proto.writing
                 proto.writing = 0
             if self._closing and not self._dirty:
                 assert self._nursery is not None
@@ -235,6 +236,7 @@ class Connection:
         while True:
             data = await receive_some(size)
             self.reads += 1
+            self.settings.traffic_bytes += len(data)
             if not data or not self._dispatch(receive_data(data)):
                 return
             if len(data) == size:

@@ -82,6 +82,9 @@ class ServerSettings:
         self.accept_backoff_s = 0.0
         # Request and response bytes held for every connection (prism.rpc.budget).
         self.buffers = WorkerBudget(http2.max_worker_buffer_bytes)
+        # Bytes read and written on every connection, ever (prism.workers.heap
+        # tells from it whether large messages are still coming and going).
+        self.traffic_bytes = 0
 
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None

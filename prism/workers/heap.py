@@ -15,11 +15,11 @@ what a big call cost the worker (measured: running the worker with
 So ``tune`` sets both thresholds at worker start (``MMAP_THRESHOLD_BYTES``,
 ``TRIM_THRESHOLD_BYTES``): blocks up to 32 MiB come from the heap and are
 reused there. The price is memory the worker keeps after a burst, which
-``trim_when_idle`` gives back: once the worker has had no call in flight at
-two checks ``IDLE_CHECK_S`` apart, and both its RSS (since the last trim)
-and malloc's free memory have grown past ``IDLE_TRIM_BYTES``,
-``malloc_trim(0)`` returns every free page (not only the heap's top) to the
-kernel, so RSS comes back to about what the live objects need.
+``trim_when_idle`` gives back: once less than ``IDLE_TRIM_BYTES`` went
+through the worker's connections in a check interval (``IDLE_CHECK_S``),
+and both its RSS (since the last trim) and malloc's free memory have grown
+past it, ``malloc_trim(0)`` returns every free page (not only the heap's
+top) to the kernel, so RSS comes back to about what the live objects need.
 
 Anything other than glibc (musl, another platform) is left as it is: ``tune``
 and ``trim_when_idle`` do nothing there.
@@ -113,20 +113,25 @@ def rss_bytes() -> int:
         return 0
 
 
-async def trim_when_idle(active_calls: Callable[[], int]) -> None:
-    """Forever, every ``IDLE_CHECK_S``: ``trim`` if no call was in flight at
-    this check and the one before, RSS has grown by more than
-    ``IDLE_TRIM_BYTES`` since the last trim, and malloc holds more than that
-    free. (A trim leaves malloc's free lists as they were, pages released, so
+async def trim_when_idle(traffic_bytes: Callable[[], int]) -> None:
+    """Forever, every ``IDLE_CHECK_S``: ``trim`` once RSS has grown by more
+    than ``IDLE_TRIM_BYTES`` since the last trim, malloc holds more than that
+    free, and less than that went through the worker's connections
+    (``traffic_bytes``: a running total) since the check before: large
+    messages have stopped, whether or not small calls go on (waiting for no
+    call at all in flight, a neighbour's calls kept a flood's memory from ever
+    coming back). While large messages keep coming, the memory is kept for
+    them. (A trim leaves malloc's free lists as they were, pages released, so
     RSS growth is what tells that a burst has come and gone since.)"""
     if _LIBC is None:
         return
     baseline = rss_bytes()
-    was_idle = False
+    moved_before = traffic_bytes()
     while True:
         await trio.sleep(IDLE_CHECK_S)
-        idle = not active_calls()
-        if idle and was_idle and rss_bytes() - baseline > IDLE_TRIM_BYTES and free_bytes() > IDLE_TRIM_BYTES:
+        moved = traffic_bytes()
+        quiet = moved - moved_before < IDLE_TRIM_BYTES
+        moved_before = moved
+        if quiet and rss_bytes() - baseline > IDLE_TRIM_BYTES and free_bytes() > IDLE_TRIM_BYTES:
             trim()
             baseline = rss_bytes()
-        was_idle = idle
