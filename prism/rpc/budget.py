@@ -89,6 +89,20 @@ class ConnectionBudget:
             return "max_worker_buffer_bytes"
         return None
 
+    def refuses(self, admit: int, output: int, unwritten: int) -> str | None:
+        """Why a new stream may not open (the limit's config name), or None.
+        ``admit``: what it may bring (a whole message); ``output``: of what is
+        held, the answers queued behind the client's flow control;
+        ``unwritten``: answers queued for the socket, not charged. Room for a
+        whole message is needed beside the request bytes held (what keeps the
+        reservations deadlock-free); answers, which drain as the client reads,
+        only must not have filled the budget."""
+        if self.held - output + admit > self.limit or self.held + unwritten >= self.limit:
+            return "max_connection_buffer_bytes"
+        if self.worker.held + admit > self.worker.limit:
+            return "max_worker_buffer_bytes"
+        return None
+
     def charge(self, n: int) -> None:
         self.held += n
         if not self.closed:

@@ -23,6 +23,7 @@ cost after the backend itself. Both caches here are exact, never approximate:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,12 +42,21 @@ def stateless_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     return scratch.encode([NeverIndexedHeaderTuple(n, v) if n != b":status" else (n, v) for n, v in headers])
 
 
+@functools.lru_cache(maxsize=8)
+def _fixed_blocks(
+    fixed: tuple[tuple[tuple[bytes, bytes], ...], ...],
+) -> dict[tuple[tuple[bytes, bytes], ...], bytes]:
+    # Encoded once per process, not per connection (HPACK encoding them was
+    # over half of what setting up a connection cost).
+    return {tuple(h): stateless_block(h) for h in fixed}
+
+
 class FixedBlockEncoder(Encoder):
     """``hpack.Encoder`` that answers known header lists from a cache."""
 
     def __init__(self, fixed: Iterable[tuple[tuple[bytes, bytes], ...]]) -> None:
         super().__init__()
-        self._fixed = {tuple(h): stateless_block(h) for h in fixed}
+        self._fixed = _fixed_blocks(tuple(fixed))
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         # h2 hands over a new list of the same (bytes, bytes) pairs each time;

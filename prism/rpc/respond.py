@@ -157,6 +157,10 @@ class Responses:
         )
         return False
 
+    def written(self, n: int) -> None:
+        """The writer handed ``n`` more bytes of its batch to the kernel."""
+        self.writing -= n
+
     def unwritten(self) -> int:
         """Bytes queued for the socket or being written (held, though not charged)."""
         return self._h2.unsent_bytes + self.writing

@@ -220,9 +220,9 @@ class Connection:
             self._dirty = False
             buffers = proto.buffers_to_send()  # a large answer's message as it is, no copy
             if buffers:
-                proto.writing = sum(map(len, buffers))  # still held, for the buffer budget
-                await send_buffers(stream, buffers)
-                self.settings.traffic_bytes += proto.writing
+                size = proto.writing = sum(map(len, buffers))  # held until the kernel has it (budget)
+                await send_buffers(stream, buffers, proto.written)
+                self.settings.traffic_bytes += size
                 proto.writing = 0
             if self._closing and not self._dirty:
                 assert self._nursery is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -23,9 +24,16 @@ _IOV_MAX: Final = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 _CLOSED: Final = frozenset((errno.EBADF, errno.ENOTSOCK))
 
 
-async def send_buffers(stream: trio.abc.Stream, buffers: list[Chunk]) -> None:
+def _ignore(_sent: int) -> None:
+    pass
+
+
+async def send_buffers(
+    stream: trio.abc.Stream, buffers: list[Chunk], progress: Callable[[int], None] = _ignore
+) -> None:
     """Write ``buffers`` to ``stream``, in order, all of them (as ``send_all``
-    does for one buffer, with the same errors)."""
+    does for one buffer, with the same errors); ``progress(n)`` as each ``n``
+    bytes of them are handed to the kernel (on the vectored path)."""
     if len(buffers) == 1:
         await stream.send_all(buffers[0])
         return
@@ -38,6 +46,7 @@ async def send_buffers(stream: trio.abc.Stream, buffers: list[Chunk]) -> None:
     try:
         while first < len(pending):
             sent = await sock.sendmsg(pending[first : first + _IOV_MAX])
+            progress(sent)
             while sent:  # drop what went, trim what went in part
                 n = len(pending[first])
                 if sent >= n:

@@ -210,6 +210,11 @@ def test_a_large_answer_that_does_not_fit_beside_unread_ones_is_resource_exhaust
     assert code == StatusCode.RESOURCE_EXHAUSTED
     assert "max_connection_buffer_bytes" in message and "600000 bytes" in message
     assert p.budget.held <= 1 * MIB
+    # Answers the client has not read do not keep a new call out while the
+    # budget is not full (they drain as it reads; only requests can deadlock).
+    third = p.open()
+    p.send(third, frame(b"q"))
+    assert third in p.ended and third not in p.resets()
 
 
 def test_a_streaming_request_is_held_to_its_window_until_its_handler_reads() -> None:
