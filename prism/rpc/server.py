@@ -126,7 +126,7 @@ class Connection:
             pass  # the peer went away: nothing left to answer
         finally:
             self.settings.connections.discard(self)
-            self.proto.budget.close()
+            self.proto.discard()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 

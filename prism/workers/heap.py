@@ -122,16 +122,23 @@ async def trim_when_idle(traffic_bytes: Callable[[], int]) -> None:
     call at all in flight, a neighbour's calls kept a flood's memory from ever
     coming back). While large messages keep coming, the memory is kept for
     them. (A trim leaves malloc's free lists as they were, pages released, so
-    RSS growth is what tells that a burst has come and gone since.)"""
+    RSS growth, or free memory beyond what the last trim left, is what tells
+    that a burst has come and gone since.)"""
     if _LIBC is None:
         return
     baseline = rss_bytes()
+    freed = 0  # malloc's free bytes right after the last trim (pages released, chunks still free)
     moved_before = traffic_bytes()
     while True:
         await trio.sleep(IDLE_CHECK_S)
         moved = traffic_bytes()
         quiet = moved - moved_before < IDLE_TRIM_BYTES
         moved_before = moved
-        if quiet and rss_bytes() - baseline > IDLE_TRIM_BYTES and free_bytes() > IDLE_TRIM_BYTES:
+        free = free_bytes()
+        # New free memory since the last trim: RSS grew, or memory that was
+        # live at the last trim (a stalled client's answers) has been freed.
+        grown = rss_bytes() - baseline > IDLE_TRIM_BYTES or free - freed > IDLE_TRIM_BYTES
+        if quiet and grown and free > IDLE_TRIM_BYTES:
             trim()
             baseline = rss_bytes()
+            freed = free_bytes()

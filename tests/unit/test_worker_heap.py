@@ -57,3 +57,30 @@ def test_memory_reused_by_large_calls_stays_and_goes_back_once_they_stop() -> No
     assert freed > 32 * MIB
     assert busy > 32 * MIB
     assert quiet < 8 * MIB
+
+
+def test_memory_still_live_at_a_trim_goes_back_once_freed() -> None:
+    # A stalled client's answers: held through quiet seconds (a trim then
+    # finds them live), freed when its connection closes.
+    assert heap.tune()
+    heap.trim()
+    before = heap.rss_bytes()
+    seen: list[int] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heap.trim_when_idle, lambda: 0)  # no traffic at all
+            await trio.testing.wait_all_tasks_blocked()
+            held = [bytearray(b"x" * MIB) for _ in range(48)]  # these stay live while...
+            _burst(16)  # ...memory freed beside them makes a quiet check trim
+            await trio.sleep(3 * heap.IDLE_CHECK_S + 0.5)
+            seen.append(heap.rss_bytes())
+            del held
+            await trio.sleep(2 * heap.IDLE_CHECK_S + 0.5)
+            seen.append(heap.rss_bytes())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    live, freed = (n - before for n in seen)
+    assert live > 40 * MIB
+    assert freed < 8 * MIB
