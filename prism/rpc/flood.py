@@ -52,7 +52,6 @@ an idle connection, never per call.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Sized
 from typing import Any, Final
 
@@ -125,7 +124,7 @@ class FloodGuard:
         self._clock = clock
         self._control = 0
         self._next_stamp = 1
-        self._stamps: collections.deque[float] = collections.deque(maxlen=_STAMPS)
+        self._stamps: list[float] = []  # the last _STAMPS (a list: a deque is ~0.8 KB per connection)
         # Set by GrpcProtocol around each read whose leading frames the plain
         # path took (h2conn: non-empty HEADERS and DATA only): before h2 parses
         # the rest, ``empty_run`` is zeroed and ``plain`` holds those frames
@@ -140,18 +139,6 @@ class FloodGuard:
         self._strikes = 0
         self._window_updates = 0
         self._priorities = 0
-        self._checks: dict[type[Frame], Callable[[Any], None]] = {
-            DataFrame: self._data,
-            HeadersFrame: self._headers,
-            ContinuationFrame: self._continuation,
-            RstStreamFrame: self._reset,
-            PingFrame: self._ping,
-            SettingsFrame: self._settings,
-            PriorityFrame: self._priority,
-            WindowUpdateFrame: self._window_update,
-            ExtensionFrame: self._control_frame,
-            AltSvcFrame: self._control_frame,
-        }
 
     def watch(self) -> None:
         """See every frame h2 parses from now on, before h2 acts on it."""
@@ -160,12 +147,12 @@ class FloodGuard:
         # this method before h2 dispatches it: one place that sees them all,
         # in order, one at a time (h2 acts on a frame before parsing the next).
         parse = buffer._update_header_buffer
-        checks = self._checks
+        checks = _CHECKS  # one table for every connection (bound methods were ~1 KB each)
 
         def checked(frame: Any) -> Any:
             check = checks.get(frame.__class__)
             if check is not None:
-                check(frame)
+                check(self, frame)
             return parse(frame)
 
         buffer._update_header_buffer = checked  # type: ignore[method-assign,assignment]
@@ -254,6 +241,23 @@ class FloodGuard:
         now = self._clock()
         stamps = self._stamps
         stamps.append(now)
+        if len(stamps) > _STAMPS:
+            del stamps[0]
         self._next_stamp += _STAMP_EVERY  # (a frame counts at most MAX_SETTINGS_PARAMS: one batch)
         if len(stamps) == _STAMPS and now - stamps[0] < CONTROL_WINDOW_S:
             raise Flood(CONTROL_FLOOD)
+
+
+# What each frame type is checked with (FloodGuard's methods, unbound).
+_CHECKS: dict[type[Frame], Callable[[FloodGuard, Any], None]] = {
+    DataFrame: FloodGuard._data,
+    HeadersFrame: FloodGuard._headers,
+    ContinuationFrame: FloodGuard._continuation,
+    RstStreamFrame: FloodGuard._reset,
+    PingFrame: FloodGuard._ping,
+    SettingsFrame: FloodGuard._settings,
+    PriorityFrame: FloodGuard._priority,
+    WindowUpdateFrame: FloodGuard._window_update,
+    ExtensionFrame: FloodGuard._control_frame,
+    AltSvcFrame: FloodGuard._control_frame,
+}

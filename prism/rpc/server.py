@@ -81,8 +81,11 @@ class Connection:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._dirty = False
         self._lot = trio.lowlevel.ParkingLot()
-        self._window_lot = trio.lowlevel.ParkingLot()
-        self._input_lot = trio.lowlevel.ParkingLot()  # streaming handlers waiting for requests
+        # Streaming handlers waiting for the client to read, and for requests:
+        # made by the first streaming call (a ParkingLot is ~0.9 KB, and most
+        # connections never stream).
+        self._window_lot: trio.lowlevel.ParkingLot | None = None
+        self._input_lot: trio.lowlevel.ParkingLot | None = None
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.identity = PeerIdentity(peer)  # what the access check remembers of it
@@ -152,11 +155,12 @@ class Connection:
             elif kind == CALL_RESET:
                 self._on_reset(call)
         self.wake()
-        if self._window_lot:
+        window_lot, input_lot = self._window_lot, self._input_lot
+        if window_lot:
             # Streaming handlers waiting for the client to read go on.
-            self._window_lot.unpark_all()
-        if self._input_lot:
-            self._input_lot.unpark_all()
+            window_lot.unpark_all()
+        if input_lot:
+            input_lot.unpark_all()
         if proto.peer_gone:
             self._maybe_close()
         return True
@@ -262,7 +266,7 @@ class Connection:
                 return
             assert self._nursery is not None
             self._nursery.start_soon(
-                self._run_streaming, call, method, streams.requests(self.proto, call, method, self._input_lot)
+                self._run_streaming, call, method, streams.requests(self.proto, call, method, self._inputs())
             )
 
     def _on_message(self, call: Call) -> None:
@@ -395,7 +399,7 @@ class Connection:
                             continue
                         proto.send_message(call, response.SerializeToString())
                         self.wake()
-                        await streams.wait_for_room(self.proto, call, self._window_lot)
+                        await streams.wait_for_room(self.proto, call, self._windows())
                 proto.send_status(call, StatusCode.OK)
             if scope.cancelled_caught:
                 proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -407,6 +411,16 @@ class Connection:
             self.wake()
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
+
+    def _windows(self) -> trio.lowlevel.ParkingLot:
+        if self._window_lot is None:
+            self._window_lot = trio.lowlevel.ParkingLot()
+        return self._window_lot
+
+    def _inputs(self) -> trio.lowlevel.ParkingLot:
+        if self._input_lot is None:
+            self._input_lot = trio.lowlevel.ParkingLot()
+        return self._input_lot
 
     def _authorize(self, call: Call, method: Method, request: Any) -> None:
         """The access check (``prism.security.runtime``) of a call on this connection,
