@@ -15,14 +15,14 @@ what a big call cost the worker (measured: running the worker with
 So ``tune`` sets both thresholds at worker start (``MMAP_THRESHOLD_BYTES``,
 ``TRIM_THRESHOLD_BYTES``): blocks up to 32 MiB come from the heap and are
 reused there. The price is memory the worker keeps after a burst, which
-``trim_when_idle`` gives back: once less than ``IDLE_TRIM_BYTES`` went
+``trim_when_quiet`` gives back: once less than ``IDLE_TRIM_BYTES`` went
 through the worker's connections in a check interval (``IDLE_CHECK_S``),
 and both its RSS (since the last trim) and malloc's free memory have grown
 past it, ``malloc_trim(0)`` returns every free page (not only the heap's
 top) to the kernel, so RSS comes back to about what the live objects need.
 
 Anything other than glibc (musl, another platform) is left as it is: ``tune``
-and ``trim_when_idle`` do nothing there.
+and ``trim_when_quiet`` do nothing there.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def rss_bytes() -> int:
         return 0
 
 
-async def trim_when_idle(traffic_bytes: Callable[[], int]) -> None:
+async def trim_when_quiet(traffic_bytes: Callable[[], int]) -> None:
     """Forever, every ``IDLE_CHECK_S``: ``trim`` once RSS has grown by more
     than ``IDLE_TRIM_BYTES`` since the last trim, malloc holds more than that
     free, and less than that went through the worker's connections

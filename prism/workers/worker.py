@@ -188,7 +188,7 @@ class Worker:
                     nursery.start_soon(self._control, sub, drain)
                     nursery.start_soon(self._watch_routes)
                     nursery.start_soon(self._watch_health)
-                    nursery.start_soon(heap.trim_when_idle, lambda: self.app.settings.traffic_bytes)
+                    nursery.start_soon(heap.trim_when_quiet, lambda: self.app.settings.traffic_bytes)
                     nursery.start_soon(self._on_drain, drain, nursery)
                     async for signum in signals:
                         if signum == signal.SIGTERM:

@@ -439,3 +439,27 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, step_s: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s}s: {what}")
         time.sleep(step_s)
+
+
+def neighbour(tree: PrismTree, threads: int = 1) -> Load:
+    """A well-behaved client beside an abusive one: ``threads`` loops of
+    GetItems on the tree's default namespace, each call's latency in
+    ``load.latencies`` (see ``p99``)."""
+    stub = tree.kv()
+    put(stub, "default", "n", b"k", b"v")
+    latencies: list[float] = []
+
+    def work(index: int, n: int) -> None:
+        t0 = time.perf_counter()
+        get(stub, "default", "n", timeout=5)
+        latencies.append(time.perf_counter() - t0)
+
+    load = Load(threads, work)
+    load.latencies = latencies  # type: ignore[attr-defined]
+    return load
+
+
+def p99(load: Load) -> float:
+    """The 99th percentile of a ``neighbour``'s call latencies, seconds."""
+    latencies = sorted(load.latencies)  # type: ignore[attr-defined]
+    return latencies[int(len(latencies) * 0.99)]

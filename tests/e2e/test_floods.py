@@ -8,7 +8,6 @@ GOAWAY(ENHANCE_YOUR_CALM) if it reads, and is closed either way.
 from __future__ import annotations
 
 import socket
-import statistics
 import threading
 import time
 
@@ -23,7 +22,7 @@ from hyperframe.frame import HeadersFrame, PingFrame, RstStreamFrame, WindowUpda
 from prism.proto import kv_pb2_grpc
 from prism.rpc import flood
 
-from .conftest import Load, get, put, sqlite_ns, tenant_toml
+from .conftest import get, neighbour, p99, put, sqlite_ns, tenant_toml
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
@@ -90,24 +89,9 @@ class RawClient:
         self.sock.close()
 
 
-def _neighbour(tree) -> Load:
-    stub = tree.kv()
-    put(stub, "default", "n", b"k", b"v")
-    latencies: list[float] = []
-
-    def work(index: int, n: int) -> None:
-        t0 = time.perf_counter()
-        get(stub, "default", "n", timeout=5)
-        latencies.append(time.perf_counter() - t0)
-
-    load = Load(2, work)
-    load.latencies = latencies  # type: ignore[attr-defined]
-    return load
-
-
 def test_floods_end_in_goaway_while_a_neighbour_is_served(prism_tree) -> None:
     tree = prism_tree(tenant_toml("default", [sqlite_ns("default")]))
-    with _neighbour(tree) as load:
+    with neighbour(tree, threads=2) as load:
         time.sleep(0.3)
         # Rapid reset, read by the flooder: GOAWAY(ENHANCE_YOUR_CALM) too_many_resets.
         resetter = RawClient(tree.endpoint)
@@ -150,9 +134,7 @@ def test_floods_end_in_goaway_while_a_neighbour_is_served(prism_tree) -> None:
         pinger.close()
         time.sleep(0.3)
     assert load.ok > 0 and not load.errors, load.errors[:5]
-    latencies = sorted(load.latencies)  # type: ignore[attr-defined]
-    p99 = latencies[int(len(latencies) * 0.99)]
-    assert p99 < 1.0, (p99, statistics.median(latencies))
+    assert p99(load) < 1.0, p99(load)
 
 
 class FrameCountingProxy:

@@ -20,7 +20,7 @@ import h2.settings
 
 from prism.proto import kv_pb2
 
-from .conftest import Load, get, put, sqlite_ns, tenant_toml
+from .conftest import neighbour, p99, put, sqlite_ns, tenant_toml
 
 MB = 1024 * 1024
 PUT = "/prism.kv.v1.KeyValue/PutItems"
@@ -82,26 +82,6 @@ class Raw:
                 if status is not None:
                     out.append(status.decode())
         return out
-
-
-def neighbour(tree) -> Load:  # type: ignore[no-untyped-def]
-    stub = tree.kv()
-    put(stub, "default", "n", b"k", b"v")
-    latencies: list[float] = []
-
-    def work(index: int, n: int) -> None:
-        t0 = time.perf_counter()
-        get(stub, "default", "n", timeout=5)
-        latencies.append(time.perf_counter() - t0)
-
-    load = Load(1, work)
-    load.latencies = latencies  # type: ignore[attr-defined]
-    return load
-
-
-def p99(load: Load) -> float:
-    latencies = sorted(load.latencies)  # type: ignore[attr-defined]
-    return latencies[int(len(latencies) * 0.99)]
 
 
 def test_trickled_bodies_are_held_to_the_connection_budget(prism_tree) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,16 @@ import h2.events
 import h2.settings
 import trio
 
+# A well-formed gRPC request's header list, as bytes (for raw frames).
+RAW_REQUEST_HEADERS = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/s/M"),
+    (b":authority", b"x"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
 
 def frame(payload: bytes, *, length: int | None = None, flag: int = 0) -> bytes:
     n = len(payload) if length is None else length

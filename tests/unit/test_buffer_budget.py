@@ -287,6 +287,20 @@ class SlowReader:
         yield reflection_pb2.ServerReflectionResponse(valid_host="done")
 
 
+async def send_as_allowed(client: H2Client, sid: int, body: bytes, sent: list[int]) -> None:
+    """Send ``body`` from ``sent[0]`` on, as the server's windows allow (reading
+    its WINDOW_UPDATEs when there is none); ``sent[0]`` says how far it got."""
+    while sent[0] < len(body):
+        n = min(len(body) - sent[0], client.conn.local_flow_control_window(sid), 16384)
+        if n == 0:
+            await client.pump()
+            continue
+        client.conn.send_data(sid, body[sent[0] : sent[0] + n])
+        sent[0] += n
+        await client.flush()
+        await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_a_fast_streaming_sender_is_slowed_by_flow_control_not_buffered() -> None:
     impl = SlowReader()
     methods = MethodTable()
@@ -303,29 +317,14 @@ async def test_a_fast_streaming_sender_is_slowed_by_flow_control_not_buffered() 
         count = 400_000 // len(request)  # ~400 KB of small messages, six initial windows
         body = request * count
         sid = await client.start_call(REFLECTION, None, end=False)
-        sent = 0
+        sent = [0]
         with trio.move_on_after(1):
-            while sent < len(body):
-                n = min(len(body) - sent, client.conn.local_flow_control_window(sid), 16384)
-                if n == 0:
-                    await client.pump()
-                    continue
-                client.conn.send_data(sid, body[sent : sent + n])
-                sent += n
-                await client.flush()
-                await trio.testing.wait_all_tasks_blocked()
+            await send_as_allowed(client, sid, body, sent)
         # The handler reads nothing: the client got the initial window, no more.
-        assert sent == INITIAL_STREAM_WINDOW
+        assert sent == [INITIAL_STREAM_WINDOW]
         assert server_settings.buffers.held == INITIAL_STREAM_WINDOW
         impl.go.set()
-        while sent < len(body):
-            n = min(len(body) - sent, client.conn.local_flow_control_window(sid), 16384)
-            if n == 0:
-                await client.pump()
-                continue
-            client.conn.send_data(sid, body[sent : sent + n])
-            sent += n
-            await client.flush()
+        await send_as_allowed(client, sid, body, sent)
         client.conn.end_stream(sid)
         await client.flush()
         response = await client.wait(sid)

@@ -32,17 +32,10 @@ from prism.errors import StatusCode
 from prism.rpc import flood
 from prism.rpc.protocol import CALL_END, CALL_START, CONNECTION_CLOSED, GrpcProtocol
 
-from .h2client import frame
+from .h2client import RAW_REQUEST_HEADERS, frame
 
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-HEADERS = [
-    (b":method", b"POST"),
-    (b":scheme", b"http"),
-    (b":path", b"/s/M"),
-    (b":authority", b"x"),
-    (b"content-type", b"application/grpc"),
-    (b"te", b"trailers"),
-]
+HEADERS = RAW_REQUEST_HEADERS
 
 
 def parse(data: bytes) -> list[Frame]:

@@ -22,16 +22,9 @@ from prism.rpc.call import Call
 from prism.rpc.protocol import CALL_START, GrpcProtocol
 from prism.rpc.writev import send_buffers
 
-from .h2client import frame
+from .h2client import RAW_REQUEST_HEADERS, frame
 
-REQUEST = [
-    (b":method", b"POST"),
-    (b":scheme", b"http"),
-    (b":path", b"/s/M"),
-    (b":authority", b"x"),
-    (b"content-type", b"application/grpc"),
-    (b"te", b"trailers"),
-]
+REQUEST = RAW_REQUEST_HEADERS
 FRAME = 16_384
 # Around the frame size (the prefix takes 5 bytes of the first frame), and large.
 SIZES = [0, 100, FRAME - 5, FRAME - 4, FRAME, 2 * FRAME - 5, 2 * FRAME - 4, 100_000, 1 << 20]

@@ -34,7 +34,7 @@ def test_memory_reused_by_large_calls_stays_and_goes_back_once_they_stop() -> No
     async def main() -> None:
         nonlocal traffic
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(heap.trim_when_idle, lambda: traffic)
+            nursery.start_soon(heap.trim_when_quiet, lambda: traffic)
             await trio.testing.wait_all_tasks_blocked()  # it has taken its baseline, before the burst
             _burst()
             traffic += 48 * MIB
@@ -69,7 +69,7 @@ def test_memory_still_live_at_a_trim_goes_back_once_freed() -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(heap.trim_when_idle, lambda: 0)  # no traffic at all
+            nursery.start_soon(heap.trim_when_quiet, lambda: 0)  # no traffic at all
             await trio.testing.wait_all_tasks_blocked()
             held = [bytearray(b"x" * MIB) for _ in range(48)]  # these stay live while...
             _burst(16)  # ...memory freed beside them makes a quiet check trim
