@@ -335,3 +335,12 @@ def test_invalid_flag_value_names_field_and_flag() -> None:
 
 def test_unknown_override_is_reported() -> None:
     assert load_error(lissen="x") == "lissen: unknown setting"
+
+
+def test_a_connection_buffer_must_hold_one_message_and_a_stream_window() -> None:
+    fits = load_config(None, {}, {"max_message_bytes": 1024, "http2": {"max_connection_buffer_bytes": 66560}})
+    assert fits.http2.max_connection_buffer_bytes == 1024 + 65536
+    with pytest.raises(ConfigError, match=r"66559 is less than max_message_bytes \(1024\) \+ 65536"):
+        load_config(
+            None, {}, {"max_message_bytes": 1024, "http2": {"max_connection_buffer_bytes": 1024 + 65535}}
+        )
