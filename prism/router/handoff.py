@@ -65,6 +65,9 @@ class TenantHandoff:
     async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
         return await self._to(tenant_of(first), stream, buffered)
 
+    def elsewhere(self) -> bool:
+        return any(w.tenant != self._tenant for w in self._routes().workers.values())
+
     async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
         return await self._to(tenant_of_host(server_name), stream, b"")
 

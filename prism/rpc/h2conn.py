@@ -34,15 +34,35 @@ side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from h2.connection import AllowedStreamIDs, ConnectionState
-from h2.stream import StreamInputs, StreamState
-from hyperframe.frame import WindowUpdateFrame
+import h2.settings
+import hpack
+from h2.connection import AllowedStreamIDs, ConnectionState, H2ConnectionStateMachine
+from h2.frame_buffer import FrameBuffer
+from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.utilities import SizeLimitDict
+from h2.windows import WindowManager
+from hyperframe.frame import (
+    AltSvcFrame,
+    ContinuationFrame,
+    DataFrame,
+    ExtensionFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    PushPromiseFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from prism.rpc.h2send import RESPONSE_HEADERS, TRAILERS_OK, PlainSender
 from prism.rpc.headers import malformed_trailers
@@ -57,6 +77,10 @@ _HEADERS: Final = 0x1
 _END_STREAM: Final = 0x1
 _END_HEADERS: Final = 0x4
 _FRAME_HEAD: Final = 9
+
+# RFC 9113's initial values, h2's before any SETTINGS.
+_DEFAULT_WINDOW: Final = 65_535
+_DEFAULT_FRAME_SIZE: Final = 16_384
 
 # Closed streams are forgotten once the connection holds this many.
 _SWEEP_STREAMS_AT: Final = 128
@@ -75,6 +99,33 @@ def _length(view: memoryview, pos: int) -> int:
     return int.from_bytes(view[pos : pos + 3], "big")
 
 
+class _Values(list[int]):
+    """What h2's ``Settings`` keeps per setting (the current value, then those
+    sent and not yet acknowledged), as a list: h2 uses a deque, which
+    allocates a 64-slot block for each of a connection's ~16 settings (12 KB
+    of a connection's ~30 KB)."""
+
+    __slots__ = ()
+
+    def popleft(self) -> int:
+        return self.pop(0)
+
+
+@functools.cache
+def _settings_template(client: bool, values: tuple[tuple[int, int], ...]) -> h2.settings.Settings:
+    return h2.settings.Settings(client=client, initial_values=dict(values))  # type: ignore[arg-type]
+
+
+def lean_settings(client: bool, values: tuple[tuple[int, int], ...]) -> h2.settings.Settings:
+    """h2's ``Settings(client, values)`` (validated by h2 once per distinct
+    ``values``), each setting's values in a list (``_Values``)."""
+    template = _settings_template(client, values)
+    settings = h2.settings.Settings.__new__(h2.settings.Settings)
+    settings._client = client
+    settings._settings = {key: _Values(v) for key, v in template._settings.items()}  # type: ignore[misc]
+    return settings
+
+
 class ServerConnection(PlainSender):
     """``h2.connection.H2Connection`` for the server side of gRPC.
 
@@ -89,19 +140,45 @@ class ServerConnection(PlainSender):
     be processed "unless the connection is closed".
     """
 
-    def __init__(self, config: h2.config.H2Configuration, max_header_list_bytes: int) -> None:
-        super().__init__(config=config)
+    def __init__(
+        self,
+        config: h2.config.H2Configuration,
+        max_header_list_bytes: int,
+        encoder: hpack.Encoder,
+        local_settings: tuple[tuple[int, int], ...],
+    ) -> None:
+        # What h2's H2Connection.__init__ sets (h2 4.4.1, pinned), built here
+        # without what it makes only for us to replace: its HPACK encoder and
+        # decoder (ours: ``encoder``, a CachingDecoder), its two Settings of
+        # deques (ours: lists, copied from one validated template per
+        # process, ``lean_settings``) and its frame dispatch table of bound
+        # methods (ours is one table for every connection, ``_DISPATCH``):
+        # a new connection cost ~56 us with them, and held ~3 KB more,
+        # in a reference cycle.
+        self.state_machine = H2ConnectionStateMachine()
+        self.streams: dict[int, H2Stream] = {}
+        self.highest_inbound_stream_id = 0
+        self.highest_outbound_stream_id = 0
+        self.encoder = encoder
         decoder = CachingDecoder()
         decoder.max_header_list_size = max_header_list_bytes
-        decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
         self.decoder = self._decoder = decoder
+        self.config = config
+        self.local_settings = lean_settings(False, local_settings)
+        self.remote_settings = lean_settings(True, ())
+        self.outbound_flow_control_window = _DEFAULT_WINDOW
+        self.max_outbound_frame_size = self.max_inbound_frame_size = _DEFAULT_FRAME_SIZE
+        self.incoming_buffer = FrameBuffer(server=True)
+        self._header_frames: list[Any] = []
+        self._data_to_send = bytearray()
+        self._closed_streams = SizeLimitDict(size_limit=self.MAX_CLOSED_STREAMS)
+        # (h2 sizes it by its local settings' window before ours apply: the default.)
+        self._inbound_flow_control_window_manager = WindowManager(max_window_size=_DEFAULT_WINDOW)
+        self._init_sender()
         # Stream id -> why its request (or its trailers) is malformed, for the
         # blocks h2 read (the plain path reads well-formed requests only, and
         # no trailers); taken by the caller.
         self.malformed: dict[int, str] = {}
-        # DATA frames queued to the client by every send path, for the
-        # WINDOW_UPDATE flood limit (``prism.rpc.flood``).
-        self.data_frames_sent = 0
         # The start of a frame a read ended inside of (``receive_plain``).
         self._held: bytes = b""
 
@@ -128,7 +205,7 @@ class ServerConnection(PlainSender):
         # handling, which is given the same exception to handle.
         events: list[h2.events.Event]
         try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+            frames, events = _DISPATCH[frame.__class__](self, frame)
         except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError) as exc:
             return self._refused_frame(frame, exc)
         self._prepare_for_sending(frames)
@@ -156,17 +233,23 @@ class ServerConnection(PlainSender):
         self.data_frames_sent += 1
         super().send_data(stream_id, data, end_stream, pad_length)
 
+    def let_go(self) -> None:
+        """The connection is over: break the cycle through the frame
+        buffer's parse hook (``prism.rpc.flood``), so that it is freed when
+        the last reference goes, not at the next full collection."""
+        self.incoming_buffer.__dict__.pop("_update_header_buffer", None)
+
     def _refused_frame(self, frame: Any, exc: Exception) -> list[h2.events.Event]:
         def reraise(_frame: Any) -> Any:
             raise exc
 
-        table = self._frame_dispatch_table
+        # h2's own _receive_frame reads this table: for this one frame, it holds the refusal.
         self._frame_dispatch_table = {frame.__class__: reraise}
         try:
             events: list[h2.events.Event] = super()._receive_frame(frame)
             return events
         finally:
-            self._frame_dispatch_table = table
+            del self._frame_dispatch_table
 
     def receive_data(self, data: Buffer) -> list[h2.events.Event]:
         # A frame that ``receive_plain`` holds the start of comes first.
@@ -323,3 +406,20 @@ class ServerConnection(PlainSender):
 
 
 __all__ = ["DATA_READ", "HEADERS_READ", "RESPONSE_HEADERS", "TRAILERS_OK", "PlainFrame", "ServerConnection"]
+
+
+# h2's dispatch table, as functions: one for every connection.
+_DISPATCH: Final[dict[type, Callable[[ServerConnection, Any], Any]]] = {
+    HeadersFrame: ServerConnection._receive_headers_frame,
+    PushPromiseFrame: ServerConnection._receive_push_promise_frame,
+    SettingsFrame: ServerConnection._receive_settings_frame,
+    DataFrame: ServerConnection._receive_data_frame,
+    WindowUpdateFrame: ServerConnection._receive_window_update_frame,
+    PingFrame: ServerConnection._receive_ping_frame,
+    RstStreamFrame: ServerConnection._receive_rst_stream_frame,
+    PriorityFrame: ServerConnection._receive_priority_frame,
+    GoAwayFrame: ServerConnection._receive_goaway_frame,
+    ContinuationFrame: ServerConnection._receive_naked_continuation,
+    AltSvcFrame: ServerConnection._receive_alt_svc_frame,
+    ExtensionFrame: ServerConnection._receive_unknown_frame,
+}

@@ -56,6 +56,9 @@ class PlainSender(h2.connection.H2Connection):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._init_sender()
+
+    def _init_sender(self) -> None:
         # Output queued before what h2's buffer (``_data_to_send``) holds now:
         # h2's earlier buffers and the frames of large answers, in wire order,
         # and their bytes (held until written: ``unsent_bytes``).

@@ -11,6 +11,8 @@ a clock read on every call.
   HTTP/2 makes a SETTINGS) must have arrived by then (``Preface``), else the
   connection is closed. With TLS it starts once the TLS handshake, which has
   its own bound (``prism.rpc.handshake``), is done.
+  A plaintext connection's first 24 bytes are read before anything is built
+  for it (``prism.rpc.opening``).
 - ``idle_timeout_s``: a connection with no stream open this long gets
   GOAWAY(NO_ERROR) and is closed. PINGs and other frames do not keep it
   open; streams do. The task looks every quarter of the timeout, so the

@@ -100,8 +100,18 @@ class GrpcProtocol(Requests, Responses):
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._h2 = ServerConnection(config, max_header_list_bytes)
-        self._h2.encoder = FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK))
+        s = h2.settings.SettingCodes
+        self._h2 = ServerConnection(
+            config,
+            max_header_list_bytes,
+            FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK)),
+            # Sent in our SETTINGS (initiate).
+            (
+                (s.MAX_CONCURRENT_STREAMS, max_concurrent_streams),
+                (s.INITIAL_WINDOW_SIZE, initial_window_bytes),
+                (s.MAX_HEADER_LIST_SIZE, max_header_list_bytes),
+            ),
+        )
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_streams = max_concurrent_streams
         self._initial_window = initial_window_bytes
@@ -129,18 +139,6 @@ class GrpcProtocol(Requests, Responses):
 
     def initiate(self) -> None:
         """Queue the server preface (SETTINGS) and open the receive window."""
-        s = h2.settings.SettingCodes
-        self._h2.local_settings = _slim(
-            h2.settings.Settings(
-                client=False,
-                initial_values={
-                    s.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
-                    s.INITIAL_WINDOW_SIZE: self._initial_window,
-                    s.MAX_HEADER_LIST_SIZE: self.max_header_list_bytes,
-                },
-            )
-        )
-        self._h2.remote_settings = _slim(self._h2.remote_settings)
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65_535)
 
@@ -190,9 +188,10 @@ class GrpcProtocol(Requests, Responses):
         self._blocked.clear()
 
     def discard(self) -> None:
-        """The connection is gone: let go of every buffer now. (The protocol's
-        objects refer to each other, so without this a connection's queued
-        answers waited for the cycle collector, minutes on a quiet worker.)"""
+        """The connection is gone: let go of every buffer now, and break the
+        cycles between its objects. (Without this a connection's queued
+        answers, and the connection itself, waited for the cycle collector:
+        minutes on a busy worker.)"""
         self.budget.close()
         for call in self.calls.values():
             call._out = bytearray()
@@ -202,6 +201,8 @@ class GrpcProtocol(Requests, Responses):
         self._blocked.clear()
         self._waiting.clear()
         self._h2.buffers_to_send()
+        self._h2.let_go()
+        self.on_output = _nothing  # (a bound method of the connection: a cycle)
 
     @property
     def idle(self) -> bool:
@@ -362,23 +363,6 @@ class GrpcProtocol(Requests, Responses):
 
 def _nothing() -> None:
     pass
-
-
-class _Values(list[int]):
-    """What h2's ``Settings`` keeps per setting (the current value, then those
-    sent and not yet acknowledged), as a list: h2 uses a deque, which
-    allocates a 64-slot block for each of a connection's ~16 settings (12 KB
-    of a connection's ~30 KB)."""
-
-    __slots__ = ()
-
-    def popleft(self) -> int:
-        return self.pop(0)
-
-
-def _slim(settings: h2.settings.Settings) -> h2.settings.Settings:
-    settings._settings = {key: _Values(values) for key, values in settings._settings.items()}  # type: ignore[misc]
-    return settings
 
 
 __all__ = [

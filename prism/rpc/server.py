@@ -27,9 +27,9 @@ from prism.rpc.boundary import failure_status
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
+from prism.rpc.opening import close, closed_by_server, opening_events
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.settings import Handoff, Observer, ServerSettings
-from prism.rpc.sniff import sniff
 from prism.rpc.writev import send_buffers
 from prism.security.identity import PeerIdentity
 
@@ -61,6 +61,8 @@ class Connection:
         settings: ServerSettings,
         *,
         handed_in: bytes | None = None,
+        received: bytes = b"",
+        handshake_by: float | None = None,
         peer: str = "",
         peer_principal: str | None = None,
     ) -> None:
@@ -68,6 +70,8 @@ class Connection:
         self.peer = peer
         self.peer_principal = peer_principal
         self._handed_in = handed_in
+        self._received = received  # read already (prism.rpc.keepalive.client_magic)
+        self._handshake_by = handshake_by
         self.settings = settings
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
@@ -100,27 +104,22 @@ class Connection:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""
         settings = self.settings
         settings.connections.add(self)
-        handshake_by = trio.current_time() + settings.http2.handshake_timeout_s
+        handshake_by = self._handshake_by
+        if handshake_by is None:
+            handshake_by = trio.current_time() + settings.http2.handshake_timeout_s
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.proto.initiate()
-                events: list[tuple[int, Call | None]] | None = []
-                if self._handed_in is not None:
-                    # The worker that accepted this connection sent our preface
-                    # (the same bytes) and read these: take over from there.
-                    self.proto.data_to_send()
-                    self._preface.feed(self._handed_in)
-                    events = self.proto.receive_data(self._handed_in)
-                elif self.settings.handoff is not None and isinstance(self.stream, trio.SocketStream):
-                    # (TLS is not sniffed: its ClientHello placed it, prism.rpc.handshake.)
-                    events = await sniff(self.stream, self.proto, self._preface, self.settings.handoff)
-                    if events is None:
-                        return  # handed to another worker, which now owns the socket
+                events = await opening_events(
+                    self.stream, self.proto, self._preface, settings, self._handed_in, self._received
+                )
+                if events is None:
+                    return  # handed to another worker, which now owns the socket
                 if self.settings.draining:  # accepted just before the drain began
                     self.proto.start_drain()
                 nursery.start_soon(self._writer)
-                if self._dispatch(events or []) and await self._handshake(handshake_by):
+                if self._dispatch(events) and await self._handshake(handshake_by):
                     nursery.start_soon(keepalive.watch, self, settings.http2, settings.drain_timeout_s)
                     await self._reader()
                 if not self._closing:
@@ -130,8 +129,7 @@ class Connection:
         finally:
             self.settings.connections.discard(self)
             self.proto.discard()
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+            await close(self.stream)
 
     def _dispatch(self, events: list[tuple[int, Call | None]]) -> bool:
         """Act on protocol events; False once the connection is finished."""
@@ -168,9 +166,14 @@ class Connection:
     async def _handshake(self, deadline: float) -> bool:
         """Read (and serve) until the client's preface and first SETTINGS are
         in; False if the connection ended first, or the deadline came."""
+        if self._preface.done:  # (read with the preface: what clients do)
+            return True
         with trio.move_on_at(deadline):
             while not self._preface.done:
-                data = await self.stream.receive_some(_READ_SIZE)
+                try:
+                    data = await self.stream.receive_some(_READ_SIZE)
+                except trio.BrokenResourceError:
+                    return False  # reset by the peer (see _reader)
                 if not data or not self._dispatch(self.proto.receive_data(data)):
                     return False
                 self._preface.feed(data)
@@ -199,8 +202,7 @@ class Connection:
         self._nursery.cancel_scope.cancel()
 
     def _closed(self, reason: str) -> None:
-        log.debug("connection from %s closed by the server: %s", self.peer or "a client", reason)
-        metrics.connection_closed(reason)
+        closed_by_server(self.peer, reason)
 
     def wake(self) -> None:
         """Ask the writer to flush what the protocol has queued."""
@@ -225,7 +227,11 @@ class Connection:
             buffers = proto.buffers_to_send()  # a large answer's message as it is, no copy
             if buffers:
                 size = proto.writing = sum(map(len, buffers))  # held until the kernel has it (budget)
-                await send_buffers(stream, buffers, proto.written)
+                try:
+                    await send_buffers(stream, buffers, proto.written)
+                except trio.BrokenResourceError:
+                    self._closing = True  # the peer is gone (see _reader)
+                    self._dirty = False
                 self.settings.traffic_bytes += size
                 proto.writing = 0
             if self._closing and not self._dirty:
@@ -238,7 +244,13 @@ class Connection:
         receive_some = self.stream.receive_some
         size = _READ_SIZE
         while True:
-            data = await receive_some(size)
+            try:
+                data = await receive_some(size)
+            except trio.BrokenResourceError:
+                # Reset by the peer (a client closing with our bytes unread):
+                # an end, as EOF is. Raised out of the nursery, it left the
+                # connection in reference cycles (~25 KB, until a full collection).
+                return
             self.reads += 1
             self.settings.traffic_bytes += len(data)
             if not data or not self._dispatch(receive_data(data)):

@@ -32,6 +32,10 @@ class Handoff(Protocol):
         """True if another worker took the socket (and ``buffered``) over."""
         ...
 
+    def elsewhere(self) -> bool:
+        """Whether another tenant has workers (if not, a connection is served where it lands)."""
+        ...
+
     async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
         """The same for a TLS connection, by its ClientHello's server name, before the handshake."""
         ...

@@ -23,11 +23,12 @@ _READ_SIZE = 65536
 
 
 async def sniff(
-    stream: trio.abc.Stream, proto: GrpcProtocol, preface: Preface, handoff: Handoff
+    stream: trio.abc.Stream, proto: GrpcProtocol, preface: Preface, handoff: Handoff, received: bytes = b""
 ) -> list[tuple[int, Call | None]] | None:
     """Read up to the first request, and hand the connection to another
     worker if that request names another tenant. Returns the events read
-    (to serve here), or None once handed off.
+    (to serve here), or None once handed off. ``received``: read already
+    (the preface, and what came with it).
 
     Only our SETTINGS preface goes out before the decision (grpcio waits for
     it before sending a request); nothing the receiving worker would send
@@ -38,11 +39,13 @@ async def sniff(
     await stream.send_all(proto.data_to_send())
     buffered = bytearray()
     events: list[tuple[int, Call | None]] = []
+    data = received
     with trio.move_on_after(SNIFF_TIMEOUT_S):
         while len(buffered) < SNIFF_LIMIT_BYTES:
-            data = await stream.receive_some(_READ_SIZE)
             if not data:
-                break
+                data = await stream.receive_some(_READ_SIZE)
+                if not data:
+                    break
             buffered += data
             preface.feed(data)
             events += proto.receive_data(data)
@@ -53,4 +56,5 @@ async def sniff(
                 break
             if proto.broken:
                 break
+            data = b""
     return events

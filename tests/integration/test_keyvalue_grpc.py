@@ -146,10 +146,21 @@ def test_message_over_maximum(channel: grpc.Channel) -> None:
 
 
 def test_deadline_exceeded_from_grpcio(channel: grpc.Channel) -> None:
+    # grpcio sends a 1 us timeout as "grpc-timeout: 1m" (its smallest), and
+    # Prism often answers a GetItems within that millisecond, before grpcio's
+    # own timer has fired: most such calls succeed. What must hold: grpcio's
+    # timeouts are understood, and a call that misses its deadline fails
+    # with DEADLINE_EXCEEDED, never another status.
     stub = kv_pb2_grpc.KeyValueStub(channel)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.GetItems(kv_pb2.GetItemsRequest(namespace="default", id="x"), timeout=0.000001)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    failed = []
+    for _ in range(500):
+        try:
+            stub.GetItems(kv_pb2.GetItemsRequest(namespace="default", id="x"), timeout=0.000001)
+        except grpc.RpcError as exc:
+            failed.append(exc.code())
+            if len(failed) == 5:
+                break
+    assert failed and set(failed) == {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def test_sqlite_data_survives_restart_and_kill9(prism_server: PrismProcess) -> None:
