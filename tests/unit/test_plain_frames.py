@@ -23,6 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prism.errors import StatusCode
+from prism.rpc.budget import INITIAL_STREAM_WINDOW
 from prism.rpc.call import Call
 from prism.rpc.protocol import CALL_START, GrpcProtocol
 
@@ -422,3 +423,31 @@ def test_reads_that_end_inside_frames_stay_plain(cuts: list[int]) -> None:
         run.deliver(0, everything=True)
     assert asked == 0
     assert read == [[body[n:]] for n in range(3)]
+
+
+def test_the_lean_connection_sets_what_h2s_own_init_does() -> None:
+    # ServerConnection builds h2's state itself (h2 is pinned): if a new h2
+    # adds an attribute to H2Connection.__init__, this says so.
+    proto = GrpcProtocol(max_message_bytes=1024, max_concurrent_streams=7, max_header_list_bytes=4096)
+    ours = proto._h2
+    theirs = h2.connection.H2Connection(ours.config)
+    missing = set(vars(theirs)) - set(vars(ours)) - {"_frame_dispatch_table"}
+    assert not missing
+    assert dict(ours.remote_settings) == dict(theirs.remote_settings)
+    s = h2.settings.SettingCodes
+    expected = h2.settings.Settings(
+        client=False,
+        initial_values={
+            s.MAX_CONCURRENT_STREAMS: 7,
+            s.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW,
+            s.MAX_HEADER_LIST_SIZE: 4096,
+        },
+    )
+    assert dict(ours.local_settings) == dict(expected)
+    for name in ("outbound_flow_control_window", "max_outbound_frame_size", "max_inbound_frame_size"):
+        assert getattr(ours, name) == getattr(theirs, name)
+    # Each connection's settings are its own (they change as SETTINGS are acknowledged).
+    other = GrpcProtocol(max_message_bytes=1024, max_concurrent_streams=7, max_header_list_bytes=4096)._h2
+    other.remote_settings[s.MAX_FRAME_SIZE] = 32768
+    other.remote_settings.acknowledge()
+    assert ours.remote_settings.max_frame_size == 16384
