@@ -211,7 +211,8 @@ class KeyValue:
         cached = held.cache
         if cached is None or isinstance(cached, RedisTier):
             return None
-        hit = cached.cache.get(call.messages[0], cached.cache.record_version(ns, request.id), _now_ms())
+        key = bytes(call.messages[0])
+        hit = cached.cache.get(key, cached.cache.record_version(ns, request.id), _now_ms())
         if hit is None:
             return None  # GetItems counts the miss
         call.namespace = ns
@@ -232,13 +233,13 @@ class KeyValue:
         if isinstance(cached, RedisTier):
             _check_id(request.id)  # a bad request costs no round trip
             return await cached.get_items(
-                request.id, call.messages[0], lambda: self._get_items(backend, request)
+                request.id, bytes(call.messages[0]), lambda: self._get_items(backend, request)
             )
         # A miss: hits were answered by GetItemsNow, which the server tries
         # first (Method.now). The request bytes are the cache key: the same
         # bytes ask the same question. The record's version is read before
         # the backend is.
-        key = call.messages[0]
+        key = bytes(call.messages[0])  # (a large request's is a bytearray: prism.rpc.inbound)
         version = cached.cache.record_version(ns, request.id)
         now = _now_ms()
         metrics.cache_miss(ns)

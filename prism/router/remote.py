@@ -60,7 +60,7 @@ class ForwardedCall:
 
     def __init__(self, request: ForwardCall) -> None:
         self.path = request.path
-        self.messages = [request.payload]
+        self.messages: list[bytes | bytearray] = [request.payload]
         self.metadata: list[tuple[str, str | bytes]] = request.metadata
         self.deadline = math.inf if request.timeout_s is None else trio.current_time() + request.timeout_s
         self.started = time.perf_counter()
@@ -157,7 +157,7 @@ class Forwarding:
                 metadata = [entry for entry in metadata if entry[0] != "authorization"]
             try:
                 return await self.bus.forward(
-                    owners, call.path, call.messages[0], metadata, call.deadline, call.caller
+                    owners, call.path, bytes(call.messages[0]), metadata, call.deadline, call.caller
                 )
             except Moved:
                 # The owner we picked had already let the namespace go (a

@@ -36,7 +36,7 @@ class CallContext(Protocol):
         ...
 
     @property
-    def messages(self) -> list[bytes]:
+    def messages(self) -> list[bytes | bytearray]:
         """The request messages, undecoded: a unary call's one message is ``messages[0]``."""
         ...
 
@@ -105,7 +105,7 @@ class Call:
         self.deadline = float("inf")  # set by the server from timeout_s (its clock)
         self.metadata: list[tuple[str, str | bytes]] = []
         self.timeout_s: float | None = None
-        self.messages: list[bytes] = []
+        self.messages: list[bytes | bytearray] = []
         self.request: Any = None  # the decoded request, once the server has decoded it
         # A request message that spans DATA frames (None: none under way):
         # its buffer (the whole message's size once its prefix is in, ``_need``;

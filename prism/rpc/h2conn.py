@@ -87,8 +87,9 @@ _SWEEP_STREAMS_AT: Final = 128
 
 # What receive_plain read, frame by frame: (HEADERS_READ, stream id, header
 # list, 0, end of stream) or (DATA_READ, stream id, data, flow-controlled
-# length, end of stream); the data is a memoryview of the bytes read, valid
-# until the next read: its taker copies what it keeps.
+# length, end of stream); the data is a memoryview of the bytes read, or a
+# list of them for a stream's several DATA frames in one read (one entry for
+# them all), valid until the next read: its taker copies what it keeps.
 HEADERS_READ: Final = 0
 DATA_READ: Final = 1
 PlainFrame = tuple[int, int, Any, int, bool]
@@ -335,6 +336,7 @@ class ServerConnection(PlainSender):
         conn_window = self._inbound_flow_control_window_manager
         plain_block = self._decoder.plain
         streams = self.streams
+        data_at: dict[int, int] = {}  # stream id -> its DATA entry in ``read``
         while end - pos >= _FRAME_HEAD:
             length = int.from_bytes(view[pos : pos + 3], "big")
             stop = pos + _FRAME_HEAD + length
@@ -389,7 +391,21 @@ class ServerConnection(PlainSender):
                 stream._actual_content_length = body_length
                 if end_stream:
                     stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
-                read.append((DATA_READ, sid, view[pos + _FRAME_HEAD : stop], length, end_stream))
+                piece = view[pos + _FRAME_HEAD : stop]
+                at = data_at.get(sid)
+                if at is None:
+                    data_at[sid] = len(read)
+                    read.append((DATA_READ, sid, piece, length, end_stream))
+                else:
+                    # A stream's DATA frames of one read are one entry (a 1 MiB
+                    # message is 64 frames, interleaved with other streams'):
+                    # its data the list of their pieces, in order. (Streams
+                    # are independent: only each one's own order matters.)
+                    _, _, pieces, total, _ = read[at]
+                    if type(pieces) is not list:
+                        pieces = [pieces]
+                    pieces.append(piece)
+                    read[at] = (DATA_READ, sid, pieces, total + length, end_stream)
             else:
                 break
             pos = stop

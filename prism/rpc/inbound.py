@@ -67,14 +67,34 @@ class Requests:
                     self.budget.charge(length - credit)
                     call._charged += length - credit
             if data:
+                if type(data) is list:  # a read's consecutive frames (prism.rpc.h2conn.PlainFrame)
+                    data = self._take_pieces(call, data)
                 if call._inq is not None:
                     call._inq += data
                     self._top_up(call)
                     out.append((CALL_MESSAGE, call))
-                else:
+                elif data:
                     self._take_data(call, data, out)
         if ended:
             self._end_call(sid, out)
+
+    def _take_pieces(self, call: Call, pieces: list[Any]) -> Any:
+        """Copy the pieces that fit a message's buffer into place; the rest
+        (all of them, if there is no buffer yet, or once the message is
+        whole) come back joined, for ``_take_data`` to cut."""
+        buf = call._inbuf
+        if buf is not None and call._inq is None and call._need:
+            have, need = call._inlen, call._need
+            for i, piece in enumerate(pieces):
+                n = len(piece)
+                if have + n >= need:  # the message's last piece: _take_data finishes it
+                    call._inlen = have
+                    return b"".join(pieces[i:]) if i + 1 < len(pieces) else piece
+                buf[have : have + n] = piece
+                have += n
+            call._inlen = have
+            return b""
+        return b"".join(pieces)
 
     def _take_data(self, call: Call, data: Any, out: Events) -> None:
         # A message within one frame is sliced out of it. A message that
@@ -93,7 +113,10 @@ class Requests:
                 if have + n < need:
                     return
                 call._inbuf = None
-                call.messages.append(bytes(memoryview(buf)[_PREFIX_LEN:]))
+                # The message as it is, not copied again (1 MiB: ~7% of a
+                # PutItems' CPU): a bytearray drops its head in place.
+                del buf[:_PREFIX_LEN]
+                call.messages.append(buf)
                 out.append((CALL_MESSAGE, call))
                 return
             # The prefix was split, or the frame goes on past the message.

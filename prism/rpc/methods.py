@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -69,7 +69,7 @@ class Method:
     def __init__(
         self,
         kind: int,
-        decode: Callable[[bytes], Message],
+        decode: Callable[[bytes | bytearray], Message],
         handler: Callable[..., Any],
         name: str,
         now: NowHandler | None = None,
@@ -163,9 +163,10 @@ class MethodTable:
                 if kind == CLIENT_STREAM or "namespace" not in request_class.DESCRIPTOR.fields_by_name:
                     # The check reads the namespace of the call's one request.
                     raise ValueError(f"{path.decode()}: no single request with a namespace to check")
-            self.methods[path] = Method(
-                kind, request_class.FromString, handler, f"{descriptor.name}/{m.name}", now, action=action
-            )
+            # (protobuf parses any buffer, a large request's bytearray too; its stubs say bytes.)
+            decode = cast(Callable[[bytes | bytearray], Message], request_class.FromString)
+            name = f"{descriptor.name}/{m.name}"
+            self.methods[path] = Method(kind, decode, handler, name, now, action=action)
         self.service_names.append(descriptor.full_name)
 
     def get(self, path: bytes) -> Method | None:

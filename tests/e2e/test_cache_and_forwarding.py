@@ -55,6 +55,19 @@ def test_cache_hits_and_never_serves_a_stale_value(prism_tree) -> None:
                 assert get(reader, "nb", "c") == {b"k": f"v{n}".encode()}, (n, r)
     assert tree.metric("prism_cache_hits_total", namespace="nb") > hits + 10
 
+    # A request over one DATA frame (16 KiB) is assembled in a buffer and
+    # handed over as it is (a bytearray): the cached path takes it (too large
+    # a key to be kept: a miss each time), locally and forwarded.
+    keys = [b"k"] + [b"absent-%05d" % n for n in range(2_000)]
+    large = kv_pb2.GetItemsRequest(
+        namespace="nb", id="c", predicate=kv_pb2.Predicate(match_keys=kv_pb2.MatchKeys(keys=keys))
+    )
+    assert large.ByteSize() > 16_384
+    misses = tree.metric("prism_cache_misses_total", namespace="nb")
+    for stub in (first, first, via_a):
+        assert [(i.key, i.value) for i in stub.GetItems(large, timeout=10).items] == [(b"k", b"v11")]
+    assert tree.metric("prism_cache_misses_total", namespace="nb") == misses + 3
+
 
 def test_cache_under_concurrent_writes_never_goes_back(prism_tree) -> None:
     """A read that starts after a write was acked never returns an older value."""
