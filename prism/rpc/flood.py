@@ -122,7 +122,7 @@ class FloodGuard:
         self._conn = conn
         self._calls = calls
         self._clock = clock
-        self._control = 0
+        self.control = 0  # control frames read, ever
         self._next_stamp = 1
         self._stamps: list[float] = []  # the last _STAMPS (a list: a deque is ~0.8 KB per connection)
         # Set by GrpcProtocol around each read whose leading frames the plain
@@ -231,8 +231,8 @@ class FloodGuard:
         self._count_control(1)
 
     def _count_control(self, n: int) -> None:
-        self._control += n
-        if self._control >= self._next_stamp:
+        self.control += n
+        if self.control >= self._next_stamp:
             self._stamp()
 
     def _stamp(self) -> None:

@@ -132,7 +132,7 @@ class GrpcProtocol(Requests, Responses):
         self.broken = False  # protocol error: the connection is finished
         # Flood limits (prism.rpc.flood) on every frame h2 parses; ``clock``
         # (the server's) times the control-frame and idle-PING windows.
-        self._flood = FloodGuard(self._h2, self.calls, clock)
+        self._flood = self.flood = FloodGuard(self._h2, self.calls, clock)
         self._flood.watch()
 
     # -- connection ----------------------------------------------------------

@@ -37,13 +37,20 @@ __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
 
 log = logging.getLogger("prism.rpc")
 
-_READ_SIZE = 65536
+_READ_SIZE = 16384
 # A read that fills its buffer doubles the next one's size, up to this; one
 # that fills less than a quarter halves it, down to _READ_SIZE. Large
 # requests then arrive in a few reads instead of one per 64 KiB (a 1 MiB
 # message took 16, each a trip through trio and the kernel); small calls
-# keep reading 64 KiB.
+# keep reading 16 KiB.
 _MAX_READ_SIZE = 1 << 20
+# A read of more control frames than this (SETTINGS, PING...: ~14 us each in
+# h2) makes the next reads this small, each a schedule point: a flood is
+# taken in slices of ~6 ms, not in reads of 100 ms that the worker's other
+# connections wait behind (a SETTINGS flood kept a neighbour's call waiting
+# 150 ms), until it trips its limit (prism.rpc.flood).
+_CONTROL_BURST = 256
+_CONTROL_READ_SIZE = 4096
 # A connection error's GOAWAY gets this long to be written (as in Go's net/http2).
 _GOAWAY_GRACE_S = 1.0
 # An enum member read from its class is an attribute lookup through the enum
@@ -242,6 +249,7 @@ class Connection:
     async def _reader(self) -> None:
         receive_data = self.proto.receive_data
         receive_some = self.stream.receive_some
+        flood = self.proto.flood
         size = _READ_SIZE
         while True:
             try:
@@ -253,9 +261,12 @@ class Connection:
                 return
             self.reads += 1
             self.settings.traffic_bytes += len(data)
+            control = flood.control
             if not data or not self._dispatch(receive_data(data)):
                 return
-            if len(data) == size:
+            if flood.control - control > _CONTROL_BURST:
+                size = _CONTROL_READ_SIZE
+            elif len(data) == size:
                 size = min(2 * size, _MAX_READ_SIZE)
             elif size > _READ_SIZE and 4 * len(data) < size:
                 size //= 2
