@@ -190,3 +190,28 @@ async def test_a_window_update_flood_spares_the_neighbour(autojump_clock: trio.t
         assert (ev.error_code, ev.additional_data) == (CALM, flood.WINDOW_UPDATE_FLOOD)
         assert (await neighbour.call(CHECK, req())).status == 0
         assert len(srv.closed) == 1
+
+
+async def test_a_read_full_of_control_frames_makes_the_next_reads_small() -> None:
+    # A flood is taken in small reads, each a schedule point for the other
+    # connections, not in reads of up to 1 MiB (~14 us per SETTINGS in h2).
+    sizes: list[int] = []
+    async with server() as s:
+        server_stream, client_stream = trio.testing.memory_stream_pair()
+        receive = server_stream.receive_some
+
+        async def noting(max_bytes: int | None = None) -> bytes | bytearray:
+            sizes.append(max_bytes or 0)
+            return await receive(max_bytes)
+
+        server_stream.receive_some = noting  # type: ignore[method-assign]
+        s.nursery.start_soon(Connection(server_stream, s.settings).serve)
+        client = H2Client(client_stream)
+        await client.start()
+        await client_stream.send_all(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" * 3_000)  # 27 KB of SETTINGS
+        with trio.fail_after(5):
+            while sum(1 for n in sizes if n == 4096) < 2:
+                await trio.sleep(0.01)
+        assert sizes[0] == 16384  # a connection's first read
+        assert 4096 in sizes and max(sizes) <= 16384
+        assert (await client.call(CHECK, req())).status == 0  # the connection is still served
