@@ -77,6 +77,29 @@ async def opening_events(
     return proto.receive_data(received)
 
 
+# What a connection ended by a connection error may still read, and drop.
+LINGER_BYTES: Final = 4 * 1024 * 1024
+
+
+async def linger(stream: trio.abc.HalfCloseableStream) -> None:
+    """After a connection error's GOAWAY: end our side (the peer reads the
+    GOAWAY, then the end), and read and drop what the peer sends meanwhile,
+    up to ``LINGER_BYTES``, until it ends its side too or the caller's
+    deadline (the GOAWAY's grace) comes. Closing with its bytes unread made
+    the kernel reset the connection, and a reset makes the peer's kernel drop
+    what the peer had not read yet: often the GOAWAY, and with it the reason."""
+    try:
+        await stream.send_eof()
+        drained = 0
+        while drained < LINGER_BYTES:
+            data = await stream.receive_some(_MAGIC_READ_SIZE)
+            if not data:
+                return
+            drained += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
 async def close(stream: trio.abc.Stream) -> None:
     """Close ``stream`` now, cancelled or not. A socket is closed as
     ``SocketStream.aclose`` would, without its checkpoint (and the cancel

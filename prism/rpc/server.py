@@ -27,7 +27,7 @@ from prism.rpc.boundary import failure_status
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
-from prism.rpc.opening import close, closed_by_server, opening_events
+from prism.rpc.opening import close, closed_by_server, linger, opening_events
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.settings import Handoff, Observer, ServerSettings
 from prism.rpc.writev import send_buffers
@@ -99,6 +99,7 @@ class Connection:
         self._input_lot: trio.lowlevel.ParkingLot | None = None
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._grace_until = 0.0  # a connection error's GOAWAY: when it is closed anyway
         self.identity = PeerIdentity(peer)  # what the access check remembers of it
         # trio.current_time() without its lookups: one read per call with a deadline.
         self._now = trio.lowlevel.current_clock().current_time
@@ -136,6 +137,10 @@ class Connection:
         finally:
             self.settings.connections.discard(self)
             self.proto.discard()
+            if self.proto.broken and isinstance(self.stream, trio.abc.HalfCloseableStream):
+                # Its calls are cancelled; the GOAWAY's grace is what is left.
+                with trio.CancelScope(deadline=self._grace_until, shield=True):
+                    await linger(self.stream)
             await close(self.stream)
 
     def _dispatch(self, events: list[tuple[int, Call | None]]) -> bool:
@@ -148,7 +153,8 @@ class Connection:
                     self.wake()
                     # A flooding peer may never read the GOAWAY: close anyway.
                     assert self._nursery is not None
-                    self._nursery.cancel_scope.deadline = trio.current_time() + _GOAWAY_GRACE_S
+                    self._grace_until = trio.current_time() + _GOAWAY_GRACE_S
+                    self._nursery.cancel_scope.deadline = self._grace_until
                     return False
                 self._maybe_close()
             elif kind == CALL_END:
