@@ -33,6 +33,8 @@ a clock read on every call.
 
 from __future__ import annotations
 
+import heapq
+import logging
 import math
 import random
 from typing import Final, Protocol
@@ -41,6 +43,8 @@ import trio
 
 from prism.config.limits import Http2Config
 from prism.rpc.protocol import GrpcProtocol
+
+log = logging.getLogger("prism.rpc")
 
 # The client connection preface (RFC 9113 section 3.4), then a frame header.
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -160,3 +164,64 @@ async def watch(conn: Watched, http2: Http2Config, drain_timeout_s: float) -> No
     while True:
         await trio.sleep_until(wake)
         wake = timers.due(trio.current_time())
+
+
+class Slot:
+    """A connection's place in a ``TimerHeap``: its timers, None once it has ended."""
+
+    __slots__ = ("timers",)
+
+    def __init__(self, timers: Timers) -> None:
+        self.timers: Timers | None = timers
+
+
+class TimerHeap:
+    """The timers of every connection of a listener, run by one task (``run``).
+
+    A connection costs a heap entry, not a task of its own: that task (its
+    start, its cancel scope, its cancellation at the connection's end) was
+    ~70 us of CPU and ~4 KB per connection, a fifth of what a connection that
+    only says hello cost the worker. ``add`` takes a connection's ``Timers``;
+    the connection ``end``s its slot when it closes, and the entry is dropped
+    when it comes up (holding nothing but the empty slot meanwhile).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Slot]] = []
+        self._seq = 0
+        self._scope: trio.CancelScope | None = None
+
+    def add(self, timers: Timers, now: float) -> Slot:
+        slot = Slot(timers)
+        self._push(timers.due(now), slot)
+        return slot
+
+    def _push(self, wake: float, slot: Slot) -> None:
+        if wake == math.inf:
+            return
+        self._seq += 1
+        heapq.heappush(self._heap, (wake, self._seq, slot))
+        scope = self._scope
+        if scope is not None and wake < scope.deadline:
+            scope.deadline = wake
+
+    async def run(self) -> None:
+        """Act on the timers as they come due, until cancelled."""
+        heap = self._heap
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                slot = heapq.heappop(heap)[2]
+                timers = slot.timers
+                if timers is None:
+                    continue  # its connection has ended
+                try:
+                    wake = timers.due(now)
+                except Exception:  # one connection's failure stops no other's timers
+                    log.exception("connection timers failed")
+                    continue
+                self._push(wake, slot)

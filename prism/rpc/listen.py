@@ -27,6 +27,7 @@ import trio
 
 from prism import metrics
 from prism.rpc.handshake import serve_tls
+from prism.rpc.keepalive import TimerHeap
 from prism.rpc.opening import client_magic, close, closed_by_server
 from prism.rpc.server import Connection, ServerSettings
 
@@ -56,15 +57,21 @@ async def serve_listeners(
         finally:
             settings.accepted -= 1
 
-    async with trio.open_nursery() as connections:
-        with trio.CancelScope() as accepting:
-            settings.accept_scope = accepting
-            async with trio.open_nursery() as acceptors:
-                for listener in listeners:
-                    acceptors.start_soon(_accept_loop, listener, connections, handle, settings)
-                task_status.started()
-        for listener in listeners:
-            await listener.aclose()
+    async with trio.open_nursery() as timers:
+        # One task runs every connection's timers (prism.rpc.keepalive.TimerHeap).
+        heap = settings.timer_heap = TimerHeap()
+        timers.start_soon(heap.run)
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as accepting:
+                settings.accept_scope = accepting
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(_accept_loop, listener, connections, handle, settings)
+                    task_status.started()
+            for listener in listeners:
+                await listener.aclose()
+        settings.timer_heap = None
+        timers.cancel_scope.cancel()
 
 
 # Errors from accept() that mean "out of resources, try again soon" (as in

@@ -100,6 +100,7 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._grace_until = 0.0  # a connection error's GOAWAY: when it is closed anyway
+        self._timer_slot: keepalive.Slot | None = None
         self.identity = PeerIdentity(peer)  # what the access check remembers of it
         # trio.current_time() without its lookups: one read per call with a deadline.
         self._now = trio.lowlevel.current_clock().current_time
@@ -128,7 +129,7 @@ class Connection:
                     self.proto.start_drain()
                 nursery.start_soon(self._writer)
                 if self._dispatch(events) and await self._handshake(handshake_by):
-                    nursery.start_soon(keepalive.watch, self, settings.http2, settings.drain_timeout_s)
+                    self._start_timers()
                     await self._reader()
                 if not self._closing:
                     nursery.cancel_scope.cancel()
@@ -136,6 +137,8 @@ class Connection:
             pass  # the peer went away: nothing left to answer
         finally:
             self.settings.connections.discard(self)
+            if self._timer_slot is not None:
+                self._timer_slot.timers = None
             self.proto.discard()
             if self.proto.broken and isinstance(self.stream, trio.abc.HalfCloseableStream):
                 # Its calls are cancelled; the GOAWAY's grace is what is left.
@@ -193,6 +196,20 @@ class Connection:
             return True
         self._closed("handshake_timeout")
         return False
+
+    def _start_timers(self) -> None:
+        """The connection's timers: in the listener's heap, else (a connection
+        served on its own, as tests do) in a task of its own."""
+        settings = self.settings
+        heap = settings.timer_heap
+        if heap is None:
+            assert self._nursery is not None
+            self._nursery.start_soon(keepalive.watch, self, settings.http2, settings.drain_timeout_s)
+            return
+        now = trio.current_time()
+        self._timer_slot = heap.add(
+            keepalive.Timers(self, settings.http2, settings.drain_timeout_s, now), now
+        )
 
     def start_drain(self) -> None:
         self.proto.start_drain()

@@ -8,7 +8,7 @@ object per serving process; ``prism.rpc.server.Connection`` reads it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -18,6 +18,9 @@ from prism.rpc.budget import WorkerBudget
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import Method, MethodTable
 from prism.security.runtime import Security
+
+if TYPE_CHECKING:
+    from prism.rpc.keepalive import TimerHeap
 
 _DEFAULT_HTTP2 = Http2Config()
 
@@ -84,6 +87,8 @@ class ServerSettings:
         # Per connection already held, how long to wait before accepting the
         # next one (0: this process accepts alone; see prism.rpc.listen).
         self.accept_backoff_s = 0.0
+        # The connections' timers, while a listener serves them (prism.rpc.listen).
+        self.timer_heap: TimerHeap | None = None
         # Request and response bytes held for every connection (prism.rpc.budget).
         self.buffers = WorkerBudget(http2.max_worker_buffer_bytes)
         # Bytes read and written on every connection, ever (prism.workers.heap

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -72,6 +72,19 @@ class Client(H2Client):
         return trio.current_time()
 
 
+# Where a connection's timers run: in a task of its own (a connection served
+# alone), or in the listener's heap (prism.rpc.keepalive.TimerHeap). Every
+# test here runs both ways.
+TIMERS = ["task"]
+
+
+@pytest.fixture(autouse=True, params=["task", "heap"])
+def timers_in(request: pytest.FixtureRequest) -> Iterator[None]:
+    TIMERS[0] = request.param
+    yield
+    TIMERS[0] = "task"
+
+
 def closed(reason: str) -> float:
     return REGISTRY.get_sample_value("prism_connections_closed_total", {"reason": reason}) or 0.0
 
@@ -88,6 +101,9 @@ class Server:
         """A connection's client end, before any byte is sent."""
         server_stream, client_stream = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
+            if TIMERS[0] == "heap":  # as a listener runs them: one task for every connection
+                heap = self.settings.timer_heap = keepalive.TimerHeap()
+                nursery.start_soon(heap.run)
             nursery.start_soon(Connection(server_stream, self.settings).serve)
             yield client_stream
             nursery.cancel_scope.cancel()
