@@ -25,7 +25,7 @@ from prism.rpc.sniff import sniff
 
 log = logging.getLogger("prism.rpc")
 
-_MAGIC_READ_SIZE: Final = 65536  # the preface's read takes what came with it
+_READ_SIZE: Final = 65536  # a read here takes what came with it
 
 
 async def client_magic(stream: trio.abc.ReceiveStream, deadline: float) -> bytes | None:
@@ -37,7 +37,7 @@ async def client_magic(stream: trio.abc.ReceiveStream, deadline: float) -> bytes
     with trio.move_on_at(deadline):
         while len(received) < len(PREFACE) and PREFACE.startswith(received):
             try:
-                data = await stream.receive_some(_MAGIC_READ_SIZE)
+                data = await stream.receive_some(_READ_SIZE)
             except trio.BrokenResourceError:
                 return None  # reset by the peer
             if not data:
@@ -92,7 +92,7 @@ async def linger(stream: trio.abc.HalfCloseableStream) -> None:
         await stream.send_eof()
         drained = 0
         while drained < LINGER_BYTES:
-            data = await stream.receive_some(_MAGIC_READ_SIZE)
+            data = await stream.receive_some(_READ_SIZE)
             if not data:
                 return
             drained += len(data)

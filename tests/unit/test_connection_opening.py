@@ -20,7 +20,7 @@ from prism.rpc.server import Connection
 
 from .h2client import H2Client
 from .test_accept_limits import client_on, served, serving, settings_with
-from .test_connection_timers import SETTINGS_FRAME, closed, eof_at
+from .test_connection_timers import SETTINGS_FRAME, closed, eof_at, frame_types
 
 SETTINGS, WINDOW_UPDATE = 0x4, 0x8
 
@@ -77,14 +77,6 @@ async def test_bytes_that_are_no_preface_end_the_connection_at_once() -> None:
         # h2 refuses the preamble: our SETTINGS and window went out, nothing more.
         assert frame_types(received) == [SETTINGS, WINDOW_UPDATE]
         await served(await client_on(port))
-
-
-def frame_types(data: bytes) -> list[int]:
-    types = []
-    while len(data) >= 9:
-        types.append(data[3])
-        data = data[9 + int.from_bytes(data[:3], "big") :]
-    return types
 
 
 @contextmanager
