@@ -14,8 +14,10 @@ connection's calls take no forwarding hop:
   serves it as a connection it accepted itself (handshake included), but
   never passes it on again.
 
-Message on the Unix socket: 4-byte big-endian length, then the bytes read,
-with the client socket's fd attached to the first chunk.
+Message on the Unix socket: the 4-byte big-endian length of the bytes read,
+the 4-byte length of their head already answered (the frames the accepting
+worker acknowledged while it waited for the first request: SETTINGS, PING),
+then the bytes read, with the client socket's fd attached to the first chunk.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from prism.rpc.server import Connection, ServerSettings
 log = logging.getLogger("prism.handoff")
 
 _MAX_BUFFERED = 1024 * 1024
+_HEAD = 8  # the message's two lengths
 
 
 def tenant_of(call: Call) -> str:
@@ -62,16 +65,16 @@ class TenantHandoff:
         self._routes = routes
         self._next = 0
 
-    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
-        return await self._to(tenant_of(first), stream, buffered)
+    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes, answered: int) -> bool:
+        return await self._to(tenant_of(first), stream, buffered, answered)
 
     def elsewhere(self) -> bool:
         return any(w.tenant != self._tenant for w in self._routes().workers.values())
 
     async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
-        return await self._to(tenant_of_host(server_name), stream, b"")
+        return await self._to(tenant_of_host(server_name), stream, b"", 0)
 
-    async def _to(self, tenant: str, stream: trio.SocketStream, buffered: bytes) -> bool:
+    async def _to(self, tenant: str, stream: trio.SocketStream, buffered: bytes, answered: int) -> bool:
         if not tenant or tenant == self._tenant:
             return False
         workers = [w for w in self._routes().tenant_workers(tenant) if w.serving]
@@ -80,7 +83,7 @@ class TenantHandoff:
         self._next += 1
         target = workers[self._next % len(workers)]
         try:
-            await send_connection(target.handoff_address, stream.socket.fileno(), buffered)
+            await send_connection(target.handoff_address, stream.socket.fileno(), buffered, answered)
         except OSError as exc:
             log.warning("hand-off to worker %d failed (%s); serving here", target.id, exc)
             return False
@@ -88,12 +91,13 @@ class TenantHandoff:
         return True
 
 
-async def send_connection(address: str, fd: int, buffered: bytes) -> None:
-    """Pass ``fd`` and the bytes already read from it to the worker at ``address``."""
+async def send_connection(address: str, fd: int, buffered: bytes, answered: int = 0) -> None:
+    """Pass ``fd`` and the bytes already read from it to the worker at
+    ``address``; the first ``answered`` of them were answered already."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with sock:
         await sock.connect(address)
-        message = len(buffered).to_bytes(4, "big") + buffered
+        message = len(buffered).to_bytes(4, "big") + answered.to_bytes(4, "big") + buffered
         fds = array.array("i", [fd])
         sent = await sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         while sent < len(message):
@@ -123,7 +127,7 @@ async def serve_handoffs(
 async def _take_over(conn: trio.socket.SocketType, settings: ServerSettings) -> None:
     with conn:
         try:
-            fd, buffered = await _receive(conn)
+            fd, buffered, answered = await _receive(conn)
         except (OSError, ValueError) as exc:
             log.warning("bad hand-off message: %s", exc)
             return
@@ -136,7 +140,9 @@ async def _take_over(conn: trio.socket.SocketType, settings: ServerSettings) -> 
     stream = trio.SocketStream(client)
     try:
         if buffered:
-            await Connection(stream, settings, handed_in=buffered, peer=peer_address(client)).serve()
+            await Connection(
+                stream, settings, handed_in=(buffered, answered), peer=peer_address(client)
+            ).serve()
         else:  # TLS, untouched: as if accepted here, under this worker's TLS context
             security = settings.security
             await serve_accepted(
@@ -146,7 +152,7 @@ async def _take_over(conn: trio.socket.SocketType, settings: ServerSettings) -> 
         log.exception("handed-off connection failed")
 
 
-async def _receive(conn: trio.socket.SocketType) -> tuple[int, bytes]:
+async def _receive(conn: trio.socket.SocketType) -> tuple[int, bytes, int]:
     data, ancdata, _, _ = await conn.recvmsg(65536, socket.CMSG_SPACE(4))
     fds = array.array("i")
     for level, kind, payload in ancdata:
@@ -156,18 +162,22 @@ async def _receive(conn: trio.socket.SocketType) -> tuple[int, bytes]:
         for extra in fds:
             socket.close(extra)
         raise ValueError(f"expected one file descriptor, got {len(fds)}")
-    if len(data) < 4:
+    if len(data) < _HEAD:
         socket.close(fds[0])
         raise ValueError("short hand-off message")
     length = int.from_bytes(data[:4], "big")
+    answered = int.from_bytes(data[4:_HEAD], "big")
     if length > _MAX_BUFFERED:
         socket.close(fds[0])
         raise ValueError(f"hand-off of {length} bytes is too large")
-    buffered = bytearray(data[4:])
+    if answered > length:
+        socket.close(fds[0])
+        raise ValueError(f"hand-off says {answered} of its {length} bytes were answered")
+    buffered = bytearray(data[_HEAD:])
     while len(buffered) < length:
         more = await conn.recv(length - len(buffered))
         if not more:
             socket.close(fds[0])
             raise ValueError("hand-off message cut short")
         buffered += more
-    return fds[0], bytes(buffered)
+    return fds[0], bytes(buffered), answered

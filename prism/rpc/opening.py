@@ -52,18 +52,30 @@ async def opening_events(
     proto: GrpcProtocol,
     preface: Preface,
     settings: ServerSettings,
-    handed_in: bytes | None,
+    handed_in: tuple[bytes, int] | None,
     received: bytes,
 ) -> list[tuple[int, Call | None]] | None:
     """The protocol's events for what was read before the connection's reader
     starts: the bytes a worker that accepted the connection handed in with
-    it, or ``received`` (its preface) and, when another tenant's workers may
-    take it, what ``prism.rpc.sniff`` reads up to its first request. None:
-    handed to another worker, which now owns the socket."""
+    it (and how many of them it answered), or ``received`` (its preface)
+    and, when another tenant's workers may take it, what ``prism.rpc.sniff``
+    reads up to its first request. None: handed to another worker, which
+    now owns the socket."""
     if handed_in is not None:
-        # That worker sent our preface (the same bytes) and read these: take over from there.
+        # That worker sent our preface (the same bytes) and the answers to
+        # the head of what it read (a SETTINGS ACK, say): made again here,
+        # from the same bytes, and dropped, they are not sent twice.
+        received, answered = handed_in
         proto.data_to_send()
-        received = handed_in
+        if answered:
+            preface.feed(received[:answered])
+            events = proto.receive_data(received[:answered])
+            proto.data_to_send()
+            received = received[answered:]
+            if received:
+                preface.feed(received)
+                events += proto.receive_data(received)
+            return events
     elif (
         settings.handoff is not None
         and isinstance(stream, trio.SocketStream)

@@ -58,7 +58,7 @@ class Connection(Calls):
         stream: trio.abc.Stream,
         settings: ServerSettings,
         *,
-        handed_in: bytes | None = None,
+        handed_in: tuple[bytes, int] | None = None,
         received: bytes = b"",
         handshake_by: float | None = None,
         peer: str = "",
@@ -115,7 +115,7 @@ class Connection(Calls):
                     self.stream, self.proto, self._preface, settings, self._handed_in, self._received
                 )
                 if events is None:
-                    return  # handed to another worker, which now owns the socket
+                    return  # handed to another worker, which now owns the socket (or closed)
                 if self.settings.draining:  # accepted just before the drain began
                     self.proto.start_drain()
                 nursery.start_soon(self._writer)

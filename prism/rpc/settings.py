@@ -31,7 +31,7 @@ Observer = Callable[[CallContext, Method, StatusCode, float], None]
 class Handoff(Protocol):
     """Moves a connection that names another tenant to a worker of that tenant."""
 
-    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes) -> bool:
+    async def hand_off(self, first: Call, stream: trio.SocketStream, buffered: bytes, answered: int) -> bool:
         """True if another worker took the socket (and ``buffered``) over."""
         ...
 

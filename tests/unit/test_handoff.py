@@ -14,19 +14,22 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import h2.events
 import pytest
 import trio
+import trio.testing
 from grpc_health.v1 import health_pb2
 
 from prism.api import health
 from prism.router.handoff import send_connection, serve_handoffs
 from prism.rpc.methods import MethodTable
 from prism.rpc.protocol import GrpcProtocol
-from prism.rpc.server import ServerSettings
+from prism.rpc.server import Connection, ServerSettings
+from prism.rpc.sniff import SNIFF_TIMEOUT_S
 
 from .h2client import H2Client, Response, frame
 
@@ -126,6 +129,7 @@ async def _closed_by_receiver(client_end: socket.socket) -> None:
         ("short", "short hand-off message"),
         ("too large", "hand-off of 2097152 bytes is too large"),
         ("cut short", "hand-off message cut short"),
+        ("answered too many", "hand-off says 5 of its 3 bytes were answered"),
         ("not a socket", "the descriptor passed is not a socket"),
     ],
 )
@@ -150,9 +154,11 @@ async def test_a_bad_hand_off_is_refused_and_the_receiver_goes_on(
         elif case == "too large":
             data = (2 * 1024 * 1024).to_bytes(4, "big") + b"x" * 16
         elif case == "cut short":
-            data = (100).to_bytes(4, "big") + b"x" * 10
+            data = (100).to_bytes(4, "big") + (0).to_bytes(4, "big") + b"x" * 10
+        elif case == "answered too many":
+            data = (3).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"abc"
         else:
-            data = (3).to_bytes(4, "big") + b"abc"
+            data = (3).to_bytes(4, "big") + (0).to_bytes(4, "big") + b"abc"
         try:
             await _send_raw(address, data, fds)
         finally:
@@ -174,3 +180,76 @@ async def test_a_bad_hand_off_is_refused_and_the_receiver_goes_on(
         with trio.fail_after(5):
             assert (await client.call(CHECK, request())).status == 0
         await client.stream.aclose()
+
+
+class _HandToReceiver:
+    """A ``Handoff`` that passes every connection's first request to one receiver."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.handed: list[tuple[int, int]] = []  # (bytes, answered) per hand-off
+
+    async def hand_off(
+        self, first: object, stream: trio.SocketStream, buffered: bytes, answered: int
+    ) -> bool:
+        await send_connection(self.address, stream.socket.fileno(), buffered, answered)
+        self.handed.append((len(buffered), answered))
+        return True
+
+    def elsewhere(self) -> bool:
+        return True
+
+    async def hand_off_tls(self, server_name: str, stream: trio.SocketStream) -> bool:
+        return False
+
+
+async def _settings_acks(client: H2Client, until: Callable[[int], bool]) -> int:
+    """Read from the server until ``until(ACKs so far)``; how many SETTINGS ACKs came."""
+    acks = 0
+    while not until(acks):
+        data = await client.stream.receive_some(65536)
+        assert data, "the server closed the connection"
+        for event in client.conn.receive_data(data):
+            acks += isinstance(event, h2.events.SettingsAcknowledged)
+            if isinstance(event, h2.events.StreamEnded) and event.stream_id in client.responses:
+                client.responses[event.stream_id].ended = True
+            elif isinstance(event, h2.events.TrailersReceived) and event.stream_id in client.responses:
+                client.responses[event.stream_id].trailers = dict(event.headers)  # type: ignore[arg-type]
+        await client.flush()
+    return acks
+
+
+async def test_a_clients_settings_are_acknowledged_at_once_while_its_first_request_is_awaited(
+    sock_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Where another tenant's workers may take a connection, the accepting
+    # worker waits (up to SNIFF_TIMEOUT_S) for the first request to route it.
+    # A client that sends its preface and SETTINGS and then waits for the ACK
+    # (as a pool opening connections ahead of use does) waited that second.
+    autojump_clock.autojump_threshold = 0.05  # an idle wait jumps the clock: a wait for the timeout shows
+    address = str(sock_dir / "w2.sock")
+    async with receiver(address) as receiving:
+        handoff = _HandToReceiver(address)
+        methods = MethodTable()
+        methods.add_service(health.SERVICE, health.Health(health.HealthState()))
+        front = ServerSettings(methods)
+        front.handoff = handoff
+        client_end, server_end = socket.socketpair()
+        client = H2Client(trio.SocketStream(trio.socket.from_stdlib_socket(client_end)))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(server_end))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Connection(stream, front).serve)
+            started = trio.current_time()
+            await client.start()
+            acked = await _settings_acks(client, lambda acks: acks > 0)
+            assert acked == 1
+            assert trio.current_time() - started < SNIFF_TIMEOUT_S / 10
+            # The first request, later: the connection is handed off with the
+            # bytes read, and the receiver does not acknowledge them again.
+            sid = await client.start_call(CHECK, request())
+            acked += await _settings_acks(client, lambda _: client.responses[sid].ended)
+            assert client.responses[sid].status == 0
+            assert len(handoff.handed) == 1 and handoff.handed[0][1] > 0
+            assert acked == 1
+            assert len(receiving.connections) == 1
+            await client.stream.aclose()
