@@ -28,6 +28,29 @@ def _ignore(_sent: int) -> None:
     pass
 
 
+def write_now(fd: int, buffers: list[Chunk]) -> int:
+    """Hand ``buffers`` to the kernel without waiting, in one ``writev``: how
+    many bytes it took (0 when the socket is full, or failed: the awaited
+    path that goes on from there meets the failure and reports it as
+    ``send_buffers`` does). Not through trio's socket, whose send is a
+    schedule point even when the kernel takes everything at once: on a
+    connection with one call at a time, a pass of the scheduler per answer."""
+    try:
+        return os.writev(fd, buffers[:_IOV_MAX])
+    except OSError:
+        return 0
+
+
+def rest_of(buffers: list[Chunk], sent: int) -> list[Chunk]:
+    """What is left of ``buffers`` once their first ``sent`` bytes went."""
+    for i, chunk in enumerate(buffers):
+        n = len(chunk)
+        if sent < n:
+            return [memoryview(chunk)[sent:], *buffers[i + 1 :]]
+        sent -= n
+    return []
+
+
 async def send_buffers(
     stream: trio.abc.Stream, buffers: list[Chunk], progress: Callable[[int], None] = _ignore
 ) -> None:
