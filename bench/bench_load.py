@@ -90,6 +90,9 @@ class LoadResult:
     elapsed_s: float  # as the load generator reports it (h2load: to 10 ms)
     latencies_us: list[int]  # of the requests answered with HTTP 200
     span_s: float  # first request start to last response end, from the log (to 1 us)
+    # h2load's "time to 1st byte" of the slowest connection (from its connect
+    # to the first byte it received); None from the Python client.
+    first_byte_max_us: float | None = None
 
     @property
     def calls_per_s(self) -> float:
@@ -216,6 +219,8 @@ _REQUESTS = re.compile(
 _STATUS = re.compile(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", re.M)
 _DATA = re.compile(r"^traffic: .*\((\d+)\) data", re.M)
 _UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+# min, max, mean, sd, +/- sd
+_FIRST_BYTE = re.compile(r"^time to 1st byte:\s+[\d.]+(?:us|ms|s)\s+([\d.]+)(us|ms|s)\s", re.M)
 
 
 def _parse_h2load(out: str, latencies_us: list[int], span_s: float) -> LoadResult:
@@ -225,6 +230,7 @@ def _parse_h2load(out: str, latencies_us: list[int], span_s: float) -> LoadResul
         raise LoadFailed(f"cannot parse h2load output:\n{out}")
     _total, started, _done, succeeded, failed, errored, timed_out = map(int, requests.groups())
     _ok, r3xx, r4xx, r5xx = map(int, status.groups())
+    first_byte = _FIRST_BYTE.search(out)
     return LoadResult(
         started=started,
         succeeded=succeeded,
@@ -234,6 +240,9 @@ def _parse_h2load(out: str, latencies_us: list[int], span_s: float) -> LoadResul
         elapsed_s=float(finished.group(1)) * _UNIT_S[finished.group(2)],
         latencies_us=latencies_us,
         span_s=span_s,
+        first_byte_max_us=(
+            float(first_byte.group(1)) * _UNIT_S[first_byte.group(2)] * 1e6 if first_byte else None
+        ),
     )
 
 
@@ -367,6 +376,8 @@ def measure_run(
         "other_on_server_cpu_pct": round(100 * max(0.0, others) / wall_ticks, 1),
         "steal_on_server_cpu_pct": round(100 * (steal_after - steal_before) / wall_ticks, 1),
     }
+    if result.first_byte_max_us is not None:
+        metrics["first_byte_max_us"] = result.first_byte_max_us
     by_process = {
         label: round(ticks_to_us(ticks - by_process_before.get(label, 0)) / calls, 1)
         for label, ticks in sorted(by_process_after.items())
@@ -383,6 +394,8 @@ def _children_ticks() -> float:
 def summarize(conc: Concurrency, requests: int, runs: list[dict[str, float]]) -> dict[str, Any]:
     """Medians over runs, with the runs themselves kept for inspection."""
     summary: dict[str, Any] = {m: statistics.median(run[m] for run in runs) for m in METRICS}
+    if all("first_byte_max_us" in run for run in runs):
+        summary["first_byte_max_us"] = statistics.median(run["first_byte_max_us"] for run in runs)
     summary.update(
         in_flight=conc.in_flight, clients=conc.clients, streams_per_client=conc.streams,
         requests_per_run=requests, runs=runs,

@@ -6,8 +6,10 @@ Each server runs alone, pinned to CPU 0, while the load generator (h2load,
 or a grpc.aio client without it) runs on CPU 1, so that the two never
 compete for a core and the server's CPU time per call is its own (see
 bench/README.md). For each server and each concurrency (1 and 128 calls in
-flight) it measures calls/s, p50/p99 latency and the server's CPU time per
-call, repeats ``--runs`` times and reports medians. Then a value-size
+flight, and 1,000 connections with one call in flight each, opened at once
+at the start of each run: the slowest connection's time to its first answer
+is recorded too) it measures calls/s, p50/p99 latency and the server's CPU
+time per call, repeats ``--runs`` times and reports medians. Then a value-size
 ladder (``--sizes``, default 100 B, 4 KiB, 64 KiB, 1 MiB): GetItems and
 PutItems of one item of each size at 16 in flight, for the CPU per call of
 big messages. A run only counts if every call returned the seeded value: a
@@ -62,7 +64,12 @@ SEED_VALUE = bytes((i * 37 + 11) % 256 for i in range(100))
 EXPECTED = [(ITEM_KEY, SEED_VALUE)]
 METHOD = "/prism.kv.v1.KeyValue/GetItems"
 PUT_METHOD = "/prism.kv.v1.KeyValue/PutItems"
-CONCURRENCIES = (Concurrency("c1", 1, 1), Concurrency("c128", 8, 16))
+# c1000x1: many connections, one call in flight on each; every run opens its
+# 1,000 connections at once (a storm, as after a restart or a failover), and
+# the slowest connection's time to its first answer is recorded.
+CONCURRENCIES = (Concurrency("c1", 1, 1), Concurrency("c128", 8, 16), Concurrency("c1000x1", 1000, 1))
+MANY_CPU_TARGET = 0.5  # c1000x1: CPU per call at most this share of grpc.aio's
+MANY_FIRST_BYTE_TARGET = 1.5  # c1000x1: slowest first answer at most this multiple of grpc.aio's
 # The value-size ladder: GetItems and PutItems of one item of each size, at
 # 16 in flight (128 x 1 MiB in flight would measure the machine's memory).
 LADDER_SIZES = (100, 4096, 65536, 1 << 20)
@@ -228,13 +235,15 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
     def ratio(label: str, metric: str) -> float | None:
         ours, peer = results.get("prism", {}).get(label), results.get("grpc_aio", {}).get(label)
-        if not ours or not peer or not peer[metric]:
+        if not ours or not peer or not peer.get(metric) or metric not in ours:
             return None
         return round(float(ours[metric]) / float(peer[metric]), 3)
 
     values = {
         "cpu_per_call_c128": ratio("c128", "cpu_us_per_call"),
         "cpu_per_call_c1": ratio("c1", "cpu_us_per_call"),
+        "cpu_per_call_c1000x1": ratio("c1000x1", "cpu_us_per_call"),
+        "first_byte_max_c1000x1": ratio("c1000x1", "first_byte_max_us"),
         "calls_per_s_c128": ratio("c128", "calls_per_s"),
         "calls_per_s_c1": ratio("c1", "calls_per_s"),
         "p50_c1": ratio("c1", "p50_us"),
@@ -278,6 +287,17 @@ def table(results: dict[str, dict[str, Any]], ratio_values: dict[str, float | No
     }
     shown = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in headline.items())
     lines.append(f"ratio prism/grpc_aio: {shown}")
+    for key, target, what in (
+        ("cpu_per_call_c1000x1", MANY_CPU_TARGET, "CPU per call"),
+        ("first_byte_max_c1000x1", MANY_FIRST_BYTE_TARGET, "slowest first answer"),
+    ):
+        value = ratio_values.get(key)
+        if value is not None:
+            verdict = "met" if value <= target else "MISSED"
+            lines.append(
+                f"1,000 connections x 1 call, {what}: {value:.2f} of grpc.aio's "
+                f"(target <= {target:g}: {verdict})"
+            )
     ladder = {k: v for k, v in ratio_values.items() if k not in headline and v is not None}
     if ladder:
         lines.append(
