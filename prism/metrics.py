@@ -9,9 +9,26 @@ beside the rest of a call.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, values
+
+# prometheus-client's multiprocess values ask the kernel for the process id
+# on every write, to notice a fork: a dozen getpid() calls per call served.
+# A worker never forks without exec (a fork's child that does not exec is
+# told by the hook), so the id is read once per process.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if values.ValueClass is not values.MutexValue:  # multiprocess mode (PROMETHEUS_MULTIPROC_DIR)
+    os.register_at_fork(after_in_child=_forked)
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _pid)  # type: ignore[no-untyped-call]
 
 REQUESTS = Counter("prism_requests_total", "gRPC calls answered", ["namespace", "operation", "status"])
 DURATION = Histogram(
