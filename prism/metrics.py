@@ -66,6 +66,12 @@ SHARED_CACHE_CORRUPT = Counter(
 CALLS_REFUSED = Counter(
     "prism_calls_refused_total", "Calls refused before their handler ran (reason: max_inflight)", ["reason"]
 )
+CALLS_LIMITED = Counter(
+    "prism_calls_limited_total",
+    "Calls refused by a quota or by overload shedding (reason: rps, concurrency, tenant_rps, "
+    "tenant_concurrency, overload)",
+    ["namespace", "reason"],
+)
 CONNECTIONS_REFUSED = Counter(
     "prism_connections_refused_total",
     "Connections closed as soon as accepted (reason: max_connections)",
@@ -117,6 +123,14 @@ def forwarded(namespace: str, operation: str) -> None:
 
 def call_refused(reason: str) -> None:
     _count(CALLS_REFUSED, "refused call", reason)
+
+
+def call_limited(namespace: str, reason: str) -> None:
+    key = ("limited", namespace, reason)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = CALLS_LIMITED.labels(namespace, reason)
+    child.inc()
 
 
 def connection_refused(reason: str) -> None:

@@ -18,6 +18,7 @@ import msgspec
 from prism.backends import catalog
 from prism.backends.options import OptionError
 from prism.config.fields import KIB, MIB, FieldError, check_redis_url
+from prism.config.quotas import LimitsConfig, validate_limits_table
 from prism.validation import join
 
 ABSTRACTIONS: frozenset[str] = frozenset({"keyvalue", "timeseries", "pubsub"})
@@ -72,6 +73,7 @@ class NamespaceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: str = "sqlite"
     options: dict[str, Any] = {}
     cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig | None = None  # per worker (prism.config.quotas)
 
 
 class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -85,6 +87,7 @@ class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     cpus: tuple[int, ...] = ()
     namespaces: tuple[NamespaceConfig, ...] = ()
+    limits: LimitsConfig | None = None  # shared by its namespaces, per worker (prism.config.quotas)
 
 
 def validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, seen: set[str]) -> None:
@@ -110,6 +113,7 @@ def validate_namespaces(namespaces: tuple[NamespaceConfig, ...], field: str, see
         if ns.cache.max_value_bytes < 1:
             raise FieldError(f"{where}.cache.max_value_bytes", "must be >= 1")
         _validate_cache_tier(ns.cache, f"{where}.cache")
+        validate_limits_table(ns.limits, f"{where}.limits")
 
 
 def _check_backend(ns: NamespaceConfig, where: str) -> None:

@@ -15,6 +15,7 @@ import msgspec
 from prism.config.fields import GIB, KIB, MIB, FieldError, parse_host_port
 from prism.config.limits import Http2Config, validate_limits
 from prism.config.namespaces import NamespaceConfig, TenantConfig, check_name, validate_namespaces
+from prism.config.quotas import OverloadConfig, validate_limits_table, validate_overload
 from prism.config.security import (
     AccessRule,
     AdminConfig,
@@ -73,6 +74,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What one peer may take (prism.config.limits).
     max_inflight: int = 4096  # calls in flight per worker; beyond: RESOURCE_EXHAUSTED at once
     http2: Http2Config = Http2Config()
+    overload: OverloadConfig = OverloadConfig()  # adaptive shedding (prism.config.quotas)
 
     def __post_init__(self) -> None:
         if not self.namespaces and not self.tenants:
@@ -150,6 +152,7 @@ def _validate(cfg: ServerConfig) -> None:
     if cfg.cache.total_bytes < 0:
         raise FieldError("cache.total_bytes", "must be >= 0")
     validate_limits(cfg.http2, cfg.max_inflight, cfg.max_concurrent_streams, cfg.max_message_bytes)
+    validate_overload(cfg.overload)
     validate_tls(cfg.tls, "tls")
     validate_auth(cfg.auth)
     validate_access(cfg.access, cfg.auth, cfg.tls)
@@ -168,6 +171,7 @@ def _validate(cfg: ServerConfig) -> None:
         if any(cpu < 0 for cpu in tenant.cpus):
             raise FieldError(f"{where}.cpus", "CPU numbers must be >= 0")
         validate_namespaces(tenant.namespaces, f"{where}.namespaces", seen)
+        validate_limits_table(tenant.limits, f"{where}.limits")
         _check_memory_single_worker(tenant.namespaces, tenant.workers, where)
     _check_memory_single_worker(cfg.namespaces, cfg.workers, "workers")
 

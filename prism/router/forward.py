@@ -60,9 +60,10 @@ Handler = Callable[[ForwardCall], Awaitable[ForwardAnswer]]
 class RemoteStatus(PrismError):
     """A non-OK answer relayed from the owner worker, with its status."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, pushback_ms: int = -1) -> None:
         super().__init__(message)
         self.grpc_status = StatusCode(status)
+        self.pushback_ms = pushback_ms  # the owner's retry pushback (prism.limits); -1: none
 
 
 class Moved(RemoteStatus):
@@ -207,7 +208,7 @@ class ForwardBus:
                 raise DeadlineExceeded("deadline exceeded")
             raise Unavailable(f"worker {owner.id} of tenant {owner.tenant!r} did not answer; retry")
         if answer.status != StatusCode.OK:
-            raise (Moved if answer.moved else RemoteStatus)(answer.status, answer.message)
+            raise (Moved if answer.moved else RemoteStatus)(answer.status, answer.message, answer.pushback_ms)
         return answer.payload
 
     def owners_gone(self, serving: set[int]) -> None:

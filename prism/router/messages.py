@@ -74,6 +74,8 @@ class ForwardAnswer(msgspec.Struct, tag="a", frozen=True, array_like=True):
     # the sender read its routing table. The sender refreshes its table and
     # tries once more; status and message are what its client sees otherwise.
     moved: bool = False
+    # A quota's or the shedder's ``grpc-retry-pushback-ms`` (prism.limits); -1: none.
+    pushback_ms: int = -1
 
 
 Forwarded = ForwardCall | ForwardAnswer

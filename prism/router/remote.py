@@ -38,7 +38,6 @@ from prism.rpc.boundary import failure_status
 from prism.rpc.call import CallContext, Caller
 from prism.rpc.methods import UNARY, Method
 from prism.rpc.settings import ServerSettings
-from prism.security.runtime import Security
 
 # Which abstraction each service's calls need.
 ABSTRACTION_OF_SERVICE: Final = {
@@ -189,14 +188,14 @@ class Forwarding:
         if method is None or method.kind != UNARY:
             return ForwardAnswer(request.id, StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
         call = ForwardedCall(request)
-        answer = await _run(method, call, request.id, settings.security)
+        answer = await _run(method, call, request.id, settings)
         observer = settings.observer
         if observer is not None:
             observer(call, method, StatusCode(answer.status), time.perf_counter() - call.started)
         return answer
 
 
-async def _run(method: Method, call: ForwardedCall, call_id: int, security: Security) -> ForwardAnswer:
+async def _run(method: Method, call: ForwardedCall, call_id: int, settings: ServerSettings) -> ForwardAnswer:
     # A deadline that passed on the way here: no handler runs (as on a
     # connection), not even the shared cache's answer, which has no checkpoint
     # for the cancel scope below to stop it at.
@@ -205,15 +204,24 @@ async def _run(method: Method, call: ForwardedCall, call_id: int, security: Secu
     with trio.CancelScope(deadline=call.deadline):
         try:
             request: Any = method.decode(call.messages[0])
+            security = settings.security
             if security.secured and method.action is not None:
                 security.check_caller(call.caller, method, request.namespace, forwarded=True)
-            payload = method.answer_now(request, call)
-            if payload is None:
-                payload = await method.invoke(request, call)
+            # The owner is where quotas hold (prism.limits.quota says why).
+            lease = None
+            if method.action is not None:
+                lease = settings.admission.admit(request.namespace, settings.inflight, trio.current_time())
+            try:
+                payload = method.answer_now(request, call)
+                if payload is None:
+                    payload = await method.invoke(request, call)
+            finally:
+                if lease is not None:
+                    lease.release()
         except Moved as exc:
             return ForwardAnswer(call_id, exc.grpc_status, str(exc), b"", moved=True)
         except Exception as exc:
             status, message = failure_status(exc, method)
-            return ForwardAnswer(call_id, status, message, b"")
+            return ForwardAnswer(call_id, status, message, b"", pushback_ms=getattr(exc, "pushback_ms", -1))
         return ForwardAnswer(call_id, StatusCode.OK, "", payload)
     return ForwardAnswer(call_id, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b"")

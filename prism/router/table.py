@@ -100,6 +100,7 @@ class NamespaceEntry(msgspec.Struct, frozen=True):
     backend: str
     options: dict[str, Any]
     cache: dict[str, Any]
+    limits: dict[str, Any] = {}  # prism.config.quotas.LimitsConfig as a table; {}: unlimited
 
 
 class Routes(msgspec.Struct, frozen=True):
@@ -109,6 +110,7 @@ class Routes(msgspec.Struct, frozen=True):
     namespaces: dict[str, NamespaceEntry]
     workers: dict[int, WorkerEntry]
     security: SecuritySection = SecuritySection()
+    tenant_limits: dict[str, dict[str, Any]] = {}  # tenant -> its limits table (prism.config.quotas)
 
     def owners(self, namespace: str) -> list[WorkerEntry]:
         """Workers of the tenant that owns ``namespace`` (by id), or [] if it is unknown.

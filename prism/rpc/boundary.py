@@ -26,3 +26,9 @@ def failure_status(exc: Exception, method: Method) -> tuple[StatusCode, str]:
         return StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"
     log.error("unexpected error in %s", method.name, exc_info=exc)
     return StatusCode.INTERNAL, "internal error"
+
+
+def pushback_trailer(pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
+    """gRPC's retry pushback (design A6): the client should wait this long
+    before it retries; a refusal by a quota or by overload shedding sends it."""
+    return ((b"grpc-retry-pushback-ms", b"%d" % pushback_ms),)

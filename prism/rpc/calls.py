@@ -18,8 +18,9 @@ import trio
 
 from prism import metrics
 from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
+from prism.limits import Lease
 from prism.rpc import streams
-from prism.rpc.boundary import failure_status
+from prism.rpc.boundary import failure_status, pushback_trailer
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
 from prism.rpc.protocol import GrpcProtocol
@@ -29,6 +30,8 @@ from prism.security.identity import PeerIdentity
 # An enum member read from its class is an attribute lookup through the enum
 # machinery, several times a dict lookup's cost: the unary path reads this.
 _OK = StatusCode.OK
+# ``Calls._admit``'s answer for a call it refused (else: the call's quota lease, or None).
+_REFUSED: Any = object()
 
 
 class Calls:
@@ -63,7 +66,7 @@ class Calls:
             return
         if method.kind == CLIENT_STREAM:
             # Its handler starts now, before the request is complete.
-            if not self._admit(call, method):
+            if self._admit(call, method) is _REFUSED:
                 return
             assert self._nursery is not None
             self._nursery.start_soon(
@@ -92,31 +95,50 @@ class Calls:
             return
         if method.kind == UNARY and method.now is not None and self._answer_now(call, method):
             return
-        if not self._admit(call, method):
+        lease = self._admit(call, method)
+        if lease is _REFUSED:
             return
         assert self._nursery is not None
         if method.kind == UNARY:
-            self._nursery.start_soon(self._run_unary, call, method)
+            self._nursery.start_soon(self._run_unary, call, method, lease)
         else:
-            self._nursery.start_soon(self._run_streaming, call, method, None)
+            self._nursery.start_soon(self._run_streaming, call, method, None, lease)
 
-    def _admit(self, call: Call, method: Method) -> bool:
+    def _admit(self, call: Call, method: Method) -> Lease | None:
         """Whether the call's handler may run: its deadline has not passed
-        already, and the worker is under ``max_inflight``; else it is answered
-        here. Admitted, it counts in flight until its task ends."""
+        already, the worker is under ``max_inflight``, and the namespace's
+        quotas and the overload shedder (``prism.limits``) let it; else it is
+        answered here (``_REFUSED``). Admitted, it counts in flight until its
+        task ends, and holds its quota lease (None without limits) until then."""
         settings = self.settings
-        if call.timeout_s is not None and call.deadline <= self._now():
-            refusal: PrismError = DeadlineExceeded("deadline exceeded")
-        elif settings.inflight >= settings.max_inflight:
-            metrics.call_refused("max_inflight")
-            refusal = ResourceExhausted("too many calls in flight on this worker")
-        else:
-            settings.inflight += 1
-            return True
-        self._answer_failure(call, method, refusal)
-        if self.proto.draining:
-            self._maybe_close()
-        return False
+        lease = None
+        try:
+            if call.timeout_s is not None and call.deadline <= self._now():
+                raise DeadlineExceeded("deadline exceeded")
+            if settings.inflight >= settings.max_inflight:
+                metrics.call_refused("max_inflight")
+                raise ResourceExhausted("too many calls in flight on this worker")
+            if method.action is not None and call._inq is None:  # a data call with one request
+                lease = self._limit(call, method)
+        except PrismError as refusal:
+            self._answer_failure(call, method, refusal)
+            if self.proto.draining:
+                self._maybe_close()
+            return _REFUSED  # type: ignore[no-any-return]
+        settings.inflight += 1
+        return lease
+
+    def _limit(self, call: Call, method: Method) -> Lease | None:
+        """The quota and shedding check (``prism.limits.admission``) of a
+        call about to get a task; its request is decoded here for its
+        namespace (and kept for the handler)."""
+        if call.request is None:
+            try:
+                call.request = method.decode(call.messages[0])
+            except Exception:
+                return None  # the handler's path answers with the decoding error
+        settings = self.settings
+        return settings.admission.admit(call.request.namespace, settings.inflight, trio.current_time())
 
     def _answer_now(self, call: Call, method: Method) -> bool:
         """Answer a unary call whose answer needs no waiting (``Method.now``)
@@ -133,10 +155,18 @@ class Calls:
                 raise DeadlineExceeded("deadline exceeded")
             if self.settings.security.secured:
                 self._authorize(call, method, call.request)
+            admission = self.settings.admission
+            lease = None
+            if admission.quotas.active:
+                lease = admission.admit(call.request.namespace, 0, trio.current_time(), shed=False)
         except PrismError as exc:
             self._answer_failure(call, method, exc)
         else:
             answer = method.answer_now(call.request, call)
+            if lease is not None:
+                lease.release()
+                if answer is None:
+                    lease.refund()  # the handler's path takes it again
             if answer is None:
                 return False
             self.proto.send_unary(call, answer)
@@ -150,7 +180,7 @@ class Calls:
         if scope is not None:
             scope.cancel()
 
-    async def _run_unary(self, call: Call, method: Method) -> None:
+    async def _run_unary(self, call: Call, method: Method, lease: Lease | None) -> None:
         sid = call.stream_id
         proto = self.proto
         try:
@@ -172,18 +202,22 @@ class Calls:
         finally:
             del self._scopes[sid]
             self.settings.inflight -= 1
+            if lease is not None:
+                lease.release()
             self.wake()
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
 
-    async def _run_streaming(self, call: Call, method: Method, requests: AsyncIterator[Any] | None) -> None:
+    async def _run_streaming(
+        self, call: Call, method: Method, requests: AsyncIterator[Any] | None, lease: Lease | None = None
+    ) -> None:
         sid = call.stream_id
         proto = self.proto
         try:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope
                 if requests is None:
-                    arg: Any = method.decode(call.messages[0])
+                    arg: Any = call.request if call.request is not None else method.decode(call.messages[0])
                     if self.settings.security.secured:
                         self._authorize(call, method, arg)
                 else:
@@ -209,6 +243,8 @@ class Calls:
         finally:
             del self._scopes[sid]
             self.settings.inflight -= 1
+            if lease is not None:
+                lease.release()
             self.wake()
             if proto.draining or proto.peer_gone:
                 self._maybe_close()
@@ -233,7 +269,11 @@ class Calls:
 
     def _answer_failure(self, call: Call, method: Method, exc: Exception) -> None:
         status, message = failure_status(exc, method)
-        self.proto.send_error(call, status, message)
+        pushback_ms = getattr(exc, "pushback_ms", None)  # QuotaExceeded's, or a forwarded one's
+        if pushback_ms is not None and pushback_ms >= 0:
+            self.proto.send_error(call, status, message, pushback_trailer(pushback_ms))
+        else:
+            self.proto.send_error(call, status, message)
         self._observe(call, method, status)
 
     def _observe(self, call: Call, method: Method, status: StatusCode) -> None:

@@ -49,7 +49,9 @@ class Requests:
 
     if TYPE_CHECKING:
 
-        def send_error(self, call: Call, status: StatusCode, message: str) -> None: ...  # Responses'
+        def send_error(
+            self, call: Call, status: StatusCode, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+        ) -> None: ...  # Responses'
 
     def _on_data(self, sid: int, data: Any, length: int, ended: bool, out: Events) -> None:
         if length:

@@ -85,8 +85,11 @@ class Responses:
         self._charge_out(len(payload) + 5)
         self._pump(call)
 
-    def send_status(self, call: Call, status: StatusCode, message: str = "") -> None:
-        """End a call with trailers (after messages, or trailers-only)."""
+    def send_status(
+        self, call: Call, status: StatusCode, message: str = "", extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        """End a call with trailers (after messages, or trailers-only); ``extra``
+        trailers follow the status (a retry pushback)."""
         if call.done or call._trailers is not None:
             return
         if status == StatusCode.OK and not message:
@@ -95,6 +98,7 @@ class Responses:
             trailers = ((b"grpc-status", str(int(status)).encode()),)
             if message:
                 trailers += ((b"grpc-message", encode_grpc_message(message)),)
+            trailers += extra
         if not call._headers_sent:
             # Trailers-only response: one HEADERS frame with everything.
             call._failed = True
@@ -103,10 +107,12 @@ class Responses:
         call._trailers = trailers
         self._pump(call)
 
-    def send_error(self, call: Call, status: StatusCode, message: str) -> None:
+    def send_error(
+        self, call: Call, status: StatusCode, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
         """End a call with an error status; further input for it is ignored."""
         call._failed = True
-        self.send_status(call, status, message)
+        self.send_status(call, status, message, extra)
 
     def _refuse_http(self, call: Call, status: bytes, reason: str) -> None:
         call._failed = True

@@ -14,6 +14,7 @@ import trio
 
 from prism.config.limits import Http2Config
 from prism.errors import StatusCode
+from prism.limits.admission import Admission
 from prism.rpc.budget import WorkerBudget
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import Method, MethodTable
@@ -102,6 +103,9 @@ class ServerSettings:
         self.on_drain: list[Callable[[], None]] = []
         # TLS and who may call: rebuilt by the worker from the routing table.
         self.security = Security()
+        # Quotas and overload shedding (prism.limits): the worker sets which
+        # namespaces it holds and their limits; until then it admits all.
+        self.admission = Admission()
 
     def start_drain(self) -> None:
         """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import msgspec
 import trio
 
 from prism import metrics
@@ -27,7 +28,9 @@ from prism.backends.registry import AnyBackend
 from prism.cache.redis import RedisTier
 from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig, ServerConfig
+from prism.config.quotas import LimitsConfig
 from prism.errors import StatusCode
+from prism.router.table import Routes
 from prism.rpc.call import CallContext
 from prism.rpc.methods import Method, MethodTable
 from prism.rpc.server import ServerSettings
@@ -71,6 +74,8 @@ class App:
             drain_timeout_s=config.graceful_timeout_s,
         )
         self.settings.observer = self._observe
+        self.settings.admission.local = self.namespaces.by_name
+        self.settings.admission.shedder.configure(config.overload)
         self._data_dir = Path(config.data_dir)
         tokens = PageTokens(load_or_create_key(self._data_dir))
         max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)
@@ -135,6 +140,20 @@ class App:
                 self._close_later(replaced)
             self.health.set(name, health.SERVING)
         return failed
+
+    def apply_limits(self, tenant: str, routes: Routes) -> None:
+        """Hold this worker's namespaces to the quotas of ``routes`` (at boot and on every reload)."""
+        tenant_limits = routes.tenant_limits.get(tenant)
+        self.settings.admission.quotas.apply(
+            tenant,
+            msgspec.convert(tenant_limits, LimitsConfig) if tenant_limits else None,
+            [
+                (e.name, msgspec.convert(e.limits, LimitsConfig) if e.limits else None)
+                for e in routes.namespaces.values()
+                if e.tenant == tenant
+            ],
+            trio.current_time(),
+        )
 
     def _cache_tier(self, ns: NamespaceConfig) -> CacheTier | None:
         if not ns.cache.enabled:

@@ -126,6 +126,7 @@ class Resources:
                     ns.backend,
                     dict(ns.options),
                     msgspec.to_builtins(ns.cache),
+                    msgspec.to_builtins(ns.limits) if ns.limits is not None else {},
                 )
         workers = {
             s.id: WorkerEntry(
@@ -138,7 +139,14 @@ class Resources:
             )
             for s in slots
         }
-        return Routes(generation, namespaces, workers, section_of(config, security_serial))
+        tenant_limits = {
+            t.name: msgspec.to_builtins(t.limits)
+            for t in config.effective_tenants(cpus)
+            if t.limits is not None
+        }
+        return Routes(
+            generation, namespaces, workers, section_of(config, security_serial), tenant_limits=tenant_limits
+        )
 
     # -- children --------------------------------------------------------------
 

@@ -109,6 +109,7 @@ class Worker:
                 return
             await self.app.apply(self._mine(routes), strict=strict)
             self.app.settings.security.apply(routes.security)
+            self.app.apply_limits(self.spec.tenant, routes)
             self.generation = routes.generation
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
