@@ -40,6 +40,8 @@ from typing import Generic, TypeVar
 
 import trio
 
+from prism.limits import shed
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -98,9 +100,12 @@ class Coalescer(Generic[K, V]):
     async def _lead(self, batch: _Batch[K, V]) -> None:
         try:
             got_slot = False
+            began = trio.current_time()
             with trio.move_on_after(self._wait_timeout_s):
                 await self._slots.acquire()
                 got_slot = True
+            now = trio.current_time()
+            shed.observe(now - began, now)  # a batch's wait for a slot is queueing
             if self._open is batch:
                 self._open = None  # closed: later callers start the next batch
             if not got_slot:

@@ -10,6 +10,7 @@ A connection goes back to the pool only if it is not broken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 import trio
@@ -34,6 +35,9 @@ class BoundedPool(Generic[C]):
         self._slots = trio.Semaphore(size)
         self._idle: list[C] = []
         self.closed = False
+        # Told how long each acquire waited for a busy pool (seconds), and
+        # when (trio's clock): the gateway's overload shedding listens here.
+        self.on_wait: Callable[[float, float], None] | None = None
 
     async def _open(self) -> C:
         raise NotImplementedError
@@ -49,8 +53,12 @@ class BoundedPool(Generic[C]):
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
+            began = trio.current_time()
             with trio.move_on_after(self.acquire_timeout_s) as scope:
                 await self._slots.acquire()
+            if self.on_wait is not None:
+                now = trio.current_time()
+                self.on_wait(now - began, now)
             if scope.cancelled_caught:
                 raise self._busy_error() from None
         try:

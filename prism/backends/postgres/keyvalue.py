@@ -46,6 +46,7 @@ from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresOpt
 from prism.backends.rules import check_items, check_mutations
 from prism.drivers import pg as pgio
 from prism.errors import Unavailable
+from prism.limits import shed
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -61,12 +62,14 @@ Statement = tuple[bytes, list[pgio.Param]]
 
 def pool_from_options(options: PostgresOptions) -> pgio.Pool:
     """The connection pool every PostgreSQL backend builds from its options."""
-    return pgio.Pool(
+    pool = pgio.Pool(
         conninfo(options.dsn),
         size=options.pool_size,
         connect_timeout_s=options.connect_timeout_s,
         acquire_timeout_s=options.pool_timeout_s,
     )
+    pool.on_wait = shed.observe  # a wait for a busy connection is queueing (prism.limits.shed)
+    return pool
 
 
 class PostgresBackend:

@@ -28,6 +28,7 @@ from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import ItemPage, RecordPage
 from prism.backends.sqlite.errors import ERRORS
 from prism.errors import Internal, Unavailable
+from prism.limits import shed
 
 _T = TypeVar("_T")
 READERS = 4  # reader connections; reads beyond this wait for one
@@ -199,7 +200,7 @@ class SqlitePool:
             conn = self._readers.pop()
             try:
                 with ERRORS:
-                    return await trio.to_thread.run_sync(run_each, conn, fns, limiter=self._limiter)
+                    return await self._in_thread(run_each, conn, fns)
             finally:
                 self._readers.append(conn)
 
@@ -210,7 +211,26 @@ class SqlitePool:
             conn = self._writer
             assert conn is not None
             with ERRORS:
-                return await trio.to_thread.run_sync(group, conn, fns, limiter=self._limiter)
+                return await self._in_thread(group, conn, fns)
+
+    async def _in_thread(
+        self,
+        work: Callable[[sqlite3.Connection, Sequence[Callable[[sqlite3.Connection], Any]]], list[Outcome]],
+        conn: sqlite3.Connection,
+        fns: list[Callable[[sqlite3.Connection], Any]],
+    ) -> list[Outcome]:
+        """``work(conn, fns)`` in a thread. How long the hop took (the wait for
+        a thread included) goes to the overload shedder (prism.limits.shed)."""
+        began = time.perf_counter()
+        started = [began]
+
+        def run() -> list[Outcome]:
+            started[0] = time.perf_counter()
+            return work(conn, fns)
+
+        out = await trio.to_thread.run_sync(run, limiter=self._limiter)
+        shed.observe(started[0] - began, trio.current_time())
+        return out
 
 
 Outcome = tuple[Any, Exception | None]  # what a call returned, or what it raised
