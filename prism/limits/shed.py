@@ -72,7 +72,7 @@ class Shedder:
 
     def refuses(self, inflight: int, now: float) -> bool:
         """Whether a new call is refused now, with ``inflight`` calls running."""
-        if now >= self._window_end:
+        if now >= self._window_end or now < self._window_end - self.interval_s:  # (or a new clock)
             self._roll(inflight, now)
         return self.on and inflight >= self.limit
 
