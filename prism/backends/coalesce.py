@@ -104,8 +104,7 @@ class Coalescer(Generic[K, V]):
             with trio.move_on_after(self._wait_timeout_s):
                 await self._slots.acquire()
                 got_slot = True
-            now = trio.current_time()
-            shed.observe(now - began, now)  # a batch's wait for a slot is queueing
+            shed.observe(trio.current_time() - began)  # a batch's wait for a slot is queueing
             if self._open is batch:
                 self._open = None  # closed: later callers start the next batch
             if not got_slot:

@@ -1,7 +1,8 @@
 """Adaptive shedding: refuse new calls fast while the worker's queues stand.
 
 When a worker is offered more than it can serve, the excess waits somewhere:
-in a coalescer for a batch slot (``prism.backends.coalesce``), for a pooled
+in the event loop's run queue (a call's task waiting for its first step,
+``prism.rpc.calls``), in a coalescer for a batch slot (``prism.backends.coalesce``), for a pooled
 connection (SQLite's and PostgreSQL's pools), for a thread (SQLite's hop to
 its threads). Admitting every call then makes every call slow, and once
 waits pass the clients' deadlines, goodput falls to nothing. The fix is to
@@ -65,8 +66,8 @@ class Shedder:
         """A refused client's wait: until the decision is made again."""
         return max(1, math.ceil(self.interval_s * 1000.0))
 
-    def observe(self, wait_s: float, now: float) -> None:
-        """One wait in a queue, ending at ``now``."""
+    def observe(self, wait_s: float) -> None:
+        """One wait in a queue, just ended (it counts in the current interval)."""
         if wait_s < self._min:
             self._min = wait_s
 
@@ -99,6 +100,7 @@ class Shedder:
 SHEDDER = Shedder()
 
 
-def observe(wait_s: float, now: float) -> None:
-    """Report one queue wait to the worker's shedder."""
-    SHEDDER.observe(wait_s, now)
+def observe(wait_s: float, now: float = 0.0) -> None:
+    """Report one queue wait to the worker's shedder (``now``: unused, for
+    callers such as a pool's ``on_wait`` that say when)."""
+    SHEDDER.observe(wait_s)

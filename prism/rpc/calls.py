@@ -183,6 +183,8 @@ class Calls:
     async def _run_unary(self, call: Call, method: Method, lease: Lease | None) -> None:
         sid = call.stream_id
         proto = self.proto
+        # The wait for this first step is the event loop's queue (prism.limits.shed).
+        self.settings.admission.shedder.observe(time.perf_counter() - call.started)
         try:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope

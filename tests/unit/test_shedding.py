@@ -30,7 +30,7 @@ def test_a_burst_that_drains_is_not_shed() -> None:
     assert not shedder.refuses(50, 0.0)
     # Long waits, but one call went straight through: the queue drained.
     for t, wait in ((0.01, 0.05), (0.02, 0.0), (0.05, 0.08)):
-        shedder.observe(wait, t)
+        shedder.observe(wait)
     assert not shedder.refuses(50, 0.1)
 
 
@@ -38,35 +38,35 @@ def test_a_standing_queue_caps_the_calls_in_flight_until_the_waits_fall_back() -
     shedder = Shedder(CONFIG)
     shedder.refuses(0, 0.0)  # the first interval starts
     for i in range(10):
-        shedder.observe(0.02, i * 0.01)  # every wait above 5 ms for a whole interval
+        shedder.observe(0.02)  # every wait above 5 ms for a whole interval
     # 100 calls in flight when the interval ends: at most 90 from now on.
     assert shedder.refuses(100, 0.1)
     assert shedder.refuses(90, 0.12)
     assert not shedder.refuses(89, 0.13)
     # Still standing: another tenth off (of the 89 running when it ends): 80.
-    shedder.observe(0.01, 0.15)
+    shedder.observe(0.01)
     assert shedder.refuses(89, 0.2)
     assert not shedder.refuses(79, 0.21)
     assert shedder.refuses(80, 0.22)
     # The waits fall under the target: everything is served again.
-    shedder.observe(0.001, 0.25)
+    shedder.observe(0.001)
     assert not shedder.refuses(500, 0.31)
 
 
 def test_an_interval_with_no_wait_at_all_or_a_stale_one_releases() -> None:
     shedder = Shedder(CONFIG)
     shedder.refuses(0, 0.0)
-    shedder.observe(0.05, 0.05)
+    shedder.observe(0.05)
     assert shedder.refuses(10, 0.1)
     assert not shedder.refuses(10, 0.2)  # nothing queued during the last interval
-    shedder.observe(0.05, 0.25)
+    shedder.observe(0.05)
     assert not shedder.refuses(10, 0.5)  # that interval ended long ago: says nothing now
 
 
 def test_disabled_it_never_sheds() -> None:
     shedder = Shedder(OverloadConfig(enabled=False))
     shedder.refuses(0, 0.0)
-    shedder.observe(1.0, 0.01)
+    shedder.observe(1.0)
     assert not shedder.refuses(10**6, 0.2)
 
 
@@ -95,11 +95,13 @@ async def test_under_injected_queueing_delay_new_calls_are_refused_fast_then_ser
     )
     async with served(tmp_path) as (app, client):
         shedder = app.settings.admission.shedder
-        assert (await put(client, "profiles")).status == StatusCode.OK  # the first interval starts
+        assert (await put(client, "profiles")).status == StatusCode.OK
+        mock_clock.jump(0.1)
+        shedder.refuses(0, trio.current_time())  # an interval starts
         # A standing queue: every wait of the interval is 20 ms, with 10 calls running.
         for _ in range(5):
             mock_clock.jump(0.02)
-            shedder.observe(0.02, trio.current_time())
+            shedder.observe(0.02)
         app.settings.inflight = 10
         mock_clock.jump(0.01)
         r = await put(client, "profiles")
@@ -117,7 +119,7 @@ async def test_under_injected_queueing_delay_new_calls_are_refused_fast_then_ser
         assert (await put(client, "profiles")).status == StatusCode.OK
         # The queue drained: the next interval serves everything.
         app.settings.inflight = 10
-        shedder.observe(0.0, trio.current_time())
+        shedder.observe(0.0)
         mock_clock.jump(0.1)
         assert (await put(client, "profiles")).status == StatusCode.OK
         app.settings.inflight = 0

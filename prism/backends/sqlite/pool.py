@@ -229,7 +229,7 @@ class SqlitePool:
             return work(conn, fns)
 
         out = await trio.to_thread.run_sync(run, limiter=self._limiter)
-        shed.observe(started[0] - began, trio.current_time())
+        shed.observe(started[0] - began)
         return out
 
 

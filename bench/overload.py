@@ -1,0 +1,339 @@
+"""Benchmark overload: quotas and adaptive shedding on one worker.
+
+    python bench/overload.py [--duration 5] [--pg-dsn postgresql://127.0.0.1/test]
+                             [--out bench/results/overload.json]
+
+One ``prism serve`` with one worker pinned to a CPU; the load generators
+(``--clients`` processes, grpc.aio) pinned to the others. Every call is a
+``GetItems`` of one 100-byte item, with a 1 s deadline.
+
+- **Ladder**, per backend (``sql``: SQLite; ``pg``: PostgreSQL, with
+  ``--pg-dsn``): the saturation throughput is measured first, closed loop
+  (``--saturation-inflight`` calls in flight, back to back); then an
+  *open-loop* offered load (calls sent on a fixed schedule, whatever the
+  answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. Per step: offered and sent
+  calls/s, goodput (OK answers/s), refused (RESOURCE_EXHAUSTED)/s, other
+  failures, p50/p99 of the OK calls measured from their scheduled send time
+  (so a client falling behind counts against the server, not for it), and
+  the worker's RSS. Targets: at 2x, goodput >= 90% of saturation and OK p99
+  <= 3x the OK p99 at 0.8x; RSS flat (largest <= 1.2x the first).
+- **Flood**: namespace ``flood`` has ``limits = { rps = R }``; namespace
+  ``quiet`` is called at a modest rate alone (its quiet p99), then again
+  while ``flood`` is offered 10x R. Target: quiet's p99 within 1.5x of its
+  quiet p99, and flood's goodput close to R.
+
+Prints the figures and writes JSON (``--out``). See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from bench_load import machine_info, percentile
+from bench_servers import GET_ITEMS, PrismServer, make_prism, process_role, process_tree, seed
+
+from prism.proto import kv_pb2
+
+HERE = Path(__file__).resolve().parent
+LADDER = (0.5, 0.8, 1.0, 1.5, 2.0)
+DEADLINE_S = 1.0
+CHANNELS_PER_CLIENT = 4  # connections per load process (a connection carries 100 streams at most)
+TARGETS = {
+    "goodput_at_2x_vs_saturation": 0.9,
+    "p99_2x_vs_p99_0_8x": 3.0,
+    "rss_growth": 1.2,
+    "neighbour_p99": 1.5,
+}
+
+
+# ---------------------------------------------------------------- load (in the client processes)
+
+
+async def _open_loop(
+    target: str, request: bytes, rate: float, duration_s: float, start_at: float
+) -> dict[str, Any]:
+    """Send ``rate`` calls a second for ``duration_s`` on a fixed schedule from
+    ``start_at`` (time.time()), whatever the answers; the outcome of each."""
+    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS_PER_CLIENT)]
+    stubs = [ch.unary_unary(GET_ITEMS) for ch in channels]
+    ok: list[int] = []
+    codes: dict[str, int] = {}
+    loop = asyncio.get_running_loop()
+    base = loop.time() + max(0.0, start_at - time.time())
+
+    async def one(stub: Any, due: float) -> None:
+        try:
+            await stub(request, timeout=DEADLINE_S)
+        except grpc.aio.AioRpcError as exc:
+            name = exc.code().name
+            codes[name] = codes.get(name, 0) + 1
+            return
+        ok.append(int((loop.time() - due) * 1e6))
+
+    total = int(rate * duration_s)
+    tasks = []
+    sent = 0
+    late_s = 0.0
+    while sent < total:
+        now = loop.time()
+        while sent < total and base + sent / rate <= now:
+            due = base + sent / rate
+            late_s = max(late_s, now - due)
+            tasks.append(asyncio.ensure_future(one(stubs[sent % len(stubs)], due)))
+            sent += 1
+        if sent < total:
+            await asyncio.sleep(max(0.0, min(0.001, base + sent / rate - loop.time())))
+    span_s = loop.time() - base
+    await asyncio.gather(*tasks)
+    for ch in channels:
+        await ch.close()
+    return {"ok_us": ok, "codes": codes, "sent": sent, "span_s": span_s, "max_late_s": late_s}
+
+
+async def _closed_loop(target: str, request: bytes, inflight: int, duration_s: float) -> dict[str, Any]:
+    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS_PER_CLIENT)]
+    stubs = [ch.unary_unary(GET_ITEMS) for ch in channels]
+    end = time.monotonic() + duration_s
+    done = 0
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        stub = stubs[i % len(stubs)]
+        while time.monotonic() < end:
+            try:
+                await stub(request, timeout=DEADLINE_S)
+                done += 1
+            except grpc.aio.AioRpcError:
+                pass
+
+    await asyncio.gather(*(worker(i) for i in range(inflight)))
+    for ch in channels:
+        await ch.close()
+    return {"ok": done}
+
+
+def _client(kind: str, cpus: set[int], args: tuple[Any, ...]) -> dict[str, Any]:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    run = _open_loop if kind == "open" else _closed_loop
+    return asyncio.run(run(*args))  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------- phases
+
+
+class Bench:
+    def __init__(self, server: PrismServer, clients: int, client_cpus: set[int], duration_s: float) -> None:
+        self.server = server
+        self.clients = clients
+        self.client_cpus = client_cpus
+        self.duration_s = duration_s
+        self.pool = multiprocessing.get_context("spawn").Pool(clients * 2)
+
+    def request(self, namespace: str) -> bytes:
+        return kv_pb2.GetItemsRequest(namespace=namespace, id="r").SerializeToString()
+
+    def saturation(self, namespace: str, inflight: int) -> float:
+        per = max(1, inflight // self.clients)
+        jobs = [
+            self.pool.apply_async(
+                _client,
+                (
+                    "closed",
+                    self.client_cpus,
+                    (self.server.target, self.request(namespace), per, self.duration_s),
+                ),
+            )
+            for _ in range(self.clients)
+        ]
+        return sum(j.get()["ok"] for j in jobs) / self.duration_s
+
+    def offer(self, loads: dict[str, float]) -> dict[str, dict[str, Any]]:
+        """Open-loop ``loads`` (namespace -> calls/s) at the same time; per namespace, what came back."""
+        start_at = time.time() + 1.0  # every process starts its schedule together
+        jobs: dict[str, list[Any]] = {}
+        for namespace, rate in loads.items():
+            per = rate / self.clients
+            jobs[namespace] = [
+                self.pool.apply_async(
+                    _client,
+                    (
+                        "open",
+                        self.client_cpus,
+                        (self.server.target, self.request(namespace), per, self.duration_s, start_at),
+                    ),
+                )
+                for _ in range(self.clients)
+            ]
+        rss_before = self.worker_rss_kib()
+        out = {}
+        for namespace, parts in jobs.items():
+            results = [j.get(timeout=self.duration_s + 60) for j in parts]
+            ok = sorted(us for r in results for us in r["ok_us"])
+            codes: dict[str, int] = {}
+            for r in results:
+                for code, n in r["codes"].items():
+                    codes[code] = codes.get(code, 0) + n
+            span = max(r["span_s"] for r in results) or self.duration_s
+            out[namespace] = {
+                "offered_per_s": round(loads[namespace], 1),
+                "sent_per_s": round(sum(r["sent"] for r in results) / span, 1),
+                "goodput_per_s": round(len(ok) / span, 1),
+                "refused_per_s": round(codes.get("RESOURCE_EXHAUSTED", 0) / span, 1),
+                "other_failures": {k: v for k, v in codes.items() if k != "RESOURCE_EXHAUSTED"},
+                "ok_p50_us": percentile(ok, 50) if ok else math.nan,
+                "ok_p99_us": percentile(ok, 99) if ok else math.nan,
+                "client_max_late_ms": round(max(r["max_late_s"] for r in results) * 1000, 1),
+                "worker_rss_kib": max(rss_before, self.worker_rss_kib()),
+            }
+        return out
+
+    def worker_rss_kib(self) -> int:
+        total = 0
+        for pid in process_tree(self.server.pid):
+            if process_role(pid, self.server.pid).startswith("worker"):
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+                except OSError:
+                    pass
+        return total
+
+
+def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
+    saturation = bench.saturation(namespace, inflight)
+    print(f"\n{namespace}: saturation (closed loop, {inflight} in flight): {saturation:,.0f} calls/s")
+    print(f"{'load':>5} {'offered/s':>10} {'sent/s':>9} {'good/s':>9} {'refused/s':>10} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'late ms':>8} {'RSS MiB':>8} other")  # fmt: skip
+    steps = []
+    for factor in LADDER:
+        got = bench.offer({namespace: saturation * factor})[namespace]
+        got["load"] = factor
+        steps.append(got)
+        print(
+            f"{factor:>5.1f} {got['offered_per_s']:>10,.0f} {got['sent_per_s']:>9,.0f} "
+            f"{got['goodput_per_s']:>9,.0f} {got['refused_per_s']:>10,.0f} "
+            f"{got['ok_p50_us'] / 1000:>7.2f} {got['ok_p99_us'] / 1000:>7.2f} "
+            f"{got['client_max_late_ms']:>8.1f} {got['worker_rss_kib'] / 1024:>8.1f} "
+            f"{got['other_failures'] or ''}"
+        )
+    at = {s["load"]: s for s in steps}
+    rss = [s["worker_rss_kib"] for s in steps]
+    figures = {
+        "goodput_at_2x_vs_saturation": round(at[2.0]["goodput_per_s"] / saturation, 3)
+        if saturation
+        else math.nan,
+        "p99_2x_vs_p99_0_8x": round(at[2.0]["ok_p99_us"] / at[0.8]["ok_p99_us"], 2),
+        "rss_growth": round(max(rss) / rss[0], 3) if rss[0] else math.nan,
+    }
+    print(
+        f"{namespace}: goodput at 2x / saturation {figures['goodput_at_2x_vs_saturation']} (>= 0.9); "
+        f"p99 at 2x / p99 at 0.8x {figures['p99_2x_vs_p99_0_8x']} (<= 3); "
+        f"RSS growth {figures['rss_growth']} (<= 1.2)"
+    )
+    return {"saturation_per_s": round(saturation, 1), "steps": steps, **figures}
+
+
+def flood(bench: Bench, flood_rps: float, quiet_rps: float) -> dict[str, Any]:
+    alone = bench.offer({"quiet": quiet_rps})["quiet"]
+    both = bench.offer({"quiet": quiet_rps, "flood": flood_rps * 10})
+    ratio = both["quiet"]["ok_p99_us"] / alone["ok_p99_us"]
+    print(f"\nflood: quiet alone p99 {alone['ok_p99_us'] / 1000:.2f} ms; with flood at 10x its rps "
+          f"({flood_rps * 10:,.0f}/s offered): quiet p99 {both['quiet']['ok_p99_us'] / 1000:.2f} ms "
+          f"(x{ratio:.2f}, <= 1.5), flood goodput {both['flood']['goodput_per_s']:,.0f}/s "
+          f"(limit {flood_rps:,.0f}), refused {both['flood']['refused_per_s']:,.0f}/s")  # fmt: skip
+    return {
+        "quiet_alone": alone,
+        "quiet_with_flood": both["quiet"],
+        "flood": both["flood"],
+        "neighbour_p99": round(ratio, 2),
+    }
+
+
+CONFIG = """workers = 1
+[overload]
+target_delay_ms = {target_ms}
+interval_ms = {interval_ms}
+[[namespaces]]
+name = "sql"
+[[namespaces]]
+name = "flood"
+limits = {{ rps = {flood_rps} }}
+[[namespaces]]
+name = "quiet"
+"""
+PG = """[[namespaces]]
+name = "pg"
+backend = "postgres"
+options = {{ dsn = "{dsn}" }}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per step (default 5)")
+    parser.add_argument(
+        "--pg-dsn", default=os.environ.get("PRISM_TEST_PG_DSN", ""), help="also a PostgreSQL ladder"
+    )
+    parser.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--saturation-inflight", type=int, default=128)
+    parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
+    parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
+    parser.add_argument("--target-delay-ms", type=float, default=5.0)
+    parser.add_argument("--interval-ms", type=float, default=100.0)
+    parser.add_argument("--skip-ladder", action="store_true")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "overload.json")
+    args = parser.parse_args(argv)
+
+    allowed = os.sched_getaffinity(0)
+    client_cpus = allowed - {args.server_cpu} or allowed
+    with tempfile.TemporaryDirectory(prefix="prism-overload-") as tmp:
+        body = CONFIG.format(
+            target_ms=args.target_delay_ms, interval_ms=args.interval_ms, flood_rps=args.flood_rps
+        )
+        if args.pg_dsn:
+            body += PG.format(dsn=args.pg_dsn)
+        server = make_prism("overload", Path(tmp), body, (args.server_cpu,), "sql")
+        server.start()
+        bench: Bench | None = None
+        try:
+            server.wait_ready(30)
+            for namespace in ("sql", "flood", "quiet", *(("pg",) if args.pg_dsn else ())):
+                seed(server.target, namespace, "r", b"k", b"v" * 100)
+            bench = Bench(server, args.clients, client_cpus, args.duration)
+            result: dict[str, Any] = {
+                "machine": machine_info("grpc.aio"),
+                "args": vars(args) | {"out": str(args.out)},
+            }
+            result["targets"] = TARGETS
+            if not args.skip_ladder:
+                result["sqlite"] = ladder(bench, "sql", args.saturation_inflight)
+                if args.pg_dsn:
+                    result["postgres"] = ladder(bench, "pg", args.saturation_inflight)
+            result["flood"] = flood(bench, args.flood_rps, args.quiet_rps)
+        finally:
+            if bench is not None:
+                bench.pool.terminate()
+                bench.pool.join()
+            server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
