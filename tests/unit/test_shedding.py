@@ -29,7 +29,7 @@ def test_a_burst_that_drains_is_not_shed() -> None:
     shedder = Shedder(CONFIG)
     assert not shedder.refuses(50, 0.0)
     # Long waits, but one call went straight through: the queue drained.
-    for t, wait in ((0.01, 0.05), (0.02, 0.0), (0.05, 0.08)):
+    for wait in (0.05, 0.0, 0.08):
         shedder.observe(wait)
     assert not shedder.refuses(50, 0.1)
 
@@ -37,7 +37,7 @@ def test_a_burst_that_drains_is_not_shed() -> None:
 def test_a_standing_queue_caps_the_calls_in_flight_until_the_waits_fall_back() -> None:
     shedder = Shedder(CONFIG)
     shedder.refuses(0, 0.0)  # the first interval starts
-    for i in range(10):
+    for _ in range(10):
         shedder.observe(0.02)  # every wait above 5 ms for a whole interval
     # 100 calls in flight when the interval ends: at most 90 from now on.
     assert shedder.refuses(100, 0.1)
