@@ -259,3 +259,38 @@ def test_sighup_whose_new_workers_cannot_boot_keeps_the_old_ones(prism_tree) -> 
     assert tree.proc is not None and tree.proc.poll() is None, tree.stderr()[-2000:]
     assert "halting" not in tree.stderr()
     assert get(tree.kv("t.prism"), "keep", "r0") != {}
+
+
+LIMITED = tenant_toml("t", [sqlite_ns("q", extra=", limits = { rps = 1, burst = 1 }"), sqlite_ns("n")])
+UNLIMITED = tenant_toml("t", [sqlite_ns("q"), sqlite_ns("n")])
+
+
+def _refusal(call) -> tuple[str, str, str | None]:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+        return exc.code().name, exc.details(), pushback
+    return "OK", "", None
+
+
+def test_a_namespace_quota_refuses_with_a_pushback_and_a_reload_lifts_it(prism_tree) -> None:
+    tree = prism_tree(LIMITED)
+    stub = tree.kv("t.prism")
+    put(stub, "q", "r", b"k", b"v")  # the burst's one token
+    status, message, pushback = _refusal(lambda: get(stub, "q", "r"))
+    assert (status, message) == ("RESOURCE_EXHAUSTED", 'namespace "q": rps limit 1 exceeded')
+    assert pushback is not None and 0 < int(pushback) <= 1000
+    for _ in range(5):  # the neighbour has no limit
+        put(stub, "n", "r", b"k", b"v")
+    wait_until(
+        lambda: tree.metric("prism_calls_limited_total", namespace="q", reason="rps") >= 1,
+        5.0,
+        what="the refusal counted in /metrics",
+    )
+
+    tree.write_config(UNLIMITED)
+    tree.send_signal(signal.SIGHUP)
+    wait_until(lambda: _refusal(lambda: get(stub, "q", "r", timeout=2))[0] == "OK", 3.0, what="q unlimited")
+    for _ in range(10):
+        assert get(stub, "q", "r") == {b"k": b"v"}
