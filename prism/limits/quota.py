@@ -40,6 +40,7 @@ from prism.errors import ResourceExhausted
 # A place under ``concurrency`` frees when some call ends, which nobody can
 # tell in advance: the pushback is a short guess.
 CONCURRENCY_PUSHBACK_MS: Final = 10
+_INF: Final = math.inf
 
 
 class QuotaExceeded(ResourceExhausted):
@@ -118,14 +119,25 @@ class Lease:
         """Take a token from and a place in every limit, or raise ``QuotaExceeded``
         (taking nothing)."""
         for limit in self.limits:
-            refusal = limit.refusal(now)
-            if refusal is not None:
-                refusal.namespace = namespace
-                raise refusal
-        for limit in self.limits:
-            limit.tokens -= 1.0
-            limit.inflight += 1
-        return self
+            # ``refusal``'s checks, inlined: this runs on every limited call.
+            if limit.inflight >= limit.cap:
+                break
+            rate = limit.rate
+            if rate != _INF:
+                tokens = limit.tokens + (now - limit.stamp) * rate
+                limit.tokens = tokens if tokens < limit.burst else limit.burst
+                limit.stamp = now
+                if limit.tokens < 1.0:
+                    break
+        else:
+            for limit in self.limits:
+                limit.tokens -= 1.0
+                limit.inflight += 1
+            return self
+        refusal = limit.refusal(now)
+        assert refusal is not None
+        refusal.namespace = namespace
+        raise refusal
 
     def release(self) -> None:
         for limit in self.limits:
