@@ -30,14 +30,14 @@ from typing import Any, Final, Protocol
 import trio
 
 from prism import metrics
-from prism.errors import FailedPrecondition, StatusCode, Unavailable
-from prism.router.forward import ForwardBus, Moved
+from prism.errors import DeadlineExceeded, FailedPrecondition, NotFound, StatusCode, Unavailable
+from prism.router.forward import ForwardBus, Moved, RemoteStatus
 from prism.router.messages import ForwardAnswer, ForwardCall
 from prism.router.table import RoutingTableReader
 from prism.rpc.boundary import failure_status
-from prism.rpc.call import CallContext, Caller
+from prism.rpc.call import Call, CallContext, Caller
 from prism.rpc.methods import UNARY, Method
-from prism.rpc.settings import ServerSettings
+from prism.rpc.settings import Answered, ServerSettings
 from prism.security.runtime import Security
 
 # Which abstraction each service's calls need.
@@ -124,10 +124,75 @@ class Forwarding:
             raise Unavailable(f"namespace {namespace!r} is being opened; retry")
         return entry.tenant
 
-    async def forward(self, namespace: str, call: CallContext) -> bytes | None:
+    def forward_now(self, call: Call, request: Any, answered: Answered) -> bool:
+        """Send a unary call for another tenant's namespace to its owner
+        without waiting (``prism.rpc.settings.ForwardNow``): what ``forward``
+        does on its first attempt, with ``answered`` called back. False
+        wherever ``forward`` would do more than send and wait (a namespace
+        held here, unknown, of another abstraction, no owner serving yet):
+        the handler's path does that."""
+        namespace = getattr(request, "namespace", None)
+        if type(namespace) is not str or call.forwarded:
+            return False
+        routes = self._routes.current()
+        entry = routes.namespaces.get(namespace)
+        if entry is None:
+            return False
+        wanted = ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
+        if wanted is not None and entry.abstraction != wanted:
+            return False
+        owners = routes.owners(namespace)
+        if any(w.id == self._worker_id for w in owners):
+            return False
+        metadata = call.metadata
+        if call.caller is not None:
+            metadata = [entry for entry in metadata if entry[0] != "authorization"]  # (see forward)
+        deadline = call.deadline
+
+        def settle(answer: ForwardAnswer | None) -> None:
+            if answer is None:
+                if trio.current_time() >= deadline:
+                    answered(None, DeadlineExceeded("deadline exceeded"))
+                else:
+                    answered(None, Unavailable(f"the owning worker of {namespace!r} did not answer; retry"))
+            elif answer.status == StatusCode.OK:
+                answered(answer.payload, None)
+            elif answer.moved:
+                # The owner let the namespace go: refresh the table and try
+                # once more, as ``forward`` does (in a task: that may wait).
+                assert self.bus.nursery is not None
+                self.bus.nursery.start_soon(self._once_more, namespace, call, answered)
+            else:
+                answered(None, RemoteStatus(answer.status, answer.message))
+
+        payload = bytes(call.messages[0])
+        if not self.bus.post(owners, call.path, payload, metadata, deadline, call.caller, settle):
+            return False
+        call.namespace = namespace
+        metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
+        return True
+
+    async def _once_more(self, namespace: str, call: Call, answered: Answered) -> None:
+        """``forward_now``'s second attempt, after a moved answer."""
+        payload: bytes | None = None
+        error: Exception | None = None
+        with trio.move_on_at(call.deadline):
+            try:
+                await self._host.apply_routes()
+                payload = await self.forward(namespace, call, first_attempt=2)
+                if payload is None:
+                    error = NotFound(f"unknown namespace {namespace!r}")
+            except Exception as exc:
+                error = exc
+        if payload is None and error is None:
+            error = DeadlineExceeded("deadline exceeded")
+        answered(payload, error)
+
+    async def forward(self, namespace: str, call: CallContext, *, first_attempt: int = 1) -> bytes | None:
         """The answer to a call for ``namespace``, which this process does not
-        hold; None if no tenant holds it."""
-        for attempt in (1, 2):
+        hold; None if no tenant holds it. (``first_attempt`` 2: the table was
+        just refreshed after a moved answer.)"""
+        for attempt in range(first_attempt, 3):
             routes = self._routes.current()
             entry = routes.namespaces.get(namespace)
             if entry is None:

@@ -71,6 +71,8 @@ class App:
             drain_timeout_s=config.graceful_timeout_s,
         )
         self.settings.observer = self._observe
+        if remote is not None:
+            self.settings.forward_now = remote.forward_now
         self._data_dir = Path(config.data_dir)
         tokens = PageTokens(load_or_create_key(self._data_dir))
         max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)

@@ -332,3 +332,55 @@ async def test_tenant_of_names_the_tenant_a_subscriber_must_reach(nodes: tuple[N
         forwarding.tenant_of("kv")
     with pytest.raises(Unavailable, match="'mine' is being opened"):
         forwarding.tenant_of("mine")
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+
+async def test_a_forwarded_call_runs_no_task_on_the_worker_it_reached(nodes: tuple[Node, Node, Node]) -> None:
+    # The front worker sends the call from its reader's step and answers it
+    # when the owner's answer comes (Calls._forward_now): the only task per
+    # call is the owner's, which runs the handler. (Was two: a task on each side.)
+    a, b, _ = nodes
+    table = routes(1, {"kv": ("b", "keyvalue")}, a, b)
+    await a.install(table)
+    await b.install(table)
+    async with running(a, b), client_of(a) as client:
+        assert (await put(client, "kv")).status == 0  # the first call dials the owner
+        spawns = _Spawns()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            for _ in range(10):
+                assert (await put(client, "kv")).status == 0
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+    assert spawns.spawned == 10
+    # Observed (metrics) where the client is, as before: the first call and the ten.
+    assert a.observed == [("KeyValue/PutItems", StatusCode.OK)] * 11
+
+
+async def test_a_forwarded_call_past_its_deadline_is_deadline_exceeded_where_it_landed(
+    nodes: tuple[Node, Node, Node], autojump_clock: trio.testing.MockClock
+) -> None:
+    a, b, _ = nodes
+    table = routes(1, {"kv": ("b", "keyvalue")}, a, b)
+    await a.install(table)
+    await b.install(table)
+
+    async def hang(request: object) -> object:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    b.remote.bus._handle = hang  # type: ignore[assignment]
+    async with running(a, b), client_of(a) as client:
+        request = kv_pb2.PutItemsRequest(namespace="kv", id="r", items=[kv_pb2.Item(key=b"k", value=b"v")])
+        start = trio.current_time()
+        sid = await client.start_call(PUT, frame(request.SerializeToString()), extra=[("grpc-timeout", "2S")])
+        r = await client.wait(sid)
+        assert (r.status, r.message) == (StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        assert trio.current_time() - start == pytest.approx(2.0)
