@@ -79,6 +79,44 @@ def test_check_of_the_server_is_serving_only_while_every_tenant_has_a_serving_wo
     assert tree.proc is not None and tree.proc.poll() is None
 
 
+def test_ready_1_readyz_and_check_flip_together(prism_tree, tmp_path) -> None:
+    """systemd's READY=1, /readyz and Check("") read one published table: none
+    says ready before the others (give or take one supervisor turn)."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    try:
+        body = tenant_toml("a", [sqlite_ns("profiles")]) + tenant_toml("b", [sqlite_ns("ledger")], workers=2)
+        tree: PrismTree = prism_tree(body, start=False, env={"NOTIFY_SOCKET": str(path)})
+        tree.spawn()
+        channel = tree.channel(warm=False)
+        ready_at = readyz_at = check_at = None
+        deadline = time.monotonic() + 30
+        while None in (ready_at, readyz_at, check_at) and time.monotonic() < deadline:
+            try:
+                if "READY=1" in sock.recv(4096).decode().splitlines() and ready_at is None:
+                    ready_at = time.monotonic()
+            except BlockingIOError:
+                pass
+            if readyz_at is None and tree.fetch("/readyz", timeout_s=0.5)[0] == 200:
+                readyz_at = time.monotonic()
+            try:
+                if check_at is None and check(channel) == SERVING:
+                    check_at = time.monotonic()
+            except grpc.RpcError:
+                # Not listening yet: a new channel, not grpcio's reconnect backoff.
+                channel = tree.channel(warm=False)
+            time.sleep(0.01)
+        assert None not in (ready_at, readyz_at, check_at), (ready_at, readyz_at, check_at)
+        first = min(ready_at, readyz_at, check_at)  # type: ignore[type-var]
+        last = max(ready_at, readyz_at, check_at)  # type: ignore[type-var]
+        # One poll round (three requests on a loaded machine) apart at most.
+        assert last - first < 0.5, (ready_at, readyz_at, check_at)
+    finally:
+        sock.close()
+
+
 # -- boot with PostgreSQL down --------------------------------------------------------------------
 
 
