@@ -3,7 +3,7 @@
 ``prism_tree`` gives a test a factory: ``start(body)`` writes a config (the
 test's tenants, plus a free admin port and short timeouts), runs
 ``prism serve`` on a free gRPC port with a fresh data dir, waits until
-``/readyz`` says every worker serves, and returns a ``PrismTree``. Every tree
+``/readyz`` says every namespace has a serving worker, and returns a ``PrismTree``. Every tree
 started is stopped when the test ends, whatever happened (stopped workers are
 continued first, stragglers are SIGKILLed), and its stderr is kept in a file
 the test can read.
