@@ -200,6 +200,7 @@ class App:
         for name in self._reopen.due(trio.current_time()):
             ns = self._failed.get(name)
             if ns is None:
+                self._reopen.forget(name)  # never due again: the loop must not spin
                 continue
             try:
                 backend = await self._open(ns)
@@ -209,7 +210,10 @@ class App:
                 continue
             if self._failed.get(name) != ns:
                 # Removed, changed or opened by a reload while we tried.
-                await backend.aclose()
+                try:
+                    await backend.aclose()
+                except Exception as exc:
+                    log.warning("namespace %s: error closing backend: %s", name, exc)
                 continue
             self._hold(ns, backend)
 

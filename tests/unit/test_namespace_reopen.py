@@ -200,3 +200,35 @@ async def test_a_failure_after_boot_is_retried_on_the_same_schedule(
         await trio.sleep(FIRST_RETRY_S * 1.5)  # the first retry wakes the sleeping loop
         assert app.holds("remote")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_retry_that_opens_after_a_reload_dropped_the_namespace_is_closed(
+    app: App, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = trio.Event()
+    closed: list[bool] = []
+
+    async def slow_open(self: FlakyBackend) -> None:
+        OUTAGE.attempts.append(trio.current_time())
+        if len(OUTAGE.attempts) == 1:
+            raise Unavailable("flaky: down")
+        await gate.wait()  # the retry: answers only after the reload
+
+    async def aclose(self: FlakyBackend) -> None:
+        closed.append(True)
+
+    monkeypatch.setattr(FlakyBackend, "open", slow_open)
+    monkeypatch.setattr(FlakyBackend, "aclose", aclose)
+    await app.apply([FLAKY, LOCAL], strict=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app.keep_reopening)
+        await trio.sleep(5.0)
+        assert len(OUTAGE.attempts) == 2  # the retry is in flight
+        await app.apply([LOCAL])  # a reload dropped the namespace meanwhile
+        gate.set()
+        await trio.sleep(1.0)
+        assert not app.holds("remote") and app.health.get("remote") is None
+        assert closed == [True]
+        await trio.sleep(120.0)
+        assert len(OUTAGE.attempts) == 2  # and it is not tried again
+        nursery.cancel_scope.cancel()
