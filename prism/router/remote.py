@@ -7,9 +7,13 @@ this module decides what goes on it:
 - A call naming a namespace of another abstraction than its service's is
   FAILED_PRECONDITION, wherever that namespace lives.
 - A call for another tenant's namespace goes to a serving worker of that
-  tenant. One for a namespace the routing table gives to this worker but
-  that it has not opened yet (a reload moved or added it a moment ago) waits
-  for it to open, so a move fails no call.
+  tenant. While that tenant has none (its workers are still starting, or
+  restarting), the call waits for one, at most ``OWNER_WAIT_S`` and never
+  past its deadline, instead of failing at once. One for a namespace the
+  routing table gives to this worker but that it has not opened yet (a
+  reload moved or added it a moment ago) waits for it to open, so a move
+  fails no call; unless its remote backend is known to be down (the worker
+  retries it): that is UNAVAILABLE at once, naming why.
 - A forwarded call is never forwarded again. A worker that no longer holds
   the namespace of a call forwarded to it answers "moved"
   (``ForwardAnswer.moved``): the sender read an older routing table than the
@@ -33,7 +37,7 @@ from prism import metrics
 from prism.errors import DeadlineExceeded, FailedPrecondition, NotFound, StatusCode, Unavailable
 from prism.router.forward import ForwardBus, Moved, RemoteStatus
 from prism.router.messages import ForwardAnswer, ForwardCall
-from prism.router.table import RoutingTableReader
+from prism.router.table import RoutingTableReader, WorkerEntry
 from prism.rpc.boundary import failure_status
 from prism.rpc.call import Call, CallContext, Caller
 from prism.rpc.methods import UNARY, Method
@@ -49,6 +53,11 @@ ABSTRACTION_OF_SERVICE: Final = {
 # How long a call waits for a namespace this worker was just given to open.
 OPEN_WAIT_S: Final = 5.0
 _OPEN_POLL_S: Final = 0.005
+# How long a call waits for a serving worker of the namespace's tenant (its
+# workers boot, or one restarts): covers a worker's start on a busy machine;
+# a client's shorter deadline ends the wait sooner.
+OWNER_WAIT_S: Final = 5.0
+_OWNER_POLL_S: Final = 0.01
 
 
 class ForwardedCall:
@@ -79,6 +88,10 @@ class Local(Protocol):
 
     def holds(self, namespace: str) -> bool:
         """Whether ``namespace`` is open here."""
+        ...
+
+    def unreachable(self, namespace: str) -> str | None:
+        """Why ``namespace``'s remote backend could not be opened, or None."""
         ...
 
 
@@ -214,6 +227,8 @@ class Forwarding:
                     StatusCode.UNAVAILABLE,
                     f"namespace moved while the call was forwarded: {namespace!r}; retry",
                 )
+            if not any(w.serving for w in owners):
+                owners = await self._serving_owners(namespace, call.deadline)
             metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
             metadata = call.metadata
             if call.caller is not None:
@@ -232,11 +247,30 @@ class Forwarding:
                 await self._host.apply_routes()
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    async def _serving_owners(self, namespace: str, deadline: float) -> list[WorkerEntry]:
+        """The owners of ``namespace`` once one of them serves (the routing
+        table says so), waiting at most ``OWNER_WAIT_S`` and not past ``deadline``."""
+        give_up = min(deadline, trio.current_time() + OWNER_WAIT_S)
+        with trio.move_on_at(give_up):
+            while True:
+                owners = self._routes.current().owners(namespace)
+                if not owners or any(w.serving for w in owners):
+                    return owners
+                await trio.sleep(_OWNER_POLL_S)
+        if trio.current_time() >= deadline:
+            raise DeadlineExceeded("deadline exceeded")
+        entry = self._routes.current().namespaces.get(namespace)
+        tenant = entry.tenant if entry is not None else "?"
+        raise Unavailable(f"no worker of tenant {tenant!r} is serving (waited {OWNER_WAIT_S:g} s); retry")
+
     async def _run_when_open(self, namespace: str, call: CallContext) -> bytes:
         local = self._host.app
         with trio.move_on_after(OPEN_WAIT_S):
             while not local.holds(namespace):
                 await self._host.apply_routes()
+                down = local.unreachable(namespace)
+                if down is not None:
+                    raise Unavailable(f"namespace {namespace!r}: backend unreachable, retrying: {down}")
                 if not local.holds(namespace):
                     await trio.sleep(_OPEN_POLL_S)
         if not local.holds(namespace):

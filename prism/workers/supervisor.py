@@ -39,6 +39,7 @@ from prism.config import ServerConfig, TenantConfig
 from prism.config.security import is_loopback
 from prism.errors import ConfigError
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
+from prism.router.readiness import not_ready_reason
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
 from prism.workers.preflight import check_deployable
 from prism.workers.resources import Resources, signal_child
@@ -79,6 +80,8 @@ class Supervisor:
         self.admin: subprocess.Popen[bytes] | None = None
         self._admin_restart_at = 0.0
         self._handovers: list[Handover] = []
+        # Why the last published table is not ready (prism.router.readiness), or None.
+        self._not_ready: str | None = "nothing published yet"
 
     # -- signals ---------------------------------------------------------------
 
@@ -100,11 +103,11 @@ class Supervisor:
         self.generation += 1
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
-        self.resources.routes.publish(
-            self.resources.routes_for(
-                self.generation, self.config, cpus, self.slots.values(), self.security_serial
-            )
+        routes = self.resources.routes_for(
+            self.generation, self.config, cpus, self.slots.values(), self.security_serial
         )
+        self.resources.routes.publish(routes)
+        self._not_ready = not_ready_reason(routes)
         self._broadcast()
 
     def _broadcast(self) -> None:
@@ -216,11 +219,17 @@ class Supervisor:
             self._forget_gone()
             if self._routes_changed:
                 self._publish()
-            serving = [s.state is SlotState.SERVING for s in self.slots.values()]
-            if not ready_sent and serving and all(serving):
+            # READY=1 on the turn that published the first ready table: the
+            # moment the workers' Check("") and the admin's /readyz flip too.
+            if not ready_sent and self._not_ready is None:
                 ready_sent = True
-                self.notifier.ready(f"serving with {len(self.slots)} workers")
-                log.info("all %d workers serving", len(self.slots))
+                serving = sum(s.state is SlotState.SERVING for s in self.slots.values())
+                self.notifier.ready(f"serving: {serving} of {len(self.slots)} workers")
+                log.info(
+                    "ready: every namespace has a serving worker (%d of %d workers serving)",
+                    serving,
+                    len(self.slots),
+                )
             if now >= next_state:
                 next_state = now + STATE_INTERVAL_S
                 self._broadcast()

@@ -31,8 +31,9 @@ from prism.config import NamespaceConfig
 from prism.log import setup_logging
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import BootFailed, Heartbeat, State, control_decoder, control_encoder
+from prism.router.readiness import Readiness
 from prism.router.remote import Forwarding
-from prism.router.table import Routes, RoutingTableReader
+from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
 from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
@@ -93,6 +94,17 @@ class Worker:
         self.generation = -1
         self.draining = False
         self._applying = trio.Lock()
+        self._readiness = Readiness()
+        self.app.health.follow(self.not_ready)
+
+    def not_ready(self) -> str | None:
+        """Why the gateway is not ready yet (``Check("")`` is NOT_SERVING), or None.
+        Read from the newest table at every Check, so it flips at the moment the
+        supervisor publishes (and sends READY=1) and ``/readyz`` does."""
+        try:
+            return self._readiness.reason(self.routes.current())
+        except RoutingTableUnavailable as exc:
+            return str(exc)
 
     # -- routing -------------------------------------------------------------
 
@@ -110,6 +122,7 @@ class Worker:
             await self.app.apply(self._mine(routes), strict=strict)
             self.app.settings.security.apply(routes.security)
             self.generation = routes.generation
+            self.app.health.poke()  # Watch("") reads readiness again
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
     # -- loops ---------------------------------------------------------------
@@ -188,6 +201,7 @@ class Worker:
                     nursery.start_soon(self._control, sub, drain)
                     nursery.start_soon(self._watch_routes)
                     nursery.start_soon(self._watch_health)
+                    nursery.start_soon(self.app.keep_reopening)
                     nursery.start_soon(heap.trim_when_quiet, lambda: self.app.settings.traffic_bytes)
                     nursery.start_soon(self._on_drain, drain, nursery)
                     async for signum in signals:
