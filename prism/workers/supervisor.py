@@ -19,11 +19,13 @@ the tenant's previous workers keep serving.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +56,16 @@ STATE_INTERVAL_S = 0.5
 BOOT_TIMEOUT_S = 60.0
 FAST_STOP_S = 3.0
 ADMIN_RESTART_S = 0.5
+EXIT_CONFIG = 2  # as `prism serve` for a config error
+
+
+def start_failure_code(exc: OSError) -> int:
+    """1 when trying again later may work (a port in use, no memory), 2 when
+    the configured value cannot work here (an address not on this machine, a
+    privileged port, a host name that does not resolve)."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL) or isinstance(exc, socket.gaierror):
+        return EXIT_CONFIG
+    return 1
 
 
 class Supervisor:
@@ -158,7 +170,7 @@ class Supervisor:
             self.resources = Resources.create(self.config, self.runtime_dir)
         except OSError as exc:
             print(f"prism: cannot start: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            return start_failure_code(exc)
         wake = self._install_signals()
         pid_path = self.runtime_dir / "prism.pid"
         pid_path.write_text(f"{os.getpid()}\n")
