@@ -10,7 +10,9 @@ the runtime directory the sockets workers trust each other over (forwarded
 calls, hand-offs, the supervisor's control): both are created 0700, the key
 0600 (``prism.api.pagetoken``). A directory that already exists is the
 user's: one that group or others can use is left as it is, with one warning
-line, and so is a key or token file that anyone can read.
+line, and so is a key or token file that anyone can read, and an SQLite
+namespace's file open to group or others (``prism.backends.sqlite.files``
+creates them 0600, in 0700 directories, whatever the umask).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from prism.backends import catalog
+from prism.backends.sqlite.files import open_to_others
+from prism.backends.sqlite.options import SqliteOptions
 from prism.config import ServerConfig
 from prism.errors import ConfigError
 
@@ -106,7 +111,18 @@ def permission_warnings(config: ServerConfig) -> list[str]:
     secrets.append(("admin.tls.key_file", config.admin.tls.key_file if config.admin.tls else ""))
     secrets.append(("admin_token_file", config.admin_token_file))
     warnings += [readable_by_others(path, what) for what, path in secrets if path]
+    warnings += [open_to_others(path) for path in sqlite_files(config)]
     return [w for w in warnings if w is not None]
+
+
+def sqlite_files(config: ServerConfig) -> list[Path]:
+    """The database file of each SQLite namespace (KeyValue and TimeSeries)."""
+    files = []
+    for ns in config.all_namespaces():
+        options = catalog.check(ns.abstraction, ns.backend, ns.options)  # as config loading did
+        if isinstance(options, SqliteOptions):
+            files.append(options.file(Path(config.data_dir), ns.name).absolute())
+    return files
 
 
 def prepare_runtime(config: ServerConfig) -> Path:

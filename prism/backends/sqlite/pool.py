@@ -27,6 +27,7 @@ import trio
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import ItemPage, RecordPage
 from prism.backends.sqlite.errors import ERRORS, DiskFull, FullDiskLog
+from prism.backends.sqlite.files import create_private
 from prism.errors import Internal, Unavailable
 
 _T = TypeVar("_T")
@@ -136,7 +137,7 @@ class SqlitePool:
         self._writer, self._readers = writer, readers
 
     def _connect_all(self) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)
         conns: list[sqlite3.Connection] = []
         try:
             writer = self._connect()
