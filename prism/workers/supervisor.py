@@ -316,7 +316,7 @@ class Supervisor:
         message = f"worker {slot.id} of tenant {slot.tenant!r} cannot boot: {reason}"
         handover = next((h for h in self._handovers if slot.id in h.new), None)
         if handover is None:
-            self._halt(message)
+            self._halt(message, printed=True)  # the worker printed its line: one is enough
             return
         # A reload's new worker: reject the tenant's replacement, keep the
         # workers it was to replace (they still serve: they retire only once
@@ -327,9 +327,10 @@ class Supervisor:
             if other in self.slots and self.slots[other].state in ACTIVE:
                 self._handle(self.slots[other], SlotEvent.RETIRE)
 
-    def _halt(self, reason: str) -> None:
+    def _halt(self, reason: str, *, printed: bool = False) -> None:
         if not self._halted:
-            print(f"prism: halting: {reason}", file=sys.stderr, flush=True)
+            if not printed:
+                print(f"prism: halting: {reason}", file=sys.stderr, flush=True)
             log.error("halting: %s", reason)
             self._halted = True
             self.exit_code = EXIT_HALTED
@@ -442,10 +443,13 @@ class Supervisor:
 
     def _stop_everything(self) -> None:
         procs = [s.proc for s in self.slots.values() if s.proc is not None]
-        if self.admin is not None:
-            procs.append(self.admin)
         for proc in procs:
             signal_child(proc, signal.SIGINT if self._halted else signal.SIGTERM)
+        if self.admin is not None:
+            # SIGTERM either way: the admin process stops the same on both, and
+            # one still starting (no handler yet) then ends without a traceback.
+            signal_child(self.admin, signal.SIGTERM)
+            procs.append(self.admin)
         deadline = time.monotonic() + FAST_STOP_S
         for proc in procs:
             try:

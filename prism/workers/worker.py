@@ -254,6 +254,9 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
+        # The report makes the supervisor halt and SIGINT its children, this
+        # one too, maybe while it exits: a traceback from an atexit hook then.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _report_boot_failure(spec, reason)
         sys.exit(EXIT_BOOT_FAILED)
     except KeyboardInterrupt:

@@ -162,3 +162,18 @@ def test_tls_files_unreadable(tmp_path: Path) -> None:
         (tmp_path / name).chmod(0)
     config = f'[tls]\ncert_file = "{tmp_path}/cert.pem"\nkey_file = "{tmp_path}/key.pem"\n' + CONFIG
     one_line(serve(tmp_path, config=config, prefix=_setpriv()), 2, "tls: cannot load", "Permission denied")
+
+
+def test_a_namespace_file_that_cannot_be_created_halts_with_one_line(
+    tmp_path: Path, read_only_dir: Path
+) -> None:
+    db = read_only_dir / "x.sqlite3"
+    config = (
+        f'workers = 1\n[[namespaces]]\nname = "default"\nbackend = "sqlite"\noptions = {{ path = "{db}" }}\n'
+    )
+    r = serve(tmp_path, config=config)
+    assert r.returncode == 3, r.stderr
+    # Structured log lines (JSON) go to stderr as well; the failure is one plain line.
+    plain = [line for line in r.stderr.splitlines() if not line.startswith("{")]
+    expected = f"prism: worker 0 of tenant 'default' cannot boot: [Errno 30] Read-only file system: '{db}'"
+    assert plain == [expected], r.stderr
