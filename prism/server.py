@@ -80,14 +80,14 @@ def readable_by_others(path: str, what: str) -> str | None:
     return f"{what} {path} is readable by any user (mode {mode:04o}): `chmod o-r {path}`"
 
 
-def usable_dir(path: Path, what: str) -> str | None:
+def usable_dir(path: Path, what: str, field: str) -> str | None:
     """``private_dir`` for a directory Prism writes in: ConfigError, one line
-    naming ``what`` and the path, if it cannot be created or written to
-    (a file in its place, no permission, a read-only file system)."""
+    naming the config ``field`` and the path, if it cannot be created or
+    written to (a file in its place, no permission, a read-only file system)."""
     try:
         warning = private_dir(path, what)
         if not path.is_dir():
-            raise ConfigError(f"{what}: {path} is not a directory")
+            raise ConfigError(f"{field}: {path} is not a directory")
         # Writing is what serving needs: try it (access() is no answer for
         # root, nor for a read-only mount under some kernels).
         fd, probe = tempfile.mkstemp(prefix=".prism-probe-", dir=path)
@@ -96,14 +96,14 @@ def usable_dir(path: Path, what: str) -> str | None:
     except OSError as exc:
         probing = str(exc.filename or "").startswith(str(path / ".prism-probe-"))
         shown = path if probing else exc.filename or path
-        raise ConfigError(f"{what}: cannot use {shown}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{field}: cannot use {shown}: {exc.strerror or exc}") from None
     return warning
 
 
 def permission_warnings(config: ServerConfig) -> list[str]:
     """What to warn about before serving: shared directories and readable secrets. Creates the
     data directory (0700) if missing; ConfigError naming ``data_dir`` if it cannot be used."""
-    warnings = [usable_dir(Path(config.data_dir).absolute(), "data_dir")]
+    warnings = [usable_dir(Path(config.data_dir).absolute(), "data_dir", "data_dir")]
     key = Path(config.data_dir) / _PAGE_TOKEN_KEY
     if key.exists() and stat.S_IMODE(key.stat().st_mode) & 0o077:
         warnings.append(f"{key} is open to group or others: `chmod 600 {key}` (it signs page tokens)")
@@ -130,7 +130,7 @@ def prepare_runtime(config: ServerConfig) -> Path:
     naming ``data_dir`` (or ``RUNTIME_DIRECTORY``) if it cannot be used."""
     runtime = runtime_dir(config)
     what = "RUNTIME_DIRECTORY" if os.environ.get("RUNTIME_DIRECTORY") else "data_dir"
-    warning = usable_dir(runtime, what)
+    warning = usable_dir(runtime, "the runtime directory", what)
     if warning is not None:
         log.warning("%s", warning)
     metrics_dir = runtime / "metrics"
