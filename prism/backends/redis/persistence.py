@@ -3,8 +3,14 @@
 A Redis with neither an append-only file nor RDB snapshots loses every
 write on a restart, however acknowledged: a KeyValue namespace on one warns
 when it opens, and with ``require_persistence = true`` refuses to open
-(NOT_SERVING, retried like a backend that is down, so that ``CONFIG SET
-appendonly yes`` brings it back without a restart of Prism).
+(Unavailable). That is how a backend that is down fails, and why it was
+chosen over a start-up failure: the condition is the Redis server's and can
+change while Prism runs, so the namespace is NOT_SERVING and retried by
+``App.check_health``, and ``CONFIG SET appendonly yes`` brings it back
+without a restart of Prism. (Boot treats a namespace that cannot open as
+it treats any: today it halts, exit 3 with the reason.) The check runs when
+the namespace opens only: a Redis that stops persisting later is seen at
+the next open.
 
 ``CONFIG GET appendonly`` and ``CONFIG GET save`` answer it. Managed Redis
 services often disable CONFIG; then ``INFO persistence`` tells whether AOF
