@@ -5,6 +5,7 @@ names) cannot work here, 1 when trying again later may (a port in use)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,11 @@ AS_UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-ne
 
 
 def serve(
-    tmp_path: Path, *flags: str, config: str = CONFIG, prefix: list[str] | None = None
+    tmp_path: Path,
+    *flags: str,
+    config: str = CONFIG,
+    prefix: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``prism serve`` that is expected to fail at once; its result."""
     cfg = tmp_path / "prism.toml"
@@ -45,6 +50,7 @@ def serve(
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -68,6 +74,12 @@ def taken_port() -> Iterator[int]:
 def test_config_file_missing(tmp_path: Path) -> None:
     r = serve(tmp_path, "--config", str(tmp_path / "nope.toml"))
     one_line(r, 2, "nope.toml", "No such file")
+
+
+def test_config_file_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "prism.toml").write_text(CONFIG)
+    (tmp_path / "prism.toml").chmod(0)
+    one_line(serve(tmp_path, prefix=_setpriv()), 2, "prism.toml: cannot read", "Permission denied")
 
 
 def test_config_file_unparsable(tmp_path: Path) -> None:
@@ -129,6 +141,12 @@ def test_data_dir_without_permission(tmp_path: Path) -> None:
     one_line(r, 2, f"data_dir: cannot use {tmp_path / 'locked' / 'data'}", "Permission denied")
     r = serve(tmp_path, "--data-dir", str(tmp_path / "locked"), prefix=_setpriv())
     one_line(r, 2, f"data_dir: cannot use {tmp_path / 'locked'}:", "Permission denied")
+
+
+def test_runtime_directory_unusable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    r = serve(tmp_path, env={"RUNTIME_DIRECTORY": str(tmp_path / "file")})
+    one_line(r, 2, f"RUNTIME_DIRECTORY: {tmp_path / 'file'} is not a directory")
 
 
 @pytest.fixture
