@@ -5,12 +5,12 @@ write on a restart, however acknowledged: a KeyValue namespace on one warns
 when it opens, and with ``require_persistence = true`` refuses to open
 (Unavailable). That is how a backend that is down fails, and why it was
 chosen over a start-up failure: the condition is the Redis server's and can
-change while Prism runs, so the namespace is NOT_SERVING and retried by
-``App.check_health``, and ``CONFIG SET appendonly yes`` brings it back
-without a restart of Prism. (Boot treats a namespace that cannot open as
-it treats any: today it halts, exit 3 with the reason.) The check runs when
-the namespace opens only: a Redis that stops persisting later is seen at
-the next open.
+change while Prism runs, so the namespace is NOT_SERVING (at boot too: a
+remote backend's ``Unavailable`` does not halt, ``prism.workers.app``), its
+calls UNAVAILABLE with this reason, retried on ``prism.workers.reopen``'s
+backoff, and ``CONFIG SET appendonly yes`` brings it back without a restart
+of Prism. The check runs when the namespace opens only: a Redis that stops
+persisting later is seen at the next open.
 
 ``CONFIG GET appendonly`` and ``CONFIG GET save`` answer it. Managed Redis
 services often disable CONFIG; then ``INFO persistence`` tells whether AOF
