@@ -10,7 +10,9 @@ the runtime directory the sockets workers trust each other over (forwarded
 calls, hand-offs, the supervisor's control): both are created 0700, the key
 0600 (``prism.api.pagetoken``). A directory that already exists is the
 user's: one that group or others can use is left as it is, with one warning
-line, and so is a key or token file that anyone can read.
+line, and so is a key or token file that anyone can read, and an SQLite
+namespace's file open to group or others (``prism.backends.sqlite.files``
+creates them 0600, in 0700 directories, whatever the umask).
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from prism.backends import catalog
+from prism.backends.sqlite.files import open_to_others
+from prism.backends.sqlite.options import SqliteOptions
 from prism.config import ServerConfig
+from prism.errors import ConfigError
 
 log = logging.getLogger("prism.server")
 
@@ -73,10 +80,30 @@ def readable_by_others(path: str, what: str) -> str | None:
     return f"{what} {path} is readable by any user (mode {mode:04o}): `chmod o-r {path}`"
 
 
+def usable_dir(path: Path, what: str, field: str) -> str | None:
+    """``private_dir`` for a directory Prism writes in: ConfigError, one line
+    naming the config ``field`` and the path, if it cannot be created or
+    written to (a file in its place, no permission, a read-only file system)."""
+    try:
+        warning = private_dir(path, what)
+        if not path.is_dir():
+            raise ConfigError(f"{field}: {path} is not a directory")
+        # Writing is what serving needs: try it (access() is no answer for
+        # root, nor for a read-only mount under some kernels).
+        fd, probe = tempfile.mkstemp(prefix=".prism-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        probing = str(exc.filename or "").startswith(str(path / ".prism-probe-"))
+        shown = path if probing else exc.filename or path
+        raise ConfigError(f"{field}: cannot use {shown}: {exc.strerror or exc}") from None
+    return warning
+
+
 def permission_warnings(config: ServerConfig) -> list[str]:
     """What to warn about before serving: shared directories and readable secrets. Creates the
-    data directory (0700) if missing."""
-    warnings = [private_dir(Path(config.data_dir).absolute(), "data_dir")]
+    data directory (0700) if missing; ConfigError naming ``data_dir`` if it cannot be used."""
+    warnings = [usable_dir(Path(config.data_dir).absolute(), "data_dir", "data_dir")]
     key = Path(config.data_dir) / _PAGE_TOKEN_KEY
     if key.exists() and stat.S_IMODE(key.stat().st_mode) & 0o077:
         warnings.append(f"{key} is open to group or others: `chmod 600 {key}` (it signs page tokens)")
@@ -84,22 +111,38 @@ def permission_warnings(config: ServerConfig) -> list[str]:
     secrets.append(("admin.tls.key_file", config.admin.tls.key_file if config.admin.tls else ""))
     secrets.append(("admin_token_file", config.admin_token_file))
     warnings += [readable_by_others(path, what) for what, path in secrets if path]
+    warnings += [open_to_others(path) for path in sqlite_files(config)]
     return [w for w in warnings if w is not None]
 
 
+def sqlite_files(config: ServerConfig) -> list[Path]:
+    """The database file of each SQLite namespace (KeyValue and TimeSeries)."""
+    files = []
+    for ns in config.all_namespaces():
+        options = catalog.check(ns.abstraction, ns.backend, ns.options)  # as config loading did
+        if isinstance(options, SqliteOptions):
+            files.append(options.file(Path(config.data_dir), ns.name).absolute())
+    return files
+
+
 def prepare_runtime(config: ServerConfig) -> Path:
-    """The runtime directory (sockets, metrics files), emptied of a previous run's."""
+    """The runtime directory (sockets, metrics files), emptied of a previous run's; ConfigError
+    naming ``data_dir`` (or ``RUNTIME_DIRECTORY``) if it cannot be used."""
     runtime = runtime_dir(config)
-    warning = private_dir(runtime, "the runtime directory")
+    what = "RUNTIME_DIRECTORY" if os.environ.get("RUNTIME_DIRECTORY") else "data_dir"
+    warning = usable_dir(runtime, "the runtime directory", what)
     if warning is not None:
         log.warning("%s", warning)
-    for stale in runtime.glob("*.ipc"):
-        stale.unlink(missing_ok=True)
-    for stale in runtime.glob("*.sock"):
-        stale.unlink(missing_ok=True)
     metrics_dir = runtime / "metrics"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir()
+    try:
+        for stale in runtime.glob("*.ipc"):
+            stale.unlink(missing_ok=True)
+        for stale in runtime.glob("*.sock"):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot use {exc.filename or runtime}: {exc.strerror or exc}") from None
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return runtime
 

@@ -172,3 +172,17 @@ def postgres_ssl() -> Iterator[tuple[int, Certs]]:
 
 def _as_postgres(command: str) -> None:
     subprocess.run(["su", "postgres", "-c", command], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def redis_plain(directory: Path, *settings: str) -> Iterator[int]:
+    """A throwaway redis-server on 127.0.0.1 (working in ``directory``, with
+    extra ``settings`` such as ``"--appendonly", "yes"``) on the port it yields."""
+    port = free_port()
+    args = [_need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    proc = subprocess.Popen([*args, *settings], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_port(proc, port, "redis-server")
+        yield port
+    finally:
+        _stop(proc)

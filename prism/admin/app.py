@@ -9,7 +9,8 @@ Routes:
 
 - ``GET /metrics``: every worker's samples merged (prometheus-client multiprocess mode).
 - ``GET /healthz``: liveness, 200 while this process answers at all.
-- ``GET /readyz``: readiness, 200 once every worker in the routing table serves.
+- ``GET /readyz``: readiness, 200 once every namespace has a serving worker
+  (``prism.router.readiness``: the same moment as ``Health.Check("")``).
 - ``GET /v1/namespaces``: the namespaces, their backends and owner workers, as JSON.
 
 ``HEAD`` is accepted wherever ``GET`` is; other methods get 405, unknown paths 404.
@@ -34,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from prism.redact import redact
+from prism.router.readiness import not_ready_reason
 from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
 
 __all__ = [
@@ -127,14 +129,10 @@ def namespaces_page(routes: Routes) -> bytes:
 
 
 def readiness(routes: Routes) -> str | None:
-    """Why the gateway is not ready (one line), or None when every worker serves."""
-    total = len(routes.workers)
-    if total == 0:
-        return f"no workers in routing table generation {routes.generation}"
-    serving = sum(1 for w in routes.workers.values() if w.serving)
-    if serving < total:
-        return f"{serving} of {total} workers serving"
-    return None
+    """Why the gateway is not ready (one line), or None: ``prism.router.readiness``
+    (every namespace has a serving worker), the definition ``Health.Check("")``
+    and systemd's READY=1 use too."""
+    return not_ready_reason(routes)
 
 
 def render_metrics(multiproc_dir: str) -> bytes:

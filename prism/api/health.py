@@ -1,7 +1,12 @@
 """``grpc.health.v1.Health``: the server ("") and each namespace by name.
 
-A namespace is SERVING while its backend answers; backends that can go away
-(issue 4) report through :meth:`HealthState.set`. ``Watch`` streams the
+``""`` is the gateway's readiness: SERVING once every configured namespace
+has a serving worker (``prism.router.readiness``; the worker hands the check
+in with :meth:`HealthState.follow`), until the server drains. A namespace is
+SERVING while its backend answers; backends that can go away (issue 4)
+report through :meth:`HealthState.set`, and a namespace whose remote backend
+could not be opened (at boot or on a reload) is NOT_SERVING while its worker
+retries it. ``Watch`` streams the
 current status and then every change until the client leaves, or until the
 server drains: then every service turns NOT_SERVING, watchers hear it, and
 their streams end with UNAVAILABLE (so that a load balancer's watch never
@@ -10,7 +15,7 @@ holds the drain; it moves to another server).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 from grpc_health.v1 import health_pb2
@@ -32,6 +37,17 @@ class HealthState:
         self._status: dict[str, int] = {"": SERVING}
         self._changed = trio.lowlevel.ParkingLot()
         self.draining = False
+        self._not_ready: Callable[[], str | None] = _always_ready
+
+    def follow(self, not_ready: Callable[[], str | None]) -> None:
+        """Answer ``""`` NOT_SERVING while ``not_ready()`` gives a reason. It is
+        asked on every read of ``""`` (keep it cheap); call :meth:`poke` when
+        its answer may have changed, so that watchers hear it."""
+        self._not_ready = not_ready
+
+    def poke(self) -> None:
+        """Wake watchers to read their status again (readiness may have moved)."""
+        self._changed.unpark_all()
 
     def enter_drain(self) -> None:
         """Every service NOT_SERVING from now on, whatever backends report."""
@@ -52,13 +68,23 @@ class HealthState:
             self._changed.unpark_all()
 
     def items(self) -> list[tuple[str, int]]:
-        return list(self._status.items())
+        return [(name, self._effective(name, status)) for name, status in self._status.items()]
 
     def get(self, name: str) -> int | None:
-        return self._status.get(name)
+        status = self._status.get(name)
+        return None if status is None else self._effective(name, status)
+
+    def _effective(self, name: str, status: int) -> int:
+        if name == "" and status == SERVING and self._not_ready() is not None:
+            return int(NOT_SERVING)
+        return status
 
     async def changed(self) -> None:
         await self._changed.park()
+
+
+def _always_ready() -> str | None:
+    return None
 
 
 class Health:

@@ -20,7 +20,8 @@ from prism.cache.redis import RedisTier
 from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig
 from prism.errors import NotFound
-from prism.rpc.call import CallContext
+from prism.rpc.call import Call, CallContext
+from prism.rpc.settings import Answered
 
 B = TypeVar("B")
 
@@ -91,6 +92,10 @@ class Remote(Protocol):
 
         Also called for a call that was itself forwarded here (``call.forwarded``):
         the remote must then not forward it again."""
+        ...
+
+    def forward_now(self, call: Call, request: Any, answered: Answered) -> bool:
+        """Send a unary call on without waiting, if it goes elsewhere (``prism.rpc.settings.ForwardNow``)."""
         ...
 
 

@@ -26,6 +26,7 @@ with a call forwarded to it, is the forwarding policy (``prism.router.remote``).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -48,6 +49,8 @@ log = logging.getLogger("prism.forward")
 DEFAULT_FORWARD_TIMEOUT_S = 30.0
 # Messages an nng PUSH socket queues for a peer before send would block.
 _SEND_BUFFER = 1024
+# Answered calls the give-up heap may hold beyond twice the calls in flight.
+_EXPIRIES_SLACK = 1024
 # A PUSH socket just dialled has no connection yet; sends retry this often.
 _CONNECT_RETRY_S = 0.002
 
@@ -73,13 +76,28 @@ class Moved(RemoteStatus):
     sender's side when such an answer comes back."""
 
 
-class _Pending:
-    __slots__ = ("answer", "event", "owner_id")
+Answered = Callable[[ForwardAnswer | None], None]
 
-    def __init__(self, owner_id: int) -> None:
-        self.event = trio.Event()
+
+class _Pending:
+    """A call sent and not yet answered: awaited (``forward``: its event) or
+    called back (``post``: ``answered``, with None if no answer came)."""
+
+    __slots__ = ("answer", "answered", "event", "owner_id")
+
+    def __init__(self, owner_id: int, answered: Answered | None = None) -> None:
+        self.event = trio.Event() if answered is None else None
         self.answer: ForwardAnswer | None = None
         self.owner_id = owner_id
+        self.answered = answered
+
+    def settle(self, answer: ForwardAnswer | None) -> None:
+        if self.answered is not None:
+            self.answered(answer)
+        else:
+            self.answer = answer
+            assert self.event is not None
+            self.event.set()
 
 
 class ForwardBus:
@@ -93,7 +111,11 @@ class ForwardBus:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._next_owner = 0
-        self._nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None  # the bus's tasks (and forward_now's retries)
+        # Posted calls' give-up times (time, call id), earliest first, and
+        # the scope whose deadline is the earliest (``_expire``).
+        self._expiries: list[tuple[float, int]] = []
+        self._expiry_scope = trio.CancelScope()
         self._outbox: dict[str, list[Forwarded]] = {}
         self._flush_lot = trio.lowlevel.ParkingLot()
 
@@ -103,8 +125,9 @@ class ForwardBus:
             self._pull = pull
             fd = pull.recv_fd
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self.nursery = nursery
                 nursery.start_soon(self._flusher)
+                nursery.start_soon(self._expire)
                 task_status.started()
                 while True:
                     await trio.lowlevel.wait_readable(fd)
@@ -123,10 +146,9 @@ class ForwardBus:
                 continue
             for message in batch:
                 if isinstance(message, ForwardAnswer):
-                    pending = self._pending.get(message.id)
+                    pending = self._pending.pop(message.id, None)
                     if pending is not None:  # else: the caller gave up already
-                        pending.answer = message
-                        pending.event.set()
+                        pending.settle(message)
                 else:
                     nursery.start_soon(self._answer, message)
 
@@ -192,6 +214,7 @@ class ForwardBus:
         give_up = min(deadline, now + DEFAULT_FORWARD_TIMEOUT_S)
         call_id = next(self._ids)
         pending = self._pending[call_id] = _Pending(owner.id)
+        assert pending.event is not None
         try:
             principal, peer = caller if caller is not None else (None, "")
             self._post(
@@ -201,7 +224,7 @@ class ForwardBus:
             with trio.move_on_at(give_up):
                 await pending.event.wait()
         finally:
-            del self._pending[call_id]
+            self._pending.pop(call_id, None)
         answer = pending.answer
         if answer is None:
             if trio.current_time() >= deadline:
@@ -211,12 +234,69 @@ class ForwardBus:
             raise (Moved if answer.moved else RemoteStatus)(answer.status, answer.message, answer.pushback_ms)
         return answer.payload
 
+    def post(
+        self,
+        owners: list[WorkerEntry],
+        path: bytes,
+        payload: bytes,
+        metadata: list[tuple[str, str | bytes]],
+        deadline: float,
+        caller: Caller | None,
+        answered: Answered,
+    ) -> bool:
+        """``forward`` without waiting: send the call to one of ``owners``
+        and return; ``answered`` gets the owner's answer, or None if none
+        came by the deadline (or ``DEFAULT_FORWARD_TIMEOUT_S``), or the owner
+        stopped serving. False (nothing sent): no owner serves, or the
+        deadline has passed."""
+        serving = [w for w in owners if w.serving]
+        now = trio.current_time()
+        if not serving or deadline <= now:
+            return False
+        self._next_owner += 1
+        owner = serving[self._next_owner % len(serving)]
+        timeout = None if math.isinf(deadline) else deadline - now
+        give_up = min(deadline, now + DEFAULT_FORWARD_TIMEOUT_S)
+        call_id = next(self._ids)
+        self._pending[call_id] = _Pending(owner.id, answered)
+        principal, peer = caller if caller is not None else (None, "")
+        self._post(
+            owner.forward_address,
+            ForwardCall(call_id, self.address, path, payload, metadata, timeout, principal, peer),
+        )
+        expiries = self._expiries
+        if len(expiries) > 2 * len(self._pending) + _EXPIRIES_SLACK:
+            # Answered calls stay in the heap until their time comes (up to
+            # DEFAULT_FORWARD_TIMEOUT_S): dropped here, the heap stays the
+            # size of the calls in flight, not of 30 s of calls.
+            expiries[:] = [entry for entry in expiries if entry[1] in self._pending]
+            heapq.heapify(expiries)
+        heapq.heappush(expiries, (give_up, call_id))
+        if give_up < self._expiry_scope.deadline:
+            self._expiry_scope.deadline = give_up
+        return True
+
+    async def _expire(self) -> None:
+        # Posted calls past their give-up time are answered None. One task,
+        # one deadline (the earliest): a heap push per call, not a task.
+        expiries = self._expiries
+        while True:
+            with trio.CancelScope() as self._expiry_scope:
+                self._expiry_scope.deadline = expiries[0][0] if expiries else math.inf
+                await trio.sleep_forever()
+            now = trio.current_time()
+            while expiries and expiries[0][0] <= now:
+                _, call_id = heapq.heappop(expiries)
+                pending = self._pending.pop(call_id, None)
+                if pending is not None:  # else answered already
+                    pending.settle(None)
+
     def owners_gone(self, serving: set[int]) -> None:
         """Give up at once on calls sent to workers that no longer serve (the
         routing table says so), instead of waiting out their timeout."""
-        for pending in self._pending.values():
-            if pending.owner_id not in serving:
-                pending.event.set()  # no answer: the caller raises UNAVAILABLE
+        gone = [i for i, pending in self._pending.items() if pending.owner_id not in serving]
+        for call_id in gone:
+            self._pending.pop(call_id).settle(None)  # no answer: the caller answers UNAVAILABLE
 
     def close(self) -> None:
         for push in self._pushes.values():

@@ -7,9 +7,13 @@ this module decides what goes on it:
 - A call naming a namespace of another abstraction than its service's is
   FAILED_PRECONDITION, wherever that namespace lives.
 - A call for another tenant's namespace goes to a serving worker of that
-  tenant. One for a namespace the routing table gives to this worker but
-  that it has not opened yet (a reload moved or added it a moment ago) waits
-  for it to open, so a move fails no call.
+  tenant. While that tenant has none (its workers are still starting, or
+  restarting), the call waits for one, at most ``OWNER_WAIT_S`` and never
+  past its deadline, instead of failing at once. One for a namespace the
+  routing table gives to this worker but that it has not opened yet (a
+  reload moved or added it a moment ago) waits for it to open, so a move
+  fails no call; unless its remote backend is known to be down (the worker
+  retries it): that is UNAVAILABLE at once, naming why.
 - A forwarded call is never forwarded again. A worker that no longer holds
   the namespace of a call forwarded to it answers "moved"
   (``ForwardAnswer.moved``): the sender read an older routing table than the
@@ -30,14 +34,14 @@ from typing import Any, Final, Protocol
 import trio
 
 from prism import metrics
-from prism.errors import FailedPrecondition, StatusCode, Unavailable
-from prism.router.forward import ForwardBus, Moved
+from prism.errors import DeadlineExceeded, FailedPrecondition, NotFound, StatusCode, Unavailable
+from prism.router.forward import ForwardBus, Moved, RemoteStatus
 from prism.router.messages import ForwardAnswer, ForwardCall
-from prism.router.table import RoutingTableReader
+from prism.router.table import RoutingTableReader, WorkerEntry
 from prism.rpc.boundary import failure_status
-from prism.rpc.call import CallContext, Caller
+from prism.rpc.call import Call, CallContext, Caller
 from prism.rpc.methods import UNARY, Method
-from prism.rpc.settings import ServerSettings
+from prism.rpc.settings import Answered, ServerSettings
 
 # Which abstraction each service's calls need.
 ABSTRACTION_OF_SERVICE: Final = {
@@ -48,6 +52,11 @@ ABSTRACTION_OF_SERVICE: Final = {
 # How long a call waits for a namespace this worker was just given to open.
 OPEN_WAIT_S: Final = 5.0
 _OPEN_POLL_S: Final = 0.005
+# How long a call waits for a serving worker of the namespace's tenant (its
+# workers boot, or one restarts): covers a worker's start on a busy machine;
+# a client's shorter deadline ends the wait sooner.
+OWNER_WAIT_S: Final = 5.0
+_OWNER_POLL_S: Final = 0.01
 
 
 class ForwardedCall:
@@ -78,6 +87,10 @@ class Local(Protocol):
 
     def holds(self, namespace: str) -> bool:
         """Whether ``namespace`` is open here."""
+        ...
+
+    def unreachable(self, namespace: str) -> str | None:
+        """Why ``namespace``'s remote backend could not be opened, or None."""
         ...
 
 
@@ -123,10 +136,75 @@ class Forwarding:
             raise Unavailable(f"namespace {namespace!r} is being opened; retry")
         return entry.tenant
 
-    async def forward(self, namespace: str, call: CallContext) -> bytes | None:
+    def forward_now(self, call: Call, request: Any, answered: Answered) -> bool:
+        """Send a unary call for another tenant's namespace to its owner
+        without waiting (``prism.rpc.settings.ForwardNow``): what ``forward``
+        does on its first attempt, with ``answered`` called back. False
+        wherever ``forward`` would do more than send and wait (a namespace
+        held here, unknown, of another abstraction, no owner serving yet):
+        the handler's path does that."""
+        namespace = getattr(request, "namespace", None)
+        if type(namespace) is not str or call.forwarded:
+            return False
+        routes = self._routes.current()
+        entry = routes.namespaces.get(namespace)
+        if entry is None:
+            return False
+        wanted = ABSTRACTION_OF_SERVICE.get(call.path.split(b"/", 2)[1])
+        if wanted is not None and entry.abstraction != wanted:
+            return False
+        owners = routes.owners(namespace)
+        if any(w.id == self._worker_id for w in owners):
+            return False
+        metadata = call.metadata
+        if call.caller is not None:
+            metadata = [entry for entry in metadata if entry[0] != "authorization"]  # (see forward)
+        deadline = call.deadline
+
+        def settle(answer: ForwardAnswer | None) -> None:
+            if answer is None:
+                if trio.current_time() >= deadline:
+                    answered(None, DeadlineExceeded("deadline exceeded"))
+                else:
+                    answered(None, Unavailable(f"the owning worker of {namespace!r} did not answer; retry"))
+            elif answer.status == StatusCode.OK:
+                answered(answer.payload, None)
+            elif answer.moved:
+                # The owner let the namespace go: refresh the table and try
+                # once more, as ``forward`` does (in a task: that may wait).
+                assert self.bus.nursery is not None
+                self.bus.nursery.start_soon(self._once_more, namespace, call, answered)
+            else:
+                answered(None, RemoteStatus(answer.status, answer.message, answer.pushback_ms))
+
+        payload = bytes(call.messages[0])
+        if not self.bus.post(owners, call.path, payload, metadata, deadline, call.caller, settle):
+            return False
+        call.namespace = namespace
+        metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
+        return True
+
+    async def _once_more(self, namespace: str, call: Call, answered: Answered) -> None:
+        """``forward_now``'s second attempt, after a moved answer."""
+        payload: bytes | None = None
+        error: Exception | None = None
+        with trio.move_on_at(call.deadline):
+            try:
+                await self._host.apply_routes()
+                payload = await self.forward(namespace, call, first_attempt=2)
+                if payload is None:
+                    error = NotFound(f"unknown namespace {namespace!r}")
+            except Exception as exc:
+                error = exc
+        if payload is None and error is None:
+            error = DeadlineExceeded("deadline exceeded")
+        answered(payload, error)
+
+    async def forward(self, namespace: str, call: CallContext, *, first_attempt: int = 1) -> bytes | None:
         """The answer to a call for ``namespace``, which this process does not
-        hold; None if no tenant holds it."""
-        for attempt in (1, 2):
+        hold; None if no tenant holds it. (``first_attempt`` 2: the table was
+        just refreshed after a moved answer.)"""
+        for attempt in range(first_attempt, 3):
             routes = self._routes.current()
             entry = routes.namespaces.get(namespace)
             if entry is None:
@@ -148,6 +226,8 @@ class Forwarding:
                     StatusCode.UNAVAILABLE,
                     f"namespace moved while the call was forwarded: {namespace!r}; retry",
                 )
+            if not any(w.serving for w in owners):
+                owners = await self._serving_owners(namespace, call.deadline)
             metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
             metadata = call.metadata
             if call.caller is not None:
@@ -166,11 +246,30 @@ class Forwarding:
                 await self._host.apply_routes()
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    async def _serving_owners(self, namespace: str, deadline: float) -> list[WorkerEntry]:
+        """The owners of ``namespace`` once one of them serves (the routing
+        table says so), waiting at most ``OWNER_WAIT_S`` and not past ``deadline``."""
+        give_up = min(deadline, trio.current_time() + OWNER_WAIT_S)
+        with trio.move_on_at(give_up):
+            while True:
+                owners = self._routes.current().owners(namespace)
+                if not owners or any(w.serving for w in owners):
+                    return owners
+                await trio.sleep(_OWNER_POLL_S)
+        if trio.current_time() >= deadline:
+            raise DeadlineExceeded("deadline exceeded")
+        entry = self._routes.current().namespaces.get(namespace)
+        tenant = entry.tenant if entry is not None else "?"
+        raise Unavailable(f"no worker of tenant {tenant!r} is serving (waited {OWNER_WAIT_S:g} s); retry")
+
     async def _run_when_open(self, namespace: str, call: CallContext) -> bytes:
         local = self._host.app
         with trio.move_on_after(OPEN_WAIT_S):
             while not local.holds(namespace):
                 await self._host.apply_routes()
+                down = local.unreachable(namespace)
+                if down is not None:
+                    raise Unavailable(f"namespace {namespace!r}: backend unreachable, retrying: {down}")
                 if not local.holds(namespace):
                     await trio.sleep(_OPEN_POLL_S)
         if not local.holds(namespace):

@@ -47,6 +47,7 @@ class Calls:
     _now: Callable[[], float]
     _window_lot: trio.lowlevel.ParkingLot | None
     _input_lot: trio.lowlevel.ParkingLot | None
+    ended = False  # the connection is over (set by Connection.serve): late answers are dropped
 
     def wake(self) -> None:
         raise NotImplementedError  # Connection's: the writer flushes
@@ -93,8 +94,11 @@ class Calls:
                 f"a unary request must carry exactly one message, got {len(call.messages)}",
             )
             return
-        if method.kind == UNARY and method.now is not None and self._answer_now(call, method):
-            return
+        if method.kind == UNARY:
+            if method.now is not None and self._answer_now(call, method):
+                return
+            if self.settings.forward_now is not None and self._forward_now(call, method):
+                return
         lease = self._admit(call, method)
         if lease is _REFUSED:
             return
@@ -174,6 +178,54 @@ class Calls:
         if self.proto.draining:
             self._maybe_close()
         return True
+
+    def _forward_now(self, call: Call, method: Method) -> bool:
+        """Send a unary call for another tenant's namespace to its owner
+        here, in the reader's step, and answer it when the owner's answer
+        comes back (``_forwarded``), without a task, a cancel scope or an
+        event to wait on: a forwarded call cost 1.7x a local one, its front
+        worker more than the whole local call. False: the handler's path."""
+        settings = self.settings
+        if settings.inflight >= settings.max_inflight or (
+            call.timeout_s is not None and call.deadline <= self._now()
+        ):
+            return False  # refused on the handler's path, as any call
+        request = call.request
+        if request is None:
+            try:
+                request = call.request = method.decode(call.messages[0])
+            except Exception:
+                return False  # the handler's path answers with the decoding error
+        if settings.security.secured and call.caller is None:
+            try:
+                self._authorize(call, method, request)
+            except PrismError as exc:  # refused (and audited) once, here
+                self._answer_failure(call, method, exc)
+                if self.proto.draining:
+                    self._maybe_close()
+                return True
+        assert settings.forward_now is not None
+        if not settings.forward_now(call, request, lambda p, e: self._forwarded(call, method, p, e)):
+            return False
+        settings.inflight += 1
+        return True
+
+    def _forwarded(self, call: Call, method: Method, payload: bytes | None, error: Exception | None) -> None:
+        """The owner's answer to a call ``_forward_now`` sent."""
+        settings = self.settings
+        settings.inflight -= 1
+        if self.ended or call.done:
+            return  # the connection or the stream went meanwhile
+        proto = self.proto
+        if error is not None or payload is None:
+            self._answer_failure(call, method, error or AssertionError("no answer and no error"))
+        else:
+            proto.release_request(call)
+            proto.send_unary(call, payload)
+            self._observe(call, method, _OK)
+        self.wake()
+        if proto.draining or proto.peer_gone:
+            self._maybe_close()
 
     def _on_reset(self, call: Call) -> None:
         scope = self._scopes.get(call.stream_id)

@@ -135,6 +135,7 @@ class Connection(Calls):
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away: nothing left to answer
         finally:
+            self.ended = True
             self.settings.connections.discard(self)
             if self._timer_slot is not None:
                 self._timer_slot.timers = None

@@ -28,6 +28,21 @@ _DEFAULT_HTTP2 = Http2Config()
 # Called once per answered call, with how long it took (seconds).
 Observer = Callable[[CallContext, Method, StatusCode, float], None]
 
+# How a forwarded call's answer comes back (``ForwardNow``): the response
+# bytes (and None), or (None and) the error to answer with.
+Answered = Callable[[bytes | None, Exception | None], None]
+
+
+class ForwardNow(Protocol):
+    """Sends a unary call for another tenant's namespace to its owner
+    without a task (``prism.router.remote.Forwarding.forward_now``)."""
+
+    def __call__(self, call: Call, request: object, answered: Answered) -> bool:
+        """True if the call went (``answered`` is called once, later);
+        False: the call takes the handler's path (a namespace held here or
+        nowhere, no owner serving yet...)."""
+        ...
+
 
 class Handoff(Protocol):
     """Moves a connection that names another tenant to a worker of that tenant."""
@@ -98,6 +113,7 @@ class ServerSettings:
 
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
+        self.forward_now: ForwardNow | None = None
         # Called when the drain starts: long-lived streams (PubSub's
         # Subscribe) end themselves so that the drain need not wait for them.
         self.on_drain: list[Callable[[], None]] = []

@@ -7,11 +7,19 @@ brings the held namespaces in line with a new list: it opens what is new,
 and retires what was removed or changed. A retired backend stays open for
 ``graceful_timeout_s`` so calls already using it finish, then
 ``close_retired`` closes it.
+
+A namespace whose backend does not open is NOT_SERVING and tried again on
+``prism.workers.reopen``'s backoff (``keep_reopening``). At boot
+(``strict``) that holds only for a remote backend that cannot be reached
+(``Unavailable`` from any backend but ``sqlite`` and ``memory``): a local
+fault (a file that cannot be created, a bad option) raises, and the worker
+halts the server with exit code 3 and the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,11 +37,12 @@ from prism.cache.redis import RedisTier
 from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import LimitsConfig
-from prism.errors import StatusCode
+from prism.errors import StatusCode, Unavailable
 from prism.router.table import Routes
 from prism.rpc.call import CallContext
 from prism.rpc.methods import Method, MethodTable
 from prism.rpc.server import ServerSettings
+from prism.workers.reopen import ReopenSchedule
 
 log = logging.getLogger("prism.app")
 
@@ -44,6 +53,15 @@ _PAGE_OVERHEAD_BYTES = 64 * 1024
 # Metrics label per status: ``StatusCode.name`` is a property of the enum
 # machinery, several times the cost of this lookup, and _observe runs per call.
 _STATUS_NAMES = {status: status.name for status in StatusCode}
+# Backends on this machine: failing to open one is a fault to fix, not an
+# outage to wait out, so at boot it halts the server.
+LOCAL_BACKENDS = frozenset({"sqlite", "memory"})
+
+
+def is_unreachable(ns: NamespaceConfig, exc: Exception) -> bool:
+    """Whether ``exc``, from opening ``ns``'s backend, says a remote backend
+    did not answer (then the namespace waits for it; else the fault is local)."""
+    return isinstance(exc, Unavailable) and ns.backend not in LOCAL_BACKENDS
 
 
 class App:
@@ -60,6 +78,9 @@ class App:
         self.config = config
         self.namespaces = NamespaceTable()
         self._failed: dict[str, NamespaceConfig] = {}  # could not open: retried
+        self._unreachable: dict[str, str] = {}  # of those, remote backends down: why
+        self._reopen = ReopenSchedule()
+        self._reopen_changed = trio.lowlevel.ParkingLot()
         self._retired: list[tuple[float, Held[AnyBackend]]] = []
         self._shared_cache = shared_cache
         self.health = health.HealthState()
@@ -76,6 +97,8 @@ class App:
         self.settings.observer = self._observe
         self.settings.admission.local = self.namespaces.by_name
         self.settings.admission.shedder.configure(config.overload)
+        if remote is not None:
+            self.settings.forward_now = remote.forward_now
         self._data_dir = Path(config.data_dir)
         tokens = PageTokens(load_or_create_key(self._data_dir))
         max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)
@@ -102,8 +125,9 @@ class App:
     async def apply(self, namespaces: Iterable[NamespaceConfig], *, strict: bool = False) -> list[str]:
         """Hold exactly ``namespaces``; return the names that failed to open.
 
-        With ``strict`` (at boot) the first failure raises instead: a worker
-        that cannot open its backends must not pretend to serve them.
+        With ``strict`` (at boot) a local fault raises instead: a worker
+        that cannot open its SQLite file must not pretend to serve it. A
+        remote backend that cannot be reached is retried either way.
         """
         wanted = {ns.name: ns for ns in namespaces}
         for held in self.namespaces.held():
@@ -111,7 +135,7 @@ class App:
                 self._retire(held.config.name)
         for name in list(self._failed):
             if name not in wanted:
-                del self._failed[name]
+                self._forget_failure(name)
                 self.health.forget(name)
         failed = []
         for name, ns in wanted.items():
@@ -121,24 +145,14 @@ class App:
             # Open the new backend before the old one (if the namespace's
             # settings changed) steps aside: calls never find neither.
             try:
-                backend = registry.create_any(
-                    ns.abstraction, ns.backend, ns.options, data_dir=self._data_dir, namespace=name
-                )
-                await backend.open()
+                backend = await self._open(ns)
             except Exception as exc:
-                if strict:
+                if strict and not is_unreachable(ns, exc):
                     raise
-                log.error("namespace %s: cannot open backend %s: %s", name, ns.backend, exc)
-                if not self.holds(name):
-                    self.health.set(name, health.NOT_SERVING)
-                self._failed[name] = ns  # check_health tries again
+                self._failed_to_open(ns, exc)
                 failed.append(name)
                 continue
-            self._failed.pop(name, None)
-            replaced = self.namespaces.hold(Held(ns, backend, self._cache_tier(ns)))
-            if replaced is not None:
-                self._close_later(replaced)
-            self.health.set(name, health.SERVING)
+            self._hold(ns, backend)
         return failed
 
     def apply_limits(self, tenant: str, routes: Routes) -> None:
@@ -155,6 +169,83 @@ class App:
             trio.current_time(),
         )
 
+    async def _open(self, ns: NamespaceConfig) -> AnyBackend:
+        backend = registry.create_any(
+            ns.abstraction, ns.backend, ns.options, data_dir=self._data_dir, namespace=ns.name
+        )
+        await backend.open()
+        return backend
+
+    def _hold(self, ns: NamespaceConfig, backend: AnyBackend) -> None:
+        self._forget_failure(ns.name)
+        replaced = self.namespaces.hold(Held(ns, backend, self._cache_tier(ns)))
+        if replaced is not None:
+            self._close_later(replaced)
+        self.health.set(ns.name, health.SERVING)
+
+    def _failed_to_open(self, ns: NamespaceConfig, exc: Exception) -> None:
+        name = ns.name
+        delay = self._reopen.failed(name, trio.current_time())
+        if self._reopen.failures(name) == 1 or self._failed.get(name) != ns:
+            log.error(
+                "namespace %s: cannot open backend %s: %s; retrying in %.1fs", name, ns.backend, exc, delay
+            )
+        else:  # the same outage again: one line at debug per attempt, not an error
+            log.debug(
+                "namespace %s: backend %s still down: %s; retrying in %.1fs", name, ns.backend, exc, delay
+            )
+        if not self.holds(name):
+            self.health.set(name, health.NOT_SERVING)
+        self._failed[name] = ns
+        if is_unreachable(ns, exc):
+            self._unreachable[name] = str(exc)
+        else:
+            self._unreachable.pop(name, None)
+        self._reopen_changed.unpark_all()
+
+    def _forget_failure(self, name: str) -> None:
+        if self._failed.pop(name, None) is not None:
+            log.info("namespace %s: backend open, serving", name)
+        self._unreachable.pop(name, None)
+        self._reopen.forget(name)
+
+    def unreachable(self, name: str) -> str | None:
+        """Why ``name``'s remote backend could not be opened (its worker is
+        retrying), or None."""
+        if name in self.namespaces.by_name:
+            return None
+        return self._unreachable.get(name)
+
+    async def reopen_due(self) -> None:
+        """Try again to open the namespaces whose retry is due."""
+        for name in self._reopen.due(trio.current_time()):
+            ns = self._failed.get(name)
+            if ns is None:
+                self._reopen.forget(name)  # never due again: the loop must not spin
+                continue
+            try:
+                backend = await self._open(ns)
+            except Exception as exc:
+                if self._failed.get(name) == ns:  # still wanted as it was
+                    self._failed_to_open(ns, exc)
+                continue
+            if self._failed.get(name) != ns:
+                # Removed, changed or opened by a reload while we tried.
+                try:
+                    await backend.aclose()
+                except Exception as exc:
+                    log.warning("namespace %s: error closing backend: %s", name, exc)
+                continue
+            self._hold(ns, backend)
+
+    async def keep_reopening(self) -> None:
+        """Run ``reopen_due`` whenever a retry falls due, for good."""
+        while True:
+            due = self._reopen.next_due()
+            with trio.move_on_at(math.inf if due is None else due):
+                await self._reopen_changed.park()
+            await self.reopen_due()
+
     def _cache_tier(self, ns: NamespaceConfig) -> CacheTier | None:
         if not ns.cache.enabled:
             return None
@@ -170,8 +261,8 @@ class App:
 
     async def check_health(self) -> None:
         """Probe each backend that can be probed; a namespace is SERVING only
-        while its backend answers, and one that failed to open is retried, so
-        health (and service) come back by themselves when the backend does."""
+        while its backend answers, so health comes back by itself when the
+        backend does (one that failed to open: ``keep_reopening``)."""
         for held in self.namespaces.held():
             ping = getattr(held.backend, "ping", None)
             if ping is None:
@@ -184,9 +275,6 @@ class App:
                 except Exception:
                     ok = False
             self.health.set(held.config.name, health.SERVING if ok else health.NOT_SERVING)
-        if self._failed:
-            retry, self._failed = list(self._failed.values()), {}
-            await self.apply([*(held.config for held in self.namespaces.held()), *retry])
 
     def holds(self, name: str) -> bool:
         """Whether this process has ``name`` open (any abstraction)."""

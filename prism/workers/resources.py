@@ -35,13 +35,19 @@ __all__ = ["ROUTES_BYTES", "Resources", "bind", "signal_child"]
 ROUTES_BYTES: Final = 4 * 1024 * 1024
 
 
-def bind(address: tuple[str, int]) -> socket.socket:
-    """A listening TCP socket on ``address`` that children can inherit."""
+def bind(address: tuple[str, int], field: str = "listen") -> socket.socket:
+    """A listening TCP socket on ``address`` that children can inherit; an
+    OSError whose text names the config ``field`` and the address if not."""
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise type(exc)(exc.errno, f"{field}: cannot listen on {shown}: {exc.strerror or exc}") from None
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock
@@ -70,8 +76,12 @@ class Resources:
     @classmethod
     def create(cls, config: ServerConfig, runtime_dir: Path) -> Resources:
         """Bind the sockets and create the tables; raises OSError (a port taken, no memory)."""
-        grpc_sock = bind(config.listen_host_port())
-        admin_sock = bind(config.admin_host_port())
+        grpc_sock = bind(config.listen_host_port(), "listen")
+        try:
+            admin_sock = bind(config.admin_host_port(), "admin_listen")
+        except OSError:
+            grpc_sock.close()
+            raise
         routes_fd, routes_map = _memfd("prism-routes", ROUTES_BYTES)
         cache_fd, cache_bytes = -1, 0
         if config.cache.total_bytes:

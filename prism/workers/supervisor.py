@@ -19,11 +19,13 @@ the tenant's previous workers keep serving.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +41,7 @@ from prism.config import ServerConfig, TenantConfig
 from prism.config.security import is_loopback
 from prism.errors import ConfigError
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
+from prism.router.readiness import not_ready_reason
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
 from prism.workers.preflight import check_deployable
 from prism.workers.resources import Resources, signal_child
@@ -53,6 +56,16 @@ STATE_INTERVAL_S = 0.5
 BOOT_TIMEOUT_S = 60.0
 FAST_STOP_S = 3.0
 ADMIN_RESTART_S = 0.5
+EXIT_CONFIG = 2  # as `prism serve` for a config error
+
+
+def start_failure_code(exc: OSError) -> int:
+    """1 when trying again later may work (a port in use, no memory), 2 when
+    the configured value cannot work here (an address not on this machine, a
+    privileged port, a host name that does not resolve)."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL) or isinstance(exc, socket.gaierror):
+        return EXIT_CONFIG
+    return 1
 
 
 class Supervisor:
@@ -79,6 +92,8 @@ class Supervisor:
         self.admin: subprocess.Popen[bytes] | None = None
         self._admin_restart_at = 0.0
         self._handovers: list[Handover] = []
+        # Why the last published table is not ready (prism.router.readiness), or None.
+        self._not_ready: str | None = "nothing published yet"
 
     # -- signals ---------------------------------------------------------------
 
@@ -100,11 +115,11 @@ class Supervisor:
         self.generation += 1
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
-        self.resources.routes.publish(
-            self.resources.routes_for(
-                self.generation, self.config, cpus, self.slots.values(), self.security_serial
-            )
+        routes = self.resources.routes_for(
+            self.generation, self.config, cpus, self.slots.values(), self.security_serial
         )
+        self.resources.routes.publish(routes)
+        self._not_ready = not_ready_reason(routes)
         self._broadcast()
 
     def _broadcast(self) -> None:
@@ -155,7 +170,7 @@ class Supervisor:
             self.resources = Resources.create(self.config, self.runtime_dir)
         except OSError as exc:
             print(f"prism: cannot start: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            return start_failure_code(exc)
         wake = self._install_signals()
         pid_path = self.runtime_dir / "prism.pid"
         pid_path.write_text(f"{os.getpid()}\n")
@@ -216,11 +231,17 @@ class Supervisor:
             self._forget_gone()
             if self._routes_changed:
                 self._publish()
-            serving = [s.state is SlotState.SERVING for s in self.slots.values()]
-            if not ready_sent and serving and all(serving):
+            # READY=1 on the turn that published the first ready table: the
+            # moment the workers' Check("") and the admin's /readyz flip too.
+            if not ready_sent and self._not_ready is None:
                 ready_sent = True
-                self.notifier.ready(f"serving with {len(self.slots)} workers")
-                log.info("all %d workers serving", len(self.slots))
+                serving = sum(s.state is SlotState.SERVING for s in self.slots.values())
+                self.notifier.ready(f"serving: {serving} of {len(self.slots)} workers")
+                log.info(
+                    "ready: every namespace has a serving worker (%d of %d workers serving)",
+                    serving,
+                    len(self.slots),
+                )
             if now >= next_state:
                 next_state = now + STATE_INTERVAL_S
                 self._broadcast()
@@ -295,7 +316,7 @@ class Supervisor:
         message = f"worker {slot.id} of tenant {slot.tenant!r} cannot boot: {reason}"
         handover = next((h for h in self._handovers if slot.id in h.new), None)
         if handover is None:
-            self._halt(message)
+            self._halt(message, printed=True)  # the worker printed its line: one is enough
             return
         # A reload's new worker: reject the tenant's replacement, keep the
         # workers it was to replace (they still serve: they retire only once
@@ -306,9 +327,10 @@ class Supervisor:
             if other in self.slots and self.slots[other].state in ACTIVE:
                 self._handle(self.slots[other], SlotEvent.RETIRE)
 
-    def _halt(self, reason: str) -> None:
+    def _halt(self, reason: str, *, printed: bool = False) -> None:
         if not self._halted:
-            print(f"prism: halting: {reason}", file=sys.stderr, flush=True)
+            if not printed:
+                print(f"prism: halting: {reason}", file=sys.stderr, flush=True)
             log.error("halting: %s", reason)
             self._halted = True
             self.exit_code = EXIT_HALTED
@@ -421,10 +443,13 @@ class Supervisor:
 
     def _stop_everything(self) -> None:
         procs = [s.proc for s in self.slots.values() if s.proc is not None]
-        if self.admin is not None:
-            procs.append(self.admin)
         for proc in procs:
             signal_child(proc, signal.SIGINT if self._halted else signal.SIGTERM)
+        if self.admin is not None:
+            # SIGTERM either way: the admin process stops the same on both, and
+            # one still starting (no handler yet) then ends without a traceback.
+            signal_child(self.admin, signal.SIGTERM)
+            procs.append(self.admin)
         deadline = time.monotonic() + FAST_STOP_S
         for proc in procs:
             try:

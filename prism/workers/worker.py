@@ -31,8 +31,9 @@ from prism.config import NamespaceConfig
 from prism.log import setup_logging
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import BootFailed, Heartbeat, State, control_decoder, control_encoder
+from prism.router.readiness import Readiness
 from prism.router.remote import Forwarding
-from prism.router.table import Routes, RoutingTableReader
+from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
 from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
@@ -93,6 +94,17 @@ class Worker:
         self.generation = -1
         self.draining = False
         self._applying = trio.Lock()
+        self._readiness = Readiness()
+        self.app.health.follow(self.not_ready)
+
+    def not_ready(self) -> str | None:
+        """Why the gateway is not ready yet (``Check("")`` is NOT_SERVING), or None.
+        Read from the newest table at every Check, so it flips at the moment the
+        supervisor publishes (and sends READY=1) and ``/readyz`` does."""
+        try:
+            return self._readiness.reason(self.routes.current())
+        except RoutingTableUnavailable as exc:
+            return str(exc)
 
     # -- routing -------------------------------------------------------------
 
@@ -111,6 +123,7 @@ class Worker:
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
             self.generation = routes.generation
+            self.app.health.poke()  # Watch("") reads readiness again
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
     # -- loops ---------------------------------------------------------------
@@ -189,6 +202,7 @@ class Worker:
                     nursery.start_soon(self._control, sub, drain)
                     nursery.start_soon(self._watch_routes)
                     nursery.start_soon(self._watch_health)
+                    nursery.start_soon(self.app.keep_reopening)
                     nursery.start_soon(heap.trim_when_quiet, lambda: self.app.settings.traffic_bytes)
                     nursery.start_soon(self._on_drain, drain, nursery)
                     async for signum in signals:
@@ -241,6 +255,9 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
+        # The report makes the supervisor halt and SIGINT its children, this
+        # one too, maybe while it exits: a traceback from an atexit hook then.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _report_boot_failure(spec, reason)
         sys.exit(EXIT_BOOT_FAILED)
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 ``prism_tree`` gives a test a factory: ``start(body)`` writes a config (the
 test's tenants, plus a free admin port and short timeouts), runs
 ``prism serve`` on a free gRPC port with a fresh data dir, waits until
-``/readyz`` says every worker serves, and returns a ``PrismTree``. Every tree
+``/readyz`` says ready and every worker serves, and returns a ``PrismTree``. Every tree
 started is stopped when the test ends, whatever happened (stopped workers are
 continued first, stragglers are SIGKILLed), and its stderr is kept in a file
 the test can read.
@@ -218,12 +218,20 @@ class PrismTree:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prism serve exited {self.proc.returncode}: {self.stderr()[-3000:]}")
             status, _ = self.fetch("/readyz", timeout_s=0.5)
-            if status == 200:
+            # Ready is "every namespace has a serving worker"; tests also want
+            # every worker up (pids, pinning, kills), so wait for that too.
+            if status == 200 and self._all_owners_serving():
                 self.remember_pids()
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"prism serve not ready in {timeout_s}s: {self.stderr()[-3000:]}")
             time.sleep(0.05)
+
+    def _all_owners_serving(self) -> bool:
+        status, body = self.fetch("/v1/namespaces", timeout_s=0.5)
+        if status != 200:
+            return status == 401  # behind an admin token: /readyz alone
+        return all(o["serving"] for ns in json.loads(body)["namespaces"] for o in ns["owners"])
 
     def remember_pids(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

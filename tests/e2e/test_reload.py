@@ -125,7 +125,7 @@ def test_sd_notify_ready_reloading_stopping(prism_tree, tmp_path: Path) -> None:
         tree.start()
         start = _expect(sock, "READY=1", 20.0)
         assert not any("STOPPING=1" in m or "RELOADING=1" in m for m in start), start
-        # READY=1 only once every worker serves.
+        # READY=1 only once every namespace has a serving worker (/readyz says the same).
         assert tree.fetch("/readyz")[0] == 200
 
         tree.write_config(AFTER)

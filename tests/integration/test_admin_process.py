@@ -40,7 +40,7 @@ def table(generation: int, serving: bool) -> Routes:
             )
         },
         workers={
-            1: WorkerEntry(1, "default", 111, "ipc:///tmp/w1.fwd", "/tmp/w1.sock", True),
+            1: WorkerEntry(1, "default", 111, "ipc:///tmp/w1.fwd", "/tmp/w1.sock", serving),
             2: WorkerEntry(2, "default", 222, "ipc:///tmp/w2.fwd", "/tmp/w2.sock", serving),
         },
     )
@@ -135,7 +135,7 @@ def test_serves_probes_and_namespaces_from_the_shared_table(admin: Admin) -> Non
     wait_until_live(admin)
 
     assert admin.fetch("/healthz") == (200, b"ok\n")
-    assert admin.fetch("/readyz") == (503, b"1 of 2 workers serving\n")
+    assert admin.fetch("/readyz") == (503, b"0 of 2 workers serving\n")
 
     admin.writer.publish(table(2, serving=True))
     assert admin.fetch("/readyz") == (200, b"ready\n")

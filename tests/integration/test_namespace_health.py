@@ -121,13 +121,18 @@ async def test_a_namespace_that_could_not_open_is_opened_when_the_backend_comes(
     relay = Relay()  # not up yet: nothing listens on its port
     async with trio.open_nursery() as nursery, app_with_pg(tmp_path, relay.port) as app:
         [ns] = app.config.namespaces
-        assert await app.apply(app.config.namespaces) == [ns.name]
+        # strict: as at boot. PostgreSQL unreachable is waited for, not fatal.
+        assert await app.apply(app.config.namespaces, strict=True) == [ns.name]
         assert app.health.get(ns.name) == health.NOT_SERVING
         assert not app.holds(ns.name)
+        assert "postgres: cannot connect" in (app.unreachable(ns.name) or "")
         await relay.up(nursery)
-        await app.check_health()
-        assert app.holds(ns.name)
+        nursery.start_soon(app.keep_reopening)
+        with trio.fail_after(10):  # the first retries are due within 0.75 s, 1.5 s, 3 s
+            while not app.holds(ns.name):
+                await trio.sleep(0.05)
         assert app.health.get(ns.name) == health.SERVING
+        nursery.cancel_scope.cancel()
         relay.down()
 
 

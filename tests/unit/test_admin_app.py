@@ -186,12 +186,26 @@ async def test_readyz_when_every_worker_serves() -> None:
     assert (response.status, response.text) == (200, "ready\n")
 
 
-async def test_readyz_counts_workers_not_yet_serving() -> None:
+async def test_readyz_waits_for_a_serving_worker_of_every_namespace() -> None:
+    # "orders" belongs to shop, whose only worker still boots: a call for it
+    # would find nobody to forward to, so the gateway is not ready.
+    app = make_app(fixed(routes(worker(1, "shop", serving=False), worker(3, "default"))))
+
+    response = await call(app, "/readyz")
+
+    assert (response.status, response.text) == (
+        503,
+        "1 namespace(s) have no serving worker yet (tenant 'shop')\n",
+    )
+
+
+async def test_readyz_is_ready_once_each_tenant_has_one_serving_worker() -> None:
+    # Worker 2 (shop) still boots, but worker 1 serves shop's namespaces.
     app = make_app(fixed(routes(worker(1, "shop"), worker(2, "shop", serving=False), worker(3, "default"))))
 
     response = await call(app, "/readyz")
 
-    assert (response.status, response.text) == (503, "2 of 3 workers serving\n")
+    assert (response.status, response.text) == (200, "ready\n")
 
 
 async def test_readyz_without_workers() -> None:
@@ -217,7 +231,7 @@ async def test_readyz_reads_a_shared_memory_table() -> None:
     writer.publish(routes(worker(1, "shop", serving=False), generation=1))
     assert (await call(app, "/readyz")).text == "0 of 1 workers serving\n"
 
-    writer.publish(routes(worker(1, "shop"), generation=2))
+    writer.publish(routes(worker(1, "shop"), worker(2, "default"), generation=2))
     assert (await call(app, "/readyz")).status == 200
 
 
@@ -366,7 +380,9 @@ async def test_unknown_v1_paths_and_other_methods_need_the_token_too() -> None:
 
 
 async def test_probes_and_metrics_stay_open_with_a_token(tmp_path: Path) -> None:
-    app = make_app(fixed(routes(worker(1, "shop"))), multiproc_dir=tmp_path, token=TOKEN)
+    app = make_app(
+        fixed(routes(worker(1, "shop"), worker(2, "default"))), multiproc_dir=tmp_path, token=TOKEN
+    )
 
     assert (await call(app, "/healthz")).status == 200
     assert (await call(app, "/readyz")).status == 200

@@ -146,6 +146,11 @@ async def test_cancellation_is_never_mapped() -> None:
             )
             for state in ("08006", "53300", "57P01", "57P03", "40001", "40P01", "57014")
         ),
+        (
+            pg.PgError("could not extend file: No space left on device", "53100"),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "postgres: disk is full (SQLSTATE 53100)",
+        ),
         *(
             (
                 pg.PgError("duplicate key value violates unique constraint", state),
@@ -300,6 +305,17 @@ def test_sqlite_constraint_and_unknown_codes_are_internal() -> None:
     exc = sqlite_error(lambda: conn.execute("SELECT nosuch FROM t"))  # SQLITE_ERROR: no message of its own
     assert seen_by_client(SQLITE_ERRORS, exc) == (StatusCode.INTERNAL, "sqlite: database error")
     conn.close()
+
+
+def test_sqlite_full_database_is_resource_exhausted(tmp_path: Path) -> None:
+    # max_page_count reached is the same SQLITE_FULL as a full file system
+    # (tests/integration/test_disk_full.py fills a real one).
+    conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("PRAGMA max_page_count = 3")
+    exc = sqlite_error(lambda: conn.execute("INSERT INTO t VALUES (?)", (b"x" * 100_000,)))
+    conn.close()
+    assert seen_by_client(SQLITE_ERRORS, exc) == (StatusCode.RESOURCE_EXHAUSTED, "sqlite: disk is full")
 
 
 def test_sqlite_misuse_is_our_bug_and_passes_unchanged() -> None:

@@ -92,6 +92,24 @@ BAD = [
     ("keyvalue", "postgres", "pool = 3", "namespaces[0].options.pool: unknown field"),
     (
         "keyvalue",
+        "redis",
+        'require_persistence = "yes"',
+        "namespaces[0].options.require_persistence: expected bool, got str",
+    ),
+    (
+        "keyvalue",
+        "redis",
+        "require_persistence = 1",
+        "namespaces[0].options.require_persistence: expected bool",
+    ),
+    (
+        "keyvalue",
+        "sqlite",
+        "require_persistence = true",
+        "namespaces[0].options.require_persistence: unknown",
+    ),
+    (
+        "keyvalue",
         "postgres",
         'coalesce_reads = "yes"',
         "namespaces[0].options.coalesce_reads: expected bool, got str",

@@ -206,3 +206,107 @@ async def test_an_undecodable_message_is_dropped_and_the_bus_goes_on(
                 assert (
                     await sender.forward([owner(b)], b"/s.S/M", b"still here", [], math.inf) == b"still here"
                 )
+
+
+# -- post: a call sent without a task waiting for it (forward_now) -----------
+
+
+async def test_a_posted_call_is_answered_through_its_callback(ipc_dir: Path) -> None:
+    a, b = f"ipc://{ipc_dir}/a", f"ipc://{ipc_dir}/b"
+
+    async def reverse(call: ForwardCall) -> ForwardAnswer:
+        return ForwardAnswer(call.id, StatusCode.OK, "", call.payload[::-1])
+
+    got: list[ForwardAnswer | None] = []
+    done = trio.Event()
+
+    def answered(answer: ForwardAnswer | None) -> None:
+        got.append(answer)
+        done.set()
+
+    async with running(a) as sender, running(b, reverse):
+        assert sender.post([owner(b)], b"/s.S/M", b"abc", [], math.inf, None, answered)
+        with trio.fail_after(5):
+            await done.wait()
+    [answer] = got
+    assert answer is not None and (answer.status, answer.payload) == (StatusCode.OK, b"cba")
+
+
+@pytest.mark.parametrize("deadline_s", [2.0, math.inf], ids=["deadline", "no_deadline"])
+async def test_a_posted_call_with_no_answer_is_given_up_at_its_deadline_or_the_default(
+    ipc_dir: Path, autojump_clock: trio.testing.MockClock, deadline_s: float
+) -> None:
+    from prism.router.forward import DEFAULT_FORWARD_TIMEOUT_S
+
+    a, b = f"ipc://{ipc_dir}/a", f"ipc://{ipc_dir}/b"
+
+    async def hang(call: ForwardCall) -> ForwardAnswer:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    given_up: list[float] = []
+    done = trio.Event()
+
+    def answered(answer: ForwardAnswer | None) -> None:
+        assert answer is None
+        given_up.append(trio.current_time())
+        done.set()
+
+    async with running(a) as sender, running(b, hang):
+        start = trio.current_time()
+        assert sender.post([owner(b)], b"/s.S/M", b"", [], start + deadline_s, None, answered)
+        await done.wait()
+    expected = deadline_s if deadline_s < DEFAULT_FORWARD_TIMEOUT_S else DEFAULT_FORWARD_TIMEOUT_S
+    assert given_up == [pytest.approx(start + expected)]
+
+
+async def test_posting_refuses_when_no_owner_serves_or_the_deadline_passed(ipc_dir: Path) -> None:
+    bus = ForwardBus(f"ipc://{ipc_dir}/a", no_calls)
+    draining = WorkerEntry(
+        id=2, tenant="b", pid=0, forward_address="ipc:///x", handoff_address="", serving=False
+    )
+    assert not bus.post([draining], b"/s.S/M", b"", [], math.inf, None, lambda answer: None)
+    assert not bus.post(
+        [owner("ipc:///x")], b"/s.S/M", b"", [], trio.current_time(), None, lambda answer: None
+    )
+
+
+async def test_a_posted_call_to_an_owner_that_stops_serving_is_given_up_at_once(ipc_dir: Path) -> None:
+    a, b = f"ipc://{ipc_dir}/a", f"ipc://{ipc_dir}/b"
+    arrived = trio.Event()
+
+    async def hang(call: ForwardCall) -> ForwardAnswer:
+        arrived.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    got: list[ForwardAnswer | None] = []
+    async with running(a) as sender, running(b, hang):
+        assert sender.post([owner(b)], b"/s.S/M", b"", [], math.inf, None, got.append)
+        with trio.fail_after(5):
+            await arrived.wait()
+        sender.owners_gone({3})
+        assert got == [None]
+
+
+async def test_answered_posts_do_not_pile_up_until_their_give_up_time(ipc_dir: Path) -> None:
+    # Each post's give-up time goes in a heap; an answered call's entry stays
+    # until its time (30 s without a deadline) unless the heap is trimmed.
+    a, b = f"ipc://{ipc_dir}/a", f"ipc://{ipc_dir}/b"
+
+    async def echo(call: ForwardCall) -> ForwardAnswer:
+        return ForwardAnswer(call.id, StatusCode.OK, "", b"")
+
+    answers = 0
+
+    def answered(answer: ForwardAnswer | None) -> None:
+        nonlocal answers
+        answers += 1
+
+    async with running(a) as sender, running(b, echo):
+        with trio.fail_after(20):
+            for n in range(1, 3001):
+                assert sender.post([owner(b)], b"/s.S/M", b"", [], math.inf, None, answered)
+                while answers < n:
+                    await trio.sleep(0)
+        assert len(sender._expiries) <= 2 * 1 + 1024 + 1

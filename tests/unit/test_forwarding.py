@@ -9,6 +9,7 @@ moment after the supervisor republishes the shared table.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,10 +21,10 @@ import trio
 import trio.testing
 
 from prism.config import NamespaceConfig, ServerConfig
-from prism.errors import FailedPrecondition, StatusCode, Unavailable
+from prism.errors import DeadlineExceeded, FailedPrecondition, StatusCode, Unavailable
 from prism.proto import kv_pb2, timeseries_pb2
 from prism.router.messages import ForwardCall
-from prism.router.remote import OPEN_WAIT_S, Forwarding
+from prism.router.remote import OPEN_WAIT_S, OWNER_WAIT_S, Forwarding
 from prism.router.table import NamespaceEntry, Routes, RoutingTableReader, RoutingTableWriter, WorkerEntry
 from prism.rpc.call import CallContext
 from prism.rpc.methods import Method
@@ -63,14 +64,14 @@ class Node:
     def _observe(self, call: CallContext, method: Method, status: StatusCode, seconds: float) -> None:
         self.observed.append((method.name, status))
 
-    def entry(self) -> WorkerEntry:
+    def entry(self, serving: bool = True) -> WorkerEntry:
         return WorkerEntry(
             id=self.id,
             tenant=self.tenant,
             pid=0,
             forward_address=self.address,
             handoff_address="",
-            serving=True,
+            serving=serving,
         )
 
     async def install(self, routes: Routes) -> None:
@@ -332,3 +333,131 @@ async def test_tenant_of_names_the_tenant_a_subscriber_must_reach(nodes: tuple[N
         forwarding.tenant_of("kv")
     with pytest.raises(Unavailable, match="'mine' is being opened"):
         forwarding.tenant_of("mine")
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+
+async def test_a_forwarded_call_runs_no_task_on_the_worker_it_reached(nodes: tuple[Node, Node, Node]) -> None:
+    # The front worker sends the call from its reader's step and answers it
+    # when the owner's answer comes (Calls._forward_now): the only task per
+    # call is the owner's, which runs the handler. (Was two: a task on each side.)
+    a, b, _ = nodes
+    table = routes(1, {"kv": ("b", "keyvalue")}, a, b)
+    await a.install(table)
+    await b.install(table)
+    async with running(a, b), client_of(a) as client:
+        assert (await put(client, "kv")).status == 0  # the first call dials the owner
+        spawns = _Spawns()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            for _ in range(10):
+                assert (await put(client, "kv")).status == 0
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+    assert spawns.spawned == 10
+    # Observed (metrics) where the client is, as before: the first call and the ten.
+    assert a.observed == [("KeyValue/PutItems", StatusCode.OK)] * 11
+
+
+async def test_a_forwarded_call_past_its_deadline_is_deadline_exceeded_where_it_landed(
+    nodes: tuple[Node, Node, Node], autojump_clock: trio.testing.MockClock
+) -> None:
+    a, b, _ = nodes
+    table = routes(1, {"kv": ("b", "keyvalue")}, a, b)
+    await a.install(table)
+    await b.install(table)
+
+    async def hang(request: object) -> object:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    b.remote.bus._handle = hang  # type: ignore[assignment]
+    async with running(a, b), client_of(a) as client:
+        request = kv_pb2.PutItemsRequest(namespace="kv", id="r", items=[kv_pb2.Item(key=b"k", value=b"v")])
+        start = trio.current_time()
+        sid = await client.start_call(PUT, frame(request.SerializeToString()), extra=[("grpc-timeout", "2S")])
+        r = await client.wait(sid)
+        assert (r.status, r.message) == (StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        assert trio.current_time() - start == pytest.approx(2.0)
+
+
+# -- a tenant whose workers are still starting --------------------------------------------------
+
+
+class Caller:
+    """A call that arrived on a connection of worker A (what ``forward`` reads)."""
+
+    forwarded = False
+    caller = None
+
+    def __init__(self, deadline: float) -> None:
+        self.metadata: list[tuple[str, str | bytes]] = []
+        self.path = GET.encode()
+        self.messages = [kv_pb2.GetItemsRequest(namespace="kv", id="r").SerializeToString()]
+        self.deadline = deadline
+
+
+def starting(nodes: tuple[Node, Node, Node], monkeypatch: pytest.MonkeyPatch) -> tuple[Node, list[object]]:
+    """A holds nothing; kv belongs to B, whose worker is in the table but not
+    serving yet. What A puts on its bus is recorded instead of sent."""
+    a, b, _ = nodes
+    sent: list[object] = []
+
+    async def bus_forward(owners: list[WorkerEntry], *args: object) -> bytes:
+        sent.append((trio.current_time(), [(w.id, w.serving) for w in owners]))
+        return b"answer"
+
+    monkeypatch.setattr(a.remote.bus, "forward", bus_forward)
+    a.table.publish(
+        Routes(
+            1,
+            {"kv": NamespaceEntry("kv", "b", "keyvalue", "memory", {}, {})},
+            {1: a.entry(), 2: b.entry(False)},
+        )
+    )
+    return a, sent
+
+
+async def test_a_call_for_a_tenant_still_starting_waits_for_its_worker(
+    nodes: tuple[Node, Node, Node], monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    a, sent = starting(nodes, monkeypatch)
+    b = nodes[1]
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+
+        async def b_serves_after_a_second() -> None:
+            await trio.sleep(1.0)
+            table = a.routes.current()
+            a.table.publish(Routes(2, table.namespaces, {1: a.entry(), 2: b.entry(True)}))
+
+        nursery.start_soon(b_serves_after_a_second)
+        answer = await a.remote.forward("kv", Caller(math.inf))  # type: ignore[arg-type]
+
+    assert answer == b"answer"
+    [(when, owners)] = sent
+    assert owners == [(2, True)]
+    assert when - start == pytest.approx(1.0, abs=0.02)
+
+
+async def test_the_wait_for_a_starting_tenant_is_bounded(
+    nodes: tuple[Node, Node, Node], monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    a, sent = starting(nodes, monkeypatch)
+    start = trio.current_time()
+    with pytest.raises(Unavailable) as raised:
+        await a.remote.forward("kv", Caller(math.inf))  # type: ignore[arg-type]
+    assert str(raised.value) == "no worker of tenant 'b' is serving (waited 5 s); retry"
+    assert trio.current_time() - start == pytest.approx(OWNER_WAIT_S)
+
+    start = trio.current_time()
+    with pytest.raises(DeadlineExceeded):
+        await a.remote.forward("kv", Caller(start + 0.5))  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(0.5)
+    assert sent == []

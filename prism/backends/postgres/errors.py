@@ -8,6 +8,8 @@ UNAVAILABLE: the client may retry. Any other server error is a fault in our
 SQL or the schema: INTERNAL, with the SQLSTATE but not the server's text
 (which may quote data). A failure with no SQLSTATE is the connection's
 (cannot connect, lost, pool closed): UNAVAILABLE with the driver's text.
+Except, in class 53, 53100 disk_full: RESOURCE_EXHAUSTED, as for SQLite (gRPC's
+status codes name a full file system so).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prism.errors import Internal, PrismError, ResourceExhausted, Unavailable
 
 UNAVAILABLE_CLASSES = ("08", "53", "57P", "40")
 QUERY_CANCELED = "57014"
+DISK_FULL = "53100"
 
 
 def database_error(exc: pg.PgError) -> PrismError:
@@ -25,6 +28,8 @@ def database_error(exc: pg.PgError) -> PrismError:
     state = exc.sqlstate
     if state is None:
         return Unavailable(str(exc))
+    if state == DISK_FULL:
+        return ResourceExhausted(f"postgres: disk is full (SQLSTATE {state})")
     if state.startswith(UNAVAILABLE_CLASSES) or state == QUERY_CANCELED:
         return Unavailable(f"postgres: database unavailable (SQLSTATE {state})")
     return Internal(f"postgres: database error (SQLSTATE {state})")

@@ -9,6 +9,7 @@ the client through the engine's error table (``errors.ERRORS``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from prism.backends.coalesce import Coalescer
@@ -27,11 +28,14 @@ from prism.backends.keyvalue import (
 )
 from prism.backends.paging import RecordPager, page_items
 from prism.backends.redis import keyvalue_lua as lua
+from prism.backends.redis import persistence
 from prism.backends.redis.errors import ERRORS
 from prism.backends.redis.options import RedisOptions
 from prism.backends.rules import check_items, check_mutations
 from prism.drivers import resp
 from prism.errors import Unavailable
+
+log = logging.getLogger("prism.backends.redis")
 
 SCAN_CHUNK = 64  # records read per round trip of a scan
 BIG = 1 << 53
@@ -43,6 +47,9 @@ class RedisBackend:
 
     def __init__(self, options: RedisOptions, *, namespace: str) -> None:
         self.key_prefix = options.key_prefix
+        self._namespace = namespace
+        self._where = f"{options.address().host}:{options.address().port}"
+        self._require_persistence = options.require_persistence
         self._base = f"{options.key_prefix}{namespace}:".encode()
         self._ids_key = self._base + b"ids"
         self._pool = resp.Pool(
@@ -65,11 +72,23 @@ class RedisBackend:
         return [b + b"z:" + i, b + b"h:" + i, b + b"m:" + i, b + b"t:" + i, self._ids_key]
 
     async def open(self) -> None:
-        """Connect once (so that a wrong URL shows at start-up). Idempotent."""
+        """Connect once (so that a wrong URL shows at start-up) and check that
+        Redis persists writes: a warning if not, or Unavailable (the
+        namespace NOT_SERVING, retried) with ``require_persistence``. Idempotent."""
         if self._opened or self._closed:
             return
         with ERRORS:
             await self._pool.call("PING")
+            state, how = await persistence.check(self._pool)
+        if state is not persistence.Persistence.ON:
+            if self._require_persistence:
+                raise Unavailable(f"redis at {self._where} {how}: not served (require_persistence = true)")
+            log.warning(
+                "namespace %s: redis at %s %s: a restart of Redis would lose every acknowledged write",
+                self._namespace,
+                self._where,
+                how,
+            )
         self._opened = True
 
     async def aclose(self) -> None:

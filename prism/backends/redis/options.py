@@ -15,9 +15,11 @@ class RedisOptions(Options, frozen=True):
     ``pool_size`` (connections), ``connect_timeout_s``, ``pool_timeout_s``
     (the longest wait for a free connection before RESOURCE_EXHAUSTED),
     ``key_prefix`` (every key of the namespace starts with it and the
-    namespace's name), and ``coalesce_reads`` (on by default: concurrent
+    namespace's name), ``coalesce_reads`` (on by default: concurrent
     reads go out together, pipelined on one connection, and so do concurrent
-    writes)."""
+    writes), and ``require_persistence`` (off by default: a Redis with
+    neither AOF nor RDB snapshots is served with a warning; on: the
+    namespace is not served on it, see ``persistence``)."""
 
     url: str = DEFAULT_URL
     ca_file: str = ""
@@ -26,6 +28,7 @@ class RedisOptions(Options, frozen=True):
     pool_timeout_s: Seconds = 0.5
     key_prefix: str = "prism:"
     coalesce_reads: bool = True
+    require_persistence: bool = False
 
     def __post_init__(self) -> None:
         try:

@@ -56,7 +56,7 @@ class SqliteBackend:
     def __init__(self, options: SqliteOptions, *, data_dir: Path, namespace: str) -> None:
         self.path = options.file(data_dir, namespace)
         self.synchronous = synchronous = options.synchronous
-        self._pool = SqlitePool(self.path, lambda conn: ops.prepare_writer(conn, synchronous))
+        self._pool = SqlitePool(self.path, lambda conn: ops.prepare_writer(conn, synchronous), namespace)
         self._purger = ops.Purger()
 
     async def open(self) -> None:

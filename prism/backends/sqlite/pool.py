@@ -26,7 +26,8 @@ import trio
 
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import ItemPage, RecordPage
-from prism.backends.sqlite.errors import ERRORS
+from prism.backends.sqlite.errors import ERRORS, DiskFull, FullDiskLog
+from prism.backends.sqlite.files import create_private
 from prism.errors import Internal, Unavailable
 from prism.limits import shed
 
@@ -104,8 +105,11 @@ class SqlitePool:
 
     ``prepare`` runs on the writer once, in a worker thread, at ``open()``."""
 
-    def __init__(self, path: Path, prepare: Callable[[sqlite3.Connection], None]) -> None:
+    def __init__(
+        self, path: Path, prepare: Callable[[sqlite3.Connection], None], namespace: str = ""
+    ) -> None:
         self.path = path
+        self.full_log = FullDiskLog(namespace or path.stem, path)
         self._prepare = prepare
         self._limiter = trio.CapacityLimiter(READERS + 1)
         self._write_lock = trio.Lock()
@@ -134,7 +138,7 @@ class SqlitePool:
         self._writer, self._readers = writer, readers
 
     def _connect_all(self) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)
         conns: list[sqlite3.Connection] = []
         try:
             writer = self._connect()
@@ -191,7 +195,11 @@ class SqlitePool:
         """``fn(writer)`` in a worker thread, all or nothing, committed on
         return. Writes that arrive meanwhile share its transaction (``group``),
         so ``fn`` must not begin or end one."""
-        return _unwrap(await self._writes.get(fn))  # type: ignore[no-any-return]
+        try:
+            return _unwrap(await self._writes.get(fn))  # type: ignore[no-any-return]
+        except DiskFull:
+            self.full_log.note()
+            raise
 
     async def _read_batch(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Outcome]:
         self._check_open()

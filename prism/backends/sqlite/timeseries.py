@@ -94,7 +94,7 @@ class SqliteTimeSeriesBackend:
         self.synchronous = options.synchronous
         self.retention_ms = retention_ms(options.retention_days)
         self.path = options.file(data_dir, namespace)
-        self._pool = SqlitePool(self.path, self._prepare)
+        self._pool = SqlitePool(self.path, self._prepare, namespace)
         self._purger = Purger()
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
