@@ -51,6 +51,10 @@ def test_check_of_the_server_is_serving_only_while_every_tenant_has_a_serving_wo
     # The first SERVING: calls for both tenants' namespaces, at once, are answered.
     wait_until(lambda: check(channel) == SERVING, 20, what='Check("") SERVING')
     assert tree.fetch("/readyz")[0] == 200
+    # A connection made now is on tenant a's worker (one made before a's
+    # worker served may have stayed on b's, and ends with it below).
+    channel.close()
+    channel = tree.channel("a.prism", warm=False)
     stub = kv_pb2_grpc.KeyValueStub(channel)
     with ThreadPoolExecutor(8) as pool:
         calls = [
