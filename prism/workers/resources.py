@@ -28,7 +28,7 @@ from prism.config import ServerConfig
 from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
 from prism.workers.slot import Slot, SlotState
-from prism.workers.spec import ADMIN_SPEC_ENV, SPEC_ENV, AdminSpec, WorkerSpec
+from prism.workers.spec import SPEC_FD_ENV, WORKER_LABEL_ENV, AdminSpec, WorkerSpec, spec_fd
 
 __all__ = ["ROUTES_BYTES", "Resources", "bind", "signal_child"]
 
@@ -160,8 +160,8 @@ class Resources:
             config=config,
             supervisor_pid=os.getpid(),
         )
-        env = {**os.environ, SPEC_ENV: msgspec.json.encode(spec).decode()}
-        return subprocess.Popen([sys.executable, "-m", "prism.workers.worker"], env=env, pass_fds=self.fds)
+        label = f"{slot.id}:{slot.tenant}@cpu{slot.cpu}"
+        return _spawn("prism.workers.worker", spec, self.fds, {WORKER_LABEL_ENV: label})
 
     def start_admin(self, config: ServerConfig) -> subprocess.Popen[bytes]:
         """Exec ``python -m prism.admin.main`` on the admin socket and the routing table."""
@@ -174,12 +174,19 @@ class Resources:
             token_file=config.admin_token_file,
             tls=config.admin.tls,
         )
-        env = {**os.environ, ADMIN_SPEC_ENV: msgspec.json.encode(spec).decode()}
-        return subprocess.Popen(
-            [sys.executable, "-m", "prism.admin.main"],
-            env=env,
-            pass_fds=[self.admin_sock.fileno(), self.routes_fd],
-        )
+        return _spawn("prism.admin.main", spec, [self.admin_sock.fileno(), self.routes_fd])
+
+
+def _spawn(
+    module: str, spec: WorkerSpec | AdminSpec, fds: list[int], extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Exec ``python -m module`` with ``spec`` in a memfd it inherits (see ``prism.workers.spec``)."""
+    fd = spec_fd(spec)
+    try:
+        env = {**os.environ, **(extra_env or {}), SPEC_FD_ENV: str(fd)}
+        return subprocess.Popen([sys.executable, "-m", module], env=env, pass_fds=[*fds, fd])
+    finally:
+        os.close(fd)  # the child has its own copy
 
 
 def signal_child(proc: subprocess.Popen[bytes], signum: int) -> None:

@@ -38,7 +38,7 @@ from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
-from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
+from prism.workers.spec import EXIT_BOOT_FAILED, WorkerSpec, read_spec
 
 log = logging.getLogger("prism.worker")
 
@@ -233,7 +233,7 @@ class Worker:
 
 
 def main() -> None:
-    spec = msgspec.json.decode(os.environ[SPEC_ENV], type=WorkerSpec)
+    spec = read_spec(WorkerSpec)
     die_with_parent(spec.supervisor_pid)
     # Reload is the supervisor's business; a hangup sent to the whole process
     # group (a closing terminal, kill -HUP -PGID) must not stop workers.
