@@ -19,20 +19,16 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
-
-import msgspec
 
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
-from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
+from prism.router.table import Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
+from prism.workers.routes_size import namespace_entries, routes_bytes_for
 from prism.workers.slot import Slot, SlotState
 from prism.workers.spec import SPEC_FD_ENV, WORKER_LABEL_ENV, AdminSpec, WorkerSpec, spec_fd
 
-__all__ = ["ROUTES_BYTES", "Resources", "bind", "signal_child"]
-
-ROUTES_BYTES: Final = 4 * 1024 * 1024
+__all__ = ["Resources", "bind", "signal_child"]
 
 
 def bind(address: tuple[str, int]) -> socket.socket:
@@ -61,6 +57,7 @@ class Resources:
     grpc_sock: socket.socket
     admin_sock: socket.socket
     routes_fd: int
+    routes_bytes: int
     routes: RoutingTableWriter
     cache_fd: int  # -1: no shared cache
     cache_bytes: int
@@ -68,11 +65,12 @@ class Resources:
     fds: list[int] = field(default_factory=list)  # what every worker inherits
 
     @classmethod
-    def create(cls, config: ServerConfig, runtime_dir: Path) -> Resources:
+    def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
         """Bind the sockets and create the tables; raises OSError (a port taken, no memory)."""
         grpc_sock = bind(config.listen_host_port())
         admin_sock = bind(config.admin_host_port())
-        routes_fd, routes_map = _memfd("prism-routes", ROUTES_BYTES)
+        routes_bytes = routes_bytes_for(config, cpus)  # sized to the config (prism.workers.routes_size)
+        routes_fd, routes_map = _memfd("prism-routes", routes_bytes)
         cache_fd, cache_bytes = -1, 0
         if config.cache.total_bytes:
             # Always made (pages are committed only when used), so that a
@@ -85,6 +83,7 @@ class Resources:
             grpc_sock,
             admin_sock,
             routes_fd,
+            routes_bytes,
             RoutingTableWriter(routes_map),
             cache_fd,
             cache_bytes,
@@ -116,17 +115,7 @@ class Resources:
         self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot], security_serial: int
     ) -> Routes:
         """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
-        namespaces: dict[str, NamespaceEntry] = {}
-        for tenant in config.effective_tenants(cpus):
-            for ns in tenant.namespaces:
-                namespaces[ns.name] = NamespaceEntry(
-                    ns.name,
-                    tenant.name,
-                    ns.abstraction,
-                    ns.backend,
-                    dict(ns.options),
-                    msgspec.to_builtins(ns.cache),
-                )
+        namespaces = namespace_entries(config, cpus)
         workers = {
             s.id: WorkerEntry(
                 s.id,
@@ -150,7 +139,7 @@ class Resources:
             cpu=slot.cpu,
             listen_fd=self.grpc_sock.fileno(),
             routes_fd=self.routes_fd,
-            routes_bytes=ROUTES_BYTES,
+            routes_bytes=self.routes_bytes,
             cache_fd=self.cache_fd,
             cache_bytes=self.cache_bytes,
             control_address=self.control_address,
@@ -168,7 +157,7 @@ class Resources:
         spec = AdminSpec(
             listen_fd=self.admin_sock.fileno(),
             routes_fd=self.routes_fd,
-            routes_bytes=ROUTES_BYTES,
+            routes_bytes=self.routes_bytes,
             log_level=config.log_level,
             supervisor_pid=os.getpid(),
             token_file=config.admin_token_file,
