@@ -26,7 +26,14 @@ from prism.router.table import Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
 from prism.workers.routes_size import namespace_entries, routes_bytes_for
 from prism.workers.slot import Slot, SlotState
-from prism.workers.spec import SPEC_FD_ENV, WORKER_LABEL_ENV, AdminSpec, WorkerSpec, spec_fd
+from prism.workers.spec import (
+    SPEC_FD_ENV,
+    WORKER_LABEL_ENV,
+    AdminSpec,
+    WorkerSpec,
+    config_for_tenant,
+    spec_fd,
+)
 
 __all__ = ["Resources", "bind", "signal_child"]
 
@@ -146,7 +153,7 @@ class Resources:
             events_address=self.events_address,
             forward_address=self.forward_address(slot.id),
             handoff_address=self.handoff_address(slot.id),
-            config=config,
+            config=config_for_tenant(config, slot.tenant),
             supervisor_pid=os.getpid(),
         )
         label = f"{slot.id}:{slot.tenant}@cpu{slot.cpu}"

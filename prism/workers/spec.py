@@ -22,6 +22,7 @@ import msgspec
 
 from prism.config import ServerConfig
 from prism.config.security import AdminTlsConfig
+from prism.config.server import DEFAULT_TENANT
 
 # The number of the inherited descriptor to read the spec from.
 SPEC_FD_ENV: Final = "PRISM_SPEC_FD"
@@ -67,6 +68,19 @@ class AdminSpec(msgspec.Struct, frozen=True):
     # use in /proc and in anything that dumps the environment.
     token_file: str = ""
     tls: AdminTlsConfig | None = None  # serve HTTPS with this certificate and key
+
+
+def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
+    """``config`` with only ``tenant``'s namespaces, for that tenant's workers.
+
+    A worker learns which namespaces it opens from the routing table; the
+    other tenants' namespaces (and their DSNs) are of no use to it, and with
+    10,000 namespaces they would be megabytes to decode in every worker.
+    """
+    if tenant == DEFAULT_TENANT and config.namespaces:
+        return msgspec.structs.replace(config, tenants=())
+    own = tuple(t for t in config.tenants if t.name == tenant)
+    return msgspec.structs.replace(config, namespaces=(), tenants=own)
 
 
 S = TypeVar("S", WorkerSpec, AdminSpec)
