@@ -448,14 +448,14 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-_WORKER_SPEC = "PRISM_WORKER_SPEC="
+_WORKER_LABEL = "PRISM_WORKER="
 
 
 def process_role(pid: int, root: int) -> str:
     """A stable label for one process of a server tree.
 
     ``root`` (the supervisor, or a single-process server), ``admin``,
-    ``worker<ID>:<TENANT>@cpu<CPU>`` for a Prism worker (read from the spec
+    ``worker<ID>:<TENANT>@cpu<CPU>`` for a Prism worker (read from the label
     in its environment), else ``pid<PID>``.
     """
     if pid == root:
@@ -469,10 +469,9 @@ def process_role(pid: int, root: int) -> str:
     if b"prism.workers.worker" in argv:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            raw = next(v for v in environ if v.startswith(_WORKER_SPEC.encode()))
-            spec = msgspec.json.decode(raw[len(_WORKER_SPEC) :])
-            return f"worker{spec['worker_id']}:{spec['tenant']}@cpu{spec['cpu']}"
-        except (OSError, StopIteration, msgspec.DecodeError, KeyError, TypeError):
+            raw = next(v for v in environ if v.startswith(_WORKER_LABEL.encode()))
+            return f"worker{raw[len(_WORKER_LABEL) :].decode()}"
+        except (OSError, StopIteration, UnicodeDecodeError):
             return f"worker-pid{pid}"
     return f"pid{pid}"
 

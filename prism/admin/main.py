@@ -2,7 +2,8 @@
 
 The supervisor binds the admin socket and creates the routing table before it
 starts any child, and hands both down as inherited file descriptors, described
-by ``PRISM_ADMIN_SPEC`` (an ``AdminSpec`` from ``prism.workers.spec``, as JSON)::
+by an ``AdminSpec`` (``prism.workers.spec``) as JSON in an inherited memfd
+whose number is in ``PRISM_SPEC_FD``::
 
     {"listen_fd": 3, "routes_fd": 4, "routes_bytes": 4194304, "log_level": "info",
      "token_file": "/etc/prism/admin.token",
@@ -48,7 +49,7 @@ from prism.log import setup_logging
 from prism.router.table import RoutingTableReader
 from prism.workers.lifeline import die_with_parent
 from prism.workers.preflight import read_admin_token
-from prism.workers.spec import ADMIN_SPEC_ENV, EXIT_BOOT_FAILED, AdminSpec
+from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_FD_ENV, AdminSpec, read_spec
 
 log = logging.getLogger("prism.admin")
 
@@ -97,9 +98,10 @@ async def run(app: ASGIApp, config: Config) -> None:
 def main() -> int:
     """Run the admin process; returns its exit code."""
     try:
-        spec = msgspec.json.decode(os.environ[ADMIN_SPEC_ENV], type=AdminSpec)
-    except (KeyError, msgspec.DecodeError) as exc:
-        print(f"prism: admin process cannot boot: bad or missing {ADMIN_SPEC_ENV}: {exc}", file=sys.stderr)
+        spec = read_spec(AdminSpec)
+    except (KeyError, ValueError, OSError, msgspec.DecodeError) as exc:
+        reason = f"bad or missing spec ({SPEC_FD_ENV}): {exc}"
+        print(f"prism: admin process cannot boot: {reason}", file=sys.stderr)
         return EXIT_BOOT_FAILED
     if spec.supervisor_pid:
         die_with_parent(spec.supervisor_pid)

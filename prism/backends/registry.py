@@ -8,7 +8,10 @@ object is a factory taking the plain table; entry points are only looked at
 when config names a backend we do not know, so start-up never imports
 plugins it does not use.
 
-This module imports every built-in backend (and trio): workers use it,
+This module imports the memory backends (and trio); every other built-in
+backend, its driver and its engine (sqlite3, psycopg, hiredis, the NATS
+client) is imported by its factory, the first time a namespace uses it, so
+that a worker loads only what its namespaces need. Workers use this module;
 config loading in the supervisor uses ``catalog`` instead.
 """
 
@@ -33,9 +36,7 @@ from prism.backends.options import convert
 from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresTimeSeriesOptions
 from prism.backends.pubsub import PubSubBackend
 from prism.backends.redis.options import RedisOptions
-from prism.backends.sqlite.keyvalue import SqliteBackend
 from prism.backends.sqlite.options import SqliteOptions, SqliteTimeSeriesOptions
-from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend
 from prism.backends.timeseries import TimeSeriesBackend
 from prism.errors import ConfigError
 
@@ -72,6 +73,8 @@ def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) ->
 
 
 def _sqlite(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
+    from prism.backends.sqlite.keyvalue import SqliteBackend  # lazy, as for "postgres"
+
     return SqliteBackend(convert(options, SqliteOptions), data_dir=data_dir, namespace=namespace)
 
 
@@ -140,6 +143,8 @@ def _memory_timeseries(options: Mapping[str, object], *, data_dir: Path, namespa
 
 
 def _sqlite_timeseries(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> TimeSeriesBackend:
+    from prism.backends.sqlite.timeseries import SqliteTimeSeriesBackend  # lazy, as for "postgres"
+
     return SqliteTimeSeriesBackend(
         convert(options, SqliteTimeSeriesOptions), data_dir=data_dir, namespace=namespace
     )

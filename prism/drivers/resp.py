@@ -34,7 +34,6 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-import hiredis
 import trio
 
 from prism.drivers import tls
@@ -90,6 +89,11 @@ class Connection:
     """One TCP (or TLS) connection; one task at a time (the pool hands it out)."""
 
     def __init__(self, stream: tls.Stream) -> None:
+        # Imported at the first connection: a worker with no Redis
+        # namespace or cache never loads the parser.
+        import hiredis
+
+        self._hiredis = hiredis
         self._stream = stream
         self._reader = hiredis.Reader()
         self.broken = False
@@ -105,6 +109,7 @@ class Connection:
             raise ConnectionLost("redis: connection is closed")
         data = b"".join(encode(c) for c in commands)
         reader = self._reader
+        hiredis = self._hiredis
         replies: list[Reply] = []
         try:
             await self._stream.send_all(data)

@@ -112,6 +112,7 @@ class ForwardBus:
         self._ids = itertools.count(1)
         self._next_owner = 0
         self.nursery: trio.Nursery | None = None  # the bus's tasks (and forward_now's retries)
+        self.serving = 0  # calls forwarded here being answered (a draining worker waits for them)
         # Posted calls' give-up times (time, call id), earliest first, and
         # the scope whose deadline is the earliest (``_expire``).
         self._expiries: list[tuple[float, int]] = []
@@ -150,10 +151,14 @@ class ForwardBus:
                     if pending is not None:  # else: the caller gave up already
                         pending.settle(message)
                 else:
+                    self.serving += 1
                     nursery.start_soon(self._answer, message)
 
     async def _answer(self, call: ForwardCall) -> None:
-        self._post(call.reply_to, await self._handle(call))
+        try:
+            self._post(call.reply_to, await self._handle(call))
+        finally:
+            self.serving -= 1
 
     def _post(self, address: str, message: Forwarded) -> None:
         queue = self._outbox.get(address)

@@ -53,6 +53,7 @@ __all__ = [
     "RoutingTableUnavailable",
     "RoutingTableWriter",
     "WorkerEntry",
+    "slot_capacity",
 ]
 
 DEFAULT_SIZE_BYTES: Final = 4 * 1024 * 1024
@@ -148,6 +149,11 @@ def _slot_geometry(size: int) -> tuple[int, int]:
     if capacity <= 0:
         raise ValueError(f"routing table buffer of {size} bytes is too small for two slots")
     return slot_bytes, capacity
+
+
+def slot_capacity(size: int) -> int:
+    """The largest encoded table a buffer of ``size`` bytes holds."""
+    return max(0, (size - _HEADER_BYTES) // 2 // _ALIGN * _ALIGN - _SLOT_HEADER_BYTES)
 
 
 def _digest(meta: bytes, payload: bytes) -> bytes:

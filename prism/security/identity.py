@@ -26,12 +26,16 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, NamedTuple
-
-import jwt
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from prism.config.security import JwtConfig
 from prism.rpc.call import Caller
+
+if TYPE_CHECKING:
+    # PyJWT pulls in cryptography: about 10 MB in every process. Imported
+    # where a token or a JWKS is first read, so that a server without
+    # ``auth`` never loads it.
+    import jwt
 
 MAX_TOKEN_BYTES: Final = 8 * 1024
 MAX_JWKS_BYTES: Final = 1024 * 1024
@@ -71,6 +75,8 @@ def load_jwks(path: str) -> dict[str, Key]:
     """The signing keys of a JWKS file, by ``kid``. Keys marked ``"use": "enc"``
     are skipped (they sign nothing); any other key must have a ``kid`` and
     one of ``ALGORITHMS``, or the file does not load."""
+    import jwt  # see the import under TYPE_CHECKING
+
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JWKS_BYTES + 1)
@@ -172,6 +178,8 @@ class TokenVerifier:
         return verified
 
     def _verify(self, token: str, now: float) -> Verified:
+        import jwt  # loaded by load_jwks already: a dict lookup
+
         if token.count(".") != 2:
             raise TokenError("not a JWT")
         try:
@@ -221,6 +229,8 @@ class TokenVerifier:
 
 
 def _claim_reason(exc: jwt.PyJWTError) -> str:
+    import jwt
+
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"no {exc.claim} claim"
     if isinstance(exc, jwt.InvalidIssuerError):

@@ -1,6 +1,7 @@
 """Checks before serving (or reloading) what config validation cannot see
 from the file alone: CPUs that this machine lets us use, and certificate,
-key, CA, JWKS and token files that load. The supervisor runs them at
+key, CA, JWKS and token files that load, and a routing table that fits
+(``prism.workers.routes_size``). The supervisor runs them at
 start-up and on every reload; a failure is one line naming the field (exit
 code 2, or a rejected reload that keeps the running config and its files).
 
@@ -20,6 +21,7 @@ from prism.config import ServerConfig
 from prism.errors import ConfigError
 from prism.security.identity import JwksError, load_jwks
 from prism.security.tls import server_context
+from prism.workers.routes_size import check_routes_fit
 
 MAX_ADMIN_TOKEN_BYTES = 4096
 # RFC 6750's b64token: what fits in ``Authorization: Bearer <token>`` as is.
@@ -47,6 +49,7 @@ def check_deployable(config: ServerConfig) -> None:
         except JwksError as exc:
             raise ConfigError(f"auth.jwt.jwks_file: {exc}") from None
     check_admin(config)
+    check_routes_fit(config, len(allowed))
 
 
 def check_admin(config: ServerConfig) -> None:

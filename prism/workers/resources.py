@@ -19,20 +19,25 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
 
 import msgspec
 
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
-from prism.router.table import NamespaceEntry, Routes, RoutingTableWriter, WorkerEntry
+from prism.router.table import Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
+from prism.workers.routes_size import namespace_entries, routes_bytes_for
 from prism.workers.slot import Slot, SlotState
-from prism.workers.spec import ADMIN_SPEC_ENV, SPEC_ENV, AdminSpec, WorkerSpec
+from prism.workers.spec import (
+    SPEC_FD_ENV,
+    WORKER_LABEL_ENV,
+    AdminSpec,
+    WorkerSpec,
+    config_for_tenant,
+    spec_fd,
+)
 
-__all__ = ["ROUTES_BYTES", "Resources", "bind", "signal_child"]
-
-ROUTES_BYTES: Final = 4 * 1024 * 1024
+__all__ = ["Resources", "bind", "signal_child"]
 
 
 def bind(address: tuple[str, int], field: str = "listen") -> socket.socket:
@@ -67,6 +72,7 @@ class Resources:
     grpc_sock: socket.socket
     admin_sock: socket.socket
     routes_fd: int
+    routes_bytes: int
     routes: RoutingTableWriter
     cache_fd: int  # -1: no shared cache
     cache_bytes: int
@@ -74,7 +80,7 @@ class Resources:
     fds: list[int] = field(default_factory=list)  # what every worker inherits
 
     @classmethod
-    def create(cls, config: ServerConfig, runtime_dir: Path) -> Resources:
+    def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
         """Bind the sockets and create the tables; raises OSError (a port taken, no memory)."""
         grpc_sock = bind(config.listen_host_port(), "listen")
         try:
@@ -82,7 +88,8 @@ class Resources:
         except OSError:
             grpc_sock.close()
             raise
-        routes_fd, routes_map = _memfd("prism-routes", ROUTES_BYTES)
+        routes_bytes = routes_bytes_for(config, cpus)  # sized to the config (prism.workers.routes_size)
+        routes_fd, routes_map = _memfd("prism-routes", routes_bytes)
         cache_fd, cache_bytes = -1, 0
         if config.cache.total_bytes:
             # Always made (pages are committed only when used), so that a
@@ -95,6 +102,7 @@ class Resources:
             grpc_sock,
             admin_sock,
             routes_fd,
+            routes_bytes,
             RoutingTableWriter(routes_map),
             cache_fd,
             cache_bytes,
@@ -126,18 +134,7 @@ class Resources:
         self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot], security_serial: int
     ) -> Routes:
         """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
-        namespaces: dict[str, NamespaceEntry] = {}
-        for tenant in config.effective_tenants(cpus):
-            for ns in tenant.namespaces:
-                namespaces[ns.name] = NamespaceEntry(
-                    ns.name,
-                    tenant.name,
-                    ns.abstraction,
-                    ns.backend,
-                    dict(ns.options),
-                    msgspec.to_builtins(ns.cache),
-                    msgspec.to_builtins(ns.limits) if ns.limits is not None else {},
-                )
+        namespaces = namespace_entries(config, cpus)
         workers = {
             s.id: WorkerEntry(
                 s.id,
@@ -168,36 +165,43 @@ class Resources:
             cpu=slot.cpu,
             listen_fd=self.grpc_sock.fileno(),
             routes_fd=self.routes_fd,
-            routes_bytes=ROUTES_BYTES,
+            routes_bytes=self.routes_bytes,
             cache_fd=self.cache_fd,
             cache_bytes=self.cache_bytes,
             control_address=self.control_address,
             events_address=self.events_address,
             forward_address=self.forward_address(slot.id),
             handoff_address=self.handoff_address(slot.id),
-            config=config,
+            config=config_for_tenant(config, slot.tenant),
             supervisor_pid=os.getpid(),
         )
-        env = {**os.environ, SPEC_ENV: msgspec.json.encode(spec).decode()}
-        return subprocess.Popen([sys.executable, "-m", "prism.workers.worker"], env=env, pass_fds=self.fds)
+        label = f"{slot.id}:{slot.tenant}@cpu{slot.cpu}"
+        return _spawn("prism.workers.worker", spec, self.fds, {WORKER_LABEL_ENV: label})
 
     def start_admin(self, config: ServerConfig) -> subprocess.Popen[bytes]:
         """Exec ``python -m prism.admin.main`` on the admin socket and the routing table."""
         spec = AdminSpec(
             listen_fd=self.admin_sock.fileno(),
             routes_fd=self.routes_fd,
-            routes_bytes=ROUTES_BYTES,
+            routes_bytes=self.routes_bytes,
             log_level=config.log_level,
             supervisor_pid=os.getpid(),
             token_file=config.admin_token_file,
             tls=config.admin.tls,
         )
-        env = {**os.environ, ADMIN_SPEC_ENV: msgspec.json.encode(spec).decode()}
-        return subprocess.Popen(
-            [sys.executable, "-m", "prism.admin.main"],
-            env=env,
-            pass_fds=[self.admin_sock.fileno(), self.routes_fd],
-        )
+        return _spawn("prism.admin.main", spec, [self.admin_sock.fileno(), self.routes_fd])
+
+
+def _spawn(
+    module: str, spec: WorkerSpec | AdminSpec, fds: list[int], extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Exec ``python -m module`` with ``spec`` in a memfd it inherits (see ``prism.workers.spec``)."""
+    fd = spec_fd(spec)
+    try:
+        env = {**os.environ, **(extra_env or {}), SPEC_FD_ENV: str(fd)}
+        return subprocess.Popen([sys.executable, "-m", module], env=env, pass_fds=[*fds, fd])
+    finally:
+        os.close(fd)  # the child has its own copy
 
 
 def signal_child(proc: subprocess.Popen[bytes], signum: int) -> None:

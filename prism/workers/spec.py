@@ -1,23 +1,33 @@
 """What the supervisor hands its children at start, and the exit codes they share.
 
 A worker gets a ``WorkerSpec`` and the admin process an ``AdminSpec``, each as
-JSON in an environment variable, with the file descriptors they name passed
-down. Kept apart from ``prism.workers.worker`` and ``prism.admin.main`` so that
+JSON in an anonymous memory file (a memfd) whose descriptor is passed down with
+the ones the spec names; only that descriptor's number travels, in
+``SPEC_FD_ENV``. Never the spec itself in the environment or on the command
+line: it holds the whole config, DSN passwords included, which
+``/proc/PID/environ`` and ``cmdline`` would show, and a large config would not
+fit in ``execve``'s argument limit (E2BIG).
+
+Kept apart from ``prism.workers.worker`` and ``prism.admin.main`` so that
 the supervisor can build both without importing either (and with them trio,
 the App and every backend): the supervisor process stays small and loop-free.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import os
+from typing import Final, TypeVar
 
 import msgspec
 
 from prism.config import ServerConfig
 from prism.config.security import AdminTlsConfig
+from prism.config.server import DEFAULT_TENANT
 
-SPEC_ENV: Final = "PRISM_WORKER_SPEC"
-ADMIN_SPEC_ENV: Final = "PRISM_ADMIN_SPEC"
+# The number of the inherited descriptor to read the spec from.
+SPEC_FD_ENV: Final = "PRISM_SPEC_FD"
+# Who a worker is, for tools reading /proc (bench/): "ID:TENANT@cpuCPU"; nothing secret.
+WORKER_LABEL_ENV: Final = "PRISM_WORKER"
 # A worker that cannot start serving exits with this code; the supervisor
 # halts instead of restarting it in a loop. The admin process exits with it
 # too, but is restarted: no call depends on it.
@@ -27,7 +37,7 @@ EXIT_HALTED: Final = 3
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
-    """What the supervisor hands a worker (``PRISM_WORKER_SPEC``)."""
+    """What the supervisor hands a worker (read with ``read_spec``)."""
 
     worker_id: int
     tenant: str
@@ -46,7 +56,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 
 
 class AdminSpec(msgspec.Struct, frozen=True):
-    """What the supervisor hands the admin process (``PRISM_ADMIN_SPEC``)."""
+    """What the supervisor hands the admin process (read with ``read_spec``)."""
 
     listen_fd: int  # a bound (and usually listening) TCP socket
     routes_fd: int  # the routing table's memfd
@@ -58,3 +68,56 @@ class AdminSpec(msgspec.Struct, frozen=True):
     # use in /proc and in anything that dumps the environment.
     token_file: str = ""
     tls: AdminTlsConfig | None = None  # serve HTTPS with this certificate and key
+
+
+def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
+    """``config`` with only ``tenant``'s namespaces, for that tenant's workers.
+
+    A worker learns which namespaces it opens from the routing table; the
+    other tenants' namespaces (and their DSNs) are of no use to it, and with
+    10,000 namespaces they would be megabytes to decode in every worker.
+    """
+    if tenant == DEFAULT_TENANT and config.namespaces:
+        return msgspec.structs.replace(config, tenants=())
+    own = tuple(t for t in config.tenants if t.name == tenant)
+    return msgspec.structs.replace(config, namespaces=(), tenants=own)
+
+
+S = TypeVar("S", WorkerSpec, AdminSpec)
+
+
+def spec_fd(spec: WorkerSpec | AdminSpec) -> int:
+    """A memfd holding ``spec`` as JSON, for a child to inherit; the caller closes it once the child runs.
+
+    A memfd, not a pipe: the whole spec is written before the child starts,
+    whatever its size, and its descriptor is only readable by our own user
+    (``/proc/PID/fd`` needs ptrace rights on the process).
+    """
+    data = msgspec.json.encode(spec)
+    fd = os.memfd_create("prism-spec", os.MFD_CLOEXEC)  # pass_fds makes it inheritable in the child only
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_spec(kind: type[S]) -> S:
+    """Read and close the spec the supervisor passed down (``SPEC_FD_ENV``).
+
+    Raises KeyError or ValueError (no descriptor named), OSError (not
+    readable) or msgspec.DecodeError (not a spec).
+    """
+    fd = int(os.environ.pop(SPEC_FD_ENV))
+    try:
+        chunks = []
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return msgspec.json.decode(b"".join(chunks), type=kind)

@@ -45,6 +45,7 @@ from prism.router.readiness import not_ready_reason
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
 from prism.workers.preflight import check_deployable
 from prism.workers.resources import Resources, signal_child
+from prism.workers.routes_size import check_routes_fit
 from prism.workers.sdnotify import SystemdNotifier
 from prism.workers.slot import ACTIVE, Action, Slot, SlotEvent, SlotState, exit_event, restart_delay
 from prism.workers.spec import EXIT_HALTED
@@ -167,7 +168,7 @@ class Supervisor:
 
     def run(self) -> int:
         try:
-            self.resources = Resources.create(self.config, self.runtime_dir)
+            self.resources = Resources.create(self.config, self.runtime_dir, len(self.allowed_cpus))
         except OSError as exc:
             print(f"prism: cannot start: {exc.strerror or exc}", file=sys.stderr)
             return start_failure_code(exc)
@@ -394,6 +395,7 @@ class Supervisor:
         try:
             new = self._reload_config()
             check_deployable(new)
+            check_routes_fit(new, len(self.allowed_cpus), self.resources.routes_bytes)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.notifier.ready("reload rejected")

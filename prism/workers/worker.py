@@ -38,7 +38,7 @@ from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent
-from prism.workers.spec import EXIT_BOOT_FAILED, SPEC_ENV, WorkerSpec
+from prism.workers.spec import EXIT_BOOT_FAILED, WorkerSpec, read_spec
 
 log = logging.getLogger("prism.worker")
 
@@ -220,8 +220,13 @@ class Worker:
         settings = self.app.settings
         await serve_listeners([listener], settings)
         # Our own connections have closed; connections other workers handed
-        # to us are served outside the listener and may still have calls.
-        while settings.connections:
+        # to us are served outside the listener and may still have calls, and
+        # so may other workers' forwarded calls: those sent before their
+        # sender read the table that says we drain (it polls every
+        # ROUTES_POLL_S) are answered, not dropped (UNAVAILABLE at the sender).
+        linger_until = trio.current_time() + 2 * ROUTES_POLL_S
+        bus = self.remote.bus
+        while settings.connections or bus.serving or trio.current_time() < linger_until:
             await trio.sleep(0.02)
         nursery.cancel_scope.cancel()  # drained: every connection has closed
 
@@ -234,7 +239,7 @@ class Worker:
 
 
 def main() -> None:
-    spec = msgspec.json.decode(os.environ[SPEC_ENV], type=WorkerSpec)
+    spec = read_spec(WorkerSpec)
     die_with_parent(spec.supervisor_pid)
     # Reload is the supervisor's business; a hangup sent to the whole process
     # group (a closing terminal, kill -HUP -PGID) must not stop workers.

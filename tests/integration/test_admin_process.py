@@ -101,15 +101,20 @@ def start_admin(tmp_path: Path) -> Iterator[StartAdmin]:
             "log_level": "info",
             **spec_fields,
         }
-        env = {**os.environ, "PRISM_ADMIN_SPEC": json.dumps(spec), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prism.admin.main"],
-            env=env,
-            cwd=REPO_ROOT,
-            pass_fds=(listener.fileno(), routes_fd),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        spec_fd = os.memfd_create("prism-spec")
+        os.write(spec_fd, json.dumps(spec).encode())
+        env = {**os.environ, "PRISM_SPEC_FD": str(spec_fd), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prism.admin.main"],
+                env=env,
+                cwd=REPO_ROOT,
+                pass_fds=(listener.fileno(), routes_fd, spec_fd),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        finally:
+            os.close(spec_fd)
         started.append((proc, writer, routes_fd, listener))
         scheme = "https" if ssl_context is not None else "http"
         return Admin(proc, writer, f"{scheme}://127.0.0.1:{listener.getsockname()[1]}", ssl_context)
@@ -169,13 +174,13 @@ def test_sigterm_stops_it_cleanly(admin: Admin) -> None:
 
 
 def test_missing_spec_is_a_boot_failure() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PRISM_ADMIN_SPEC"}
+    env = {k: v for k, v in os.environ.items() if k != "PRISM_SPEC_FD"}
     done = subprocess.run(
         [sys.executable, "-m", "prism.admin.main"], env=env, cwd=REPO_ROOT, capture_output=True, timeout=30
     )
 
     assert done.returncode == 3
-    assert b"PRISM_ADMIN_SPEC" in done.stderr
+    assert b"PRISM_SPEC_FD" in done.stderr
 
 
 def test_v1_routes_need_the_token_from_the_file_over_tls(start_admin: StartAdmin, tmp_path: Path) -> None:

@@ -310,3 +310,30 @@ async def test_answered_posts_do_not_pile_up_until_their_give_up_time(ipc_dir: P
                 while answers < n:
                     await trio.sleep(0)
         assert len(sender._expiries) <= 2 * 1 + 1024 + 1
+
+
+async def test_the_calls_being_answered_are_counted_for_a_draining_worker_to_wait_for(ipc_dir: Path) -> None:
+    # A draining worker exits once its connections have closed and no
+    # forwarded call is being answered (prism.workers.worker): one sent just
+    # before its sender saw the drain is answered, not dropped.
+    a, b = f"ipc://{ipc_dir}/a", f"ipc://{ipc_dir}/b"
+    arrived, release = trio.Event(), trio.Event()
+
+    async def slow(call: ForwardCall) -> ForwardAnswer:
+        arrived.set()
+        await release.wait()
+        return ForwardAnswer(call.id, StatusCode.OK, "", b"done")
+
+    got: list[ForwardAnswer | None] = []
+    async with running(a) as sender, running(b, slow) as owner_bus:
+        assert owner_bus.serving == 0
+        assert sender.post([owner(b)], b"/s.S/M", b"", [], math.inf, None, got.append)
+        with trio.fail_after(5):
+            await arrived.wait()
+            assert owner_bus.serving == 1
+            release.set()
+            while not got:
+                await trio.sleep(0.001)
+        assert owner_bus.serving == 0
+    [answer] = got
+    assert answer is not None and answer.payload == b"done"

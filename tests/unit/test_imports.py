@@ -42,11 +42,14 @@ LIGHT_MODULES = (
     "prism.workers.resources",
 )
 HEAVY = ("trio", "prism.workers.app", "prism.backends.registry")
+# Drivers, engines and libraries only some configs need: a worker (or the
+# supervisor) that does not need them must not pay their memory.
+DRIVERS = ("sqlite3", "psycopg", "psycopg_pool", "hiredis", "nats", "jwt", "cryptography")
 
 
-def _loaded_after(code: str) -> list[str]:
-    """Run ``code`` in a fresh interpreter; which of ``HEAVY`` it left in ``sys.modules``."""
-    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def _loaded_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """Run ``code`` in a fresh interpreter; which of ``heavy`` it left in ``sys.modules``."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=PRISM.parent
     )
@@ -57,6 +60,31 @@ def _loaded_after(code: str) -> list[str]:
 
 def test_the_supervisor_process_loads_neither_trio_nor_the_app() -> None:
     assert _loaded_after("\n".join(f"import {m}" for m in SUPERVISOR_MODULES)) == []
+
+
+def test_the_supervisor_process_loads_no_driver() -> None:
+    assert _loaded_after("\n".join(f"import {m}" for m in SUPERVISOR_MODULES), DRIVERS) == []
+
+
+def test_a_memory_only_worker_loads_no_driver(tmp_path: Path) -> None:
+    code = f"""
+import prism.workers.worker
+from pathlib import Path
+from prism.backends import registry
+for abstraction in ("keyvalue", "timeseries", "pubsub"):
+    registry.create_any(abstraction, "memory", {{}}, data_dir=Path({str(tmp_path)!r}), namespace="n")
+"""
+    assert _loaded_after(code, DRIVERS) == []
+
+
+def test_each_driver_is_loaded_by_the_namespace_that_needs_it(tmp_path: Path) -> None:
+    code = f"""
+import prism.workers.worker
+from pathlib import Path
+from prism.backends import registry
+registry.create_any("keyvalue", "sqlite", {{}}, data_dir=Path({str(tmp_path)!r}), namespace="n")
+"""
+    assert _loaded_after(code, DRIVERS) == ["sqlite3"]  # so the probe above can see a driver
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
