@@ -264,6 +264,7 @@ def flood(bench: Bench, flood_rps: float, quiet_rps: float) -> dict[str, Any]:
 
 CONFIG = """workers = 1
 [overload]
+enabled = true
 target_delay_ms = {target_ms}
 interval_ms = {interval_ms}
 [[namespaces]]

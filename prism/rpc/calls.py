@@ -186,16 +186,19 @@ class Calls:
         event to wait on: a forwarded call cost 1.7x a local one, its front
         worker more than the whole local call. False: the handler's path."""
         settings = self.settings
-        if settings.inflight >= settings.max_inflight or (
-            call.timeout_s is not None and call.deadline <= self._now()
-        ):
-            return False  # refused on the handler's path, as any call
         request = call.request
         if request is None:
             try:
                 request = call.request = method.decode(call.messages[0])
             except Exception:
                 return False  # the handler's path answers with the decoding error
+        namespace = getattr(request, "namespace", None)
+        if type(namespace) is not str or settings.holds(namespace):
+            return False  # a local call (the common case: two lookups, then the handler's path)
+        if settings.inflight >= settings.max_inflight or (
+            call.timeout_s is not None and call.deadline <= self._now()
+        ):
+            return False  # refused on the handler's path, as any call
         if settings.security.secured and call.caller is None:
             try:
                 self._authorize(call, method, request)

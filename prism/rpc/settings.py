@@ -33,6 +33,10 @@ Observer = Callable[[CallContext, Method, StatusCode, float], None]
 Answered = Callable[[bytes | None, Exception | None], None]
 
 
+def _holds_all(_namespace: str) -> bool:
+    return True
+
+
 class ForwardNow(Protocol):
     """Sends a unary call for another tenant's namespace to its owner
     without a task (``prism.router.remote.Forwarding.forward_now``)."""
@@ -114,6 +118,9 @@ class ServerSettings:
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
         self.forward_now: ForwardNow | None = None
+        # Whether this process has a namespace open (set with forward_now):
+        # a call for one it holds is never forwarded.
+        self.holds: Callable[[str], bool] = _holds_all
         # Called when the drain starts: long-lived streams (PubSub's
         # Subscribe) end themselves so that the drain need not wait for them.
         self.on_drain: list[Callable[[], None]] = []

@@ -99,6 +99,7 @@ class App:
         self.settings.admission.shedder.configure(config.overload)
         if remote is not None:
             self.settings.forward_now = remote.forward_now
+            self.settings.holds = self.holds
         self._data_dir = Path(config.data_dir)
         tokens = PageTokens(load_or_create_key(self._data_dir))
         max_page = max(1024, config.max_message_bytes - _PAGE_OVERHEAD_BYTES)

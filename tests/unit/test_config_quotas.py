@@ -46,7 +46,7 @@ interval_ms = 200
 def test_no_limits_by_default() -> None:
     cfg = load_config(None, {}, {})
     assert cfg.namespaces[0].limits is None
-    assert cfg.overload == OverloadConfig(enabled=True, target_delay_ms=5.0, interval_ms=100.0)
+    assert cfg.overload == OverloadConfig(enabled=False, target_delay_ms=5.0, interval_ms=100.0)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from prism.workers.app import App
 from .h2client import H2Client
 from .test_quotas import PUSHBACK, put
 
-CONFIG = OverloadConfig(target_delay_ms=5, interval_ms=100)
+CONFIG = OverloadConfig(enabled=True, target_delay_ms=5, interval_ms=100)
 
 
 def test_a_burst_that_drains_is_not_shed() -> None:
