@@ -149,7 +149,7 @@ class PrismTree:
     body: str
     graceful_timeout_s: float = 5.0
     heartbeat_timeout_s: float = 1.0
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str | None] = field(default_factory=dict)  # None: removed from the environment
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -201,7 +201,7 @@ class PrismTree:
                 str(self.config_path),
             ],
             cwd=REPO_ROOT,
-            env={**os.environ, **self.env},
+            env={k: v for k, v in {**os.environ, **self.env}.items() if v is not None},
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from collections import deque
@@ -50,8 +51,13 @@ DRIVERS = ("sqlite3", "psycopg", "psycopg_pool", "hiredis", "nats", "jwt", "cryp
 def _loaded_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
     """Run ``code`` in a fresh interpreter; which of ``heavy`` it left in ``sys.modules``."""
     probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
+    # Without coverage.py, which CI starts in every child Python: it imports
+    # sqlite3 (its data file) itself.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
+    }
     done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=PRISM.parent
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=PRISM.parent, env=env
     )
     assert done.returncode == 0, done.stderr
     loaded: list[str] = json.loads(done.stdout.splitlines()[-1])
