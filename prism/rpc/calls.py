@@ -257,13 +257,7 @@ class Calls:
         except Exception as exc:
             self._answer_failure(call, method, exc)
         finally:
-            del self._scopes[sid]
-            self.settings.inflight -= 1
-            if lease is not None:
-                lease.release()
-            self.wake()
-            if proto.draining or proto.peer_gone:
-                self._maybe_close()
+            self._task_ended(sid, lease)
 
     async def _run_streaming(
         self, call: Call, method: Method, requests: AsyncIterator[Any] | None, lease: Lease | None = None
@@ -298,13 +292,17 @@ class Calls:
         except Exception as exc:
             self._answer_failure(call, method, exc)
         finally:
-            del self._scopes[sid]
-            self.settings.inflight -= 1
-            if lease is not None:
-                lease.release()
-            self.wake()
-            if proto.draining or proto.peer_gone:
-                self._maybe_close()
+            self._task_ended(sid, lease)
+
+    def _task_ended(self, sid: int, lease: Lease | None) -> None:
+        """What every call task does last: let go of what it held, flush."""
+        del self._scopes[sid]
+        self.settings.inflight -= 1
+        if lease is not None:
+            lease.release()
+        self.wake()
+        if self.proto.draining or self.proto.peer_gone:
+            self._maybe_close()
 
     def _windows(self) -> trio.lowlevel.ParkingLot:
         if self._window_lot is None:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+from prometheus_client import multiprocess
 
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
@@ -211,3 +214,34 @@ def signal_child(proc: subprocess.Popen[bytes], signum: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             raise
+
+
+def wait_or_kill(procs: list[subprocess.Popen[bytes]], within_s: float) -> None:
+    """Wait for ``procs`` (signalled to stop) for ``within_s`` in all; SIGKILL those still running."""
+    deadline = time.monotonic() + within_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            signal_child(proc, signal.SIGKILL)
+            proc.wait()
+
+
+def mark_dead(pid: int) -> None:
+    """Delete a dead child's live-gauge files (``livesum``/``liveall``); its counters stay."""
+    try:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    except OSError:
+        pass
+
+
+EXIT_CONFIG = 2  # as `prism serve` for a config error
+
+
+def start_failure_code(exc: OSError) -> int:
+    """1 when trying again later may work (a port in use, no memory), 2 when
+    the configured value cannot work here (an address not on this machine, a
+    privileged port, a host name that does not resolve)."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL) or isinstance(exc, socket.gaierror):
+        return EXIT_CONFIG
+    return 1

@@ -19,13 +19,11 @@ the tenant's previous workers keep serving.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +32,6 @@ from pathlib import Path
 
 import msgspec
 import pynng
-from prometheus_client import multiprocess
 
 from prism import metrics
 from prism.config import ServerConfig, TenantConfig
@@ -44,7 +41,7 @@ from prism.router.messages import BootFailed, Heartbeat, State, control_encoder,
 from prism.router.readiness import not_ready_reason
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
 from prism.workers.preflight import check_deployable
-from prism.workers.resources import Resources, signal_child
+from prism.workers.resources import Resources, mark_dead, signal_child, start_failure_code, wait_or_kill
 from prism.workers.routes_size import check_routes_fit
 from prism.workers.sdnotify import SystemdNotifier
 from prism.workers.slot import ACTIVE, Action, Slot, SlotEvent, SlotState, exit_event, restart_delay
@@ -57,16 +54,6 @@ STATE_INTERVAL_S = 0.5
 BOOT_TIMEOUT_S = 60.0
 FAST_STOP_S = 3.0
 ADMIN_RESTART_S = 0.5
-EXIT_CONFIG = 2  # as `prism serve` for a config error
-
-
-def start_failure_code(exc: OSError) -> int:
-    """1 when trying again later may work (a port in use, no memory), 2 when
-    the configured value cannot work here (an address not on this machine, a
-    privileged port, a host name that does not resolve)."""
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL) or isinstance(exc, socket.gaierror):
-        return EXIT_CONFIG
-    return 1
 
 
 class Supervisor:
@@ -291,7 +278,7 @@ class Supervisor:
             if proc is None or proc.poll() is None:
                 continue
             slot.proc = None
-            _mark_dead(proc.pid)
+            mark_dead(proc.pid)
             event = exit_event(slot.state, proc.returncode)
             if event is SlotEvent.EXITED_AT_BOOT:
                 detail = "see its message above"  # the worker printed why before it exited
@@ -452,19 +439,5 @@ class Supervisor:
             # one still starting (no handler yet) then ends without a traceback.
             signal_child(self.admin, signal.SIGTERM)
             procs.append(self.admin)
-        deadline = time.monotonic() + FAST_STOP_S
-        for proc in procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                signal_child(proc, signal.SIGKILL)
-                proc.wait()
+        wait_or_kill(procs, FAST_STOP_S)
         signal.set_wakeup_fd(-1)
-
-
-def _mark_dead(pid: int) -> None:
-    """Delete a dead child's live-gauge files (``livesum``/``liveall``); its counters stay."""
-    try:
-        multiprocess.mark_process_dead(pid)
-    except OSError:
-        pass
