@@ -29,12 +29,12 @@ from prism.config.security import AccessRule, AuthConfig, JwtConfig
 from prism.errors import StatusCode
 from prism.proto import kv_pb2, pubsub_pb2
 from prism.router.messages import ForwardCall
-from prism.rpc.server import Connection
 from prism.security.runtime import NO_CREDENTIALS
 from prism.security.section import SecuritySection
 from prism.workers.app import App
 from tests.tokens import AUDIENCE, ISSUER, Issuer
 
+from .apps import serving_app
 from .h2client import H2Client, Response, frame
 from .test_forwarding import Node, client_of, routes, running
 
@@ -79,16 +79,8 @@ async def served(tmp_path: Path, section: SecuritySection) -> AsyncIterator[tupl
         ]
     )
     app.settings.security.apply(section)
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(Connection(server_stream, app.settings).serve)
-            client = H2Client(client_stream)
-            await client.start()
-            yield app, client
-            nursery.cancel_scope.cancel()
-    finally:
-        await app.aclose()
+    async with serving_app(app) as client:
+        yield app, client
 
 
 def auth(token: str) -> list[tuple[str, str]]:

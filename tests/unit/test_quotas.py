@@ -28,9 +28,9 @@ from prism.errors import StatusCode
 from prism.limits import QuotaExceeded, Quotas
 from prism.proto import kv_pb2
 from prism.router.table import NamespaceEntry, Routes
-from prism.rpc.server import Connection
 from prism.workers.app import App
 
+from .apps import serving_app
 from .h2client import H2Client, Response, frame
 from .test_forwarding import Node, client_of, forwarded, ipc_dir, routes, running  # noqa: F401 (a fixture)
 
@@ -66,16 +66,8 @@ async def served(tmp_path: Path, routes: Routes) -> AsyncIterator[tuple[App, H2C
         ]
     )
     app.apply_limits("t", routes)
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(Connection(server_stream, app.settings).serve)
-            client = H2Client(client_stream)
-            await client.start()
-            yield app, client
-            nursery.cancel_scope.cancel()
-    finally:
-        await app.aclose()
+    async with serving_app(app) as client:
+        yield app, client
 
 
 async def put(client: H2Client, namespace: str) -> Response:

@@ -16,9 +16,9 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
-from prism.rpc.server import Connection
 from prism.workers.app import App
 
+from .apps import serving_app
 from .h2client import H2Client
 from .test_quotas import PUSHBACK, put
 
@@ -75,16 +75,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[App, H2Client]]:
     app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=CONFIG))
     app.settings.admission.shedder = Shedder(CONFIG)  # this test's own, not the process's
     await app.apply([NamespaceConfig("profiles", backend="memory")])
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(Connection(server_stream, app.settings).serve)
-            client = H2Client(client_stream)
-            await client.start()
-            yield app, client
-            nursery.cancel_scope.cancel()
-    finally:
-        await app.aclose()
+    async with serving_app(app) as client:
+        yield app, client
 
 
 async def test_under_injected_queueing_delay_new_calls_are_refused_fast_then_served_again(
