@@ -130,6 +130,46 @@ def _client(kind: str, cpus: set[int], args: tuple[Any, ...]) -> dict[str, Any]:
     return asyncio.run(run(*args))  # type: ignore[operator]
 
 
+# ---------------------------------------------------------------- the server's share of its CPU
+
+
+class CpuCap:
+    """A cgroup (v1 ``cpu`` controller) holding the server's processes to a
+    share of one CPU. On a machine of two CPUs, the load generator (grpc.aio,
+    whose client costs more per call than Prism's server) has one CPU, and
+    could not offer twice what an uncapped worker serves: the ladder would
+    measure the client. Capped, the worker saturates first, as a server
+    does in production. The quota's period is 10 ms, so that a throttled
+    worker waits at most that long."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+    PERIOD_US = 10_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, share: float) -> CpuCap | None:
+        path = cls.ROOT / f"prism-overload-{os.getpid()}"
+        try:
+            path.mkdir()
+            (path / "cpu.cfs_period_us").write_text(str(cls.PERIOD_US))
+            (path / "cpu.cfs_quota_us").write_text(str(max(1000, round(share * cls.PERIOD_US))))
+        except OSError:
+            return None
+        return cls(path)
+
+    def add(self, pids: list[int]) -> None:
+        for pid in pids:  # cgroup.procs moves every thread of the process; new ones inherit
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()  # only once its processes have exited
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------- phases
 
 
@@ -157,7 +197,10 @@ class Bench:
             )
             for _ in range(self.clients)
         ]
-        return sum(j.get()["ok"] for j in jobs) / self.duration_s
+        cpu_before = self.worker_cpu_s()
+        done = sum(j.get()["ok"] for j in jobs)
+        self.saturation_busy = (self.worker_cpu_s() - cpu_before) / self.duration_s
+        return done / self.duration_s
 
     def offer(self, loads: dict[str, float]) -> dict[str, dict[str, Any]]:
         """Open-loop ``loads`` (namespace -> calls/s) at the same time; per namespace, what came back."""
@@ -177,6 +220,7 @@ class Bench:
                 for _ in range(self.clients)
             ]
         rss_before = self.worker_rss_kib()
+        cpu_before = self.worker_cpu_s()
         out = {}
         for namespace, parts in jobs.items():
             results = [j.get(timeout=self.duration_s + 60) for j in parts]
@@ -197,7 +241,23 @@ class Bench:
                 "client_max_late_ms": round(max(r["max_late_s"] for r in results) * 1000, 1),
                 "worker_rss_kib": max(rss_before, self.worker_rss_kib()),
             }
+        busy = (self.worker_cpu_s() - cpu_before) / (time.time() - start_at)
+        for got in out.values():
+            got["worker_busy"] = round(busy, 3)  # the worker's CPU seconds per second, all namespaces
         return out
+
+    def worker_cpu_s(self) -> float:
+        """CPU seconds the worker processes have used (user + system)."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in process_tree(self.server.pid):
+            if process_role(pid, self.server.pid).startswith("worker"):
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / tick
+                except OSError:
+                    pass
+        return total
 
     def worker_rss_kib(self) -> int:
         total = 0
@@ -214,9 +274,12 @@ class Bench:
 
 def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
     saturation = bench.saturation(namespace, inflight)
-    print(f"\n{namespace}: saturation (closed loop, {inflight} in flight): {saturation:,.0f} calls/s")
+    print(
+        f"\n{namespace}: saturation (closed loop, {inflight} in flight): {saturation:,.0f} calls/s, "
+        f"worker busy {bench.saturation_busy:.0%}"
+    )
     print(f"{'load':>5} {'offered/s':>10} {'sent/s':>9} {'good/s':>9} {'refused/s':>10} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'late ms':>8} {'RSS MiB':>8} other")  # fmt: skip
+          f"{'p50 ms':>7} {'p99 ms':>7} {'late ms':>8} {'RSS MiB':>8} {'busy':>5} other")  # fmt: skip
     steps = []
     for factor in LADDER:
         got = bench.offer({namespace: saturation * factor})[namespace]
@@ -227,7 +290,7 @@ def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
             f"{got['goodput_per_s']:>9,.0f} {got['refused_per_s']:>10,.0f} "
             f"{got['ok_p50_us'] / 1000:>7.2f} {got['ok_p99_us'] / 1000:>7.2f} "
             f"{got['client_max_late_ms']:>8.1f} {got['worker_rss_kib'] / 1024:>8.1f} "
-            f"{got['other_failures'] or ''}"
+            f"{got['worker_busy']:>5.0%} {got['other_failures'] or ''}"
         )
     at = {s["load"]: s for s in steps}
     rss = [s["worker_rss_kib"] for s in steps]
@@ -243,7 +306,12 @@ def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
         f"p99 at 2x / p99 at 0.8x {figures['p99_2x_vs_p99_0_8x']} (<= 3); "
         f"RSS growth {figures['rss_growth']} (<= 1.2)"
     )
-    return {"saturation_per_s": round(saturation, 1), "steps": steps, **figures}
+    return {
+        "saturation_per_s": round(saturation, 1),
+        "saturation_worker_busy": round(bench.saturation_busy, 3),
+        "steps": steps,
+        **figures,
+    }
 
 
 def flood(bench: Bench, flood_rps: float, quiet_rps: float) -> dict[str, Any]:
@@ -290,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
     parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument(
+        "--server-share",
+        type=float,
+        default=0.4,
+        help="the share of its CPU the server may use (a cgroup CPU quota; default 0.4; 0: no cap)",
+    )
     parser.add_argument("--saturation-inflight", type=int, default=128)
     parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
     parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
@@ -310,14 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         server = make_prism("overload", Path(tmp), body, (args.server_cpu,), "sql")
         server.start()
         bench: Bench | None = None
+        cap: CpuCap | None = None
         try:
             server.wait_ready(30)
+            if args.server_share:
+                cap = CpuCap.create(args.server_share)
+                if cap is None:
+                    print("no writable cgroup v1 cpu controller: the server runs uncapped", file=sys.stderr)
+                else:
+                    cap.add(process_tree(server.pid))
             for namespace in ("sql", "flood", "quiet", *(("pg",) if args.pg_dsn else ())):
                 seed(server.target, namespace, "r", b"k", b"v" * 100)
             bench = Bench(server, args.clients, client_cpus, args.duration)
             result: dict[str, Any] = {
                 "machine": machine_info("grpc.aio"),
                 "args": vars(args) | {"out": str(args.out)},
+                "server_capped": cap is not None,
             }
             result["targets"] = TARGETS
             if not args.skip_ladder:
@@ -330,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.pool.terminate()
                 bench.pool.join()
             server.stop()
+            if cap is not None:
+                cap.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out}")

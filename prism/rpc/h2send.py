@@ -18,6 +18,11 @@ of the connection stays true:
   were most of a large GetItems' CPU.
 - ``send_plain_data``: as much of a call's queued output as the windows
   allow, in DATA frames (streaming answers, and answers that wait for window).
+- ``send_plain_final``: a trailers-only answer (an error status before any
+  message: a refusal, NOT_FOUND, ...), one HEADERS frame whose header
+  fields are each encoded once (``final_block``). Through h2 it
+  cost a refused call more than serving a SQLite read did, so a worker
+  shedding load spent more on each refusal than on a call.
 
 ``buffers_to_send`` takes everything queued, as buffers in wire order;
 ``data_to_send`` (h2's API) the same joined, for callers that want bytes.
@@ -47,8 +52,33 @@ _RESPONSE_BLOCK: Final = stateless_block(RESPONSE_HEADERS)
 _TRAILERS_BLOCK: Final = stateless_block(TRAILERS_OK)
 _HEADERS_FRAME_HEAD: Final = len(_RESPONSE_BLOCK).to_bytes(3, "big") + b"\x01\x04"  # END_HEADERS
 _TRAILERS_FRAME_HEAD: Final = len(_TRAILERS_BLOCK).to_bytes(3, "big") + b"\x01\x05"  # + END_STREAM
+_FINAL_FRAME_FLAGS: Final = b"\x01\x05"  # HEADERS, END_HEADERS | END_STREAM
 _MESSAGE_PREFIX: Final = 5  # gRPC's: compressed flag, 4-byte length
 _DATA_NO_FLAGS: Final = b"\x00\x00"
+
+
+# Header fields of trailers-only answers seen, and their stateless HPACK
+# encodings. A block of such fields is their encodings joined (none touches
+# the dynamic table), so each field is encoded once: a worker's error
+# answers are few distinct statuses and messages (naming a namespace or a
+# limit), with a pushback that varies by the millisecond. The bound is only
+# against messages that carry a varying figure.
+_FIELDS: dict[tuple[bytes, bytes], bytes] = {}
+_MAX_FIELDS: Final = 1024
+
+
+def final_block(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """The HPACK block of a trailers-only answer, from each field's encoding, made once."""
+    fields = _FIELDS
+    out = []
+    for field in headers:
+        encoded = fields.get(field)
+        if encoded is None:
+            if len(fields) >= _MAX_FIELDS:
+                fields.clear()
+            encoded = fields[field] = stateless_block((field,))
+        out.append(encoded)
+    return b"".join(out)
 
 
 class PlainSender(h2.connection.H2Connection):
@@ -166,6 +196,29 @@ class PlainSender(h2.connection.H2Connection):
             segments.append(view[pos : pos + m])
             pos += m
         self._data_to_send = bytearray(_TRAILERS_FRAME_HEAD + sid_bytes + _TRAILERS_BLOCK)
+        return True
+
+    def send_plain_final(self, sid: int, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+        """Queue a trailers-only answer on stream ``sid``: one HEADERS frame
+        ending the stream. False (nothing done) unless the stream is open, the
+        connection too, the HPACK table size unchanged and the block within
+        one frame; the caller then goes through h2's ``send_headers``."""
+        stream = self.streams.get(sid)
+        if (
+            stream is None
+            or self.state_machine.state is not ConnectionState.SERVER_OPEN
+            or self.encoder.header_table.resized
+        ):
+            return False
+        block = final_block(headers)
+        if len(block) > self.max_outbound_frame_size:
+            return False
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)  # raises as h2's send_headers would
+        machine.process_input(StreamInputs.SEND_END_STREAM)
+        self._data_to_send += b"".join(
+            (len(block).to_bytes(3, "big"), _FINAL_FRAME_FLAGS, sid.to_bytes(4, "big"), block)
+        )
         return True
 
     def send_plain_data(self, sid: int, data: bytearray) -> int | None:

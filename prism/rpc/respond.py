@@ -129,7 +129,8 @@ class Responses:
     def _send_final_headers(self, call: Call, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         call._headers_sent = True
         try:
-            self._h2.send_headers(call.stream_id, headers, end_stream=True)
+            if not self._h2.send_plain_final(call.stream_id, headers):
+                self._h2.send_headers(call.stream_id, headers, end_stream=True)
         except h2.exceptions.StreamClosedError:
             # The client reset the stream in the same read that opened it
             # (h2 has taken in every frame of a read before we answer any).

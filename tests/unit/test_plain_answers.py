@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from prism.errors import StatusCode
 from prism.rpc.call import Call
 from prism.rpc.protocol import CALL_START, GrpcProtocol
 from prism.rpc.writev import send_buffers
@@ -140,3 +141,81 @@ async def test_send_buffers_on_another_stream_joins_them() -> None:
     send, receive = trio.testing.memory_stream_pair()
     await send_buffers(send, [b"ab", bytearray(b"cd"), memoryview(b"xef")[1:]])
     assert await receive.receive_some(100) == b"abcdef"
+
+
+def _final_answers(client: h2.connection.H2Connection, data: bytes) -> dict[int, list[tuple[bytes, bytes]]]:
+    got: dict[int, list[tuple[bytes, bytes]]] = {}
+    for ev in client.receive_data(data):
+        if isinstance(ev, h2.events.ResponseReceived):
+            assert ev.stream_ended is not None  # trailers-only: one HEADERS frame that ends the stream
+            got[ev.stream_id] = list(ev.headers)
+    return got
+
+
+ERRORS = [
+    (StatusCode.RESOURCE_EXHAUSTED, "namespace flood: rps quota spent; retry", ((b"grpc-retry-pushback-ms", b"100"),)),
+    (StatusCode.NOT_FOUND, "no such namespace: 'x'", ()),
+    (StatusCode.INVALID_ARGUMENT, "caf\u00e9 %", ()),
+    (StatusCode.RESOURCE_EXHAUSTED, "namespace flood: rps quota spent; retry", ((b"grpc-retry-pushback-ms", b"100"),)),
+]
+
+
+@pytest.mark.parametrize("resized", [False, True])
+def test_error_answers_are_written_plainly_and_read_as_h2s(resized: bool) -> None:
+    # A trailers-only answer (a refusal, an error before any message) is one
+    # HEADERS frame; written plainly, the client reads the same headers as from
+    # h2's own writing, the stream ends the same, and the HPACK state of both
+    # sides stays in step (the OK answer after them decodes).
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    if resized:  # the encoder owes a table-size update: h2's path writes it
+        client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    plain, own = GrpcProtocol(), _h2_only(GrpcProtocol())
+    own._h2.send_plain_final = lambda sid, headers: False  # type: ignore[method-assign]
+    for proto in (plain, own):
+        proto.initiate()
+    other = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    other.initiate_connection()
+    if resized:
+        other.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    for (status, message, extra) in ERRORS:
+        sids = []
+        for c in (client, other):
+            sids.append(c.get_next_available_stream_id())
+            c.send_headers(sids[-1], REQUEST)
+            c.send_data(sids[-1], frame(b"q"), end_stream=True)
+        answers = []
+        for proto, c in ((plain, client), (own, other)):
+            (call,) = [x for k, x in proto.receive_data(c.data_to_send()) if k == CALL_START and x is not None]
+            proto.send_error(call, status, message, extra)
+            answers.append(_final_answers(c, b"".join(proto.buffers_to_send())))
+        assert answers[0][sids[0]] == answers[1][sids[1]]
+        headers = dict(answers[0][sids[0]])
+        assert headers[b"grpc-status"] == str(int(status)).encode()
+        assert _state(plain) == _state(own)
+    # An OK answer after them, written by h2's encoder, still decodes.
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, REQUEST)
+    client.send_data(sid, frame(b"q"), end_stream=True)
+    (call,) = [x for k, x in plain.receive_data(client.data_to_send()) if k == CALL_START and x is not None]
+    plain.send_unary(call, b"ok")
+    events = client.receive_data(b"".join(plain.buffers_to_send()))
+    assert any(isinstance(e, h2.events.DataReceived) and e.data == frame(b"ok") for e in events)
+
+
+def test_an_error_answer_to_a_reset_stream_sends_nothing() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    proto = GrpcProtocol()
+    proto.initiate()
+    proto.receive_data(client.data_to_send())
+    proto.buffers_to_send()
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, REQUEST)
+    client.send_data(sid, frame(b"q"), end_stream=True)
+    (call,) = [x for k, x in proto.receive_data(client.data_to_send()) if k == CALL_START and x is not None]
+    client.reset_stream(sid)
+    proto.receive_data(client.data_to_send())
+    proto.buffers_to_send()
+    proto.send_error(call, StatusCode.NOT_FOUND, "gone")
+    assert b"".join(proto.buffers_to_send()) == b""
