@@ -28,6 +28,7 @@ import trio
 
 from prism.cache.shared import SharedCache
 from prism.config import NamespaceConfig
+from prism.limits import shed
 from prism.log import setup_logging
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import BootFailed, Heartbeat, State, control_decoder, control_encoder
@@ -190,6 +191,7 @@ class Worker:
             trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) as signals,
         ):
             sub.subscribe(b"")
+            shed.watch_loop(self.app.settings.admission.shedder)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.remote.bus.run)

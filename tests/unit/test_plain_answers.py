@@ -153,10 +153,18 @@ def _final_answers(client: h2.connection.H2Connection, data: bytes) -> dict[int,
 
 
 ERRORS = [
-    (StatusCode.RESOURCE_EXHAUSTED, "namespace flood: rps quota spent; retry", ((b"grpc-retry-pushback-ms", b"100"),)),
+    (
+        StatusCode.RESOURCE_EXHAUSTED,
+        "namespace flood: rps quota spent; retry",
+        ((b"grpc-retry-pushback-ms", b"100"),),
+    ),
     (StatusCode.NOT_FOUND, "no such namespace: 'x'", ()),
     (StatusCode.INVALID_ARGUMENT, "caf\u00e9 %", ()),
-    (StatusCode.RESOURCE_EXHAUSTED, "namespace flood: rps quota spent; retry", ((b"grpc-retry-pushback-ms", b"100"),)),
+    (
+        StatusCode.RESOURCE_EXHAUSTED,
+        "namespace flood: rps quota spent; retry",
+        ((b"grpc-retry-pushback-ms", b"100"),),
+    ),
 ]
 
 
@@ -178,7 +186,7 @@ def test_error_answers_are_written_plainly_and_read_as_h2s(resized: bool) -> Non
     other.initiate_connection()
     if resized:
         other.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
-    for (status, message, extra) in ERRORS:
+    for status, message, extra in ERRORS:
         sids = []
         for c in (client, other):
             sids.append(c.get_next_available_stream_id())
@@ -186,7 +194,9 @@ def test_error_answers_are_written_plainly_and_read_as_h2s(resized: bool) -> Non
             c.send_data(sids[-1], frame(b"q"), end_stream=True)
         answers = []
         for proto, c in ((plain, client), (own, other)):
-            (call,) = [x for k, x in proto.receive_data(c.data_to_send()) if k == CALL_START and x is not None]
+            (call,) = [
+                x for k, x in proto.receive_data(c.data_to_send()) if k == CALL_START and x is not None
+            ]
             proto.send_error(call, status, message, extra)
             answers.append(_final_answers(c, b"".join(proto.buffers_to_send())))
         assert answers[0][sids[0]] == answers[1][sids[1]]

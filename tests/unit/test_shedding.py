@@ -4,6 +4,7 @@ fall back; and, on a served App, what a client sees while it sheds."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
+from prism.limits.shed import MIN_LIMIT, MIN_WAITS, watch_loop
 from prism.workers.app import App
 
 from .apps import serving_app
@@ -44,7 +46,8 @@ def test_a_standing_queue_caps_the_calls_in_flight_until_the_waits_fall_back() -
     assert shedder.refuses(90, 0.12)
     assert not shedder.refuses(89, 0.13)
     # Still standing: another tenth off (of the 89 running when it ends): 80.
-    shedder.observe(0.01)
+    for _ in range(8):
+        shedder.observe(0.01)
     assert shedder.refuses(89, 0.2)
     assert not shedder.refuses(79, 0.21)
     assert shedder.refuses(80, 0.22)
@@ -56,11 +59,65 @@ def test_a_standing_queue_caps_the_calls_in_flight_until_the_waits_fall_back() -
 def test_an_interval_with_no_wait_at_all_or_a_stale_one_releases() -> None:
     shedder = Shedder(CONFIG)
     shedder.refuses(0, 0.0)
-    shedder.observe(0.05)
+    for _ in range(8):
+        shedder.observe(0.05)
     assert shedder.refuses(10, 0.1)
     assert not shedder.refuses(10, 0.2)  # nothing queued during the last interval
-    shedder.observe(0.05)
+    for _ in range(8):
+        shedder.observe(0.05)
     assert not shedder.refuses(10, 0.5)  # that interval ended long ago: says nothing now
+
+
+def test_a_few_slow_waits_are_not_a_queue_and_the_cap_has_a_floor() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(MIN_WAITS - 1):
+        shedder.observe(0.05)  # slow, but too few to be a queue
+    assert not shedder.refuses(1000, 0.1)
+    for _ in range(MIN_WAITS):
+        shedder.observe(0.05)
+    # Standing with 2 calls running: the cap is MIN_LIMIT, not 1 (a cap of
+    # one call would refuse nearly every call of a worker busy with arrivals).
+    assert not shedder.refuses(2, 0.2)
+    assert not shedder.refuses(MIN_LIMIT - 1, 0.21)
+    assert shedder.refuses(MIN_LIMIT, 0.22)
+
+
+def test_a_loop_that_never_rests_is_a_standing_queue() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.watched = True  # as watch_loop makes it
+    shedder.refuses(0, 0.0)
+    shedder.idle_s = 0.004  # rested less than the 5 ms target over the interval
+    assert shedder.refuses(50, 0.1)  # cap: 45
+    assert not shedder.refuses(44, 0.15)
+    shedder.idle_s = 0.006  # rested: served again
+    assert not shedder.refuses(50, 0.2)
+
+
+def test_the_loop_instrument_measures_the_loops_rest() -> None:
+    # A loop blocked on I/O (sleeping) rests; one busy on its CPU does not.
+    # (The instrument reads the real clock: its subject is CPU, not timeouts.)
+    async def rest_then_work(shedder: Shedder) -> tuple[float, float]:
+        watch_loop(shedder)
+        await trio.sleep(0.05)
+        rested = shedder.idle_s
+        shedder.idle_s = 0.0
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            await trio.lowlevel.checkpoint()  # a pass per step: busy, never blocked
+        return rested, shedder.idle_s
+
+    rested, busy = trio.run(rest_then_work, Shedder(CONFIG))
+    assert rested >= 0.04
+    assert busy < 0.005
+    assert watch_loop.__doc__
+    disabled = Shedder(OverloadConfig(enabled=False))
+    assert trio.run(_watch, disabled) is None
+    assert not disabled.watched
+
+
+async def _watch(shedder: Shedder) -> object:
+    return watch_loop(shedder)
 
 
 def test_disabled_it_never_sheds() -> None:
@@ -91,7 +148,7 @@ async def test_under_injected_queueing_delay_new_calls_are_refused_fast_then_ser
         mock_clock.jump(0.1)
         shedder.refuses(0, trio.current_time())  # an interval starts
         # A standing queue: every wait of the interval is 20 ms, with 10 calls running.
-        for _ in range(5):
+        for _ in range(8):
             mock_clock.jump(0.02)
             shedder.observe(0.02)
         app.settings.inflight = 10
