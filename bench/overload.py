@@ -5,7 +5,13 @@
 
 One ``prism serve`` with one worker pinned to a CPU; the load generators
 (``--clients`` processes, grpc.aio) pinned to the others. Every call is a
-``GetItems`` of one 100-byte item, with a 1 s deadline.
+``GetItems`` of one 100-byte item, with a 1 s deadline. For the ladder the
+server is held to ``--server-share`` of its CPU (a cgroup CPU quota, where
+the cgroup v1 ``cpu`` controller is writable; the JSON says whether it was):
+grpc.aio's client costs more per call than Prism's server, so on a machine
+of two CPUs it could not otherwise offer twice what the worker serves. Run
+it on a quiet machine (or under ``nice -n -15``): other work on the CPUs
+shows as latency of the server and of the clients alike.
 
 - **Ladder**, per backend (``sql``: SQLite; ``pg``: PostgreSQL, with
   ``--pg-dsn``): the saturation throughput is measured first, closed loop
@@ -15,12 +21,14 @@ One ``prism serve`` with one worker pinned to a CPU; the load generators
   calls/s, goodput (OK answers/s), refused (RESOURCE_EXHAUSTED)/s, other
   failures, p50/p99 of the OK calls measured from their scheduled send time
   (so a client falling behind counts against the server, not for it), and
-  the worker's RSS. Targets: at 2x, goodput >= 90% of saturation and OK p99
-  <= 3x the OK p99 at 0.8x; RSS flat (largest <= 1.2x the first).
+  the worker's RSS and CPU busy share. Targets: at 2x, goodput >= 90% of
+  saturation and OK p99 <= 3x the OK p99 at 0.8x; RSS flat (largest <= 1.2x
+  the first).
 - **Flood**: namespace ``flood`` has ``limits = { rps = R }``; namespace
   ``quiet`` is called at a modest rate alone (its quiet p99), then again
-  while ``flood`` is offered 10x R. Target: quiet's p99 within 1.5x of its
-  quiet p99, and flood's goodput close to R.
+  while ``flood`` is offered 10x R by h2load (``--rps``; the server
+  uncapped). Target: quiet's p99 within 1.5x of its quiet p99, and flood's
+  goodput close to R.
 
 Prints the figures and writes JSON (``--out``). See README.md.
 """
