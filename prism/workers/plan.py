@@ -6,13 +6,14 @@ the decisions can be tested without starting a process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 
 from prism.config import ServerConfig, TenantConfig
+from prism.workers.slot import Slot, SlotState
 
 __all__ = [
     "RESTART_ONLY_FIELDS",
@@ -123,3 +124,10 @@ def plan_reload(
         superseded=slots_of(starting),
         retire=frozenset(i for i, t in slots.items() if t in removed),
     )
+
+
+def reload_done(slots: Iterable[Slot], handovers: Sequence[Handover], generation: int) -> bool:
+    """Whether a reload (to routing ``generation``) is in effect: no worker it
+    started is still on its way to serving (``handovers``), and every serving
+    worker has heartbeat on that generation, so it serves the new namespaces."""
+    return not handovers and all(s.generation >= generation for s in slots if s.state is SlotState.SERVING)

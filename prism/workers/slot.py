@@ -207,6 +207,7 @@ class Slot:
     proc: subprocess.Popen[bytes] | None = None  # set exactly in the RUNNING states
     started: float = 0.0  # when its current (or last) process started
     last_beat: float = 0.0
+    generation: int = 0  # the routing generation of its last heartbeat
     failures: int = 0  # restarts in a row without a stable run
     restart_at: float = 0.0  # in WAITING: when to start it again
 

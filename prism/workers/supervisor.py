@@ -39,7 +39,7 @@ from prism.config.security import is_loopback
 from prism.errors import ConfigError
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
-from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
+from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload, reload_done
 from prism.workers.preflight import check_deployable
 from prism.workers.resources import Resources, mark_dead, signal_child, start_failure_code, wait_or_kill
 from prism.workers.routes_size import check_routes_fit
@@ -80,6 +80,7 @@ class Supervisor:
         self.admin: subprocess.Popen[bytes] | None = None
         self._admin_restart_at = 0.0
         self._handovers: list[Handover] = []
+        self._reloaded: tuple[str, int] | None = None  # READY=1's status and generation, once in effect
         # Why the last published table is not ready (prism.router.readiness), or None.
         self._not_ready: str | None = "nothing published yet"
 
@@ -219,6 +220,9 @@ class Supervisor:
             self._forget_gone()
             if self._routes_changed:
                 self._publish()
+            if self._reloaded and reload_done(self.slots.values(), self._handovers, self._reloaded[1]):
+                self.notifier.ready(self._reloaded[0])
+                self._reloaded = None
             # READY=1 on the turn that published the first ready table: the
             # moment the workers' Check("") and the admin's /readyz flip too.
             if not ready_sent and self._not_ready is None:
@@ -252,7 +256,7 @@ class Supervisor:
             if slot is None or slot.proc is None or slot.proc.pid != event.pid:
                 continue  # from a process we no longer track
             if isinstance(event, Heartbeat):
-                slot.last_beat = time.monotonic()
+                slot.last_beat, slot.generation = time.monotonic(), event.generation
                 beat = SlotEvent.BEAT_SERVING if event.generation >= 1 else SlotEvent.BEAT
                 self._handle(slot, beat)
             elif isinstance(event, BootFailed):
@@ -311,6 +315,7 @@ class Supervisor:
         # every new worker serves).
         log.error("reload: %s; keeping the previous workers of tenant %r", message, slot.tenant)
         self._handovers.remove(handover)
+        self._reloaded = (f"reload rejected for tenant {slot.tenant!r}", self.generation)
         for other in handover.new - {slot.id}:
             if other in self.slots and self.slots[other].state in ACTIVE:
                 self._handle(self.slots[other], SlotEvent.RETIRE)
@@ -407,7 +412,7 @@ class Supervisor:
         for slot in started:
             self._handle(slot, SlotEvent.START)
         log.info("reloaded: generation %d, %d workers", self.generation, len(self.slots))
-        self.notifier.ready("reloaded")
+        self._reloaded = ("reloaded", self.generation)  # READY=1 once in effect (the loop's)
 
     def _finish_handovers(self) -> None:
         """Retire a reload's superseded workers once their replacements serve."""

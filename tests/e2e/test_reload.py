@@ -128,7 +128,8 @@ def test_sd_notify_ready_reloading_stopping(prism_tree, tmp_path: Path) -> None:
         # READY=1 only once every namespace has a serving worker (/readyz says the same).
         assert tree.fetch("/readyz")[0] == 200
 
-        tree.write_config(AFTER)
+        before = {o["pid"] for o in tree.owners("keep")}
+        tree.write_config(tenant_toml("t", [sqlite_ns("keep"), sqlite_ns("new")], workers=3))
         tree.send_signal(signal.SIGHUP)
         reload = _expect(sock, "READY=1", 20.0)
         assert [m for m in reload if "RELOADING=1" in m.splitlines()], reload
@@ -136,6 +137,12 @@ def test_sd_notify_ready_reloading_stopping(prism_tree, tmp_path: Path) -> None:
         assert first_reloading < len(reload) - 1, reload  # RELOADING=1 comes before READY=1
         reloading = reload[first_reloading].splitlines()
         assert any(line.startswith("MONOTONIC_USEC=") for line in reloading), reloading
+        # READY=1 once the reload is in effect: the tenant's three new workers
+        # serve (its two old ones are retired), the new namespace with them.
+        assert "STATUS=reloaded" in reload[-1].splitlines(), reload
+        owners = tree.owners("new")
+        assert len([o for o in owners if o["serving"] and o["pid"] not in before]) == 3, owners
+        assert _status(lambda: put(tree.kv("t.prism"), "new", "r", b"k", b"v", timeout=1)) == "OK"
 
         tree.send_signal(signal.SIGTERM)
         stopping = _expect(sock, "STOPPING=1", 5.0)
