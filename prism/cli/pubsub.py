@@ -109,8 +109,23 @@ def publish(stub: PubSubStubLike, request: pubsub_pb2.PublishRequest, timeout_s:
     return stub.Publish(request, timeout=timeout_s).sequence
 
 
+class _Timer(Protocol):
+    def start(self) -> None: ...
+    def cancel(self) -> None: ...
+
+
+def _daemon_timer(interval_s: float, function: Callable[[], None]) -> _Timer:
+    timer = threading.Timer(interval_s, function)
+    timer.daemon = True
+    return timer
+
+
 def open_subscription(
-    stub: PubSubStubLike, request: pubsub_pb2.SubscribeRequest, tenant: str, timeout_s: float
+    stub: PubSubStubLike,
+    request: pubsub_pb2.SubscribeRequest,
+    tenant: str,
+    timeout_s: float,
+    timer: Callable[[float, Callable[[], None]], _Timer] = _daemon_timer,
 ) -> MessageStream:
     """Subscribe and wait (at most ``timeout_s``) until the server says the subscription is in place.
 
@@ -127,13 +142,12 @@ def open_subscription(
         expired.set()
         stream.cancel()
 
-    timer = threading.Timer(timeout_s, expire)
-    timer.daemon = True
-    timer.start()
+    deadline = timer(timeout_s, expire)
+    deadline.start()
     try:
         stream.initial_metadata()  # returns once headers came, or the call ended
     finally:
-        timer.cancel()
+        deadline.cancel()
     if expired.is_set():
         raise CallFailed("DEADLINE_EXCEEDED", f"the subscription was not in place within {timeout_s:g}s")
     return stream
@@ -264,6 +278,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
+    return run_calls(args, subscription_lines(args))
+
+
+def subscription_lines(args: argparse.Namespace) -> Callable[[grpc.Channel], Iterator[str]]:
+    """What ``subscribe`` prints, given a channel (a second one after a ``Redial``)."""
     request = pubsub_pb2.SubscribeRequest(
         namespace=args.namespace, topic=args.topic, group=args.group, start=args.start
     )
@@ -290,7 +309,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         yield first
         yield from messages
 
-    return run_calls(args, lines)
+    return lines
 
 
 def _status(exc: grpc.RpcError) -> tuple[str, str]:
