@@ -261,10 +261,10 @@ def run_calls(args: argparse.Namespace, lines: Callable[[grpc.Channel], Iterable
     except CredentialsError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    import grpc
-
     for attempt in (1, 2):
-        conn = Connection(args.endpoint, creds)
+        conn = Connection(args.endpoint, creds)  # first: it quiets grpcio's logging before grpcio loads
+        import grpc
+
         failure: BaseException | None
         connected: bool
         try:
