@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import selectors
+import signal
 import socket
 import ssl
 import subprocess
@@ -212,6 +214,35 @@ def test_a_group_subscriber_acks_what_it_printed(ep: list[str]) -> None:
     # A group of its own starts over: every group gets every message.
     other_group = ["pubsub", "subscribe", "events", topic, "--group", "h", "--from", "earliest"]
     assert ok_lines(prism(*other_group, "--count", "1", *ep)) == ["1: m1"]
+
+
+def test_subscribe_from_latest_runs_until_ctrl_c(ep: list[str]) -> None:
+    topic = fresh("t")
+    ok_lines(prism("pubsub", "publish", "events", topic, "before", *ep))  # not for a "latest" subscriber
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "pubsub", "subscribe", "events", topic, *ep],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sub.stdout is not None
+        with selectors.DefaultSelector() as ready:
+            ready.register(sub.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 15
+            # Published until the subscriber, once in place, prints one: "latest" starts after "before".
+            while not ready.select(timeout=0.2):
+                assert time.monotonic() < deadline and sub.poll() is None, "the subscriber printed nothing"
+                ok_lines(prism("pubsub", "publish", "events", topic, "after", *ep))
+            first = sub.stdout.readline()
+        assert first.endswith(": after\n") and int(first.split(":")[0]) >= 2, first
+        sub.send_signal(signal.SIGINT)
+        assert sub.wait(10) == 130
+        assert "Traceback" not in sub.communicate()[1]
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+        sub.communicate()
 
 
 def test_subscribe_reaches_the_tenant_that_holds_the_namespace(ep: list[str]) -> None:
