@@ -282,7 +282,7 @@ def run_calls(args: argparse.Namespace, lines: Callable[[grpc.Channel], Iterable
             return EXIT_FAILURE
         finally:
             conn.close()
-        code, details = _status_of(failure)
+        code, details = status_of(failure)
         print(_failure_line(args, creds, code, details, connected), file=sys.stderr)
         return EXIT_FAILURE
     raise AssertionError("unreachable")  # pragma: no cover
@@ -296,7 +296,8 @@ def _failure_line(
     )
 
 
-def _status_of(exc: BaseException | None) -> tuple[str, str]:
+def status_of(exc: BaseException | None) -> tuple[str, str]:
+    """A failed call's status code name and details."""
     import grpc
 
     if isinstance(exc, CallFailed):

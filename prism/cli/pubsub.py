@@ -33,6 +33,7 @@ from prism.cli.client import (
     pairs_to_dict,
     positive_int,
     run_calls,
+    status_of,
     to_json,
 )
 from prism.proto import pubsub_pb2
@@ -301,7 +302,7 @@ def subscription_lines(args: argparse.Namespace) -> Callable[[grpc.Channel], Ite
         except StopIteration:
             return
         except grpc.RpcError as exc:
-            named = tenant_named(*_status(exc))
+            named = tenant_named(*status_of(exc))
             if named and not tenant[0]:
                 tenant[0] = named
                 raise Redial from exc
@@ -310,11 +311,3 @@ def subscription_lines(args: argparse.Namespace) -> Callable[[grpc.Channel], Ite
         yield from messages
 
     return lines
-
-
-def _status(exc: grpc.RpcError) -> tuple[str, str]:
-    import grpc
-
-    if isinstance(exc, grpc.Call):
-        return exc.code().name, exc.details() or ""
-    return "UNKNOWN", str(exc)
