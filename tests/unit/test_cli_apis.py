@@ -481,3 +481,52 @@ def test_call_failed_is_reported_like_a_status(
     assert (
         capsys.readouterr().err == "prism: DEADLINE_EXCEEDED: the subscription was not in place within 5s\n"
     )
+
+
+# ---------------------------------------------------------------- ns list: what it sends where
+
+
+@pytest.fixture
+def admin_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Credentials, float]]:
+    calls: list[tuple[str, Credentials, float]] = []
+    raw = b'{"generation":1,"namespaces":[]}'
+
+    def fetch_page(endpoint: str, creds: Credentials, timeout_s: float) -> tuple[Any, bytes]:
+        calls.append((endpoint, creds, timeout_s))
+        return msgspec.json.decode(raw, type=ns._Page), raw
+
+    monkeypatch.setattr(ns, "fetch_page", fetch_page)
+    return calls
+
+
+def test_ns_list_uses_the_admin_variables_never_the_grpc_token(
+    admin_calls: list[tuple[str, Credentials, float]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "caller.jwt").write_text("caller-jwt\n")
+    (tmp_path / "admin.token").write_text("adm1n\n")
+    monkeypatch.setenv("PRISM_TOKEN_FILE", str(tmp_path / "caller.jwt"))
+    monkeypatch.setenv("PRISM_ENDPOINT", "127.0.0.1:1")
+    assert cli.main(["ns", "list", "--timeout", "3"]) == 0
+    assert admin_calls[-1] == ("localhost:8981", Credentials(), 3.0)
+
+    monkeypatch.setenv("PRISM_ADMIN_ENDPOINT", "127.0.0.1:9999")
+    monkeypatch.setenv("PRISM_ADMIN_TOKEN_FILE", str(tmp_path / "admin.token"))
+    assert cli.main(["ns", "list"]) == 0
+    assert admin_calls[-1][:2] == ("127.0.0.1:9999", Credentials(token="adm1n"))
+    assert capsys.readouterr().out.splitlines()[-1] == "NAME  ABSTRACTION  BACKEND  TENANT  SERVING"
+
+
+def test_ns_list_sends_no_token_in_plaintext_to_another_machine(
+    admin_calls: list[tuple[str, Credentials, float]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "admin.token").write_text("adm1n\n")
+    argv = ["ns", "list", "--endpoint", "prism.example:8981", "--token-file", str(tmp_path / "admin.token")]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "prism: --token-file: a bearer token goes over TLS (--tls-ca) or to this machine only, "
+        "and prism.example:8981 is neither\n"
+    )
+    assert admin_calls == []
