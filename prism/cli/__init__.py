@@ -1,8 +1,10 @@
 """The ``prism`` command: run the server, or call a running one's API.
 
-``main`` parses the command line and runs ``serve`` and ``reload``;
-``kv`` holds the ``prism kv`` commands, on the gRPC client plumbing and
-output helpers of ``client``.
+``main`` parses the command line and runs ``serve`` and ``reload``. Each
+API has its module of client commands: ``kv`` (KeyValue), ``ts``
+(TimeSeries), ``pubsub`` (PubSub), all on the gRPC client plumbing and
+output helpers of ``client``, and ``ns`` (``prism ns list``, from the admin
+port's ``/v1/namespaces`` over HTTP).
 
 The client commands use stock grpcio and the generated stubs on purpose: it
 is the same path a team's own client takes, so ``prism kv`` doubles as a

@@ -36,6 +36,23 @@ class PageTokenLoop(Exception):
     """The server handed back the token we sent: following it would never end."""
 
 
+class CallFailed(Exception):
+    """A call failed without grpcio saying so (the command's own deadline, say):
+    reported like a gRPC status, ``prism: CODE: details``."""
+
+    def __init__(self, code_name: str, details: str) -> None:
+        super().__init__(f"{code_name}: {details}")
+        self.code_name = code_name
+        self.details = details
+
+
+class Redial(Exception):
+    """Raised by a command before it printed anything: open a new connection
+    and run the command again, once (``pubsub subscribe`` naming the tenant
+    the server pointed to). The exception's cause is what is reported if the
+    second try asks again."""
+
+
 def call_options() -> argparse.ArgumentParser:
     """A parent parser with the options every client command takes."""
     common = argparse.ArgumentParser(add_help=False)
@@ -74,6 +91,31 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, got 0")
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (``--tag``, ``--header``): a non-empty key; the value may be empty or hold ``=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def pairs_to_dict(flag: str, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``--tag``/``--header`` pairs as a map; a key given twice is ValueError (a usage error)."""
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"prism: {flag} {key!r} given twice")
+        out[key] = value
+    return out
 
 
 def arg_bytes(text: str) -> bytes:
@@ -188,7 +230,12 @@ class Connection:
 
         self._grpc = grpc
         self._ready = threading.Event()
-        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", -1)]
+        # A subchannel of its own: a second Connection (``Redial``) is a new
+        # TCP connection, whose first call may name another tenant.
+        options: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         self.channel = credentials.channel(endpoint, creds or Credentials(), options)
         self.channel.subscribe(self._on_state, try_to_connect=False)
 
@@ -214,36 +261,47 @@ def run_calls(args: argparse.Namespace, lines: Callable[[grpc.Channel], Iterable
     except CredentialsError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    conn = Connection(args.endpoint, creds)
+    for attempt in (1, 2):
+        conn = Connection(args.endpoint, creds)  # first: it quiets grpcio's logging before grpcio loads
+        import grpc
+
+        failure: BaseException | None
+        connected: bool
+        try:
+            for line in lines(conn.channel):
+                print(line, flush=True)
+            return 0
+        except Redial as exc:
+            if attempt == 1:
+                continue
+            failure, connected = exc.__cause__, conn.ever_connected()
+        except (grpc.RpcError, CallFailed) as exc:
+            failure, connected = exc, conn.ever_connected()  # before close(): a late READY may land
+        except PageTokenLoop as exc:
+            print(f"prism: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            conn.close()
+        code, details = status_of(failure)
+        print(_failure_line(args, creds, code, details, connected), file=sys.stderr)
+        return EXIT_FAILURE
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _failure_line(
+    args: argparse.Namespace, creds: Credentials, code: str, details: str, connected: bool
+) -> str:
+    return error_line(
+        code, details, args.endpoint, connected, args.timeout, tls=creds.tls, identified=creds.identified
+    )
+
+
+def status_of(exc: BaseException | None) -> tuple[str, str]:
+    """A failed call's status code name and details."""
     import grpc
 
-    try:
-        for line in lines(conn.channel):
-            print(line, flush=True)
-        return 0
-    except grpc.RpcError as exc:
-        code, details = _status_of(exc)
-        line = error_line(
-            code,
-            details,
-            args.endpoint,
-            conn.ever_connected(),
-            args.timeout,
-            tls=creds.tls,
-            identified=creds.identified,
-        )
-        print(line, file=sys.stderr)
-        return EXIT_FAILURE
-    except PageTokenLoop as exc:
-        print(f"prism: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        conn.close()
-
-
-def _status_of(exc: grpc.RpcError) -> tuple[str, str]:
-    import grpc
-
+    if isinstance(exc, CallFailed):
+        return exc.code_name, exc.details
     # The errors grpcio raises from calls are also ``grpc.Call``s; the base
     # class promises neither ``code()`` nor ``details()``.
     if isinstance(exc, grpc.Call):

@@ -39,6 +39,23 @@ OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("tls_key", "--key", "PRISM_TLS_KEY", "the client certificate's private key (PEM)"),
     ("token_file", "--token-file", "PRISM_TOKEN_FILE", "file holding a bearer token sent with every call"),
 )
+# ``prism ns list`` talks to the admin port: its own token and CA, so that
+# the gRPC port's variables (a caller's JWT) are never sent there.
+ADMIN_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "tls_ca",
+        "--tls-ca",
+        "PRISM_ADMIN_TLS_CA",
+        "CA certificates (PEM) of the admin port's [admin.tls]; turns HTTPS on",
+    ),
+    (
+        "token_file",
+        "--token-file",
+        "PRISM_ADMIN_TOKEN_FILE",
+        "file holding the admin token (admin_token_file)",
+    ),
+)
+Options = tuple[tuple[str, str, str, str], ...]
 MAX_TOKEN_BYTES = 64 * 1024
 
 
@@ -65,15 +82,17 @@ class Credentials:
         return self.token is not None or self.certificate_chain is not None
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    for dest, flag, variable, text in OPTIONS:
+def add_options(parser: argparse.ArgumentParser, options: Options = OPTIONS) -> None:
+    for dest, flag, variable, text in options:
         parser.add_argument(flag, dest=dest, metavar="FILE", help=f"{text} (default: ${variable})")
 
 
-def load(args: argparse.Namespace, env: Mapping[str, str], endpoint: str) -> Credentials:
+def load(
+    args: argparse.Namespace, env: Mapping[str, str], endpoint: str, options: Options = OPTIONS
+) -> Credentials:
     """The credentials named by ``args`` (else ``env``), read and checked; CredentialsError if unusable."""
     named: dict[str, tuple[str, str]] = {}  # dest -> (path, how it was named)
-    for dest, flag, variable, _ in OPTIONS:
+    for dest, flag, variable, _ in options:
         path = getattr(args, dest, None)
         if path:
             named[dest] = (path, flag)

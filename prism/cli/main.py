@@ -1,4 +1,5 @@
-"""``prism``'s entry point and its server commands, ``serve`` and ``reload``."""
+"""``prism``'s entry point and its server commands, ``serve`` and ``reload``; the client
+commands come from one module per API: ``kv``, ``ts``, ``pubsub`` and ``ns``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from prism.cli import kv
+from prism.cli import kv, ns, pubsub, ts
 from prism.cli.client import EXIT_FAILURE, EXIT_USAGE
 from prism.config import ServerConfig, load_config
 from prism.errors import ConfigError
@@ -59,6 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
     reload.set_defaults(handler=_cmd_reload)
 
     kv.add_commands(commands)
+    ts.add_commands(commands)
+    pubsub.add_commands(commands)
+    ns.add_commands(commands)
     return parser
 
 
