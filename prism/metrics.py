@@ -133,6 +133,20 @@ def call_limited(namespace: str, reason: str) -> None:
     child.inc()
 
 
+def call_shed(operation: str) -> None:
+    """Count one call the overload shedder refused as its headers were read
+    (``prism.rpc.calls``): its namespace is not known yet, so it is ""."""
+    key = ("shed", operation)
+    pair = _children.get(key)
+    if pair is None:
+        pair = _children[key] = (
+            CALLS_LIMITED.labels("", "overload"),
+            REQUESTS.labels("", operation, "RESOURCE_EXHAUSTED"),
+        )
+    pair[0].inc()
+    pair[1].inc()
+
+
 def connection_refused(reason: str) -> None:
     _count(CONNECTIONS_REFUSED, "refused connection", reason)
 

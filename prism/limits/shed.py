@@ -32,21 +32,27 @@ whole configuration (``[overload] target_delay_ms``, ``interval_ms``), with
 CoDel's own defaults scaled to a gateway's millisecond calls: 5 ms and 100 ms.
 
 What shedding can buy depends on what a refusal costs beside a call. A
-refusal still reads the request's frames and writes an answer: about 36 us
-of a worker's CPU, against about 60 us to serve a SQLite read (h2load,
-c8x16). Where the backend is the bottleneck (a pool, a thread, another
-server), a refusal is CPU the worker has to spare, and shedding keeps the
-admitted calls fast at no cost in goodput. Where the worker's own CPU is,
-every refusal takes a share of it from the calls served: at twice the load
-it can serve, refusing half the calls costs more than half its CPU, so no
-refusal policy keeps 90% of its goodput; shedding then keeps the calls it
-serves within their deadlines instead of serving all of them late.
+call the shedder refuses is refused as its HEADERS frame is read
+(``prism.rpc.calls``' ``_shed_new``), before it is a call: about 16 us of a
+worker's CPU (its frames read, its answer written), against about 60 us to
+serve a SQLite read (h2load, c8x16); a refusal made once the request was
+read and decoded cost 36 us. Where the backend is the bottleneck (a pool, a
+thread, another server), a refusal is CPU the worker has to spare, and
+shedding keeps the admitted calls fast at no cost in goodput. Where the
+worker's own CPU is, every refusal takes a share of it from the calls
+served: at twice the load it can serve, with a refusal at a quarter of a
+call, the worker can serve at most two thirds of what it serves at
+saturation, whatever it refuses; shedding then keeps the calls it serves
+within their deadlines instead of serving all of them late.
 
 Shedding is per worker: the threads and the event loop that queue are the
-worker's. A call that needs no waiting (a shared-cache hit) is still answered:
-it queues for nothing. Calls that were admitted finish. The shedder holds no
-clock of its own: ``observe`` and ``shedding`` take the time (trio's clock),
-so tests drive it with ``trio.testing.MockClock``.
+worker's. A call that needs no waiting (a shared-cache hit) is still answered
+when its request was read before the decision (it queues for nothing); one
+refused as its headers are read cannot be told from a miss yet. Calls that
+were admitted finish. The shedder holds no clock of its own: ``observe`` and
+``refuses`` take the time (trio's clock), so tests drive it with
+``trio.testing.MockClock``; ``LoopLag`` reads the CPU's clock (what it
+measures is the loop's rest, not a timeout).
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class Shedder:
         "_min",
         "_waits",
         "_window_end",
+        "_window_start",
         "enabled",
         "idle_s",
         "interval_s",
@@ -85,7 +92,7 @@ class Shedder:
         self.limit = 0  # while on: calls in flight beyond this are refused
         self._min = math.inf  # shortest wait seen in the current interval
         self._waits = 0  # how many
-        self._window_end = -math.inf
+        self._window_start = self._window_end = -math.inf
         # The event loop's rest during the current interval (``LoopLag``),
         # when ``watched``: a loop that never rested ``target`` is saturated.
         self.idle_s = 0.0
@@ -114,7 +121,9 @@ class Shedder:
 
     def refuses(self, inflight: int, now: float) -> bool:
         """Whether a new call is refused now, with ``inflight`` calls running."""
-        if now >= self._window_end or now < self._window_end - self.interval_s:  # (or a new clock)
+        # (Or a new clock. The start is kept, not computed back from the end:
+        # end - interval may round above the start, which rolled again at once.)
+        if now >= self._window_end or now < self._window_start:
             self._roll(inflight, now)
         return self.on and inflight >= self.limit
 
@@ -129,7 +138,7 @@ class Shedder:
         # idle meanwhile rested, and one stuck in a long pass did not.
         recent = now < self._window_end + self.interval_s
         # Not the first interval, nor a new clock:
-        measured = self._window_end != -math.inf and self._window_end - self.interval_s <= now
+        measured = self._window_start != -math.inf and self._window_start <= now
         saturated = self.watched and self.idle_s < self.target_s and measured
         queued = self._waits >= MIN_WAITS and self._min > self.target_s and recent
         standing = queued or saturated
@@ -148,6 +157,7 @@ class Shedder:
         self._min = math.inf
         self._waits = 0
         self.idle_s = 0.0
+        self._window_start = now
         self._window_end = now + self.interval_s
 
 

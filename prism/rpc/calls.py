@@ -10,6 +10,7 @@ the connection's reader, writer and timers, is ``Connection``'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from prism.rpc import streams
 from prism.rpc.boundary import failure_status, pushback_trailer
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
-from prism.rpc.protocol import GrpcProtocol
+from prism.rpc.protocol import RESPONSE_HEADERS, GrpcProtocol, encode_grpc_message
 from prism.rpc.settings import ServerSettings
 from prism.security.identity import PeerIdentity
 
@@ -32,6 +33,18 @@ from prism.security.identity import PeerIdentity
 _OK = StatusCode.OK
 # ``Calls._admit``'s answer for a call it refused (else: the call's quota lease, or None).
 _REFUSED: Any = object()
+
+
+@functools.lru_cache(maxsize=4)
+def _shed_trailers(target_s: float, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
+    """A shed call's trailers-only answer, as ``prism.limits.admission`` words it."""
+    message = f"worker overloaded: queueing delay above {target_s * 1000:g} ms; retry"
+    return (
+        *RESPONSE_HEADERS,
+        (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
+        (b"grpc-message", encode_grpc_message(message)),
+        *pushback_trailer(pushback_ms),
+    )
 
 
 class Calls:
@@ -131,6 +144,27 @@ class Calls:
             return _REFUSED  # type: ignore[no-any-return]
         settings.inflight += 1
         return lease
+
+    def _shed_new(self, headers: Any) -> tuple[tuple[bytes, bytes], ...] | None:
+        """``GrpcProtocol.shed`` while shedding is enabled: the refusal of a
+        new data call, as its HEADERS are read, while the worker sheds; None
+        to serve it. Refused there, a call costs its frames and its answer:
+        about a third of what a refusal made through a Call did, which is
+        what lets shedding relieve a worker busy on its CPU. The namespace is
+        not read yet: the refusal is counted under namespace "". A
+        shared-cache hit is refused too (it cannot be told from a miss yet)."""
+        settings = self.settings
+        shedder = settings.admission.shedder
+        if not shedder.refuses(settings.inflight, trio.current_time()):
+            return None
+        for name, value in headers:
+            if name == b":path":
+                method = settings.methods.get(bytes(value))
+                if method is None or method.action is None:
+                    return None  # not a data call (health, reflection): served
+                metrics.call_shed(method.operation)
+                return _shed_trailers(shedder.target_s, shedder.pushback_ms)
+        return None
 
     def _limit(self, call: Call, method: Method) -> Lease | None:
         """The quota and shedding check (``prism.limits.admission``) of a

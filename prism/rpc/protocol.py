@@ -134,6 +134,12 @@ class GrpcProtocol(Requests, Responses):
         # (the server's) times the control-frame and idle-PING windows.
         self._flood = self.flood = FloodGuard(self._h2, self.calls, clock)
         self._flood.watch()
+        # Set by the connection while overload shedding is enabled
+        # (prism.limits.shed): given a new request's headers, the trailers of
+        # its refusal, or None to serve it. A stream refused so never becomes
+        # a Call: its frames are read and its answer written here, and its
+        # DATA dropped as any closed stream's (``_on_data``).
+        self.shed: Callable[[Any], tuple[tuple[bytes, bytes], ...] | None] | None = None
 
     # -- connection ----------------------------------------------------------
 
@@ -203,6 +209,7 @@ class GrpcProtocol(Requests, Responses):
         self._h2.buffers_to_send()
         self._h2.let_go()
         self.on_output = _nothing  # (a bound method of the connection: a cycle)
+        self.shed = None  # (the same)
 
     @property
     def idle(self) -> bool:
@@ -239,9 +246,13 @@ class GrpcProtocol(Requests, Responses):
             self._reopen_for_answers()
         if plain:
             opened = 0
+            shed = self.shed
             for kind, sid, value, length, ended in plain:
                 if kind == HEADERS_READ:
                     opened += 1
+                    if shed is not None and (refusal := shed(value)) is not None:
+                        self._refuse_now(sid, refusal)
+                        continue
                     self._start_call(sid, value, ended, out)
                 else:
                     self._on_data(sid, value, length, ended, out)
@@ -346,6 +357,14 @@ class GrpcProtocol(Requests, Responses):
         out.append((CALL_START, call))
         if ended:
             self._end_call(sid, out)
+
+    def _refuse_now(self, sid: int, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
+        """Answer a new stream with a trailers-only refusal, no Call made."""
+        try:
+            if not self._h2.send_plain_final(sid, trailers):
+                self._h2.send_headers(sid, trailers, end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client reset it in the same read
 
     def _reset_malformed(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
         self._reset_new_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)

@@ -82,6 +82,8 @@ class Connection(Calls):
             streaming_paths=settings.methods.streaming_paths,
         )
         self.proto.on_output = self.wake
+        if settings.admission.shedder.enabled:
+            self.proto.shed = self._shed_new
         self._scopes: dict[int, trio.CancelScope] = {}
         self._dirty = False
         self._lot = trio.lowlevel.ParkingLot()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from prism.config import NamespaceConfig, ServerConfig
@@ -18,11 +19,14 @@ from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
 from prism.limits.shed import MIN_LIMIT, MIN_WAITS, watch_loop
+from prism.proto import kv_pb2
 from prism.workers.app import App
 
 from .apps import serving_app
-from .h2client import H2Client
-from .test_quotas import PUSHBACK, put
+from .h2client import H2Client, frame
+from .test_quotas import GET, PUSHBACK, PUT, put
+
+HEALTH = "/grpc.health.v1.Health/Check"
 
 CONFIG = OverloadConfig(enabled=True, target_delay_ms=5, interval_ms=100)
 
@@ -172,3 +176,65 @@ async def test_under_injected_queueing_delay_new_calls_are_refused_fast_then_ser
         mock_clock.jump(0.1)
         assert (await put(client, "profiles")).status == StatusCode.OK
         app.settings.inflight = 0
+
+
+def _labelled(namespace: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "prism_calls_limited_total", {"namespace": namespace, "reason": "overload"}
+    )
+    return value or 0.0
+
+
+async def test_while_shedding_a_data_call_is_refused_as_its_headers_are_read(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    # Once a request's header block repeats (the plain path reads it), a call
+    # the shedder refuses never becomes a Call: its answer is written as its
+    # frames are read, counted under namespace "" (not read yet); health
+    # checks are still answered; nothing it sent is stored.
+    async with served(tmp_path) as (app, client):
+        shedder = app.settings.admission.shedder
+        for _ in range(3):  # warm the connection's HPACK cache: the next puts read plainly
+            assert (await put(client, "profiles")).status == StatusCode.OK
+        mock_clock.jump(0.1)
+        shedder.refuses(0, trio.current_time())  # an interval starts
+        for _ in range(8):
+            shedder.observe(0.02)
+        app.settings.inflight = 50
+        mock_clock.jump(0.1)
+        before, before_named = _labelled(""), _labelled("profiles")
+        request = kv_pb2.PutItemsRequest(
+            namespace="profiles", id="shed", items=[kv_pb2.Item(key=b"k", value=b"lost")]
+        )
+        for _ in range(3):
+            r = await client.call(PUT, frame(request.SerializeToString()))
+            assert (r.status, r.message, r.trailers.get(PUSHBACK, r.headers.get(PUSHBACK))) == (
+                StatusCode.RESOURCE_EXHAUSTED,
+                "worker overloaded: queueing delay above 5 ms; retry",
+                "100",
+            )
+        assert _labelled("") == before + 3
+        assert _labelled("profiles") == before_named  # not through a Call's admission
+        health = await client.call(HEALTH, frame(health_pb2.HealthCheckRequest().SerializeToString()))
+        assert health.status == StatusCode.OK
+        app.settings.inflight = 0
+        mock_clock.jump(0.1)
+        shedder.observe(0.0)
+        got = await client.call(
+            GET, frame(kv_pb2.GetItemsRequest(namespace="profiles", id="shed").SerializeToString())
+        )
+        assert got.status == StatusCode.OK
+        answer = kv_pb2.GetItemsResponse.FromString(bytes(got.data[5:]))
+        assert list(answer.items) == []  # nothing of the refused puts was stored
+
+
+def test_a_decision_holds_for_its_whole_interval() -> None:
+    # 0.2 + 0.1 - 0.1 rounds above 0.2: the interval's start is kept, not
+    # computed back from its end (which rolled, and released, at once).
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.1)
+    for _ in range(MIN_WAITS):
+        shedder.observe(0.02)
+    assert shedder.refuses(50, 0.2)
+    assert shedder.refuses(50, 0.2)
+    assert shedder.refuses(50, 0.25)
