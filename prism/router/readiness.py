@@ -14,6 +14,14 @@ gateway unready: its worker serves, the namespace's own health
 while the worker retries the backend. One tenant's database must not take
 every other tenant out of a load balancer's rotation.
 
+Readiness is the gateway's boot, then its life: once a table was ready, the
+tables after it say so (``Routes.ready_once``), and the gateway stays ready
+while any worker serves. A tenant whose workers restart (or crash in a loop)
+has its namespaces' own health NOT_SERVING and its calls wait for its
+workers or fail UNAVAILABLE; the other tenants stay in rotation. Before,
+one tenant's crashing worker took every tenant's host out of a load
+balancer's rotation for as long as it took to restart.
+
 All three readers compute it from the same published table, so they flip
 together: the supervisor right after it publishes a generation, the admin
 process and the workers whenever they read the table.
@@ -28,13 +36,16 @@ __all__ = ["Readiness", "not_ready_reason"]
 
 def not_ready_reason(routes: Routes) -> str | None:
     """Why ``routes`` is not ready (one line), or None when every namespace
-    has a serving worker (and, with no namespaces, some worker serves)."""
+    has a serving worker (and, with no namespaces, some worker serves), or
+    once an earlier table was ready, some worker serves."""
     serving = {w.tenant for w in routes.workers.values() if w.serving}
     if not serving:
         total = len(routes.workers)
         if total == 0:
             return f"no workers in routing table generation {routes.generation}"
         return f"0 of {total} workers serving"
+    if routes.ready_once:
+        return None
     waiting: dict[str, int] = {}
     for entry in routes.namespaces.values():
         if entry.tenant not in serving:

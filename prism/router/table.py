@@ -112,6 +112,9 @@ class Routes(msgspec.Struct, frozen=True):
     workers: dict[int, WorkerEntry]
     security: SecuritySection = SecuritySection()
     tenant_limits: dict[str, dict[str, Any]] = {}  # tenant -> its limits table (prism.config.quotas)
+    # An earlier generation was ready (prism.router.readiness): the gateway
+    # booted, and a tenant's workers restarting later do not make it unready.
+    ready_once: bool = False
 
     def owners(self, namespace: str) -> list[WorkerEntry]:
         """Workers of the tenant that owns ``namespace`` (by id), or [] if it is unknown.

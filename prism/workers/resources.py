@@ -134,7 +134,13 @@ class Resources:
     # -- the routing table ---------------------------------------------------
 
     def routes_for(
-        self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot], security_serial: int
+        self,
+        generation: int,
+        config: ServerConfig,
+        cpus: int,
+        slots: Iterable[Slot],
+        security_serial: int,
+        ready_once: bool = False,
     ) -> Routes:
         """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
         namespaces = namespace_entries(config, cpus)
@@ -155,7 +161,12 @@ class Resources:
             if t.limits is not None
         }
         return Routes(
-            generation, namespaces, workers, section_of(config, security_serial), tenant_limits=tenant_limits
+            generation,
+            namespaces,
+            workers,
+            section_of(config, security_serial),
+            tenant_limits=tenant_limits,
+            ready_once=ready_once,
         )
 
     # -- children --------------------------------------------------------------

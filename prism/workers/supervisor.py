@@ -83,6 +83,7 @@ class Supervisor:
         self._reloaded: tuple[str, int] | None = None  # READY=1's status and generation, once in effect
         # Why the last published table is not ready (prism.router.readiness), or None.
         self._not_ready: str | None = "nothing published yet"
+        self._ready_once = False  # and the tables after the first ready one say so
 
     # -- signals ---------------------------------------------------------------
 
@@ -105,10 +106,11 @@ class Supervisor:
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
         routes = self.resources.routes_for(
-            self.generation, self.config, cpus, self.slots.values(), self.security_serial
+            self.generation, self.config, cpus, self.slots.values(), self.security_serial, self._ready_once
         )
         self.resources.routes.publish(routes)
         self._not_ready = not_ready_reason(routes)
+        self._ready_once |= self._not_ready is None
         self._broadcast()
 
     def _broadcast(self) -> None:

@@ -4,6 +4,7 @@ Watch("") hears the flip."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -40,6 +41,15 @@ def test_not_ready_names_the_tenants_still_starting() -> None:
 
 def test_a_tenant_without_workers_in_the_table_is_not_ready() -> None:
     assert not_ready_reason(table(worker(1, "a"))) == "2 namespace(s) have no serving worker yet (tenant 'b')"
+
+
+def test_once_ready_a_tenant_restarting_does_not_make_it_unready() -> None:
+    restarting = table(worker(1, "a"), worker(2, "b", serving=False))
+    assert not_ready_reason(restarting) is not None  # at boot: not ready
+    assert not_ready_reason(msgspec.structs.replace(restarting, ready_once=True)) is None
+    # Once ready, still not ready with no worker serving at all.
+    down = table(worker(1, "a", serving=False), worker(2, "b", serving=False))
+    assert not_ready_reason(msgspec.structs.replace(down, ready_once=True)) == "0 of 2 workers serving"
 
 
 def test_without_namespaces_one_serving_worker_is_ready() -> None:
