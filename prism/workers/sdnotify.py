@@ -82,6 +82,9 @@ def _clean(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
+_MAX_PENDING = 16  # state messages kept for a queue that stays full
+
+
 class SystemdNotifier:
     """Sends sd_notify messages to systemd; every method is a no-op when not under systemd.
 
@@ -100,6 +103,12 @@ class SystemdNotifier:
         self._watchdog_usec = watchdog_usec if address is not None else None
         self._pid = os.getpid()
         self._failing = False
+        # State messages (READY=1, RELOADING=1, STOPPING=1, STATUS=) a full
+        # queue refused (EAGAIN; not a socket that is gone): sent again, in
+        # order, before the next message. A
+        # watchdog ping is only dropped: the next one is as good. (A queue of
+        # pings the reader had not read yet lost READY=1 for good.)
+        self._pending: list[str] = []
         self._sock: socket.socket | None = None
         if address is not None:
             # Non-blocking: a full queue on systemd's side costs one dropped
@@ -155,7 +164,7 @@ class SystemdNotifier:
     def watchdog(self) -> None:
         """Ping the watchdog; a no-op unless systemd granted this process one."""
         if self._watchdog_usec is not None:
-            self._send("WATCHDOG=1")
+            self._send("WATCHDOG=1", state=False)
 
     def status(self, text: str) -> None:
         """Set the one-line status shown by ``systemctl status``."""
@@ -177,10 +186,23 @@ class SystemdNotifier:
             self._sock = None
         self._watchdog_usec = None
 
-    def _send(self, message: str) -> None:
-        sock = self._sock
-        if sock is None or os.getpid() != self._pid:
+    def _send(self, message: str, *, state: bool = True) -> None:
+        if self._sock is None or os.getpid() != self._pid:
             return
+        while self._pending and self._deliver(self._pending[0]) is None:
+            del self._pending[0]
+        if self._pending:
+            full = True
+        else:
+            failure = self._deliver(message)
+            full = isinstance(failure, BlockingIOError)  # else delivered, or systemd is gone
+        if full and state and len(self._pending) < _MAX_PENDING:
+            self._pending.append(message)
+
+    def _deliver(self, message: str) -> OSError | None:
+        """Send one datagram; None, or why it was not delivered."""
+        sock = self._sock
+        assert sock is not None
         try:
             sock.sendto(message.encode(), self._address)
         except OSError as exc:
@@ -196,8 +218,9 @@ class SystemdNotifier:
                     exc.strerror,
                 )
             else:
-                log.debug("systemd notification %r dropped: %s", message, exc)
-            return
+                log.debug("systemd notification %r not delivered: %s", message, exc)
+            return exc
         if self._failing:
             self._failing = False
             log.info("systemd notifications delivered again")
+        return None

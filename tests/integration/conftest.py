@@ -43,6 +43,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
 @dataclass
 class PrismProcess:
     data_dir: Path
@@ -89,13 +92,16 @@ class PrismProcess:
                     _, err = self.proc.communicate()
                     raise RuntimeError(f"prism serve exited {self.proc.returncode}: {err.decode()[-2000:]}")
                 try:
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    return
+                    # Started means ready: Check("") answers NOT_SERVING from
+                    # a worker that serves before the table lists it.
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == SERVING:
+                        return
                 except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise TimeoutError("prism serve did not answer") from None
-                    time.sleep(0.05)
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError("prism serve did not answer SERVING") from None
+                time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
         if self.proc is None:

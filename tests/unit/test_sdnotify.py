@@ -256,3 +256,41 @@ def test_warns_again_after_systemd_came_back_and_went_away(
     notifier.status("d")
     assert len(warnings_seen) == 2
     notifier.close()
+
+
+def _fill(path: str) -> int:
+    """Fill the listener's queue from another socket (as unread watchdog pings do); how many it took."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    sent = 0
+    try:
+        while sent < 100_000:
+            filler.sendto(b"WATCHDOG=1", path)
+            sent += 1
+    except BlockingIOError:
+        return sent
+    finally:
+        filler.close()
+    raise AssertionError("the queue never filled")
+
+
+def test_a_state_message_a_full_queue_refused_is_sent_again_first(
+    listener: tuple[socket.socket, str], warnings_seen: list[logging.LogRecord]
+) -> None:
+    # The reader had not read its queue of pings yet: READY=1 was lost for good.
+    sock, path = listener
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"})
+    queued = _fill(path)
+    notifier.ready(status="serving")
+    notifier.watchdog()  # still full: the ping is dropped, READY=1 kept
+    for _ in range(queued):
+        assert received(sock) == "WATCHDOG=1"
+    assert_nothing_sent(sock)
+    sock.setblocking(True)
+    notifier.watchdog()  # room again: READY=1 first, then the ping
+    assert received(sock) == "READY=1\nSTATUS=serving"
+    assert received(sock) == "WATCHDOG=1"
+    notifier.stopping()
+    assert received(sock) == "STOPPING=1"
+    assert len(warnings_seen) == 1  # one warning for the outage
+    notifier.close()
