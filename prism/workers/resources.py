@@ -39,6 +39,7 @@ from prism.workers.spec import (
     config_for_tenant,
     spec_fd,
 )
+from prism.workers.tenant_table import TenantTables
 
 __all__ = ["Resources", "bind", "signal_child"]
 
@@ -81,6 +82,8 @@ class Resources:
     cache_bytes: int
     runtime_dir: Path
     fds: list[int] = field(default_factory=list)  # what every worker inherits
+    # Each tenant's namespaces, options included: only its own workers get its table.
+    tenants: TenantTables = field(default_factory=TenantTables)
 
     @classmethod
     def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
@@ -161,7 +164,9 @@ class Resources:
     # -- children --------------------------------------------------------------
 
     def start_worker(self, slot: Slot, config: ServerConfig) -> subprocess.Popen[bytes]:
-        """Exec ``python -m prism.workers.worker`` for ``slot``, with its spec and the shared fds."""
+        """Exec ``python -m prism.workers.worker`` for ``slot``, with its spec, the
+        shared fds and its tenant's own namespace table (``publish_tenants`` first)."""
+        namespaces_fd, namespaces_bytes = self.tenants.fd_of(slot.tenant)
         spec = WorkerSpec(
             worker_id=slot.id,
             tenant=slot.tenant,
@@ -169,6 +174,8 @@ class Resources:
             listen_fd=self.grpc_sock.fileno(),
             routes_fd=self.routes_fd,
             routes_bytes=self.routes_bytes,
+            namespaces_fd=namespaces_fd,
+            namespaces_bytes=namespaces_bytes,
             cache_fd=self.cache_fd,
             cache_bytes=self.cache_bytes,
             control_address=self.control_address,
@@ -179,7 +186,8 @@ class Resources:
             supervisor_pid=os.getpid(),
         )
         label = f"{slot.id}:{slot.tenant}@cpu{slot.cpu}"
-        return _spawn("prism.workers.worker", spec, self.fds, {WORKER_LABEL_ENV: label})
+        fds = [*self.fds, namespaces_fd]
+        return _spawn("prism.workers.worker", spec, fds, {WORKER_LABEL_ENV: label})
 
     def start_admin(self, config: ServerConfig) -> subprocess.Popen[bytes]:
         """Exec ``python -m prism.admin.main`` on the admin socket and the routing table."""

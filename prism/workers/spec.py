@@ -45,6 +45,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     listen_fd: int
     routes_fd: int
     routes_bytes: int
+    namespaces_fd: int  # its tenant's own namespace table (prism.workers.tenant_table)
+    namespaces_bytes: int
     cache_fd: int  # -1: no shared cache
     cache_bytes: int
     control_address: str
@@ -73,9 +75,10 @@ class AdminSpec(msgspec.Struct, frozen=True):
 def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
     """``config`` with only ``tenant``'s namespaces, for that tenant's workers.
 
-    A worker learns which namespaces it opens from the routing table; the
-    other tenants' namespaces (and their DSNs) are of no use to it, and with
-    10,000 namespaces they would be megabytes to decode in every worker.
+    A worker opens the namespaces of its tenant's own table
+    (``prism.workers.tenant_table``), never another tenant's: the other
+    tenants' namespaces (and their DSNs) must not reach it, and with 10,000
+    namespaces they would be megabytes to decode in every worker.
     """
     if tenant == DEFAULT_TENANT and config.namespaces:
         return msgspec.structs.replace(config, tenants=())

@@ -106,6 +106,9 @@ class Supervisor:
         routes = self.resources.routes_for(
             self.generation, self.config, cpus, self.slots.values(), self.security_serial
         )
+        # Each tenant's own table first: a worker that sees this routing
+        # generation finds its namespaces (options and all) at least as new.
+        self.resources.tenants.publish(self.generation, self.config, cpus)
         self.resources.routes.publish(routes)
         self._not_ready = not_ready_reason(routes)
         self._broadcast()
@@ -383,6 +386,7 @@ class Supervisor:
             new = self._reload_config()
             check_deployable(new)
             check_routes_fit(new, len(self.allowed_cpus), self.resources.routes_bytes)
+            self.resources.tenants.check_fit(new, len(self.allowed_cpus))
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.notifier.ready("reload rejected")
