@@ -41,6 +41,9 @@ LIGHT_MODULES = (
     "prism.workers.slot",
     "prism.workers.plan",
     "prism.workers.resources",
+    "prism.workers.forked",
+    "prism.workers.tenant_table",
+    "prism.nng",
 )
 HEAVY = ("trio", "prism.workers.app", "prism.backends.registry")
 # Drivers, engines and libraries only some configs need: a worker (or the
@@ -91,6 +94,15 @@ from prism.backends import registry
 registry.create_any("keyvalue", "sqlite", {{}}, data_dir=Path({str(tmp_path)!r}), namespace="n")
 """
     assert _loaded_after(code, DRIVERS) == ["sqlite3"]  # so the probe above can see a driver
+
+
+def test_no_process_loads_asyncio_for_pynng() -> None:
+    # pynng imports asyncio for its asyncio support, ~1.5 MB of every
+    # worker's PSS: prism.nng stands in for it until something uses it.
+    real = ("asyncio.events", "asyncio.base_events")
+    assert _loaded_after("import prism.workers.worker\nimport prism.workers.supervisor", real) == []
+    used = "import prism.nng, asyncio\nasyncio.get_event_loop_policy()\nfrom asyncio import sleep"
+    assert _loaded_after(used, real) == list(real)  # and whoever uses it gets all of it
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
