@@ -72,6 +72,13 @@ class AdminSpec(msgspec.Struct, frozen=True):
     tls: AdminTlsConfig | None = None  # serve HTTPS with this certificate and key
 
 
+class ZygoteSpec(msgspec.Struct, frozen=True):
+    """What the supervisor hands the worker template (``prism.workers.zygote``)."""
+
+    supervisor_pid: int
+    socket_fd: int  # its end of the request socket (prism.workers.forked)
+
+
 def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
     """``config`` with only ``tenant``'s namespaces, for that tenant's workers.
 
@@ -86,10 +93,10 @@ def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
     return msgspec.structs.replace(config, namespaces=(), tenants=own)
 
 
-S = TypeVar("S", WorkerSpec, AdminSpec)
+S = TypeVar("S", WorkerSpec, AdminSpec, ZygoteSpec)
 
 
-def spec_fd(spec: WorkerSpec | AdminSpec) -> int:
+def spec_fd(spec: WorkerSpec | AdminSpec | ZygoteSpec) -> int:
     """A memfd holding ``spec`` as JSON, for a child to inherit; the caller closes it once the child runs.
 
     A memfd, not a pipe: the whole spec is written before the child starts,

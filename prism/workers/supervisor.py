@@ -31,12 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import pynng
 
 from prism import metrics
 from prism.config import ServerConfig, TenantConfig
 from prism.config.security import is_loopback
 from prism.errors import ConfigError
+from prism.nng import pynng
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload
@@ -278,15 +278,16 @@ class Supervisor:
         """Collect every worker that has exited and feed its exit to its slot."""
         for slot in list(self.slots.values()):
             proc = slot.proc
-            if proc is None or proc.poll() is None:
+            code = None if proc is None else proc.poll()
+            if proc is None or code is None:
                 continue
             slot.proc = None
             mark_dead(proc.pid)
-            event = exit_event(slot.state, proc.returncode)
+            event = exit_event(slot.state, code)
             if event is SlotEvent.EXITED_AT_BOOT:
                 detail = "see its message above"  # the worker printed why before it exited
             else:
-                detail = f"(pid {proc.pid}) exited with {proc.returncode}"
+                detail = f"(pid {proc.pid}) exited with {code}"
             self._handle(slot, event, detail)
             if self._halted:
                 return
@@ -438,6 +439,7 @@ class Supervisor:
         procs = [s.proc for s in self.slots.values() if s.proc is not None]
         for proc in procs:
             signal_child(proc, signal.SIGINT if self._halted else signal.SIGTERM)
+        procs.extend(p for p in [self.resources.stop_zygote()] if p is not None)  # SIGTERM'd
         if self.admin is not None:
             # SIGTERM either way: the admin process stops the same on both, and
             # one still starting (no handler yet) then ends without a traceback.

@@ -1,9 +1,12 @@
 """A worker process: serves gRPC for one tenant's namespaces.
 
-The supervisor starts each worker as ``python -m prism.workers.worker`` with
-its ``WorkerSpec`` in the environment and the listening socket, routing table
-and cache table as inherited file descriptors (fork + exec, never a bare
-fork: nng's threads do not survive fork, and a worker must start clean).
+The worker template (``prism.workers.zygote``) forks each worker from its
+imported modules, or, failing that, the supervisor execs ``python -m
+prism.workers.worker``; either way the worker gets its ``WorkerSpec`` from a
+memfd and the listening socket, routing table, its tenant's namespace table
+and the cache table as inherited file descriptors. Neither process that
+forks runs a loop or a thread: trio's loop and nng's threads start here,
+after the fork.
 
 Inside, one trio loop runs: the gRPC server on the shared listening socket,
 the nng endpoint other workers forward calls to, heartbeats to the
@@ -22,11 +25,11 @@ import socket
 import sys
 
 import msgspec
-import pynng
 import trio
 
 from prism.cache.shared import SharedCache
 from prism.log import setup_logging
+from prism.nng import pynng
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import BootFailed, Heartbeat, State, control_decoder, control_encoder
 from prism.router.readiness import Readiness
@@ -35,8 +38,8 @@ from prism.router.table import RoutingTableReader, RoutingTableUnavailable
 from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
-from prism.workers.lifeline import die_with_parent
-from prism.workers.spec import EXIT_BOOT_FAILED, WorkerSpec, read_spec
+from prism.workers.lifeline import die_with_parent, name_process, wait_for_parent
+from prism.workers.spec import EXIT_BOOT_FAILED, WORKER_LABEL_ENV, WorkerSpec, read_spec
 from prism.workers.tenant_table import open_tenant_table
 
 log = logging.getLogger("prism.worker")
@@ -224,8 +227,16 @@ class Worker:
 
 
 def main() -> None:
-    spec = read_spec(WorkerSpec)
+    serve(read_spec(WorkerSpec))
+
+
+def serve(spec: WorkerSpec, *, forked: bool = False) -> None:
+    """Run this process as the worker ``spec`` describes, until it stops
+    (exec'd: ``main``; ``forked`` by the worker template: ``prism.workers.zygote``)."""
+    if forked:
+        wait_for_parent(spec.supervisor_pid)
     die_with_parent(spec.supervisor_pid)
+    name_process(os.environ.get(WORKER_LABEL_ENV, "prism-worker"))  # "ID:TENANT@cpuN", for ps and top
     # Reload is the supervisor's business; a hangup sent to the whole process
     # group (a closing terminal, kill -HUP -PGID) must not stop workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
