@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from prometheus_client import multiprocess
 
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
+from prism.metrics_files import mark_process_dead
 from prism.router.table import Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
 from prism.workers.forked import ForkedChild, Zygote, become_subreaper
@@ -287,7 +287,7 @@ def wait_or_kill(procs: list[Child], within_s: float) -> None:
 def mark_dead(pid: int) -> None:
     """Delete a dead child's live-gauge files (``livesum``/``liveall``); its counters stay."""
     try:
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        mark_process_dead(pid)
     except OSError:
         pass
 

@@ -44,6 +44,7 @@ LIGHT_MODULES = (
     "prism.workers.forked",
     "prism.workers.tenant_table",
     "prism.nng",
+    "prism.metrics_files",
 )
 HEAVY = ("trio", "prism.workers.app", "prism.backends.registry")
 # Drivers, engines and libraries only some configs need: a worker (or the
@@ -103,6 +104,16 @@ def test_no_process_loads_asyncio_for_pynng() -> None:
     assert _loaded_after("import prism.workers.worker\nimport prism.workers.supervisor", real) == []
     used = "import prism.nng, asyncio\nasyncio.get_event_loop_policy()\nfrom asyncio import sleep"
     assert _loaded_after(used, real) == list(real)  # and whoever uses it gets all of it
+
+
+def test_no_process_of_prism_serve_loads_prometheus_client_but_the_admin(tmp_path: Path) -> None:
+    # Its HTTP exposition alone is ~2.7 MB of PSS: prism.metrics_files writes
+    # its files instead, wherever prism serve has set PROMETHEUS_MULTIPROC_DIR.
+    code = f"import os\nos.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n" + "\n".join(
+        f"import {m}" for m in (*SUPERVISOR_MODULES, "prism.workers.worker", "prism.workers.zygote")
+    )
+    assert _loaded_after(code, ("prometheus_client",)) == []
+    assert _loaded_after(code + "\nimport prism.admin.main", ("prometheus_client",)) == ["prometheus_client"]
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)
