@@ -27,6 +27,8 @@ from prism.config.server import DEFAULT_TENANT
 # The number of the inherited descriptor to read the spec from.
 SPEC_FD_ENV: Final = "PRISM_SPEC_FD"
 # Who a worker is, for tools reading /proc (bench/): "ID:TENANT@cpuCPU"; nothing secret.
+# Also its /proc/PID/comm (prism.workers.lifeline.name_process), which is
+# where to read it for a worker the template forked (it has the template's environment).
 WORKER_LABEL_ENV: Final = "PRISM_WORKER"
 # A worker that cannot start serving exits with this code; the supervisor
 # halts instead of restarting it in a loop. The admin process exits with it
