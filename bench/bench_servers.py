@@ -455,8 +455,10 @@ def process_role(pid: int, root: int) -> str:
     """A stable label for one process of a server tree.
 
     ``root`` (the supervisor, or a single-process server), ``admin``,
-    ``worker<ID>:<TENANT>@cpu<CPU>`` for a Prism worker (read from the label
-    in its environment), else ``pid<PID>``.
+    ``template`` (the worker template), ``worker<ID>:<TENANT>@cpu<CPU>`` for
+    a Prism worker (the label in its environment if it was exec'd, else its
+    ``/proc/PID/comm``, which holds the label's first 15 characters), else
+    ``pid<PID>``.
     """
     if pid == root:
         return "root"
@@ -466,6 +468,12 @@ def process_role(pid: int, root: int) -> str:
         return f"pid{pid}"
     if b"prism.admin.main" in argv:
         return "admin"
+    if b"prism.workers.zygote" in argv:  # the template, or a worker it forked
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return f"pid{pid}"
+        return "template" if comm == "prism-template" else f"worker{comm}"
     if b"prism.workers.worker" in argv:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

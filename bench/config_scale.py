@@ -59,15 +59,18 @@ def children(root: int) -> list[int]:
 
 
 def tenant_workers(root: int, tenant: str) -> list[int]:
-    """The workers of ``tenant``, by the ``PRISM_WORKER`` label (``ID:TENANT@cpuN``)."""
+    """The workers of ``tenant``, by their label ``ID:TENANT@cpuN``: in the
+    environment of an exec'd worker (``PRISM_WORKER``), in ``/proc/PID/comm``
+    (its first 15 characters) of one the worker template forked."""
     found = []
     for pid in children(root):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            comm = Path(f"/proc/{pid}/comm").read_bytes().strip()
         except OSError:
             continue
-        label = next((v for v in environ if v.startswith(b"PRISM_WORKER=")), b"")
-        if label.split(b":", 1)[-1].split(b"@")[0] == tenant.encode():
+        label = next((v[len(b"PRISM_WORKER=") :] for v in environ if v.startswith(b"PRISM_WORKER=")), comm)
+        if b":" in label and label.split(b":", 1)[1].split(b"@")[0] == tenant.encode():
             found.append(pid)
     return found
 

@@ -3,8 +3,14 @@
 Every worker writes its samples to files under ``PROMETHEUS_MULTIPROC_DIR``
 (set by the supervisor before any worker starts); the admin process merges
 them into one page. Label children are cached per label tuple, so recording a
-call costs two dict lookups plus prometheus-client's own mmap writes: small
-beside the rest of a call.
+call costs two dict lookups plus the mmap writes: small beside the rest of a
+call.
+
+In that mode the files are written by ``prism.metrics_files``, in
+prometheus-client's layout, without importing prometheus-client (whose HTTP
+exposition alone is ~2.7 MB of every process's memory); without it (code
+that runs an App in-process: tests), by prometheus-client, whose registry
+then holds the values.
 """
 
 from __future__ import annotations
@@ -12,23 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import Counter, Histogram, values
-
-# prometheus-client's multiprocess values ask the kernel for the process id
-# on every write, to notice a fork: a dozen getpid() calls per call served.
-# A worker never forks without exec (a fork's child that does not exec is
-# told by the hook), so the id is read once per process.
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-if values.ValueClass is not values.MutexValue:  # multiprocess mode (PROMETHEUS_MULTIPROC_DIR)
-    os.register_at_fork(after_in_child=_forked)
-    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _pid)  # type: ignore[no-untyped-call]
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    from prism.metrics_files import Counter, Histogram
+else:
+    from prometheus_client import Counter, Histogram  # type: ignore[assignment]
 
 REQUESTS = Counter("prism_requests_total", "gRPC calls answered", ["namespace", "operation", "status"])
 DURATION = Histogram(
@@ -155,7 +148,7 @@ def connection_closed(reason: str) -> None:
     _count(CONNECTIONS_CLOSED, "closed connection", reason)
 
 
-def _count(counter: Counter, kind: str, reason: str) -> None:
+def _count(counter: Any, kind: str, reason: str) -> None:
     child = _children.get((kind, reason))
     if child is None:
         child = _children[(kind, reason)] = counter.labels(reason)

@@ -61,11 +61,12 @@ _JSON: Final = b"application/json"
 _METHODS: Final = frozenset({"GET", "HEAD"})
 _GUARDED_PREFIX: Final = "/v1/"
 
-# Only ever the keys below: a NamespaceEntry's ``options`` carry backend
-# settings such as DSNs with passwords, and this API is for operators' tools,
-# not for secrets. Declaring the output shape (rather than dropping a key from
-# the entry) means a field added to NamespaceEntry later stays private too.
-# The cache's settings are shown, its Redis URL with the password masked.
+# Only ever the keys below: this API is for operators' tools, not for
+# secrets. The routing table carries no backend options (DSNs with passwords
+# stay in each tenant's own table), and declaring the output shape (rather
+# than dropping keys from the entry) means a field added to NamespaceEntry
+# later stays private too. The cache's settings are shown, its Redis URL
+# with the password masked (masked in the table already; again here).
 
 
 class _Owner(msgspec.Struct, frozen=True):

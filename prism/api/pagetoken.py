@@ -28,21 +28,35 @@ _KEY_FILE = "page-token.key"
 
 def load_or_create_key(data_dir: Path) -> bytes:
     """The deployment's token key, created (mode 0600, in a data directory
-    created 0700 if missing) on first use."""
+    created 0700 if missing) on first use.
+
+    Workers starting together may all find no key: the first to link its
+    complete file in place wins, and the others read its key, so that every
+    worker opens the tokens any of them seals. (A key file too short to be
+    one is replaced.)"""
     path = data_dir / _KEY_FILE
     try:
         key = path.read_bytes()
         if len(key) >= 32:
             return key
+        missing = False
     except FileNotFoundError:
-        pass
+        missing = True
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
-    os.replace(tmp, path)
+    if not missing:
+        os.replace(tmp, path)
+        return key
+    try:
+        os.link(tmp, path)  # fails if another worker's key got there first
+    except FileExistsError:
+        key = path.read_bytes()
+    finally:
+        os.unlink(tmp)
     return key
 
 

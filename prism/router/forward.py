@@ -33,10 +33,10 @@ import math
 from collections.abc import Awaitable, Callable
 
 import msgspec
-import pynng
 import trio
 
 from prism.errors import DeadlineExceeded, PrismError, StatusCode, Unavailable
+from prism.nng import pynng
 from prism.router.messages import ForwardAnswer, ForwardCall, Forwarded
 from prism.router.table import WorkerEntry
 from prism.rpc.call import Caller

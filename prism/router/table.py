@@ -30,6 +30,15 @@ memory barriers, so the seqlock alone is not trusted: the digest and the two
 generation checks reject anything torn or corrupted, whatever reordering or
 stray write caused it. The digest is an integrity check, not authentication:
 an anonymous shared mapping is writable only by the supervisor's own children.
+
+The same layout carries each tenant's own namespace table
+(``prism.workers.tenant_table``): ``SharedTableWriter`` and
+``SharedTableReader`` publish and read any struct with a ``generation``.
+
+The routing table is readable by every worker of every tenant, so it holds
+nothing secret: a namespace's entry names its tenant, abstraction and
+backend, never its backend options (DSNs with passwords); its owning
+workers take those from their own tenant's table.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import struct
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -52,6 +61,8 @@ __all__ = [
     "RoutingTableTooLarge",
     "RoutingTableUnavailable",
     "RoutingTableWriter",
+    "SharedTableReader",
+    "SharedTableWriter",
     "WorkerEntry",
     "slot_capacity",
 ]
@@ -93,14 +104,18 @@ class WorkerEntry(msgspec.Struct, frozen=True):
 
 
 class NamespaceEntry(msgspec.Struct, frozen=True):
-    """Where a namespace lives: its tenant and its backend descriptor."""
+    """Where a namespace lives: its tenant, abstraction and backend; no secret.
+
+    No backend options: they may hold passwords, and every worker of every
+    tenant reads this table. ``cache`` is for operators' eyes (the admin
+    process), its Redis URL without a password.
+    """
 
     name: str
     tenant: str
     abstraction: str
     backend: str
-    options: dict[str, Any]
-    cache: dict[str, Any]
+    cache: dict[str, Any] = {}
     limits: dict[str, Any] = {}  # prism.config.quotas.LimitsConfig as a table; {}: unlimited
 
 
@@ -141,8 +156,16 @@ class RoutingTableTooLarge(ConfigError):
     """The encoded table does not fit in a slot; the supervisor must keep the old one."""
 
 
+class Generational(Protocol):
+    """What a shared table holds: a struct that names its generation."""
+
+    @property
+    def generation(self) -> int: ...
+
+
+T = TypeVar("T", bound=Generational)
+
 _ENCODER: Final = msgspec.msgpack.Encoder()
-_DECODER: Final = msgspec.msgpack.Decoder(Routes)
 
 
 def _slot_geometry(size: int) -> tuple[int, int]:
@@ -165,15 +188,17 @@ def _digest(meta: bytes, payload: bytes) -> bytes:
     return h.digest()
 
 
-class RoutingTableWriter:
+class SharedTableWriter:
     """The supervisor's side: publishes whole tables, never edits one in place.
 
     Constructing a writer over a buffer resets its header, so readers see "no
     table" until the first ``publish``. There must be exactly one writer.
+    ``what`` names the table in errors.
     """
 
-    def __init__(self, buffer: mmap.mmap | bytearray) -> None:
+    def __init__(self, buffer: mmap.mmap | bytearray, what: str = "routing table") -> None:
         self.buffer = buffer
+        self.what = what
         self._view = memoryview(buffer)
         self._slot_bytes, self.capacity = _slot_geometry(len(self._view))
         self._seq = 0
@@ -183,7 +208,7 @@ class RoutingTableWriter:
         _HEADER_FIELDS.pack_into(self._view, 0, _MAGIC, 0, 0, 0)
 
     @classmethod
-    def create(cls, size_bytes: int = DEFAULT_SIZE_BYTES) -> RoutingTableWriter:
+    def create(cls, size_bytes: int = DEFAULT_SIZE_BYTES) -> SharedTableWriter:
         """Map an anonymous shared buffer; workers forked afterwards inherit it."""
         return cls(mmap.mmap(-1, size_bytes, flags=mmap.MAP_SHARED))
 
@@ -192,7 +217,7 @@ class RoutingTableWriter:
         """The last generation published, 0 before the first."""
         return self._generation
 
-    def publish(self, routes: Routes) -> None:
+    def publish(self, routes: Generational) -> None:
         """Make ``routes`` the current table for every reader.
 
         Generations must strictly increase: readers use the generation alone
@@ -200,15 +225,15 @@ class RoutingTableWriter:
         """
         if routes.generation <= self._generation:
             raise ValueError(
-                f"routing table generation {routes.generation} is not above the published "
+                f"{self.what} generation {routes.generation} is not above the published "
                 f"{self._generation}; readers would keep the old table"
             )
         payload = _ENCODER.encode(routes)
         if len(payload) > self.capacity:
             raise RoutingTableTooLarge(
-                f"routing table generation {routes.generation} encodes to {len(payload)} bytes; "
+                f"{self.what} generation {routes.generation} encodes to {len(payload)} bytes; "
                 f"a slot holds {self.capacity} (buffer of {len(self._view)} bytes): "
-                "give the routing table a larger buffer"
+                f"give the {self.what} a larger buffer"
             )
         slot = 1 - self._active
         base = _HEADER_BYTES + slot * self._slot_bytes
@@ -237,7 +262,10 @@ class _ReadFailed(Exception):
     """One attempt to read the table failed; the message says why (for the worker's log)."""
 
 
-class RoutingTableReader:
+RoutingTableWriter = SharedTableWriter
+
+
+class SharedTableReader(Generic[T]):
     """A worker's side: the decoded table, refreshed when the header generation moves.
 
     ``failures`` counts refreshes that failed every attempt (``last_error``
@@ -246,10 +274,12 @@ class RoutingTableReader:
     corrupt buffer costs one failed refresh, not one per call.
     """
 
-    def __init__(self, buffer: mmap.mmap | bytearray) -> None:
+    def __init__(self, buffer: mmap.mmap | bytearray, kind: type[T], what: str = "routing table") -> None:
         self._view = memoryview(buffer)
+        self._decoder = msgspec.msgpack.Decoder(kind)
+        self._what = what
         self._slot_bytes, self._capacity = _slot_geometry(len(self._view))
-        self._routes: Routes | None = None
+        self._routes: T | None = None
         self._cached_generation = -1  # no header generation is negative
         self._rejected: tuple[object, ...] | None = None
         self.failures = 0
@@ -260,7 +290,7 @@ class RoutingTableReader:
         generation: int = _U64.unpack_from(self._view, _GENERATION_OFFSET)[0]
         return generation
 
-    def current(self) -> Routes:
+    def current(self) -> T:
         """The current table; decoded again only when the header generation changed.
 
         Raises ``RoutingTableUnavailable`` until a valid table has been read once.
@@ -272,7 +302,7 @@ class RoutingTableReader:
             return routes
         return self._refresh()
 
-    def _refresh(self) -> Routes:
+    def _refresh(self) -> T:
         state = self._state()
         if state != self._rejected:
             for _ in range(_READ_ATTEMPTS):
@@ -290,7 +320,7 @@ class RoutingTableReader:
             # attempt began: if the writer moved meanwhile, the next call retries.
             self._rejected = self._state()
         if self._routes is None:
-            raise RoutingTableUnavailable(f"no valid routing table yet: {self.last_error}")
+            raise RoutingTableUnavailable(f"no valid {self._what} yet: {self.last_error}")
         return self._routes
 
     def _state(self) -> tuple[object, ...]:
@@ -301,7 +331,7 @@ class RoutingTableReader:
             return header
         return header + _SLOT_HEADER.unpack_from(self._view, _HEADER_BYTES + active * self._slot_bytes)
 
-    def _read(self) -> Routes:
+    def _read(self) -> T:
         view = self._view
         seq = _U64.unpack_from(view, _SEQ_OFFSET)[0]
         if seq & 1:
@@ -325,7 +355,7 @@ class RoutingTableReader:
         if _digest(_SLOT_META.pack(length, reserved, slot_generation), payload) != digest:
             raise _ReadFailed(f"slot {active} checksum mismatch (generation {generation})")
         try:
-            routes = _DECODER.decode(payload)
+            routes = self._decoder.decode(payload)
         except msgspec.DecodeError as exc:
             raise _ReadFailed(f"slot {active} does not decode: {exc}") from None
         if routes.generation != generation:
@@ -335,3 +365,10 @@ class RoutingTableReader:
     def close(self) -> None:
         """Release the buffer so its owner can unmap it."""
         self._view.release()
+
+
+class RoutingTableReader(SharedTableReader[Routes]):
+    """A worker's view of the routing table (see ``SharedTableReader``)."""
+
+    def __init__(self, buffer: mmap.mmap | bytearray) -> None:
+        super().__init__(buffer, Routes)

@@ -3,14 +3,16 @@
 The gRPC and admin sockets are bound here, in the supervisor, so that a
 restarted worker or admin process serves the same socket with no window in
 which the port is closed or taken. The routing table and the cache table are
-memfds: a child is a fresh interpreter (``subprocess`` execs ``python -m``,
-it is not a fork of the supervisor), so it maps them from the descriptors
-passed down with the spec that names them.
+memfds: a child is not a fork of the supervisor (the admin process is a
+fresh interpreter, ``subprocess`` execs ``python -m``; a worker is forked by
+the worker template, ``prism.workers.forked``, itself exec'd so), so it maps
+them from the descriptors passed down with the spec that names them.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import signal
@@ -23,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from prometheus_client import multiprocess
 
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
+from prism.metrics_files import mark_process_dead
 from prism.router.table import Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
+from prism.workers.forked import ForkedChild, Zygote, become_subreaper
 from prism.workers.routes_size import namespace_entries, routes_bytes_for
 from prism.workers.slot import Slot, SlotState
 from prism.workers.spec import (
@@ -36,9 +39,15 @@ from prism.workers.spec import (
     WORKER_LABEL_ENV,
     AdminSpec,
     WorkerSpec,
+    ZygoteSpec,
     config_for_tenant,
     spec_fd,
 )
+from prism.workers.tenant_table import TenantTables
+
+log = logging.getLogger("prism.supervisor")
+
+Child = subprocess.Popen[bytes] | ForkedChild
 
 __all__ = ["Resources", "bind", "signal_child"]
 
@@ -81,6 +90,12 @@ class Resources:
     cache_bytes: int
     runtime_dir: Path
     fds: list[int] = field(default_factory=list)  # what every worker inherits
+    # Each tenant's namespaces, options included: only its own workers get its table.
+    tenants: TenantTables = field(default_factory=TenantTables)
+    # The worker template (prism.workers.forked); None: not started yet, or
+    # given up on (workers are exec'd then).
+    zygote: Zygote | None = None
+    fork_workers: bool = True
 
     @classmethod
     def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
@@ -171,8 +186,11 @@ class Resources:
 
     # -- children --------------------------------------------------------------
 
-    def start_worker(self, slot: Slot, config: ServerConfig) -> subprocess.Popen[bytes]:
-        """Exec ``python -m prism.workers.worker`` for ``slot``, with its spec and the shared fds."""
+    def start_worker(self, slot: Slot, config: ServerConfig) -> Child:
+        """A worker for ``slot``, with its spec, the shared fds and its tenant's
+        own namespace table (published first): forked by the worker template,
+        else exec'd as ``python -m prism.workers.worker``."""
+        namespaces_fd, namespaces_bytes = self.tenants.fd_of(slot.tenant)
         spec = WorkerSpec(
             worker_id=slot.id,
             tenant=slot.tenant,
@@ -180,6 +198,8 @@ class Resources:
             listen_fd=self.grpc_sock.fileno(),
             routes_fd=self.routes_fd,
             routes_bytes=self.routes_bytes,
+            namespaces_fd=namespaces_fd,
+            namespaces_bytes=namespaces_bytes,
             cache_fd=self.cache_fd,
             cache_bytes=self.cache_bytes,
             control_address=self.control_address,
@@ -190,7 +210,41 @@ class Resources:
             supervisor_pid=os.getpid(),
         )
         label = f"{slot.id}:{slot.tenant}@cpu{slot.cpu}"
-        return _spawn("prism.workers.worker", spec, self.fds, {WORKER_LABEL_ENV: label})
+        zygote = self._zygote()
+        if zygote is not None:
+            fd = spec_fd(spec)
+            try:
+                return zygote.fork(fd, namespaces_fd, label)
+            except OSError as exc:
+                log.warning("worker template failed (%s): workers are exec'd from now on", exc)
+                self.stop_zygote()
+                self.fork_workers = False
+            finally:
+                os.close(fd)
+        fds = [*self.fds, namespaces_fd]
+        return _spawn("prism.workers.worker", spec, fds, {WORKER_LABEL_ENV: label})
+
+    def _zygote(self) -> Zygote | None:
+        """The running worker template, started on first use; None: exec workers."""
+        if self.zygote is None and self.fork_workers:
+            if not become_subreaper():
+                self.fork_workers = False  # forked workers could not be our children
+                return None
+            ours, theirs = Zygote.socket_pair()
+            try:
+                spec = ZygoteSpec(supervisor_pid=os.getpid(), socket_fd=theirs.fileno())
+                self.zygote = Zygote(_spawn("prism.workers.zygote", spec, [*self.fds, theirs.fileno()]), ours)
+            finally:
+                theirs.close()
+        return self.zygote
+
+    def stop_zygote(self) -> subprocess.Popen[bytes] | None:
+        """Stop the worker template (its workers live on); its process, to wait for."""
+        zygote, self.zygote = self.zygote, None
+        if zygote is None:
+            return None
+        zygote.close()
+        return zygote.proc
 
     def start_admin(self, config: ServerConfig) -> subprocess.Popen[bytes]:
         """Exec ``python -m prism.admin.main`` on the admin socket and the routing table."""
@@ -207,7 +261,10 @@ class Resources:
 
 
 def _spawn(
-    module: str, spec: WorkerSpec | AdminSpec, fds: list[int], extra_env: dict[str, str] | None = None
+    module: str,
+    spec: WorkerSpec | AdminSpec | ZygoteSpec,
+    fds: list[int],
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Exec ``python -m module`` with ``spec`` in a memfd it inherits (see ``prism.workers.spec``)."""
     fd = spec_fd(spec)
@@ -218,7 +275,7 @@ def _spawn(
         os.close(fd)  # the child has its own copy
 
 
-def signal_child(proc: subprocess.Popen[bytes], signum: int) -> None:
+def signal_child(proc: Child, signum: int) -> None:
     """Send ``signum`` to a child; one that has already exited (not yet reaped) is no error."""
     try:
         proc.send_signal(signum)
@@ -227,7 +284,7 @@ def signal_child(proc: subprocess.Popen[bytes], signum: int) -> None:
             raise
 
 
-def wait_or_kill(procs: list[subprocess.Popen[bytes]], within_s: float) -> None:
+def wait_or_kill(procs: list[Child], within_s: float) -> None:
     """Wait for ``procs`` (signalled to stop) for ``within_s`` in all; SIGKILL those still running."""
     deadline = time.monotonic() + within_s
     for proc in procs:
@@ -241,7 +298,7 @@ def wait_or_kill(procs: list[subprocess.Popen[bytes]], within_s: float) -> None:
 def mark_dead(pid: int) -> None:
     """Delete a dead child's live-gauge files (``livesum``/``liveall``); its counters stay."""
     try:
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        mark_process_dead(pid)
     except OSError:
         pass
 

@@ -11,18 +11,20 @@ and the running config kept (a restart sizes the buffer again).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
-from prism.config import ServerConfig
+from prism.config import CacheConfig, ServerConfig
 from prism.errors import ConfigError
+from prism.redact import redact
 from prism.router.table import NamespaceEntry, Routes, WorkerEntry, slot_capacity
 from prism.security.section import section_of
 
 __all__ = [
     "ROUTES_MAX_BYTES",
     "ROUTES_MIN_BYTES",
+    "buffer_bytes_for",
     "check_routes_fit",
     "namespace_entries",
     "routes_bytes_for",
@@ -41,20 +43,29 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 
 
 def namespace_entries(config: ServerConfig, cpus: int) -> dict[str, NamespaceEntry]:
-    """The routing table's namespace entries for ``config``."""
+    """The routing table's namespace entries for ``config``: nothing secret
+    (no backend options, the cache's Redis URL without its password), since
+    every worker of every tenant reads them (``prism.workers.tenant_table``
+    carries the rest to the owning tenant's workers only)."""
     return {
         ns.name: NamespaceEntry(
             ns.name,
             tenant.name,
             ns.abstraction,
             ns.backend,
-            dict(ns.options),
-            msgspec.to_builtins(ns.cache),
+            _public_cache(ns.cache),
             msgspec.to_builtins(ns.limits) if ns.limits is not None else {},
         )
         for tenant in config.effective_tenants(cpus)
         for ns in tenant.namespaces
     }
+
+
+def _public_cache(cache: CacheConfig) -> dict[str, Any]:
+    table: dict[str, Any] = msgspec.to_builtins(cache)
+    if table.get("url"):
+        table["url"] = redact(table["url"])
+    return table
 
 
 def table_payload_bytes(config: ServerConfig, cpus: int) -> int:
@@ -84,7 +95,7 @@ def check_routes_fit(config: ServerConfig, cpus: int, buffer_bytes: int | None =
         namespaces = sum(len(t.namespaces) for t in config.tenants)
         raise ConfigError(
             f"tenants: {namespaces} namespaces make a routing table of {payload} bytes; "
-            f"at most {capacity} fit (fewer namespaces, or shorter names and options)"
+            f"at most {capacity} fit (fewer namespaces, or shorter names)"
         )
 
 
@@ -92,3 +103,8 @@ def _buffer_for(payload_bytes: int) -> int:
     # The table's layout: a 64-byte header and two slots, each a 32-byte
     # header and a payload, rounded up to 64 bytes (prism.router.table).
     return 64 + 2 * (-(-(32 + payload_bytes) // 64) * 64)
+
+
+def buffer_bytes_for(payload_bytes: int) -> int:
+    """The smallest whole-page buffer whose slots hold ``payload_bytes``."""
+    return -(-_buffer_for(payload_bytes) // _PAGE) * _PAGE

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from prism.workers.forked import ForkedChild
 from prism.workers.spec import EXIT_BOOT_FAILED
 
 __all__ = [
@@ -204,7 +205,7 @@ class Slot:
     tenant: str
     cpu: int | None
     state: SlotState = SlotState.NEW
-    proc: subprocess.Popen[bytes] | None = None  # set exactly in the RUNNING states
+    proc: subprocess.Popen[bytes] | ForkedChild | None = None  # set exactly in the RUNNING states
     started: float = 0.0  # when its current (or last) process started
     last_beat: float = 0.0
     generation: int = 0  # the routing generation of its last heartbeat

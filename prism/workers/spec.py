@@ -27,6 +27,8 @@ from prism.config.server import DEFAULT_TENANT
 # The number of the inherited descriptor to read the spec from.
 SPEC_FD_ENV: Final = "PRISM_SPEC_FD"
 # Who a worker is, for tools reading /proc (bench/): "ID:TENANT@cpuCPU"; nothing secret.
+# Also its /proc/PID/comm (prism.workers.lifeline.name_process), which is
+# where to read it for a worker the template forked (it has the template's environment).
 WORKER_LABEL_ENV: Final = "PRISM_WORKER"
 # A worker that cannot start serving exits with this code; the supervisor
 # halts instead of restarting it in a loop. The admin process exits with it
@@ -45,6 +47,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     listen_fd: int
     routes_fd: int
     routes_bytes: int
+    namespaces_fd: int  # its tenant's own namespace table (prism.workers.tenant_table)
+    namespaces_bytes: int
     cache_fd: int  # -1: no shared cache
     cache_bytes: int
     control_address: str
@@ -70,12 +74,20 @@ class AdminSpec(msgspec.Struct, frozen=True):
     tls: AdminTlsConfig | None = None  # serve HTTPS with this certificate and key
 
 
+class ZygoteSpec(msgspec.Struct, frozen=True):
+    """What the supervisor hands the worker template (``prism.workers.zygote``)."""
+
+    supervisor_pid: int
+    socket_fd: int  # its end of the request socket (prism.workers.forked)
+
+
 def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
     """``config`` with only ``tenant``'s namespaces, for that tenant's workers.
 
-    A worker learns which namespaces it opens from the routing table; the
-    other tenants' namespaces (and their DSNs) are of no use to it, and with
-    10,000 namespaces they would be megabytes to decode in every worker.
+    A worker opens the namespaces of its tenant's own table
+    (``prism.workers.tenant_table``), never another tenant's: the other
+    tenants' namespaces (and their DSNs) must not reach it, and with 10,000
+    namespaces they would be megabytes to decode in every worker.
     """
     if tenant == DEFAULT_TENANT and config.namespaces:
         return msgspec.structs.replace(config, tenants=())
@@ -83,10 +95,10 @@ def config_for_tenant(config: ServerConfig, tenant: str) -> ServerConfig:
     return msgspec.structs.replace(config, namespaces=(), tenants=own)
 
 
-S = TypeVar("S", WorkerSpec, AdminSpec)
+S = TypeVar("S", WorkerSpec, AdminSpec, ZygoteSpec)
 
 
-def spec_fd(spec: WorkerSpec | AdminSpec) -> int:
+def spec_fd(spec: WorkerSpec | AdminSpec | ZygoteSpec) -> int:
     """A memfd holding ``spec`` as JSON, for a child to inherit; the caller closes it once the child runs.
 
     A memfd, not a pipe: the whole spec is written before the child starts,

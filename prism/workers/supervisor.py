@@ -31,12 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import pynng
 
 from prism import metrics
 from prism.config import ServerConfig, TenantConfig
 from prism.config.security import is_loopback
 from prism.errors import ConfigError
+from prism.nng import pynng
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload, reload_done
@@ -108,6 +108,9 @@ class Supervisor:
         routes = self.resources.routes_for(
             self.generation, self.config, cpus, self.slots.values(), self.security_serial, self._ready_once
         )
+        # Each tenant's own table first: a worker that sees this routing
+        # generation finds its namespaces (options and all) at least as new.
+        self.resources.tenants.publish(self.generation, self.config, cpus)
         self.resources.routes.publish(routes)
         self._not_ready = not_ready_reason(routes)
         self._ready_once |= self._not_ready is None
@@ -281,15 +284,16 @@ class Supervisor:
         """Collect every worker that has exited and feed its exit to its slot."""
         for slot in list(self.slots.values()):
             proc = slot.proc
-            if proc is None or proc.poll() is None:
+            code = None if proc is None else proc.poll()
+            if proc is None or code is None:
                 continue
             slot.proc = None
             mark_dead(proc.pid)
-            event = exit_event(slot.state, proc.returncode)
+            event = exit_event(slot.state, code)
             if event is SlotEvent.EXITED_AT_BOOT:
                 detail = "see its message above"  # the worker printed why before it exited
             else:
-                detail = f"(pid {proc.pid}) exited with {proc.returncode}"
+                detail = f"(pid {proc.pid}) exited with {code}"
             self._handle(slot, event, detail)
             if self._halted:
                 return
@@ -390,6 +394,7 @@ class Supervisor:
             new = self._reload_config()
             check_deployable(new)
             check_routes_fit(new, len(self.allowed_cpus), self.resources.routes_bytes)
+            self.resources.tenants.check_fit(new, len(self.allowed_cpus))
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.notifier.ready("reload rejected")
@@ -441,6 +446,7 @@ class Supervisor:
         procs = [s.proc for s in self.slots.values() if s.proc is not None]
         for proc in procs:
             signal_child(proc, signal.SIGINT if self._halted else signal.SIGTERM)
+        procs.extend(p for p in [self.resources.stop_zygote()] if p is not None)  # SIGTERM'd
         if self.admin is not None:
             # SIGTERM either way: the admin process stops the same on both, and
             # one still starting (no handler yet) then ends without a traceback.

@@ -1,9 +1,12 @@
 """A worker process: serves gRPC for one tenant's namespaces.
 
-The supervisor starts each worker as ``python -m prism.workers.worker`` with
-its ``WorkerSpec`` in the environment and the listening socket, routing table
-and cache table as inherited file descriptors (fork + exec, never a bare
-fork: nng's threads do not survive fork, and a worker must start clean).
+The worker template (``prism.workers.zygote``) forks each worker from its
+imported modules, or, failing that, the supervisor execs ``python -m
+prism.workers.worker``; either way the worker gets its ``WorkerSpec`` from a
+memfd and the listening socket, routing table, its tenant's namespace table
+and the cache table as inherited file descriptors. Neither process that
+forks runs a loop or a thread: trio's loop and nng's threads start here,
+after the fork.
 
 Inside, one trio loop runs: the gRPC server on the shared listening socket,
 the nng endpoint other workers forward calls to, heartbeats to the
@@ -20,26 +23,25 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
 
 import msgspec
-import pynng
 import trio
 
 from prism.cache.shared import SharedCache
-from prism.config import NamespaceConfig
 from prism.limits import shed
 from prism.log import setup_logging
+from prism.nng import pynng
 from prism.router.handoff import TenantHandoff, serve_handoffs
 from prism.router.messages import BootFailed, Heartbeat, State, control_decoder, control_encoder
 from prism.router.readiness import Readiness
 from prism.router.remote import Forwarding
-from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
+from prism.router.table import RoutingTableReader, RoutingTableUnavailable
 from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
-from prism.workers.lifeline import die_with_parent
-from prism.workers.spec import EXIT_BOOT_FAILED, WorkerSpec, read_spec
+from prism.workers.lifeline import die_with_parent, name_process, wait_for_parent
+from prism.workers.spec import EXIT_BOOT_FAILED, WORKER_LABEL_ENV, WorkerSpec, read_spec
+from prism.workers.tenant_table import open_tenant_table
 
 log = logging.getLogger("prism.worker")
 
@@ -61,20 +63,6 @@ class BootError(Exception):
     """The worker cannot start serving (its namespaces' backends will not open)."""
 
 
-def namespace_config(entry: Any) -> NamespaceConfig:
-    """A routing-table namespace entry as the config struct the backends take."""
-    return msgspec.convert(
-        {
-            "name": entry.name,
-            "abstraction": entry.abstraction,
-            "backend": entry.backend,
-            "options": entry.options,
-            "cache": entry.cache,
-        },
-        NamespaceConfig,
-    )
-
-
 class Worker:
     """One worker process's wiring: its loops, sockets, signals, heartbeats and
     drain, around the ``App`` that serves calls and the ``Forwarding`` policy
@@ -83,6 +71,8 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.routes = RoutingTableReader(mmap.mmap(spec.routes_fd, spec.routes_bytes))
+        # Our tenant's namespaces, backend options included (not in the shared table).
+        self.own = open_tenant_table(spec.namespaces_fd, spec.namespaces_bytes)
         self.cache = SharedCache(mmap.mmap(spec.cache_fd, spec.cache_bytes)) if spec.cache_fd >= 0 else None
         self.remote = Forwarding(
             tenant=spec.tenant,
@@ -109,9 +99,6 @@ class Worker:
 
     # -- routing -------------------------------------------------------------
 
-    def _mine(self, routes: Routes) -> list[NamespaceConfig]:
-        return [namespace_config(e) for e in routes.namespaces.values() if e.tenant == self.spec.tenant]
-
     async def apply_routes(self, *, strict: bool = False) -> None:
         """Open and retire namespaces as the routing table's newest generation says."""
         # The control loop, the table watch and forwarding call this; one at
@@ -120,7 +107,8 @@ class Worker:
             routes = self.routes.current()
             if routes.generation == self.generation:
                 return
-            await self.app.apply(self._mine(routes), strict=strict)
+            # Written before this routing generation: at least as new as it.
+            await self.app.apply(self.own.current().namespaces, strict=strict)
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
             self.generation = routes.generation
@@ -241,8 +229,16 @@ class Worker:
 
 
 def main() -> None:
-    spec = read_spec(WorkerSpec)
+    serve(read_spec(WorkerSpec))
+
+
+def serve(spec: WorkerSpec, *, forked: bool = False) -> None:
+    """Run this process as the worker ``spec`` describes, until it stops
+    (exec'd: ``main``; ``forked`` by the worker template: ``prism.workers.zygote``)."""
+    if forked:
+        wait_for_parent(spec.supervisor_pid)
     die_with_parent(spec.supervisor_pid)
+    name_process(os.environ.get(WORKER_LABEL_ENV, "prism-worker"))  # "ID:TENANT@cpuN", for ps and top
     # Reload is the supervisor's business; a hangup sent to the whole process
     # group (a closing terminal, kill -HUP -PGID) must not stop workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -98,7 +98,7 @@ def _is_prism_child(pid: int) -> bool:
             cmdline = f.read()
     except OSError:
         return False
-    return b"prism.workers.worker" in cmdline or b"prism.admin.main" in cmdline
+    return any(m in cmdline for m in (b"prism.workers.worker", b"prism.workers.zygote", b"prism.admin.main"))
 
 
 def cpus_allowed(pid: int) -> str:

@@ -36,7 +36,7 @@ def test_sigterm_under_load_drains_cleanly(prism_tree) -> None:
     with _load_on(tree, 8) as load:
         load.wait_for_calls(300)
         pids = tree.tree_pids()
-        assert len(pids) == 3, pids  # two workers and the admin process
+        assert len(pids) == 4, pids  # two workers, the admin process and the worker template
         ok_before = load.ok
         tree.send_signal(signal.SIGTERM)
         sent = time.monotonic()
@@ -61,7 +61,7 @@ def test_sigint_stops_fast(prism_tree) -> None:
     with _load_on(tree, 4) as load:
         load.wait_for_calls(100)
         pids = tree.tree_pids()
-        assert len(pids) == 3, pids
+        assert len(pids) == 4, pids  # two workers, the admin process and the worker template
         tree.send_signal(signal.SIGINT)
         sent = time.monotonic()
         try:

@@ -64,8 +64,9 @@ def test_worker_that_cannot_boot_halts_with_exit_3(prism_tree) -> None:
 def test_admin_process_that_dies_is_restarted(prism_tree) -> None:
     """The admin process holds no state and can be restarted at any time: the supervisor does so."""
     tree = prism_tree(tenant_toml("t", [sqlite_ns("kv")]))
-    workers = {pid for pids in tree.worker_pids().values() for pid in pids}
-    [admin] = [pid for pid in tree.tree_pids() if pid not in workers]
+    [admin] = [
+        pid for pid in tree.tree_pids() if b"prism.admin.main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     os.kill(admin, signal.SIGKILL)
     killed = time.monotonic()
 

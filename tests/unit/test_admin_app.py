@@ -90,7 +90,6 @@ def routes(*workers: WorkerEntry, generation: int = 7) -> Routes:
             tenant="shop",
             abstraction="keyvalue",
             backend="postgres",
-            options={"dsn": "postgresql://prism:s3cret@db/orders"},
             cache={"enabled": True, "ttl_s": 30.0},
         ),
         "events": NamespaceEntry(
@@ -98,7 +97,6 @@ def routes(*workers: WorkerEntry, generation: int = 7) -> Routes:
             tenant="default",
             abstraction="keyvalue",
             backend="sqlite",
-            options={"path": "/var/lib/prism/events.db"},
             cache={"tier": "redis", "url": "redis://:r3dispw@cache:6379/0"},
         ),
     }
@@ -268,12 +266,10 @@ async def test_namespaces_lists_backends_and_owners_sorted_by_name() -> None:
     }
 
 
-async def test_namespaces_never_show_backend_options() -> None:
+async def test_namespaces_show_a_redis_cache_url_without_its_password() -> None:
+    # (The routing table holds no backend options at all: prism.workers.tenant_table.)
     response = await call(make_app(fixed(routes(worker(1, "shop")))), "/v1/namespaces")
 
-    assert b"options" not in response.body
-    assert b"s3cret" not in response.body
-    assert b"/var/lib/prism" not in response.body
     assert b"r3dispw" not in response.body  # a Redis cache tier's URL may hold a password
     assert b'"url":"redis://:***@cache:6379/0"' in response.body  # shown, masked
 

@@ -102,7 +102,7 @@ def routes(generation: int, namespaces: dict[str, tuple[str, str]], *nodes: Node
     return Routes(
         generation=generation,
         namespaces={
-            name: NamespaceEntry(name, tenant, abstraction, "memory", {}, {})
+            name: NamespaceEntry(name, tenant, abstraction, "memory")
             for name, (tenant, abstraction) in namespaces.items()
         },
         workers={n.id: n.entry() for n in nodes},
@@ -282,7 +282,7 @@ async def test_a_forwarded_call_waits_for_its_namespace_to_open_within_its_deadl
     a, _, _ = nodes
     # The table gives kv to A, but its backend cannot open (yet).
     table = routes(1, {"kv": ("a", "keyvalue")}, a)
-    broken = NamespaceEntry("kv", "a", "keyvalue", "no-such-backend", {}, {})
+    broken = NamespaceEntry("kv", "a", "keyvalue", "no-such-backend")
     await a.install(Routes(generation=1, namespaces={"kv": broken}, workers=table.workers))
     request = kv_pb2.GetItemsRequest(namespace="kv", id="r").SerializeToString()
 
@@ -417,7 +417,7 @@ def starting(nodes: tuple[Node, Node, Node], monkeypatch: pytest.MonkeyPatch) ->
     a.table.publish(
         Routes(
             1,
-            {"kv": NamespaceEntry("kv", "b", "keyvalue", "memory", {}, {})},
+            {"kv": NamespaceEntry("kv", "b", "keyvalue", "memory")},
             {1: a.entry(), 2: b.entry(False)},
         )
     )

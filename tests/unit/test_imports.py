@@ -41,6 +41,10 @@ LIGHT_MODULES = (
     "prism.workers.slot",
     "prism.workers.plan",
     "prism.workers.resources",
+    "prism.workers.forked",
+    "prism.workers.tenant_table",
+    "prism.nng",
+    "prism.metrics_files",
 )
 HEAVY = ("trio", "prism.workers.app", "prism.backends.registry")
 # Drivers, engines and libraries only some configs need: a worker (or the
@@ -91,6 +95,25 @@ from prism.backends import registry
 registry.create_any("keyvalue", "sqlite", {{}}, data_dir=Path({str(tmp_path)!r}), namespace="n")
 """
     assert _loaded_after(code, DRIVERS) == ["sqlite3"]  # so the probe above can see a driver
+
+
+def test_no_process_loads_asyncio_for_pynng() -> None:
+    # pynng imports asyncio for its asyncio support, ~1.5 MB of every
+    # worker's PSS: prism.nng stands in for it until something uses it.
+    real = ("asyncio.events", "asyncio.base_events")
+    assert _loaded_after("import prism.workers.worker\nimport prism.workers.supervisor", real) == []
+    used = "import prism.nng, asyncio\nasyncio.get_event_loop_policy()\nfrom asyncio import sleep"
+    assert _loaded_after(used, real) == list(real)  # and whoever uses it gets all of it
+
+
+def test_no_process_of_prism_serve_loads_prometheus_client_but_the_admin(tmp_path: Path) -> None:
+    # Its HTTP exposition alone is ~2.7 MB of PSS: prism.metrics_files writes
+    # its files instead, wherever prism serve has set PROMETHEUS_MULTIPROC_DIR.
+    code = f"import os\nos.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n" + "\n".join(
+        f"import {m}" for m in (*SUPERVISOR_MODULES, "prism.workers.worker", "prism.workers.zygote")
+    )
+    assert _loaded_after(code, ("prometheus_client",)) == []
+    assert _loaded_after(code + "\nimport prism.admin.main", ("prometheus_client",)) == ["prometheus_client"]
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)

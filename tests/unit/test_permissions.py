@@ -109,3 +109,22 @@ def test_key_and_token_files_anyone_can_read_are_warned_about(tmp_path: Path) ->
         f"admin_token_file {files['admin.token']} is readable by any user (mode 0604): "
         f"`chmod o-r {files['admin.token']}`",
     ]
+
+
+def test_workers_racing_to_create_the_token_key_all_get_the_first_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prism.api import pagetoken
+
+    first = b"k" * 32
+    make = pagetoken.secrets.token_bytes
+
+    def another_worker_first(n: int) -> bytes:
+        (tmp_path / "page-token.key").write_bytes(first)  # between our look and our write
+        return make(n)
+
+    monkeypatch.setattr(pagetoken.secrets, "token_bytes", another_worker_first)
+
+    assert load_or_create_key(tmp_path) == first
+    assert (tmp_path / "page-token.key").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page-token.key"]  # no temporary file left

@@ -49,7 +49,7 @@ def limited(namespace: str, reason: str) -> float:
 def table(limits: dict[str, dict[str, Any]], tenant_limits: dict[str, Any] | None = None) -> Routes:
     """Routes of tenant "t": namespaces "profiles" (cached) and "neighbour", with ``limits``."""
     namespaces = {
-        name: NamespaceEntry(name, "t", "keyvalue", "memory", {}, {}, limits.get(name, {}))
+        name: NamespaceEntry(name, "t", "keyvalue", "memory", limits=limits.get(name, {}))
         for name in ("profiles", "neighbour")
     }
     return Routes(1, namespaces, {}, tenant_limits={"t": tenant_limits} if tenant_limits else {})

@@ -24,7 +24,7 @@ def table(*workers: WorkerEntry, generation: int = 1, namespaces: dict[str, str]
     owned = {"profiles": "a", "ledger": "b", "audit": "b"} if namespaces is None else namespaces
     return Routes(
         generation=generation,
-        namespaces={n: NamespaceEntry(n, t, "keyvalue", "sqlite", {}, {}) for n, t in owned.items()},
+        namespaces={n: NamespaceEntry(n, t, "keyvalue", "sqlite") for n, t in owned.items()},
         workers={w.id: w for w in workers},
     )
 

@@ -38,8 +38,8 @@ def make_routes(generation: int, pad: int = 0) -> Routes:
             tenant=tenants[i % 2],
             abstraction="keyvalue",
             backend="sqlite" if i % 2 else "redis",
-            options={"generation": generation, "index": i, "pad": "x" * pad},
-            cache={"enabled": True, "ttl_s": float(generation)},
+            cache={"enabled": True, "ttl_s": float(generation), "index": i, "pad": "x" * pad},
+            limits={"generation": generation},
         )
         for i in range(1 + generation % 5)
     }
@@ -63,7 +63,7 @@ def inconsistency(routes: Routes) -> str | None:
     if len(routes.namespaces) != 1 + g % 5:
         return f"generation {g}: {len(routes.namespaces)} namespaces"
     for name, entry in routes.namespaces.items():
-        if entry.name != name or entry.options["generation"] != g or entry.cache["ttl_s"] != float(g):
+        if entry.name != name or entry.limits["generation"] != g or entry.cache["ttl_s"] != float(g):
             return f"generation {g}: namespace {name} is {entry!r}"
     for wid, worker in routes.workers.items():
         if worker.id != wid or worker.pid != 1000 * g + wid or f"-{g}-" not in worker.forward_address:

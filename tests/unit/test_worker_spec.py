@@ -21,7 +21,9 @@ CONFIG = ServerConfig(
 
 
 def spec(config: ServerConfig) -> WorkerSpec:
-    return WorkerSpec(1, "b", None, 3, 4, 4096, -1, 0, "ipc://c", "ipc://e", "ipc://f", "/h", config, 1)
+    return WorkerSpec(
+        1, "b", None, 3, 4, 4096, 5, 4096, -1, 0, "ipc://c", "ipc://e", "ipc://f", "/h", config, 1
+    )
 
 
 def test_a_tenants_worker_gets_only_its_own_namespaces() -> None:
