@@ -108,8 +108,7 @@ class Supervisor:
         routes = self.resources.routes_for(
             self.generation, self.config, cpus, self.slots.values(), self.security_serial, self._ready_once
         )
-        # Each tenant's own table first: a worker that sees this routing
-        # generation finds its namespaces (options and all) at least as new.
+        # Each tenant's own table first: a worker seeing this generation finds its namespaces as new.
         self.resources.tenants.publish(self.generation, self.config, cpus)
         self.resources.routes.publish(routes)
         self._not_ready = not_ready_reason(routes)
@@ -232,13 +231,9 @@ class Supervisor:
             # moment the workers' Check("") and the admin's /readyz flip too.
             if not ready_sent and self._not_ready is None:
                 ready_sent = True
-                serving = sum(s.state is SlotState.SERVING for s in self.slots.values())
-                self.notifier.ready(f"serving: {serving} of {len(self.slots)} workers")
-                log.info(
-                    "ready: every namespace has a serving worker (%d of %d workers serving)",
-                    serving,
-                    len(self.slots),
-                )
+                up, total = sum(s.state is SlotState.SERVING for s in self.slots.values()), len(self.slots)
+                self.notifier.ready(f"serving: {up} of {total} workers")
+                log.info("ready: every namespace has a serving worker (%d of %d serving)", up, total)
             if now >= next_state:
                 next_state = now + STATE_INTERVAL_S
                 self._broadcast()
@@ -284,8 +279,7 @@ class Supervisor:
         """Collect every worker that has exited and feed its exit to its slot."""
         for slot in list(self.slots.values()):
             proc = slot.proc
-            code = None if proc is None else proc.poll()
-            if proc is None or code is None:
+            if proc is None or (code := proc.poll()) is None:
                 continue
             slot.proc = None
             mark_dead(proc.pid)
