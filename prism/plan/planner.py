@@ -1,0 +1,203 @@
+"""``prism plan``'s choices: from declared needs and a cost table
+(``prism.plan.model``) to tenants, workers, backends and caches.
+
+Per need, in order:
+
+1. **Backend**: among those the abstraction has (KeyValue: memory, sqlite,
+   postgres, redis; TimeSeries: memory, sqlite, postgres; PubSub: memory,
+   nats), those ``durability`` allows ("durable" excludes memory) and the
+   machine has (SQLite and memory always; PostgreSQL, Redis and NATS when
+   their address is given), the one with the least worker CPU for the
+   need's mix. NATS has no figures in the cost table: a PubSub need costs as
+   memory's writes and reads, the worker's share of the work.
+   A memory namespace lives in one process, so its tenant has one worker:
+   in a tenant that needs more, it takes its next cheapest backend.
+2. **Cache**: a KeyValue need on a durable backend whose reads are at least
+   ``CACHE_READ_SHARE`` of its calls gets the shared cache (``ttl_s`` 30).
+3. **Tenant**: the need's ``tenant``, else ``default``; a tenant's workers
+   are ``workers_for`` the sum of its namespaces' demand.
+
+The machine needs the tenants' workers, one CPU each, plus one for the
+supervisor and the admin process when there are more than two workers. A
+plan that does not fit ``cpus`` names the need (or the total) and the
+smallest machine that would hold it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prism.plan.model import TARGET_UTILISATION, CostTable, Demand, demand, workers_for
+from prism.plan.needs import Need
+
+CACHE_READ_SHARE: Final = 0.8
+BACKENDS: Final = {
+    "keyvalue": ("memory", "sqlite", "postgres", "redis"),
+    "timeseries": ("memory", "sqlite", "postgres"),
+    "pubsub": ("memory", "nats"),
+}
+LOCAL: Final = ("memory", "sqlite")
+_COSTED_AS: Final = {"nats": "memory"}
+DEFAULT_TENANT: Final = "default"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the plan gives one need."""
+
+    need: Need
+    backend: str
+    cached: bool
+    tenant: str
+    demand: Demand
+
+
+@dataclass(frozen=True)
+class TenantPlan:
+    name: str
+    workers: int
+    choices: tuple[Choice, ...]
+
+    @property
+    def cpu_us_per_s(self) -> float:
+        return sum(c.demand.cpu_us_per_s for c in self.choices)
+
+    @property
+    def utilisation(self) -> float:
+        """Each worker's share of its CPU at the declared peak."""
+        return self.cpu_us_per_s / 1e6 / self.workers
+
+
+@dataclass(frozen=True)
+class Plan:
+    tenants: tuple[TenantPlan, ...]
+    cpus_needed: int
+    cpus: int
+    problems: tuple[str, ...]  # why it does not fit (one line each); () when it does
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def make_plan(needs: Sequence[Need], table: CostTable, cpus: int, addresses: Mapping[str, str]) -> Plan:
+    """The plan for ``needs`` on a machine of ``cpus``; ``addresses`` has a DSN
+    or URL for each remote backend the machine has (postgres, redis, nats)."""
+    choices: list[Choice] = []
+    problems: list[str] = []
+    for need in needs:
+        choice = _choose(need, table, addresses)
+        if isinstance(choice, str):
+            problems.append(f"need {need.namespace!r}: {choice}")
+            continue
+        choices.append(choice)
+    tenants = _tenants(choices)
+    # A memory namespace lives in one process: its tenant has one worker. In
+    # a tenant that needs more, it takes its next cheapest backend instead.
+    crowded = {t.name for t in tenants if t.workers > 1}
+    if any(c.backend == "memory" and c.tenant in crowded for c in choices):
+        again: list[Choice] = []
+        for c in choices:
+            if c.backend == "memory" and c.tenant in crowded:
+                other = _choose(c.need, table, addresses, exclude=("memory",))
+                if isinstance(other, str):
+                    problems.append(f"need {c.need.namespace!r}: in a tenant of several workers, {other}")
+                    continue
+                c = other
+            again.append(c)
+        choices, tenants = again, _tenants(again)
+    workers = sum(t.workers for t in tenants)
+    needed = workers + (1 if workers > 2 else 0)
+    for tenant in tenants:
+        if tenant.workers > cpus:
+            names = ", ".join(repr(c.need.namespace) for c in tenant.choices)
+            problems.append(
+                f"tenant {tenant.name!r} ({names}) needs {tenant.workers} workers of one CPU each "
+                f"at {TARGET_UTILISATION:.0%} load; this machine has {cpus} CPUs"
+            )
+    if needed > cpus and not problems:
+        problems.append(f"the plan needs {needed} CPUs ({workers} workers); this machine has {cpus}")
+    return Plan(tuple(tenants), needed, cpus, tuple(problems))
+
+
+def _tenants(choices: Sequence[Choice]) -> list[TenantPlan]:
+    out = []
+    for name in sorted({c.tenant for c in choices}):
+        mine = tuple(c for c in choices if c.tenant == name)
+        out.append(TenantPlan(name, workers_for(sum(c.demand.cpu_us_per_s for c in mine)), mine))
+    return out
+
+
+def _choose(
+    need: Need, table: CostTable, addresses: Mapping[str, str], exclude: Sequence[str] = ()
+) -> Choice | str:
+    candidates = [
+        b
+        for b in BACKENDS[need.abstraction]
+        if (b in LOCAL or b in addresses)
+        and not (b == "memory" and need.durability == "durable")
+        and b not in exclude
+    ]
+    if not candidates:
+        return f"no backend for a durable {need.abstraction} namespace: give a NATS address (--nats)"
+    read_share = need.read_rps / (need.read_rps + need.write_rps)
+    best: Choice | None = None
+    for backend in candidates:
+        cached = need.abstraction == "keyvalue" and backend != "memory" and read_share >= CACHE_READ_SHARE
+        got = demand(
+            table,
+            _COSTED_AS.get(backend, backend),
+            need.read_rps,
+            need.write_rps,
+            need.item_bytes,
+            need.records,
+            cached,
+        )
+        if got is None:
+            continue
+        choice = Choice(need, backend, cached, need.tenant or DEFAULT_TENANT, got)
+        if best is None or got.cpu_us_per_s < best.demand.cpu_us_per_s:
+            best = choice
+    if best is None:
+        return f"the cost table ({table.source}) has no figures for {', '.join(candidates)}"
+    return best
+
+
+def config_toml(plan: Plan, addresses: Mapping[str, str]) -> str:
+    """A ``prism.toml`` serving the plan (``prism serve --check`` accepts it)."""
+    lines = ["# Written by `prism plan`: one [[tenants]] table per isolation group.", ""]
+    for tenant in plan.tenants:
+        lines += ["[[tenants]]", f"name = {_q(tenant.name)}", f"workers = {tenant.workers}", "namespaces = ["]
+        for c in tenant.choices:
+            parts = [f"name = {_q(c.need.namespace)}"]
+            if c.need.abstraction != "keyvalue":
+                parts.append(f"abstraction = {_q(c.need.abstraction)}")
+            parts.append(f"backend = {_q(c.backend)}")
+            options = _options(c.backend, addresses)
+            if options:
+                parts.append("options = { " + ", ".join(f"{k} = {_q(v)}" for k, v in options.items()) + " }")
+            if c.cached:
+                parts.append("cache = { enabled = true, ttl_s = 30 }")
+            lines.append("  { " + ", ".join(parts) + " },")
+        lines += ["]", ""]
+    return "\n".join(lines)
+
+
+def _options(backend: str, addresses: Mapping[str, str]) -> dict[str, Any]:
+    if backend == "postgres":
+        return {"dsn": addresses["postgres"]}
+    if backend == "redis":
+        return {"url": addresses["redis"]}
+    if backend == "nats":
+        return {"url": addresses["nats"]}
+    return {}
+
+
+def _q(value: object) -> str:
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+__all__ = ["BACKENDS", "CACHE_READ_SHARE", "Choice", "Plan", "TenantPlan", "config_toml", "make_plan"]
