@@ -55,6 +55,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin_listen: str = "127.0.0.1:8981"
     data_dir: str = ".prism"
     max_message_bytes: int = 4 * MIB
+    # Answers this large or more, to a call whose request came compressed
+    # (gzip or deflate) by a client that accepts it, are compressed the same way.
+    compression_min_bytes: int = 1 * KIB
     max_concurrent_streams: int = 100
     namespaces: tuple[NamespaceConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
@@ -126,6 +129,11 @@ def _validate(cfg: ServerConfig) -> None:
         raise FieldError(
             "max_message_bytes",
             f"{cfg.max_message_bytes} out of range ({MIN_MESSAGE_BYTES}-{MAX_MESSAGE_BYTES})",
+        )
+    if not 0 <= cfg.compression_min_bytes <= MAX_MESSAGE_BYTES:
+        raise FieldError(
+            "compression_min_bytes",
+            f"{cfg.compression_min_bytes} out of range (0-{MAX_MESSAGE_BYTES})",
         )
     if not 1 <= cfg.max_concurrent_streams <= MAX_STREAMS:
         raise FieldError(

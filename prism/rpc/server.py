@@ -75,6 +75,7 @@ class Connection(Calls):
         self.settings = settings
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
+            compression_min_bytes=settings.compression_min_bytes,
             max_concurrent_streams=settings.max_concurrent_streams,
             max_header_list_bytes=settings.max_header_list_bytes,
             clock=trio.current_time,

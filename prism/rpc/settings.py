@@ -78,6 +78,7 @@ class ServerSettings:
         methods: MethodTable,
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
+        compression_min_bytes: int = 1024,
         max_concurrent_streams: int = 100,
         max_header_list_bytes: int = 16 * 1024,
         http2: Http2Config = _DEFAULT_HTTP2,
@@ -86,6 +87,7 @@ class ServerSettings:
     ) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
+        self.compression_min_bytes = compression_min_bytes  # (prism.rpc.compression)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_list_bytes = max_header_list_bytes
         self.http2 = http2  # per connection: timers, buffers, headers ([http2])
