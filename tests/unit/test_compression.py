@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2
 
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode
@@ -230,6 +231,68 @@ async def test_a_gzip_bomb_is_resource_exhausted_without_inflating_past_the_limi
         assert r.status == 0
 
 
+REFLECT = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+def messages(r: Response) -> list[tuple[int, bytes]]:
+    """Each answer message's flag, and its body inflated if flagged."""
+    out, data = [], bytes(r.data)
+    while data:
+        flag, n = data[0], int.from_bytes(data[1:5], "big")
+        body = data[5 : 5 + n]
+        out.append((flag, zlib.decompress(body, WBITS[r.headers["grpc-encoding"]]) if flag else body))
+        data = data[5 + n :]
+    return out
+
+
+async def test_a_streaming_call_takes_compressed_messages_and_answers_each_compressed(tmp_path: Path) -> None:
+    ask = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    headers = [("grpc-encoding", "deflate"), ("grpc-accept-encoding", "deflate")]
+    async with served(tmp_path, compression_min_bytes=0) as client:
+        body = (
+            message(deflated("deflate", ask), flag=1)
+            + message(ask)
+            + message(deflated("deflate", ask), flag=1)
+        )
+        r = await call(client, REFLECT, body, headers)
+        assert r.status == 0
+        assert r.headers["grpc-encoding"] == "deflate"
+        answers = messages(r)
+        assert [flag for flag, _ in answers] == [1, 1, 1]
+        for _, raw in answers:
+            names = [
+                s.name
+                for s in reflection_pb2.ServerReflectionResponse.FromString(
+                    raw
+                ).list_services_response.service
+            ]
+            assert "prism.kv.v1.KeyValue" in names
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "why"),
+    [
+        ([("grpc-encoding", "gzip")], message(gzip_bomb(16 << 20), flag=1), 8, "inflates past the maximum"),
+        ([], message(b"x", flag=1), 13, "compressed message without grpc-encoding"),
+        (
+            [("grpc-encoding", "gzip")],
+            message(b"not gzip at all", flag=1),
+            13,
+            "gzip message does not inflate",
+        ),
+    ],
+)
+async def test_a_streaming_call_refuses_a_message_as_a_unary_one_does(
+    tmp_path: Path, headers: list[tuple[str, str]], body: bytes, status: int, why: str
+) -> None:
+    ask = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    async with served(tmp_path, max_message_bytes=4 << 20) as client:
+        r = await call(client, REFLECT, message(ask) + body, headers)
+        assert r.status == status
+        assert why in r.message
+        assert len(messages(r)) == 1  # the message before it was answered
+
+
 def test_inflate_stops_at_the_limit_and_tells_over_from_exactly() -> None:
     data = deflated("gzip", bytes(1000))
     assert inflate(b"gzip", data, 1000) == bytes(1000)
@@ -242,8 +305,11 @@ def test_inflate_stops_at_the_limit_and_tells_over_from_exactly() -> None:
 
 
 def test_an_answer_that_does_not_shrink_goes_as_it_is() -> None:
-    for payload in (b"x", os.urandom(4096)):  # deflate adds more than it saves
+    # Small, random, or (over 64 KiB) random at its start: the probe gives up there.
+    for payload in (b"x", os.urandom(4096), os.urandom(1 << 20), os.urandom(65536) + VALUE):
         prefix, body = frame(b"gzip", payload, 0)
         assert (prefix, body) == (len(payload).to_bytes(5, "big"), payload)
-    prefix, body = frame(b"gzip", VALUE, 0)
-    assert prefix[0] == 1 and zlib.decompress(body, 31) == VALUE
+    for payload in (VALUE, VALUE * 8, VALUE[:65536] + os.urandom(65536)):
+        prefix, body = frame(b"gzip", payload, 0)
+        assert prefix == b"\x01" + len(body).to_bytes(4, "big")
+        assert zlib.decompress(body, 31) == payload
