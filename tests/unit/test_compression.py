@@ -16,13 +16,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import h2.config
+import h2.connection
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode
 from prism.proto import kv_pb2
+from prism.rpc.budget import ConnectionBudget, WorkerBudget
 from prism.rpc.compression import MessageError, frame, inflate
+from prism.rpc.protocol import CALL_END, GrpcProtocol
 from prism.workers.app import App
 
 from .apps import serving_app
@@ -32,6 +36,15 @@ PUT = "/prism.kv.v1.KeyValue/PutItems"
 GET = "/prism.kv.v1.KeyValue/GetItems"
 WBITS = {"gzip": 31, "deflate": 15}
 ACCEPTED = "identity,deflate,gzip"
+RAW_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/s/M"),
+    (":authority", "x"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+    ("grpc-encoding", "gzip"),
+]
 # Compressible, and larger than compression_min_bytes (1 KiB by default).
 VALUE = b"the same words again and again; " * 4096
 
@@ -291,6 +304,24 @@ async def test_a_streaming_call_refuses_a_message_as_a_unary_one_does(
         assert r.status == status
         assert why in r.message
         assert len(messages(r)) == 1  # the message before it was answered
+
+
+def test_an_inflated_message_is_held_against_the_budget_until_it_is_answered() -> None:
+    budget = ConnectionBudget(16 << 20, WorkerBudget(512 << 20))
+    server = GrpcProtocol(budget=budget)
+    server.initiate()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, [(k.encode(), v.encode()) for k, v in RAW_HEADERS])
+    payload = bytes(1 << 20)
+    client.send_data(sid, message(deflated("gzip", payload), flag=1), end_stream=True)
+    ended = [c for kind, c in server.receive_data(client.data_to_send()) if kind == CALL_END]
+    assert [c.messages for c in ended if c is not None] == [[payload]]
+    assert budget.held == len(payload) + 5  # as if it had come uncompressed
+    server.send_unary(ended[0], b"ok")  # type: ignore[arg-type]
+    client.receive_data(server.data_to_send())
+    assert budget.held == 0 and budget.worker.held == 0
 
 
 def test_inflate_stops_at_the_limit_and_tells_over_from_exactly() -> None:
