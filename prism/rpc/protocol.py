@@ -37,7 +37,7 @@ from prism import metrics
 from prism.errors import StatusCode
 from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget, unlimited
 from prism.rpc.call import Call
-from prism.rpc.compression import ACCEPT_ENCODING, ENCODINGS, IDENTITY, accepts
+from prism.rpc.compression import ACCEPT_ENCODING, ENCODINGS, IDENTITY, accepts, preferred
 from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
 from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS, Chunk
@@ -91,6 +91,7 @@ class GrpcProtocol(Requests, Responses):
         budget: ConnectionBudget | None = None,
         streaming_paths: AbstractSet[bytes] = frozenset(),
         compression_min_bytes: int = 1024,
+        compress_accepted: bool = False,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -117,6 +118,8 @@ class GrpcProtocol(Requests, Responses):
         self.max_message_bytes = max_message_bytes
         # Answers of compressed calls this large or more are compressed (prism.rpc.compression).
         self.compression_min_bytes = compression_min_bytes
+        # Those of uncompressed calls too, if their client accepts gzip or deflate.
+        self.compress_accepted = compress_accepted
         self.max_concurrent_streams = max_concurrent_streams
         self._initial_window = initial_window_bytes
         self.max_header_list_bytes = max_header_list_bytes
@@ -363,6 +366,8 @@ class GrpcProtocol(Requests, Responses):
             call._encoding = encoding
             if accepts(accept, encoding):
                 call._answer_encoding = encoding
+        elif accept is not None and self.compress_accepted:
+            call._answer_encoding = preferred(bytes(accept))
         out.append((CALL_START, call))
         if ended:
             self._end_call(sid, out)

@@ -58,7 +58,7 @@ class Responses:
         n = len(payload)
         if n > _WEIGHED_ANSWER and not self._fits(call, n):
             return
-        if call._answer_encoding is not None:
+        if call._answer_encoding is not None and n >= self.compression_min_bytes:
             self._send_encoded(call, payload)
             call._trailers = TRAILERS_OK
             self._pump(call)

@@ -104,7 +104,7 @@ async def send_body(client: H2Client, sid: int, body: bytes) -> None:
 
 
 @asynccontextmanager
-async def served(tmp_path: Path, **config: int) -> AsyncIterator[H2Client]:
+async def served(tmp_path: Path, **config: int | str) -> AsyncIterator[H2Client]:
     app = App(ServerConfig(data_dir=str(tmp_path / "data"), **config))  # type: ignore[arg-type]
     await app.apply([NamespaceConfig("m", backend="memory")])
     async with serving_app(app) as client:
@@ -174,6 +174,26 @@ async def test_an_answer_is_compressed_only_for_a_compressed_call_whose_client_a
         flag, raw = answer(r)
         assert flag == 0
         assert [i.value for i in kv_pb2.GetItemsResponse.FromString(raw).items] == [VALUE]
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [(ACCEPTED, "gzip"), ("identity, deflate", "deflate"), ("identity", None), (None, None)],
+)
+async def test_with_compress_answers_accepting_clients_an_uncompressed_call_is_answered_compressed(
+    tmp_path: Path, accept: str | None, expected: str | None
+) -> None:
+    headers = [] if accept is None else [("grpc-accept-encoding", accept)]
+    async with served(tmp_path, compress_answers="accepting_clients") as client:
+        r = await call(client, PUT, message(put_request()), headers)
+        assert r.status == 0
+        assert "grpc-encoding" not in r.headers  # its answer is a few bytes: under the threshold
+        r = await call(client, GET, message(get_request()), headers)
+        assert r.status == 0
+        assert r.headers.get("grpc-encoding") == expected
+        flag, body = answer(r)
+        assert flag == (expected is not None)
+        assert [i.value for i in kv_pb2.GetItemsResponse.FromString(body).items] == [VALUE]
 
 
 async def test_an_unknown_encoding_is_unimplemented_naming_ours(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_defaults_without_any_source() -> None:
     assert cfg == ServerConfig()
     assert cfg.listen_host_port() == ("127.0.0.1", 8980)
     assert cfg.max_message_bytes == 4 * 1024 * 1024
-    assert cfg.compression_min_bytes == 1024
+    assert (cfg.compression_min_bytes, cfg.compress_answers) == (1024, "compressed_calls")
     assert cfg.namespaces == (NamespaceConfig(name="default"),)
     assert cfg.namespaces[0].abstraction == "keyvalue"
     assert cfg.namespaces[0].backend == "sqlite"
@@ -168,6 +168,10 @@ def test_bad_listen(listen: str, reason: str) -> None:
         ("max_message_bytes = 2147483648", "max_message_bytes: 2147483648 out of range"),
         ("max_concurrent_streams = 0", "max_concurrent_streams: 0 out of range"),
         ("compression_min_bytes = -1", "compression_min_bytes: -1 out of range (0-2147483647)"),
+        (
+            "compress_answers = 'always'",
+            "compress_answers: 'always' is not one of compressed_calls, accepting_clients",
+        ),
         ("compression_min_bytes = 2147483648", "compression_min_bytes: 2147483648 out of range"),
         ("log_level = 'verbose'", "log_level: 'verbose' is not one of debug, info, warning, error"),
         ("graceful_timeout_s = -1", "graceful_timeout_s: -1.0 must be a finite number of seconds >= 0"),
