@@ -137,7 +137,7 @@ class Requests:
         while n - pos >= _PREFIX_LEN:
             flag = data[pos]
             if flag and not _compressed(call, flag):
-                self.send_error(call, StatusCode.INTERNAL, _flag_error(call, flag))
+                self.send_error(call, StatusCode.INTERNAL, _flag_error(flag))
                 return
             length = int.from_bytes(data[pos + 1 : pos + _PREFIX_LEN], "big")
             if length > self.max_message_bytes:
@@ -218,7 +218,7 @@ class Requests:
             return None
         flag = q[pos]
         if flag and not _compressed(call, flag):
-            raise MessageError(StatusCode.INTERNAL, _flag_error(call, flag))
+            raise MessageError(StatusCode.INTERNAL, _flag_error(flag))
         length = int.from_bytes(q[pos + 1 : pos + _PREFIX_LEN], "big")
         if length > self.max_message_bytes:
             raise ValueError(f"message of {length} bytes exceeds the maximum of {self.max_message_bytes}")
@@ -348,7 +348,7 @@ def _compressed(call: Call, flag: int) -> bool:
     return flag == 1 and call._encoding is not None
 
 
-def _flag_error(call: Call, flag: int) -> str:
+def _flag_error(flag: int) -> str:
     if flag != 1:
         return f"message flag {flag} is neither 0 nor 1 (compressed)"
     return "compressed message without grpc-encoding"

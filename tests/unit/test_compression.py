@@ -356,7 +356,7 @@ def test_inflate_stops_at_the_limit_and_tells_over_from_exactly() -> None:
 
 
 def test_an_answer_that_does_not_shrink_goes_as_it_is() -> None:
-    # Small, random, or (over 64 KiB) random at its start: the probe gives up there.
+    # Small, random, or (over 16 KiB) random at its start: the probe gives up there.
     for payload in (b"x", os.urandom(4096), os.urandom(1 << 20), os.urandom(65536) + VALUE):
         prefix, body = frame(b"gzip", payload, 0)
         assert (prefix, body) == (len(payload).to_bytes(5, "big"), payload)
