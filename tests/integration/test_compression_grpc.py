@@ -108,6 +108,19 @@ def test_a_server_stream_and_a_bidi_stream_compressed(
         )
 
 
+def test_answers_compressed_for_every_accepting_client_as_configured(tmp_path: Path) -> None:
+    # A stock client that compresses nothing still lists gzip in its
+    # grpc-accept-encoding: with "accepting_clients" its answers come gzipped
+    # (the bytes: tests/unit/test_compression.py) and it reads them as ever.
+    proc = PrismProcess(tmp_path / "data", 'compress_answers = "accepting_clients"\n' + CONFIG)
+    proc.start()
+    try:
+        with grpc.insecure_channel(proc.endpoint) as channel:
+            assert put_and_get(kv_pb2_grpc.KeyValueStub(channel)) == [VALUE]
+    finally:
+        proc.stop()
+
+
 def gzip_bomb(total: int = 1 << 30) -> bytes:
     """``total`` zero bytes gzipped in ~1 KiB a MiB (see tests/unit/test_compression.py)."""
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
