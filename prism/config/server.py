@@ -33,6 +33,7 @@ MAX_MESSAGE_BYTES = 2 * GIB - 1  # gRPC frames a message length in 31 usable bit
 MAX_STREAMS = 2**31 - 1  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS is 31-bit in practice
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+COMPRESS_ANSWERS: tuple[str, ...] = ("compressed_calls", "accepting_clients")
 DEFAULT_TENANT = "default"
 
 
@@ -55,6 +56,12 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin_listen: str = "127.0.0.1:8981"
     data_dir: str = ".prism"
     max_message_bytes: int = 4 * MIB
+    # Answers this large or more, to a call whose request came compressed
+    # (gzip or deflate) by a client that accepts it, are compressed the same
+    # way; with compress_answers = "accepting_clients", to any call whose
+    # client accepts gzip or deflate (stock clients all do).
+    compression_min_bytes: int = 1 * KIB
+    compress_answers: str = "compressed_calls"
     max_concurrent_streams: int = 100
     namespaces: tuple[NamespaceConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
@@ -126,6 +133,15 @@ def _validate(cfg: ServerConfig) -> None:
         raise FieldError(
             "max_message_bytes",
             f"{cfg.max_message_bytes} out of range ({MIN_MESSAGE_BYTES}-{MAX_MESSAGE_BYTES})",
+        )
+    if not 0 <= cfg.compression_min_bytes <= MAX_MESSAGE_BYTES:
+        raise FieldError(
+            "compression_min_bytes",
+            f"{cfg.compression_min_bytes} out of range (0-{MAX_MESSAGE_BYTES})",
+        )
+    if cfg.compress_answers not in COMPRESS_ANSWERS:
+        raise FieldError(
+            "compress_answers", f"{cfg.compress_answers!r} is not one of {', '.join(COMPRESS_ANSWERS)}"
         )
     if not 1 <= cfg.max_concurrent_streams <= MAX_STREAMS:
         raise FieldError(

@@ -69,8 +69,10 @@ class Call:
     """
 
     __slots__ = (
+        "_answer_encoding",
         "_charged",
         "_credit",
+        "_encoding",
         "_failed",
         "_headers_sent",
         "_inbuf",
@@ -125,6 +127,11 @@ class Call:
         self._credit = 0
         self._wants = 0
         self._failed = False  # we already answered (with an error): ignore input
+        # The request messages' grpc-encoding (None: identity), and the one
+        # its answers are compressed with (None: sent as they are);
+        # prism.rpc.compression.
+        self._encoding: bytes | None = None
+        self._answer_encoding: bytes | None = None
         self._headers_sent = False
         self._out = bytearray()  # outbound DATA waiting for flow-control window
         self._trailers: tuple[tuple[bytes, bytes], ...] | None = None

@@ -36,15 +36,24 @@ import h2.connection
 from h2.connection import ConnectionInputs, ConnectionState
 from h2.stream import StreamInputs
 
+from prism.rpc.compression import ACCEPT_ENCODING, ENCODINGS
 from prism.rpc.hpack_cache import stateless_block
 
 # One piece of output: h2's buffer, a frame header, a view of a message.
 Chunk = bytes | bytearray | memoryview
 
-# The header lists of every successful answer: the response headers, and the
+# The header lists of every successful answer: the response headers (which
+# advertise the encodings requests may use: prism.rpc.compression), and the
 # trailers of an OK status.
-RESPONSE_HEADERS: Final = ((b":status", b"200"), (b"content-type", b"application/grpc"))
+RESPONSE_HEADERS: Final = (
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", ACCEPT_ENCODING),
+)
 TRAILERS_OK: Final = ((b"grpc-status", b"0"),)
+# The response headers of a call whose answers are compressed, by encoding
+# (h2's path sends them: the HPACK cache has their blocks).
+ENCODED_RESPONSE_HEADERS: Final = {e: (*RESPONSE_HEADERS, (b"grpc-encoding", e)) for e in sorted(ENCODINGS)}
 
 # Their HPACK blocks, encoded once, and the 9-byte frame headers (length,
 # type, flags; the stream id follows) that carry them in a plain unary answer.

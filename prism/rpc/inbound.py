@@ -22,6 +22,7 @@ from h2.stream import StreamState
 from prism.errors import StatusCode
 from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget
 from prism.rpc.call import Call
+from prism.rpc.compression import MessageError, inflate
 from prism.rpc.h2conn import ServerConnection
 
 _PREFIX_LEN: Final = 5
@@ -115,10 +116,17 @@ class Requests:
                 if have + n < need:
                     return
                 call._inbuf = None
+                compressed = buf[0]  # (its flag, checked with its prefix)
                 # The message as it is, not copied again (1 MiB: ~7% of a
                 # PutItems' CPU): a bytearray drops its head in place.
                 del buf[:_PREFIX_LEN]
-                call.messages.append(buf)
+                if compressed:
+                    message = self._inflate(call, buf)
+                    if message is None:
+                        return
+                    call.messages.append(message)
+                else:
+                    call.messages.append(buf)
                 out.append((CALL_MESSAGE, call))
                 return
             # The prefix was split, or the frame goes on past the message.
@@ -127,8 +135,9 @@ class Requests:
         n = len(data)
         pos = 0
         while n - pos >= _PREFIX_LEN:
-            if data[pos] != 0:
-                self.send_error(call, StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
+            flag = data[pos]
+            if flag and not _compressed(call, flag):
+                self.send_error(call, StatusCode.INTERNAL, _flag_error(flag))
                 return
             length = int.from_bytes(data[pos + 1 : pos + _PREFIX_LEN], "big")
             if length > self.max_message_bytes:
@@ -137,7 +146,13 @@ class Requests:
             end = pos + _PREFIX_LEN + length
             if end > n:
                 break
-            call.messages.append(bytes(data[pos + _PREFIX_LEN : end]))
+            if flag:
+                message = self._inflate(call, data[pos + _PREFIX_LEN : end])
+                if message is None:
+                    return
+                call.messages.append(message)
+            else:
+                call.messages.append(bytes(data[pos + _PREFIX_LEN : end]))
             out.append((CALL_MESSAGE, call))
             pos = end
         if pos < n:
@@ -148,6 +163,22 @@ class Requests:
             if rest >= _PREFIX_LEN:
                 call._need = _PREFIX_LEN + int.from_bytes(data[pos + 1 : pos + _PREFIX_LEN], "big")
                 self._ask_window(call, call._need - rest)
+
+    def _inflate(self, call: Call, data: Any) -> bytes | None:
+        """A unary call's compressed message, inflated, its growth charged to
+        the budget while the call holds it; None: the call is answered with
+        why not (``prism.rpc.compression``)."""
+        assert call._encoding is not None
+        try:
+            message = inflate(call._encoding, data, self.max_message_bytes)
+        except MessageError as exc:
+            self.send_error(call, exc.grpc_status, str(exc))
+            return None
+        growth = len(message) - len(data)
+        if growth > 0:
+            self.budget.charge(growth)
+            call._charged += growth
+        return message
 
     def _too_large(self, call: Call, length: int) -> None:
         self.send_error(
@@ -177,22 +208,29 @@ class Requests:
         """The next whole message of a streaming request, taken from its
         buffer (its bytes released, the client's window topped up); None if
         none has come whole yet. Raises ValueError for a message the server
-        does not take (the caller fails the call with it)."""
+        does not take, or MessageError for one it cannot inflate (the
+        caller fails the call with either)."""
         q = call._inq
         if q is None or call.done:
             return None
         pos = call._inpos
         if len(q) - pos < _PREFIX_LEN:
             return None
-        if q[pos] != 0:
-            raise ValueError("compressed messages are not supported")
+        flag = q[pos]
+        if flag and not _compressed(call, flag):
+            raise MessageError(StatusCode.INTERNAL, _flag_error(flag))
         length = int.from_bytes(q[pos + 1 : pos + _PREFIX_LEN], "big")
         if length > self.max_message_bytes:
             raise ValueError(f"message of {length} bytes exceeds the maximum of {self.max_message_bytes}")
         end = pos + _PREFIX_LEN + length
         if end > len(q):
             return None
-        message = bytes(q[pos + _PREFIX_LEN : end])
+        if flag:
+            assert call._encoding is not None
+            with memoryview(q) as view:  # (released before q is trimmed below)
+                message = inflate(call._encoding, view[pos + _PREFIX_LEN : end], self.max_message_bytes)
+        else:
+            message = bytes(q[pos + _PREFIX_LEN : end])
         if end == len(q):
             q.clear()
             end = 0
@@ -302,3 +340,15 @@ class Requests:
         if call._inq is not None:
             call._inq = bytearray()
             call._inpos = 0
+
+
+def _compressed(call: Call, flag: int) -> bool:
+    """Whether a message's flag byte (not 0) says compressed, as the call's
+    grpc-encoding allows (gRPC's doc/compression.md)."""
+    return flag == 1 and call._encoding is not None
+
+
+def _flag_error(flag: int) -> str:
+    if flag != 1:
+        return f"message flag {flag} is neither 0 nor 1 (compressed)"
+    return "compressed message without grpc-encoding"

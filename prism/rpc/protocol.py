@@ -37,9 +37,10 @@ from prism import metrics
 from prism.errors import StatusCode
 from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget, unlimited
 from prism.rpc.call import Call
+from prism.rpc.compression import ACCEPT_ENCODING, ENCODINGS, IDENTITY, accepts, preferred
 from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
-from prism.rpc.h2send import Chunk
+from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS, Chunk
 from prism.rpc.hpack_cache import FixedBlockEncoder
 from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
 from prism.rpc.respond import Responses, encode_grpc_message
@@ -89,6 +90,8 @@ class GrpcProtocol(Requests, Responses):
         clock: Callable[[], float] = time.monotonic,
         budget: ConnectionBudget | None = None,
         streaming_paths: AbstractSet[bytes] = frozenset(),
+        compression_min_bytes: int = 1024,
+        compress_accepted: bool = False,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -104,7 +107,7 @@ class GrpcProtocol(Requests, Responses):
         self._h2 = ServerConnection(
             config,
             max_header_list_bytes,
-            FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK)),
+            FixedBlockEncoder((RESPONSE_HEADERS, TRAILERS_OK, *ENCODED_RESPONSE_HEADERS.values())),
             # Sent in our SETTINGS (initiate).
             (
                 (s.MAX_CONCURRENT_STREAMS, max_concurrent_streams),
@@ -113,6 +116,10 @@ class GrpcProtocol(Requests, Responses):
             ),
         )
         self.max_message_bytes = max_message_bytes
+        # Answers of compressed calls this large or more are compressed (prism.rpc.compression).
+        self.compression_min_bytes = compression_min_bytes
+        # Those of uncompressed calls too, if their client accepts gzip or deflate.
+        self.compress_accepted = compress_accepted
         self.max_concurrent_streams = max_concurrent_streams
         self._initial_window = initial_window_bytes
         self.max_header_list_bytes = max_header_list_bytes
@@ -311,7 +318,7 @@ class GrpcProtocol(Requests, Responses):
         # (as window granted, ``_credit``): the budget bounds what may come.
         call._charged = call._credit = self._initial_window
         budget.charge(self._initial_window)
-        method = path = content_type = timeout = None
+        method = path = content_type = timeout = encoding = accept = None
         metadata = call.metadata
         for name, value in headers or ():
             n = bytes(name)
@@ -327,7 +334,10 @@ class GrpcProtocol(Requests, Responses):
             elif n == b"grpc-timeout":
                 timeout = value
             elif n in _RESERVED_HEADERS:
-                pass
+                if n == b"grpc-encoding":
+                    encoding = bytes(value)
+                elif n == b"grpc-accept-encoding":
+                    accept = value
             elif n.endswith(b"-bin"):
                 try:
                     metadata.append((n.decode("ascii"), base64.b64decode(value + b"==")))
@@ -354,6 +364,21 @@ class GrpcProtocol(Requests, Responses):
             except ValueError:
                 self.send_error(call, StatusCode.INVALID_ARGUMENT, f"invalid grpc-timeout {timeout!r}")
                 return
+        if encoding is not None and encoding != IDENTITY:
+            if encoding not in ENCODINGS:
+                self.send_error(
+                    call,
+                    StatusCode.UNIMPLEMENTED,
+                    f"grpc-encoding {encoding.decode('latin-1')} is not supported "
+                    f"(supported: {ACCEPT_ENCODING.decode()})",
+                    ((b"grpc-accept-encoding", ACCEPT_ENCODING),),
+                )
+                return
+            call._encoding = encoding
+            if accepts(accept, encoding):
+                call._answer_encoding = encoding
+        elif accept is not None and self.compress_accepted:
+            call._answer_encoding = preferred(bytes(accept))
         out.append((CALL_START, call))
         if ended:
             self._end_call(sid, out)

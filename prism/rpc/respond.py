@@ -16,7 +16,9 @@ import h2.exceptions
 from prism.errors import StatusCode
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
+from prism.rpc.compression import frame
 from prism.rpc.h2conn import RESPONSE_HEADERS, TRAILERS_OK, ServerConnection
+from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS
 
 
 def encode_grpc_message(message: str) -> bytes:
@@ -42,6 +44,7 @@ class Responses:
     budget: ConnectionBudget
     out_held: int
     writing: int
+    compression_min_bytes: int
 
     if TYPE_CHECKING:
 
@@ -54,6 +57,11 @@ class Responses:
         conn = self._h2
         n = len(payload)
         if n > _WEIGHED_ANSWER and not self._fits(call, n):
+            return
+        if call._answer_encoding is not None and n >= self.compression_min_bytes:
+            self._send_encoded(call, payload)
+            call._trailers = TRAILERS_OK
+            self._pump(call)
             return
         if conn.send_plain_unary(call.stream_id, payload):
             self._finish(call)
@@ -69,21 +77,38 @@ class Responses:
     def send_headers(self, call: Call) -> None:
         """Send a streaming response's headers now, before its first message."""
         if not call.done and not call._headers_sent:
-            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
-            call._headers_sent = True
+            self._send_response_headers(call)
             self._pump(call)
 
     def send_message(self, call: Call, payload: bytes) -> None:
         """Queue one message of a streaming response."""
         if call.done:
             return
-        if not call._headers_sent:
-            self._h2.send_headers(call.stream_id, RESPONSE_HEADERS)
-            call._headers_sent = True
-        call._out += len(payload).to_bytes(5, "big")  # flag byte 0 + length
-        call._out += payload
-        self._charge_out(len(payload) + 5)
+        if call._answer_encoding is not None:
+            self._send_encoded(call, payload)
+        else:
+            if not call._headers_sent:
+                self._send_response_headers(call)
+            call._out += len(payload).to_bytes(5, "big")  # flag byte 0 + length
+            call._out += payload
+            self._charge_out(len(payload) + 5)
         self._pump(call)
+
+    def _send_response_headers(self, call: Call) -> None:
+        encoding = call._answer_encoding
+        headers = RESPONSE_HEADERS if encoding is None else ENCODED_RESPONSE_HEADERS[encoding]
+        self._h2.send_headers(call.stream_id, headers)
+        call._headers_sent = True
+
+    def _send_encoded(self, call: Call, payload: bytes) -> None:
+        """Queue one answer message of a call whose answers are compressed
+        (``prism.rpc.compression``), after its headers if they are not sent yet."""
+        if not call._headers_sent:
+            self._send_response_headers(call)
+        prefix, body = frame(call._answer_encoding, payload, self.compression_min_bytes)
+        call._out += prefix
+        call._out += body
+        self._charge_out(len(body) + 5)
 
     def send_status(
         self, call: Call, status: StatusCode, message: str = "", extra: tuple[tuple[bytes, bytes], ...] = ()

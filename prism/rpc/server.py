@@ -75,6 +75,8 @@ class Connection(Calls):
         self.settings = settings
         self.proto = GrpcProtocol(
             max_message_bytes=settings.max_message_bytes,
+            compression_min_bytes=settings.compression_min_bytes,
+            compress_accepted=settings.compress_accepted,
             max_concurrent_streams=settings.max_concurrent_streams,
             max_header_list_bytes=settings.max_header_list_bytes,
             clock=trio.current_time,

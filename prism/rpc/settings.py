@@ -78,6 +78,8 @@ class ServerSettings:
         methods: MethodTable,
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
+        compression_min_bytes: int = 1024,
+        compress_accepted: bool = False,
         max_concurrent_streams: int = 100,
         max_header_list_bytes: int = 16 * 1024,
         http2: Http2Config = _DEFAULT_HTTP2,
@@ -86,6 +88,11 @@ class ServerSettings:
     ) -> None:
         self.methods = methods
         self.max_message_bytes = max_message_bytes
+        # Answers this large or more are compressed: those of compressed calls,
+        # and with ``compress_accepted`` any call's whose client accepts it
+        # (prism.rpc.compression).
+        self.compression_min_bytes = compression_min_bytes
+        self.compress_accepted = compress_accepted
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_list_bytes = max_header_list_bytes
         self.http2 = http2  # per connection: timers, buffers, headers ([http2])

@@ -88,6 +88,8 @@ class App:
         self.settings = ServerSettings(
             self.methods,
             max_message_bytes=config.max_message_bytes,
+            compression_min_bytes=config.compression_min_bytes,
+            compress_accepted=config.compress_answers == "accepting_clients",
             max_concurrent_streams=config.streams_per_connection,
             max_header_list_bytes=config.http2.max_header_list_bytes,
             http2=config.http2,

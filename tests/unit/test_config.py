@@ -40,6 +40,7 @@ def test_defaults_without_any_source() -> None:
     assert cfg == ServerConfig()
     assert cfg.listen_host_port() == ("127.0.0.1", 8980)
     assert cfg.max_message_bytes == 4 * 1024 * 1024
+    assert (cfg.compression_min_bytes, cfg.compress_answers) == (1024, "compressed_calls")
     assert cfg.namespaces == (NamespaceConfig(name="default"),)
     assert cfg.namespaces[0].abstraction == "keyvalue"
     assert cfg.namespaces[0].backend == "sqlite"
@@ -166,6 +167,12 @@ def test_bad_listen(listen: str, reason: str) -> None:
         ("max_message_bytes = 1023", "max_message_bytes: 1023 out of range (1024-2147483647)"),
         ("max_message_bytes = 2147483648", "max_message_bytes: 2147483648 out of range"),
         ("max_concurrent_streams = 0", "max_concurrent_streams: 0 out of range"),
+        ("compression_min_bytes = -1", "compression_min_bytes: -1 out of range (0-2147483647)"),
+        (
+            "compress_answers = 'always'",
+            "compress_answers: 'always' is not one of compressed_calls, accepting_clients",
+        ),
+        ("compression_min_bytes = 2147483648", "compression_min_bytes: 2147483648 out of range"),
         ("log_level = 'verbose'", "log_level: 'verbose' is not one of debug, info, warning, error"),
         ("graceful_timeout_s = -1", "graceful_timeout_s: -1.0 must be a finite number of seconds >= 0"),
         ("graceful_timeout_s = inf", "graceful_timeout_s: inf must be a finite"),
@@ -180,8 +187,10 @@ def test_out_of_range_values(toml: str, expected: str) -> None:
 
 
 def test_limits_themselves_are_accepted() -> None:
-    cfg = load_config(None, {}, {"max_message_bytes": 1024, "graceful_timeout_s": 0.0})
-    assert cfg.max_message_bytes == 1024
+    cfg = load_config(
+        None, {}, {"max_message_bytes": 1024, "graceful_timeout_s": 0.0, "compression_min_bytes": 0}
+    )
+    assert (cfg.max_message_bytes, cfg.compression_min_bytes) == (1024, 0)
     buffers = {"max_connection_buffer_bytes": 2**32, "max_worker_buffer_bytes": 2**32}  # one message must fit
     big = load_config(None, {}, {"max_message_bytes": 2**31 - 1, "http2": buffers})
     assert big.max_message_bytes == 2**31 - 1

@@ -106,7 +106,11 @@ def test_unary_answer_bytes() -> None:
     p.exchange()
     data, headers, trailers = p.received(sid)
     assert data == frame(b"hello")
-    assert headers == {":status": "200", "content-type": "application/grpc"}
+    assert headers == {
+        ":status": "200",
+        "content-type": "application/grpc",
+        "grpc-accept-encoding": "identity,deflate,gzip",
+    }
     assert trailers == {"grpc-status": "0"}
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in p.events)
     assert p.server.idle
