@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.request
 from collections.abc import Iterable
 
 import msgspec
@@ -37,3 +38,9 @@ def metric_sum(samples: Iterable[Sample], name: str, **labels: str) -> float:
     return sum(
         s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def fetch_metrics(base_url: str, timeout_s: float = 10.0) -> list[Sample]:
+    """The samples of ``BASE_URL/metrics`` (an admin port: all workers merged)."""
+    with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s) as answer:
+        return parse_metrics(answer.read().decode())

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from prism.cli import kv, ns, plan, pubsub, ts
+from prism.cli import bench, kv, ns, plan, pubsub, ts
 from prism.cli.client import EXIT_FAILURE, EXIT_USAGE
 from prism.config import ServerConfig, load_config
 from prism.errors import ConfigError
@@ -64,6 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pubsub.add_commands(commands)
     ns.add_commands(commands)
     plan.add_commands(commands)
+    bench.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,226 @@
+"""The built-in load generator's event loop: one process, many connections, one step.
+
+Closed loop: each connection keeps ``streams`` calls in flight and starts
+the next call as soon as one ends; latency is from send to answer. Open
+loop: calls are due on a fixed schedule (``rate`` per second) whatever the
+answers do; a due call goes on a connection with a free stream, else waits
+in a backlog, and its latency runs from when it was due, not when it could
+be sent (so a saturated server shows in the latency, with no coordinated
+omission). Calls that end inside the measured window are counted; warm-up
+and drain are not. Every answer is checked (``workload.Calls.check``); a
+wrong one is counted as ``WRONG_ANSWER`` and reported, and fails the run.
+
+How its figures compare with h2load's, measured on one step both can
+express (memory KeyValue, GetItems of one 100-byte record, 8 connections x
+16 streams, server pinned to CPU 0 and the generator to CPU 1, 2-CPU VM
+shared with other work; ``prism bench ... --load-generator`` both ways, same
+run, three repeats each): see the table in docs/bench-results.md
+("Load generators"). In short: the built-in generator reaches about the
+same calls/s as h2load while Prism's worker is the bottleneck, and the
+worker's CPU per call it measures is within a few percent of h2load's; its
+own CPU per call is several times h2load's, so on one CPU it saturates a
+worker only while a call costs the worker more than it costs the generator.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import os
+import selectors
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection as Pipe
+
+import msgspec
+
+from prism.benchmark.frames import Connection, Done, Pending
+from prism.benchmark.workload import PATHS, Calls, Spec, picks
+
+MAX_BACKLOG = 200_000  # open loop: due calls waiting for a free stream, beyond which they are dropped
+DRAIN_S = 1.0  # after the window: how long calls in flight may still end (not counted)
+MAX_WRONG_SHOWN = 5
+STOP = b"stop"
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """One process's share of one step."""
+
+    host: str
+    port: int
+    mode: str  # "closed" or "open"
+    connections: int
+    streams: int  # closed loop: calls in flight per connection
+    rate: float  # open loop: calls/s from this process
+    start_at: float  # time.monotonic() (system-wide) at which sending starts
+    warmup_s: float
+    duration_s: float
+    seed: int
+    authority: str | None = None
+
+
+class Outcome(msgspec.Struct):
+    """What one process saw in the measured window."""
+
+    latencies_us: dict[str, bytes]  # op -> array('q') of the OK calls' latencies
+    errors: dict[str, dict[str, int]]  # op -> status -> count
+    wrong: list[str]  # the first wrong answers, described
+    wrong_total: int
+    cpu_s: float  # this process's CPU time in the window
+    backlog_max: int  # open loop: the most due calls waiting at once
+    connect_error: str | None = None
+
+
+class _Step:
+    def __init__(self, plan: Plan, spec: Spec, stop: Pipe | None) -> None:
+        self.plan, self.spec, self.stop = plan, spec, stop
+        self.calls = Calls(spec)
+        self.sequence = picks(spec, plan.seed)
+        self.next_pick = 0
+        self.window = (plan.start_at + plan.warmup_s, plan.start_at + plan.warmup_s + plan.duration_s)
+        self.latencies: dict[str, array.array[int]] = {op: array.array("q") for op in spec.weights}
+        self.errors: dict[str, dict[str, int]] = {op: {} for op in spec.weights}
+        self.wrong: list[str] = []
+        self.wrong_total = 0
+        self.backlog: collections.deque[float] = collections.deque()
+        self.backlog_max = 0
+        self.stopped = False
+        self.selector = selectors.DefaultSelector()
+        self.conns: list[Connection] = []
+        if stop is not None:
+            self.selector.register(stop.fileno(), selectors.EVENT_READ, None)
+
+    def connect(self) -> Connection:
+        conn = Connection(self.plan.host, self.plan.port, authority=self.plan.authority)
+        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        self.conns.append(conn)
+        return conn
+
+    def replace(self, conn: Connection) -> Connection:
+        self.selector.unregister(conn.sock)
+        conn.close()
+        self.conns.remove(conn)
+        return self.connect()
+
+    def launch(self, conn: Connection, due: float) -> bool:
+        """Start the next call on ``conn`` if it has room; False if not."""
+        op, key = self.sequence[self.next_pick]
+        body = self.calls.build[op](key)
+        if not conn.can_send(len(body)):
+            return False
+        self.next_pick = (self.next_pick + 1) % len(self.sequence)
+        conn.start(Pending(op, key, due), PATHS[op], body)
+        return True
+
+    def ended(self, done: Done, now: float) -> None:
+        call = done.call
+        status = done.status
+        if status == "OK" and not self.calls.check[call.op](call.key, bytes(call.data)):
+            status = "WRONG_ANSWER"
+            self.wrong_total += 1
+            if len(self.wrong) < MAX_WRONG_SHOWN:
+                self.wrong.append(f"{call.op} key {call.key}: answer {bytes(call.data[:64])!r}...")
+        if not self.window[0] <= now < self.window[1]:
+            return
+        if status == "OK":
+            self.latencies[call.op].append(round((now - call.started) * 1e6))
+        else:
+            counts = self.errors[call.op]
+            counts[status] = counts.get(status, 0) + 1
+
+    def poll(self, timeout: float, on_room: Callable[[Connection, float], None]) -> None:
+        for conn in self.conns:
+            conn.flush()
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                if self.stop is not None and self.stop.poll() and self.stop.recv_bytes() == STOP:
+                    self.stopped = True
+                continue
+            conn = key.data
+            ended = conn.receive()
+            now = time.monotonic()
+            for done in ended:
+                self.ended(done, now)
+            if conn.closed is not None and not conn.calls:
+                conn = self.replace(conn)  # GOAWAY or lost: its calls have ended
+                on_room(conn, now)
+            elif ended:
+                on_room(conn, now)
+
+
+def run_step(plan: Plan, spec: Spec, stop: Pipe | None = None) -> Outcome:
+    """Run one step from this process; blocks until its window (and drain) is over."""
+    step = _Step(plan, spec, stop)
+    try:
+        for _ in range(plan.connections):
+            step.connect()
+    except OSError as exc:
+        return _outcome(step, 0.0, f"cannot connect to {plan.host}:{plan.port}: {exc}")
+    while time.monotonic() < plan.start_at:
+        time.sleep(min(0.01, max(0.0, plan.start_at - time.monotonic())))
+    cpu_start = cpu_end = None
+    closed = plan.mode == "closed"
+    interval = 1.0 / plan.rate if plan.rate > 0 else 0.0
+    next_due = plan.start_at
+
+    def refill_closed(conn: Connection, now: float) -> None:
+        while conn.in_flight < plan.streams and step.launch(conn, now):
+            pass
+
+    def refill_open(conn: Connection, now: float) -> None:
+        while step.backlog and step.launch(conn, step.backlog[0]):
+            step.backlog.popleft()
+
+    if closed:
+        for conn in step.conns:
+            refill_closed(conn, time.monotonic())
+    turn = 0
+    while not step.stopped:
+        now = time.monotonic()
+        if cpu_start is None and now >= step.window[0]:
+            cpu_start = _cpu()
+        if now >= step.window[1]:
+            break
+        if not closed and interval > 0:
+            while next_due <= now:
+                step.backlog.append(next_due)
+                next_due += interval
+            while len(step.backlog) > MAX_BACKLOG:
+                step.backlog.popleft()
+                if step.window[0] <= now:
+                    counts = step.errors[step.sequence[step.next_pick][0]]
+                    counts["CLIENT_BACKLOG"] = counts.get("CLIENT_BACKLOG", 0) + 1
+            for _ in range(len(step.conns)):
+                if not step.backlog:
+                    break
+                conn = step.conns[turn % len(step.conns)]
+                turn += 1
+                refill_open(conn, now)
+            step.backlog_max = max(step.backlog_max, len(step.backlog))
+        timeout = 0.05 if closed else max(0.0, min(0.05, next_due - time.monotonic()))
+        step.poll(timeout, refill_closed if closed else refill_open)
+    cpu_end = _cpu()
+    drain_until = time.monotonic() + DRAIN_S
+    while any(conn.calls for conn in step.conns) and time.monotonic() < drain_until:
+        step.poll(0.05, lambda conn, now: None)
+    for conn in step.conns:
+        conn.close()
+    step.selector.close()
+    return _outcome(step, cpu_end - (cpu_start if cpu_start is not None else cpu_end), None)
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _outcome(step: _Step, cpu_s: float, connect_error: str | None) -> Outcome:
+    return Outcome(
+        latencies_us={op: values.tobytes() for op, values in step.latencies.items()},
+        errors=step.errors,
+        wrong=step.wrong,
+        wrong_total=step.wrong_total,
+        cpu_s=cpu_s,
+        backlog_max=step.backlog_max,
+        connect_error=connect_error,
+    )
