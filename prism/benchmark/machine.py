@@ -68,7 +68,7 @@ def _h2load_version(path: str) -> str | None:
 
 
 def backend_versions(namespaces: tuple[NamespaceConfig, ...]) -> dict[str, str | None]:
-    """``{"postgres": "16.4", "redis": "7.2.4", "nats": "2.10.0", "sqlite": "3.45.1"}`` for the backends used."""
+    """The server version of each backend used: ``{"postgres": "16.4", "redis": "7.2.4"}``."""
     found: dict[str, str | None] = {}
     for ns in namespaces:
         options: dict[str, Any] = ns.options

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def _plots(results: Results) -> dict[str, bytes]:
     closed = steps[0].mode == "closed"
     out = {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [s.concurrency if closed else s.offered_calls_per_s for s in steps]
+    xs = [_num(s.concurrency if closed else s.offered_calls_per_s) for s in steps]
     ax.plot(xs, [s.calls_per_s for s in steps], "o-", label="answered OK")
     if not closed:
         ax.plot(xs, xs, ":", color="grey", label="offered")
@@ -69,7 +70,7 @@ def _plots(results: Results) -> dict[str, bytes]:
     if closed:
         ax.set_xscale("log", base=2)
     ax.set_title("Throughput")
-    _mark_saturation_x(ax, results, xs)
+    _mark_saturation_x(ax, results)
     ax.legend()
     ax.grid(alpha=0.3)
     out["throughput"] = _png(fig, plt)
@@ -98,7 +99,7 @@ def _plots(results: Results) -> dict[str, bytes]:
     labels = [_step_label(s) for s in steps]
     bottom = [0.0] * len(steps)
     for role in roles:
-        values = [(s.cpu_us_per_call or {}).get(role, 0.0) for s in steps]
+        values = [float((s.cpu_us_per_call or {}).get(role, 0.0)) for s in steps]
         ax.bar(labels, values, bottom=bottom, label=role)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     if not roles:
@@ -114,7 +115,7 @@ def _plots(results: Results) -> dict[str, bytes]:
     return out
 
 
-def _mark_saturation_x(ax: Any, results: Results, xs: list[Any]) -> None:
+def _mark_saturation_x(ax: Any, results: Results) -> None:
     sat = results.saturation
     if sat is None:
         return
@@ -130,8 +131,12 @@ def _png(fig: Any, plt: Any) -> bytes:
     return buf.getvalue()
 
 
-def _ms(us: float | None) -> float | None:
-    return None if us is None else us / 1000
+def _ms(us: float | None) -> float:
+    return math.nan if us is None else us / 1000
+
+
+def _num(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _step_label(s: Step) -> str:

@@ -13,6 +13,7 @@ per second, ``_pct`` percent of one CPU (100 = one CPU fully busy).
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def saturation(steps: list[Step]) -> Saturation | None:
     top = max(measured, key=lambda s: s.calls_per_s)
     target = 0.8 * top.calls_per_s
     rising = [s for s in measured if s.index <= top.index]
-    for low, high in zip(rising, rising[1:], strict=False):
+    for low, high in itertools.pairwise(rising):
         if low.calls_per_s <= target <= high.calls_per_s and high.calls_per_s > low.calls_per_s:
             lp, hp = low.latency.p99_us, high.latency.p99_us
             if lp is not None and hp is not None:

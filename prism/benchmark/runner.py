@@ -38,6 +38,7 @@ from prism.benchmark.steps import (
     step_record,
 )
 from prism.benchmark.workload import Calls, Spec
+from prism.config import parse_host_port
 
 GENERATORS = ("auto", "builtin", "h2load")
 
@@ -103,11 +104,12 @@ def run(opts: Options) -> Results:
             if own:
                 _say(opts, "starting prism serve")
                 server = start_server(scenario, Path(workdir), placement.server)
-                host, port, admin = "127.0.0.1", server.port, server.admin_url
+                host, port = "127.0.0.1", server.port
+                admin: str | None = server.admin_url
                 setup = msgspec.structs.replace(setup, target=server.target)
             else:
-                host, _, port_text = (opts.target or "").rpartition(":")
-                port, admin = int(port_text), opts.admin
+                host, port = parse_host_port(opts.target or "")
+                admin = opts.admin
             _say(opts, "seeding")
             spec = seed_and_learn(host, port, spec_of(scenario))
             steps, interrupted, failure = _ladder(opts, spec, host, port, admin, server, placement, processes)

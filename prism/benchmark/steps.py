@@ -306,5 +306,7 @@ def _backend(before: list[Sample], after: list[Sample]) -> Backend:
         cache_hit_ratio=round(hits / (hits + misses), 4) if hits + misses else None,
         calls_limited={k: v for k, v in limited.items() if v},
         calls_refused=diff("prism_calls_refused_total"),
-        server_calls_by_status={s: diff("prism_requests_total", status=s) for s in sorted(statuses)},
+        server_calls_by_status={
+            s: n for s in sorted(statuses) if (n := diff("prism_requests_total", status=s))
+        },
     )
