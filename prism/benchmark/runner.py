@@ -56,6 +56,7 @@ class Options:
     target: str | None = None  # HOST:PORT of a running server (None: start one)
     admin: str | None = None  # its admin URL, for /metrics
     load_generator: str = "auto"
+    seed: bool = True  # False: the records are there already (a previous run); only check them
     progress: TextIO = field(default_factory=lambda: sys.stderr)
 
 
@@ -110,8 +111,8 @@ def run(opts: Options) -> Results:
             else:
                 host, port = parse_host_port(opts.target or "")
                 admin = opts.admin
-            _say(opts, "seeding")
-            spec = seed_and_learn(host, port, spec_of(scenario))
+            _say(opts, "seeding" if opts.seed else "checking the seeded records")
+            spec = seed_and_learn(host, port, spec_of(scenario), write=opts.seed)
             steps, interrupted, failure = _ladder(opts, spec, host, port, admin, server, placement, processes)
         except KeyboardInterrupt:
             interrupted = True

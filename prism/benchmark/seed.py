@@ -63,14 +63,17 @@ def call_all(
     return [endings[i] for i in range(len(calls))]
 
 
-def seed_and_learn(host: str, port: int, spec: Spec, authority: str | None = None) -> Spec:
-    """Write what the workload reads; the spec with the learned answers."""
+def seed_and_learn(
+    host: str, port: int, spec: Spec, authority: str | None = None, *, write: bool = True
+) -> Spec:
+    """Write what the workload reads (unless not ``write``: a previous run did), check
+    it reads back as expected; the spec with the learned answers."""
     calls = Calls(spec)
     ops = set(spec.weights)
     writes: list[tuple[str, int, bytes]] = []
-    if ops & {"get", "put", "scan"}:
+    if write and ops & {"get", "put", "scan"}:
         writes = [("put", i, calls.build["put"](i)) for i in range(spec.records)]
-    elif "read_events" in ops:
+    elif write and "read_events" in ops:
         writes = [("write_events", i, calls.seed_events(i)) for i in range(spec.records)]
     for done in _batched(host, port, writes, authority):
         if done.status != "OK":

@@ -41,6 +41,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         default="auto",
         help="auto: h2load for steps of one fixed request when installed, else the built-in one",
     )
+    bench.add_argument(
+        "--no-seed",
+        action="store_true",
+        help="with --target: the records are there from an earlier run; check them, do not write them",
+    )
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -57,6 +62,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ValueError as exc:
         print(f"prism bench: --target: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.no_seed and not args.target:
+        print("prism bench: --no-seed goes with --target (a server the bench starts is empty)", file=sys.stderr)
         return EXIT_USAGE
     if args.admin and not args.target:
         print("prism bench: --admin goes with --target (a server the bench starts is metered anyway)",
@@ -77,6 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         target=args.target,
         admin=args.admin,
         load_generator=args.load_generator,
+        seed=not args.no_seed,
     )
     try:
         outcome = runner.run(opts)
