@@ -11,15 +11,14 @@ and drain are not. Every answer is checked (``workload.Calls.check``); a
 wrong one is counted as ``WRONG_ANSWER`` and reported, and fails the run.
 
 How its figures compare with h2load's, measured on one step both can
-express (memory KeyValue, GetItems of one 100-byte record, 8 connections x
-16 streams, server pinned to CPU 0 and the generator to CPU 1, 2-CPU VM
-shared with other work; ``prism bench ... --load-generator`` both ways, same
-run, three repeats each): see the table in docs/bench-results.md
-("Load generators"). In short: the built-in generator reaches about the
-same calls/s as h2load while Prism's worker is the bottleneck, and the
-worker's CPU per call it measures is within a few percent of h2load's; its
-own CPU per call is several times h2load's, so on one CPU it saturates a
-worker only while a call costs the worker more than it costs the generator.
+express (memory KeyValue, GetItems of one 100-byte record, server pinned to
+CPU 0 and the generator to CPU 1, same session, three runs each; the table
+is in docs/bench-results.md, "Load generators"): the worker's CPU per call
+agrees within 4% (it does not depend on the generator); calls/s reach
+0.74-0.94 of h2load's and latency is 1.1-1.4x; the generator's own CPU per
+call is 2-3.3x h2load's (13.5 us against 4.1 us at 128 in flight), a
+quarter of what the worker spends per call (~57 us), so one generator
+process on its own CPU saturates one worker.
 """
 
 from __future__ import annotations

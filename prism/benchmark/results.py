@@ -157,7 +157,9 @@ def percentile(sorted_values: list[int], pct: float) -> float | None:
     """Nearest-rank percentile of an already sorted list (None if empty)."""
     if not sorted_values:
         return None
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    rank = max(
+        1, math.ceil(round(pct / 100 * len(sorted_values), 9))
+    )  # 99.9% of 1000 is 999, not 999.0000001
     return float(sorted_values[rank - 1])
 
 

@@ -74,19 +74,25 @@ class Meter:
         return now, ticks, counters, samples
 
 
+def one_request(spec: Spec) -> bool:
+    """Whether every call of the workload is the same request (what h2load can send)."""
+    if len(spec.weights) != 1:
+        return False
+    (op,) = spec.weights
+    if op == "scan":
+        return spec.records <= spec.scan_limit  # else the page carries a token, which need not repeat
+    return op in H2LOAD_OPS and spec.records == 1
+
+
 def fixed_request(spec: Spec, calls: Calls) -> tuple[str, bytes, bytes] | None:
     """(op, request, expected answer) when every call of the workload is the same request."""
-    if len(spec.weights) != 1:
+    if not one_request(spec):
         return None
     (op,) = spec.weights
-    if op not in H2LOAD_OPS or (op != "scan" and spec.records != 1):
-        return None
     if op == "get":
         return op, calls.build[op](0), calls.expected_get(0)
     if op == "put":
         return op, calls.build[op](0), EMPTY_ANSWER
-    if op == "scan" and spec.records > spec.scan_limit:
-        return None  # the page carries a next-page token, which need not repeat
     answer = spec.learned.get(op, {}).get(0)
     return (op, calls.build[op](0), answer) if answer is not None else None
 

@@ -64,12 +64,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"prism bench: --target: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.no_seed and not args.target:
-        print("prism bench: --no-seed goes with --target (a server the bench starts is empty)", file=sys.stderr)
+        print(
+            "prism bench: --no-seed goes with --target (a server the bench starts is empty)", file=sys.stderr
+        )
         return EXIT_USAGE
     if args.admin and not args.target:
         print("prism bench: --admin goes with --target (a server the bench starts is metered anyway)",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if args.load_generator == "h2load":
+        from prism.benchmark.h2load import h2load_path
+        from prism.benchmark.steps import one_request
+
+        if h2load_path() is None:
+            print("prism bench: --load-generator h2load: h2load is not installed (nghttp2-client)",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        if not one_request(runner.spec_of(scenario)) or scenario.load.mode != "closed":
+            print("prism bench: --load-generator h2load: h2load sends one fixed request in a closed loop; "
+                  "this scenario needs the built-in generator", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"prism-bench-{stamp}")
     try:
