@@ -27,6 +27,7 @@ end the calls they concern as errors.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -47,8 +48,12 @@ STATUS_NAMES = (
 )  # fmt: skip
 
 
+_HEAD = struct.Struct(">HBBBI")  # length (16 + 8 bits), type, flags, stream id
+
+
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + stream_id.to_bytes(4, "big") + payload
+    n = len(payload)
+    return _HEAD.pack(n >> 8, n & 0xFF, ftype, flags, stream_id) + payload
 
 
 def status_name(code: bytes | None) -> str:
@@ -91,11 +96,10 @@ class Done:
 class Connection:
     """One HTTP/2 connection carrying gRPC calls; feed it bytes, it says which calls ended."""
 
-    def __init__(self, host: str, port: int, *, authority: str | None = None) -> None:
-        self.sock = socket.create_connection((host, port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, sock: socket.socket, authority: str) -> None:
+        self.sock = sock
         self.sock.setblocking(False)
-        self.authority = (authority or f"{host}:{port}").encode()
+        self.authority = authority.encode()
         self.out = bytearray(PREFACE + _CLIENT_SETTINGS + _OPEN_WINDOW)
         self.inbuf = bytearray()
         self.calls: dict[int, Pending] = {}
@@ -191,13 +195,14 @@ class Connection:
 
     def _frames(self) -> Iterator[Done]:
         buf, pos = self.inbuf, 0
-        while len(buf) - pos >= 9:
-            length = int.from_bytes(buf[pos : pos + 3], "big")
+        size = len(buf)
+        while size - pos >= 9:
+            high, low, ftype, flags, sid = _HEAD.unpack_from(buf, pos)
+            length = high << 8 | low
             end = pos + 9 + length
-            if end > len(buf):
+            if end > size:
                 break
-            ftype, flags = buf[pos + 3], buf[pos + 4]
-            sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & MAX_WINDOW
+            sid &= MAX_WINDOW
             payload = bytes(buf[pos + 9 : end])
             pos = end
             if ftype == DATA:
@@ -278,6 +283,13 @@ class Connection:
             elif ident == 5:
                 self.max_frame = value
         self.out += frame(SETTINGS, ACK, 0, b"")
+
+
+def connect(host: str, port: int, authority: str | None = None) -> Connection:
+    """A connection to ``host:port`` (TCP, no delay), its preface queued."""
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Connection(sock, authority or f"{host}:{port}")
 
 
 def _unpad(payload: bytes, flags: int) -> bytes:

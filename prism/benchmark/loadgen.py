@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection as Pipe
 
 import msgspec
 
-from prism.benchmark.frames import Connection, Done, Pending
+from prism.benchmark.frames import Connection, Done, Pending, connect
 from prism.benchmark.workload import PATHS, Calls, Spec, picks
 
 MAX_BACKLOG = 200_000  # open loop: due calls waiting for a free stream, beyond which they are dropped
@@ -90,7 +90,7 @@ class _Step:
             self.selector.register(stop.fileno(), selectors.EVENT_READ, None)
 
     def connect(self) -> Connection:
-        conn = Connection(self.plan.host, self.plan.port, authority=self.plan.authority)
+        conn = connect(self.plan.host, self.plan.port, self.plan.authority)
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
         self.conns.append(conn)
         return conn

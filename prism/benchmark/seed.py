@@ -16,7 +16,7 @@ import time
 
 import msgspec
 
-from prism.benchmark.frames import Connection, Done, Pending
+from prism.benchmark.frames import Done, Pending, connect
 from prism.benchmark.workload import PATHS, Calls, Spec
 
 WINDOW = 64
@@ -32,7 +32,7 @@ def call_all(
     host: str, port: int, calls: list[tuple[str, int, bytes]], authority: str | None = None
 ) -> list[Done]:
     """Make ``calls`` (op, key, request body), ``WINDOW`` at a time; their endings, in call order."""
-    conn = Connection(host, port, authority=authority)
+    conn = connect(host, port, authority)
     selector = selectors.DefaultSelector()
     selector.register(conn.sock, selectors.EVENT_READ)
     endings: dict[int, Done] = {}

@@ -45,6 +45,7 @@ PATHS = {
     "read_events": b"/prism.timeseries.v1.TimeSeries/ReadEvents",
     "publish": b"/prism.pubsub.v1.PubSub/Publish",
 }
+CACHE_BYTES = 64 << 20  # requests and expected answers kept per key, up to this much per process
 PICKS = 1 << 16  # length of the precomputed (operation, key) sequence each process cycles through
 SEED_TIME_US = 1_700_000_000_000_000  # seeded events' times: fixed, so answers repeat
 
@@ -109,6 +110,12 @@ class Calls:
         self._ns = _field(1, spec.namespace.encode())
         self._events = itertools.count()
         self._tag = f"{random.getrandbits(48):012x}"
+        # Fixed per key: built once, kept while they fit in CACHE_BYTES.
+        per_key = 2 * spec.value_bytes + 64
+        self._keep = spec.records * per_key <= CACHE_BYTES
+        self._gets: dict[int, bytes] = {}
+        self._puts: dict[int, bytes] = {}
+        self._answers: dict[int, bytes] = {}
         self.build: dict[str, Callable[[int], bytes]] = {
             "get": self._get,
             "put": self._put,
@@ -129,11 +136,21 @@ class Calls:
     # ---- requests (gRPC-framed)
 
     def _get(self, i: int) -> bytes:
-        return grpc_frame(self._ns + _field(2, record_id(i).encode()))
+        request = self._gets.get(i)
+        if request is None:
+            request = grpc_frame(self._ns + _field(2, record_id(i).encode()))
+            if self._keep:
+                self._gets[i] = request
+        return request
 
     def _put(self, i: int) -> bytes:
-        item = _field(1, ITEM_KEY) + _field(2, value_of(i, self.spec.value_bytes))
-        return grpc_frame(self._ns + _field(2, record_id(i).encode()) + _field(3, item))
+        request = self._puts.get(i)
+        if request is None:
+            item = _field(1, ITEM_KEY) + _field(2, value_of(i, self.spec.value_bytes))
+            request = grpc_frame(self._ns + _field(2, record_id(i).encode()) + _field(3, item))
+            if self._keep:
+                self._puts[i] = request
+        return request
 
     def _scan(self, i: int) -> bytes:
         selection = common_pb2.Selection(limit_items=self.spec.scan_limit).SerializeToString()
@@ -169,8 +186,13 @@ class Calls:
     # ---- answers (the whole DATA of the answer: gRPC-framed)
 
     def expected_get(self, i: int) -> bytes:
-        item = kv_pb2.Item(key=ITEM_KEY, value=value_of(i, self.spec.value_bytes))
-        return grpc_frame(kv_pb2.GetItemsResponse(items=[item]).SerializeToString())
+        answer = self._answers.get(i)
+        if answer is None:
+            item = kv_pb2.Item(key=ITEM_KEY, value=value_of(i, self.spec.value_bytes))
+            answer = grpc_frame(kv_pb2.GetItemsResponse(items=[item]).SerializeToString())
+            if self._keep:
+                self._answers[i] = answer
+        return answer
 
     def _check_get(self, i: int, answer: bytes) -> bool:
         return answer == self.expected_get(i)
