@@ -14,11 +14,11 @@ How its figures compare with h2load's, measured on one step both can
 express (memory KeyValue, GetItems of one 100-byte record, server pinned to
 CPU 0 and the generator to CPU 1, same session, three runs each; the table
 is in docs/bench-results.md, "Load generators"): the worker's CPU per call
-agrees within 4% (it does not depend on the generator); calls/s reach
-0.74-0.94 of h2load's and latency is 1.1-1.4x; the generator's own CPU per
-call is 2-3.3x h2load's (13.5 us against 4.1 us at 128 in flight), a
-quarter of what the worker spends per call (~57 us), so one generator
-process on its own CPU saturates one worker.
+agrees within 5% (it does not depend on the generator); calls/s reach
+0.94-1.03 of h2load's, p50 5-16% higher; the generator's own CPU per call
+is 1.5-1.9x h2load's (7.6 us against 4.1 us at 128 in flight), a seventh of
+what the worker spends per call (~55 us), so one generator process on its
+own CPU saturates one worker.
 """
 
 from __future__ import annotations

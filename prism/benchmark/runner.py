@@ -118,6 +118,8 @@ def run(opts: Options) -> Results:
             interrupted = True
         except (ServerFailed, SeedFailed, BenchFailed, h2load.LoadFailed, OSError) as exc:
             failure = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug here: still stop the server and write what was measured
+            failure = f"unexpected {type(exc).__name__}: {exc}"
         finally:
             if server is not None:
                 if server.proc is not None and server.proc.poll() is not None and failure is None:

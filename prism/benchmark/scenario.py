@@ -56,6 +56,7 @@ DISTRIBUTIONS = ("uniform", "zipf")
 MODES = ("closed", "open")
 MAX_VALUE_BYTES = 60_000  # one request fits the default HTTP/2 stream window (65,535)
 MAX_RECORDS = 10_000_000
+MAX_ZIPF_RECORDS = 1_000_000  # the generator draws zipf keys from a table of cumulative weights
 QUICK_DURATION_S = 1.0
 QUICK_WARMUP_S = 0.3
 QUICK_MAX_STEPS = 3
@@ -225,6 +226,10 @@ def _check_workload(s: Scenario) -> None:
         )
     if not (math.isfinite(w.zipf_skew) and 0 < w.zipf_skew <= 5):
         raise FieldError("workload.zipf_skew", f"{w.zipf_skew} out of range (> 0, <= 5)")
+    if w.key_distribution == "zipf" and w.records > MAX_ZIPF_RECORDS:
+        raise FieldError(
+            "workload.records", f"{w.records}: zipf keys are drawn from at most {MAX_ZIPF_RECORDS:,}"
+        )
     if not 1 <= w.events_per_series <= 1000:
         raise FieldError("workload.events_per_series", f"{w.events_per_series} out of range (1-1000)")
     if not 1 <= w.scan_limit <= 1000:

@@ -145,3 +145,14 @@ def test_the_cli_refuses_a_file_that_is_not_toml(tmp_path: Path, capsys: pytest.
 def test_shipped_scenarios_are_plain_toml() -> None:
     for path in SCENARIOS.glob("*.toml"):
         assert "name" in tomllib.loads(path.read_text())
+
+
+def test_zipf_keys_come_from_at_most_a_million_records() -> None:
+    data = with_change("workload.key_distribution", "zipf")
+    data["workload"]["records"] = 1_000_001
+    with pytest.raises(
+        ConfigError, match=r"^workload\.records: 1000001: zipf keys are drawn from at most 1,000,000"
+    ):
+        parse_scenario(data)
+    data["workload"]["records"] = 1_000_000
+    assert parse_scenario(data).workload.records == 1_000_000
