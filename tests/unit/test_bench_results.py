@@ -130,3 +130,14 @@ def test_the_report_is_one_self_contained_page(tmp_path: Path) -> None:
         assert page.count('src="data:image/png;base64,') == 3
     else:
         assert report.INSTALL_HINT in page
+
+
+def test_without_matplotlib_the_page_has_the_tables_and_says_how_to_get_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
+    written = report.write_report(run_of([step(0, 1000, 1000)]), tmp_path)
+    assert written == [tmp_path / "report.html"]
+    page = written[0].read_text()
+    assert "pip install &#x27;prism-gateway[report]&#x27;" in page and "<table>" in page
+    assert "data:image/png" not in page
