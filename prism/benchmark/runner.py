@@ -212,17 +212,19 @@ class _Clock:
         self.label = f"step {rung.index + 1}/{len(self.rungs)}: {what} ({generator})"
         self.step_end = time.monotonic() + rung.warmup_s + rung.duration_s + 0.5
         if not self.opts.progress.isatty():
-            self.opts.progress.write(self.label + "\n")
+            self.opts.progress.write(f"{self.label}, {_clock(self._left(time.monotonic()))} left\n")
             self.opts.progress.flush()
 
     def wait(self, until: float) -> None:
         while (now := time.monotonic()) < until:
             if self.opts.progress.isatty():
-                later = sum(r.warmup_s + r.duration_s + 1.0 for r in self.rungs[self.rung.index + 1 :])
-                left = max(0.0, self.step_end - now) + later
-                self.opts.progress.write(f"\r{self.label}, {_clock(left)} left   ")
+                self.opts.progress.write(f"\r{self.label}, {_clock(self._left(now))} left   ")
                 self.opts.progress.flush()
             time.sleep(min(0.25, until - now))
+
+    def _left(self, now: float) -> float:
+        later = sum(r.warmup_s + r.duration_s + 1.0 for r in self.rungs[self.rung.index + 1 :])
+        return max(0.0, self.step_end - now) + later
 
 
 def _clock(seconds: float) -> str:
