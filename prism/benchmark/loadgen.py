@@ -6,9 +6,11 @@ loop: calls are due on a fixed schedule (``rate`` per second) whatever the
 answers do; a due call goes on a connection with a free stream, else waits
 in a backlog, and its latency runs from when it was due, not when it could
 be sent (so a saturated server shows in the latency, with no coordinated
-omission). Calls that end inside the measured window are counted; warm-up
-and drain are not. Every answer is checked (``workload.Calls.check``); a
-wrong one is counted as ``WRONG_ANSWER`` and reported, and fails the run.
+omission). Closed loop, the calls that end inside the measured window are
+counted; open loop, the calls due inside it, answered in it or in the drain
+after it (up to DRAIN_OPEN_S; then they count as ``CLIENT_TIMEOUT``).
+Every answer is checked (``workload.Calls.check``); a wrong one is counted
+as ``WRONG_ANSWER`` and reported, and fails the run.
 
 How its figures compare with h2load's, measured on one step both can
 express (memory KeyValue, GetItems of one 100-byte record, server pinned to
@@ -37,7 +39,8 @@ from prism.benchmark.frames import Connection, Done, Pending, connect
 from prism.benchmark.workload import PATHS, Calls, Spec, picks
 
 MAX_BACKLOG = 200_000  # open loop: due calls waiting for a free stream, beyond which they are dropped
-DRAIN_S = 1.0  # after the window: how long calls in flight may still end (not counted)
+DRAIN_S = 1.0  # closed loop, after the window: how long calls in flight may still end (not counted)
+DRAIN_OPEN_S = 5.0  # open loop, after the window: how long the calls due in it may still take
 MAX_WRONG_SHOWN = 5
 STOP = b"stop"
 
@@ -67,6 +70,7 @@ class Outcome(msgspec.Struct):
     wrong_total: int
     cpu_s: float  # this process's CPU time in the window
     backlog_max: int  # open loop: the most due calls waiting at once
+    last_answer_at: float  # time.monotonic() of the last answer to a call of the window (0: none)
     connect_error: str | None = None
 
 
@@ -84,6 +88,8 @@ class _Step:
         self.backlog: collections.deque[float] = collections.deque()
         self.backlog_max = 0
         self.stopped = False
+        self.by_due = plan.mode == "open"
+        self.last_answer_at = 0.0
         self.selector = selectors.DefaultSelector()
         self.conns: list[Connection] = []
         if stop is not None:
@@ -119,13 +125,23 @@ class _Step:
             self.wrong_total += 1
             if len(self.wrong) < MAX_WRONG_SHOWN:
                 self.wrong.append(f"{call.op} key {call.key}: answer {bytes(call.data[:64])!r}...")
-        if not self.window[0] <= now < self.window[1]:
+        # Closed loop: the calls that end in the window. Open loop: the calls due in it
+        # (answered during the drain if need be), so that a step's calls are its schedule's.
+        if not self.window[0] <= (call.started if self.by_due else now) < self.window[1]:
             return
+        self.last_answer_at = now
         if status == "OK":
             self.latencies[call.op].append(round((now - call.started) * 1e6))
         else:
             counts = self.errors[call.op]
             counts[status] = counts.get(status, 0) + 1
+
+    def count(self, op: str, status: str, n: int = 1) -> None:
+        counts = self.errors[op]
+        counts[status] = counts.get(status, 0) + n
+
+    def in_window(self, due: float) -> bool:
+        return self.window[0] <= due < self.window[1]
 
     def poll(self, timeout: float, on_room: Callable[[Connection, float], None]) -> None:
         for conn in self.conns:
@@ -185,10 +201,8 @@ def run_step(plan: Plan, spec: Spec, stop: Pipe | None = None) -> Outcome:
                 step.backlog.append(next_due)
                 next_due += interval
             while len(step.backlog) > MAX_BACKLOG:
-                step.backlog.popleft()
-                if step.window[0] <= now:
-                    counts = step.errors[step.sequence[step.next_pick][0]]
-                    counts["CLIENT_BACKLOG"] = counts.get("CLIENT_BACKLOG", 0) + 1
+                if step.in_window(step.backlog.popleft()):
+                    step.count(step.sequence[step.next_pick][0], "CLIENT_BACKLOG")
             for _ in range(len(step.conns)):
                 if not step.backlog:
                     break
@@ -199,13 +213,37 @@ def run_step(plan: Plan, spec: Spec, stop: Pipe | None = None) -> Outcome:
         timeout = 0.05 if closed else max(0.0, min(0.05, next_due - time.monotonic()))
         step.poll(timeout, refill_closed if closed else refill_open)
     cpu_end = _cpu()
-    drain_until = time.monotonic() + DRAIN_S
-    while any(conn.calls for conn in step.conns) and time.monotonic() < drain_until:
-        step.poll(0.05, lambda conn, now: None)
+    if closed or step.stopped:
+        drain_until = time.monotonic() + DRAIN_S
+        while any(conn.calls for conn in step.conns) and time.monotonic() < drain_until:
+            step.poll(0.05, lambda conn, now: None)
+    else:
+        _drain_open(step, refill_open)
     for conn in step.conns:
         conn.close()
     step.selector.close()
     return _outcome(step, cpu_end - (cpu_start if cpu_start is not None else cpu_end), None)
+
+
+def _drain_open(step: _Step, refill: Callable[[Connection, float], None]) -> None:
+    """Open loop, after the window: send what was due in it and wait for its answers
+    (up to DRAIN_OPEN_S); what is still unsent or unanswered then counts as CLIENT_TIMEOUT."""
+    deadline = time.monotonic() + DRAIN_OPEN_S
+    while time.monotonic() < deadline:
+        pending = any(step.in_window(c.started) for conn in step.conns for c in conn.calls.values())
+        if not pending and not step.backlog:
+            break
+        for conn in list(step.conns):
+            refill(conn, time.monotonic())
+        step.poll(0.05, refill)
+        while step.backlog and not step.in_window(step.backlog[0]):
+            step.backlog.popleft()  # due after the window: never sent
+    late = [c.op for conn in step.conns for c in conn.calls.values() if step.in_window(c.started)]
+    for op in late:
+        step.count(op, "CLIENT_TIMEOUT")
+    unsent = sum(1 for due in step.backlog if step.in_window(due))
+    if unsent:
+        step.count(step.sequence[step.next_pick][0], "CLIENT_TIMEOUT", unsent)
 
 
 def _cpu() -> float:
@@ -221,5 +259,6 @@ def _outcome(step: _Step, cpu_s: float, connect_error: str | None) -> Outcome:
         wrong_total=step.wrong_total,
         cpu_s=cpu_s,
         backlog_max=step.backlog_max,
+        last_answer_at=step.last_answer_at,
         connect_error=connect_error,
     )

@@ -54,6 +54,7 @@ class StepTotals(msgspec.Struct):
     wrong_total: int
     loadgen_cpu_s: float
     backlog_max: int
+    last_answer_at: float  # time.monotonic() of the last answer to a call of the window
 
     @property
     def ok_calls(self) -> int:
@@ -151,4 +152,5 @@ def merge(outcomes: list[Outcome]) -> StepTotals:
         wrong_total=sum(o.wrong_total for o in outcomes),
         loadgen_cpu_s=sum(o.cpu_s for o in outcomes),
         backlog_max=sum(o.backlog_max for o in outcomes),
+        last_answer_at=max((o.last_answer_at for o in outcomes), default=0.0),
     )

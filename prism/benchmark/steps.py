@@ -115,14 +115,20 @@ def run_builtin(
         wait(start_at + rung.warmup_s)
         readings.append(meter.read(before=True))
         wait(start_at + rung.warmup_s + rung.duration_s)
+        if rung.mode == "closed":
+            readings.append(meter.read(before=False))
+            return pool.collect(30.0), readings, connections
+        # Open loop: the window's calls may be answered after it (the drain); the
+        # server's CPU is read once they are.
+        totals = pool.collect(30.0)
         readings.append(meter.read(before=False))
+        return totals, readings, connections
     except KeyboardInterrupt:
         pool.stop()
         if len(readings) == 1:
             readings.append(meter.read(before=False))
         totals = pool.collect(30.0)
         raise Interrupted(totals, readings, connections) from None
-    return pool.collect(rung.warmup_s + rung.duration_s + 30.0), readings, connections
 
 
 class Interrupted(Exception):
@@ -191,6 +197,7 @@ def run_h2load(
         wrong_total=len(wrong),
         loadgen_cpu_s=(_children_cpu_s() - before_cpu) * rung.duration_s / (rung.warmup_s + rung.duration_s),
         backlog_max=0,
+        last_answer_at=0.0,
     )
     return totals, readings, connections
 
@@ -221,8 +228,12 @@ def step_record(
 ) -> Step:
     """The ``Step`` of results.json from what was measured."""
     window = rung.duration_s
-    if len(readings) == 2:
+    if len(readings) == 2 and (rung.mode == "closed" or not complete):
         window = max(1e-6, readings[1][0] - readings[0][0])
+    elif len(readings) == 2 and totals.last_answer_at:
+        # Open loop: the window's calls were answered by last_answer_at (in the drain when
+        # the server fell behind): the rate they were answered at.
+        window = max(rung.duration_s, totals.last_answer_at - readings[0][0])
     ok = totals.ok_calls
     errors: dict[str, int] = {}
     for counts in totals.errors.values():
@@ -240,7 +251,7 @@ def step_record(
         )
         for op, values in totals.latencies_us.items()
     }
-    cpu, pct, others, backend = _server_figures(readings, ok, window)
+    cpu, pct, others, backend = _server_figures(readings, ok)
     closed = rung.mode == "closed"
     return Step(
         index=rung.index,
@@ -269,11 +280,12 @@ def step_record(
 
 
 def _server_figures(
-    readings: list[Reading], ok: int, window: float
+    readings: list[Reading], ok: int
 ) -> tuple[dict[str, float] | None, dict[str, float] | None, float | None, Backend | None]:
     if len(readings) != 2:
         return None, None, None, None
-    (_, ticks0, counters0, samples0), (_, ticks1, counters1, samples1) = readings
+    (start, ticks0, counters0, samples0), (end, ticks1, counters1, samples1) = readings
+    window = max(1e-6, end - start)
     cpu: dict[str, float] | None = None
     pct: dict[str, float] | None = None
     others: float | None = None

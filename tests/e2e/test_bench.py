@@ -74,8 +74,8 @@ def test_every_operation_is_answered_and_checked_in_both_loops(server: PrismServ
             assert outcome.errors == {op: {} for op in s.weights}
             counts = {op: len(raw) // 8 for op, raw in outcome.latencies_us.items()}
             assert all(n > 0 for n in counts.values()), (s.namespace, mode, counts)
-            if mode == "open":  # 300/s for 0.8 s, whatever the server does
-                assert 180 <= sum(counts.values()) <= 300, counts
+            if mode == "open":  # the calls due in the window: 300/s for 0.8 s, whatever the server does
+                assert 238 <= sum(counts.values()) <= 242, counts
 
 
 def test_a_wrong_answer_is_counted_and_shown_never_measured(server: PrismServer) -> None:
