@@ -129,7 +129,7 @@ def run_h2load(
         argv += ["-H", header]
     argv.append(target.url)
     out = run_tool(argv, run_timeout(requests, duration_s))
-    return _parse_h2load(out, *read_log(log_file))
+    return parse_summary(out, *read_log(log_file))
 
 
 def run_timeout(requests: int | None, duration_s: float | None) -> float:
@@ -162,7 +162,7 @@ _UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _FIRST_BYTE = re.compile(r"^time to 1st byte:\s+[\d.]+(?:us|ms|s)\s+([\d.]+)(us|ms|s)\s", re.M)
 
 
-def _parse_h2load(out: str, latencies_us: list[int], span_s: float) -> LoadResult:
+def parse_summary(out: str, latencies_us: list[int], span_s: float) -> LoadResult:
     """Pull counts out of h2load's summary; fail loudly if its format changed."""
     finished, requests, status, data = (p.search(out) for p in (_FINISHED, _REQUESTS, _STATUS, _DATA))
     if finished is None or requests is None or status is None or data is None:

@@ -178,7 +178,7 @@ def run_h2load(
             raise
         if proc.returncode != 0:
             raise h2load.LoadFailed(f"h2load exited with {proc.returncode}:\n{out}")
-        result = h2load._parse_h2load(out, *h2load.read_log(log))
+        result = h2load.parse_summary(out, *h2load.read_log(log))
         window = _window_latencies(log, rung.warmup_s, rung.duration_s)
     errors: dict[str, int] = {}
     wrong: list[str] = []
