@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
+
 from prism.errors import ConfigError
 
 TARGET_UTILISATION: Final = 0.7
@@ -96,8 +98,9 @@ _OPS: Final = {"prism_get": "read", "prism_put": "write"}
 
 
 def load_costs(paths: list[Path]) -> CostTable:
-    """A cost table from benchmark results (``bench/backends.py``'s JSON);
-    later files override earlier ones. ConfigError naming the file if unusable."""
+    """A cost table from benchmark results (``bench/backends.py``'s JSON, or
+    ``prism bench``'s results.json: ``prism.benchmark.costs``); later files
+    override earlier ones. ConfigError naming the file if unusable."""
     if not paths:
         return DEFAULT_COSTS
     costs: dict[tuple[str, str], Cost] = {}
@@ -105,6 +108,12 @@ def load_costs(paths: list[Path]) -> CostTable:
     for path in paths:
         try:
             data = json.loads(path.read_bytes())
+            if data.get("kind") == "prism-bench-results":  # prism bench's results.json
+                from prism.benchmark.costs import plan_costs
+
+                costs.update({key: Cost(*figures) for key, figures in plan_costs(data).items()})
+                machine = data.get("machine", machine)
+                continue
             results = data["results"]
             machine = data.get("machine", machine)
             for backend, figures in results.items():
@@ -114,7 +123,7 @@ def load_costs(paths: list[Path]) -> CostTable:
                         costs[backend, op] = Cost(float(got["cpu_us_per_call"]), float(got["calls_per_s"]))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, msgspec.ValidationError) as exc:
             raise ConfigError(f"{path}: not benchmark results ({type(exc).__name__}: {exc})") from None
     if not costs:
         raise ConfigError(f"{', '.join(map(str, paths))}: no backend costs in these results")

@@ -22,6 +22,7 @@ from prism.benchmark.results import (
     percentile,
     saturation,
 )
+from prism.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bench-results.md"
 
@@ -141,3 +142,24 @@ def test_without_matplotlib_the_page_has_the_tables_and_says_how_to_get_plots(
     page = written[0].read_text()
     assert "pip install &#x27;prism-gateway[report]&#x27;" in page and "<table>" in page
     assert "data:image/png" not in page
+
+
+def test_prism_plan_reads_a_one_operation_run_and_skips_a_mix(tmp_path: Path) -> None:
+    from prism.plan.model import Cost, load_costs
+
+    steps = [step(0, 1000, 1000), step(1, 5000, 9000)]
+    run = run_of(steps)
+    run.scenario = {
+        "name": "pg-reads",
+        "namespaces": [{"name": "bench", "backend": "postgres"}],
+        "workload": {"namespace": "", "mix": {"get": 1.0, "put": 0.0}},
+    }
+    path = tmp_path / "results.json"
+    results.write(path, run)
+    table = load_costs([path])
+    # The saturation step's worker CPU per call, and its calls/s per worker (one worker here).
+    assert table.costs == {("postgres", "read"): Cost(50.0, 5000.0)}
+    run.scenario["workload"] = {"mix": {"get": 0.9, "put": 0.1}}
+    results.write(path, run)
+    with pytest.raises(ConfigError, match="no backend costs"):
+        load_costs([path])
