@@ -94,6 +94,7 @@ class Call:
         "started",
         "stream_id",
         "timeout_s",
+        "trace",  # prism.tracing.context.CallTrace, set only while tracing is on
     )
 
     forwarded = False  # arrived on a client connection

@@ -1,0 +1,70 @@
+"""A connection's calls, traced: the wrappers ``CallTracing`` puts on a
+``prism.rpc.server.Connection`` when tracing is on.
+
+They are instance attributes that shadow the class's methods, set once per
+connection: with tracing off no connection has them and a call runs exactly
+the code it ran before (no test per call). On, a call's request end
+(``_on_end``; a client-streaming call's start) makes its trace current
+around the step that answers it or starts its task (which inherits it), and
+the answers count their bytes for the access log.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prism.tracing import context
+
+if TYPE_CHECKING:
+    from prism.rpc.call import Call
+    from prism.rpc.server import Connection
+    from prism.tracing.calls import CallTracing
+
+
+def instrument(conn: Connection, tracing: CallTracing) -> None:
+    """Wire ``tracing`` into ``conn``'s call steps and answers."""
+    on_start, on_end = conn._on_start, conn._on_end
+    proto = conn.proto
+    send_unary, send_message = proto.send_unary, proto.send_message
+    enter, current = tracing.enter, context.current
+
+    def traced_on_start(call: Call) -> None:
+        if call._inq is None:
+            on_start(call)  # a unary request: its trace begins when it is complete
+            return
+        token = enter(call, conn.peer)
+        try:
+            on_start(call)
+        finally:
+            if token is not None:
+                current.reset(token)
+
+    def traced_on_end(call: Call) -> None:
+        if call._inq is not None:
+            on_end(call)  # a client stream: traced from its start
+            return
+        token = enter(call, conn.peer)
+        try:
+            on_end(call)
+        finally:
+            if token is not None:
+                current.reset(token)
+
+    def counted_unary(call: Call, payload: bytes) -> None:
+        _count(call, payload)
+        send_unary(call, payload)
+
+    def counted_message(call: Call, payload: bytes) -> None:
+        _count(call, payload)
+        send_message(call, payload)
+
+    conn._on_start = traced_on_start  # type: ignore[method-assign]
+    conn._on_end = traced_on_end  # type: ignore[method-assign]
+    proto.send_unary = counted_unary  # type: ignore[method-assign]
+    proto.send_message = counted_message  # type: ignore[method-assign]
+
+
+def _count(call: Any, payload: bytes) -> None:
+    trace = getattr(call, "trace", None)
+    if trace is not None:
+        trace.bytes_out += len(payload)
