@@ -30,6 +30,8 @@ from prism.tracing.context import CallTrace, format_traceparent
 __all__ = ["OtelSpans", "ReadableSpan"]
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# How often the export thread sends what has queued (or sooner, a full batch).
+EXPORT_EVERY_MS = 1000
 
 
 class _Child:
@@ -76,6 +78,7 @@ class OtelSpans:
                 BatchSpanProcessor(
                     exporter,
                     max_queue_size=config.export_queue,
+                    schedule_delay_millis=EXPORT_EVERY_MS,
                     max_export_batch_size=min(512, config.export_queue),
                     export_timeout_millis=int(config.export_timeout_s * 1000),
                 )
