@@ -88,16 +88,17 @@ class CallTracing:
         return trace
 
     def enter(self, call: Any, peer: str) -> contextvars.Token[CallTrace | None] | None:
-        """``begin``, and the trace made current (reset it with the token)."""
-        trace = self.begin(call, peer)
+        """``begin``, and the trace made current (reset it with the token).
+        ``call.trace`` is set either way (None: untraced), so ``end`` reads a
+        slot, not a missing one."""
+        trace = call.trace = self.begin(call, peer)
         if trace is None:
             return None
-        call.trace = trace
         return context.current.set(trace)
 
     def end(self, call: CallContext, method: Method, status: StatusCode, seconds: float) -> None:
         """A call was answered: end its span, write its access-log line."""
-        trace: CallTrace | None = getattr(call, "trace", None)
+        trace: CallTrace | None = getattr(call, "trace", None)  # unset: a call refused before its end
         if trace is None:
             return
         name = _STATUS_NAMES[status]

@@ -6,7 +6,7 @@ connection: with tracing off no connection has them and a call runs exactly
 the code it ran before (no test per call). On, a call's request end
 (``_on_end``; a client-streaming call's start) makes its trace current
 around the step that answers it or starts its task (which inherits it), and
-the answers count their bytes for the access log.
+with the access log, the answers count their bytes.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ def instrument(conn: Connection, tracing: CallTracing) -> None:
 
     conn._on_start = traced_on_start  # type: ignore[method-assign]
     conn._on_end = traced_on_end  # type: ignore[method-assign]
-    proto.send_unary = counted_unary  # type: ignore[method-assign]
-    proto.send_message = counted_message  # type: ignore[method-assign]
+    if tracing.access is not None:  # the access log's bytes_out
+        proto.send_unary = counted_unary  # type: ignore[method-assign]
+        proto.send_message = counted_message  # type: ignore[method-assign]
 
 
 def _count(call: Any, payload: bytes) -> None:
-    trace = getattr(call, "trace", None)
+    trace = getattr(call, "trace", None)  # unset: answered before its request's end
     if trace is not None:
         trace.bytes_out += len(payload)

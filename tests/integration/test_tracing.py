@@ -95,9 +95,8 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def traced_server(tmp_path: Path, receiver: Receiver) -> Iterator[PrismProcess]:
-    config = (
-        f'[tracing]\notlp_endpoint = "{receiver.url}"\nsample_ratio = 0.0\naccess_log = true\n' + DEFAULT_CONFIG
-    )
+    tracing = f'[tracing]\notlp_endpoint = "{receiver.url}"\nsample_ratio = 0.0\naccess_log = true\n'
+    config = tracing + DEFAULT_CONFIG
     server = PrismProcess(tmp_path / "data", config)
     server.start()
     try:
