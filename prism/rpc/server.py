@@ -109,7 +109,7 @@ class Connection(Calls):
         self.opened = 0
         self._preface = keepalive.Preface()
         if settings.tracing is not None:
-            instrument(self, settings.tracing)
+            instrument(self, settings.tracing, peer)
 
     async def serve(self) -> None:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""

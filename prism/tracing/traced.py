@@ -17,12 +17,12 @@ from prism.tracing import context
 
 if TYPE_CHECKING:
     from prism.rpc.call import Call
-    from prism.rpc.server import Connection
+    from prism.rpc.calls import Calls
     from prism.tracing.calls import CallTracing
 
 
-def instrument(conn: Connection, tracing: CallTracing) -> None:
-    """Wire ``tracing`` into ``conn``'s call steps and answers."""
+def instrument(conn: Calls, tracing: CallTracing, peer: str) -> None:
+    """Wire ``tracing`` into ``conn``'s call steps and answers (``peer``: its client's address)."""
     on_start, on_end = conn._on_start, conn._on_end
     proto = conn.proto
     send_unary, send_message = proto.send_unary, proto.send_message
@@ -32,7 +32,7 @@ def instrument(conn: Connection, tracing: CallTracing) -> None:
         if call._inq is None:
             on_start(call)  # a unary request: its trace begins when it is complete
             return
-        token = enter(call, conn.peer)
+        token = enter(call, peer)
         try:
             on_start(call)
         finally:
@@ -43,7 +43,7 @@ def instrument(conn: Connection, tracing: CallTracing) -> None:
         if call._inq is not None:
             on_end(call)  # a client stream: traced from its start
             return
-        token = enter(call, conn.peer)
+        token = enter(call, peer)
         try:
             on_end(call)
         finally:
