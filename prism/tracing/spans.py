@@ -13,6 +13,7 @@ unsampled call makes none), so the provider samples everything it is given.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,17 @@ class _Child:
         self._span.end()
 
 
+def _log_like_prism() -> None:
+    """The SDK's own warnings (an export that failed: the collector is down)
+    as prism's JSON lines, not Python's plain last-resort ones."""
+    sdk = logging.getLogger("opentelemetry")
+    ours = logging.getLogger("prism")
+    if ours.handlers and not sdk.handlers:
+        sdk.handlers[:] = ours.handlers
+        sdk.setLevel(logging.WARNING)
+        sdk.propagate = False
+
+
 class OtelSpans:
     """One process's tracer: call spans and their children."""
 
@@ -86,6 +98,7 @@ class OtelSpans:
         else:
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         self._tracer = self.provider.get_tracer("prism")
+        _log_like_prism()
         context.makers += 1
         self._open = True
 
