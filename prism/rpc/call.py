@@ -98,6 +98,7 @@ class Call:
     )
 
     forwarded = False  # arrived on a client connection
+    trace: Any  # (a slot) prism.tracing.context.CallTrace or None, set only while tracing is on
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id

@@ -58,13 +58,14 @@ class CallTracing:
         self.access = AccessLog() if config.access_log else None
         context.install_log_filter()
 
-    def begin(self, call: CallContext, peer: str) -> CallTrace | None:
+    def begin(self, call: CallContext, peer: str, drawn: bool = False) -> CallTrace | None:
         """The trace of a call whose request is complete, or None if it has
-        none (not sampled, no client trace, no access log)."""
+        none (not sampled, no client trace, no access log). ``drawn``: the
+        caller has drawn this call into the sample already."""
         parent = find_traceparent(call.metadata) if call.metadata else None
         spans = self.spans
         sampled = spans is not None and (
-            parent.sampled if parent is not None else self._random() < self._ratio
+            parent.sampled if parent is not None else drawn or self._random() < self._ratio
         )
         if not sampled and parent is None and self.access is None:
             return None
@@ -87,11 +88,11 @@ class CallTracing:
             )
         return trace
 
-    def enter(self, call: Any, peer: str) -> contextvars.Token[CallTrace | None] | None:
+    def enter(self, call: Any, peer: str, drawn: bool = False) -> contextvars.Token[CallTrace | None] | None:
         """``begin``, and the trace made current (reset it with the token).
         ``call.trace`` is set either way (None: untraced), so ``end`` reads a
         slot, not a missing one."""
-        trace = call.trace = self.begin(call, peer)
+        trace = call.trace = self.begin(call, peer, drawn)
         if trace is None:
             return None
         return context.current.set(trace)

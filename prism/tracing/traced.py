@@ -11,6 +11,7 @@ with the access log, the answers count their bytes.
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any
 
 from prism.tracing import context
@@ -27,6 +28,10 @@ def instrument(conn: Calls, tracing: CallTracing, peer: str) -> None:
     proto = conn.proto
     send_unary, send_message = proto.send_unary, proto.send_message
     enter, current = tracing.enter, context.current
+    # Most calls: no traceparent, not sampled, no access log. They skip
+    # ``enter`` (this is its outcome for them, drawn the same way).
+    draw, ratio = random.random, tracing.config.sample_ratio
+    untraced_unless_drawn = tracing.access is None
 
     def traced_on_start(call: Call) -> None:
         if call._inq is None:
@@ -43,7 +48,14 @@ def instrument(conn: Calls, tracing: CallTracing, peer: str) -> None:
         if call._inq is not None:
             on_end(call)  # a client stream: traced from its start
             return
-        token = enter(call, peer)
+        drawn = False
+        if untraced_unless_drawn and not call.metadata:
+            if draw() >= ratio:
+                call.trace = None
+                on_end(call)
+                return
+            drawn = True
+        token = enter(call, peer, drawn)
         try:
             on_end(call)
         finally:

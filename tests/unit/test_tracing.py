@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -158,6 +159,16 @@ async def test_the_clients_sampled_flag_and_the_ratio_decide(tmp_path: Path) -> 
             assert status(await client.call(GET, get_body("mem"))) == StatusCode.OK
     spans = by_name(exporter.get_finished_spans(), "prism.kv.v1.KeyValue/GetItems")
     assert len(spans) == 3 and len({s.context.trace_id for s in spans}) == 3
+
+
+async def test_sample_ratio_is_the_share_of_calls_traced(tmp_path: Path) -> None:
+    random.seed(15)
+    exporter = InMemorySpanExporter()
+    async with traced(tmp_path, exporter, sample_ratio=0.25) as client:
+        for _ in range(400):
+            assert status(await client.call(GET, get_body("mem"))) == StatusCode.OK
+    sampled = len(by_name(exporter.get_finished_spans(), "prism.kv.v1.KeyValue/GetItems"))
+    assert 70 <= sampled <= 130  # 100 expected; 6 standard deviations either side
 
 
 async def test_a_failed_call_has_its_status_on_its_span(tmp_path: Path) -> None:
