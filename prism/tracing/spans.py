@@ -19,7 +19,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -28,7 +28,7 @@ from prism.config.tracing import TracingConfig
 from prism.tracing import context
 from prism.tracing.context import CallTrace, format_traceparent
 
-__all__ = ["OtelSpans", "ReadableSpan"]
+__all__ = ["OtelSpans"]
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # How often the export thread sends what has queued (or sooner, a full batch).
