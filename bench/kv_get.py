@@ -1,6 +1,7 @@
 """Benchmark unary KeyValue/GetItems: Prism against grpcio's grpc.aio.
 
     python bench/kv_get.py [--duration 6] [--runs 3] [--out bench/results/kv_get.json]
+        [--concurrencies c1,c128] [--tracing 0.01]
 
 Each server runs alone, pinned to CPU 0, while the load generator (h2load,
 or a grpc.aio client without it) runs on CPU 1, so that the two never
@@ -14,16 +15,24 @@ ladder (``--sizes``, default 100 B, 4 KiB, 64 KiB, 1 MiB): GetItems and
 PutItems of one item of each size at 16 in flight, for the CPU per call of
 big messages. A run only counts if every call returned the seeded value: a
 benchmark of a wrong answer is worthless.
+
+``--tracing RATIO`` runs Prism with ``[tracing]`` on: spans sampled at
+RATIO, exported over OTLP/HTTP to a sink this process serves (it answers
+every export with 200 and keeps nothing), for what tracing costs a call.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +104,8 @@ class Options:
     warmup_s: float
     ready_timeout_s: float
     sizes: tuple[int, ...]
+    concurrencies: tuple[Concurrency, ...] = CONCURRENCIES
+    tracing: float | None = None  # sample_ratio, or None: tracing off
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -107,8 +118,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default=",".join(str(n) for n in LADDER_SIZES),
         help="value sizes of the GetItems/PutItems ladder, bytes, comma list ('' skips it)",
     )
+    parser.add_argument(
+        "--concurrencies",
+        default=",".join(c.label for c in CONCURRENCIES),
+        help=f"comma list of {', '.join(c.label for c in CONCURRENCIES)}",
+    )
+    parser.add_argument(
+        "--tracing",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="run Prism with [tracing] on, spans sampled at RATIO (0-1), exported to a local OTLP sink",
+    )
     args = parser.parse_args(argv)
     servers = choose(parser, "--servers", args.servers, SERVERS)
+    labels = choose(parser, "--concurrencies", args.concurrencies, [c.label for c in CONCURRENCIES])
+    if args.tracing is not None and not 0 <= args.tracing <= 1:
+        parser.error("--tracing: a sample ratio between 0 and 1")
     loadgen = check_run_options(parser, args)
     try:
         sizes = tuple(int(n) for n in args.sizes.split(",") if n.strip())
@@ -117,7 +143,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
     if any(not 1 <= n <= 2 << 20 for n in sizes):
         parser.error("--sizes: each size must be 1 to 2097152 bytes (the servers' message limits)")
     return Options(
-        args.duration, args.runs, args.out, servers, loadgen, args.warmup, args.ready_timeout, sizes
+        args.duration,
+        args.runs,
+        args.out,
+        servers,
+        loadgen,
+        args.warmup,
+        args.ready_timeout,
+        sizes,
+        tuple(c for c in CONCURRENCIES if c.label in labels),
+        args.tracing,
     )
 
 
@@ -135,7 +170,33 @@ def pin_self() -> tuple[int | None, int | None]:
     return SERVER_CPU, LOAD_CPU
 
 
-def make_server(name: str, workdir: Path, cpu: int | None) -> ServerProcess:
+@contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint that accepts every export and keeps nothing: its URL."""
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def make_server(name: str, workdir: Path, cpu: int | None, extra_toml: str = "") -> ServerProcess:
     """A not-yet-started server of the given kind, with its own ports and files.
 
     Prism is a process tree (supervisor, admin, one worker); pinning the
@@ -143,7 +204,7 @@ def make_server(name: str, workdir: Path, cpu: int | None) -> ServerProcess:
     """
     cpus = () if cpu is None else (cpu,)
     if name == "prism":
-        return make_prism(name, workdir, CONFIG_TOML, cpus, NAMESPACE)
+        return make_prism(name, workdir, CONFIG_TOML + extra_toml, cpus, NAMESPACE)
     port = free_port()
     argv = [sys.executable, str(HERE / "peer_server.py"), "--listen", f"127.0.0.1:{port}"]
     return ServerProcess(name, argv, port, workdir / f"{name}.log", cpus, NAMESPACE)
@@ -160,9 +221,11 @@ def measure_phase(
     return metrics
 
 
-def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> dict[str, Any]:
+def bench_server(
+    name: str, opts: Options, workdir: Path, cpu: int | None, extra_toml: str = ""
+) -> dict[str, Any]:
     """Start one server, check it, measure every concurrency, stop it."""
-    server = make_server(name, workdir, cpu)
+    server = make_server(name, workdir, cpu, extra_toml)
     request = kv_pb2.GetItemsRequest(namespace=NAMESPACE, id=RECORD_ID).SerializeToString()
     body_file = workdir / "get_items.body"
     body_file.write_bytes(grpc_frame(request))
@@ -176,7 +239,7 @@ def bench_server(name: str, opts: Options, workdir: Path, cpu: int | None) -> di
         answer = fetch_checked_answer(server.target, request, EXPECTED)
         report["answer_bytes"] = len(answer)
         load = load_function(opts.loadgen, target, answer)
-        for conc in CONCURRENCIES:
+        for conc in opts.concurrencies:
             log = workdir / f"{name}-{conc.label}.log"
             requests = warm_up(load, conc, log, opts.warmup_s, opts.duration_s)
             runs = []
@@ -278,6 +341,8 @@ def table(results: dict[str, dict[str, Any]], ratio_values: dict[str, float | No
     lines = ["{:<10} {:>9} {:>10} {:>9} {:>9} {:>12} {:>9}".format(*header)]
     disturbed = False
     for conc in CONCURRENCIES:
+        if not any(conc.label in report or "error" in report for report in results.values()):
+            continue  # not measured (--concurrencies)
         for name, report in results.items():
             row = report.get(conc.label)
             if row is None:
@@ -330,18 +395,22 @@ def main(argv: list[str] | None = None) -> int:
     server_cpu, load_cpu = pin_self()
     started = time.time()
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="prism-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prism-bench-") as tmp, otlp_sink() as sink:
+        tracing = ""
+        if opts.tracing is not None:
+            tracing = f'[tracing]\notlp_endpoint = "{sink}"\nsample_ratio = {opts.tracing}\n'
         for name in opts.servers:
             print(f"{name}: measuring ({opts.runs} x {opts.duration_s:g}s per phase)", flush=True)
             workdir = Path(tmp) / name
             workdir.mkdir()
-            results[name] = bench_server(name, opts, workdir, server_cpu)
+            results[name] = bench_server(name, opts, workdir, server_cpu, tracing if name == "prism" else "")
     ratio_values = ratios(results)
     print()
     print(table(results, ratio_values))
     for name, report in results.items():
         for line in report.get("server_log_issues", []):
             print(f"{name} log: {line}")
+    measured = opts.concurrencies
     document = {
         "benchmark": "kv_get",
         "machine": machine_info(opts.loadgen),
@@ -350,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             "servers": list(opts.servers), "method": METHOD, "namespace": NAMESPACE, "id": RECORD_ID,
             "value_bytes": len(SEED_VALUE), "server_cpu": server_cpu, "load_cpu": load_cpu,
             "ladder_sizes": list(opts.sizes), "ladder_concurrency": LADDER_CONCURRENCY.in_flight,
-            "concurrency": {c.label: {"clients": c.clients, "streams": c.streams} for c in CONCURRENCIES},
+            "concurrency": {c.label: {"clients": c.clients, "streams": c.streams} for c in measured},
+            "tracing_sample_ratio": opts.tracing,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "wall_s": round(time.time() - started, 1),
         },

@@ -34,6 +34,10 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
+        # The call's trace, while tracing is on (prism.tracing.context.TraceIdFilter).
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is not None:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return _encoder.encode(entry).decode()

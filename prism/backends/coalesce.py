@@ -41,6 +41,7 @@ from typing import Generic, TypeVar
 import trio
 
 from prism.limits import shed
+from prism.tracing.context import child
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -86,7 +87,8 @@ class Coalescer(Generic[K, V]):
             if batch is not None and len(batch.keys) < self._max_batch:
                 position = len(batch.keys)
                 batch.keys.append(key)
-                await batch.done.wait()
+                with child("prism.coalesce.wait", **{"prism.batch_position": position}):
+                    await batch.done.wait()
             else:
                 position = 0
                 batch = self._open = _Batch(key)
@@ -101,7 +103,7 @@ class Coalescer(Generic[K, V]):
         try:
             got_slot = False
             began = trio.current_time()
-            with trio.move_on_after(self._wait_timeout_s):
+            with child("prism.coalesce.slot_wait"), trio.move_on_after(self._wait_timeout_s):
                 await self._slots.acquire()
                 got_slot = True
             shed.observe(trio.current_time() - began)  # a batch's wait for a slot is queueing

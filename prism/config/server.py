@@ -27,6 +27,7 @@ from prism.config.security import (
     validate_auth,
     validate_tls,
 )
+from prism.config.tracing import TracingConfig, validate_tracing
 
 MIN_MESSAGE_BYTES = 1 * KIB
 MAX_MESSAGE_BYTES = 2 * GIB - 1  # gRPC frames a message length in 31 usable bits
@@ -82,6 +83,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_inflight: int = 4096  # calls in flight per worker; beyond: RESOURCE_EXHAUSTED at once
     http2: Http2Config = Http2Config()
     overload: OverloadConfig = OverloadConfig()  # adaptive shedding (prism.config.quotas)
+    tracing: TracingConfig = TracingConfig()  # spans over OTLP, the access log (prism.config.tracing)
 
     def __post_init__(self) -> None:
         if not self.namespaces and not self.tenants:
@@ -169,6 +171,7 @@ def _validate(cfg: ServerConfig) -> None:
         raise FieldError("cache.total_bytes", "must be >= 0")
     validate_limits(cfg.http2, cfg.max_inflight, cfg.max_concurrent_streams, cfg.max_message_bytes)
     validate_overload(cfg.overload)
+    validate_tracing(cfg.tracing)
     validate_tls(cfg.tls, "tls")
     validate_auth(cfg.auth)
     validate_access(cfg.access, cfg.auth, cfg.tls)

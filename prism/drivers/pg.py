@@ -49,6 +49,7 @@ from psycopg.waiting import Ready, Wait
 
 from prism.drivers.pool import BoundedPool
 from prism.redact import redact
+from prism.tracing.context import child
 
 _T = TypeVar("_T")
 
@@ -242,11 +243,13 @@ class Connection:
 
     async def execute(self, sql: bytes, params: Sequence[Param] = ()) -> list[Row]:
         """Run one statement; its rows (empty for commands). PgError on failure."""
-        return (await self._run(sql, params))[0]
+        with child("prism.backend.postgresql", **{"db.system": "postgresql", "db.operation": _verb(sql)}):
+            return (await self._run(sql, params))[0]
 
     async def execute_count(self, sql: bytes, params: Sequence[Param] = ()) -> int:
         """Run one command; the number of rows it affected."""
-        return (await self._run(sql, params))[1]
+        with child("prism.backend.postgresql", **{"db.system": "postgresql", "db.operation": _verb(sql)}):
+            return (await self._run(sql, params))[1]
 
     async def _run(self, sql: bytes, params: Sequence[Param]) -> tuple[list[Row], int]:
         if self.broken:
@@ -370,3 +373,8 @@ class Pool(BoundedPool[Connection]):
             await conn.execute(b"COMMIT")
         finally:
             await self.release(conn)
+
+
+def _verb(sql: bytes) -> str:
+    """A statement's first word (SELECT, INSERT, BEGIN...): a span's ``db.operation``."""
+    return sql.lstrip().split(None, 1)[0].decode("ascii", "replace").upper() if sql.strip() else ""

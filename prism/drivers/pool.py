@@ -15,6 +15,8 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
+from prism.tracing.context import child
+
 
 class Conn(Protocol):
     broken: bool
@@ -54,7 +56,7 @@ class BoundedPool(Generic[C]):
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             began = trio.current_time()
-            with trio.move_on_after(self.acquire_timeout_s) as scope:
+            with child("prism.pool.wait"), trio.move_on_after(self.acquire_timeout_s) as scope:
                 await self._slots.acquire()
             if self.on_wait is not None:
                 now = trio.current_time()

@@ -39,6 +39,7 @@ import trio
 from prism.drivers import tls
 from prism.drivers.addresses import RedisAddress
 from prism.drivers.pool import BoundedPool
+from prism.tracing.context import child
 
 Arg = bytes | str | int
 Reply = Any  # bytes | int | None | list[Reply] | ReplyError
@@ -236,7 +237,8 @@ class Pool(BoundedPool[Connection]):
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         conn = await self.acquire()
         try:
-            return await conn.pipeline(commands)
+            with child("prism.backend.redis", **{"db.system": "redis", "prism.commands": len(commands)}):
+                return await conn.pipeline(commands)
         finally:
             self.put_back(conn)
 
@@ -259,7 +261,8 @@ class Pool(BoundedPool[Connection]):
         commands = [script.command(k, a) for k, a in calls]
         conn = await self.acquire()
         try:
-            replies = await conn.pipeline_scripts(commands, script)
+            with child("prism.backend.redis", **{"db.system": "redis", "prism.commands": len(commands)}):
+                replies = await conn.pipeline_scripts(commands, script)
         finally:
             self.put_back(conn)
         if raise_errors:

@@ -42,6 +42,7 @@ from prism.rpc.boundary import failure_status
 from prism.rpc.call import Call, CallContext, Caller
 from prism.rpc.methods import UNARY, Method
 from prism.rpc.settings import Answered, ServerSettings
+from prism.tracing import context as tracing
 
 # Which abstraction each service's calls need.
 ABSTRACTION_OF_SERVICE: Final = {
@@ -62,7 +63,7 @@ _OWNER_POLL_S: Final = 0.01
 class ForwardedCall:
     """A call another worker forwarded here, as handlers see it (a ``CallContext``)."""
 
-    __slots__ = ("caller", "deadline", "messages", "metadata", "namespace", "path", "started")
+    __slots__ = ("caller", "deadline", "messages", "metadata", "namespace", "path", "started", "trace")
 
     forwarded = True
 
@@ -160,6 +161,11 @@ class Forwarding:
         if call.caller is not None:
             metadata = [entry for entry in metadata if entry[0] != "authorization"]  # (see forward)
         deadline = call.deadline
+        span = None
+        if tracing.makers:  # (tracing off: this one test)
+            span, metadata = tracing.forwarding(metadata, namespace)
+            if span is not None:
+                answered = _ending(span, answered)
 
         def settle(answer: ForwardAnswer | None) -> None:
             if answer is None:
@@ -179,6 +185,7 @@ class Forwarding:
 
         payload = bytes(call.messages[0])
         if not self.bus.post(owners, call.path, payload, metadata, deadline, call.caller, settle):
+            tracing.end(span)
             return False
         call.namespace = namespace
         metrics.forwarded(namespace, call.path.rsplit(b"/", 1)[-1].decode())
@@ -234,16 +241,24 @@ class Forwarding:
                 # Checked here: the owner trusts the caller, not the token, so
                 # the token stays in this process.
                 metadata = [entry for entry in metadata if entry[0] != "authorization"]
+            span, metadata = tracing.forwarding(metadata, namespace)
+            error: BaseException | None = None
             try:
                 return await self.bus.forward(
                     owners, call.path, bytes(call.messages[0]), metadata, call.deadline, call.caller
                 )
-            except Moved:
+            except Moved as exc:
+                error = exc
                 # The owner we picked had already let the namespace go (a
                 # reload moved it): our table is older than its; refresh, once.
                 if attempt == 2:
                     raise
-                await self._host.apply_routes()
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                tracing.end(span, error)
+            await self._host.apply_routes()
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _serving_owners(self, namespace: str, deadline: float) -> list[WorkerEntry]:
@@ -287,11 +302,28 @@ class Forwarding:
         if method is None or method.kind != UNARY:
             return ForwardAnswer(request.id, StatusCode.UNIMPLEMENTED, "method cannot be forwarded", b"")
         call = ForwardedCall(request)
-        answer = await _run(method, call, request.id, settings)
-        observer = settings.observer
-        if observer is not None:
-            observer(call, method, StatusCode(answer.status), time.perf_counter() - call.started)
+        # Traced (when on) as a client's call is: its span continues the
+        # sender's forwarding span, named by the forwarded traceparent.
+        token = None if settings.tracing is None else settings.tracing.enter(call, request.peer)
+        try:
+            answer = await _run(method, call, request.id, settings)
+            observer = settings.observer
+            if observer is not None:
+                observer(call, method, StatusCode(answer.status), time.perf_counter() - call.started)
+        finally:
+            if token is not None:
+                tracing.current.reset(token)
         return answer
+
+
+def _ending(span: Any, answered: Answered) -> Answered:
+    """``answered``, ending the forwarding ``span`` first."""
+
+    def ended(payload: bytes | None, error: Exception | None) -> None:
+        tracing.end(span, error)
+        answered(payload, error)
+
+    return ended
 
 
 async def _run(method: Method, call: ForwardedCall, call_id: int, settings: ServerSettings) -> ForwardAnswer:

@@ -96,9 +96,11 @@ class Call:
         "started",
         "stream_id",
         "timeout_s",
+        "trace",  # prism.tracing.context.CallTrace, set only while tracing is on
     )
 
     forwarded = False  # arrived on a client connection
+    trace: Any  # (a slot) prism.tracing.context.CallTrace or None, set only while tracing is on
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id

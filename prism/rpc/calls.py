@@ -321,6 +321,7 @@ class Calls:
                         self.wake()
                         await streams.wait_for_room(self.proto, call, self._windows())
                 proto.send_status(call, StatusCode.OK)
+                self._observe(call, method, _OK)
             if scope.cancelled_caught:
                 proto.send_error(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except Exception as exc:

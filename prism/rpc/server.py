@@ -28,6 +28,7 @@ from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, G
 from prism.rpc.settings import Handoff, Observer, ServerSettings
 from prism.rpc.writev import rest_of, send_buffers, write_now
 from prism.security.identity import PeerIdentity
+from prism.tracing.traced import instrument
 
 __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
 
@@ -111,6 +112,8 @@ class Connection(Calls):
         self.reads = 0
         self.opened = 0
         self._preface = keepalive.Preface()
+        if settings.tracing is not None:
+            instrument(self, settings.tracing, peer)
 
     async def serve(self) -> None:
         """Serve until the peer leaves, the protocol breaks, or drain ends."""

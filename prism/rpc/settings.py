@@ -22,6 +22,7 @@ from prism.security.runtime import Security
 
 if TYPE_CHECKING:
     from prism.rpc.keepalive import TimerHeap
+    from prism.tracing.calls import CallTracing
 
 _DEFAULT_HTTP2 = Http2Config()
 
@@ -124,6 +125,9 @@ class ServerSettings:
 
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None
+        # Traces and the access log ([tracing]); None (off) costs nothing:
+        # a connection tests it once, when it is made (prism.tracing.traced).
+        self.tracing: CallTracing | None = None
         self.forward_now: ForwardNow | None = None
         # Whether this process has a namespace open (set with forward_now):
         # a call for one it holds is never forwarded.

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -43,6 +44,9 @@ from prism.rpc.call import CallContext
 from prism.rpc.methods import Method, MethodTable
 from prism.rpc.server import ServerSettings
 from prism.workers.reopen import ReopenSchedule
+
+if TYPE_CHECKING:
+    from prism.tracing.calls import CallTracing
 
 log = logging.getLogger("prism.app")
 
@@ -74,6 +78,9 @@ class App:
         shared_cache: SharedCache | None = None,
         remote: Remote | None = None,
         locator: pubsub.Locator | None = None,
+        tenant: str = "default",
+        worker: str = "",
+        span_exporter: Any = None,
     ) -> None:
         self.config = config
         self.namespaces = NamespaceTable()
@@ -97,6 +104,14 @@ class App:
             drain_timeout_s=config.graceful_timeout_s,
         )
         self.settings.observer = self._observe
+        self.tracing: CallTracing | None = None
+        if config.tracing.enabled or span_exporter is not None:
+            # Imported only here: a worker with tracing off loads none of it.
+            from prism.tracing.calls import CallTracing
+
+            self.tracing = CallTracing(config.tracing, tenant=tenant, worker=worker, exporter=span_exporter)
+            self.settings.tracing = self.tracing
+            self.settings.observer = self._observe_traced
         self.settings.admission.local = self.namespaces.by_name
         self.settings.admission.shedder.configure(config.overload)
         if remote is not None:
@@ -124,6 +139,11 @@ class App:
         held = self.namespaces.by_name.get(call.namespace)
         backend = held.config.backend if held is not None else "forwarded"
         metrics.record_call(call.namespace, method.operation, _STATUS_NAMES[status], backend, seconds)
+
+    def _observe_traced(self, call: CallContext, method: Method, status: StatusCode, seconds: float) -> None:
+        self._observe(call, method, status, seconds)
+        assert self.tracing is not None
+        self.tracing.end(call, method, status, seconds)
 
     async def apply(self, namespaces: Iterable[NamespaceConfig], *, strict: bool = False) -> list[str]:
         """Hold exactly ``namespaces``; return the names that failed to open.
@@ -317,3 +337,6 @@ class App:
         for held in self.namespaces.held():
             self._retire(held.config.name)
         await self.close_retired(everything=True)
+        if self.tracing is not None:
+            # Spans still queued are exported (at most export_timeout_s), off the loop.
+            await trio.to_thread.run_sync(self.tracing.shutdown)

@@ -26,7 +26,8 @@ __all__ = [
 
 # What the running processes were built around (bound sockets, the data dir
 # every backend opened, the shared cache's size, the admin process's token and
-# certificate, read when it starts): a reload cannot change them.
+# certificate, read when it starts; a worker's exporter and access log, made
+# when it starts, so that every worker traces alike): a reload cannot change them.
 RESTART_ONLY_FIELDS: Final = (
     "listen",
     "admin_listen",
@@ -35,6 +36,7 @@ RESTART_ONLY_FIELDS: Final = (
     "max_message_bytes",
     "admin_token_file",
     "admin",
+    "tracing",
 )
 
 

@@ -81,7 +81,14 @@ class Worker:
             routes=self.routes,
             host=self,
         )
-        self.app = App(spec.config, shared_cache=self.cache, remote=self.remote, locator=self.remote)
+        self.app = App(
+            spec.config,
+            shared_cache=self.cache,
+            remote=self.remote,
+            locator=self.remote,
+            tenant=spec.tenant,
+            worker=str(spec.worker_id),
+        )
         self.generation = -1
         self.draining = False
         self._applying = trio.Lock()

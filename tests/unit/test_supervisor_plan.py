@@ -6,6 +6,7 @@ import msgspec
 
 from prism.config import CacheTableConfig, NamespaceConfig, ServerConfig, TenantConfig
 from prism.config.security import AdminConfig, AdminTlsConfig
+from prism.config.tracing import TracingConfig
 from prism.workers.plan import RESTART_ONLY_FIELDS, keep_restart_only_fields, plan_cpus, plan_reload
 
 
@@ -153,3 +154,12 @@ def test_the_admin_token_and_certificate_change_only_at_restart() -> None:
     assert [name for name, _ in changed] == ["admin_token_file", "admin"]
     assert kept.admin_token_file == "/etc/prism/admin.token"
     assert kept.admin.tls is None
+
+
+def test_tracing_changes_only_at_restart() -> None:
+    running = ServerConfig()
+    tracing = TracingConfig(otlp_endpoint="http://collector:4318/v1/traces", access_log=True)
+    new = ServerConfig(tracing=tracing)
+    kept, changed = keep_restart_only_fields(running, new)
+    assert changed == [("tracing", TracingConfig())]
+    assert not kept.tracing.enabled

@@ -30,6 +30,7 @@ from prism.backends.sqlite.errors import ERRORS, DiskFull, FullDiskLog
 from prism.backends.sqlite.files import create_private
 from prism.errors import Internal, Unavailable
 from prism.limits import shed
+from prism.tracing.context import child
 
 _T = TypeVar("_T")
 READERS = 4  # reader connections; reads beyond this wait for one
@@ -203,7 +204,9 @@ class SqlitePool:
 
     async def _read_batch(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Outcome]:
         self._check_open()
-        async with self._read_slots:
+        with child("prism.pool.wait", **{"db.system": "sqlite"}):
+            await self._read_slots.acquire()
+        try:
             self._check_open()
             conn = self._readers.pop()
             try:
@@ -211,15 +214,21 @@ class SqlitePool:
                     return await self._in_thread(run_each, conn, fns)
             finally:
                 self._readers.append(conn)
+        finally:
+            self._read_slots.release()
 
     async def _write_batch(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Outcome]:
         self._check_open()
-        async with self._write_lock:
+        with child("prism.pool.wait", **{"db.system": "sqlite"}):
+            await self._write_lock.acquire()
+        try:
             self._check_open()
             conn = self._writer
             assert conn is not None
             with ERRORS:
                 return await self._in_thread(group, conn, fns)
+        finally:
+            self._write_lock.release()
 
     async def _in_thread(
         self,
@@ -236,7 +245,11 @@ class SqlitePool:
             started[0] = time.perf_counter()
             return work(conn, fns)
 
-        out = await trio.to_thread.run_sync(run, limiter=self._limiter)
+        with child(
+            "prism.backend.sqlite",
+            **{"db.system": "sqlite", "prism.batch_calls": len(fns), "prism.write": work is group},
+        ):
+            out = await trio.to_thread.run_sync(run, limiter=self._limiter)
         shed.observe(started[0] - began)
         return out
 
