@@ -14,7 +14,10 @@ upsert in the same transaction as its changes (a replay finds the claim and
 rolls back); reads filter expired items; expired items and old tokens are
 purged (and tombstones past their time) in small batches inside a write's
 transaction at most once a minute of caller time. A write that is a single statement without a token runs
-without BEGIN/COMMIT: one statement is atomic on its own.
+without BEGIN/COMMIT: one statement is atomic on its own. Write statements
+are prepared once per connection (``prism.drivers.pg``): a put's check of
+range tombstones (a subquery) would otherwise cost more to plan, per call,
+than the rest of the put.
 
 Tables ``prism_kv_<namespace>``, ``prism_kv_<namespace>_idem`` and
 ``prism_kv_<namespace>_tomb`` are created by ``open()`` if missing and never
@@ -290,7 +293,7 @@ class PostgresBackend:
             [stamp.token for _, stamp in rows.values()],
             max(now for *_, now in puts),
         ]
-        await self._pool.execute(self._sql.upsert_many, params)
+        await self._pool.execute(self._sql.upsert_many, params, prepare=True)
         return [None] * len(puts)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
@@ -313,7 +316,7 @@ class PostgresBackend:
         if not token and not purge and len(statements) <= 1:
             if statements:
                 with ERRORS:
-                    await self._pool.execute(*statements[0])
+                    await self._pool.execute(*statements[0], prepare=True)
             return
         with ERRORS:
             conn = await self._pool.acquire()
@@ -327,7 +330,7 @@ class PostgresBackend:
                         await conn.execute(b"ROLLBACK")
                         return
                 for statement in statements:
-                    await conn.execute(*statement)
+                    await conn.execute(*statement, prepare=True)
                 full = False
                 if purge:
                     counts = [
