@@ -223,6 +223,16 @@ async def test_redis_prunes_tombstones_and_lets_their_hashes_expire(tmp_path: Pa
         # A deleted record leaves no item, no id to scan, only what expires.
         assert await conn.call("EXISTS", f"{kv.key_prefix}ns:h:rec".encode()) == 0
         assert await conn.call("ZCARD", f"{kv.key_prefix}ns:ids".encode()) == 0
+        m = f"{kv.key_prefix}ns:m:rec".encode()
+        assert TTL_MS < await conn.call("PTTL", m) <= TTL_MS + 60_000
+        # Items again: the bookkeeping stays (it holds their expiry bound).
+        await kv.put_items("rec", [w(b"k", expires_at_ms=later + 10)], st(3), later)
+        assert await conn.call("PTTL", m) == -1
+        assert await conn.call("HGET", m, b"exp") == b"%d" % (later + 10)
+        # A record that never saw a delete: its puts never look for tombstones.
+        await kv.put_items("fresh", [w(b"k", expires_at_ms=later + 10)], st(3), later)
+        fresh_m = f"{kv.key_prefix}ns:m:fresh".encode()
+        assert await redis_hash(conn, fresh_m) == {b"exp": b"%d" % (later + 10)}
     finally:
         conn.close()
         await close(kv)

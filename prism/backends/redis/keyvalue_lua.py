@@ -11,8 +11,9 @@ Data model, under ``<key_prefix><namespace>:``:
   + token + value`` (a text header the Lua scripts can read: Redis's
   ``cmsgpack`` cannot decode msgpack's bin type, so msgpack would not do);
 - ``m:<id>``: hash of bookkeeping: ``exp`` (a lower bound of the expiry
-  times held; the first write at or after it purges expired items) and
-  ``tp`` (when old tokens are next purged);
+  times held; the first write at or after it purges expired items), ``tp``
+  (when old tokens are next purged) and ``tx`` (until when the record may
+  hold tombstones: a put looks at ``x:`` and ``r:`` only before then);
 - ``t:<id>``: hash token -> applied_at_ms (idempotency);
 - ``x:<id>``: hash item key -> the key's tombstone, packed as an item with
   no value whose expiry is when it is forgotten (a key has an item in
@@ -23,11 +24,13 @@ Data model, under ``<key_prefix><namespace>:``:
 - ``ids``: sorted set of the ids of non-empty records, for ScanItems.
 
 ``x:`` and ``r:`` are what deletes leave (``prism.backends.keyvalue``):
-reads never look at them, a put looks its key up in ``x:`` and reads
-``r:`` (both empty, and cheap, unless the record saw deletes), and each
-expires as a whole ``tombstone_ttl_s`` (and a minute, for clocks apart)
-after its last tombstone was written, so a deleted record leaves nothing
-behind for good.
+reads never look at them, and a put looks its key up in ``x:`` and reads
+``r:`` only while ``tx`` says there may be tombstones (it reads ``tx`` with
+``exp``, in the one call every write made before: a record that saw no
+delete costs its puts nothing more). Each expires as a whole
+``tombstone_ttl_s`` (and a minute, for clocks apart) after its last
+tombstone was written, and so does ``m:`` while the record is empty, so a
+deleted record leaves nothing behind for good (but ``t:``, its tokens).
 
 Every write (put, delete, mutate) is ONE run of ``WRITE``, hence atomic: the
 token check, the stamp rule and every change happen together or not at all
@@ -72,7 +75,6 @@ WRITE = resp.Script(
 local z, h, m, t, ids, x, r = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local id, now, us, tok, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
-local tpack = string.format('%.0f %.0f %d ', now + ttl, us, #tok) .. tok
 local wrote_x, wrote_r = false, false
 if tok ~= '' then
   local at = redis.call('HGET', t, tok)
@@ -87,7 +89,10 @@ if tok ~= '' then
     redis.call('HSET', m, 'tp', string.format('%.0f', now + 60000))
   end
 end
-local bound = tonumber(redis.call('HGET', m, 'exp') or '-1')
+local mv = redis.call('HMGET', m, 'exp', 'tx')
+local bound = tonumber(mv[1] or '-1')
+local tx = tonumber(mv[2] or '0')  -- 0: no tombstone since m was made
+local tombs = tx > now  -- the record may hold tombstones
 if bound >= 0 and now >= bound then
   local all = redis.call('HGETALL', h)
   local nb = -1
@@ -131,6 +136,11 @@ local function del(key)
     end
   end
 end
+-- A tombstone of this write, packed as an item with no value.
+local function tpack()
+  tombs = true
+  return string.format('%.0f %.0f %d ', now + ttl, us, #tok) .. tok
+end
 -- A delete by key: the key's tombstone takes the place of what it holds,
 -- unless that (item or tombstone) is newer and current.
 local function tomb(key)
@@ -142,7 +152,7 @@ local function tomb(key)
   elseif holds(redis.call('HGET', x, key)) then
     return
   end
-  redis.call('HSET', x, key, tpack); wrote_x = true
+  redis.call('HSET', x, key, tpack()); wrote_x = true
 end
 -- A delete by range (lo, hi: raw bounds): its tombstone replaces the
 -- range's older one, and the key tombstones in it that are not newer go.
@@ -157,7 +167,7 @@ local function tomb_range(lo, hi)
   end
   local f = #lo .. ' ' .. lo .. hi
   if not holds(redis.call('HGET', r, f)) then
-    redis.call('HSET', r, f, tpack); wrote_r = true; ranges = nil
+    redis.call('HSET', r, f, tpack()); wrote_r = true; ranges = nil
   end
 end
 local i = 7
@@ -172,12 +182,12 @@ while i <= n do
     if old then
       local exp2, us2, tok2 = meta(old)
       if stamp_gt(us2, tok2, us, tok) and not (exp2 ~= 0 and exp2 <= now) then skip = true end
-    elseif holds(redis.call('HGET', x, key)) then
+    elseif tombs and holds(redis.call('HGET', x, key)) then
       skip = true
     end
-    if not skip and covered(key) then skip = true end
+    if not skip and tombs and covered(key) then skip = true end
     if not skip then
-      if not old then redis.call('HDEL', x, key) end  -- the put takes the tombstone's place
+      if tombs and not old then redis.call('HDEL', x, key) end  -- the put takes the tombstone's place
       redis.call('HSET', h, key, packed); redis.call('ZADD', z, 0, key)
       if exp ~= 0 and (bound < 0 or exp < bound) then
         bound = exp; redis.call('HSET', m, 'exp', ARGV[i - 1])
@@ -220,10 +230,17 @@ if wrote_x then
   keep(x)
 end
 if wrote_r then prune(r); keep(r) end
+if wrote_x or wrote_r then
+  if now + ttl > tx then tx = now + ttl; redis.call('HSET', m, 'tx', string.format('%.0f', tx)) end
+elseif tx > 0 and not tombs then  -- every tombstone is forgotten: m has a ttl only while it has tx
+  redis.call('HDEL', m, 'tx'); redis.call('PERSIST', m); tx = 0
+end
 if redis.call('ZCARD', z) == 0 then
   redis.call('DEL', z, h); redis.call('HDEL', m, 'exp'); redis.call('ZREM', ids, id)
+  if tx > 0 then keep(m) end  -- nothing but tombstones: m goes with them
 else
   redis.call('ZADD', ids, 0, id)
+  if tx > 0 then redis.call('PERSIST', m) end  -- m keeps 'exp' for the items
 end
 return 1
 """
