@@ -1,6 +1,8 @@
 """PutItems on one KeyValue backend, this checkout against another git ref, A/B.
 
     python bench/put_ab.py [--backend sqlite|postgres|redis] [--ref main] [--rounds 5] [--puts 4000]
+    python bench/put_ab.py --statement     # SQLite: the upsert statement alone, each tree's
+
 
 Each round runs the same put loop once per tree, alternating, each in a
 fresh process on a fresh file, tables or key prefix (the other tree is
@@ -13,7 +15,10 @@ in this checkout, on records that already hold a key tombstone and a range
 tombstone. Prints the CPU and wall time per put (CPU: this process only,
 not the database server's) and the medians of this tree's over the ref's;
 quote those ratios, not the absolute times (the machine is shared).
-PostgreSQL and Redis: ``PRISM_BENCH_PG_DSN`` (default
+``--statement`` times each tree's SQLite upsert statement alone (its own
+schema, one transaction, 20,000 executions a round): the part of a put a
+change to the statement changes, without the thread hop and the commit
+around it. PostgreSQL and Redis: ``PRISM_BENCH_PG_DSN`` (default
 postgresql://127.0.0.1/test) and ``PRISM_BENCH_REDIS_URL`` (default
 redis://127.0.0.1:6379/0).
 """
@@ -85,6 +90,32 @@ async def _drop(kind: str, name: str) -> None:
             conn.close()
 
 
+def _statement(puts: int, tombstones: bool) -> dict[str, float]:
+    import sqlite3
+
+    from prism.backends.sqlite import keyvalue_ops as ops
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        conn = sqlite3.connect(Path(data_dir) / "ns.sqlite3", isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in ops._SCHEMA:
+            conn.execute(statement)
+        if tombstones:
+            for r in range(1000):
+                conn.execute(ops._RANGE_TOMBSTONE, (f"r{r}", b"x", b"y", 1, "", 1 << 50, 1))
+        value = b"v" * 100
+        rows = [(f"r{i % 1000}", b"k%d" % (i % 10), value, 0, 10 + i, "", 1) for i in range(2 * puts)]
+        conn.execute("BEGIN")
+        conn.executemany(ops._UPSERT, rows[:puts])  # warm: the rows exist
+        cpu = time.process_time()
+        for row in rows[puts:]:
+            conn.execute(ops._UPSERT, row)
+        cpu = time.process_time() - cpu
+        conn.execute("COMMIT")
+        conn.close()
+    return {"cpu_us_per_put": cpu / puts * 1e6}
+
+
 async def _loop(kind: str, synchronous: str, tasks: int, puts: int, tombstones: bool) -> dict[str, float]:
     import trio
 
@@ -129,6 +160,7 @@ def _run(
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--backend", args.backend]
     cmd += ["--synchronous", synchronous or "FULL", "--tasks", str(tasks), "--puts", str(args.puts)]
     cmd += ["--tombstones"] if tombstones else []
+    cmd += ["--statement"] if args.statement else []
     out = subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out))
 
@@ -139,11 +171,15 @@ def main() -> None:
     parser.add_argument("--ref", default="main")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--puts", type=int, default=4000)
+    parser.add_argument("--statement", action="store_true", help="SQLite: the upsert statement alone")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--synchronous", default="FULL", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--tombstones", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.statement:
+        print(json.dumps(_statement(20_000, args.tombstones)))
+        return
     if args.child:
         import trio
 
@@ -160,18 +196,23 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", other], input=archive.stdout, check=True)
         trees = {"this": ROOT, args.ref: Path(other)}
         report = {}
-        for synchronous, tasks in CASES[args.backend]:
+        cases = [("", 1)] if args.statement else CASES[args.backend]
+        for synchronous, tasks in cases:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*trees, "with_tombstones"]}
             for _ in range(args.rounds):
                 for name, tree in trees.items():
                     runs[name].append(_run(tree, args, synchronous, tasks, False))
                 runs["with_tombstones"].append(_run(ROOT, args, synchronous, tasks, True))
-            case = "_".join(filter(None, [args.backend, synchronous.lower(), f"c{tasks}"]))
+            case = (
+                "sqlite_statement"
+                if args.statement
+                else "_".join(filter(None, [args.backend, synchronous.lower(), f"c{tasks}"]))
+            )
             medians = {
                 name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
             }
             report[case] = {name: {k: round(v, 1) for k, v in m.items()} for name, m in medians.items()}
-            for k in ("cpu_us_per_put", "wall_us_per_put"):
+            for k in medians[args.ref]:
                 base = medians[args.ref][k]
                 report[case][f"{k}_ratio"] = round(medians["this"][k] / base, 3)
                 report[case][f"{k}_ratio_with_tombstones"] = round(medians["with_tombstones"][k] / base, 3)
