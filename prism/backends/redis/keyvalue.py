@@ -240,7 +240,9 @@ class RedisBackend:
         start, end = key_range(predicate) or (b"", b"")
         return [b"d", b"r", lo, hi, start, end]
 
-    async def _write(self, id: str, stamp: Stamp, now_ms: int, ops: list[resp.Arg]) -> None:
+    async def _write(
+        self, id: str, stamp: Stamp, now_ms: int, ops: list[resp.Arg], *, deletes: bool = False
+    ) -> None:
         self._check_open()
         args: list[resp.Arg] = [
             id,
@@ -249,6 +251,7 @@ class RedisBackend:
             stamp.token,
             IDEMPOTENCY_WINDOW_MS,
             self._tombstone_ttl_ms,
+            b"1" if deletes else b"0",
             *ops,
         ]
         if self._writes is None:
@@ -267,7 +270,7 @@ class RedisBackend:
         await self._write(id, stamp, now_ms, ops)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
-        await self._write(id, stamp, now_ms, self._delete_args(predicate))
+        await self._write(id, stamp, now_ms, self._delete_args(predicate), deletes=True)
 
     async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
         check_mutations(mutations)
@@ -276,4 +279,4 @@ class RedisBackend:
             ops.extend(
                 self._put_args(m.item, stamp) if isinstance(m, Put) else self._delete_args(m.predicate)
             )
-        await self._write(id, stamp, now_ms, ops)
+        await self._write(id, stamp, now_ms, ops, deletes=not all(isinstance(m, Put) for m in mutations))
