@@ -311,7 +311,7 @@ def cleanup(backend: str, namespace: str, prefix: str) -> list[str]:
 
         stem = table_stem(namespace)
         with psycopg.connect(DSN, autocommit=True) as conn:
-            for table in (f"prism_kv_{stem}", f"prism_kv_{stem}_idem"):
+            for table in (f"prism_kv_{stem}", f"prism_kv_{stem}_idem", f"prism_kv_{stem}_tomb"):
                 conn.execute(f'DROP TABLE IF EXISTS "{table}"')
                 done.append(table)
     elif backend == "redis":

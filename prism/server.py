@@ -27,7 +27,7 @@ from pathlib import Path
 
 from prism.backends import catalog
 from prism.backends.sqlite.files import open_to_others
-from prism.backends.sqlite.options import SqliteOptions
+from prism.backends.sqlite.options import SqliteFileOptions
 from prism.config import ServerConfig
 from prism.errors import ConfigError
 
@@ -120,7 +120,7 @@ def sqlite_files(config: ServerConfig) -> list[Path]:
     files = []
     for ns in config.all_namespaces():
         options = catalog.check(ns.abstraction, ns.backend, ns.options)  # as config loading did
-        if isinstance(options, SqliteOptions):
+        if isinstance(options, SqliteFileOptions):
             files.append(options.file(Path(config.data_dir), ns.name).absolute())
     return files
 

@@ -22,5 +22,5 @@ def dsn_via(port: int) -> str:
 
 def drop_tables(backend: PostgresBackend) -> None:
     with psycopg.connect(DSN, autocommit=True) as conn:
-        for table in (backend.items_table, backend.tokens_table):
+        for table in (backend.items_table, backend.tokens_table, backend.tombstones_table):
             conn.execute(f'DROP TABLE IF EXISTS "{table}"'.encode())

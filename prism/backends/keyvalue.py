@@ -12,6 +12,18 @@ Semantics every backend implements (the contract suite checks them):
   of the write that produced it. A put of an item is skipped when the stored
   item's stamp is newer: stamps compare as the tuple (time, token).
   A delete removes only matched items whose stamp is not newer than its own.
+- A delete leaves tombstones, kept for the namespace's ``tombstone_ttl_s``
+  (the same stamp rule, so that a put stamped before a delete but arriving
+  after it does not bring the item back): ``MatchKeys`` one per key named,
+  held in the key's place (a key holds an item or a tombstone: whichever
+  the newest-stamped write left); ``MatchRange`` and ``MatchAll`` one for
+  the range (``b""``, ``b""`` for the whole record), which also removes the
+  key tombstones in it that are not newer, and replaces an older one of the
+  same range. A put of a key is skipped when a tombstone holding it, or a
+  range tombstone covering it, is newer than the put and not yet past its
+  time. Tombstones are never returned, and a record of tombstones only is
+  absent from scans. Backends purge them once past their time, as they
+  purge old tokens.
 - A write whose non-empty token was already applied to the same
   (namespace, id) within ``IDEMPOTENCY_WINDOW_MS`` does nothing.
 - Items with ``expires_at_ms`` != 0 and <= now_ms are never returned and

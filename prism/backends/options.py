@@ -28,6 +28,7 @@ from prism.validation import one_line, rephrase
 
 DEFAULT_ACK_WAIT_MS = 30_000
 DEFAULT_DEDUP_WINDOW_S = 120.0
+DEFAULT_TOMBSTONE_TTL_S = 86_400.0  # as long as idempotency tokens are remembered
 
 # Every number has both bounds: a typo of a few zeros (or TOML's inf) is
 # refused at load instead of becoming a pool of a million connections or a
@@ -36,6 +37,8 @@ PoolSize = Annotated[int, msgspec.Meta(ge=1, le=1024)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]  # a timeout: more than zero, at most an hour
 Days = Annotated[float, msgspec.Meta(ge=0, le=36_500)]  # retention: 0 keeps forever
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+# How long a KeyValue delete's tombstones are kept: more than zero, at most a year.
+TombstoneTtl = Annotated[float, msgspec.Meta(gt=0, le=365 * 86_400)]
 
 
 class OptionError(ConfigError):
@@ -60,6 +63,11 @@ class PubSubOptions(Options, frozen=True):
 
     ack_wait_ms: Annotated[int, msgspec.Meta(ge=1, le=86_400_000)] = DEFAULT_ACK_WAIT_MS  # up to a day
     dedup_window_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = DEFAULT_DEDUP_WINDOW_S
+
+
+def tombstone_ttl_ms(ttl_s: float) -> int:
+    """A ``tombstone_ttl_s`` in whole milliseconds (at least one)."""
+    return max(1, round(ttl_s * 1000))
 
 
 OptionsT = TypeVar("OptionsT", bound=Options)

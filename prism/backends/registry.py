@@ -68,8 +68,7 @@ BackendFactory = Factory[KeyValueBackend]  # what a "prism.backends" plugin prov
 
 
 def _memory(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:
-    convert(options, MemoryKeyValueOptions)  # it takes none: any option is an error
-    return MemoryBackend()
+    return MemoryBackend(convert(options, MemoryKeyValueOptions).tombstone_ttl_s)
 
 
 def _sqlite(options: Mapping[str, object], *, data_dir: Path, namespace: str) -> KeyValueBackend:

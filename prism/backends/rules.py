@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from prism.backends.keyvalue import IDEMPOTENCY_WINDOW_MS, ItemWrite, Mutation, Put
+from prism.backends.keyvalue import (
+    IDEMPOTENCY_WINDOW_MS,
+    ItemWrite,
+    MatchKeys,
+    MatchRange,
+    Mutation,
+    Predicate,
+    Put,
+)
 from prism.errors import InvalidArgument
 
 
@@ -33,3 +41,18 @@ def is_replay(applied_at_ms: int | None, now_ms: int) -> bool:
 def is_expired(expires_at_ms: int, now_ms: int) -> bool:
     """Whether an item with this expiry counts as absent at ``now_ms`` (0: never expires)."""
     return expires_at_ms != 0 and expires_at_ms <= now_ms
+
+
+def key_range(predicate: Predicate) -> tuple[bytes, bytes] | None:
+    """The range a delete with ``predicate`` leaves its tombstone on (``b""``,
+    ``b""``: the whole record); None for ``MatchKeys`` (a tombstone per key)."""
+    if isinstance(predicate, MatchKeys):
+        return None
+    if isinstance(predicate, MatchRange):
+        return predicate.start, predicate.end
+    return b"", b""
+
+
+def in_range(key: bytes, start: bytes, end: bytes) -> bool:
+    """Whether ``key`` is in [``start``, ``end``) (``end`` b"": to the last key)."""
+    return start <= key and (not end or key < end)

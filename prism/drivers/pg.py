@@ -23,6 +23,14 @@ client (one ``wait_readable`` per query: epoll registration and a trip
 through trio's scheduler). A primary-key get is as cheap as ``SELECT 1``
 because parameters and rows skip psycopg's adapters.
 
+Prepared statements. ``execute(..., prepare=True)`` prepares the statement
+on the connection the first time (one extra round trip per connection and
+statement) and runs it by name afterwards: the server parses and plans it
+once instead of per call, which is most of the cost of a statement with a
+subquery (a KeyValue put checks its range tombstones in one). Named
+statements live in the server session: behind PgBouncer that takes
+session pooling, or version 1.21 or later with ``max_prepared_statements``.
+
 Errors. This module knows nothing of gRPC: it raises ``PgError`` (with the
 server's SQLSTATE when the server sent one) and ``PoolTimeout``, and the
 PostgreSQL backends map them to the gateway's errors
@@ -232,6 +240,8 @@ class Connection:
         self.pgconn = pgconn
         self.fileno = pgconn.socket
         self.broken = False
+        self._prepared: dict[bytes, bytes] = {}  # statement -> its name in this session
+        self._names = 0  # names handed out, prepared or not (a cancelled prepare may have been)
 
     def close(self) -> None:
         self.broken = True
@@ -241,27 +251,45 @@ class Connection:
     def in_transaction(self) -> bool:
         return self.pgconn.transaction_status != pq.TransactionStatus.IDLE
 
-    async def execute(self, sql: bytes, params: Sequence[Param] = ()) -> list[Row]:
-        """Run one statement; its rows (empty for commands). PgError on failure."""
+    async def execute(self, sql: bytes, params: Sequence[Param] = (), *, prepare: bool = False) -> list[Row]:
+        """Run one statement (prepared once per connection with ``prepare``);
+        its rows (empty for commands). PgError on failure."""
         with child("prism.backend.postgresql", **{"db.system": "postgresql", "db.operation": _verb(sql)}):
-            return (await self._run(sql, params))[0]
+            return (await self._run(sql, params, prepare))[0]
 
-    async def execute_count(self, sql: bytes, params: Sequence[Param] = ()) -> int:
+    async def execute_count(self, sql: bytes, params: Sequence[Param] = (), *, prepare: bool = False) -> int:
         """Run one command; the number of rows it affected."""
         with child("prism.backend.postgresql", **{"db.system": "postgresql", "db.operation": _verb(sql)}):
-            return (await self._run(sql, params))[1]
+            return (await self._run(sql, params, prepare))[1]
 
-    async def _run(self, sql: bytes, params: Sequence[Param]) -> tuple[list[Row], int]:
+    async def _run(self, sql: bytes, params: Sequence[Param], prepare: bool) -> tuple[list[Row], int]:
         if self.broken:
             raise PgError("postgres: connection is closed")
         pgconn = self.pgconn
-        try:
+        if not prepare:
             if params:
                 values, types, formats = _encode(params)
-                pgconn.send_query_params(sql, values, types, formats, 1)
-            else:
-                pgconn.send_query_params(sql, None, result_format=1)
-            results = await _drive(generators.execute(pgconn), self.fileno)
+                return _outcome(
+                    await self._roundtrip(lambda: pgconn.send_query_params(sql, values, types, formats, 1))
+                )
+            return _outcome(
+                await self._roundtrip(lambda: pgconn.send_query_params(sql, None, result_format=1))
+            )
+        values, types, formats = _encode(params)
+        name = self._prepared.get(sql)
+        if name is None:
+            self._names += 1
+            fresh = b"prism_%d" % self._names
+            _outcome(await self._roundtrip(lambda: pgconn.send_prepare(fresh, sql, types)))
+            name = self._prepared[sql] = fresh
+        return _outcome(await self._roundtrip(lambda: pgconn.send_query_prepared(name, values, formats, 1)))
+
+    async def _roundtrip(self, send: Callable[[], None]) -> list[PGresult]:
+        """``send`` one request and read its results, or lose the connection."""
+        pgconn = self.pgconn
+        try:
+            send()
+            results: list[PGresult] = await _drive(generators.execute(pgconn), self.fileno)
         except pgerrors.OperationalError as exc:
             self.close()
             raise PgError(f"postgres: connection lost: {_one_line(exc)}") from exc
@@ -272,21 +300,12 @@ class Connection:
             raise
         if pgconn.status == pq.ConnStatus.BAD:  # e.g. the server ended the session (57P01)
             self.close()
-        rows: list[Row] = []
-        count = 0
         for res in results:
-            status = res.status
-            if status == pq.ExecStatus.TUPLES_OK:
-                rows = _rows(res)
-                count = res.ntuples
-            elif status == pq.ExecStatus.COMMAND_OK:
-                tuples = res.command_tuples
-                count = tuples if tuples is not None else 0
-            elif status == pq.ExecStatus.FATAL_ERROR:
+            if res.status == pq.ExecStatus.FATAL_ERROR:
                 raise _error(res)
         if self.broken:
             raise PgError("postgres: connection lost")
-        return rows, count
+        return results
 
     async def _cancel_in_flight(self) -> None:
         with trio.CancelScope(shield=True) as scope:
@@ -320,6 +339,21 @@ class Connection:
             self.close()
 
 
+def _outcome(results: list[PGresult]) -> tuple[list[Row], int]:
+    """The rows and the count of rows affected, from a statement's results."""
+    rows: list[Row] = []
+    count = 0
+    for res in results:
+        status = res.status
+        if status == pq.ExecStatus.TUPLES_OK:
+            rows = _rows(res)
+            count = res.ntuples
+        elif status == pq.ExecStatus.COMMAND_OK:
+            tuples = res.command_tuples
+            count = tuples if tuples is not None else 0
+    return rows, count
+
+
 class PoolTimeout(PgError):
     """Every connection stayed busy for longer than the pool's acquire timeout."""
 
@@ -351,11 +385,11 @@ class Pool(BoundedPool[Connection]):
         finally:
             self.put_back(conn)
 
-    async def execute(self, sql: bytes, params: Sequence[Param] = ()) -> list[Row]:
+    async def execute(self, sql: bytes, params: Sequence[Param] = (), *, prepare: bool = False) -> list[Row]:
         """One statement on a pooled connection (acquire, run, give back)."""
         conn = await self.acquire()
         try:
-            return await conn.execute(sql, params)
+            return await conn.execute(sql, params, prepare=prepare)
         finally:
             await self.release(conn)
 

@@ -1,6 +1,9 @@
 """Random operations on every backend, compared with a plain model of the
 contract in base.py. Small alphabets of ids, keys, stamps and tokens make
-collisions (stamp ties, token replays, expiry on the boundary) common."""
+collisions (stamp ties, token replays, expiry on the boundary) common, and
+writes come with stamps in any order: a put stamped before a delete may
+arrive after it (``late_put`` does so on purpose), which the delete's
+tombstones must then hold back until they are past their (short) time."""
 
 from __future__ import annotations
 
@@ -57,17 +60,24 @@ IDS = ["a", "b", "é"]
 KEYS = [b"\x00", b"a", b"ab", b"\x7f", b"\x80", b"\xff"]
 TOKENS = ["", "", "t1", "t2"]
 START_MS = 1_000_000
+TOMBSTONE_TTL_MS = 4  # a few ticks: tombstones come and go within an example
 
 
 # -- the model -----------------------------------------------------------------
 
 
 class _Stored:
-    def __init__(self, value: bytes, expires_at_ms: int, stamp: tuple[int, str]) -> None:
+    """What a key holds: an item, or a delete's tombstone (``value`` None,
+    ``expires_at_ms`` when it is forgotten)."""
+
+    def __init__(self, value: bytes | None, expires_at_ms: int, stamp: tuple[int, str]) -> None:
         self.value, self.expires_at_ms, self.stamp = value, expires_at_ms, stamp
 
-    def live(self, now_ms: int) -> bool:
+    def current(self, now_ms: int) -> bool:
         return self.expires_at_ms == 0 or self.expires_at_ms > now_ms
+
+    def live(self, now_ms: int) -> bool:
+        return self.value is not None and self.current(now_ms)
 
 
 def _matches(predicate: Predicate, key: bytes) -> bool:
@@ -83,7 +93,10 @@ class Model:
 
     def __init__(self) -> None:
         self.records: dict[str, dict[bytes, _Stored]] = {}
+        # Range tombstones: id -> (start, end) -> (stamp, forgotten at).
+        self.ranges: dict[str, dict[tuple[bytes, bytes], tuple[tuple[int, str], int]]] = {}
         self.applied: dict[tuple[str, str], int] = {}
+        self.deletes: list[tuple[str, Stamp]] = []  # (id, stamp) of every delete applied
 
     def _begin(self, id: str, stamp: Stamp, now_ms: int) -> bool:
         at = self.applied.get((id, stamp.token))
@@ -96,14 +109,32 @@ class Model:
     def _put(self, id: str, item: ItemWrite, stamp: Stamp, now_ms: int) -> None:
         new = (stamp.generation_time_us, stamp.token)
         old = self.records.setdefault(id, {}).get(item.key)
-        if old is None or not old.live(now_ms) or old.stamp <= new:
-            self.records[id][item.key] = _Stored(item.value, item.expires_at_ms, new)
+        if old is not None and old.current(now_ms) and old.stamp > new:
+            return
+        for (start, end), (at, forget_at) in self.ranges.get(id, {}).items():
+            if at > new and forget_at > now_ms and _matches(MatchRange(start, end), item.key):
+                return
+        self.records[id][item.key] = _Stored(item.value, item.expires_at_ms, new)
 
-    def _delete(self, id: str, predicate: Predicate, stamp: Stamp) -> None:
-        rec = self.records.get(id, {})
+    def _delete(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
+        new = (stamp.generation_time_us, stamp.token)
+        rec = self.records.setdefault(id, {})
+        forget_at = now_ms + TOMBSTONE_TTL_MS
+        self.deletes.append((id, stamp))
+        if isinstance(predicate, MatchKeys):
+            for key in set(predicate.keys):
+                old = rec.get(key)
+                if old is None or not old.current(now_ms) or old.stamp <= new:
+                    rec[key] = _Stored(None, forget_at, new)
+            return
         for key in [k for k, s in rec.items() if _matches(predicate, k)]:
-            if rec[key].stamp <= (stamp.generation_time_us, stamp.token):
+            if rec[key].stamp <= new:
                 del rec[key]
+        span = (predicate.start, predicate.end) if isinstance(predicate, MatchRange) else (b"", b"")
+        ranges = self.ranges.setdefault(id, {})
+        old_range = ranges.get(span)
+        if old_range is None or old_range[0] <= new or old_range[1] <= now_ms:
+            ranges[span] = (new, forget_at)
 
     def mutate(self, id: str, mutations: list[Mutation], stamp: Stamp, now_ms: int) -> None:
         if any(isinstance(m, Put) and not m.item.key for m in mutations):
@@ -114,7 +145,7 @@ class Model:
             if isinstance(m, Put):
                 self._put(id, m.item, stamp, now_ms)
             else:
-                self._delete(id, m.predicate, stamp)
+                self._delete(id, m.predicate, stamp, now_ms)
         self._end(id, stamp, now_ms)
 
     def live_items(self, id: str, now_ms: int) -> list[StoredItem]:
@@ -225,13 +256,17 @@ class BackendMachine(RuleBasedStateMachine):
         self.now = START_MS
         self.model = Model()
         self.tmp = Path(tempfile.mkdtemp(prefix="prism-model-"))
-        sqlite = SqliteBackend(SqliteOptions(synchronous="NORMAL"), data_dir=self.tmp, namespace="ns")
+        ttl_s = TOMBSTONE_TTL_MS / 1000
+        sqlite = SqliteBackend(
+            SqliteOptions(synchronous="NORMAL", tombstone_ttl_s=ttl_s), data_dir=self.tmp, namespace="ns"
+        )
         # Own tables per example; dropped at teardown.
         postgres = PostgresBackend(
-            PostgresKeyValueOptions(dsn=DSN), namespace=f"prism_test_{uuid.uuid4().hex}"
+            PostgresKeyValueOptions(dsn=DSN, tombstone_ttl_s=ttl_s),
+            namespace=f"prism_test_{uuid.uuid4().hex}",
         )
-        redis = new_backend()  # own key prefix per example; keys deleted at teardown
-        self.backends: list[Backend] = [MemoryBackend(), sqlite, postgres, redis]
+        redis = new_backend(tombstone_ttl_s=ttl_s)  # own key prefix per example; keys deleted at teardown
+        self.backends: list[Backend] = [MemoryBackend(ttl_s), sqlite, postgres, redis]
         for backend in self.backends:
             trio.from_thread.run(backend.open)
 
@@ -268,6 +303,9 @@ class BackendMachine(RuleBasedStateMachine):
 
     @rule(id=st.sampled_from(IDS), drawn=st.lists(item_writes(True), max_size=4), stamp=stamps)
     def put(self, id: str, drawn: list[tuple[bytes, bytes, int | None]], stamp: Stamp) -> None:
+        self._put(id, drawn, stamp)
+
+    def _put(self, id: str, drawn: list[tuple[bytes, bytes, int | None]], stamp: Stamp) -> None:
         items, now = self._items(drawn), self.now
         self.write(
             lambda: self.model.mutate(id, [Put(i) for i in items], stamp, now),
@@ -296,6 +334,16 @@ class BackendMachine(RuleBasedStateMachine):
             lambda: self.model.mutate(id, muts, stamp, now),
             lambda b: b.mutate_items(id, muts, stamp, now),
         )
+
+    @precondition(lambda self: self.model.deletes)
+    @rule(data=st.data(), drawn=st.lists(item_writes(), min_size=1, max_size=3))
+    def late_put(self, data: st.DataObject, drawn: list[tuple[bytes, bytes, int | None]]) -> None:
+        # A put stamped just before a delete already applied (a retried or
+        # hedged write arriving late): a no-op while the delete's tombstone lasts.
+        id, deleted = data.draw(st.sampled_from(self.model.deletes[-4:]))
+        stamp = Stamp(deleted.generation_time_us - data.draw(st.sampled_from([0, 1])), "")
+        if stamp.generation_time_us >= 0:
+            self._put(id, drawn, stamp)
 
     @rule(
         id=st.sampled_from(IDS),

@@ -18,6 +18,7 @@ import pytest
 
 from prism import cli
 from prism.backends import catalog, registry
+from prism.backends.memory.options import MemoryKeyValueOptions
 from prism.backends.nats.options import NatsPubSubOptions
 from prism.backends.postgres.options import PostgresKeyValueOptions
 from prism.backends.sqlite.options import SqliteTimeSeriesOptions
@@ -199,6 +200,33 @@ BAD = [
         "namespaces[0].options.max_messages: expected int <= 100000000",
     ),
     ("pubsub", "nats", "dedup_window_s = nan", "namespaces[0].options.dedup_window_s: expected float"),
+    # Every KeyValue backend keeps a delete's tombstones for tombstone_ttl_s: more than 0, at most a year.
+    (
+        "keyvalue",
+        "memory",
+        "tombstone_ttl_s = 0",
+        "namespaces[0].options.tombstone_ttl_s: expected float > 0.0",
+    ),
+    (
+        "keyvalue",
+        "sqlite",
+        "tombstone_ttl_s = -1",
+        "namespaces[0].options.tombstone_ttl_s: expected float > 0.0",
+    ),
+    (
+        "keyvalue",
+        "postgres",
+        'tombstone_ttl_s = "1d"',
+        "namespaces[0].options.tombstone_ttl_s: expected float, got str",
+    ),
+    (
+        "keyvalue",
+        "redis",
+        "tombstone_ttl_s = inf",
+        "namespaces[0].options.tombstone_ttl_s: expected float <= 31536000",
+    ),
+    ("keyvalue", "redis", "tombstone_ttl_s = nan", "namespaces[0].options.tombstone_ttl_s: expected float"),
+    ("timeseries", "sqlite", "tombstone_ttl_s = 60", "namespaces[0].options.tombstone_ttl_s: unknown field"),
 ]
 
 
@@ -282,13 +310,14 @@ def test_good_options_load_and_convert_to_the_engines_struct() -> None:
         + namespace_toml(
             "timeseries", "sqlite", 'path = "ts.db", synchronous = "normal", retention_days = 7'
         ).replace('name = "n"', 'name = "t"')
+        + namespace_toml("keyvalue", "memory", "tombstone_ttl_s = 3600").replace('name = "n"', 'name = "m"')
         + namespace_toml("pubsub", "nats", 'url = "nats://tok@h:4333", ack_wait_ms = 500').replace(
             'name = "n"', 'name = "p"'
         ),
         encoding="utf-8",
     )
     config = load_config(None, {}, {})
-    pg, ts, ps = config.namespaces
+    pg, ts, mem, ps = config.namespaces
     assert pg.options == {
         "dsn": "host=db dbname=app",
         "pool_size": 3,
@@ -300,6 +329,8 @@ def test_good_options_load_and_convert_to_the_engines_struct() -> None:
     assert catalog.check(ts.abstraction, ts.backend, ts.options) == SqliteTimeSeriesOptions(
         path="ts.db", synchronous="NORMAL", retention_days=7.0
     )
+    assert catalog.check(mem.abstraction, mem.backend, mem.options) == MemoryKeyValueOptions(3600.0)
+    assert PostgresKeyValueOptions().tombstone_ttl_s == 86_400.0  # a day by default, like tokens
     assert catalog.check(ps.abstraction, ps.backend, ps.options) == NatsPubSubOptions(
         url="nats://tok@h:4333", ack_wait_ms=500
     )

@@ -9,6 +9,12 @@ of the benchmark and takes the first branch of ``get_items``.
 Expired items are dropped lazily. A record remembers a lower bound of its
 items' expiry times; the first access at or after that bound purges it, so
 every other code path can treat the record's items as live.
+
+Tombstones (``prism.backends.keyvalue``) live beside the items, in two
+dicts per record that are empty unless something was deleted: a put checks
+them only then, and reads never look at them. A record stays while it holds
+an item or a tombstone; tombstones past their time are forgotten, oldest
+first, on later writes (as tokens are).
 """
 
 from __future__ import annotations
@@ -31,16 +37,23 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
+from prism.backends.options import DEFAULT_TOMBSTONE_TTL_S, tombstone_ttl_ms
 from prism.backends.paging import RecordPager, page_items
-from prism.backends.rules import check_items, check_mutations, is_expired, is_replay
+from prism.backends.rules import check_items, check_mutations, in_range, is_expired, is_replay, key_range
 
 _NEVER = 1 << 63  # expiry bound of a record none of whose items expires
 
 _StampKey = tuple[int, str]  # (generation_time_us, token): compares as the contract says
+_Tombstone = tuple[_StampKey, int]  # the delete's stamp, and when it is forgotten (ms)
+
+
+def _holds(tomb: _Tombstone | None, stamp: _StampKey, now_ms: int) -> bool:
+    """Whether ``tomb`` blocks a write stamped ``stamp`` at ``now_ms``."""
+    return tomb is not None and tomb[0] > stamp and tomb[1] > now_ms
 
 
 class _Record:
-    __slots__ = ("expiry_bound", "items", "keys", "nbytes", "stamps")
+    __slots__ = ("expiry_bound", "items", "keys", "nbytes", "ranges", "stamps", "tombs")
 
     def __init__(self) -> None:
         self.keys: list[bytes] = []
@@ -48,10 +61,26 @@ class _Record:
         self.stamps: list[_StampKey] = []
         self.nbytes = 0  # sum of len(key) + len(value)
         self.expiry_bound = _NEVER  # <= every non-zero expires_at_ms held
+        self.tombs: dict[bytes, _Tombstone] = {}  # key -> tombstone; never a key of ``keys``
+        self.ranges: dict[tuple[bytes, bytes], _Tombstone] = {}  # (start, end) -> tombstone
+
+    def empty(self) -> bool:
+        return not self.items and not self.tombs and not self.ranges
+
+    def _blocked(self, key: bytes, stamp: _StampKey, now_ms: int) -> bool:
+        """Whether a tombstone holds back a write of ``key`` stamped ``stamp``."""
+        if self.tombs and _holds(self.tombs.get(key), stamp, now_ms):
+            return True
+        return any(
+            _holds(tomb, stamp, now_ms) and in_range(key, start, end)
+            for (start, end), tomb in self.ranges.items()
+        )
 
     def put(self, item: ItemWrite, stamp: _StampKey, now_ms: int) -> None:
         keys = self.keys
         i = bisect_left(keys, item.key)
+        if (self.tombs or self.ranges) and self._blocked(item.key, stamp, now_ms):
+            return
         if i < len(keys) and keys[i] == item.key:
             old = self.items[i]
             if self.stamps[i] > stamp and not is_expired(old.expires_at_ms, now_ms):
@@ -64,14 +93,40 @@ class _Record:
             self.items.insert(i, StoredItem(item.key, item.value, item.expires_at_ms))
             self.stamps.insert(i, stamp)
             self.nbytes += len(item.key) + len(item.value)
+            self.tombs.pop(item.key, None)  # the put is newer: it takes the key's place
         if item.expires_at_ms and item.expires_at_ms < self.expiry_bound:
             self.expiry_bound = item.expires_at_ms
 
-    def delete(self, predicate: Predicate, stamp: _StampKey) -> None:
-        stamps = self.stamps
-        doomed = {i for i in self.select(predicate, False, None) if stamps[i] <= stamp}
+    def delete(self, predicate: Predicate, stamp: _StampKey, now_ms: int, forget_at_ms: int) -> None:
+        """Remove what ``predicate`` matches and is not newer than ``stamp``,
+        and leave its tombstones (to be forgotten at ``forget_at_ms``)."""
+        stamps, items = self.stamps, self.items
+        tomb = (stamp, forget_at_ms)
+        if isinstance(predicate, MatchKeys):  # a tombstone in each key's place, unless a newer write holds it
+            doomed = set()
+            for key in set(predicate.keys):
+                i = self.index(key)
+                if i is not None:
+                    if stamps[i] > stamp and not is_expired(items[i].expires_at_ms, now_ms):
+                        continue
+                    doomed.add(i)
+                elif _holds(self.tombs.get(key), stamp, now_ms):
+                    continue
+                self.tombs[key] = tomb
+        else:
+            doomed = {i for i in self.select(predicate, False, None) if stamps[i] <= stamp}
+            span = start, end = key_range(predicate) or (b"", b"")
+            for key in [k for k, t in self.tombs.items() if t[0] <= stamp and in_range(k, start, end)]:
+                del self.tombs[key]
+            if not _holds(self.ranges.get(span), stamp, now_ms):
+                self.ranges[span] = tomb
         if doomed:
             self._keep([i for i in range(len(self.keys)) if i not in doomed])
+
+    def forget(self, now_ms: int) -> None:
+        """Drop the tombstones past their time."""
+        self.tombs = {k: t for k, t in self.tombs.items() if t[1] > now_ms}
+        self.ranges = {r: t for r, t in self.ranges.items() if t[1] > now_ms}
 
     def purge(self, now_ms: int) -> None:
         """Drop expired items; a no-op until ``now_ms`` reaches the bound."""
@@ -88,6 +143,11 @@ class _Record:
         self.items = [items[i] for i in kept]
         self.stamps = [stamps[i] for i in kept]
         self.nbytes = sum(len(it.key) + len(it.value) for it in self.items)
+
+    def index(self, key: bytes) -> int | None:
+        keys = self.keys
+        i = bisect_left(keys, key)
+        return i if i < len(keys) and keys[i] == key else None
 
     def select(self, predicate: Predicate, reverse: bool, after: bytes | None) -> Sequence[int]:
         """Indices of the matched items strictly after ``after``, in travel order."""
@@ -122,11 +182,13 @@ class MemoryBackend:
     """KeyValue in dicts. Methods never await: each runs to completion, which
     makes every write atomic with respect to other calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, tombstone_ttl_s: float = DEFAULT_TOMBSTONE_TTL_S) -> None:
         self._records: dict[str, _Record] = {}
         self._sorted_ids: list[str] | None = None  # built by the first scan, then kept
         self._applied: dict[tuple[str, str], int] = {}  # (id, token) -> applied_at_ms
         self._applied_log: deque[tuple[int, str, str]] = deque()  # to forget old tokens
+        self._tombstone_ttl_ms = tombstone_ttl_ms(tombstone_ttl_s)
+        self._tomb_log: deque[tuple[int, str]] = deque()  # (forget_at_ms, id): to forget old tombstones
 
     async def open(self) -> None:
         """Nothing to open; present so that every backend is started the same way."""
@@ -175,9 +237,8 @@ class MemoryBackend:
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
         if self._replayed(id, stamp.token, now_ms):
             return
-        rec = self._records.get(id)
-        if rec is not None:
-            rec.delete(predicate, (stamp.generation_time_us, stamp.token))
+        rec = self._record(id, now_ms)
+        self._delete(id, rec, predicate, (stamp.generation_time_us, stamp.token), now_ms)
         self._finish(id, rec, stamp.token, now_ms)
 
     async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
@@ -192,8 +253,15 @@ class MemoryBackend:
             if isinstance(m, Put):
                 rec.put(m.item, key, now_ms)
             else:
-                rec.delete(m.predicate, key)
+                self._delete(id, rec, m.predicate, key, now_ms)
         self._finish(id, rec, stamp.token, now_ms)
+
+    def _delete(self, id: str, rec: _Record, predicate: Predicate, stamp: _StampKey, now_ms: int) -> None:
+        forget_at = now_ms + self._tombstone_ttl_ms
+        rec.delete(predicate, stamp, now_ms, forget_at)
+        log = self._tomb_log
+        if not log or log[-1] != (forget_at, id):
+            log.append((forget_at, id))
 
     async def scan_items(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
@@ -207,7 +275,8 @@ class MemoryBackend:
             rec = self._records[rid]
             rec.purge(now_ms)
             if not rec.items:
-                empty.append(rid)  # dropped after the loop: it indexes ``ids``
+                if rec.empty():
+                    empty.append(rid)  # dropped after the loop: it indexes ``ids``
                 continue
             page = pager.add_record(rid, rec.items[:], rec.nbytes)
             if page is not None:
@@ -217,6 +286,8 @@ class MemoryBackend:
         return pager.last_page()
 
     def _replayed(self, id: str, token: str, now_ms: int) -> bool:
+        if self._tomb_log and self._tomb_log[0][0] <= now_ms:
+            self._forget_tombstones(now_ms)
         if not token:
             return False
         # Forget tokens that left the window, oldest first; amortised O(1).
@@ -227,6 +298,17 @@ class MemoryBackend:
             if applied.get((old_id, old_token)) == at:
                 del applied[(old_id, old_token)]
         return is_replay(applied.get((id, token)), now_ms)
+
+    def _forget_tombstones(self, now_ms: int) -> None:
+        """Forget the tombstones past their time, oldest first; amortised O(1)."""
+        log = self._tomb_log
+        while log and log[0][0] <= now_ms:
+            _, id = log.popleft()
+            rec = self._records.get(id)
+            if rec is not None:
+                rec.forget(now_ms)
+                if rec.empty():
+                    self._drop_empty([id])
 
     def _record(self, id: str, now_ms: int) -> _Record:
         rec = self._records.get(id)
@@ -243,7 +325,7 @@ class MemoryBackend:
         if token:
             self._applied[(id, token)] = now_ms
             self._applied_log.append((now_ms, id, token))
-        if rec is not None and not rec.items:
+        if rec is not None and rec.empty():
             self._drop_empty([id])
 
     def _ids(self) -> list[str]:

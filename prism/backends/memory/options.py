@@ -6,13 +6,16 @@ from typing import Annotated
 
 import msgspec
 
-from prism.backends.options import Days, Options, PubSubOptions
+from prism.backends.options import DEFAULT_TOMBSTONE_TTL_S, Days, Options, PubSubOptions, TombstoneTtl
 
 DEFAULT_MAX_MESSAGES = 100_000
 
 
 class MemoryKeyValueOptions(Options, frozen=True):
-    """KeyValue in memory takes no options."""
+    """``tombstone_ttl_s``: how long a delete's tombstones are kept (every
+    KeyValue backend takes it; see ``prism.backends.keyvalue``)."""
+
+    tombstone_ttl_s: TombstoneTtl = DEFAULT_TOMBSTONE_TTL_S
 
 
 class MemoryTimeSeriesOptions(Options, frozen=True):

@@ -9,15 +9,19 @@ that cannot be reached fails calls with UNAVAILABLE within
 cancels its statement on the server.
 
 The semantics live in SQL (``keyvalue_sql``): the stamp rule is the WHERE of
-the upsert and of the delete; a write with a token claims the token with an
+the upsert and of the delete, and tombstones are rows it keeps; a write with a token claims the token with an
 upsert in the same transaction as its changes (a replay finds the claim and
 rolls back); reads filter expired items; expired items and old tokens are
-purged in small batches inside a write's transaction at most once a minute
-of caller time. A write that is a single statement without a token runs
-without BEGIN/COMMIT: one statement is atomic on its own.
+purged (and tombstones past their time) in small batches inside a write's
+transaction at most once a minute of caller time. A write that is a single statement without a token runs
+without BEGIN/COMMIT: one statement is atomic on its own. Write statements
+are prepared once per connection (``prism.drivers.pg``): a put's check of
+range tombstones (a subquery) would otherwise cost more to plan, per call,
+than the rest of the put.
 
-Tables ``prism_kv_<namespace>`` and ``prism_kv_<namespace>_idem`` are created
-by ``open()`` if missing and never dropped. Driver errors reach the client
+Tables ``prism_kv_<namespace>``, ``prism_kv_<namespace>_idem`` and
+``prism_kv_<namespace>_tomb`` are created by ``open()`` if missing and never
+dropped. Driver errors reach the client
 through the engine's error table (``errors.ERRORS``).
 """
 
@@ -32,6 +36,7 @@ from prism.backends.keyvalue import (
     ItemPage,
     ItemWrite,
     MatchAll,
+    MatchKeys,
     Mutation,
     Predicate,
     Put,
@@ -39,11 +44,12 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
+from prism.backends.options import tombstone_ttl_ms
 from prism.backends.paging import RecordPager, page_items
 from prism.backends.postgres import keyvalue_sql as sql
 from prism.backends.postgres.errors import ERRORS
 from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresOptions, conninfo
-from prism.backends.rules import check_items, check_mutations
+from prism.backends.rules import check_items, check_mutations, key_range
 from prism.drivers import pg as pgio
 from prism.errors import Unavailable
 from prism.limits import shed
@@ -89,7 +95,9 @@ class PostgresBackend:
         stem = sql.table_stem(namespace)
         self.items_table = f"prism_kv_{stem}"
         self.tokens_table = f"prism_kv_{stem}_idem"
-        self._sql = sql.Statements(self.items_table, self.tokens_table)
+        self.tombstones_table = f"prism_kv_{stem}_tomb"
+        self._sql = sql.Statements(self.items_table, self.tokens_table, self.tombstones_table)
+        self._tombstone_ttl_ms = tombstone_ttl_ms(options.tombstone_ttl_s)
         self._purge_next_ms = 0
         self._opened = False
         self._closed = False
@@ -239,10 +247,15 @@ class PostgresBackend:
             now_ms,
         ]
 
-    def _delete(self, id: str, predicate: Predicate, stamp: Stamp) -> Statement:
+    def _delete(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> Statement:
+        forget_at = now_ms + self._tombstone_ttl_ms
         params: list[pgio.Param] = [id, stamp.generation_time_us, stamp.token]
-        params.extend(sql.predicate_params(predicate))
-        return self._sql.delete(predicate), params
+        if isinstance(predicate, MatchKeys):
+            params += [list(set(predicate.keys)), -forget_at, now_ms]
+            return self._sql.tombstone_keys, params
+        start, end = key_range(predicate) or (b"", b"")
+        params += [start, end, forget_at, now_ms]
+        return self._sql.delete_range(predicate), params
 
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         check_items(items)
@@ -280,18 +293,18 @@ class PostgresBackend:
             [stamp.token for _, stamp in rows.values()],
             max(now for *_, now in puts),
         ]
-        await self._pool.execute(self._sql.upsert_many, params)
+        await self._pool.execute(self._sql.upsert_many, params, prepare=True)
         return [None] * len(puts)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
-        await self._write(id, stamp, now_ms, [self._delete(id, predicate, stamp)])
+        await self._write(id, stamp, now_ms, [self._delete(id, predicate, stamp, now_ms)])
 
     async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
         check_mutations(mutations)
         statements = [
             self._upsert(id, (m.item,), stamp, now_ms)
             if isinstance(m, Put)
-            else self._delete(id, m.predicate, stamp)
+            else self._delete(id, m.predicate, stamp, now_ms)
             for m in mutations
         ]
         await self._write(id, stamp, now_ms, statements)
@@ -303,7 +316,7 @@ class PostgresBackend:
         if not token and not purge and len(statements) <= 1:
             if statements:
                 with ERRORS:
-                    await self._pool.execute(*statements[0])
+                    await self._pool.execute(*statements[0], prepare=True)
             return
         with ERRORS:
             conn = await self._pool.acquire()
@@ -317,13 +330,16 @@ class PostgresBackend:
                         await conn.execute(b"ROLLBACK")
                         return
                 for statement in statements:
-                    await conn.execute(*statement)
+                    await conn.execute(*statement, prepare=True)
                 full = False
                 if purge:
-                    n = await conn.execute_count(self._sql.purge_items, [now_ms, PURGE_BATCH])
+                    counts = [
+                        await conn.execute_count(purge_sql, [now_ms, PURGE_BATCH])
+                        for purge_sql in self._sql.purges_at_now
+                    ]
                     horizon = now_ms - IDEMPOTENCY_WINDOW_MS
-                    m = await conn.execute_count(self._sql.purge_tokens, [horizon, PURGE_BATCH])
-                    full = n >= PURGE_BATCH or m >= PURGE_BATCH
+                    counts.append(await conn.execute_count(self._sql.purge_tokens, [horizon, PURGE_BATCH]))
+                    full = max(counts) >= PURGE_BATCH
                 await conn.execute(b"COMMIT")
                 if purge:
                     self._purge_next_ms = now_ms if full else now_ms + PURGE_INTERVAL_MS

@@ -7,6 +7,14 @@ The contract's rules hold in the statements themselves, as in
 ``str``; ``key`` is ``bytea``, which compares as unsigned bytes, shorter
 prefix first, like Python's ``bytes``), and an expired stored item loses to
 any write. Tables are created if missing and never dropped.
+
+Tombstones are kept as in SQLite (``prism.backends.sqlite.keyvalue_ops``): a
+key's is its row in the items table with an empty value and
+``expires_at_ms`` minus the time it is forgotten (reads never see it, and
+the upsert's own WHERE keeps it against older puts); a range's is a row of
+the ``_tomb`` table, which the upsert checks in the same statement (``NOT
+EXISTS``), and a range delete writes in the same statement as it deletes.
+The ``_tomb`` table is created at open beside tables made before it existed.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import re
 from prism.backends.keyvalue import MatchKeys, MatchRange, Predicate
 
 _SAFE = re.compile(r"[^a-z0-9_]")
-_MAX_STEM = 40  # 63-byte identifiers: "prism_kv_" + stem + "_idem" + margin
+_MAX_STEM = 40  # 63-byte identifiers: "prism_kv_" + stem + "_idem" (or "_tomb") + margin
 
 
 def table_stem(namespace: str) -> str:
@@ -35,23 +43,32 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
 
 
-# The stamp rule of every upsert: a stored item is replaced by a write whose
-# stamp is not older, or whatever its stamp once it has expired ($7: now).
-_STAMP_RULE = """ON CONFLICT (id, key) DO UPDATE SET
+def _stamp_rule(now: str) -> str:
+    """The stamp rule of every upsert: a stored item (or key tombstone) is
+    replaced by a write whose stamp is not older, or whatever its stamp once
+    it has expired (or been forgotten) at ``now`` (a parameter)."""
+    return f"""ON CONFLICT (id, key) DO UPDATE SET
                 value = excluded.value,
                 expires_at_ms = excluded.expires_at_ms,
                 stamp_us = excluded.stamp_us,
                 stamp_token = excluded.stamp_token
             WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
-               OR (old.expires_at_ms != 0 AND old.expires_at_ms <= $7::int8)"""
+               OR (old.expires_at_ms != 0 AND abs(old.expires_at_ms) <= {now}::int8)"""
+
+
+def _not_covered(tombs: str, id: str, key: str, stamp: str, now: str) -> str:
+    """No range tombstone of ``tombs`` newer than ``stamp`` covers ``key`` of ``id`` at ``now``."""
+    return f"""NOT EXISTS (SELECT 1 FROM {tombs} AS r
+                WHERE r.id = {id} AND r.start_key <= {key} AND (r.end_key = ''::bytea OR {key} < r.end_key)
+                  AND (r.stamp_us, r.stamp_token) > {stamp} AND r.forget_at_ms > {now})"""
 
 
 class Statements:
     """Every statement the backend sends, rendered once for its tables."""
 
-    def __init__(self, items: str, tokens: str) -> None:
-        self.items, self.tokens = items, tokens
-        i, t = f'"{items}"', f'"{tokens}"'
+    def __init__(self, items: str, tokens: str, tombstones: str) -> None:
+        self.items, self.tokens, self.tombstones = items, tokens, tombstones
+        i, t, r = f'"{items}"', f'"{tokens}"', f'"{tombstones}"'
         self.schema = (
             f"""CREATE TABLE IF NOT EXISTS {i} (
                 id text COLLATE "C" NOT NULL,
@@ -69,19 +86,39 @@ class Statements:
                 applied_at_ms bigint NOT NULL,
                 PRIMARY KEY (id, token))""".encode(),
             f'CREATE INDEX IF NOT EXISTS "{tokens}_age" ON {t} (applied_at_ms)'.encode(),
+            f"""CREATE TABLE IF NOT EXISTS {r} (
+                id text COLLATE "C" NOT NULL,
+                start_key bytea NOT NULL,
+                end_key bytea NOT NULL,
+                stamp_us bigint NOT NULL,
+                stamp_token text COLLATE "C" NOT NULL,
+                forget_at_ms bigint NOT NULL,
+                PRIMARY KEY (id, start_key, end_key))""".encode(),
+            f'CREATE INDEX IF NOT EXISTS "{tombstones}_age" ON {r} (forget_at_ms)'.encode(),
         )
         # One statement for a whole put: the caller passes each key once.
         # $1 id, $2 keys, $3 values, $4 expiries, $5 stamp time, $6 token, $7 now.
         self.upsert = f"""INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
             SELECT $1::text, k, v, e, $5::int8, $6::text
             FROM unnest($2::bytea[], $3::bytea[], $4::int8[]) AS u(k, v, e)
-            {_STAMP_RULE}""".encode()
+            WHERE {_not_covered(r, "$1::text", "u.k", "($5::int8, $6::text)", "$7::int8")}
+            {_stamp_rule("$7")}""".encode()
         # Several records' items in one statement (coalesced puts without a
         # token): $1 ids, $2 keys, $3 values, $4 expiries, $5 stamps, $6
         # tokens (one entry per row, no (id, key) twice), $7 now.
         self.upsert_many = f"""INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
-            SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[], $6::text[])
-            {_STAMP_RULE}""".encode()
+            SELECT u.id, u.k, u.v, u.e, u.s, u.t
+            FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[], $6::text[])
+                AS u(id, k, v, e, s, t)
+            WHERE {_not_covered(r, "u.id", "u.k", "(u.s, u.t)", "$7::int8")}
+            {_stamp_rule("$7")}""".encode()
+        # Key tombstones (a delete by keys): $1 id, $2 stamp time, $3 token,
+        # $4 keys (each once), $5 minus the time they are forgotten, $6 now.
+        # Made whatever range tombstone covers a key (it may outlive that one).
+        self.tombstone_keys = f"""INSERT INTO {i} AS old
+                (id, key, value, expires_at_ms, stamp_us, stamp_token)
+            SELECT $1::text, k, ''::bytea, $5::int8, $2::int8, $3::text FROM unnest($4::bytea[]) AS u(k)
+            {_stamp_rule("$6")}""".encode()
         # A row back means the token is fresh (new, or past the window) and
         # is now recorded; none means a replay. A concurrent write with the
         # same token waits on the row lock and then sees it as a replay.
@@ -91,25 +128,46 @@ class Statements:
             ON CONFLICT (id, token) DO UPDATE SET applied_at_ms = excluded.applied_at_ms
             WHERE old.applied_at_ms <= $4::int8
             RETURNING 1""".encode()
-        self.purge_items = f"""DELETE FROM {i} WHERE ctid = ANY(ARRAY(
-            SELECT ctid FROM {i} WHERE expires_at_ms != 0 AND expires_at_ms <= $1::int8
-            LIMIT $2::int8))""".encode()
+        # $1 now, $2 batch ("expires_at_ms != 0" as the index's own WHERE says).
+        self.purges_at_now = (
+            f"""DELETE FROM {i} WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {i} WHERE expires_at_ms != 0 AND expires_at_ms BETWEEN 1 AND $1::int8
+            LIMIT $2::int8))""".encode(),
+            f"""DELETE FROM {i} WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {i} WHERE expires_at_ms != 0 AND expires_at_ms BETWEEN -$1::int8 AND -1
+            LIMIT $2::int8))""".encode(),
+            f"""DELETE FROM {r} WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {r} WHERE forget_at_ms <= $1::int8 LIMIT $2::int8))""".encode(),
+        )
         self.purge_tokens = f"""DELETE FROM {t} WHERE ctid = ANY(ARRAY(
             SELECT ctid FROM {t} WHERE applied_at_ms <= $1::int8 LIMIT $2::int8))""".encode()
-        self._i = i
+        self._i, self._r = i, r
         self._cache: dict[tuple[object, ...], bytes] = {}
 
-    def delete(self, predicate: Predicate) -> bytes:
-        """DELETE for ``predicate``: $1 id, $2 stamp time, $3 token, then the
-        predicate's parameters (``predicate_params``)."""
+    def delete_range(self, predicate: Predicate) -> bytes:
+        """A delete by range (or of the whole record) and its tombstone, in
+        one statement: $1 id, $2 stamp time, $3 token, $4 start, $5 end
+        (``b""``: unbounded), $6 the time it is forgotten, $7 now. The
+        tombstone replaces the range's older (or forgotten) one."""
         cache_key = ("delete", _kind(predicate))
         sql = self._cache.get(cache_key)
         if sql is None:
-            where = _where(predicate, 4)
-            sql = self._cache[cache_key] = (
-                f"DELETE FROM {self._i} WHERE id = $1::text AND {where}"
-                " AND (stamp_us, stamp_token) <= ($2::int8, $3::text)"
-            ).encode()
+            conds = ["true"]
+            if isinstance(predicate, MatchRange) and predicate.start:
+                conds.append("key >= $4::bytea")
+            if isinstance(predicate, MatchRange) and predicate.end:
+                conds.append("key < $5::bytea")
+            sql = self._cache[cache_key] = f"""WITH gone AS (
+                DELETE FROM {self._i} WHERE id = $1::text AND {" AND ".join(conds)}
+                  AND (stamp_us, stamp_token) <= ($2::int8, $3::text))
+            INSERT INTO {self._r} AS old (id, start_key, end_key, stamp_us, stamp_token, forget_at_ms)
+            VALUES ($1::text, $4::bytea, $5::bytea, $2::int8, $3::text, $6::int8)
+            ON CONFLICT (id, start_key, end_key) DO UPDATE SET
+                stamp_us = excluded.stamp_us,
+                stamp_token = excluded.stamp_token,
+                forget_at_ms = excluded.forget_at_ms
+            WHERE (old.stamp_us, old.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
+               OR old.forget_at_ms <= $7::int8""".encode()
         return sql
 
     def get(self, predicate: Predicate, *, reverse: bool, after: bool) -> bytes:

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import re
 
-from prism.backends.options import Days, NonEmpty, OptionError, Options, PoolSize, Seconds
+from prism.backends.options import (
+    DEFAULT_TOMBSTONE_TTL_S,
+    Days,
+    NonEmpty,
+    OptionError,
+    Options,
+    PoolSize,
+    Seconds,
+    TombstoneTtl,
+)
 from prism.redact import MASK, has_secret, redact
 
 DEFAULT_DSN = "postgresql://127.0.0.1/test"
@@ -56,10 +65,12 @@ class PostgresOptions(Options, frozen=True):
 class PostgresKeyValueOptions(PostgresOptions, frozen=True):
     """The connection options, and ``coalesce_reads`` (concurrent whole-record
     reads share one statement) and ``coalesce_writes`` (concurrent PutItems
-    without an idempotency token share one statement), both on by default."""
+    without an idempotency token share one statement), both on by default,
+    and ``tombstone_ttl_s`` (how long a delete's tombstones are kept)."""
 
     coalesce_reads: bool = True
     coalesce_writes: bool = True
+    tombstone_ttl_s: TombstoneTtl = DEFAULT_TOMBSTONE_TTL_S
 
 
 class PostgresTimeSeriesOptions(PostgresOptions, frozen=True):

@@ -26,12 +26,13 @@ from prism.backends.keyvalue import (
     Stamp,
     StoredItem,
 )
+from prism.backends.options import tombstone_ttl_ms
 from prism.backends.paging import RecordPager, page_items
 from prism.backends.redis import keyvalue_lua as lua
 from prism.backends.redis import persistence
 from prism.backends.redis.errors import ERRORS
 from prism.backends.redis.options import RedisOptions
-from prism.backends.rules import check_items, check_mutations
+from prism.backends.rules import check_items, check_mutations, key_range
 from prism.drivers import resp
 from prism.errors import Unavailable
 
@@ -64,12 +65,21 @@ class RedisBackend:
         if options.coalesce_reads:
             self._reads = self._coalescer(lua.READ, "reads", options.pool_size, options.pool_timeout_s)
             self._writes = self._coalescer(lua.WRITE, "writes", options.pool_size, options.pool_timeout_s)
+        self._tombstone_ttl_ms = tombstone_ttl_ms(options.tombstone_ttl_s)
         self._opened = False
         self._closed = False
 
     def _keys(self, id: str) -> list[resp.Arg]:
         b, i = self._base, id.encode()
-        return [b + b"z:" + i, b + b"h:" + i, b + b"m:" + i, b + b"t:" + i, self._ids_key]
+        return [
+            b + b"z:" + i,
+            b + b"h:" + i,
+            b + b"m:" + i,
+            b + b"t:" + i,
+            self._ids_key,
+            b + b"x:" + i,
+            b + b"r:" + i,
+        ]
 
     async def open(self) -> None:
         """Connect once (so that a wrong URL shows at start-up) and check that
@@ -227,9 +237,12 @@ class RedisBackend:
         if isinstance(predicate, MatchKeys):
             return [b"d", b"k", len(predicate.keys), *predicate.keys]
         lo, hi = lua.lex_range(predicate, False, None)
-        return [b"d", b"r", lo, hi]
+        start, end = key_range(predicate) or (b"", b"")
+        return [b"d", b"r", lo, hi, start, end]
 
-    async def _write(self, id: str, stamp: Stamp, now_ms: int, ops: list[resp.Arg]) -> None:
+    async def _write(
+        self, id: str, stamp: Stamp, now_ms: int, ops: list[resp.Arg], *, deletes: bool = False
+    ) -> None:
         self._check_open()
         args: list[resp.Arg] = [
             id,
@@ -237,6 +250,8 @@ class RedisBackend:
             stamp.generation_time_us,
             stamp.token,
             IDEMPOTENCY_WINDOW_MS,
+            self._tombstone_ttl_ms,
+            b"1" if deletes else b"0",
             *ops,
         ]
         if self._writes is None:
@@ -255,7 +270,7 @@ class RedisBackend:
         await self._write(id, stamp, now_ms, ops)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
-        await self._write(id, stamp, now_ms, self._delete_args(predicate))
+        await self._write(id, stamp, now_ms, self._delete_args(predicate), deletes=True)
 
     async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
         check_mutations(mutations)
@@ -264,4 +279,4 @@ class RedisBackend:
             ops.extend(
                 self._put_args(m.item, stamp) if isinstance(m, Put) else self._delete_args(m.predicate)
             )
-        await self._write(id, stamp, now_ms, ops)
+        await self._write(id, stamp, now_ms, ops, deletes=not all(isinstance(m, Put) for m in mutations))

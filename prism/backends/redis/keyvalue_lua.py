@@ -11,10 +11,26 @@ Data model, under ``<key_prefix><namespace>:``:
   + token + value`` (a text header the Lua scripts can read: Redis's
   ``cmsgpack`` cannot decode msgpack's bin type, so msgpack would not do);
 - ``m:<id>``: hash of bookkeeping: ``exp`` (a lower bound of the expiry
-  times held; the first write at or after it purges expired items) and
-  ``tp`` (when old tokens are next purged);
+  times held; the first write at or after it purges expired items), ``tp``
+  (when old tokens are next purged) and ``tx`` (until when the record may
+  hold tombstones: a put looks at ``x:`` and ``r:`` only before then);
 - ``t:<id>``: hash token -> applied_at_ms (idempotency);
+- ``x:<id>``: hash item key -> the key's tombstone, packed as an item with
+  no value whose expiry is when it is forgotten (a key has an item in
+  ``h:<id>`` or a tombstone here, never both), and field ``""`` (no item
+  key is empty): when gone tombstones are next pruned;
+- ``r:<id>``: hash ``b"<len(start)> " + start + end`` -> the range's
+  tombstone, packed the same way (``MatchAll`` is the range "", "");
 - ``ids``: sorted set of the ids of non-empty records, for ScanItems.
+
+``x:`` and ``r:`` are what deletes leave (``prism.backends.keyvalue``):
+reads never look at them, and a put looks its key up in ``x:`` and reads
+``r:`` only while ``tx`` says there may be tombstones (it reads ``tx`` with
+``exp``, in the one call every write made before: a record that saw no
+delete costs its puts nothing more). Each expires as a whole
+``tombstone_ttl_s`` (and a minute, for clocks apart) after its last
+tombstone was written, and so does ``m:`` while the record is empty, so a
+deleted record leaves nothing behind for good (but ``t:``, its tokens).
 
 Every write (put, delete, mutate) is ONE run of ``WRITE``, hence atomic: the
 token check, the stamp rule and every change happen together or not at all
@@ -49,14 +65,17 @@ local function stamp_gt(us1, tok1, us2, tok2)
 end
 """
 
-# KEYS: z, h, m, t, ids. ARGV: id, now, us, token, window, then ops:
+# KEYS: z, h, m, t, ids, x, r. ARGV: id, now, us, token, window, tombstone
+# ttl, "1" if the ops delete (else "0"), then ops:
 #   "p", key, packed, expires_at_ms
-#   "d", "a" | "k" <n> keys... | "r" <min> <max>   (lex bounds)
+#   "d", "a" | "k" <n> keys... | "r" <min> <max> <start> <end>   (lex bounds, then raw)
 WRITE = resp.Script(
     _LUA_COMMON
     + r"""
-local z, h, m, t, ids = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local z, h, m, t, ids, x, r = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local id, now, us, tok, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+local wrote_x, wrote_r = false, false
 if tok ~= '' then
   local at = redis.call('HGET', t, tok)
   if at and now - tonumber(at) < window then return 0 end
@@ -70,7 +89,10 @@ if tok ~= '' then
     redis.call('HSET', m, 'tp', string.format('%.0f', now + 60000))
   end
 end
-local bound = tonumber(redis.call('HGET', m, 'exp') or '-1')
+local mv = redis.call('HMGET', m, 'exp', 'tx')
+local bound = tonumber(mv[1] or '-1')
+local tx = tonumber(mv[2] or '0')  -- 0: no tombstone since m was made
+local tombs = tx > now  -- the record may hold tombstones
 if bound >= 0 and now >= bound then
   local all = redis.call('HGETALL', h)
   local nb = -1
@@ -83,16 +105,78 @@ if bound >= 0 and now >= bound then
   bound = nb
   if nb < 0 then redis.call('HDEL', m, 'exp') else redis.call('HSET', m, 'exp', string.format('%.0f', nb)) end
 end
-local function del(key)
-  local old = redis.call('HGET', h, key)
-  if old then
-    local _, us2, tok2 = meta(old)
-    if not stamp_gt(us2, tok2, us, tok) then
+-- What tombstones take, defined only for a write that deletes or a record
+-- that may hold tombstones: closures cost a put that needs none (about 2 us
+-- of Redis's time for these, more than the rest of the tombstone work).
+local holds, in_range, covered, del, tpack, tomb, tomb_range
+local ranges  -- r's fields and values, read once (by the first put that needs them)
+if tombs or ARGV[7] == '1' then
+  -- Whether a tombstone (packed) holds back a write of this stamp.
+  holds = function(packed)
+    if not packed then return false end
+    local gone, us2, tok2 = meta(packed)
+    return gone > now and stamp_gt(us2, tok2, us, tok)
+  end
+  in_range = function(key, lo, hi)
+    return not bytes_lt(key, lo) and (hi == '' or bytes_lt(key, hi))
+  end
+  covered = function(key)
+    if not ranges then ranges = redis.call('HGETALL', r) end
+    for j = 1, #ranges, 2 do
+      local f = ranges[j]
+      local cnt, p = string.match(f, '^(%d+) ()')
+      cnt = tonumber(cnt)
+      if holds(ranges[j + 1]) and in_range(key, string.sub(f, p, p + cnt - 1), string.sub(f, p + cnt)) then
+        return true
+      end
+    end
+    return false
+  end
+  del = function(key)
+    local old = redis.call('HGET', h, key)
+    if old then
+      local _, us2, tok2 = meta(old)
+      if not stamp_gt(us2, tok2, us, tok) then
+        redis.call('HDEL', h, key); redis.call('ZREM', z, key)
+      end
+    end
+  end
+  -- A tombstone of this write, packed as an item with no value.
+  tpack = function()
+    tombs = true
+    return string.format('%.0f %.0f %d ', now + ttl, us, #tok) .. tok
+  end
+  -- A delete by key: the key's tombstone takes the place of what it holds,
+  -- unless that (item or tombstone) is newer and current.
+  tomb = function(key)
+    local old = redis.call('HGET', h, key)
+    if old then
+      local exp2, us2, tok2 = meta(old)
+      if stamp_gt(us2, tok2, us, tok) and not (exp2 ~= 0 and exp2 <= now) then return end
       redis.call('HDEL', h, key); redis.call('ZREM', z, key)
+    elseif holds(redis.call('HGET', x, key)) then
+      return
+    end
+    redis.call('HSET', x, key, tpack()); wrote_x = true
+  end
+  -- A delete by range (lo, hi: raw bounds): its tombstone replaces the
+  -- range's older one, and the key tombstones in it that are not newer go.
+  tomb_range = function(lo, hi)
+    local all = redis.call('HGETALL', x)
+    for j = 1, #all, 2 do
+      local key = all[j]
+      if key ~= '' and in_range(key, lo, hi) then
+        local _, us2, tok2 = meta(all[j + 1])
+        if not stamp_gt(us2, tok2, us, tok) then redis.call('HDEL', x, key) end
+      end
+    end
+    local f = #lo .. ' ' .. lo .. hi
+    if not holds(redis.call('HGET', r, f)) then
+      redis.call('HSET', r, f, tpack()); wrote_r = true; ranges = nil
     end
   end
 end
-local i = 6
+local i = 8
 local n = #ARGV
 while i <= n do
   local op = ARGV[i]
@@ -104,8 +188,12 @@ while i <= n do
     if old then
       local exp2, us2, tok2 = meta(old)
       if stamp_gt(us2, tok2, us, tok) and not (exp2 ~= 0 and exp2 <= now) then skip = true end
+    elseif tombs and holds(redis.call('HGET', x, key)) then
+      skip = true
     end
+    if not skip and tombs and covered(key) then skip = true end
     if not skip then
+      if tombs and not old then redis.call('HDEL', x, key) end  -- the put takes the tombstone's place
       redis.call('HSET', h, key, packed); redis.call('ZADD', z, 0, key)
       if exp ~= 0 and (bound < 0 or exp < bound) then
         bound = exp; redis.call('HSET', m, 'exp', ARGV[i - 1])
@@ -116,21 +204,52 @@ while i <= n do
     if kind == 'a' then
       i = i + 2
       for _, key in ipairs(redis.call('ZRANGE', z, 0, -1)) do del(key) end
+      tomb_range('', '')
     elseif kind == 'k' then
       local cnt = tonumber(ARGV[i + 2])
-      for j = i + 3, i + 2 + cnt do del(ARGV[j]) end
+      for j = i + 3, i + 2 + cnt do tomb(ARGV[j]) end
       i = i + 3 + cnt
     else
       local lo, hi = ARGV[i + 2], ARGV[i + 3]
-      i = i + 4
       for _, key in ipairs(redis.call('ZRANGEBYLEX', z, lo, hi)) do del(key) end
+      tomb_range(ARGV[i + 4], ARGV[i + 5])
+      i = i + 6
     end
+  end
+end
+local keep
+if wrote_x or wrote_r or tx > 0 then
+  -- Tombstones: gone ones are pruned (in x at most once a minute), and each
+  -- hash lives on for the ttl (and a minute) after its last write.
+  local function prune(k)
+    local all = redis.call('HGETALL', k)
+    for j = 1, #all, 2 do
+      if all[j] ~= '' and meta(all[j + 1]) <= now then redis.call('HDEL', k, all[j]) end
+    end
+  end
+  keep = function(k)
+    local left = redis.call('PTTL', k)
+    if left == -1 or left < ttl + 60000 then redis.call('PEXPIRE', k, ttl + 60000) end
+  end
+  if wrote_x then
+    if now >= tonumber(redis.call('HGET', x, '') or '0') then
+      prune(x); redis.call('HSET', x, '', string.format('%.0f', now + 60000))
+    end
+    keep(x)
+  end
+  if wrote_r then prune(r); keep(r) end
+  if wrote_x or wrote_r then
+    if now + ttl > tx then tx = now + ttl; redis.call('HSET', m, 'tx', string.format('%.0f', tx)) end
+  elseif tx > 0 and not tombs then  -- every tombstone is forgotten: m has a ttl only while it has tx
+    redis.call('HDEL', m, 'tx'); redis.call('PERSIST', m); tx = 0
   end
 end
 if redis.call('ZCARD', z) == 0 then
   redis.call('DEL', z, h); redis.call('HDEL', m, 'exp'); redis.call('ZREM', ids, id)
+  if tx > 0 then keep(m) end  -- nothing but tombstones: m goes with them
 else
   redis.call('ZADD', ids, 0, id)
+  if tx > 0 then redis.call('PERSIST', m) end  -- m keeps 'exp' for the items
 end
 return 1
 """

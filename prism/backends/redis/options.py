@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prism.backends.options import OptionError, Options, PoolSize, Seconds
+from prism.backends.options import (
+    DEFAULT_TOMBSTONE_TTL_S,
+    OptionError,
+    Options,
+    PoolSize,
+    Seconds,
+    TombstoneTtl,
+)
 from prism.drivers.addresses import RedisAddress
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -19,7 +26,8 @@ class RedisOptions(Options, frozen=True):
     reads go out together, pipelined on one connection, and so do concurrent
     writes), and ``require_persistence`` (off by default: a Redis with
     neither AOF nor RDB snapshots is served with a warning; on: the
-    namespace is not served on it, see ``persistence``)."""
+    namespace is not served on it, see ``persistence``), and
+    ``tombstone_ttl_s`` (how long a delete's tombstones are kept)."""
 
     url: str = DEFAULT_URL
     ca_file: str = ""
@@ -29,6 +37,7 @@ class RedisOptions(Options, frozen=True):
     key_prefix: str = "prism:"
     coalesce_reads: bool = True
     require_persistence: bool = False
+    tombstone_ttl_s: TombstoneTtl = DEFAULT_TOMBSTONE_TTL_S
 
     def __post_init__(self) -> None:
         try:

@@ -15,12 +15,13 @@ writes share a transaction (``SqlitePool``): the hop and the fsync, not the
 SQL, were most of a call's cost.
 
 The semantics live in SQL: the stamp rule is the WHERE of an upsert and of
-the delete, each write (idempotency check, changes, token) is all or
-nothing and committed before the call returns, and reads filter expired
-items. Concurrent writes share one transaction, each in its own savepoint
-(``SqlitePool.write``): one fsync per batch, not per write.
-Expired items and old tokens are purged in small batches inside a write's
-transaction, at most once a minute of caller time.
+the delete (tombstones are rows: see ``keyvalue_ops``), each write
+(idempotency check, changes, token) is all or nothing and committed before
+the call returns, and reads filter expired items. Concurrent writes share
+one transaction, each in its own savepoint (``SqlitePool.write``): one
+fsync per batch, not per write. Expired items, old tokens and tombstones
+are purged in small batches inside a write's transaction, at most once a
+minute of caller time.
 
 ``SqliteBackend(...)`` touches no file; ``await open()`` creates the
 file and schema and must come before any other call.
@@ -41,6 +42,7 @@ from prism.backends.keyvalue import (
     RecordPage,
     Stamp,
 )
+from prism.backends.options import tombstone_ttl_ms
 from prism.backends.rules import check_items, check_mutations
 from prism.backends.sqlite import keyvalue_ops as ops
 from prism.backends.sqlite.options import SqliteOptions
@@ -51,13 +53,14 @@ _T = TypeVar("_T")
 
 class SqliteBackend:
     """One SQLite file per namespace. Options: ``SqliteOptions`` (the file's
-    ``path`` and ``synchronous``)."""
+    ``path`` and ``synchronous``, and ``tombstone_ttl_s``)."""
 
     def __init__(self, options: SqliteOptions, *, data_dir: Path, namespace: str) -> None:
         self.path = options.file(data_dir, namespace)
         self.synchronous = synchronous = options.synchronous
         self._pool = SqlitePool(self.path, lambda conn: ops.prepare_writer(conn, synchronous), namespace)
         self._purger = ops.Purger()
+        self._tombstone_ttl_ms = tombstone_ttl_ms(options.tombstone_ttl_s)
 
     async def open(self) -> None:
         """Create the directory, file and schema, and connect. Idempotent."""
@@ -109,15 +112,18 @@ class SqliteBackend:
         await self._write(id, stamp, now_ms, apply)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
+        forget_at = now_ms + self._tombstone_ttl_ms
+
         def apply(conn: sqlite3.Connection) -> None:
-            ops.delete(conn, id, predicate, stamp)
+            ops.delete(conn, id, predicate, stamp, now_ms, forget_at)
 
         await self._write(id, stamp, now_ms, apply)
 
     async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
         check_mutations(mutations)
+        forget_at = now_ms + self._tombstone_ttl_ms
 
         def apply(conn: sqlite3.Connection) -> None:
-            ops.mutate(conn, id, mutations, stamp, now_ms)
+            ops.mutate(conn, id, mutations, stamp, now_ms, forget_at)
 
         await self._write(id, stamp, now_ms, apply)

@@ -8,6 +8,14 @@ transaction that applies them:
 - the stamp rule is the WHERE of the upsert and of the delete (row values
   compare as tuples, TEXT and BLOB with memcmp: the same order as Python's
   ``str`` and ``bytes``);
+- a key's tombstone is its row in ``items`` with an empty value and
+  ``expires_at_ms`` minus the time it is forgotten: reads, which keep rows
+  with ``expires_at_ms`` 0 or in the future, never see one, and the upsert's
+  stamp rule keeps it against older puts with no extra lookup. Range
+  tombstones (``MatchRange``, ``MatchAll``) are rows of ``range_tombstones``,
+  which the upsert checks in its own statement (``NOT EXISTS``: one index
+  probe on ``id``). Schema version 2 added that table; a version 1 file gets
+  it when it is opened;
 - a write (token check, changes, token record: ``write_once``) runs in its
   own savepoint of the pool's ``BEGIN IMMEDIATE`` transaction
   (``SqlitePool.write``): any exception rolls all of it back, and the call
@@ -33,13 +41,13 @@ from prism.backends.keyvalue import (
     StoredItem,
 )
 from prism.backends.paging import RecordPager, page_items
-from prism.backends.rules import is_replay
+from prism.backends.rules import is_replay, key_range
 from prism.backends.sqlite.pool import retry_locked, transaction
 from prism.errors import Internal
 
 Apply = Callable[[sqlite3.Connection], None]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS items (
         id TEXT NOT NULL,
@@ -59,28 +67,73 @@ _SCHEMA = (
         PRIMARY KEY (id, token)
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (applied_at_ms)",
+    # Version 2.
+    """CREATE TABLE IF NOT EXISTS range_tombstones (
+        id TEXT NOT NULL,
+        start_key BLOB NOT NULL,
+        end_key BLOB NOT NULL,
+        stamp_us INTEGER NOT NULL,
+        stamp_token TEXT NOT NULL,
+        forget_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (id, start_key, end_key)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS range_tombstones_age ON range_tombstones (forget_at_ms)",
 )
 
-# The stored item loses to the write when its stamp is not newer, or when it
-# has expired (an expired item counts as absent, whatever its stamp).
-_UPSERT = """
-INSERT INTO items (id, key, value, expires_at_ms, stamp_us, stamp_token)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-ON CONFLICT (id, key) DO UPDATE SET
+# The stored row (item or tombstone) loses to the write when its stamp is
+# not newer, or when it has expired or been forgotten (it counts as absent,
+# whatever its stamp).
+_STAMP_RULE = """ON CONFLICT (id, key) DO UPDATE SET
     value = excluded.value,
     expires_at_ms = excluded.expires_at_ms,
     stamp_us = excluded.stamp_us,
     stamp_token = excluded.stamp_token
 WHERE (items.stamp_us, items.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
-   OR (items.expires_at_ms != 0 AND items.expires_at_ms <= ?7)
+   OR (items.expires_at_ms != 0 AND abs(items.expires_at_ms) <= ?7)
+"""
+# A put: ?1 id, ?2 key, ?3 value, ?4 expires_at_ms, ?5 stamp time, ?6 token, ?7 now.
+# Nothing is inserted under a newer range tombstone that covers the key.
+_UPSERT = f"""
+INSERT INTO items (id, key, value, expires_at_ms, stamp_us, stamp_token)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6
+WHERE NOT EXISTS (
+    SELECT 1 FROM range_tombstones AS r
+    WHERE r.id = ?1 AND r.start_key <= ?2 AND (r.end_key = x'' OR ?2 < r.end_key)
+      AND (r.stamp_us, r.stamp_token) > (?5, ?6) AND r.forget_at_ms > ?7)
+{_STAMP_RULE}"""
+# A key's tombstone (a delete by keys): a put of an empty value whose ?4 is
+# minus the time it is forgotten, made whatever range tombstone covers the
+# key (it may outlive that one).
+_TOMBSTONE = f"""
+INSERT INTO items (id, key, value, expires_at_ms, stamp_us, stamp_token)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+{_STAMP_RULE}"""
+# A range's tombstone: replaces the range's older (or forgotten) one.
+# ?1 id, ?2 start, ?3 end, ?4 stamp time, ?5 token, ?6 forget at, ?7 now.
+_RANGE_TOMBSTONE = """
+INSERT INTO range_tombstones (id, start_key, end_key, stamp_us, stamp_token, forget_at_ms)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+ON CONFLICT (id, start_key, end_key) DO UPDATE SET
+    stamp_us = excluded.stamp_us,
+    stamp_token = excluded.stamp_token,
+    forget_at_ms = excluded.forget_at_ms
+WHERE (range_tombstones.stamp_us, range_tombstones.stamp_token) <= (excluded.stamp_us, excluded.stamp_token)
+   OR range_tombstones.forget_at_ms <= ?7
 """
 _LIVE = "(expires_at_ms = 0 OR expires_at_ms > ?)"
 _KEYS_PER_STATEMENT = 500  # well under SQLite's 32766 bound parameters
 
+# "expires_at_ms != 0" as the index's own WHERE says, so that it is used.
 _PURGE_ITEMS = """DELETE FROM items WHERE (id, key) IN (
-    SELECT id, key FROM items WHERE expires_at_ms != 0 AND expires_at_ms <= ? LIMIT ?)"""
+    SELECT id, key FROM items WHERE expires_at_ms != 0 AND expires_at_ms BETWEEN 1 AND ?1 LIMIT ?2)"""
+_PURGE_KEY_TOMBSTONES = """DELETE FROM items WHERE (id, key) IN (
+    SELECT id, key FROM items WHERE expires_at_ms != 0 AND expires_at_ms BETWEEN -?1 AND -1 LIMIT ?2)"""
+_PURGE_RANGE_TOMBSTONES = """DELETE FROM range_tombstones WHERE (id, start_key, end_key) IN (
+    SELECT id, start_key, end_key FROM range_tombstones WHERE forget_at_ms <= ? LIMIT ?)"""
 _PURGE_TOKENS = """DELETE FROM idempotency WHERE (id, token) IN (
     SELECT id, token FROM idempotency WHERE applied_at_ms <= ? LIMIT ?)"""
+
+_PURGES_AT_NOW = (_PURGE_ITEMS, _PURGE_KEY_TOMBSTONES, _PURGE_RANGE_TOMBSTONES)
 
 
 def prepare_writer(conn: sqlite3.Connection, synchronous: str) -> None:
@@ -127,22 +180,37 @@ def put(conn: sqlite3.Connection, id: str, items: Sequence[ItemWrite], stamp: St
     conn.executemany(_UPSERT, [(id, it.key, it.value, it.expires_at_ms, t, token, now_ms) for it in items])
 
 
-def delete(conn: sqlite3.Connection, id: str, predicate: Predicate, stamp: Stamp) -> None:
+def delete(
+    conn: sqlite3.Connection, id: str, predicate: Predicate, stamp: Stamp, now_ms: int, forget_at_ms: int
+) -> None:
+    """Delete, and leave the tombstones (forgotten at ``forget_at_ms``)."""
+    t, token = stamp.generation_time_us, stamp.token
+    if isinstance(predicate, MatchKeys):
+        rows = [(id, key, b"", -forget_at_ms, t, token, now_ms) for key in set(predicate.keys)]
+        conn.executemany(_TOMBSTONE, rows)
+        return
     for where, params in _clauses(predicate, reverse=False):
         conn.execute(
             f"DELETE FROM items WHERE id = ? AND {where} AND (stamp_us, stamp_token) <= (?, ?)",
-            (id, *params, stamp.generation_time_us, stamp.token),
+            (id, *params, t, token),
         )
+    start, end = key_range(predicate) or (b"", b"")
+    conn.execute(_RANGE_TOMBSTONE, (id, start, end, t, token, forget_at_ms, now_ms))
 
 
 def mutate(
-    conn: sqlite3.Connection, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int
+    conn: sqlite3.Connection,
+    id: str,
+    mutations: Sequence[Mutation],
+    stamp: Stamp,
+    now_ms: int,
+    forget_at_ms: int,
 ) -> None:
     for m in mutations:
         if isinstance(m, Put):
             put(conn, id, (m.item,), stamp, now_ms)
         else:
-            delete(conn, id, m.predicate, stamp)
+            delete(conn, id, m.predicate, stamp, now_ms, forget_at_ms)
 
 
 def _clauses(predicate: Predicate, *, reverse: bool) -> list[tuple[str, tuple[bytes, ...]]]:
@@ -231,10 +299,10 @@ def scan_items(
 
 
 class Purger:
-    """Deletes expired items and tokens past the idempotency window, in
-    batches, at most once per ``INTERVAL_MS`` of caller time (sooner while a
-    batch comes back full). Reads filter expired items anyway; this only
-    bounds the file."""
+    """Deletes expired items, tokens past the idempotency window and
+    tombstones past their time, in batches, at most once per ``INTERVAL_MS``
+    of caller time (sooner while a batch comes back full). Reads filter
+    expired items and tombstones anyway; this only bounds the file."""
 
     INTERVAL_MS = 60_000
     BATCH = 1000
@@ -246,8 +314,8 @@ class Purger:
         """Purge if due, inside the caller's transaction."""
         if now_ms < self.next_ms:
             return
-        items = conn.execute(_PURGE_ITEMS, (now_ms, self.BATCH)).rowcount
+        counts = [conn.execute(sql, (now_ms, self.BATCH)).rowcount for sql in _PURGES_AT_NOW]
         horizon = now_ms - IDEMPOTENCY_WINDOW_MS
-        tokens = conn.execute(_PURGE_TOKENS, (horizon, self.BATCH)).rowcount
-        full = items >= self.BATCH or tokens >= self.BATCH
+        counts.append(conn.execute(_PURGE_TOKENS, (horizon, self.BATCH)).rowcount)
+        full = max(counts) >= self.BATCH
         self.next_ms = now_ms if full else now_ms + self.INTERVAL_MS

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import msgspec
 
-from prism.backends.options import Days, NonEmpty, OptionError, Options
+from prism.backends.options import (
+    DEFAULT_TOMBSTONE_TTL_S,
+    Days,
+    NonEmpty,
+    OptionError,
+    Options,
+    TombstoneTtl,
+)
 
 SYNCHRONOUS = ("FULL", "NORMAL")
 
 
-class SqliteOptions(Options, frozen=True):
+class SqliteFileOptions(Options, frozen=True):
     """``path``: the file, absolute or relative to the data dir (default
     ``<namespace>.sqlite3``). ``synchronous``: "FULL" (the default) or
     "NORMAL", any case: WAL commits survive a process kill either way, only
@@ -32,7 +39,14 @@ class SqliteOptions(Options, frozen=True):
         return Path(data_dir) / (self.path or f"{namespace}.sqlite3")
 
 
-class SqliteTimeSeriesOptions(SqliteOptions, frozen=True):
+class SqliteOptions(SqliteFileOptions, frozen=True):
+    """KeyValue: the file's ``path`` and ``synchronous``, and ``tombstone_ttl_s``
+    (how long a delete's tombstones are kept)."""
+
+    tombstone_ttl_s: TombstoneTtl = DEFAULT_TOMBSTONE_TTL_S
+
+
+class SqliteTimeSeriesOptions(SqliteFileOptions, frozen=True):
     """``path`` and ``synchronous`` as for KeyValue, and ``retention_days``:
     events older than this are never returned and get purged (0: keep forever)."""
 
