@@ -1,5 +1,6 @@
-"""``prism``'s entry point and its server commands, ``serve`` and ``reload``; the client
-commands come from one module per API: ``kv``, ``ts``, ``pubsub`` and ``ns``."""
+"""``prism``'s entry point and its server commands, ``serve`` (and ``serve --check``) and
+``reload``; the client commands come from one module per API: ``kv``, ``ts``, ``pubsub``
+and ``ns``, and ``apply`` (a config file to a running server, through its admin port)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from prism.cli import bench, kv, ns, plan, pubsub, ts
+from prism.cli import apply, bench, kv, ns, plan, pubsub, ts
 from prism.cli.client import EXIT_FAILURE, EXIT_USAGE
 from prism.config import ServerConfig, config_path, load_config
 from prism.errors import ConfigError
@@ -70,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ns.add_commands(commands)
     plan.add_commands(commands)
     bench.add_commands(commands)
+    apply.add_commands(commands)
     return parser
 
 
