@@ -189,8 +189,11 @@ def _settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
 
 
 def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables flattened to dotted keys; a None value (an optional field unset) left out."""
     out: dict[str, Any] = {}
     for key, value in table.items():
+        if value is None:
+            continue
         if isinstance(value, Mapping) and value:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
