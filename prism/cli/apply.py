@@ -44,6 +44,7 @@ from prism.redact import redact
 
 DEFAULT_WAIT_S = 30.0
 CONTENT_TYPE = "application/toml"
+MAX_CONFIG_BYTES = 1024 * 1024  # what POST /v1/config takes (prism.admin.config_api.MAX_BODY_BYTES)
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,6 +88,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             data = f.read()
     except OSError as exc:
         return _fail(f"prism: cannot read {args.file}: {exc.strerror or exc}", EXIT_USAGE)
+    if len(data) > MAX_CONFIG_BYTES:
+        return _fail(
+            f"prism: {args.file} is over {MAX_CONFIG_BYTES} bytes, the most a server takes", EXIT_USAGE
+        )
     try:
         config = load_config_text(data, args.file, {}, {})
     except ConfigError as exc:

@@ -1,4 +1,5 @@
-"""``prism serve --check``: the config checked as start-up checks it, and nothing served, bound or created."""
+"""``prism serve --check`` (the config checked as start-up checks it, and nothing served, bound or
+created) and what ``prism apply`` refuses before it talks to any server."""
 
 from __future__ import annotations
 
@@ -80,3 +81,44 @@ def test_a_bad_config_exits_2_with_one_line_naming_the_field(
     assert out == ""
     [got] = err.splitlines()
     assert got.startswith(line.format(path=tmp_path / "prism.toml")), got
+
+
+def test_apply_refuses_a_file_the_admin_port_would_refuse_as_too_large(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prism.admin.config_api import MAX_BODY_BYTES
+    from prism.cli.apply import MAX_CONFIG_BYTES
+
+    assert MAX_CONFIG_BYTES == MAX_BODY_BYTES
+    path = tmp_path / "big.toml"
+    path.write_text("#" * (MAX_BODY_BYTES + 1))
+    assert cli.main(["apply", str(path), "--yes", "--admin", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == f"prism: {path} is over 1048576 bytes, the most a server takes\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["{path}"], "prism: config error: workers: -1 must be >= 0 (0: one per CPU) (from {path})"),
+        (["{missing}"], "prism: cannot read {missing}: No such file or directory"),
+        (
+            ["{good}", "--admin", "ftp://h:1"],
+            "prism: --admin 'ftp://h:1': expected HOST:PORT or an http:// or https:// URL",
+        ),
+        (
+            ["{good}", "--token-file", "{missing}"],
+            "prism: cannot read --token-file {missing}: No such file or directory",
+        ),
+    ],
+    ids=["an invalid config", "no such file", "not an admin URL", "no such token file"],
+)
+def test_apply_refuses_before_sending_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], line: str
+) -> None:
+    bad, good, missing = tmp_path / "bad.toml", tmp_path / "good.toml", tmp_path / "missing.toml"
+    bad.write_text("workers = -1\n")
+    good.write_text('[[namespaces]]\nname = "a"\n')
+    names = {"path": bad, "good": good, "missing": missing}
+    assert cli.main(["apply", *(a.format(**names) for a in args), "--yes"]) == 2
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("", line.format(**names) + "\n")
