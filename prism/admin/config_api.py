@@ -18,7 +18,9 @@ running server's buffer). Then:
   30, at most 120) for the supervisor's note on that reload in the routing
   table (``Routes.reload``, naming the file version it read): 200 once it
   is in effect (every new worker serves, every worker routes with it), 202
-  if it is still under way when the wait ends, 422 if the supervisor
+  if it is still under way when the wait ends (``reload``: ``pending``, the
+  supervisor accepted it and its new workers are starting, or ``not
+  started``), 422 if the supervisor
   rejected it (then the previous file is put back), 500 if a tenant's new
   workers could not boot (that tenant's previous workers serve; the file
   stays, as after a SIGHUP).
@@ -222,6 +224,7 @@ async def _outcome(
     current: Callable[[], Routes], file: str, mine: str, old: bytes, wait_s: float, answer: dict[str, Any]
 ) -> Answer:
     """Wait for the supervisor's note on the reload that read ``mine``; the answer it makes."""
+    answer["reload"] = "not started"  # the supervisor has not read the file yet
     with trio.move_on_after(wait_s):
         while True:
             try:
@@ -230,7 +233,7 @@ async def _outcome(
                 routes = None
             note = routes.reload if routes is not None else None
             if routes is not None and note is not None and note.file == mine:
-                answer["generation"] = routes.generation
+                answer["generation"], answer["reload"] = routes.generation, note.state
                 if note.state == RELOAD_IN_EFFECT:
                     return 200, {"applied": True, "in_effect": True, **answer}
                 if note.state == RELOAD_REJECTED:

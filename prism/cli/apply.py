@@ -129,9 +129,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"applied: in effect (routing generation {outcome.get('generation')})")
         return 0
     if status == 202:
+        where = (
+            "accepted, its new workers are starting" if outcome.get("reload") == "pending" else "not started"
+        )
         return _fail(
-            f"prism: applied (the file is written and the server reloads), but not in effect "
-            f"after {args.wait:g}s: see `prism ns list` and the server's log",
+            f"prism: the file is written but the reload ({where}) is not in effect after {args.wait:g}s: "
+            "see `prism ns list` and the server's log",
             EXIT_FAILURE,
         )
     return _refused(status, outcome, endpoint)

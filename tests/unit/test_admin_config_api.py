@@ -18,7 +18,14 @@ from prism.admin.app import ASGIApp, make_app
 from prism.admin.config_api import MAX_BODY_BYTES, ConfigTarget
 from prism.config import load_config
 from prism.config.store import file_identity
-from prism.router.table import RELOAD_FAILED, RELOAD_IN_EFFECT, RELOAD_REJECTED, ReloadNote, Routes
+from prism.router.table import (
+    RELOAD_FAILED,
+    RELOAD_IN_EFFECT,
+    RELOAD_PENDING,
+    RELOAD_REJECTED,
+    ReloadNote,
+    Routes,
+)
 from tests.unit.test_admin_diff import running
 
 TOKEN = b"s3cr3t-admin-token"
@@ -262,14 +269,16 @@ async def test_a_reload_whose_workers_cannot_boot_is_500_and_keeps_the_file(tmp_
     assert path.read_bytes() == NEW
 
 
+@pytest.mark.parametrize(("mode", "reload"), [("silent", "not started"), (RELOAD_PENDING, "pending")])
 async def test_a_reload_not_in_effect_within_the_wait_is_202(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, mode: str, reload: str
 ) -> None:
-    app, _supervisor, path = setup(tmp_path, "silent")
+    app, _supervisor, path = setup(tmp_path, mode)
     start = trio.current_time()
     status, answer = await post(app, NEW, "wait=5")
     assert status == 202
-    assert isinstance(answer, dict) and (answer["applied"], answer["in_effect"]) == (True, False)
+    assert isinstance(answer, dict)
+    assert (answer["applied"], answer["in_effect"], answer["reload"]) == (True, False, reload)
     assert 5 <= trio.current_time() - start < 5.1
     assert path.read_bytes() == NEW
 
