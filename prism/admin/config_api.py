@@ -23,7 +23,8 @@ running server's buffer). Then:
   started``), 422 if the supervisor
   rejected it (then the previous file is put back), 500 if a tenant's new
   workers could not boot (that tenant's previous workers serve; the file
-  stays, as after a SIGHUP).
+  stays, as after a SIGHUP), 409 if another writer replaced the file
+  meanwhile.
 
 Refusals, each a JSON object with ``error`` (one line, passwords masked):
 400 not UTF-8 or not TOML; 422 a config ``prism serve`` would refuse
@@ -241,6 +242,10 @@ async def _outcome(
                     return _error(422, f"reload rejected: {note.reason}", restored=restored, **answer)
                 if note.state == RELOAD_FAILED:
                     return _error(500, note.reason, applied=True, in_effect=False, **answer)
+            elif file_identity(file) != mine:
+                # Someone else replaced the file since (an editor, another tool): the
+                # server now runs, or will, their version; ours is gone.
+                return _error(409, f"{file} was replaced by another writer while this config was applied")
             await trio.sleep(POLL_S)
     return 202, {"applied": True, "in_effect": False, **answer}
 

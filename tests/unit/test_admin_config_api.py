@@ -61,6 +61,10 @@ class Supervisor:
         file = file_identity(str(self.path))  # before reading, as the supervisor does
         if self.mode == "silent":
             return
+        if self.mode == "superseded":  # an editor saves the file before the reload reads it
+            self.path.with_name("edited").write_bytes(OLD + b"# edited\n")
+            self.path.with_name("edited").replace(self.path)
+            return
         if self.mode == RELOAD_IN_EFFECT:
             self.routes = running(load_config(str(self.path), {}, {}), self.routes.generation + 2)
         reason = {RELOAD_REJECTED: "tenants[0].cpus: CPU 9 is not available here", RELOAD_FAILED: "no boot"}
@@ -298,3 +302,11 @@ async def test_one_apply_at_a_time(tmp_path: Path, autojump_clock: trio.testing.
         assert isinstance(answer, dict) and "under way" in answer["error"]
     assert first == [202]
     assert supervisor.reloads == 1
+
+
+async def test_a_file_replaced_by_another_writer_meanwhile_is_409(tmp_path: Path) -> None:
+    app, _supervisor, path = setup(tmp_path, "superseded")
+    status, answer = await post(app, NEW)
+    assert status == 409
+    assert isinstance(answer, dict) and "replaced by another writer" in answer["error"]
+    assert path.read_bytes() == OLD + b"# edited\n"  # theirs, not put back over
