@@ -1,22 +1,22 @@
 """What adopting a new config would change, compared with the running one as the routing table shows it.
 
 The supervisor publishes what it runs in the routing table: every
-namespace (tenant, abstraction, backend, options, cache, limits), every
-tenant's worker count and CPUs, the other settings, and the security
+namespace (tenant, abstraction, backend, cache with its URL masked, limits),
+every tenant's worker count and CPUs, the other settings, and the security
 section. A new config is turned into the same entries with the same
 functions (``prism.workers.routes_size``) and compared with them, so the
-difference is exactly what a reload would act on. Backend options are not in the table
-(every tenant's workers read it): a digest of each namespace's, keyed with a
-secret of this run, says whether they change, and the line shows the new
-ones, masked. Restart-only fields
+difference is exactly what a reload would act on. Backend options are not
+in the table (every tenant's workers read it, and they hold passwords): a
+digest of each namespace's, keyed with a secret of this run that only the
+supervisor and this process hold, says whether they change, and the line
+shows the new ones, masked. Restart-only fields
 (``prism.workers.plan.RESTART_ONLY_FIELDS``) are listed apart: a reload
 keeps their running values.
 
 Each change is one line for people, never with a secret in it: values go
-through ``prism.redact``, and an option whose change is only in a masked
-part (a DSN's password) says so instead of showing it. The diff is worked
-out here, in the server, so that no copy of the running config's options,
-redacted or not, has to leave it for a client to compare.
+through ``prism.redact``, and a value whose change is only in a masked part
+says so instead of showing it. The diff is worked out here, in the server,
+so that no copy of the running config, redacted or not, leaves it.
 """
 
 from __future__ import annotations

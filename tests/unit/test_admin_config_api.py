@@ -26,7 +26,7 @@ from prism.router.table import (
     ReloadNote,
     Routes,
 )
-from tests.unit.test_admin_diff import running
+from tests.unit.test_admin_diff import KEY, running
 
 TOKEN = b"s3cr3t-admin-token"
 AUTH = (b"authorization", b"Bearer " + TOKEN)
@@ -78,7 +78,7 @@ def setup(tmp_path: Path, mode: str = RELOAD_IN_EFFECT, *, token: bytes | None =
     path.write_bytes(OLD)
     path.chmod(0o640)
     supervisor = Supervisor(path, mode)
-    target = ConfigTarget(str(path) if file else "", {}, {}, 4 * 1024 * 1024, supervisor.reload, 2)
+    target = ConfigTarget(str(path) if file else "", {}, {}, 4 * 1024 * 1024, supervisor.reload, 2, KEY)
     return make_app(supervisor.current, token=token, config_target=target), supervisor, path
 
 

@@ -9,9 +9,10 @@ from prism.config import load_config_text
 from prism.config.server import ServerConfig
 from prism.router.table import Routes
 from prism.security.section import section_of
-from prism.workers.routes_size import namespace_entries, settings_of, tenant_entries
+from prism.workers.routes_size import namespace_entries, option_digests, settings_of, tenant_entries
 
 CPUS = 4
+KEY = b"the key of this run's option digests"[:32]
 
 
 def config(text: str) -> ServerConfig:
@@ -30,11 +31,12 @@ def running(cfg: ServerConfig, generation: int = 5) -> Routes:
         },
         tenants=tenant_entries(cfg, CPUS),
         settings=settings_of(cfg),
+        option_digests=option_digests(cfg, CPUS, KEY),
     )
 
 
 def lines(old: str, new: str) -> list[str]:
-    return [c.text for c in config_changes(running(config(old)), config(new), CPUS)]
+    return [c.text for c in config_changes(running(config(old)), config(new), CPUS, KEY)]
 
 
 BASE = """
@@ -89,14 +91,23 @@ def test_backend_and_option_changes_never_show_a_password() -> None:
         '~ namespace jobs: backend "sqlite" -> "memory"',
         "~ namespace jobs: cache.enabled false -> true",
         "~ namespace jobs: cache.ttl_s 30.0 -> 5.0",
-        '~ namespace orders: options.dsn "postgresql://app:***@db/orders" -> "postgresql://app:***@db2/orders"',
+        '~ namespace orders: options changed (now {"dsn": "postgresql://app:***@db2/orders"})',
     ]
     assert not any("hunter2" in line or "s3cret" in line for line in out)
 
 
-def test_a_change_only_in_a_password_is_named_not_shown() -> None:
+def test_a_change_only_in_a_password_is_seen_not_shown() -> None:
+    """The table has no options, only digests keyed with the run's secret: a password
+    change shows as a change, and neither password is printed."""
     out = lines(BASE, BASE.replace("hunter2", "s3cret"))
-    assert out == ["~ namespace orders: options.dsn changed in a part not shown (a password or token)"]
+    assert out == ['~ namespace orders: options changed (now {"dsn": "postgresql://app:***@db/orders"})']
+    table = running(config(BASE))
+    assert "hunter2" not in msgspec.json.encode(table).decode()
+    assert table.option_digests != running_with_key(config(BASE), b"another key").option_digests
+
+
+def running_with_key(cfg: ServerConfig, key: bytes) -> Routes:
+    return msgspec.structs.replace(running(cfg), option_digests=option_digests(cfg, CPUS, key))
 
 
 def test_settings_limits_and_restart_only_fields() -> None:

@@ -10,7 +10,6 @@ from prism.config.tracing import TracingConfig
 from prism.workers.plan import (
     RESTART_ONLY_FIELDS,
     Handover,
-    handovers_done,
     keep_restart_only_fields,
     plan_cpus,
     plan_reload,
@@ -189,10 +188,10 @@ def test_superseded_workers_retire_once_every_replacement_serves() -> None:
     }
     waiting = Handover(frozenset({1}), frozenset({2, 3}))
     ready = Handover(frozenset({4}), frozenset({5}))
-    retire, pending = handovers_done([waiting, ready], slots)
+    retire, pending = Handover.settle([waiting, ready], slots)
     assert ([s.id for s in retire], pending) == ([4], [waiting])
     slots[3].state = SlotState.SERVING
-    retire, pending = handovers_done(pending, slots)
+    retire, pending = Handover.settle(pending, slots)
     assert ([s.id for s in retire], pending) == ([1], [])
 
 
