@@ -22,8 +22,9 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from prism.backends import catalog
 from prism.backends.sqlite.files import open_to_others
@@ -147,8 +148,19 @@ def prepare_runtime(config: ServerConfig) -> Path:
     return runtime
 
 
-def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> int:
-    """Run the supervisor until it is stopped; the process exit code."""
+def serve(
+    config: ServerConfig,
+    reload_config: Callable[[], ServerConfig],
+    *,
+    config_file: str = "",
+    overrides: Mapping[str, Any] | None = None,
+) -> int:
+    """Run the supervisor until it is stopped; the process exit code.
+
+    ``config_file`` (absolute; "": none) and ``overrides`` (the flags) say how
+    ``config`` was loaded: the admin process checks and writes a new config
+    (``POST /v1/config``) with them.
+    """
     from prism.workers.preflight import check_deployable
 
     check_deployable(config)
@@ -160,4 +172,4 @@ def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> in
     runtime = prepare_runtime(config)
     from prism.workers.supervisor import Supervisor
 
-    return Supervisor(config, reload_config, runtime).run()
+    return Supervisor(config, reload_config, runtime, config_file, overrides).run()

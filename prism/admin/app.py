@@ -1,7 +1,7 @@
 """The admin HTTP app: a plain ASGI callable, so hypercorn serves it and tests call it directly.
 
-Four read-only routes, no framework: a router table of four entries does not
-earn one. Everything a route needs comes from the routing table the supervisor
+Four read-only routes and one that writes, no framework: a router table of
+five entries does not earn one. Everything a route needs comes from the routing table the supervisor
 publishes and from the metric files the workers write, so the admin process
 holds no state of its own and can be restarted at any time.
 
@@ -12,6 +12,8 @@ Routes:
 - ``GET /readyz``: readiness, 200 once every namespace has a serving worker
   (``prism.router.readiness``: the same moment as ``Health.Check("")``).
 - ``GET /v1/namespaces``: the namespaces, their backends and owner workers, as JSON.
+- ``POST /v1/config``: check a new config, show what it changes, or write it and
+  reload (``prism.admin.config_api``; ``prism apply`` calls it).
 
 ``HEAD`` is accepted wherever ``GET`` is; other methods get 405, unknown paths 404.
 
@@ -34,6 +36,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from prism.admin.config_api import ConfigTarget, config_endpoint
 from prism.redact import redact
 from prism.router.readiness import not_ready_reason
 from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
@@ -166,6 +169,7 @@ def make_app(
     multiproc_dir: str | os.PathLike[str] | None = None,
     *,
     token: bytes | None = None,
+    config_target: ConfigTarget | None = None,
 ) -> ASGIApp:
     """Build the admin ASGI app.
 
@@ -174,6 +178,8 @@ def make_app(
     ``multiproc_dir`` is where workers write their metric files; it defaults
     to ``PROMETHEUS_MULTIPROC_DIR`` as the supervisor sets it for every child.
     ``token``: the bearer token every ``/v1/`` route requires (None: open).
+    ``config_target``: how ``POST /v1/config`` checks, writes and reloads the
+    server's config (None: it answers 409).
     """
     current = routes.current if isinstance(routes, RoutingTableReader) else routes
     if multiproc_dir is None:
@@ -216,6 +222,8 @@ def make_app(
         "/v1/namespaces": namespaces,
     }
 
+    post_config = config_endpoint(config_target, current, token_required=token is not None)
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
@@ -233,6 +241,12 @@ def make_app(
             and not bearer_token_matches(scope["headers"], token)
         ):
             response = _UNAUTHORIZED
+        elif path == "/v1/config":
+            if method != "POST":
+                response = _Response(405, b"method not allowed\n", extra_headers=((b"allow", b"POST"),))
+            else:
+                status, answer = await post_config(scope, receive)
+                response = _Response(status, _json.encode(answer) + b"\n", _JSON)
         elif handler is None:
             response = _text(404, "not found")
         elif method not in _METHODS:

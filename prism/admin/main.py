@@ -44,6 +44,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
 from prism.admin.app import ASGIApp, make_app
+from prism.admin.config_api import ConfigTarget
 from prism.errors import ConfigError
 from prism.log import setup_logging
 from prism.router.table import RoutingTableReader
@@ -121,7 +122,12 @@ def main() -> int:
         print(f"prism: admin process cannot boot: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
     os.close(spec.routes_fd)  # the mapping holds its own reference
-    app = make_app(RoutingTableReader(buffer), token=token)
+    target = None
+    if spec.supervisor_pid:
+        target = ConfigTarget.for_supervisor(
+            spec.supervisor_pid, spec.config_file, spec.overrides, spec.routes_bytes, spec.options_key
+        )
+    app = make_app(RoutingTableReader(buffer), token=token, config_target=target)
     trio.run(run, app, config)
     return 0
 

@@ -4,7 +4,8 @@
 API has its module of client commands: ``kv`` (KeyValue), ``ts``
 (TimeSeries), ``pubsub`` (PubSub), all on the gRPC client plumbing and
 output helpers of ``client``, and ``ns`` (``prism ns list``, from the admin
-port's ``/v1/namespaces`` over HTTP).
+port's ``/v1/namespaces`` over HTTP) and ``apply`` (``prism apply FILE``:
+``POST /v1/config``), both on ``admin_http``.
 
 The client commands use stock grpcio and the generated stubs on purpose: it
 is the same path a team's own client takes, so ``prism kv`` doubles as a

@@ -1,5 +1,6 @@
-"""``prism``'s entry point and its server commands, ``serve`` and ``reload``; the client
-commands come from one module per API: ``kv``, ``ts``, ``pubsub`` and ``ns``."""
+"""``prism``'s entry point and its server commands, ``serve`` (and ``serve --check``) and
+``reload``; the client commands come from one module per API: ``kv``, ``ts``, ``pubsub``
+and ``ns``, and ``apply`` (a config file to a running server, through its admin port)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import signal
 import sys
 from collections.abc import Callable
 
-from prism.cli import bench, kv, ns, plan, pubsub, ts
+from prism.cli import apply, bench, kv, ns, plan, pubsub, ts
 from prism.cli.client import EXIT_FAILURE, EXIT_USAGE
-from prism.config import ServerConfig, load_config
+from prism.config import ServerConfig, config_path, load_config
 from prism.errors import ConfigError
 from prism.redact import redact
 
@@ -52,6 +53,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR", help="where local backends keep data")
     serve.add_argument("--config", metavar="FILE", help="TOML config file")
     serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the config (and the files it names): exit 0 if it would serve, else 2",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     reload = commands.add_parser("reload", help="make a running server re-read its config (SIGHUP)")
@@ -65,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ns.add_commands(commands)
     plan.add_commands(commands)
     bench.add_commands(commands)
+    apply.add_commands(commands)
     return parser
 
 
@@ -72,6 +79,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"listen": args.listen, "data_dir": args.data_dir, "log_level": args.log_level}
     try:
         config = load_config(args.config, os.environ, overrides)
+        if args.check:
+            return _check(config, config_path(args.config, os.environ))
 
         def reload_config() -> ServerConfig:
             # SIGHUP: the same sources, read again.
@@ -81,10 +90,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # module (and everything it pulls in) is loaded.
         from prism.server import serve
 
-        return serve(config, reload_config)
+        file = config_path(args.config, os.environ)
+        return serve(
+            config, reload_config, config_file=os.path.abspath(file) if file else "", overrides=overrides
+        )
     except ConfigError as exc:
         print(f"prism: config error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _check(config: ServerConfig, file: str | None) -> int:
+    """``serve --check``: what start-up checks before it binds anything (CPUs, the TLS, JWKS
+    and token files, the routing table's size), and nothing else: no socket, no directory."""
+    from prism.workers.preflight import check_deployable
+
+    check_deployable(config)  # ConfigError: the caller prints it, exit 2
+    cpus = len(os.sched_getaffinity(0))
+    tenants = config.effective_tenants(cpus)
+    print(
+        f"config {file or '(defaults)'} is valid: {len(config.all_namespaces())} namespaces, "
+        f"{len(tenants)} tenants, {sum(t.workers for t in tenants)} workers"
+    )
+    return 0
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:

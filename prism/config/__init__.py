@@ -14,7 +14,14 @@ loads (and reloads) the config.
 """
 
 from prism.config.fields import FieldError, parse_host_port
-from prism.config.load import DEFAULT_CONFIG_FILE, ENV_VARS, load_config
+from prism.config.load import (
+    DEFAULT_CONFIG_FILE,
+    ENV_VARS,
+    ConfigSyntaxError,
+    config_path,
+    load_config,
+    load_config_text,
+)
 from prism.config.namespaces import ABSTRACTIONS, CacheConfig, NamespaceConfig, TenantConfig
 from prism.config.server import DEFAULT_TENANT, LOG_LEVELS, CacheTableConfig, ServerConfig
 
@@ -26,10 +33,13 @@ __all__ = [
     "LOG_LEVELS",
     "CacheConfig",
     "CacheTableConfig",
+    "ConfigSyntaxError",
     "FieldError",
     "NamespaceConfig",
     "ServerConfig",
     "TenantConfig",
+    "config_path",
     "load_config",
+    "load_config_text",
     "parse_host_port",
 ]

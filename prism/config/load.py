@@ -26,6 +26,12 @@ from prism.errors import ConfigError
 from prism.validation import one_line, rephrase
 
 DEFAULT_CONFIG_FILE = "prism.toml"
+
+
+class ConfigSyntaxError(ConfigError):
+    """The file is not a TOML document at all (as opposed to one whose values are refused)."""
+
+
 CONFIG_PATH_ENV = "PRISM_CONFIG"
 
 
@@ -70,13 +76,36 @@ def load_config(
     given". Empty environment variables count as unset, as shells and
     container specs often leave them empty rather than absent.
     """
+    file_path = config_path(path, env)
+    table = _read_toml(file_path) if file_path is not None else {}
+    return _build(table, file_path, env, overrides)
+
+
+def load_config_text(
+    data: bytes, source: str, env: Mapping[str, str], overrides: Mapping[str, Any]
+) -> ServerConfig:
+    """``load_config`` with the TOML layer given as ``data`` (not yet written
+    anywhere); errors name ``source`` as the file they come from.
+
+    ``POST /v1/config`` checks a config this way before it writes the file.
+    """
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigSyntaxError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigSyntaxError(f"{source}: invalid TOML: {one_line(str(exc))}") from None
+    return _build(table, source, env, overrides)
+
+
+def _build(
+    table: Mapping[str, Any], file_path: str | None, env: Mapping[str, str], overrides: Mapping[str, Any]
+) -> ServerConfig:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    file_path = _config_path(path, env)
-    if file_path is not None:
-        for field, value in _read_toml(file_path).items():
-            values[field] = value
-            sources[field] = file_path
+    for field, value in table.items():
+        values[field] = value
+        sources[field] = file_path or "the config file"
     for name, (field, value) in _env_values(env).items():
         values[field] = value
         sources[field] = name
@@ -94,7 +123,9 @@ def load_config(
     return _decode(values, sources)
 
 
-def _config_path(path: str | None, env: Mapping[str, str]) -> str | None:
+def config_path(path: str | None, env: Mapping[str, str]) -> str | None:
+    """The config file ``load_config`` reads: ``path``, else ``$PRISM_CONFIG``,
+    else ``./prism.toml`` when it exists, else None."""
     if path:
         return path
     from_env = env.get(CONFIG_PATH_ENV)
@@ -110,7 +141,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {one_line(str(exc))}") from None
+        raise ConfigSyntaxError(f"{path}: invalid TOML: {one_line(str(exc))}") from None
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[str, Any]]:

@@ -56,6 +56,7 @@ from prism.security.section import SecuritySection
 __all__ = [
     "DEFAULT_SIZE_BYTES",
     "NamespaceEntry",
+    "ReloadNote",
     "Routes",
     "RoutingTableReader",
     "RoutingTableTooLarge",
@@ -63,6 +64,7 @@ __all__ = [
     "RoutingTableWriter",
     "SharedTableReader",
     "SharedTableWriter",
+    "TenantEntry",
     "WorkerEntry",
     "slot_capacity",
 ]
@@ -119,8 +121,46 @@ class NamespaceEntry(msgspec.Struct, frozen=True):
     limits: dict[str, Any] = {}  # prism.config.quotas.LimitsConfig as a table; {}: unlimited
 
 
+class TenantEntry(msgspec.Struct, frozen=True):
+    """A tenant's workers as configured (the tenant ``default``'s count resolved)."""
+
+    workers: int
+    cpus: tuple[int, ...] = ()
+
+
+# ReloadNote.state: no reload yet; the new config was refused (the running one
+# serves); accepted, its new workers are starting; in effect; accepted, but a
+# tenant's new workers could not boot (that tenant's previous workers serve).
+RELOAD_NONE: Final = "none"
+RELOAD_REJECTED: Final = "rejected"
+RELOAD_PENDING: Final = "pending"
+RELOAD_IN_EFFECT: Final = "in_effect"
+RELOAD_FAILED: Final = "failed"
+
+
+class ReloadNote(msgspec.Struct, frozen=True):
+    """What became of the latest reload (SIGHUP): how ``POST /v1/config`` learns
+    whether the file it wrote was adopted.
+
+    ``file`` identifies the config file the reload read (``prism.config.store.file_identity``,
+    taken before reading it), ``serial`` counts reloads since start, ``reason``
+    says why one was rejected or failed (passwords masked).
+    """
+
+    serial: int = 0
+    file: str = ""
+    state: str = RELOAD_NONE
+    reason: str = ""
+
+
 class Routes(msgspec.Struct, frozen=True):
-    """One generation of the routing table, as published by the supervisor."""
+    """One generation of the routing table, as published by the supervisor.
+
+    ``tenants``, ``settings`` (the config's fields other than namespaces,
+    tenants and the security section, as plain data) and ``reload`` serve the
+    admin process (``POST /v1/config`` compares a new config with them); the
+    workers route with the rest.
+    """
 
     generation: int
     namespaces: dict[str, NamespaceEntry]
@@ -130,6 +170,12 @@ class Routes(msgspec.Struct, frozen=True):
     # An earlier generation was ready (prism.router.readiness): the gateway
     # booted, and a tenant's workers restarting later do not make it unready.
     ready_once: bool = False
+    tenants: dict[str, TenantEntry] = {}
+    settings: dict[str, Any] = {}
+    reload: ReloadNote = ReloadNote()
+    # namespace -> a keyed digest of its backend options (prism.workers.routes_size.option_digests):
+    # tells the admin process an option changed without the options, or anything to guess them from.
+    option_digests: dict[str, bytes] = {}
 
     def owners(self, namespace: str) -> list[WorkerEntry]:
         """Workers of the tenant that owns ``namespace`` (by id), or [] if it is unknown.

@@ -13,7 +13,7 @@ from typing import Any, Final
 import msgspec
 
 from prism.config import ServerConfig, TenantConfig
-from prism.workers.slot import Slot, SlotState
+from prism.workers.slot import ACTIVE, Slot, SlotState
 
 __all__ = [
     "RESTART_ONLY_FIELDS",
@@ -76,6 +76,18 @@ class Handover:
 
     old: frozenset[int]
     new: frozenset[int]
+
+    @staticmethod
+    def settle(handovers: Sequence[Handover], slots: Mapping[int, Slot]) -> tuple[list[Slot], list[Handover]]:
+        """The superseded slots to retire now (every replacement serves) and the handovers still pending."""
+        retire, pending = [], []
+        for handover in handovers:
+            starting = [slots[i] for i in handover.new if i in slots]
+            if all(s.state is SlotState.SERVING for s in starting if s.state in ACTIVE):
+                retire += [slots[i] for i in sorted(handover.old) if i in slots and slots[i].state in ACTIVE]
+            else:
+                pending.append(handover)
+        return retire, pending
 
 
 @dataclass(frozen=True)

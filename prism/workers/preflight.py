@@ -18,6 +18,7 @@ import re
 import ssl
 
 from prism.config import ServerConfig
+from prism.config.security import is_loopback
 from prism.errors import ConfigError
 from prism.security.identity import JwksError, load_jwks
 from prism.security.tls import server_context
@@ -28,8 +29,10 @@ MAX_ADMIN_TOKEN_BYTES = 4096
 _BEARER_TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
 
 
-def check_deployable(config: ServerConfig) -> None:
-    """Raise ConfigError for the first CPU that cannot be used here or file that does not load."""
+def check_deployable(config: ServerConfig, routes_bytes: int | None = None) -> ServerConfig:
+    """``config``, or ConfigError for the first CPU that cannot be used here, file that does
+    not load, or a routing table too large for ``routes_bytes`` (a running server's buffer;
+    None: the largest one a server makes)."""
     allowed = os.sched_getaffinity(0)
     for t, tenant in enumerate(config.tenants):
         for cpu in tenant.cpus:
@@ -49,7 +52,18 @@ def check_deployable(config: ServerConfig) -> None:
         except JwksError as exc:
             raise ConfigError(f"auth.jwt.jwks_file: {exc}") from None
     check_admin(config)
-    check_routes_fit(config, len(allowed))
+    check_routes_fit(config, len(allowed), routes_bytes)
+    return config
+
+
+def open_to_network(config: ServerConfig) -> str | None:
+    """The warning to log when anyone who reaches the gRPC port may call it."""
+    if config.secured or is_loopback(config.listen_host_port()[0]):
+        return None
+    return (
+        f"gRPC on {config.listen} is open to any caller that reaches it: no [auth], "
+        "tls.client_ca_file or [[access]] rule is configured"
+    )
 
 
 def check_admin(config: ServerConfig) -> None:

@@ -20,19 +20,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
 import msgspec
 
 from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
 from prism.metrics_files import mark_process_dead
-from prism.router.table import Routes, RoutingTableWriter, WorkerEntry
+from prism.router.table import ReloadNote, Routes, RoutingTableWriter, WorkerEntry
 from prism.security.section import section_of
 from prism.workers.forked import ForkedChild, Zygote, become_subreaper
-from prism.workers.routes_size import namespace_entries, routes_bytes_for
+from prism.workers.routes_size import (
+    namespace_entries,
+    option_digests,
+    routes_bytes_for,
+    settings_of,
+    tenant_entries,
+)
 from prism.workers.slot import Slot, SlotState
 from prism.workers.spec import (
     SPEC_FD_ENV,
@@ -49,7 +56,9 @@ log = logging.getLogger("prism.supervisor")
 
 Child = subprocess.Popen[bytes] | ForkedChild
 
-__all__ = ["Resources", "bind", "signal_child"]
+__all__ = ["NO_RELOAD", "Resources", "bind", "signal_child"]
+
+NO_RELOAD: Final = ReloadNote()  # no reload yet
 
 
 def bind(address: tuple[str, int], field: str = "listen") -> socket.socket:
@@ -96,6 +105,8 @@ class Resources:
     # given up on (workers are exec'd then).
     zygote: Zygote | None = None
     fork_workers: bool = True
+    # Keys the option digests of the routing table (routes_size.option_digests); the admin process has it too.
+    options_key: bytes = field(default_factory=lambda: os.urandom(32))
 
     @classmethod
     def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
@@ -156,6 +167,7 @@ class Resources:
         slots: Iterable[Slot],
         security_serial: int,
         ready_once: bool = False,
+        reload: ReloadNote = NO_RELOAD,
     ) -> Routes:
         """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
         namespaces = namespace_entries(config, cpus)
@@ -182,6 +194,10 @@ class Resources:
             section_of(config, security_serial),
             tenant_limits=tenant_limits,
             ready_once=ready_once,
+            tenants=tenant_entries(config, cpus),
+            settings=settings_of(config),
+            option_digests=option_digests(config, cpus, self.options_key),
+            reload=reload,
         )
 
     # -- children --------------------------------------------------------------
@@ -246,8 +262,11 @@ class Resources:
         zygote.close()
         return zygote.proc
 
-    def start_admin(self, config: ServerConfig) -> subprocess.Popen[bytes]:
-        """Exec ``python -m prism.admin.main`` on the admin socket and the routing table."""
+    def start_admin(
+        self, config: ServerConfig, config_file: str = "", overrides: Mapping[str, Any] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Exec ``python -m prism.admin.main`` on the admin socket and the routing table;
+        ``config_file`` and ``overrides`` (flags) are how the config was loaded (``POST /v1/config``)."""
         spec = AdminSpec(
             listen_fd=self.admin_sock.fileno(),
             routes_fd=self.routes_fd,
@@ -256,6 +275,9 @@ class Resources:
             supervisor_pid=os.getpid(),
             token_file=config.admin_token_file,
             tls=config.admin.tls,
+            config_file=config_file,
+            options_key=self.options_key.hex(),
+            overrides={k: v for k, v in (overrides or {}).items() if v is not None},
         )
         return _spawn("prism.admin.main", spec, [self.admin_sock.fileno(), self.routes_fd])
 

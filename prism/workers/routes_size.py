@@ -11,6 +11,7 @@ and the running config kept (a restart sizes the buffer again).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Final
 
 import msgspec
@@ -18,7 +19,7 @@ import msgspec
 from prism.config import CacheConfig, ServerConfig
 from prism.errors import ConfigError
 from prism.redact import redact
-from prism.router.table import NamespaceEntry, Routes, WorkerEntry, slot_capacity
+from prism.router.table import NamespaceEntry, ReloadNote, Routes, TenantEntry, WorkerEntry, slot_capacity
 from prism.security.section import section_of
 
 __all__ = [
@@ -27,7 +28,10 @@ __all__ = [
     "buffer_bytes_for",
     "check_routes_fit",
     "namespace_entries",
+    "option_digests",
     "routes_bytes_for",
+    "settings_of",
+    "tenant_entries",
 ]
 
 ROUTES_MIN_BYTES: Final = 4 * 1024 * 1024
@@ -68,6 +72,45 @@ def _public_cache(cache: CacheConfig) -> dict[str, Any]:
     return table
 
 
+OPTION_DIGEST_BYTES: Final = 8
+
+
+def option_digests(config: ServerConfig, cpus: int, key: bytes) -> dict[str, bytes]:
+    """Each namespace's backend options, digested with ``key`` (``Routes.option_digests``).
+
+    The routing table carries no options (every tenant's workers read it), but
+    the admin process must tell whether a new config changes them. A digest
+    keyed with a secret of this run (the supervisor's, handed only to the admin
+    process) says so, and cannot be checked against guessed passwords by a
+    worker that reads the table.
+    """
+    return {
+        ns.name: hashlib.blake2b(
+            msgspec.msgpack.encode(ns.options, order="deterministic"),
+            key=key,
+            digest_size=OPTION_DIGEST_BYTES,
+        ).digest()
+        for tenant in config.effective_tenants(cpus)
+        for ns in tenant.namespaces
+    }
+
+
+def tenant_entries(config: ServerConfig, cpus: int) -> dict[str, TenantEntry]:
+    """The routing table's tenant entries for ``config``: each tenant's workers and CPUs."""
+    return {t.name: TenantEntry(t.workers, t.cpus) for t in config.effective_tenants(cpus)}
+
+
+# In the table elsewhere (namespace and tenant entries, the security section).
+_NOT_SETTINGS: Final = frozenset({"namespaces", "tenants", "tls", "auth", "access", "audit_writes"})
+
+
+def settings_of(config: ServerConfig) -> dict[str, Any]:
+    """``config``'s other fields as plain data (``Routes.settings``): none holds a secret
+    (the token, keys and certificates are files, named by their paths)."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    return {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
+
+
 def table_payload_bytes(config: ServerConfig, cpus: int) -> int:
     """What ``config``'s routing table encodes to, with every worker listed (an upper bound)."""
     workers = sum(t.workers for t in config.effective_tenants(cpus))
@@ -76,6 +119,11 @@ def table_payload_bytes(config: ServerConfig, cpus: int) -> int:
         namespace_entries(config, cpus),
         dict.fromkeys(range(workers), _PLACEHOLDER_WORKER),
         section_of(config, 2**31),
+        tenants=tenant_entries(config, cpus),
+        settings=settings_of(config),
+        option_digests=option_digests(config, cpus, b"k" * 32),
+        # A rejected reload's reason: one line, at most a few hundred bytes.
+        reload=ReloadNote(2**31, "f" * 64, "rejected", "r" * 1024),
     )
     return len(_ENCODER.encode(routes))
 

@@ -219,3 +219,13 @@ class Slot:
         except KeyError:
             raise IllegalTransition(self.id, self.state, event) from None
         return action
+
+    def silent_past(self, now: float, boot_timeout_s: float, heartbeat_timeout_s: float) -> float | None:
+        """The timeout this slot's process has gone past without a heartbeat, or None."""
+        if self.state is SlotState.BOOTING:
+            timeout = boot_timeout_s
+        elif self.state is SlotState.BOOTED or self.state is SlotState.SERVING:
+            timeout = heartbeat_timeout_s
+        else:
+            return None  # not running, or on its way out
+        return timeout if now - self.last_beat > timeout else None

@@ -16,7 +16,7 @@ the App and every backend): the supervisor process stays small and loop-free.
 from __future__ import annotations
 
 import os
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -72,6 +72,11 @@ class AdminSpec(msgspec.Struct, frozen=True):
     # use in /proc and in anything that dumps the environment.
     token_file: str = ""
     tls: AdminTlsConfig | None = None  # serve HTTPS with this certificate and key
+    # How the supervisor loads its config, so that POST /v1/config checks a new
+    # one the same way: the file (absolute; "": none) and the flags given.
+    config_file: str = ""
+    overrides: dict[str, Any] = {}
+    options_key: str = ""  # hex: the key of the routing table's option digests
 
 
 class ZygoteSpec(msgspec.Struct, frozen=True):

@@ -27,25 +27,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from prism import metrics
 from prism.config import ServerConfig, TenantConfig
-from prism.config.security import is_loopback
+from prism.config.store import file_identity
 from prism.errors import ConfigError
 from prism.nng import pynng
+from prism.redact import redact
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
+from prism.router.table import RELOAD_FAILED, RELOAD_IN_EFFECT, RELOAD_PENDING, RELOAD_REJECTED, ReloadNote
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload, reload_done
-from prism.workers.preflight import check_deployable
+from prism.workers.preflight import check_deployable, open_to_network
 from prism.workers.resources import Resources, mark_dead, signal_child, start_failure_code, wait_or_kill
-from prism.workers.routes_size import check_routes_fit
 from prism.workers.sdnotify import SystemdNotifier
 from prism.workers.slot import ACTIVE, Action, Slot, SlotEvent, SlotState, exit_event, restart_delay
 from prism.workers.spec import EXIT_HALTED
+from prism.workers.wakeup import queue_signals
 
 log = logging.getLogger("prism.supervisor")
 
@@ -60,9 +63,15 @@ class Supervisor:
     """The main loop of ``prism serve``; ``run()`` returns the process exit code."""
 
     def __init__(
-        self, config: ServerConfig, reload_config: Callable[[], ServerConfig], runtime_dir: Path
+        self,
+        config: ServerConfig,
+        reload_config: Callable[[], ServerConfig],
+        runtime_dir: Path,
+        config_file: str = "",
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.config_file, self.overrides = config_file, overrides  # the admin's POST /v1/config loads so
         self.runtime_dir = runtime_dir
         self._reload_config = reload_config
         self.allowed_cpus = sorted(os.sched_getaffinity(0))
@@ -81,23 +90,10 @@ class Supervisor:
         self._admin_restart_at = 0.0
         self._handovers: list[Handover] = []
         self._reloaded: tuple[str, int] | None = None  # READY=1's status and generation, once in effect
+        self.reload_note = ReloadNote()  # published for POST /v1/config
         # Why the last published table is not ready (prism.router.readiness), or None.
         self._not_ready: str | None = "nothing published yet"
         self._ready_once = False  # and the tables after the first ready one say so
-
-    # -- signals ---------------------------------------------------------------
-
-    def _install_signals(self) -> int:
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        os.set_blocking(r, False)
-        signal.set_wakeup_fd(w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, self._enqueue)
-        return r
-
-    def _enqueue(self, signum: int, frame: object) -> None:
-        self._signals.append(signum)
 
     # -- the routing table and the slots -------------------------------------
 
@@ -106,7 +102,13 @@ class Supervisor:
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
         routes = self.resources.routes_for(
-            self.generation, self.config, cpus, self.slots.values(), self.security_serial, self._ready_once
+            self.generation,
+            self.config,
+            cpus,
+            self.slots.values(),
+            self.security_serial,
+            self._ready_once,
+            self.reload_note,
         )
         # Each tenant's own table first: a worker seeing this generation finds its namespaces as new.
         self.resources.tenants.publish(self.generation, self.config, cpus)
@@ -164,7 +166,7 @@ class Supervisor:
         except OSError as exc:
             print(f"prism: cannot start: {exc.strerror or exc}", file=sys.stderr)
             return start_failure_code(exc)
-        wake = self._install_signals()
+        wake = queue_signals(self._signals)
         pid_path = self.runtime_dir / "prism.pid"
         pid_path.write_text(f"{os.getpid()}\n")
         with (
@@ -174,19 +176,15 @@ class Supervisor:
             self.control, self.events = control, events
             slots = self._add_slots(self.config.effective_tenants(len(self.allowed_cpus)))
             self._publish()  # before any worker starts: each reads the table at boot
-            self.admin = self.resources.start_admin(self.config)
+            self.admin = self.resources.start_admin(self.config, self.config_file, self.overrides)
             for slot in slots:
                 self._handle(slot, SlotEvent.START)
             selector = selectors.DefaultSelector()
             selector.register(wake, selectors.EVENT_READ)
             selector.register(events.recv_fd, selectors.EVENT_READ)
             log.info("serving gRPC on %s, admin on %s", self.config.listen, self.config.admin_listen)
-            if not self.config.secured and not is_loopback(self.config.listen_host_port()[0]):
-                log.warning(
-                    "gRPC on %s is open to any caller that reaches it: no [auth], tls.client_ca_file "
-                    "or [[access]] rule is configured",
-                    self.config.listen,
-                )
+            if (warning := open_to_network(self.config)) is not None:
+                log.warning("%s", warning)
             try:
                 self._loop(selector, wake)
             finally:
@@ -227,6 +225,8 @@ class Supervisor:
             if self._reloaded and reload_done(self.slots.values(), self._handovers, self._reloaded[1]):
                 self.notifier.ready(self._reloaded[0])
                 self._reloaded = None
+                if self.reload_note.state == RELOAD_PENDING:
+                    self._note(self.reload_note.file, RELOAD_IN_EFFECT)
             # READY=1 on the turn that published the first ready table: the
             # moment the workers' Check("") and the admin's /readyz flip too.
             if not ready_sent and self._not_ready is None:
@@ -316,6 +316,7 @@ class Supervisor:
         log.error("reload: %s; keeping the previous workers of tenant %r", message, slot.tenant)
         self._handovers.remove(handover)
         self._reloaded = (f"reload rejected for tenant {slot.tenant!r}", self.generation)
+        self._note(self.reload_note.file, RELOAD_FAILED, message)
         for other in handover.new - {slot.id}:
             if other in self.slots and self.slots[other].state in ACTIVE:
                 self._handle(self.slots[other], SlotEvent.RETIRE)
@@ -329,15 +330,9 @@ class Supervisor:
             self.exit_code = EXIT_HALTED
 
     def _check_heartbeats(self, now: float) -> None:
-        limit = self.config.heartbeat_timeout_s
         for slot in list(self.slots.values()):
-            if slot.state is SlotState.BOOTING:
-                timeout = BOOT_TIMEOUT_S
-            elif slot.state is SlotState.BOOTED or slot.state is SlotState.SERVING:
-                timeout = limit
-            else:
-                continue  # not running, or on its way out
-            if now - slot.last_beat > timeout:
+            timeout = slot.silent_past(now, BOOT_TIMEOUT_S, self.config.heartbeat_timeout_s)
+            if timeout is not None:
                 pid = slot.proc.pid if slot.proc else 0
                 log.error("worker %d (pid %d) missed heartbeats for %.1fs: SIGKILL", slot.id, pid, timeout)
                 self._handle(slot, SlotEvent.SILENT)
@@ -349,7 +344,7 @@ class Supervisor:
             self.admin = None
             self._admin_restart_at = now + ADMIN_RESTART_S
         elif admin is None and now >= self._admin_restart_at:
-            self.admin = self.resources.start_admin(self.config)
+            self.admin = self.resources.start_admin(self.config, self.config_file, self.overrides)
 
     # -- drain -----------------------------------------------------------------
 
@@ -379,20 +374,28 @@ class Supervisor:
 
     # -- reload --------------------------------------------------------------
 
+    def _note(self, file: str, state: str, reason: str = "", *, serial: int = 0) -> None:
+        """Record what became of the latest reload (``Routes.reload``), published this turn."""
+        self.reload_note = ReloadNote(serial or self.reload_note.serial, file, state, redact(reason))
+        self._routes_changed = True
+
     def _reload(self) -> None:
+        serial, file = self.reload_note.serial + 1, file_identity(self.config_file)  # before reading it
         if self.draining:
             log.warning("reload ignored: the server is draining")
+            self._note(file, RELOAD_REJECTED, "the server is draining", serial=serial)
+            self._publish()  # the draining loop publishes nothing itself
             return
         self.notifier.reloading()
         try:
-            new = self._reload_config()
-            check_deployable(new)
-            check_routes_fit(new, len(self.allowed_cpus), self.resources.routes_bytes)
+            new = check_deployable(self._reload_config(), self.resources.routes_bytes)
             self.resources.tenants.check_fit(new, len(self.allowed_cpus))
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.notifier.ready("reload rejected")
+            self._note(file, RELOAD_REJECTED, str(exc), serial=serial)
             return
+        self._note(file, RELOAD_PENDING, serial=serial)
         new, kept = keep_restart_only_fields(self.config, new)
         self.security_serial += 1  # workers read the TLS and JWKS files again (rotation)
         for name, value in kept:
@@ -417,17 +420,9 @@ class Supervisor:
 
     def _finish_handovers(self) -> None:
         """Retire a reload's superseded workers once their replacements serve."""
-        pending = []
-        for handover in self._handovers:
-            starting = [self.slots[i] for i in handover.new if i in self.slots]
-            if all(s.state is SlotState.SERVING for s in starting if s.state in ACTIVE):
-                for slot_id in handover.old:
-                    slot = self.slots.get(slot_id)
-                    if slot is not None and slot.state in ACTIVE:
-                        self._handle(slot, SlotEvent.RETIRE)
-            else:
-                pending.append(handover)
-        self._handovers = pending
+        retire, self._handovers = Handover.settle(self._handovers, self.slots)
+        for slot in retire:
+            self._handle(slot, SlotEvent.RETIRE)
 
     def _forget_gone(self) -> None:
         """Drop the slots of retired workers that have exited (the table stops listing them)."""

@@ -130,3 +130,42 @@ def test_admin_tls_files_that_do_not_load_stop_start_up_with_one_line(tmp_path: 
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
     assert line.startswith("prism: config error: admin.tls: cannot load the certificate or key: ")
+
+
+def test_apply_over_https_finds_the_admin_port_and_token_in_the_file(tmp_path: Path) -> None:
+    """``prism apply`` with neither --admin nor --token-file: the file's admin_listen, [admin.tls]
+    (so HTTPS, checked with --tls-ca) and admin_token_file say where to go and what to send."""
+    ca, tls_section = admin_files(tmp_path)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "admin.token").write_text("apply-t0ken\n")
+    port = free_port()
+    head = f'admin_listen = "127.0.0.1:{port}"\nadmin_token_file = "{tmp_path / "admin.token"}"\n'
+    server = PrismProcess(tmp_path / "data", head + DEFAULT_CONFIG + tls_section)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    base = f"https://127.0.0.1:{port}"
+    new = tmp_path / "new.toml"
+    new.write_text(head + DEFAULT_CONFIG + '[[namespaces]]\nname = "added"\n' + tls_section)
+    server.start()
+    try:
+        wait_for_admin(base, client)
+        apply = [
+            sys.executable,
+            "-m",
+            "prism.cli",
+            "apply",
+            str(new),
+            "--yes",
+            "--tls-ca",
+            str(tmp_path / "ca.pem"),
+        ]
+        done = subprocess.run(apply, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "  + namespace added: keyvalue on sqlite, tenant default" in done.stdout.splitlines()
+        status, body = fetch(base + "/v1/namespaces", client, "apply-t0ken")
+        assert status == 200
+        assert "added" in {ns["name"] for ns in json.loads(body)["namespaces"]}
+        assert (tmp_path / "data.toml").read_text() == new.read_text()
+    finally:
+        server.stop()
+    assert "t0ken" not in done.stdout + done.stderr + (server.stderr or "")

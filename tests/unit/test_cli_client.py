@@ -74,7 +74,7 @@ def fake_server(monkeypatch: pytest.MonkeyPatch, result: int | Exception = 0) ->
     """Install a stand-in ``prism.server`` whose ``serve`` records its config."""
     seen: list[ServerConfig] = []
 
-    def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig]) -> int:
+    def serve(config: ServerConfig, reload_config: Callable[[], ServerConfig], **source: Any) -> int:
         seen.append(config)
         assert reload_config() == config  # SIGHUP reads the same sources again
         if isinstance(result, Exception):

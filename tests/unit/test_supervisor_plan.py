@@ -7,7 +7,14 @@ import msgspec
 from prism.config import CacheTableConfig, NamespaceConfig, ServerConfig, TenantConfig
 from prism.config.security import AdminConfig, AdminTlsConfig
 from prism.config.tracing import TracingConfig
-from prism.workers.plan import RESTART_ONLY_FIELDS, keep_restart_only_fields, plan_cpus, plan_reload
+from prism.workers.plan import (
+    RESTART_ONLY_FIELDS,
+    Handover,
+    keep_restart_only_fields,
+    plan_cpus,
+    plan_reload,
+)
+from prism.workers.slot import Slot, SlotState
 
 
 def tenant(
@@ -163,3 +170,38 @@ def test_tracing_changes_only_at_restart() -> None:
     kept, changed = keep_restart_only_fields(running, new)
     assert changed == [("tracing", TracingConfig())]
     assert not kept.tracing.enabled
+
+
+def _slot(slot_id: int, state: SlotState) -> Slot:
+    slot = Slot(slot_id, "t", None)
+    slot.state = state
+    return slot
+
+
+def test_superseded_workers_retire_once_every_replacement_serves() -> None:
+    slots = {
+        1: _slot(1, SlotState.SERVING),  # old
+        2: _slot(2, SlotState.SERVING),  # new, serving
+        3: _slot(3, SlotState.BOOTING),  # new, still booting
+        4: _slot(4, SlotState.SERVING),  # old of another handover
+        5: _slot(5, SlotState.SERVING),  # its replacement
+    }
+    waiting = Handover(frozenset({1}), frozenset({2, 3}))
+    ready = Handover(frozenset({4}), frozenset({5}))
+    retire, pending = Handover.settle([waiting, ready], slots)
+    assert ([s.id for s in retire], pending) == ([4], [waiting])
+    slots[3].state = SlotState.SERVING
+    retire, pending = Handover.settle(pending, slots)
+    assert ([s.id for s in retire], pending) == ([1], [])
+
+
+def test_a_slot_is_silent_past_the_timeout_of_its_state() -> None:
+    booting, serving, waiting = (
+        _slot(1, SlotState.BOOTING),
+        _slot(2, SlotState.SERVING),
+        _slot(3, SlotState.WAITING),
+    )
+    for slot in (booting, serving, waiting):
+        slot.last_beat = 100.0
+    assert [s.silent_past(105.5, 60.0, 5.0) for s in (booting, serving, waiting)] == [None, 5.0, None]
+    assert booting.silent_past(160.5, 60.0, 5.0) == 60.0
