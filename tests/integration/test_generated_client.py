@@ -46,7 +46,17 @@ def test_stock_generated_stubs_call_every_rpc(prism_server: PrismProcess, tmp_pa
     out = tmp_path / "gen"
     out.mkdir()
     protos = [f"prism/proto/{p.name}" for p in src.glob("*.proto")]
-    args = ["protoc", f"-I{tmp_path / 'src'}", f"--python_out={out}", f"--grpc_python_out={out}", *protos]
+    # protobuf's well-known types (options.proto imports descriptor.proto), as
+    # `python -m grpc_tools.protoc` and a system protoc add them by themselves.
+    well_known = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{tmp_path / 'src'}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        *protos,
+    ]
     assert protoc.main(args) == 0
     for pkg in (out / "prism", out / "prism" / "proto"):
         (pkg / "__init__.py").touch()
