@@ -107,10 +107,22 @@ class Requests:
                     self._top_up(call)
                     out.append((CALL_MESSAGE, call))
                 elif type(data) is list:
-                    for piece in data:
-                        self._take_data(call, piece, out)
-                        if call._failed:
-                            break
+                    parts = call._parts
+                    have = call._inlen
+                    if parts is not None and call._need and have + length < call._need:
+                        # Views that go on a message and do not end it (of
+                        # plain frames: ``length`` is theirs): the usual read
+                        # of a large message, taken at once.
+                        parts += data
+                        call._inlen = have + length
+                        if not call._fresh:
+                            self._viewers.append(call)
+                        call._fresh += length
+                    else:
+                        for piece in data:
+                            self._take_data(call, piece, out)
+                            if call._failed:
+                                break
                 else:
                     self._take_data(call, data, out)
         if ended:
