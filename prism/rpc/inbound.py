@@ -15,11 +15,11 @@ wait, unsplit, in ``call._inq`` until its handler takes them with
 The bytes given to ``receive_data`` must not change afterwards: pieces of a
 message under way are views of them (a ``bytes`` per read, as the server's
 reader gives; anything else is copied at the end of the read). A view keeps
-its whole read alive, so views of a read are kept only while they are at
-least half of it: a peer that sent a byte of a message in each read of
-other frames would otherwise hold a whole read per byte, far more than the
-budget charged for. A read whose views fall under half (at the read's end,
-or when a message holding some of them is let go) has them copied.
+its whole read alive, so the reads a connection's views pin are kept to at
+most twice the bytes those views hold (which the budget charges for): a
+peer that sent a byte of a message in each read of other frames would
+otherwise hold a whole read per byte. When a read or a let-go message would
+pass that, the views of the reads they hold least of are copied.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ class Requests:
     budget: ConnectionBudget
     _piecewise_paths: AbstractSet[bytes]
     _viewers: list[Call]  # calls that took views of the current read (``Call._fresh``)
+    # The reads that views pin (an ordered set), their sizes, and the bytes the views hold.
+    _pinned: dict[_Read, None]
+    _pinned_bytes: int
+    _view_bytes: int
     # Calls whose stream waits for window the budget had no room for (FIFO).
     _waiting: dict[int, Call]
     # Called when something was queued outside a ``receive_data`` (a window
@@ -202,23 +206,29 @@ class Requests:
     # -- views of the bytes read -------------------------------------------------
 
     def _settle_views(self, read: Any) -> None:
-        """At the end of a read: the views of it that pieces still hold are
-        kept if they are at least half of it (and it is ``bytes``), else copied."""
+        """At the end of a read: the views of it that pieces still hold pin it
+        (``_pinned``); a read that is not ``bytes`` is copied from at once."""
         viewers, self._viewers = self._viewers, []
-        held = _Read(read.obj if type(read) is memoryview else read, len(read))
+        pinned = _Read(read.obj if type(read) is memoryview else read, len(read))
         for call in viewers:
             n = call._fresh
             if n:
                 call._fresh = 0
-                held.held += n
-                held.holders.append(call.stream_id)
-                call._holds.append((held, n))
-        if held.held and (2 * held.held < held.size or type(read) is not bytes):
-            self._own(held)
+                pinned.held += n
+                pinned.holders.append(call.stream_id)
+                call._holds.append((pinned, n))
+        if not pinned.held:
+            return
+        self._pinned[pinned] = None
+        self._pinned_bytes += pinned.size
+        self._view_bytes += pinned.held
+        if type(read) is not bytes:
+            self._own(pinned)
+        else:
+            self._bound_views()
 
     def _let_go_views(self, call: Call) -> None:
-        """The call's pieces are let go: so are its views of each read, and a
-        read the others hold less than half of is copied (``_own``)."""
+        """The call's pieces are let go: so are its views of each read."""
         call._fresh = 0  # (of the current read: not counted at its end)
         holds = call._holds
         if holds:
@@ -226,12 +236,25 @@ class Requests:
             for read, n in holds:
                 read.held -= n
                 read.holders.remove(call.stream_id)
-                if read.held and 2 * read.held < read.size:
-                    self._own(read)
+                self._view_bytes -= n
+                if not read.held:
+                    del self._pinned[read]
+                    self._pinned_bytes -= read.size
+            self._bound_views()
+
+    def _bound_views(self) -> None:
+        """Keep the reads that views pin to at most twice the bytes the views
+        hold, copying from the reads they hold least of first."""
+        if 2 * self._view_bytes >= self._pinned_bytes:
+            return
+        for read in sorted(self._pinned, key=lambda r: r.held / r.size):
+            self._own(read)
+            if 2 * self._view_bytes >= self._pinned_bytes:
+                return
 
     def _own(self, read: _Read) -> None:
-        """Copy the pieces that are views of ``read`` into bytes of their own
-        (a byte is copied this way once at most)."""
+        """Copy the pieces that are views of ``read`` into bytes of their own,
+        and let the read go (a byte is copied this way once at most)."""
         data = read.data
         for sid in read.holders:
             call = self.calls.get(sid)
@@ -245,6 +268,9 @@ class Requests:
                     if type(part) is memoryview and part.obj is data:
                         parts[i] = part.tobytes()
             call._holds = [(r, n) for r, n in call._holds if r is not read]
+        del self._pinned[read]
+        self._pinned_bytes -= read.size
+        self._view_bytes -= read.held
         read.holders = []
         read.held = 0
 

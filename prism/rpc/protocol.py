@@ -131,6 +131,8 @@ class GrpcProtocol(Requests, Responses):
         # The methods whose decoders take a large message as its pieces (prism.rpc.pieces).
         self._piecewise_paths = piecewise_paths
         self._viewers: list[Call] = []  # calls that took views of this read (prism.rpc.inbound)
+        self._pinned = {}
+        self._pinned_bytes = self._view_bytes = 0
         self.draining = False  # we sent GOAWAY: refuse new streams
         self.peer_gone = False  # the client sent GOAWAY
         self.broken = False  # protocol error: the connection is finished
@@ -204,6 +206,7 @@ class GrpcProtocol(Requests, Responses):
         self.calls.clear()
         self._blocked.clear()
         self._waiting.clear()
+        self._pinned.clear()
         self._h2.buffers_to_send()
         self._h2.let_go()
         self.on_output = _nothing  # (a bound method of the connection: a cycle)

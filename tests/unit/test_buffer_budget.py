@@ -187,11 +187,12 @@ def test_large_messages_of_streams_interleaved_in_each_read_arrive_whole(path: s
     assert p.budget.held == sum(len(b) + 5 for b in bodies.values())
 
 
-def test_pieces_keep_views_of_a_read_only_while_they_are_most_of_it() -> None:
+def test_the_reads_that_pieces_keep_views_of_stay_within_twice_what_they_hold() -> None:
     # A piece of a message under way is a view of the bytes read, which keeps
-    # the whole read alive: kept only when such pieces are at least half of
-    # the read, else copied (a peer sending a byte of a message in each read
-    # of other frames would otherwise hold a whole read per byte).
+    # the whole read alive: the reads so kept are at most twice the bytes
+    # the views hold, else the views of the reads they hold least of are
+    # copied (a peer sending a byte of a message in each read of other frames
+    # would otherwise hold a whole read per byte).
     p = Pair()
     big = p.open(PIECEWISE)
     body = frame(bytes(range(256)) * 1024)  # 256 KiB: it spans reads
@@ -200,37 +201,41 @@ def test_pieces_keep_views_of_a_read_only_while_they_are_most_of_it() -> None:
         for at in range(0, len(data), 16_384):
             p.client.send_data(sid, data[at : at + 16_384], end_stream=end and at + 16_384 >= len(data))
 
+    def kinds() -> list[type]:
+        parts = p.server.calls[big]._parts
+        assert parts is not None
+        return [type(part) for part in parts[1:]]  # (the first came with the stream's headers)
+
     for _ in range(2):  # (a header block seen before is read on the plain path: prism.rpc.h2conn)
         p.send(p.open(), frame(b"warm"))
     send(big, body[:16_384])
     p.exchange()  # (its prefix: the window for all of it)
-    send(big, body[16_384:65_536])  # a read of its own frames only
-    p.exchange()
-    parts = p.server.calls[big]._parts
-    assert parts is not None and len(parts) == 4 and all(type(part) is memoryview for part in parts[1:])
-    small = p.open()
-    send(big, body[65_536:65_636])
-    send(small, frame(b"s" * 60_000), end=True)  # a read mostly of another call's, whole at once
-    p.exchange()
-    assert p.calls[small].messages == [b"s" * 60_000]
-    parts = p.server.calls[big]._parts
-    assert parts is not None and len(parts) == 5 and type(parts[-1]) is bytes  # copied
-    assert all(type(part) is memoryview for part in parts[1:4])  # (the earlier read's: kept)
     other = p.open()
     other_body = frame(b"o" * 200_000)
-    send(big, body[65_636:65_736])
+    send(big, body[16_384:16_484])
     send(other, other_body[:49_152])  # a read mostly of another message under way: kept...
     p.exchange()
-    parts = p.server.calls[big]._parts
-    assert parts is not None and len(parts) == 6 and type(parts[-1]) is memoryview
+    assert kinds() == [memoryview]
     send(other, other_body[49_152:], end=True)  # ...until that message is whole and let go
     p.exchange()
     assert p.calls[other].messages == [b"o" * 200_000]
-    assert type(parts[-1]) is bytes and all(type(part) is memoryview for part in parts[1:4])
-    send(big, body[65_736:], end=True)
+    assert kinds() == [bytes]
+    small = p.open()
+    send(big, body[16_484:16_584])
+    send(small, frame(b"s" * 60_000), end=True)  # a read mostly of a call's that is whole at once
+    p.exchange()
+    assert p.calls[small].messages == [b"s" * 60_000]
+    assert kinds() == [bytes, bytes]
+    send(big, body[16_584:65_536])  # a read of its own frames: kept
+    p.exchange()
+    assert kinds()[:2] == [bytes, bytes] and set(kinds()[2:]) == {memoryview}
+    assert p.server._pinned_bytes <= 2 * p.server._view_bytes
+    send(big, body[65_536:], end=True)
     p.exchange()
     (message,) = p.calls[big].messages
     assert type(message) is Pieces and bytes(message) == body[5:]
+    p.server.release_request(p.server.calls[big])
+    assert not p.server._pinned and p.server._pinned_bytes == p.server._view_bytes == 0
 
 
 def test_a_message_the_budget_has_no_room_for_waits_until_a_call_ends() -> None:
