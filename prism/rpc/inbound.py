@@ -16,10 +16,11 @@ The bytes given to ``receive_data`` must not change afterwards: pieces of a
 message under way are views of them (a ``bytes`` per read, as the server's
 reader gives; anything else is copied at the end of the read). A view keeps
 its whole read alive, so the reads a connection's views pin are kept to at
-most twice the bytes those views hold (which the budget charges for): a
-peer that sent a byte of a message in each read of other frames would
-otherwise hold a whole read per byte. When a read or a let-go message would
-pass that, the views of the reads they hold least of are copied.
+most ``_PIN_FACTOR`` times the bytes those views hold (which the budget
+charges for): a peer that sent a byte of a message in each read of other
+frames would otherwise hold a whole read per byte. When a read or a let-go
+message would pass that, the views of the reads they hold least of are
+copied.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ _PREFIX_LEN: Final = 5
 # A streaming call's window is topped up once it has this much to give back
 # (one WINDOW_UPDATE per consumed message would be a frame per message).
 _TOP_UP_AT: Final = INITIAL_STREAM_WINDOW // 4
+# The reads that views pin are kept to at most this many times the bytes the
+# views hold. (Large requests interleaved in each read: a read's share falls
+# as its other messages end, to about a half on average; at 2 a third of
+# every large value was copied a second time.)
+_PIN_FACTOR: Final = 4
 
 Events = list[tuple[int, Call | None]]
 CALL_MESSAGE: Final = 1  # (protocol.py's event kinds, repeated to avoid an import cycle)
@@ -243,13 +249,13 @@ class Requests:
             self._bound_views()
 
     def _bound_views(self) -> None:
-        """Keep the reads that views pin to at most twice the bytes the views
-        hold, copying from the reads they hold least of first."""
-        if 2 * self._view_bytes >= self._pinned_bytes:
+        """Keep the reads that views pin to at most ``_PIN_FACTOR`` times the
+        bytes the views hold, copying from the reads they hold least of first."""
+        if _PIN_FACTOR * self._view_bytes >= self._pinned_bytes:
             return
         for read in sorted(self._pinned, key=lambda r: r.held / r.size):
             self._own(read)
-            if 2 * self._view_bytes >= self._pinned_bytes:
+            if _PIN_FACTOR * self._view_bytes >= self._pinned_bytes:
                 return
 
     def _own(self, read: _Read) -> None:
