@@ -55,7 +55,7 @@ class Pieces:
         if stop <= starts[i + 1]:  # within one part: the usual case of a small field
             return bytes(memoryview(part)[offset : offset + stop - start])
         j = bisect_right(starts, stop - 1) - 1
-        views = [memoryview(part)[offset:]]
-        views += (memoryview(p) for p in self.parts[i + 1 : j])
-        views.append(memoryview(self.parts[j])[: stop - starts[j]])
-        return b"".join(views)
+        parts = self.parts[i : j + 1]  # (bytes and views: join takes both as they are)
+        parts[0] = memoryview(part)[offset:]
+        parts[-1] = memoryview(parts[-1])[: stop - starts[j]]
+        return b"".join(parts)
