@@ -75,6 +75,7 @@ class Requests:
     budget: ConnectionBudget
     _piecewise_paths: AbstractSet[bytes]
     _viewers: list[Call]  # calls that took views of the current read (``Call._fresh``)
+    _unacked: int  # DATA bytes of the current read, for the connection's window
     # The reads that views pin (an ordered set), their sizes, and the bytes the views hold.
     _pinned: dict[_Read, None]
     _pinned_bytes: int
@@ -92,10 +93,10 @@ class Requests:
         ) -> None: ...  # Responses'
 
     def _on_data(self, sid: int, data: Any, length: int, ended: bool, out: Events) -> None:
-        if length:
-            # The connection's window goes back at once: what arrives is
-            # charged below, or dropped (a closed or failed stream).
-            self._h2.ack_connection(length)
+        # The connection's window goes back as a read is taken in (once per
+        # read, ``GrpcProtocol.receive_data``): what arrives is charged
+        # below, or dropped (a closed or failed stream).
+        self._unacked += length
         call = self.calls.get(sid)
         if call is not None and not call._failed:
             if length:

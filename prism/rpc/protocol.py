@@ -131,6 +131,7 @@ class GrpcProtocol(Requests, Responses):
         # The methods whose decoders take a large message as its pieces (prism.rpc.pieces).
         self._piecewise_paths = piecewise_paths
         self._viewers: list[Call] = []  # calls that took views of this read (prism.rpc.inbound)
+        self._unacked = 0  # DATA bytes of this read, given back to the connection's window at its end
         self._pinned = {}
         self._pinned_bytes = self._view_bytes = 0
         self.draining = False  # we sent GOAWAY: refuse new streams
@@ -281,6 +282,9 @@ class GrpcProtocol(Requests, Responses):
                 malformed = self._h2.malformed
                 if malformed and malformed.pop(ev.stream_id, None) is not None:
                     self._reset_malformed(ev.stream_id, out)
+        if self._unacked:
+            self._h2.ack_connection(self._unacked)
+            self._unacked = 0
         if self._viewers:  # pieces of messages took views of this read (prism.rpc.inbound)
             self._settle_views(read)
         return out
