@@ -88,9 +88,8 @@ _SWEEP_STREAMS_AT: Final = 128
 
 # What receive_plain read, frame by frame: [HEADERS_READ, stream id, header
 # list, 0, end of stream] or [DATA_READ, stream id, data, flow-controlled
-# length, end of stream]; the data is a memoryview of the bytes read, or a
-# list of them for a stream's several DATA frames in one read (one entry for
-# them all, grown in place).
+# length, end of stream]; the data a memoryview of the bytes read, or a list
+# of them for a stream's DATA frames in one read (one entry, grown in place).
 HEADERS_READ: Final = 0
 DATA_READ: Final = 1
 PlainFrame = list[Any]
@@ -289,14 +288,10 @@ class ServerConnection(PlainSender):
         ):
             return data
         if buffer._data:
-            # h2 took the last read from a frame the plain path does not read
-            # on (a SETTINGS ACK, a PING, a new header block), and it ended
-            # inside a later frame: h2 holds the start of that one frame (it
-            # parses every whole one at once). Taken as ours (nothing is held
-            # here meanwhile), it is finished below like any held frame, and
-            # the plain path goes on, instead of h2 parsing every frame until
-            # a read happens to end on a frame boundary (about 3% of a large
-            # request's bytes went through h2 so, at several times the cost).
+            # h2 took the last read (from a PING, a SETTINGS ACK... on) and it
+            # ended inside a frame: taken back as held (nothing is held here
+            # meanwhile), h2 does not go on parsing every frame until a read
+            # ends on a frame boundary (~3% of 1 MiB puts' bytes did).
             self._held = bytes(buffer._data)
             buffer._data = bytearray()
         held = self._held
@@ -359,7 +354,7 @@ class ServerConnection(PlainSender):
                 break
             sid &= 0x7FFFFFFF
             kind = head & 0xFF
-            if kind == _DATA:  # (the frame a large request is made of: per 16 KiB)
+            if kind == _DATA:  # (first: a large request is made of them)
                 stream = streams.get(sid)
                 if (
                     flags & ~_END_STREAM
@@ -379,9 +374,7 @@ class ServerConnection(PlainSender):
                     body_length > expected_length or (end_stream and body_length != expected_length)
                 ):
                     break
-                # What h2's window_consumed and RECV_DATA do, less their
-                # checks (made above) and the event h2 would build and drop:
-                # an OPEN stream stays OPEN.
+                # h2's window_consumed and RECV_DATA, less their checks (above).
                 conn_window.current_window_size -= length
                 window.current_window_size -= length
                 stream._actual_content_length = body_length
@@ -393,10 +386,8 @@ class ServerConnection(PlainSender):
                     data_at[sid] = entry = [DATA_READ, sid, piece, length, end_stream]
                     read.append(entry)
                 else:
-                    # A stream's DATA frames of one read are one entry (a 1 MiB
-                    # message is 64 frames, interleaved with other streams'):
-                    # its data the list of their pieces, in order. (Streams
-                    # are independent: only each one's own order matters.)
+                    # A stream's DATA frames of one read are one entry, its data
+                    # the list of their pieces (only a stream's own order matters).
                     pieces = entry[2]
                     if type(pieces) is list:
                         pieces.append(piece)
