@@ -22,6 +22,7 @@ from prism.proto import common_pb2, kv_pb2
 from prism.rpc.call import CallContext
 from prism.rpc.methods import READ, WRITE
 
+from .kvwire import ItemIn, PutItemsIn, TokenIn, decode_put_items
 from .namespaces import Held, Remote, elsewhere
 from .pagetoken import PageTokens
 
@@ -41,7 +42,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _stamp(token: common_pb2.IdempotencyToken) -> base.Stamp:
+def _stamp(token: common_pb2.IdempotencyToken | TokenIn) -> base.Stamp:
     if token.generation_time_us < 0:
         raise InvalidArgument("idempotency_token.generation_time_us must not be negative")
     t = token.generation_time_us or time.time_ns() // 1000
@@ -62,7 +63,7 @@ def _predicate(p: kv_pb2.Predicate) -> base.Predicate:
     return base.MatchRange(r.start, r.end)
 
 
-def _item_write(item: kv_pb2.Item, now_ms: int) -> base.ItemWrite:
+def _item_write(item: kv_pb2.Item | ItemIn, now_ms: int) -> base.ItemWrite:
     if not item.key:
         raise InvalidArgument("item key must not be empty")
     if item.ttl_ms < 0:
@@ -156,6 +157,8 @@ class KeyValue:
         "DeleteItems": WRITE,
         "MutateItems": WRITE,
     }
+    # A large PutItems is read without protobuf copying its values (prism.api.kvwire).
+    decoders: Final = {"PutItems": decode_put_items}
 
     def __init__(
         self,
@@ -189,7 +192,7 @@ class KeyValue:
         return items, nbytes
 
     async def PutItems(
-        self, request: kv_pb2.PutItemsRequest, call: CallContext
+        self, request: kv_pb2.PutItemsRequest | PutItemsIn, call: CallContext
     ) -> kv_pb2.PutItemsResponse | bytes:
         ns = call.namespace = request.namespace
         held = self.namespaces.get(ns)

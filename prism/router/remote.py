@@ -41,6 +41,7 @@ from prism.router.table import RoutingTableReader, WorkerEntry
 from prism.rpc.boundary import failure_status
 from prism.rpc.call import Call, CallContext, Caller
 from prism.rpc.methods import UNARY, Method
+from prism.rpc.pieces import Pieces
 from prism.rpc.settings import Answered, ServerSettings
 from prism.tracing import context as tracing
 
@@ -69,7 +70,7 @@ class ForwardedCall:
 
     def __init__(self, request: ForwardCall) -> None:
         self.path = request.path
-        self.messages: list[bytes | bytearray] = [request.payload]
+        self.messages: list[bytes | bytearray | Pieces] = [request.payload]
         self.metadata: list[tuple[str, str | bytes]] = request.metadata
         self.deadline = math.inf if request.timeout_s is None else trio.current_time() + request.timeout_s
         self.started = time.perf_counter()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+from prism.rpc.pieces import Pieces
+
 
 class Caller(NamedTuple):
     """Who made a call, as the access check (``prism.security``) established it."""
@@ -36,8 +38,9 @@ class CallContext(Protocol):
         ...
 
     @property
-    def messages(self) -> list[bytes | bytearray]:
-        """The request messages, undecoded: a unary call's one message is ``messages[0]``."""
+    def messages(self) -> list[bytes | bytearray | Pieces]:
+        """The request messages, undecoded: a unary call's one message is
+        ``messages[0]`` (``Pieces`` only for a method whose decoder takes them)."""
         ...
 
     @property
@@ -74,13 +77,15 @@ class Call:
         "_credit",
         "_encoding",
         "_failed",
+        "_fresh",
         "_headers_sent",
-        "_inbuf",
+        "_holds",
         "_inlen",
         "_inpos",
         "_inq",
         "_need",
         "_out",
+        "_parts",
         "_trailers",
         "_wants",
         "authority",
@@ -109,14 +114,19 @@ class Call:
         self.deadline = float("inf")  # set by the server from timeout_s (its clock)
         self.metadata: list[tuple[str, str | bytes]] = []
         self.timeout_s: float | None = None
-        self.messages: list[bytes | bytearray] = []
+        self.messages: list[bytes | bytearray | Pieces] = []
         self.request: Any = None  # the decoded request, once the server has decoded it
-        # A request message that spans DATA frames (None: none under way):
-        # its buffer (the whole message's size once its prefix is in, ``_need``;
-        # until then what came, ``_need`` 0), and how much of it has come.
-        self._inbuf: bytearray | None = None
+        # A request message that spans DATA frames (None: none under way): the
+        # pieces of it that came (prism.rpc.inbound), how many bytes they
+        # hold, and the whole message's size with its prefix once the prefix
+        # is in (``_need``; 0 until then).
+        self._parts: list[Any] | None = None
         self._inlen = 0
         self._need = 0
+        # Of its pieces, the bytes that are views of the current read, and the
+        # (read, bytes) it holds views of since (prism.rpc.inbound's ``_Read``).
+        self._fresh = 0
+        self._holds: list[Any] = []
         # A streaming request's bytes not yet taken by its handler (None: a
         # unary call), from ``_inpos`` on.
         self._inq: bytearray | None = None

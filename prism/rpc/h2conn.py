@@ -35,6 +35,7 @@ side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -85,14 +86,15 @@ _DEFAULT_FRAME_SIZE: Final = 16_384
 # Closed streams are forgotten once the connection holds this many.
 _SWEEP_STREAMS_AT: Final = 128
 
-# What receive_plain read, frame by frame: (HEADERS_READ, stream id, header
-# list, 0, end of stream) or (DATA_READ, stream id, data, flow-controlled
-# length, end of stream); the data is a memoryview of the bytes read, or a
-# list of them for a stream's several DATA frames in one read (one entry for
-# them all), valid until the next read: its taker copies what it keeps.
+# What receive_plain read, frame by frame: [HEADERS_READ, stream id, header
+# list, 0, end of stream] or [DATA_READ, stream id, data, flow-controlled
+# length, end of stream]; the data a memoryview of the bytes read, or a list
+# of them for a stream's DATA frames in one read (one entry, grown in place).
 HEADERS_READ: Final = 0
 DATA_READ: Final = 1
-PlainFrame = tuple[int, int, Any, int, bool]
+PlainFrame = list[Any]
+# A frame's 9-byte header: length (24 bits) and type, flags, stream id (31 bits).
+_FRAME_HEADER: Final = struct.Struct(">IBI")
 
 
 def _length(view: memoryview, pos: int) -> int:
@@ -280,12 +282,18 @@ class ServerConnection(PlainSender):
         """
         buffer = self.incoming_buffer
         if (
-            buffer._data
-            or buffer._preamble_len
+            buffer._preamble_len
             or buffer._headers_buffer
             or self.state_machine.state is not ConnectionState.SERVER_OPEN
         ):
-            return data  # (nothing is held: h2's buffer took it with the read that broke off)
+            return data
+        if buffer._data:
+            # h2 took the last read (from a PING, a SETTINGS ACK... on) and it
+            # ended inside a frame: taken back as held (nothing is held here
+            # meanwhile), h2 does not go on parsing every frame until a read
+            # ends on a frame boundary (~3% of 1 MiB puts' bytes did).
+            self._held = bytes(buffer._data)
+            buffer._data = bytearray()
         held = self._held
         if held:
             # The rest of the held frame, then this read (a view of it: a
@@ -336,27 +344,69 @@ class ServerConnection(PlainSender):
         conn_window = self._inbound_flow_control_window_manager
         plain_block = self._decoder.plain
         streams = self.streams
-        data_at: dict[int, int] = {}  # stream id -> its DATA entry in ``read``
+        unpack = _FRAME_HEADER.unpack_from
+        data_at: dict[int, PlainFrame] = {}  # stream id -> its DATA entry in ``read``
         while end - pos >= _FRAME_HEAD:
-            length = int.from_bytes(view[pos : pos + 3], "big")
+            head, flags, sid = unpack(view, pos)
+            length = head >> 8
             stop = pos + _FRAME_HEAD + length
             if stop > end or length > max_length:
                 break
-            kind = view[pos + 3]
-            flags = view[pos + 4]
-            sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            end_stream = bool(flags & _END_STREAM)
-            if kind == _HEADERS:
+            sid &= 0x7FFFFFFF
+            kind = head & 0xFF
+            if kind == _DATA:  # (first: a large request is made of them)
+                stream = streams.get(sid)
+                if (
+                    flags & ~_END_STREAM
+                    or not (length or flags)  # empty: h2's, for prism.rpc.flood to count
+                    or stream is None
+                    or stream.state_machine.state is not StreamState.OPEN
+                    or length > conn_window.current_window_size
+                ):
+                    break
+                window = stream._inbound_window_manager
+                if length > window.current_window_size:
+                    break
+                body_length = stream._actual_content_length + length
+                expected_length = stream._expected_content_length
+                end_stream = flags == _END_STREAM
+                if expected_length is not None and (
+                    body_length > expected_length or (end_stream and body_length != expected_length)
+                ):
+                    break
+                # h2's window_consumed and RECV_DATA, less their checks (above).
+                conn_window.current_window_size -= length
+                window.current_window_size -= length
+                stream._actual_content_length = body_length
+                if end_stream:
+                    stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+                piece = view[pos + _FRAME_HEAD : stop]
+                entry = data_at.get(sid)
+                if entry is None:
+                    data_at[sid] = entry = [DATA_READ, sid, piece, length, end_stream]
+                    read.append(entry)
+                else:
+                    # A stream's DATA frames of one read are one entry, its data
+                    # the list of their pieces (only a stream's own order matters).
+                    pieces = entry[2]
+                    if type(pieces) is list:
+                        pieces.append(piece)
+                    else:
+                        entry[2] = [pieces, piece]
+                    entry[3] += length
+                    entry[4] = end_stream
+            elif kind == _HEADERS:
+                end_stream = bool(flags & _END_STREAM)
                 if (
                     flags & ~_END_STREAM != _END_HEADERS
                     or not sid & 1
                     or sid <= self.highest_inbound_stream_id
                 ):
                     break
-                entry = plain_block(bytes(view[pos + _FRAME_HEAD : stop]))
-                if entry is None:
+                block = plain_block(bytes(view[pos + _FRAME_HEAD : stop]))
+                if block is None:
                     break
-                headers, expected_length = entry
+                headers, expected_length = block
                 self._forget_closed_streams()
                 opened = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
                 opened._expected_content_length = expected_length
@@ -364,48 +414,7 @@ class ServerConnection(PlainSender):
                 machine.process_input(StreamInputs.RECV_HEADERS)
                 if end_stream:
                     machine.process_input(StreamInputs.RECV_END_STREAM)
-                read.append((HEADERS_READ, sid, headers, 0, end_stream))
-            elif kind == _DATA:
-                stream = streams.get(sid)
-                if (
-                    flags & ~_END_STREAM
-                    or not (length or end_stream)  # empty: h2's, for prism.rpc.flood to count
-                    or stream is None
-                    or stream.state_machine.state is not StreamState.OPEN
-                    or length > conn_window.current_window_size
-                    or length > stream._inbound_window_manager.current_window_size
-                ):
-                    break
-                body_length = stream._actual_content_length + length
-                expected_length = stream._expected_content_length
-                if expected_length is not None and (
-                    body_length > expected_length or (end_stream and body_length != expected_length)
-                ):
-                    break
-                # What h2's window_consumed and RECV_DATA do, less their
-                # checks (made above) and the event h2 would build and drop:
-                # an OPEN stream stays OPEN. Per frame, on every 16 KiB of a
-                # large request.
-                conn_window.current_window_size -= length
-                stream._inbound_window_manager.current_window_size -= length
-                stream._actual_content_length = body_length
-                if end_stream:
-                    stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
-                piece = view[pos + _FRAME_HEAD : stop]
-                at = data_at.get(sid)
-                if at is None:
-                    data_at[sid] = len(read)
-                    read.append((DATA_READ, sid, piece, length, end_stream))
-                else:
-                    # A stream's DATA frames of one read are one entry (a 1 MiB
-                    # message is 64 frames, interleaved with other streams'):
-                    # its data the list of their pieces, in order. (Streams
-                    # are independent: only each one's own order matters.)
-                    _, _, pieces, total, _ = read[at]
-                    if type(pieces) is not list:
-                        pieces = [pieces]
-                    pieces.append(piece)
-                    read[at] = (DATA_READ, sid, pieces, total + length, end_stream)
+                read.append([HEADERS_READ, sid, headers, 0, end_stream])
             else:
                 break
             pos = stop

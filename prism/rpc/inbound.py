@@ -7,13 +7,22 @@ checked on the 5-byte prefix, before anything is allocated for the message),
 charges what it holds to the connection's ``ConnectionBudget`` and decides
 when the client may send more (``prism.rpc.budget`` says how that bounds a
 connection). A unary call's one message is in ``call.messages`` when its
-stream ends; a streaming call's messages wait, unsplit, in ``call._inq``
-until its handler takes them with ``next_message``.
+stream ends (a message that came in pieces is copied together once, or
+handed over as ``Pieces``: ``prism.rpc.pieces``); a streaming call's messages
+wait, unsplit, in ``call._inq`` until its handler takes them with
+``next_message``.
+
+The bytes given to ``receive_data`` must not change afterwards: pieces of a
+message under way are views of them (a ``bytes`` per read, as the server's
+reader gives; anything else is copied at the end of the read). A view keeps
+its whole read alive, so the reads a connection's views pin are bounded by
+the bytes those views hold (``prism.rpc.pinned``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.exceptions
@@ -24,24 +33,27 @@ from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.compression import MessageError, inflate
 from prism.rpc.h2conn import ServerConnection
+from prism.rpc.pieces import Pieces
+from prism.rpc.pinned import PinnedReads
 
 _PREFIX_LEN: Final = 5
 # A streaming call's window is topped up once it has this much to give back
 # (one WINDOW_UPDATE per consumed message would be a frame per message).
 _TOP_UP_AT: Final = INITIAL_STREAM_WINDOW // 4
-
 Events = list[tuple[int, Call | None]]
 CALL_MESSAGE: Final = 1  # (protocol.py's event kinds, repeated to avoid an import cycle)
 CALL_END: Final = 2
 
 
-class Requests:
+class Requests(PinnedReads):
     """Request input for the calls of one connection (see the module docstring)."""
 
     _h2: ServerConnection
     calls: dict[int, Call]
     max_message_bytes: int
     budget: ConnectionBudget
+    _piecewise_paths: AbstractSet[bytes]
+    _unacked: int  # DATA bytes of the current read, for the connection's window
     # Calls whose stream waits for window the budget had no room for (FIFO).
     _waiting: dict[int, Call]
     # Called when something was queued outside a ``receive_data`` (a window
@@ -55,10 +67,10 @@ class Requests:
         ) -> None: ...  # Responses'
 
     def _on_data(self, sid: int, data: Any, length: int, ended: bool, out: Events) -> None:
-        if length:
-            # The connection's window goes back at once: what arrives is
-            # charged below, or dropped (a closed or failed stream).
-            self._h2.ack_connection(length)
+        # The connection's window goes back as a read is taken in (once per
+        # read, ``GrpcProtocol.receive_data``): what arrives is charged
+        # below, or dropped (a closed or failed stream).
+        self._unacked += length
         call = self.calls.get(sid)
         if call is not None and not call._failed:
             if length:
@@ -70,68 +82,63 @@ class Requests:
                     self.budget.charge(length - credit)
                     call._charged += length - credit
             if data:
-                if type(data) is list:  # a read's consecutive frames (prism.rpc.h2conn.PlainFrame)
-                    data = self._take_pieces(call, data)
-                if call._inq is not None:
-                    call._inq += data
+                q = call._inq
+                if q is not None:
+                    if type(data) is list:  # a read's consecutive frames (prism.rpc.h2conn.PlainFrame)
+                        for piece in data:
+                            q += piece
+                    else:
+                        q += data
                     self._top_up(call)
                     out.append((CALL_MESSAGE, call))
-                elif data:
+                elif type(data) is list:
+                    parts = call._parts
+                    have = call._inlen
+                    if parts is not None and call._need and have + length < call._need:
+                        # Views that go on a message and do not end it (of
+                        # plain frames: ``length`` is theirs): the usual read
+                        # of a large message, taken at once.
+                        parts += data
+                        call._inlen = have + length
+                        if not call._fresh:
+                            self._viewers.append(call)
+                        call._fresh += length
+                    else:
+                        for piece in data:
+                            self._take_data(call, piece, out)
+                            if call._failed:
+                                break
+                else:
                     self._take_data(call, data, out)
         if ended:
             self._end_call(sid, out)
 
-    def _take_pieces(self, call: Call, pieces: list[Any]) -> Any:
-        """Copy the pieces that fit a message's buffer into place; the rest
-        (all of them, if there is no buffer yet, or once the message is
-        whole) come back joined, for ``_take_data`` to cut."""
-        buf = call._inbuf
-        if buf is not None and call._inq is None and call._need:
-            have, need = call._inlen, call._need
-            for i, piece in enumerate(pieces):
-                n = len(piece)
-                if have + n >= need:  # the message's last piece: _take_data finishes it
-                    call._inlen = have
-                    return b"".join(pieces[i:]) if i + 1 < len(pieces) else piece
-                buf[have : have + n] = piece
-                have += n
-            call._inlen = have
-            return b""
-        return b"".join(pieces)
-
     def _take_data(self, call: Call, data: Any, out: Events) -> None:
-        # A message within one frame is sliced out of it. A message that
+        # A message within one frame is copied out of it. A message that
         # spans frames needs the window for all of it (asked for once its
-        # prefix says its size); once granted, its buffer is allocated at that
-        # size and each frame copied into place (before, it holds what the
-        # stream could send anyway).
-        buf = call._inbuf
-        if buf is not None:
+        # prefix says its size), and is kept as the pieces it comes in, views
+        # of the bytes read (see the module docstring for when they are
+        # copied instead), until it is whole: then it is copied together once
+        # (``_whole``).
+        parts = call._parts
+        if parts is not None:
             have = call._inlen
             need = call._need
             n = len(data)
             if need and have + n <= need:
-                buf[have : have + n] = data
+                parts.append(data)
                 call._inlen = have + n
-                if have + n < need:
-                    return
-                call._inbuf = None
-                compressed = buf[0]  # (its flag, checked with its prefix)
-                # The message as it is, not copied again (1 MiB: ~7% of a
-                # PutItems' CPU): a bytearray drops its head in place.
-                del buf[:_PREFIX_LEN]
-                if compressed:
-                    message = self._inflate(call, buf)
-                    if message is None:
-                        return
-                    call.messages.append(message)
-                else:
-                    call.messages.append(buf)
-                out.append((CALL_MESSAGE, call))
+                if type(data) is memoryview:
+                    if not call._fresh:
+                        self._viewers.append(call)
+                    call._fresh += n
+                if have + n == need:
+                    self._whole(call, out)
                 return
             # The prefix was split, or the frame goes on past the message.
-            data = bytes(buf[:have]) + bytes(data)
-            call._inbuf = None
+            data = b"".join((*parts, data))
+            call._parts = None
+            self._let_go_views(call)
         n = len(data)
         pos = 0
         while n - pos >= _PREFIX_LEN:
@@ -157,7 +164,12 @@ class Requests:
             pos = end
         if pos < n:
             rest = n - pos
-            call._inbuf = bytearray(data[pos:])
+            piece = data[pos:] if pos else data
+            if type(piece) is memoryview:
+                if not call._fresh:
+                    self._viewers.append(call)
+                call._fresh += rest
+            call._parts = [piece]
             call._inlen = rest
             call._need = 0
             if rest >= _PREFIX_LEN:
@@ -180,6 +192,29 @@ class Requests:
             call._charged += growth
         return message
 
+    def _whole(self, call: Call, out: Events) -> None:
+        """A message that came in pieces is whole: to ``call.messages``, joined
+        (or as ``Pieces``, for a method whose decoder reads them)."""
+        parts = call._parts
+        assert parts is not None
+        call._parts = None
+        compressed = parts[0][0]  # (its flag, checked with its prefix)
+        parts[0] = memoryview(parts[0])[_PREFIX_LEN:]
+        size = call._need - _PREFIX_LEN
+        if compressed:  # never Pieces: inflated whole, from the joined bytes
+            joined = b"".join(parts)
+            self._let_go_views(call)
+            message = self._inflate(call, joined)
+            if message is None:
+                return
+            call.messages.append(message)
+        elif call.path in self._piecewise_paths:
+            call.messages.append(Pieces(parts, size))  # its views held until the call lets go
+        else:
+            call.messages.append(b"".join(parts))
+            self._let_go_views(call)
+        out.append((CALL_MESSAGE, call))
+
     def _too_large(self, call: Call, length: int) -> None:
         self.send_error(
             call,
@@ -197,7 +232,7 @@ class Requests:
             call._charged -= call._credit
             self.budget.release(call._credit)
             call._credit = 0
-        if call._inbuf is not None:
+        if call._parts is not None:
             self.send_error(call, StatusCode.INVALID_ARGUMENT, "stream ended inside a message (truncated)")
             return
         out.append((CALL_END, call))
@@ -298,11 +333,6 @@ class Requests:
         self.budget.charge(increment)
         call._charged += increment
         call._credit += increment
-        buf = call._inbuf
-        if buf is not None and len(buf) < call._need:  # the whole message may come now: its buffer
-            whole = bytearray(call._need)
-            whole[: call._inlen] = buf
-            call._inbuf = whole
         return True
 
     def _wait(self, call: Call) -> None:
@@ -336,7 +366,8 @@ class Requests:
         if charged:
             call._charged = call._credit = 0
             self.budget.release(charged)
-        call._inbuf = None
+        call._parts = None
+        self._let_go_views(call)
         if call._inq is not None:
             call._inq = bytearray()
             call._inpos = 0

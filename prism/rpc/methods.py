@@ -6,6 +6,11 @@ with one ``async def`` per RPC, named as in the .proto (and, optionally, a
 streaming kinds come from the descriptor, so a handler cannot disagree with
 the contract clients are generated from.
 
+The object's ``decoders`` (RPC name -> function), if it has them, decode
+those RPCs' requests in place of protobuf's parser: a function that takes a
+large message as the ``Pieces`` it arrived in (``prism.rpc.pieces``), and
+any other message as bytes, and answers what the handler reads.
+
 The object's ``actions`` (RPC name -> ``"read"`` or ``"write"``) give each
 method the action the access rules govern it by (``Method.action``); a
 method without one (Health, reflection) is open to every caller. A governed
@@ -24,6 +29,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from prism.rpc.call import CallContext
+from prism.rpc.pieces import Pieces
 
 log = logging.getLogger("prism.rpc")
 
@@ -69,7 +75,7 @@ class Method:
     def __init__(
         self,
         kind: int,
-        decode: Callable[[bytes | bytearray], Message],
+        decode: Callable[[bytes | bytearray | Pieces], Any],
         handler: Callable[..., Any],
         name: str,
         now: NowHandler | None = None,
@@ -135,15 +141,21 @@ class MethodTable:
         self.service_names: list[str] = []
         # The paths whose requests stream (``GrpcProtocol`` buffers them unsplit).
         self.streaming_paths: set[bytes] = set()
+        # The paths whose decoders take a large message as its ``Pieces``.
+        self.piecewise_paths: set[bytes] = set()
 
     def add_service(self, descriptor: ServiceDescriptor, implementation: object) -> None:
         """Register every RPC of ``descriptor`` from same-named methods of
         ``implementation``, with the actions of its ``actions``; a missing
         method, or an action that cannot be checked, is a programming error."""
         actions: Mapping[str, str] = getattr(implementation, "actions", {})
-        unknown = set(actions) - {m.name for m in descriptor.methods}
-        if unknown:
-            raise ValueError(f"{descriptor.full_name}: actions for no such RPC: {sorted(unknown)}")
+        decoders: Mapping[str, Callable[[bytes | bytearray | Pieces], Any]] = getattr(
+            implementation, "decoders", {}
+        )
+        for what, names in (("actions", actions), ("decoders", decoders)):
+            unknown = set(names) - {m.name for m in descriptor.methods}
+            if unknown:
+                raise ValueError(f"{descriptor.full_name}: {what} for no such RPC: {sorted(unknown)}")
         for m in descriptor.methods:
             handler = getattr(implementation, m.name)
             path = f"/{descriptor.full_name}/{m.name}".encode()
@@ -163,8 +175,12 @@ class MethodTable:
                 if kind == CLIENT_STREAM or "namespace" not in request_class.DESCRIPTOR.fields_by_name:
                     # The check reads the namespace of the call's one request.
                     raise ValueError(f"{path.decode()}: no single request with a namespace to check")
-            # (protobuf parses any buffer, a large request's bytearray too; its stubs say bytes.)
-            decode = cast(Callable[[bytes | bytearray], Message], request_class.FromString)
+            decode = decoders.get(m.name)
+            if decode is None:
+                # (protobuf parses any buffer; its stubs say bytes.)
+                decode = cast(Callable[[bytes | bytearray | Pieces], Message], request_class.FromString)
+            else:
+                self.piecewise_paths.add(path)
             name = f"{descriptor.name}/{m.name}"
             self.methods[path] = Method(kind, decode, handler, name, now, action=action)
         self.service_names.append(descriptor.full_name)

@@ -92,6 +92,7 @@ class GrpcProtocol(Requests, Responses):
         streaming_paths: AbstractSet[bytes] = frozenset(),
         compression_min_bytes: int = 1024,
         compress_accepted: bool = False,
+        piecewise_paths: AbstractSet[bytes] = frozenset(),
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
@@ -134,6 +135,12 @@ class GrpcProtocol(Requests, Responses):
         self._admit_bytes = max(initial_window_bytes, max_message_bytes + 5)
         # The methods whose requests stream: their messages wait in the call's buffer.
         self._streaming_paths = streaming_paths
+        # The methods whose decoders take a large message as its pieces (prism.rpc.pieces).
+        self._piecewise_paths = piecewise_paths
+        self._viewers: list[Call] = []  # calls that took views of this read (prism.rpc.inbound)
+        self._unacked = 0  # DATA bytes of this read, given back to the connection's window at its end
+        self._pinned = {}
+        self._pinned_bytes = self._view_bytes = 0
         self.draining = False  # we sent GOAWAY: refuse new streams
         self.peer_gone = False  # the client sent GOAWAY
         self.broken = False  # protocol error: the connection is finished
@@ -208,11 +215,12 @@ class GrpcProtocol(Requests, Responses):
         self.budget.close()
         for call in self.calls.values():
             call._out = bytearray()
-            call._inbuf = call._inq = None
+            call._parts = call._inq = None
             call.messages.clear()
         self.calls.clear()
         self._blocked.clear()
         self._waiting.clear()
+        self._pinned.clear()
         self._h2.buffers_to_send()
         self._h2.let_go()
         self.on_output = _nothing  # (a bound method of the connection: a cycle)
@@ -231,6 +239,7 @@ class GrpcProtocol(Requests, Responses):
         out: list[tuple[int, Call | None]] = []
         plain: list[PlainFrame] = []
         flood = self._flood
+        read = data
         if not (self.draining or self.peer_gone):
             data = self._h2.receive_plain(data, plain)
             if plain:
@@ -291,6 +300,11 @@ class GrpcProtocol(Requests, Responses):
                 malformed = self._h2.malformed
                 if malformed and malformed.pop(ev.stream_id, None) is not None:
                     self._reset_malformed(ev.stream_id, out)
+        if self._unacked:
+            self._h2.ack_connection(self._unacked)
+            self._unacked = 0
+        if self._viewers:  # pieces of messages took views of this read (prism.rpc.inbound)
+            self._settle_views(read)
         return out
 
     def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:

@@ -83,6 +83,7 @@ class Connection(Calls):
             clock=trio.current_time,
             budget=ConnectionBudget(settings.http2.max_connection_buffer_bytes, settings.buffers),
             streaming_paths=settings.methods.streaming_paths,
+            piecewise_paths=settings.methods.piecewise_paths,
         )
         self.proto.on_output = self.wake
         if settings.admission.shedder.enabled:

@@ -145,6 +145,66 @@ def test_message_over_maximum(channel: grpc.Channel) -> None:
     assert get_all(stub, "mem", "big") == []
 
 
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_large_puts_store_the_bytes_sent(channel: grpc.Channel, ns: str) -> None:
+    # Large requests arrive in many DATA frames, interleaved when several are
+    # in flight on one connection, and a large PutItems is read from those
+    # pieces without protobuf (prism.api.kvwire): what is stored must be,
+    # byte for byte, what was sent. Sizes around the reader's threshold (64
+    # KiB) and the frame size, with several items and every field set.
+    stub = kv_pb2_grpc.KeyValueStub(channel)
+    sizes = [16_383, 65_535, 65_536, 300_001, 1 << 20, 3 << 20]
+    values = {n: bytes((i * 131 + n) % 251 for i in range(n)) for n in sizes}
+    token = common_pb2.IdempotencyToken(generation_time_us=1_000, token="big")
+    calls = [
+        stub.PutItems.future(
+            kv_pb2.PutItemsRequest(
+                namespace=ns,
+                id=f"big{n}",
+                items=[
+                    kv_pb2.Item(key=b"v", value=value, ttl_ms=600_000),
+                    kv_pb2.Item(key=b"\x00small", value=b"s"),
+                    kv_pb2.Item(key=b"w", value=value[-70_000:][::-1]),
+                ],
+                idempotency_token=token,
+            ),
+            timeout=30,
+        )
+        for n, value in values.items()
+    ]
+    for call in calls:
+        call.result()
+    for n, value in values.items():
+        got = get_all(stub, ns, f"big{n}")
+        assert got == [(b"\x00small", b"s"), (b"v", value), (b"w", value[-70_000:][::-1])]
+        expiry = {
+            key: stub.GetItems(
+                kv_pb2.GetItemsRequest(
+                    namespace=ns,
+                    id=f"big{n}",
+                    predicate=kv_pb2.Predicate(match_keys=kv_pb2.MatchKeys(keys=[key])),
+                )
+            )
+            .items[0]
+            .expires_at_ms
+            for key in (b"v", b"w")
+        }
+        assert expiry[b"v"] > 0 and expiry[b"w"] == 0  # ttl_ms was read, and for its item only
+    # The token was read: a retry of the same write after a delete does nothing.
+    stub.DeleteItems(kv_pb2.DeleteItemsRequest(namespace=ns, id=f"big{1 << 20}"), timeout=5)
+    calls[sizes.index(1 << 20)] = stub.PutItems.future(
+        kv_pb2.PutItemsRequest(
+            namespace=ns,
+            id=f"big{1 << 20}",
+            items=[kv_pb2.Item(key=b"v", value=values[1 << 20])],
+            idempotency_token=token,
+        ),
+        timeout=30,
+    )
+    calls[sizes.index(1 << 20)].result()
+    assert get_all(stub, ns, f"big{1 << 20}") == []
+
+
 def test_deadline_exceeded_from_grpcio(channel: grpc.Channel) -> None:
     # grpcio sends a 1 us timeout as "grpc-timeout: 1m" (its smallest), and
     # Prism often answers a GetItems within that millisecond, before grpcio's

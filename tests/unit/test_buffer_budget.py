@@ -16,6 +16,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import pytest
 import trio
 import trio.testing
 from grpc_reflection.v1alpha import reflection_pb2
@@ -26,12 +27,15 @@ from prism.errors import StatusCode
 from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget, WorkerBudget
 from prism.rpc.call import Call
 from prism.rpc.methods import MethodTable
+from prism.rpc.pieces import Pieces
+from prism.rpc.pinned import _PIN_FACTOR
 from prism.rpc.protocol import CALL_END, CALL_START, GrpcProtocol
 from prism.rpc.server import Connection, ServerSettings
 
 from .h2client import H2Client, frame
 
 STREAMING = b"/s/Stream"
+PIECEWISE = "/s/Pieces"  # a method whose decoder takes a large message as its pieces
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 MIB = 1024 * 1024
 
@@ -46,7 +50,10 @@ class Pair:
         self.worker = worker if worker is not None else WorkerBudget(512 * MIB)
         self.budget = ConnectionBudget(limit, self.worker)
         self.server = GrpcProtocol(
-            budget=self.budget, streaming_paths=frozenset({STREAMING}), max_message_bytes=max_message
+            budget=self.budget,
+            streaming_paths=frozenset({STREAMING}),
+            piecewise_paths=frozenset({PIECEWISE.encode()}),
+            max_message_bytes=max_message,
         )
         self.server.initiate()
         self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -146,16 +153,17 @@ def test_a_large_message_gets_window_for_all_of_it_and_arrives_whole() -> None:
     assert p.budget.held == 0 and p.worker.held == 0
 
 
-def test_large_messages_of_streams_interleaved_in_each_read_arrive_whole() -> None:
+@pytest.mark.parametrize("path", ["/s/M", PIECEWISE])
+def test_large_messages_of_streams_interleaved_in_each_read_arrive_whole(path: str) -> None:
     # Each read carries several DATA frames of each stream, interleaved as
     # clients send them: a stream's frames of one read are taken as one
-    # (prism.rpc.h2conn), and its message handed over as assembled, a
-    # bytearray, not copied again.
+    # (prism.rpc.h2conn), kept as views of the bytes read, and its message
+    # copied together once (a bytes), or handed over as those pieces.
     p = Pair()
     rest = {}
     bodies = {}
     for n in range(4):
-        sid = p.open()
+        sid = p.open(path)
         bodies[sid] = bytes((i * (n + 3)) % 251 for i in range(300_000 + n * 7_001))
         rest[sid] = bytearray(frame(bodies[sid]))
     p.exchange()
@@ -170,9 +178,65 @@ def test_large_messages_of_streams_interleaved_in_each_read_arrive_whole() -> No
                     del rest[sid]
         p.exchange()
     for sid, body in bodies.items():
-        assert sid in p.ended and p.calls[sid].messages == [body]
-        assert type(p.calls[sid].messages[0]) is bytearray
+        assert sid in p.ended and len(p.calls[sid].messages) == 1
+        message = p.calls[sid].messages[0]
+        if path == PIECEWISE:
+            assert type(message) is Pieces and len(message) == len(body) and bytes(message) == body
+            assert len(message.parts) > 1  # (the frames, as they came)
+        else:
+            assert type(message) is bytes and message == body
     assert p.budget.held == sum(len(b) + 5 for b in bodies.values())
+
+
+def test_the_reads_that_pieces_keep_views_of_stay_within_a_bound_of_what_they_hold() -> None:
+    # A piece of a message under way is a view of the bytes read, which keeps
+    # the whole read alive: the reads so kept are at most twice the bytes
+    # the views hold, else the views of the reads they hold least of are
+    # copied (a peer sending a byte of a message in each read of other frames
+    # would otherwise hold a whole read per byte).
+    p = Pair()
+    big = p.open(PIECEWISE)
+    body = frame(bytes(range(256)) * 1024)  # 256 KiB: it spans reads
+
+    def send(sid: int, data: bytes, end: bool = False) -> None:  # in frames of the default size
+        for at in range(0, len(data), 16_384):
+            p.client.send_data(sid, data[at : at + 16_384], end_stream=end and at + 16_384 >= len(data))
+
+    def kinds() -> list[type]:
+        parts = p.server.calls[big]._parts
+        assert parts is not None
+        return [type(part) for part in parts[1:]]  # (the first came with the stream's headers)
+
+    for _ in range(2):  # (a header block seen before is read on the plain path: prism.rpc.h2conn)
+        p.send(p.open(), frame(b"warm"))
+    send(big, body[:100])
+    p.exchange()  # (its prefix: the window for all of it)
+    other = p.open()
+    other_body = frame(b"o" * 200_000)
+    send(big, body[100:200])
+    send(other, other_body[:49_152])  # a read mostly of another message under way: kept...
+    p.exchange()
+    assert kinds() == [memoryview]
+    send(other, other_body[49_152:], end=True)  # ...until that message is whole and let go
+    p.exchange()
+    assert p.calls[other].messages == [b"o" * 200_000]
+    assert kinds() == [bytes]
+    small = p.open()
+    send(big, body[200:300])
+    send(small, frame(b"s" * 60_000), end=True)  # a read mostly of a call's that is whole at once
+    p.exchange()
+    assert p.calls[small].messages == [b"s" * 60_000]
+    assert kinds() == [bytes, bytes]
+    send(big, body[300:49_452])  # a read of its own frames: kept
+    p.exchange()
+    assert kinds()[:2] == [bytes, bytes] and set(kinds()[2:]) == {memoryview}
+    assert p.server._pinned_bytes <= _PIN_FACTOR * p.server._view_bytes
+    send(big, body[49_452:], end=True)
+    p.exchange()
+    (message,) = p.calls[big].messages
+    assert type(message) is Pieces and bytes(message) == body[5:]
+    p.server.release_request(p.server.calls[big])
+    assert not p.server._pinned and p.server._pinned_bytes == p.server._view_bytes == 0
 
 
 def test_a_message_the_budget_has_no_room_for_waits_until_a_call_ends() -> None:

@@ -1,6 +1,7 @@
 """Method.invoke (the one way a unary handler's answer becomes bytes),
 Method.answer_now (a ``<Method>Now`` that fails is logged, rate-limited), and
-Method.action (what the access rules govern each RPC by)."""
+Method.action (what the access rules govern each RPC by), and a service's
+own decoders (``decoders``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prism.config import ServerConfig
 from prism.errors import NotFound
 from prism.rpc.call import Call, CallContext
 from prism.rpc.methods import NOW_FAILURE_LOG_INTERVAL_S, UNARY, Method, MethodTable
+from prism.rpc.pieces import Pieces
 from prism.workers.app import App
 
 Request = health_pb2.HealthCheckRequest
@@ -142,3 +144,28 @@ def test_an_action_the_check_could_not_apply_is_refused_at_registration() -> Non
         Service.actions = actions
         with pytest.raises(ValueError, match=re.escape(error)):
             MethodTable().add_service(health, Service())
+
+
+def test_a_services_own_decoder_decodes_and_takes_large_messages_in_pieces() -> None:
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+    def decode(message: bytes | bytearray | Pieces) -> Request:
+        return Request(service=f"{type(message).__name__}:{len(message)}")
+
+    class Service:
+        decoders: ClassVar[dict[str, object]] = {"Check": decode}
+
+        async def Check(self, request: Request, call: CallContext) -> Response:
+            return Response()
+
+        List = Watch = Check
+
+    table = MethodTable()
+    table.add_service(health, Service())
+    check = table.methods[b"/grpc.health.v1.Health/Check"]
+    assert check.decode(Pieces([b"ab", b"c"], 3)).service == "Pieces:3"
+    assert table.piecewise_paths == {b"/grpc.health.v1.Health/Check"}  # the others: protobuf's parser
+    assert table.methods[b"/grpc.health.v1.Health/List"].decode(b"") == health_pb2.HealthListRequest()
+    Service.decoders = {"Nope": decode}
+    with pytest.raises(ValueError, match=re.escape("decoders for no such RPC: ['Nope']")):
+        MethodTable().add_service(health, Service())

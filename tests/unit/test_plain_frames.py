@@ -425,6 +425,41 @@ def test_reads_that_end_inside_frames_stay_plain(cuts: list[int]) -> None:
     assert read == [[body[n:]] for n in range(3)]
 
 
+def test_a_read_h2_took_that_ends_inside_a_frame_does_not_keep_h2_reading() -> None:
+    # A read with a frame only h2 reads (here a PING) goes to h2 from that
+    # frame on; when it ends inside a later DATA frame, h2 holds that frame's
+    # start. The plain path takes it back on the next read and goes on: h2
+    # is not left parsing every later frame until a read happens to end on a
+    # frame boundary. (The calls, answers and h2 state still equal h2's own
+    # reading: ``deliver`` compares them on every read.)
+    run = Run()
+    for step in WARM_UP:
+        run.act(step)
+    asked = 0
+    receive = run.fast._h2.receive_data
+
+    def counting(data: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        return receive(data)
+
+    run.fast._h2.receive_data = counting  # type: ignore[method-assign]
+    body = bytes(range(256)) * 120  # two DATA frames
+    sid = run.client.get_next_available_stream_id()
+    run.client.send_headers(sid, _request_headers(PATHS[0]))
+    run.client.ping(b"12345678")
+    message = frame(body)
+    for start in range(0, len(message), 16_384):
+        chunk = message[start : start + 16_384]
+        run.client.send_data(sid, chunk, end_stream=start + len(chunk) == len(message))
+    run.pending += run.client.data_to_send()
+    run.deliver(len(run.pending) - 20_000)  # ends inside the first DATA frame
+    assert asked == 1
+    run.deliver(0, everything=True)
+    assert asked == 1
+    assert run.calls[-1][0].messages == [body]
+
+
 def test_the_lean_connection_sets_what_h2s_own_init_does() -> None:
     # ServerConnection builds h2's state itself (h2 is pinned): if a new h2
     # adds an attribute to H2Connection.__init__, this says so.
