@@ -118,6 +118,10 @@ class Worker:
             await self.app.apply(self.own.current().namespaces, strict=strict)
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
+            # Sibling processes accept on the same socket: take a burst's
+            # share, not all of it (prism.rpc.listen). Read on every
+            # generation: at boot the table may list this worker alone yet.
+            self.app.settings.accept_backoff_s = ACCEPT_BACKOFF_S if len(routes.workers) > 1 else 0.0
             self.generation = routes.generation
             self.app.health.poke()  # Watch("") reads readiness again
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
@@ -191,8 +195,6 @@ class Worker:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.remote.bus.run)
                     self.app.settings.handoff = TenantHandoff(spec.tenant, self.routes.current)
-                    if len(self.routes.current().workers) > 1:
-                        self.app.settings.accept_backoff_s = ACCEPT_BACKOFF_S
                     await nursery.start(serve_handoffs, spec.handoff_address, self.app.settings)
                     nursery.start_soon(self._serve_then_stop, listener, nursery)
                     nursery.start_soon(self._heartbeats, push)
