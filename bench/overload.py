@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(server, args.clients, client_cpus, args.duration)
             result: dict[str, Any] = {
                 "machine": machine_info("grpc.aio"),
-                "args": vars(args) | {"out": str(args.out)},
+                # (the output's name, not this machine's path to it)
+                "args": vars(args) | {"out": args.out.name},
                 "server_capped": cap is not None,
             }
             result["targets"] = TARGETS

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
@@ -155,6 +155,14 @@ def display_bytes(data: bytes) -> str:
 
 def display_text(text: str) -> str:
     return text if text.isprintable() else repr(text)
+
+
+def with_pairs(line: str, pairs: Mapping[str, str]) -> str:
+    """``line [k=v ...]`` (sorted, shown as display_text), or ``line`` with no pairs."""
+    if not pairs:
+        return line
+    shown = " ".join(f"{display_text(k)}={display_text(v)}" for k, v in sorted(pairs.items()))
+    return f"{line} [{shown}]"
 
 
 def to_json(obj: Any) -> str:

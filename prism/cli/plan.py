@@ -64,6 +64,7 @@ def _cpus(text: str) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from prism.config import load_config
     from prism.plan.model import TARGET_UTILISATION, load_costs
     from prism.plan.needs import load_needs
     from prism.plan.planner import config_toml, make_plan
@@ -108,11 +109,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"prism plan: {args.out} exists: give --force to write over it, or another --out", file=sys.stderr
         )
         return EXIT_USAGE
+    # Checked by Prism's own loader before it replaces anything: an address
+    # given on the command line (--redis notaurl) must not make a config
+    # that `prism serve` refuses.
+    scratch = args.out.with_name(f".{args.out.name}.plan")
     try:
-        args.out.write_text(config_toml(plan, addresses))
+        scratch.write_text(config_toml(plan, addresses))
+        load_config(str(scratch), {}, {})
+        os.replace(scratch, args.out)
+    except ConfigError as exc:
+        print(f"prism plan: the planned config is not valid: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"prism plan: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        scratch.unlink(missing_ok=True)
     print(f"wrote {args.out}")
     return 0
 

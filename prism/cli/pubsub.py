@@ -28,13 +28,13 @@ from prism.cli.client import (
     arg_bytes,
     call_options,
     display_bytes,
-    display_text,
     key_value,
     pairs_to_dict,
     positive_int,
     run_calls,
     status_of,
     to_json,
+    with_pairs,
 )
 from prism.proto import pubsub_pb2
 
@@ -201,11 +201,7 @@ def render_message(message: pubsub_pb2.Message, as_json: bool) -> str:
     """``SEQUENCE: PAYLOAD [k=v ...]``, or one JSON object."""
     if as_json:
         return to_json(message_json(message))
-    line = f"{message.sequence}: {display_bytes(message.payload)}"
-    if message.headers:
-        headers = " ".join(f"{display_text(k)}={display_text(v)}" for k, v in sorted(message.headers.items()))
-        line = f"{line} [{headers}]"
-    return line
+    return with_pairs(f"{message.sequence}: {display_bytes(message.payload)}", message.headers)
 
 
 # ---------------------------------------------------------------- commands

@@ -36,6 +36,7 @@ from prism.cli.client import (
     positive_int,
     run_calls,
     to_json,
+    with_pairs,
 )
 from prism.proto import common_pb2, timeseries_pb2
 
@@ -181,11 +182,7 @@ def render_events(events: Iterable[timeseries_pb2.Event], as_json: bool) -> Iter
             yield to_json(event_json(event))
             continue
         when, event_id = format_time(event.event_time_us), display_text(event.event_id)
-        line = f"{when} {event_id} = {display_bytes(event.payload)}"
-        if event.tags:
-            tags = " ".join(f"{display_text(k)}={display_text(v)}" for k, v in sorted(event.tags.items()))
-            line = f"{line} [{tags}]"
-        yield line
+        yield with_pairs(f"{when} {event_id} = {display_bytes(event.payload)}", event.tags)
 
 
 # ---------------------------------------------------------------- commands

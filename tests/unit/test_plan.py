@@ -166,3 +166,23 @@ def test_the_shipped_examples_plan(name: str, tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "needs" / name
     assert main(["plan", str(example), "--cpus", "16", "--out", str(tmp_path / "prism.toml")]) == 0
     load_config(str(tmp_path / "prism.toml"), {}, {})
+
+
+def test_an_address_prism_would_refuse_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With the built-in costs Redis is the cheapest backend for these reads: --redis is taken.
+    assert _plan(tmp_path, "--cpus", "4", "--redis", "notaurl") == 2
+    err = capsys.readouterr().err
+    assert "the planned config is not valid" in err and "options.url" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "needs.toml"]
+
+
+def test_an_out_that_cannot_be_written_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "needs.toml"
+    path.write_text('[[needs]]\nnamespace = "a"\nread_rps = 1000\n')
+    assert main(["plan", str(path), "--out", str(tmp_path / "no" / "such" / "prism.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prism plan: cannot write") and err.count("\n") == 1
