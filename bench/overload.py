@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "overload.json")
     args = parser.parse_args(argv)
+    if not 0 <= args.server_share <= 1:
+        parser.error(f"--server-share: {args.server_share} is not a share of one CPU (0 to 1; 0: no cap)")
 
     allowed = os.sched_getaffinity(0)
     client_cpus = allowed - {args.server_cpu} or allowed

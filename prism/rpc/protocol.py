@@ -267,7 +267,7 @@ class GrpcProtocol(Requests, Responses):
                 if kind == HEADERS_READ:
                     opened += 1
                     if shed is not None and (refusal := shed(value)) is not None:
-                        self._refuse_now(sid, refusal)
+                        self._write_final(sid, refusal)  # no Call: nothing else to let go
                         continue
                     self._start_call(sid, value, ended, out)
                 else:
@@ -396,14 +396,6 @@ class GrpcProtocol(Requests, Responses):
         out.append((CALL_START, call))
         if ended:
             self._end_call(sid, out)
-
-    def _refuse_now(self, sid: int, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
-        """Answer a new stream with a trailers-only refusal, no Call made."""
-        try:
-            if not self._h2.send_plain_final(sid, trailers):
-                self._h2.send_headers(sid, trailers, end_stream=True)
-        except h2.exceptions.StreamClosedError:
-            pass  # the client reset it in the same read
 
     def _reset_malformed(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
         self._reset_new_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)

@@ -153,14 +153,18 @@ class Responses:
 
     def _send_final_headers(self, call: Call, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         call._headers_sent = True
+        self._write_final(call.stream_id, headers)
+        self._finish(call)
+
+    def _write_final(self, sid: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        """One HEADERS frame that ends stream ``sid``: plainly when it can be, else by h2."""
         try:
-            if not self._h2.send_plain_final(call.stream_id, headers):
-                self._h2.send_headers(call.stream_id, headers, end_stream=True)
+            if not self._h2.send_plain_final(sid, headers):
+                self._h2.send_headers(sid, headers, end_stream=True)
         except h2.exceptions.StreamClosedError:
             # The client reset the stream in the same read that opened it
             # (h2 has taken in every frame of a read before we answer any).
             pass
-        self._finish(call)
 
     def _finish(self, call: Call) -> None:
         call.done = True

@@ -37,6 +37,19 @@ backend = "sqlite"
 """
 
 
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``where`` (made here) for the test, unmounted after;
+    the test is skipped where mounting needs a root this run has not got."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root): {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

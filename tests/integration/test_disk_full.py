@@ -5,7 +5,6 @@ the file, and reads keep working. A real full file system: a 1 MiB tmpfs."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,20 +13,12 @@ import pytest
 
 from prism.proto import kv_pb2, kv_pb2_grpc
 
-from .conftest import PrismProcess
+from .conftest import PrismProcess, tmpfs
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "small"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here (needs root): {r.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
+    yield from tmpfs(tmp_path / "small", "size=1m")
 
 
 def put(stub: kv_pb2_grpc.KeyValueStub, id: str, value: bytes) -> None:

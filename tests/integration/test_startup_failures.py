@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, tmpfs
 
 CONFIG = '[[namespaces]]\nname = "default"\nbackend = "sqlite"\n'
 # Root ignores file modes and binds any port: these capabilities dropped, it does not.
@@ -151,15 +151,7 @@ def test_runtime_directory_unusable(tmp_path: Path) -> None:
 
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "ro"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(where)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
+    yield from tmpfs(tmp_path / "ro", "size=1m,ro")
 
 
 def test_data_dir_on_a_read_only_file_system(tmp_path: Path, read_only_dir: Path) -> None:
