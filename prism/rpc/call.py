@@ -96,6 +96,7 @@ class Call:
         "messages",
         "metadata",
         "namespace",
+        "opened",
         "path",
         "request",
         "started",
@@ -148,7 +149,8 @@ class Call:
         self._out = bytearray()  # outbound DATA waiting for flow-control window
         self._trailers: tuple[tuple[bytes, bytes], ...] | None = None
         self.done = False  # end of stream sent (or stream reset): nothing more to send
-        self.started = 0.0  # when the request was complete (server's clock, for metrics)
+        self.opened = 0.0  # when its HEADERS were read (the server's clock: trio's)
+        self.started = 0.0  # when the request was complete (perf_counter, for metrics)
         self.namespace = ""  # set by handlers, for metrics and logs
         self.caller: Caller | None = None  # set by the access check
 

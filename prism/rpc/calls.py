@@ -71,7 +71,7 @@ class Calls:
     def _on_start(self, call: Call) -> None:
         self.opened += 1
         if call.timeout_s is not None:
-            call.deadline = self._now() + call.timeout_s
+            call.deadline = call.opened + call.timeout_s
         method = self.settings.methods.get(call.path)
         if method is None:
             self.proto.send_error(

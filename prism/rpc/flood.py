@@ -31,7 +31,16 @@ acts on it, and raises ``Flood`` when the peer has crossed one of these lines
   before they were answered, once that is more than half of at least
   ``RAPID_RESET_MIN_STREAMS`` (Envoy's rule, which likewise closes early once
   so many resets are in that no later stream could bring the share back
-  under half).
+  under half). A stream only counts if the client reset it *prematurely*:
+  less than ``PREMATURE_RESET_S`` (Envoy's
+  ``premature_reset_min_stream_lifetime_seconds``, 1 s) after it opened, and
+  less than half its ``grpc-timeout``: a client whose calls reach their
+  deadline cancels them (gRPC clients send RST_STREAM(CANCEL) at their
+  deadline, which on a loaded server can come before ours), and that is a
+  slow server, not an attack. A stream held open for half its timeout costs
+  its sender that time, so such resets come no faster than
+  ``max_concurrent_streams`` per ``MIN_PREMATURE_S`` (50 ms) at worst: calls
+  at the rate any client may send them.
 - **Pings on an idle connection** (gRPC's keepalive enforcement, as
   grpc-core's ``Chttp2PingAbusePolicy``): with no call open, a PING less than
   ``MIN_IDLE_PING_INTERVAL_S`` after the previous one is a strike, and the
@@ -52,8 +61,8 @@ an idle connection, never per call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sized
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sized
+from typing import TYPE_CHECKING, Any, Final
 
 from h2.stream import StreamState
 from hyperframe.frame import (
@@ -72,6 +81,9 @@ from hyperframe.frame import (
 
 from prism.rpc.h2conn import ServerConnection
 
+if TYPE_CHECKING:
+    from prism.rpc.call import Call
+
 CONTROL_FRAMES_PER_WINDOW: Final = 10_000
 CONTROL_WINDOW_S: Final = 10.0
 MAX_SETTINGS_PARAMS: Final = 100
@@ -83,6 +95,9 @@ MAX_PING_STRIKES: Final = 2
 # max_inbound_priority_frames_per_stream, at their defaults.
 WINDOW_UPDATES_PER_DATA_FRAME_SENT: Final = 10
 PRIORITY_FRAMES_PER_STREAM: Final = 100
+
+PREMATURE_RESET_S: Final = 1.0
+MIN_PREMATURE_S: Final = 0.05
 
 # GOAWAY debug data, one per kind of flood; ``too_many_pings`` is gRPC's own.
 TOO_MANY_PINGS: Final = b"too_many_pings"
@@ -114,11 +129,11 @@ class FloodGuard:
     """The flood counters of one connection.
 
     ``conn`` is the connection's h2 state (read, never changed), ``calls`` the
-    calls open on it (only its emptiness is read), ``clock`` a monotonic clock
+    calls open on it by stream (its emptiness, and a reset stream's call), ``clock`` a monotonic clock
     in seconds. ``watch`` puts the guard in front of h2's frame parsing.
     """
 
-    def __init__(self, conn: ServerConnection, calls: Sized, clock: Callable[[], float]) -> None:
+    def __init__(self, conn: ServerConnection, calls: Mapping[int, Call], clock: Callable[[], float]) -> None:
         self._conn = conn
         self._calls = calls
         self._clock = clock
@@ -181,6 +196,9 @@ class FloodGuard:
     def _reset(self, frame: RstStreamFrame) -> None:
         stream = self._conn.streams.get(frame.stream_id)
         if stream is None or stream.state_machine.state not in _UNANSWERED:
+            return
+        call = self._calls.get(frame.stream_id)
+        if call is not None and not _premature(call, self._clock()):
             return
         self._resets += 1
         doubled = 2 * self._resets
@@ -249,6 +267,14 @@ class FloodGuard:
 
 
 # What each frame type is checked with (FloodGuard's methods, unbound).
+def _premature(call: Call, now: float) -> bool:
+    """Whether a reset of ``call``'s stream now is one a rapid reset counts."""
+    lived = now - call.opened
+    if call.timeout_s is None:
+        return lived < PREMATURE_RESET_S
+    return lived < min(PREMATURE_RESET_S, max(MIN_PREMATURE_S, call.timeout_s / 2))
+
+
 _CHECKS: dict[type[Frame], Callable[[FloodGuard, Any], None]] = {
     DataFrame: FloodGuard._data,
     HeadersFrame: FloodGuard._headers,

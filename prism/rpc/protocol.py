@@ -146,6 +146,7 @@ class GrpcProtocol(Requests, Responses):
         self.broken = False  # protocol error: the connection is finished
         # Flood limits (prism.rpc.flood) on every frame h2 parses; ``clock``
         # (the server's) times the control-frame and idle-PING windows.
+        self._clock = clock
         self._flood = self.flood = FloodGuard(self._h2, self.calls, clock)
         self._flood.watch()
         # Set by the connection while overload shedding is enabled
@@ -328,6 +329,7 @@ class GrpcProtocol(Requests, Responses):
             self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         call = Call(sid)
+        call.opened = self._clock()
         # What the stream may send before anything is granted is charged now
         # (as window granted, ``_credit``): the budget bounds what may come.
         call._charged = call._credit = self._initial_window
