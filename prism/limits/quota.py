@@ -57,7 +57,7 @@ class QuotaExceeded(ResourceExhausted):
 class Limit:
     """One ``limits`` table: of a namespace (``kind = "namespace"``) or a tenant."""
 
-    __slots__ = ("burst", "cap", "inflight", "kind", "name", "rate", "stamp", "tokens")
+    __slots__ = ("_messages", "burst", "cap", "inflight", "kind", "name", "rate", "stamp", "tokens")
 
     def __init__(self, kind: str, name: str, limits: LimitsConfig, now: float) -> None:
         self.kind = kind
@@ -78,6 +78,11 @@ class Limit:
         self.burst = float(burst) if limits.rps is not None else math.inf
         self.tokens = self.burst if fresh else min(self.tokens, self.burst)
         self.cap = limits.concurrency if limits.concurrency is not None else 2**62
+        # A flood is refused thousands of times a second: its words are made once.
+        self._messages = (
+            f'{self.kind} "{self.name}": concurrency limit {self.cap} exceeded',
+            f'{self.kind} "{self.name}": rps limit {self.rate:g} exceeded',
+        )
 
     def refill(self, now: float) -> None:
         if self.rate != math.inf:
@@ -88,7 +93,7 @@ class Limit:
         """Why a call may not start now (nothing taken), or None."""
         if self.inflight >= self.cap:
             return QuotaExceeded(
-                f'{self.kind} "{self.name}": concurrency limit {self.cap} exceeded',
+                self._messages[0],
                 CONCURRENCY_PUSHBACK_MS,
                 "",
                 "concurrency" if self.kind == "namespace" else "tenant_concurrency",
@@ -100,7 +105,7 @@ class Limit:
             return None
         wait_ms = max(1, math.ceil((1.0 - self.tokens) / self.rate * 1000.0))
         return QuotaExceeded(
-            f'{self.kind} "{self.name}": rps limit {self.rate:g} exceeded',
+            self._messages[1],
             wait_ms,
             "",
             "rps" if self.kind == "namespace" else "tenant_rps",

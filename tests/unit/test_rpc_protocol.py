@@ -6,6 +6,7 @@ shows exactly what crosses the wire for each case.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -207,6 +208,14 @@ def test_parse_timeout_rejects(raw: bytes) -> None:
 
 def test_grpc_message_plain_ascii_unchanged() -> None:
     assert encode_grpc_message("unknown namespace 'x'") == b"unknown namespace 'x'"
+
+
+@given(st.text())
+def test_grpc_message_is_percent_encoded_printable_ascii(message: str) -> None:
+    """What a gRPC client decodes (percent-decoding, then UTF-8) is the message."""
+    raw = encode_grpc_message(message)
+    assert all(0x20 <= b <= 0x7E for b in raw)
+    assert urllib.parse.unquote_to_bytes(raw) == message.encode("utf-8", "replace")
 
 
 def send_cut(
