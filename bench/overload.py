@@ -358,7 +358,7 @@ def flood(bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuC
     alone = bench.offer({"quiet": quiet_rps})["quiet"]
     connections = FLOOD_CONNECTIONS
     argv = [
-        "taskset", "-c", ",".join(map(str, sorted(bench.client_cpus))),
+        "nice", "-n", "19", "taskset", "-c", ",".join(map(str, sorted(bench.client_cpus))),
         h2load, "-t", "1", "-c", str(connections), "-m", "16",
         "--rps", f"{flood_rps * 10 / connections:g}", "-D", str(max(1, round(bench.duration_s + 2))),
         "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",

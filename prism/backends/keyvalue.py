@@ -99,6 +99,23 @@ class RecordPage(msgspec.Struct, frozen=True):
     last_id: str | None
 
 
+class ReadsNow(Protocol):
+    """A backend whose reads never wait (the memory backend): the API answers
+    its GetItems in the reader's step, without a task (``Method.now``)."""
+
+    def get_items_now(
+        self,
+        id: str,
+        predicate: Predicate,
+        *,
+        reverse: bool,
+        after: bytes | None,
+        limit_items: int,
+        limit_bytes: int,
+        now_ms: int,
+    ) -> ItemPage: ...
+
+
 @runtime_checkable
 class KeyValueBackend(Protocol):
     """What a KeyValue backend provides. One instance serves one namespace."""

@@ -207,6 +207,28 @@ class MemoryBackend:
         limit_bytes: int,
         now_ms: int,
     ) -> ItemPage:
+        return self.get_items_now(
+            id,
+            predicate,
+            reverse=reverse,
+            after=after,
+            limit_items=limit_items,
+            limit_bytes=limit_bytes,
+            now_ms=now_ms,
+        )
+
+    def get_items_now(
+        self,
+        id: str,
+        predicate: Predicate,
+        *,
+        reverse: bool,
+        after: bytes | None,
+        limit_items: int,
+        limit_bytes: int,
+        now_ms: int,
+    ) -> ItemPage:
+        """``get_items`` (``prism.backends.keyvalue.ReadsNow``): nothing here waits."""
         rec = self._records.get(id)
         if rec is None:
             return ItemPage([], None)
