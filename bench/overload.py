@@ -123,22 +123,29 @@ async def _closed_loop(target: str, request: bytes, inflight: int, duration_s: f
     channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS_PER_CLIENT)]
     stubs = [ch.unary_unary(GET_ITEMS) for ch in channels]
     end = time.monotonic() + duration_s
-    done = 0
+    done = refused = 0
 
     async def worker(i: int) -> None:
-        nonlocal done
+        nonlocal done, refused
         stub = stubs[i % len(stubs)]
         while time.monotonic() < end:
             try:
                 await stub(request, timeout=DEADLINE_S)
                 done += 1
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as exc:
+                # A refusal's pushback is honoured, as gRPC's retry policy does
+                # (A6): a client that called again at once would measure how
+                # fast the worker refuses, not how much it serves.
+                pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused += 1
+                if isinstance(pushback, str) and pushback.isdigit():
+                    await asyncio.sleep(int(pushback) / 1000)
 
     await asyncio.gather(*(worker(i) for i in range(inflight)))
     for ch in channels:
         await ch.close()
-    return {"ok": done}
+    return {"ok": done, "refused": refused}
 
 
 def _client(kind: str, cpus: set[int], args: tuple[Any, ...]) -> dict[str, Any]:
@@ -203,6 +210,7 @@ class Bench:
         self.client_cpus = client_cpus
         self.duration_s = duration_s
         self.pool = multiprocessing.get_context("spawn").Pool(clients * 2)
+        self.saturation_busy = self.saturation_refused = 0.0
 
     def request(self, namespace: str) -> bytes:
         return kv_pb2.GetItemsRequest(namespace=namespace, id="r").SerializeToString()
@@ -221,9 +229,10 @@ class Bench:
             for _ in range(self.clients)
         ]
         cpu_before = self.worker_cpu_s()
-        done = sum(j.get()["ok"] for j in jobs)
+        results = [j.get() for j in jobs]
         self.saturation_busy = (self.worker_cpu_s() - cpu_before) / self.duration_s
-        return done / self.duration_s
+        self.saturation_refused = sum(r["refused"] for r in results) / self.duration_s
+        return sum(r["ok"] for r in results) / self.duration_s
 
     def offer(self, loads: dict[str, float]) -> dict[str, dict[str, Any]]:
         """Open-loop ``loads`` (namespace -> calls/s) at the same time; per namespace, what came back."""
@@ -299,7 +308,7 @@ def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
     saturation = bench.saturation(namespace, inflight)
     print(
         f"\n{namespace}: saturation (closed loop, {inflight} in flight): {saturation:,.0f} calls/s, "
-        f"worker busy {bench.saturation_busy:.0%}"
+        f"worker busy {bench.saturation_busy:.0%}, refused {bench.saturation_refused:,.0f}/s"
     )
     print(f"{'load':>5} {'offered/s':>10} {'sent/s':>9} {'good/s':>9} {'refused/s':>10} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'late ms':>8} {'RSS MiB':>8} {'busy':>5} other")  # fmt: skip
@@ -332,6 +341,7 @@ def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
     return {
         "saturation_per_s": round(saturation, 1),
         "saturation_worker_busy": round(bench.saturation_busy, 3),
+        "saturation_refused_per_s": round(bench.saturation_refused, 1),
         "steps": steps,
         **figures,
     }

@@ -31,16 +31,18 @@ acts on it, and raises ``Flood`` when the peer has crossed one of these lines
   before they were answered, once that is more than half of at least
   ``RAPID_RESET_MIN_STREAMS`` (Envoy's rule, which likewise closes early once
   so many resets are in that no later stream could bring the share back
-  under half). A stream only counts if the client reset it *prematurely*:
-  less than ``PREMATURE_RESET_S`` (Envoy's
-  ``premature_reset_min_stream_lifetime_seconds``, 1 s) after it opened, and
-  less than half its ``grpc-timeout``: a client whose calls reach their
-  deadline cancels them (gRPC clients send RST_STREAM(CANCEL) at their
-  deadline, which on a loaded server can come before ours), and that is a
-  slow server, not an attack. A stream held open for half its timeout costs
-  its sender that time, so such resets come no faster than
-  ``max_concurrent_streams`` per ``MIN_PREMATURE_S`` (50 ms) at worst: calls
-  at the rate any client may send them.
+  under half). A reset only counts if it is *premature*: the client
+  abandons a request it has not finished sending within
+  ``PREMATURE_RESET_S`` of opening it (Envoy's
+  ``premature_reset_min_stream_lifetime_seconds``, 1 s), or cancels a
+  request it has sent whole within ``MIN_PREMATURE_S`` (50 ms). gRPC clients
+  cancel a sent call at its deadline (RST_STREAM(CANCEL)), and on a loaded
+  server that comes before the answer, often soon after the server read the
+  request (it waited in the socket); that is a slow server, not an attack,
+  and closing the connection would fail every call on it. Calls cancelled
+  50 ms or more after they were sent come no faster than
+  ``max_concurrent_streams`` per 50 ms on a connection: the rate at which
+  any client may send calls.
 - **Pings on an idle connection** (gRPC's keepalive enforcement, as
   grpc-core's ``Chttp2PingAbusePolicy``): with no call open, a PING less than
   ``MIN_IDLE_PING_INTERVAL_S`` after the previous one is a strike, and the
@@ -269,10 +271,7 @@ class FloodGuard:
 # What each frame type is checked with (FloodGuard's methods, unbound).
 def _premature(call: Call, now: float) -> bool:
     """Whether a reset of ``call``'s stream now is one a rapid reset counts."""
-    lived = now - call.opened
-    if call.timeout_s is None:
-        return lived < PREMATURE_RESET_S
-    return lived < min(PREMATURE_RESET_S, max(MIN_PREMATURE_S, call.timeout_s / 2))
+    return now - call.opened < (MIN_PREMATURE_S if call.half_closed else PREMATURE_RESET_S)
 
 
 _CHECKS: dict[type[Frame], Callable[[FloodGuard, Any], None]] = {
