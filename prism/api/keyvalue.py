@@ -17,7 +17,7 @@ from prism import metrics
 from prism.backends import keyvalue as base
 from prism.cache.redis import RedisTier
 from prism.cache.shared import SharedCache
-from prism.errors import InvalidArgument, PrismError
+from prism.errors import InvalidArgument
 from prism.proto import common_pb2, kv_pb2
 from prism.rpc.call import CallContext
 from prism.rpc.methods import READ, WRITE
@@ -218,8 +218,8 @@ class KeyValue:
                 return None
             try:
                 answer = encode_get_items(*self._read_items_now(cast(base.ReadsNow, held.backend), request))
-            except PrismError:
-                return None  # GetItems answers it, with its error
+            except Exception:
+                return None  # GetItems answers it: its error, or INTERNAL (logged) for a bug
             call.namespace = ns
             return answer
         if isinstance(cached, RedisTier):

@@ -230,10 +230,10 @@ async def test_log_lines_a_call_writes_carry_its_trace_id(
     exporter = InMemorySpanExporter()
     async with traced(tmp_path, exporter, sample_ratio=0.0) as client:
 
-        async def broken(*args: Any, **kwargs: Any) -> Any:
+        def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("the disk caught fire")
 
-        monkeypatch.setattr(MemoryBackend, "get_items", broken)
+        monkeypatch.setattr(MemoryBackend, "get_items_now", broken)  # (get_items reads through it)
         got = await client.call(GET, get_body("mem"), extra=[("traceparent", TRACEPARENT)])
         untraced = await client.call(GET, get_body("mem"))
     assert status(got) == status(untraced) == StatusCode.INTERNAL
