@@ -112,6 +112,13 @@ class Limit:
         )
 
 
+def _refused(limit: Limit, now: float, namespace: str) -> QuotaExceeded:
+    refusal = limit.refusal(now)
+    assert refusal is not None
+    refusal.namespace = namespace
+    return refusal
+
+
 class Lease:
     """A call's places under its limits, given back by ``release`` when it ends."""
 
@@ -139,10 +146,12 @@ class Lease:
                 limit.tokens -= 1.0
                 limit.inflight += 1
             return self
-        refusal = limit.refusal(now)
-        assert refusal is not None
-        refusal.namespace = namespace
-        raise refusal
+        # Raised as made, never held in a local: a frame holding the exception
+        # its own traceback holds is a reference cycle, and a flood refused
+        # thousands of times a second left ~12,000 objects for the garbage
+        # collector per 10,000 allocations, in collections of 10-57 ms that
+        # stalled every call of the worker (the neighbour's p99).
+        raise _refused(limit, now, namespace)
 
     def release(self) -> None:
         for limit in self.limits:

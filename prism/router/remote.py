@@ -207,6 +207,7 @@ class Forwarding:
         if payload is None and error is None:
             error = DeadlineExceeded("deadline exceeded")
         answered(payload, error)
+        error = None  # (this frame in the exception's traceback, holding it: a reference cycle)
 
     async def forward(self, namespace: str, call: CallContext, *, first_attempt: int = 1) -> bytes | None:
         """The answer to a call for ``namespace``, which this process does not
@@ -259,6 +260,7 @@ class Forwarding:
                 raise
             finally:
                 tracing.end(span, error)
+                error = None  # (this frame in the exception's traceback, holding it: a reference cycle)
             await self._host.apply_routes()
         raise AssertionError("unreachable: the second attempt returns or raises")
 
