@@ -352,7 +352,9 @@ def flood(bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuC
 
     The flood comes from h2load (``--rps`` per connection), not grpc.aio: five
     thousand calls a second from grpc.aio would take the client CPU the
-    neighbour's client shares, and measure the client. The server runs
+    neighbour's client shares, and measure the client. For the same reason
+    h2load runs at nice 19: the neighbour's client is woken first when both
+    have work on the client CPU (what is measured is the server's isolation). The server runs
     uncapped here (a quota at 10x is a small load for a worker: the point is
     what refusing it costs the neighbour, not saturation)."""
     if cap is not None:
