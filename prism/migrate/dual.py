@@ -17,7 +17,9 @@ only once the primary took it. The secondary's write carries the same stamp
 (time and idempotency token), so both backends decide alike; one it refuses
 (or does not answer in ``SECONDARY_TIMEOUT_S``, or the client's call is
 cancelled meanwhile) is counted and queued (``prism.migrate.retry``) and
-never fails the call. While writes wait for a backend, new ones queue behind
+never fails the call. A write whose call is cancelled while the primary has
+it (its outcome unknown: it may have committed) is queued for both, so the
+two agree either way. While writes wait for a backend, new ones queue behind
 them without trying it first, so a backend that is down costs the client
 nothing per call. A secondary that cannot be reached at ``open`` is the same
 case: writes queue until it answers.
@@ -246,11 +248,21 @@ class MigratingKeyValue:
     ) -> None:
         primary, secondary = self._primary, self._secondary
         await self._ensure_open(primary)
-        await apply(self._backend(primary), now_ms)
+        pending = PendingWrite(id, nbytes, apply)
+        try:
+            await apply(self._backend(primary), now_ms)
+        except trio.Cancelled:
+            # The client gave up (deadline, reset) while the primary had the
+            # write: it may have committed it or not. Deliver it to both later
+            # (the same stamp and token: at most once each), so the backends
+            # agree whichever it was.
+            for role in (primary, secondary):
+                if role is not None:
+                    self.queues[role].push(pending)
+            raise
         if secondary is None:
             return
         queue = self.queues[secondary]
-        pending = PendingWrite(id, nbytes, apply)
         if len(queue) or not self._opened[secondary]:
             self._failures[secondary] += 1
             queue.push(pending)

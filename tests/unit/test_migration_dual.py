@@ -47,6 +47,7 @@ class Flaky(MemoryBackend):
         self.hang = False
         self.refuse = False
         self.open_fails = False
+        self.slow_commit = False  # applies the write, then does not answer
         self.attempts = 0
         self.opened = 0
 
@@ -67,6 +68,8 @@ class Flaky(MemoryBackend):
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         await self._gate()
         await super().put_items(id, items, stamp, now_ms)
+        if self.slow_commit:
+            await trio.sleep_forever()
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
         await self._gate()
@@ -223,6 +226,25 @@ async def test_a_client_cancelled_during_the_targets_write_leaves_it_queued(
     with trio.fail_after(60):
         await mkv.settled()
     assert await items(target) == {b"a": b"v"}
+
+
+@pytest.mark.parametrize("commits", [True, False])
+async def test_a_client_cancelled_during_the_primarys_write_leaves_both_agreeing(
+    pair: tuple[Flaky, Flaky, MigratingKeyValue], autojump_clock: trio.testing.MockClock, commits: bool
+) -> None:
+    source, target, mkv = pair
+    # the source took the write and did not answer in time / did not take it before the deadline
+    if commits:
+        source.slow_commit = True
+    else:
+        source.hang = True
+    with trio.move_on_after(0.5):
+        await mkv.put_items("r", [w(b"a")], Stamp(1, "tok"), NOW)
+    source.slow_commit = source.hang = False
+    assert mkv.stats().queued == 2  # for each backend: its outcome is unknown
+    with trio.fail_after(60):
+        await mkv.settled()
+    assert await dump(source) == await dump(target) == [("r", [StampedItem(b"a", b"v", 0, 1, "tok")])]
 
 
 async def test_a_write_the_target_refuses_for_itself_is_dropped(
