@@ -167,9 +167,7 @@ async def prefill(backend: Backend, n: int) -> None:
 
 
 @pytest.fixture(params=PAIRS, ids=lambda p: f"{p[0]}-to-{p[1]}")
-async def pair(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[Backend, Backend]]:
+async def pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Backend, Backend]]:
     engines = Engines()
     a, b = request.param
     try:
