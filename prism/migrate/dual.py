@@ -59,6 +59,7 @@ from prism.migrate.state import MigrationState, Phase, Progress
 log = logging.getLogger("prism.migrate")
 
 SECONDARY_TIMEOUT_S: Final = 2.0  # past it, the secondary's write is queued and the client answered
+CLOSE_DRAIN_S: Final = 5.0  # how long aclose waits for queued writes to be delivered
 
 _SOURCE_FIRST: Final = frozenset({Phase.DUAL_WRITE, Phase.BACKFILL, Phase.SHADOW_READ})
 
@@ -177,6 +178,7 @@ class MigratingKeyValue:
             dropped=self.queues["source"].dropped + self.queues["target"].dropped,
             shadow_reads=self.shadow.reads,
             mismatches=dict(self.shadow.mismatches),
+            mismatched_reads=self.shadow.mismatched_reads,
             updated_ms=self._clock(),
         )
 
@@ -209,11 +211,29 @@ class MigratingKeyValue:
             )
 
     async def aclose(self) -> None:
-        """Close both backends (the writes still queued are let go: ``stats`` said so)."""
+        """Close both backends, once the queued writes are delivered (trying for
+        at most ``CLOSE_DRAIN_S``); what is still queued then is lost to its
+        backend, and said in the log."""
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
+            if any(len(q) for q in self.queues.values()):
+                with trio.move_on_after(CLOSE_DRAIN_S):
+                    async with trio.open_nursery() as nursery:
+                        for role in ("source", "target"):
+                            nursery.start_soon(self._drain, role)
+                        await self.settled()
+                        nursery.cancel_scope.cancel()
+            for role, queue in self.queues.items():
+                if len(queue):
+                    log.error(
+                        "namespace %s: closed with %d writes never delivered to the migration %s: "
+                        "it misses them (shadow reads show it); abort the migration and start it again",
+                        self.namespace,
+                        len(queue),
+                        role,
+                    )
             for role in ("source", "target"):
                 if self._opened[role]:
                     try:
