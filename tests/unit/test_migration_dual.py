@@ -316,6 +316,31 @@ async def test_a_target_that_does_not_open_is_a_retry_case(autojump_clock: trio.
         nursery.cancel_scope.cancel()
 
 
+async def test_backfill_through_the_migration_opens_the_target_and_follows_the_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source, target = Flaky(), Flaky()
+    for i in range(40):
+        await source.put_items(f"id{i:02}", [w(b"k")], Stamp(1), NOW)
+    target.open_fails = True
+    mkv = MigratingKeyValue("ns", source, target, state(Phase.BACKFILL), clock=lambda: NOW)
+    await mkv.open()
+    mkv.apply(msgspec.structs.replace(mkv.state, rate=10, serial=5))
+    saves: list[int] = []
+
+    async def opens_later() -> None:
+        await trio.sleep(3)
+        target.open_fails = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(opens_later)
+        t0 = trio.current_time()
+        progress = await mkv.backfill(Progress(), lambda p: saves.append(p.copied))
+    assert progress.done and await dump(target) == await dump(source)
+    assert target.opened == 1 and saves == [10, 20, 30, 40]
+    assert trio.current_time() - t0 >= 3 + 3  # waited for the target, then 3 waits of a second
+
+
 async def test_a_source_that_does_not_open_fails_the_namespace() -> None:
     source, target = Flaky(), Flaky()
     source.open_fails = True
