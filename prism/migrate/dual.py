@@ -102,6 +102,8 @@ class MigratingKeyValue:
         clock: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
+        if state.namespace != namespace:
+            raise ValueError(f"namespace {namespace!r}: given the migration state of {state.namespace!r}")
         self.namespace = namespace
         self.source = source
         self.target = target

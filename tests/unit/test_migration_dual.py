@@ -418,6 +418,8 @@ async def test_apply_refuses_another_migration_and_ignores_an_older_serial(
     other = msgspec.structs.replace(mkv.state, target=Endpoint("redis"), serial=99)
     with pytest.raises(ValueError, match="a state of another migration cannot be applied"):
         mkv.apply(other)
+    with pytest.raises(ValueError, match="namespace 'other': given the migration state of 'ns'"):
+        MigratingKeyValue("other", Flaky(), Flaky(), state())
 
 
 async def test_ping_probes_the_primary(pair: tuple[Flaky, Flaky, MigratingKeyValue]) -> None:
