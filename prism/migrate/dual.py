@@ -241,14 +241,11 @@ class MigratingKeyValue:
                         len(queue),
                         role,
                     )
-            for role in ("source", "target"):
-                if self._opened[role]:
-                    try:
-                        await self._backend(role).aclose()
-                    except Exception as exc:
-                        log.warning(
-                            "namespace %s: error closing the migration %s: %s", self.namespace, role, exc
-                        )
+            for role in ("source", "target"):  # opened or not: one half-opened may hold a connection
+                try:
+                    await self._backend(role).aclose()
+                except Exception as exc:
+                    log.warning("namespace %s: error closing the migration %s: %s", self.namespace, role, exc)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver queued writes to each backend and compare shadow reads, until cancelled."""

@@ -565,3 +565,20 @@ async def test_paged_reads_compare_up_to_the_first_page_end(
     )
     await trio.sleep(5)
     assert mkv.stats().mismatches == {"extra": 1}  # b, bb against b, c: bb is extra, c past the end
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (Unavailable("down"), True),
+        (retry.ResourceExhausted("pool busy"), True),
+        (retry.DeadlineExceeded("slow"), True),
+        (retry.Internal("sqlite: disk I/O error"), True),
+        (trio.TooSlowError(), True),
+        (OSError("connection reset"), True),
+        (InvalidArgument("key too long"), False),
+        (retry.PrismError("anything else a backend says of the write"), False),
+    ],
+)
+def test_which_failures_are_tried_again(exc: Exception, retried: bool) -> None:
+    assert retry.is_retryable(exc) is retried
