@@ -28,7 +28,14 @@ from prism.backends.keyvalue import (
     StampedItem,
 )
 from prism.backends.memory.keyvalue import MemoryBackend
-from prism.errors import InvalidArgument, Unavailable
+from prism.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    PrismError,
+    ResourceExhausted,
+    Unavailable,
+)
 from prism.migrate import dual, retry
 from prism.migrate.dual import MigratingKeyValue
 from prism.migrate.state import Endpoint, MigrationError, MigrationState, Phase, Progress, command, start
@@ -571,13 +578,13 @@ async def test_paged_reads_compare_up_to_the_first_page_end(
     ("exc", "retried"),
     [
         (Unavailable("down"), True),
-        (retry.ResourceExhausted("pool busy"), True),
-        (retry.DeadlineExceeded("slow"), True),
-        (retry.Internal("sqlite: disk I/O error"), True),
+        (ResourceExhausted("pool busy"), True),
+        (DeadlineExceeded("slow"), True),
+        (Internal("sqlite: disk I/O error"), True),
         (trio.TooSlowError(), True),
         (OSError("connection reset"), True),
         (InvalidArgument("key too long"), False),
-        (retry.PrismError("anything else a backend says of the write"), False),
+        (PrismError("anything else a backend says of the write"), False),
     ],
 )
 def test_which_failures_are_tried_again(exc: Exception, retried: bool) -> None:
