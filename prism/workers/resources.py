@@ -277,6 +277,7 @@ class Resources:
             tls=config.admin.tls,
             config_file=config_file,
             options_key=self.options_key.hex(),
+            data_dir=str(Path(config.data_dir).absolute()),
             overrides={k: v for k, v in (overrides or {}).items() if v is not None},
         )
         return _spawn("prism.admin.main", spec, [self.admin_sock.fileno(), self.routes_fd])

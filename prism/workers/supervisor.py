@@ -42,6 +42,7 @@ from prism.redact import redact
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
 from prism.router.table import RELOAD_FAILED, RELOAD_IN_EFFECT, RELOAD_PENDING, RELOAD_REJECTED, ReloadNote
+from prism.workers.migrations import Migrations
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload, reload_done
 from prism.workers.preflight import check_deployable, open_to_network
 from prism.workers.resources import Resources, mark_dead, signal_child, start_failure_code, wait_or_kill
@@ -94,6 +95,7 @@ class Supervisor:
         # Why the last published table is not ready (prism.router.readiness), or None.
         self._not_ready: str | None = "nothing published yet"
         self._ready_once = False  # and the tables after the first ready one say so
+        self.migrations = Migrations(config.data_dir, config_file)  # live migrations: SIGUSR1
 
     # -- the routing table and the slots -------------------------------------
 
@@ -101,17 +103,22 @@ class Supervisor:
         self.generation += 1
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
-        routes = self.resources.routes_for(
-            self.generation,
-            self.config,
-            cpus,
-            self.slots.values(),
-            self.security_serial,
-            self._ready_once,
-            self.reload_note,
+        routes = msgspec.structs.replace(
+            self.resources.routes_for(
+                self.generation,
+                self.config,
+                cpus,
+                self.slots.values(),
+                self.security_serial,
+                self._ready_once,
+                self.reload_note,
+            ),
+            migrations=self.migrations.entries(self.generation, self.config, cpus, self.slots.values()),
+            migration_answers=self.migrations.table_answers(),
         )
         # Each tenant's own table first: a worker seeing this generation finds its namespaces as new.
-        self.resources.tenants.publish(self.generation, self.config, cpus)
+        migrating = self.migrations.by_tenant(self.config, cpus)
+        self.resources.tenants.publish(self.generation, self.config, cpus, migrating)
         self.resources.routes.publish(routes)
         self._not_ready = not_ready_reason(routes)
         self._ready_once |= self._not_ready is None
@@ -175,6 +182,7 @@ class Supervisor:
         ):
             self.control, self.events = control, events
             slots = self._add_slots(self.config.effective_tenants(len(self.allowed_cpus)))
+            self.migrations.boot(self.config)
             self._publish()  # before any worker starts: each reads the table at boot
             self.admin = self.resources.start_admin(self.config, self.config_file, self.overrides)
             for slot in slots:
@@ -220,6 +228,7 @@ class Supervisor:
             self._reap_admin(now)
             self._finish_handovers()
             self._forget_gone()
+            self._migrate()
             if self._routes_changed:
                 self._publish()
             if self._reloaded and reload_done(self.slots.values(), self._handovers, self._reloaded[1]):
@@ -267,6 +276,8 @@ class Supervisor:
             return  # _reap runs every turn
         if signum == signal.SIGHUP:
             self._reload()
+        elif signum == signal.SIGUSR1:
+            self.migrations.requested = True
         elif signum == signal.SIGTERM:
             self._start_drain()
         else:  # SIGINT, SIGQUIT: stop now
@@ -345,6 +356,20 @@ class Supervisor:
             self._admin_restart_at = now + ADMIN_RESTART_S
         elif admin is None and now >= self._admin_restart_at:
             self.admin = self.resources.start_admin(self.config, self.config_file, self.overrides)
+
+    def _migrate(self) -> None:
+        """Migration requests and automatic moves (``prism.workers.migrations``); a finished
+        migration's rewritten config is reloaded here, as a SIGHUP's."""
+
+        def reload() -> bool:
+            self._reload()
+            return self.reload_note.state != RELOAD_REJECTED
+
+        cpus = len(self.allowed_cpus)
+        if self.migrations.turn(self.config, cpus, reload) or self.migrations.moved(
+            self.slots.values(), self.config, cpus
+        ):
+            self._routes_changed = True
 
     # -- drain -----------------------------------------------------------------
 
