@@ -96,14 +96,18 @@ class RequestBox:
         """Leave ``request`` for the supervisor; MigrationError (one line) if it cannot be."""
         check_namespace(request.namespace)
         try:
-            pending = sum(1 for p in self.dir.iterdir() if p.name.endswith(".json")) if self.dir.is_dir() else 0
+            pending = (
+                sum(1 for p in self.dir.iterdir() if p.name.endswith(".json")) if self.dir.is_dir() else 0
+            )
             if pending >= MAX_PENDING:
                 raise MigrationError(
                     f"{pending} migration requests wait for the supervisor already; is it running?"
                 )
             _write_private(self.dir / f"{request.id}.json", msgspec.json.encode(request), durable=True)
         except OSError as exc:
-            raise MigrationError(f"cannot write a migration request in {self.dir}: {exc.strerror or exc}") from None
+            raise MigrationError(
+                f"cannot write a migration request in {self.dir}: {exc.strerror or exc}"
+            ) from None
 
     def take(self) -> tuple[list[MigrationRequest], list[str]]:
         """The requests waiting, oldest first, each removed as it is read; and one line
@@ -137,7 +141,9 @@ def _stats_dir(data_dir: Path | str, namespace: str) -> Path:
 
 def write_worker_stats(data_dir: Path | str, namespace: str, worker_id: int, stats: Progress) -> None:
     """Replace this worker's counters for ``namespace`` (not fsynced: they are redone every second)."""
-    _write_private(_stats_dir(data_dir, namespace) / f"w{worker_id}.json", msgspec.json.encode(stats), durable=False)
+    _write_private(
+        _stats_dir(data_dir, namespace) / f"w{worker_id}.json", msgspec.json.encode(stats), durable=False
+    )
 
 
 def read_worker_stats(data_dir: Path | str, namespace: str) -> list[Progress]:

@@ -93,7 +93,9 @@ class Migrations:
         for st in states:
             ns = _find(config, st.namespace)
             if ns is None or ns.abstraction != "keyvalue":
-                log.error("migration of %r ignored: the config has no KeyValue namespace of that name", st.namespace)
+                log.error(
+                    "migration of %r ignored: the config has no KeyValue namespace of that name", st.namespace
+                )
                 continue
             if st.phase is Phase.FINISHED and Endpoint(ns.backend, ns.options) == st.target:
                 self._remove(st)  # the config was rewritten, the state not yet removed
@@ -111,7 +113,9 @@ class Migrations:
             out[tenant.name] = tuple(s for n, s in sorted(self.states.items()) if n in names)
         return out
 
-    def entries(self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot]) -> dict[str, MigrationEntry]:
+    def entries(
+        self, generation: int, config: ServerConfig, cpus: int, slots: Iterable[Slot]
+    ) -> dict[str, MigrationEntry]:
         """The routing table's view, as published in ``generation``."""
         owners = _owners(config, cpus)
         slots = list(slots)
@@ -140,7 +144,9 @@ class Migrations:
         slots = list(slots)
         for name in self.states:
             first = self._first.get(name)
-            if first is not None and _lagging(slots, owners.get(name, ""), first[1]) != self._lagging.get(name):
+            if first is not None and _lagging(slots, owners.get(name, ""), first[1]) != self._lagging.get(
+                name
+            ):
                 return True
         return any(_lagging(slots, e.tenant, e.generation) != e.lagging for e in self.ended.values())
 
@@ -191,7 +197,9 @@ class Migrations:
         current = self.states.get(name)
         if request.command == "start":
             if current is not None:
-                raise MigrationError(f"namespace {name!r} is migrating already (phase {current.phase}): finish or abort it first")
+                raise MigrationError(
+                    f"namespace {name!r} is migrating already (phase {current.phase}): finish or abort it"
+                )
             new = self._start(request, ns, config, cpus, now)
         elif current is None:
             raise MigrationError(f"no migration of {name!r} is under way: start one first")
@@ -206,14 +214,20 @@ class Migrations:
             raise MigrationError(f"unknown migration command {request.command!r}")
         self._save(new, current)
 
-    def _start(self, request: MigrationRequest, ns: NamespaceConfig, config: ServerConfig, cpus: int, now: int) -> MigrationState:
+    def _start(
+        self, request: MigrationRequest, ns: NamespaceConfig, config: ServerConfig, cpus: int, now: int
+    ) -> MigrationState:
         if request.to not in mstate.MIGRATABLE_BACKENDS - {"memory"}:
             allowed = ", ".join(sorted(mstate.MIGRATABLE_BACKENDS - {"memory"}))
-            raise MigrationError(f"cannot migrate {ns.name!r} to {request.to!r}: the target must be one of {allowed}")
+            raise MigrationError(
+                f"cannot migrate {ns.name!r} to {request.to!r}: the target must be one of {allowed}"
+            )
         try:
             catalog.check("keyvalue", request.to, request.options)
         except OptionError as exc:
-            raise MigrationError(f"options.{exc.field}: {exc.reason}" if exc.field else f"options: {exc.reason}") from None
+            raise MigrationError(
+                f"options.{exc.field}: {exc.reason}" if exc.field else f"options: {exc.reason}"
+            ) from None
         except ConfigError as exc:
             raise MigrationError(str(exc)) from None
         st = mstate.start(
@@ -221,7 +235,9 @@ class Migrations:
             Endpoint(ns.backend, dict(ns.options)),
             Endpoint(request.to, dict(request.options)),
             rate=DEFAULT_RATE if request.rate is None else request.rate,
-            shadow_fraction=DEFAULT_SHADOW_FRACTION if request.shadow_fraction is None else request.shadow_fraction,
+            shadow_fraction=DEFAULT_SHADOW_FRACTION
+            if request.shadow_fraction is None
+            else request.shadow_fraction,
             now_ms=now,
         )
         self.ended.pop(ns.name, None)
@@ -285,13 +301,17 @@ class Migrations:
 
     def _rewritten(self, st: MigrationState) -> tuple[bytes, bytes]:
         if not self.config_file:
-            raise MigrationError("cannot finish: the server was started without a config file (--config) to rewrite")
+            raise MigrationError(
+                "cannot finish: the server was started without a config file (--config) to rewrite"
+            )
         try:
             with open(self.config_file, "rb") as f:
                 old = f.read()
             return old, retarget(old, st.namespace, st.target.backend, st.target.options)
         except OSError as exc:
-            raise MigrationError(f"cannot finish: cannot read {self.config_file}: {exc.strerror or exc}") from None
+            raise MigrationError(
+                f"cannot finish: cannot read {self.config_file}: {exc.strerror or exc}"
+            ) from None
         except RewriteError as exc:
             raise MigrationError(f"cannot finish: {exc}") from None
 
@@ -305,15 +325,21 @@ class Migrations:
             replace_file(self.config_file, old)
             self.store.save(st)
             self.states[st.namespace] = st
-            raise MigrationError(f"the rewritten {self.config_file} was rejected; the namespace stays on the target")
+            raise MigrationError(
+                f"the rewritten {self.config_file} was rejected; the namespace stays on the target"
+            )
 
     def _remove(self, st: MigrationState) -> None:
         self.store.remove(st.namespace)
         self.states.pop(st.namespace, None)
         self._first.pop(st.namespace, None)
         self._lagging.pop(st.namespace, None)
-        log.info("migration of %s ended: %s (on %s alone)", st.namespace, st.phase,
-                 st.target.backend if st.phase is Phase.FINISHED else st.source.backend)
+        log.info(
+            "migration of %s ended: %s (on %s alone)",
+            st.namespace,
+            st.phase,
+            st.target.backend if st.phase is Phase.FINISHED else st.source.backend,
+        )
 
 
 def _find(config: ServerConfig, name: str) -> NamespaceConfig | None:
@@ -325,7 +351,9 @@ def _owners(config: ServerConfig, cpus: int) -> dict[str, str]:
 
 
 def _lagging(slots: Iterable[Slot], tenant: str, generation: int) -> tuple[int, ...]:
-    return tuple(sorted(s.id for s in slots if s.tenant == tenant and s.state in ACTIVE and s.generation < generation))
+    return tuple(
+        sorted(s.id for s in slots if s.tenant == tenant and s.state in ACTIVE and s.generation < generation)
+    )
 
 
 def _entry(st: MigrationState, tenant: str, generation: int, lagging: tuple[int, ...]) -> MigrationEntry:

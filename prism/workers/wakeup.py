@@ -10,7 +10,14 @@ from typing import Final
 __all__ = ["SIGNALS", "queue_signals"]
 
 # SIGUSR1: a migration request waits (prism.migrate.requests).
-SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
+SIGNALS: Final = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGUSR1,
+)
 
 
 def queue_signals(queue: list[int]) -> int:
