@@ -203,11 +203,11 @@ class Routes(msgspec.Struct, frozen=True):
     # namespace -> a keyed digest of its backend options (prism.workers.routes_size.option_digests):
     # tells the admin process an option changed without the options, or anything to guess them from.
     option_digests: dict[str, bytes] = {}
-    # namespace -> its live (or last finished) migration; request id -> "" once
-    # done or the one-line reason it was refused (the latest few): how
-    # POST /v1/migrations learns what became of the request it wrote.
+    # namespace -> its live (or last finished) migration; request id -> (serial
+    # to wait for, HTTP status, "" or the one-line reason it was refused), the
+    # latest few: how POST /v1/migrations learns what became of its request.
     migrations: dict[str, MigrationEntry] = {}
-    migration_answers: dict[str, str] = {}
+    migration_answers: dict[str, tuple[int, int, str]] = {}
 
     def owners(self, namespace: str) -> list[WorkerEntry]:
         """Workers of the tenant that owns ``namespace`` (by id), or [] if it is unknown.

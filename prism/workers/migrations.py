@@ -61,6 +61,14 @@ DEFAULT_RATE: Final = 1000
 DEFAULT_SHADOW_FRACTION: Final = 0.1
 
 
+class Refused(MigrationError):
+    """A request that changes nothing; ``code`` is the HTTP status the admin process answers."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -75,7 +83,7 @@ class Migrations:
         self.config_file = config_file
         self.states: dict[str, MigrationState] = {}
         self.ended: dict[str, MigrationEntry] = {}  # the last finished or aborted, until a new start
-        self.answers: dict[str, tuple[int, str]] = {}
+        self.answers: dict[str, tuple[int, int, str]] = {}  # id -> (serial, HTTP status, error)
         self.requested = True  # SIGUSR1 (and at start): look for requests this turn
         self._first: dict[str, tuple[int, int]] = {}  # namespace -> (serial, generation that carried it)
         self._lagging: dict[str, tuple[int, ...]] = {}
@@ -135,7 +143,7 @@ class Migrations:
             out[name] = self.ended[name] = msgspec.structs.replace(entry, lagging=lagging)
         return out
 
-    def table_answers(self) -> dict[str, tuple[int, str]]:
+    def table_answers(self) -> dict[str, tuple[int, int, str]]:
         return dict(self.answers)
 
     def moved(self, slots: Iterable[Slot], config: ServerConfig, cpus: int) -> bool:
@@ -172,64 +180,73 @@ class Migrations:
         changed = False
         for request in requests:
             try:
-                self._apply(request, config, cpus)
-                self._answer(request.id, self.states[request.namespace].serial, "")
+                self._apply(request, config)
+                self._answer(request.id, self.states[request.namespace].serial, 200, "")
                 changed = True
             except MigrationError as exc:
-                self._answer(request.id, 0, redact(one_line(str(exc))))
+                code = exc.code if isinstance(exc, Refused) else 500
+                self._answer(request.id, 0, code, redact(one_line(str(exc))))
                 log.warning("migration request refused: %s", redact(one_line(str(exc))))
                 changed = True  # the answer is published
         return changed
 
-    def _answer(self, request_id: str, serial: int, error: str) -> None:
-        self.answers[request_id] = (serial, error)
+    def _answer(self, request_id: str, serial: int, code: int, error: str) -> None:
+        self.answers[request_id] = (serial, code, error)
         while len(self.answers) > MAX_ANSWERS:
             del self.answers[next(iter(self.answers))]
 
-    def _apply(self, request: MigrationRequest, config: ServerConfig, cpus: int) -> None:
+    def _apply(self, request: MigrationRequest, config: ServerConfig) -> None:
+        current = self.states.get(request.namespace)
+        try:
+            new = self._decide(request, current, config)
+        except Refused:
+            raise
+        except MigrationError as exc:  # the state machine's refusals: a bad value, or not in this phase
+            raise Refused(422 if request.command in ("start", "rate") else 409, str(exc)) from None
+        self._save(new, current)
+
+    def _decide(
+        self, request: MigrationRequest, current: MigrationState | None, config: ServerConfig
+    ) -> MigrationState:
         name = request.namespace
         ns = _find(config, name)
         if ns is None:
-            raise MigrationError(f"unknown namespace {name!r}")
+            raise Refused(404, f"unknown namespace {name!r}")
         if ns.abstraction != "keyvalue":
-            raise MigrationError(f"namespace {name!r} is {ns.abstraction}: only KeyValue namespaces migrate")
+            raise Refused(422, f"namespace {name!r} is {ns.abstraction}: only KeyValue namespaces migrate")
         now = _now_ms()
-        current = self.states.get(name)
         if request.command == "start":
             if current is not None:
-                raise MigrationError(
-                    f"namespace {name!r} is migrating already (phase {current.phase}): finish or abort it"
+                raise Refused(
+                    409,
+                    f"namespace {name!r} is migrating already (phase {current.phase}): finish or abort it",
                 )
-            new = self._start(request, ns, config, cpus, now)
-        elif current is None:
-            raise MigrationError(f"no migration of {name!r} is under way: start one first")
-        elif request.command == "rate":
-            new = mstate.set_rate(current, mstate.check_rate(request.rate), now)
-        elif request.command in mstate.COMMANDS:
-            progress = self.store.load_progress(name)
-            new = mstate.command(current, progress, request.command, now)
-            if request.command == "finish":
-                self._rewritten(new)  # the file can be rewritten: checked before anything changes
-        else:
-            raise MigrationError(f"unknown migration command {request.command!r}")
-        self._save(new, current)
+            return self._start(request, ns, now)
+        if current is None:
+            raise Refused(409, f"no migration of {name!r} is under way: start one first")
+        if request.command == "rate":
+            return mstate.set_rate(current, mstate.check_rate(request.rate), now)
+        if request.command not in mstate.COMMANDS:
+            raise Refused(400, f"unknown migration command {request.command!r}")
+        new = mstate.command(current, self.store.load_progress(name), request.command, now)
+        if request.command == "finish":
+            self._rewritten(new)  # the file can be rewritten: checked before anything changes
+        return new
 
-    def _start(
-        self, request: MigrationRequest, ns: NamespaceConfig, config: ServerConfig, cpus: int, now: int
-    ) -> MigrationState:
+    def _start(self, request: MigrationRequest, ns: NamespaceConfig, now: int) -> MigrationState:
         if request.to not in mstate.MIGRATABLE_BACKENDS - {"memory"}:
             allowed = ", ".join(sorted(mstate.MIGRATABLE_BACKENDS - {"memory"}))
-            raise MigrationError(
-                f"cannot migrate {ns.name!r} to {request.to!r}: the target must be one of {allowed}"
+            raise Refused(
+                422, f"cannot migrate {ns.name!r} to {request.to!r}: the target must be one of {allowed}"
             )
         try:
             catalog.check("keyvalue", request.to, request.options)
         except OptionError as exc:
-            raise MigrationError(
-                f"options.{exc.field}: {exc.reason}" if exc.field else f"options: {exc.reason}"
+            raise Refused(
+                422, f"options.{exc.field}: {exc.reason}" if exc.field else f"options: {exc.reason}"
             ) from None
         except ConfigError as exc:
-            raise MigrationError(str(exc)) from None
+            raise Refused(422, str(exc)) from None
         st = mstate.start(
             ns.name,
             Endpoint(ns.backend, dict(ns.options)),
@@ -301,19 +318,19 @@ class Migrations:
 
     def _rewritten(self, st: MigrationState) -> tuple[bytes, bytes]:
         if not self.config_file:
-            raise MigrationError(
-                "cannot finish: the server was started without a config file (--config) to rewrite"
+            raise Refused(
+                409, "cannot finish: the server was started without a config file (--config) to rewrite"
             )
         try:
             with open(self.config_file, "rb") as f:
                 old = f.read()
             return old, retarget(old, st.namespace, st.target.backend, st.target.options)
         except OSError as exc:
-            raise MigrationError(
-                f"cannot finish: cannot read {self.config_file}: {exc.strerror or exc}"
+            raise Refused(
+                409, f"cannot finish: cannot read {self.config_file}: {exc.strerror or exc}"
             ) from None
         except RewriteError as exc:
-            raise MigrationError(f"cannot finish: {exc}") from None
+            raise Refused(409, f"cannot finish: {exc}") from None
 
     def _finish(self, st: MigrationState, reload: Callable[[], bool]) -> None:
         """Rewrite the config, let the state go, reload: the reload's tables name the target
