@@ -34,7 +34,7 @@ Semantics every backend implements (the contract suite checks them):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import msgspec
 
@@ -58,6 +58,18 @@ class StoredItem(msgspec.Struct, frozen=True):
     key: bytes
     value: bytes
     expires_at_ms: int = 0
+
+
+class StampedItem(StoredItem, frozen=True):
+    """A stored item with the stamp of the write that left it (``Migratable``):
+    a copy made with it loses to any newer write, as the write itself would."""
+
+    stamp_us: int = 0
+    token: str = ""
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.stamp_us, self.token)
 
 
 class MatchAll(msgspec.Struct, frozen=True, tag="all"):
@@ -97,6 +109,19 @@ class RecordPage(msgspec.Struct, frozen=True):
     records: list[tuple[str, list[StoredItem]]]
     # Id of the last record returned when more remain, else None.
     last_id: str | None
+
+
+class ExportPage(msgspec.Struct, frozen=True):
+    """Records (whole, id order) with their items' stamps: ``Migratable.export_records``."""
+
+    records: list[tuple[str, list[StampedItem]]]
+    last_id: str | None  # id of the last record returned when more remain, else None
+
+
+def export_page(page: RecordPage) -> ExportPage:
+    """A ``RecordPage`` built from ``StampedItem``s (``paging.RecordPager`` takes
+    any ``StoredItem``) as the ``ExportPage`` it is."""
+    return ExportPage(cast(list[tuple[str, list[StampedItem]]], page.records), page.last_id)
 
 
 @runtime_checkable
@@ -143,3 +168,29 @@ class KeyValueBackend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Migratable(Protocol):
+    """What a KeyValue backend provides so that a live migration
+    (``prism.migrate``) can copy a namespace to or from it.
+
+    ``export_records`` pages the live items with their stamps, as
+    ``scan_items`` pages records (whole records, id order, strictly after
+    ``after``, at least one if any remain). ``import_records`` applies each
+    item as a put stamped with its own stamp, under the ordinary stamp rule:
+    it is skipped where the backend holds a newer item, or a newer tombstone
+    (key or range) for its key, so a copy never undoes a write made since the
+    copy was read. Expiry is copied as is (absolute); items already expired
+    at ``now_ms`` are not written. No idempotency token is checked or
+    recorded: a copy is not a client's write. A call that fails may have
+    applied part of its items; importing them again is harmless (the stamp
+    rule), which is how a copy resumes."""
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage: ...
+
+    async def import_records(
+        self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int
+    ) -> None: ...

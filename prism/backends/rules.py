@@ -16,11 +16,12 @@ from prism.backends.keyvalue import (
     Mutation,
     Predicate,
     Put,
+    StoredItem,
 )
 from prism.errors import InvalidArgument
 
 
-def check_items(items: Iterable[ItemWrite]) -> None:
+def check_items(items: Iterable[ItemWrite | StoredItem]) -> None:
     """Reject writes no backend can store. Runs before anything is applied,
     so a bad item fails its whole write (and the write's token stays unused)."""
     for item in items:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from prism.backends import catalog, registry
-from prism.backends.keyvalue import KeyValueBackend
+from prism.backends.keyvalue import KeyValueBackend, Migratable
 from prism.backends.pubsub import PubSubBackend
 from prism.backends.timeseries import TimeSeriesBackend
 
@@ -59,6 +59,13 @@ def differences(backend_type: type[Any], protocol: type[Any]) -> list[str]:
 def test_built_in_backend_has_its_protocols_signatures(abstraction: str, name: str, tmp_path: Path) -> None:
     backend = registry.create_any(abstraction, name, {}, data_dir=tmp_path, namespace="ns")
     assert differences(type(backend), PROTOCOLS[abstraction]) == []
+
+
+@pytest.mark.parametrize("name", catalog.builtin("keyvalue"))
+def test_every_keyvalue_backend_has_migratables_signatures(name: str, tmp_path: Path) -> None:
+    # A live migration (prism/migrate) copies a namespace to or from any of them.
+    backend = registry.create_any("keyvalue", name, {}, data_dir=tmp_path, namespace="ns")
+    assert differences(type(backend), Migratable) == []
 
 
 def test_a_drifted_signature_is_reported() -> None:

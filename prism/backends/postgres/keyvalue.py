@@ -33,6 +33,7 @@ from typing import TypeVar
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
+    ExportPage,
     ItemPage,
     ItemWrite,
     MatchAll,
@@ -42,14 +43,16 @@ from prism.backends.keyvalue import (
     Put,
     RecordPage,
     Stamp,
+    StampedItem,
     StoredItem,
+    export_page,
 )
 from prism.backends.options import tombstone_ttl_ms
 from prism.backends.paging import RecordPager, page_items
 from prism.backends.postgres import keyvalue_sql as sql
 from prism.backends.postgres.errors import ERRORS
 from prism.backends.postgres.options import PostgresKeyValueOptions, PostgresOptions, conninfo
-from prism.backends.rules import check_items, check_mutations, key_range
+from prism.backends.rules import check_items, check_mutations, is_expired, key_range
 from prism.drivers import pg as pgio
 from prism.errors import Unavailable
 from prism.limits import shed
@@ -197,6 +200,17 @@ class PostgresBackend:
     ) -> RecordPage:
         """Rows come in chunks, all from one REPEATABLE READ snapshot, and are
         read only as far as the first record that does not fit."""
+        return await self._scan(after, limit_items, limit_bytes, now_ms, stamps=False)
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage:
+        """``Migratable``: as ``scan_items``, each item with its stamp."""
+        return export_page(await self._scan(after, limit_items, limit_bytes, now_ms, stamps=True))
+
+    async def _scan(
+        self, after: str | None, limit_items: int, limit_bytes: int, now_ms: int, *, stamps: bool
+    ) -> RecordPage:
         self._check_open()
         chunk = max(64, min(limit_items + 1, SCAN_CHUNK_MAX))
         pager = RecordPager(limit_items, limit_bytes)
@@ -204,32 +218,68 @@ class PostgresBackend:
             conn = await self._pool.acquire()
             try:
                 await conn.execute(b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                rows = await self._scan_chunk(conn, now_ms, chunk, after, None)
+                rows = await self._scan_chunk(conn, now_ms, chunk, after, None, stamps)
                 while rows:
-                    for row_id, key, value, expires_at_ms in rows:
-                        page = pager.add_row(row_id, StoredItem(key, value, expires_at_ms))
+                    for row in rows:
+                        item = StampedItem(*row[1:]) if stamps else StoredItem(*row[1:])
+                        page = pager.add_row(row[0], item)
                         if page is not None:
                             await conn.execute(b"COMMIT")
                             return page
                     if len(rows) < chunk:
                         break
                     last = rows[-1]
-                    rows = await self._scan_chunk(conn, now_ms, chunk, last[0], last[1])
+                    rows = await self._scan_chunk(conn, now_ms, chunk, last[0], last[1], stamps)
                 await conn.execute(b"COMMIT")
             finally:
                 await self._pool.release(conn)
         return pager.last_page()
 
     async def _scan_chunk(
-        self, conn: pgio.Connection, now_ms: int, chunk: int, after_id: str | None, after_key: bytes | None
+        self,
+        conn: pgio.Connection,
+        now_ms: int,
+        chunk: int,
+        after_id: str | None,
+        after_key: bytes | None,
+        stamps: bool,
     ) -> list[pgio.Row]:
         params: list[pgio.Param] = [now_ms, chunk]
         if after_id is not None:
             params.append(after_id)
         if after_key is not None:
             params.append(after_key)
-        statement = self._sql.scan(after_row=after_key is not None, after_id=after_id is not None)
+        statement = self._sql.scan(
+            after_row=after_key is not None, after_id=after_id is not None, stamps=stamps
+        )
         return await conn.execute(statement, params)
+
+    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
+        """``Migratable``: one statement (the coalesced puts' upsert, which takes
+        a stamp per row), so all of it or none; no token."""
+        self._check_open()
+        rows: dict[tuple[str, bytes], StampedItem] = {}
+        for id, items in records:
+            check_items(items)
+            for it in items:
+                held = rows.get((id, it.key))
+                if not is_expired(it.expires_at_ms, now_ms) and (
+                    held is None or (held.stamp_us, held.token) <= (it.stamp_us, it.token)
+                ):
+                    rows[(id, it.key)] = it  # ON CONFLICT cannot touch a row twice
+        if not rows:
+            return
+        params: list[pgio.Param] = [
+            [id for id, _ in rows],
+            [key for _, key in rows],
+            [it.value for it in rows.values()],
+            [it.expires_at_ms for it in rows.values()],
+            [it.stamp_us for it in rows.values()],
+            [it.token for it in rows.values()],
+            now_ms,
+        ]
+        with ERRORS:
+            await self._pool.execute(self._sql.upsert_many, params, prepare=True)
 
     def _upsert(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> Statement:
         # One row per key (the last write of a key wins, as it would one by

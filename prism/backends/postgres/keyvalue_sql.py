@@ -205,13 +205,13 @@ class Statements:
             ).encode()
         return sql
 
-    def scan(self, *, after_row: bool, after_id: bool) -> bytes:
+    def scan(self, *, after_row: bool, after_id: bool, stamps: bool = False) -> bytes:
         """Live rows in (id, key) order: $1 now, $2 limit, then [$3 id, $4 key]
-        (strictly after that row) or [$3 id] (strictly after that record)."""
-        sql = (
-            f"SELECT id, key, value, expires_at_ms FROM {self._i}"
-            " WHERE (expires_at_ms = 0 OR expires_at_ms > $1::int8)"
-        )
+        (strictly after that row) or [$3 id] (strictly after that record).
+        Columns: id, key, value, expires_at_ms, and with ``stamps`` stamp_us,
+        stamp_token (an export, ``Migratable``)."""
+        columns = "id, key, value, expires_at_ms" + (", stamp_us, stamp_token" if stamps else "")
+        sql = f"SELECT {columns} FROM {self._i} WHERE (expires_at_ms = 0 OR expires_at_ms > $1::int8)"
         if after_row:
             sql += " AND (id, key) > ($3::text, $4::bytea)"
         elif after_id:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from prism.backends.coalesce import Coalescer
 from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
+    ExportPage,
     ItemPage,
     ItemWrite,
     MatchAll,
@@ -24,7 +25,9 @@ from prism.backends.keyvalue import (
     Put,
     RecordPage,
     Stamp,
+    StampedItem,
     StoredItem,
+    export_page,
 )
 from prism.backends.options import tombstone_ttl_ms
 from prism.backends.paging import RecordPager, page_items
@@ -32,7 +35,7 @@ from prism.backends.redis import keyvalue_lua as lua
 from prism.backends.redis import persistence
 from prism.backends.redis.errors import ERRORS
 from prism.backends.redis.options import RedisOptions
-from prism.backends.rules import check_items, check_mutations, key_range
+from prism.backends.rules import check_items, check_mutations, is_expired, key_range
 from prism.drivers import resp
 from prism.errors import Unavailable
 
@@ -204,6 +207,17 @@ class RedisBackend:
     async def scan_items(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
     ) -> RecordPage:
+        return await self._scan(after, limit_items, limit_bytes, now_ms, stamps=False)
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage:
+        """``Migratable``: as ``scan_items``, each item with its stamp."""
+        return export_page(await self._scan(after, limit_items, limit_bytes, now_ms, stamps=True))
+
+    async def _scan(
+        self, after: str | None, limit_items: int, limit_bytes: int, now_ms: int, *, stamps: bool
+    ) -> RecordPage:
         self._check_open()
         pager = RecordPager(limit_items, limit_bytes)
         cursor = b"-" if after is None else b"(" + after.encode()
@@ -215,7 +229,7 @@ class RedisBackend:
             calls = [self._read_call(i.decode(), MatchAll(), False, None, BIG, BIG, now_ms) for i in ids]
             replies = await self._eval_many(lua.READ, calls)
             for raw_id, reply in zip(ids, replies, strict=True):
-                items = self._items(reply)
+                items = self._stamped_items(reply) if stamps else self._items(reply)
                 if not items:
                     continue
                 size = sum(len(it.key) + len(it.value) for it in items)
@@ -226,6 +240,31 @@ class RedisBackend:
                 break
             cursor = b"(" + ids[-1]
         return pager.last_page()
+
+    @staticmethod
+    def _stamped_items(reply: list[bytes]) -> list[StoredItem]:
+        return [lua.unpack_stamped(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
+        """``Migratable``: one run of the write script per record and stamp (a
+        run has one stamp), pipelined, with no token (window 0). Each run is
+        atomic; a failure part-way leaves a part applied, which a second
+        import completes (the stamp rule makes applying twice harmless)."""
+        self._check_open()
+        calls: list[tuple[Sequence[resp.Arg], Sequence[resp.Arg]]] = []
+        for id, items in records:
+            check_items(items)
+            by_stamp: dict[tuple[int, str], list[resp.Arg]] = {}
+            for it in items:
+                if is_expired(it.expires_at_ms, now_ms):
+                    continue
+                ops = by_stamp.setdefault((it.stamp_us, it.token), [])
+                ops.extend(self._put_args(ItemWrite(it.key, it.value, it.expires_at_ms), it.stamp))
+            for (us, token), ops in by_stamp.items():
+                args: list[resp.Arg] = [id, now_ms, us, token, 0, self._tombstone_ttl_ms, b"0", *ops]
+                calls.append((self._keys(id), args))
+        if calls:
+            await self._eval_many(lua.WRITE, calls)
 
     def _put_args(self, item: ItemWrite, stamp: Stamp) -> list[resp.Arg]:
         return [b"p", item.key, lua.pack(item, stamp), item.expires_at_ms]

@@ -42,7 +42,7 @@ stops one item past the page. Timestamps are Lua numbers (doubles): exact to
 
 from __future__ import annotations
 
-from prism.backends.keyvalue import ItemWrite, MatchRange, Predicate, Stamp, StoredItem
+from prism.backends.keyvalue import ItemWrite, MatchRange, Predicate, Stamp, StampedItem, StoredItem
 from prism.drivers import resp
 
 _LUA_COMMON = r"""
@@ -65,7 +65,8 @@ local function stamp_gt(us1, tok1, us2, tok2)
 end
 """
 
-# KEYS: z, h, m, t, ids, x, r. ARGV: id, now, us, token, window, tombstone
+# KEYS: z, h, m, t, ids, x, r. ARGV: id, now, us, token, window (0: the token
+# is neither checked nor recorded: a migration's copy), tombstone
 # ttl, "1" if the ops delete (else "0"), then ops:
 #   "p", key, packed, expires_at_ms
 #   "d", "a" | "k" <n> keys... | "r" <min> <max> <start> <end>   (lex bounds, then raw)
@@ -76,7 +77,7 @@ local z, h, m, t, ids, x, r = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[
 local id, now, us, tok, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local wrote_x, wrote_r = false, false
-if tok ~= '' then
+if tok ~= '' and window > 0 then  -- window 0: a copy (import), no token to check or record
   local at = redis.call('HGET', t, tok)
   if at and now - tonumber(at) < window then return 0 end
   redis.call('HSET', t, tok, ARGV[2])
@@ -316,6 +317,13 @@ def pack(item: ItemWrite, stamp: Stamp) -> bytes:
 def unpack(key: bytes, packed: bytes) -> StoredItem:
     expires, _, token_len, rest = packed.split(b" ", 3)
     return StoredItem(key, rest[int(token_len) :], int(expires))
+
+
+def unpack_stamped(key: bytes, packed: bytes) -> StampedItem:
+    """``unpack`` with the stamp the item was written with (``Migratable``)."""
+    expires, stamp_us, token_len, rest = packed.split(b" ", 3)
+    n = int(token_len)
+    return StampedItem(key, rest[n:], int(expires), int(stamp_us), rest[:n].decode())
 
 
 def lex_range(predicate: Predicate, reverse: bool, after: bytes | None) -> tuple[bytes, bytes]:

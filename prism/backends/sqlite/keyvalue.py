@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from prism.backends.keyvalue import (
+    ExportPage,
     ItemPage,
     ItemWrite,
     Mutation,
     Predicate,
     RecordPage,
     Stamp,
+    StampedItem,
 )
 from prism.backends.options import tombstone_ttl_ms
 from prism.backends.rules import check_items, check_mutations
@@ -127,3 +129,24 @@ class SqliteBackend:
             ops.mutate(conn, id, mutations, stamp, now_ms, forget_at)
 
         await self._write(id, stamp, now_ms, apply)
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage:
+        """``Migratable``: one statement, so the page comes from one snapshot."""
+
+        def run(conn: sqlite3.Connection) -> ExportPage:
+            return ops.export_records(conn, after, limit_items, limit_bytes, now_ms)
+
+        return await self._read(run)
+
+    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
+        """``Migratable``: in one savepoint of the writer's transaction."""
+        for _, items in records:
+            check_items(items)
+
+        def run(conn: sqlite3.Connection) -> None:
+            ops.import_records(conn, records, now_ms)
+            self._purger.maybe_purge(conn, now_ms)
+
+        await self._pool.write(run)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from prism.backends.keyvalue import (
     IDEMPOTENCY_WINDOW_MS,
+    ExportPage,
     ItemPage,
     ItemWrite,
     MatchKeys,
@@ -38,10 +39,12 @@ from prism.backends.keyvalue import (
     Put,
     RecordPage,
     Stamp,
+    StampedItem,
     StoredItem,
+    export_page,
 )
 from prism.backends.paging import RecordPager, page_items
-from prism.backends.rules import is_replay, key_range
+from prism.backends.rules import is_expired, is_replay, key_range
 from prism.backends.sqlite.pool import retry_locked, transaction
 from prism.errors import Internal
 
@@ -296,6 +299,43 @@ def scan_items(
     finally:
         cursor.close()
     return pager.last_page()
+
+
+def export_records(
+    conn: sqlite3.Connection, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+) -> ExportPage:
+    """``scan_items`` with each item's stamp (``Migratable``)."""
+    sql = f"SELECT id, key, value, expires_at_ms, stamp_us, stamp_token FROM items WHERE {_LIVE}"
+    params: tuple[object, ...] = (now_ms,)
+    if after is not None:
+        sql += " AND id > ?"
+        params += (after,)
+    cursor = conn.execute(sql + " ORDER BY id, key", params)
+    pager = RecordPager(limit_items, limit_bytes)
+    try:
+        for row_id, key, value, expires_at_ms, stamp_us, token in cursor:
+            page = pager.add_row(row_id, StampedItem(key, value, expires_at_ms, stamp_us, token))
+            if page is not None:
+                return export_page(page)
+    finally:
+        cursor.close()
+    return export_page(pager.last_page())
+
+
+def import_records(
+    conn: sqlite3.Connection, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int
+) -> None:
+    """Each item put under its own stamp, by the upsert every put uses (so the
+    stamp rule and the tombstones decide); no token is checked or recorded."""
+    conn.executemany(
+        _UPSERT,
+        [
+            (id, it.key, it.value, it.expires_at_ms, it.stamp_us, it.token, now_ms)
+            for id, items in records
+            for it in items
+            if not is_expired(it.expires_at_ms, now_ms)
+        ],
+    )
 
 
 class Purger:

@@ -1,0 +1,136 @@
+"""The backfill: copying a namespace's existing records from the source to the target.
+
+While it runs, every new write already reaches both backends (dual write), so
+the copy only has to bring over what was there before. It pages through the
+source in id order (``Migratable.export_records``: whole records, each item
+with its stamp) and imports each page into the target
+(``Migratable.import_records``), which applies every item under the stamp
+rule: an item written (or deleted) during dual write is newer than the copy
+of it read a moment before, and the copy is skipped. That is why the copy can
+run beside live traffic and needs no lock.
+
+After each page, ``save(progress)`` records the cursor (the last id copied),
+so a restart resumes after it; copying a page twice is harmless. The pace is
+``rate()`` records a second, read before each page, so a change takes effect
+at the next one. A page that fails (either backend down) is tried again
+after a backoff, from the same cursor, until it goes through or the backfill
+is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from prism.backends.keyvalue import Migratable
+from prism.migrate.state import Progress
+from prism.workers.reopen import retry_delay
+
+log = logging.getLogger("prism.migrate")
+
+PAGE_ITEMS: Final = 500  # items per page at most (fewer at a low rate: a page is at most a second's worth)
+PAGE_BYTES: Final = 4 << 20
+RATE_WINDOW_S: Final = 5.0  # records_per_s is measured over this much of the recent past
+LOG_EVERY_S: Final = 30.0
+
+
+async def backfill(
+    source: Migratable,
+    target: Migratable,
+    *,
+    namespace: str,
+    progress: Progress,
+    rate: Callable[[], int],
+    save: Callable[[Progress], None],
+    clock: Callable[[], int],
+    rand: Callable[[], float] = random.random,
+) -> Progress:
+    """Copy every record after ``progress.cursor`` from ``source`` to ``target``;
+    ``progress`` is updated in place (and returned) with ``done`` set at the end.
+    ``clock()`` is the time in ms the backends judge expiry by; pacing and the
+    measured rate use trio's clock."""
+    if progress.done:
+        return progress
+    log.info(
+        "namespace %s: backfill %s at %d records/s",
+        namespace,
+        "starts" if progress.cursor is None else f"resumes after id {progress.cursor!r}",
+        rate(),
+    )
+    history: deque[tuple[float, int]] = deque([(trio.current_time(), progress.copied)])
+    next_at = trio.current_time()
+    logged_at = trio.current_time()
+    failures = 0
+    while True:
+        per_s = max(1, rate())
+        started = trio.current_time()
+        try:
+            page = await source.export_records(
+                after=progress.cursor,
+                limit_items=max(1, min(PAGE_ITEMS, per_s)),
+                limit_bytes=PAGE_BYTES,
+                now_ms=clock(),
+            )
+            if page.records:
+                await target.import_records(page.records, clock())
+        except Exception as exc:
+            failures += 1
+            if failures == 1 or failures % 10 == 0:
+                log.warning(
+                    "namespace %s: backfill page after id %r failed (%d in a row), retrying: %s",
+                    namespace,
+                    progress.cursor,
+                    failures,
+                    exc,
+                )
+            await trio.sleep(retry_delay(failures, rand))
+            continue
+        failures = 0
+        now = trio.current_time()
+        if page.records:
+            progress.cursor = page.records[-1][0]
+            progress.copied += len(page.records)
+        history.append((now, progress.copied))
+        while len(history) > 2 and history[1][0] <= now - RATE_WINDOW_S:
+            history.popleft()
+        t0, c0 = history[0]
+        progress.records_per_s = (progress.copied - c0) / (now - t0) if now > t0 else 0.0
+        progress.done = page.last_id is None
+        progress.updated_ms = clock()
+        await _save(save, progress, namespace, rand)
+        if progress.done:
+            log.info("namespace %s: backfill done: %d records copied", namespace, progress.copied)
+            return progress
+        if now - logged_at >= LOG_EVERY_S:
+            log.info(
+                "namespace %s: backfill at id %r: %d records copied, %.0f records/s",
+                namespace,
+                progress.cursor,
+                progress.copied,
+                progress.records_per_s,
+            )
+            logged_at = now
+        next_at = max(next_at, started) + len(page.records) / per_s
+        await trio.sleep_until(next_at)
+
+
+async def _save(
+    save: Callable[[Progress], None], progress: Progress, namespace: str, rand: Callable[[], float]
+) -> None:
+    """``save(progress)``, tried again after a backoff while it fails (a full
+    disk): the copy goes on only once a restart would resume from here."""
+    failures = 0
+    while True:
+        try:
+            save(progress)
+            return
+        except Exception as exc:
+            failures += 1
+            if failures == 1:
+                log.error("namespace %s: cannot save the backfill's progress, retrying: %s", namespace, exc)
+            await trio.sleep(retry_delay(failures, rand))
