@@ -24,15 +24,16 @@ moves, the worker hands the states here (``want``) before ``App.apply``:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import trio
 
 from prism.backends import registry
-from prism.backends.keyvalue import KeyValueBackend
+from prism.backends.keyvalue import KeyValueBackend, Migratable
 from prism.config import NamespaceConfig
 from prism.migrate.backfill import backfill
 from prism.migrate.dual import MigratingKeyValue
@@ -176,13 +177,13 @@ class WorkerMigrations:
                         "namespace %s: backfill from %r (%d copied)", name, progress.cursor, progress.copied
                     )
                     done = await backfill(
-                        opened.source,
-                        opened.target,
+                        cast(Migratable, opened.source),
+                        cast(Migratable, opened.target),
                         namespace=name,
                         progress=progress,
                         rate=lambda: self._rate(name),
                         save=lambda p: self.store.save_progress(name, p),
-                        clock=trio.current_time,
+                        clock=lambda: int(time.time() * 1000),
                     )
                     log.info("namespace %s: backfill done, %d records copied", name, done.copied)
                     return
