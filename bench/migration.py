@@ -52,10 +52,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_servers import make_prism  # noqa: E402
-from prism.backends import registry  # noqa: E402
-from prism.backends.keyvalue import Migratable  # noqa: E402
-from prism.proto import common_pb2, kv_pb2, kv_pb2_grpc  # noqa: E402
+from bench.bench_servers import make_prism
+from prism.backends import registry
+from prism.backends.keyvalue import Migratable
+from prism.proto import common_pb2, kv_pb2, kv_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "migration.json"
 TOKEN = "bench-migration-token-1234"
@@ -352,10 +352,12 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
             f"p50 {w.get('read_p50_ms', 0):7.2f} ms p99 {w.get('read_p99_ms', 0):7.2f} ms"
         )
     print(
-        f"copy: {copied} records in {result['copy']['seconds']} s = {result['copy']['records_per_s']} records/s"
+        f"copy: {copied} records in {result['copy']['seconds']} s = "
+        f"{result['copy']['records_per_s']} records/s"
     )
     print(
-        f"p99 during backfill vs before: {result['p99_backfill_vs_before']} (within 2x: {result['p99_within_2x']})"
+        f"p99 during backfill vs before: {result['p99_backfill_vs_before']} "
+        f"(within 2x: {result['p99_within_2x']}); vs shadow_read: {result['p99_backfill_vs_shadow_read']}"
     )
     print(f"checks: {json.dumps(checks)}")
     print(f"verified: {result['verified']}; wrote {args.out.name}")
