@@ -88,6 +88,8 @@ class Migrations:
         self._first: dict[str, tuple[int, int]] = {}  # namespace -> (serial, generation that carried it)
         self._lagging: dict[str, tuple[int, ...]] = {}
         self._next_poll = 0.0
+        self._slots: list[Slot] = []  # as of this turn
+        self._tenants: dict[str, str] = {}
 
     # -- boot ------------------------------------------------------------------
 
@@ -160,11 +162,14 @@ class Migrations:
 
     # -- the loop's turn -------------------------------------------------------
 
-    def turn(self, config: ServerConfig, cpus: int, reload: Callable[[], bool]) -> bool:
+    def turn(
+        self, config: ServerConfig, cpus: int, slots: Iterable[Slot], reload: Callable[[], bool]
+    ) -> bool:
         """Take requests and make the automatic moves; True if the tables must be published.
         ``reload`` reloads the config file (a finished migration's rewrite): True if accepted."""
         changed = False
         now = time.monotonic()
+        self._slots, self._tenants = list(slots), _owners(config, cpus)
         if self.requested or now >= self._next_poll:
             self.requested = False
             self._next_poll = now + PROGRESS_POLL_S
@@ -278,9 +283,14 @@ class Migrations:
             log.info("migration of %s: rate %d records/s (serial %d)", new.namespace, new.rate, new.serial)
 
     def _applied(self, name: str) -> bool:
+        """Every worker of the tenant reported the generation that carried this serial."""
         first = self._first.get(name)
         st = self.states[name]
-        return first is not None and first[0] == st.serial and not self._lagging.get(name, ())
+        return (
+            first is not None
+            and first[0] == st.serial
+            and not _lagging(self._slots, self._tenants.get(name, ""), first[1])
+        )
 
     def _advance(self) -> bool:
         changed = False

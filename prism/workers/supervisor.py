@@ -366,7 +366,7 @@ class Supervisor:
             return self.reload_note.state != RELOAD_REJECTED
 
         cpus = len(self.allowed_cpus)
-        if self.migrations.turn(self.config, cpus, reload) or self.migrations.moved(
+        if self.migrations.turn(self.config, cpus, self.slots.values(), reload) or self.migrations.moved(
             self.slots.values(), self.config, cpus
         ):
             self._routes_changed = True

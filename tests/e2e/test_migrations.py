@@ -18,7 +18,6 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -102,7 +101,9 @@ def wait_phase(tree: PrismTree, name: str, phase: str, timeout_s: float = 60.0) 
         if status == 200 and answer["phase"] == phase and not answer["lagging"]:
             return answer
         if time.monotonic() > deadline:
-            raise AssertionError(f"not in {phase} after {timeout_s}s: {status} {answer}\n{tree.stderr()[-3000:]}")
+            raise AssertionError(
+                f"not in {phase} after {timeout_s}s: {status} {answer}\n{tree.stderr()[-3000:]}"
+            )
         time.sleep(0.1)
 
 
@@ -180,7 +181,12 @@ def test_a_restart_during_the_backfill_resumes_it_from_its_cursor(prism_tree: An
     tree = _tree(prism_tree, name)
     try:
         before = fill(tree, name, 120)
-        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start", {"to": "postgres", "options": {"dsn": DSN}, "rate": 20})
+        status, answer = call(
+            tree,
+            "POST",
+            f"/v1/migrations/{name}/start",
+            {"to": "postgres", "options": {"dsn": DSN}, "rate": 20},
+        )
         assert status == 200, answer
         deadline = time.monotonic() + 30
         while True:
@@ -190,7 +196,9 @@ def test_a_restart_during_the_backfill_resumes_it_from_its_cursor(prism_tree: An
             assert time.monotonic() < deadline, answer
             time.sleep(0.1)
         assert tree.stop() == 0
-        copied = json.loads((tree.data_dir / "migrations" / "progress" / f"{name}.json").read_bytes())["copied"]
+        copied = json.loads((tree.data_dir / "migrations" / "progress" / f"{name}.json").read_bytes())[
+            "copied"
+        ]
         assert 0 < copied < 120
         tree.start()
         _, answer = call(tree, "GET", f"/v1/migrations/{name}")
@@ -214,7 +222,12 @@ def test_abort_from_each_phase_puts_the_namespace_back_on_its_source(prism_tree:
     try:
         before = fill(tree, name, 30)
         rate = 1 if phase == "backfill" else 5000
-        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start", {"to": "postgres", "options": {"dsn": DSN}, "rate": rate})
+        status, answer = call(
+            tree,
+            "POST",
+            f"/v1/migrations/{name}/start",
+            {"to": "postgres", "options": {"dsn": DSN}, "rate": rate},
+        )
         assert status == 200, answer
         wait_phase(tree, name, "backfill" if phase == "backfill" else "shadow_read")
         if phase == "promoted":
@@ -228,7 +241,9 @@ def test_abort_from_each_phase_puts_the_namespace_back_on_its_source(prism_tree:
         check_all(tree, name, {**before, **written})
         assert not (tree.data_dir / "migrations" / f"{name}.json").exists()
         # A new migration may start after an abort.
-        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start", {"to": "postgres", "options": {"dsn": DSN}})
+        status, answer = call(
+            tree, "POST", f"/v1/migrations/{name}/start", {"to": "postgres", "options": {"dsn": DSN}}
+        )
         assert status == 200, answer
     finally:
         tree.stop()
@@ -245,7 +260,14 @@ def test_bad_commands_get_one_clear_line_and_change_nothing(prism_tree: Any) -> 
             ("POST", "/v1/migrations/nope/start", {"to": "postgres"}, TOKEN, 404, "unknown namespace 'nope'"),
             ("POST", start, {"to": "sqlite"}, TOKEN, 422, "same options"),
             ("POST", start, {"to": "nats"}, TOKEN, 422, "the target must be one of"),
-            ("POST", start, {"to": "postgres", "options": {"dsn": DSN, "pool_size": -1}}, TOKEN, 422, "pool_size"),
+            (
+                "POST",
+                start,
+                {"to": "postgres", "options": {"dsn": DSN, "pool_size": -1}},
+                TOKEN,
+                422,
+                "pool_size",
+            ),
             ("POST", start, {"to": "postgres", "rate": 0}, TOKEN, 400, "rate must be"),
             ("POST", start, {"to": "postgres", "shadow_fraction": 2}, TOKEN, 400, "shadow_fraction"),
             ("POST", start, {"to": "postgres", "colour": 1}, TOKEN, 400, "colour"),
@@ -296,7 +318,12 @@ def test_sigterm_is_not_needed_to_see_metrics(prism_tree: Any) -> None:
     tree = _tree(prism_tree, name, workers=1)
     try:
         fill(tree, name, 10)
-        status, _ = call(tree, "POST", f"/v1/migrations/{name}/start", {"to": "postgres", "options": {"dsn": DSN}, "rate": 5000})
+        status, _ = call(
+            tree,
+            "POST",
+            f"/v1/migrations/{name}/start",
+            {"to": "postgres", "options": {"dsn": DSN}, "rate": 5000},
+        )
         assert status == 200
         wait_phase(tree, name, "shadow_read")
         metrics = tree.metrics()
