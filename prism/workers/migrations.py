@@ -165,7 +165,8 @@ class Migrations:
     def turn(
         self, config: ServerConfig, cpus: int, slots: Iterable[Slot], reload: Callable[[], bool]
     ) -> bool:
-        """Take requests and make the automatic moves; True if the tables must be published.
+        """Take requests and make the automatic moves; True if the tables must be published
+        (a state changed, or which workers lag did).
         ``reload`` reloads the config file (a finished migration's rewrite): True if accepted."""
         changed = False
         now = time.monotonic()
@@ -176,7 +177,7 @@ class Migrations:
             changed |= self._take(config, cpus)
             changed |= self._advance()
         changed |= self._end(config, cpus, reload)
-        return changed
+        return changed or self.moved(self._slots, config, cpus)
 
     def _take(self, config: ServerConfig, cpus: int) -> bool:
         requests, bad = self.box.take()

@@ -103,18 +103,15 @@ class Supervisor:
         self.generation += 1
         self._routes_changed = False
         cpus = len(self.allowed_cpus)
-        routes = msgspec.structs.replace(
-            self.resources.routes_for(
-                self.generation,
-                self.config,
-                cpus,
-                self.slots.values(),
-                self.security_serial,
-                self._ready_once,
-                self.reload_note,
-            ),
-            migrations=self.migrations.entries(self.generation, self.config, cpus, self.slots.values()),
-            migration_answers=self.migrations.table_answers(),
+        routes = self.resources.routes_for(
+            self.generation,
+            self.config,
+            cpus,
+            self.slots.values(),
+            self.security_serial,
+            self._ready_once,
+            self.reload_note,
+            self.migrations,
         )
         # Each tenant's own table first: a worker seeing this generation finds its namespaces as new.
         migrating = self.migrations.by_tenant(self.config, cpus)
@@ -365,10 +362,7 @@ class Supervisor:
             self._reload()
             return self.reload_note.state != RELOAD_REJECTED
 
-        cpus = len(self.allowed_cpus)
-        if self.migrations.turn(self.config, cpus, self.slots.values(), reload) or self.migrations.moved(
-            self.slots.values(), self.config, cpus
-        ):
+        if self.migrations.turn(self.config, len(self.allowed_cpus), self.slots.values(), reload):
             self._routes_changed = True
 
     # -- drain -----------------------------------------------------------------
