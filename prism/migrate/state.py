@@ -209,6 +209,11 @@ def command(state: MigrationState, progress: Progress | None, name: str, now_ms:
             f"cannot promote {state.namespace!r}: {progress.dropped} writes to the target were dropped "
             "(retry queue full), so the target misses them: abort and start the migration again"
         )
+    if name == "promote" and progress is not None and progress.queued:
+        raise MigrationError(
+            f"cannot promote {state.namespace!r} yet: {progress.queued} writes wait for the target "
+            "(it did not take them); promote once they are delivered"
+        )
     return _moved(state, now_ms, phase=to)
 
 

@@ -139,6 +139,13 @@ def test_promote_refused_when_dual_writes_were_dropped() -> None:
         command(at(Phase.SHADOW_READ), Progress(done=True, dropped=3), "promote", now_ms=0)
 
 
+def test_promote_refused_while_writes_wait_for_the_target() -> None:
+    with pytest.raises(MigrationError, match="cannot promote 'profiles' yet: 2 writes wait for the target"):
+        command(at(Phase.SHADOW_READ), Progress(done=True, queued=2), "promote", now_ms=0)
+    # abort is never refused for it
+    assert command(at(Phase.SHADOW_READ), Progress(queued=2), "abort", now_ms=0).phase is Phase.ABORTED
+
+
 def test_advance() -> None:
     dual = at(Phase.DUAL_WRITE)
     moved = advance(dual, None, now_ms=10)
@@ -304,3 +311,15 @@ def test_store_cannot_write_where_the_data_dir_is_a_file(tmp_path: Path) -> None
         store.save(new())
     with pytest.raises(MigrationError, match="cannot list"):
         store.all()
+
+
+def test_the_state_module_loads_no_trio() -> None:
+    # The supervisor and the admin process import it; neither may load trio.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, prism.migrate.state; print(sorted(m for m in sys.modules if m.split('.')[0] == 'trio'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,220 @@
+"""The backfill (prism/migrate/backfill.py) between two in-memory backends, on
+trio's MockClock: it copies everything, saves its cursor after every page,
+resumes from it, keeps to its rate, never undoes a newer write, and outlasts
+a backend that fails. (Every ordered pair of real engines:
+tests/integration/test_migration_pairs.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from prism.backends.keyvalue import ExportPage, ItemWrite, MatchKeys, Stamp, StampedItem
+from prism.backends.memory.keyvalue import MemoryBackend
+from prism.errors import Unavailable
+from prism.migrate import backfill as backfill_module
+from prism.migrate.backfill import backfill
+from prism.migrate.state import MigrationError, Progress
+
+NOW = 1_700_000_000_000
+BIG = 1 << 30
+
+
+class Flaky(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.pages = 0
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage:
+        if self.down:
+            raise Unavailable("source down")
+        self.pages += 1
+        return await super().export_records(
+            after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
+        )
+
+    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
+        if self.down:
+            raise Unavailable("target down")
+        await super().import_records(records, now_ms)
+
+
+async def fill(backend: MemoryBackend, n: int) -> None:
+    for i in range(n):
+        await backend.put_items(f"id{i:04}", [ItemWrite(b"k", b"v%d" % i)], Stamp(10), NOW)
+
+
+async def dump(backend: MemoryBackend) -> list[tuple[str, list[StampedItem]]]:
+    return (await backend.export_records(after=None, limit_items=BIG, limit_bytes=BIG, now_ms=NOW)).records
+
+
+class Saved:
+    def __init__(self) -> None:
+        self.saves: list[Progress] = []
+
+    def __call__(self, progress: Progress) -> None:
+        self.saves.append(msgspec.structs.replace(progress))
+
+
+async def run(
+    source: MemoryBackend,
+    target: MemoryBackend,
+    progress: Progress,
+    rate: int = 1_000_000,
+    save: Saved | None = None,
+) -> Progress:
+    return await backfill(
+        source,
+        target,
+        namespace="ns",
+        progress=progress,
+        rate=lambda: rate,
+        save=save or Saved(),
+        clock=lambda: NOW,
+    )
+
+
+async def test_copies_everything_and_saves_after_every_page(autojump_clock: trio.testing.MockClock) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 1200)
+    saved = Saved()
+    progress = await run(source, target, Progress(), save=saved)
+    assert (progress.done, progress.copied, progress.cursor) == (True, 1200, "id1199")
+    assert await dump(target) == await dump(source)
+    assert [s.copied for s in saved.saves] == [500, 1000, 1200]  # PAGE_ITEMS a page
+    assert [s.done for s in saved.saves] == [False, False, True]
+    assert await run(source, target, progress) is progress  # done: nothing more
+
+
+async def test_an_empty_source_is_done_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    progress = await run(Flaky(), Flaky(), Progress())
+    assert (progress.done, progress.copied, progress.cursor) == (True, 0, None)
+
+
+async def test_resumes_from_the_saved_cursor(autojump_clock: trio.testing.MockClock) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 100)
+    saved = Saved()
+    with trio.move_on_after(3.5):  # a restart of prism serve part-way: 10 records/s, pages of 10
+        await run(source, target, Progress(), rate=10, save=saved)
+    last = saved.saves[-1]
+    assert not last.done and last.cursor == f"id{last.copied - 1:04}" and 20 <= last.copied <= 50
+    assert len(await dump(target)) == last.copied
+    exported_before = source.pages
+    progress = await run(source, target, msgspec.structs.replace(last), rate=1000)
+    assert progress.done and progress.copied == 100
+    assert source.pages - exported_before == 1  # one page of the 100 - copied left: no record read twice
+    assert await dump(target) == await dump(source)
+
+
+async def test_a_copy_never_overwrites_a_newer_dual_written_item(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 10)
+    # written during dual write, to both, after the copy was read: newer stamps
+    for backend in (source, target):
+        await backend.put_items("id0003", [ItemWrite(b"k", b"new")], Stamp(20), NOW)
+        await backend.delete_items("id0005", MatchKeys((b"k",)), Stamp(20), NOW)
+    stale = [
+        ("id0003", [StampedItem(b"k", b"v3", 0, 10, "")]),
+        ("id0005", [StampedItem(b"k", b"v5", 0, 10, "")]),
+    ]
+    await target.import_records(stale, NOW)  # as a page read before those writes would be
+    await run(source, target, Progress())
+    assert await dump(target) == await dump(source)
+    rows = dict(await dump(target))
+    assert rows["id0003"] == [StampedItem(b"k", b"new", 0, 20, "")] and "id0005" not in rows
+
+
+async def test_keeps_to_its_rate(autojump_clock: trio.testing.MockClock) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 200)
+    t0 = trio.current_time()
+    await run(source, target, Progress(), rate=20)  # pages of 20: a second each
+    elapsed = trio.current_time() - t0
+    assert 9.0 <= elapsed <= 10.5  # 200 records at 20/s (no wait after the last page)
+
+
+async def test_a_rate_change_takes_effect_at_the_next_page(autojump_clock: trio.testing.MockClock) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 300)
+    rate = [10]
+    seen: list[tuple[float, int, float]] = []
+
+    def save(progress: Progress) -> None:
+        seen.append((trio.current_time(), progress.copied, progress.records_per_s))
+        if progress.copied >= 50:
+            rate[0] = 100
+
+    t0 = trio.current_time()
+    await backfill(
+        source,
+        target,
+        namespace="ns",
+        progress=Progress(),
+        rate=lambda: rate[0],
+        save=save,
+        clock=lambda: NOW,
+    )
+    elapsed = trio.current_time() - t0
+    # 50 records at 10/s (5 s), then 250 at 100/s (2.5 s)
+    assert 6.5 <= elapsed <= 8.0
+    assert seen[4][2] == pytest.approx(10, rel=0.3)  # records_per_s measured at the slow pace
+    assert seen[-1][2] > 40  # over the last RATE_WINDOW_S: part slow, part fast
+    assert [c for _, c, _ in seen] == [10, 20, 30, 40, 50, 150, 250, 300]  # pages: a second's worth
+
+
+async def test_a_backend_down_is_waited_out(autojump_clock: trio.testing.MockClock) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 30)
+    target.down = True
+    saved = Saved()
+
+    async def come_back() -> None:
+        await trio.sleep(20)
+        target.down = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(come_back)
+        progress = await run(source, target, Progress(), save=saved)
+    assert progress.done and trio.current_time() >= 20
+    assert await dump(target) == await dump(source)
+
+
+async def test_a_progress_file_that_cannot_be_written_is_retried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 3)
+    failures = [3]
+    saved = Saved()
+
+    def save(progress: Progress) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise MigrationError(
+                "migration state /data/migrations/progress/ns.json: cannot write: No space left"
+            )
+        saved(progress)
+
+    progress = await backfill(
+        source, target, namespace="ns", progress=Progress(), rate=lambda: 1000, save=save, clock=lambda: NOW
+    )
+    assert progress.done and saved.saves[-1].done
+
+
+async def test_a_low_rate_pages_small(autojump_clock: trio.testing.MockClock) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 3)
+    saved = Saved()
+    await run(source, target, Progress(), rate=1, save=saved)
+    assert [s.copied for s in saved.saves] == [1, 2, 3]
+    assert backfill_module.PAGE_ITEMS == 500
