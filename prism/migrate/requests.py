@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -146,15 +147,22 @@ def write_worker_stats(data_dir: Path | str, namespace: str, worker_id: int, sta
     )
 
 
-def read_worker_stats(data_dir: Path | str, namespace: str) -> list[Progress]:
-    """Every worker's counters for ``namespace`` (files that cannot be read are skipped)."""
+def read_worker_stats(
+    data_dir: Path | str, namespace: str, *, fresh_s: float | None = None
+) -> list[Progress]:
+    """Every worker's counters for ``namespace`` (files that cannot be read are skipped);
+    with ``fresh_s``, only those written in the last ``fresh_s`` seconds (live workers':
+    a worker gone since, retired by a reload, leaves its last file behind)."""
     out = []
+    oldest = time.time() - fresh_s if fresh_s is not None else 0.0
     try:
         paths = sorted(_stats_dir(data_dir, namespace).glob("w*.json"))
     except (OSError, MigrationError):
         return []
     for path in paths:
         try:
+            if fresh_s is not None and path.stat().st_mtime < oldest:
+                continue
             with open(path, "rb") as f:
                 out.append(msgspec.json.decode(f.read(_STATS_BYTES), type=Progress))
         except (OSError, msgspec.DecodeError):

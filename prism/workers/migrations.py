@@ -43,7 +43,7 @@ from prism.config.rewrite import RewriteError, retarget
 from prism.config.store import replace_file
 from prism.errors import ConfigError
 from prism.migrate import state as mstate
-from prism.migrate.requests import MigrationRequest, RequestBox, clear_worker_stats
+from prism.migrate.requests import MigrationRequest, RequestBox, clear_worker_stats, read_worker_stats
 from prism.migrate.state import Endpoint, MigrationError, MigrationState, MigrationStore, Phase
 from prism.redact import redact
 from prism.router.table import MigrationEntry
@@ -55,6 +55,7 @@ __all__ = ["Migrations"]
 log = logging.getLogger("prism.migrate")
 
 MAX_ANSWERS: Final = 64
+STATS_FRESH_S: Final = 5.0  # a worker's counters older than this are a gone worker's
 PROGRESS_POLL_S: Final = 0.5
 _UNPUBLISHED: Final = 1 << 62  # an ended entry's generation until the table that carries it
 DEFAULT_RATE: Final = 1000
@@ -234,7 +235,11 @@ class Migrations:
             return mstate.set_rate(current, mstate.check_rate(request.rate), now)
         if request.command not in mstate.COMMANDS:
             raise Refused(400, f"unknown migration command {request.command!r}")
-        new = mstate.command(current, self.store.load_progress(name), request.command, now)
+        # The backfill's progress and every worker's queues (stats files, a second old at most).
+        progress = mstate.merge_progress(
+            self.store.load_progress(name), read_worker_stats(self.data_dir, name, fresh_s=STATS_FRESH_S)
+        )
+        new = mstate.command(current, progress, request.command, now)
         if request.command == "finish":
             self._rewritten(new)  # the file can be rewritten: checked before anything changes
         return new
