@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -83,9 +82,17 @@ def cli(tree: PrismTree, *args: str) -> subprocess.CompletedProcess[str]:
     token = tree.root / "admin.token"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRISM_ADMIN")}
     return subprocess.run(
-        [sys.executable, "-m", "prism.cli", "migrate", *args, "--endpoint", f"127.0.0.1:{tree.admin_port}"]
-        + ([] if args[0] == "status" else [])
-        + ["--token-file", str(token)],
+        [
+            sys.executable,
+            "-m",
+            "prism.cli",
+            "migrate",
+            *args,
+            "--endpoint",
+            f"127.0.0.1:{tree.admin_port}",
+            "--token-file",
+            str(token),
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -313,7 +320,7 @@ def test_bad_commands_get_one_clear_line_and_change_nothing(prism_tree: Any) -> 
         _drop(name)
 
 
-def test_sigterm_is_not_needed_to_see_metrics(prism_tree: Any) -> None:
+def test_metrics_show_the_phase_and_the_records_copied(prism_tree: Any) -> None:
     name = f"mt_{uuid.uuid4().hex[:8]}"
     tree = _tree(prism_tree, name, workers=1)
     try:
@@ -330,6 +337,31 @@ def test_sigterm_is_not_needed_to_see_metrics(prism_tree: Any) -> None:
         assert f'prism_migration_phase{{namespace="{name}",phase="shadow_read"}} 1' in metrics
         assert f'prism_migration_copied_records_total{{namespace="{name}"}} 10' in metrics
     finally:
-        tree.send_signal(signal.SIGTERM)
+        tree.stop()
+        _drop(name)
+
+
+def test_a_worker_that_has_not_applied_a_command_holds_dual_write_and_is_named(prism_tree: Any) -> None:
+    """Abort from dual_write: a stopped worker keeps the migration there (its writes
+    could go to the source alone), the command answers 504 naming it, and abort, once
+    the supervisor replaces the silent worker, puts the namespace back on its source."""
+    name = f"dw_{uuid.uuid4().hex[:8]}"
+    tree = _tree(prism_tree, name)
+    try:
+        before = fill(tree, name, 10)
+        owners = call(tree, "GET", "/v1/namespaces")[1]["namespaces"]
+        stopped = max((o for ns in owners if ns["name"] == name for o in ns["owners"]), key=lambda o: o["id"])
+        tree.stop_worker(stopped["pid"])
+        body = {"to": "postgres", "options": {"dsn": DSN}}
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start?wait=0.3", body)
+        assert status == 504 and f"waiting for workers {stopped['id']}" in answer["error"], answer
+        _, shown = call(tree, "GET", f"/v1/migrations/{name}")
+        assert shown["phase"] == "dual_write" and shown["lagging"] == [stopped["id"]]
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/abort?wait=30")
+        assert status == 200 and answer["phase"] == "aborted" and answer["final"], answer
+        assert "phase dual_write -> aborted" in tree.stderr()
+        assert backend_of(tree, name) == "sqlite"
+        check_all(tree, name, before)
+    finally:
         tree.stop()
         _drop(name)
