@@ -171,8 +171,11 @@ class Migrations:
         ``reload`` reloads the config file (a finished migration's rewrite): True if accepted."""
         changed = False
         now = time.monotonic()
+        due = self.requested or now >= self._next_poll
+        if not due and not self.states and not any(e.lagging for e in self.ended.values()):
+            return False  # nothing under way: a turn of the loop costs nothing
         self._slots, self._tenants = list(slots), _owners(config, cpus)
-        if self.requested or now >= self._next_poll:
+        if due:
             self.requested = False
             self._next_poll = now + PROGRESS_POLL_S
             changed |= self._take(config, cpus)
