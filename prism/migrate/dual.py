@@ -17,7 +17,9 @@ only once the primary took it. The secondary's write carries the same stamp
 (time and idempotency token), so both backends decide alike; one it refuses
 (or does not answer in ``SECONDARY_TIMEOUT_S``, or the client's call is
 cancelled meanwhile) is counted and queued (``prism.migrate.retry``) and
-never fails the call. While writes wait for a backend, new ones queue behind
+never fails the call. A write whose call is cancelled while the primary has
+it (its outcome unknown: it may have committed) is queued for both, so the
+two agree either way. While writes wait for a backend, new ones queue behind
 them without trying it first, so a backend that is down costs the client
 nothing per call. A secondary that cannot be reached at ``open`` is the same
 case: writes queue until it answers.
@@ -57,6 +59,7 @@ from prism.migrate.state import MigrationState, Phase, Progress
 log = logging.getLogger("prism.migrate")
 
 SECONDARY_TIMEOUT_S: Final = 2.0  # past it, the secondary's write is queued and the client answered
+CLOSE_DRAIN_S: Final = 5.0  # how long aclose waits for queued writes to be delivered
 
 _SOURCE_FIRST: Final = frozenset({Phase.DUAL_WRITE, Phase.BACKFILL, Phase.SHADOW_READ})
 
@@ -175,6 +178,7 @@ class MigratingKeyValue:
             dropped=self.queues["source"].dropped + self.queues["target"].dropped,
             shadow_reads=self.shadow.reads,
             mismatches=dict(self.shadow.mismatches),
+            mismatched_reads=self.shadow.mismatched_reads,
             updated_ms=self._clock(),
         )
 
@@ -207,11 +211,29 @@ class MigratingKeyValue:
             )
 
     async def aclose(self) -> None:
-        """Close both backends (the writes still queued are let go: ``stats`` said so)."""
+        """Close both backends, once the queued writes are delivered (trying for
+        at most ``CLOSE_DRAIN_S``); what is still queued then is lost to its
+        backend, and said in the log."""
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
+            if any(len(q) for q in self.queues.values()):
+                with trio.move_on_after(CLOSE_DRAIN_S):
+                    async with trio.open_nursery() as nursery:
+                        for role in ("source", "target"):
+                            nursery.start_soon(self._drain, role)
+                        await self.settled()
+                        nursery.cancel_scope.cancel()
+            for role, queue in self.queues.items():
+                if len(queue):
+                    log.error(
+                        "namespace %s: closed with %d writes never delivered to the migration %s: "
+                        "it misses them (shadow reads show it); abort the migration and start it again",
+                        self.namespace,
+                        len(queue),
+                        role,
+                    )
             for role in ("source", "target"):
                 if self._opened[role]:
                     try:
@@ -246,11 +268,21 @@ class MigratingKeyValue:
     ) -> None:
         primary, secondary = self._primary, self._secondary
         await self._ensure_open(primary)
-        await apply(self._backend(primary), now_ms)
+        pending = PendingWrite(id, nbytes, apply)
+        try:
+            await apply(self._backend(primary), now_ms)
+        except trio.Cancelled:
+            # The client gave up (deadline, reset) while the primary had the
+            # write: it may have committed it or not. Deliver it to both later
+            # (the same stamp and token: at most once each), so the backends
+            # agree whichever it was.
+            for role in (primary, secondary):
+                if role is not None:
+                    self.queues[role].push(pending)
+            raise
         if secondary is None:
             return
         queue = self.queues[secondary]
-        pending = PendingWrite(id, nbytes, apply)
         if len(queue) or not self._opened[secondary]:
             self._failures[secondary] += 1
             queue.push(pending)

@@ -106,9 +106,10 @@ class Progress(msgspec.Struct):
     target_failures: int = 0  # dual writes the target (or, promoted, the source) refused, then queued
     queued: int = 0  # writes waiting for retry now
     shadow_reads: int = 0
-    mismatches: dict[str, int] = {}  # kind -> count: missing, extra, value, expiry
+    mismatches: dict[str, int] = {}  # kind -> keys that differed: missing, extra, value, expiry
     updated_ms: int = 0
     dropped: int = 0  # queued writes let go (queue full): the copy is incomplete, start again
+    mismatched_reads: int = 0  # shadow reads that differed (the mismatch rate: this / shadow_reads)
 
 
 class MigrationError(Exception):
@@ -245,6 +246,7 @@ def merge_progress(backfill: Progress | None, workers: Iterable[Progress]) -> Pr
         out.queued += p.queued
         out.dropped += p.dropped
         out.shadow_reads += p.shadow_reads
+        out.mismatched_reads += p.mismatched_reads
         for kind, n in p.mismatches.items():
             out.mismatches[kind] = out.mismatches.get(kind, 0) + n
         out.updated_ms = max(out.updated_ms, p.updated_ms)

@@ -47,6 +47,7 @@ class Flaky(MemoryBackend):
         self.hang = False
         self.refuse = False
         self.open_fails = False
+        self.slow_commit = False  # applies the write, then does not answer
         self.attempts = 0
         self.opened = 0
 
@@ -67,6 +68,8 @@ class Flaky(MemoryBackend):
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
         await self._gate()
         await super().put_items(id, items, stamp, now_ms)
+        if self.slow_commit:
+            await trio.sleep_forever()
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
         await self._gate()
@@ -225,6 +228,25 @@ async def test_a_client_cancelled_during_the_targets_write_leaves_it_queued(
     assert await items(target) == {b"a": b"v"}
 
 
+@pytest.mark.parametrize("commits", [True, False])
+async def test_a_client_cancelled_during_the_primarys_write_leaves_both_agreeing(
+    pair: tuple[Flaky, Flaky, MigratingKeyValue], autojump_clock: trio.testing.MockClock, commits: bool
+) -> None:
+    source, target, mkv = pair
+    # the source took the write and did not answer in time / did not take it before the deadline
+    if commits:
+        source.slow_commit = True
+    else:
+        source.hang = True
+    with trio.move_on_after(0.5):
+        await mkv.put_items("r", [w(b"a")], Stamp(1, "tok"), NOW)
+    source.slow_commit = source.hang = False
+    assert mkv.stats().queued == 2  # for each backend: its outcome is unknown
+    with trio.fail_after(60):
+        await mkv.settled()
+    assert await dump(source) == await dump(target) == [("r", [StampedItem(b"a", b"v", 0, 1, "tok")])]
+
+
 async def test_a_write_the_target_refuses_for_itself_is_dropped(
     pair: tuple[Flaky, Flaky, MigratingKeyValue], autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -251,6 +273,30 @@ async def test_a_full_queue_drops_and_counts(autojump_clock: trio.testing.MockCl
     byte_budget = retry.RetryQueue("t", max_bytes=10)
     assert byte_budget.push(retry.PendingWrite("r", 10, lambda b, n: trio.sleep(0)))
     assert not byte_budget.push(retry.PendingWrite("r", 1, lambda b, n: trio.sleep(0)))
+
+
+async def test_close_delivers_what_is_queued_or_says_what_is_lost(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, target = Flaky(), Flaky()
+    mkv = MigratingKeyValue("ns", source, target, state(), clock=lambda: NOW)
+    await mkv.open()
+    target.down = True
+    await mkv.put_items("r", [w(b"a")], Stamp(1), NOW)
+    target.down = False
+    await mkv.aclose()  # run() is not running: close delivers it itself
+    assert await items(target) == {b"a": b"v"}
+
+    source, target = Flaky(), Flaky()
+    mkv = MigratingKeyValue("ns", source, target, state(), clock=lambda: NOW)
+    await mkv.open()
+    target.down = True
+    await mkv.put_items("r", [w(b"a")], Stamp(1), NOW)
+    t0 = trio.current_time()
+    with caplog.at_level(logging.ERROR, logger="prism.migrate"):
+        await mkv.aclose()
+    assert trio.current_time() - t0 == pytest.approx(dual.CLOSE_DRAIN_S)
+    assert "closed with 1 writes never delivered to the migration target" in caplog.text
 
 
 async def test_a_target_that_does_not_open_is_a_retry_case(autojump_clock: trio.testing.MockClock) -> None:
@@ -427,7 +473,7 @@ async def test_each_kind_of_mismatch_is_counted_and_logged_without_values(
         await read_n(mkv, 3)
         await trio.sleep(5)
     assert mkv.stats().mismatches == {kind: 3}
-    assert mkv.shadow.mismatched_reads == 3
+    assert mkv.stats().mismatched_reads == 3
     lines = [r.getMessage() for r in caplog.records if "shadow read differs" in r.getMessage()]
     assert len(lines) == 1  # a sample: one line per LOG_EVERY_S
     assert f"id 'r' key {(b'zz' if kind == 'extra' else b'b').hex()}: {kind}" in lines[0]

@@ -173,7 +173,14 @@ def test_merge_progress_sums_the_workers_counters() -> None:
     merged = merge_progress(
         backfill,
         [
-            Progress(target_failures=2, queued=1, shadow_reads=4, mismatches={"missing": 2}, updated_ms=7),
+            Progress(
+                target_failures=2,
+                queued=1,
+                shadow_reads=4,
+                mismatches={"missing": 2},
+                mismatched_reads=1,
+                updated_ms=7,
+            ),
             Progress(target_failures=1, dropped=5, mismatches={"value": 1}, updated_ms=3),
         ],
     )
@@ -184,7 +191,7 @@ def test_merge_progress_sums_the_workers_counters() -> None:
         1,
         5,
     )
-    assert merged.mismatches == {"value": 2, "missing": 2}
+    assert merged.mismatches == {"value": 2, "missing": 2} and merged.mismatched_reads == 1
     assert merged.updated_ms == 7
     assert backfill.mismatches == {"value": 1}  # not changed
     assert merge_progress(None, []) == Progress()
