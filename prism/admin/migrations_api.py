@@ -97,7 +97,7 @@ def _error(status: int, text: str, **extra: Any) -> Answer:
 
 def _status(entry: MigrationEntry, progress: Progress) -> dict[str, Any]:
     shadow = progress.shadow_reads
-    mismatched = sum(progress.mismatches.values())
+    mismatched = progress.mismatched_reads  # a read may differ in several ways: counted once here
     return {
         **msgspec.to_builtins(entry),
         "progress": {
@@ -109,6 +109,7 @@ def _status(entry: MigrationEntry, progress: Progress) -> dict[str, Any]:
             "dropped": progress.dropped,
             "shadow_reads": shadow,
             "mismatches": dict(progress.mismatches),
+            "mismatched_reads": mismatched,
             "mismatch_rate": (mismatched / shadow) if shadow else 0.0,
             "updated_ms": progress.updated_ms,
         },
