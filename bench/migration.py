@@ -59,6 +59,7 @@ from prism.proto import common_pb2, kv_pb2, kv_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "migration.json"
 TOKEN = "bench-migration-token-1234"
+SETTLE_S = 3.0
 
 
 class Client:
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = kv_pb2_grpc.KeyValueStub(channel)
     seed(stub, namespace, args.records)
+    time.sleep(SETTLE_S)  # the seeding's aftermath (SQLite's WAL checkpoint) out of the "before" window
     ids = args.records + args.records // 10  # a tenth of the writes make new records
     writer = Client(
         kv_pb2_grpc.KeyValueStub(grpc.insecure_channel(f"127.0.0.1:{server.port}")), namespace, ids, True
