@@ -108,6 +108,7 @@ def main() -> int:
     if spec.supervisor_pid:
         die_with_parent(spec.supervisor_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload is the supervisor's, see worker.py
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # so are migration requests
     setup_logging(spec.log_level)
     config = hypercorn_config(spec)
     try:

@@ -267,6 +267,7 @@ def serve(spec: WorkerSpec, *, forked: bool = False) -> None:
     # Reload is the supervisor's business; a hangup sent to the whole process
     # group (a closing terminal, kill -HUP -PGID) must not stop workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise the supervisor's migration wake-up
     setup_logging(spec.config.log_level)
     try:
         if spec.cpu is not None:
