@@ -11,9 +11,9 @@ Signals only enqueue (gunicorn's arbiter pattern); the main loop dispatches:
 SIGTERM drains, SIGINT/SIGQUIT stop fast, SIGHUP reloads the config, SIGUSR1
 takes migration requests (``prism.workers.migrations``), SIGCHLD reaps. Each
 worker slot's lifecycle is the table in ``prism.workers.slot``: a dead worker
-is restarted after an exponential backoff with jitter; a worker that cannot boot at all (it reports so, or exits with code 3 before its
-first heartbeat) halts the whole server with its reason instead of a crash
-loop, unless a reload started it, in which case the reload is rejected and
+is restarted after an exponential backoff with jitter; a worker that cannot
+boot at all (it reports so, or exits with code 3 before its first heartbeat)
+halts the whole server with its reason instead of a crash loop, unless a reload started it, in which case the reload is rejected and
 the tenant's previous workers keep serving.
 """
 
