@@ -13,8 +13,9 @@ takes migration requests (``prism.workers.migrations``), SIGCHLD reaps. Each
 worker slot's lifecycle is the table in ``prism.workers.slot``: a dead worker
 is restarted after an exponential backoff with jitter; a worker that cannot
 boot at all (it reports so, or exits with code 3 before its first heartbeat)
-halts the whole server with its reason instead of a crash loop, unless a reload started it, in which case the reload is rejected and
-the tenant's previous workers keep serving.
+halts the whole server with its reason instead of a crash loop, unless a
+reload started it, in which case the reload is rejected and the tenant's
+previous workers keep serving.
 """
 
 from __future__ import annotations
