@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,13 +19,16 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, PrismTree, get, put, sqlite_ns, tenant_toml
-from tests.pg import DSN
+from tests.e2e.conftest import REPO_ROOT, PrismTree, free_port, get, put, sqlite_ns, tenant_toml
+from tests.e2e.test_readiness_and_boot import Relay
+from tests.pg import DSN, dsn_via
 from tests.rd import RUN_PREFIX, URL
 
 pytestmark = pytest.mark.services("postgres", "redis")
@@ -388,3 +392,66 @@ def test_a_worker_that_has_not_applied_a_command_holds_dual_write_and_is_named(p
     finally:
         tree.stop()
         _drop(name)
+
+
+class CutRelay(Relay):
+    """A relay whose ``stop`` also stops its accept: a listening socket closed while a
+    thread blocks in accept() would go on accepting."""
+
+    def stop(self) -> None:
+        if self._server is not None:
+            try:
+                self._server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().stop()
+
+
+@pytest.fixture
+def pg_relay() -> Iterator[CutRelay]:
+    info = psycopg.conninfo.conninfo_to_dict(DSN)
+    relay = CutRelay(free_port(), (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))
+    yield relay
+    relay.stop()
+
+
+def test_a_target_down_during_dual_write_gets_its_queued_writes_once_back(
+    prism_tree: Any, pg_relay: Relay
+) -> None:
+    name = f"dn_{uuid.uuid4().hex[:8]}"
+    tree = _tree(prism_tree, name, workers=1)
+    pg_relay.start()
+    try:
+        before = fill(tree, name, 10)
+        body = {
+            "to": "postgres",
+            "options": {"dsn": dsn_via(pg_relay.port), "connect_timeout_s": 1.0},
+            "rate": 1,
+        }
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start", body)
+        assert status == 200, answer
+        wait_phase(tree, name, "backfill")
+        pg_relay.stop()  # PostgreSQL unreachable: writes still answer, from the source
+        down = fill(tree, name, 10, b"down")
+        progress = wait_progress(tree, name, lambda p: p["queued"] > 0 and p["target_failures"] > 0)
+        assert progress["dropped"] == 0
+        pg_relay.start()
+        wait_progress(tree, name, lambda p: p["queued"] == 0)
+        assert call(tree, "POST", f"/v1/migrations/{name}/rate", {"rate": 5000})[0] == 200
+        wait_phase(tree, name, "shadow_read")
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/promote")
+        assert status == 200, answer
+        check_all(tree, name, {**before, **down})  # read from the target: the queued writes arrived
+    finally:
+        tree.stop()
+        _drop(name)
+
+
+def wait_progress(tree: PrismTree, name: str, ok: Any, timeout_s: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, answer = call(tree, "GET", f"/v1/migrations/{name}")
+        if ok(answer["progress"]):
+            return dict(answer["progress"])
+        assert time.monotonic() < deadline, f"{answer['progress']}\n{tree.stderr()[-3000:]}"
+        time.sleep(0.1)
