@@ -5,6 +5,8 @@ and writes its counters for ``status``."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -15,10 +17,20 @@ from prism.backends.keyvalue import ItemWrite, MatchAll, Stamp
 from prism.config import NamespaceConfig
 from prism.migrate.dual import MigratingKeyValue
 from prism.migrate.requests import read_worker_stats
-from prism.migrate.state import Endpoint, MigrationState, MigrationStore, Phase
+from prism.migrate.state import Endpoint, MigrationState, MigrationStore, Phase, Progress
 from prism.workers.migrating import WorkerMigrations
 
 NS = NamespaceConfig(name="profiles", backend="sqlite")
+
+
+async def progress_when(data_dir: Path, ok: Callable[[Progress], bool]) -> Progress:
+    """The backfill's saved progress once ``ok``; it is written from a thread (real time)."""
+    for _ in range(2000):
+        progress = MigrationStore(data_dir).load_progress("profiles")
+        if progress is not None and ok(progress):
+            return progress
+        await trio.to_thread.run_sync(time.sleep, 0.002)
+    raise AssertionError("the backfill never got there")
 
 
 def state(phase: Phase, serial: int, rate: int = 1000) -> MigrationState:
@@ -50,13 +62,11 @@ async def test_a_worker_holds_applies_and_backfills_a_migrating_namespace(
         assert kv.state.serial == 2  # applied in place, no reopen
         await trio.sleep(5)
         assert MigrationStore(tmp_path).load_progress("profiles") is None  # not the first worker
+        started = trio.current_time()
         w.settle({"profiles": kv}, tenant_first=True)
-        await trio.sleep(1.5)
-        partial = MigrationStore(tmp_path).load_progress("profiles")
-        assert partial is not None and 0 < partial.copied < 30 and not partial.done  # throttled to 10/s
-        await trio.sleep(5)
-        done = MigrationStore(tmp_path).load_progress("profiles")
-        assert done is not None and done.done and done.copied == 30
+        done = await progress_when(tmp_path, lambda p: p.done)
+        assert done.copied == 30
+        assert trio.current_time() - started >= 2.0  # 30 records at 10/s: pages a second apart
         page = await kv.target.get_items(
             "r29", MatchAll(), reverse=False, after=None, limit_items=10, limit_bytes=1000, now_ms=0
         )
