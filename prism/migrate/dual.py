@@ -41,17 +41,22 @@ from typing import Final
 import trio
 
 from prism.backends.keyvalue import (
+    ExportPage,
     ItemPage,
     ItemWrite,
     KeyValueBackend,
     MatchKeys,
     MatchRange,
+    Migratable,
     Mutation,
     Predicate,
     Put,
     RecordPage,
     Stamp,
+    StampedItem,
 )
+from prism.errors import Unimplemented
+from prism.migrate.backfill import backfill
 from prism.migrate.retry import PendingWrite, RetryQueue
 from prism.migrate.shadow import Shadow, ShadowRead
 from prism.migrate.state import MigrationState, Phase, Progress
@@ -97,6 +102,8 @@ class MigratingKeyValue:
         clock: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
+        if state.namespace != namespace:
+            raise ValueError(f"namespace {namespace!r}: given the migration state of {state.namespace!r}")
         self.namespace = namespace
         self.source = source
         self.target = target
@@ -234,14 +241,11 @@ class MigratingKeyValue:
                         len(queue),
                         role,
                     )
-            for role in ("source", "target"):
-                if self._opened[role]:
-                    try:
-                        await self._backend(role).aclose()
-                    except Exception as exc:
-                        log.warning(
-                            "namespace %s: error closing the migration %s: %s", self.namespace, role, exc
-                        )
+            for role in ("source", "target"):  # opened or not: one half-opened may hold a connection
+                try:
+                    await self._backend(role).aclose()
+                except Exception as exc:
+                    log.warning("namespace %s: error closing the migration %s: %s", self.namespace, role, exc)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver queued writes to each backend and compare shadow reads, until cancelled."""
@@ -254,6 +258,22 @@ class MigratingKeyValue:
     async def _drain(self, role: str) -> None:
         await self.queues[role].drain(
             lambda: self._backend(role), lambda: self._ensure_open(role), self._clock, rand=self._rng.random
+        )
+
+    async def backfill(self, progress: Progress, save: Callable[[Progress], None]) -> Progress:
+        """Copy the source's records to the target (``prism.migrate.backfill``)
+        at the rate of the state applied last, from ``progress.cursor``,
+        opening either backend first if it is not open yet (a target that did
+        not open is waited for, as a failed page is)."""
+        return await backfill(
+            _Opened(self, "source"),
+            _Opened(self, "target"),
+            namespace=self.namespace,
+            progress=progress,
+            rate=lambda: self.state.rate,
+            save=save,
+            clock=self._clock,
+            rand=self._rng.random,
         )
 
     async def settled(self) -> None:
@@ -368,3 +388,29 @@ class MigratingKeyValue:
         ping = getattr(self.primary, "ping", None)
         if ping is not None:
             await ping()
+
+
+class _Opened:
+    """One backend of a migration as ``Migratable``, opened before each use."""
+
+    def __init__(self, mkv: MigratingKeyValue, role: str) -> None:
+        self._mkv = mkv
+        self._role = role
+
+    def _backend(self) -> Migratable:
+        backend = self._mkv._backend(self._role)
+        if not isinstance(backend, Migratable):
+            raise Unimplemented(f"the migration {self._role}'s backend cannot export or import records")
+        return backend
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage:
+        await self._mkv._ensure_open(self._role)
+        return await self._backend().export_records(
+            after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
+        )
+
+    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
+        await self._mkv._ensure_open(self._role)
+        await self._backend().import_records(records, now_ms)

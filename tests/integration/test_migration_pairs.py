@@ -310,15 +310,7 @@ async def test_shadow_reads_match_after_backfill_and_catch_each_kind_of_differen
     source, target = pair
     await prefill(source, 12)
     async with migration(source, target, Phase.BACKFILL) as mkv:
-        await backfill(
-            source,
-            target,
-            namespace="ns",
-            progress=Progress(),
-            rate=lambda: 1_000_000,
-            save=lambda p: None,
-            clock=lambda: NOW,
-        )
+        await mkv.backfill(Progress(), lambda p: None)  # as a worker runs it: at the state's rate
         to(mkv, Phase.SHADOW_READ)
         for i in range(12):
             await values(mkv, f"id{i:04}")

@@ -28,7 +28,14 @@ from prism.backends.keyvalue import (
     StampedItem,
 )
 from prism.backends.memory.keyvalue import MemoryBackend
-from prism.errors import InvalidArgument, Unavailable
+from prism.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    PrismError,
+    ResourceExhausted,
+    Unavailable,
+)
 from prism.migrate import dual, retry
 from prism.migrate.dual import MigratingKeyValue
 from prism.migrate.state import Endpoint, MigrationError, MigrationState, Phase, Progress, command, start
@@ -316,6 +323,31 @@ async def test_a_target_that_does_not_open_is_a_retry_case(autojump_clock: trio.
         nursery.cancel_scope.cancel()
 
 
+async def test_backfill_through_the_migration_opens_the_target_and_follows_the_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source, target = Flaky(), Flaky()
+    for i in range(40):
+        await source.put_items(f"id{i:02}", [w(b"k")], Stamp(1), NOW)
+    target.open_fails = True
+    mkv = MigratingKeyValue("ns", source, target, state(Phase.BACKFILL), clock=lambda: NOW)
+    await mkv.open()
+    mkv.apply(msgspec.structs.replace(mkv.state, rate=10, serial=5))
+    saves: list[int] = []
+
+    async def opens_later() -> None:
+        await trio.sleep(3)
+        target.open_fails = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(opens_later)
+        t0 = trio.current_time()
+        progress = await mkv.backfill(Progress(), lambda p: saves.append(p.copied))
+    assert progress.done and await dump(target) == await dump(source)
+    assert target.opened == 1 and saves == [10, 20, 30, 40]
+    assert trio.current_time() - t0 >= 3 + 3  # waited for the target, then 3 waits of a second
+
+
 async def test_a_source_that_does_not_open_fails_the_namespace() -> None:
     source, target = Flaky(), Flaky()
     source.open_fails = True
@@ -393,6 +425,8 @@ async def test_apply_refuses_another_migration_and_ignores_an_older_serial(
     other = msgspec.structs.replace(mkv.state, target=Endpoint("redis"), serial=99)
     with pytest.raises(ValueError, match="a state of another migration cannot be applied"):
         mkv.apply(other)
+    with pytest.raises(ValueError, match="namespace 'other': given the migration state of 'ns'"):
+        MigratingKeyValue("other", Flaky(), Flaky(), state())
 
 
 async def test_ping_probes_the_primary(pair: tuple[Flaky, Flaky, MigratingKeyValue]) -> None:
@@ -538,3 +572,20 @@ async def test_paged_reads_compare_up_to_the_first_page_end(
     )
     await trio.sleep(5)
     assert mkv.stats().mismatches == {"extra": 1}  # b, bb against b, c: bb is extra, c past the end
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (Unavailable("down"), True),
+        (ResourceExhausted("pool busy"), True),
+        (DeadlineExceeded("slow"), True),
+        (Internal("sqlite: disk I/O error"), True),
+        (trio.TooSlowError(), True),
+        (OSError("connection reset"), True),
+        (InvalidArgument("key too long"), False),
+        (PrismError("anything else a backend says of the write"), False),
+    ],
+)
+def test_which_failures_are_tried_again(exc: Exception, retried: bool) -> None:
+    assert retry.is_retryable(exc) is retried

@@ -216,6 +216,20 @@ def test_store_round_trip_and_modes(tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["profiles.json", "progress"]  # no temporary left
 
 
+def test_store_lists_only_state_files(tmp_path: Path) -> None:
+    store = MigrationStore(tmp_path)
+    s = new()
+    store.save(s)
+    store.save_progress("profiles", Progress())
+    store.save(
+        command(start("gone", SQLITE, PG, rate=1, shadow_fraction=0, now_ms=0), None, "abort", now_ms=1)
+    )
+    store.remove("gone")
+    (tmp_path / "migrations" / ".tmp-x1y2.part").write_bytes(b"half a file")  # a crash mid-save
+    (tmp_path / "migrations" / "notes.txt").write_bytes(b"x")
+    assert store.all() == [s]
+
+
 def test_store_namespaces_with_dots_do_not_collide(tmp_path: Path) -> None:
     store = MigrationStore(tmp_path)
     a = new()
