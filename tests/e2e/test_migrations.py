@@ -455,3 +455,31 @@ def wait_progress(tree: PrismTree, name: str, ok: Any, timeout_s: float = 30.0) 
             return dict(answer["progress"])
         assert time.monotonic() < deadline, f"{answer['progress']}\n{tree.stderr()[-3000:]}"
         time.sleep(0.1)
+
+
+def test_a_restart_when_promoted_keeps_the_target_primary_and_finish_still_works(prism_tree: Any) -> None:
+    name = f"rp_{uuid.uuid4().hex[:8]}"
+    tree = _tree(prism_tree, name)
+    try:
+        before = fill(tree, name, 20)
+        body = {"to": "postgres", "options": {"dsn": DSN}, "rate": 5000}
+        assert call(tree, "POST", f"/v1/migrations/{name}/start", body)[0] == 200
+        wait_phase(tree, name, "shadow_read")
+        assert call(tree, "POST", f"/v1/migrations/{name}/promote")[0] == 200
+        promoted = fill(tree, name, 5, b"promoted")
+        assert tree.stop() == 0
+        tree.start()
+        answer = wait_phase(tree, name, "promoted")
+        assert "resumes in phase promoted" in tree.stderr()
+        check_all(tree, name, {**before, **promoted})
+        with psycopg.connect(DSN) as conn:  # the target holds what was written while promoted
+            rows = conn.execute(f'SELECT count(*) FROM "prism_kv_{name}"'.encode()).fetchone()
+        assert rows is not None and rows[0] == 20
+        assert answer["serial"] >= 4
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/finish")
+        assert status == 200 and answer["final"], answer
+        assert backend_of(tree, name) == "postgres"
+        check_all(tree, name, {**before, **promoted})
+    finally:
+        tree.stop()
+        _drop(name)
