@@ -14,6 +14,8 @@ Routes:
 - ``GET /v1/namespaces``: the namespaces, their backends and owner workers, as JSON.
 - ``POST /v1/config``: check a new config, show what it changes, or write it and
   reload (``prism.admin.config_api``; ``prism apply`` calls it).
+- ``/v1/migrations...``: live backend migrations (``prism.admin.migrations_api``;
+  ``prism migrate`` calls it).
 
 ``HEAD`` is accepted wherever ``GET`` is; other methods get 405, unknown paths 404.
 
@@ -37,6 +39,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from prism.admin.config_api import ConfigTarget, config_endpoint
+from prism.admin.migrations_api import (
+    PREFIX as MIGRATIONS,
+)
+from prism.admin.migrations_api import (
+    MigrationTarget,
+    migration_metrics,
+    migrations_endpoint,
+)
 from prism.redact import redact
 from prism.router.readiness import not_ready_reason
 from prism.router.table import Routes, RoutingTableReader, RoutingTableUnavailable
@@ -170,6 +180,7 @@ def make_app(
     *,
     token: bytes | None = None,
     config_target: ConfigTarget | None = None,
+    migration_target: MigrationTarget | None = None,
 ) -> ASGIApp:
     """Build the admin ASGI app.
 
@@ -194,9 +205,21 @@ def make_app(
             return _text(503, "metrics unavailable: PROMETHEUS_MULTIPROC_DIR is not set")
         try:
             body = await trio.to_thread.run_sync(render_metrics, metrics_dir, limiter=scrape_limiter)
+            if (
+                migration_target is not None
+                and (routes := _routes_or_none()) is not None
+                and routes.migrations
+            ):
+                body += await trio.to_thread.run_sync(migration_metrics, routes, migration_target.data_dir)
         except (OSError, ValueError) as exc:  # ValueError: the directory is missing
             return _text(503, f"metrics unavailable: {exc}")
         return _Response(200, body, CONTENT_TYPE_LATEST.encode())
+
+    def _routes_or_none() -> Routes | None:
+        try:
+            return current()
+        except RoutingTableUnavailable:
+            return None
 
     async def healthz() -> _Response:
         return _text(200, "ok")
@@ -223,6 +246,7 @@ def make_app(
     }
 
     post_config = config_endpoint(config_target, current, token_required=token is not None)
+    migrations = migrations_endpoint(migration_target, current, token_required=token is not None)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -247,6 +271,9 @@ def make_app(
             else:
                 status, answer = await post_config(scope, receive)
                 response = _Response(status, _json.encode(answer) + b"\n", _JSON)
+        elif path == MIGRATIONS or path.startswith(MIGRATIONS + "/"):
+            status, answer = await migrations(method, path, scope, receive)
+            response = _Response(status, _json.encode(answer) + b"\n", _JSON)
         elif handler is None:
             response = _text(404, "not found")
         elif method not in _METHODS:

@@ -45,6 +45,7 @@ from hypercorn.typing import ASGIFramework
 
 from prism.admin.app import ASGIApp, make_app
 from prism.admin.config_api import ConfigTarget
+from prism.admin.migrations_api import MigrationTarget
 from prism.errors import ConfigError
 from prism.log import setup_logging
 from prism.router.table import RoutingTableReader
@@ -107,6 +108,7 @@ def main() -> int:
     if spec.supervisor_pid:
         die_with_parent(spec.supervisor_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reload is the supervisor's, see worker.py
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # so are migration requests
     setup_logging(spec.log_level)
     config = hypercorn_config(spec)
     try:
@@ -122,12 +124,14 @@ def main() -> int:
         print(f"prism: admin process cannot boot: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILED
     os.close(spec.routes_fd)  # the mapping holds its own reference
-    target = None
+    target = migrating = None
     if spec.supervisor_pid:
         target = ConfigTarget.for_supervisor(
             spec.supervisor_pid, spec.config_file, spec.overrides, spec.routes_bytes, spec.options_key
         )
-    app = make_app(RoutingTableReader(buffer), token=token, config_target=target)
+        if spec.data_dir:
+            migrating = MigrationTarget.for_supervisor(spec.supervisor_pid, spec.data_dir)
+    app = make_app(RoutingTableReader(buffer), token=token, config_target=target, migration_target=migrating)
     trio.run(run, app, config)
     return 0
 

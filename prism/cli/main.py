@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from prism.cli import apply, bench, kv, ns, plan, pubsub, ts
+from prism.cli import apply, bench, kv, migrate, ns, plan, pubsub, ts
 from prism.cli.client import EXIT_FAILURE, EXIT_USAGE
 from prism.config import ServerConfig, config_path, load_config
 from prism.errors import ConfigError
@@ -72,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_commands(commands)
     bench.add_commands(commands)
     apply.add_commands(commands)
+    migrate.add_commands(commands)
     return parser
 
 

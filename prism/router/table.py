@@ -55,6 +55,7 @@ from prism.security.section import SecuritySection
 
 __all__ = [
     "DEFAULT_SIZE_BYTES",
+    "MigrationEntry",
     "NamespaceEntry",
     "ReloadNote",
     "Routes",
@@ -153,6 +154,32 @@ class ReloadNote(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
+class MigrationEntry(msgspec.Struct, frozen=True):
+    """A live migration of a namespace (``prism.migrate``), as every process may see it: no options.
+
+    The target's options (a DSN with its password) travel in the owning
+    tenant's own table only. ``generation`` is the routing generation that
+    first carried ``serial``; ``lagging`` the tenant's workers that have not
+    reported (heartbeat) that generation yet: a command is in effect once
+    none lags. ``final``: the migration is over (``finished`` or
+    ``aborted``) and the namespace is on one backend again.
+    """
+
+    namespace: str
+    tenant: str
+    phase: str
+    serial: int
+    source_backend: str
+    target_backend: str
+    rate: int
+    shadow_fraction: float
+    started_ms: int
+    changed_ms: int
+    generation: int
+    lagging: tuple[int, ...] = ()
+    final: bool = False
+
+
 class Routes(msgspec.Struct, frozen=True):
     """One generation of the routing table, as published by the supervisor.
 
@@ -176,6 +203,11 @@ class Routes(msgspec.Struct, frozen=True):
     # namespace -> a keyed digest of its backend options (prism.workers.routes_size.option_digests):
     # tells the admin process an option changed without the options, or anything to guess them from.
     option_digests: dict[str, bytes] = {}
+    # namespace -> its live (or last finished) migration; request id -> (serial
+    # to wait for, HTTP status, "" or the one-line reason it was refused), the
+    # latest few: how POST /v1/migrations learns what became of its request.
+    migrations: dict[str, MigrationEntry] = {}
+    migration_answers: dict[str, tuple[int, int, str]] = {}
 
     def owners(self, namespace: str) -> list[WorkerEntry]:
         """Workers of the tenant that owns ``namespace`` (by id), or [] if it is unknown.

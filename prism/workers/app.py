@@ -47,6 +47,7 @@ from prism.workers.reopen import ReopenSchedule
 
 if TYPE_CHECKING:
     from prism.tracing.calls import CallTracing
+    from prism.workers.migrating import WorkerMigrations
 
 log = logging.getLogger("prism.app")
 
@@ -90,6 +91,7 @@ class App:
         self._reopen_changed = trio.lowlevel.ParkingLot()
         self._retired: list[tuple[float, Held[AnyBackend]]] = []
         self._shared_cache = shared_cache
+        self.migrating: WorkerMigrations | None = None  # live migrations (set by the worker)
         self.health = health.HealthState()
         self.methods = MethodTable()
         self.settings = ServerSettings(
@@ -164,7 +166,8 @@ class App:
         for name, ns in wanted.items():
             current = self.namespaces.by_name.get(name)
             if current is not None and current.config == ns:
-                continue
+                if self.migrating is None or not self.migrating.stale(name, current.backend):
+                    continue
             # Open the new backend before the old one (if the namespace's
             # settings changed) steps aside: calls never find neither.
             try:
@@ -193,6 +196,8 @@ class App:
         )
 
     async def _open(self, ns: NamespaceConfig) -> AnyBackend:
+        if self.migrating is not None and (moving := await self.migrating.open(ns, self._data_dir)):
+            return moving
         backend = registry.create_any(
             ns.abstraction, ns.backend, ns.options, data_dir=self._data_dir, namespace=ns.name
         )

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
@@ -41,6 +41,9 @@ from prism.workers.routes_size import (
     tenant_entries,
 )
 from prism.workers.slot import Slot, SlotState
+
+if TYPE_CHECKING:
+    from prism.workers.migrations import Migrations
 from prism.workers.spec import (
     SPEC_FD_ENV,
     WORKER_LABEL_ENV,
@@ -168,6 +171,7 @@ class Resources:
         security_serial: int,
         ready_once: bool = False,
         reload: ReloadNote = NO_RELOAD,
+        migrations: Migrations | None = None,
     ) -> Routes:
         """The routing table for ``config`` served by ``slots``; only SERVING slots are listed as serving."""
         namespaces = namespace_entries(config, cpus)
@@ -198,6 +202,8 @@ class Resources:
             settings=settings_of(config),
             option_digests=option_digests(config, cpus, self.options_key),
             reload=reload,
+            migrations=migrations.entries(generation, config, cpus, slots) if migrations else {},
+            migration_answers=migrations.table_answers() if migrations else {},
         )
 
     # -- children --------------------------------------------------------------
@@ -277,6 +283,7 @@ class Resources:
             tls=config.admin.tls,
             config_file=config_file,
             options_key=self.options_key.hex(),
+            data_dir=str(Path(config.data_dir).absolute()),
             overrides={k: v for k, v in (overrides or {}).items() if v is not None},
         )
         return _spawn("prism.admin.main", spec, [self.admin_sock.fileno(), self.routes_fd])

@@ -77,6 +77,7 @@ class AdminSpec(msgspec.Struct, frozen=True):
     config_file: str = ""
     overrides: dict[str, Any] = {}
     options_key: str = ""  # hex: the key of the routing table's option digests
+    data_dir: str = ""  # absolute: where migration requests go (prism.migrate.requests)
 
 
 class ZygoteSpec(msgspec.Struct, frozen=True):

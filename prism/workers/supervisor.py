@@ -8,13 +8,14 @@ imports neither trio nor the worker's App: it builds what a child needs from
 ``prism.workers.spec`` and execs ``python -m prism.workers.worker``.
 
 Signals only enqueue (gunicorn's arbiter pattern); the main loop dispatches:
-SIGTERM drains, SIGINT/SIGQUIT stop fast, SIGHUP reloads the config, SIGCHLD
-reaps. Each worker slot's lifecycle is the table in ``prism.workers.slot``: a
-dead worker is restarted after an exponential backoff with jitter; a worker
-that cannot boot at all (it reports so, or exits with code 3 before its
-first heartbeat) halts the whole server with its reason instead of a crash
-loop, unless a reload started it, in which case the reload is rejected and
-the tenant's previous workers keep serving.
+SIGTERM drains, SIGINT/SIGQUIT stop fast, SIGHUP reloads the config, SIGUSR1
+takes migration requests (``prism.workers.migrations``), SIGCHLD reaps. Each
+worker slot's lifecycle is the table in ``prism.workers.slot``: a dead worker
+is restarted after an exponential backoff with jitter; a worker that cannot
+boot at all (it reports so, or exits with code 3 before its first heartbeat)
+halts the whole server with its reason instead of a crash loop, unless a
+reload started it, in which case the reload is rejected and the tenant's
+previous workers keep serving.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from prism.redact import redact
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
 from prism.router.table import RELOAD_FAILED, RELOAD_IN_EFFECT, RELOAD_PENDING, RELOAD_REJECTED, ReloadNote
+from prism.workers.migrations import Migrations
 from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload, reload_done
 from prism.workers.preflight import check_deployable, open_to_network
 from prism.workers.resources import Resources, mark_dead, signal_child, start_failure_code, wait_or_kill
@@ -94,6 +96,7 @@ class Supervisor:
         # Why the last published table is not ready (prism.router.readiness), or None.
         self._not_ready: str | None = "nothing published yet"
         self._ready_once = False  # and the tables after the first ready one say so
+        self.migrations = Migrations(config.data_dir, config_file)  # live migrations: SIGUSR1
 
     # -- the routing table and the slots -------------------------------------
 
@@ -109,9 +112,11 @@ class Supervisor:
             self.security_serial,
             self._ready_once,
             self.reload_note,
+            self.migrations,
         )
         # Each tenant's own table first: a worker seeing this generation finds its namespaces as new.
-        self.resources.tenants.publish(self.generation, self.config, cpus)
+        migrating = self.migrations.by_tenant(self.config, cpus)
+        self.resources.tenants.publish(self.generation, self.config, cpus, migrating)
         self.resources.routes.publish(routes)
         self._not_ready = not_ready_reason(routes)
         self._ready_once |= self._not_ready is None
@@ -175,6 +180,7 @@ class Supervisor:
         ):
             self.control, self.events = control, events
             slots = self._add_slots(self.config.effective_tenants(len(self.allowed_cpus)))
+            self.migrations.boot(self.config)
             self._publish()  # before any worker starts: each reads the table at boot
             self.admin = self.resources.start_admin(self.config, self.config_file, self.overrides)
             for slot in slots:
@@ -220,6 +226,7 @@ class Supervisor:
             self._reap_admin(now)
             self._finish_handovers()
             self._forget_gone()
+            self._migrate()
             if self._routes_changed:
                 self._publish()
             if self._reloaded and reload_done(self.slots.values(), self._handovers, self._reloaded[1]):
@@ -267,6 +274,8 @@ class Supervisor:
             return  # _reap runs every turn
         if signum == signal.SIGHUP:
             self._reload()
+        elif signum == signal.SIGUSR1:
+            self.migrations.requested = True
         elif signum == signal.SIGTERM:
             self._start_drain()
         else:  # SIGINT, SIGQUIT: stop now
@@ -345,6 +354,17 @@ class Supervisor:
             self._admin_restart_at = now + ADMIN_RESTART_S
         elif admin is None and now >= self._admin_restart_at:
             self.admin = self.resources.start_admin(self.config, self.config_file, self.overrides)
+
+    def _migrate(self) -> None:
+        """Migration requests and automatic moves (``prism.workers.migrations``); a finished
+        migration's rewritten config is reloaded here, as a SIGHUP's."""
+
+        def reload() -> bool:
+            self._reload()
+            return self.reload_note.state != RELOAD_REJECTED
+
+        if self.migrations.turn(self.config, len(self.allowed_cpus), self.slots.values(), reload):
+            self._routes_changed = True
 
     # -- drain -----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import msgspec
 
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import ConfigError
+from prism.migrate.state import MigrationState
 from prism.router.table import SharedTableReader, SharedTableWriter, slot_capacity
 from prism.workers.routes_size import HEADROOM, buffer_bytes_for
 
@@ -46,6 +47,8 @@ class TenantNamespaces(msgspec.Struct, frozen=True):
 
     generation: int
     namespaces: tuple[NamespaceConfig, ...]
+    # Live migrations of these namespaces (prism.migrate): the target's options may hold a password.
+    migrations: tuple[MigrationState, ...] = ()
 
 
 def table_bytes_for(namespaces: tuple[NamespaceConfig, ...]) -> int:
@@ -60,6 +63,7 @@ class _Table:
     size: int
     writer: SharedTableWriter
     published: tuple[NamespaceConfig, ...] | None = None
+    migrations: tuple[MigrationState, ...] = ()
 
 
 class TenantTables:
@@ -86,18 +90,25 @@ class TenantTables:
                     f"bytes; its running table holds {slot_capacity(table.size)} (restart to grow it)"
                 )
 
-    def publish(self, generation: int, config: ServerConfig, cpus: int) -> None:
+    def publish(
+        self,
+        generation: int,
+        config: ServerConfig,
+        cpus: int,
+        migrations: dict[str, tuple[MigrationState, ...]] | None = None,
+    ) -> None:
         """Publish, as ``generation``, the tables of the tenants whose namespaces
-        changed; create those of new tenants; drop those of tenants gone
-        (their workers keep their own mapping until they exit)."""
+        or migrations changed; create those of new tenants; drop those of
+        tenants gone (their workers keep their own mapping until they exit)."""
         tenants = config.effective_tenants(cpus)
         for tenant in tenants:
             table = self._tables.get(tenant.name)
             if table is None:
                 table = self._tables[tenant.name] = _create(table_bytes_for(tenant.namespaces))
-            if table.published != tenant.namespaces:
-                table.writer.publish(TenantNamespaces(generation, tenant.namespaces))
-                table.published = tenant.namespaces
+            moving = (migrations or {}).get(tenant.name, ())
+            if table.published != tenant.namespaces or table.migrations != moving:
+                table.writer.publish(TenantNamespaces(generation, tenant.namespaces, moving))
+                table.published, table.migrations = tenant.namespaces, moving
         names = {t.name for t in tenants}
         for name in [n for n in self._tables if n not in names]:
             _close(self._tables.pop(name))

@@ -9,7 +9,15 @@ from typing import Final
 
 __all__ = ["SIGNALS", "queue_signals"]
 
-SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+# SIGUSR1: a migration request waits (prism.migrate.requests).
+SIGNALS: Final = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGUSR1,
+)
 
 
 def queue_signals(queue: list[int]) -> int:

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import msgspec
 import trio
@@ -40,6 +41,7 @@ from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
 from prism.workers.lifeline import die_with_parent, name_process, wait_for_parent
+from prism.workers.migrating import WorkerMigrations
 from prism.workers.spec import EXIT_BOOT_FAILED, WORKER_LABEL_ENV, WorkerSpec, read_spec
 from prism.workers.tenant_table import open_tenant_table
 
@@ -89,6 +91,7 @@ class Worker:
             tenant=spec.tenant,
             worker=str(spec.worker_id),
         )
+        self.migrations = self.app.migrating = WorkerMigrations(Path(spec.config.data_dir), spec.worker_id)
         self.generation = -1
         self.draining = False
         self._applying = trio.Lock()
@@ -115,7 +118,10 @@ class Worker:
             if routes.generation == self.generation:
                 return
             # Written before this routing generation: at least as new as it.
-            await self.app.apply(self.own.current().namespaces, strict=strict)
+            own = self.own.current()
+            self.migrations.want(own.migrations)
+            await self.app.apply(own.namespaces, strict=strict)
+            self._settle_migrations()
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
             # Sibling processes accept on the same socket: take a burst's
@@ -125,6 +131,14 @@ class Worker:
             self.generation = routes.generation
             self.app.health.poke()  # Watch("") reads readiness again
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
+
+    def _settle_migrations(self) -> None:
+        """Apply moved migration serials; the tenant's first worker runs the backfills."""
+        first = self.routes.current().tenant_workers(self.spec.tenant)
+        self.migrations.settle(
+            {h.config.name: h.backend for h in self.app.namespaces.held()},
+            bool(first) and first[0].id == self.spec.worker_id,
+        )
 
     # -- loops ---------------------------------------------------------------
 
@@ -202,6 +216,8 @@ class Worker:
                     nursery.start_soon(self._watch_routes)
                     nursery.start_soon(self._watch_health)
                     nursery.start_soon(self.app.keep_reopening)
+                    await nursery.start(self.migrations.run)
+                    self._settle_migrations()  # a backfill that waited for the nursery
                     nursery.start_soon(heap.trim_when_quiet, lambda: self.app.settings.traffic_bytes)
                     nursery.start_soon(self._on_drain, drain, nursery)
                     async for signum in signals:
@@ -251,6 +267,7 @@ def serve(spec: WorkerSpec, *, forked: bool = False) -> None:
     # Reload is the supervisor's business; a hangup sent to the whole process
     # group (a closing terminal, kill -HUP -PGID) must not stop workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise the supervisor's migration wake-up
     setup_logging(spec.config.log_level)
     try:
         if spec.cpu is not None:
