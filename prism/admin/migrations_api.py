@@ -98,10 +98,23 @@ def _error(status: int, text: str, **extra: Any) -> Answer:
 def _status(entry: MigrationEntry, progress: Progress) -> dict[str, Any]:
     shadow = progress.shadow_reads
     mismatched = progress.mismatched_reads  # a read may differ in several ways: counted once here
+    total, copied = progress.total, progress.copied
+    left = None if total is None else max(0, total - copied)
     return {
         **msgspec.to_builtins(entry),
         "progress": {
-            "copied": progress.copied,
+            "copied": copied,
+            "total": total,  # records in the source as the copy began (an estimate), or None
+            "percent": 100.0
+            if progress.done
+            else (round(100.0 * min(copied, total) / total, 1) if total else None),
+            "eta_s": 0.0
+            if progress.done
+            else (
+                round(left / progress.records_per_s, 1)
+                if left is not None and progress.records_per_s > 0
+                else None
+            ),
             "done": progress.done,
             "records_per_s": round(progress.records_per_s, 1),
             "target_failures": progress.target_failures,

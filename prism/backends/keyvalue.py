@@ -211,3 +211,9 @@ class Migratable(Protocol):
     async def import_records(
         self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int
     ) -> None: ...
+
+    async def count_records(self, now_ms: int) -> int:
+        """How many records hold live items: the backfill's total, for the
+        share copied and the time left in ``prism migrate status`` (read once
+        as the copy starts; writes made since make it an estimate)."""
+        ...

@@ -205,9 +205,13 @@ def render(entry: dict[str, Any]) -> Iterator[str]:
         + (f"; workers not caught up: {', '.join(map(str, lagging))}" if lagging else "")
     )
     done = "done" if progress.get("done") else "running"
+    total, percent, eta = progress.get("total"), progress.get("percent"), progress.get("eta_s")
+    of = f" of ~{total}" if total is not None else ""
+    share = f"{percent:g}%, " if percent is not None else ""
+    left = f", about {eta:g} s left" if eta is not None and not progress.get("done") else ""
     yield (
-        f"  backfill: {progress.get('copied', 0)} records copied ({done}), "
-        f"{progress.get('records_per_s', 0):g} records/s, rate limit {entry['rate']}/s"
+        f"  backfill: {progress.get('copied', 0)}{of} records copied ({share}{done}), "
+        f"{progress.get('records_per_s', 0):g} records/s{left}, rate limit {entry['rate']}/s"
     )
     mismatches = progress.get("mismatches") or {}
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(mismatches.items())) or "none"

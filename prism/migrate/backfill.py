@@ -37,6 +37,7 @@ PAGE_ITEMS: Final = 500  # items per page at most (fewer at a low rate: a page i
 PAGE_BYTES: Final = 4 << 20
 RATE_WINDOW_S: Final = 5.0  # records_per_s is measured over this much of the recent past
 LOG_EVERY_S: Final = 30.0
+COUNT_TIMEOUT_S: Final = 30.0  # counting the source's records, once, at the start
 
 
 async def backfill(
@@ -62,6 +63,8 @@ async def backfill(
         "starts" if progress.cursor is None else f"resumes after id {progress.cursor!r}",
         rate(),
     )
+    if progress.total is None:
+        progress.total = await _count(source, namespace, clock())
     history: deque[tuple[float, int]] = deque([(trio.current_time(), progress.copied)])
     next_at = trio.current_time()
     logged_at = trio.current_time()
@@ -117,6 +120,21 @@ async def backfill(
             logged_at = now
         next_at = max(next_at, started) + len(page.records) / per_s
         await trio.sleep_until(next_at)
+
+
+async def _count(source: Migratable, namespace: str, now_ms: int) -> int | None:
+    """The source's records, for the share copied and the time left; None if
+    it cannot be counted now (the copy does not wait for a figure to show)."""
+    try:
+        with trio.fail_after(COUNT_TIMEOUT_S):
+            return await source.count_records(now_ms)
+    except Exception as exc:  # (trio.TooSlowError included)
+        log.warning(
+            "namespace %s: cannot count the records to copy (status shows no share or time left): %s",
+            namespace,
+            exc,
+        )
+        return None
 
 
 async def _save(

@@ -414,3 +414,7 @@ class _Opened:
     async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
         await self._mkv._ensure_open(self._role)
         await self._backend().import_records(records, now_ms)
+
+    async def count_records(self, now_ms: int) -> int:
+        await self._mkv._ensure_open(self._role)
+        return await self._backend().count_records(now_ms)

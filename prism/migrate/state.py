@@ -110,6 +110,7 @@ class Progress(msgspec.Struct):
     updated_ms: int = 0
     dropped: int = 0  # queued writes let go (queue full): the copy is incomplete, start again
     mismatched_reads: int = 0  # shadow reads that differed (the mismatch rate: this / shadow_reads)
+    total: int | None = None  # records in the source as the copy began (an estimate; None: not counted)
 
 
 class MigrationError(Exception):

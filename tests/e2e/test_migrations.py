@@ -169,6 +169,7 @@ def test_a_sqlite_namespace_moves_through_every_phase_to_finished(prism_tree: An
         answer = wait_phase(tree, name, "shadow_read")
         assert answer["progress"]["done"] is True
         assert answer["progress"]["copied"] == 60
+        assert (answer["progress"]["total"], answer["progress"]["percent"]) == (60, 100.0)
         assert answer["target_backend"] == kind and answer["source_backend"] == "sqlite"
         during = fill(tree, name, 10, b"dual")  # r00000..r00009 rewritten while both are written
         status = cli(tree, "status", name)

@@ -71,6 +71,15 @@ async def test_export_pages_records_whole_in_id_order_with_their_stamps(kv: Back
     assert empty == ExportPage([], None)
 
 
+async def test_count_records_is_the_backfills_total(kv: Backend) -> None:
+    """What ``prism migrate status`` shows the share copied and the time left by."""
+    assert await kv.count_records(NOW) == 0
+    await kv.put_items("b", [w(b"k1", b"v1"), w(b"k2", b"v2")], st(10), NOW)
+    await kv.put_items("a", [w(b"x", b"1")], st(20), NOW)
+    await kv.put_items("c", [w(b"y", b"1", NOW + 60_000)], st(20), NOW)
+    assert await kv.count_records(NOW) == 3  # records, not items
+
+
 async def test_import_applies_items_with_their_own_stamps(kv: Backend) -> None:
     await kv.import_records(
         [

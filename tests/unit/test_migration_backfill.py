@@ -218,3 +218,25 @@ async def test_a_low_rate_pages_small(autojump_clock: trio.testing.MockClock) ->
     await run(source, target, Progress(), rate=1, save=saved)
     assert [s.copied for s in saved.saves] == [1, 2, 3]
     assert backfill_module.PAGE_ITEMS == 500
+
+
+async def test_the_total_is_counted_once_and_a_count_that_fails_does_not_stop_the_copy(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 30)
+    done = await run(source, target, Progress())
+    assert (done.total, done.copied, done.done) == (30, 30, True)
+    # A resumed copy keeps the total it saved (the source has grown since: an estimate).
+    await fill(source, 40)
+    resumed = await run(source, Flaky(), Progress(cursor="id0029", copied=30, total=30))
+    assert (resumed.total, resumed.copied) == (30, 40)
+
+    class Uncountable(Flaky):
+        async def count_records(self, now_ms: int) -> int:
+            raise Unavailable("source down")
+
+    blind = Uncountable()
+    await fill(blind, 5)
+    copied = await run(blind, Flaky(), Progress())
+    assert (copied.total, copied.copied, copied.done) == (None, 5, True)

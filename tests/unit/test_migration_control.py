@@ -378,3 +378,22 @@ def test_prism_migrate_refuses_bad_arguments_with_exit_2(args: list[str], text: 
         timeout=30,
     )
     assert done.returncode == 2 and text in done.stderr
+
+
+def test_status_shows_the_share_copied_and_the_time_left() -> None:
+    from prism.cli.migrate import render
+
+    entry = {
+        "namespace": "profiles", "phase": "backfill",
+        "source_backend": "sqlite", "target_backend": "postgres",
+        "serial": 3, "tenant": "default", "rate": 1000, "shadow_fraction": 0.1, "lagging": [],
+        "progress": {"copied": 400, "total": 1000, "percent": 40.0, "eta_s": 0.6, "done": False,
+                     "records_per_s": 1000.0},
+    }  # fmt: skip
+    lines = list(render(entry))
+    assert lines[1] == (
+        "  backfill: 400 of ~1000 records copied (40%, running), 1000 records/s, about 0.6 s left, "
+        "rate limit 1000/s"
+    )
+    entry["progress"] = {"copied": 7, "total": None, "percent": None, "eta_s": None, "done": False}
+    assert list(render(entry))[1] == "  backfill: 7 records copied (running), 0 records/s, rate limit 1000/s"

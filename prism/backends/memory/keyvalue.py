@@ -310,6 +310,10 @@ class MemoryBackend:
         self._drop_empty(empty)
         return pager.last_page()
 
+    async def count_records(self, now_ms: int) -> int:
+        """``Migratable``."""
+        return len(self._records)
+
     async def export_records(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
     ) -> ExportPage:

@@ -254,6 +254,17 @@ class PostgresBackend:
         )
         return await conn.execute(statement, params)
 
+    async def count_records(self, now_ms: int) -> int:
+        """``Migratable``: one statement."""
+        self._check_open()
+        with ERRORS:
+            conn = await self._pool.acquire()
+            try:
+                rows = await conn.execute(self._sql.count(), [now_ms])
+            finally:
+                await self._pool.release(conn)
+        return int(rows[0][0])
+
     async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
         """``Migratable``: one statement (the coalesced puts' upsert, which takes
         a stamp per row), so all of it or none; no token."""

@@ -205,6 +205,12 @@ class Statements:
             ).encode()
         return sql
 
+    def count(self) -> bytes:
+        """Records with live items: $1 now (``Migratable.count_records``)."""
+        return (
+            f"SELECT count(DISTINCT id) FROM {self._i} WHERE (expires_at_ms = 0 OR expires_at_ms > $1::int8)"
+        ).encode()
+
     def scan(self, *, after_row: bool, after_id: bool, stamps: bool = False) -> bytes:
         """Live rows in (id, key) order: $1 now, $2 limit, then [$3 id, $4 key]
         (strictly after that row) or [$3 id] (strictly after that record).

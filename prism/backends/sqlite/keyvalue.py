@@ -140,6 +140,14 @@ class SqliteBackend:
 
         return await self._read(run)
 
+    async def count_records(self, now_ms: int) -> int:
+        """``Migratable``: one statement on a reader."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            return ops.count_records(conn, now_ms)
+
+        return await self._read(run)
+
     async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
         """``Migratable``: in one savepoint of the writer's transaction."""
         for _, items in records:

@@ -322,6 +322,12 @@ def export_records(
     return export_page(pager.last_page())
 
 
+def count_records(conn: sqlite3.Connection, now_ms: int) -> int:
+    """Records with live items (``Migratable.count_records``)."""
+    row = conn.execute(f"SELECT COUNT(DISTINCT id) FROM items WHERE {_LIVE}", (now_ms,)).fetchone()
+    return int(row[0])
+
+
 def import_records(
     conn: sqlite3.Connection, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int
 ) -> None:
