@@ -75,7 +75,9 @@ def main() -> int:
     parser.add_argument("--redis", metavar="URL", help="with --defaults: calibrate Redis too")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "plan_accuracy.json")
     parser.add_argument("--only", action="append", choices=sorted(EXAMPLES), help="these examples only")
-    parser.add_argument("--defaults", action="store_true", help="calibrate every backend; print DEFAULT_COSTS")
+    parser.add_argument(
+        "--defaults", action="store_true", help="calibrate every backend; print DEFAULT_COSTS"
+    )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep scenarios and results in DIR")
     args = parser.parse_args()
     names = args.only or list(EXAMPLES)
@@ -92,13 +94,14 @@ def main() -> int:
             _print_defaults(files)
         rows = [_example(name, files, every, work / name) for name in names]
     document = {
-        "what": "prism plan's predicted saturation per worker vs prism bench's measurement of the planned config",
+        "what": "prism plan's predicted saturation per worker vs prism bench's, on the planned config",
         "tolerance": TOLERANCE,
         "measured_as": "saturation.per_worker.calls_per_cpu_s: 1e6 / the worker's CPU per call "
         "(lowest over the ladder's steps with the worker at least half busy)",
         "ladder": {"concurrency": list(LADDER), "warmup_s": WARMUP_S, "duration_s": FULL_STEP_S[1]},
         "calibration": [
-            {"name": r.name, "key": " ".join(r.key), "file": f"calibration/{r.name}/results.json"} for r in runs
+            {"name": r.name, "key": " ".join(r.key), "file": f"calibration/{r.name}/results.json"}
+            for r in runs
         ],
         "examples": rows,
         "all_within": all(r["within"] for r in rows),
@@ -167,9 +170,12 @@ def _example(name: str, calibration: list[Path], addresses: dict[str, str], work
         "measured_cpu_us_per_call": round(1e6 / best.calls_per_cpu_s, 1),
         "predicted_hit_rate": ns_plan["hit_rate"] if ns_plan["cached"] else None,
         "measured_hit_rate": step.backend.cache_hit_ratio if step.backend and ns_plan["cached"] else None,
-        "measured_step": {"concurrency": step.concurrency, "calls_per_s": step.calls_per_s,
-                          "worker_busy_pct": best.worker_busy_pct,
-                          "other_on_server_cpus_pct": step.other_on_server_cpus_pct},  # fmt: skip
+        "measured_step": {
+            "concurrency": step.concurrency,
+            "calls_per_s": step.calls_per_s,
+            "worker_busy_pct": best.worker_busy_pct,
+            "other_on_server_cpus_pct": step.other_on_server_cpus_pct,
+        },
         "bench_saturation_calls_per_s": run.saturation.calls_per_s,
         "builtin_costs": {
             "backend": ns_builtin["backend"],
@@ -199,10 +205,19 @@ def _scenario(name: str, need: Need, config_path: Path) -> str:
     lines = [f'name = "plan-accuracy-{name}"', "[server]", "workers = 1"]
     text = config_path.read_text()
     if "[cache]" in text:
-        lines.append(f"cache = {{ total_bytes = {config.cache.total_bytes}, slot_bytes = {config.cache.slot_bytes} }}")
-    lines += ["[[namespaces]]", f'name = "{ns.name}"', f'abstraction = "{ns.abstraction}"', f'backend = "{ns.backend}"']
+        lines.append(
+            f"cache = {{ total_bytes = {config.cache.total_bytes}, slot_bytes = {config.cache.slot_bytes} }}"
+        )
+    lines += [
+        "[[namespaces]]",
+        f'name = "{ns.name}"',
+        f'abstraction = "{ns.abstraction}"',
+        f'backend = "{ns.backend}"',
+    ]
     if ns.options:
-        lines.append("options = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in ns.options.items()) + " }")
+        lines.append(
+            "options = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in ns.options.items()) + " }"
+        )
     if ns.cache.enabled:
         lines.append(f"cache = {{ enabled = true, ttl_s = {ns.cache.ttl_s} }}")
     lines += ["[workload]", f"records = {need.records}", f"value_bytes = {need.item_bytes}",
@@ -213,8 +228,9 @@ def _scenario(name: str, need: Need, config_path: Path) -> str:
 
 
 def _prism(argv: list[str], timeout: float) -> str:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "prism.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO)}, check=False)  # fmt: skip
+                          timeout=timeout, env=env, check=False)  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"plan_accuracy: prism {argv[0]} exited {done.returncode}: {done.stderr.strip()}")
     return done.stdout
@@ -230,7 +246,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         step = r["measured_step"]
         print(
             f"{r['example']:<18} {r['backend'] + (' +cache' if r['cached'] else ''):<14} "
-            f"{r['predicted_rps_per_worker']:>9,.0f} {r['measured_rps_per_worker']:>9,.0f} {r['ratio']:>6.2f} "
+            f"{r['predicted_rps_per_worker']:>9,.0f} {r['measured_rps_per_worker']:>9,.0f} "
+            f"{r['ratio']:>6.2f} "
             f"{'yes' if r['within'] else 'NO':>6} {hit:>14} "
             f"{step['calls_per_s']:>8,.0f} @{step['worker_busy_pct']:>3.0f}% "
             f"{r['builtin_costs']['predicted_rps_per_worker']:>9,.0f}"

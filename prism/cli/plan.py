@@ -11,7 +11,8 @@ NEEDS is a needs TOML file or a ``.proto`` file with Prism's options
 ``prism bench`` on this machine (``prism.plan.quick``) with
 ``--bench-quick`` or a yes on a terminal; else the built-in ones, said in
 one line. It prints one row per namespace and one per tenant (``--json``:
-the same as JSON, to a file or ``-`` stdout instead of the table), writes
+the same as JSON, to a file, or with ``-`` to stdout and the table to
+stderr), writes
 the config (not over an existing file without ``--force``), and exits 0; a
 plan that does not fit the machine prints why and the smallest machine that
 would hold it, writes nothing and exits 1; a quick bench that fails, 1; bad
@@ -178,12 +179,11 @@ def _plan_and_write(
     plan = make_plan(needs, table, cpus, addresses)
     if plan.missing:
         return _usage(missing_line(table, "; ".join(plan.missing)))
+    # With --json -, stdout is the JSON alone; the table goes to stderr.
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    print_table(plan, table, cpus, table_out)
     if args.json == "-":
         sys.stdout.write(json.dumps(as_json(plan, table, cpus), indent=2) + "\n")
-        table_out = sys.stderr
-    else:
-        table_out = sys.stdout
-        print_table(plan, table, cpus, table_out)
     if args.json not in (None, "-"):
         try:
             Path(args.json).write_text(json.dumps(as_json(plan, table, cpus), indent=2) + "\n")

@@ -157,7 +157,9 @@ def test_prism_plan_reads_a_one_operation_run_and_skips_a_mix(tmp_path: Path) ->
         "namespaces": [{"name": "bench", "backend": "postgres"}],
         "workload": {"namespace": "", "mix": {"get": 1.0, "put": 0.0}},
     }
-    assert run.saturation is not None and run.saturation.per_worker == results.PerWorker(1, 20000.0, 90.0, 5000.0)
+    assert run.saturation is not None and run.saturation.per_worker == results.PerWorker(
+        1, 20000.0, 90.0, 5000.0
+    )
     path = tmp_path / "results.json"
     results.write(path, run)
     table = load_costs([path])

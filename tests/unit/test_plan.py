@@ -14,14 +14,12 @@ from prism.config import load_config
 from prism.plan.costfile import load_costs
 from prism.plan.model import (
     CACHE_MISS_US,
-    CACHE_WRITE_US,
     DEFAULT_COSTS,
     TARGET_UTILISATION,
     Cost,
     CostTable,
     Demand,
     demand,
-    hit_rate,
     workers_for,
 )
 from prism.plan.needs import Need
