@@ -89,8 +89,8 @@ class At80(msgspec.Struct, forbid_unknown_fields=True):
 
 class PerWorker(msgspec.Struct, forbid_unknown_fields=True):
     """The calls/s one worker serves at 100% of its CPU: 1e6 / the workers' CPU per
-    call, at the step (of those whose workers were at least half busy) where that
-    is lowest. What ``prism plan`` predicts; steadier than calls/s on a shared
+    call, at the step (of those whose workers were at least half busy, if any was)
+    where that is lowest. What ``prism plan`` predicts; steadier than calls/s on a shared
     machine, where other processes take some of the worker's CPU."""
 
     step: int
@@ -226,13 +226,13 @@ def worker_figures(step: Step) -> tuple[float, float, int] | None:
 
 
 def per_worker(steps: list[Step]) -> PerWorker | None:
-    """``Saturation.per_worker`` (None when no step metered its workers at least half busy)."""
+    """``Saturation.per_worker``: of the steps whose workers were at least half
+    busy (all the metered steps if none was), the one of the lowest worker CPU
+    per call; None when no step metered the workers."""
+    metered = [(s, f) for s in steps if (f := worker_figures(s)) is not None]
+    busy_enough = [(s, f) for s, f in metered if f[1] >= MIN_BUSY_PCT]
     best: PerWorker | None = None
-    for s in steps:
-        figures = worker_figures(s)
-        if figures is None or figures[1] < MIN_BUSY_PCT:
-            continue
-        cpu_us, busy, workers = figures
+    for s, (cpu_us, busy, workers) in busy_enough or metered:
         got = PerWorker(s.index, round(1e6 / cpu_us, 1), round(busy, 1), round(s.calls_per_s / workers, 1))
         if best is None or got.calls_per_cpu_s > best.calls_per_cpu_s:
             best = got

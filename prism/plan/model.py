@@ -222,17 +222,17 @@ def workers_for(cpu_us_per_s: float) -> int:
 
 
 def p99_at(ladder: tuple[tuple[float, float], ...], utilisation: float) -> tuple[float, str] | None:
-    """The p99 a bench ladder measured at ``utilisation`` (0-1): interpolated
-    linearly between the two steps whose worker utilisation brackets it, else
-    that of the nearest step; (p99 us, "interpolated" | "nearest"), None
-    without a ladder."""
+    """The p99 a bench ladder (in ladder order) measured at ``utilisation``
+    (0-1): interpolated linearly between the first two consecutive steps
+    whose worker utilisation brackets it, else that of the step nearest to
+    it; (p99 us, "interpolated" | "nearest"), None without a ladder."""
     if not ladder:
         return None
-    steps = sorted(ladder)
-    for (u0, p0), (u1, p1) in itertools.pairwise(steps):
-        if u0 <= utilisation <= u1 and u1 > u0:
+    for (u0, p0), (u1, p1) in itertools.pairwise(ladder):
+        low, high = min(u0, u1), max(u0, u1)
+        if low <= utilisation <= high and high > low:
             return p0 + (utilisation - u0) / (u1 - u0) * (p1 - p0), "interpolated"
-    _, p = min(steps, key=lambda s: abs(s[0] - utilisation))
+    _, p = min(ladder, key=lambda s: abs(s[0] - utilisation))
     return p, "nearest"
 
 

@@ -3,9 +3,10 @@
 
 Per need, in order:
 
-1. **Backend**: among those the abstraction has (KeyValue: memory, sqlite,
-   postgres, redis; TimeSeries: memory, sqlite, postgres; PubSub: memory,
-   nats), those ``durability`` allows ("durable" excludes memory) and the
+1. **Backend**: the need's ``backend`` if it names one; else among those
+   the abstraction has (KeyValue: memory, sqlite, postgres, redis;
+   TimeSeries: memory, sqlite, postgres; PubSub: memory, nats), those
+   ``durability`` allows ("durable" excludes memory) and the
    machine has (SQLite and memory always; PostgreSQL, Redis and NATS when
    their address is given), the one with the least worker CPU for the
    need's mix. NATS has no figures in the cost table: a PubSub need costs as
@@ -47,17 +48,12 @@ from prism.plan.model import (
     demand,
     workers_for,
 )
-from prism.plan.needs import Need
+from prism.plan.needs import BACKENDS, Need
 
 CACHE_READ_SHARE: Final = 0.8
 CACHE_MAX_ITEM_BYTES: Final = 16 * 1024 - 64  # a namespace cache's max_value_bytes (16 KiB), less framing
 _SLOT_OVERHEAD: Final = 48 + 160 + 32  # slot header, the key (the request's bytes), the answer's framing
 DEFAULT_TABLE: Final = (64 << 20, 4096)  # prism.toml's [cache] total_bytes, slot_bytes
-BACKENDS: Final = {
-    "keyvalue": ("memory", "sqlite", "postgres", "redis"),
-    "timeseries": ("memory", "sqlite", "postgres"),
-    "pubsub": ("memory", "nats"),
-}
 LOCAL: Final = ("memory", "sqlite")
 COSTED_AS: Final = {"nats": "memory"}
 DEFAULT_TENANT: Final = "default"
@@ -183,7 +179,9 @@ def candidates_for(need: Need, addresses: Mapping[str, str]) -> list[str]:
     return [
         b
         for b in BACKENDS[need.abstraction]
-        if (b in LOCAL or b in addresses) and not (b == "memory" and need.durability == "durable")
+        if (b in LOCAL or b in addresses)
+        and not (b == "memory" and need.durability == "durable")
+        and need.backend in (None, b)
     ]
 
 
@@ -207,6 +205,10 @@ def _choose(
 ) -> Choice | _Missing | str:
     candidates = [b for b in candidates_for(need, addresses) if b not in exclude]
     if not candidates:
+        if need.backend is not None and need.backend not in exclude:
+            return f"it requires {need.backend}: give its address (--{need.backend})"
+        if need.backend is not None:
+            return f"it requires {need.backend}, which holds its data in one worker"
         return f"no backend for a durable {need.abstraction} namespace: give a NATS address (--nats)"
     best: Choice | None = None
     lacking: list[str] = []

@@ -120,6 +120,15 @@ def test_a_plan_that_does_not_fit_names_the_tenant_and_the_machine() -> None:
     assert plan.problems == (
         "need 'p': no backend for a durable pubsub namespace: give a NATS address (--nats)",
     )
+    plan = make_plan([Need("o", write_rps=10, backend="postgres")], TABLE, 2, {})
+    assert plan.problems == ("need 'o': it requires postgres: give its address (--postgres)",)
+
+
+def test_a_need_that_names_its_backend_gets_it() -> None:
+    # PostgreSQL costs less in TABLE; the need names SQLite, and gets it.
+    need = Need("o", read_rps=100, write_rps=100, backend="sqlite")
+    plan = make_plan([need], TABLE, 2, {"postgres": "postgresql://db/x"})
+    assert [c.backend for t in plan.tenants for c in t.choices] == ["sqlite"]
 
 
 def test_the_written_config_is_one_prism_serves(tmp_path: Path) -> None:

@@ -39,8 +39,11 @@ def test_the_hit_rate_by_hand() -> None:
 
 
 def test_the_p99_at_a_utilisation_is_interpolated_or_the_nearest_step() -> None:
-    ladder = ((0.95, 30_000.0), (0.5, 2_000.0), (0.8, 8_000.0))
+    ladder = ((0.5, 2_000.0), (0.8, 8_000.0), (0.95, 30_000.0))
     assert p99_at(ladder, 0.65) == (pytest.approx(5_000.0), "interpolated")
+    # In ladder order: a later step that other load held back is not bracketed first.
+    noisy = ((0.4, 10_000.0), (0.6, 20_000.0), (0.5, 300_000.0))
+    assert p99_at(noisy, 0.45) == (pytest.approx(12_500.0), "interpolated")
     assert p99_at(ladder, 0.3) == (2_000.0, "nearest")
     assert p99_at(ladder, 0.99) == (30_000.0, "nearest")
     assert p99_at((), 0.5) is None
