@@ -93,19 +93,18 @@ def main() -> int:
         if args.defaults:
             _print_defaults(files)
         rows = [_example(name, files, every, work / name) for name in names]
+        calibrated = [_calibrated(r, f) for r, f in zip(runs, files, strict=True)]
+        machine = _machine(files)  # (read while the files are there: without --keep, a temporary dir)
     document = {
         "what": "prism plan's predicted saturation per worker vs prism bench's, on the planned config",
         "tolerance": TOLERANCE,
         "measured_as": "saturation.per_worker.calls_per_cpu_s: 1e6 / the worker's CPU per call "
         "(lowest over the ladder's steps with the worker at least half busy)",
         "ladder": {"concurrency": list(LADDER), "warmup_s": WARMUP_S, "duration_s": FULL_STEP_S[1]},
-        "calibration": [
-            {"name": r.name, "key": " ".join(r.key), "file": f"calibration/{r.name}/results.json"}
-            for r in runs
-        ],
+        "calibration": calibrated,
         "examples": rows,
         "all_within": all(r["within"] for r in rows),
-        "machine": _machine(files),
+        "machine": machine,
         "seconds": round(time.monotonic() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,10 +265,29 @@ def _print_defaults(files: list[Path]) -> None:
         print(f'        ("{backend}", "{op}"): Cost({cost.cpu_us:.1f}, {cost.sat_rps:.0f}),')
 
 
+def _calibrated(run: Calibration, path: Path) -> dict[str, Any]:
+    """What one calibration run measured (its figure, and how busy and disturbed its worker was)."""
+    got = read_results(path)
+    best = got.saturation.per_worker if got.saturation else None
+    step = next((s for s in got.steps if best and s.index == best.step), None)
+    return {
+        "name": run.name,
+        "key": " ".join(run.key),
+        "cpu_us_per_call": round(1e6 / best.calls_per_cpu_s, 1) if best else None,
+        "calls_per_cpu_s": best.calls_per_cpu_s if best else None,
+        "worker_busy_pct": best.worker_busy_pct if best else None,
+        "other_on_server_cpus_pct": step.other_on_server_cpus_pct if step else None,
+        "concurrency": step.concurrency if step else None,
+    }
+
+
 def _machine(files: list[Path]) -> dict[str, Any]:
     info = read_results(files[0]).machine
+    versions: dict[str, str | None] = {}
+    for path in files:
+        versions |= read_results(path).machine.backend_versions
     return {"cpu_model": info.cpu_model, "cpus": info.cpus, "python": info.python, "kernel": info.kernel,
-            "prism_version": info.prism_version, "backend_versions": info.backend_versions}  # fmt: skip
+            "prism_version": info.prism_version, "backend_versions": versions}  # fmt: skip
 
 
 def _ms(us: float | None) -> float | None:
