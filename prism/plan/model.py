@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 TARGET_UTILISATION: Final = 0.7
-CACHE_HIT_SHARE: Final = 0.44  # a hit's CPU over an uncached read's, when no cache figure is measured
+CACHE_HIT_SHARE: Final = 0.6  # a hit's CPU over an uncached read's, when no cache figure is measured
 # Extra worker CPU per KiB of value beyond VALUE_BYTES: copying, framing, the backend's I/O.
 PER_KIB_US: Final = {"get": 0.25, "put": 0.6, "read_events": 2.5, "write_events": 0.6}
 VALUE_BYTES: Final = 512  # the value size the costs are measured at
@@ -75,9 +75,9 @@ OPS: Final = {
 HIT: Final = ("cache", "get")
 CACHED: Final = {"get": "get+cache", "put": "put+cache"}  # the ops' costs on a namespace with the cache
 # Without a measurement of them: what the cache adds to a miss and to a write
-# (this machine: sqlite get 95 us uncached, 122 missing a cache; put 95, 110).
-CACHE_MISS_US: Final = 25.0
-CACHE_WRITE_US: Final = 12.0
+# (DEFAULT_COSTS' sqlite: get 66.6 us, missing the cache 91.0; put 80.7, 94.7).
+CACHE_MISS_US: Final = 24.0
+CACHE_WRITE_US: Final = 14.0
 
 
 @dataclass(frozen=True)
@@ -110,29 +110,34 @@ class CostTable:
         return {b for b, _ in self.costs}
 
 
-# bench/plan_accuracy.py --calibrate-all on this repository's 2-CPU AMD EPYC
-# (2026-12-06): each a closed ladder of 32, 128 and 256 calls in flight, 4 s
-# per step, 5,000 records of 512 B, uniform keys, one worker pinned to CPU 0;
-# the saturation step's worker CPU per call and calls/s. (The figures before
-# them, bench/results/backends.json's 100-byte values at 64 in flight, were
-# 15-30% off this machine's per-call CPU at saturation.)
+# bench/plan_accuracy.py --defaults on this repository's 2-CPU AMD EPYC
+# (2026-12-06, busy: other processes took 3-57% of the worker's CPU during
+# the runs): each a closed ladder of 32, 128 and 256 calls in flight, 4 s per
+# step, 2,000 records of 512 B (200 for the cache's hits), uniform keys, one
+# worker pinned to CPU 0; the worker's lowest CPU per call over the steps
+# (prism bench's saturation.per_worker), the lowest of up to three runs. The
+# figures before them (bench/results/backends.json: 100-byte values at 64 in
+# flight, one cost for KeyValue's and TimeSeries' reads) were 20-45% off
+# this machine's: a TimeSeries' ReadEvents of 10 events costs 2-3 GetItems.
 DEFAULT_COSTS: Final = CostTable(
     {
-        ("memory", "get"): Cost(60.4, 16373),
-        ("memory", "put"): Cost(64.1, 15450),
-        ("sqlite", "get"): Cost(85.3, 11705),
-        ("sqlite", "put"): Cost(90.4, 10802),
-        ("postgres", "get"): Cost(71.9, 13580),
-        ("postgres", "put"): Cost(69.1, 13789),
-        ("redis", "get"): Cost(80.3, 12324),
-        ("redis", "put"): Cost(82.8, 11892),
-        ("memory", "read_events"): Cost(90.0, 11000),
-        ("memory", "write_events"): Cost(70.0, 14000),
-        ("sqlite", "read_events"): Cost(120.0, 8300),
-        ("sqlite", "write_events"): Cost(100.0, 10000),
-        ("postgres", "read_events"): Cost(110.0, 9000),
-        ("postgres", "write_events"): Cost(90.0, 11000),
-        HIT: Cost(30.0, 33000),
+        HIT: Cost(40.7, 24570),
+        ("memory", "get"): Cost(58.3, 17153),
+        ("memory", "put"): Cost(64.9, 15408),
+        ("memory", "read_events"): Cost(115.8, 8636),
+        ("memory", "write_events"): Cost(58.6, 17065),
+        ("postgres", "get"): Cost(69.5, 14388),
+        ("postgres", "put"): Cost(94.3, 10604),
+        ("postgres", "read_events"): Cost(267.6, 3737),
+        ("postgres", "write_events"): Cost(313.5, 3190),
+        ("redis", "get"): Cost(68.3, 14641),
+        ("redis", "put"): Cost(80.1, 12484),
+        ("sqlite", "get"): Cost(66.6, 15015),
+        ("sqlite", "get+cache"): Cost(91.0, 10989),
+        ("sqlite", "put"): Cost(80.7, 12392),
+        ("sqlite", "put+cache"): Cost(94.7, 10560),
+        ("sqlite", "read_events"): Cost(183.8, 5441),
+        ("sqlite", "write_events"): Cost(127.3, 7855),
     },
     "built in (bench/plan_accuracy.py's calibration, 2-CPU AMD EPYC)",
 )
@@ -198,12 +203,12 @@ def demand(
     read, write = table.cost(backend, read_op), table.cost(backend, write_op)
     c_read = per_call(read, read_op, item_bytes) if read else 0.0
     c_write = per_call(write, write_op, item_bytes) if write else 0.0
+    hit_cost = table.cost(*HIT)
+    c_hit = per_call(hit_cost, "get", item_bytes) if hit_cost else CACHE_HIT_SHARE * c_read
     if cached:
         c_read = _with_cache(table, backend, read_op, item_bytes, c_read, CACHE_MISS_US)
         c_write = _with_cache(table, backend, write_op, item_bytes, c_write, CACHE_WRITE_US)
     hit = hit_rate(read_rps, write_rps, records) if cached else 0.0
-    hit_cost = table.cost(*HIT)
-    c_hit = per_call(hit_cost, "get", item_bytes) if hit_cost else CACHE_HIT_SHARE * c_read
     per_read = hit * c_hit + (1.0 - hit) * c_read
     return Demand(read_rps * per_read + write_rps * c_write, read_rps + write_rps, per_read, c_write, hit)
 

@@ -13,6 +13,7 @@ from prism.cli.main import main
 from prism.config import load_config
 from prism.plan.costfile import load_costs
 from prism.plan.model import (
+    CACHE_HIT_SHARE,
     CACHE_MISS_US,
     DEFAULT_COSTS,
     TARGET_UTILISATION,
@@ -58,13 +59,13 @@ def test_the_demand_is_the_documented_sum() -> None:
     ts = demand(TABLE, "sqlite", "timeseries", 100, 1000, 512, 10, False)
     assert isinstance(ts, Demand) and ts.cpu_us_per_s == pytest.approx(100 * 150 + 1000 * 120)
     # Read-only, cached, 1,000,000 records: 0.1 of them cached, read 1e-3 times a second
-    # each for a 30 s TTL: h = 0.1 * 0.03 / 1.03; a hit 0.44 of a read, a miss the read
+    # each for a 30 s TTL: h = 0.1 * 0.03 / 1.03; a hit CACHE_HIT_SHARE of a read, a miss the read
     # plus the cache's work.
     cached = kv(TABLE, "sqlite", 1000, 0, 512, 1_000_000, cached=True)
     h = 0.1 * 0.03 / 1.03
     assert cached.hit_rate == pytest.approx(h)
-    c_read = 100 + CACHE_MISS_US
-    assert cached.cpu_us_per_s == pytest.approx(1000 * (h * 0.44 * c_read + (1 - h) * c_read))
+    miss = 100 + CACHE_MISS_US
+    assert cached.cpu_us_per_s == pytest.approx(1000 * (h * CACHE_HIT_SHARE * 100 + (1 - h) * miss))
     # Without the figures for an operation, what is missing.
     assert demand(TABLE, "redis", "keyvalue", 1, 1, 1, 1, False) == "redis get, redis put"
     assert demand(TABLE, "memory", "timeseries", 0, 1, 1, 1, False) == "memory write_events"
@@ -211,8 +212,9 @@ def test_the_shipped_examples_plan(name: str, tmp_path: Path) -> None:
 def test_an_address_prism_would_refuse_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # With the built-in costs Redis is the cheapest backend for these reads: --redis is taken.
-    assert _plan(tmp_path, "--cpus", "4", "--redis", "notaurl") == 2
+    # A need that requires Redis: --redis is taken.
+    needs = '[[needs]]\nnamespace = "a"\nread_rps = 1000\nbackend = "redis"\n'
+    assert _plan(tmp_path, "--cpus", "4", "--redis", "notaurl", needs=needs) == 2
     err = capsys.readouterr().err
     built_in, refused = err.splitlines()
     assert built_in.startswith("prism plan: using the built-in costs")
