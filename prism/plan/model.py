@@ -4,11 +4,13 @@ A planner can check it by hand. For each backend and each operation
 (``get``, ``put``: KeyValue's GetItems, PutItems; ``read_events``,
 ``write_events``: TimeSeries' ReadEvents of a whole 10-event series,
 WriteEvents; PubSub costs as memory's get and put), a benchmark on this kind
-of machine measured one worker, pinned to one CPU, at saturation:
+of machine measured one worker, pinned to one CPU, on a ladder of load up to
+saturation:
 
-    cpu_us   worker CPU per call (microseconds), values of VALUE_BYTES
-    sat_rps  calls/s one worker served (about 1e6 / cpu_us when the worker,
-             not the backend, is what saturates)
+    cpu_us   worker CPU per call (microseconds), values of VALUE_BYTES, at
+             the step where it is lowest (prism bench's saturation.per_worker:
+             large batches; steadier than calls/s on a shared machine)
+    sat_rps  1e6 / cpu_us: the calls/s one worker serves at its whole CPU
 
 and, for a namespace with the shared cache: ``("cache", "get")``, a
 GetItems answered from the cache; ``(backend, "get+cache")``, one that
@@ -61,6 +63,7 @@ from typing import Any, Final
 TARGET_UTILISATION: Final = 0.7
 CACHE_HIT_SHARE: Final = 0.6  # a hit's CPU over an uncached read's, when no cache figure is measured
 # Extra worker CPU per KiB of value beyond VALUE_BYTES: copying, framing, the backend's I/O.
+# (read_events reads 10 events: ten times get's.)
 PER_KIB_US: Final = {"get": 0.25, "put": 0.6, "read_events": 2.5, "write_events": 0.6}
 VALUE_BYTES: Final = 512  # the value size the costs are measured at
 # The cache the plan gives a namespace: how many records, for how long.
