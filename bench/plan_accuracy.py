@@ -109,6 +109,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
+    _print_calibration(calibrated)
     _print_table(rows)
     print(f"wrote {_rel(args.out)} ({document['seconds']:.0f} s)")
     return 0 if document["all_within"] else 1
@@ -237,7 +238,7 @@ def _prism(argv: list[str], timeout: float) -> str:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'example':<18} {'backend':<14} {'predicted':>9} {'measured':>9} {'ratio':>6} {'within':>6} "
-          f"{'hit plan/bench':>14} {'calls/s @busy':>16} {'built-in':>9}")  # fmt: skip
+          f"{'hit plan/bench':>14} {'calls/s @busy':>16} {'others':>6} {'built-in':>9}")  # fmt: skip
     for r in rows:
         hit = "-"
         if r["cached"]:
@@ -249,11 +250,23 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['ratio']:>6.2f} "
             f"{'yes' if r['within'] else 'NO':>6} {hit:>14} "
             f"{step['calls_per_s']:>8,.0f} @{step['worker_busy_pct']:>3.0f}% "
+            f"{step['other_on_server_cpus_pct'] or 0:>5.0f}% "
             f"{r['builtin_costs']['predicted_rps_per_worker']:>9,.0f}"
         )
     print("predicted, measured: calls/s of the need's mix one worker serves at 100% of its CPU; "
-          "calls/s @busy: what the measured step served, and the worker's CPU share; "
-          "built-in: the prediction with the built-in costs")  # fmt: skip
+          "calls/s @busy: what the measured step served, and the worker's CPU share; others: CPU 0's "
+          "busy time not the server's (other processes, PostgreSQL's own); built-in: the prediction "
+          "with the built-in costs")  # fmt: skip
+
+
+def _print_calibration(calibrated: list[dict[str, Any]]) -> None:
+    print(f"\n{'calibration':<22} {'us/call':>8} {'calls/cpu-s':>11} {'busy':>5} {'others':>6}  (on CPU 0)")
+    for c in calibrated:
+        if c["cpu_us_per_call"] is None:
+            print(f"{c['key']:<22} {'-':>8}")
+            continue
+        print(f"{c['key']:<22} {c['cpu_us_per_call']:>8.1f} {c['calls_per_cpu_s']:>11,.0f} "
+              f"{c['worker_busy_pct']:>4.0f}% {c['other_on_server_cpus_pct'] or 0:>5.0f}%")  # fmt: skip
 
 
 def _print_defaults(files: list[Path]) -> None:
