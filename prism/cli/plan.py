@@ -144,8 +144,8 @@ def _costs_here(args: argparse.Namespace, needs: list[Need], addresses: dict[str
     measure = args.bench_quick
     if not measure and runs and sys.stdin.isatty() and sys.stderr.isatty():
         sys.stderr.write(
-            f"prism plan: the costs are built in (measured on another machine). Measure {names} here "
-            f"now with prism bench --quick (about {seconds(runs, True):.0f} s)? [y/N] "
+            f"prism plan: the costs are built in, not measured on this machine. Measure {names} "
+            f"here now with prism bench --quick (about {seconds(runs, True):.0f} s)? [y/N] "
         )
         sys.stderr.flush()
         measure = sys.stdin.readline().strip().lower() in ("y", "yes")

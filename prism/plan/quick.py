@@ -4,8 +4,9 @@
 ``prism bench --quick`` once per figure the needs can use: for each backend a
 need may take (its candidates: ``planner.candidates_for``), the operations
 it sends (KeyValue get, put; TimeSeries read_events, write_events) and, where
-the plan would give it the shared cache, a cache hit, a miss and a write
-with the cache on. ``bench/plan_accuracy.py`` runs the same scenarios with
+the plan may give it the shared cache (and it declares its records: else
+the model counts no hits), a cache hit, a miss and a write with the cache
+on. ``bench/plan_accuracy.py`` runs the same scenarios with
 longer steps. Each scenario is one operation on one namespace, records of
 ``model.VALUE_BYTES``, uniform keys, one worker pinned (``prism bench``'s
 placement), with the options the plan writes for that backend; its
@@ -80,7 +81,7 @@ def calibrations_for(needs: Sequence[Need], addresses: Mapping[str, str]) -> lis
             for op in wanted:
                 cal = Calibration(backend, need.abstraction, op)
                 out.setdefault(cal.key, cal)
-            if would_cache(need, backend):
+            if would_cache(need, backend) and need.records > 0:  # (no records declared: no hits)
                 for cal in (
                     Calibration(backend, "keyvalue", "get", "hit"),
                     Calibration(backend, "keyvalue", "get", "miss"),
