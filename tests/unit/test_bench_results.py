@@ -198,3 +198,21 @@ def test_a_run_on_a_namespace_with_the_cache_gives_a_hit_a_miss_or_a_cached_writ
     }
     got = plan_costs(msgspec.to_builtins(run))
     assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),))} if key else {})
+
+
+def test_the_saturation_per_worker_is_its_lowest_cpu_per_call_when_busy() -> None:
+    steps = [step(0, 1000, 1000), step(1, 5000, 9000), step(2, 4000, 20000)]
+    busy = {0: (30.0, 40.0), 1: (95.0, 60.0), 2: (60.0, 55.0)}  # busy %, worker CPU us per call
+    for s in steps:
+        s.cpu_pct = {"worker0:default@cpu0": busy[s.index][0]}
+        s.cpu_us_per_call = {"worker0:default@cpu0": busy[s.index][1], "total": busy[s.index][1]}
+    # Step 0's 40 us is at 30% busy: not a saturated figure. Of the others, 55 us (step 2).
+    assert results.per_worker(steps) == results.PerWorker(2, round(1e6 / 55, 1), 60.0, 4000.0)
+    # None at least half busy (other work took the CPU): the lowest of them all, still a figure.
+    for s in steps:
+        s.cpu_pct = {"worker0:default@cpu0": 20.0}
+    assert results.per_worker(steps) == results.PerWorker(0, 25000.0, 20.0, 1000.0)
+    # Not metered (a --target run): none.
+    for s in steps:
+        s.cpu_pct = s.cpu_us_per_call = None
+    assert results.per_worker(steps) is None
