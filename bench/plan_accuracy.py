@@ -26,6 +26,11 @@ For each example under ``examples/needs/`` (``EXAMPLES``):
    come from. calls/s alone moves with whatever else runs on CPU 0 (other
    processes, and PostgreSQL itself, unpinned, on a 2-CPU machine): the
    table prints it and the worker's busy share beside it.
+   A run (calibration or measure) during which other work took over
+   ``NOISY_PCT`` of CPU 0 at its figure's step is made once more, and the
+   run with the lower worker CPU per call kept: other work only adds to it
+   (on a quiet machine nothing is run twice; PostgreSQL's own processes
+   count as other work, so its runs may be).
 4. **Compare**: ratio = predicted / measured, within = |ratio - 1| <= 15%.
    With the cache, the hit ratio the bench's /metrics counted at that step
    is printed beside the plan's: a comparison at another hit rate would mean
@@ -41,12 +46,14 @@ the defaults on a 2-CPU machine; run it on a quiet one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,7 @@ EXAMPLES = {  # name -> (file, the addresses the plan is given)
 }
 TOLERANCE = 0.15
 WARMUP_S = 2.0  # the measured scenarios' warm-up: the cache fills in the first
+NOISY_PCT = 25.0  # other work on CPU 0 past which a run is made once more
 DEFAULT_PG = "postgresql://127.0.0.1:5432/prism_bench"
 
 
@@ -90,6 +98,12 @@ def main() -> int:
         say(f"calibrating: {len(runs)} prism bench runs ({', '.join(r.name for r in runs)})")
         (work / "calibration").mkdir(exist_ok=True)
         files = calibrate(runs, every, work / "calibration", quick=False)
+        again = work / "calibration-again"
+        again.mkdir(exist_ok=True)
+        files = [
+            _quieter(f, functools.partial(_calibrate_one, r, every, again))
+            for r, f in zip(runs, files, strict=True)
+        ]
         if args.defaults:
             _print_defaults(files)
         rows = [_example(name, files, every, work / name) for name in names]
@@ -149,8 +163,13 @@ def _example(name: str, calibration: list[Path], addresses: dict[str, str], work
     scenario.write_text(_scenario(name, need, work / "measured" / "prism.toml"))
     say(f"{name}: measuring the planned config ({ns_plan['backend']}"
         f"{', cache' if ns_plan['cached'] else ''}): prism bench {scenario.name}")  # fmt: skip
-    _prism(["bench", str(scenario), "--out", str(work / "bench")], timeout=600)
-    run = read_results(work / "bench" / "results.json")
+
+    def bench(out: str) -> Path:
+        _prism(["bench", str(scenario), "--out", str(work / out)], timeout=600)
+        return work / out / "results.json"
+
+    measured = _quieter(bench("bench"), lambda: bench("bench-again"))
+    run = read_results(measured)
     if run.outcome != "ok" or run.saturation is None or run.saturation.per_worker is None:
         raise SystemExit(f"plan_accuracy: {name}: the bench measured no saturation ({run.failure})")
     best = run.saturation.per_worker
@@ -177,6 +196,7 @@ def _example(name: str, calibration: list[Path], addresses: dict[str, str], work
             "other_on_server_cpus_pct": step.other_on_server_cpus_pct,
         },
         "bench_saturation_calls_per_s": run.saturation.calls_per_s,
+        "second_run": measured.parent.name == "bench-again",
         "builtin_costs": {
             "backend": ns_builtin["backend"],
             "predicted_rps_per_worker": ns_builtin["saturation_rps_per_worker"],
@@ -185,6 +205,35 @@ def _example(name: str, calibration: list[Path], addresses: dict[str, str], work
         "plan_p99_ms_at_its_utilisation": _ms(plan["tenants"][0]["p99_us"]),
         "plan_utilisation": plan["tenants"][0]["utilisation"],
     }
+
+
+def _calibrate_one(run: Calibration, addresses: dict[str, str], work: Path) -> Path:
+    return calibrate([run], addresses, work, quick=False)[0]
+
+
+def _others(path: Path) -> float:
+    """How busy CPU 0 was with other work at the step a run's figure comes from (%)."""
+    got = read_results(path)
+    best = got.saturation.per_worker if got.saturation else None
+    step = next((s for s in got.steps if best and s.index == best.step), None)
+    return (step.other_on_server_cpus_pct or 0.0) if step else 0.0
+
+
+def _quieter(path: Path, again: Callable[[], Path]) -> Path:
+    """``path``, or when other work took over NOISY_PCT of CPU 0 at its figure's step,
+    the run (of it and one more) whose worker CPU per call is lower: other work only
+    ever adds to it (cold caches, switches), so the lower is the truer."""
+    if _others(path) <= NOISY_PCT:
+        return path
+    say(f"{path.parent.name}: others took {_others(path):.0f}% of CPU 0: once more")
+    second = again()
+
+    def figure(p: Path) -> float:
+        got = read_results(p)
+        best = got.saturation.per_worker if got.saturation else None
+        return best.calls_per_cpu_s if best else 0.0
+
+    return max((path, second), key=figure)
 
 
 def _plan(needs: Path, work: Path, extra: list[str]) -> dict[str, Any]:
@@ -291,6 +340,7 @@ def _calibrated(run: Calibration, path: Path) -> dict[str, Any]:
         "worker_busy_pct": best.worker_busy_pct if best else None,
         "other_on_server_cpus_pct": step.other_on_server_cpus_pct if step else None,
         "concurrency": step.concurrency if step else None,
+        "second_run": path.parent.parent.name == "calibration-again",  # (kept: the first was noisier)
     }
 
 
