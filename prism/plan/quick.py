@@ -167,6 +167,7 @@ def calibrate(
             raise QuickFailed(f"prism bench of {cal.name} failed ({why})")
         paths.append(out / "results.json")
         progress.write(f"prism plan: {cal.name} measured in {time.monotonic() - started:.0f} s\n")
+        progress.flush()
     return paths
 
 
