@@ -19,8 +19,10 @@ and a step answered calls:
 On a namespace with the cache: a ``get`` run whose step's hit ratio is at
 least ``HIT_RATIO`` gives ``("cache", "get")``, a hit's cost; at most
 ``1 - HIT_RATIO`` (a tiny ``ttl_s``), ``(backend, "get+cache")``, a miss's;
-between, hits and misses mixed, nothing. A ``put`` run gives
-``(backend, "put+cache")``.
+from ``MIXED_RATIO`` up to ``HIT_RATIO`` (a short ``ttl_s``),
+``(backend, "get+cache-mixed")`` with its hit ratio, from which
+``prism.plan.costfile`` takes a hit's cost among misses; below, nothing. A
+``put`` run gives ``(backend, "put+cache")``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from prism.benchmark.results import Results, per_worker
 
 OPERATIONS = ("get", "put", "read_events", "write_events", "publish")
 HIT_RATIO = 0.95
+MIXED_RATIO = 0.5
 
 
 Ladder = tuple[tuple[float, float], ...]
 
 
-def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float, Ladder]]:
-    """``{(backend, op): (cpu_us, sat_rps, ladder)}`` from a results.json document ({} if it gives none).
+def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float, Ladder, float | None]]:
+    """``{(backend, op): (cpu_us, sat_rps, ladder, hit ratio)}`` from a results.json
+    document ({} if it gives none); the hit ratio is the step's with the cache, else None.
 
     Raises msgspec.ValidationError if the document is not a results.json of this schema.
     """
@@ -58,12 +62,15 @@ def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float
         return {}
     backend = str(namespace.get("backend", "sqlite"))
     key = (backend, ops[0])
+    ratio: float | None = None
     if dict(namespace.get("cache") or {}).get("enabled") and ops[0] in ("get", "put"):
         key = (backend, f"{ops[0]}+cache")
+        ratio = step.backend.cache_hit_ratio if step.backend is not None else None
         if ops[0] == "get":
-            ratio = step.backend.cache_hit_ratio if step.backend is not None else None
             if ratio is not None and ratio >= HIT_RATIO:
                 key = ("cache", "get")
+            elif ratio is not None and ratio >= MIXED_RATIO:
+                key = (backend, "get+cache-mixed")
             elif ratio is None or ratio > 1 - HIT_RATIO:
                 return {}
     ladder = tuple(
@@ -72,4 +79,5 @@ def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float
         if s.latency.p99_us is not None and s.cpu_pct
         and (busy := [pct for role, pct in s.cpu_pct.items() if role.startswith("worker")])
     )  # fmt: skip
-    return {key: (round(1e6 / best.calls_per_cpu_s, 1), best.calls_per_cpu_s, ladder)}
+    hit = ratio if dict(namespace.get("cache") or {}).get("enabled") else None
+    return {key: (round(1e6 / best.calls_per_cpu_s, 1), best.calls_per_cpu_s, ladder, hit)}

@@ -177,7 +177,8 @@ def test_prism_plan_reads_a_one_operation_run_and_skips_a_mix(tmp_path: Path) ->
     [
         ("get", 0.99, ("cache", "get")),
         ("get", 0.01, ("sqlite", "get+cache")),
-        ("get", 0.5, None),  # hits and misses mixed: no single figure
+        ("get", 0.9, ("sqlite", "get+cache-mixed")),  # hits among misses: costfile takes a hit's cost
+        ("get", 0.3, None),  # mostly misses, some hits: no figure
         ("put", None, ("sqlite", "put+cache")),
         ("read_events", None, ("sqlite", "read_events")),
     ],
@@ -197,7 +198,7 @@ def test_a_run_on_a_namespace_with_the_cache_gives_a_hit_a_miss_or_a_cached_writ
         "workload": {"mix": {op: 1.0}},
     }
     got = plan_costs(msgspec.to_builtins(run))
-    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),))} if key else {})
+    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),), hit_ratio)} if key else {})
 
 
 def test_the_saturation_per_worker_is_its_lowest_cpu_per_call_when_busy() -> None:

@@ -62,15 +62,23 @@ def _step(index: int, busy: float, cpu_us: float, p99: float) -> Step:
     )  # fmt: skip
 
 
-def bench_file(path: Path, backend: str, op: str, ladder: list[tuple[float, float, float]]) -> Path:
-    """A results.json of one operation on ``backend``: steps of (busy %, worker CPU us per call, p99 us)."""
+def bench_file(
+    path: Path, backend: str, op: str, ladder: list[tuple[float, float, float]], hit: float | None = None
+) -> Path:
+    """A results.json of one operation on ``backend``: steps of (busy %, worker CPU us per call,
+    p99 us); with ``hit``, on a namespace with the cache, at that hit ratio."""
     steps = [_step(i, *s) for i, s in enumerate(ladder)]
+    namespace: dict[str, object] = {"name": "b", "backend": backend}
+    if hit is not None:
+        namespace["cache"] = {"enabled": True}
+        for s in steps:
+            assert s.backend is not None
+            s.backend.cache_hit_ratio = hit
     run = Results(
         schema_version=results.SCHEMA_VERSION, kind=results.KIND, outcome="ok", failure=None,
         started_at="2026-01-01T00:00:00+00:00", finished_at="2026-01-01T00:01:00+00:00",
         scenario_file="s.toml", quick=False,
-        scenario={"name": "s", "namespaces": [{"name": "b", "backend": backend}],
-                  "workload": {"mix": {op: 1}}},
+        scenario={"name": "s", "namespaces": [namespace], "workload": {"mix": {op: 1}}},
         server=ServerSetup(True, "127.0.0.1:1", 1, [0], [1], 1),
         machine=Machine("cpu", 2, "6", "3.11", "0.1.0", "upb", {}, None, {}),
         steps=steps, saturation=saturation(steps), warnings=[],
@@ -212,3 +220,20 @@ def test_a_scenario_sets_the_cache_table_as_a_plan_does(tmp_path: Path) -> None:
     for cache, field in bad:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             parse_scenario(base | {"server": {"cache": cache}})
+
+
+def test_a_hits_cost_is_taken_among_misses(tmp_path: Path) -> None:
+    from prism.plan.costfile import load_costs
+    from prism.plan.model import HIT
+
+    # A get run at 90% hits costs 50 us a call; misses alone 140: a hit among misses, 40.
+    mixed = bench_file(tmp_path / "mixed.json", "sqlite", "get", [(95, 50, 3000)], hit=0.9)
+    misses = bench_file(tmp_path / "miss.json", "sqlite", "get", [(95, 140, 9000)], hit=0.0)
+    table = load_costs([mixed, misses])
+    hit = table.cost(*HIT)
+    assert hit is not None and hit.cpu_us == 40.0 and hit.hit_ratio == 0.9
+    assert table.cost("sqlite", "get+cache") is not None and table.cost("sqlite", "get+cache-mixed") is None
+    assert table.files[HIT] == "mixed.json"
+    # Without the misses' cost, no hit's cost (and no stray mixed figure).
+    with pytest.raises(ConfigError, match="no backend costs"):
+        load_costs([mixed])
