@@ -27,7 +27,7 @@ For each example under ``examples/needs/`` (``EXAMPLES``):
    processes, and PostgreSQL itself, unpinned, on a 2-CPU machine): the
    table prints it and the worker's busy share beside it.
    A run (calibration or measure) during which other work took over
-   ``NOISY_PCT`` of CPU 0 at its figure's step is made once more, and the
+   ``NOISY_PCT`` (10%) of CPU 0 at its figure's step is made once more, and the
    run with the lower worker CPU per call kept: other work only adds to it
    (on a quiet machine nothing is run twice; PostgreSQL's own processes
    count as other work, so its runs may be).
@@ -62,7 +62,8 @@ sys.path.insert(0, str(REPO))
 
 from prism.benchmark.results import read as read_results  # noqa: E402
 from prism.config import load_config  # noqa: E402
-from prism.plan.model import OPS  # noqa: E402
+from prism.plan.costfile import load_costs  # noqa: E402
+from prism.plan.model import OPS, CostTable  # noqa: E402
 from prism.plan.needs import Need, load_needs  # noqa: E402
 from prism.plan.quick import FULL_STEP_S, LADDER, Calibration, calibrate, calibrations_for  # noqa: E402
 
@@ -73,7 +74,7 @@ EXAMPLES = {  # name -> (file, the addresses the plan is given)
 }
 TOLERANCE = 0.15
 WARMUP_S = 2.0  # the measured scenarios' warm-up: the cache fills in the first
-NOISY_PCT = 25.0  # other work on CPU 0 past which a run is made once more
+NOISY_PCT = 10.0  # other work on CPU 0 past which a run is made once more
 DEFAULT_PG = "postgresql://127.0.0.1:5432/prism_bench"
 
 
@@ -107,7 +108,8 @@ def main() -> int:
         if args.defaults:
             _print_defaults(files)
         rows = [_example(name, files, every, work / name) for name in names]
-        calibrated = [_calibrated(r, f) for r, f in zip(runs, files, strict=True)]
+        table = load_costs(files)
+        calibrated = [_calibrated(r, f, table) for r, f in zip(runs, files, strict=True)]
         machine = _machine(files)  # (read while the files are there: without --keep, a temporary dir)
     document = {
         "what": "prism plan's predicted saturation per worker vs prism bench's, on the planned config",
@@ -309,26 +311,30 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def _print_calibration(calibrated: list[dict[str, Any]]) -> None:
-    print(f"\n{'calibration':<22} {'us/call':>8} {'calls/cpu-s':>11} {'busy':>5} {'others':>6}  (on CPU 0)")
+    print(
+        f"\n{'calibration':<22} {'us/call':>8} {'calls/cpu-s':>11} {'busy':>5} {'others':>6} {'model us':>9}"
+    )
     for c in calibrated:
         if c["cpu_us_per_call"] is None:
             print(f"{c['key']:<22} {'-':>8}")
             continue
         print(f"{c['key']:<22} {c['cpu_us_per_call']:>8.1f} {c['calls_per_cpu_s']:>11,.0f} "
-              f"{c['worker_busy_pct']:>4.0f}% {c['other_on_server_cpus_pct'] or 0:>5.0f}%")  # fmt: skip
+              f"{c['worker_busy_pct']:>4.0f}% {c['other_on_server_cpus_pct'] or 0:>5.0f}% "
+              f"{c['model_cpu_us'] or 0:>9.1f}{' (2nd run)' if c['second_run'] else ''}")  # fmt: skip
+    print("us/call: the run's worker CPU per call (others: CPU 0's busy time not the server's); model us: "
+          "the cost the plan takes from it (a hit's: the run's, less its misses')")  # fmt: skip
 
 
 def _print_defaults(files: list[Path]) -> None:
-    from prism.plan.costfile import load_costs
-
     table = load_costs(files)
     print("DEFAULT_COSTS (prism/plan/model.py):")
     for (backend, op), cost in sorted(table.costs.items()):
         print(f'        ("{backend}", "{op}"): Cost({cost.cpu_us:.1f}, {cost.sat_rps:.0f}),')
 
 
-def _calibrated(run: Calibration, path: Path) -> dict[str, Any]:
-    """What one calibration run measured (its figure, and how busy and disturbed its worker was)."""
+def _calibrated(run: Calibration, path: Path, table: CostTable) -> dict[str, Any]:
+    """What one calibration run measured (its figure, and how busy and disturbed its worker
+    was), and the cost the model takes from it (a hit's: less the misses' share)."""
     got = read_results(path)
     best = got.saturation.per_worker if got.saturation else None
     step = next((s for s in got.steps if best and s.index == best.step), None)
@@ -341,6 +347,7 @@ def _calibrated(run: Calibration, path: Path) -> dict[str, Any]:
         "other_on_server_cpus_pct": step.other_on_server_cpus_pct if step else None,
         "concurrency": step.concurrency if step else None,
         "second_run": path.parent.parent.name == "calibration-again",  # (kept: the first was noisier)
+        "model_cpu_us": cost.cpu_us if (cost := table.cost(*run.key)) else None,
     }
 
 
