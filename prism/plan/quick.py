@@ -60,7 +60,8 @@ class Calibration:
 
     @property
     def name(self) -> str:
-        return "-".join(p for p in ("cache" if self.cache == "hit" else self.backend, self.op,
+        op = "-".join(OPS[self.abstraction]) if self.op == "mix" else self.op
+        return "-".join(p for p in ("cache" if self.cache == "hit" else self.backend, op,
                                     "" if self.cache == "hit" else self.cache) if p)  # fmt: skip
 
     @property
