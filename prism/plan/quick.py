@@ -60,8 +60,7 @@ class Calibration:
 
     @property
     def name(self) -> str:
-        op = "-".join(OPS[self.abstraction]) if self.op == "mix" else self.op
-        return "-".join(p for p in ("cache" if self.cache == "hit" else self.backend, op,
+        return "-".join(p for p in ("cache" if self.cache == "hit" else self.backend, self.op,
                                     "" if self.cache == "hit" else self.cache) if p)  # fmt: skip
 
     @property
