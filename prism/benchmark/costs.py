@@ -22,9 +22,7 @@ least ``HIT_RATIO`` gives ``("cache", "get")``, a hit's cost; at most
 from ``MIXED_RATIO`` up to ``HIT_RATIO`` (a short ``ttl_s``),
 ``(backend, "get+cache-mixed")`` with its hit ratio, from which
 ``prism.plan.costfile`` takes a hit's cost among misses; below, nothing. A
-``put`` run gives ``(backend, "put+cache")``. A run of a namespace's read and
-write half and half (no cache) gives ``(backend, "get/put")`` or
-``(backend, "read_events/write_events")``: the mix term of the model.
+``put`` run gives ``(backend, "put+cache")``.
 """
 
 from __future__ import annotations
@@ -37,11 +35,6 @@ from prism.benchmark.results import Results, per_worker
 
 OPERATIONS = ("get", "put", "read_events", "write_events", "publish")
 HIT_RATIO = 0.95
-# A run of a read and a write half and half gives "read/write": how a mix costs beside them.
-PAIRS = {
-    frozenset(("get", "put")): "get/put",
-    frozenset(("read_events", "write_events")): "read_events/write_events",
-}
 MIXED_RATIO = 0.5
 
 
@@ -59,11 +52,7 @@ def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float
     workload: dict[str, Any] = dict(scenario.get("workload") or {})
     ops = [op for op, weight in dict(workload.get("mix") or {}).items() if weight]
     best = per_worker(run.steps)
-    weights = dict(workload.get("mix") or {})
-    pair = PAIRS.get(frozenset(ops))
-    if pair is not None and len({weights[op] for op in ops}) == 1:  # half and half: a mix's cost
-        ops = [pair]
-    if len(ops) != 1 or (ops[0] not in OPERATIONS and ops[0] not in PAIRS.values()) or best is None:
+    if len(ops) != 1 or ops[0] not in OPERATIONS or best is None:
         return {}
     namespaces: list[dict[str, Any]] = list(scenario.get("namespaces") or [])
     wanted = workload.get("namespace") or (namespaces[0]["name"] if namespaces else "")

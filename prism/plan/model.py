@@ -36,12 +36,6 @@ CACHE_WRITE_US. Then, for a namespace declaring ``read_rps`` R,
                   in CPU-microseconds per second (D / 1e6 CPUs); c_hit is
                   ("cache", "get")'s cost, else CACHE_HIT_SHARE * c(read);
                   with the cache, c(read) and c(write) are the "+cache" ones
-    mix           a mix costs the worker more per call than its operations
-                  alone (their calls, of different cost, break its batches):
-                  with a half-and-half run's cost m beside the read's and the
-                  write's, k = (m / ((c(read) + c(write)) / 2) - 1) / 0.5
-                  (at least 0), and D is multiplied by 1 + k * 2 p (1 - p),
-                  p = R / (R + W). Without that run, k = MIX_K
     saturation    S = 1e6 * (R + W) / D: the calls/s of this mix one worker
                   serves at 100% of its CPU
     workers       N_w = ceil(D / 1e6 / TARGET_UTILISATION), at least 1: each
@@ -74,7 +68,6 @@ CACHE_HIT_SHARE: Final = 0.62  # a hit's CPU (among misses) over an uncached rea
 # (read_events reads 10 events: ten times get's.)
 PER_KIB_US: Final = {"get": 0.25, "put": 0.6, "read_events": 2.5, "write_events": 0.6}
 VALUE_BYTES: Final = 512  # the value size the costs are measured at
-MIX_K: Final = 0.0  # the mix term without a half-and-half run: none (the figures before it: linear)
 # The cache the plan gives a namespace: how many records, for how long.
 CACHE_RECORDS: Final = 100_000
 CACHE_TTL_S: Final = 30.0
@@ -165,7 +158,6 @@ class Demand:
     read_us: float  # per read, after the cache
     write_us: float  # per write
     hit_rate: float
-    mix_extra: float = 0.0  # the mix term's share of D over the operations' plain sum
 
     @property
     def saturation_rps(self) -> float:
@@ -224,18 +216,7 @@ def demand(
         c_write = _with_cache(table, backend, write_op, item_bytes, c_write, CACHE_WRITE_US)
     hit = hit_rate(read_rps, write_rps, records) if cached else 0.0
     per_read = hit * c_hit + (1.0 - hit) * c_read
-    share = read_rps / (read_rps + write_rps) if read_rps + write_rps > 0 else 0.0
-    extra = mix_k(table, backend, read_op, write_op) * 2 * share * (1 - share)
-    plain = read_rps * per_read + write_rps * c_write
-    return Demand(plain * (1 + extra), read_rps + write_rps, per_read, c_write, hit, extra)
-
-
-def mix_k(table: CostTable, backend: str, read_op: str, write_op: str) -> float:
-    """k of the module docstring's mix term."""
-    mix, read, write = (table.cost(backend, op) for op in (f"{read_op}/{write_op}", read_op, write_op))
-    if mix is None or read is None or write is None:
-        return MIX_K
-    return max(0.0, (mix.cpu_us / ((read.cpu_us + write.cpu_us) / 2) - 1) / 0.5)
+    return Demand(read_rps * per_read + write_rps * c_write, read_rps + write_rps, per_read, c_write, hit)
 
 
 def _with_cache(

@@ -3,9 +3,7 @@
 ``prism plan --bench-quick`` (or yes to its question on a terminal) runs
 ``prism bench --quick`` once per figure the needs can use: for each backend a
 need may take (its candidates: ``planner.candidates_for``), the operations
-it sends (KeyValue get, put; TimeSeries read_events, write_events), both
-half and half when it sends both (a mix costs more than its operations
-alone: ``model.demand``'s mix term) and, where
+it sends (KeyValue get, put; TimeSeries read_events, write_events) and, where
 the plan may give it the shared cache (and it declares its records: else
 the model counts no hits), a cache hit, a miss and a write with the cache
 on. ``bench/plan_accuracy.py`` runs the same scenarios with
@@ -68,8 +66,6 @@ class Calibration:
         """The cost table key the run gives."""
         if self.cache == "hit":
             return HIT
-        if self.op == "mix":
-            return (self.backend, "/".join(OPS[self.abstraction]))
         return (self.backend, f"{self.op}+cache" if self.cache else self.op)
 
 
@@ -84,9 +80,6 @@ def calibrations_for(needs: Sequence[Need], addresses: Mapping[str, str]) -> lis
             wanted = [c for c, rps in ((read, need.read_rps), (write, need.write_rps)) if rps > 0]
             for op in wanted:
                 cal = Calibration(backend, need.abstraction, op)
-                out.setdefault(cal.key, cal)
-            if len(wanted) == 2:  # reads and writes: how their mix costs beside them
-                cal = Calibration(backend, need.abstraction, "mix")
                 out.setdefault(cal.key, cal)
             if would_cache(need, backend) and need.records > 0:  # (no records declared: no hits)
                 for cal in (
@@ -123,7 +116,7 @@ def scenario_toml(cal: Calibration, addresses: Mapping[str, str], quick: bool) -
         f"records = {RECORDS}",
         f"value_bytes = {VALUE_BYTES}",
         "[workload.mix]",
-        *(f"{op} = 1" for op in (OPS[cal.abstraction] if cal.op == "mix" else (cal.op,))),
+        f"{cal.op} = 1",
         "[load]",
         'mode = "closed"',
         f"concurrency = [{', '.join(map(str, LADDER))}]",

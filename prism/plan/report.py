@@ -120,7 +120,6 @@ def as_json(plan: Plan, table: CostTable, cpus: int) -> dict[str, Any]:
                 "backend": c.backend,
                 "cached": c.cached,
                 "hit_rate": round(c.demand.hit_rate, 4),
-                "mix_extra": round(c.demand.mix_extra, 4),
                 "read_rps": c.need.read_rps,
                 "write_rps": c.need.write_rps,
                 "item_bytes": c.need.item_bytes,

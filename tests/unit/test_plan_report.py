@@ -193,10 +193,9 @@ def test_the_quick_bench_runs_what_the_needs_can_use() -> None:
     ]
     runs = calibrations_for(needs, {"postgres": "postgresql://127.0.0.1/x"})
     assert [r.key for r in runs] == [
-        ("sqlite", "get"), ("sqlite", "put"), ("sqlite", "get/put"), ("cache", "get"),
-        ("sqlite", "get+cache"), ("sqlite", "put+cache"), ("postgres", "get"), ("postgres", "put"),
-        ("postgres", "get/put"), ("postgres", "get+cache"), ("postgres", "put+cache"),
-        ("sqlite", "write_events"), ("postgres", "write_events"),
+        ("sqlite", "get"), ("sqlite", "put"), ("cache", "get"), ("sqlite", "get+cache"),
+        ("sqlite", "put+cache"), ("postgres", "get"), ("postgres", "put"), ("postgres", "get+cache"),
+        ("postgres", "put+cache"), ("sqlite", "write_events"), ("postgres", "write_events"),
     ]  # fmt: skip
     import tomllib
 
@@ -238,31 +237,3 @@ def test_a_hits_cost_is_taken_among_misses(tmp_path: Path) -> None:
     # Without the misses' cost, no hit's cost (and no stray mixed figure).
     with pytest.raises(ConfigError, match="no backend costs"):
         load_costs([mixed])
-
-
-def test_a_mix_costs_what_its_half_and_half_run_says(tmp_path: Path) -> None:
-    from prism.plan.costfile import load_costs
-    from prism.plan.model import Demand, demand
-
-    reads = bench_file(tmp_path / "get.json", "sqlite", "get", [(95, 80, 1000)])
-    writes = bench_file(tmp_path / "put.json", "sqlite", "put", [(95, 120, 1000)])
-    both = bench_file(tmp_path / "mix.json", "sqlite", "get", [(95, 110, 1000)])
-    doc = json.loads(both.read_text())
-    doc["scenario"]["workload"]["mix"] = {"get": 1, "put": 1}
-    both.write_text(json.dumps(doc))
-    table = load_costs([reads, writes, both])
-    assert table.cost("sqlite", "get/put") is not None
-    # Half and half measured 110 us a call against a mean of 100: k = (1.1 - 1) / 0.5 = 0.2.
-    # 300 reads and 100 writes: p = 0.75, the plain sum times 1 + 0.2 * 2 * 0.75 * 0.25.
-    got = demand(table, "sqlite", "keyvalue", 300, 100, 512, 1000, False)
-    assert isinstance(got, Demand)
-    assert got.mix_extra == pytest.approx(0.075)
-    assert got.cpu_us_per_s == pytest.approx((300 * 80 + 100 * 120) * 1.075)
-    # Reads only: no mix.
-    alone = demand(table, "sqlite", "keyvalue", 300, 0, 512, 1000, False)
-    assert isinstance(alone, Demand) and alone.mix_extra == 0 and alone.cpu_us_per_s == pytest.approx(24000)
-    # A 90/10 run is no operation's cost and no half-and-half mix: nothing.
-    doc["scenario"]["workload"]["mix"] = {"get": 9, "put": 1}
-    both.write_text(json.dumps(doc))
-    with pytest.raises(ConfigError, match="no backend costs"):
-        load_costs([both])
