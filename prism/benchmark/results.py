@@ -87,6 +87,18 @@ class At80(msgspec.Struct, forbid_unknown_fields=True):
     method: str  # "interpolated" between two steps, or "nearest" step
 
 
+class PerWorker(msgspec.Struct, forbid_unknown_fields=True):
+    """The calls/s one worker serves at 100% of its CPU: 1e6 / the workers' CPU per
+    call, at the step (of those whose workers were at least half busy, if any was)
+    where that is lowest. What ``prism plan`` predicts; steadier than calls/s on a shared
+    machine, where other processes take some of the worker's CPU."""
+
+    step: int
+    calls_per_cpu_s: float
+    worker_busy_pct: float  # the workers' mean % of one CPU at that step
+    calls_per_s: float  # what that step served (per worker)
+
+
 class Saturation(msgspec.Struct, forbid_unknown_fields=True):
     """The most calls/s any step reached, and the p99 at 80% of it."""
 
@@ -94,6 +106,7 @@ class Saturation(msgspec.Struct, forbid_unknown_fields=True):
     calls_per_s: float
     p99_us: float | None
     at_80pct: At80
+    per_worker: PerWorker | None = None  # (optional: files before it have none)
 
 
 class Machine(msgspec.Struct, forbid_unknown_fields=True):
@@ -197,4 +210,30 @@ def saturation(steps: list[Step]) -> Saturation | None:
     else:
         nearest = min(rising, key=lambda s: abs(s.calls_per_s - target))
         at = At80(round(target, 1), nearest.latency.p99_us, "nearest")
-    return Saturation(top.index, round(top.calls_per_s, 1), top.latency.p99_us, at)
+    return Saturation(top.index, round(top.calls_per_s, 1), top.latency.p99_us, at, per_worker(measured))
+
+
+MIN_BUSY_PCT = 50.0
+
+
+def worker_figures(step: Step) -> tuple[float, float, int] | None:
+    """(the workers' CPU us per call summed, their mean busy %, how many) of a step; None if not metered."""
+    cpu = {k: v for k, v in (step.cpu_us_per_call or {}).items() if k.startswith("worker")}
+    busy = [v for k, v in (step.cpu_pct or {}).items() if k.startswith("worker")]
+    if not cpu or not busy or sum(cpu.values()) <= 0:
+        return None
+    return sum(cpu.values()), sum(busy) / len(busy), len(cpu)
+
+
+def per_worker(steps: list[Step]) -> PerWorker | None:
+    """``Saturation.per_worker``: of the steps whose workers were at least half
+    busy (all the metered steps if none was), the one of the lowest worker CPU
+    per call; None when no step metered the workers."""
+    metered = [(s, f) for s in steps if (f := worker_figures(s)) is not None]
+    busy_enough = [(s, f) for s, f in metered if f[1] >= MIN_BUSY_PCT]
+    best: PerWorker | None = None
+    for s, (cpu_us, busy, workers) in busy_enough or metered:
+        got = PerWorker(s.index, round(1e6 / cpu_us, 1), round(busy, 1), round(s.calls_per_s / workers, 1))
+        if best is None or got.calls_per_cpu_s > best.calls_per_cpu_s:
+            best = got
+    return best

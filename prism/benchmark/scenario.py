@@ -40,6 +40,7 @@ import msgspec
 
 from prism.config.fields import FieldError
 from prism.config.namespaces import NamespaceConfig, validate_namespaces
+from prism.config.server import CacheTableConfig
 from prism.errors import ConfigError
 from prism.validation import one_line, rephrase
 
@@ -120,13 +121,16 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``prism serve`` as the bench starts it (ignored with ``--target``).
 
     ``cpus``: the server's CPUs (default: CPU 0 on a machine with 2 or
-    more); ``load_cpus``: the load generator's (default: the others).
+    more); ``load_cpus``: the load generator's (default: the others);
+    ``cache``: prism.toml's ``[cache]`` table (the shared cache's size), as
+    a plan writes it (default: prism serve's).
     """
 
     workers: int = 1
     cpus: tuple[int, ...] | None = None
     load_cpus: tuple[int, ...] | None = None
     max_concurrent_streams: int = 100
+    cache: CacheTableConfig | None = None
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -283,6 +287,16 @@ def _check_server(server: Server, s: Scenario) -> None:
                 raise FieldError(f"server.{field}", "must name at least one CPU (or be left out)")
             if any(cpu < 0 for cpu in cpus):
                 raise FieldError(f"server.{field}", "CPU numbers must be >= 0")
+    if server.cache is not None:
+        if not 512 <= server.cache.slot_bytes <= 16 << 20:
+            raise FieldError(
+                "server.cache.slot_bytes", f"{server.cache.slot_bytes} out of range (512-16777216)"
+            )
+        if not server.cache.slot_bytes * 4 <= server.cache.total_bytes <= 64 << 30:
+            raise FieldError(
+                "server.cache.total_bytes",
+                f"{server.cache.total_bytes} out of range (4 slots to 64 GiB)",
+            )
     if not 1 <= server.max_concurrent_streams <= 100_000:
         raise FieldError(
             "server.max_concurrent_streams", f"{server.max_concurrent_streams} out of range (1-100000)"

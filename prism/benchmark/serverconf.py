@@ -57,6 +57,9 @@ def config_body(scenario: Scenario) -> str:
         f"workers = {scenario.server.workers}",
         f"max_concurrent_streams = {scenario.server.max_concurrent_streams}",
     ]
+    cache = scenario.server.cache
+    if cache is not None:
+        lines += ["", "[cache]", f"total_bytes = {cache.total_bytes}", f"slot_bytes = {cache.slot_bytes}"]
     for ns in scenario.namespaces:
         lines += namespace_toml(ns)
     return "\n".join(lines) + "\n"

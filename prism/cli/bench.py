@@ -119,6 +119,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"saturation: {sat.calls_per_s:,.0f} calls/s; p99 at 80% of it: "
             + (f"{p99 / 1000:.2f} ms" if p99 is not None else "n/a")
         )
+        if sat.per_worker is not None:
+            print(
+                f"per worker at 100% of its CPU: {sat.per_worker.calls_per_cpu_s:,.0f} calls/s "
+                f"(step {sat.per_worker.step + 1}, worker {sat.per_worker.worker_busy_pct:.0f}% busy)"
+            )
     if outcome.outcome == "failed":
         print(f"prism bench: failed: {outcome.failure}", file=sys.stderr)
         return EXIT_FAILURE

@@ -1,75 +1,112 @@
 """The cost model ``prism plan`` sizes a deployment with.
 
-A planner can check it by hand. For each backend and each kind of call
-(``read``: GetItems, ReadEvents; ``write``: PutItems, WriteEvents, Publish),
-a benchmark on this kind of machine measured one worker, pinned to one CPU,
-at saturation:
+A planner can check it by hand. For each backend and each operation
+(``get``, ``put``: KeyValue's GetItems, PutItems; ``read_events``,
+``write_events``: TimeSeries' ReadEvents of a whole 10-event series,
+WriteEvents; PubSub costs as memory's get and put), a benchmark on this kind
+of machine measured one worker, pinned to one CPU, on a ladder of load up to
+saturation:
 
-    cpu_us   worker CPU per call (microseconds), for a small value
-    sat_rps  calls/s one worker served (about 1e6 / cpu_us when the worker,
-             not the backend, is what saturates)
+    cpu_us   worker CPU per call (microseconds), values of VALUE_BYTES, at
+             the step where it is lowest (prism bench's saturation.per_worker:
+             large batches; steadier than calls/s on a shared machine)
+    sat_rps  1e6 / cpu_us: the calls/s one worker serves at its whole CPU
 
-Then, for a namespace declaring ``read_rps`` R, ``write_rps`` W and values of
-``item_bytes`` B:
+and, for a namespace with the shared cache: ``("cache", "get")``, a
+GetItems answered from the cache (measured among misses: a run at about 90%
+hits, less its misses' cost; hits alone are answered in whole batches with
+no task and cost a quarter less); ``(backend, "get+cache")``, one that
+missed (the lookup, the backend's read, storing the answer);
+``(backend, "put+cache")``, a PutItems (it also invalidates the record).
+Without those two, a miss costs c(get) + CACHE_MISS_US and a write c(put) +
+CACHE_WRITE_US. Then, for a namespace declaring ``read_rps`` R,
+``write_rps`` W, ``records`` N and values of ``item_bytes`` B:
 
-    per-call CPU   c(op) = cpu_us(op) + PER_KIB_US(op) * B / 1024
-    cached reads   a hit costs CACHE_HIT_SHARE * c(read); the share of reads
-                   that hit is h = min(1, cache_records / records) (uniform
-                   keys: a skewed key distribution only hits more; with
-                   records not declared, h = 0)
-    demand         D = R * (h * CACHE_HIT_SHARE + (1 - h)) * c(read) + W * c(write)
-                   (CPU-microseconds per second: D / 1e6 CPUs)
-    workers        N = ceil(D / 1e6 / TARGET_UTILISATION), at least 1: each
-                   worker is one CPU, kept at TARGET_UTILISATION of it at
-                   the declared peak (the rest is headroom for bursts)
-    utilisation    U = D / 1e6 / N
+    per-call CPU  c(op) = cpu_us(op) + PER_KIB_US(op) * (B - VALUE_BYTES) / 1024
+    hit rate      (KeyValue with the cache; uniform keys) an entry serves
+                  from a read that missed until a write to its record or
+                  its TTL T (CACHE_TTL_S): L = (1 - exp(-w T)) / w (T if
+                  w = 0), with w = W / N * (1 + N / VERSION_WORDS) (a write
+                  also invalidates the records sharing its version word: the
+                  cache keeps 65,536); a record read r = R / N times a
+                  second is a hit h = r L / (1 + r L) of the time, times the
+                  share of records the cache holds, min(1, CACHE_RECORDS / N).
+                  With W >> N / T, h ~ R / (R + W). N not declared: h = 0
+    demand        D = R * (h * c_hit + (1 - h) * c(read)) + W * c(write)
+                  in CPU-microseconds per second (D / 1e6 CPUs); c_hit is
+                  ("cache", "get")'s cost, else CACHE_HIT_SHARE * c(read);
+                  with the cache, c(read) and c(write) are the "+cache" ones
+    saturation    S = 1e6 * (R + W) / D: the calls/s of this mix one worker
+                  serves at 100% of its CPU
+    workers       N_w = ceil(D / 1e6 / TARGET_UTILISATION), at least 1: each
+                  worker is one CPU, kept at TARGET_UTILISATION of it at
+                  the declared peak (the rest is headroom for bursts)
+    utilisation   U = D / 1e6 / N_w
 
-A tenant's namespaces share its workers, so a tenant's N is that of the sum
-of its namespaces' D. The machine needs the sum of the tenants' N, plus one
-CPU for the supervisor and admin process when there are more than two.
+A tenant's namespaces share its workers, so a tenant's N_w and S are those of
+the sum of its namespaces' D and calls. The machine needs the sum of the
+tenants' N_w, plus one CPU for the supervisor and admin process when there
+are more than two.
 
-Defaults (``DEFAULT_COSTS``) are this repository's own measurements
-(``bench/results/backends.json``: h2load, 64 calls in flight, 100-byte
-values; ``bench/results/gateway.json``: a shared-cache hit cost 0.44 of an
-uncached read; ``bench/results/kv_get.json``'s ladder: the per-KiB costs).
-``--bench FILE`` replaces them with a run on the planner's own machine.
+Where the costs come from: ``--bench FILE`` (``prism bench``'s results.json
+of a one-operation scenario, ``prism.plan.costfile``), a quick run of
+``prism bench`` (``prism.plan.quick``), else ``DEFAULT_COSTS``: this
+repository's own run of ``bench/plan_accuracy.py``'s calibration scenarios
+on a 2-CPU AMD EPYC (the same scenarios ``--bench-quick`` runs, longer).
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
-import msgspec
-
-from prism.errors import ConfigError
-
 TARGET_UTILISATION: Final = 0.7
-CACHE_HIT_SHARE: Final = 0.44
-# Extra worker CPU per KiB of value: copying, framing, the backend's I/O.
-PER_KIB_US: Final = {"read": 0.25, "write": 0.6}
-# How many records a namespace's cache holds when the plan turns it on.
+CACHE_HIT_SHARE: Final = 0.62  # a hit's CPU (among misses) over an uncached read's: 41.6 / 66.6
+# Extra worker CPU per KiB of value beyond VALUE_BYTES: copying, framing, the backend's I/O.
+# (read_events reads 10 events: ten times get's.)
+PER_KIB_US: Final = {"get": 0.25, "put": 0.6, "read_events": 2.5, "write_events": 0.6}
+VALUE_BYTES: Final = 512  # the value size the costs are measured at
+# The cache the plan gives a namespace: how many records, for how long.
 CACHE_RECORDS: Final = 100_000
+CACHE_TTL_S: Final = 30.0
+VERSION_WORDS: Final = 65536  # prism.cache.shared's record version words
+OPS: Final = {
+    "keyvalue": ("get", "put"),
+    "timeseries": ("read_events", "write_events"),
+    "pubsub": ("get", "put"),
+}
+HIT: Final = ("cache", "get")
+CACHED: Final = {"get": "get+cache", "put": "put+cache"}  # the ops' costs on a namespace with the cache
+# Without a measurement of them: what the cache adds to a miss and to a write
+# (DEFAULT_COSTS' sqlite: get 66.6 us, missing the cache 88.7; put 80.7, 94.7).
+CACHE_MISS_US: Final = 22.0
+CACHE_WRITE_US: Final = 14.0
 
 
 @dataclass(frozen=True)
 class Cost:
-    """One backend's figures for one kind of call (see the module docstring)."""
+    """One backend's figures for one operation (see the module docstring).
+
+    ``ladder``: (worker utilisation 0-1, p99 microseconds) of each step of
+    the bench it came from, in ladder order; () when none (built in).
+    """
 
     cpu_us: float
     sat_rps: float
+    ladder: tuple[tuple[float, float], ...] = ()
+    hit_ratio: float | None = None  # the cache's, in the run it came from (a namespace with the cache)
 
 
 @dataclass(frozen=True)
 class CostTable:
-    """Costs by (backend, "read" | "write"), and where they came from."""
+    """Costs by (backend, operation), and where they came from."""
 
     costs: dict[tuple[str, str], Cost]
     source: str
     machine: dict[str, Any] = field(default_factory=dict)
+    files: dict[tuple[str, str], str] = field(default_factory=dict)  # key -> the file it came from
 
     def cost(self, backend: str, op: str) -> Cost | None:
         return self.costs.get((backend, op))
@@ -79,55 +116,37 @@ class CostTable:
         return {b for b, _ in self.costs}
 
 
-# bench/results/backends.json (this repository, 2 CPUs, Xeon): cpu_us_per_call, calls_per_s.
+# bench/plan_accuracy.py --defaults on this repository's 2-CPU AMD EPYC
+# (2026-12-06, busy: other processes took 3-57% of the worker's CPU during
+# the runs): each a closed ladder of 32, 128 and 256 calls in flight, 4 s per
+# step, 2,000 records of 512 B (200 for the cache's hits), uniform keys, one
+# worker pinned to CPU 0; the worker's lowest CPU per call over the steps
+# (prism bench's saturation.per_worker), the lowest of up to three runs. The
+# figures before them (bench/results/backends.json: 100-byte values at 64 in
+# flight, one cost for KeyValue's and TimeSeries' reads) were 20-45% off
+# this machine's: a TimeSeries' ReadEvents of 10 events costs 2-3 GetItems.
 DEFAULT_COSTS: Final = CostTable(
     {
-        ("memory", "read"): Cost(60.4, 16373),
-        ("memory", "write"): Cost(64.1, 15450),
-        ("sqlite", "read"): Cost(85.3, 11705),
-        ("sqlite", "write"): Cost(90.4, 10802),
-        ("postgres", "read"): Cost(71.9, 13580),
-        ("postgres", "write"): Cost(69.1, 13789),
-        ("redis", "read"): Cost(80.3, 12324),
-        ("redis", "write"): Cost(82.8, 11892),
+        HIT: Cost(41.6, 24038),  # among misses (1 s TTL, 89% hits: 46.7 us a get); hits alone 31.1
+        ("memory", "get"): Cost(58.3, 17153),
+        ("memory", "put"): Cost(64.9, 15408),
+        ("memory", "read_events"): Cost(115.8, 8636),
+        ("memory", "write_events"): Cost(58.6, 17065),
+        ("postgres", "get"): Cost(69.5, 14388),
+        ("postgres", "put"): Cost(94.3, 10604),
+        ("postgres", "read_events"): Cost(267.6, 3737),
+        ("postgres", "write_events"): Cost(313.5, 3190),
+        ("redis", "get"): Cost(68.3, 14641),
+        ("redis", "put"): Cost(80.1, 12484),
+        ("sqlite", "get"): Cost(66.6, 15015),
+        ("sqlite", "get+cache"): Cost(88.7, 11274),
+        ("sqlite", "put"): Cost(80.7, 12392),
+        ("sqlite", "put+cache"): Cost(94.7, 10560),
+        ("sqlite", "read_events"): Cost(183.8, 5441),
+        ("sqlite", "write_events"): Cost(127.3, 7855),
     },
-    "built in (bench/results/backends.json)",
+    "built in (bench/plan_accuracy.py's calibration, 2-CPU AMD EPYC)",
 )
-
-_OPS: Final = {"prism_get": "read", "prism_put": "write"}
-
-
-def load_costs(paths: list[Path]) -> CostTable:
-    """A cost table from benchmark results (``bench/backends.py``'s JSON, or
-    ``prism bench``'s results.json: ``prism.benchmark.costs``); later files
-    override earlier ones. ConfigError naming the file if unusable."""
-    if not paths:
-        return DEFAULT_COSTS
-    costs: dict[tuple[str, str], Cost] = {}
-    machine: dict[str, Any] = {}
-    for path in paths:
-        try:
-            data = json.loads(path.read_bytes())
-            if data.get("kind") == "prism-bench-results":  # prism bench's results.json
-                from prism.benchmark.costs import plan_costs
-
-                costs.update({key: Cost(*figures) for key, figures in plan_costs(data).items()})
-                machine = data.get("machine", machine)
-                continue
-            results = data["results"]
-            machine = data.get("machine", machine)
-            for backend, figures in results.items():
-                for key, op in _OPS.items():
-                    got = figures.get(key)
-                    if got and got.get("cpu_us_per_call") and got.get("calls_per_s"):
-                        costs[backend, op] = Cost(float(got["cpu_us_per_call"]), float(got["calls_per_s"]))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError, AttributeError, msgspec.ValidationError) as exc:
-            raise ConfigError(f"{path}: not benchmark results ({type(exc).__name__}: {exc})") from None
-    if not costs:
-        raise ConfigError(f"{', '.join(map(str, paths))}: no backend costs in these results")
-    return CostTable(costs, ", ".join(map(str, paths)), machine)
 
 
 @dataclass(frozen=True)
@@ -135,55 +154,113 @@ class Demand:
     """What one namespace asks of its backend's workers, in CPU-microseconds per second."""
 
     cpu_us_per_s: float
+    calls_per_s: float
     read_us: float  # per read, after the cache
     write_us: float  # per write
     hit_rate: float
+
+    @property
+    def saturation_rps(self) -> float:
+        """S of the module docstring: this mix's calls/s at one worker's whole CPU."""
+        return 1e6 * self.calls_per_s / self.cpu_us_per_s if self.cpu_us_per_s > 0 else 0.0
+
+
+def ops_needed(abstraction: str, read_rps: float, write_rps: float) -> list[str]:
+    """The operations whose costs a namespace's demand takes (reads first)."""
+    read, write = OPS[abstraction]
+    return [op for op, rps in ((read, read_rps), (write, write_rps)) if rps > 0]
+
+
+def hit_rate(read_rps: float, write_rps: float, records: int) -> float:
+    """h of the module docstring."""
+    if records <= 0 or read_rps <= 0:
+        return 0.0
+    r, w = read_rps / records, write_rps / records * (1 + (records - 1) / VERSION_WORDS)
+    life = CACHE_TTL_S if w <= 0 else -math.expm1(-w * CACHE_TTL_S) / w
+    held = min(1.0, CACHE_RECORDS / records)
+    return held * r * life / (1.0 + r * life)
+
+
+def per_call(cost: Cost, op: str, item_bytes: int) -> float:
+    """c(op) of the module docstring, never below a tenth of the measured cost."""
+    extra = PER_KIB_US.get(op, 0.0) * (item_bytes - VALUE_BYTES) / 1024
+    return max(cost.cpu_us * 0.1, cost.cpu_us + extra)
 
 
 def demand(
     table: CostTable,
     backend: str,
+    abstraction: str,
     read_rps: float,
     write_rps: float,
     item_bytes: int,
     records: int,
     cached: bool,
-) -> Demand | None:
-    """The module docstring's D for one namespace on ``backend``; None if the table has no figures for it."""
-    read, write = table.cost(backend, "read"), table.cost(backend, "write")
-    if read is None or write is None:
-        return None
-    kib = item_bytes / 1024
-    c_read = read.cpu_us + PER_KIB_US["read"] * kib
-    c_write = write.cpu_us + PER_KIB_US["write"] * kib
-    hit = min(1.0, CACHE_RECORDS / records) if cached and records > 0 else 0.0  # (unknown: none)
-    per_read = (hit * CACHE_HIT_SHARE + (1.0 - hit)) * c_read
-    return Demand(read_rps * per_read + write_rps * c_write, per_read, c_write, hit)
+) -> Demand | str:
+    """The module docstring's D for one namespace on ``backend``; or what the
+    table lacks for it ("sqlite put")."""
+    read_op, write_op = OPS[abstraction]
+    missing = [
+        f"{backend} {op}" for op in ops_needed(abstraction, read_rps, write_rps)
+        if table.cost(backend, op) is None
+    ]  # fmt: skip
+    if missing:
+        return ", ".join(missing)
+    read, write = table.cost(backend, read_op), table.cost(backend, write_op)
+    c_read = per_call(read, read_op, item_bytes) if read else 0.0
+    c_write = per_call(write, write_op, item_bytes) if write else 0.0
+    hit_cost = table.cost(*HIT)
+    c_hit = per_call(hit_cost, "get", item_bytes) if hit_cost else CACHE_HIT_SHARE * c_read
+    if cached:
+        c_read = _with_cache(table, backend, read_op, item_bytes, c_read, CACHE_MISS_US)
+        c_write = _with_cache(table, backend, write_op, item_bytes, c_write, CACHE_WRITE_US)
+    hit = hit_rate(read_rps, write_rps, records) if cached else 0.0
+    per_read = hit * c_hit + (1.0 - hit) * c_read
+    return Demand(read_rps * per_read + write_rps * c_write, read_rps + write_rps, per_read, c_write, hit)
+
+
+def _with_cache(
+    table: CostTable, backend: str, op: str, item_bytes: int, plain: float, extra: float
+) -> float:
+    """c(op) on a namespace with the cache: measured ("+cache"), else ``plain + extra``."""
+    measured = table.cost(backend, CACHED.get(op, op))
+    return per_call(measured, op, item_bytes) if measured else plain + extra
 
 
 def workers_for(cpu_us_per_s: float) -> int:
-    """N of the module docstring."""
+    """N_w of the module docstring."""
     return max(1, math.ceil(cpu_us_per_s / 1e6 / TARGET_UTILISATION - 1e-9))
 
 
-def predicted_rps_per_worker(d: Demand, read_rps: float, write_rps: float) -> float:
-    """The calls/s one worker saturates at, for this namespace's mix (1e6 CPU-us per second)."""
-    calls = read_rps + write_rps
-    if calls <= 0:
-        return 0.0
-    per_call = d.cpu_us_per_s / calls
-    return 1e6 / per_call
+def p99_at(ladder: tuple[tuple[float, float], ...], utilisation: float) -> tuple[float, str] | None:
+    """The p99 a bench ladder (in ladder order) measured at ``utilisation``
+    (0-1): interpolated linearly between the first two consecutive steps
+    whose worker utilisation brackets it, else that of the step nearest to
+    it; (p99 us, "interpolated" | "nearest"), None without a ladder."""
+    if not ladder:
+        return None
+    for (u0, p0), (u1, p1) in itertools.pairwise(ladder):
+        low, high = min(u0, u1), max(u0, u1)
+        if low <= utilisation <= high and high > low:
+            return p0 + (utilisation - u0) / (u1 - u0) * (p1 - p0), "interpolated"
+    _, p = min(ladder, key=lambda s: abs(s[0] - utilisation))
+    return p, "nearest"
 
 
 __all__ = [
+    "CACHED",
     "CACHE_HIT_SHARE",
+    "CACHE_RECORDS",
     "DEFAULT_COSTS",
+    "HIT",
+    "OPS",
     "TARGET_UTILISATION",
     "Cost",
     "CostTable",
     "Demand",
     "demand",
-    "load_costs",
-    "predicted_rps_per_worker",
+    "hit_rate",
+    "ops_needed",
+    "p99_at",
     "workers_for",
 ]

@@ -12,6 +12,7 @@ A needs file is TOML::
     p99_ms = 10
     durability = "durable"     # or "cache": memory allowed
     tenant = "web"             # optional: isolation group
+    backend = "postgres"       # optional: the backend it must have
 
 or a ``.proto`` file whose messages carry ``option (prism.namespace) = {...}``
 and whose services carry ``option (prism.namespaces) = {...}`` (any number),
@@ -37,6 +38,11 @@ import msgspec
 from prism.errors import ConfigError
 
 ABSTRACTIONS: Final = ("keyvalue", "timeseries", "pubsub")
+BACKENDS: Final = {
+    "keyvalue": ("memory", "sqlite", "postgres", "redis"),
+    "timeseries": ("memory", "sqlite", "postgres"),
+    "pubsub": ("memory", "nats"),
+}
 DURABILITIES: Final = ("durable", "cache")
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Bounds that catch a typo (a figure meant per day, a size in bits), not taste.
@@ -58,6 +64,7 @@ class Need(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     p99_ms: float = 10.0
     durability: Literal["durable", "cache"] = "durable"
     tenant: str | None = None
+    backend: str | None = None  # the backend it must have (an application that relies on it)
 
 
 class _NeedsFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -107,6 +114,13 @@ def check_needs(needs: Iterable[Need], source: str) -> list[Need]:
             raise ConfigError(f"{where}: p99_ms = {need.p99_ms} out of range (> 0, at most {MAX_P99_MS:g})")
         if need.tenant is not None and not _NAME.match(need.tenant):
             raise ConfigError(f"{where}: tenant {need.tenant!r} is not a tenant name")
+        if need.backend is not None and need.backend not in BACKENDS[need.abstraction]:
+            raise ConfigError(
+                f"{where}: backend {need.backend!r}: a {need.abstraction} namespace has "
+                f"{', '.join(BACKENDS[need.abstraction])}"
+            )
+        if need.backend == "memory" and need.durability == "durable":
+            raise ConfigError(f'{where}: backend "memory" is not durable: say durability = "cache"')
         out.append(need)
     if not out:
         raise ConfigError(f"{source}: declares no needs")
@@ -188,7 +202,7 @@ def _declarations(file: Any) -> Iterator[tuple[str, list[Any]]]:
 def _need_of(declared: Any, where: str) -> Need:
     """A ``prism.NamespaceNeeds`` option as a Need (proto3 zero means: the default)."""
     fields: dict[str, Any] = {"namespace": declared.name}
-    for field in ("abstraction", "durability", "tenant"):
+    for field in ("abstraction", "durability", "tenant", "backend"):
         value = getattr(declared, field)
         if value:
             fields[field] = value
@@ -204,4 +218,4 @@ def _need_of(declared: Any, where: str) -> Need:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-__all__ = ["ABSTRACTIONS", "DURABILITIES", "Need", "check_needs", "load_needs"]
+__all__ = ["ABSTRACTIONS", "BACKENDS", "DURABILITIES", "Need", "check_needs", "load_needs"]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prism/proto/options.proto\x12\x05prism\x1a google/protobuf/descriptor.proto\"\xb1\x01\n\x0eNamespaceNeeds\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x62straction\x18\x02 \x01(\t\x12\x10\n\x08read_rps\x18\x03 \x01(\x01\x12\x11\n\twrite_rps\x18\x04 \x01(\x01\x12\x12\n\nitem_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07records\x18\x06 \x01(\x03\x12\x0e\n\x06p99_ms\x18\x07 \x01(\x01\x12\x12\n\ndurability\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t:K\n\tnamespace\x12\x1f.google.protobuf.MessageOptions\x18\x92\x94\x03 \x01(\x0b\x32\x15.prism.NamespaceNeeds:L\n\nnamespaces\x12\x1f.google.protobuf.ServiceOptions\x18\x93\x94\x03 \x03(\x0b\x32\x15.prism.NamespaceNeedsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prism/proto/options.proto\x12\x05prism\x1a google/protobuf/descriptor.proto\"\xc2\x01\n\x0eNamespaceNeeds\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x62straction\x18\x02 \x01(\t\x12\x10\n\x08read_rps\x18\x03 \x01(\x01\x12\x11\n\twrite_rps\x18\x04 \x01(\x01\x12\x12\n\nitem_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07records\x18\x06 \x01(\x03\x12\x0e\n\x06p99_ms\x18\x07 \x01(\x01\x12\x12\n\ndurability\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t:K\n\tnamespace\x12\x1f.google.protobuf.MessageOptions\x18\x92\x94\x03 \x01(\x0b\x32\x15.prism.NamespaceNeeds:L\n\nnamespaces\x12\x1f.google.protobuf.ServiceOptions\x18\x93\x94\x03 \x03(\x0b\x32\x15.prism.NamespaceNeedsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prism.proto.options_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NAMESPACENEEDS']._serialized_start=71
-  _globals['_NAMESPACENEEDS']._serialized_end=248
+  _globals['_NAMESPACENEEDS']._serialized_end=265
 # @@protoc_insertion_point(module_scope)

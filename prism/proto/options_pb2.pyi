@@ -10,7 +10,7 @@ NAMESPACES_FIELD_NUMBER: _ClassVar[int]
 namespaces: _descriptor.FieldDescriptor
 
 class NamespaceNeeds(_message.Message):
-    __slots__ = ("name", "abstraction", "read_rps", "write_rps", "item_bytes", "records", "p99_ms", "durability", "tenant")
+    __slots__ = ("name", "abstraction", "read_rps", "write_rps", "item_bytes", "records", "p99_ms", "durability", "tenant", "backend")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ABSTRACTION_FIELD_NUMBER: _ClassVar[int]
     READ_RPS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class NamespaceNeeds(_message.Message):
     P99_MS_FIELD_NUMBER: _ClassVar[int]
     DURABILITY_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     name: str
     abstraction: str
     read_rps: float
@@ -29,4 +30,5 @@ class NamespaceNeeds(_message.Message):
     p99_ms: float
     durability: str
     tenant: str
-    def __init__(self, name: _Optional[str] = ..., abstraction: _Optional[str] = ..., read_rps: _Optional[float] = ..., write_rps: _Optional[float] = ..., item_bytes: _Optional[int] = ..., records: _Optional[int] = ..., p99_ms: _Optional[float] = ..., durability: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    backend: str
+    def __init__(self, name: _Optional[str] = ..., abstraction: _Optional[str] = ..., read_rps: _Optional[float] = ..., write_rps: _Optional[float] = ..., item_bytes: _Optional[int] = ..., records: _Optional[int] = ..., p99_ms: _Optional[float] = ..., durability: _Optional[str] = ..., tenant: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...

@@ -120,6 +120,13 @@ def test_quick_bench_writes_checked_results_and_a_report_with_plots(generator: s
         assert abs(s.backend.server_calls_by_status["OK"] - s.calls) <= 0.25 * s.calls + 50
     assert run.saturation is not None
     assert run.saturation.calls_per_s == max(s.calls_per_s for s in run.steps)
+    # What prism plan predicts: calls/s at the worker's whole CPU, from one step's CPU per call.
+    per_worker = run.saturation.per_worker
+    assert per_worker is not None and "per worker at 100% of its CPU:" in done.stdout
+    cpu = run.steps[per_worker.step].cpu_us_per_call
+    assert cpu is not None
+    worker_us = sum(us for role, us in cpu.items() if role.startswith("worker"))
+    assert per_worker.calls_per_cpu_s == round(1e6 / worker_us, 1)
     page = (out / "report.html").read_text()
     assert 'id="saturation"' in page and "http://" not in page and "https://" not in page
     if have_matplotlib():

@@ -112,7 +112,7 @@ def test_every_field_of_the_schema_is_documented() -> None:
     }
     documented |= {part for dotted in re.findall(r"`([a-z0-9_.]+)`", doc) for part in dotted.split(".")}
     structs = (Results, ServerSetup, Machine, Step, Latency, results.Operation, Backend, results.Saturation,
-               results.At80)  # fmt: skip
+               results.At80, results.PerWorker)  # fmt: skip
     missing = {f"{s.__name__}.{f}" for s in structs for f in _fields(s) if f not in documented}
     assert not missing, f"not in {DOC.name}: {sorted(missing)}"
 
@@ -145,21 +145,75 @@ def test_without_matplotlib_the_page_has_the_tables_and_says_how_to_get_plots(
 
 
 def test_prism_plan_reads_a_one_operation_run_and_skips_a_mix(tmp_path: Path) -> None:
-    from prism.plan.model import Cost, load_costs
+    from prism.plan.costfile import load_costs
+    from prism.plan.model import Cost
 
     steps = [step(0, 1000, 1000), step(1, 5000, 9000)]
+    steps[0].cpu_pct = {"worker0:default@cpu0": 40.0}  # under half busy: not a saturation figure
+    steps[0].cpu_us_per_call = {"worker0:default@cpu0": 30.0, "total": 30.0}
     run = run_of(steps)
     run.scenario = {
         "name": "pg-reads",
         "namespaces": [{"name": "bench", "backend": "postgres"}],
         "workload": {"namespace": "", "mix": {"get": 1.0, "put": 0.0}},
     }
+    assert run.saturation is not None and run.saturation.per_worker == results.PerWorker(
+        1, 20000.0, 90.0, 5000.0
+    )
     path = tmp_path / "results.json"
     results.write(path, run)
     table = load_costs([path])
-    # The saturation step's worker CPU per call, and its calls/s per worker (one worker here).
-    assert table.costs == {("postgres", "read"): Cost(50.0, 5000.0)}
+    # The worker's CPU per call at its best step (of those at least half busy), the calls/s
+    # one worker would serve at its whole CPU, and each step's (worker busy share, p99).
+    assert table.costs == {("postgres", "get"): Cost(50.0, 20000.0, ((0.4, 1000.0), (0.9, 9000.0)))}
     run.scenario["workload"] = {"mix": {"get": 0.9, "put": 0.1}}
     results.write(path, run)
     with pytest.raises(ConfigError, match="no backend costs"):
         load_costs([path])
+
+
+@pytest.mark.parametrize(
+    ("op", "hit_ratio", "key"),
+    [
+        ("get", 0.99, ("cache", "get")),
+        ("get", 0.01, ("sqlite", "get+cache")),
+        ("get", 0.9, ("sqlite", "get+cache-mixed")),  # hits among misses: costfile takes a hit's cost
+        ("get", 0.3, None),  # mostly misses, some hits: no figure
+        ("put", None, ("sqlite", "put+cache")),
+        ("read_events", None, ("sqlite", "read_events")),
+    ],
+)
+def test_a_run_on_a_namespace_with_the_cache_gives_a_hit_a_miss_or_a_cached_write(
+    op: str, hit_ratio: float | None, key: tuple[str, str] | None
+) -> None:
+    from prism.benchmark.costs import plan_costs
+
+    steps = [step(0, 5000, 9000)]
+    assert steps[0].backend is not None
+    steps[0].backend.cache_hit_ratio = hit_ratio
+    run = run_of(steps)
+    run.scenario = {
+        "name": "c",
+        "namespaces": [{"name": "bench", "backend": "sqlite", "cache": {"enabled": op != "read_events"}}],
+        "workload": {"mix": {op: 1.0}},
+    }
+    got = plan_costs(msgspec.to_builtins(run))
+    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),), hit_ratio)} if key else {})
+
+
+def test_the_saturation_per_worker_is_its_lowest_cpu_per_call_when_busy() -> None:
+    steps = [step(0, 1000, 1000), step(1, 5000, 9000), step(2, 4000, 20000)]
+    busy = {0: (30.0, 40.0), 1: (95.0, 60.0), 2: (60.0, 55.0)}  # busy %, worker CPU us per call
+    for s in steps:
+        s.cpu_pct = {"worker0:default@cpu0": busy[s.index][0]}
+        s.cpu_us_per_call = {"worker0:default@cpu0": busy[s.index][1], "total": busy[s.index][1]}
+    # Step 0's 40 us is at 30% busy: not a saturated figure. Of the others, 55 us (step 2).
+    assert results.per_worker(steps) == results.PerWorker(2, round(1e6 / 55, 1), 60.0, 4000.0)
+    # None at least half busy (other work took the CPU): the lowest of them all, still a figure.
+    for s in steps:
+        s.cpu_pct = {"worker0:default@cpu0": 20.0}
+    assert results.per_worker(steps) == results.PerWorker(0, 25000.0, 20.0, 1000.0)
+    # Not metered (a --target run): none.
+    for s in steps:
+        s.cpu_pct = s.cpu_us_per_call = None
+    assert results.per_worker(steps) is None

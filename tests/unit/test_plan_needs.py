@@ -54,6 +54,11 @@ def test_a_toml_needs_file(tmp_path: Path) -> None:
         ("", "declares no needs"),
         ("[[needs]\n", "not TOML"),
         ('[[needs]]\nnamespace = "a"\nwrite_rps = 1e12\n', "write_rps = 1000000000000.0 out of range"),
+        (
+            '[[needs]]\nnamespace = "a"\nread_rps = 1\nbackend = "nats"\n',
+            "backend 'nats': a keyvalue namespace has memory, sqlite, postgres, redis",
+        ),
+        ('[[needs]]\nnamespace = "a"\nread_rps = 1\nbackend = "memory"\n', 'say durability = "cache"'),
     ],
 )
 def test_bad_needs_are_one_line_naming_the_field(tmp_path: Path, body: str, message: str) -> None:
@@ -84,7 +89,7 @@ message Profile {
 message Plain { string id = 1; }
 
 service Ledger {
-  option (prism.namespaces) = { name: "ledger" write_rps: 500 };
+  option (prism.namespaces) = { name: "ledger" write_rps: 500 backend: "postgres" };
   option (prism.namespaces) = { name: "ledger-events" abstraction: "timeseries" write_rps: 50 };
   rpc Get (Plain) returns (Plain);
 }
@@ -97,7 +102,7 @@ def test_a_proto_file_with_prism_options(tmp_path: Path) -> None:
     needs = {n.namespace: n for n in load_needs(path)}
     assert needs["profiles"] == PROFILES
     assert needs["photos"] == Need("photos", read_rps=100, item_bytes=200000)
-    assert needs["ledger"] == Need("ledger", write_rps=500)
+    assert needs["ledger"] == Need("ledger", write_rps=500, backend="postgres")
     assert needs["ledger-events"] == Need("ledger-events", "timeseries", write_rps=50)
     assert len(needs) == 4
 
