@@ -484,3 +484,53 @@ def test_a_restart_when_promoted_keeps_the_target_primary_and_finish_still_works
     finally:
         tree.stop()
         _drop(name)
+
+
+@pytest.mark.parametrize("tier", ["shared", "redis"])
+def test_the_cache_stays_correct_through_every_phase(prism_tree: Any, tier: str) -> None:
+    """Every write of a migrating namespace invalidates its cached answers, on
+    whichever backend answers reads: a read through the cache after each phase
+    returns the last value written."""
+    name = f"ca_{uuid.uuid4().hex[:8]}"
+    if tier == "shared":
+        moving = sqlite_ns(name, cache=True)
+    else:
+        moving = (
+            f'{{ name = "{name}", backend = "sqlite", cache = {{ tier = "redis", url = "{URL}", '
+            f'ttl_s = 30, key_prefix = "{RUN_PREFIX}{uuid.uuid4().hex}:" }} }}'
+        )
+    tree: PrismTree = prism_tree("", start=False)
+    token = tree.root / "admin.token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    tree.body = (
+        f'admin_token_file = "{token}"\n'
+        + tenant_toml("a", [moving], workers=2)
+        + tenant_toml("b", [sqlite_ns("other_b")])
+    )
+    tree.write_config(tree.body)
+    tree.start()
+    try:
+        expected = fill(tree, name, 20)
+        check_all(tree, name, expected)  # cached now
+        check_all(tree, name, expected)
+        start = {"to": "postgres", "options": {"dsn": DSN}, "rate": 5000}
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start", start)
+        assert status == 200, answer
+        wait_phase(tree, name, "shadow_read")
+        expected |= fill(tree, name, 5, b"dual")  # both backends written, cached answers dropped
+        check_all(tree, name, expected)
+        check_all(tree, name, expected)
+        assert call(tree, "POST", f"/v1/migrations/{name}/promote")[0] == 200
+        check_all(tree, name, expected)  # answered by the target now, cached or not
+        expected |= fill(tree, name, 8, b"promoted")
+        check_all(tree, name, expected)
+        check_all(tree, name, expected)
+        assert call(tree, "POST", f"/v1/migrations/{name}/finish")[0] == 200
+        wait_final(tree, name)
+        expected |= fill(tree, name, 3, b"finished")
+        check_all(tree, name, expected)
+        check_all(tree, name, expected)
+    finally:
+        tree.stop()
+        _drop(name)
