@@ -189,7 +189,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         print(raw.decode().rstrip())
         return 0
-    for entry in answer.get("migrations", [answer]):
+    entries = answer.get("migrations", [answer])
+    if not entries:
+        print("no migrations under way")
+    for entry in entries:
         for line in render(entry):
             print(line)
     return 0

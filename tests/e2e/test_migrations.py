@@ -278,6 +278,8 @@ def test_bad_commands_get_one_clear_line_and_change_nothing(prism_tree: Any) -> 
     tree = _tree(prism_tree, name, workers=1)
     try:
         fill(tree, name, 5)
+        idle = cli(tree, "status")
+        assert (idle.returncode, idle.stdout) == (0, "no migrations under way\n"), idle
         start = f"/v1/migrations/{name}/start"
         cases = [
             ("POST", "/v1/migrations/nope/start", {"to": "postgres"}, TOKEN, 404, "unknown namespace 'nope'"),
