@@ -24,15 +24,13 @@ No trio: the supervisor imports this module.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
-from prism.migrate.state import MigrationError, Progress, check_namespace
+from prism.migrate.state import MigrationError, Progress, check_namespace, write_private
 
 __all__ = [
     "COMMAND_NAMES",
@@ -67,24 +65,7 @@ class MigrationRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def _write_private(path: Path, data: bytes, *, durable: bool) -> None:
     """Replace ``path`` with ``data`` (0600, directories 0700), whole or not at all."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, 0o600)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
+    write_private(path, data, durable=durable)
 
 
 class RequestBox:

@@ -337,26 +337,34 @@ def _write(root: Path, path: Path, data: bytes) -> None:
     try:
         root.mkdir(mode=0o700, exist_ok=True)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, 0o600)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp, path)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(path.parent)
+        write_private(path, data, durable=True)
     except OSError as e:
         raise MigrationError(f"migration state {path}: cannot write: {e.strerror or e}") from None
+
+
+def write_private(path: Path, data: bytes, *, durable: bool) -> None:
+    """Replace ``path`` with ``data`` (0600), whole or not at all; with
+    ``durable``, fsynced, the rename too. Raises OSError, the file unchanged."""
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, 0o600)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
