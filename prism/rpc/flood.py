@@ -53,17 +53,19 @@ acts on it, and raises ``Flood`` when the peer has crossed one of these lines
   answered), and a PING while calls are open is never a strike: those are
   bounded by the control-frame count.
 
-The ordinary call path pays nothing here: its HEADERS and DATA are read by
-``prism.rpc.h2conn``'s plain path, which this does not see, and each frame
-h2 parses on an ordinary connection (WINDOW_UPDATE mostly) costs one more
-function call and a dict lookup, small beside h2's own work on it. The clock
+The ordinary call path pays little here: its HEADERS, DATA and
+WINDOW_UPDATE frames are read by ``prism.rpc.h2conn``'s plain path, which
+asks ``window_updates_allowed`` before it takes a WINDOW_UPDATE (one it
+would refuse is left to h2, and so judged here in order) and whose count
+``window_updates`` adds; each frame h2 parses costs one more function call
+and a dict lookup, small beside h2's own work on it. The clock
 is read once per ``_STAMP_EVERY`` control frames and on PINGs that arrive on
 an idle connection, never per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sized
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from h2.stream import StreamState
@@ -143,12 +145,12 @@ class FloodGuard:
         self._next_stamp = 1
         self._stamps: list[float] = []  # the last _STAMPS (a list: a deque is ~0.8 KB per connection)
         # Set by GrpcProtocol around each read whose leading frames the plain
-        # path took (h2conn: non-empty HEADERS and DATA only): before h2 parses
-        # the rest, ``empty_run`` is zeroed and ``plain`` holds those frames
-        # (as many as, or more than, the streams they opened); after, their
-        # streams are added to ``opened`` and ``plain`` is emptied.
+        # path took (h2conn: non-empty HEADERS and DATA, WINDOW_UPDATE): before
+        # h2 parses the rest, ``empty_run`` is zeroed and ``plain_opened`` is
+        # the number of streams they opened; after, those are added to
+        # ``opened`` and ``plain_opened`` is zeroed.
         self.empty_run = 0
-        self.plain: Sized = ()
+        self.plain_opened = 0
         self.opened = 0  # streams the client opened
         self._resets = 0
         self._last_ping = _NEVER
@@ -204,7 +206,7 @@ class FloodGuard:
             return
         self._resets += 1
         doubled = 2 * self._resets
-        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + len(self.plain):
+        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + self.plain_opened:
             raise Flood(RAPID_RESET)
 
     def _ping(self, frame: PingFrame) -> None:
@@ -234,16 +236,25 @@ class FloodGuard:
         self._count_control(n or 1)
 
     def _window_update(self, frame: WindowUpdateFrame) -> None:
-        self._window_updates += 1
-        # (``plain``: streams the plain path opened in this read, at most.)
-        streams = self.opened + len(self.plain)
-        allowed = 1 + 2 * (streams + WINDOW_UPDATES_PER_DATA_FRAME_SENT * self._conn.data_frames_sent)
-        if self._window_updates > allowed:
+        self.window_updates(1)
+
+    def window_updates(self, n: int) -> None:
+        """Count ``n`` WINDOW_UPDATE frames (h2's, one at a time; the plain
+        path's, those of a read at once); too many raise ``Flood``."""
+        if not self.window_updates_allowed(n, self.plain_opened):
             raise Flood(WINDOW_UPDATE_FLOOD)
+        self._window_updates += n
+
+    def window_updates_allowed(self, n: int, streams: int) -> bool:
+        """Whether ``n`` more WINDOW_UPDATE frames are within the rule, with
+        ``streams`` opened besides those counted (``opened``)."""
+        streams += self.opened
+        allowed = 1 + 2 * (streams + WINDOW_UPDATES_PER_DATA_FRAME_SENT * self._conn.data_frames_sent)
+        return self._window_updates + n <= allowed
 
     def _priority(self, frame: PriorityFrame) -> None:
         self._priorities += 1
-        if self._priorities > PRIORITY_FRAMES_PER_STREAM * (1 + self.opened + len(self.plain)):
+        if self._priorities > PRIORITY_FRAMES_PER_STREAM * (1 + self.opened + self.plain_opened):
             raise Flood(PRIORITY_FLOOD)
         self._count_control(1)
 

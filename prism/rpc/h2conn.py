@@ -1,41 +1,17 @@
 """h2's server connection, with the frames of ordinary calls read and written cheaply.
 
 h2 turns every frame it receives into a hyperframe object, dispatches it,
-builds events and runs generic header processing. For a gRPC call that is
-two frames (HEADERS, DATA) and, even with our HPACK cache, it was over a
-third of the CPU a whole call cost the server; reading those frames as below
-cut the server's CPU per call by about a quarter (what a call costs now is
-measured in ``bench/results/kv_get.json``).
-
-``ServerConnection.receive_plain`` reads the leading frames of a received
-chunk itself, as long as they are the plain frames of ordinary calls:
-
-- HEADERS opening a new client stream, END_HEADERS set (no CONTINUATION),
-  no padding or priority, whose header block ``CachingDecoder`` has already
-  decoded once (the same bytes mean the same headers while the HPACK table
-  is unchanged), a well-formed request (``prism.rpc.headers``) with a
-  well-formed content-length if any;
-- DATA without padding on a stream that is open, within both flow-control
-  windows and within the stream's content-length if it declared one, and
-  not empty unless it ends the stream (``prism.rpc.flood`` counts those).
-
-For those it changes h2's state exactly as h2's own ``receive_data`` would:
-the stream is created by h2's ``_begin_new_stream``, its state machine is
-driven by the same inputs, flow-control windows are consumed the same way.
-The first frame that is anything else, and every byte after it, goes to h2
-itself, so every unusual case (new HPACK entries, SETTINGS, PING,
-WINDOW_UPDATE, RST_STREAM, GOAWAY, errors of every kind) is handled by h2 in
-order. The caller acts on the frames read here only after h2 has taken in
-the rest of the read, as h2's own user would, so every reply and window
-update goes out in the same order with the same values.
-``tests/unit/test_plain_frames.py`` holds this against h2 itself. The send
-side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
+builds events and runs generic header processing, and builds frames the
+same way to send: for a gRPC call, more CPU than the rest of the call.
+``ServerConnection`` reads the leading frames of each received chunk
+itself while they are the plain frames of ordinary calls
+(``prism.rpc.h2read``), and writes OK answers and DATA frames itself
+(``prism.rpc.h2send``); everything else is h2's.
 """
 
 from __future__ import annotations
 
 import functools
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -45,9 +21,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
-from h2.connection import AllowedStreamIDs, ConnectionState, H2ConnectionStateMachine
+from h2.connection import H2ConnectionStateMachine
 from h2.frame_buffer import FrameBuffer
-from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.stream import H2Stream
 from h2.utilities import SizeLimitDict
 from h2.windows import WindowManager
 from hyperframe.frame import (
@@ -65,6 +41,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from prism.rpc.h2read import DATA_READ, HEADERS_READ, WINDOW_READ, PlainFrame, PlainReader
 from prism.rpc.h2send import RESPONSE_HEADERS, TRAILERS_OK, PlainSender
 from prism.rpc.headers import malformed_trailers
 from prism.rpc.hpack_cache import CachingDecoder
@@ -73,33 +50,9 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 
-_DATA: Final = 0x0
-_HEADERS: Final = 0x1
-_END_STREAM: Final = 0x1
-_END_HEADERS: Final = 0x4
-_FRAME_HEAD: Final = 9
-
 # RFC 9113's initial values, h2's before any SETTINGS.
 _DEFAULT_WINDOW: Final = 65_535
 _DEFAULT_FRAME_SIZE: Final = 16_384
-
-# Closed streams are forgotten once the connection holds this many.
-_SWEEP_STREAMS_AT: Final = 128
-
-# What receive_plain read, frame by frame: [HEADERS_READ, stream id, header
-# list, 0, end of stream] or [DATA_READ, stream id, data, flow-controlled
-# length, end of stream]; the data a memoryview of the bytes read, or a list
-# of them for a stream's DATA frames in one read (one entry, grown in place).
-HEADERS_READ: Final = 0
-DATA_READ: Final = 1
-PlainFrame = list[Any]
-# A frame's 9-byte header: length (24 bits) and type, flags, stream id (31 bits).
-_FRAME_HEADER: Final = struct.Struct(">IBI")
-
-
-def _length(view: memoryview, pos: int) -> int:
-    """The length field of the frame header at ``pos``."""
-    return int.from_bytes(view[pos : pos + 3], "big")
 
 
 class _Values(list[int]):
@@ -129,7 +82,7 @@ def lean_settings(client: bool, values: tuple[tuple[int, int], ...]) -> h2.setti
     return settings
 
 
-class ServerConnection(PlainSender):
+class ServerConnection(PlainReader, PlainSender):
     """``h2.connection.H2Connection`` for the server side of gRPC.
 
     ``max_header_list_bytes`` bounds the decoded size of a header block (as
@@ -184,6 +137,10 @@ class ServerConnection(PlainSender):
         self.malformed: dict[int, str] = {}
         # The start of a frame a read ended inside of (``receive_plain``).
         self._held: bytes = b""
+        # WINDOW_UPDATE frames receive_plain took in since the caller last
+        # looked (prism.rpc.flood counts them; the caller sends what they let out).
+        self.plain_window_updates = 0
+        self.plain_opened = 0  # streams the last receive_plain opened
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -196,10 +153,6 @@ class ServerConnection(PlainSender):
     def open_inbound_streams(self) -> int:
         self._forget_closed_streams()
         return 0
-
-    def _forget_closed_streams(self) -> None:
-        if len(self.streams) >= _SWEEP_STREAMS_AT:
-            self._open_streams(1)
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         # h2 formats repr(frame) for a trace log line on every frame it
@@ -263,163 +216,6 @@ class ServerConnection(PlainSender):
         events: list[h2.events.Event] = super().receive_data(data)
         return events
 
-    def receive_plain(
-        self, data: bytes | bytearray | memoryview, read: list[PlainFrame]
-    ) -> bytes | bytearray | memoryview:
-        """Take in the leading plain call frames of ``data`` (see the module
-        docstring), appending each to ``read``; return the bytes left for
-        ``receive_data``, which the caller must feed to it before acting on
-        ``read``: h2 takes in a whole read before its events are acted on,
-        and so must we, for the same frames to have the same effects.
-
-        A read that ends inside a DATA or HEADERS frame leaves that frame's
-        start here (``_held``, as h2's own buffer would hold it), so that the
-        next read goes on with the plain path: given to h2, a partial frame
-        made h2 parse every later frame of the connection until a read
-        happened to end on a frame boundary, which large request messages
-        (many 16 KiB frames per 64 KiB read) almost never do. ``receive_data``
-        puts the held bytes in front of whatever it is given next.
-        """
-        buffer = self.incoming_buffer
-        if (
-            buffer._preamble_len
-            or buffer._headers_buffer
-            or self.state_machine.state is not ConnectionState.SERVER_OPEN
-        ):
-            return data
-        if buffer._data:
-            # h2 took the last read (from a PING, a SETTINGS ACK... on) and it
-            # ended inside a frame: taken back as held (nothing is held here
-            # meanwhile), h2 does not go on parsing every frame until a read
-            # ends on a frame boundary (~3% of 1 MiB puts' bytes did).
-            self._held = bytes(buffer._data)
-            buffer._data = bytearray()
-        held = self._held
-        if held:
-            # The rest of the held frame, then this read (a view of it: a
-            # slice of the bytes would copy up to a whole read).
-            data = memoryview(data)
-            missing = _FRAME_HEAD - len(held)
-            if missing > 0:
-                held += bytes(data[:missing])
-                data = data[missing:]
-            if len(held) >= _FRAME_HEAD:
-                if not self._holdable(held):
-                    self._held = b""
-                    return held + data  # not a frame the plain path reads: h2's
-                missing = _FRAME_HEAD + int.from_bytes(held[:3], "big") - len(held)
-                if missing > len(data):
-                    self._held = held + data
-                    return b""
-                held += bytes(data[:missing])
-                data = data[missing:]
-                if self._read_plain(memoryview(held), read) < len(held):
-                    self._held = b""
-                    return held + data  # not a plain frame: h2 reads it, and the rest
-            else:
-                self._held = held
-                return b""
-            self._held = b""
-        view = memoryview(data)
-        pos = self._read_plain(view, read)
-        rest = len(view) - pos
-        if rest and (
-            rest < _FRAME_HEAD or (self._holdable(view[pos:]) and rest < _FRAME_HEAD + _length(view, pos))
-        ):
-            self._held = bytes(view[pos:])  # the start of a frame, no more: the loop took all it could
-            return b""
-        return view[pos:] if pos else data
-
-    def _holdable(self, head: bytes | memoryview) -> bool:
-        """Whether the frame of this 9-byte header is one to hold the start of:
-        DATA or HEADERS, within the frame size limit."""
-        return head[3] in (_DATA, _HEADERS) and int.from_bytes(head[:3], "big") <= self.max_inbound_frame_size
-
-    def _read_plain(self, view: memoryview, read: list[PlainFrame]) -> int:
-        """Read the leading plain frames of ``view`` (see ``receive_plain``);
-        how many bytes they took."""
-        end = len(view)
-        pos = 0
-        max_length = self.max_inbound_frame_size
-        conn_window = self._inbound_flow_control_window_manager
-        plain_block = self._decoder.plain
-        streams = self.streams
-        unpack = _FRAME_HEADER.unpack_from
-        data_at: dict[int, PlainFrame] = {}  # stream id -> its DATA entry in ``read``
-        while end - pos >= _FRAME_HEAD:
-            head, flags, sid = unpack(view, pos)
-            length = head >> 8
-            stop = pos + _FRAME_HEAD + length
-            if stop > end or length > max_length:
-                break
-            sid &= 0x7FFFFFFF
-            kind = head & 0xFF
-            if kind == _DATA:  # (first: a large request is made of them)
-                stream = streams.get(sid)
-                if (
-                    flags & ~_END_STREAM
-                    or not (length or flags)  # empty: h2's, for prism.rpc.flood to count
-                    or stream is None
-                    or stream.state_machine.state is not StreamState.OPEN
-                    or length > conn_window.current_window_size
-                ):
-                    break
-                window = stream._inbound_window_manager
-                if length > window.current_window_size:
-                    break
-                body_length = stream._actual_content_length + length
-                expected_length = stream._expected_content_length
-                end_stream = flags == _END_STREAM
-                if expected_length is not None and (
-                    body_length > expected_length or (end_stream and body_length != expected_length)
-                ):
-                    break
-                # h2's window_consumed and RECV_DATA, less their checks (above).
-                conn_window.current_window_size -= length
-                window.current_window_size -= length
-                stream._actual_content_length = body_length
-                if end_stream:
-                    stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
-                piece = view[pos + _FRAME_HEAD : stop]
-                entry = data_at.get(sid)
-                if entry is None:
-                    data_at[sid] = entry = [DATA_READ, sid, piece, length, end_stream]
-                    read.append(entry)
-                else:
-                    # A stream's DATA frames of one read are one entry, its data
-                    # the list of their pieces (only a stream's own order matters).
-                    pieces = entry[2]
-                    if type(pieces) is list:
-                        pieces.append(piece)
-                    else:
-                        entry[2] = [pieces, piece]
-                    entry[3] += length
-                    entry[4] = end_stream
-            elif kind == _HEADERS:
-                end_stream = bool(flags & _END_STREAM)
-                if (
-                    flags & ~_END_STREAM != _END_HEADERS
-                    or not sid & 1
-                    or sid <= self.highest_inbound_stream_id
-                ):
-                    break
-                block = plain_block(bytes(view[pos + _FRAME_HEAD : stop]))
-                if block is None:
-                    break
-                headers, expected_length = block
-                self._forget_closed_streams()
-                opened = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
-                opened._expected_content_length = expected_length
-                machine = opened.state_machine
-                machine.process_input(StreamInputs.RECV_HEADERS)
-                if end_stream:
-                    machine.process_input(StreamInputs.RECV_END_STREAM)
-                read.append([HEADERS_READ, sid, headers, 0, end_stream])
-            else:
-                break
-            pos = stop
-        return pos
-
     def ack_connection(self, length: int) -> None:
         """Hand ``length`` received bytes back to the connection's window (h2
         batches the WINDOW_UPDATEs); the streams' windows are the caller's."""
@@ -430,7 +226,15 @@ class ServerConnection(PlainSender):
             self._prepare_for_sending([frame])
 
 
-__all__ = ["DATA_READ", "HEADERS_READ", "RESPONSE_HEADERS", "TRAILERS_OK", "PlainFrame", "ServerConnection"]
+__all__ = [
+    "DATA_READ",
+    "HEADERS_READ",
+    "RESPONSE_HEADERS",
+    "TRAILERS_OK",
+    "WINDOW_READ",
+    "PlainFrame",
+    "ServerConnection",
+]
 
 
 # h2's dispatch table, as functions: one for every connection.

@@ -39,7 +39,14 @@ from prism.rpc.budget import INITIAL_STREAM_WINDOW, ConnectionBudget, unlimited
 from prism.rpc.call import Call
 from prism.rpc.compression import ACCEPT_ENCODING, ENCODINGS, IDENTITY, accepts, preferred
 from prism.rpc.flood import Flood, FloodGuard
-from prism.rpc.h2conn import HEADERS_READ, RESPONSE_HEADERS, TRAILERS_OK, PlainFrame, ServerConnection
+from prism.rpc.h2conn import (
+    HEADERS_READ,
+    RESPONSE_HEADERS,
+    TRAILERS_OK,
+    WINDOW_READ,
+    PlainFrame,
+    ServerConnection,
+)
 from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS, Chunk
 from prism.rpc.hpack_cache import FixedBlockEncoder
 from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
@@ -242,14 +249,19 @@ class GrpcProtocol(Requests, Responses):
         flood = self._flood
         read = data
         if not (self.draining or self.peer_gone):
-            data = self._h2.receive_plain(data, plain)
+            data = self._h2.receive_plain(data, plain, flood.window_updates_allowed)
             if plain:
                 # The plain frames come first in this read and are none of
                 # them empty: tell the flood counters before h2 reads the rest.
                 flood.empty_run = 0
-                flood.plain = plain
+                flood.plain_opened = self._h2.plain_opened
+        conn = self._h2
+        window_updates = conn.plain_window_updates
         try:
-            events = self._h2.receive_data(data) if data else []
+            if window_updates:
+                conn.plain_window_updates = 0
+                flood.window_updates(window_updates)
+            events = conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
             # h2 has queued a GOAWAY with the right error code already.
             self._break()
@@ -265,7 +277,10 @@ class GrpcProtocol(Requests, Responses):
             opened = 0
             shed = self.shed
             for kind, sid, value, length, ended in plain:
-                if kind == HEADERS_READ:
+                if kind == WINDOW_READ:
+                    if self._blocked:
+                        self._pump_blocked()
+                elif kind == HEADERS_READ:
                     opened += 1
                     if shed is not None and (refusal := shed(value)) is not None:
                         self._write_final(sid, refusal)  # no Call: nothing else to let go
@@ -274,7 +289,7 @@ class GrpcProtocol(Requests, Responses):
                 else:
                     self._on_data(sid, value, length, ended, out)
             flood.opened += opened
-            flood.plain = ()
+            flood.plain_opened = 0
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)

@@ -228,6 +228,31 @@ def test_the_window_update_allowance_counts_streams_and_every_data_frame_sent() 
     assert_calm(peer, flood.WINDOW_UPDATE_FLOOD)
 
 
+def test_window_updates_read_plainly_count_as_h2s_do() -> None:
+    # grpc-core's calls: HEADERS, the stream's WINDOW_UPDATE, DATA, the
+    # connection's. Once the header block repeats, the plain path reads all
+    # four; the allowance holds for its WINDOW_UPDATEs as for h2's, and the
+    # one past it is refused in order, wherever in a read it comes.
+    peer = Peer()
+    for _ in range(3):  # the header block taught to the HPACK cache, then plain
+        peer.send(peer.request())
+    before = peer.dispatched
+    head = peer.headers(end=False)
+    body = DataFrame(peer.sid, data=frame(b""), flags=["END_STREAM"]).serialize()
+    grpc_core_call = head + window_update(peer.sid, 5) + body + window_update(0, 100)
+    events = peer.send(grpc_core_call)
+    assert [k for k, _ in events].count(CALL_END) == 1
+    assert peer.dispatched == before  # h2 parsed none of them
+    opened = 4
+    allowed = 1 + 2 * opened  # nothing sent yet
+    peer.send(window_update() * (allowed - 2))  # the two above counted
+    assert peer.goaway() is None
+    assert peer.dispatched == before
+    peer.send(window_update() * 2)
+    assert_calm(peer, flood.WINDOW_UPDATE_FLOOD)
+    assert peer.dispatched == before  # the one past it left to h2, whose parse it stopped
+
+
 def test_a_client_acknowledging_large_answers_is_never_cut() -> None:
     peer = Peer(max_concurrent_streams=1000)
     client_window = 0

@@ -1,6 +1,6 @@
 """The installed h2 and hpack are the releases the fast path was checked against.
 
-prism/rpc/h2conn.py, protocol.py and hpack_cache.py read and set private
+prism/rpc/h2conn.py, h2read.py, protocol.py and hpack_cache.py read and set private
 state of h2's connection and streams and of hpack's encoder/decoder tables.
 Another release may rename or change any of it without notice, so
 pyproject.toml pins both exactly, and this test says which files to re-check
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-RECHECK = "prism/rpc/h2conn.py, prism/rpc/protocol.py and prism/rpc/hpack_cache.py"
+RECHECK = "prism/rpc/h2conn.py, h2read.py, protocol.py and hpack_cache.py"
 
 
 def _pins() -> dict[str, str]:

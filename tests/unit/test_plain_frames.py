@@ -18,7 +18,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, WindowUpdateFrame
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +85,9 @@ request = st.tuples(
     st.just("request"),
     st.sampled_from(PATHS[:1] * 4 + PATHS),
     st.binary(max_size=40),  # message body
-    st.integers(0, 3),  # 0: one DATA frame, 1: split in two, 2: headers only, 3: DATA at a later step
+    # 0: one DATA frame, 1: split in two, 2: headers only, 3: DATA at a later step,
+    # 4: as grpc-core sends it (HEADERS, the stream's WINDOW_UPDATE, DATA, the connection's)
+    st.integers(0, 4),
     st.sampled_from([None] * 6 + ["5S", "bad"]),  # grpc-timeout
     st.sampled_from([None] * 6 + [0] * 6 + [1, -1]),  # content-length: none, right, one off
 )
@@ -101,6 +103,7 @@ action = st.one_of(
     st.tuples(st.just("reset"), st.integers(0, 50)),
     st.tuples(st.just("ping")),
     st.tuples(st.just("window"), st.integers(1, 100_000)),
+    st.tuples(st.just("stream_window"), st.integers(0, 50), st.sampled_from([1, 5, 100_000, 2**31 - 1])),
     st.tuples(st.just("table"), st.sampled_from([0, 256, 4096])),
     # Frames that break the protocol end the connection: drawn rarely, so that
     # most runs go on long enough to reach the plain path's other cases.
@@ -238,6 +241,10 @@ class Run:
                 client.send_data(sid, message[3:], end_stream=True)
             elif shape == 3:
                 self.late.append((sid, message))
+            elif shape == 4:
+                client.increment_flow_control_window(5, stream_id=sid)
+                client.send_data(sid, message, end_stream=True)
+                client.increment_flow_control_window(len(message) + 100)
         elif kind == "odd":
             sid = client.get_next_available_stream_id()
             client.send_headers(sid, self.odd[step[1] % len(self.odd)], end_stream=not step[2])
@@ -266,6 +273,12 @@ class Run:
             client.ping(b"12345678")
         elif kind == "window":
             client.increment_flow_control_window(step[1])
+        elif kind == "stream_window":  # on any stream the client knows, closed or not
+            if client.streams:
+                ids = sorted(client.streams)
+                sid = ids[step[1] % len(ids)]
+                # (h2's client would refuse some of these: the frame itself, as a peer may send it.)
+                client._data_to_send += WindowUpdateFrame(sid, window_increment=step[2]).serialize()
         elif kind == "table":
             client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: step[1]})
         elif kind == "raw" and step[1] != "nothing":
@@ -349,6 +362,29 @@ ODD = ("odd", 0, True)
         *(("answer", 0, "big"), ALL, ALL, ALL, ALL),
     ],
 )
+# Window updates read plainly: grpc-core's calls, a large answer let out by
+# its stream's window updates, one past 2^31-1 (h2's: a stream reset), one
+# on a stream that is closed (h2's: ignored).
+@example(
+    odd=[],
+    steps=[
+        *(("request", PATHS[0], b"abc", 4, None, None), ALL) * 3,
+        *(PLAIN, ALL, ("answer", 0, "big"), ALL, ("stream_window", 50, 100_000), ALL, ALL),
+        *(LATE, ALL, ("stream_window", 50, 2**31 - 1), ALL, ("stream_window", 0, 5), ALL),
+    ],
+)
+# Found by this test: window updates past the flood guard's allowance,
+# read plainly among requests in one read, are refused where h2 would.
+@example(
+    odd=[],
+    steps=[
+        *(("window", 1),) * 2,
+        ("request", PATHS[0], b"", 0, None, None),
+        *(("window", 1),) * 5,
+        ("request", PATHS[0], b"", 4, None, None),
+        ("window", 1),
+    ],
+)
 # A read that ends inside a frame, and the next one.
 @example(odd=[], steps=[PLAIN, ("flush", 20), PLAIN, ALL])
 def test_plain_frames_agree_with_h2(
@@ -380,6 +416,32 @@ def test_repeated_requests_take_the_plain_path() -> None:
         run.deliver(0, everything=True)
     assert asked <= 2  # the first request teaches the HPACK table; the rest are plain
     assert [f.messages for f, _ in run.calls] == [[b"%d" % n] for n in range(20)]
+
+
+def test_grpc_core_calls_take_the_plain_path() -> None:
+    # grpc-core's clients send a WINDOW_UPDATE for the stream between a
+    # call's HEADERS and DATA, and one for the connection after: those are
+    # read plainly too, so h2's parser is not asked either.
+    run = Run()
+    for step in WARM_UP:
+        run.act(step)
+    asked = 0
+    receive = run.fast._h2.receive_data
+
+    def counting(data: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        return receive(data)
+
+    run.fast._h2.receive_data = counting  # type: ignore[method-assign]
+    before = run.fast._h2.outbound_flow_control_window
+    for n in range(20):
+        run.act(("request", PATHS[0], b"%d" % n, 4, None, None))
+        run.deliver(0, everything=True)
+    assert asked == 0
+    assert [f.messages for f, _ in run.calls[-20:]] == [[b"%d" % n] for n in range(20)]
+    given = sum(len(frame(b"%d" % n)) + 100 for n in range(20))  # the connection's updates
+    assert run.fast._h2.outbound_flow_control_window == before + given
 
 
 def _warm_run_counting_h2_reads() -> tuple[Run, list[int]]:

@@ -1,0 +1,297 @@
+"""Reading the frames of ordinary calls without h2's parser (``PlainReader``).
+
+h2 turns every frame it receives into a hyperframe object, dispatches it,
+builds events and runs generic header processing. For a gRPC call that was,
+even with our HPACK cache, over a third of the CPU a whole call cost the
+server; reading those frames as below cut the server's CPU per call by
+about a quarter (what a call costs now is measured in
+``bench/results/kv_get.json``).
+
+``PlainReader.receive_plain`` reads the leading frames of a received
+chunk itself, as long as they are the plain frames of ordinary calls:
+
+- HEADERS opening a new client stream, END_HEADERS set (no CONTINUATION),
+  no padding or priority, whose header block ``CachingDecoder`` has already
+  decoded once (the same bytes mean the same headers while the HPACK table
+  is unchanged), a well-formed request (``prism.rpc.headers``) with a
+  well-formed content-length if any;
+- DATA without padding on a stream that is open, within both flow-control
+  windows and within the stream's content-length if it declared one, and
+  not empty unless it ends the stream (``prism.rpc.flood`` counts those);
+- WINDOW_UPDATE for the connection, or for a stream that is open or
+  half-closed, whose increment is valid and keeps the window within 2^31-1,
+  while the flood guard allows it:
+  grpc-core (C++, Python, Ruby... clients) sends two with every call, one
+  for the stream between its HEADERS and DATA, one for the connection after
+  them; read by h2, they made the call's DATA h2's too, and each call cost
+  the server about twice what one from h2load did.
+
+For those it changes h2's state exactly as h2's own ``receive_data`` would:
+the stream is created by h2's ``_begin_new_stream``, its state machine is
+driven by the same inputs, flow-control windows are consumed the same way.
+The first frame that is anything else, and every byte after it, goes to h2
+itself, so every unusual case (new HPACK entries, SETTINGS, PING,
+WINDOW_UPDATE, RST_STREAM, GOAWAY, errors of every kind) is handled by h2 in
+order. The caller acts on the frames read here only after h2 has taken in
+the rest of the read, as h2's own user would, so every reply and window
+update goes out in the same order with the same values.
+``tests/unit/test_plain_frames.py`` holds this against h2 itself. The send
+side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any, Final
+
+import h2.connection
+from h2.connection import AllowedStreamIDs, ConnectionState
+from h2.stream import StreamInputs, StreamState
+
+from prism.rpc.hpack_cache import CachingDecoder
+
+_DATA: Final = 0x0
+_HEADERS: Final = 0x1
+_WINDOW_UPDATE: Final = 0x8
+_LARGEST_WINDOW: Final = 2**31 - 1  # RFC 9113 6.9.1
+_END_STREAM: Final = 0x1
+_END_HEADERS: Final = 0x4
+_FRAME_HEAD: Final = 9
+
+# Closed streams are forgotten once the connection holds this many.
+_SWEEP_STREAMS_AT: Final = 128
+
+# What receive_plain read, frame by frame: [HEADERS_READ, stream id, header
+# list, 0, end of stream], [DATA_READ, stream id, data, flow-controlled
+# length, end of stream] or a WINDOW_UPDATE's entry; the data a memoryview of the bytes read, or a list
+# of them for a stream's DATA frames in one read (one entry, grown in place).
+HEADERS_READ: Final = 0
+DATA_READ: Final = 1
+WINDOW_READ: Final = 2  # a WINDOW_UPDATE: the caller sends what it lets out, where h2's event would
+PlainFrame = list[Any]
+_WINDOW_ENTRY: Final[PlainFrame] = [WINDOW_READ, 0, None, 0, False]  # (shared: never changed)
+# Where a stream's WINDOW_UPDATE only moves its window (h2's stream state machine).
+_WINDOW_STATES: Final = frozenset(
+    {StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE, StreamState.HALF_CLOSED_LOCAL}
+)
+# A frame's 9-byte header: length (24 bits) and type, flags, stream id (31 bits).
+_FRAME_HEADER: Final = struct.Struct(">IBI")
+
+
+def _length(view: memoryview, pos: int) -> int:
+    """The length field of the frame header at ``pos``."""
+    return int.from_bytes(view[pos : pos + 3], "big")
+
+
+class PlainReader(h2.connection.H2Connection):
+    """h2's connection, reading the plain frames of ordinary calls itself
+    (``receive_plain``); ``prism.rpc.h2conn.ServerConnection`` sets up what
+    is declared here."""
+
+    _decoder: CachingDecoder
+    # The start of a frame a read ended inside of (``receive_plain``).
+    _held: bytes
+    # WINDOW_UPDATE frames receive_plain took in since the caller last
+    # looked (prism.rpc.flood counts them; the caller sends what they let out).
+    plain_window_updates: int
+    plain_opened: int  # streams the last receive_plain opened
+
+    def _forget_closed_streams(self) -> None:
+        if len(self.streams) >= _SWEEP_STREAMS_AT:
+            self._open_streams(1)
+
+    def receive_plain(
+        self,
+        data: bytes | bytearray | memoryview,
+        read: list[PlainFrame],
+        window_updates_allowed: Callable[[int, int], bool],
+    ) -> bytes | bytearray | memoryview:
+        """Take in the leading plain call frames of ``data`` (see the module
+        docstring), appending each to ``read``; return the bytes left for
+        ``receive_data``, which the caller must feed to it before acting on
+        ``read``: h2 takes in a whole read before its events are acted on,
+        and so must we, for the same frames to have the same effects.
+
+        A read that ends inside a DATA or HEADERS frame leaves that frame's
+        start here (``_held``, as h2's own buffer would hold it), so that the
+        next read goes on with the plain path: given to h2, a partial frame
+        made h2 parse every later frame of the connection until a read
+        happened to end on a frame boundary, which large request messages
+        (many 16 KiB frames per 64 KiB read) almost never do. ``receive_data``
+        puts the held bytes in front of whatever it is given next.
+        """
+        self.plain_opened = 0
+        buffer = self.incoming_buffer
+        if (
+            buffer._preamble_len
+            or buffer._headers_buffer
+            or self.state_machine.state is not ConnectionState.SERVER_OPEN
+        ):
+            return data
+        if buffer._data:
+            # h2 took the last read (from a PING, a SETTINGS ACK... on) and it
+            # ended inside a frame: taken back as held (nothing is held here
+            # meanwhile), h2 does not go on parsing every frame until a read
+            # ends on a frame boundary (~3% of 1 MiB puts' bytes did).
+            self._held = bytes(buffer._data)
+            buffer._data = bytearray()
+        held = self._held
+        if held:
+            # The rest of the held frame, then this read (a view of it: a
+            # slice of the bytes would copy up to a whole read).
+            data = memoryview(data)
+            missing = _FRAME_HEAD - len(held)
+            if missing > 0:
+                held += bytes(data[:missing])
+                data = data[missing:]
+            if len(held) >= _FRAME_HEAD:
+                if not self._holdable(held):
+                    self._held = b""
+                    return held + data  # not a frame the plain path reads: h2's
+                missing = _FRAME_HEAD + int.from_bytes(held[:3], "big") - len(held)
+                if missing > len(data):
+                    self._held = held + data
+                    return b""
+                held += bytes(data[:missing])
+                data = data[missing:]
+                if self._read_plain(memoryview(held), read, window_updates_allowed) < len(held):
+                    self._held = b""
+                    return held + data  # not a plain frame: h2 reads it, and the rest
+            else:
+                self._held = held
+                return b""
+            self._held = b""
+        view = memoryview(data)
+        pos = self._read_plain(view, read, window_updates_allowed)
+        rest = len(view) - pos
+        if rest and (
+            rest < _FRAME_HEAD or (self._holdable(view[pos:]) and rest < _FRAME_HEAD + _length(view, pos))
+        ):
+            self._held = bytes(view[pos:])  # the start of a frame, no more: the loop took all it could
+            return b""
+        return view[pos:] if pos else data
+
+    def _holdable(self, head: bytes | memoryview) -> bool:
+        """Whether the frame of this 9-byte header is one to hold the start of:
+        DATA or HEADERS, within the frame size limit."""
+        return head[3] in (_DATA, _HEADERS) and int.from_bytes(head[:3], "big") <= self.max_inbound_frame_size
+
+    def _read_plain(
+        self, view: memoryview, read: list[PlainFrame], window_updates_allowed: Callable[[int, int], bool]
+    ) -> int:
+        """Read the leading plain frames of ``view`` (see ``receive_plain``);
+        how many bytes they took. A WINDOW_UPDATE is read only if
+        ``window_updates_allowed(n, streams)``: n of them so far not counted,
+        this one included, with ``streams`` opened before it in this read (the
+        flood guard's rule, ``prism.rpc.flood``); one it refuses is h2's, so the
+        guard judges it in order, as it does every frame h2 reads."""
+        end = len(view)
+        pos = 0
+        max_length = self.max_inbound_frame_size
+        conn_window = self._inbound_flow_control_window_manager
+        plain_block = self._decoder.plain
+        streams = self.streams
+        unpack = _FRAME_HEADER.unpack_from
+        data_at: dict[int, PlainFrame] = {}  # stream id -> its DATA entry in ``read``
+        streams_opened = 0
+        while end - pos >= _FRAME_HEAD:
+            head, flags, sid = unpack(view, pos)
+            length = head >> 8
+            stop = pos + _FRAME_HEAD + length
+            if stop > end or length > max_length:
+                break
+            sid &= 0x7FFFFFFF
+            kind = head & 0xFF
+            if kind == _DATA:  # (first: a large request is made of them)
+                stream = streams.get(sid)
+                if (
+                    flags & ~_END_STREAM
+                    or not (length or flags)  # empty: h2's, for prism.rpc.flood to count
+                    or stream is None
+                    or stream.state_machine.state is not StreamState.OPEN
+                    or length > conn_window.current_window_size
+                ):
+                    break
+                window = stream._inbound_window_manager
+                if length > window.current_window_size:
+                    break
+                body_length = stream._actual_content_length + length
+                expected_length = stream._expected_content_length
+                end_stream = flags == _END_STREAM
+                if expected_length is not None and (
+                    body_length > expected_length or (end_stream and body_length != expected_length)
+                ):
+                    break
+                # h2's window_consumed and RECV_DATA, less their checks (above).
+                conn_window.current_window_size -= length
+                window.current_window_size -= length
+                stream._actual_content_length = body_length
+                if end_stream:
+                    stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+                piece = view[pos + _FRAME_HEAD : stop]
+                entry = data_at.get(sid)
+                if entry is None:
+                    data_at[sid] = entry = [DATA_READ, sid, piece, length, end_stream]
+                    read.append(entry)
+                else:
+                    # A stream's DATA frames of one read are one entry, its data
+                    # the list of their pieces (only a stream's own order matters).
+                    pieces = entry[2]
+                    if type(pieces) is list:
+                        pieces.append(piece)
+                    else:
+                        entry[2] = [pieces, piece]
+                    entry[3] += length
+                    entry[4] = end_stream
+            elif kind == _HEADERS:
+                end_stream = bool(flags & _END_STREAM)
+                if (
+                    flags & ~_END_STREAM != _END_HEADERS
+                    or not sid & 1
+                    or sid <= self.highest_inbound_stream_id
+                ):
+                    break
+                block = plain_block(bytes(view[pos + _FRAME_HEAD : stop]))
+                if block is None:
+                    break
+                headers, expected_length = block
+                self._forget_closed_streams()
+                opened = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
+                opened._expected_content_length = expected_length
+                machine = opened.state_machine
+                machine.process_input(StreamInputs.RECV_HEADERS)
+                if end_stream:
+                    machine.process_input(StreamInputs.RECV_END_STREAM)
+                read.append([HEADERS_READ, sid, headers, 0, end_stream])
+                streams_opened += 1
+            elif kind == _WINDOW_UPDATE:
+                pending = self.plain_window_updates + 1
+                if length != 4 or not window_updates_allowed(pending, self.plain_opened + streams_opened):
+                    break
+                increment = int.from_bytes(view[pos + _FRAME_HEAD : stop], "big") & 0x7FFFFFFF
+                if not increment:
+                    break
+                if sid:
+                    # h2's receive_window_update, less the event: the state
+                    # machine's window_updated changes no state.
+                    stream = streams.get(sid)
+                    if (
+                        stream is None
+                        or stream.state_machine.state not in _WINDOW_STATES
+                        or stream.outbound_flow_control_window + increment > _LARGEST_WINDOW
+                    ):
+                        break
+                    stream.outbound_flow_control_window += increment
+                else:
+                    if self.outbound_flow_control_window + increment > _LARGEST_WINDOW:
+                        break
+                    self.outbound_flow_control_window += increment
+                self.plain_window_updates += 1
+                read.append(_WINDOW_ENTRY)
+                data_at.clear()  # a stream's DATA after it is a new entry, as h2's events would be
+            else:
+                break
+            pos = stop
+        self.plain_opened += streams_opened
+        return pos
