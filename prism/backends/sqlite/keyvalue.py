@@ -1,9 +1,11 @@
 """KeyValue on a local SQLite file: the durable default backend.
 
 Threading model (``pool.SqlitePool``, shared with TimeSeries).
-sqlite3 calls block, so every one runs in a worker thread
-(``trio.to_thread.run_sync``) under this backend's own CapacityLimiter: a
-slow disk in one namespace cannot use up the threads of another. There is
+sqlite3 calls block, so writes, and reads that are not short, run in a
+worker thread (``trio.to_thread.run_sync``) under this backend's own
+CapacityLimiter: a slow disk in one namespace cannot use up the threads of
+another. A short read (within a budget of SQLite's steps, meeting no lock)
+runs on the event loop's thread, where it costs less than the hop. There is
 one writer connection, and a ``trio.Lock`` lets one write at a time reach it
 (SQLite takes one writer anyway; queueing in trio is cheaper than spinning on
 SQLITE_BUSY). Reads take one of a few reader connections from a pool; in

@@ -1,11 +1,24 @@
 """What every SQLite backend shares: the file's WAL set-up, and the
 connection pool that keeps blocking sqlite3 calls off the trio loop.
 
-The threading model is the KeyValue backend's (see ``keyvalue.py``): every
-call runs in a worker thread under the backend's own CapacityLimiter; one
+The threading model is the KeyValue backend's (see ``keyvalue.py``): writes
+run in a worker thread under the backend's own CapacityLimiter, on one
 writer connection behind a ``trio.Lock``; a few query-only reader
 connections in WAL mode beside it. Concurrent reads share a thread hop and
-concurrent writes a transaction (``SqlitePool.read`` / ``write``). A
+concurrent writes a transaction (``SqlitePool.read`` / ``write``).
+
+Reads run on the event loop's own thread first, on a query-only connection
+of their own, as long as they are short: a statement that runs past
+``INLINE_STEPS`` steps of SQLite's virtual machine (a progress handler), or
+meets a lock (no busy wait there), is interrupted, which changes nothing
+for a read, and the read goes to a thread as above. A point read in WAL
+mode costs tens of microseconds; the thread hop cost several times that (two
+thread wake-ups, the GIL handed over twice, trio's machinery), so
+that at one call at a time a SQLite read cost the worker about twice a
+memory namespace's (``bench/overload.py``'s open-loop steps, where calls
+arrive one by one, paid it on every call). What the loop's thread can
+wait on is a page that is not in the OS's cache: the statement's few page
+reads from the disk, as any read of a local file would. A
 connection is only handed back once its thread is done with it, so
 cancellation never shares one between two threads. sqlite3 errors become
 the gateway's through the engine's error table (``errors.ERRORS``).
@@ -102,7 +115,8 @@ def retry_locked(step: Callable[[], Any]) -> Any:
 
 
 class SqlitePool:
-    """One writer and ``READERS`` reader connections to ``path``.
+    """One writer and ``READERS`` reader connections to ``path``, and one
+    reader for the event loop's thread (``_read_inline``).
 
     ``prepare`` runs on the writer once, in a worker thread, at ``open()``."""
 
@@ -117,6 +131,7 @@ class SqlitePool:
         self._read_slots = trio.Semaphore(READERS)
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []
+        self._inline: sqlite3.Connection | None = None
         self._closed = False
         # Concurrent calls share a thread hop (reads) or a transaction
         # (writes): the hop and the fsync, not the SQL, were most of a call's
@@ -136,7 +151,10 @@ class SqlitePool:
             return
         with ERRORS:
             writer, readers = await trio.to_thread.run_sync(self._connect_all, limiter=self._limiter)
-        self._writer, self._readers = writer, readers
+        self._writer, self._readers = writer, readers[1:]
+        self._inline = readers[0]
+        self._inline.execute("PRAGMA busy_timeout = 0")
+        self._inline.set_progress_handler(_over_budget, INLINE_STEPS)
 
     def _connect_all(self) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
         create_private(self.path)
@@ -145,7 +163,7 @@ class SqlitePool:
             writer = self._connect()
             conns.append(writer)
             self._prepare(writer)
-            for _ in range(READERS):
+            for _ in range(READERS + 1):
                 conns.append(self._connect())
                 conns[-1].execute("PRAGMA query_only = ON")
         except BaseException:
@@ -176,6 +194,9 @@ class SqlitePool:
         for conn in self._readers:
             conn.close()
         self._readers = []
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -184,13 +205,40 @@ class SqlitePool:
             raise RuntimeError("open() was not awaited")
 
     async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``fn(reader)`` in a worker thread, on its own statements; reads that
-        arrive meanwhile share the thread hop (run one after another), up to
-        ``READ_HOP_BYTES`` of pages: the rest go again in the next hop."""
+        """``fn(reader)``, on its own statements: first on the event loop's
+        thread (``_read_inline``); one that does not finish there goes to a
+        worker thread, where reads that arrive meanwhile share the thread hop
+        (run one after another), up to ``READ_HOP_BYTES`` of pages: the rest
+        go again in the next hop."""
+        inline = self._inline
+        if inline is not None and not self._closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            done, value = self._read_inline(inline, fn)
+            if done:
+                return value  # type: ignore[no-any-return]
         while True:
             outcome = await self._reads.get(fn)
             if outcome is not _NOT_RUN:
                 return _unwrap(outcome)  # type: ignore[no-any-return]
+
+    def _read_inline(
+        self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]
+    ) -> tuple[bool, Any]:
+        """(True, ``fn(conn)``) if it finished within ``INLINE_STEPS`` of
+        SQLite's virtual machine and met no lock; (False, None) if not, the
+        statement interrupted (reads change nothing, so it can run again)."""
+        attributes = {"db.system": "sqlite", "prism.batch_calls": 1, "prism.write": False}
+        with child("prism.backend.sqlite", **attributes):
+            try:
+                return True, fn(conn)
+            except sqlite3.OperationalError as exc:
+                if str(exc) in _NOT_INLINE:
+                    return False, None
+                with ERRORS:
+                    raise
+            except sqlite3.Error:
+                with ERRORS:
+                    raise
 
     async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn(writer)`` in a worker thread, all or nothing, committed on
@@ -252,6 +300,20 @@ class SqlitePool:
             out = await trio.to_thread.run_sync(run, limiter=self._limiter)
         shed.observe(started[0] - began)
         return out
+
+
+# A read on the loop's thread is interrupted after this many steps of
+# SQLite's virtual machine, and goes to a thread: a point read takes a few
+# dozen, a page of 100 items about 700; 20,000 took 5.6 ms here (the rows
+# read meanwhile built), the most a read too long for the loop wastes.
+INLINE_STEPS = 5_000
+# What an interrupted read, or one that met a lock (no busy wait on the
+# loop's thread), raises: it goes to a thread, where the busy timeout applies.
+_NOT_INLINE = frozenset({"interrupted", "database is locked"})
+
+
+def _over_budget() -> int:
+    return 1  # called once INLINE_STEPS have run: stop the statement
 
 
 Outcome = tuple[Any, Exception | None]  # what a call returned, or what it raised
