@@ -323,7 +323,11 @@ async def _outcome(
     final = request.command in ("finish", "abort")
     with trio.move_on_after(wait_s):
         while True:
-            entry = current().migrations.get(request.namespace)
+            routes = current()
+            answer = routes.migration_answers.get(request.id)
+            if answer is not None and answer[2]:  # refused since: a worker could not apply it
+                return _error(answer[1], answer[2])
+            entry = routes.migrations.get(request.namespace)
             if (
                 entry is not None
                 and entry.serial >= serial
