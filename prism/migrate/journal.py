@@ -118,6 +118,7 @@ class Journal:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
+        self.size = len(data)
         out: list[QueuedWrite] = []
         at = 0
         while at + _LEN.size <= len(data):
