@@ -115,7 +115,12 @@ class MigratingKeyValue:
         self._inflight = 0  # client writes between the gate and their queueing
         self._idle = trio.lowlevel.ParkingLot()
         self.barrier_failed: tuple[int, str] | None = None  # (serial, why) of the last switch refused
-        self.shadow = Shadow(namespace, lambda: self.source, lambda: self.target)
+        self.shadow = Shadow(
+            namespace,
+            lambda: self.source,
+            lambda: self.target,
+            delivered=lambda id: self.queues["target"].wait_record(id),
+        )
         seed = progress or Progress()
         self._failures_base = seed.target_failures
         self._closed = False

@@ -51,7 +51,7 @@ log = logging.getLogger("prism.migrate")
 
 MAX_WRITES: Final = 100_000
 MAX_BYTES: Final = 64 << 20
-LANES: Final = 8  # writes in flight to one backend at most
+LANES: Final = 4  # writes in flight to one backend at most (a pool's default is 8 connections)
 PIPELINE_WRITES: Final = 1024  # past this many queued (backend answering), writers wait for room
 ATTEMPT_TIMEOUT_S: Final = 5.0  # one delivery; a backend that hangs is retried like one that refuses
 # Errors that say the backend could not take a write now (down, busy, slow, a
@@ -99,7 +99,9 @@ class RetryQueue:
         self._bytes = 0
         self.dropped = 0  # let go: the queue was full, or the backend refused the write itself
         self.delivered = 0
-        self.failed = 0  # writes not taken at the first try, or queued while the backend failed
+        self.failed = 0  # writes that waited for the backend failing (each counted once)
+        self._counted: set[int] = set()  # id() of the queued writes ``failed`` counts
+        self._records: dict[str, int] = {}  # record id -> writes of it queued
         self._failing: set[int] = set()  # lanes in backoff
         self._changed = trio.lowlevel.ParkingLot()
 
@@ -144,7 +146,9 @@ class RetryQueue:
                 log.error("%s: cannot append to %s: %s", self.what, self.journal.path, exc)
         if self._failing:
             self.failed += 1
+            self._counted.add(id(write))
         self._lanes[zlib.crc32(write.id.encode()) % len(self._lanes)].append(write)
+        self._records[write.id] = self._records.get(write.id, 0) + 1
         self._count += 1
         self._bytes += write.nbytes
         self._changed.unpark_all()
@@ -156,6 +160,8 @@ class RetryQueue:
         for lane in self._lanes:
             lane.clear()
         self._count = self._bytes = 0
+        self._counted.clear()
+        self._records.clear()
         self._emptied()
         self._changed.unpark_all()
         return n
@@ -210,7 +216,7 @@ class RetryQueue:
                 if is_retryable(exc):
                     failures += 1
                     if failures == 1:
-                        self.failed += 1
+                        self._count_waiting()
                         if not self._failing:
                             log.warning("%s: %d writes wait for it: %s", self.what, self._count, exc)
                     self._failing.add(i)
@@ -228,6 +234,10 @@ class RetryQueue:
             failures = 0
             if lane and lane[0] is write:  # not cleared meanwhile
                 lane.popleft()
+                self._counted.discard(id(write))
+                left = self._records.pop(write.id, 1) - 1
+                if left:
+                    self._records[write.id] = left
                 self._count -= 1
                 self._bytes -= write.nbytes
                 if not self._count:
@@ -236,12 +246,25 @@ class RetryQueue:
                     self._compact()
                 self._changed.unpark_all()
 
+    def _count_waiting(self) -> None:
+        """The backend failed: every write waiting for it counts as a failure, once."""
+        for lane in self._lanes:
+            for pending in lane:
+                if id(pending) not in self._counted:
+                    self._counted.add(id(pending))
+                    self.failed += 1
+
     def _compact(self) -> None:
         assert self.journal is not None
         try:
             self.journal.compact(self.writes(), self._bytes)
         except OSError as exc:
             log.error("%s: cannot rewrite %s: %s", self.what, self.journal.path, exc)
+
+    async def wait_record(self, id: str) -> None:
+        """Return once no write of record ``id`` is queued."""
+        while self._records.get(id):
+            await self._changed.park()
 
     async def wait_empty(self) -> None:
         """Return once nothing is queued."""
