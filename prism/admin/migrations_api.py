@@ -119,6 +119,7 @@ def _status(entry: MigrationEntry, progress: Progress) -> dict[str, Any]:
             "records_per_s": round(progress.records_per_s, 1),
             "target_failures": progress.target_failures,
             "queued": progress.queued,
+            "pending": progress.pending,  # acknowledged, not yet on the second backend (queued or in flight)
             "dropped": progress.dropped,
             "shadow_reads": shadow,
             "mismatches": dict(progress.mismatches),

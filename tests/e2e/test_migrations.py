@@ -450,6 +450,56 @@ def test_a_target_down_during_dual_write_gets_its_queued_writes_once_back(
         _drop(name)
 
 
+def test_writes_queued_for_a_target_down_survive_a_kill_9_of_the_worker(
+    prism_tree: Any, pg_relay: Relay
+) -> None:
+    """The backfill is done, so only the queued copies can bring these writes to the
+    target: the worker holding them is killed before it could deliver them."""
+    name = f"k9_{uuid.uuid4().hex[:8]}"
+    tree = _tree(prism_tree, name, workers=1)
+    pg_relay.start()
+    try:
+        before = fill(tree, name, 10)
+        body = {
+            "to": "postgres",
+            "options": {"dsn": dsn_via(pg_relay.port), "connect_timeout_s": 1.0},
+            "rate": 5000,
+        }
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/start", body)
+        assert status == 200, answer
+        wait_phase(tree, name, "shadow_read")
+        pg_relay.stop()  # PostgreSQL unreachable: writes still answer, from the source
+        down = fill(tree, name, 10, b"down")
+        wait_progress(tree, name, lambda p: p["queued"] == 10)
+        (worker,) = owner_pids(tree, name)
+        os.kill(worker, signal.SIGKILL)
+        journal = tree.data_dir / "migrations" / "pending" / name
+        assert any(f.stat().st_size > 0 for f in journal.iterdir())
+        pg_relay.start()
+        deadline = time.monotonic() + 60
+        while owner_pids(tree, name) in ({worker}, set()):  # the supervisor starts another
+            assert time.monotonic() < deadline, tree.stderr()[-3000:]
+            time.sleep(0.2)
+        wait_phase(tree, name, "shadow_read")
+        wait_progress(tree, name, lambda p: p["pending"] == 0 and p["updated_ms"] > 0)
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/promote")
+        assert status == 200, answer
+        check_all(tree, name, {**before, **down})  # read from the target: the journal delivered them
+        assert "10 writes a previous run queued for the migration target" in tree.stderr()
+        assert all(f.stat().st_size == 0 for f in journal.iterdir())
+    finally:
+        tree.stop()
+        _drop(name)
+
+
+def owner_pids(tree: PrismTree, name: str) -> set[int]:
+    status, page = call(tree, "GET", "/v1/namespaces")
+    assert status == 200, page
+    pids = {o["pid"] for ns in page["namespaces"] if ns["name"] == name for o in ns["owners"]}
+    tree.known_pids.update(pids)
+    return pids
+
+
 def wait_progress(tree: PrismTree, name: str, ok: Any, timeout_s: float = 30.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
