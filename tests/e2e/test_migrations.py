@@ -492,6 +492,53 @@ def test_writes_queued_for_a_target_down_survive_a_kill_9_of_the_worker(
         _drop(name)
 
 
+def test_promote_while_the_target_misses_acknowledged_writes_is_refused_and_changes_nothing(
+    prism_tree: Any, pg_relay: Relay
+) -> None:
+    name = f"br_{uuid.uuid4().hex[:8]}"
+    tree = _tree(prism_tree, name, workers=1)
+    pg_relay.start()
+    try:
+        before = fill(tree, name, 5)
+        body = {
+            "to": "postgres",
+            "options": {"dsn": dsn_via(pg_relay.port), "connect_timeout_s": 1.0},
+            "rate": 5000,
+        }
+        assert call(tree, "POST", f"/v1/migrations/{name}/start", body)[0] == 200
+        serial = wait_phase(tree, name, "shadow_read")["serial"]
+        pg_relay.stop()
+        down = fill(tree, name, 3, b"down")
+        (worker,) = owner_pids(tree, name)
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/promote")
+        assert status == 409, answer
+        shown = wait_phase(tree, name, "shadow_read")
+        if "writes wait for the target" not in answer["error"]:  # the counters (a second old) missed them
+            # the worker's barrier refused: the supervisor went back
+            wid = worker_id(tree, name)
+            why = f"worker {wid}: 3 writes acknowledged to clients were not on the target (postgres)"
+            assert why in answer["error"], answer
+            assert "stays in phase shadow_read" in answer["error"]
+            assert shown["serial"] == serial + 2  # promoted, then back
+        check_all(tree, name, {**before, **down})  # the source answers, every write there
+        pg_relay.start()
+        wait_progress(tree, name, lambda p: p["pending"] == 0 and p["queued"] == 0)
+        status, answer = call(tree, "POST", f"/v1/migrations/{name}/promote")
+        assert status == 200, answer
+        check_all(tree, name, {**before, **down})  # now from the target
+        assert owner_pids(tree, name) == {worker}
+    finally:
+        tree.stop()
+        _drop(name)
+
+
+def worker_id(tree: PrismTree, name: str) -> int:
+    status, page = call(tree, "GET", "/v1/namespaces")
+    assert status == 200, page
+    (wid,) = {o["id"] for ns in page["namespaces"] if ns["name"] == name for o in ns["owners"]}
+    return int(wid)
+
+
 def owner_pids(tree: PrismTree, name: str) -> set[int]:
     status, page = call(tree, "GET", "/v1/namespaces")
     assert status == 200, page
