@@ -12,22 +12,28 @@ backends of a migration (``prism.migrate.state``), doing what its phase says:
 | aborted | source | source | - |
 
 The backend that answers (the primary) is the client's: its answer and its
-errors are the call's, and a write goes to the other one (the secondary)
-only once the primary took it. The secondary's write carries the same stamp
-(time and idempotency token), so both backends decide alike; one it refuses
-(or does not answer in ``SECONDARY_TIMEOUT_S``, or the client's call is
-cancelled meanwhile) is counted and queued (``prism.migrate.retry``) and
-never fails the call. A write whose call is cancelled while the primary has
-it (its outcome unknown: it may have committed) is queued for both, so the
-two agree either way. While writes wait for a backend, new ones queue behind
-them without trying it first, so a backend that is down costs the client
-nothing per call. A secondary that cannot be reached at ``open`` is the same
-case: writes queue until it answers.
+errors are the call's. Once it has a write, the client is answered and the
+write is queued for the other one (the secondary), delivered in the
+background by ``run`` (``prism.migrate.retry``: lanes by record id, retries
+with backoff, bounded, backpressure past ``PIPELINE_WRITES``; waiting for
+room costs a client at most ``SECONDARY_TIMEOUT_S``). The secondary's write
+carries the same stamp (time and idempotency token), so both backends decide
+alike, whatever the order it arrives in; it never fails the call. A write
+whose call is cancelled while the primary has it (its outcome unknown: it
+may have committed) is queued for both, so the two agree either way. A
+secondary that cannot be reached at ``open`` is the same case: writes
+queue until it answers. With journals (``prism.migrate.journal``) every
+queued write is on disk before the client's answer, and ``open`` queues
+again what a previous run of this worker left.
 
 ``apply`` moves to a new state in place (the phase, the rate, the shadow
-fraction); ``run`` is the background work (delivering queued writes,
-comparing shadow reads), started in the worker's nursery and cancelled when
-the namespace is let go. ``stats`` is this worker's counters, for ``status``.
+fraction); ``switch`` does it for a phase that moves the primary or ends
+the migration only once every write acknowledged is on the backend that
+answers next (the barrier: new writes wait, or ``BarrierError`` after the
+timeout and nothing changes). ``run`` is the background work (delivering
+queued writes, comparing shadow reads), started in the worker's nursery and
+cancelled when the namespace is let go. ``stats`` is this worker's
+counters, for ``status``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,15 @@ moves, the worker hands the states here (``want``) before ``App.apply``:
 - a held ``MigratingKeyValue`` whose state's serial moved gets ``apply()``
   (a new phase, rate or shadow fraction; no reopen), before the worker
   reports the generation in its heartbeat: that report is what the
-  supervisor waits for before a command returns;
+  supervisor waits for before a command returns. A phase that moves the
+  backend answering (or ends the migration) goes through ``switch``
+  instead: applied once every write this worker acknowledged is on that
+  backend (``MigratingKeyValue.switch``, ``BARRIER_TIMEOUT_S``); if it
+  cannot be, the old phase stays, the generation is not reported and the
+  counters say why, which the supervisor answers by going back;
+- each migration's writes not yet on a backend are journaled under
+  ``DATA_DIR/migrations/pending/<namespace>/w<worker id>.<role>``
+  (``prism.migrate.journal``), replayed when this worker id opens it again;
 - in phase BACKFILL, the first worker of the tenant (the lowest id the
   routing table lists for it) runs ``prism.migrate.backfill.backfill``
   from the saved cursor, so a restart resumes where it stopped; a failure

@@ -16,6 +16,9 @@ SIGUSR1; the supervisor's loop calls ``Migrations.turn`` every turn, which
   BACKFILL once every worker writes to both backends (else a write taken by
   a worker still on the source alone could be missed by the copy), BACKFILL
   -> SHADOW_READ once the backfill's progress says done;
+- goes back to the phase a command left when a worker could not apply the
+  new one (writes it acknowledged were not on the backend that would
+  answer: its counters say so, ``barrier``), and answers that command 409;
 - ends a migration once every worker applied its end: an aborted one is
   removed (its namespace back on the source alone); a finished one first
   has the config file rewritten to name the target (``prism.config.rewrite``),
