@@ -6,7 +6,7 @@
   backends (never their options), rate, shadow fraction, the workers that
   have not applied its serial yet, and the progress merged from every
   worker (``state.merge_progress``: copied, records/s, target failures,
-  queued and dropped writes, shadow reads, mismatches by kind and their
+  queued, pending and dropped writes, shadow reads, mismatches by kind and their
   rate); 404 if the namespace has none.
 - ``POST /v1/migrations/<ns>/start`` (JSON ``{"to": BACKEND, "options":
   {...}, "rate": N, "shadow_fraction": F}``; ``to`` required), ``.../promote``,

@@ -26,14 +26,11 @@ queue until it answers. With journals (``prism.migrate.journal``) every
 queued write is on disk before the client's answer, and ``open`` queues
 again what a previous run of this worker left.
 
-``apply`` moves to a new state in place (the phase, the rate, the shadow
-fraction); ``switch`` does it for a phase that moves the primary or ends
-the migration only once every write acknowledged is on the backend that
-answers next (the barrier: new writes wait, or ``BarrierError`` after the
-timeout and nothing changes). ``run`` is the background work (delivering
-queued writes, comparing shadow reads), started in the worker's nursery and
-cancelled when the namespace is let go. ``stats`` is this worker's
-counters, for ``status``.
+``apply`` moves to a new state in place; ``switch`` does it, for a phase
+that moves the primary or ends the migration, once every write acknowledged
+is on the backend that answers next (else ``BarrierError``, nothing
+changed). ``run`` is the background work (deliveries, shadow reads), in the
+worker's nursery. ``stats`` is this worker's counters, for ``status``.
 """
 
 from __future__ import annotations
@@ -148,6 +145,8 @@ class MigratingKeyValue:
         old = self.state.phase
         self.state = state
         self._apply_phase(state)
+        if self.barrier_failed is not None and self.barrier_failed[0] < state.serial:
+            self.barrier_failed = None  # a newer state (the supervisor went back): applied
         if old != state.phase:
             log.info(
                 "namespace %s: migration phase %s -> %s (serial %d)",
@@ -313,6 +312,9 @@ class MigratingKeyValue:
                         role,
                     )
             for role in ("source", "target"):  # opened or not: one half-opened may hold a connection
+                journal = self.queues[role].journal
+                if journal is not None:  # what is left stays on disk for the next open
+                    journal.close()
                 try:
                     await self._backend(role).aclose()
                 except Exception as exc:

@@ -42,7 +42,8 @@ def _tree(prism_tree: Any, name: str, *, workers: int = 2, **fields: Any) -> Pri
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
     tree.body = (
-        f'admin_token_file = "{token}"\n'
+        f'admin_token_file = "{token}"  # kept by finish\n'
+        + "# the tenants below: kept by finish too\n"
         + tenant_toml("a", [sqlite_ns(name), sqlite_ns("other_a")], workers=workers)
         + tenant_toml("b", [sqlite_ns("other_b")])
     )
@@ -181,6 +182,9 @@ def test_a_sqlite_namespace_moves_through_every_phase_to_finished(prism_tree: An
         finished = cli(tree, "finish", name)
         assert finished.returncode == 0, finished.stderr
         assert config_namespace(tree, name)["backend"] == kind
+        text = tree.config_path.read_text()  # comments and layout kept: only the namespace changed
+        assert "  # kept by finish\n# the tenants below: kept by finish too\n" in text
+        assert text.count("\n") == tree.config_text(tree.body).count("\n") + 1  # its options line
         assert backend_of(tree, name) == kind
         _, final = call(tree, "GET", f"/v1/migrations/{name}")
         assert final["phase"] == "finished" and final["final"] is True
@@ -603,7 +607,8 @@ def test_the_cache_stays_correct_through_every_phase(prism_tree: Any, tier: str)
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
     tree.body = (
-        f'admin_token_file = "{token}"\n'
+        f'admin_token_file = "{token}"  # kept by finish\n'
+        + "# the tenants below: kept by finish too\n"
         + tenant_toml("a", [moving], workers=2)
         + tenant_toml("b", [sqlite_ns("other_b")])
     )
