@@ -34,7 +34,7 @@ from prism.workers.slot import Slot, SlotState
 from tests.unit.test_admin_diff import running
 
 TOKEN = b"s3cr3t-admin-token"
-CONFIG = b"""# comments are not kept by finish
+CONFIG = b"""# a comment finish keeps
 workers = 2
 [[namespaces]]
 name = "profiles"
