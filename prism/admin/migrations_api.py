@@ -6,7 +6,7 @@
   backends (never their options), rate, shadow fraction, the workers that
   have not applied its serial yet, and the progress merged from every
   worker (``state.merge_progress``: copied, records/s, target failures,
-  queued and dropped writes, shadow reads, mismatches by kind and their
+  queued, pending and dropped writes, shadow reads, mismatches by kind and their
   rate); 404 if the namespace has none.
 - ``POST /v1/migrations/<ns>/start`` (JSON ``{"to": BACKEND, "options":
   {...}, "rate": N, "shadow_fraction": F}``; ``to`` required), ``.../promote``,
@@ -119,6 +119,7 @@ def _status(entry: MigrationEntry, progress: Progress) -> dict[str, Any]:
             "records_per_s": round(progress.records_per_s, 1),
             "target_failures": progress.target_failures,
             "queued": progress.queued,
+            "pending": progress.pending,  # acknowledged, not yet on the second backend (queued or in flight)
             "dropped": progress.dropped,
             "shadow_reads": shadow,
             "mismatches": dict(progress.mismatches),
@@ -323,7 +324,11 @@ async def _outcome(
     final = request.command in ("finish", "abort")
     with trio.move_on_after(wait_s):
         while True:
-            entry = current().migrations.get(request.namespace)
+            routes = current()
+            answer = routes.migration_answers.get(request.id)
+            if answer is not None and answer[2]:  # refused since: a worker could not apply it
+                return _error(answer[1], answer[2])
+            entry = routes.migrations.get(request.namespace)
             if (
                 entry is not None
                 and entry.serial >= serial

@@ -224,5 +224,5 @@ def render(entry: dict[str, Any]) -> Iterator[str]:
     )
     yield (
         f"  target failures: {progress.get('target_failures', 0)}, queued: {progress.get('queued', 0)}, "
-        f"dropped: {progress.get('dropped', 0)}"
+        f"pending: {progress.get('pending', 0)}, dropped: {progress.get('dropped', 0)}"
     )

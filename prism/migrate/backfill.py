@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import trio
 
-from prism.backends.keyvalue import Migratable
+from prism.backends.keyvalue import ExportPage, Migratable, StampedItem
+from prism.errors import Unimplemented
 from prism.migrate.state import Progress
 from prism.workers.reopen import retry_delay
 
@@ -152,3 +153,33 @@ async def _save(
             if failures == 1:
                 log.error("namespace %s: cannot save the backfill's progress, retrying: %s", namespace, exc)
             await trio.sleep(retry_delay(failures, rand))
+
+
+class OpenedBackend:
+    """One backend of a migration as ``Migratable``, opened before each use."""
+
+    def __init__(self, mkv: Any, role: str) -> None:
+        self._mkv = mkv
+        self._role = role
+
+    def _backend(self) -> Migratable:
+        backend = self._mkv._backend(self._role)
+        if not isinstance(backend, Migratable):
+            raise Unimplemented(f"the migration {self._role}'s backend cannot export or import records")
+        return backend
+
+    async def export_records(
+        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+    ) -> ExportPage:
+        await self._mkv._ensure_open(self._role)
+        return await self._backend().export_records(
+            after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
+        )
+
+    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
+        await self._mkv._ensure_open(self._role)
+        await self._backend().import_records(records, now_ms)
+
+    async def count_records(self, now_ms: int) -> int:
+        await self._mkv._ensure_open(self._role)
+        return await self._backend().count_records(now_ms)

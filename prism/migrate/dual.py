@@ -12,22 +12,25 @@ backends of a migration (``prism.migrate.state``), doing what its phase says:
 | aborted | source | source | - |
 
 The backend that answers (the primary) is the client's: its answer and its
-errors are the call's, and a write goes to the other one (the secondary)
-only once the primary took it. The secondary's write carries the same stamp
-(time and idempotency token), so both backends decide alike; one it refuses
-(or does not answer in ``SECONDARY_TIMEOUT_S``, or the client's call is
-cancelled meanwhile) is counted and queued (``prism.migrate.retry``) and
-never fails the call. A write whose call is cancelled while the primary has
-it (its outcome unknown: it may have committed) is queued for both, so the
-two agree either way. While writes wait for a backend, new ones queue behind
-them without trying it first, so a backend that is down costs the client
-nothing per call. A secondary that cannot be reached at ``open`` is the same
-case: writes queue until it answers.
+errors are the call's. Once it has a write, the client is answered and the
+write is queued for the other one (the secondary), delivered in the
+background by ``run`` (``prism.migrate.retry``: lanes by record id, retries
+with backoff, bounded, backpressure past ``PIPELINE_WRITES``; waiting for
+room costs a client at most ``SECONDARY_TIMEOUT_S``). The secondary's write
+carries the same stamp (time and idempotency token), so both backends decide
+alike, whatever the order it arrives in; it never fails the call. A write
+whose call is cancelled while the primary has it (its outcome unknown: it
+may have committed) is queued for both, so the two agree either way. A
+secondary that cannot be reached at ``open`` is the same case: writes
+queue until it answers. With journals (``prism.migrate.journal``) every
+queued write is on disk before the client's answer, and ``open`` queues
+again what a previous run of this worker left.
 
-``apply`` moves to a new state in place (the phase, the rate, the shadow
-fraction); ``run`` is the background work (delivering queued writes,
-comparing shadow reads), started in the worker's nursery and cancelled when
-the namespace is let go. ``stats`` is this worker's counters, for ``status``.
+``apply`` moves to a new state in place; ``switch`` does it, for a phase
+that moves the primary or ends the migration, once every write acknowledged
+is on the backend that answers next (else ``BarrierError``, nothing
+changed). ``run`` is the background work (deliveries, shadow reads), in the
+worker's nursery. ``stats`` is this worker's counters, for ``status``.
 """
 
 from __future__ import annotations
@@ -35,31 +38,25 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import trio
 
 from prism.backends.keyvalue import (
-    ExportPage,
     ItemPage,
     ItemWrite,
     KeyValueBackend,
-    MatchKeys,
-    MatchRange,
-    Migratable,
     Mutation,
     Predicate,
-    Put,
     RecordPage,
     Stamp,
-    StampedItem,
 )
-from prism.errors import Unimplemented
-from prism.migrate.backfill import backfill
+from prism.migrate.backfill import OpenedBackend, backfill
+from prism.migrate.journal import Journal, QueuedWrite
 from prism.migrate.retry import PendingWrite, RetryQueue
 from prism.migrate.shadow import Shadow, ShadowRead
-from prism.migrate.state import MigrationState, Phase, Progress
+from prism.migrate.state import ENDED, MigrationState, Phase, Progress
 
 log = logging.getLogger("prism.migrate")
 
@@ -69,23 +66,23 @@ CLOSE_DRAIN_S: Final = 5.0  # how long aclose waits for queued writes to be deli
 _SOURCE_FIRST: Final = frozenset({Phase.DUAL_WRITE, Phase.BACKFILL, Phase.SHADOW_READ})
 
 
+class BarrierError(Exception):
+    """A phase change refused: writes taken are not yet on the backend that would answer."""
+
+
+def _roles(phase: Phase) -> tuple[str, str | None]:
+    """The backend that answers in ``phase``, and the one that also gets its writes."""
+    if phase in _SOURCE_FIRST:
+        return "source", "target"
+    if phase is Phase.PROMOTED:
+        return "target", "source"
+    if phase is Phase.FINISHED:
+        return "target", None
+    return "source", None
+
+
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _predicate_bytes(predicate: Predicate) -> int:
-    if isinstance(predicate, MatchKeys):
-        return sum(len(k) for k in predicate.keys)
-    if isinstance(predicate, MatchRange):
-        return len(predicate.start) + len(predicate.end)
-    return 0
-
-
-def _mutation_bytes(mutations: Sequence[Mutation]) -> int:
-    return sum(
-        len(m.item.key) + len(m.item.value) if isinstance(m, Put) else _predicate_bytes(m.predicate)
-        for m in mutations
-    )
 
 
 class MigratingKeyValue:
@@ -101,6 +98,7 @@ class MigratingKeyValue:
         progress: Progress | None = None,
         clock: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
+        journals: Mapping[str, Journal] | None = None,
     ) -> None:
         if state.namespace != namespace:
             raise ValueError(f"namespace {namespace!r}: given the migration state of {state.namespace!r}")
@@ -111,13 +109,22 @@ class MigratingKeyValue:
         self._rng = rng if rng is not None else random.Random()
         self._opened: dict[str, bool] = {"source": False, "target": False}
         self._open_lock = {"source": trio.Lock(), "target": trio.Lock()}
+        journals = journals or {}
         self.queues = {
-            "source": RetryQueue(f"namespace {namespace!r}: source"),
-            "target": RetryQueue(f"namespace {namespace!r}: target"),
+            role: RetryQueue(f"namespace {namespace!r}: {role}", journal=journals.get(role))
+            for role in ("source", "target")
         }
-        self.shadow = Shadow(namespace, lambda: self.source, lambda: self.target)
+        self._gate: trio.Event | None = None  # set while a phase change waits for writes taken
+        self._inflight = 0  # client writes between the gate and their queueing
+        self._idle = trio.lowlevel.ParkingLot()
+        self.barrier_failed: tuple[int, str] | None = None  # (serial, why) of the last switch refused
+        self.shadow = Shadow(
+            namespace,
+            lambda: self.source,
+            lambda: self.target,
+            delivered=lambda id: self.queues["target"].wait_record(id),
+        )
         seed = progress or Progress()
-        self._failures = {"source": 0, "target": 0}
         self._failures_base = seed.target_failures
         self._closed = False
         self.state = state
@@ -138,6 +145,8 @@ class MigratingKeyValue:
         old = self.state.phase
         self.state = state
         self._apply_phase(state)
+        if self.barrier_failed is not None and self.barrier_failed[0] < state.serial:
+            self.barrier_failed = None  # a newer state (the supervisor went back): applied
         if old != state.phase:
             log.info(
                 "namespace %s: migration phase %s -> %s (serial %d)",
@@ -147,18 +156,48 @@ class MigratingKeyValue:
                 state.serial,
             )
 
+    def needs_barrier(self, state: MigrationState) -> bool:
+        """Whether applying ``state`` must wait for the writes taken (``switch``): the
+        backend that answers changes, or the migration ends."""
+        if state.serial <= self.state.serial or state.phase == self.state.phase:
+            return False
+        return _roles(state.phase)[0] != self._primary or state.phase in ENDED
+
+    async def switch(self, state: MigrationState, timeout_s: float) -> None:
+        """``apply(state)``, once every write this worker acknowledged to a client is on
+        the backend that answers in the new phase: new writes wait meanwhile (at most
+        ``timeout_s``), the writes under way finish and that backend's queue is
+        delivered. Past ``timeout_s``: BarrierError saying how many writes are not
+        there yet, and the old phase stays."""
+        if not self.needs_barrier(state):
+            self.apply(state)
+            return
+        role = _roles(state.phase)[0]
+        gate = self._gate = trio.Event()
+        try:
+            with trio.move_on_after(timeout_s):
+                while self._inflight:
+                    await self._idle.park()
+                await self.queues[role].wait_empty()
+                self.apply(state)
+                self.barrier_failed = None
+                return
+            pending = len(self.queues[role]) + self._inflight
+            why = (
+                f"{pending} writes acknowledged to clients were not on the {role} "
+                f"({state.source.backend if role == 'source' else state.target.backend}) after {timeout_s:g}s"
+            )
+            self.barrier_failed = (state.serial, why)
+            raise BarrierError(why)
+        finally:
+            self._gate = None
+            gate.set()
+
     def _apply_phase(self, state: MigrationState) -> None:
         phase = state.phase
         self._primary: str
         self._secondary: str | None
-        if phase in _SOURCE_FIRST:
-            self._primary, self._secondary = "source", "target"
-        elif phase is Phase.PROMOTED:
-            self._primary, self._secondary = "target", "source"
-        elif phase is Phase.FINISHED:
-            self._primary, self._secondary = "target", None
-        else:
-            self._primary, self._secondary = "source", None
+        self._primary, self._secondary = _roles(phase)
         if phase is Phase.ABORTED:
             dropped = self.queues["target"].clear()  # the target is let go
             if dropped:
@@ -167,6 +206,31 @@ class MigratingKeyValue:
                 )
         elif phase is Phase.FINISHED:
             self.queues["source"].clear()
+
+    def _replay(self) -> None:
+        for role, queue in self.queues.items():
+            journal = queue.journal
+            if journal is None:
+                continue
+            try:
+                writes = journal.load()
+            except OSError as exc:
+                log.error("namespace %s: cannot read %s: %s", self.namespace, journal.path, exc)
+                continue
+            if role not in (self._primary, self._secondary):
+                journal.clear()  # a backend let go
+                continue
+            queue.journal = None  # they are in the file already
+            for write in writes:
+                queue.push(PendingWrite(write.id, write.nbytes, write))
+            queue.journal = journal
+            if writes:
+                log.warning(
+                    "namespace %s: %d writes a previous run queued for the migration %s: delivering them",
+                    self.namespace,
+                    len(writes),
+                    role,
+                )
 
     def _backend(self, role: str) -> KeyValueBackend:
         return self.source if role == "source" else self.target
@@ -178,10 +242,14 @@ class MigratingKeyValue:
 
     def stats(self) -> Progress:
         """This worker's counters (the backfill's own progress is ``backfill``'s)."""
-        failures = self._failures_base + self._failures["source"] + self._failures["target"]
+        failures = self._failures_base + self.queues["source"].failed + self.queues["target"].failed
+        barrier_serial, barrier = self.barrier_failed or (0, "")
         return Progress(
             target_failures=failures,
-            queued=len(self.queues["source"]) + len(self.queues["target"]),
+            queued=self.queues["source"].backlog() + self.queues["target"].backlog(),
+            pending=len(self.queues["source"]) + len(self.queues["target"]),
+            barrier_serial=barrier_serial,
+            barrier=barrier,
             dropped=self.queues["source"].dropped + self.queues["target"].dropped,
             shadow_reads=self.shadow.reads,
             mismatches=dict(self.shadow.mismatches),
@@ -202,8 +270,10 @@ class MigratingKeyValue:
     async def open(self) -> None:
         """Open the primary (its failure is the namespace's, as without a
         migration) and try the secondary: one that does not open now is opened
-        by the retry of the first write queued for it."""
+        by the retry of the first write queued for it. Writes a previous run
+        of this worker queued and did not deliver (its journals) are queued again."""
         await self._ensure_open(self._primary)
+        self._replay()
         other = self._secondary
         if other is None:
             return
@@ -242,6 +312,9 @@ class MigratingKeyValue:
                         role,
                     )
             for role in ("source", "target"):  # opened or not: one half-opened may hold a connection
+                journal = self.queues[role].journal
+                if journal is not None:  # what is left stays on disk for the next open
+                    journal.close()
                 try:
                     await self._backend(role).aclose()
                 except Exception as exc:
@@ -266,8 +339,8 @@ class MigratingKeyValue:
         opening either backend first if it is not open yet (a target that did
         not open is waited for, as a failed page is)."""
         return await backfill(
-            _Opened(self, "source"),
-            _Opened(self, "target"),
+            OpenedBackend(self, "source"),
+            OpenedBackend(self, "target"),
             namespace=self.namespace,
             progress=progress,
             rate=lambda: self.state.rate,
@@ -283,14 +356,23 @@ class MigratingKeyValue:
 
     # --- writes ------------------------------------------------------------
 
-    async def _write(
-        self, id: str, nbytes: int, now_ms: int, apply: Callable[[KeyValueBackend, int], Awaitable[None]]
-    ) -> None:
+    async def _write(self, write: QueuedWrite, now_ms: int) -> None:
+        while self._gate is not None:  # a phase change waits for the writes already taken
+            await self._gate.wait()
+        self._inflight += 1
+        try:
+            await self._write_now(write, now_ms)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.unpark_all()
+
+    async def _write_now(self, write: QueuedWrite, now_ms: int) -> None:
         primary, secondary = self._primary, self._secondary
         await self._ensure_open(primary)
-        pending = PendingWrite(id, nbytes, apply)
+        pending = PendingWrite(write.id, write.nbytes, write)
         try:
-            await apply(self._backend(primary), now_ms)
+            await write.apply(self._backend(primary), now_ms)
         except trio.Cancelled:
             # The client gave up (deadline, reset) while the primary had the
             # write: it may have committed it or not. Deliver it to both later
@@ -302,45 +384,23 @@ class MigratingKeyValue:
             raise
         if secondary is None:
             return
+        # The secondary gets it in the background (``run``); the client waits only
+        # for room in its queue, and at most SECONDARY_TIMEOUT_S.
         queue = self.queues[secondary]
-        if len(queue) or not self._opened[secondary]:
-            self._failures[secondary] += 1
-            queue.push(pending)
-            return
         try:
-            with trio.fail_after(SECONDARY_TIMEOUT_S):
-                await apply(self._backend(secondary), now_ms)
-        except trio.Cancelled:
-            self._failures[secondary] += 1
+            with trio.move_on_after(SECONDARY_TIMEOUT_S):
+                await queue.room()
+        finally:  # cancelled meanwhile too: the primary has it, so must the secondary
             queue.push(pending)
-            raise
-        except Exception as exc:
-            self._failures[secondary] += 1
-            if queue.push(pending) and len(queue) == 1:
-                log.warning(
-                    "namespace %s: the migration %s refused a write (%s): queued for retry",
-                    self.namespace,
-                    secondary,
-                    exc,
-                )
 
     async def put_items(self, id: str, items: Sequence[ItemWrite], stamp: Stamp, now_ms: int) -> None:
-        async def apply(backend: KeyValueBackend, now: int) -> None:
-            await backend.put_items(id, items, stamp, now)
-
-        await self._write(id, sum(len(i.key) + len(i.value) for i in items), now_ms, apply)
+        await self._write(QueuedWrite("put", id, stamp, items=tuple(items)), now_ms)
 
     async def delete_items(self, id: str, predicate: Predicate, stamp: Stamp, now_ms: int) -> None:
-        async def apply(backend: KeyValueBackend, now: int) -> None:
-            await backend.delete_items(id, predicate, stamp, now)
-
-        await self._write(id, _predicate_bytes(predicate), now_ms, apply)
+        await self._write(QueuedWrite("delete", id, stamp, predicate=predicate), now_ms)
 
     async def mutate_items(self, id: str, mutations: Sequence[Mutation], stamp: Stamp, now_ms: int) -> None:
-        async def apply(backend: KeyValueBackend, now: int) -> None:
-            await backend.mutate_items(id, mutations, stamp, now)
-
-        await self._write(id, _mutation_bytes(mutations), now_ms, apply)
+        await self._write(QueuedWrite("mutate", id, stamp, mutations=tuple(mutations)), now_ms)
 
     # --- reads -------------------------------------------------------------
 
@@ -388,33 +448,3 @@ class MigratingKeyValue:
         ping = getattr(self.primary, "ping", None)
         if ping is not None:
             await ping()
-
-
-class _Opened:
-    """One backend of a migration as ``Migratable``, opened before each use."""
-
-    def __init__(self, mkv: MigratingKeyValue, role: str) -> None:
-        self._mkv = mkv
-        self._role = role
-
-    def _backend(self) -> Migratable:
-        backend = self._mkv._backend(self._role)
-        if not isinstance(backend, Migratable):
-            raise Unimplemented(f"the migration {self._role}'s backend cannot export or import records")
-        return backend
-
-    async def export_records(
-        self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
-    ) -> ExportPage:
-        await self._mkv._ensure_open(self._role)
-        return await self._backend().export_records(
-            after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
-        )
-
-    async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
-        await self._mkv._ensure_open(self._role)
-        await self._backend().import_records(records, now_ms)
-
-    async def count_records(self, now_ms: int) -> int:
-        await self._mkv._ensure_open(self._role)
-        return await self._backend().count_records(now_ms)

@@ -1,55 +1,72 @@
-"""The writes one backend of a migration refused, kept until it takes them.
+"""The writes one backend of a migration has not taken yet, delivered in the background.
 
 During a migration every write goes to two backends; the one whose answer
-the client gets (the primary) must take it, the other (the secondary: the
-target before ``promote``, the source after) must not fail the client's
-call. A write the secondary refuses, or that finds writes already waiting
-for it, waits here and is delivered in order by ``drain`` once the backend
-answers again (``retry_delay``'s exponential backoff with jitter between
-attempts). Delivering late, or twice, is harmless: the write carries the
-stamp and the idempotency token the client's call had, so the backend's stamp
-rule and token check decide as they would have at once.
+the client gets (the primary) must take it before the client is answered,
+the other (the secondary: the target before ``promote``, the source after)
+gets it from here, after the answer, so its latency is not the client's.
+``drain`` delivers the queue over ``LANES`` tasks: a write goes to the lane
+its record id hashes to, so the writes of one record reach the backend one
+at a time, in the order the primary acknowledged them; different records go
+in parallel (at most ``LANES`` writes in flight to the backend). A lane
+whose write fails waits (``retry_delay``'s exponential backoff with jitter)
+and tries it again, and the writes behind it wait with it. Delivering late,
+or twice, is harmless: the write carries the stamp and the idempotency
+token the client's call had, so the backend's stamp rule (tombstones
+included: a delete delivered before an older put keeps it out) and token
+check decide as they would have at once.
 
-The queue is bounded (``MAX_WRITES`` writes and ``MAX_BYTES`` of keys and
-values): past either, a write is dropped and counted, and the migration
-cannot be promoted (the target would miss it): the copy has to start again.
-A write the backend refuses for what it is, not for being down (an
+Bounds. ``room`` is the backpressure: a client's write waits (at most the
+caller's timeout) while ``PIPELINE_WRITES`` writes wait here and the backend
+is taking them, so a secondary slower than the primary slows the writers
+instead of growing the queue. While the backend fails, writes queue without
+waiting, up to ``MAX_WRITES`` writes and ``MAX_BYTES`` of keys and values:
+past either, a write is dropped and counted, and the migration cannot be
+promoted (the target would miss it): the copy has to start again. A write
+the backend refuses for what it is, not for being down (an
 ``InvalidArgument``, say), would be refused forever: it is dropped and
 counted too, after one line in the log.
+
+With a ``Journal`` (``prism.migrate.journal``) every write is appended to it
+before ``push`` returns, and the file is emptied whenever the queue is: a
+restart delivers what the file holds.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 
 from prism.errors import DeadlineExceeded, Internal, PrismError, ResourceExhausted, Unavailable
+from prism.migrate.journal import Journal, QueuedWrite
 from prism.workers.reopen import retry_delay
 
 log = logging.getLogger("prism.migrate")
 
 MAX_WRITES: Final = 100_000
 MAX_BYTES: Final = 64 << 20
+LANES: Final = 4  # writes in flight to one backend at most (a pool's default is 8 connections)
+PIPELINE_WRITES: Final = 1024  # past this many queued (backend answering), writers wait for room
 ATTEMPT_TIMEOUT_S: Final = 5.0  # one delivery; a backend that hangs is retried like one that refuses
 # Errors that say the backend could not take a write now (down, busy, slow, a
 # fault of its own): worth trying again. Any other PrismError is about the write.
 RETRYABLE: Final = (Unavailable, ResourceExhausted, DeadlineExceeded, Internal)
-
-# A write as a call on a backend at a time: (backend, now_ms) -> done.
-Apply = Callable[[Any, int], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class PendingWrite:
     id: str
     nbytes: int  # keys and values it holds: what the queue's byte budget counts
-    apply: Apply
+    write: QueuedWrite
+
+    async def apply(self, backend: Any, now_ms: int) -> None:
+        await self.write.apply(backend, now_ms)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -60,49 +77,107 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class RetryQueue:
-    """Writes waiting for one backend, oldest first."""
+    """Writes waiting for one backend, in ``LANES`` lanes by record id, oldest first in each."""
 
-    def __init__(self, what: str, *, max_writes: int = MAX_WRITES, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(
+        self,
+        what: str,
+        *,
+        max_writes: int = MAX_WRITES,
+        max_bytes: int = MAX_BYTES,
+        lanes: int = LANES,
+        pipeline: int = PIPELINE_WRITES,
+        journal: Journal | None = None,
+    ) -> None:
         self.what = what  # "namespace 'x': target", for the log
         self.max_writes = max_writes
         self.max_bytes = max_bytes
-        self._writes: deque[PendingWrite] = deque()
+        self.pipeline = pipeline
+        self.journal = journal
+        self._lanes: list[deque[PendingWrite]] = [deque() for _ in range(lanes)]
+        self._count = 0
         self._bytes = 0
         self.dropped = 0  # let go: the queue was full, or the backend refused the write itself
         self.delivered = 0
+        self.failed = 0  # writes that waited for the backend failing (each counted once)
+        self._counted: set[int] = set()  # id() of the queued writes ``failed`` counts
+        self._records: dict[str, int] = {}  # record id -> writes of it queued
+        self._failing: set[int] = set()  # lanes in backoff
         self._changed = trio.lowlevel.ParkingLot()
 
     def __len__(self) -> int:
-        return len(self._writes)
+        return self._count
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
+    @property
+    def failing(self) -> bool:
+        """Whether the backend refused (or did not answer) the last write tried."""
+        return bool(self._failing)
+
+    def backlog(self) -> int:
+        """Writes waiting because the backend fails (0 while it takes them)."""
+        return self._count if self._failing else 0
+
+    def writes(self) -> Iterator[QueuedWrite]:
+        for lane in self._lanes:
+            for pending in lane:
+                yield pending.write
+
     def push(self, write: PendingWrite) -> bool:
-        """Queue ``write``; False (and counted as dropped) when the queue is full."""
-        if len(self._writes) >= self.max_writes or self._bytes + write.nbytes > self.max_bytes:
+        """Queue ``write`` (in the journal first); False (and counted as dropped) when full."""
+        if self._count >= self.max_writes or self._bytes + write.nbytes > self.max_bytes:
             if not self.dropped:
                 log.error(
                     "%s: retry queue full (%d writes, %d bytes): writes are dropped; "
                     "the migration must be aborted and started again",
                     self.what,
-                    len(self._writes),
+                    self._count,
                     self._bytes,
                 )
             self.dropped += 1
             return False
-        self._writes.append(write)
+        if self.journal is not None:
+            try:
+                self.journal.append(write.write)
+            except OSError as exc:
+                log.error("%s: cannot append to %s: %s", self.what, self.journal.path, exc)
+        if self._failing:
+            self.failed += 1
+            self._counted.add(id(write))
+        self._lanes[zlib.crc32(write.id.encode()) % len(self._lanes)].append(write)
+        self._records[write.id] = self._records.get(write.id, 0) + 1
+        self._count += 1
         self._bytes += write.nbytes
         self._changed.unpark_all()
         return True
 
     def clear(self) -> int:
         """Let every queued write go (its backend is let go); how many there were."""
-        n = len(self._writes)
-        self._writes.clear()
-        self._bytes = 0
+        n = self._count
+        for lane in self._lanes:
+            lane.clear()
+        self._count = self._bytes = 0
+        self._counted.clear()
+        self._records.clear()
+        self._emptied()
+        self._changed.unpark_all()
         return n
+
+    def _emptied(self) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.clear()
+            except OSError as exc:
+                log.error("%s: cannot empty %s: %s", self.what, self.journal.path, exc)
+
+    async def room(self) -> None:
+        """Return once the queue has room for a writer: at once while the backend fails
+        (writes queue up to the bound then), else once fewer than ``pipeline`` wait."""
+        while self._count >= self.pipeline and not self._failing:
+            await self._changed.park()
 
     async def drain(
         self,
@@ -112,14 +187,27 @@ class RetryQueue:
         *,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        """Deliver queued writes to ``backend()``, oldest first, for good (until
-        cancelled). ``ready()`` runs before each attempt (it opens the backend if
-        it is not open yet); a failed attempt is tried again after a backoff."""
+        """Deliver queued writes to ``backend()``, for good (until cancelled), one
+        task per lane. ``ready()`` runs before each attempt (it opens the backend
+        if it is not open yet); a failed attempt is tried again after a backoff."""
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self._lanes)):
+                nursery.start_soon(self._lane, i, backend, ready, now_ms, rand)
+
+    async def _lane(
+        self,
+        i: int,
+        backend: Callable[[], Any],
+        ready: Callable[[], Awaitable[None]],
+        now_ms: Callable[[], int],
+        rand: Callable[[], float],
+    ) -> None:
+        lane = self._lanes[i]
         failures = 0
         while True:
-            while not self._writes:
+            while not lane:
                 await self._changed.park()
-            write = self._writes[0]
+            write = lane[0]
             try:
                 with trio.fail_after(ATTEMPT_TIMEOUT_S):
                     await ready()
@@ -128,24 +216,57 @@ class RetryQueue:
                 if is_retryable(exc):
                     failures += 1
                     if failures == 1:
-                        log.warning("%s: %d writes wait for it: %s", self.what, len(self._writes), exc)
+                        self._count_waiting()
+                        if not self._failing:
+                            log.warning("%s: %d writes wait for it: %s", self.what, self._count, exc)
+                    self._failing.add(i)
+                    self._changed.unpark_all()  # writers waiting for room: queue without waiting
                     await trio.sleep(retry_delay(failures, rand))
                     continue
                 log.error("%s: a write of id %r was refused, dropped: %s", self.what, write.id, exc)
                 self.dropped += 1
             else:
-                if failures:
-                    log.warning(
-                        "%s: answers again; delivering %d queued writes", self.what, len(self._writes)
-                    )
-                failures = 0
                 self.delivered += 1
-            if self._writes and self._writes[0] is write:  # not cleared meanwhile
-                self._writes.popleft()
+            if failures:
+                self._failing.discard(i)
+                if not self._failing:
+                    log.warning("%s: answers again; delivering %d queued writes", self.what, self._count)
+            failures = 0
+            if lane and lane[0] is write:  # not cleared meanwhile
+                lane.popleft()
+                self._counted.discard(id(write))
+                left = self._records.pop(write.id, 1) - 1
+                if left:
+                    self._records[write.id] = left
+                self._count -= 1
                 self._bytes -= write.nbytes
+                if not self._count:
+                    self._emptied()
+                elif self.journal is not None:
+                    self._compact()
                 self._changed.unpark_all()
+
+    def _count_waiting(self) -> None:
+        """The backend failed: every write waiting for it counts as a failure, once."""
+        for lane in self._lanes:
+            for pending in lane:
+                if id(pending) not in self._counted:
+                    self._counted.add(id(pending))
+                    self.failed += 1
+
+    def _compact(self) -> None:
+        assert self.journal is not None
+        try:
+            self.journal.compact(self.writes(), self._bytes)
+        except OSError as exc:
+            log.error("%s: cannot rewrite %s: %s", self.what, self.journal.path, exc)
+
+    async def wait_record(self, id: str) -> None:
+        """Return once no write of record ``id`` is queued."""
+        while self._records.get(id):
+            await self._changed.park()
 
     async def wait_empty(self) -> None:
         """Return once nothing is queued."""
-        while self._writes:
+        while self._count:
             await self._changed.park()

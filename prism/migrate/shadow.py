@@ -11,7 +11,10 @@ client the same answer. Differences are counted by kind, per key:
 
 A read that races a write (the write reached the source, not yet the target)
 differs without anything being wrong, so a difference is confirmed before it
-counts: ``CONFIRM_AFTER_S`` later both backends are read again, and it counts
+counts: once the target has every write of that record the source had
+acknowledged (``delivered``: the target's copies are delivered after the
+client's answer), and at least ``CONFIRM_AFTER_S`` later, both backends are
+read again, and it counts
 only if the source still answers as it did (no write came between) and the
 target still differs. Pages are compared up to the first end of either
 (a key past a page's end is not a difference).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -116,8 +119,10 @@ class Shadow:
         target: Callable[[], KeyValueBackend],
         *,
         max_pending: int = MAX_PENDING,
+        delivered: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.namespace = namespace
+        self._delivered = delivered
         self._source = source
         self._target = target
         self._send, self._receive = trio.open_memory_channel[ShadowRead](max_pending)
@@ -145,7 +150,7 @@ class Shadow:
     async def _compare_each(self) -> None:
         async for read in self._receive:
             try:
-                with trio.fail_after(READ_TIMEOUT_S * 3 + CONFIRM_AFTER_S):
+                with trio.fail_after(READ_TIMEOUT_S * 4 + CONFIRM_AFTER_S):
                     await self.compare(read)
             except Exception as exc:  # a backend down or slow: that read is not compared
                 self.skipped += 1
@@ -156,6 +161,9 @@ class Shadow:
         found = differences(read.answer, await read.read(self._target()), reverse=read.reverse)
         if found:
             await trio.sleep(CONFIRM_AFTER_S)
+            if self._delivered is not None:
+                with trio.move_on_after(READ_TIMEOUT_S):
+                    await self._delivered(read.id)
             again = await read.read(self._source())
             if not _same(again, read.answer):
                 self.inconclusive += 1

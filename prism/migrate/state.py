@@ -50,6 +50,7 @@ __all__ = [
     "advance",
     "command",
     "merge_progress",
+    "revert",
     "set_rate",
     "start",
 ]
@@ -93,6 +94,7 @@ class MigrationState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     serial: int = 1
     started_ms: int = 0
     changed_ms: int = 0
+    previous: Phase | None = None  # the phase a user's command left: where a refused switch goes back
 
 
 class Progress(msgspec.Struct):
@@ -111,6 +113,9 @@ class Progress(msgspec.Struct):
     dropped: int = 0  # queued writes let go (queue full): the copy is incomplete, start again
     mismatched_reads: int = 0  # shadow reads that differed (the mismatch rate: this / shadow_reads)
     total: int | None = None  # records in the source as the copy began (an estimate; None: not counted)
+    pending: int = 0  # writes acknowledged to clients not yet on the second backend (in flight or queued)
+    barrier_serial: int = 0  # a worker's: the serial whose phase it refused to apply (``barrier``)
+    barrier: str = ""  # why: writes acknowledged were not on the backend that would answer in time
 
 
 class MigrationError(Exception):
@@ -187,6 +192,7 @@ COMMANDS: dict[str, tuple[frozenset[Phase], Phase]] = {
 
 
 def _moved(state: MigrationState, now_ms: int, **changes: Any) -> MigrationState:
+    changes.setdefault("previous", None)
     return msgspec.structs.replace(state, serial=state.serial + 1, changed_ms=now_ms, **changes)
 
 
@@ -216,7 +222,15 @@ def command(state: MigrationState, progress: Progress | None, name: str, now_ms:
             f"cannot promote {state.namespace!r} yet: {progress.queued} writes wait for the target "
             "(it did not take them); promote once they are delivered"
         )
-    return _moved(state, now_ms, phase=to)
+    return _moved(state, now_ms, phase=to, previous=state.phase)
+
+
+def revert(state: MigrationState, now_ms: int) -> MigrationState | None:
+    """The state back in the phase the last command left (a worker could not apply
+    it: ``prism.migrate.dual``'s barrier), or None if there is none to go back to."""
+    if state.previous is None or state.previous is state.phase:
+        return None
+    return _moved(state, now_ms, phase=state.previous, previous=None)
 
 
 def advance(state: MigrationState, progress: Progress | None, now_ms: int) -> MigrationState | None:
@@ -245,6 +259,7 @@ def merge_progress(backfill: Progress | None, workers: Iterable[Progress]) -> Pr
     for p in workers:
         out.target_failures += p.target_failures
         out.queued += p.queued
+        out.pending += p.pending
         out.dropped += p.dropped
         out.shadow_reads += p.shadow_reads
         out.mismatched_reads += p.mismatched_reads

@@ -11,7 +11,15 @@ moves, the worker hands the states here (``want``) before ``App.apply``:
 - a held ``MigratingKeyValue`` whose state's serial moved gets ``apply()``
   (a new phase, rate or shadow fraction; no reopen), before the worker
   reports the generation in its heartbeat: that report is what the
-  supervisor waits for before a command returns;
+  supervisor waits for before a command returns. A phase that moves the
+  backend answering (or ends the migration) goes through ``switch``
+  instead: applied once every write this worker acknowledged is on that
+  backend (``MigratingKeyValue.switch``, ``BARRIER_TIMEOUT_S``); if it
+  cannot be, the old phase stays, the generation is not reported and the
+  counters say why, which the supervisor answers by going back;
+- each migration's writes not yet on a backend are journaled under
+  ``DATA_DIR/migrations/pending/<namespace>/w<worker id>.<role>``
+  (``prism.migrate.journal``), replayed when this worker id opens it again;
 - in phase BACKFILL, the first worker of the tenant (the lowest id the
   routing table lists for it) runs ``prism.migrate.backfill.backfill``
   from the saved cursor, so a restart resumes where it stopped; a failure
@@ -37,7 +45,8 @@ from prism.backends import registry
 from prism.backends.keyvalue import KeyValueBackend, Migratable
 from prism.config import NamespaceConfig
 from prism.migrate.backfill import backfill
-from prism.migrate.dual import MigratingKeyValue
+from prism.migrate.dual import BarrierError, MigratingKeyValue
+from prism.migrate.journal import Journal, journal_path
 from prism.migrate.requests import write_worker_stats
 from prism.migrate.state import MigrationError, MigrationState, MigrationStore, Phase, Progress
 
@@ -46,6 +55,7 @@ __all__ = ["WorkerMigrations"]
 log = logging.getLogger("prism.migrate")
 
 STATS_INTERVAL_S: Final = 1.0
+BARRIER_TIMEOUT_S: Final = 5.0  # a phase change waits this long for the writes taken (the admin's is 10 s)
 BACKFILL_RETRY_S: Final = (1.0, 30.0)  # first delay after a failure, and the cap (doubling)
 
 
@@ -143,7 +153,11 @@ class WorkerMigrations:
             return None
         source = registry.create(st.source.backend, st.source.options, data_dir=data_dir, namespace=ns.name)
         target = registry.create(st.target.backend, st.target.options, data_dir=data_dir, namespace=ns.name)
-        kv = MigratingKeyValue(ns.name, source, target, st)
+        journals = {
+            role: Journal(journal_path(self.data_dir, ns.name, self.worker_id, role))
+            for role in ("source", "target")
+        }
+        kv = MigratingKeyValue(ns.name, source, target, st, journals=journals)
         await kv.open()  # a target that cannot be reached queues writes: not a failure here
         old = self._open.get(ns.name)
         if old is not None:
@@ -162,9 +176,11 @@ class WorkerMigrations:
         )
         return kv
 
-    def settle(self, held: dict[str, object], tenant_first: bool) -> None:
+    def settle(self, held: dict[str, object], tenant_first: bool) -> list[str]:
         """After ``App.apply``: apply moved serials; start or stop backfills (``tenant_first``:
-        this worker runs them). ``held``: namespace -> the backend the App holds now."""
+        this worker runs them). ``held``: namespace -> the backend the App holds now.
+        Returns the namespaces whose new phase waits for ``switch`` (the barrier)."""
+        waiting = []
         for name, opened in list(self._open.items()):
             st = self.states.get(name)
             if held.get(name) is not opened.kv or st is None:
@@ -172,8 +188,11 @@ class WorkerMigrations:
                 del self._open[name]
                 continue
             if st.serial != opened.serial:
-                opened.kv.apply(st)
-                opened.serial = st.serial
+                if opened.kv.needs_barrier(st):
+                    waiting.append(name)
+                else:
+                    opened.kv.apply(st)
+                    opened.serial = st.serial
             running = opened.backfill is not None
             if st.phase is Phase.BACKFILL and tenant_first and not running and self._nursery is not None:
                 opened.backfill = trio.CancelScope()
@@ -182,6 +201,39 @@ class WorkerMigrations:
                 assert opened.backfill is not None
                 opened.backfill.cancel()
                 opened.backfill = None
+        return waiting
+
+    async def switch(self, names: Iterable[str]) -> bool:
+        """Apply the phases ``settle`` left waiting, each once every write this worker
+        acknowledged is on the backend that will answer (``MigratingKeyValue.switch``);
+        False if one could not be within ``BARRIER_TIMEOUT_S``: it stays in its old
+        phase, says why in its counters (the supervisor then goes back to that phase)
+        and the worker must not report this generation as applied."""
+        done = True
+        for name in names:
+            opened, st = self._open.get(name), self.states.get(name)
+            if opened is None or st is None or st.serial == opened.serial:
+                continue
+            failed = opened.kv.barrier_failed
+            if failed is not None and failed[0] == st.serial:
+                done = False  # refused already: the supervisor goes back
+                continue
+            try:
+                await opened.kv.switch(st, BARRIER_TIMEOUT_S)
+            except BarrierError as exc:
+                log.error(
+                    "namespace %s: worker %d cannot apply phase %s (serial %d): %s",
+                    name,
+                    self.worker_id,
+                    st.phase,
+                    st.serial,
+                    exc,
+                )
+                done = False
+                self.write_stats()
+                continue
+            opened.serial = st.serial
+        return done
 
     def _stop(self, opened: _Open) -> None:
         opened.run.cancel()
@@ -204,7 +256,10 @@ class WorkerMigrations:
     def write_stats(self) -> None:
         for name, opened in self._open.items():
             try:
-                write_worker_stats(self.data_dir, name, self.worker_id, opened.kv.stats())
+                stats = opened.kv.stats()
+                if stats.barrier:
+                    stats.barrier = f"worker {self.worker_id}: {stats.barrier}"
+                write_worker_stats(self.data_dir, name, self.worker_id, stats)
             except (OSError, MigrationError) as exc:
                 log.warning("namespace %s: cannot write migration counters: %s", name, exc)
 

@@ -16,6 +16,9 @@ SIGUSR1; the supervisor's loop calls ``Migrations.turn`` every turn, which
   BACKFILL once every worker writes to both backends (else a write taken by
   a worker still on the source alone could be missed by the copy), BACKFILL
   -> SHADOW_READ once the backfill's progress says done;
+- goes back to the phase a command left when a worker could not apply the
+  new one (writes it acknowledged were not on the backend that would
+  answer: its counters say so, ``barrier``), and answers that command 409;
 - ends a migration once every worker applied its end: an aborted one is
   removed (its namespace back on the source alone); a finished one first
   has the config file rewritten to name the target (``prism.config.rewrite``),
@@ -91,6 +94,7 @@ class Migrations:
         self._next_poll = 0.0
         self._slots: list[Slot] = []  # as of this turn
         self._tenants: dict[str, str] = {}
+        self._asked: dict[str, str] = {}  # namespace -> id of the request that made its state
 
     # -- boot ------------------------------------------------------------------
 
@@ -179,6 +183,7 @@ class Migrations:
             self.requested = False
             self._next_poll = now + PROGRESS_POLL_S
             changed |= self._take(config, cpus)
+            changed |= self._refused()
             changed |= self._advance()
         changed |= self._end(config, cpus, reload)
         return changed or self.moved(self._slots, config, cpus)
@@ -192,6 +197,7 @@ class Migrations:
             try:
                 self._apply(request, config)
                 self._answer(request.id, self.states[request.namespace].serial, 200, "")
+                self._asked[request.namespace] = request.id
                 changed = True
             except MigrationError as exc:
                 code = exc.code if isinstance(exc, Refused) else 500
@@ -300,6 +306,31 @@ class Migrations:
             and first[0] == st.serial
             and not _lagging(self._slots, self._tenants.get(name, ""), first[1])
         )
+
+    def _refused(self) -> bool:
+        """Go back to the phase a command left when a worker could not apply the new one
+        (writes it acknowledged were not on the backend that would answer in time:
+        ``WorkerMigrations.switch``); the command's request is answered 409 with why."""
+        changed = False
+        for name, st in list(self.states.items()):
+            if st.previous is None or not self._lagging.get(name):
+                continue
+            stats = read_worker_stats(self.data_dir, name, fresh_s=STATS_FRESH_S)
+            why = [p.barrier for p in stats if p.barrier_serial == st.serial and p.barrier]
+            back = mstate.revert(st, _now_ms()) if why else None
+            if back is None:
+                continue
+            self._save(back, st)
+            error = (
+                f"cannot move the migration of {name!r} to {st.phase}: {'; '.join(sorted(why))}; "
+                f"it stays in phase {back.phase} (try again once the backend keeps up)"
+            )
+            log.error("migration of %s: %s", name, error)
+            request = self._asked.pop(name, None)
+            if request is not None:
+                self._answer(request, st.serial, 409, redact(one_line(error)))
+            changed = True
+        return changed
 
     def _advance(self) -> bool:
         changed = False

@@ -121,21 +121,27 @@ class Worker:
             own = self.own.current()
             self.migrations.want(own.migrations)
             await self.app.apply(own.namespaces, strict=strict)
-            self._settle_migrations()
+            waiting = self._settle_migrations()
+            # A phase that moves the backend answering waits for the writes this
+            # worker acknowledged to be on it; not there in time, the generation is
+            # not reported (the supervisor goes back to the old phase).
+            switched = await self.migrations.switch(waiting)
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
             # Sibling processes accept on the same socket: take a burst's
             # share, not all of it (prism.rpc.listen). Read on every
             # generation: at boot the table may list this worker alone yet.
             self.app.settings.accept_backoff_s = ACCEPT_BACKOFF_S if len(routes.workers) > 1 else 0.0
-            self.generation = routes.generation
+            if switched:
+                self.generation = routes.generation
             self.app.health.poke()  # Watch("") reads readiness again
             self.remote.bus.owners_gone({w.id for w in routes.workers.values() if w.serving})
 
-    def _settle_migrations(self) -> None:
-        """Apply moved migration serials; the tenant's first worker runs the backfills."""
+    def _settle_migrations(self) -> list[str]:
+        """Apply moved migration serials; the tenant's first worker runs the backfills.
+        Returns the migrating namespaces whose phase waits for ``WorkerMigrations.switch``."""
         first = self.routes.current().tenant_workers(self.spec.tenant)
-        self.migrations.settle(
+        return self.migrations.settle(
             {h.config.name: h.backend for h in self.app.namespaces.held()},
             bool(first) and first[0].id == self.spec.worker_id,
         )

@@ -40,7 +40,7 @@ from prism.backends.postgres.keyvalue import PostgresBackend
 from prism.backends.redis.keyvalue import RedisBackend
 from prism.backends.sqlite.keyvalue import SqliteBackend
 from prism.migrate.backfill import backfill
-from prism.migrate.dual import MigratingKeyValue
+from prism.migrate.dual import BarrierError, MigratingKeyValue
 from prism.migrate.state import (
     Endpoint,
     MigrationState,
@@ -198,9 +198,11 @@ async def test_dual_write_both_hold_it_with_one_stamp_and_token(
             ("b", [StampedItem(b"k", b"first", 0, 12, "tok-3")]),
             ("c", [StampedItem(b"k1", b"v", 0, 13, "")]),
         ]
+        await mkv.settled()  # the target's copies are delivered after each answer
         assert await dump(source) == await dump(target) == expected
         # the tombstones went too: an older write arriving late is held back on both
         await mkv.put_items("c", [w(b"k3", b"late")], Stamp(13), NOW)
+        await mkv.settled()
         assert await values(source, "c") == await values(target, "c") == {b"k1": b"v"}
         assert mkv.stats().target_failures == 0
 
@@ -345,16 +347,40 @@ async def test_promote_then_finish(pair: tuple[Backend, Backend]) -> None:
             clock=lambda: NOW,
         )
         mkv.apply(advance(mkv.state, progress, NOW) or mkv.state)
-        mkv.apply(command(mkv.state, mkv.stats(), "promote", NOW))
+        await mkv.switch(command(mkv.state, mkv.stats(), "promote", NOW), 10.0)
         assert mkv.state.phase is Phase.PROMOTED and mkv.primary is target
         await target.put_items("id0000", [w(b"only-target")], Stamp(99_999), NOW)  # who answers?
         assert b"only-target" in await values(mkv, "id0000")
         await mkv.put_items("p", [w(b"k", b"promoted")], Stamp(50_000, "p1"), NOW)
+        await mkv.settled()
         assert await values(source, "p") == await values(target, "p") == {b"k": b"promoted"}
-        mkv.apply(command(mkv.state, mkv.stats(), "finish", NOW))
+        await mkv.switch(command(mkv.state, mkv.stats(), "finish", NOW), 10.0)
         await mkv.put_items("f", [w(b"k", b"finished")], Stamp(50_001), NOW)
         assert await values(target, "f") == {b"k": b"finished"} and await values(source, "f") == {}
         assert await values(mkv, "p") == {b"k": b"promoted"}
+
+
+async def test_every_write_acknowledged_before_promote_is_on_the_target_when_it_applies(
+    pair: tuple[Backend, Backend],
+) -> None:
+    source, target = pair
+    async with migration(source, target, Phase.SHADOW_READ) as mkv:
+        clients = trio.CapacityLimiter(2)  # the source's pool: 2 connections
+
+        async def put(i: int) -> None:
+            async with clients:
+                await mkv.put_items(f"r{i % 50:02}", [w(b"k%d" % i, b"%d" % i)], Stamp(100 + i), NOW)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):  # answered at the source's pace; the target's copies lag
+                nursery.start_soon(put, i)
+        await mkv.delete_items("r00", MatchKeys((b"k0",)), Stamp(1000), NOW)
+        await mkv.switch(command(mkv.state, mkv.stats(), "promote", NOW), 30.0)
+        assert mkv.primary is target
+        for r in range(50):  # read from the target itself, at once
+            expected = {b"k%d" % i: b"%d" % i for i in range(r, 200, 50) if i != 0}
+            assert await values(target, f"r{r:02}") == expected
+        assert await dump(source) == await dump(target)
 
 
 @pytest.mark.parametrize("phase", [Phase.DUAL_WRITE, Phase.BACKFILL, Phase.SHADOW_READ, Phase.PROMOTED])
@@ -368,7 +394,9 @@ async def test_abort_from_every_phase_leaves_the_source_with_everything(
         stamp = 60_000
         for step in [Phase.DUAL_WRITE, Phase.BACKFILL, Phase.SHADOW_READ, Phase.PROMOTED]:
             if step is not Phase.DUAL_WRITE:
-                to(mkv, step)
+                await mkv.switch(
+                    msgspec.structs.replace(mkv.state, phase=step, serial=mkv.state.serial + 1), 10.0
+                )
             if step is Phase.BACKFILL:
                 await backfill(
                     source,
@@ -388,7 +416,7 @@ async def test_abort_from_every_phase_leaves_the_source_with_everything(
             model["id0003"].pop(b"k%d" % (stamp % 3), None)
             if step is phase:
                 break
-        mkv.apply(command(mkv.state, mkv.stats(), "abort", NOW))
+        await mkv.switch(command(mkv.state, mkv.stats(), "abort", NOW), 10.0)
         assert mkv.state.phase is Phase.ABORTED and mkv.primary is source
         got = {rid: {i.key: i.value for i in items} for rid, items in await dump(source)}
         assert got == {rid: items for rid, items in model.items() if items}
@@ -423,12 +451,14 @@ async def test_a_target_down_during_dual_write_gets_the_queued_writes_when_back(
         await relay.up(nursery)
         async with migration(source, target) as mkv:
             await mkv.put_items("a", [w(b"k", b"before")], Stamp(10, "t0"), NOW)
+            await mkv.settled()
             relay.down()
             with trio.fail_after(20):  # every client call succeeds while the target is down
                 for i in range(20):
                     await mkv.put_items(f"r{i:02}", [w(b"k", b"%d" % i)], Stamp(100 + i, f"t{i}"), NOW)
                 await mkv.delete_items("a", MatchKeys((b"k",)), Stamp(200), NOW)
                 await mkv.put_items("r00", [w(b"k", b"retried")], Stamp(300, "t0"), NOW)  # a replay: nothing
+            await trio.sleep(0.5)  # the target's copies fail
             stats = mkv.stats()
             assert stats.target_failures == 22 and 1 <= stats.queued <= 22 and stats.dropped == 0
             await relay.up(nursery)
@@ -467,11 +497,18 @@ async def test_promoted_a_source_down_gets_its_writes_back_so_abort_loses_nothin
             with trio.fail_after(20):
                 for i in range(10):
                     await mkv.put_items(f"r{i}", [w(b"k", b"%d" % i)], Stamp(100 + i, f"t{i}"), NOW)
+            await trio.sleep(0.5)  # the source's copies fail
             assert mkv.stats().target_failures == 10
-            mkv.apply(command(mkv.state, mkv.stats(), "abort", NOW))
+            aborted = command(mkv.state, mkv.stats(), "abort", NOW)
+            with pytest.raises(
+                BarrierError, match="10 writes acknowledged to clients were not on the source"
+            ):
+                await mkv.switch(aborted, 1.0)  # the source is down: abort waits, then is refused
+            assert mkv.state.phase is Phase.PROMOTED
             await relay.up(nursery)
             with trio.fail_after(60):
-                await mkv.settled()
+                await mkv.switch(aborted, 60.0)
+            assert mkv.state.phase is Phase.ABORTED and await mkv.settled() is None
             assert await dump(source) == await dump(target) and len(await dump(source)) == 10
         relay.down()
 
@@ -551,7 +588,7 @@ async def test_under_load_sqlite_moves_to_postgres_through_every_phase(tmp_path:
                     reads = mkv.stats().shadow_reads
                     while mkv.stats().shadow_reads < reads + 200:
                         await trio.sleep(0.01)
-                    mkv.apply(command(mkv.state, mkv.stats(), "promote", NOW))
+                    await mkv.switch(command(mkv.state, mkv.stats(), "promote", NOW), 10.0)
                     await trio.sleep(0.2)
                 load.cancel_scope.cancel()
             with trio.fail_after(30):

@@ -19,7 +19,7 @@ import trio
 from prism.admin.app import make_app
 from prism.admin.migrations_api import MigrationTarget
 from prism.config import load_config
-from prism.config.rewrite import RewriteError, retarget, to_toml
+from prism.config.rewrite import RewriteError, retarget
 from prism.migrate.requests import (
     MAX_PENDING,
     MigrationRequest,
@@ -34,7 +34,7 @@ from prism.workers.slot import Slot, SlotState
 from tests.unit.test_admin_diff import running
 
 TOKEN = b"s3cr3t-admin-token"
-CONFIG = b"""# comments are not kept by finish
+CONFIG = b"""# a comment finish keeps
 workers = 2
 [[namespaces]]
 name = "profiles"
@@ -156,14 +156,70 @@ def test_retarget_names_the_new_backend_and_keeps_everything_else() -> None:
         retarget(b"[[x", "nope", "redis", {})
 
 
-def test_to_toml_round_trips_odd_keys_and_values() -> None:
-    doc = {
-        "a b": 'q"uote\n',
-        "n": [1, 2.5, True],
-        "t": {"x.y": {}, "inf": float("inf")},
-        "arr": [{"k": 1}, {"k": 2}],
+COMMENTED = b"""# The gateway of the shop (owner: platform team)
+workers = 2   # one per core
+
+[[namespaces]]
+name = "profiles"      # user profiles
+backend = "sqlite"
+# nothing else
+
+[[tenants]]
+name = "pay"
+
+  # the ledger moves to PostgreSQL
+  [[tenants.namespaces]]
+  name = "ledger"
+  backend = "sqlite"   # was: memory
+
+  [tenants.namespaces.options]
+  path = "ledger.db"   # relative to data_dir
+  synchronous = "full"
+
+  [[tenants.namespaces]]
+  name = "audit"
+  backend = "sqlite"
+  options = { path = "audit.db" }  # inline
+"""
+
+
+def test_retarget_keeps_comments_layout_and_every_other_line() -> None:
+    out = retarget(COMMENTED, "ledger", "postgres", {"dsn": "postgresql://h/app", "pool_size": 4})
+    doc = tomllib.loads(out.decode())
+    ledger = doc["tenants"][0]["namespaces"][0]
+    assert ledger == {
+        "name": "ledger",
+        "backend": "postgres",
+        "options": {"dsn": "postgresql://h/app", "pool_size": 4},
     }
-    assert tomllib.loads(to_toml(doc)) == doc
+    before, after = COMMENTED.decode().splitlines(), out.decode().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
+    assert changed == [
+        ('  backend = "sqlite"   # was: memory', '  backend = "postgres"   # was: memory'),
+        ('  path = "ledger.db"   # relative to data_dir', '  dsn = "postgresql://h/app"'),
+        ('  synchronous = "full"', "  pool_size = 4"),
+    ]
+    assert len(after) == len(before)  # every comment and blank line where it was
+    inline = retarget(COMMENTED, "audit", "redis", {"url": "redis://h/0", "tls": {"ca": "x"}, "n": [1, 2]})
+    assert (
+        '  options = {url = "redis://h/0", tls = {ca = "x"}, n = [1, 2]}  # inline'
+        in inline.decode().splitlines()
+    )
+    assert tomllib.loads(inline.decode())["tenants"][0]["namespaces"][1]["options"]["tls"] == {"ca": "x"}
+    bare = retarget(COMMENTED, "profiles", "redis", {"url": "redis://h/0", "ratio": float("inf")})
+    assert bare.decode().splitlines()[:9] == [
+        *COMMENTED.decode().splitlines()[:5],
+        'backend = "redis"',
+        "# nothing else",
+        'options = {url = "redis://h/0", ratio = inf}',
+        "",
+    ]
+    assert tomllib.loads(bare.decode())["namespaces"][0]["options"] == {
+        "url": "redis://h/0",
+        "ratio": float("inf"),
+    }
+    with pytest.raises(RewriteError, match="cannot write the options as TOML"):
+        retarget(COMMENTED, "audit", "redis", {"bad": object()})
 
 
 def test_a_migration_goes_through_every_phase_and_finish_rewrites_the_config(tmp_path: Path) -> None:
