@@ -144,13 +144,11 @@ class FloodGuard:
         self.control = 0  # control frames read, ever
         self._next_stamp = 1
         self._stamps: list[float] = []  # the last _STAMPS (a list: a deque is ~0.8 KB per connection)
-        # Set by GrpcProtocol around each read whose leading frames the plain
-        # path took (h2conn: non-empty HEADERS and DATA, WINDOW_UPDATE): before
-        # h2 parses the rest, ``empty_run`` is zeroed and ``plain_opened`` is
-        # the number of streams they opened; after, those are added to
-        # ``opened`` and ``plain_opened`` is zeroed.
+        # The plain path (prism.rpc.h2read) zeroes ``empty_run`` and counts
+        # its WINDOW_UPDATEs here before h2 parses a frame after those it read;
+        # the streams it opened in the read being taken in are the
+        # connection's ``plain_opened`` until GrpcProtocol adds them to ``opened``.
         self.empty_run = 0
-        self.plain_opened = 0
         self.opened = 0  # streams the client opened
         self._resets = 0
         self._last_ping = _NEVER
@@ -206,7 +204,7 @@ class FloodGuard:
             return
         self._resets += 1
         doubled = 2 * self._resets
-        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + self.plain_opened:
+        if doubled > RAPID_RESET_MIN_STREAMS and doubled > self.opened + self._conn.plain_opened:
             raise Flood(RAPID_RESET)
 
     def _ping(self, frame: PingFrame) -> None:
@@ -241,7 +239,7 @@ class FloodGuard:
     def window_updates(self, n: int) -> None:
         """Count ``n`` WINDOW_UPDATE frames (h2's, one at a time; the plain
         path's, those of a read at once); too many raise ``Flood``."""
-        if not self.window_updates_allowed(n, self.plain_opened):
+        if not self.window_updates_allowed(n, self._conn.plain_opened):
             raise Flood(WINDOW_UPDATE_FLOOD)
         self._window_updates += n
 
@@ -254,7 +252,7 @@ class FloodGuard:
 
     def _priority(self, frame: PriorityFrame) -> None:
         self._priorities += 1
-        if self._priorities > PRIORITY_FRAMES_PER_STREAM * (1 + self.opened + self.plain_opened):
+        if self._priorities > PRIORITY_FRAMES_PER_STREAM * (1 + self.opened + self._conn.plain_opened):
             raise Flood(PRIORITY_FLOOD)
         self._count_control(1)
 

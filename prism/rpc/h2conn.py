@@ -41,7 +41,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from prism.rpc.h2read import DATA_READ, HEADERS_READ, WINDOW_READ, PlainFrame, PlainReader
+from prism.rpc.h2read import DATA_READ, H2_READ, HEADERS_READ, WINDOW_READ, PlainFrame, PlainReader
 from prism.rpc.h2send import RESPONSE_HEADERS, TRAILERS_OK, PlainSender
 from prism.rpc.headers import malformed_trailers
 from prism.rpc.hpack_cache import CachingDecoder
@@ -140,7 +140,8 @@ class ServerConnection(PlainReader, PlainSender):
         # WINDOW_UPDATE frames receive_plain took in since the caller last
         # looked (prism.rpc.flood counts them; the caller sends what they let out).
         self.plain_window_updates = 0
-        self.plain_opened = 0  # streams the last receive_plain opened
+        self.plain_opened = 0
+        self._plain_payload = False
 
     # h2 turns a stream over SETTINGS_MAX_CONCURRENT_STREAMS into a connection
     # error (TooManyStreamsError). gRPC wants only that stream refused, so we
@@ -228,6 +229,7 @@ class ServerConnection(PlainReader, PlainSender):
 
 __all__ = [
     "DATA_READ",
+    "H2_READ",
     "HEADERS_READ",
     "RESPONSE_HEADERS",
     "TRAILERS_OK",

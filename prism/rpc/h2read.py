@@ -42,8 +42,7 @@ side does the same for OK answers and for DATA frames (``prism.rpc.h2send``).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import h2.connection
 from h2.connection import AllowedStreamIDs, ConnectionState
@@ -62,13 +61,27 @@ _FRAME_HEAD: Final = 9
 # Closed streams are forgotten once the connection holds this many.
 _SWEEP_STREAMS_AT: Final = 128
 
+
+class PlainGuard(Protocol):
+    """What the plain path tells the flood guard (``prism.rpc.flood.FloodGuard``)."""
+
+    empty_run: int
+
+    def window_updates_allowed(self, n: int, streams: int) -> bool: ...
+
+    def window_updates(self, n: int) -> None: ...
+
+
 # What receive_plain read, frame by frame: [HEADERS_READ, stream id, header
 # list, 0, end of stream], [DATA_READ, stream id, data, flow-controlled
-# length, end of stream] or a WINDOW_UPDATE's entry; the data a memoryview of the bytes read, or a list
-# of them for a stream's DATA frames in one read (one entry, grown in place).
+# length, end of stream], a WINDOW_UPDATE's entry, or [H2_READ, 0, h2's
+# events for one frame h2 read, 0, False]; the data a memoryview of the
+# bytes read, or a list of them for a stream's DATA frames in one read (one
+# entry, grown in place).
 HEADERS_READ: Final = 0
 DATA_READ: Final = 1
 WINDOW_READ: Final = 2  # a WINDOW_UPDATE: the caller sends what it lets out, where h2's event would
+H2_READ: Final = 3
 PlainFrame = list[Any]
 _WINDOW_ENTRY: Final[PlainFrame] = [WINDOW_READ, 0, None, 0, False]  # (shared: never changed)
 # Where a stream's WINDOW_UPDATE only moves its window (h2's stream state machine).
@@ -95,7 +108,8 @@ class PlainReader(h2.connection.H2Connection):
     # WINDOW_UPDATE frames receive_plain took in since the caller last
     # looked (prism.rpc.flood counts them; the caller sends what they let out).
     plain_window_updates: int
-    plain_opened: int  # streams the last receive_plain opened
+    plain_opened: int  # streams receive_plain opened in the read being taken in
+    _plain_payload: bool  # a HEADERS or DATA frame read plainly since the guard was last told
 
     def _forget_closed_streams(self) -> None:
         if len(self.streams) >= _SWEEP_STREAMS_AT:
@@ -105,7 +119,7 @@ class PlainReader(h2.connection.H2Connection):
         self,
         data: bytes | bytearray | memoryview,
         read: list[PlainFrame],
-        window_updates_allowed: Callable[[int, int], bool],
+        guard: PlainGuard,
     ) -> bytes | bytearray | memoryview:
         """Take in the leading plain call frames of ``data`` (see the module
         docstring), appending each to ``read``; return the bytes left for
@@ -155,7 +169,7 @@ class PlainReader(h2.connection.H2Connection):
                     return b""
                 held += bytes(data[:missing])
                 data = data[missing:]
-                if self._read_plain(memoryview(held), read, window_updates_allowed) < len(held):
+                if self._read_plain(memoryview(held), read, guard) < len(held):
                     self._held = b""
                     return held + data  # not a plain frame: h2 reads it, and the rest
             else:
@@ -163,8 +177,26 @@ class PlainReader(h2.connection.H2Connection):
                 return b""
             self._held = b""
         view = memoryview(data)
-        pos = self._read_plain(view, read, window_updates_allowed)
-        rest = len(view) - pos
+        pos = self._read_plain(view, read, guard)
+        end = len(view)
+        buffer = self.incoming_buffer
+        while end - pos >= _FRAME_HEAD:
+            # A whole frame the plain path does not read goes to h2, alone, and
+            # the plain path goes on after it, as long as h2 is left at a frame
+            # boundary on an open connection (not inside a header block).
+            stop = pos + _FRAME_HEAD + _length(view, pos)
+            if stop > end or stop - pos - _FRAME_HEAD > self.max_inbound_frame_size:
+                break
+            self._settle(guard)
+            events = _H2_RECEIVE(self, bytes(view[pos:stop]))
+            if events:
+                read.append([H2_READ, 0, events, 0, False])
+            pos = stop
+            if buffer._headers_buffer or self.state_machine.state is not ConnectionState.SERVER_OPEN:
+                return view[pos:]
+            pos += self._read_plain(view[pos:], read, guard)
+        self._settle(guard)
+        rest = end - pos
         if rest and (
             rest < _FRAME_HEAD or (self._holdable(view[pos:]) and rest < _FRAME_HEAD + _length(view, pos))
         ):
@@ -172,17 +204,27 @@ class PlainReader(h2.connection.H2Connection):
             return b""
         return view[pos:] if pos else data
 
+    def _settle(self, guard: PlainGuard) -> None:
+        """Tell the flood guard what it would have seen of the frames read
+        plainly since it was last told, before h2 parses another frame: a
+        non-empty payload (which ends a run of empty frames) and the
+        WINDOW_UPDATEs (each allowed, in order, as it was read)."""
+        if self._plain_payload:
+            self._plain_payload = False
+            guard.empty_run = 0
+        if self.plain_window_updates:
+            n, self.plain_window_updates = self.plain_window_updates, 0
+            guard.window_updates(n)
+
     def _holdable(self, head: bytes | memoryview) -> bool:
         """Whether the frame of this 9-byte header is one to hold the start of:
         DATA or HEADERS, within the frame size limit."""
         return head[3] in (_DATA, _HEADERS) and int.from_bytes(head[:3], "big") <= self.max_inbound_frame_size
 
-    def _read_plain(
-        self, view: memoryview, read: list[PlainFrame], window_updates_allowed: Callable[[int, int], bool]
-    ) -> int:
+    def _read_plain(self, view: memoryview, read: list[PlainFrame], guard: PlainGuard) -> int:
         """Read the leading plain frames of ``view`` (see ``receive_plain``);
         how many bytes they took. A WINDOW_UPDATE is read only if
-        ``window_updates_allowed(n, streams)``: n of them so far not counted,
+        ``guard.window_updates_allowed(n, streams)``: n of them so far not counted,
         this one included, with ``streams`` opened before it in this read (the
         flood guard's rule, ``prism.rpc.flood``); one it refuses is h2's, so the
         guard judges it in order, as it does every frame h2 reads."""
@@ -195,6 +237,7 @@ class PlainReader(h2.connection.H2Connection):
         unpack = _FRAME_HEADER.unpack_from
         data_at: dict[int, PlainFrame] = {}  # stream id -> its DATA entry in ``read``
         streams_opened = 0
+        payload = False  # a HEADERS or DATA frame read
         while end - pos >= _FRAME_HEAD:
             head, flags, sid = unpack(view, pos)
             length = head >> 8
@@ -223,6 +266,7 @@ class PlainReader(h2.connection.H2Connection):
                     body_length > expected_length or (end_stream and body_length != expected_length)
                 ):
                     break
+                payload = True
                 # h2's window_consumed and RECV_DATA, less their checks (above).
                 conn_window.current_window_size -= length
                 window.current_window_size -= length
@@ -265,9 +309,10 @@ class PlainReader(h2.connection.H2Connection):
                     machine.process_input(StreamInputs.RECV_END_STREAM)
                 read.append([HEADERS_READ, sid, headers, 0, end_stream])
                 streams_opened += 1
+                payload = True
             elif kind == _WINDOW_UPDATE:
-                pending = self.plain_window_updates + 1
-                if length != 4 or not window_updates_allowed(pending, self.plain_opened + streams_opened):
+                pending, before = self.plain_window_updates + 1, self.plain_opened + streams_opened
+                if length != 4 or not guard.window_updates_allowed(pending, before):
                     break
                 increment = int.from_bytes(view[pos + _FRAME_HEAD : stop], "big") & 0x7FFFFFFF
                 if not increment:
@@ -294,4 +339,9 @@ class PlainReader(h2.connection.H2Connection):
                 break
             pos = stop
         self.plain_opened += streams_opened
+        if payload:
+            self._plain_payload = True
         return pos
+
+
+_H2_RECEIVE: Final = h2.connection.H2Connection.receive_data  # h2's own, not the held bytes' override

@@ -40,6 +40,7 @@ from prism.rpc.call import Call
 from prism.rpc.compression import ACCEPT_ENCODING, ENCODINGS, IDENTITY, accepts, preferred
 from prism.rpc.flood import Flood, FloodGuard
 from prism.rpc.h2conn import (
+    DATA_READ,
     HEADERS_READ,
     RESPONSE_HEADERS,
     TRAILERS_OK,
@@ -247,20 +248,11 @@ class GrpcProtocol(Requests, Responses):
         out: list[tuple[int, Call | None]] = []
         plain: list[PlainFrame] = []
         flood = self._flood
-        read = data
-        if not (self.draining or self.peer_gone):
-            data = self._h2.receive_plain(data, plain, flood.window_updates_allowed)
-            if plain:
-                # The plain frames come first in this read and are none of
-                # them empty: tell the flood counters before h2 reads the rest.
-                flood.empty_run = 0
-                flood.plain_opened = self._h2.plain_opened
         conn = self._h2
-        window_updates = conn.plain_window_updates
+        read = data
         try:
-            if window_updates:
-                conn.plain_window_updates = 0
-                flood.window_updates(window_updates)
+            if not (self.draining or self.peer_gone):
+                data = conn.receive_plain(data, plain, flood)
             events = conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
             # h2 has queued a GOAWAY with the right error code already.
@@ -269,7 +261,7 @@ class GrpcProtocol(Requests, Responses):
             return out
         except Flood as exc:
             return self._calm_down(exc.debug)
-        if self._h2.state_machine.state is ConnectionState.CLOSED:
+        if conn.state_machine.state is ConnectionState.CLOSED:
             # The client's GOAWAY came in this read, after requests that are
             # answered below, some at once (a refusal): reopen before that.
             self._reopen_for_answers()
@@ -277,19 +269,31 @@ class GrpcProtocol(Requests, Responses):
             opened = 0
             shed = self.shed
             for kind, sid, value, length, ended in plain:
-                if kind == WINDOW_READ:
-                    if self._blocked:
-                        self._pump_blocked()
-                elif kind == HEADERS_READ:
+                if kind == HEADERS_READ:
                     opened += 1
                     if shed is not None and (refusal := shed(value)) is not None:
                         self._write_final(sid, refusal)  # no Call: nothing else to let go
                         continue
                     self._start_call(sid, value, ended, out)
-                else:
+                elif kind == DATA_READ:
                     self._on_data(sid, value, length, ended, out)
+                elif kind == WINDOW_READ:
+                    if self._blocked:
+                        self._pump_blocked()
+                else:  # H2_READ: the events of a frame h2 read among them
+                    self._on_events(value, out)
             flood.opened += opened
-            flood.plain_opened = 0
+            conn.plain_opened = 0
+        if events:
+            self._on_events(events, out)
+        if self._unacked:
+            self._h2.ack_connection(self._unacked)
+            self._unacked = 0
+        if self._viewers:  # pieces of messages took views of this read (prism.rpc.inbound)
+            self._settle_views(read)
+        return out
+
+    def _on_events(self, events: list[h2.events.Event], out: list[tuple[int, Call | None]]) -> None:
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)
@@ -316,12 +320,6 @@ class GrpcProtocol(Requests, Responses):
                 malformed = self._h2.malformed
                 if malformed and malformed.pop(ev.stream_id, None) is not None:
                     self._reset_malformed(ev.stream_id, out)
-        if self._unacked:
-            self._h2.ack_connection(self._unacked)
-            self._unacked = 0
-        if self._viewers:  # pieces of messages took views of this read (prism.rpc.inbound)
-            self._settle_views(read)
-        return out
 
     def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:
         # Judged by prism.rpc.headers when its block was decoded; only
