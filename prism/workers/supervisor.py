@@ -36,16 +36,14 @@ import msgspec
 
 from prism import metrics
 from prism.config import ServerConfig, TenantConfig
-from prism.config.store import file_identity
-from prism.errors import ConfigError
 from prism.nng import pynng
-from prism.redact import redact
 from prism.router.messages import BootFailed, Heartbeat, State, control_encoder, event_decoder
 from prism.router.readiness import not_ready_reason
 from prism.router.table import RELOAD_FAILED, RELOAD_IN_EFFECT, RELOAD_PENDING, RELOAD_REJECTED, ReloadNote
 from prism.workers.migrations import Migrations
-from prism.workers.plan import Handover, keep_restart_only_fields, plan_cpus, plan_reload, reload_done
-from prism.workers.preflight import check_deployable, open_to_network
+from prism.workers.plan import Handover, plan_cpus, reload_done
+from prism.workers.preflight import open_to_network
+from prism.workers.reloading import Reloading
 from prism.workers.resources import Resources, mark_dead, signal_child, start_failure_code, wait_or_kill
 from prism.workers.sdnotify import SystemdNotifier
 from prism.workers.slot import ACTIVE, Action, Slot, SlotEvent, SlotState, exit_event, restart_delay
@@ -61,7 +59,7 @@ FAST_STOP_S = 3.0
 ADMIN_RESTART_S = 0.5
 
 
-class Supervisor:
+class Supervisor(Reloading):
     """The main loop of ``prism serve``; ``run()`` returns the process exit code."""
 
     def __init__(
@@ -391,63 +389,6 @@ class Supervisor:
             if slot.state is SlotState.DRAINING:
                 log.warning("worker %d did not drain in time: SIGKILL", slot.id)
                 self._handle(slot, SlotEvent.DRAIN_OVERDUE)
-
-    # -- reload --------------------------------------------------------------
-
-    def _note(self, file: str, state: str, reason: str = "", *, serial: int = 0) -> None:
-        """Record what became of the latest reload (``Routes.reload``), published this turn."""
-        self.reload_note = ReloadNote(serial or self.reload_note.serial, file, state, redact(reason))
-        self._routes_changed = True
-
-    def _reload(self) -> None:
-        serial, file = self.reload_note.serial + 1, file_identity(self.config_file)  # before reading it
-        if self.draining:
-            log.warning("reload ignored: the server is draining")
-            self._note(file, RELOAD_REJECTED, "the server is draining", serial=serial)
-            self._publish()  # the draining loop publishes nothing itself
-            return
-        self.notifier.reloading()
-        try:
-            new = check_deployable(self._reload_config(), self.resources.routes_bytes)
-            self.resources.tenants.check_fit(new, len(self.allowed_cpus))
-        except ConfigError as exc:
-            log.error("reload rejected, keeping the running config: %s", exc)
-            self.notifier.ready("reload rejected")
-            self._note(file, RELOAD_REJECTED, str(exc), serial=serial)
-            return
-        self._note(file, RELOAD_PENDING, serial=serial)
-        new, kept = keep_restart_only_fields(self.config, new)
-        self.security_serial += 1  # workers read the TLS and JWKS files again (rotation)
-        for name, value in kept:
-            log.warning("reload: %s changes only at restart; keeping %r", name, value)
-        cpus = len(self.allowed_cpus)
-        active = {s.id: s.tenant for s in self.slots.values() if s.state in ACTIVE}
-        plan = plan_reload(self.config.effective_tenants(cpus), new.effective_tenants(cpus), active)
-        self.config = new
-        started = self._add_slots(plan.start)
-        for tenant in plan.start:
-            # The superseded workers serve until their replacements do.
-            new_ids = frozenset(s.id for s in started if s.tenant == tenant.name)
-            self._handovers.append(Handover(plan.superseded[tenant.name], new_ids))
-        for slot_id in plan.retire:
-            self._handle(self.slots[slot_id], SlotEvent.RETIRE)  # its namespaces are gone
-        self._forget_gone()
-        self._publish()  # before the new workers start: each reads the table at boot
-        for slot in started:
-            self._handle(slot, SlotEvent.START)
-        log.info("reloaded: generation %d, %d workers", self.generation, len(self.slots))
-        self._reloaded = ("reloaded", self.generation)  # READY=1 once in effect (the loop's)
-
-    def _finish_handovers(self) -> None:
-        """Retire a reload's superseded workers once their replacements serve."""
-        retire, self._handovers = Handover.settle(self._handovers, self.slots)
-        for slot in retire:
-            self._handle(slot, SlotEvent.RETIRE)
-
-    def _forget_gone(self) -> None:
-        """Drop the slots of retired workers that have exited (the table stops listing them)."""
-        for slot_id in [i for i, s in self.slots.items() if s.state is SlotState.GONE]:
-            del self.slots[slot_id]
 
     # -- stop ------------------------------------------------------------------
 
