@@ -161,6 +161,11 @@ class Responses:
 
     def _write_final(self, sid: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         """One HEADERS frame that ends stream ``sid``: plainly when it can be, else by h2."""
+        if sid not in self._h2.streams:
+            # The client reset it in the same read that opened it, and h2 has
+            # already forgotten it (closed streams are swept as new ones open):
+            # to h2, a HEADERS frame on it would open a stream of our own.
+            return
         try:
             if not self._h2.send_plain_final(sid, headers):
                 self._h2.send_headers(sid, headers, end_stream=True)

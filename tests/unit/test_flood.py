@@ -253,6 +253,27 @@ def test_window_updates_read_plainly_count_as_h2s_do() -> None:
     assert peer.dispatched == before  # the one past it left to h2, whose parse it stopped
 
 
+def test_a_refused_call_reset_and_forgotten_in_the_same_read_breaks_nothing() -> None:
+    # Under overload: a call refused as its HEADERS are read (shedding), which
+    # the client cancels (its deadline) in the same read, before more than
+    # 128 new streams: h2 forgets the closed stream before the refusal is
+    # written. It was sent to h2 as a HEADERS frame on an unknown stream,
+    # which h2 takes for one the server opens: TooManyStreamsError, and the
+    # connection, every call on it, failed.
+    peer = Peer(max_concurrent_streams=1000)
+    for _ in range(3):  # the header block taught to the HPACK cache, then plain
+        peer.send(peer.request())
+    refusal = ((b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"8"))
+    peer.proto.shed = lambda headers: refusal
+    first = peer.request()
+    reset = RstStreamFrame(peer.sid, error_code=8).serialize()  # CANCEL
+    events = peer.send(first + reset + b"".join(peer.request() for _ in range(140)))
+    assert (CONNECTION_CLOSED, None) not in events
+    assert peer.goaway() is None
+    answered = {f.stream_id for f in peer.out if isinstance(f, HeadersFrame) and "END_STREAM" in f.flags}
+    assert len(answered) == 140  # every call but the reset one refused, on a connection still open
+
+
 def test_a_client_acknowledging_large_answers_is_never_cut() -> None:
     peer = Peer(max_concurrent_streams=1000)
     client_window = 0
