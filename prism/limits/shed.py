@@ -4,7 +4,8 @@ When a worker is offered more than it can serve, the excess waits somewhere:
 in the event loop's run queue (a call's task waiting for its first step,
 ``prism.rpc.calls``), in a coalescer for a batch slot (``prism.backends.coalesce``), for a pooled
 connection (SQLite's and PostgreSQL's pools), for a thread (SQLite's hop to
-its threads). Admitting every call then makes every call slow, and once
+its threads), and before all of them unread in the kernel's socket buffers
+(``prism.rpc.arrival``: each read's wait). Admitting every call then makes every call slow, and once
 waits pass the clients' deadlines, goodput falls to nothing. The fix is to
 refuse the excess at the door, where a refusal costs microseconds, and keep
 the queues short so the calls admitted stay fast.

@@ -163,6 +163,9 @@ class GrpcProtocol(Requests, Responses):
         # a Call: its frames are read and its answer written here, and its
         # DATA dropped as any closed stream's (``_on_data``).
         self.shed: Callable[[Any], tuple[tuple[bytes, bytes], ...] | None] | None = None
+        # How long the bytes being taken in waited unread in the kernel
+        # (prism.rpc.arrival; set by the reader, 0.0 where it cannot tell).
+        self.arrival_lag = 0.0
 
     # -- connection ----------------------------------------------------------
 
@@ -342,7 +345,7 @@ class GrpcProtocol(Requests, Responses):
             self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         call = Call(sid)
-        call.opened = self._clock()
+        call.opened = self._clock() - self.arrival_lag  # when its bytes reached the machine
         # What the stream may send before anything is granted is charged now
         # (as window granted, ``_credit``): the budget bounds what may come.
         call._charged = call._credit = self._initial_window

@@ -18,7 +18,8 @@ import os
 
 import trio
 
-from prism.rpc import keepalive
+from prism.limits import shed
+from prism.rpc import arrival, keepalive
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.calls import Calls
@@ -338,13 +339,23 @@ class Connection(Calls):
         read = os.read
         size = _READ_SIZE
         drained = True  # (the opening took what had come)
+        # With the kernel's receive timestamps, each read says how long its
+        # bytes waited unread (prism.rpc.arrival): to the shedder, and to the
+        # calls it opens.
+        stamped = arrival.stamp(sock)
+        proto = self.proto
         while size:
             try:
                 if drained:
                     await wait_readable(sock)
                 else:
                     await checkpoint()
-                data = read(sock.fileno(), size)  # a closed socket's fileno() is -1: EBADF
+                if stamped is not None:
+                    data, ancillary, _, _ = stamped.recvmsg(size, arrival.SPACE)
+                    proto.arrival_lag = lag = arrival.lag(ancillary)
+                    shed.observe(lag)
+                else:
+                    data = read(sock.fileno(), size)  # a closed socket's fileno() is -1: EBADF
             except BlockingIOError:
                 drained = True
                 continue
