@@ -97,6 +97,7 @@ class Cost:
     sat_rps: float
     ladder: tuple[tuple[float, float], ...] = ()
     hit_ratio: float | None = None  # the cache's, in the run it came from (a namespace with the cache)
+    write_share: float = 0.0  # the puts' share of that run's calls (a hit's: measured among writes)
 
 
 @dataclass(frozen=True)

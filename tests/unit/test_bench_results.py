@@ -198,7 +198,7 @@ def test_a_run_on_a_namespace_with_the_cache_gives_a_hit_a_miss_or_a_cached_writ
         "workload": {"mix": {op: 1.0}},
     }
     got = plan_costs(msgspec.to_builtins(run))
-    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),), hit_ratio)} if key else {})
+    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),), hit_ratio, 0.0)} if key else {})
 
 
 def test_the_saturation_per_worker_is_its_lowest_cpu_per_call_when_busy() -> None:
