@@ -7,7 +7,7 @@ For each example under ``examples/needs/`` (``EXAMPLES``):
 
 1. **Calibrate** (once for all): ``prism bench`` runs the one-operation
    scenarios ``prism plan --bench-quick`` would (``prism.plan.quick``), with
-   full steps (1 s warm-up, 4 s measured; a closed ladder of 32, 128 and
+   full steps (2 s warm-up, 4 s measured, as the measure's; a closed ladder of 32, 128 and
    256 calls in flight): every figure the examples' needs can use on this
    machine.
 2. **Plan**: ``prism plan EXAMPLE --bench <those results> --json`` (and
@@ -74,7 +74,7 @@ EXAMPLES = {  # name -> (file, the addresses the plan is given)
     "timeseries-sqlite": ("examples/needs/timeseries-sqlite.toml", ()),
 }
 TOLERANCE = 0.15
-WARMUP_S = 2.0  # the measured scenarios' warm-up: the cache fills in the first
+WARMUP_S = FULL_STEP_S[0]  # the measured scenarios' warm-up, as the calibration's (the cache fills in it)
 RUNS = 2  # each calibration and measure is made this many times, the lowest CPU per call kept
 MAX_RUNS = 5
 DEFAULT_PG = "postgresql://127.0.0.1:5432/prism_bench"

@@ -27,7 +27,10 @@ cache (the puts invalidating: ``prism plan``'s calibration of a hit, as an
 application's read-mostly mix has them) gives ``(backend,
 "get+cache-mixed")`` too, with the puts' share of its calls (its
 ``write_share``: costfile takes their cost out as well) when its hit ratio
-is at least ``MIXED_RATIO``.
+is at least ``MIXED_RATIO``. A run of an abstraction's reads and writes
+together with no cache (``MIXES``) gives ``(backend, "get+put")`` or
+``(backend, "read_events+write_events")``, with its writes' share: what
+mixing them adds to a call (``prism.plan.model``'s x(w)).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import msgspec
 from prism.benchmark.results import Results, per_worker
 
 OPERATIONS = ("get", "put", "read_events", "write_events", "publish")
+MIXES = (("get", "put"), ("read_events", "write_events"))  # (read, write) of an abstraction
 HIT_RATIO = 0.95
 MIXED_RATIO = 0.5
 
@@ -75,6 +79,10 @@ def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], Figure]:
         share = mix["put"] / (mix["get"] + mix["put"])
         return {(backend, "get+cache-mixed"): (*_figures(run, best.calls_per_cpu_s), ratio, round(share, 4))}
     ops = list(mix)
+    pair = next((p for p in MIXES if set(p) == set(ops)), None)
+    if not cached and pair is not None:  # reads and writes together: what mixing adds (prism.plan.model)
+        share = mix[pair[1]] / (mix[pair[0]] + mix[pair[1]])
+        return {(backend, "+".join(pair)): (*_figures(run, best.calls_per_cpu_s), None, round(share, 4))}
     if len(ops) != 1 or ops[0] not in OPERATIONS:
         return {}
     key = (backend, ops[0])

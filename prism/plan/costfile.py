@@ -17,9 +17,10 @@ from typing import Any, Final
 import msgspec
 
 from prism.errors import ConfigError
-from prism.plan.model import DEFAULT_COSTS, HIT, Cost, CostTable
+from prism.plan.model import DEFAULT_COSTS, HIT, OPS, Cost, CostTable
 
 _LEGACY_OPS: Final = {"prism_get": "get", "prism_put": "put"}
+MIXED: Final = {"+".join(OPS[a]) for a in ("keyvalue", "timeseries")}  # what mixing adds (model's x(w))
 MAX_FILE_BYTES: Final = 64 << 20  # a results.json of a long ladder is well under 1 MiB
 
 
@@ -37,10 +38,10 @@ def load_costs(paths: list[Path], over: CostTable | None = None) -> CostTable:
         costs.update(got)
         files.update({key: path.name for key in got})
     _hits_among_misses(costs, files)
-    if not costs:
+    if all(op in MIXED for _, op in costs):  # (what mixing adds prices no operation by itself)
         raise ConfigError(
             f"{', '.join(map(str, paths))}: no backend costs in these results "
-            "(a prism bench run of one operation gives one; a mix gives none)"
+            "(a prism bench run of one operation gives one; a mix of reads and writes only adds to them)"
         )
     source = ", ".join(str(p) for p in paths)
     if over is not None:

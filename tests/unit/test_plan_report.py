@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -198,9 +199,10 @@ def test_the_quick_bench_runs_what_the_needs_can_use() -> None:
     ]
     runs = calibrations_for(needs, {"postgres": "postgresql://127.0.0.1/x"})
     assert [r.key for r in runs] == [
-        ("sqlite", "get"), ("sqlite", "put"), ("cache", "get"), ("sqlite", "get+cache"),
-        ("sqlite", "put+cache"), ("postgres", "get"), ("postgres", "put"), ("postgres", "get+cache"),
-        ("postgres", "put+cache"), ("sqlite", "write_events"), ("postgres", "write_events"),
+        ("sqlite", "get"), ("sqlite", "put"), ("sqlite", "get+put"), ("cache", "get"),
+        ("sqlite", "get+cache"), ("sqlite", "put+cache"), ("postgres", "get"), ("postgres", "put"),
+        ("postgres", "get+put"), ("postgres", "get+cache"), ("postgres", "put+cache"),
+        ("sqlite", "write_events"), ("postgres", "write_events"),
     ]  # fmt: skip
     import tomllib
 
@@ -284,3 +286,30 @@ def test_a_hits_calibration_is_gets_among_invalidating_puts() -> None:
     runs = calibrations_for([Need("kv", read_rps=900, records=1000)], {})
     assert [r.key for r in runs] == [("sqlite", "get"), ("cache", "get"), ("sqlite", "get+cache"),
                                      ("sqlite", "put+cache")]  # fmt: skip
+
+
+def test_what_mixing_reads_and_writes_adds_comes_from_a_half_and_half_run(tmp_path: Path) -> None:
+    from prism.plan.costfile import load_costs
+    from prism.plan.model import demand
+
+    runs = {r.key: r for r in calibrations_for([Need("ts", "timeseries", read_rps=300, write_rps=700)], {})}
+    mix = runs["sqlite", "read_events+write_events"]
+    scenario = parse_scenario(tomllib.loads(scenario_toml(mix, {}, False)))
+    assert scenario.workload.mix.weights() == {"read_events": 1.0, "write_events": 1.0}
+    assert mix.name == "sqlite-timeseries-mix" and not scenario.namespace.cache.enabled
+    # Reads 150 us, writes 150 us alone; half and half, 180 us a call: 30 us more at w = 0.5,
+    # so k = 30 / 0.25 = 120, and at w = 0.7, x = 120 x 0.21 = 25.2 us more a call.
+    files = [
+        bench_file(tmp_path / "r.json", "sqlite", "read_events", [(95, 150, 3000)]),
+        bench_file(tmp_path / "w.json", "sqlite", "write_events", [(95, 150, 3000)]),
+        bench_file(tmp_path / "m.json", "sqlite", {"read_events": 1, "write_events": 1}, [(95, 180, 3000)]),
+    ]
+    table = load_costs(files)
+    got = demand(table, "sqlite", "timeseries", 300, 700, 512, 1000, cached=False)
+    assert not isinstance(got, str)
+    assert got.mix_us == pytest.approx(25.2) and got.cpu_us_per_s == pytest.approx(1000 * (150 + 25.2))
+    # Either stream alone: nothing added; without the mixed run, nothing either.
+    alone = demand(table, "sqlite", "timeseries", 0, 700, 512, 1000, cached=False)
+    assert not isinstance(alone, str) and alone.mix_us == 0.0
+    plain = demand(load_costs(files[:2]), "sqlite", "timeseries", 300, 700, 512, 1000, cached=False)
+    assert not isinstance(plain, str) and plain.cpu_us_per_s == pytest.approx(150_000)
