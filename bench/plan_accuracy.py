@@ -70,6 +70,7 @@ from prism.plan.needs import Need, load_needs  # noqa: E402
 from prism.plan.quick import (  # noqa: E402
     FULL_STEP_S,
     LADDER,
+    MIX,
     Calibration,
     QuickFailed,
     calibrate,
@@ -124,7 +125,8 @@ def main() -> int:
         files = [_lowest(paths) for paths in every_run]
         if args.defaults:
             _print_defaults(files)
-        rows = [_example(name, files, every, work / name, args.runs) for name in names]
+        unmixed = [f for r, f in zip(runs, files, strict=True) if r.op != MIX]
+        rows = [_example(name, files, unmixed, every, work / name, args.runs) for name in names]
         table = load_costs(files)
         calibrated = [
             _calibrated(r, f, table, paths) for r, f, paths in zip(runs, files, every_run, strict=True)
@@ -171,7 +173,7 @@ def _calibrations(names: list[str], addresses: dict[str, str], everything: bool)
 
 
 def _example(
-    name: str, calibration: list[Path], addresses: dict[str, str], work: Path, runs: int
+    name: str, calibration: list[Path], unmixed: list[Path], addresses: dict[str, str], work: Path, runs: int
 ) -> dict[str, Any]:
     path, wanted = EXAMPLES[name]
     work.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,7 @@ def _example(
     bench_args = [a for f in calibration for a in ("--bench", str(f))]
     plan = _plan(REPO / path, work / "measured", [*bench_args, *given])
     builtin = _plan(REPO / path, work / "builtin", given)
+    plain = _plan(REPO / path, work / "unmixed", [*(a for f in unmixed for a in ("--bench", str(f))), *given])
     (ns_plan,) = plan["namespaces"]
     (ns_builtin,) = builtin["namespaces"]
     (need,) = load_needs(REPO / path)
@@ -221,6 +224,10 @@ def _example(
         },
         "bench_saturation_calls_per_s": run.saturation.calls_per_s,
         "runs_cpu_us": [_cpu_us(p) for p in made],
+        "without_mixing": {  # the same calibration, less what mixing reads and writes adds (x = 0)
+            "predicted_rps_per_worker": (u := plain["namespaces"][0]["saturation_rps_per_worker"]),
+            "ratio": round(u / best.calls_per_cpu_s, 3),
+        },
         "builtin_costs": {
             "backend": ns_builtin["backend"],
             "predicted_rps_per_worker": ns_builtin["saturation_rps_per_worker"],
@@ -305,7 +312,7 @@ def _prism(argv: list[str], timeout: float) -> str:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'example':<18} {'backend':<14} {'predicted':>9} {'measured':>9} {'ratio':>6} {'within':>6} "
-          f"{'hit plan/bench':>14} {'calls/s @busy':>16} {'others':>6} {'built-in':>9}")  # fmt: skip
+          f"{'hit plan/bench':>14} {'calls/s @busy':>16} {'others':>6} {'built-in':>15} {'unmixed':>9}")  # fmt: skip
     for r in rows:
         hit = "-"
         if r["cached"]:
@@ -318,12 +325,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{'yes' if r['within'] else 'NO':>6} {hit:>14} "
             f"{step['calls_per_s']:>8,.0f} @{step['worker_busy_pct']:>3.0f}% "
             f"{step['other_on_server_cpus_pct'] or 0:>5.0f}% "
-            f"{r['builtin_costs']['predicted_rps_per_worker']:>9,.0f}"
+            f"{r['builtin_costs']['predicted_rps_per_worker']:>9,.0f} {r['builtin_costs']['ratio']:>5.2f} "
+            f"{r['without_mixing']['ratio']:>9.2f}"
         )
     print("predicted, measured: calls/s of the need's mix one worker serves at 100% of its CPU; "
           "calls/s @busy: what the measured step served, and the worker's CPU share; others: CPU 0's "
           "busy time not the server's (other processes, PostgreSQL's own); built-in: the prediction "
-          "with the built-in costs")  # fmt: skip
+          "with the built-in costs, and its ratio; unmixed: the ratio without what mixing reads and "
+          "writes adds (the same calibration, x = 0)")  # fmt: skip
 
 
 def _print_calibration(calibrated: list[dict[str, Any]]) -> None:
