@@ -312,7 +312,8 @@ def _prism(argv: list[str], timeout: float) -> str:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'example':<18} {'backend':<14} {'predicted':>9} {'measured':>9} {'ratio':>6} {'within':>6} "
-          f"{'hit plan/bench':>14} {'calls/s @busy':>16} {'others':>6} {'built-in':>15} {'unmixed':>9}")  # fmt: skip
+          f"{'hit plan/bench':>14} {'calls/s @busy':>16} {'others':>6} {'built-in':>15} "
+          f"{'unmixed':>9}")  # fmt: skip
     for r in rows:
         hit = "-"
         if r["cached"]:
