@@ -86,6 +86,7 @@ TOLERANCE = 0.15
 WARMUP_S = FULL_STEP_S[0]  # the measured scenarios' warm-up, as the calibration's (the cache fills in it)
 RUNS = 2  # each calibration and measure is made this many times, the lowest CPU per call kept
 MAX_RUNS = 5
+PLAN_CPUS = 16  # (the figure per worker does not depend on it; a noisy calibration may not fit 2)
 DEFAULT_PG = "postgresql://127.0.0.1:5432/prism_bench"
 
 
@@ -263,7 +264,7 @@ def _lowest(paths: list[Path]) -> Path:
 
 def _plan(needs: Path, work: Path, extra: list[str]) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
-    out = _prism(["plan", str(needs), "--cpus", "2", "--force", "--out", str(work / "prism.toml"),
+    out = _prism(["plan", str(needs), "--cpus", str(PLAN_CPUS), "--force", "--out", str(work / "prism.toml"),
                   "--json", str(work / "plan.json"), *extra], timeout=60)  # fmt: skip
     (work / "plan.txt").write_text(out)
     data: dict[str, Any] = json.loads((work / "plan.json").read_text())
