@@ -2,16 +2,19 @@
 
     python bench/plan_accuracy.py [--postgres DSN] [--out bench/results/plan_accuracy.json]
                                   [--only NAME ...] [--defaults] [--redis URL] [--keep DIR]
+                                  [--runs N]
 
 For each example under ``examples/needs/`` (``EXAMPLES``):
 
-1. **Calibrate** (once for all): ``prism bench`` runs the one-operation
-   scenarios ``prism plan --bench-quick`` would (``prism.plan.quick``), with
-   full steps (2 s warm-up, 4 s measured, as the measure's; a closed ladder of 32, 128 and
-   256 calls in flight): every figure the examples' needs can use on this
-   machine.
+1. **Calibrate** (once for all): ``prism bench`` runs the scenarios
+   ``prism plan --bench-quick`` would (``prism.plan.quick``: one operation
+   each, but a cache hit's, 9 gets to 1 put, and what mixing adds, reads
+   and writes half and half), with full steps (2 s warm-up, 4 s measured,
+   as the measure's; a closed ladder of 32, 128 and 256 calls in flight):
+   every figure the examples' needs can use on this machine.
 2. **Plan**: ``prism plan EXAMPLE --bench <those results> --json`` (and
-   once with the built-in costs, for comparison): the predicted
+   once with the built-in costs, and once without the mixing runs, for
+   comparison): the predicted
    ``saturation_rps_per_worker``, the calls/s of the need's mix one worker
    serves at 100% of its CPU.
 3. **Measure**: a scenario derived from the need and the planned config:
