@@ -22,7 +22,15 @@ least ``HIT_RATIO`` gives ``("cache", "get")``, a hit's cost; at most
 from ``MIXED_RATIO`` up to ``HIT_RATIO`` (a short ``ttl_s``),
 ``(backend, "get+cache-mixed")`` with its hit ratio, from which
 ``prism.plan.costfile`` takes a hit's cost among misses; below, nothing. A
-``put`` run gives ``(backend, "put+cache")``.
+``put`` run gives ``(backend, "put+cache")``. A run of gets and puts on the
+cache (the puts invalidating: ``prism plan``'s calibration of a hit, as an
+application's read-mostly mix has them) gives ``(backend,
+"get+cache-mixed")`` too, with the puts' share of its calls (its
+``write_share``: costfile takes their cost out as well) when its hit ratio
+is at least ``MIXED_RATIO``. A run of an abstraction's reads and writes
+together with no cache (``MIXES``) gives ``(backend, "get+put")`` or
+``(backend, "read_events+write_events")``, with its writes' share: what
+mixing them adds to a call (``prism.plan.model``'s x(w)).
 """
 
 from __future__ import annotations
@@ -34,36 +42,52 @@ import msgspec
 from prism.benchmark.results import Results, per_worker
 
 OPERATIONS = ("get", "put", "read_events", "write_events", "publish")
+MIXES = (("get", "put"), ("read_events", "write_events"))  # (read, write) of an abstraction
 HIT_RATIO = 0.95
 MIXED_RATIO = 0.5
 
 
 Ladder = tuple[tuple[float, float], ...]
+Figure = tuple[float, float, Ladder, float | None, float]
 
 
-def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float, Ladder, float | None]]:
-    """``{(backend, op): (cpu_us, sat_rps, ladder, hit ratio)}`` from a results.json
-    document ({} if it gives none); the hit ratio is the step's with the cache, else None.
+def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], Figure]:
+    """``{(backend, op): (cpu_us, sat_rps, ladder, hit ratio, write share)}`` from a
+    results.json document ({} if it gives none); the hit ratio is the step's with
+    the cache, else None; the write share is the puts' share of the calls of a
+    run of gets and puts on the cache, else 0.
 
     Raises msgspec.ValidationError if the document is not a results.json of this schema.
     """
     run = msgspec.convert(data, Results, strict=False)
     scenario: dict[str, Any] = dict(run.scenario)
     workload: dict[str, Any] = dict(scenario.get("workload") or {})
-    ops = [op for op, weight in dict(workload.get("mix") or {}).items() if weight]
+    mix = {op: float(weight) for op, weight in dict(workload.get("mix") or {}).items() if weight}
     best = per_worker(run.steps)
-    if len(ops) != 1 or ops[0] not in OPERATIONS or best is None:
-        return {}
     namespaces: list[dict[str, Any]] = list(scenario.get("namespaces") or [])
     wanted = workload.get("namespace") or (namespaces[0]["name"] if namespaces else "")
     namespace = next((ns for ns in namespaces if ns.get("name") == wanted), None)
-    step = next(s for s in run.steps if s.index == best.step)
-    if namespace is None:
+    if best is None or namespace is None:
         return {}
+    cached = bool(dict(namespace.get("cache") or {}).get("enabled"))
+    step = next(s for s in run.steps if s.index == best.step)
     backend = str(namespace.get("backend", "sqlite"))
+    if cached and set(mix) == {"get", "put"}:  # hits among misses and invalidating writes
+        ratio = step.backend.cache_hit_ratio if step.backend is not None else None
+        if ratio is None or ratio < MIXED_RATIO:
+            return {}
+        share = mix["put"] / (mix["get"] + mix["put"])
+        return {(backend, "get+cache-mixed"): (*_figures(run, best.calls_per_cpu_s), ratio, round(share, 4))}
+    ops = list(mix)
+    pair = next((p for p in MIXES if set(p) == set(ops)), None)
+    if not cached and pair is not None:  # reads and writes together: what mixing adds (prism.plan.model)
+        share = mix[pair[1]] / (mix[pair[0]] + mix[pair[1]])
+        return {(backend, "+".join(pair)): (*_figures(run, best.calls_per_cpu_s), None, round(share, 4))}
+    if len(ops) != 1 or ops[0] not in OPERATIONS:
+        return {}
     key = (backend, ops[0])
-    ratio: float | None = None
-    if dict(namespace.get("cache") or {}).get("enabled") and ops[0] in ("get", "put"):
+    ratio = None
+    if cached and ops[0] in ("get", "put"):
         key = (backend, f"{ops[0]}+cache")
         ratio = step.backend.cache_hit_ratio if step.backend is not None else None
         if ops[0] == "get":
@@ -73,11 +97,15 @@ def plan_costs(data: dict[str, Any]) -> dict[tuple[str, str], tuple[float, float
                 key = (backend, "get+cache-mixed")
             elif ratio is None or ratio > 1 - HIT_RATIO:
                 return {}
+    return {key: (*_figures(run, best.calls_per_cpu_s), ratio if cached else None, 0.0)}
+
+
+def _figures(run: Results, calls_per_cpu_s: float) -> tuple[float, float, Ladder]:
+    """(cpu_us, sat_rps, ladder) of a run whose best figure is ``calls_per_cpu_s``."""
     ladder = tuple(
         (round(sum(busy) / len(busy) / 100, 4), s.latency.p99_us)
         for s in run.steps
         if s.latency.p99_us is not None and s.cpu_pct
         and (busy := [pct for role, pct in s.cpu_pct.items() if role.startswith("worker")])
     )  # fmt: skip
-    hit = ratio if dict(namespace.get("cache") or {}).get("enabled") else None
-    return {key: (round(1e6 / best.calls_per_cpu_s, 1), best.calls_per_cpu_s, ladder, hit)}
+    return round(1e6 / calls_per_cpu_s, 1), calls_per_cpu_s, ladder

@@ -17,9 +17,10 @@ from typing import Any, Final
 import msgspec
 
 from prism.errors import ConfigError
-from prism.plan.model import DEFAULT_COSTS, HIT, Cost, CostTable
+from prism.plan.model import DEFAULT_COSTS, HIT, OPS, Cost, CostTable
 
 _LEGACY_OPS: Final = {"prism_get": "get", "prism_put": "put"}
+MIXED: Final = {"+".join(OPS[a]) for a in ("keyvalue", "timeseries")}  # what mixing adds (model's x(w))
 MAX_FILE_BYTES: Final = 64 << 20  # a results.json of a long ladder is well under 1 MiB
 
 
@@ -37,10 +38,10 @@ def load_costs(paths: list[Path], over: CostTable | None = None) -> CostTable:
         costs.update(got)
         files.update({key: path.name for key in got})
     _hits_among_misses(costs, files)
-    if not costs:
+    if all(op in MIXED for _, op in costs):  # (what mixing adds prices no operation by itself)
         raise ConfigError(
             f"{', '.join(map(str, paths))}: no backend costs in these results "
-            "(a prism bench run of one operation gives one; a mix gives none)"
+            "(a prism bench run of one operation gives one; a mix of reads and writes only adds to them)"
         )
     source = ", ".join(str(p) for p in paths)
     if over is not None:
@@ -51,22 +52,29 @@ def load_costs(paths: list[Path], over: CostTable | None = None) -> CostTable:
 
 
 def _hits_among_misses(costs: dict[tuple[str, str], Cost], files: dict[tuple[str, str], str]) -> None:
-    """A hit's cost from a get run of hits and misses (``get+cache-mixed``, at
-    hit ratio h) and the misses' own (``get+cache``): c_hit = (c - (1 - h)
-    c_miss) / h. A stream of hits alone is answered in whole batches, with no
-    task, and costs less per hit than hits among misses and writes do (on this
-    repository's machine, 31 us against 42): so this one, when both are given."""
+    """A hit's cost from a run of gets on the cache, hits and misses
+    (``get+cache-mixed``: gets at hit ratio h, and a share w of its calls
+    puts that invalidate), the misses' own cost (``get+cache``) and, with
+    puts, the cached writes' (``put+cache``): a call cost c, so
+
+        c_hit = (c - w c_put - (1 - w) (1 - h) c_miss) / ((1 - w) h)
+
+    A stream of hits alone is answered in whole batches, with no task, and
+    costs less per hit than hits among misses and writes do (on this
+    repository's machine, 31 us against 39-42): so this one, when both are given."""
     for (backend, op), mixed in list(costs.items()):
         if op != "get+cache-mixed":
             continue
         del costs[backend, op]
         miss = costs.get((backend, "get+cache"))
-        h = mixed.hit_ratio
-        if miss is None or not h:
+        put = costs.get((backend, "put+cache"))
+        h, w = mixed.hit_ratio, mixed.write_share
+        if miss is None or not h or (w > 0 and put is None):
             continue
-        c_hit = (mixed.cpu_us - (1 - h) * miss.cpu_us) / h
+        writes = w * put.cpu_us if put is not None and w > 0 else 0.0
+        c_hit = (mixed.cpu_us - writes - (1 - w) * (1 - h) * miss.cpu_us) / ((1 - w) * h)
         if c_hit > 0:
-            costs[HIT] = Cost(round(c_hit, 1), round(1e6 / c_hit), mixed.ladder, h)
+            costs[HIT] = Cost(round(c_hit, 1), round(1e6 / c_hit), mixed.ladder, h, w)
             files[HIT] = files.pop((backend, op), "")
 
 
@@ -81,8 +89,8 @@ def _read(path: Path, machine: dict[str, Any]) -> tuple[dict[tuple[str, str], Co
         if data.get("kind") == "prism-bench-results":  # prism bench's results.json
             from prism.benchmark.costs import plan_costs
 
-            for key, (cpu_us, sat_rps, ladder, hit) in plan_costs(data).items():
-                costs[key] = Cost(cpu_us, sat_rps, ladder, hit)
+            for key, (cpu_us, sat_rps, ladder, hit, writes) in plan_costs(data).items():
+                costs[key] = Cost(cpu_us, sat_rps, ladder, hit, writes)
             return costs, data.get("machine") or machine
         for backend, figures in data["results"].items():
             for name, op in _LEGACY_OPS.items():

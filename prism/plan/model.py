@@ -13,11 +13,18 @@ saturation:
     sat_rps  1e6 / cpu_us: the calls/s one worker serves at its whole CPU
 
 and, for a namespace with the shared cache: ``("cache", "get")``, a
-GetItems answered from the cache (measured among misses: a run at about 90%
-hits, less its misses' cost; hits alone are answered in whole batches with
-no task and cost a quarter less); ``(backend, "get+cache")``, one that
+GetItems answered from the cache; ``(backend, "get+cache")``, one that
 missed (the lookup, the backend's read, storing the answer);
 ``(backend, "put+cache")``, a PutItems (it also invalidates the record).
+A hit is measured as an application's read-mostly mix has them, among the
+misses its writes cause: a run of 9 gets to 1 put (the plan's 30 s TTL, so
+the puts, not the TTL, make the misses: about 90% of the gets hit at any
+calls/s), its CPU per call c at hit ratio h, less the puts' and the
+misses' shares: c_hit = (c - 0.1 c_put - 0.9 (1 - h) c_miss) / (0.9 h).
+(Measured among a short TTL's expiries instead, the run's hit ratio moved
+with its own calls/s, 0.4 to 0.9 over one ladder, and a hit cost 61 us
+where the read-cached example's mix paid about 40; hits alone, answered in
+whole batches with no task, cost 31.)
 Without those two, a miss costs c(get) + CACHE_MISS_US and a write c(put) +
 CACHE_WRITE_US. Then, for a namespace declaring ``read_rps`` R,
 ``write_rps`` W, ``records`` N and values of ``item_bytes`` B:
@@ -32,10 +39,22 @@ CACHE_WRITE_US. Then, for a namespace declaring ``read_rps`` R,
                   second is a hit h = r L / (1 + r L) of the time, times the
                   share of records the cache holds, min(1, CACHE_RECORDS / N).
                   With W >> N / T, h ~ R / (R + W). N not declared: h = 0
+    mixing        (no cache) a call of a mix with a share w = W / (R + W) of
+                  writes costs x(w) = k w (1 - w) more than the weighted
+                  mean of the two pure streams': 0 for either alone, most at
+                  half and half. k from a run of reads and writes together
+                  (key (backend, "get+put") or ("read_events+write_events"),
+                  writes a share s, CPU per call c_m): k = (c_m - (1 - s)
+                  cpu_us(read) - s cpu_us(write)) / (s (1 - s)); without
+                  that run, x = 0. (SQLite's reads and writes run in
+                  threads of their own, contending with the loop for its
+                  CPU and the GIL; the reads also find the writes' WAL.)
     demand        D = R * (h * c_hit + (1 - h) * c(read)) + W * c(write)
+                      + (R + W) * x(w)
                   in CPU-microseconds per second (D / 1e6 CPUs); c_hit is
                   ("cache", "get")'s cost, else CACHE_HIT_SHARE * c(read);
                   with the cache, c(read) and c(write) are the "+cache" ones
+                  and x = 0 (a hit's cost is measured among writes)
     saturation    S = 1e6 * (R + W) / D: the calls/s of this mix one worker
                   serves at 100% of its CPU
     workers       N_w = ceil(D / 1e6 / TARGET_UTILISATION), at least 1: each
@@ -47,6 +66,15 @@ A tenant's namespaces share its workers, so a tenant's N_w and S are those of
 the sum of its namespaces' D and calls. The machine needs the sum of the
 tenants' N_w, plus one CPU for the supervisor and admin process when there
 are more than two.
+
+Calibration and measure alike: each figure is ``prism bench``'s
+saturation.per_worker (1e6 / the lowest worker CPU per call over the
+steps where the worker was at least half busy), on the same closed
+ladder (32, 128, 256 calls in flight, 2 s warm-up, 4 s measured, one worker
+pinned). Other work only ever adds to a run's CPU per call (on the worker's
+CPU, or the load generator's: a starved generator sends smaller batches,
+each call then carrying more of the loop's fixed cost), so
+``bench/plan_accuracy.py`` makes every run twice and keeps the lower.
 
 Where the costs come from: ``--bench FILE`` (``prism bench``'s results.json
 of a one-operation scenario, ``prism.plan.costfile``), a quick run of
@@ -97,6 +125,7 @@ class Cost:
     sat_rps: float
     ladder: tuple[tuple[float, float], ...] = ()
     hit_ratio: float | None = None  # the cache's, in the run it came from (a namespace with the cache)
+    write_share: float = 0.0  # the puts' share of that run's calls (a hit's: measured among writes)
 
 
 @dataclass(frozen=True)
@@ -125,9 +154,12 @@ class CostTable:
 # figures before them (bench/results/backends.json: 100-byte values at 64 in
 # flight, one cost for KeyValue's and TimeSeries' reads) were 20-45% off
 # this machine's: a TimeSeries' ReadEvents of 10 events costs 2-3 GetItems.
+# No run of reads and writes together: with these costs, mixing adds nothing (x = 0).
 DEFAULT_COSTS: Final = CostTable(
     {
-        HIT: Cost(41.6, 24038),  # among misses (1 s TTL, 89% hits: 46.7 us a get); hits alone 31.1
+        # Among misses (1 s TTL, 89% hits: 46.7 us a get); hits alone 31.1. (The read-cached
+        # example's quiet measure, 45.5 us a call at 93% hits, less its misses and writes: 39.)
+        HIT: Cost(41.6, 24038),
         ("memory", "get"): Cost(58.3, 17153),
         ("memory", "put"): Cost(64.9, 15408),
         ("memory", "read_events"): Cost(115.8, 8636),
@@ -158,6 +190,7 @@ class Demand:
     read_us: float  # per read, after the cache
     write_us: float  # per write
     hit_rate: float
+    mix_us: float = 0.0  # per call: what mixing reads and writes adds (MIX), in cpu_us_per_s
 
     @property
     def saturation_rps(self) -> float:
@@ -216,7 +249,22 @@ def demand(
         c_write = _with_cache(table, backend, write_op, item_bytes, c_write, CACHE_WRITE_US)
     hit = hit_rate(read_rps, write_rps, records) if cached else 0.0
     per_read = hit * c_hit + (1.0 - hit) * c_read
-    return Demand(read_rps * per_read + write_rps * c_write, read_rps + write_rps, per_read, c_write, hit)
+    calls = read_rps + write_rps
+    mixing = 0.0 if cached else mix_us(table, backend, abstraction, write_rps / calls if calls else 0.0)
+    cpu = read_rps * per_read + write_rps * c_write + calls * mixing
+    return Demand(cpu, calls, per_read, c_write, hit, mixing)
+
+
+def mix_us(table: CostTable, backend: str, abstraction: str, w: float) -> float:
+    """x(w) of the module docstring: what a call costs more in a mix of reads and a
+    share ``w`` of writes than the two streams' weighted mean; 0 without MIX's run."""
+    read_op, write_op = OPS[abstraction]
+    mixed, read, write = (table.cost(backend, op) for op in (f"{read_op}+{write_op}", read_op, write_op))
+    s = mixed.write_share if mixed else 0.0
+    if mixed is None or read is None or write is None or not 0 < s < 1:
+        return 0.0
+    k = (mixed.cpu_us - (1 - s) * read.cpu_us - s * write.cpu_us) / (s * (1 - s))
+    return k * w * (1 - w)
 
 
 def _with_cache(

@@ -6,8 +6,15 @@ need may take (its candidates: ``planner.candidates_for``), the operations
 it sends (KeyValue get, put; TimeSeries read_events, write_events) and, where
 the plan may give it the shared cache (and it declares its records: else
 the model counts no hits), a cache hit, a miss and a write with the cache
-on. ``bench/plan_accuracy.py`` runs the same scenarios with
-longer steps. Each scenario is one operation on one namespace, records of
+on. A hit is measured as applications' read-mostly mixes have them: among
+misses that writes cause (``HIT_MIX``: 9 gets to 1 put, the puts
+invalidating their records, about 90% of the gets hits whatever the calls/s;
+``prism.plan.costfile`` takes the misses' and the writes' cost out, so a
+hit's figure needs the miss's and the write's runs too).
+A need that reads and writes (with no cache) also gets a run of both, half
+and half: what mixing them adds to a call (``prism.plan.model``'s x(w)).
+``bench/plan_accuracy.py`` runs the same scenarios with longer steps. Each
+scenario is one operation on one namespace (a hit's: two), records of
 ``model.VALUE_BYTES``, uniform keys, one worker pinned (``prism bench``'s
 placement), with the options the plan writes for that backend; its
 results.json is what ``--bench`` reads (``prism.benchmark.costs``).
@@ -36,10 +43,12 @@ from prism.plan.planner import candidates_for, would_cache
 
 LADDER = (32, 128, 256)  # closed loop: calls in flight; the top saturates one worker here
 RECORDS = 2000
-HIT_TTL_S = 1.0  # records read ~10 times a second each at saturation: about 90% hits among misses
+MIX = "mix"  # a Calibration's op: its abstraction's read and write, half and half (model's x(w))
+HIT_MIX = {"get": 9, "put": 1}  # a hit's run: gets among invalidating puts, ~90% of gets hit
+HIT_TTL_S = 30.0  # (as a plan's: the writes, not the TTL, make the misses)
 MISS_TTL_S = 0.001  # every entry expired when read again: misses only
 QUICK_TIMEOUT_S = 90.0
-FULL_STEP_S = (1.0, 4.0)  # warm-up, measured, per step of a full (not quick) run
+FULL_STEP_S = (2.0, 4.0)  # warm-up, measured, per step of a full (not quick) run (plan_accuracy's measure's)
 
 
 class QuickFailed(RuntimeError):
@@ -48,8 +57,9 @@ class QuickFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """One figure to measure: ``op`` on ``backend``; ``cache``: "" (none),
-    "hit", "miss" (a get) or "on" (a put) with the shared cache."""
+    """One figure to measure: ``op`` on ``backend`` (``MIX``: its abstraction's
+    read and write, half and half); ``cache``: "" (none), "hit", "miss" (a
+    get) or "on" (a put) with the shared cache."""
 
     backend: str
     abstraction: str
@@ -58,6 +68,8 @@ class Calibration:
 
     @property
     def name(self) -> str:
+        if self.op == MIX:
+            return f"{self.backend}-{self.abstraction}-mix"
         return "-".join(p for p in ("cache" if self.cache == "hit" else self.backend, self.op,
                                     "" if self.cache == "hit" else self.cache) if p)  # fmt: skip
 
@@ -66,6 +78,8 @@ class Calibration:
         """The cost table key the run gives."""
         if self.cache == "hit":
             return HIT
+        if self.op == MIX:
+            return (self.backend, "+".join(OPS[self.abstraction]))
         return (self.backend, f"{self.op}+cache" if self.cache else self.op)
 
 
@@ -78,17 +92,16 @@ def calibrations_for(needs: Sequence[Need], addresses: Mapping[str, str]) -> lis
         read, write = OPS[need.abstraction]
         for backend in candidates_for(need, addresses):
             wanted = [c for c, rps in ((read, need.read_rps), (write, need.write_rps)) if rps > 0]
-            for op in wanted:
+            for op in [*wanted, MIX] if len(wanted) == 2 else wanted:  # (both: what mixing adds)
                 cal = Calibration(backend, need.abstraction, op)
                 out.setdefault(cal.key, cal)
             if would_cache(need, backend) and need.records > 0:  # (no records declared: no hits)
-                for cal in (
+                for cal in (  # (a hit's figure takes the miss's and the cached write's out)
                     Calibration(backend, "keyvalue", "get", "hit"),
                     Calibration(backend, "keyvalue", "get", "miss"),
                     Calibration(backend, "keyvalue", "put", "on"),
                 ):
-                    if cal.op in wanted or cal.cache == "hit":
-                        out.setdefault(cal.key, cal)
+                    out.setdefault(cal.key, cal)
     return list(out.values())
 
 
@@ -116,7 +129,7 @@ def scenario_toml(cal: Calibration, addresses: Mapping[str, str], quick: bool) -
         f"records = {RECORDS}",
         f"value_bytes = {VALUE_BYTES}",
         "[workload.mix]",
-        f"{cal.op} = 1",
+        *(f"{op} = {w}" for op, w in _mix(cal).items()),
         "[load]",
         'mode = "closed"',
         f"concurrency = [{', '.join(map(str, LADDER))}]",
@@ -169,6 +182,14 @@ def calibrate(
         progress.write(f"prism plan: {cal.name} measured in {time.monotonic() - started:.0f} s\n")
         progress.flush()
     return paths
+
+
+def _mix(cal: Calibration) -> dict[str, int]:
+    if cal.cache == "hit":
+        return HIT_MIX
+    if cal.op == MIX:
+        return dict.fromkeys(OPS[cal.abstraction], 1)
+    return {cal.op: 1}
 
 
 def _q(value: str) -> str:

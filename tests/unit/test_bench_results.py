@@ -166,7 +166,12 @@ def test_prism_plan_reads_a_one_operation_run_and_skips_a_mix(tmp_path: Path) ->
     # The worker's CPU per call at its best step (of those at least half busy), the calls/s
     # one worker would serve at its whole CPU, and each step's (worker busy share, p99).
     assert table.costs == {("postgres", "get"): Cost(50.0, 20000.0, ((0.4, 1000.0), (0.9, 9000.0)))}
+    # A mix prices no operation: of reads and writes, it only gives what mixing adds to them.
     run.scenario["workload"] = {"mix": {"get": 0.9, "put": 0.1}}
+    results.write(path, run)
+    with pytest.raises(ConfigError, match="no backend costs"):
+        load_costs([path])
+    run.scenario["workload"] = {"mix": {"get": 0.9, "scan": 0.1}}
     results.write(path, run)
     with pytest.raises(ConfigError, match="no backend costs"):
         load_costs([path])
@@ -198,7 +203,7 @@ def test_a_run_on_a_namespace_with_the_cache_gives_a_hit_a_miss_or_a_cached_writ
         "workload": {"mix": {op: 1.0}},
     }
     got = plan_costs(msgspec.to_builtins(run))
-    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),), hit_ratio)} if key else {})
+    assert got == ({key: (50.0, 20000.0, ((0.9, 9000.0),), hit_ratio, 0.0)} if key else {})
 
 
 def test_the_saturation_per_worker_is_its_lowest_cpu_per_call_when_busy() -> None:

@@ -10,6 +10,8 @@ import tomllib
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from prism.benchmark.scenario import parse_scenario
 from prism.cli.main import main
 from prism.plan.needs import load_needs
@@ -59,3 +61,28 @@ def test_the_examples_are_the_three_the_issue_names() -> None:
         "write-postgres": ("keyvalue", "postgres", False),
         "timeseries-sqlite": ("timeseries", None, False),
     }
+
+
+def test_runs_out_of_bounds_is_refused_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    module = script()
+    for bad in ("0", "6", "x"):
+        monkeypatch.setattr(sys, "argv", ["plan_accuracy.py", "--runs", bad, "--keep", str(tmp_path / "k")])
+        with pytest.raises(SystemExit) as exited:
+            module.main()
+        assert exited.value.code == 2 and "--runs" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()  # nothing calibrated, nothing written
+
+
+def test_the_lowest_cpu_per_call_of_a_figures_runs_is_kept(tmp_path: Path) -> None:
+    from tests.unit.test_plan_report import bench_file
+
+    module = script()
+    runs = [
+        bench_file(tmp_path / f"{n}.json", "sqlite", "get", [(95, us, 3000)])
+        for n, us in (("a", 90), ("b", 60))
+    ]
+    assert module._lowest(runs) == runs[1] and [module._cpu_us(p) for p in runs] == [90.0, 60.0]
+    # A run that failed leaves the figure to the others, in one line.
+    assert module._attempt(lambda: (_ for _ in ()).throw(SystemExit("prism bench exited 1"))) == []

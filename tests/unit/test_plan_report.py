@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,14 @@ def _step(index: int, busy: float, cpu_us: float, p99: float) -> Step:
 
 
 def bench_file(
-    path: Path, backend: str, op: str, ladder: list[tuple[float, float, float]], hit: float | None = None
+    path: Path,
+    backend: str,
+    op: str | dict[str, float],
+    ladder: list[tuple[float, float, float]],
+    hit: float | None = None,
 ) -> Path:
-    """A results.json of one operation on ``backend``: steps of (busy %, worker CPU us per call,
-    p99 us); with ``hit``, on a namespace with the cache, at that hit ratio."""
+    """A results.json of one operation (or a mix) on ``backend``: steps of (busy %, worker CPU
+    us per call, p99 us); with ``hit``, on a namespace with the cache, at that hit ratio."""
     steps = [_step(i, *s) for i, s in enumerate(ladder)]
     namespace: dict[str, object] = {"name": "b", "backend": backend}
     if hit is not None:
@@ -78,7 +83,8 @@ def bench_file(
         schema_version=results.SCHEMA_VERSION, kind=results.KIND, outcome="ok", failure=None,
         started_at="2026-01-01T00:00:00+00:00", finished_at="2026-01-01T00:01:00+00:00",
         scenario_file="s.toml", quick=False,
-        scenario={"name": "s", "namespaces": [namespace], "workload": {"mix": {op: 1}}},
+        scenario={"name": "s", "namespaces": [namespace],
+                  "workload": {"mix": op if isinstance(op, dict) else {op: 1}}},
         server=ServerSetup(True, "127.0.0.1:1", 1, [0], [1], 1),
         machine=Machine("cpu", 2, "6", "3.11", "0.1.0", "upb", {}, None, {}),
         steps=steps, saturation=saturation(steps), warnings=[],
@@ -193,9 +199,10 @@ def test_the_quick_bench_runs_what_the_needs_can_use() -> None:
     ]
     runs = calibrations_for(needs, {"postgres": "postgresql://127.0.0.1/x"})
     assert [r.key for r in runs] == [
-        ("sqlite", "get"), ("sqlite", "put"), ("cache", "get"), ("sqlite", "get+cache"),
-        ("sqlite", "put+cache"), ("postgres", "get"), ("postgres", "put"), ("postgres", "get+cache"),
-        ("postgres", "put+cache"), ("sqlite", "write_events"), ("postgres", "write_events"),
+        ("sqlite", "get"), ("sqlite", "put"), ("sqlite", "get+put"), ("cache", "get"),
+        ("sqlite", "get+cache"), ("sqlite", "put+cache"), ("postgres", "get"), ("postgres", "put"),
+        ("postgres", "get+put"), ("postgres", "get+cache"), ("postgres", "put+cache"),
+        ("sqlite", "write_events"), ("postgres", "write_events"),
     ]  # fmt: skip
     import tomllib
 
@@ -237,3 +244,72 @@ def test_a_hits_cost_is_taken_among_misses(tmp_path: Path) -> None:
     # Without the misses' cost, no hit's cost (and no stray mixed figure).
     with pytest.raises(ConfigError, match="no backend costs"):
         load_costs([mixed])
+
+
+def test_a_hits_cost_is_taken_among_misses_and_the_writes_that_make_them(tmp_path: Path) -> None:
+    from prism.plan.costfile import load_costs
+    from prism.plan.model import HIT
+
+    # 9 gets to 1 put, 80% of the gets hits: a call costs 60 us; a miss alone 140, a cached put 150.
+    # 60 = 0.1 x 150 + 0.9 x (0.8 x hit + 0.2 x 140): a hit, 27.5 us.
+    mixed = bench_file(tmp_path / "mixed.json", "sqlite", {"get": 9, "put": 1}, [(95, 60, 3000)], hit=0.8)
+    misses = bench_file(tmp_path / "miss.json", "sqlite", "get", [(95, 140, 9000)], hit=0.0)
+    puts = bench_file(tmp_path / "put.json", "sqlite", "put", [(95, 150, 9000)], hit=1.0)
+    table = load_costs([mixed, misses, puts])
+    hit = table.cost(*HIT)
+    assert hit is not None and hit.cpu_us == 27.5 and (hit.hit_ratio, hit.write_share) == (0.8, 0.1)
+    assert table.cost("sqlite", "put+cache") is not None and table.cost("sqlite", "get+cache-mixed") is None
+    # Without the cached writes' cost, no hit's cost: its writes could not be taken out.
+    with pytest.raises(ConfigError, match="no backend costs"):
+        load_costs([mixed])
+    assert load_costs([mixed, misses]).cost(*HIT) is None
+    # Too few hits (writes to most records between reads): no figure from the run.
+    low = bench_file(tmp_path / "low.json", "sqlite", {"get": 1, "put": 1}, [(95, 60, 3000)], hit=0.3)
+    assert load_costs([low, misses, puts]).cost(*HIT) is None
+
+
+def test_a_hits_calibration_is_gets_among_invalidating_puts() -> None:
+    import tomllib
+
+    from prism.plan.quick import HIT_MIX
+
+    run = Calibration("sqlite", "keyvalue", "get", "hit")
+    scenario = parse_scenario(tomllib.loads(scenario_toml(run, {}, False)))
+    assert (
+        scenario.workload.mix.weights()
+        == {"get": 9.0, "put": 1.0}
+        == {k: float(v) for k, v in HIT_MIX.items()}
+    )
+    # The writes make the misses, not the TTL: the plan's TTL.
+    assert scenario.namespace.cache.enabled and scenario.namespace.cache.ttl_s == CACHE_TTL_S
+    # A need that reads only still gets the miss's and the cached write's runs its hit needs.
+    runs = calibrations_for([Need("kv", read_rps=900, records=1000)], {})
+    assert [r.key for r in runs] == [("sqlite", "get"), ("cache", "get"), ("sqlite", "get+cache"),
+                                     ("sqlite", "put+cache")]  # fmt: skip
+
+
+def test_what_mixing_reads_and_writes_adds_comes_from_a_half_and_half_run(tmp_path: Path) -> None:
+    from prism.plan.costfile import load_costs
+    from prism.plan.model import demand
+
+    runs = {r.key: r for r in calibrations_for([Need("ts", "timeseries", read_rps=300, write_rps=700)], {})}
+    mix = runs["sqlite", "read_events+write_events"]
+    scenario = parse_scenario(tomllib.loads(scenario_toml(mix, {}, False)))
+    assert scenario.workload.mix.weights() == {"read_events": 1.0, "write_events": 1.0}
+    assert mix.name == "sqlite-timeseries-mix" and not scenario.namespace.cache.enabled
+    # Reads 150 us, writes 150 us alone; half and half, 180 us a call: 30 us more at w = 0.5,
+    # so k = 30 / 0.25 = 120, and at w = 0.7, x = 120 x 0.21 = 25.2 us more a call.
+    files = [
+        bench_file(tmp_path / "r.json", "sqlite", "read_events", [(95, 150, 3000)]),
+        bench_file(tmp_path / "w.json", "sqlite", "write_events", [(95, 150, 3000)]),
+        bench_file(tmp_path / "m.json", "sqlite", {"read_events": 1, "write_events": 1}, [(95, 180, 3000)]),
+    ]
+    table = load_costs(files)
+    got = demand(table, "sqlite", "timeseries", 300, 700, 512, 1000, cached=False)
+    assert not isinstance(got, str)
+    assert got.mix_us == pytest.approx(25.2) and got.cpu_us_per_s == pytest.approx(1000 * (150 + 25.2))
+    # Either stream alone: nothing added; without the mixed run, nothing either.
+    alone = demand(table, "sqlite", "timeseries", 0, 700, 512, 1000, cached=False)
+    assert not isinstance(alone, str) and alone.mix_us == 0.0
+    plain = demand(load_costs(files[:2]), "sqlite", "timeseries", 300, 700, 512, 1000, cached=False)
+    assert not isinstance(plain, str) and plain.cpu_us_per_s == pytest.approx(150_000)
