@@ -38,20 +38,33 @@ def replace_file(path: str, data: bytes) -> str:
     """Replace the file at ``path`` (a link: its target) with ``data``, atomically and durably;
     return the new file's identity. Raises OSError, the file unchanged, if it cannot."""
     target = os.path.realpath(path)
-    directory = os.path.dirname(target)
     old = os.stat(target)
+    st = write_atomically(target, data, mode=stat.S_IMODE(old.st_mode), owner=(old.st_uid, old.st_gid))
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def write_atomically(
+    target: str, data: bytes, *, mode: int, owner: tuple[int, int] | None = None, durable: bool = True
+) -> os.stat_result:
+    """Replace ``target`` with ``data``, whole or not at all: a temporary file
+    beside it (``mode``; ``owner`` where this process may give it), renamed
+    over it; with ``durable``, the data and the rename fsynced. The new file's
+    stat. Raises OSError, ``target`` unchanged."""
+    directory = os.path.dirname(target)
     fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", dir=directory)
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fchmod(fd, stat.S_IMODE(old.st_mode))
-            try:
-                os.fchown(fd, old.st_uid, old.st_gid)
-            except PermissionError:
-                pass  # not ours to give away: the file's owner becomes this process's user
-            os.fsync(fd)
+            os.fchmod(fd, mode)
+            if owner is not None:
+                try:
+                    os.fchown(fd, *owner)
+                except PermissionError:
+                    pass  # not ours to give away: the file's owner becomes this process's user
+            if durable:
+                os.fsync(fd)
             st = os.fstat(fd)
         finally:
             os.close(fd)
@@ -62,8 +75,9 @@ def replace_file(path: str, data: bytes) -> str:
         except OSError:
             pass
         raise
-    _fsync_dir(directory)
-    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+    if durable:
+        _fsync_dir(directory)
+    return st
 
 
 def _fsync_dir(directory: str) -> None:

@@ -30,12 +30,13 @@ import enum
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+
+from prism.config.store import write_atomically
 
 __all__ = [
     "COMMANDS",
@@ -360,26 +361,7 @@ def _write(root: Path, path: Path, data: bytes) -> None:
 def write_private(path: Path, data: bytes, *, durable: bool) -> None:
     """Replace ``path`` with ``data`` (0600), whole or not at all; with
     ``durable``, fsynced, the rename too. Raises OSError, the file unchanged."""
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, 0o600)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        _fsync_dir(path.parent)
+    write_atomically(str(path), data, mode=0o600, durable=durable)
 
 
 def _fsync_dir(directory: Path) -> None:
