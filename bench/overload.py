@@ -36,10 +36,9 @@ Prints the figures and writes JSON (``--out``). See README.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import math
-import multiprocessing
 import os
 import re
 import subprocess
@@ -49,7 +48,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 from bench_load import grpc_frame, h2load_path, machine_info, percentile
 from bench_servers import (
     GET_ITEMS,
@@ -61,12 +59,16 @@ from bench_servers import (
     seed,
 )
 
+from prism.benchmark.loadgen import Plan
+from prism.benchmark.loadpool import LoadPool, StepTotals
+from prism.benchmark.seed import seed_and_learn
+from prism.benchmark.workload import Spec
 from prism.proto import kv_pb2
 
 HERE = Path(__file__).resolve().parent
 LADDER = (0.5, 0.8, 1.0, 1.5, 2.0)
-DEADLINE_S = 1.0
-CHANNELS_PER_CLIENT = 4  # connections per load process (a connection carries 100 streams at most)
+DEADLINE_S = 1.0  # every call's deadline (grpc-timeout)
+WARMUP_S = 0.5  # per step, before the measured window
 TARGETS = {
     "goodput_at_2x_vs_saturation": 0.9,
     "p99_2x_vs_p99_0_8x": 3.0,
@@ -75,84 +77,25 @@ TARGETS = {
 }
 
 
-# ---------------------------------------------------------------- load (in the client processes)
+# ---------------------------------------------------------------- load
+
+# Open loop: calls are due on a fixed schedule whatever the answers do; a
+# call's latency runs from when it was due (prism.benchmark.loadgen).
+OPEN_CONNECTIONS = 32
+RECORDS = 1000  # GetItems of one of these records (100-byte values), uniformly
 
 
-async def _open_loop(
-    target: str, request: bytes, rate: float, duration_s: float, start_at: float
-) -> dict[str, Any]:
-    """Send ``rate`` calls a second for ``duration_s`` on a fixed schedule from
-    ``start_at`` (time.time()), whatever the answers; the outcome of each."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS_PER_CLIENT)]
-    stubs = [ch.unary_unary(GET_ITEMS) for ch in channels]
-    ok: list[int] = []
-    codes: dict[str, int] = {}
-    loop = asyncio.get_running_loop()
-    base = loop.time() + max(0.0, start_at - time.time())
-
-    async def one(stub: Any, due: float) -> None:
-        try:
-            await stub(request, timeout=DEADLINE_S)
-        except grpc.aio.AioRpcError as exc:
-            name = exc.code().name
-            codes[name] = codes.get(name, 0) + 1
-            return
-        ok.append(int((loop.time() - due) * 1e6))
-
-    total = int(rate * duration_s)
-    tasks = []
-    sent = 0
-    late_s = 0.0
-    while sent < total:
-        now = loop.time()
-        while sent < total and base + sent / rate <= now:
-            due = base + sent / rate
-            late_s = max(late_s, now - due)
-            tasks.append(asyncio.ensure_future(one(stubs[sent % len(stubs)], due)))
-            sent += 1
-        if sent < total:
-            await asyncio.sleep(max(0.0, min(0.001, base + sent / rate - loop.time())))
-    span_s = loop.time() - base
-    await asyncio.gather(*tasks)
-    for ch in channels:
-        await ch.close()
-    return {"ok_us": ok, "codes": codes, "sent": sent, "span_s": span_s, "max_late_s": late_s}
-
-
-async def _closed_loop(target: str, request: bytes, inflight: int, duration_s: float) -> dict[str, Any]:
-    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS_PER_CLIENT)]
-    stubs = [ch.unary_unary(GET_ITEMS) for ch in channels]
-    end = time.monotonic() + duration_s
-    done = refused = 0
-
-    async def worker(i: int) -> None:
-        nonlocal done, refused
-        stub = stubs[i % len(stubs)]
-        while time.monotonic() < end:
-            try:
-                await stub(request, timeout=DEADLINE_S)
-                done += 1
-            except grpc.aio.AioRpcError as exc:
-                # A refusal's pushback is honoured, as gRPC's retry policy does
-                # (A6): a client that called again at once would measure how
-                # fast the worker refuses, not how much it serves.
-                pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    refused += 1
-                if isinstance(pushback, str) and pushback.isdigit():
-                    await asyncio.sleep(int(pushback) / 1000)
-
-    await asyncio.gather(*(worker(i) for i in range(inflight)))
-    for ch in channels:
-        await ch.close()
-    return {"ok": done, "refused": refused}
-
-
-def _client(kind: str, cpus: set[int], args: tuple[Any, ...]) -> dict[str, Any]:
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    run = _open_loop if kind == "open" else _closed_loop
-    return asyncio.run(run(*args))  # type: ignore[operator]
+def spec_of(namespace: str) -> Spec:
+    return Spec(
+        namespace=namespace,
+        weights={"get": 1.0},
+        records=RECORDS,
+        value_bytes=100,
+        distribution="uniform",
+        zipf_skew=0.0,
+        events_per_series=0,
+        scan_limit=0,
+    )
 
 
 # ---------------------------------------------------------------- the server's share of its CPU
@@ -204,79 +147,68 @@ class CpuCap:
 
 
 class Bench:
-    def __init__(self, server: PrismServer, clients: int, client_cpus: set[int], duration_s: float) -> None:
+    def __init__(self, server: PrismServer, pool: LoadPool, duration_s: float) -> None:
         self.server = server
-        self.clients = clients
-        self.client_cpus = client_cpus
+        self.pool = pool
         self.duration_s = duration_s
-        self.pool = multiprocessing.get_context("spawn").Pool(clients * 2)
+        self.specs: dict[str, Spec] = {}
         self.saturation_busy = self.saturation_refused = 0.0
+        self.saturation_tried: list[dict[str, float]] = []
 
-    def request(self, namespace: str) -> bytes:
-        return kv_pb2.GetItemsRequest(namespace=namespace, id="r").SerializeToString()
+    def seed(self, namespace: str) -> None:
+        host, port = self.server.target.rsplit(":", 1)
+        self.specs[namespace] = seed_and_learn(host, int(port), spec_of(namespace))
 
-    def saturation(self, namespace: str, inflight: int) -> float:
-        per = max(1, inflight // self.clients)
-        jobs = [
-            self.pool.apply_async(
-                _client,
-                (
-                    "closed",
-                    self.client_cpus,
-                    (self.server.target, self.request(namespace), per, self.duration_s),
-                ),
-            )
-            for _ in range(self.clients)
-        ]
+    def _run(self, namespace: str, mode: str, connections: int, streams: int, rate: float) -> StepTotals:
+        host, port = self.server.target.rsplit(":", 1)
+        plan = Plan(
+            host, int(port), mode, connections, streams, rate, 0.0, WARMUP_S, self.duration_s, 1,
+            timeout_ms=round(DEADLINE_S * 1000),
+        )  # fmt: skip
+        start_at = self.pool.start(plan, self.specs[namespace])
+        time.sleep(max(0.0, start_at + WARMUP_S - time.monotonic()))
         cpu_before = self.worker_cpu_s()
-        results = [j.get() for j in jobs]
-        self.saturation_busy = (self.worker_cpu_s() - cpu_before) / self.duration_s
-        self.saturation_refused = sum(r["refused"] for r in results) / self.duration_s
-        return sum(r["ok"] for r in results) / self.duration_s
+        time.sleep(max(0.0, start_at + WARMUP_S + self.duration_s - time.monotonic()))
+        self.busy = (self.worker_cpu_s() - cpu_before) / self.duration_s
+        totals = self.pool.collect(self.duration_s + 60)
+        if totals.wrong_total:
+            raise SystemExit(f"{namespace}: {totals.wrong_total} wrong answers, e.g. {totals.wrong}")
+        return totals
 
-    def offer(self, loads: dict[str, float]) -> dict[str, dict[str, Any]]:
-        """Open-loop ``loads`` (namespace -> calls/s) at the same time; per namespace, what came back."""
-        start_at = time.time() + 1.0  # every process starts its schedule together
-        jobs: dict[str, list[Any]] = {}
-        for namespace, rate in loads.items():
-            per = rate / self.clients
-            jobs[namespace] = [
-                self.pool.apply_async(
-                    _client,
-                    (
-                        "open",
-                        self.client_cpus,
-                        (self.server.target, self.request(namespace), per, self.duration_s, start_at),
-                    ),
-                )
-                for _ in range(self.clients)
-            ]
+    def saturation(self, namespace: str, inflight: tuple[int, ...]) -> float:
+        """The most OK calls/s the worker served, closed loop, over ``inflight``
+        calls in flight (back to back, OPEN_CONNECTIONS connections)."""
+        best = 0.0
+        for n in inflight:
+            totals = self._run(namespace, "closed", OPEN_CONNECTIONS, max(1, n // OPEN_CONNECTIONS), 0.0)
+            ok = totals.ok_calls / self.duration_s
+            refused = totals.errors.get("get", {}).get("RESOURCE_EXHAUSTED", 0) / self.duration_s
+            self.saturation_tried.append(
+                {"inflight": n, "ok_per_s": round(ok, 1), "refused_per_s": round(refused, 1),
+                 "worker_busy": round(self.busy, 3)}
+            )  # fmt: skip
+            if ok > best:
+                best, self.saturation_busy, self.saturation_refused = ok, self.busy, refused
+        return best
+
+    def offer(self, namespace: str, rate: float) -> dict[str, Any]:
+        """Open-loop ``rate`` calls/s of ``namespace``; what came back."""
         rss_before = self.worker_rss_kib()
-        cpu_before = self.worker_cpu_s()
-        out = {}
-        for namespace, parts in jobs.items():
-            results = [j.get(timeout=self.duration_s + 60) for j in parts]
-            ok = sorted(us for r in results for us in r["ok_us"])
-            codes: dict[str, int] = {}
-            for r in results:
-                for code, n in r["codes"].items():
-                    codes[code] = codes.get(code, 0) + n
-            span = max(r["span_s"] for r in results) or self.duration_s
-            out[namespace] = {
-                "offered_per_s": round(loads[namespace], 1),
-                "sent_per_s": round(sum(r["sent"] for r in results) / span, 1),
-                "goodput_per_s": round(len(ok) / span, 1),
-                "refused_per_s": round(codes.get("RESOURCE_EXHAUSTED", 0) / span, 1),
-                "other_failures": {k: v for k, v in codes.items() if k != "RESOURCE_EXHAUSTED"},
-                "ok_p50_us": percentile(ok, 50) if ok else math.nan,
-                "ok_p99_us": percentile(ok, 99) if ok else math.nan,
-                "client_max_late_ms": round(max(r["max_late_s"] for r in results) * 1000, 1),
-                "worker_rss_kib": max(rss_before, self.worker_rss_kib()),
-            }
-        busy = (self.worker_cpu_s() - cpu_before) / (time.time() - start_at)
-        for got in out.values():
-            got["worker_busy"] = round(busy, 3)  # the worker's CPU seconds per second, all namespaces
-        return out
+        totals = self._run(namespace, "open", OPEN_CONNECTIONS, 0, rate)
+        ok = totals.latencies_us.get("get", [])
+        codes = totals.errors.get("get", {})
+        return {
+            "offered_per_s": round(rate, 1),
+            "goodput_per_s": round(len(ok) / self.duration_s, 1),
+            "refused_per_s": round(codes.get("RESOURCE_EXHAUSTED", 0) / self.duration_s, 1),
+            "other_failures": {k: v for k, v in codes.items() if k != "RESOURCE_EXHAUSTED"},
+            "ok_p50_us": percentile(ok, 50) if ok else math.nan,
+            "ok_p99_us": percentile(ok, 99) if ok else math.nan,
+            "client_backlog_max": totals.backlog_max,
+            "loadgen_cpu_s": round(totals.loadgen_cpu_s, 2),
+            "worker_rss_kib": max(rss_before, self.worker_rss_kib()),
+            "worker_busy": round(self.busy, 3),  # the worker's CPU seconds per second
+        }
 
     def worker_cpu_s(self) -> float:
         """CPU seconds the worker processes have used (user + system)."""
@@ -304,24 +236,24 @@ class Bench:
         return total
 
 
-def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
+def ladder(bench: Bench, namespace: str, inflight: tuple[int, ...]) -> dict[str, Any]:
     saturation = bench.saturation(namespace, inflight)
     print(
         f"\n{namespace}: saturation (closed loop, {inflight} in flight): {saturation:,.0f} calls/s, "
         f"worker busy {bench.saturation_busy:.0%}, refused {bench.saturation_refused:,.0f}/s"
     )
-    print(f"{'load':>5} {'offered/s':>10} {'sent/s':>9} {'good/s':>9} {'refused/s':>10} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'late ms':>8} {'RSS MiB':>8} {'busy':>5} other")  # fmt: skip
+    print(f"{'load':>5} {'offered/s':>10} {'good/s':>9} {'refused/s':>10} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'backlog':>8} {'RSS MiB':>8} {'busy':>5} other")  # fmt: skip
     steps = []
     for factor in LADDER:
-        got = bench.offer({namespace: saturation * factor})[namespace]
+        got = bench.offer(namespace, saturation * factor)
         got["load"] = factor
         steps.append(got)
         print(
-            f"{factor:>5.1f} {got['offered_per_s']:>10,.0f} {got['sent_per_s']:>9,.0f} "
+            f"{factor:>5.1f} {got['offered_per_s']:>10,.0f} "
             f"{got['goodput_per_s']:>9,.0f} {got['refused_per_s']:>10,.0f} "
             f"{got['ok_p50_us'] / 1000:>7.2f} {got['ok_p99_us'] / 1000:>7.2f} "
-            f"{got['client_max_late_ms']:>8.1f} {got['worker_rss_kib'] / 1024:>8.1f} "
+            f"{got['client_backlog_max']:>8} {got['worker_rss_kib'] / 1024:>8.1f} "
             f"{got['worker_busy']:>5.0%} {got['other_failures'] or ''}"
         )
     at = {s["load"]: s for s in steps}
@@ -342,12 +274,15 @@ def ladder(bench: Bench, namespace: str, inflight: int) -> dict[str, Any]:
         "saturation_per_s": round(saturation, 1),
         "saturation_worker_busy": round(bench.saturation_busy, 3),
         "saturation_refused_per_s": round(bench.saturation_refused, 1),
+        "saturation_tried": bench.saturation_tried,
         "steps": steps,
         **figures,
     }
 
 
-def flood(bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuCap | None) -> dict[str, Any]:
+def flood(
+    bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuCap | None, client_cpus: set[int]
+) -> dict[str, Any]:
     """The neighbour's p99 alone, then beside a namespace offered 10x its rps.
 
     The flood comes from h2load (``--rps`` per connection), not grpc.aio: five
@@ -363,14 +298,13 @@ def flood(bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuC
     if h2load is None:
         raise SystemExit("the flood phase needs h2load (Debian: nghttp2-client)")
     body = tmp / "flood.bin"
-    body.write_bytes(grpc_frame(bench.request("flood")))
-    answer = len(
-        grpc_frame(fetch_checked_answer(bench.server.target, bench.request("flood"), [(b"k", b"v" * 100)]))
-    )
-    alone = bench.offer({"quiet": quiet_rps})["quiet"]
+    request = kv_pb2.GetItemsRequest(namespace="flood", id="r").SerializeToString()
+    body.write_bytes(grpc_frame(request))
+    answer = len(grpc_frame(fetch_checked_answer(bench.server.target, request, [(b"k", b"v" * 100)])))
+    alone = bench.offer("quiet", quiet_rps)
     connections = FLOOD_CONNECTIONS
     argv = [
-        "nice", "-n", "19", "taskset", "-c", ",".join(map(str, sorted(bench.client_cpus))),
+        "nice", "-n", "19", "taskset", "-c", ",".join(map(str, sorted(client_cpus))),
         h2load, "-t", "1", "-c", str(connections), "-m", "16",
         "--rps", f"{flood_rps * 10 / connections:g}", "-D", str(max(1, round(bench.duration_s + 2))),
         "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
@@ -378,7 +312,7 @@ def flood(bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuC
     ]  # fmt: skip
     before = limited(bench.server, "flood")
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        both = bench.offer({"quiet": quiet_rps})["quiet"]
+        both = bench.offer("quiet", quiet_rps)
         out, _ = proc.communicate(timeout=bench.duration_s + 60)
     refused = limited(bench.server, "flood") - before
     started = _H2LOAD_REQUESTS.search(out)
@@ -449,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pg-dsn", default=os.environ.get("PRISM_TEST_PG_DSN", ""), help="also a PostgreSQL ladder"
     )
-    parser.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument(
         "--server-share",
@@ -457,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.4,
         help="the share of its CPU the server may use (a cgroup CPU quota; default 0.4; 0: no cap)",
     )
-    parser.add_argument("--saturation-inflight", type=int, default=128)
+    parser.add_argument(
+        "--saturation-inflight",
+        default="16,64,128",
+        help="closed-loop calls in flight tried for the saturation (the best counts; default 16,64,128)",
+    )
     parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
     parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
     parser.add_argument("--target-delay-ms", type=float, default=5.0)
@@ -468,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "overload.json")
     args = parser.parse_args(argv)
+    try:
+        inflight = tuple(int(n) for n in args.saturation_inflight.split(","))
+    except ValueError:
+        parser.error(
+            f"--saturation-inflight: {args.saturation_inflight!r} is not a list of numbers (16,64,128)"
+        )
+    if not inflight or min(inflight) < 1:
+        parser.error(f"--saturation-inflight: {args.saturation_inflight!r}: each must be at least 1")
     if not 0 <= args.server_share <= 1:
         parser.error(f"--server-share: {args.server_share} is not a share of one CPU (0 to 1; 0: no cap)")
 
@@ -486,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         bench: Bench | None = None
         cap: CpuCap | None = None
+        stack = contextlib.ExitStack()
         try:
             server.wait_ready(30)
             if args.server_share:
@@ -494,25 +440,25 @@ def main(argv: list[str] | None = None) -> int:
                     print("no writable cgroup v1 cpu controller: the server runs uncapped", file=sys.stderr)
                 else:
                     cap.add(process_tree(server.pid))
-            for namespace in ("sql", "flood", "quiet", *(("pg",) if args.pg_dsn else ())):
-                seed(server.target, namespace, "r", b"k", b"v" * 100)
-            bench = Bench(server, args.clients, client_cpus, args.duration)
+            seed(server.target, "flood", "r", b"k", b"v" * 100)  # (h2load's calls)
+            pool = stack.enter_context(LoadPool(1, tuple(sorted(client_cpus))))
+            bench = Bench(server, pool, args.duration)
+            for namespace in ("sql", "quiet", *(("pg",) if args.pg_dsn else ())):
+                bench.seed(namespace)
             result: dict[str, Any] = {
-                "machine": machine_info("grpc.aio"),
+                "machine": machine_info("prism.benchmark.loadgen"),
                 # (the output's name, not this machine's path to it)
                 "args": vars(args) | {"out": args.out.name},
                 "server_capped": cap is not None,
             }
             result["targets"] = TARGETS
             if not args.skip_ladder:
-                result["sqlite"] = ladder(bench, "sql", args.saturation_inflight)
+                result["sqlite"] = ladder(bench, "sql", inflight)
                 if args.pg_dsn:
-                    result["postgres"] = ladder(bench, "pg", args.saturation_inflight)
-            result["flood"] = flood(bench, args.flood_rps, args.quiet_rps, Path(tmp), cap)
+                    result["postgres"] = ladder(bench, "pg", inflight)
+            result["flood"] = flood(bench, args.flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus)
         finally:
-            if bench is not None:
-                bench.pool.terminate()
-                bench.pool.join()
+            stack.close()
             server.stop()
             if cap is not None:
                 cap.remove()

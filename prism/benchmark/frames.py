@@ -113,7 +113,7 @@ class Connection:
         self._decoder = Decoder()
         self._decoder.max_header_list_size = 1 << 20
         self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self._blocks: dict[bytes, bytes] = {}
+        self._blocks: dict[tuple[bytes, int], bytes] = {}
         self._block: bytearray | None = None
         self._block_stream = 0
         self._block_end = False
@@ -129,19 +129,22 @@ class Connection:
         """Whether a request body of ``size`` bytes may start now (streams and window)."""
         return self.closed is None and len(self.calls) < self.max_streams and size <= self.send_window
 
-    def start(self, call: Pending, path: bytes, body: bytes) -> None:
-        """Queue one call's HEADERS and DATA frames (sent by ``flush``)."""
+    def start(self, call: Pending, path: bytes, body: bytes, timeout_ms: int = 0) -> None:
+        """Queue one call's HEADERS and DATA frames (sent by ``flush``); with
+        ``timeout_ms``, the call carries that deadline (``grpc-timeout``): the
+        server answers DEADLINE_EXCEEDED once it has passed."""
         if len(body) > self.stream_window:
             raise ValueError(f"a {len(body)}-byte request exceeds the server's stream window")
-        block = self._blocks.get(path)
+        block = self._blocks.get((path, timeout_ms))
         if block is None:
-            block = self._blocks[path] = stateless_block(
-                [
-                    (b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
-                    (b":authority", self.authority), (b"content-type", b"application/grpc"),
-                    (b"te", b"trailers"),
-                ]
-            )  # fmt: skip
+            headers = [
+                (b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+                (b":authority", self.authority), (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ]  # fmt: skip
+            if timeout_ms:
+                headers.append((b"grpc-timeout", b"%dm" % timeout_ms))
+            block = self._blocks[(path, timeout_ms)] = stateless_block(headers)
         sid = self.next_id
         self.next_id += 2
         self.calls[sid] = call

@@ -59,6 +59,7 @@ class Plan(msgspec.Struct, frozen=True):
     duration_s: float
     seed: int
     authority: str | None = None
+    timeout_ms: int = 0  # each call's deadline (grpc-timeout), 0: none
 
 
 class Outcome(msgspec.Struct):
@@ -114,7 +115,7 @@ class _Step:
         if not conn.can_send(len(body)):
             return False
         self.next_pick = (self.next_pick + 1) % len(self.sequence)
-        conn.start(Pending(op, key, due), PATHS[op], body)
+        conn.start(Pending(op, key, due), PATHS[op], body, self.plan.timeout_ms)
         return True
 
     def ended(self, done: Done, now: float) -> None:

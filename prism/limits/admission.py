@@ -33,13 +33,16 @@ class Admission:
         # is forwarded, and admitted by its owner.
         self.local: Container[str] = ()
 
-    def admit(self, namespace: str, inflight: int, now: float, *, shed: bool = True) -> Lease | None:
+    def admit(
+        self, namespace: str, inflight: int, now: float, *, shed: bool = True, waited: float = 0.0
+    ) -> Lease | None:
         """The call's lease, or ``QuotaExceeded`` (see the module docstring).
-        ``shed=False``: the call queues for nothing (a shared-cache hit)."""
+        ``shed=False``: the call queues for nothing (a shared-cache hit);
+        ``waited``: how long the call has waited since it reached the machine."""
         if namespace not in self.local:
             return None
         shedder = self.shedder
-        if shed and shedder.enabled and shedder.refuses(inflight, now):
+        if shed and shedder.enabled and shedder.refuses(inflight, now, waited):
             metrics.call_limited(namespace, "overload")
             raise QuotaExceeded(
                 f"worker overloaded: queueing delay above {shedder.target_s * 1000:g} ms; retry",

@@ -1,67 +1,80 @@
 """Adaptive shedding: refuse new calls fast while the worker's queues stand.
 
 When a worker is offered more than it can serve, the excess waits somewhere:
-in the event loop's run queue (a call's task waiting for its first step,
-``prism.rpc.calls``), in a coalescer for a batch slot (``prism.backends.coalesce``), for a pooled
-connection (SQLite's and PostgreSQL's pools), for a thread (SQLite's hop to
-its threads), and before all of them unread in the kernel's socket buffers
-(``prism.rpc.arrival``: each read's wait). Admitting every call then makes every call slow, and once
-waits pass the clients' deadlines, goodput falls to nothing. The fix is to
-refuse the excess at the door, where a refusal costs microseconds, and keep
-the queues short so the calls admitted stay fast.
+unread in the kernel's socket buffers and in the event loop, behind the
+calls read before it (``prism.rpc.arrival`` stamps each read; a call's
+*sojourn* runs from when its bytes reached the machine to its handler's
+first step, ``prism.rpc.calls``), or, once admitted, for a backend: a batch
+slot (``prism.backends.coalesce``), a pooled connection (SQLite's and
+PostgreSQL's pools), a thread (SQLite's hop). Admitting every call then
+makes every call slow, and once waits pass the clients' deadlines, goodput
+falls to nothing. The fix is to refuse the excess at the door, where a
+refusal costs a fraction of a call, and keep the queues short so the calls
+admitted stay fast.
 
 The rule is CoDel's (Nichols and Jacobson, "Controlling Queue Delay", 2012):
 a queue that drains now and then is doing its job (a burst); a queue whose
 *shortest* wait over a whole ``interval`` stayed above ``target`` is a
-standing queue, and only that is overload. So every place that queues
-reports each wait (``Shedder.observe``); at the end of each interval the
-shedder looks at the minimum seen (over at least ``MIN_WAITS`` waits: a few
-slow calls are not a queue). The event loop is a queue too, and the one a
-worker busy on its CPU fills: ``LoopLag`` sums the time the loop rested
-(blocked waiting for I/O), and a loop that rested less than ``target`` in a
-whole interval had work standing all along. Either way the next interval
-sheds: the calls in flight are capped at nine tenths of what they were (a
-new call beyond is refused, RESOURCE_EXHAUSTED with a pushback of one
-interval, the time until the decision is made again; never below
-``MIN_LIMIT``), and each further standing interval cuts a tenth more; at or
-under the target, or with nothing queued at all, it serves everything
-again. Refusing every call instead would let the queue drain and then leave
-the backend idle for the rest of the interval. Netflix's concurrency-limits
-reaches the same place by adapting a concurrency limit to measured latency;
-CoDel's minimum needs no latency baseline, and its two numbers are the
-whole configuration (``[overload] target_delay_ms``, ``interval_ms``), with
-CoDel's own defaults scaled to a gateway's millisecond calls: 5 ms and 100 ms.
+standing queue, and only that is overload. Every place that queues reports
+each wait, and at the end of each interval the shedder looks at the minimum
+seen (over at least ``MIN_WAITS`` waits: a few slow calls are not a queue).
+Where the queue stands decides what is refused in the next interval:
 
-What shedding can buy depends on what a refusal costs beside a call. A
-call the shedder refuses is refused as its HEADERS frame is read
-(``prism.rpc.calls``' ``_shed_new``), before it is a call: about 16 us of a
-worker's CPU (its frames read, its answer written), against about 60 us to
-serve a SQLite read (h2load, c8x16); a refusal made once the request was
-read and decoded cost 36 us. Where the backend is the bottleneck (a pool, a
-thread, another server), a refusal is CPU the worker has to spare, and
-shedding keeps the admitted calls fast at no cost in goodput. Where the
-worker's own CPU is, every refusal takes a share of it from the calls
-served: at twice the load it can serve, with a refusal at a quarter of a
-call, the worker can serve at most two thirds of what it serves at
-saturation, whatever it refuses; shedding then keeps the calls it serves
-within their deadlines instead of serving all of them late.
+- **At the door** (``observe_sojourn``: the worker's CPU is what runs
+  short): a new call that has already waited longer than ``target`` is
+  refused, RESOURCE_EXHAUSTED; a call that came in since is served. This is
+  the rule Facebook's services put on their queues ("Fail at Scale", ACM
+  Queue 2015: when a queue has not been empty for an interval, nothing may
+  wait in it longer than a few milliseconds): the worker drains the backlog
+  by refusing it, which costs it a fraction of serving it, and serves the
+  calls that are still fresh, at once. Refusing a share of calls at random
+  instead leaves the admitted ones as late as the queue. The door stays
+  shut to late calls while ``MIN_WAITS`` calls a interval still come late
+  (the worker has not caught up; once it rests, late calls stop coming).
+- **At a backend** (``observe``: a pool, a thread, a batch slot): the calls
+  in flight are capped at nine tenths of what they were (a new call beyond
+  is refused; never below ``MIN_LIMIT``), and each further standing interval
+  cuts a tenth more; at or under the target, or with nothing queued at all,
+  it serves everything again. The worker's CPU has room there; what is
+  scarce is the backend's, and fewer calls in flight is what relieves it.
+  Refusing every call instead would let the queue drain and then leave the
+  backend idle for the rest of the interval.
+
+A refusal carries a pushback of one interval (``grpc-retry-pushback-ms``),
+the time until the decision is made again. The two numbers are the whole
+configuration (``[overload] target_delay_ms``, ``interval_ms``), with
+CoDel's own defaults scaled to a gateway's millisecond calls: 5 ms and
+100 ms. Netflix's concurrency-limits reaches the same place by adapting a
+concurrency limit to measured latency; CoDel's minimum needs no latency
+baseline.
+
+A busy event loop is not by itself a queue: a worker serving 16 calls at a
+time back to back never rests, yet no call waits longer than the 16 before
+it (an earlier version shed on a loop that never rested, and refused calls
+a worker at full use would have served within 2 ms). What counts is how
+long calls wait.
+
+What a refusal costs beside a call decides what shedding can buy where the
+worker's CPU is the bottleneck. A call refused at the door is refused as
+its HEADERS frame is read (``prism.rpc.calls``' ``_shed_new``), before it is
+a call: its frames read and its answer written. Every refusal takes a share
+of the CPU from the calls served: at twice the load a worker can serve,
+with a refusal at a tenth of a call, it still serves about nine tenths of
+what it serves at saturation (``bench/overload.py`` measures it).
 
 Shedding is per worker: the threads and the event loop that queue are the
 worker's. A call that needs no waiting (a shared-cache hit) is still answered
 when its request was read before the decision (it queues for nothing); one
 refused as its headers are read cannot be told from a miss yet. Calls that
-were admitted finish. The shedder holds no clock of its own: ``observe`` and
-``refuses`` take the time (trio's clock), so tests drive it with
-``trio.testing.MockClock``; ``LoopLag`` reads the CPU's clock (what it
-measures is the loop's rest, not a timeout).
+were admitted finish. The shedder holds no clock of its own: ``refuses``
+takes the time (trio's clock), so tests drive it with
+``trio.testing.MockClock``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-
-import trio
 
 from prism.config.quotas import OverloadConfig
 
@@ -75,29 +88,41 @@ class Shedder:
     """CoDel's decision for one worker (see the module docstring)."""
 
     __slots__ = (
+        "_admitted",
+        "_cpu",
+        "_late",
         "_min",
+        "_min_sojourn",
+        "_sojourns",
         "_waits",
         "_window_end",
         "_window_start",
+        "call_s",
+        "capped",
         "enabled",
-        "idle_s",
         "interval_s",
         "limit",
         "on",
+        "shut",
         "target_s",
-        "watched",
     )
 
     def __init__(self, config: OverloadConfig | None = None) -> None:
-        self.on = False  # shedding during the current interval
-        self.limit = 0  # while on: calls in flight beyond this are refused
-        self._min = math.inf  # shortest wait seen in the current interval
+        self.on = False  # shedding during the current interval (``shut`` or ``capped``)
+        self.shut = False  # the door is shut to late calls (a standing queue before the handlers)
+        self.capped = False  # the calls in flight are capped (a standing queue at a backend)
+        self.limit = 0  # while capped: calls in flight beyond this are refused
+        self._min = math.inf  # shortest backend wait seen in the current interval
         self._waits = 0  # how many
+        self._min_sojourn = math.inf  # shortest sojourn seen in the current interval
+        self._sojourns = 0  # how many
+        self._late = 0  # new calls in the current interval that had waited longer than the target
+        self._admitted = 0  # calls whose handlers started in the current interval
+        self._cpu = time.process_time()  # the process's CPU time when the interval began
+        # What a call admitted lately cost the process's CPU (its share of
+        # an interval's), for the wait of the calls queued ahead of a new one.
+        self.call_s = 0.0
         self._window_start = self._window_end = -math.inf
-        # The event loop's rest during the current interval (``LoopLag``),
-        # when ``watched``: a loop that never rested ``target`` is saturated.
-        self.idle_s = 0.0
-        self.watched = False
         self.enabled = True
         self.target_s = self.interval_s = 0.0
         self.configure(config or OverloadConfig())
@@ -107,7 +132,7 @@ class Shedder:
         self.target_s = config.target_delay_ms / 1000.0
         self.interval_s = config.interval_ms / 1000.0
         if not self.enabled:
-            self.on = False
+            self.on = self.shut = self.capped = False
 
     @property
     def pushback_ms(self) -> int:
@@ -115,84 +140,77 @@ class Shedder:
         return max(1, math.ceil(self.interval_s * 1000.0))
 
     def observe(self, wait_s: float) -> None:
-        """One wait in a queue, just ended (it counts in the current interval)."""
+        """One wait for a backend (a pool, a thread, a batch slot), just ended."""
         self._waits += 1
         if wait_s < self._min:
             self._min = wait_s
 
-    def refuses(self, inflight: int, now: float) -> bool:
-        """Whether a new call is refused now, with ``inflight`` calls running."""
+    def observe_read(self, wait_s: float) -> None:
+        """How long a read's bytes waited unread (``prism.rpc.arrival``)."""
+        self._sojourns += 1
+        if wait_s < self._min_sojourn:
+            self._min_sojourn = wait_s
+
+    def observe_sojourn(self, wait_s: float) -> None:
+        """How long an admitted call waited for its handler's first step."""
+        self._sojourns += 1
+        self._admitted += 1
+        if wait_s < self._min_sojourn:
+            self._min_sojourn = wait_s
+
+    def refuses(self, inflight: int, now: float, waited: float = 0.0, ahead: int = 0) -> bool:
+        """Whether a new call is refused now, with ``inflight`` calls running,
+        the call having waited ``waited`` seconds since it reached the machine
+        and ``ahead`` calls queued for the CPU before it (read only while
+        ``shut``: the caller may pass 0 otherwise)."""
         # (Or a new clock. The start is kept, not computed back from the end:
         # end - interval may round above the start, which rolled again at once.)
         if now >= self._window_end or now < self._window_start:
             self._roll(inflight, now)
-        return self.on and inflight >= self.limit
+        if waited > self.target_s:
+            self._late += 1
+            if self.shut:
+                return True
+        elif self.shut and waited + ahead * self.call_s > self.target_s:
+            # It came in time, but would wait too long behind the calls
+            # admitted before it (those of a large read wait for each other).
+            return True
+        return self.capped and inflight >= self.limit
 
     def _roll(self, inflight: int, now: float) -> None:
         # A standing queue: even the shortest wait of the interval was over
         # the target (over enough waits to be a queue: a few slow calls in an
-        # interval are not one); or the event loop, watched, never rested as
-        # long as the target (its own queue stood: every pass found work
-        # waiting). An interval with no wait and a rested loop had no queue. A roll
-        # later than an interval's end (no call came meanwhile) does not judge
-        # by old waits; the loop's rest counts up to now, so a loop that was
-        # idle meanwhile rested, and one stuck in a long pass did not.
+        # interval are not one). An interval with no wait had no queue. A
+        # roll later than an interval's end (no call came meanwhile) does not
+        # judge by old waits.
         recent = now < self._window_end + self.interval_s
-        # Not the first interval, nor a new clock:
-        measured = self._window_start != -math.inf and self._window_start <= now
-        saturated = self.watched and self.idle_s < self.target_s and measured
-        queued = self._waits >= MIN_WAITS and self._min > self.target_s and recent
-        standing = queued or saturated
-        if standing and self.enabled:
+        target = self.target_s
+        enabled = self.enabled and recent
+        # Before the handlers: standing, or (the door shut) late calls still
+        # coming: the backlog the door refuses has not drained yet.
+        self.shut = enabled and (
+            (self._sojourns >= MIN_WAITS and self._min_sojourn > target)
+            or (self.shut and self._late >= MIN_WAITS)
+        )
+        if enabled and self._waits >= MIN_WAITS and self._min > target:
             # Serve a tenth fewer calls at once than queued: the queue drains
             # while most of the work goes on (shedding everything would
             # leave the backend idle once it had drained). Never fewer than
-            # MIN_LIMIT: a worker saturated with few calls in flight is busy
-            # with arrivals (refusals among them), which a cap on the calls
-            # running would not lessen, while it would refuse nearly all.
-            running = min(self.limit, inflight) if self.on else inflight
+            # MIN_LIMIT: a cap of one call would refuse nearly every call.
+            running = min(self.limit, inflight) if self.capped else inflight
             self.limit = max(MIN_LIMIT, int(running * 0.9))
-            self.on = True
+            self.capped = True
         else:
-            self.on = False
-        self._min = math.inf
-        self._waits = 0
-        self.idle_s = 0.0
+            self.capped = False
+        self.on = self.shut or self.capped
+        cpu = time.process_time()
+        if self._admitted:
+            self.call_s = (cpu - self._cpu) / self._admitted
+        self._cpu = cpu
+        self._min = self._min_sojourn = math.inf
+        self._waits = self._sojourns = self._late = self._admitted = 0
         self._window_start = now
         self._window_end = now + self.interval_s
-
-
-class LoopLag(trio.abc.Instrument):
-    """The event loop's rest, reported to a shedder: the time trio's
-    scheduler spends blocked waiting for I/O. A worker busy on its CPU shows
-    here, where no other queue does: bytes that arrive while a pass of the
-    scheduler runs are read in the next, so a loop that never rests has work
-    standing in its sockets and run queue; yet the waits ``Calls`` measures
-    (a task's first step, which trio may run early in the next pass) and the
-    backends' (a thread, a pooled connection) stay short. Two clock readings
-    per pass; installed only while shedding is enabled (``watch_loop``)."""
-
-    def __init__(self, shedder: Shedder) -> None:
-        self.shedder = shedder
-        self._blocked = 0.0
-
-    def before_io_wait(self, timeout: float) -> None:
-        self._blocked = time.perf_counter() if timeout > 0 else 0.0
-
-    def after_io_wait(self, timeout: float) -> None:
-        if self._blocked:
-            self.shedder.idle_s += time.perf_counter() - self._blocked
-
-
-def watch_loop(shedder: Shedder) -> LoopLag | None:
-    """Report the running trio loop's rest to ``shedder`` if it is enabled
-    (call from inside the worker's ``trio.run``); the instrument, or None."""
-    if not shedder.enabled:
-        return None
-    lag = LoopLag(shedder)
-    trio.lowlevel.add_instrument(lag)
-    shedder.watched = True
-    return lag
 
 
 # The worker's one shedder: every queue of the process reports to it
@@ -201,6 +219,11 @@ SHEDDER = Shedder()
 
 
 def observe(wait_s: float, now: float = 0.0) -> None:
-    """Report one queue wait to the worker's shedder (``now``: unused, for
+    """Report one backend wait to the worker's shedder (``now``: unused, for
     callers such as a pool's ``on_wait`` that say when)."""
     SHEDDER.observe(wait_s)
+
+
+def observe_read(wait_s: float) -> None:
+    """Report how long a read's bytes waited unread to the worker's shedder."""
+    SHEDDER.observe_read(wait_s)

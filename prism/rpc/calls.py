@@ -155,7 +155,9 @@ class Calls:
         shared-cache hit is refused too (it cannot be told from a miss yet)."""
         settings = self.settings
         shedder = settings.admission.shedder
-        if not shedder.refuses(settings.inflight, trio.current_time()):
+        now = trio.current_time()
+        ahead = trio.lowlevel.current_statistics().tasks_runnable if shedder.shut else 0
+        if not shedder.refuses(settings.inflight, now, now - self.proto.arrived, ahead):
             return None
         for name, value in headers:
             if name == b":path":
@@ -176,7 +178,9 @@ class Calls:
             except Exception:
                 return None  # the handler's path answers with the decoding error
         settings = self.settings
-        return settings.admission.admit(call.request.namespace, settings.inflight, trio.current_time())
+        now = trio.current_time()
+        namespace = call.request.namespace
+        return settings.admission.admit(namespace, settings.inflight, now, waited=now - call.opened)
 
     def _answer_now(self, call: Call, method: Method) -> bool:
         """Answer a unary call whose answer needs no waiting (``Method.now``)
@@ -272,8 +276,9 @@ class Calls:
     async def _run_unary(self, call: Call, method: Method, lease: Lease | None) -> None:
         sid = call.stream_id
         proto = self.proto
-        # The wait for this first step is the event loop's queue (prism.limits.shed).
-        self.settings.admission.shedder.observe(time.perf_counter() - call.started)
+        # Its sojourn: from when its bytes reached the machine to this first
+        # step (the kernel's buffers and the event loop's queue, prism.limits.shed).
+        self.settings.admission.shedder.observe_sojourn(trio.current_time() - call.opened)
         try:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope

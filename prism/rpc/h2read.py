@@ -58,7 +58,11 @@ _END_STREAM: Final = 0x1
 _END_HEADERS: Final = 0x4
 _FRAME_HEAD: Final = 9
 
-# Closed streams are forgotten once the connection holds this many.
+# Closed streams are forgotten once the connection holds this many more than
+# after the last sweep: a sweep walks every stream h2 holds, and the streams
+# of one read are all still open while it is taken in (their answers are
+# written after), so sweeping at a fixed count walked a hundred open streams
+# for each new one of a large read: a third of the worker's CPU when shedding.
 _SWEEP_STREAMS_AT: Final = 128
 
 
@@ -111,9 +115,12 @@ class PlainReader(h2.connection.H2Connection):
     plain_opened: int  # streams receive_plain opened in the read being taken in
     _plain_payload: bool  # a HEADERS or DATA frame read plainly since the guard was last told
 
+    _sweep_at = _SWEEP_STREAMS_AT  # the next sweep, in streams held
+
     def _forget_closed_streams(self) -> None:
-        if len(self.streams) >= _SWEEP_STREAMS_AT:
+        if len(self.streams) >= self._sweep_at:
             self._open_streams(1)
+            self._sweep_at = len(self.streams) + _SWEEP_STREAMS_AT
 
     def receive_plain(
         self,

@@ -164,8 +164,11 @@ class GrpcProtocol(Requests, Responses):
         # DATA dropped as any closed stream's (``_on_data``).
         self.shed: Callable[[Any], tuple[tuple[bytes, bytes], ...] | None] | None = None
         # How long the bytes being taken in waited unread in the kernel
-        # (prism.rpc.arrival; set by the reader, 0.0 where it cannot tell).
+        # (prism.rpc.arrival; set by the reader, 0.0 where it cannot tell),
+        # and so when they reached the machine (``clock``'s time; the
+        # shedder's door judges a new call by it).
         self.arrival_lag = 0.0
+        self.arrived = 0.0
 
     # -- connection ----------------------------------------------------------
 

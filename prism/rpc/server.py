@@ -319,6 +319,7 @@ class Connection(Calls):
         while size:
             try:
                 data = await receive_some(size)
+                self.proto.arrived = self._now()
             except trio.BrokenResourceError:
                 # Reset by the peer (a client closing with our bytes unread):
                 # an end, as EOF is. Raised out of the nursery, it left the
@@ -344,6 +345,7 @@ class Connection(Calls):
         # calls it opens.
         stamped = arrival.stamp(sock)
         proto = self.proto
+        now = self._now
         while size:
             try:
                 if drained:
@@ -353,9 +355,11 @@ class Connection(Calls):
                 if stamped is not None:
                     data, ancillary, _, _ = stamped.recvmsg(size, arrival.SPACE)
                     proto.arrival_lag = lag = arrival.lag(ancillary)
-                    shed.observe(lag)
+                    proto.arrived = now() - lag
+                    shed.observe_read(lag)
                 else:
                     data = read(sock.fileno(), size)  # a closed socket's fileno() is -1: EBADF
+                    proto.arrived = now()
             except BlockingIOError:
                 drained = True
                 continue

@@ -29,7 +29,6 @@ import msgspec
 import trio
 
 from prism.cache.shared import SharedCache
-from prism.limits import shed
 from prism.log import setup_logging
 from prism.nng import pynng
 from prism.router.handoff import TenantHandoff, serve_handoffs
@@ -210,7 +209,6 @@ class Worker:
             trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) as signals,
         ):
             sub.subscribe(b"")
-            shed.watch_loop(self.app.settings.admission.shedder)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.remote.bus.run)

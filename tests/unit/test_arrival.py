@@ -74,7 +74,7 @@ async def test_a_call_that_waited_past_its_deadline_in_the_kernel_runs_no_handle
         r = await client.call(CHECK, req(""), extra=[("grpc-timeout", "200m")])
         assert r.status == 0 and status_of(r).status == SERVING  # read at once: served
         assert server.health.checked == 1
-        before = shed.SHEDDER._waits
+        before = shed.SHEDDER._sojourns
         # Sent with no checkpoint after it, then this thread (the worker's too)
         # sleeps: the request waits 0.3 s in the kernel, unread.
         sid = client.conn.get_next_available_stream_id()
@@ -87,4 +87,4 @@ async def test_a_call_that_waited_past_its_deadline_in_the_kernel_runs_no_handle
         r = await client.wait(sid)
         assert (r.status, r.message) == (StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         assert server.health.checked == 1  # its handler never ran
-        assert shed.SHEDDER._waits > before  # the reads' waits went to the shedder
+        assert shed.SHEDDER._sojourns > before  # the reads' waits went to the shedder

@@ -4,6 +4,7 @@ fall back; and, on a served App, what a client sees while it sheds."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,12 +19,13 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
-from prism.limits.shed import MIN_LIMIT, MIN_WAITS, watch_loop
+from prism.limits.shed import MIN_LIMIT, MIN_WAITS
 from prism.proto import kv_pb2
 from prism.workers.app import App
 
 from .apps import serving_app
-from .h2client import H2Client, frame
+from .h2client import H2Client, Response, frame
+from .test_arrival import over_tcp
 from .test_quotas import GET, PUSHBACK, PUT, put
 
 HEALTH = "/grpc.health.v1.Health/Check"
@@ -87,41 +89,77 @@ def test_a_few_slow_waits_are_not_a_queue_and_the_cap_has_a_floor() -> None:
     assert shedder.refuses(MIN_LIMIT, 0.22)
 
 
-def test_a_loop_that_never_rests_is_a_standing_queue() -> None:
+def test_a_standing_queue_before_the_handlers_shuts_the_door_to_late_calls() -> None:
     shedder = Shedder(CONFIG)
-    shedder.watched = True  # as watch_loop makes it
     shedder.refuses(0, 0.0)
-    shedder.idle_s = 0.004  # rested less than the 5 ms target over the interval
-    assert shedder.refuses(50, 0.1)  # cap: 45
-    assert not shedder.refuses(44, 0.15)
-    shedder.idle_s = 0.006  # rested: served again
-    assert not shedder.refuses(50, 0.2)
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.02)  # every call of the interval waited 20 ms for its handler
+    # A call that has waited longer than the 5 ms target is refused; one that
+    # came in since is served, however many calls run (no cap on those).
+    assert shedder.refuses(0, 0.1, waited=0.006)
+    assert not shedder.refuses(1000, 0.11, waited=0.001)
+    assert shedder.shut and not shedder.capped and shedder.on
 
 
-def test_the_loop_instrument_measures_the_loops_rest() -> None:
-    # A loop blocked on I/O (sleeping) rests; one busy on its CPU does not.
-    # (The instrument reads the real clock: its subject is CPU, not timeouts.)
-    async def rest_then_work(shedder: Shedder) -> tuple[float, float]:
-        watch_loop(shedder)
-        await trio.sleep(0.05)
-        rested = shedder.idle_s
-        shedder.idle_s = 0.0
-        end = time.perf_counter() + 0.05
-        while time.perf_counter() < end:
-            await trio.lowlevel.checkpoint()  # a pass per step: busy, never blocked
-        return rested, shedder.idle_s
-
-    rested, busy = trio.run(rest_then_work, Shedder(CONFIG))
-    assert rested >= 0.04
-    assert busy < 0.005
-    assert watch_loop.__doc__
-    disabled = Shedder(OverloadConfig(enabled=False))
-    assert trio.run(_watch, disabled) is None
-    assert not disabled.watched
+def test_the_door_stays_shut_while_late_calls_keep_coming_then_opens() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.02)
+    assert shedder.refuses(0, 0.1, waited=0.01)
+    # The calls served are fresh now (their waits are short), but late ones
+    # still come: the backlog is not drained, the door stays shut.
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.001)
+        shedder.refuses(0, 0.15, waited=0.01)
+    assert shedder.refuses(0, 0.2, waited=0.01)
+    # An interval with fewer late calls than MIN_WAITS: caught up, open again.
+    for _ in range(MIN_WAITS - 2):
+        shedder.refuses(0, 0.25, waited=0.01)
+    assert not shedder.refuses(0, 0.31, waited=0.01)
+    assert not shedder.on
 
 
-async def _watch(shedder: Shedder) -> object:
-    return watch_loop(shedder)
+def test_a_call_in_time_is_refused_if_the_calls_ahead_would_keep_it_past_the_target() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.02)
+    shedder.refuses(0, 0.1)  # shut
+    shedder.call_s = 0.001  # a call costs 1 ms of CPU
+    assert not shedder.refuses(0, 0.11, waited=0.001, ahead=3)  # 1 + 3 x 1 ms: in time
+    assert shedder.refuses(0, 0.11, waited=0.001, ahead=5)  # 1 + 5 x 1 ms: past 5 ms
+    # The door open, what is ahead does not count (a burst is not refused).
+    open_door = Shedder(CONFIG)
+    assert not open_door.refuses(0, 0.0, waited=0.001, ahead=10_000)
+
+
+def test_a_busy_worker_whose_calls_wait_little_is_not_shed() -> None:
+    # A worker serving calls back to back never rests, but if no call waits
+    # longer than the target, there is no queue to shed (an earlier rule
+    # shed on a loop that never rested: it refused calls at full use that
+    # would have been served within 2 ms).
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(1000):
+        shedder.observe_sojourn(0.002)
+        shedder.observe_read(0.001)
+    assert not shedder.refuses(10_000, 0.1, waited=0.004, ahead=100)
+    assert not shedder.on
+
+
+def test_what_an_admitted_call_costs_is_measured_over_each_interval() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    end = time.process_time() + 0.02
+    while time.process_time() < end:
+        pass  # 20 ms of CPU for 10 calls
+    for _ in range(10):
+        shedder.observe_sojourn(0.0)
+    shedder.refuses(0, 0.1)
+    assert 0.0015 < shedder.call_s < 0.01
+    shedder.refuses(0, 0.2)  # an interval with no call keeps the last figure
+    assert 0.0015 < shedder.call_s < 0.01
 
 
 def test_disabled_it_never_sheds() -> None:
@@ -238,3 +276,48 @@ def test_a_decision_holds_for_its_whole_interval() -> None:
     assert shedder.refuses(50, 0.2)
     assert shedder.refuses(50, 0.2)
     assert shedder.refuses(50, 0.25)
+
+
+async def test_with_the_door_shut_a_call_that_waited_in_the_kernel_is_refused_a_fresh_one_served(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    # Over real TCP (the kernel stamps what it receives): the shedder has
+    # seen a standing queue before the handlers; a request left unread for
+    # 20 ms (past the 5 ms target) is refused as its headers are read, and
+    # nothing it sent is stored; one read at once is served.
+    app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=CONFIG))
+    app.settings.admission.shedder = shedder = Shedder(CONFIG)
+    await app.apply([NamespaceConfig("profiles", backend="memory")])
+    try:
+        async with over_tcp(app) as client:
+            for _ in range(3):  # warm the HPACK cache: the puts are read plainly
+                assert (await put(client, "profiles")).status == StatusCode.OK
+            mock_clock.jump(0.1)
+            shedder.refuses(0, trio.current_time())  # an interval starts
+            for _ in range(MIN_WAITS):
+                shedder.observe_sojourn(0.02)
+            mock_clock.jump(0.1)
+            request = kv_pb2.PutItemsRequest(
+                namespace="profiles", id="late", items=[kv_pb2.Item(key=b"k", value=b"lost")]
+            )
+            sid = client.conn.get_next_available_stream_id()
+            client.responses[sid] = Response()
+            client.conn.send_headers(sid, client.headers(PUT))
+            client.conn.send_data(sid, frame(request.SerializeToString()), end_stream=True)
+            assert isinstance(client.stream, trio.SocketStream)
+            os.write(client.stream.socket.fileno(), client.conn.data_to_send())
+            time.sleep(0.02)  # (the kernel's clock: the request waits unread)
+            r = await client.wait(sid)
+            assert (r.status, r.message) == (
+                StatusCode.RESOURCE_EXHAUSTED,
+                "worker overloaded: queueing delay above 5 ms; retry",
+            )
+            assert shedder.shut
+            assert (await put(client, "profiles")).status == StatusCode.OK  # read at once: served
+            got = await client.call(
+                GET, frame(kv_pb2.GetItemsRequest(namespace="profiles", id="late").SerializeToString())
+            )
+            assert got.status == StatusCode.OK
+            assert list(kv_pb2.GetItemsResponse.FromString(bytes(got.data[5:])).items) == []
+    finally:
+        await app.aclose()
