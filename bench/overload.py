@@ -3,25 +3,31 @@
     python bench/overload.py [--duration 5] [--pg-dsn postgresql://127.0.0.1/test]
                              [--out bench/results/overload.json]
 
-One ``prism serve`` with one worker pinned to a CPU; the load generators
-(``--clients`` processes, grpc.aio) pinned to the others. Every call is a
-``GetItems`` of one 100-byte item, with a 1 s deadline. For the ladder the
-server is held to ``--server-share`` of its CPU (a cgroup CPU quota, where
-the cgroup v1 ``cpu`` controller is writable; the JSON says whether it was):
-grpc.aio's client costs more per call than Prism's server, so on a machine
-of two CPUs it could not otherwise offer twice what the worker serves. Run
-it on a quiet machine (or under ``nice -n -15``): other work on the CPUs
-shows as latency of the server and of the clients alike.
+One ``prism serve`` with one worker pinned to a CPU; the load generator
+(``prism.benchmark.loadgen``, one process, ``OPEN_CONNECTIONS``
+connections) pinned to the others. Every call is a ``GetItems`` of one of
+``RECORDS`` records (100-byte values, each answer checked), with a 1 s
+deadline (``grpc-timeout``). The generator costs about 8 us of CPU per
+call, a tenth of what the worker spends: it offers twice the worker's
+saturation from one CPU. (grpc.aio, used before, could not: from one CPU it
+fell behind past ~4,000 calls/s, and the ladder's top steps measured the
+client.) ``--server-share`` holds the server to a share of its CPU (a
+cgroup CPU quota, where the cgroup v1 ``cpu`` controller is writable; the
+JSON says whether it was); by default it is not capped: a quota's
+throttling every 10 ms is itself a queue of several milliseconds. Run it on
+a quiet machine under ``nice -n -15``: other work on the server's CPU shows
+as latency and lowers the saturation it measures.
 
 - **Ladder**, per backend (``sql``: SQLite; ``pg``: PostgreSQL, with
   ``--pg-dsn``): the saturation throughput is measured first, closed loop
-  (``--saturation-inflight`` calls in flight, back to back); then an
-  *open-loop* offered load (calls sent on a fixed schedule, whatever the
-  answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. Per step: offered and sent
+  (the best of ``--saturation-inflight`` calls in flight, back to back);
+  then an *open-loop* offered load (calls due on a fixed schedule, whatever
+  the answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. Per step: offered
   calls/s, goodput (OK answers/s), refused (RESOURCE_EXHAUSTED)/s, other
-  failures, p50/p99 of the OK calls measured from their scheduled send time
-  (so a client falling behind counts against the server, not for it), and
-  the worker's RSS and CPU busy share. Targets: at 2x, goodput >= 90% of
+  failures, p50/p99 of the OK calls measured from their due time (so a call
+  waiting for a free stream counts against the server, not for it; the most
+  that waited so is ``client_backlog_max``), and the worker's RSS and CPU
+  busy share. Targets: at 2x, goodput >= 90% of
   saturation and OK p99 <= 3x the OK p99 at 0.8x; RSS flat (largest <= 1.2x
   the first).
 - **Flood**: namespace ``flood`` has ``limits = { rps = R }``; namespace
@@ -82,6 +88,9 @@ TARGETS = {
 # Open loop: calls are due on a fixed schedule whatever the answers do; a
 # call's latency runs from when it was due (prism.benchmark.loadgen).
 OPEN_CONNECTIONS = 32
+# Closed loop: fewer connections, so that each carries several calls at once
+# (16 per connection at 128 in flight), as a saturating client's would.
+CLOSED_CONNECTIONS = 8
 RECORDS = 1000  # GetItems of one of these records (100-byte values), uniformly
 
 
@@ -177,10 +186,10 @@ class Bench:
 
     def saturation(self, namespace: str, inflight: tuple[int, ...]) -> float:
         """The most OK calls/s the worker served, closed loop, over ``inflight``
-        calls in flight (back to back, OPEN_CONNECTIONS connections)."""
+        calls in flight (back to back, CLOSED_CONNECTIONS connections)."""
         best = 0.0
         for n in inflight:
-            totals = self._run(namespace, "closed", OPEN_CONNECTIONS, max(1, n // OPEN_CONNECTIONS), 0.0)
+            totals = self._run(namespace, "closed", CLOSED_CONNECTIONS, max(1, n // CLOSED_CONNECTIONS), 0.0)
             ok = totals.ok_calls / self.duration_s
             refused = totals.errors.get("get", {}).get("RESOURCE_EXHAUSTED", 0) / self.duration_s
             self.saturation_tried.append(
@@ -387,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--server-share",
         type=float,
-        default=0.4,
-        help="the share of its CPU the server may use (a cgroup CPU quota; default 0.4; 0: no cap)",
+        default=0.0,
+        help="the share of its CPU the server may use (a cgroup CPU quota; default 0: no cap)",
     )
     parser.add_argument(
         "--saturation-inflight",

@@ -39,10 +39,10 @@ class OverloadConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     delay seen over ``interval_ms`` stayed above ``target_delay_ms``, new
     calls are refused at once until it falls back under.
 
-    Off by default: a worker busy on its CPU sheds too (its event loop
-    never rests), and with many connections each with a call in flight
-    (1,000 clients connecting at once) a worker is busy for a second while
-    it still serves every call in time; half of them were refused.
+    Off by default: with many new connections each with a call (1,000
+    clients connecting at once), first calls wait behind the handshakes,
+    and those that waited past the target would be refused where they
+    could still be answered within their deadlines.
     ``bench/overload.py`` measures it against its targets."""
 
     enabled: bool = False

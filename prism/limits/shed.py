@@ -28,9 +28,13 @@ Where the queue stands decides what is refused in the next interval:
   wait in it longer than a few milliseconds): the worker drains the backlog
   by refusing it, which costs it a fraction of serving it, and serves the
   calls that are still fresh, at once. Refusing a share of calls at random
-  instead leaves the admitted ones as late as the queue. The door stays
-  shut to late calls while ``MIN_WAITS`` calls a interval still come late
-  (the worker has not caught up; once it rests, late calls stop coming).
+  instead leaves the admitted ones as late as the queue. The kernel stamps
+  a read with its *newest* packet's arrival, so a backlog in the sockets
+  hides from the sojourns: it shows as the calls of large reads waiting for
+  each other. So the door also shuts when half the new calls of an interval
+  or more came late, and stays shut while a tenth or more still do (the
+  worker has not caught up; once it has, late calls stop coming). A pause of
+  a few milliseconds makes one read's calls late, not half an interval's.
 - **At a backend** (``observe``: a pool, a thread, a batch slot): the calls
   in flight are capped at nine tenths of what they were (a new call beyond
   is refused; never below ``MIN_LIMIT``), and each further standing interval
@@ -89,6 +93,7 @@ class Shedder:
 
     __slots__ = (
         "_admitted",
+        "_asked",
         "_cpu",
         "_late",
         "_min",
@@ -117,6 +122,7 @@ class Shedder:
         self._min_sojourn = math.inf  # shortest sojourn seen in the current interval
         self._sojourns = 0  # how many
         self._late = 0  # new calls in the current interval that had waited longer than the target
+        self._asked = 0  # new calls judged in the current interval
         self._admitted = 0  # calls whose handlers started in the current interval
         self._cpu = time.process_time()  # the process's CPU time when the interval began
         # What a call admitted lately cost the process's CPU (its share of
@@ -167,6 +173,7 @@ class Shedder:
         # end - interval may round above the start, which rolled again at once.)
         if now >= self._window_end or now < self._window_start:
             self._roll(inflight, now)
+        self._asked += 1
         if waited > self.target_s:
             self._late += 1
             if self.shut:
@@ -186,11 +193,17 @@ class Shedder:
         recent = now < self._window_end + self.interval_s
         target = self.target_s
         enabled = self.enabled and recent
-        # Before the handlers: standing, or (the door shut) late calls still
-        # coming: the backlog the door refuses has not drained yet.
+        # Before the handlers: standing; or half the new calls or more came
+        # late (a read is stamped when its newest packet arrived, so a
+        # backlog in the kernel shows as the time the calls of large reads
+        # wait for each other, not in the sojourns); or, the door shut, a
+        # tenth or more still come late: the backlog it refuses has not
+        # drained yet. (A pause of a few milliseconds makes the calls of one
+        # read late, not half of an interval's.)
+        late, asked = self._late, self._asked
         self.shut = enabled and (
             (self._sojourns >= MIN_WAITS and self._min_sojourn > target)
-            or (self.shut and self._late >= MIN_WAITS)
+            or (late >= MIN_WAITS and (2 * late >= asked or (self.shut and 10 * late >= asked)))
         )
         if enabled and self._waits >= MIN_WAITS and self._min > target:
             # Serve a tenth fewer calls at once than queued: the queue drains
@@ -208,7 +221,7 @@ class Shedder:
             self.call_s = (cpu - self._cpu) / self._admitted
         self._cpu = cpu
         self._min = self._min_sojourn = math.inf
-        self._waits = self._sojourns = self._late = self._admitted = 0
+        self._waits = self._sojourns = self._late = self._admitted = self._asked = 0
         self._window_start = now
         self._window_end = now + self.interval_s
 

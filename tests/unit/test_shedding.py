@@ -107,17 +107,44 @@ def test_the_door_stays_shut_while_late_calls_keep_coming_then_opens() -> None:
     for _ in range(MIN_WAITS):
         shedder.observe_sojourn(0.02)
     assert shedder.refuses(0, 0.1, waited=0.01)
-    # The calls served are fresh now (their waits are short), but late ones
-    # still come: the backlog is not drained, the door stays shut.
-    for _ in range(MIN_WAITS):
+    # The calls served are fresh now (their waits are short), but a tenth or
+    # more still come late: the backlog is not drained, the door stays shut.
+    for _ in range(90):
         shedder.observe_sojourn(0.001)
+        shedder.refuses(0, 0.15, waited=0.001)
+    for _ in range(MIN_WAITS + 2):
         shedder.refuses(0, 0.15, waited=0.01)
     assert shedder.refuses(0, 0.2, waited=0.01)
-    # An interval with fewer late calls than MIN_WAITS: caught up, open again.
-    for _ in range(MIN_WAITS - 2):
+    # Fewer than a tenth late: caught up, open again.
+    for _ in range(200):
+        shedder.refuses(0, 0.25, waited=0.001)
+    for _ in range(MIN_WAITS + 2):
         shedder.refuses(0, 0.25, waited=0.01)
     assert not shedder.refuses(0, 0.31, waited=0.01)
     assert not shedder.on
+
+
+def test_half_the_calls_late_shuts_the_door_a_short_pause_does_not() -> None:
+    # The kernel stamps a read with its newest packet: a backlog in the
+    # sockets shows as calls of large reads waiting for each other, late
+    # at the door though every sojourn observed was short.
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(30):
+        shedder.observe_read(0.0)
+        shedder.refuses(0, 0.05, waited=0.001)
+    for _ in range(40):
+        shedder.refuses(0, 0.05, waited=0.008)
+    assert shedder.refuses(0, 0.1, waited=0.006)  # more than half late: shut
+    # A pause: the calls of one read late, most of the interval's in time.
+    paused = Shedder(CONFIG)
+    paused.refuses(0, 0.0)
+    for _ in range(100):
+        paused.refuses(0, 0.05, waited=0.001)
+    for _ in range(30):
+        paused.refuses(0, 0.05, waited=0.008)
+    assert not paused.refuses(0, 0.1, waited=0.006)
+    assert not paused.on
 
 
 def test_a_call_in_time_is_refused_if_the_calls_ahead_would_keep_it_past_the_target() -> None:
