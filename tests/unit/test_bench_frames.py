@@ -169,3 +169,24 @@ def test_a_block_is_decoded_anew_once_the_servers_hpack_table_moved(pair: tuple[
         (done,) = receive(conn)
         statuses.append(done.status)
     assert statuses == ["UNAVAILABLE", "UNAVAILABLE", "OK", "OK", "UNAVAILABLE"]
+
+
+def test_a_deadline_travels_as_grpc_timeout_and_only_when_asked(pair: tuple[Connection, Server]) -> None:
+    conn, server = pair
+    seen: dict[int, dict[bytes, bytes]] = {}
+    receive_events = server.h2.receive_data
+
+    def keep_headers(data: bytes) -> list[h2.events.Event]:
+        events = receive_events(data)
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                seen[event.stream_id] = dict(event.headers)
+        return events
+
+    server.h2.receive_data = keep_headers  # type: ignore[method-assign]
+    body = grpc_frame(b"")
+    conn.start(Pending("get", 0, 0.0), PATH, body, timeout_ms=1000)
+    conn.start(Pending("get", 1, 0.0), PATH, body)
+    conn.start(Pending("get", 2, 0.0), PATH, body, timeout_ms=250)
+    assert len(exchange(conn, server)) == 3
+    assert [seen[sid].get(b"grpc-timeout") for sid in (1, 3, 5)] == [b"1000m", None, b"250m"]
