@@ -126,9 +126,9 @@ def call_limited(namespace: str, reason: str) -> None:
     child.inc()
 
 
-def call_shed(operation: str) -> None:
-    """Count one call the overload shedder refused as its headers were read
-    (``prism.rpc.calls``): its namespace is not known yet, so it is ""."""
+def call_shed(operation: str, n: int = 1) -> None:
+    """Count ``n`` calls the overload shedder refused as their headers were
+    read (``prism.rpc.calls``): their namespace is not known yet, so it is ""."""
     key = ("shed", operation)
     pair = _children.get(key)
     if pair is None:
@@ -136,8 +136,8 @@ def call_shed(operation: str) -> None:
             CALLS_LIMITED.labels("", "overload"),
             REQUESTS.labels("", operation, "RESOURCE_EXHAUSTED"),
         )
-    pair[0].inc()
-    pair[1].inc()
+    pair[0].inc(n)
+    pair[1].inc(n)
 
 
 def connection_refused(reason: str) -> None:

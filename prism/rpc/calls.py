@@ -61,6 +61,7 @@ class Calls:
     _window_lot: trio.lowlevel.ParkingLot | None
     _input_lot: trio.lowlevel.ParkingLot | None
     ended = False  # the connection is over (set by Connection.serve): late answers are dropped
+    shed_counts: dict[str, int]  # operation -> calls refused at the door in the read being taken in
 
     def wake(self) -> None:
         raise NotImplementedError  # Connection's: the writer flushes
@@ -164,7 +165,8 @@ class Calls:
                 method = settings.methods.get(bytes(value))
                 if method is None or method.action is None:
                     return None  # not a data call (health, reflection): served
-                metrics.call_shed(method.operation)
+                counts = self.shed_counts  # (counted in /metrics once a read: Connection._dispatch)
+                counts[method.operation] = counts.get(method.operation, 0) + 1
                 return _shed_trailers(shedder.target_s, shedder.pushback_ms)
         return None
 

@@ -18,6 +18,7 @@ import os
 
 import trio
 
+from prism import metrics
 from prism.limits import shed
 from prism.rpc import arrival, keepalive
 from prism.rpc.budget import ConnectionBudget
@@ -87,6 +88,7 @@ class Connection(Calls):
             piecewise_paths=settings.methods.piecewise_paths,
         )
         self.proto.on_output = self.wake
+        self.shed_counts: dict[str, int] = {}
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
         self._scopes: dict[int, trio.CancelScope] = {}
@@ -158,6 +160,10 @@ class Connection(Calls):
     def _dispatch(self, events: list[tuple[int, Call | None]]) -> bool:
         """Act on protocol events; False once the connection is finished."""
         proto = self.proto
+        if self.shed_counts:  # the calls of the read refused at the door, counted once a read
+            for operation, n in self.shed_counts.items():
+                metrics.call_shed(operation, n)
+            self.shed_counts.clear()
         for kind, call in events:
             if call is None:  # CONNECTION_CLOSED
                 if proto.broken:
