@@ -4,7 +4,7 @@
                              [--out bench/results/overload.json]
 
 One ``prism serve`` with one worker pinned to a CPU; the load generator
-(``prism.benchmark.loadgen``, one process, ``OPEN_CONNECTIONS``
+(``prism.benchmark.loadgen``, one process, ``CONNECTIONS``
 connections) pinned to the others. Every call is a ``GetItems`` of one of
 ``RECORDS`` records (100-byte values, each answer checked), with a 1 s
 deadline (``grpc-timeout``). The generator costs about 8 us of CPU per
@@ -87,10 +87,11 @@ TARGETS = {
 
 # Open loop: calls are due on a fixed schedule whatever the answers do; a
 # call's latency runs from when it was due (prism.benchmark.loadgen).
-OPEN_CONNECTIONS = 32
-# Closed loop: fewer connections, so that each carries several calls at once
-# (16 per connection at 128 in flight), as a saturating client's would.
-CLOSED_CONNECTIONS = 8
+# Open and closed loop alike (the saturation is measured with the load's own
+# shape: fewer connections carrying more calls each read larger batches, and
+# a worker serves more calls a second that way than the open loop's load
+# lets it).
+CONNECTIONS = 32
 RECORDS = 1000  # GetItems of one of these records (100-byte values), uniformly
 
 
@@ -186,10 +187,10 @@ class Bench:
 
     def saturation(self, namespace: str, inflight: tuple[int, ...]) -> float:
         """The most OK calls/s the worker served, closed loop, over ``inflight``
-        calls in flight (back to back, CLOSED_CONNECTIONS connections)."""
+        calls in flight (back to back, CONNECTIONS connections)."""
         best = 0.0
         for n in inflight:
-            totals = self._run(namespace, "closed", CLOSED_CONNECTIONS, max(1, n // CLOSED_CONNECTIONS), 0.0)
+            totals = self._run(namespace, "closed", CONNECTIONS, max(1, n // CONNECTIONS), 0.0)
             ok = totals.ok_calls / self.duration_s
             refused = totals.errors.get("get", {}).get("RESOURCE_EXHAUSTED", 0) / self.duration_s
             self.saturation_tried.append(
@@ -203,7 +204,7 @@ class Bench:
     def offer(self, namespace: str, rate: float) -> dict[str, Any]:
         """Open-loop ``rate`` calls/s of ``namespace``; what came back."""
         rss_before = self.worker_rss_kib()
-        totals = self._run(namespace, "open", OPEN_CONNECTIONS, 0, rate)
+        totals = self._run(namespace, "open", CONNECTIONS, 0, rate)
         ok = totals.latencies_us.get("get", [])
         codes = totals.errors.get("get", {})
         return {
@@ -401,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--saturation-inflight",
-        default="16,64,128",
-        help="closed-loop calls in flight tried for the saturation (the best counts; default 16,64,128)",
+        default="32,64,128",
+        help="closed-loop calls in flight tried for the saturation (the best counts; default 32,64,128)",
     )
     parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
     parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         inflight = tuple(int(n) for n in args.saturation_inflight.split(","))
     except ValueError:
         parser.error(
-            f"--saturation-inflight: {args.saturation_inflight!r} is not a list of numbers (16,64,128)"
+            f"--saturation-inflight: {args.saturation_inflight!r} is not a list of numbers (32,64,128)"
         )
     if not inflight or min(inflight) < 1:
         parser.error(f"--saturation-inflight: {args.saturation_inflight!r}: each must be at least 1")

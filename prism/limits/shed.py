@@ -36,10 +36,11 @@ Where the queue stands decides what is refused in the next interval:
   worker has not caught up; once it has, late calls stop coming). A pause of
   a few milliseconds makes one read's calls late, not half an interval's.
 - **At a backend** (``observe``: a pool, a thread, a batch slot): the calls
-  in flight are capped at nine tenths of what they were (a new call beyond
-  is refused; never below ``MIN_LIMIT``), and each further standing interval
-  cuts a tenth more; at or under the target, or with nothing queued at all,
-  it serves everything again. The worker's CPU has room there; what is
+  in flight are capped at nine tenths of what they were, and at most the
+  calls served over twice the target (Little's law; a queue of thousands is
+  cut at once), never below ``MIN_LIMIT``: a new call beyond is refused.
+  Each further standing interval cuts again; at or under the target, or
+  with nothing queued at all, it serves everything again. The worker's CPU has room there; what is
   scarce is the backend's, and fewer calls in flight is what relieves it.
   Refusing every call instead would let the queue drain and then leave the
   backend idle for the rest of the interval.
@@ -164,11 +165,9 @@ class Shedder:
         if wait_s < self._min_sojourn:
             self._min_sojourn = wait_s
 
-    def refuses(self, inflight: int, now: float, waited: float = 0.0, ahead: int = 0) -> bool:
+    def refuses(self, inflight: int, now: float, waited: float = 0.0) -> bool:
         """Whether a new call is refused now, with ``inflight`` calls running,
-        the call having waited ``waited`` seconds since it reached the machine
-        and ``ahead`` calls queued for the CPU before it (read only while
-        ``shut``: the caller may pass 0 otherwise)."""
+        the call having waited ``waited`` seconds since it reached the machine."""
         # (Or a new clock. The start is kept, not computed back from the end:
         # end - interval may round above the start, which rolled again at once.)
         if now >= self._window_end or now < self._window_start:
@@ -178,9 +177,11 @@ class Shedder:
             self._late += 1
             if self.shut:
                 return True
-        elif self.shut and waited + ahead * self.call_s > self.target_s:
+        elif self.shut and waited + inflight * self.call_s > self.target_s:
             # It came in time, but would wait too long behind the calls
-            # admitted before it (those of a large read wait for each other).
+            # admitted before it, each of which has its CPU to spend yet
+            # (those of a large read wait for each other; those waiting for
+            # a backend are answered on this CPU too).
             return True
         return self.capped and inflight >= self.limit
 
@@ -208,10 +209,17 @@ class Shedder:
         if enabled and self._waits >= MIN_WAITS and self._min > target:
             # Serve a tenth fewer calls at once than queued: the queue drains
             # while most of the work goes on (shedding everything would
-            # leave the backend idle once it had drained). Never fewer than
-            # MIN_LIMIT: a cap of one call would refuse nearly every call.
+            # leave the backend idle once it had drained); and no more than
+            # the calls served over twice the target (Little's law: at the
+            # rate they were served, more would wait longer), so that a
+            # queue of thousands is cut at once, not a tenth an interval.
+            # Never fewer than MIN_LIMIT: a cap of one call would refuse
+            # nearly every call.
             running = min(self.limit, inflight) if self.capped else inflight
-            self.limit = max(MIN_LIMIT, int(running * 0.9))
+            limit = int(running * 0.9)
+            if self._admitted:
+                limit = min(limit, int(2 * target * self._admitted / (now - self._window_start)))
+            self.limit = max(MIN_LIMIT, limit)
             self.capped = True
         else:
             self.capped = False

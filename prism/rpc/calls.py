@@ -157,8 +157,7 @@ class Calls:
         settings = self.settings
         shedder = settings.admission.shedder
         now = trio.current_time()
-        ahead = trio.lowlevel.current_statistics().tasks_runnable if shedder.shut else 0
-        if not shedder.refuses(settings.inflight, now, now - self.proto.arrived, ahead):
+        if not shedder.refuses(settings.inflight, now, now - self.proto.arrived):
             return None
         for name, value in headers:
             if name == b":path":

@@ -62,6 +62,20 @@ def test_a_standing_queue_caps_the_calls_in_flight_until_the_waits_fall_back() -
     assert not shedder.refuses(500, 0.31)
 
 
+def test_a_long_backend_queue_is_cut_to_what_is_served_over_twice_the_target_at_once() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(MIN_WAITS):
+        shedder.observe(0.2)  # 200 ms for a pooled connection
+    for _ in range(1000):
+        shedder.observe_sojourn(0.0)  # 1,000 calls served in the interval: 10,000/s
+    # 3,000 in flight: not 2,700 (a tenth off), but 10,000/s x 10 ms = 100.
+    assert shedder.refuses(3000, 0.1)
+    assert shedder.refuses(100, 0.11)
+    assert not shedder.refuses(99, 0.11)
+    assert shedder.limit == 100
+
+
 def test_an_interval_with_no_wait_at_all_or_a_stale_one_releases() -> None:
     shedder = Shedder(CONFIG)
     shedder.refuses(0, 0.0)
@@ -154,11 +168,11 @@ def test_a_call_in_time_is_refused_if_the_calls_ahead_would_keep_it_past_the_tar
         shedder.observe_sojourn(0.02)
     shedder.refuses(0, 0.1)  # shut
     shedder.call_s = 0.001  # a call costs 1 ms of CPU
-    assert not shedder.refuses(0, 0.11, waited=0.001, ahead=3)  # 1 + 3 x 1 ms: in time
-    assert shedder.refuses(0, 0.11, waited=0.001, ahead=5)  # 1 + 5 x 1 ms: past 5 ms
-    # The door open, what is ahead does not count (a burst is not refused).
+    assert not shedder.refuses(3, 0.11, waited=0.001)  # 1 + 3 x 1 ms: in time
+    assert shedder.refuses(5, 0.11, waited=0.001)  # 1 + 5 x 1 ms: past 5 ms
+    # The door open, the calls in flight do not count (a burst is not refused).
     open_door = Shedder(CONFIG)
-    assert not open_door.refuses(0, 0.0, waited=0.001, ahead=10_000)
+    assert not open_door.refuses(10_000, 0.0, waited=0.001)
 
 
 def test_a_busy_worker_whose_calls_wait_little_is_not_shed() -> None:
@@ -171,7 +185,7 @@ def test_a_busy_worker_whose_calls_wait_little_is_not_shed() -> None:
     for _ in range(1000):
         shedder.observe_sojourn(0.002)
         shedder.observe_read(0.001)
-    assert not shedder.refuses(10_000, 0.1, waited=0.004, ahead=100)
+    assert not shedder.refuses(10_000, 0.1, waited=0.004)
     assert not shedder.on
 
 
