@@ -44,6 +44,7 @@ import trio
 from prism.backends import registry
 from prism.backends.keyvalue import KeyValueBackend, Migratable
 from prism.config import NamespaceConfig
+from prism.limits import shed
 from prism.migrate.backfill import backfill
 from prism.migrate.dual import BarrierError, MigratingKeyValue
 from prism.migrate.journal import Journal, journal_path
@@ -286,6 +287,7 @@ class WorkerMigrations:
                             rate=lambda: self._rate(name),
                             save=saver.save,
                             clock=lambda: int(time.time() * 1000),
+                            busy=lambda: shed.SHEDDER.on,  # a worker shedding serves its clients first
                         )
                         await saver.flush()
                         nursery.cancel_scope.cancel()
