@@ -9,9 +9,12 @@ that cannot be reached fails calls with UNAVAILABLE within
 cancels its statement on the server.
 
 The semantics live in SQL (``keyvalue_sql``): the stamp rule is the WHERE of
-the upsert and of the delete, and tombstones are rows it keeps; a write with a token claims the token with an
-upsert in the same transaction as its changes (a replay finds the claim and
-rolls back); reads filter expired items; expired items and old tokens are
+the upsert and of the delete, and tombstones are rows it keeps; a write with
+a token claims the token with an upsert in the same transaction as its
+changes (a replay finds the claim and rolls back), and a put with a token
+(or several records' puts, ``put_batch``) does both in one statement (the
+claim a data-modifying CTE the upsert's rows depend on: one round trip
+instead of four); reads filter expired items; expired items and old tokens are
 purged (and tombstones past their time) in small batches inside a write's
 transaction at most once a minute of caller time. A write that is a single statement without a token runs
 without BEGIN/COMMIT: one statement is atomic on its own. Write statements
@@ -331,10 +334,8 @@ class PostgresBackend:
         await self._write(id, stamp, now_ms, [self._upsert(id, items, stamp, now_ms)] if items else [])
 
     async def put_batch(self, puts: Sequence[tuple[str, Sequence[ItemWrite], Stamp]], now_ms: int) -> None:
-        """``BatchWritable``: puts of distinct records, each applied as ``put_items``
-        would (its own stamp; its token claimed, a replay skipped), in one
-        statement: all of them or none. (When the minute's purge is due, the
-        first goes alone, carrying it, and the rest together.)"""
+        """``BatchWritable``: in one statement, all or none (when the minute's
+        purge is due, the first goes alone, carrying it, then the rest)."""
         for _, items, _ in puts:
             check_items(items)
         if puts and now_ms >= self._purge_next_ms:
