@@ -247,7 +247,8 @@ class RetryQueue:
         while True:
             while not lane:
                 await self._changed.park()
-            limit = self.batch if isinstance(backend(), BatchWritable) and not alone else 1
+            batching = len(lane) > 1 and not alone and isinstance(backend(), BatchWritable)
+            limit = self.batch if batching else 1
             batch = take_batch(lane, limit)
             try:
                 with trio.fail_after(ATTEMPT_TIMEOUT_S):
