@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_servers import make_prism
 from prism.backends import registry
 from prism.backends.keyvalue import Migratable
-from prism.benchmark.procstat import CLK_TCK, process_tree, stat_fields
+from prism.benchmark.procstat import CLK_TCK, process_role, process_tree, stat_fields
 from prism.proto import common_pb2, kv_pb2, kv_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "migration.json"
@@ -147,8 +147,11 @@ class Cpu:
         with open("/proc/stat") as f:
             user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
         times = os.times()
+        tree = process_tree(self.server_pid)
+        workers = [pid for pid in tree if process_role(pid, self.server_pid).startswith("worker")]
         return {
-            "prism": ticks(process_tree(self.server_pid)) / CLK_TCK,
+            "prism": ticks(tree) / CLK_TCK,
+            "workers": ticks(workers) / CLK_TCK,
             "postgres": ticks([int(pid) for (pid,) in rows]) / CLK_TCK,
             "clients": times.user + times.system,
             "machine": (user + nice + system + irq + softirq) / CLK_TCK,
@@ -160,6 +163,7 @@ def cpu_window(a: dict[str, float], b: dict[str, float], seconds: float, calls: 
     server's and PostgreSQL's CPU per client call (reads and writes) in ms."""
     used = {k: b[k] - a[k] for k in a}
     used["other"] = used["machine"] - used["prism"] - used["postgres"] - used["clients"]
+    used["prism_rest"] = used["prism"] - used["workers"]  # the supervisor and the admin process
     out = {f"{k}_cores": round(v / seconds, 3) for k, v in used.items() if k != "machine"}
     if calls:
         out["prism_ms_per_call"] = round(used["prism"] * 1000 / calls, 3)
@@ -427,7 +431,8 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
         )
         c = w["cpu"]
         print(
-            f"{'':>14}  cpu cores: prism {c['prism_cores']:.2f} postgres {c['postgres_cores']:.2f} "
+            f"{'':>14}  cpu cores: prism {c['prism_cores']:.2f} (workers {c['workers_cores']:.2f}) "
+            f"postgres {c['postgres_cores']:.2f} "
             f"clients {c['clients_cores']:.2f} other {c['other_cores']:.2f}; per call: prism "
             f"{c.get('prism_ms_per_call', 0):.3f} ms postgres {c.get('postgres_ms_per_call', 0):.3f} ms"
         )
