@@ -259,6 +259,9 @@ def main() -> int:
     parser.add_argument("--dsn", default=os.environ.get("PRISM_TEST_PG_DSN", "postgresql://127.0.0.1/test"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp") / f"prism-bench-migration-{os.getpid()}")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--samples", type=Path, help="also write every call's (end, seconds) and the phases' times"
+    )
     parser.add_argument("--quick", action="store_true", help="2,000 records, 3 s windows: checks it works")
     args = parser.parse_args()
     if args.quick:
@@ -423,6 +426,11 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
     result["p99_within_2x"] = bool(ratios) and max(ratios) <= 2.0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.samples is not None:
+        marks = {"t0": t0, "start": t_start, "copied": t_copied, "shadowed": t_shadowed}
+        marks |= {"promoted": t_promoted, "end": t_end}
+        calls = {("write" if c.write else "read"): c.samples for c in clients}
+        args.samples.write_text(json.dumps({"marks": marks, "calls": calls}))
     for name, w in windows.items():
         print(
             f"{name:>14}: writes {w.get('write_calls', 0):6d} p50 {w.get('write_p50_ms', 0):7.2f} ms "

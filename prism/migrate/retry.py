@@ -14,7 +14,11 @@ worker and the server several times the CPU), a lane that finds several
 writes queued delivers the puts at its head together (``take_batch``: up
 to ``BATCH_WRITES``, stopping before a write that is not a put or is of a
 record already in the batch, so a record's writes still go one at a time,
-in order), each with its own stamp and token. A batch the backend refuses
+in order), each with its own stamp and token. So that a steady trickle of
+writes (one client, say) makes batches too, such a lane, woken by a write,
+waits ``LINGER_S`` (20 ms) for the writes that follow before it delivers:
+the second backend lags that much more, and takes a few puts per round trip
+instead of one. A batch the backend refuses
 for what it holds is delivered again one write at a time, so only the
 write refused is dropped. A lane whose delivery fails waits
 (``retry_delay``'s exponential backoff with jitter) and tries it again (a
@@ -64,6 +68,7 @@ MAX_WRITES: Final = 100_000
 MAX_BYTES: Final = 64 << 20
 LANES: Final = 4  # writes in flight to one backend at most (a pool's default is 8 connections)
 BATCH_WRITES: Final = 64  # puts a lane delivers in one call at most (a BatchWritable backend)
+LINGER_S: Final = 0.02  # a lane to a BatchWritable backend waits this long for more writes to batch
 PIPELINE_WRITES: Final = 1024  # past this many queued (backend answering), writers wait for room
 ATTEMPT_TIMEOUT_S: Final = 5.0  # one delivery; a backend that hangs is retried like one that refuses
 # Errors that say the backend could not take a write now (down, busy, slow, a
@@ -125,6 +130,7 @@ class RetryQueue:
         lanes: int = LANES,
         pipeline: int = PIPELINE_WRITES,
         batch: int = BATCH_WRITES,
+        linger: float = LINGER_S,
         journal: Journal | None = None,
     ) -> None:
         self.what = what  # "namespace 'x': target", for the log
@@ -132,6 +138,7 @@ class RetryQueue:
         self.max_bytes = max_bytes
         self.pipeline = pipeline
         self.batch = batch
+        self.linger = linger
         self.journal = journal
         self._lanes: list[deque[PendingWrite]] = [deque() for _ in range(lanes)]
         self._count = 0
@@ -247,7 +254,9 @@ class RetryQueue:
         while True:
             while not lane:
                 await self._changed.park()
-            batching = len(lane) > 1 and not alone and isinstance(backend(), BatchWritable)
+            batching = not alone and isinstance(backend(), BatchWritable)
+            if batching and self.linger and len(lane) < self.batch:
+                await trio.sleep(self.linger)  # the writes of the next moment go in the same batch
             limit = self.batch if batching else 1
             batch = take_batch(lane, limit)
             try:

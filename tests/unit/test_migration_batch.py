@@ -12,6 +12,7 @@ import random
 from collections.abc import Sequence
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
@@ -211,3 +212,35 @@ async def test_a_migration_delivers_concurrent_writers_in_batches_and_both_agree
         "r3", MatchAll(), reverse=False, after=None, limit_items=BIG, limit_bytes=BIG, now_ms=NOW
     )
     assert [(i.key, i.value) for i in page.items] == [(b"k0", b"18"), (b"k1", b"19"), (b"k2", b"17")]
+
+
+async def test_a_trickle_of_writes_is_batched_after_a_short_linger(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = Batching()
+    queue = RetryQueue("t", lanes=1)
+    assert queue.linger == 0.02
+    async with trio.open_nursery() as nursery:
+
+        async def ready() -> None:
+            pass
+
+        nursery.start_soon(queue.drain, lambda: target, ready, lambda: NOW)
+        for i in range(10):  # a write every 6 ms
+            write = put(f"r{i}", b"v", i + 1)
+            queue.push(PendingWrite(write.id, write.nbytes, write))
+            await trio.sleep(0.006)
+        await queue.wait_empty()
+        assert trio.current_time() == pytest.approx(0.048 + 0.02)  # the last batch: 20 ms after its first
+        nursery.cancel_scope.cancel()
+    assert target.calls == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"], ["r8", "r9"]]
+
+
+async def test_a_backend_that_takes_no_batches_gets_each_write_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = MemoryBackend()
+    queue = RetryQueue("t", lanes=1)
+    t0 = trio.current_time()
+    await delivered(queue, target, WRITES)
+    assert trio.current_time() == t0 and await dump(target) == await apply_in_order(WRITES)
