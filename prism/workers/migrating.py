@@ -77,8 +77,8 @@ class _Open:
 
 
 class _Saver:
-    """The backfill's ``save``, off the event loop: the progress file is fsynced, and an
-    fsync per page in the loop's thread would hold every call of the worker meanwhile
+    """The backfill's ``save`` (once a second), off the event loop: the progress file is
+    fsynced, and an fsync in the loop's thread would hold every call of the worker meanwhile
     (the p99 ``bench/migration.py`` measures). ``save`` keeps the newest progress and
     returns; a task writes it from a thread, the newest only. A failed write is raised
     by the next ``save`` (the backfill then waits and tries again); a crash loses at
