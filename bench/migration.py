@@ -10,7 +10,11 @@ reader thread reads; meanwhile the migration goes:
     -> promote -> after (--window-s) -> writer and reader stop -> finish
 
 It records the clients' p50/p99 latency in four windows (before, during
-the backfill, shadow reads, after promotion) and the copy rate, then checks:
+the backfill, shadow reads, after promotion), the CPU each used (cores busy
+and ms per client call: the server's processes, the PostgreSQL sessions on
+``--dsn``'s database, the clients, and what else ran on the machine: on a
+shared machine, ``other_cores`` says how noisy a window was) and the copy
+rate, then checks:
 
 - no client call failed;
 - the target holds exactly the source's records (before finish, while both
@@ -55,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_servers import make_prism
 from prism.backends import registry
 from prism.backends.keyvalue import Migratable
+from prism.benchmark.procstat import CLK_TCK, process_role, process_tree, stat_fields
 from prism.proto import common_pb2, kv_pb2, kv_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "migration.json"
@@ -115,6 +120,54 @@ def window(clients: list[Client], start: float, end: float) -> dict[str, Any]:
             q = quantiles(lat, n=100)
             out[f"{kind}_p50_ms"] = round(q[49] * 1000, 3)
             out[f"{kind}_p99_ms"] = round(q[98] * 1000, 3)
+    return out
+
+
+class Cpu:
+    """CPU seconds so far: the server's process tree, the PostgreSQL sessions
+    on the bench's database (the migration's connections), this process (the
+    clients), and the whole machine (what else ran: the noise on a shared one)."""
+
+    def __init__(self, server_pid: int, dsn: str) -> None:
+        self.server_pid = server_pid
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def snapshot(self) -> dict[str, float]:
+        def ticks(pids: list[int]) -> int:
+            total = 0
+            for pid in pids:
+                fields = stat_fields(pid)
+                if fields is not None:
+                    total += int(fields[11]) + int(fields[12])
+            return total
+
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid != pg_backend_pid()"
+        ).fetchall()
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+        times = os.times()
+        tree = process_tree(self.server_pid)
+        workers = [pid for pid in tree if process_role(pid, self.server_pid).startswith("worker")]
+        return {
+            "prism": ticks(tree) / CLK_TCK,
+            "workers": ticks(workers) / CLK_TCK,
+            "postgres": ticks([int(pid) for (pid,) in rows]) / CLK_TCK,
+            "clients": times.user + times.system,
+            "machine": (user + nice + system + irq + softirq) / CLK_TCK,
+        }
+
+
+def cpu_window(a: dict[str, float], b: dict[str, float], seconds: float, calls: int) -> dict[str, float]:
+    """CPU used between two snapshots: cores busy (seconds a second), and the
+    server's and PostgreSQL's CPU per client call (reads and writes) in ms."""
+    used = {k: b[k] - a[k] for k in a}
+    used["other"] = used["machine"] - used["prism"] - used["postgres"] - used["clients"]
+    used["prism_rest"] = used["prism"] - used["workers"]  # the supervisor and the admin process
+    out = {f"{k}_cores": round(v / seconds, 3) for k, v in used.items() if k != "machine"}
+    if calls:
+        out["prism_ms_per_call"] = round(used["prism"] * 1000 / calls, 3)
+        out["postgres_ms_per_call"] = round(used["postgres"] * 1000 / calls, 3)
     return out
 
 
@@ -206,6 +259,9 @@ def main() -> int:
     parser.add_argument("--dsn", default=os.environ.get("PRISM_TEST_PG_DSN", "postgresql://127.0.0.1/test"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp") / f"prism-bench-migration-{os.getpid()}")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--samples", type=Path, help="also write every call's (end, seconds) and the phases' times"
+    )
     parser.add_argument("--quick", action="store_true", help="2,000 records, 3 s windows: checks it works")
     args = parser.parse_args()
     if args.quick:
@@ -247,9 +303,13 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
     clients = [writer, reader]
     for c in clients:
         c.thread.start()
+    cpu = Cpu(server.pid, args.dsn)
     t0 = time.perf_counter()
-    time.sleep(args.window_s)
+    time.sleep(1.0)
+    cpus = {"t0": cpu.snapshot()}
+    time.sleep(args.window_s - 1.0)
     t_start = time.perf_counter()
+    cpus["start"] = cpu.snapshot()
     admin(
         url,
         "POST",
@@ -264,15 +324,20 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
     wait_phase(url, namespace, "backfill", 30)
     shadow = wait_phase(url, namespace, "shadow_read", args.records / args.rate * 5 + 60)
     t_copied = time.perf_counter()
+    cpus["copied"] = cpu.snapshot()
     copied = shadow["progress"]["copied"]
     reads_at_start = shadow["progress"]["shadow_reads"]
     time.sleep(args.window_s)
     t_shadowed = time.perf_counter()
+    cpus["shadowed"] = cpu.snapshot()
     shadowed = admin(url, "GET", f"/v1/migrations/{namespace}")["progress"]
     admin(url, "POST", f"/v1/migrations/{namespace}/promote")
     t_promoted = time.perf_counter()
+    cpus["promoted"] = cpu.snapshot()
     time.sleep(args.window_s)
     t_end = time.perf_counter()
+    cpus["end"] = cpu.snapshot()
+    cpu.conn.close()
     for c in clients:
         c.stop.set()
     for c in clients:
@@ -299,6 +364,17 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
         "shadow_read": window(clients, t_copied, t_shadowed),
         "after_promote": window(clients, t_promoted, t_end),
     }
+    bounds = {
+        "before": ("t0", "start"),
+        "backfill": ("start", "copied"),
+        "shadow_read": ("copied", "shadowed"),
+        "after_promote": ("promoted", "end"),
+    }
+    for name, (a, b) in bounds.items():
+        w = windows[name]
+        w["cpu"] = cpu_window(
+            cpus[a], cpus[b], w["seconds"], w.get("write_calls", 0) + w.get("read_calls", 0)
+        )
     mismatches = sum(shadowed["mismatches"].values())
 
     def ratio(kind: str, base: str = "before") -> float | None:
@@ -350,11 +426,23 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
     result["p99_within_2x"] = bool(ratios) and max(ratios) <= 2.0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.samples is not None:
+        marks = {"t0": t0, "start": t_start, "copied": t_copied, "shadowed": t_shadowed}
+        marks |= {"promoted": t_promoted, "end": t_end}
+        calls = {("write" if c.write else "read"): c.samples for c in clients}
+        args.samples.write_text(json.dumps({"marks": marks, "calls": calls}))
     for name, w in windows.items():
         print(
             f"{name:>14}: writes {w.get('write_calls', 0):6d} p50 {w.get('write_p50_ms', 0):7.2f} ms "
             f"p99 {w.get('write_p99_ms', 0):7.2f} ms | reads {w.get('read_calls', 0):6d} "
             f"p50 {w.get('read_p50_ms', 0):7.2f} ms p99 {w.get('read_p99_ms', 0):7.2f} ms"
+        )
+        c = w["cpu"]
+        print(
+            f"{'':>14}  cpu cores: prism {c['prism_cores']:.2f} (workers {c['workers_cores']:.2f}) "
+            f"postgres {c['postgres_cores']:.2f} "
+            f"clients {c['clients_cores']:.2f} other {c['other_cores']:.2f}; per call: prism "
+            f"{c.get('prism_ms_per_call', 0):.3f} ms postgres {c.get('postgres_ms_per_call', 0):.3f} ms"
         )
     print(
         f"copy: {copied} records in {result['copy']['seconds']} s = "

@@ -217,3 +217,20 @@ class Migratable(Protocol):
         share copied and the time left in ``prism migrate status`` (read once
         as the copy starts; writes made since make it an estimate)."""
         ...
+
+
+@runtime_checkable
+class BatchWritable(Protocol):
+    """A backend that takes several clients' puts in one go, cheaper than one
+    by one (PostgreSQL: one statement, one round trip). A live migration
+    delivers the writes queued for its second backend so (``prism.migrate.retry``).
+
+    ``put_batch`` applies each put as ``put_items`` would: its own stamp
+    under the stamp rule, its token claimed (a replay is skipped). The
+    records are distinct (ValueError otherwise: one record's writes go one
+    at a time, in order). A call that fails may have applied some of them;
+    applying them again is harmless (stamp and token)."""
+
+    async def put_batch(
+        self, puts: Sequence[tuple[str, Sequence[ItemWrite], Stamp]], now_ms: int
+    ) -> None: ...

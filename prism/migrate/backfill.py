@@ -9,12 +9,24 @@ rule: an item written (or deleted) during dual write is newer than the copy
 of it read a moment before, and the copy is skipped. That is why the copy can
 run beside live traffic and needs no lock.
 
-After each page, ``save(progress)`` records the cursor (the last id copied),
-so a restart resumes after it; copying a page twice is harmless. The pace is
-``rate()`` records a second, read before each page, so a change takes effect
-at the next one. A page that fails (either backend down) is tried again
-after a backoff, from the same cursor, until it goes through or the backfill
-is cancelled.
+Every ``SAVE_EVERY_S`` (and at the end), ``save(progress)`` records the
+cursor (the last id copied), so a restart resumes after it; copying a page
+twice is harmless. The pace is ``rate()`` records a second, read before each
+page, so a change takes effect at the next one.
+
+The copy shares the worker's CPU (and the machine's) with the clients'
+calls, so it goes in small pages spread evenly: ``PAGE_S`` worth of the rate
+each (50 records every 50 ms at the default 1000/s, not 500 every half
+second), so that what a page holds the event loop for (reading, converting,
+sending it) is short, and a client's call that arrives meanwhile waits for
+a short page, not a long one. And it yields to the clients: while ``busy()``
+(the worker's shedder sees a standing queue, ``prism.limits.shed``) a page
+waits, ``PAGE_S`` at a time and at most ``YIELD_MAX_S`` in a row, so that an
+overloaded worker serves its clients first and the copy still moves. The
+rate is a ceiling: time spent waiting is not made up by faster pages.
+
+A page that fails (either backend down) is tried again after a backoff,
+from the same cursor, until it goes through or the backfill is cancelled.
 """
 
 from __future__ import annotations
@@ -34,7 +46,10 @@ from prism.workers.reopen import retry_delay
 
 log = logging.getLogger("prism.migrate")
 
-PAGE_ITEMS: Final = 500  # items per page at most (fewer at a low rate: a page is at most a second's worth)
+PAGE_ITEMS: Final = 500  # items per page at most
+PAGE_S: Final = 0.05  # a page is this long's worth of the rate (at least one record)
+YIELD_MAX_S: Final = 1.0  # a page waits for a busy worker this long at most
+SAVE_EVERY_S: Final = 1.0  # the progress is saved this often (and at the end)
 PAGE_BYTES: Final = 4 << 20
 RATE_WINDOW_S: Final = 5.0  # records_per_s is measured over this much of the recent past
 LOG_EVERY_S: Final = 30.0
@@ -51,11 +66,13 @@ async def backfill(
     save: Callable[[Progress], None],
     clock: Callable[[], int],
     rand: Callable[[], float] = random.random,
+    busy: Callable[[], bool] = lambda: False,
 ) -> Progress:
     """Copy every record after ``progress.cursor`` from ``source`` to ``target``;
     ``progress`` is updated in place (and returned) with ``done`` set at the end.
     ``clock()`` is the time in ms the backends judge expiry by; pacing and the
-    measured rate use trio's clock."""
+    measured rate use trio's clock. ``busy()``: whether the worker's clients
+    should go first now (a page waits)."""
     if progress.done:
         return progress
     log.info(
@@ -68,15 +85,19 @@ async def backfill(
         progress.total = await _count(source, namespace, clock())
     history: deque[tuple[float, int]] = deque([(trio.current_time(), progress.copied)])
     next_at = trio.current_time()
-    logged_at = trio.current_time()
+    logged_at = saved_at = trio.current_time()
     failures = 0
     while True:
+        waited = 0.0
+        while busy() and waited < YIELD_MAX_S:
+            await trio.sleep(PAGE_S)
+            waited += PAGE_S
         per_s = max(1, rate())
         started = trio.current_time()
         try:
             page = await source.export_records(
                 after=progress.cursor,
-                limit_items=max(1, min(PAGE_ITEMS, per_s)),
+                limit_items=max(1, min(PAGE_ITEMS, int(per_s * PAGE_S))),
                 limit_bytes=PAGE_BYTES,
                 now_ms=clock(),
             )
@@ -106,7 +127,9 @@ async def backfill(
         progress.records_per_s = (progress.copied - c0) / (now - t0) if now > t0 else 0.0
         progress.done = page.last_id is None
         progress.updated_ms = clock()
-        await _save(save, progress, namespace, rand)
+        if progress.done or now - saved_at >= SAVE_EVERY_S:
+            await _save(save, progress, namespace, rand)
+            saved_at = now
         if progress.done:
             log.info("namespace %s: backfill done: %d records copied", namespace, progress.copied)
             return progress

@@ -7,10 +7,23 @@ gets it from here, after the answer, so its latency is not the client's.
 ``drain`` delivers the queue over ``LANES`` tasks: a write goes to the lane
 its record id hashes to, so the writes of one record reach the backend one
 at a time, in the order the primary acknowledged them; different records go
-in parallel (at most ``LANES`` writes in flight to the backend). A lane
-whose write fails waits (``retry_delay``'s exponential backoff with jitter)
-and tries it again, and the writes behind it wait with it. Delivering late,
-or twice, is harmless: the write carries the stamp and the idempotency
+in parallel (at most ``LANES`` deliveries in flight to the backend). To a
+backend that takes several puts in one go (``BatchWritable``: PostgreSQL
+applies them in one statement, one round trip, where one by one costs the
+worker and the server several times the CPU), a lane that finds several
+writes queued delivers the puts at its head together (``take_batch``: up
+to ``BATCH_WRITES``, stopping before a write that is not a put or is of a
+record already in the batch, so a record's writes still go one at a time,
+in order), each with its own stamp and token. So that a steady trickle of
+writes (one client, say) makes batches too, such a lane, woken by a write,
+waits ``LINGER_S`` (20 ms) for the writes that follow before it delivers:
+the second backend lags that much more, and takes a few puts per round trip
+instead of one. A batch the backend refuses
+for what it holds is delivered again one write at a time, so only the
+write refused is dropped. A lane whose delivery fails waits
+(``retry_delay``'s exponential backoff with jitter) and tries it again (a
+batch whole), and the writes behind it wait with it. Delivering late, or
+twice, is harmless: the write carries the stamp and the idempotency
 token the client's call had, so the backend's stamp rule (tombstones
 included: a delete delivered before an older put keeps it out) and token
 check decide as they would have at once.
@@ -33,16 +46,18 @@ restart delivers what the file holds.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 
+from prism.backends.keyvalue import BatchWritable
 from prism.errors import DeadlineExceeded, Internal, PrismError, ResourceExhausted, Unavailable
 from prism.migrate.journal import Journal, QueuedWrite
 from prism.workers.reopen import retry_delay
@@ -52,6 +67,8 @@ log = logging.getLogger("prism.migrate")
 MAX_WRITES: Final = 100_000
 MAX_BYTES: Final = 64 << 20
 LANES: Final = 4  # writes in flight to one backend at most (a pool's default is 8 connections)
+BATCH_WRITES: Final = 64  # puts a lane delivers in one call at most (a BatchWritable backend)
+LINGER_S: Final = 0.02  # a lane to a BatchWritable backend waits this long for more writes to batch
 PIPELINE_WRITES: Final = 1024  # past this many queued (backend answering), writers wait for room
 ATTEMPT_TIMEOUT_S: Final = 5.0  # one delivery; a backend that hangs is retried like one that refuses
 # Errors that say the backend could not take a write now (down, busy, slow, a
@@ -67,6 +84,31 @@ class PendingWrite:
 
     async def apply(self, backend: Any, now_ms: int) -> None:
         await self.write.apply(backend, now_ms)
+
+
+def take_batch(lane: deque[PendingWrite], limit: int) -> list[PendingWrite]:
+    """The writes at the head of ``lane`` that go to the backend together: the
+    puts before the first write that is not a put or is of a record already in
+    the batch (a record's next write waits for the one before it), at most
+    ``limit``; at least the head itself."""
+    batch = [lane[0]]
+    if limit > 1 and batch[0].write.kind == "put":
+        ids = {batch[0].id}
+        for write in itertools.islice(lane, 1, limit):
+            if write.write.kind != "put" or write.id in ids:
+                break
+            ids.add(write.id)
+            batch.append(write)
+    return batch
+
+
+async def deliver(backend: Any, batch: Sequence[PendingWrite], now_ms: int) -> None:
+    """``batch`` (from ``take_batch``) to ``backend``: one write as it was
+    made, several puts in one ``put_batch`` (``BatchWritable``)."""
+    if len(batch) == 1:
+        await batch[0].apply(backend, now_ms)
+    else:
+        await backend.put_batch([(p.id, p.write.items, p.write.stamp) for p in batch], now_ms)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -87,12 +129,16 @@ class RetryQueue:
         max_bytes: int = MAX_BYTES,
         lanes: int = LANES,
         pipeline: int = PIPELINE_WRITES,
+        batch: int = BATCH_WRITES,
+        linger: float = LINGER_S,
         journal: Journal | None = None,
     ) -> None:
         self.what = what  # "namespace 'x': target", for the log
         self.max_writes = max_writes
         self.max_bytes = max_bytes
         self.pipeline = pipeline
+        self.batch = batch
+        self.linger = linger
         self.journal = journal
         self._lanes: list[deque[PendingWrite]] = [deque() for _ in range(lanes)]
         self._count = 0
@@ -204,14 +250,19 @@ class RetryQueue:
     ) -> None:
         lane = self._lanes[i]
         failures = 0
+        alone = 0  # after a batch refused for one of its writes: these many go one at a time
         while True:
             while not lane:
                 await self._changed.park()
-            write = lane[0]
+            batching = not alone and isinstance(backend(), BatchWritable)
+            if batching and self.linger and len(lane) < self.batch:
+                await trio.sleep(self.linger)  # the writes of the next moment go in the same batch
+            limit = self.batch if batching else 1
+            batch = take_batch(lane, limit)
             try:
                 with trio.fail_after(ATTEMPT_TIMEOUT_S):
                     await ready()
-                    await write.apply(backend(), now_ms())
+                    await deliver(backend(), batch, now_ms())
             except Exception as exc:  # trio.TooSlowError too: a backend that hangs
                 if is_retryable(exc):
                     failures += 1
@@ -223,28 +274,38 @@ class RetryQueue:
                     self._changed.unpark_all()  # writers waiting for room: queue without waiting
                     await trio.sleep(retry_delay(failures, rand))
                     continue
-                log.error("%s: a write of id %r was refused, dropped: %s", self.what, write.id, exc)
+                if len(batch) > 1:  # which write is refused? Each alone finds it
+                    alone = len(batch)
+                    continue
+                log.error("%s: a write of id %r was refused, dropped: %s", self.what, batch[0].id, exc)
                 self.dropped += 1
             else:
-                self.delivered += 1
+                self.delivered += len(batch)
+            alone = max(0, alone - 1)
             if failures:
                 self._failing.discard(i)
                 if not self._failing:
                     log.warning("%s: answers again; delivering %d queued writes", self.what, self._count)
             failures = 0
-            if lane and lane[0] is write:  # not cleared meanwhile
-                lane.popleft()
-                self._counted.discard(id(write))
-                left = self._records.pop(write.id, 1) - 1
-                if left:
-                    self._records[write.id] = left
-                self._count -= 1
-                self._bytes -= write.nbytes
-                if not self._count:
-                    self._emptied()
-                elif self.journal is not None:
-                    self._compact()
-                self._changed.unpark_all()
+            self._done(lane, batch)
+
+    def _done(self, lane: deque[PendingWrite], batch: list[PendingWrite]) -> None:
+        """``batch``, at the head of ``lane``, has gone (delivered or dropped)."""
+        for write in batch:
+            if not lane or lane[0] is not write:  # cleared meanwhile
+                return
+            lane.popleft()
+            self._counted.discard(id(write))
+            left = self._records.pop(write.id, 1) - 1
+            if left:
+                self._records[write.id] = left
+            self._count -= 1
+            self._bytes -= write.nbytes
+        if not self._count:
+            self._emptied()
+        elif self.journal is not None:
+            self._compact()
+        self._changed.unpark_all()
 
     def _count_waiting(self) -> None:
         """The backend failed: every write waiting for it counts as a failure, once."""

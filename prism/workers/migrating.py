@@ -44,6 +44,7 @@ import trio
 from prism.backends import registry
 from prism.backends.keyvalue import KeyValueBackend, Migratable
 from prism.config import NamespaceConfig
+from prism.limits import shed
 from prism.migrate.backfill import backfill
 from prism.migrate.dual import BarrierError, MigratingKeyValue
 from prism.migrate.journal import Journal, journal_path
@@ -76,8 +77,8 @@ class _Open:
 
 
 class _Saver:
-    """The backfill's ``save``, off the event loop: the progress file is fsynced, and an
-    fsync per page in the loop's thread would hold every call of the worker meanwhile
+    """The backfill's ``save`` (once a second), off the event loop: the progress file is
+    fsynced, and an fsync in the loop's thread would hold every call of the worker meanwhile
     (the p99 ``bench/migration.py`` measures). ``save`` keeps the newest progress and
     returns; a task writes it from a thread, the newest only. A failed write is raised
     by the next ``save`` (the backfill then waits and tries again); a crash loses at
@@ -286,6 +287,7 @@ class WorkerMigrations:
                             rate=lambda: self._rate(name),
                             save=saver.save,
                             clock=lambda: int(time.time() * 1000),
+                            busy=lambda: shed.SHEDDER.on,  # a worker shedding serves its clients first
                         )
                         await saver.flush()
                         nursery.cancel_scope.cancel()

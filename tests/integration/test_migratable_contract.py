@@ -10,6 +10,7 @@ import pytest
 
 from prism.backends import catalog
 from prism.backends.keyvalue import (
+    BatchWritable,
     Delete,
     ExportPage,
     MatchKeys,
@@ -172,6 +173,38 @@ async def test_import_nothing(kv: Backend) -> None:
     await kv.import_records([], NOW)
     await kv.import_records([("a", [])], NOW)
     assert flat(await export_all(kv)) == []
+
+
+async def test_a_batch_of_puts_is_each_put_as_put_items_would_apply_it(kv: Backend) -> None:
+    """``BatchWritable`` (what a migration's second backend is sent in batches)."""
+    if not isinstance(kv, BatchWritable):
+        pytest.skip(f"{type(kv).__name__} takes puts one by one")
+    await kv.put_items("a", [w(b"k", b"newer")], st(100), NOW)
+    await kv.put_items("b", [w(b"k", b"first")], st(5, "tok"), NOW)
+    await kv.delete_items("r", MatchRange(b"a", b"m"), st(50), NOW)
+    for now in (NOW, NOW + 1):  # the first batch of a fresh backend carries its purge
+        await kv.put_batch(
+            [
+                ("a", [w(b"k", b"older")], st(50)),  # older than what a holds: skipped
+                ("b", [w(b"k", b"replay")], st(60, "tok")),  # b's token was applied: skipped
+                ("c", [w(b"k1", b"1"), w(b"k2", b"2", NOW + 5000)], st(70, "tok")),  # another record's
+                ("r", [w(b"c", b"covered"), w(b"x", b"free")], st(40)),  # c under a newer range delete
+                ("e", [w(b"k", b"v1"), w(b"k", b"v2")], st(80)),  # a key twice: the last
+            ],
+            now,
+        )
+    assert {id: await values(kv, id) for id in "abcre"} == {
+        "a": {b"k": b"newer"},
+        "b": {b"k": b"first"},
+        "c": {b"k1": b"1", b"k2": b"2"},
+        "r": {b"x": b"free"},
+        "e": {b"k": b"v2"},
+    }
+    await kv.put_items("c", [w(b"k1", b"again")], st(90, "tok"), NOW + 2)  # its token was claimed
+    assert await values(kv, "c") == {b"k1": b"1", b"k2": b"2"}
+    with pytest.raises(ValueError, match="one put per record"):
+        await kv.put_batch([("f", [w(b"k", b"1")], st(1)), ("f", [w(b"j", b"2")], st(2))], NOW + 3)
+    assert await values(kv, "f") == {}
 
 
 ENGINES = catalog.builtin("keyvalue")

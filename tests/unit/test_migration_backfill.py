@@ -1,12 +1,13 @@
 """The backfill (prism/migrate/backfill.py) between two in-memory backends, on
-trio's MockClock: it copies everything, saves its cursor after every page,
-resumes from it, keeps to its rate, never undoes a newer write, and outlasts
-a backend that fails. (Every ordered pair of real engines:
+trio's MockClock: it copies everything in small pages, saves its cursor
+every second and at the end, resumes from it, keeps to its rate, yields to
+a busy worker, never undoes a newer write, and outlasts a backend that
+fails. (Every ordered pair of real engines:
 tests/integration/test_migration_pairs.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import pytest
@@ -29,6 +30,7 @@ class Flaky(MemoryBackend):
         super().__init__()
         self.down = False
         self.pages = 0
+        self.limits: list[int] = []  # limit_items of each page asked for
 
     async def export_records(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
@@ -36,6 +38,7 @@ class Flaky(MemoryBackend):
         if self.down:
             raise Unavailable("source down")
         self.pages += 1
+        self.limits.append(limit_items)
         return await super().export_records(
             after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
         )
@@ -81,16 +84,22 @@ async def run(
     )
 
 
-async def test_copies_everything_and_saves_after_every_page(autojump_clock: trio.testing.MockClock) -> None:
+async def test_copies_everything_and_saves_every_second_and_at_the_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     source, target = Flaky(), Flaky()
     await fill(source, 1200)
     saved = Saved()
     progress = await run(source, target, Progress(), save=saved)
+    assert source.limits == [500, 500, 500]  # PAGE_ITEMS a page at most
     assert (progress.done, progress.copied, progress.cursor) == (True, 1200, "id1199")
     assert await dump(target) == await dump(source)
-    assert [s.copied for s in saved.saves] == [500, 1000, 1200]  # PAGE_ITEMS a page
-    assert [s.done for s in saved.saves] == [False, False, True]
+    assert [(s.copied, s.done) for s in saved.saves] == [(1200, True)]  # well within a second
     assert await run(source, target, progress) is progress  # done: nothing more
+    slow, saved = Flaky(), Saved()
+    await fill(slow, 300)
+    await run(slow, Flaky(), Progress(), rate=100, save=saved)  # 3 s: pages of 5 every 50 ms
+    assert [s.copied // 10 for s in saved.saves] == [10, 20, 30] and saved.saves[-1].done
 
 
 async def test_an_empty_source_is_done_at_once(autojump_clock: trio.testing.MockClock) -> None:
@@ -106,11 +115,11 @@ async def test_resumes_from_the_saved_cursor(autojump_clock: trio.testing.MockCl
         await run(source, target, Progress(), rate=10, save=saved)
     last = saved.saves[-1]
     assert not last.done and last.cursor == f"id{last.copied - 1:04}" and 20 <= last.copied <= 50
-    assert len(await dump(target)) == last.copied
+    assert last.copied <= len(await dump(target)) < last.copied + 10  # a second's pages not saved yet
     exported_before = source.pages
-    progress = await run(source, target, msgspec.structs.replace(last), rate=1000)
+    progress = await run(source, target, msgspec.structs.replace(last), rate=2000)
     assert progress.done and progress.copied == 100
-    assert source.pages - exported_before == 1  # one page of the 100 - copied left: no record read twice
+    assert source.pages - exported_before == 1  # one page of the 100 - copied left: none read twice
     assert await dump(target) == await dump(source)
 
 
@@ -138,9 +147,10 @@ async def test_keeps_to_its_rate(autojump_clock: trio.testing.MockClock) -> None
     source, target = Flaky(), Flaky()
     await fill(source, 200)
     t0 = trio.current_time()
-    await run(source, target, Progress(), rate=20)  # pages of 20: a second each
+    await run(source, target, Progress(), rate=20)  # a record every 50 ms
     elapsed = trio.current_time() - t0
     assert 9.0 <= elapsed <= 10.5  # 200 records at 20/s (no wait after the last page)
+    assert set(source.limits) == {1}
 
 
 async def test_a_rate_change_takes_effect_at_the_next_page(autojump_clock: trio.testing.MockClock) -> None:
@@ -169,7 +179,7 @@ async def test_a_rate_change_takes_effect_at_the_next_page(autojump_clock: trio.
     assert 6.5 <= elapsed <= 8.0
     assert seen[4][2] == pytest.approx(10, rel=0.3)  # records_per_s measured at the slow pace
     assert seen[-1][2] > 40  # over the last RATE_WINDOW_S: part slow, part fast
-    assert [c for _, c, _ in seen] == [10, 20, 30, 40, 50, 150, 250, 300]  # pages: a second's worth
+    assert [c // 10 for _, c, _ in seen] == [1, 2, 3, 4, 5, 15, 25, 30]  # saved every second
 
 
 async def test_a_backend_down_is_waited_out(autojump_clock: trio.testing.MockClock) -> None:
@@ -211,13 +221,45 @@ async def test_a_progress_file_that_cannot_be_written_is_retried(
     assert progress.done and saved.saves[-1].done
 
 
-async def test_a_low_rate_pages_small(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_page_is_a_twentieth_of_a_seconds_worth(autojump_clock: trio.testing.MockClock) -> None:
     source, target = Flaky(), Flaky()
     await fill(source, 3)
-    saved = Saved()
-    await run(source, target, Progress(), rate=1, save=saved)
-    assert [s.copied for s in saved.saves] == [1, 2, 3]
-    assert backfill_module.PAGE_ITEMS == 500
+    t0 = trio.current_time()
+    await run(source, target, Progress(), rate=1)
+    assert trio.current_time() - t0 == pytest.approx(2.0)  # a record a second
+    assert backfill_module.PAGE_S == 0.05 and backfill_module.PAGE_ITEMS == 500
+    for rate, limit in ((1, 1), (39, 1), (40, 2), (1000, 50), (9999, 499), (20_000, 500), (10**6, 500)):
+        source.limits.clear()
+        await run(source, Flaky(), Progress(), rate=rate)
+        assert source.limits[0] == limit
+
+
+async def test_a_busy_worker_is_served_first_and_the_copy_still_moves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source, target = Flaky(), Flaky()
+    await fill(source, 4)
+    busy_until = trio.current_time() + 0.3
+
+    async def copy(busy: Callable[[], bool]) -> float:
+        t0 = trio.current_time()
+        await backfill(
+            source,
+            target,
+            namespace="ns",
+            progress=Progress(),
+            rate=lambda: 20,  # a record every 50 ms
+            save=Saved(),
+            clock=lambda: NOW,
+            busy=busy,
+        )
+        return trio.current_time() - t0
+
+    # Busy for 0.3 s: the first page waits for it, the others keep the pace.
+    assert await copy(lambda: trio.current_time() < busy_until) == pytest.approx(0.3 + 3 * 0.05)
+    # Busy for good: each page waits YIELD_MAX_S, then goes.
+    assert await copy(lambda: True) == pytest.approx(4 * backfill_module.YIELD_MAX_S + 3 * 0.05)
+    assert await dump(target) == await dump(source)
 
 
 async def test_the_total_is_counted_once_and_a_count_that_fails_does_not_stop_the_copy(

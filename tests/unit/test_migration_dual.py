@@ -370,8 +370,8 @@ async def test_backfill_through_the_migration_opens_the_target_and_follows_the_r
         t0 = trio.current_time()
         progress = await mkv.backfill(Progress(), lambda p: saves.append(p.copied))
     assert progress.done and await dump(target) == await dump(source)
-    assert target.opened == 1 and saves == [10, 20, 30, 40]
-    assert trio.current_time() - t0 >= 3 + 3  # waited for the target, then 3 waits of a second
+    assert target.opened == 1 and saves[-1] == 40 and len(saves) <= 6  # saved every second or so
+    assert trio.current_time() - t0 >= 3 + 3.8  # waited for the target, then 39 waits of 0.1 s
 
 
 async def test_a_source_that_does_not_open_fails_the_namespace() -> None:

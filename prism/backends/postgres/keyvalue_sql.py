@@ -112,6 +112,27 @@ class Statements:
                 AS u(id, k, v, e, s, t)
             WHERE {_not_covered(r, "u.id", "u.k", "(u.s, u.t)", "$7::int8")}
             {_stamp_rule("$7")}""".encode()
+        # Puts of distinct records, each with its own stamp and token (an
+        # empty token: none), in one statement: each token is claimed as
+        # ``claim_token`` does, and a put's rows go in only if its token was
+        # claimed (or it has none). One round trip for what is otherwise
+        # BEGIN, claim, upsert, COMMIT. $1 ids, $2 keys, $3 values, $4
+        # expiries, $5 stamps, $6 tokens (one entry per row, no (id, key)
+        # twice), $7 now, $8 ids and $9 tokens to claim (each pair once),
+        # $10 now - the idempotency window.
+        self.upsert_claimed = f"""WITH claim AS (
+                INSERT INTO {t} AS old (id, token, applied_at_ms)
+                SELECT c.id, c.token, $7::int8 FROM unnest($8::text[], $9::text[]) AS c(id, token)
+                ON CONFLICT (id, token) DO UPDATE SET applied_at_ms = excluded.applied_at_ms
+                WHERE old.applied_at_ms <= $10::int8
+                RETURNING id, token)
+            INSERT INTO {i} AS old (id, key, value, expires_at_ms, stamp_us, stamp_token)
+            SELECT u.id, u.k, u.v, u.e, u.s, u.t
+            FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::int8[], $5::int8[], $6::text[])
+                AS u(id, k, v, e, s, t)
+            WHERE (u.t = '' OR EXISTS (SELECT 1 FROM claim AS c WHERE c.id = u.id AND c.token = u.t))
+              AND {_not_covered(r, "u.id", "u.k", "(u.s, u.t)", "$7::int8")}
+            {_stamp_rule("$7")}""".encode()
         # Key tombstones (a delete by keys): $1 id, $2 stamp time, $3 token,
         # $4 keys (each once), $5 minus the time they are forgotten, $6 now.
         # Made whatever range tombstone covers a key (it may outlive that one).
