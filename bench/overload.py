@@ -20,8 +20,10 @@ as latency and lowers the saturation it measures.
 
 - **Ladder**, per backend (``sql``: SQLite; ``pg``: PostgreSQL, with
   ``--pg-dsn``): the saturation throughput is measured first, closed loop
-  (the best of ``--saturation-inflight`` calls in flight, back to back);
-  then an *open-loop* offered load (calls due on a fixed schedule, whatever
+  (the best of ``--saturation-inflight`` calls in flight, back to back), on
+  a server of the same configuration that does not shed (a closed loop at a
+  shedding worker measures how fast it refuses: its clients call again at
+  once); then, on the shedding server, an *open-loop* offered load (calls due on a fixed schedule, whatever
   the answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. Per step: offered
   calls/s, goodput (OK answers/s), refused (RESOURCE_EXHAUSTED)/s, other
   failures, p50/p99 of the OK calls measured from their due time (so a call
@@ -246,12 +248,23 @@ class Bench:
         return total
 
 
-def ladder(bench: Bench, namespace: str, inflight: tuple[int, ...]) -> dict[str, Any]:
+def capacity(bench: Bench, namespace: str, inflight: tuple[int, ...]) -> dict[str, Any]:
+    """The saturation throughput of ``namespace`` on ``bench``'s server (one
+    without shedding: what the worker can serve, before it refuses anything)."""
     saturation = bench.saturation(namespace, inflight)
     print(
-        f"\n{namespace}: saturation (closed loop, {inflight} in flight): {saturation:,.0f} calls/s, "
-        f"worker busy {bench.saturation_busy:.0%}, refused {bench.saturation_refused:,.0f}/s"
+        f"\n{namespace}: saturation (closed loop, {inflight} in flight, no shedding): {saturation:,.0f} "
+        f"calls/s, worker busy {bench.saturation_busy:.0%}"
     )
+    return {
+        "saturation_per_s": round(saturation, 1),
+        "saturation_worker_busy": round(bench.saturation_busy, 3),
+        "saturation_tried": bench.saturation_tried,
+    }
+
+
+def ladder(bench: Bench, namespace: str, measured: dict[str, Any]) -> dict[str, Any]:
+    saturation = measured["saturation_per_s"]
     print(f"{'load':>5} {'offered/s':>10} {'good/s':>9} {'refused/s':>10} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'backlog':>8} {'RSS MiB':>8} {'busy':>5} other")  # fmt: skip
     steps = []
@@ -281,10 +294,7 @@ def ladder(bench: Bench, namespace: str, inflight: tuple[int, ...]) -> dict[str,
         f"RSS growth {figures['rss_growth']} (<= 1.2)"
     )
     return {
-        "saturation_per_s": round(saturation, 1),
-        "saturation_worker_busy": round(bench.saturation_busy, 3),
-        "saturation_refused_per_s": round(bench.saturation_refused, 1),
-        "saturation_tried": bench.saturation_tried,
+        **measured,
         "steps": steps,
         **figures,
     }
@@ -428,32 +438,55 @@ def main(argv: list[str] | None = None) -> int:
 
     allowed = os.sched_getaffinity(0)
     client_cpus = allowed - {args.server_cpu} or allowed
-    with tempfile.TemporaryDirectory(prefix="prism-overload-") as tmp:
+    laddered = () if args.skip_ladder else ("sql", *(("pg",) if args.pg_dsn else ()))
+
+    def config(shedding: bool) -> str:
         body = CONFIG.format(
             target_ms=args.target_delay_ms,
             interval_ms=args.interval_ms,
             flood_rps=args.flood_rps,
-            shedding="false" if args.no_shedding else "true",
+            shedding="true" if shedding else "false",
         )
-        if args.pg_dsn:
-            body += PG.format(dsn=args.pg_dsn)
-        server = make_prism("overload", Path(tmp), body, (args.server_cpu,), "sql")
+        return body + (PG.format(dsn=args.pg_dsn) if args.pg_dsn else "")
+
+    def started(tmp: Path, shedding: bool) -> PrismServer:
+        server = make_prism("overload", tmp, config(shedding), (args.server_cpu,), "sql")
         server.start()
-        bench: Bench | None = None
-        cap: CpuCap | None = None
-        stack = contextlib.ExitStack()
         try:
             server.wait_ready(30)
-            if args.server_share:
-                cap = CpuCap.create(args.server_share)
-                if cap is None:
-                    print("no writable cgroup v1 cpu controller: the server runs uncapped", file=sys.stderr)
-                else:
-                    cap.add(process_tree(server.pid))
-            seed(server.target, "flood", "r", b"k", b"v" * 100)  # (h2load's calls)
+            if cap is not None:
+                cap.add(process_tree(server.pid))
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    with tempfile.TemporaryDirectory(prefix="prism-overload-") as tmp:
+        bench: Bench | None = None
+        cap: CpuCap | None = None
+        if args.server_share:
+            cap = CpuCap.create(args.server_share)
+            if cap is None:
+                print("no writable cgroup v1 cpu controller: the server runs uncapped", file=sys.stderr)
+        stack = contextlib.ExitStack()
+        server: PrismServer | None = None
+        try:
             pool = stack.enter_context(LoadPool(1, tuple(sorted(client_cpus))))
+            # The saturation first, on a server that does not shed (a closed
+            # loop at a shedding worker measures how fast it refuses).
+            measured: dict[str, dict[str, Any]] = {}
+            if laddered:
+                (Path(tmp) / "capacity").mkdir()
+                server = started(Path(tmp) / "capacity", False)
+                for namespace in laddered:
+                    probe = Bench(server, pool, args.duration)
+                    probe.seed(namespace)
+                    measured[namespace] = capacity(probe, namespace, inflight)
+                server.stop()
+            server = started(Path(tmp), not args.no_shedding)
+            seed(server.target, "flood", "r", b"k", b"v" * 100)  # (h2load's calls)
             bench = Bench(server, pool, args.duration)
-            for namespace in ("sql", "quiet", *(("pg",) if args.pg_dsn else ())):
+            for namespace in ("quiet", *laddered):
                 bench.seed(namespace)
             result: dict[str, Any] = {
                 "machine": machine_info("prism.benchmark.loadgen"),
@@ -462,14 +495,14 @@ def main(argv: list[str] | None = None) -> int:
                 "server_capped": cap is not None,
             }
             result["targets"] = TARGETS
-            if not args.skip_ladder:
-                result["sqlite"] = ladder(bench, "sql", inflight)
-                if args.pg_dsn:
-                    result["postgres"] = ladder(bench, "pg", inflight)
+            for namespace, key in (("sql", "sqlite"), ("pg", "postgres")):
+                if namespace in laddered:
+                    result[key] = ladder(bench, namespace, measured[namespace])
             result["flood"] = flood(bench, args.flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus)
         finally:
             stack.close()
-            server.stop()
+            if server is not None:
+                server.stop()
             if cap is not None:
                 cap.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ Where the queue stands decides what is refused in the next interval:
   a read with its *newest* packet's arrival, so a backlog in the sockets
   hides from the sojourns: it shows as the calls of large reads waiting for
   each other. So the door also shuts when half the new calls of an interval
-  or more came late, and stays shut while a tenth or more still do (the
-  worker has not caught up; once it has, late calls stop coming). A pause of
+  or more came late, and stays shut while a tenth or more still do, or
+  would have (refused for the calls ahead of them: the worker has not
+  caught up; once it has, late calls stop coming). A pause of
   a few milliseconds makes one read's calls late, not half an interval's.
 - **At a backend** (``observe``: a pool, a thread, a batch slot): the calls
   in flight are capped at nine tenths of what they were, and at most the
@@ -181,7 +182,9 @@ class Shedder:
             # It came in time, but would wait too long behind the calls
             # admitted before it, each of which has its CPU to spend yet
             # (those of a large read wait for each other; those waiting for
-            # a backend are answered on this CPU too).
+            # a backend are answered on this CPU too). Late all the same: the
+            # door stays shut while such calls come.
+            self._late += 1
             return True
         return self.capped and inflight >= self.limit
 

@@ -352,6 +352,12 @@ class Connection(Calls):
         stamped = arrival.stamp(sock)
         proto = self.proto
         now = self._now
+        # While shedding is enabled: when the last read filled its buffer
+        # (None if not). The kernel stamps a read with its newest packet,
+        # so a read of a standing backlog looks fresh; but its first bytes
+        # were already waiting when that read was made.
+        shedding = proto.shed is not None
+        full_at: float | None = None
         while size:
             try:
                 if drained:
@@ -361,8 +367,13 @@ class Connection(Calls):
                 if stamped is not None:
                     data, ancillary, _, _ = stamped.recvmsg(size, arrival.SPACE)
                     proto.arrival_lag = lag = arrival.lag(ancillary)
-                    proto.arrived = now() - lag
+                    read_at = now()
+                    if full_at is not None and read_at - full_at > lag:
+                        lag = read_at - full_at  # (for the shedder: a deadline counts from the stamp)
+                    proto.arrived = read_at - lag
                     shed.observe_read(lag)
+                    if shedding:
+                        full_at = read_at if len(data) == size else None
                 else:
                     data = read(sock.fileno(), size)  # a closed socket's fileno() is -1: EBADF
                     proto.arrived = now()
@@ -392,6 +403,10 @@ class Connection(Calls):
         if flood.control - control > _CONTROL_BURST:
             return _CONTROL_READ_SIZE
         if len(data) == size:
+            if self.settings.admission.shedder.shut:
+                # Shedding at the door: a backlog is read in small reads, each
+                # judged by when the one before it was made (``_read_socket``).
+                return _READ_SIZE
             return min(2 * size, _MAX_READ_SIZE)
         if size > _READ_SIZE and 4 * len(data) < size:
             return size // 2
