@@ -128,7 +128,8 @@ class Shedder:
         self._admitted = 0  # calls whose handlers started in the current interval
         self._cpu = time.process_time()  # the process's CPU time when the interval began
         # What a call admitted lately cost the process's CPU (its share of
-        # an interval's), for the wait of the calls queued ahead of a new one.
+        # the last interval's with the door open), for the wait of the calls
+        # queued ahead of a new one.
         self.call_s = 0.0
         self._window_start = self._window_end = -math.inf
         self.enabled = True
@@ -196,6 +197,13 @@ class Shedder:
         # judge by old waits.
         recent = now < self._window_end + self.interval_s
         target = self.target_s
+        cpu = time.process_time()
+        if self._admitted and not self.shut:
+            # (Measured with the door open only: shut, the CPU goes to
+            # refusals too, and per call admitted it grew as fewer were, until
+            # the door refused nearly everything.)
+            self.call_s = (cpu - self._cpu) / self._admitted
+        self._cpu = cpu
         enabled = self.enabled and recent
         # Before the handlers: standing; or half the new calls or more came
         # late (a read is stamped when its newest packet arrived, so a
@@ -227,10 +235,6 @@ class Shedder:
         else:
             self.capped = False
         self.on = self.shut or self.capped
-        cpu = time.process_time()
-        if self._admitted:
-            self.call_s = (cpu - self._cpu) / self._admitted
-        self._cpu = cpu
         self._min = self._min_sojourn = math.inf
         self._waits = self._sojourns = self._late = self._admitted = self._asked = 0
         self._window_start = now
