@@ -352,11 +352,14 @@ class Connection(Calls):
         stamped = arrival.stamp(sock)
         proto = self.proto
         now = self._now
-        # While shedding is enabled: when the last read filled its buffer
-        # (None if not). The kernel stamps a read with its newest packet,
-        # so a read of a standing backlog looks fresh; but its first bytes
-        # were already waiting when that read was made.
+        # While the shedder's door is shut: when the last read filled its
+        # buffer (None if not). The kernel stamps a read with its newest
+        # packet, so a read of a standing backlog looks fresh; but its first
+        # bytes were already waiting when that read was made. (Only while
+        # shut: a burst, 32 connections opening at once, fills reads too,
+        # and judged so it shut the door at half the load a worker serves.)
         shedding = proto.shed is not None
+        admission = self.settings.admission
         full_at: float | None = None
         while size:
             try:
@@ -373,7 +376,7 @@ class Connection(Calls):
                     proto.arrived = read_at - lag
                     shed.observe_read(lag)
                     if shedding:
-                        full_at = read_at if len(data) == size else None
+                        full_at = read_at if len(data) == size and admission.shedder.shut else None
                 else:
                     data = read(sock.fileno(), size)  # a closed socket's fileno() is -1: EBADF
                     proto.arrived = now()
