@@ -33,6 +33,22 @@ HEALTH = "/grpc.health.v1.Health/Check"
 CONFIG = OverloadConfig(enabled=True, target_delay_ms=5, interval_ms=100)
 
 
+def _standing_before_handlers() -> Shedder:
+    """A shedder whose first interval (from 0.0) saw every call wait 20 ms
+    for its handler: its door shuts at the next decision (0.1 on)."""
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.02)
+    return shedder
+
+
+def _ask(shedder: Shedder, n: int, now: float, waited: float) -> None:
+    """``n`` new calls judged at ``now``, each having waited ``waited``."""
+    for _ in range(n):
+        shedder.refuses(0, now, waited=waited)
+
+
 def test_a_burst_that_drains_is_not_shed() -> None:
     shedder = Shedder(CONFIG)
     assert not shedder.refuses(50, 0.0)
@@ -104,10 +120,7 @@ def test_a_few_slow_waits_are_not_a_queue_and_the_cap_has_a_floor() -> None:
 
 
 def test_a_standing_queue_before_the_handlers_shuts_the_door_to_late_calls() -> None:
-    shedder = Shedder(CONFIG)
-    shedder.refuses(0, 0.0)
-    for _ in range(MIN_WAITS):
-        shedder.observe_sojourn(0.02)  # every call of the interval waited 20 ms for its handler
+    shedder = _standing_before_handlers()  # every call of the interval waited 20 ms for its handler
     # A call that has waited longer than the 5 ms target is refused; one that
     # came in since is served, however many calls run (no cap on those).
     assert shedder.refuses(0, 0.1, waited=0.006)
@@ -116,24 +129,18 @@ def test_a_standing_queue_before_the_handlers_shuts_the_door_to_late_calls() -> 
 
 
 def test_the_door_stays_shut_while_late_calls_keep_coming_then_opens() -> None:
-    shedder = Shedder(CONFIG)
-    shedder.refuses(0, 0.0)
-    for _ in range(MIN_WAITS):
-        shedder.observe_sojourn(0.02)
+    shedder = _standing_before_handlers()
     assert shedder.refuses(0, 0.1, waited=0.01)
     # The calls served are fresh now (their waits are short), but a tenth or
     # more still come late: the backlog is not drained, the door stays shut.
     for _ in range(90):
         shedder.observe_sojourn(0.001)
-        shedder.refuses(0, 0.15, waited=0.001)
-    for _ in range(MIN_WAITS + 2):
-        shedder.refuses(0, 0.15, waited=0.01)
+    _ask(shedder, 90, 0.15, waited=0.001)
+    _ask(shedder, MIN_WAITS + 2, 0.15, waited=0.01)
     assert shedder.refuses(0, 0.2, waited=0.01)
     # Fewer than a tenth late: caught up, open again.
-    for _ in range(200):
-        shedder.refuses(0, 0.25, waited=0.001)
-    for _ in range(MIN_WAITS + 2):
-        shedder.refuses(0, 0.25, waited=0.01)
+    _ask(shedder, 200, 0.25, waited=0.001)
+    _ask(shedder, MIN_WAITS + 2, 0.25, waited=0.01)
     assert not shedder.refuses(0, 0.31, waited=0.01)
     assert not shedder.on
 
@@ -146,26 +153,20 @@ def test_half_the_calls_late_shuts_the_door_a_short_pause_does_not() -> None:
     shedder.refuses(0, 0.0)
     for _ in range(30):
         shedder.observe_read(0.0)
-        shedder.refuses(0, 0.05, waited=0.001)
-    for _ in range(40):
-        shedder.refuses(0, 0.05, waited=0.008)
+    _ask(shedder, 30, 0.05, waited=0.001)
+    _ask(shedder, 40, 0.05, waited=0.008)
     assert shedder.refuses(0, 0.1, waited=0.006)  # more than half late: shut
     # A pause: the calls of one read late, most of the interval's in time.
     paused = Shedder(CONFIG)
     paused.refuses(0, 0.0)
-    for _ in range(100):
-        paused.refuses(0, 0.05, waited=0.001)
-    for _ in range(30):
-        paused.refuses(0, 0.05, waited=0.008)
+    _ask(paused, 100, 0.05, waited=0.001)
+    _ask(paused, 30, 0.05, waited=0.008)
     assert not paused.refuses(0, 0.1, waited=0.006)
     assert not paused.on
 
 
 def test_a_call_in_time_is_refused_if_the_calls_ahead_would_keep_it_past_the_target() -> None:
-    shedder = Shedder(CONFIG)
-    shedder.refuses(0, 0.0)
-    for _ in range(MIN_WAITS):
-        shedder.observe_sojourn(0.02)
+    shedder = _standing_before_handlers()
     shedder.refuses(0, 0.1)  # shut
     shedder.call_s = 0.001  # a call costs 1 ms of CPU
     assert not shedder.refuses(3, 0.11, waited=0.001)  # 1 + 3 x 1 ms: in time

@@ -1,0 +1,42 @@
+"""``bench/overload.py`` refuses bad options with one line naming the option
+and exit 2, before it starts anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # its sibling modules (bench_load, bench_servers)
+    spec = importlib.util.spec_from_file_location("overload", REPO / "bench" / "overload.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "overload", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--saturation-inflight", "16,lots"], "--saturation-inflight: '16,lots' is not a list of numbers"),
+        (["--saturation-inflight", "32,0"], "--saturation-inflight: '32,0': each must be at least 1"),
+        (["--server-share", "1.5"], "--server-share: 1.5 is not a share of one CPU"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    main = script(monkeypatch).main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert expected in err[-1]
