@@ -14,10 +14,10 @@ differs without anything being wrong, so a difference is confirmed before it
 counts: once the target has every write of that record the source had
 acknowledged (``delivered``: the target's copies are delivered after the
 client's answer), and at least ``CONFIRM_AFTER_S`` later, both backends are
-read again, and it counts
-only if the source still answers as it did (no write came between) and the
-target still differs. Pages are compared up to the first end of either
-(a key past a page's end is not a difference).
+read again, the target first, and it counts only if the source still
+answers as it did (no write came between) and the target still differs.
+Pages are compared up to the first end of either (a key past a page's end
+is not a difference).
 
 The client's answer never waits for any of this: ``submit`` only queues the
 comparison (at most ``MAX_PENDING`` wait, the rest are skipped and counted),
@@ -164,12 +164,18 @@ class Shadow:
             if self._delivered is not None:
                 with trio.move_on_after(READ_TIMEOUT_S):
                     await self._delivered(read.id)
+            # The target first: a write that reached it before this read
+            # reached the source before too, and the source's answer then
+            # shows it (inconclusive). Read the other way round, a write
+            # between the two reads made the target differ from a source
+            # read just before it: a difference counted that was none.
+            target = await read.read(self._target())
             again = await read.read(self._source())
             if not _same(again, read.answer):
                 self.inconclusive += 1
                 self.reads += 1
                 return []
-            found = differences(again, await read.read(self._target()), reverse=read.reverse)
+            found = differences(again, target, reverse=read.reverse)
         self.reads += 1
         if found:
             self.mismatched_reads += 1
