@@ -19,7 +19,7 @@ import trio
 
 from prism import metrics
 from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
-from prism.limits import Lease
+from prism.limits import Lease, QuotaExceeded
 from prism.rpc import streams
 from prism.rpc.boundary import failure_status, pushback_trailer
 from prism.rpc.call import Call
@@ -62,6 +62,9 @@ class Calls:
     _input_lot: trio.lowlevel.ParkingLot | None
     ended = False  # the connection is over (set by Connection.serve): late answers are dropped
     shed_counts: dict[str, int]  # operation -> calls refused at the door in the read being taken in
+    # Calls a quota refused (not the shedder) so far: a read with such a call
+    # rests its connection (Connection._took).
+    limited = 0
 
     def wake(self) -> None:
         raise NotImplementedError  # Connection's: the writer flushes
@@ -366,6 +369,8 @@ class Calls:
     def _answer_failure(self, call: Call, method: Method, exc: Exception) -> None:
         status, message = failure_status(exc, method)
         pushback_ms = getattr(exc, "pushback_ms", None)  # QuotaExceeded's, or a forwarded one's
+        if type(exc) is QuotaExceeded and exc.reason != "overload":
+            self.limited += 1
         if pushback_ms is not None and pushback_ms >= 0:
             self.proto.send_error(call, status, message, pushback_trailer(pushback_ms))
         else:

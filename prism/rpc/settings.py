@@ -7,6 +7,7 @@ object per serving process; ``prism.rpc.server.Connection`` reads it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -122,6 +123,9 @@ class ServerSettings:
         # Bytes read and written on every connection, ever (prism.workers.heap
         # tells from it whether large messages are still coming and going).
         self.traffic_bytes = 0
+        # When the next read of a connection resting for a quota's refusal may
+        # be made (trio's clock; prism.rpc.server.LIMITED_READ_GAP_S).
+        self.limited_read_at = -math.inf
 
         # Called once per answered call (metrics); None costs nothing.
         self.observer: Observer | None = None

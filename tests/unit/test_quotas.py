@@ -29,9 +29,10 @@ from prism.errors import StatusCode
 from prism.limits import QuotaExceeded, Quotas
 from prism.proto import kv_pb2
 from prism.router.table import NamespaceEntry, Routes
+from prism.rpc.server import LIMITED_REST_S
 from prism.workers.app import App
 
-from .apps import serving_app
+from .apps import connection_to, serving_app
 from .h2client import H2Client, Response, frame
 from .test_forwarding import Node, client_of, forwarded, ipc_dir, routes, running  # noqa: F401 (a fixture)
 
@@ -98,12 +99,13 @@ async def test_past_its_rps_a_namespace_is_refused_with_a_pushback_and_its_neigh
             'namespace "profiles": rps limit 4 exceeded',
             "250",
         )
-        for _ in range(5):
-            assert (await put(client, "neighbour")).status == StatusCode.OK
+        # (The connection rests before its next read: test_quota_rest.)
         mock_clock.jump(0.1)  # 0.4 of a token: 150 ms to go
         assert refusal(await put(client, "profiles"))[2] == "150"
         mock_clock.jump(0.15)
         assert (await put(client, "profiles")).status == StatusCode.OK
+        for _ in range(5):  # the bucket empty again, the neighbour is served
+            assert (await put(client, "neighbour")).status == StatusCode.OK
         assert limited("profiles", "rps") == before + 2
         assert limited("neighbour", "rps") == 0
 
@@ -150,11 +152,12 @@ async def test_a_reload_changes_a_limit_and_keeps_what_was_spent(
         assert (await put(client, "profiles")).status == StatusCode.OK
         assert (await put(client, "profiles")).status == StatusCode.RESOURCE_EXHAUSTED
         app.apply_limits("t", table({"profiles": {"rps": 1000, "burst": 1}}))  # the bucket stays empty
-        assert refusal(await put(client, "profiles"))[1:] == (
-            'namespace "profiles": rps limit 1000 exceeded',
-            "1",
-        )
-        mock_clock.jump(0.001)
+        async with connection_to(app) as other:  # (``client`` rests before its next read)
+            assert refusal(await put(other, "profiles"))[1:] == (
+                'namespace "profiles": rps limit 1000 exceeded',
+                "1",
+            )
+        mock_clock.jump(LIMITED_REST_S)  # the rest; and at 1000/s, a token (at 1/s it would not be)
         assert (await put(client, "profiles")).status == StatusCode.OK
         app.apply_limits("t", table({}))  # limits removed: unlimited
         assert not app.settings.admission.quotas.active
@@ -234,15 +237,18 @@ async def test_refusals_leave_no_garbage_cycles(mock_clock: trio.testing.MockClo
     collector: a refusal held in a frame its own traceback holds is a
     reference cycle, and the collections it caused (10-57 ms each) stalled
     every call of the worker."""
-    async with served(tmp_path, table({"profiles": {"rps": 1, "burst": 1}})) as (_, client):
+    # (Each refusal rests the connection, LIMITED_REST_S: 200 rests are 4 s, 0.04 of a token.)
+    async with served(tmp_path, table({"profiles": {"rps": 0.01, "burst": 1}})) as (_, client):
         assert (await get(client, "profiles")).status == StatusCode.OK
         for _ in range(3):  # warm: caches, first-time allocations
             assert refusal(await get(client, "profiles"))[0] == StatusCode.RESOURCE_EXHAUSTED
+            mock_clock.jump(LIMITED_REST_S)
         gc.collect()
         gc.disable()
         try:
             for _ in range(200):
                 assert refusal(await get(client, "profiles"))[0] == StatusCode.RESOURCE_EXHAUSTED
+                mock_clock.jump(LIMITED_REST_S)
             cyclic = gc.collect()
         finally:
             gc.enable()
