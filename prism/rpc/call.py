@@ -93,6 +93,7 @@ class Call:
         "deadline",
         "done",
         "half_closed",
+        "judged",
         "messages",
         "metadata",
         "namespace",
@@ -117,6 +118,7 @@ class Call:
         self.timeout_s: float | None = None
         self.messages: list[bytes | bytearray | Pieces] = []
         self.request: Any = None  # the decoded request, once the server has decoded it
+        self.judged = False  # the shedder's door let it in as its headers were read
         # A request message that spans DATA frames (None: none under way): the
         # pieces of it that came (prism.rpc.inbound), how many bytes they
         # hold, and the whole message's size with its prefix once the prefix

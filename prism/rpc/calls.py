@@ -65,6 +65,7 @@ class Calls:
     # Calls a quota refused (not the shedder) so far: a read with such a call
     # rests its connection (Connection._took).
     limited = 0
+    let_in = 0  # calls of the read being taken in that the door let in
 
     def wake(self) -> None:
         raise NotImplementedError  # Connection's: the writer flushes
@@ -160,7 +161,11 @@ class Calls:
         settings = self.settings
         shedder = settings.admission.shedder
         now = trio.current_time()
-        if not shedder.refuses(settings.inflight, now, now - self.proto.arrived):
+        # In flight: those running, and those of this read let in before it
+        # (they start once the read is taken in; Connection._dispatch).
+        let_in = self.let_in
+        if not shedder.refuses(settings.inflight + let_in, now, now - self.proto.arrived):
+            self.let_in = let_in + 1
             return None
         for name, value in headers:
             if name == b":path":
@@ -184,7 +189,11 @@ class Calls:
         settings = self.settings
         now = trio.current_time()
         namespace = call.request.namespace
-        return settings.admission.admit(namespace, settings.inflight, now, waited=now - call.opened)
+        # A call the door judged is not judged again (refused here, through
+        # its Call, a call cost over twice what the door's refusal did).
+        return settings.admission.admit(
+            namespace, settings.inflight, now, shed=not call.judged, waited=now - call.opened
+        )
 
     def _answer_now(self, call: Call, method: Method) -> bool:
         """Answer a unary call whose answer needs no waiting (``Method.now``)

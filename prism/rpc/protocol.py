@@ -59,6 +59,7 @@ CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
 # CALL_END = 2: the client half-closed: call.messages is complete
 CALL_RESET: Final = 3  # the client reset the stream: cancel its work
 CONNECTION_CLOSED: Final = 4  # peer went away or broke the protocol (call is None)
+Events = list[tuple[int, Call | None]]  # (kind, call) in the order they happened
 
 _RESERVED_HEADERS: Final = frozenset(
     (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
@@ -157,16 +158,14 @@ class GrpcProtocol(Requests, Responses):
         self._clock = clock
         self._flood = self.flood = FloodGuard(self._h2, self.calls, clock)
         self._flood.watch()
-        # Set by the connection while overload shedding is enabled
-        # (prism.limits.shed): given a new request's headers, the trailers of
-        # its refusal, or None to serve it. A stream refused so never becomes
-        # a Call: its frames are read and its answer written here, and its
-        # DATA dropped as any closed stream's (``_on_data``).
+        # Set by the connection while overload shedding is enabled: given a
+        # new request's headers, the trailers of its refusal, or None to serve
+        # it (``Call.judged``). A stream refused so never becomes a Call: its
+        # answer is written here, its DATA dropped as any closed stream's.
         self.shed: Callable[[Any], tuple[tuple[bytes, bytes], ...] | None] | None = None
         # How long the bytes being taken in waited unread in the kernel
-        # (prism.rpc.arrival; set by the reader, 0.0 where it cannot tell),
-        # and so when they reached the machine (``clock``'s time; the
-        # shedder's door judges a new call by it).
+        # (prism.rpc.arrival; set by the reader, 0.0 where it cannot tell), and
+        # so when they reached the machine (``clock``'s; the door judges by it).
         self.arrival_lag = 0.0
         self.arrived = 0.0
 
@@ -204,7 +203,7 @@ class GrpcProtocol(Requests, Responses):
         # of new streams ourselves (draining / peer_gone).
         self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
-    def _calm_down(self, debug: bytes) -> list[tuple[int, Call | None]]:
+    def _calm_down(self, debug: bytes) -> Events:
         """End the connection of a flooding peer: GOAWAY(ENHANCE_YOUR_CALM)
         naming the flood, and nothing more read from it. Its calls are the
         server's to cancel; none of this read's frames reach them."""
@@ -247,11 +246,11 @@ class GrpcProtocol(Requests, Responses):
 
     # -- input ---------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[tuple[int, Call | None]]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> Events:
         """Feed bytes from the peer; return what happened to which call."""
         if self.broken:
             return []
-        out: list[tuple[int, Call | None]] = []
+        out: Events = []
         plain: list[PlainFrame] = []
         flood = self._flood
         conn = self._h2
@@ -280,7 +279,7 @@ class GrpcProtocol(Requests, Responses):
                     if shed is not None and (refusal := shed(value)) is not None:
                         self._write_final(sid, refusal)  # no Call: nothing else to let go
                         continue
-                    self._start_call(sid, value, ended, out)
+                    self._start_call(sid, value, ended, out, shed is not None)
                 elif kind == DATA_READ:
                     self._on_data(sid, value, length, ended, out)
                 elif kind == WINDOW_READ:
@@ -299,7 +298,7 @@ class GrpcProtocol(Requests, Responses):
             self._settle_views(read)
         return out
 
-    def _on_events(self, events: list[h2.events.Event], out: list[tuple[int, Call | None]]) -> None:
+    def _on_events(self, events: list[h2.events.Event], out: Events) -> None:
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self._on_data(ev.stream_id, ev.data, ev.flow_controlled_length, False, out)
@@ -327,7 +326,7 @@ class GrpcProtocol(Requests, Responses):
                 if malformed and malformed.pop(ev.stream_id, None) is not None:
                     self._reset_malformed(ev.stream_id, out)
 
-    def _start_call(self, sid: int, headers: Any, ended: bool, out: list[tuple[int, Call | None]]) -> None:
+    def _start_call(self, sid: int, headers: Any, ended: bool, out: Events, judged: bool = False) -> None:
         # Judged by prism.rpc.headers when its block was decoded; only
         # requests h2 read can be malformed (the plain path reads no others).
         malformed = self._h2.malformed
@@ -348,6 +347,7 @@ class GrpcProtocol(Requests, Responses):
             self._reset_new_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         call = Call(sid)
+        call.judged = judged
         call.opened = self._clock() - self.arrival_lag  # when its bytes reached the machine
         # What the stream may send before anything is granted is charged now
         # (as window granted, ``_credit``): the budget bounds what may come.
@@ -418,7 +418,7 @@ class GrpcProtocol(Requests, Responses):
         if ended:
             self._end_call(sid, out)
 
-    def _reset_malformed(self, sid: int, out: list[tuple[int, Call | None]]) -> None:
+    def _reset_malformed(self, sid: int, out: Events) -> None:
         self._reset_new_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         call = self.calls.pop(sid, None)
         if call is not None:  # its work is cancelled, as if the client had reset it

@@ -20,7 +20,7 @@ import trio
 
 from prism import metrics
 from prism.limits import shed
-from prism.rpc import arrival, keepalive
+from prism.rpc import arrival, keepalive, rest
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.calls import Calls
@@ -50,22 +50,6 @@ _MAX_READ_SIZE = 1 << 20
 # 150 ms), until it trips its limit (prism.rpc.flood).
 _CONTROL_BURST = 256
 _CONTROL_READ_SIZE = 4096
-# A read with a call a quota refused (rps or concurrency, of the namespace
-# or its tenant) makes its connection wait this long before its next read.
-# A client flooding a namespace past its rps, a call or a few per read, cost
-# its worker a wake-up, a read and a write per refusal: 5,000 refused calls a
-# second took 66-80% of a worker, and a neighbour namespace's p99 (on another
-# connection) went from 2.4 ms to 6-23 ms. Resting, the flood's calls wait in
-# the kernel and come in fewer, larger reads, and a client that waits for
-# its answers before sending more (HTTP/2's stream limit) sends fewer. Its
-# calls within the quota wait up to this long (it was told to back off);
-# the worker's other connections are not delayed.
-LIMITED_REST_S = 0.02
-# And such reads, of all the worker's connections, are made at least this
-# far apart: a flood over many connections takes its turns, so the calls of
-# other connections never wait behind more than one of its reads (over more
-# connections than a rest has gaps, each rests longer).
-LIMITED_READ_GAP_S = 0.002
 # A connection error's GOAWAY gets this long to be written (as in Go's net/http2).
 _GOAWAY_GRACE_S = 1.0
 
@@ -131,7 +115,7 @@ class Connection(Calls):
         # For the connection's timers (prism.rpc.keepalive): a count, not a clock read, per read and call.
         self.reads = 0
         self.opened = 0
-        self._rest_s = 0.0  # the wait before the next read (LIMITED_REST_S)
+        self._resting = False  # rest before the next read (prism.rpc.rest)
         self._preface = keepalive.Preface()
         if settings.tracing is not None:
             instrument(self, settings.tracing, peer)
@@ -177,6 +161,7 @@ class Connection(Calls):
     def _dispatch(self, events: list[tuple[int, Call | None]]) -> bool:
         """Act on protocol events; False once the connection is finished."""
         proto = self.proto
+        self.let_in = 0
         if self.shed_counts:  # the calls of the read refused at the door, counted once a read
             for operation, n in self.shed_counts.items():
                 metrics.call_shed(operation, n)
@@ -349,7 +334,7 @@ class Connection(Calls):
                 # connection in reference cycles (~25 KB, until a full collection).
                 return
             size = self._took(data, size)
-            if self._rest_s:
+            if self._resting:
                 await self._rest_a_while()
 
     async def _read_socket(self, sock: trio.socket.SocketType) -> None:
@@ -380,7 +365,7 @@ class Connection(Calls):
         shedding = proto.shed is not None
         admission = self.settings.admission
         full_at: float | None = None
-        rested_at: float | None = None  # when a rest before this read ended (LIMITED_REST_S)
+        rested_at: float | None = None  # when a rest before this read ended (prism.rpc.rest)
         while size:
             try:
                 if drained:
@@ -419,18 +404,15 @@ class Connection(Calls):
                 self._holding = False
             if self._dirty:
                 self._after_read(sock)
-            if self._rest_s:
+            if self._resting:
                 await self._rest_a_while()
                 rested_at = now()
                 drained = False
 
     async def _rest_a_while(self) -> None:
-        """Wait before the next read: LIMITED_REST_S, and its turn (LIMITED_READ_GAP_S)."""
-        settings = self.settings
-        at = max(self._now() + self._rest_s, settings.limited_read_at)
-        settings.limited_read_at = at + LIMITED_READ_GAP_S
-        self._rest_s = 0.0
-        await trio.sleep_until(at)
+        """Wait before the next read, a quota having refused a call (prism.rpc.rest)."""
+        self._resting = False
+        await trio.sleep_until(rest.turn(self.settings, self._now()))
 
     def _took(self, data: bytes | bytearray, size: int) -> int:
         """Act on a read of ``data`` (asked: ``size`` bytes); the next read's
@@ -443,7 +425,7 @@ class Connection(Calls):
         if not data or not self._dispatch(self.proto.receive_data(data)):
             return 0
         if self.limited != limited:
-            self._rest_s = LIMITED_REST_S
+            self._resting = True
         if flood.control - control > _CONTROL_BURST:
             return _CONTROL_READ_SIZE
         if len(data) == size:

@@ -25,7 +25,7 @@ from prism.errors import StatusCode
 from prism.limits import Shedder
 from prism.limits.shed import MIN_WAITS
 from prism.proto import kv_pb2
-from prism.rpc.server import LIMITED_READ_GAP_S, LIMITED_REST_S
+from prism.rpc.rest import LIMITED_READ_GAP_S, LIMITED_REST_S
 from prism.workers.app import App
 
 from .apps import connection_to

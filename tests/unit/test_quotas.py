@@ -29,7 +29,7 @@ from prism.errors import StatusCode
 from prism.limits import QuotaExceeded, Quotas
 from prism.proto import kv_pb2
 from prism.router.table import NamespaceEntry, Routes
-from prism.rpc.server import LIMITED_REST_S
+from prism.rpc.rest import LIMITED_REST_S
 from prism.workers.app import App
 
 from .apps import connection_to, serving_app

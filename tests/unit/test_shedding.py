@@ -363,3 +363,39 @@ async def test_with_the_door_shut_a_call_that_waited_in_the_kernel_is_refused_a_
             assert list(kv_pb2.GetItemsResponse.FromString(bytes(got.data[5:])).items) == []
     finally:
         await app.aclose()
+
+
+async def test_the_door_counts_the_calls_it_let_in_from_a_read_and_judges_each_call_once(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    # The door shut, an admitted call costing 2 ms of CPU: of five puts read
+    # at once, three start within the 5 ms target, each behind those before
+    # it; the door refuses the other two as their headers are read (counted
+    # under ""). A call it let in is not judged again once its request is
+    # complete: refused there, through its Call, it cost twice as much.
+    async with served(tmp_path) as (app, client):
+        shedder = app.settings.admission.shedder
+        for _ in range(3):  # warm the connection's HPACK cache: the next puts read plainly
+            assert (await put(client, "profiles")).status == StatusCode.OK
+        mock_clock.jump(0.1)
+        shedder.refuses(0, trio.current_time())  # an interval starts
+        for _ in range(MIN_WAITS):
+            shedder.observe_sojourn(0.02)
+        mock_clock.jump(0.1)
+        shedder.refuses(0, trio.current_time())  # its decision: shut
+        assert shedder.shut
+        shedder.call_s = 0.002
+        before, before_named = _labelled(""), _labelled("profiles")
+        request = kv_pb2.PutItemsRequest(namespace="profiles", id="r", items=[kv_pb2.Item(key=b"k")])
+        sids = []
+        for _ in range(5):  # one write, one read
+            sid = client.conn.get_next_available_stream_id()
+            client.responses[sid] = Response()
+            client.conn.send_headers(sid, client.headers(PUT))
+            client.conn.send_data(sid, frame(request.SerializeToString()), end_stream=True)
+            sids.append(sid)
+        await client.flush()
+        statuses = [(await client.wait(sid)).status for sid in sids]
+        assert statuses == [StatusCode.OK] * 3 + [StatusCode.RESOURCE_EXHAUSTED] * 2
+        assert _labelled("") == before + 2
+        assert _labelled("profiles") == before_named
