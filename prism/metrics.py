@@ -126,6 +126,20 @@ def call_limited(namespace: str, reason: str) -> None:
     child.inc()
 
 
+def calls_refused_by_quota(namespace: str, operation: str, reason: str, n: int) -> None:
+    """Count ``n`` calls a quota refused as their frames were read
+    (``prism.rpc.calls``), answered RESOURCE_EXHAUSTED (no duration observed)."""
+    key = ("quota", namespace, operation, reason)
+    pair = _children.get(key)
+    if pair is None:
+        pair = _children[key] = (
+            CALLS_LIMITED.labels(namespace, reason),
+            REQUESTS.labels(namespace, operation, "RESOURCE_EXHAUSTED"),
+        )
+    pair[0].inc(n)
+    pair[1].inc(n)
+
+
 def call_shed(operation: str, n: int = 1) -> None:
     """Count ``n`` calls the overload shedder refused as their headers were
     read (``prism.rpc.calls``): their namespace is not known yet, so it is ""."""

@@ -153,6 +153,24 @@ class Lease:
         # stalled every call of the worker (the neighbour's p99).
         raise _refused(limit, now, namespace)
 
+    def verdict(self, now: float, ahead: dict[Limit, int]) -> tuple[str, int, str] | None:
+        """Whether ``admit`` would refuse a call now, behind the calls of
+        ``ahead`` (per limit: let in, not admitted yet): its message, pushback
+        and reason, or None, the call then counted in ``ahead``. Nothing taken."""
+        for limit in self.limits:
+            n = ahead.get(limit, 0)
+            if limit.inflight + n >= limit.cap:
+                reason = "concurrency" if limit.kind == "namespace" else "tenant_concurrency"
+                return limit._messages[0], CONCURRENCY_PUSHBACK_MS, reason
+            if limit.rate != _INF:
+                limit.refill(now)
+                if limit.tokens - n < 1.0:
+                    wait_ms = max(1, math.ceil((1.0 + n - limit.tokens) / limit.rate * 1000.0))
+                    return limit._messages[1], wait_ms, "rps" if limit.kind == "namespace" else "tenant_rps"
+        for limit in self.limits:
+            ahead[limit] = ahead.get(limit, 0) + 1
+        return None
+
     def release(self) -> None:
         for limit in self.limits:
             limit.inflight -= 1

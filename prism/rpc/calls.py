@@ -20,7 +20,7 @@ import trio
 from prism import metrics
 from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
 from prism.limits import Lease, QuotaExceeded
-from prism.rpc import streams
+from prism.rpc import peek, streams
 from prism.rpc.boundary import failure_status, pushback_trailer
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
@@ -39,6 +39,17 @@ _REFUSED: Any = object()
 def _shed_trailers(target_s: float, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
     """A shed call's trailers-only answer, as ``prism.limits.admission`` words it."""
     message = f"worker overloaded: queueing delay above {target_s * 1000:g} ms; retry"
+    return (
+        *RESPONSE_HEADERS,
+        (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
+        (b"grpc-message", encode_grpc_message(message)),
+        *pushback_trailer(pushback_ms),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _quota_trailers(message: str, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
+    """A call refused by a quota as it was read: its trailers-only answer."""
     return (
         *RESPONSE_HEADERS,
         (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
@@ -66,6 +77,12 @@ class Calls:
     # rests its connection (Connection._took).
     limited = 0
     let_in = 0  # calls of the read being taken in that the door let in
+    # Of the read being taken in: the calls let in per limit, and those a
+    # quota refused as they were read, per (namespace, operation, reason).
+    quota_ahead: dict[Any, int]
+    quota_counts: dict[tuple[str, str, str], int]
+    peeked: list[Any] | None = None  # the read's frames ``first_data`` maps
+    first_data: dict[int, Any]
 
     def wake(self) -> None:
         raise NotImplementedError  # Connection's: the writer flushes
@@ -176,6 +193,41 @@ class Calls:
                 counts[method.operation] = counts.get(method.operation, 0) + 1
                 return _shed_trailers(shedder.target_s, shedder.pushback_ms)
         return None
+
+    def _limit_new(self, headers: Any, plain: list[Any], at: int) -> tuple[tuple[bytes, bytes], ...] | None:
+        """``GrpcProtocol.limit`` while this worker has quotas: the refusal of
+        a new unary data call by its namespace's or tenant's quota, as its
+        frames are read (its request came whole in the read: ``prism.rpc.peek``);
+        None to go on, the call's own path then holding it to its quotas.
+        Refused here, a call costs what the door's refusal does, a quarter of
+        one through its Call. Not while calls are checked for access (that
+        comes first) or traced (each is logged)."""
+        settings = self.settings
+        quotas = settings.admission.quotas
+        if not quotas.active or settings.security.secured or settings.tracing is not None:
+            return None
+        if plain is not self.peeked:  # (a read's frames, mapped once)
+            self.peeked, self.first_data = plain, peek.first_data(plain)
+        entry = self.first_data.get(plain[at][1])
+        namespace = peek.namespace(entry) if entry is not None else None
+        if namespace is None or (lease := quotas.by_namespace.get(namespace)) is None:
+            return None
+        for name, value in headers:
+            if name == b":path":
+                method = settings.methods.get(bytes(value))
+                break
+        else:
+            return None
+        if method is None or method.action is None or method.kind != UNARY:
+            return None
+        verdict = lease.verdict(trio.current_time(), self.quota_ahead)
+        if verdict is None:
+            return None
+        message, pushback_ms, reason = verdict
+        key = (namespace, method.operation, reason)
+        self.quota_counts[key] = self.quota_counts.get(key, 0) + 1  # (counted once a read)
+        self.limited += 1
+        return _quota_trailers(message, pushback_ms)
 
     def _limit(self, call: Call, method: Method) -> Lease | None:
         """The quota and shedding check (``prism.limits.admission``) of a

@@ -141,3 +141,23 @@ def _normal_authority(value: bytes, scheme: bytes | None) -> bytes:
     if port is not None and value.endswith(port):
         return value[: -len(port)]
     return value[:-1] if value.endswith(b":") else value
+
+
+_TIMEOUT_UNITS: Final = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+
+
+def parse_timeout(value: bytes) -> float:
+    """Seconds in a ``grpc-timeout`` value: 1-8 ASCII digits and a unit."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        raise ValueError(value)
+    unit = _TIMEOUT_UNITS.get(value[-1])
+    if unit is None:
+        raise ValueError(value)
+    return int(value[:-1]) * unit

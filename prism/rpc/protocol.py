@@ -49,6 +49,7 @@ from prism.rpc.h2conn import (
     ServerConnection,
 )
 from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS, Chunk
+from prism.rpc.headers import parse_timeout
 from prism.rpc.hpack_cache import FixedBlockEncoder
 from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
 from prism.rpc.respond import Responses, encode_grpc_message
@@ -60,30 +61,13 @@ CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
 CALL_RESET: Final = 3  # the client reset the stream: cancel its work
 CONNECTION_CLOSED: Final = 4  # peer went away or broke the protocol (call is None)
 Events = list[tuple[int, Call | None]]  # (kind, call) in the order they happened
+Trailers = tuple[tuple[bytes, bytes], ...]
 
 _RESERVED_HEADERS: Final = frozenset(
     (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
 )
-_TIMEOUT_UNITS: Final = {
-    ord("H"): 3600.0,
-    ord("M"): 60.0,
-    ord("S"): 1.0,
-    ord("m"): 1e-3,
-    ord("u"): 1e-6,
-    ord("n"): 1e-9,
-}
 # The connection's receive window: handed back as bytes arrive (prism.rpc.budget).
 _CONNECTION_WINDOW: Final = 4 * 1024 * 1024
-
-
-def parse_timeout(value: bytes) -> float:
-    """Seconds in a ``grpc-timeout`` value: 1-8 ASCII digits and a unit."""
-    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
-        raise ValueError(value)
-    unit = _TIMEOUT_UNITS.get(value[-1])
-    if unit is None:
-        raise ValueError(value)
-    return int(value[:-1]) * unit
 
 
 class GrpcProtocol(Requests, Responses):
@@ -162,7 +146,9 @@ class GrpcProtocol(Requests, Responses):
         # new request's headers, the trailers of its refusal, or None to serve
         # it (``Call.judged``). A stream refused so never becomes a Call: its
         # answer is written here, its DATA dropped as any closed stream's.
-        self.shed: Callable[[Any], tuple[tuple[bytes, bytes], ...] | None] | None = None
+        self.shed: Callable[[Any], Trailers | None] | None = None
+        # The same for quotas (set by the connection), given the read's frames too.
+        self.limit: Callable[[Any, list[PlainFrame], int], Trailers | None] | None = None
         # How long the bytes being taken in waited unread in the kernel
         # (prism.rpc.arrival; set by the reader, 0.0 where it cannot tell), and
         # so when they reached the machine (``clock``'s; the door judges by it).
@@ -238,7 +224,7 @@ class GrpcProtocol(Requests, Responses):
         self._h2.buffers_to_send()
         self._h2.let_go()
         self.on_output = _nothing  # (a bound method of the connection: a cycle)
-        self.shed = None  # (the same)
+        self.shed = self.limit = None  # (the same)
 
     @property
     def idle(self) -> bool:
@@ -272,11 +258,13 @@ class GrpcProtocol(Requests, Responses):
             self._reopen_for_answers()
         if plain:
             opened = 0
-            shed = self.shed
-            for kind, sid, value, length, ended in plain:
+            shed, limit = self.shed, self.limit
+            for index, (kind, sid, value, length, ended) in enumerate(plain):
                 if kind == HEADERS_READ:
                     opened += 1
-                    if shed is not None and (refusal := shed(value)) is not None:
+                    if (shed is not None and (refusal := shed(value)) is not None) or (
+                        limit is not None and (refusal := limit(value, plain, index)) is not None
+                    ):
                         self._write_final(sid, refusal)  # no Call: nothing else to let go
                         continue
                     self._start_call(sid, value, ended, out, shed is not None)

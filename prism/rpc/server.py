@@ -89,6 +89,9 @@ class Connection(Calls):
         )
         self.proto.on_output = self.wake
         self.shed_counts: dict[str, int] = {}
+        self.quota_ahead = {}
+        self.quota_counts = {}
+        self.proto.limit = self._limit_new
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
         self._scopes: dict[int, trio.CancelScope] = {}
@@ -162,6 +165,12 @@ class Connection(Calls):
         """Act on protocol events; False once the connection is finished."""
         proto = self.proto
         self.let_in = 0
+        if self.quota_counts:  # the calls of the read a quota refused as they were read
+            for (namespace, operation, reason), n in self.quota_counts.items():
+                metrics.calls_refused_by_quota(namespace, operation, reason, n)
+            self.quota_counts.clear()
+        self.quota_ahead.clear()
+        self.peeked = None
         if self.shed_counts:  # the calls of the read refused at the door, counted once a read
             for operation, n in self.shed_counts.items():
                 metrics.call_shed(operation, n)
