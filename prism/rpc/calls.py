@@ -200,12 +200,13 @@ class Calls:
         frames are read (its request came whole in the read: ``prism.rpc.peek``);
         None to go on, the call's own path then holding it to its quotas.
         Refused here, a call costs what the door's refusal does, a quarter of
-        one through its Call. Not while calls are checked for access (that
-        comes first) or traced (each is logged)."""
+        one through its Call. Only on a connection a quota has refused before;
+        not while calls are checked for access (that comes first) or traced
+        (each is logged)."""
         settings = self.settings
         quotas = settings.admission.quotas
-        if not quotas.active or settings.security.secured or settings.tracing is not None:
-            return None
+        if not self.limited or not quotas.active or settings.security.secured or settings.tracing is not None:
+            return None  # (the first refusal on a connection is a Call's: the others pay nothing)
         if plain is not self.peeked:  # (a read's frames, mapped once)
             self.peeked, self.first_data = plain, peek.first_data(plain)
         entry = self.first_data.get(plain[at][1])

@@ -41,9 +41,13 @@ async def test_a_read_s_calls_over_the_quota_are_refused_as_read_and_those_withi
         answer_failure(self, call, method, exc)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Calls, "_answer_failure", spy)
-    async with served(tmp_path, table({"profiles": {"rps": 1, "burst": 4}})) as (_, client):
-        for _ in range(2):  # warm the connection's HPACK cache: the next puts read plainly
-            assert (await put(client, "profiles")).status == StatusCode.OK  # 2 tokens left
+    async with served(tmp_path, table({"profiles": {"rps": 1, "burst": 3}})) as (_, client):
+        for _ in range(3):  # (and the connection's HPACK cache warm: the next puts read plainly)
+            assert (await put(client, "profiles")).status == StatusCode.OK
+        # The connection's first refusal is made through its Call; the next ones as read.
+        assert (await put(client, "profiles")).status == StatusCode.RESOURCE_EXHAUSTED
+        assert through_a_call == [1]
+        mock_clock.jump(2.0)  # two tokens (and the connection's rest over)
         before, before_answered = limited("profiles", "rps"), answered("RESOURCE_EXHAUSTED")
         sids = []
         for n in range(5):  # one write, one read
@@ -61,11 +65,11 @@ async def test_a_read_s_calls_over_the_quota_are_refused_as_read_and_those_withi
         assert {refusal(r) for r in got[2:]} == {
             (StatusCode.RESOURCE_EXHAUSTED, 'namespace "profiles": rps limit 1 exceeded', "1000")
         }
-        assert through_a_call == []
+        assert through_a_call == [1]
         assert limited("profiles", "rps") == before + 3
         assert answered("RESOURCE_EXHAUSTED") == before_answered + 3
-        mock_clock.jump(10)  # the bucket full again: 4 tokens
-        for n, stored in enumerate([1, 1, 0, 0]):  # the refused sent nothing stored
+        mock_clock.jump(10)  # the bucket full again: 3 tokens
+        for n, stored in enumerate([1, 1, 0]):  # the refused sent nothing stored
             request = kv_pb2.GetItemsRequest(namespace="profiles", id=f"r{n}")
             r = await client.call(GET, frame(request.SerializeToString()))
             assert r.status == StatusCode.OK
