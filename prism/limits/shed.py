@@ -114,6 +114,7 @@ class Shedder:
         "enabled",
         "interval_s",
         "limit",
+        "limited",
         "on",
         "shut",
         "target_s",
@@ -131,6 +132,7 @@ class Shedder:
         self._late = 0  # new calls in the current interval that had waited longer than the target
         self._asked = 0  # new calls judged in the current interval
         self._admitted = 0  # calls whose handlers started in the current interval
+        self.limited = 0  # calls a quota refused in the current interval (counted by the callers)
         self._cpu = time.process_time()  # the process's CPU time when the interval began
         # What a call admitted lately cost the process's CPU (its share of
         # the last interval's with the door open), for the wait of the calls
@@ -206,8 +208,11 @@ class Shedder:
         if self._admitted and not self.shut:
             # (Measured with the door open only: shut, the CPU goes to
             # refusals too, and per call admitted it grew as fewer were, until
-            # the door refused nearly everything.)
-            self.call_s = (cpu - self._cpu) / self._admitted
+            # the door refused nearly everything. A quota's refusal is counted
+            # as a call: a flood refused at 10x its rps, its CPU shared among
+            # the admitted calls alone, made each look 500 us and shut the
+            # door on a worker 40% busy.)
+            self.call_s = (cpu - self._cpu) / (self._admitted + self.limited)
         self._cpu = cpu
         enabled = self.enabled and recent
         # Before the handlers: standing; or half the new calls or more came
@@ -241,7 +246,7 @@ class Shedder:
             self.capped = False
         self.on = self.shut or self.capped
         self._min = self._min_sojourn = math.inf
-        self._waits = self._sojourns = self._late = self._admitted = self._asked = 0
+        self._waits = self._sojourns = self._late = self._admitted = self._asked = self.limited = 0
         self._window_start = now
         self._window_end = now + self.interval_s
 

@@ -228,6 +228,7 @@ class Calls:
         key = (namespace, method.operation, reason)
         self.quota_counts[key] = self.quota_counts.get(key, 0) + 1  # (counted once a read)
         self.limited += 1
+        settings.admission.shedder.limited += 1
         return _quota_trailers(message, pushback_ms)
 
     def _limit(self, call: Call, method: Method) -> Lease | None:
@@ -433,6 +434,7 @@ class Calls:
         pushback_ms = getattr(exc, "pushback_ms", None)  # QuotaExceeded's, or a forwarded one's
         if type(exc) is QuotaExceeded and exc.reason != "overload":
             self.limited += 1
+            self.settings.admission.shedder.limited += 1
         if pushback_ms is not None and pushback_ms >= 0:
             self.proto.send_error(call, status, message, pushback_trailer(pushback_ms))
         else:

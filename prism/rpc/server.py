@@ -379,7 +379,7 @@ class Connection(Calls):
             try:
                 if drained:
                     await wait_readable(sock)
-                else:
+                elif rested_at is None:  # (after a rest, the rest was the schedule point)
                     await checkpoint()
                 if stamped is not None:
                     data, ancillary, _, _ = stamped.recvmsg(size, arrival.SPACE)

@@ -202,6 +202,16 @@ def test_what_an_admitted_call_costs_is_measured_over_each_interval() -> None:
     assert 0.0015 < shedder.call_s < 0.01
     shedder.refuses(0, 0.2)  # an interval with no call keeps the last figure
     assert 0.0015 < shedder.call_s < 0.01
+    # A quota's refusals count as calls: 20 ms for 10 admitted and 30 refused.
+    end = time.process_time() + 0.02
+    while time.process_time() < end:
+        pass
+    for _ in range(10):
+        shedder.observe_sojourn(0.0)
+    shedder.limited += 30
+    shedder.refuses(0, 0.35)
+    assert 0.0004 < shedder.call_s < 0.0015
+    assert shedder.limited == 0  # (counted afresh each interval)
 
 
 def test_disabled_it_never_sheds() -> None:
