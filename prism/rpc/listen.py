@@ -1,8 +1,9 @@
 """Accepting connections: one loop per listening socket, a task per connection.
 
-Workers of one tenant all accept on the same inherited socket; the kernel
-wakes whichever is waiting, so a process that already holds connections
-waits a little before taking the next one (``ServerSettings.accept_backoff_s``).
+Workers all accept on the same inherited socket and the kernel wakes every
+one waiting; where a tenant has several, a worker takes a connection only
+while it holds no more than its siblings (``ServerSettings.accept_share``,
+``prism.rpc.accept_share``), so that a burst is spread over them.
 
 A connection is accepted under the TLS context in effect at that moment
 (``settings.security``: None is plaintext) and keeps it; its handshake runs in
@@ -21,6 +22,7 @@ import errno
 import logging
 import math
 import os
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -28,6 +30,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from prism import metrics
+from prism.rpc.accept_share import LEAVE_S, LOOK_AGAIN_S, AcceptShare
 from prism.rpc.handshake import serve_tls
 from prism.rpc.keepalive import TimerHeap
 from prism.rpc.opening import client_magic, close, closed_by_server
@@ -58,6 +61,8 @@ async def serve_listeners(
             log.exception("connection failed")
         finally:
             settings.accepted -= 1
+            if settings.accept_share is not None:
+                settings.accept_share.publish(settings.accepted)
 
     async with trio.open_nursery() as timers:
         # One task runs every connection's timers (prism.rpc.keepalive.TimerHeap).
@@ -82,11 +87,9 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 _ACCEPT_PAUSE_S = 0.01  # the first wait; it doubles up to _ACCEPT_PAUSE_MAX_S
 _ACCEPT_PAUSE_MAX_S = 1.0
 ACCEPT_LOG_INTERVAL_S = 10.0
-_ACCEPT_BACKOFF_MAX_S = 0.005
-# Connections taken per pass of the scheduler (_accept_more); fewer where
-# sibling processes accept on the same socket, so that they get their share.
+# Connections taken per pass of the scheduler (_accept_more); where sibling
+# workers accept on the same socket, only while it is this one's turn.
 _ACCEPT_BATCH = 1024  # the listen backlog (prism.workers.resources)
-_ACCEPT_BATCH_WITH_SIBLINGS = 4
 
 
 async def serve_accepted(
@@ -140,6 +143,8 @@ async def _accept_loop(
     try:
         await _accept(listener, raw, connections, handle, settings)
     finally:
+        if settings.accept_share is not None:
+            settings.accept_share.leave()  # siblings stop leaving connections to us
         if raw is not None:
             raw.close()
 
@@ -156,7 +161,7 @@ async def _accept(
     log_after = -math.inf
     while True:
         try:
-            stream = await listener.accept()
+            stream = await _next(listener, raw, settings)
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
@@ -173,17 +178,48 @@ async def _accept(
             pause = min(pause * 2, _ACCEPT_PAUSE_MAX_S)
             continue
         pause = _ACCEPT_PAUSE_S
+        if stream is None:
+            continue  # a sibling took it
         _start(stream, connections, handle, settings)
         if raw is not None:
             _accept_more(raw, connections, handle, settings)
-        if settings.accept_backoff_s:
-            # Several processes accept on one socket and the kernel gives a
-            # burst of connections to whichever wakes first. A process that
-            # already holds connections waits a little (more, the more it
-            # holds) before taking the next, so idle siblings take their share.
-            await trio.sleep(
-                min(settings.accept_backoff_s * len(settings.connections), _ACCEPT_BACKOFF_MAX_S)
-            )
+
+
+async def _next(
+    listener: trio.SocketListener, raw: socket.socket | None, settings: ServerSettings
+) -> trio.SocketStream | None:
+    """The next connection; None if the one that woke us went to a sibling.
+
+    With siblings (``settings.accept_share``), a worker that holds more than
+    its share waits for a connection, then leaves it to them for up to
+    ``LEAVE_S`` (see ``prism.rpc.accept_share``), then takes it if it is still there.
+    """
+    share = settings.accept_share
+    if raw is None or share is None or not share.siblings:
+        return await listener.accept()
+    await trio.lowlevel.wait_readable(listener.socket)
+    if not share.may_take(settings.accepted):
+        await _leave_to_siblings(raw, share, settings)
+    try:
+        sock, _address = raw.accept()
+    except BlockingIOError:
+        return None
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def _leave_to_siblings(raw: socket.socket, share: AcceptShare, settings: ServerSettings) -> None:
+    """Wait while a sibling holds fewer connections and one waits, for up to ``LEAVE_S``."""
+    until = trio.current_time() + LEAVE_S
+    while trio.current_time() < until:
+        await trio.sleep(LOOK_AGAIN_S)
+        if share.may_take(settings.accepted) or not _waiting(raw):
+            return
+
+
+def _waiting(raw: socket.socket) -> bool:
+    """Whether a connection waits to be accepted on ``raw``."""
+    readable, _, _ = select.select([raw], [], [], 0)
+    return bool(readable)
 
 
 def _accept_more(
@@ -201,8 +237,10 @@ def _accept_more(
     to 5 s, where grpc.aio answered all within 0.4 s). A batch per pass makes
     that wait grow with the count, not its square.
     """
-    batch = _ACCEPT_BATCH_WITH_SIBLINGS if settings.accept_backoff_s else _ACCEPT_BATCH
-    for _ in range(batch - 1):
+    share = settings.accept_share
+    for _ in range(_ACCEPT_BATCH - 1):
+        if share is not None and share.siblings and not share.may_take(settings.accepted):
+            return  # the siblings' turn
         try:
             sock, _address = raw.accept()
         except OSError:
@@ -223,5 +261,7 @@ def _start(
         stream.socket.close()
         return
     settings.accepted += 1
+    if settings.accept_share is not None:
+        settings.accept_share.publish(settings.accepted)
     security = settings.security
     connections.start_soon(handle, stream, security.tls, security.handshake_timeout_s)
