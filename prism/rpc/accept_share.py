@@ -36,10 +36,12 @@ Why not the alternatives:
 
 The table: a memfd the supervisor creates (``WorkerSpec.accepts_fd``),
 ``CELLS`` cells of 8 bytes. Worker ID writes cell ``ID % CELLS`` alone, as
-``(ID + 1) << 32 | held`` (0: no worker), one aligned 8-byte store, so a
-reader sees the old value or the new one. A cell that holds another ID (a
-slot that reused the cell, a worker gone) is ignored: the gate only ever
-waits for a sibling it can read.
+``(ID + 1) << 32 | held`` (0: no worker), one aligned 8-byte store (a
+memoryview item: one machine store on x86-64 and arm64), so a reader sees the
+old value or the new one; were a value ever misread, one connection would be
+misjudged (left to a sibling for up to ``LEAVE_S``, or taken early), nothing
+more. A cell that holds another ID (a slot that reused the cell, a worker
+gone) is ignored: the gate only ever waits for a sibling it can read.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class AcceptShare:
         self._cells = memoryview(buffer).cast("B").cast("Q")
         self._id = worker_id
         self._siblings: tuple[int, ...] = ()
+        self._left = False
         self.publish(0)
 
     @property
@@ -78,11 +81,15 @@ class AcceptShare:
         self._siblings = tuple(i for i in ids if i != self._id)
 
     def publish(self, held: int) -> None:
-        """Say this worker holds ``held`` connections."""
+        """Say this worker holds ``held`` connections (not once it has left)."""
+        if self._left:
+            return
         self._cells[self._id % CELLS] = (self._id + 1) << 32 | (held & _COUNT_MASK)
 
     def leave(self) -> None:
-        """This worker accepts no more (draining, stopping): siblings stop waiting for it."""
+        """This worker accepts no more (draining, stopping): siblings stop waiting for it.
+        For good: the connections it still holds closing later publish nothing."""
+        self._left = True
         cell = self._id % CELLS
         if self._cells[cell] >> 32 == self._id + 1:
             self._cells[cell] = 0
