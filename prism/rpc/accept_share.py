@@ -18,8 +18,10 @@ its tenant holds (plus an eighth of that, so that a storm of a thousand goes
 in batches, not one at a time; see ``AcceptShare.may_take``). A worker ahead
 of its siblings leaves the connection to them for up to ``LEAVE_S``; a sibling
 that is busy or stalled longer does not hold connections back: the worker
-takes the connection then. N connections opened at once to W workers end
-with no worker holding more than ceil(N/W) + 1 of them, whichever wakes first.
+takes the connection then, and every one queued behind it (so a stalled
+sibling delays a connection by ``LEAVE_S`` at most, whatever the queue).
+N connections opened at once to W workers end with no worker holding more
+than ceil(N/W) + 1 of them, whichever wakes first.
 
 Why not the alternatives:
 

@@ -161,7 +161,7 @@ async def _accept(
     log_after = -math.inf
     while True:
         try:
-            stream = await _next(listener, raw, settings)
+            stream, late = await _next(listener, raw, settings)
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
@@ -182,38 +182,43 @@ async def _accept(
             continue  # a sibling took it
         _start(stream, connections, handle, settings)
         if raw is not None:
-            _accept_more(raw, connections, handle, settings)
+            _accept_more(raw, connections, handle, settings, turns=not late)
 
 
 async def _next(
     listener: trio.SocketListener, raw: socket.socket | None, settings: ServerSettings
-) -> trio.SocketStream | None:
-    """The next connection; None if the one that woke us went to a sibling.
+) -> tuple[trio.SocketStream | None, bool]:
+    """The next connection (None: the one that woke us went to a sibling), and
+    whether the siblings were late for it.
 
     With siblings (``settings.accept_share``), a worker that holds more than
     its share waits for a connection, then leaves it to them for up to
-    ``LEAVE_S`` (see ``prism.rpc.accept_share``), then takes it if it is still there.
+    ``LEAVE_S`` (see ``prism.rpc.accept_share``). Still there then, the
+    siblings are busy or stalled: it takes that one and every one waiting
+    behind it, so that a stalled sibling costs each connection ``LEAVE_S`` at
+    most, not ``LEAVE_S`` per connection queued before it.
     """
     share = settings.accept_share
     if raw is None or share is None or not share.siblings:
-        return await listener.accept()
+        return await listener.accept(), False
     await trio.lowlevel.wait_readable(listener.socket)
-    if not share.may_take(settings.accepted):
-        await _leave_to_siblings(raw, share, settings)
+    late = not share.may_take(settings.accepted) and await _left_to_siblings(raw, share, settings)
     try:
         sock, _address = raw.accept()
     except BlockingIOError:
-        return None
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return None, False
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), late
 
 
-async def _leave_to_siblings(raw: socket.socket, share: AcceptShare, settings: ServerSettings) -> None:
-    """Wait while a sibling holds fewer connections and one waits, for up to ``LEAVE_S``."""
+async def _left_to_siblings(raw: socket.socket, share: AcceptShare, settings: ServerSettings) -> bool:
+    """Wait while a sibling holds fewer connections and one waits, for up to
+    ``LEAVE_S``; True if it is still waiting and still not our turn then."""
     until = trio.current_time() + LEAVE_S
     while trio.current_time() < until:
         await trio.sleep(LOOK_AGAIN_S)
         if share.may_take(settings.accepted) or not _waiting(raw):
-            return
+            return False
+    return True
 
 
 def _waiting(raw: socket.socket) -> bool:
@@ -227,8 +232,11 @@ def _accept_more(
     connections: trio.Nursery,
     handle: Callable[[trio.SocketStream, ssl.SSLContext | None, float], Awaitable[None]],
     settings: ServerSettings,
+    *,
+    turns: bool = True,
 ) -> None:
-    """Take the connections already waiting to be accepted, up to a batch.
+    """Take the connections already waiting to be accepted, up to a batch
+    (with ``turns``, only while it is this worker's turn: see ``_next``).
 
     ``listener.accept()`` takes one connection per pass of the scheduler, and
     a pass runs every connection with something to do: with 1,000 clients
@@ -239,7 +247,7 @@ def _accept_more(
     """
     share = settings.accept_share
     for _ in range(_ACCEPT_BATCH - 1):
-        if share is not None and share.siblings and not share.may_take(settings.accepted):
+        if turns and share is not None and share.siblings and not share.may_take(settings.accepted):
             return  # the siblings' turn
         try:
             sock, _address = raw.accept()

@@ -78,12 +78,22 @@ async def test_a_worker_ahead_leaves_a_connection_to_its_siblings_for_a_while_th
         second = await client_on(port)
         await served(second)  # one ahead: left to the sibling, then taken
         assert LEAVE_S <= trio.current_time() - started < 2 * LEAVE_S
+        # Three at once: the sibling is late for the first, so the worker takes
+        # all three after one LEAVE_S, not one LEAVE_S each.
+        started = trio.current_time()
+        burst = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        with trio.fail_after(5):
+            while settings.accepted < 5:
+                await trio.sleep(LEAVE_S / 10)
+        assert LEAVE_S <= trio.current_time() - started < 2 * LEAVE_S
+        for stream in burst:
+            await stream.aclose()
         sibling.publish(5)
         started = trio.current_time()
         third = await client_on(port)
         await served(third)  # behind: taken at once
         assert trio.current_time() - started < LEAVE_S
-        autojump_clock.autojump_threshold, autojump_clock.rate = math.inf, 1.0  # real time: a close to see
+        autojump_clock.autojump_threshold, autojump_clock.rate = math.inf, 1.0  # real time: closes to see
         await second.stream.aclose()
         with trio.fail_after(5):
             while sibling.held_by(0) != 2:
