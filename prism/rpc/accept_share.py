@@ -13,15 +13,18 @@ past their preface (none, in a burst) and took 4 per wake-up: no help.
 
 So each worker publishes the connections it holds (accepted here, not yet
 closed: ``ServerSettings.accepted``) in this table, and takes a waiting
-connection only while it holds no more than the fewest any serving sibling of
-its tenant holds (plus an eighth of that, so that a storm of a thousand goes
+connection only while it holds no more than the fewest any sibling of its
+tenant accepting now holds (plus an eighth of that, so that a storm of a thousand goes
 in batches, not one at a time; see ``AcceptShare.may_take``). A worker ahead
 of its siblings leaves the connection to them for up to ``LEAVE_S``; a sibling
 that is busy or stalled longer does not hold connections back: the worker
-takes the connection then, and every one queued behind it (so a stalled
-sibling delays a connection by ``LEAVE_S`` at most, whatever the queue).
+takes the connection then, and, siblings late k times in a row, up to
+2**k - 1 more queued behind it (a stalled sibling costs a storm of a
+thousand ten ``LEAVE_S``, not one per connection; a sibling merely slow to
+wake, under load, loses its turn for a connection or two, not the burst).
 N connections opened at once to W workers end with no worker holding more
-than ceil(N/W) + 1 of them, whichever wakes first.
+than ceil(N/W) + 1 of them, whichever wakes first, unless a sibling runs
+more than ``LEAVE_S`` late.
 
 Why not the alternatives:
 
@@ -42,8 +45,11 @@ The table: a memfd the supervisor creates (``WorkerSpec.accepts_fd``),
 memoryview item: one machine store on x86-64 and arm64), so a reader sees the
 old value or the new one; were a value ever misread, one connection would be
 misjudged (left to a sibling for up to ``LEAVE_S``, or taken early), nothing
-more. A cell that holds another ID (a slot that reused the cell, a worker
-gone) is ignored: the gate only ever waits for a sibling it can read.
+more. A worker claims its cell when it starts accepting and clears it when it stops
+(draining, stopping); the supervisor clears the cell of a worker it reaps (a
+crash). A sibling is any worker of the tenant the routing table lists, so a
+worker booting with its siblings knows them before they serve; one whose cell
+is clear, or holds another ID (a slot that reused the cell), is not waited for.
 """
 
 from __future__ import annotations
@@ -56,7 +62,10 @@ TABLE_BYTES: Final = CELLS * 8
 # How long a worker ahead of its siblings leaves a waiting connection to
 # them before it takes it itself (a sibling busy or stalled), and how often
 # it looks again meanwhile (trio's sleeps are whole milliseconds on epoll).
-LEAVE_S: Final = 0.005
+# 5 ms was too short on a loaded machine (load average 7 on 2 CPUs: a woken
+# sibling often ran 15 ms later, and one worker took 6 to 8 of 8
+# connections in 4 tries of 6); 20 ms spread them in 6 of 6.
+LEAVE_S: Final = 0.02
 LOOK_AGAIN_S: Final = 0.001
 _COUNT_MASK: Final = 0xFFFF_FFFF
 
@@ -67,34 +76,35 @@ class AcceptShare:
     def __init__(self, buffer: mmap.mmap | bytearray, worker_id: int) -> None:
         if len(buffer) < TABLE_BYTES:
             raise ValueError(f"accept table: {len(buffer)} bytes, {TABLE_BYTES} needed")
-        self._cells = memoryview(buffer).cast("B").cast("Q")
+        self._cells = memoryview(buffer).cast("Q")
         self._id = worker_id
         self._siblings: tuple[int, ...] = ()
-        self._left = False
-        self.publish(0)
+        self._joined = False
 
     @property
     def siblings(self) -> tuple[int, ...]:
-        """The ids of the other serving workers of this tenant (empty: accept alone)."""
+        """The ids of the other workers of this tenant (empty: accept alone)."""
         return self._siblings
 
     @siblings.setter
     def siblings(self, ids: tuple[int, ...]) -> None:
         self._siblings = tuple(i for i in ids if i != self._id)
 
+    def join(self, held: int) -> None:
+        """This worker accepts from now on, holding ``held`` connections."""
+        self._joined = True
+        self.publish(held)
+
     def publish(self, held: int) -> None:
-        """Say this worker holds ``held`` connections (not once it has left)."""
-        if self._left:
-            return
-        self._cells[self._id % CELLS] = (self._id + 1) << 32 | (held & _COUNT_MASK)
+        """Say this worker holds ``held`` connections (only between ``join`` and ``leave``)."""
+        if self._joined:
+            self._cells[self._id % CELLS] = (self._id + 1) << 32 | (held & _COUNT_MASK)
 
     def leave(self) -> None:
-        """This worker accepts no more (draining, stopping): siblings stop waiting for it.
-        For good: the connections it still holds closing later publish nothing."""
-        self._left = True
-        cell = self._id % CELLS
-        if self._cells[cell] >> 32 == self._id + 1:
-            self._cells[cell] = 0
+        """This worker accepts no more (draining, stopping): siblings stop waiting for it,
+        and the connections it still holds publish nothing as they close."""
+        self._joined = False
+        forget(self._cells, self._id)
 
     def held_by(self, worker_id: int) -> int | None:
         """What ``worker_id`` last published; None if its cell holds another worker's (or none)."""
@@ -120,3 +130,19 @@ class AcceptShare:
 
     def close(self) -> None:
         self._cells.release()
+
+
+def forget(table: memoryview | mmap.mmap | bytearray, worker_id: int) -> None:
+    """Clear ``worker_id``'s cell, if it still holds it: it left, or (the
+    supervisor, reaping it) it died; no sibling waits for it any more."""
+    if isinstance(table, memoryview):
+        _clear(table, worker_id)
+        return
+    with memoryview(table) as raw, raw.cast("Q") as cells:
+        _clear(cells, worker_id)
+
+
+def _clear(cells: memoryview, worker_id: int) -> None:
+    cell = worker_id % CELLS
+    if cells[cell] >> 32 == worker_id + 1:
+        cells[cell] = 0

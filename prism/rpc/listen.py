@@ -140,6 +140,8 @@ async def _accept_loop(
     raw = None
     if isinstance(listener, trio.SocketListener):
         raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    if settings.accept_share is not None:
+        settings.accept_share.join(settings.accepted)  # siblings leave us our share from now on
     try:
         await _accept(listener, raw, connections, handle, settings)
     finally:
@@ -159,9 +161,10 @@ async def _accept(
     pause = _ACCEPT_PAUSE_S
     failed = 0  # accept() failures since the last line logged
     log_after = -math.inf
+    late = 0  # connections in a row the siblings were late for (see _next)
     while True:
         try:
-            stream, late = await _next(listener, raw, settings)
+            stream, siblings_late = await _next(listener, raw, settings)
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
@@ -178,11 +181,16 @@ async def _accept(
             pause = min(pause * 2, _ACCEPT_PAUSE_MAX_S)
             continue
         pause = _ACCEPT_PAUSE_S
+        late = late + 1 if siblings_late else 0
         if stream is None:
             continue  # a sibling took it
         _start(stream, connections, handle, settings)
         if raw is not None:
-            _accept_more(raw, connections, handle, settings, turns=not late)
+            # Siblings late for k connections in a row: take up to 2**k - 1
+            # more out of turn, so a stalled sibling costs a storm a few
+            # LEAVE_S in all (1,000 connections: 10), not LEAVE_S each, and
+            # one merely slow to wake loses its turn for one connection only.
+            _accept_more(raw, connections, handle, settings, out_of_turn=(1 << min(late, 10)) - 1)
 
 
 async def _next(
@@ -194,9 +202,7 @@ async def _next(
     With siblings (``settings.accept_share``), a worker that holds more than
     its share waits for a connection, then leaves it to them for up to
     ``LEAVE_S`` (see ``prism.rpc.accept_share``). Still there then, the
-    siblings are busy or stalled: it takes that one and every one waiting
-    behind it, so that a stalled sibling costs each connection ``LEAVE_S`` at
-    most, not ``LEAVE_S`` per connection queued before it.
+    siblings are late (busy, slow to wake, stalled): it takes it.
     """
     share = settings.accept_share
     if raw is None or share is None or not share.siblings:
@@ -233,10 +239,11 @@ def _accept_more(
     handle: Callable[[trio.SocketStream, ssl.SSLContext | None, float], Awaitable[None]],
     settings: ServerSettings,
     *,
-    turns: bool = True,
+    out_of_turn: int = 0,
 ) -> None:
-    """Take the connections already waiting to be accepted, up to a batch
-    (with ``turns``, only while it is this worker's turn: see ``_next``).
+    """Take the connections already waiting to be accepted, up to a batch;
+    with siblings, ``out_of_turn`` of them whatever the counts, the rest
+    only while it is this worker's turn (see ``_next``).
 
     ``listener.accept()`` takes one connection per pass of the scheduler, and
     a pass runs every connection with something to do: with 1,000 clients
@@ -246,8 +253,13 @@ def _accept_more(
     that wait grow with the count, not its square.
     """
     share = settings.accept_share
-    for _ in range(_ACCEPT_BATCH - 1):
-        if turns and share is not None and share.siblings and not share.may_take(settings.accepted):
+    for taken in range(_ACCEPT_BATCH - 1):
+        if (
+            share is not None
+            and share.siblings
+            and taken >= out_of_turn
+            and not share.may_take(settings.accepted)
+        ):
             return  # the siblings' turn
         try:
             sock, _address = raw.accept()

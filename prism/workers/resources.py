@@ -32,6 +32,7 @@ from prism.config import ServerConfig
 from prism.metrics_files import mark_process_dead
 from prism.router.table import ReloadNote, Routes, RoutingTableWriter, WorkerEntry
 from prism.rpc.accept_share import TABLE_BYTES as ACCEPTS_BYTES
+from prism.rpc.accept_share import forget
 from prism.security.section import section_of
 from prism.workers.forked import ForkedChild, Zygote, become_subreaper
 from prism.workers.routes_size import (
@@ -114,6 +115,7 @@ class Resources:
     # The connections each worker holds, which its siblings read before
     # accepting (prism.rpc.accept_share); -1: none.
     accepts_fd: int = -1
+    accepts: mmap.mmap | None = None
 
     @classmethod
     def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
@@ -133,8 +135,7 @@ class Resources:
             cache_bytes = config.cache.total_bytes
             cache_fd, cache_map = _memfd("prism-cache", cache_bytes)
             SharedCache.format_zeroed(cache_map, config.cache.slot_bytes).close()
-        accepts_fd, accepts_map = _memfd("prism-accepts", ACCEPTS_BYTES)
-        accepts_map.close()  # zeroed: no worker yet; the workers map it
+        accepts_fd, accepts = _memfd("prism-accepts", ACCEPTS_BYTES)  # zeroed: no worker yet
         fds = [grpc_sock.fileno(), admin_sock.fileno(), routes_fd, accepts_fd]
         fds += [cache_fd] if cache_fd >= 0 else []
         return cls(
@@ -148,7 +149,13 @@ class Resources:
             runtime_dir,
             fds,
             accepts_fd=accepts_fd,
+            accepts=accepts,
         )
+
+    def worker_gone(self, worker_id: int) -> None:
+        """A worker has exited (reaped): its siblings stop leaving connections to it."""
+        if self.accepts is not None:
+            forget(self.accepts, worker_id)
 
     # -- addresses -----------------------------------------------------------
 

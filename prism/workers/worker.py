@@ -130,13 +130,12 @@ class Worker:
             switched = await self.migrations.switch(waiting)
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
-            # Our tenant's other serving workers accept on the same socket:
-            # take a burst's share, not all of it (prism.rpc.accept_share).
-            # Read on every generation: at boot the table may list this worker
-            # alone yet, and a sibling that died or drains is left out.
+            # Our tenant's other workers accept on the same socket: take a
+            # burst's share, not all of it (prism.rpc.accept_share). All of
+            # them, serving yet or not: whether one accepts is in its cell.
             share = self.app.settings.accept_share
             if share is not None:
-                share.siblings = tuple(w.id for w in routes.tenant_workers(self.spec.tenant) if w.serving)
+                share.siblings = tuple(w.id for w in routes.tenant_workers(self.spec.tenant))
             if switched:
                 self.generation = routes.generation
             self.app.health.poke()  # Watch("") reads readiness again
