@@ -84,6 +84,16 @@ async def serve_listeners(
 # Errors from accept() that mean "out of resources, try again soon" (as in
 # trio.serve_listeners): we pause rather than die.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Errors from accept() that concern that connection alone (it went before it
+# was taken): trio's SocketListener.accept() skips them, so does _next.
+_GONE_BEFORE_ACCEPT_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}  # fmt: skip
 _ACCEPT_PAUSE_S = 0.01  # the first wait; it doubles up to _ACCEPT_PAUSE_MAX_S
 _ACCEPT_PAUSE_MAX_S = 1.0
 ACCEPT_LOG_INTERVAL_S = 10.0
@@ -213,6 +223,10 @@ async def _next(
         sock, _address = raw.accept()
     except BlockingIOError:
         return None, False
+    except OSError as exc:
+        if exc.errno in _GONE_BEFORE_ACCEPT_ERRNOS:
+            return None, False  # as trio's accept() skips it
+        raise
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), late
 
 
