@@ -4,9 +4,11 @@ leaves one to them, over real loopback sockets on trio's fake clock."""
 
 from __future__ import annotations
 
+import errno
 import math
 import socket
 
+import pytest
 import trio
 import trio.testing
 
@@ -128,3 +130,27 @@ async def test_a_stalled_sibling_costs_a_burst_a_few_leave_s_in_all_not_one_per_
         for sock in burst:
             sock.close()
         await held.stream.aclose()
+
+
+async def test_a_connection_gone_before_it_was_taken_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = table()
+    settings = settings_with()
+    settings.accept_share = AcceptShare(shared, 0)
+    settings.accept_share.siblings = (1,)  # a sibling, not accepting: every turn is ours
+    real_accept = socket.socket.accept
+    aborted = []
+
+    def accept_once_aborted(sock: socket.socket) -> tuple[socket.socket, object]:
+        if not aborted:
+            aborted.append(True)
+            raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+        return real_accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept_once_aborted)
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    async with serving(settings, listener):
+        client = await client_on(port)
+        await served(client)  # the accept loop went on
+        await client.stream.aclose()
+    assert aborted
