@@ -128,9 +128,6 @@ class AcceptShare:
                 least = count
         return least < 0 or held <= least + least // 8
 
-    def close(self) -> None:
-        self._cells.release()
-
 
 def forget(table: memoryview | mmap.mmap | bytearray, worker_id: int) -> None:
     """Clear ``worker_id``'s cell, if it still holds it: it left, or (the
