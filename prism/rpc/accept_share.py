@@ -24,7 +24,10 @@ thousand ten ``LEAVE_S``, not one per connection; a sibling merely slow to
 wake, under load, loses its turn for a connection or two, not the burst).
 N connections opened at once to W workers end with no worker holding more
 than ceil(N/W) + 1 of them, whichever wakes first, unless a sibling runs
-more than ``LEAVE_S`` late.
+more than ``LEAVE_S`` late. A sibling starved of CPU for many ``LEAVE_S``
+(its CPU taken by other processes) loses its share of a storm to the
+workers that run: latency first; the counts only even out as connections
+close and new ones come.
 
 Why not the alternatives:
 
