@@ -1,8 +1,9 @@
 """Accepting connections: one loop per listening socket, a task per connection.
 
-Workers of one tenant all accept on the same inherited socket; the kernel
-wakes whichever is waiting, so a process that already holds connections
-waits a little before taking the next one (``ServerSettings.accept_backoff_s``).
+Workers all accept on the same inherited socket and the kernel wakes every
+one waiting; where a tenant has several, a worker takes a connection only
+while it holds no more than its siblings (``ServerSettings.accept_share``,
+``prism.rpc.accept_share``), so that a burst is spread over them.
 
 A connection is accepted under the TLS context in effect at that moment
 (``settings.security``: None is plaintext) and keeps it; its handshake runs in
@@ -21,6 +22,7 @@ import errno
 import logging
 import math
 import os
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -28,6 +30,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from prism import metrics
+from prism.rpc.accept_share import LEAVE_S, LOOK_AGAIN_S, AcceptShare
 from prism.rpc.handshake import serve_tls
 from prism.rpc.keepalive import TimerHeap
 from prism.rpc.opening import client_magic, close, closed_by_server
@@ -58,6 +61,8 @@ async def serve_listeners(
             log.exception("connection failed")
         finally:
             settings.accepted -= 1
+            if settings.accept_share is not None:
+                settings.accept_share.publish(settings.accepted)
 
     async with trio.open_nursery() as timers:
         # One task runs every connection's timers (prism.rpc.keepalive.TimerHeap).
@@ -79,14 +84,22 @@ async def serve_listeners(
 # Errors from accept() that mean "out of resources, try again soon" (as in
 # trio.serve_listeners): we pause rather than die.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Errors from accept() that concern that connection alone (it went before it
+# was taken): trio's SocketListener.accept() skips them, so does _next.
+_GONE_BEFORE_ACCEPT_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}  # fmt: skip
 _ACCEPT_PAUSE_S = 0.01  # the first wait; it doubles up to _ACCEPT_PAUSE_MAX_S
 _ACCEPT_PAUSE_MAX_S = 1.0
 ACCEPT_LOG_INTERVAL_S = 10.0
-_ACCEPT_BACKOFF_MAX_S = 0.005
-# Connections taken per pass of the scheduler (_accept_more); fewer where
-# sibling processes accept on the same socket, so that they get their share.
+# Connections taken per pass of the scheduler (_accept_more); where sibling
+# workers accept on the same socket, only while it is this one's turn.
 _ACCEPT_BATCH = 1024  # the listen backlog (prism.workers.resources)
-_ACCEPT_BATCH_WITH_SIBLINGS = 4
 
 
 async def serve_accepted(
@@ -137,9 +150,13 @@ async def _accept_loop(
     raw = None
     if isinstance(listener, trio.SocketListener):
         raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    if settings.accept_share is not None:
+        settings.accept_share.join(settings.accepted)  # siblings leave us our share from now on
     try:
         await _accept(listener, raw, connections, handle, settings)
     finally:
+        if settings.accept_share is not None:
+            settings.accept_share.leave()  # siblings stop leaving connections to us
         if raw is not None:
             raw.close()
 
@@ -154,9 +171,10 @@ async def _accept(
     pause = _ACCEPT_PAUSE_S
     failed = 0  # accept() failures since the last line logged
     log_after = -math.inf
+    late = 0  # connections in a row the siblings were late for (see _next)
     while True:
         try:
-            stream = await listener.accept()
+            stream, siblings_late = await _next(listener, raw, settings)
         except OSError as exc:
             if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
@@ -173,17 +191,60 @@ async def _accept(
             pause = min(pause * 2, _ACCEPT_PAUSE_MAX_S)
             continue
         pause = _ACCEPT_PAUSE_S
+        late = late + 1 if siblings_late else 0
+        if stream is None:
+            continue  # a sibling took it
         _start(stream, connections, handle, settings)
         if raw is not None:
-            _accept_more(raw, connections, handle, settings)
-        if settings.accept_backoff_s:
-            # Several processes accept on one socket and the kernel gives a
-            # burst of connections to whichever wakes first. A process that
-            # already holds connections waits a little (more, the more it
-            # holds) before taking the next, so idle siblings take their share.
-            await trio.sleep(
-                min(settings.accept_backoff_s * len(settings.connections), _ACCEPT_BACKOFF_MAX_S)
-            )
+            # Siblings late for k connections in a row: take up to 2**k - 1
+            # more out of turn, so a stalled sibling costs a storm a few
+            # LEAVE_S in all (1,000 connections: 10), not LEAVE_S each, and
+            # one merely slow to wake loses its turn for one connection only.
+            _accept_more(raw, connections, handle, settings, out_of_turn=(1 << min(late, 10)) - 1)
+
+
+async def _next(
+    listener: trio.SocketListener, raw: socket.socket | None, settings: ServerSettings
+) -> tuple[trio.SocketStream | None, bool]:
+    """The next connection (None: the one that woke us went to a sibling), and
+    whether the siblings were late for it.
+
+    With siblings (``settings.accept_share``), a worker that holds more than
+    its share waits for a connection, then leaves it to them for up to
+    ``LEAVE_S`` (see ``prism.rpc.accept_share``). Still there then, the
+    siblings are late (busy, slow to wake, stalled): it takes it.
+    """
+    share = settings.accept_share
+    if raw is None or share is None or not share.siblings:
+        return await listener.accept(), False
+    await trio.lowlevel.wait_readable(listener.socket)
+    late = not share.may_take(settings.accepted) and await _left_to_siblings(raw, share, settings)
+    try:
+        sock, _address = raw.accept()
+    except BlockingIOError:
+        return None, False
+    except OSError as exc:
+        if exc.errno in _GONE_BEFORE_ACCEPT_ERRNOS:
+            return None, False  # as trio's accept() skips it
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), late
+
+
+async def _left_to_siblings(raw: socket.socket, share: AcceptShare, settings: ServerSettings) -> bool:
+    """Wait while a sibling holds fewer connections and one waits, for up to
+    ``LEAVE_S``; True if it is still waiting and still not our turn then."""
+    until = trio.current_time() + LEAVE_S
+    while trio.current_time() < until:
+        await trio.sleep(LOOK_AGAIN_S)
+        if share.may_take(settings.accepted) or not _waiting(raw):
+            return False
+    return True
+
+
+def _waiting(raw: socket.socket) -> bool:
+    """Whether a connection waits to be accepted on ``raw``."""
+    readable, _, _ = select.select([raw], [], [], 0)
+    return bool(readable)
 
 
 def _accept_more(
@@ -191,8 +252,12 @@ def _accept_more(
     connections: trio.Nursery,
     handle: Callable[[trio.SocketStream, ssl.SSLContext | None, float], Awaitable[None]],
     settings: ServerSettings,
+    *,
+    out_of_turn: int = 0,
 ) -> None:
-    """Take the connections already waiting to be accepted, up to a batch.
+    """Take the connections already waiting to be accepted, up to a batch;
+    with siblings, ``out_of_turn`` of them whatever the counts, the rest
+    only while it is this worker's turn (see ``_next``).
 
     ``listener.accept()`` takes one connection per pass of the scheduler, and
     a pass runs every connection with something to do: with 1,000 clients
@@ -201,8 +266,15 @@ def _accept_more(
     to 5 s, where grpc.aio answered all within 0.4 s). A batch per pass makes
     that wait grow with the count, not its square.
     """
-    batch = _ACCEPT_BATCH_WITH_SIBLINGS if settings.accept_backoff_s else _ACCEPT_BATCH
-    for _ in range(batch - 1):
+    share = settings.accept_share
+    for taken in range(_ACCEPT_BATCH - 1):
+        if (
+            share is not None
+            and share.siblings
+            and taken >= out_of_turn
+            and not share.may_take(settings.accepted)
+        ):
+            return  # the siblings' turn
         try:
             sock, _address = raw.accept()
         except OSError:
@@ -223,5 +295,7 @@ def _start(
         stream.socket.close()
         return
     settings.accepted += 1
+    if settings.accept_share is not None:
+        settings.accept_share.publish(settings.accepted)
     security = settings.security
     connections.start_soon(handle, stream, security.tls, security.handshake_timeout_s)

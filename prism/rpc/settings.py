@@ -22,6 +22,7 @@ from prism.rpc.methods import Method, MethodTable
 from prism.security.runtime import Security
 
 if TYPE_CHECKING:
+    from prism.rpc.accept_share import AcceptShare
     from prism.rpc.keepalive import TimerHeap
     from prism.tracing.calls import CallTracing
 
@@ -113,9 +114,9 @@ class ServerSettings:
         self.draining = False
         self.accept_scope: trio.CancelScope | None = None
         self.handoff: Handoff | None = None
-        # Per connection already held, how long to wait before accepting the
-        # next one (0: this process accepts alone; see prism.rpc.listen).
-        self.accept_backoff_s = 0.0
+        # The connections this worker and its tenant's other workers hold,
+        # shared (prism.rpc.accept_share); None: this process accepts alone.
+        self.accept_share: AcceptShare | None = None
         # The connections' timers, while a listener serves them (prism.rpc.listen).
         self.timer_heap: TimerHeap | None = None
         # Request and response bytes held for every connection (prism.rpc.budget).

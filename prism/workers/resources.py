@@ -31,6 +31,8 @@ from prism.cache.shared import SharedCache
 from prism.config import ServerConfig
 from prism.metrics_files import mark_process_dead
 from prism.router.table import ReloadNote, Routes, RoutingTableWriter, WorkerEntry
+from prism.rpc.accept_share import TABLE_BYTES as ACCEPTS_BYTES
+from prism.rpc.accept_share import forget
 from prism.security.section import section_of
 from prism.workers.forked import ForkedChild, Zygote, become_subreaper
 from prism.workers.routes_size import (
@@ -110,6 +112,10 @@ class Resources:
     fork_workers: bool = True
     # Keys the option digests of the routing table (routes_size.option_digests); the admin process has it too.
     options_key: bytes = field(default_factory=lambda: os.urandom(32))
+    # The connections each worker holds, which its siblings read before
+    # accepting (prism.rpc.accept_share); -1: none.
+    accepts_fd: int = -1
+    accepts: mmap.mmap | None = None
 
     @classmethod
     def create(cls, config: ServerConfig, runtime_dir: Path, cpus: int) -> Resources:
@@ -129,7 +135,9 @@ class Resources:
             cache_bytes = config.cache.total_bytes
             cache_fd, cache_map = _memfd("prism-cache", cache_bytes)
             SharedCache.format_zeroed(cache_map, config.cache.slot_bytes).close()
-        fds = [grpc_sock.fileno(), admin_sock.fileno(), routes_fd] + ([cache_fd] if cache_fd >= 0 else [])
+        accepts_fd, accepts = _memfd("prism-accepts", ACCEPTS_BYTES)  # zeroed: no worker yet
+        fds = [grpc_sock.fileno(), admin_sock.fileno(), routes_fd, accepts_fd]
+        fds += [cache_fd] if cache_fd >= 0 else []
         return cls(
             grpc_sock,
             admin_sock,
@@ -140,7 +148,14 @@ class Resources:
             cache_bytes,
             runtime_dir,
             fds,
+            accepts_fd=accepts_fd,
+            accepts=accepts,
         )
+
+    def worker_gone(self, worker_id: int) -> None:
+        """A worker has exited (reaped): its siblings stop leaving connections to it."""
+        if self.accepts is not None:
+            forget(self.accepts, worker_id)
 
     # -- addresses -----------------------------------------------------------
 
@@ -230,6 +245,7 @@ class Resources:
             handoff_address=self.handoff_address(slot.id),
             config=config_for_tenant(config, slot.tenant),
             supervisor_pid=os.getpid(),
+            accepts_fd=self.accepts_fd,
         )
         label = f"{slot.id}:{slot.tenant}@cpu{slot.cpu}"
         zygote = self._zygote()

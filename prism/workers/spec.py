@@ -57,6 +57,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     handoff_address: str
     config: ServerConfig
     supervisor_pid: int
+    # The table of connections each worker holds (prism.rpc.accept_share); -1: none.
+    accepts_fd: int = -1
 
 
 class AdminSpec(msgspec.Struct, frozen=True):

@@ -290,6 +290,7 @@ class Supervisor(Reloading):
                 continue
             slot.proc = None
             mark_dead(proc.pid)
+            self.resources.worker_gone(slot.id)
             event = exit_event(slot.state, code)
             if event is SlotEvent.EXITED_AT_BOOT:
                 detail = "see its message above"  # the worker printed why before it exited

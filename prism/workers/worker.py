@@ -36,6 +36,8 @@ from prism.router.messages import BootFailed, Heartbeat, State, control_decoder,
 from prism.router.readiness import Readiness
 from prism.router.remote import Forwarding
 from prism.router.table import RoutingTableReader, RoutingTableUnavailable
+from prism.rpc.accept_share import TABLE_BYTES as ACCEPTS_BYTES
+from prism.rpc.accept_share import AcceptShare
 from prism.rpc.listen import serve_listeners
 from prism.workers import heap
 from prism.workers.app import App
@@ -49,8 +51,6 @@ log = logging.getLogger("prism.worker")
 HEARTBEAT_INTERVAL_S = 0.25
 ROUTES_POLL_S = 0.25
 HEALTH_INTERVAL_S = 1.0
-# Accept spreading between workers sharing the port (see prism.rpc.listen).
-ACCEPT_BACKOFF_S = 0.0005
 # Python's default (700 net new container objects) made a worker collect
 # about 500 times a second at 64 calls in flight on PostgreSQL: every call
 # in flight holds a few dozen objects, so each wave of calls crossed the
@@ -90,6 +90,9 @@ class Worker:
             tenant=spec.tenant,
             worker=str(spec.worker_id),
         )
+        if spec.accepts_fd >= 0:
+            accepts = mmap.mmap(spec.accepts_fd, ACCEPTS_BYTES)
+            self.app.settings.accept_share = AcceptShare(accepts, spec.worker_id)
         self.migrations = self.app.migrating = WorkerMigrations(Path(spec.config.data_dir), spec.worker_id)
         self.generation = -1
         self.draining = False
@@ -127,10 +130,12 @@ class Worker:
             switched = await self.migrations.switch(waiting)
             self.app.settings.security.apply(routes.security)
             self.app.apply_limits(self.spec.tenant, routes)
-            # Sibling processes accept on the same socket: take a burst's
-            # share, not all of it (prism.rpc.listen). Read on every
-            # generation: at boot the table may list this worker alone yet.
-            self.app.settings.accept_backoff_s = ACCEPT_BACKOFF_S if len(routes.workers) > 1 else 0.0
+            # Our tenant's other workers accept on the same socket: take a
+            # burst's share, not all of it (prism.rpc.accept_share). All of
+            # them, serving yet or not: whether one accepts is in its cell.
+            share = self.app.settings.accept_share
+            if share is not None:
+                share.siblings = tuple(w.id for w in routes.tenant_workers(self.spec.tenant))
             if switched:
                 self.generation = routes.generation
             self.app.health.poke()  # Watch("") reads readiness again
