@@ -257,6 +257,8 @@ class RetryQueue:
             batching = not alone and isinstance(backend(), BatchWritable)
             if batching and self.linger and len(lane) < self.batch:
                 await trio.sleep(self.linger)  # the writes of the next moment go in the same batch
+                if not lane:  # cleared meanwhile (the backend let go)
+                    continue
             limit = self.batch if batching else 1
             batch = take_batch(lane, limit)
             try:

@@ -236,6 +236,29 @@ async def test_a_trickle_of_writes_is_batched_after_a_short_linger(
     assert target.calls == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"], ["r8", "r9"]]
 
 
+async def test_a_queue_cleared_while_a_lane_lingers_goes_on_delivering(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    target = Batching()
+    queue = RetryQueue("t", lanes=1)
+    async with trio.open_nursery() as nursery:
+
+        async def ready() -> None:
+            pass
+
+        nursery.start_soon(queue.drain, lambda: target, ready, lambda: NOW)
+        write = put("r0", b"v", 1)
+        queue.push(PendingWrite(write.id, write.nbytes, write))
+        await trio.sleep(0.01)  # the lane lingers for the writes that follow
+        assert queue.clear() == 1  # the backend let go (abort, finish) meanwhile
+        await trio.sleep(0.05)
+        write = put("r1", b"v", 2)
+        queue.push(PendingWrite(write.id, write.nbytes, write))
+        await queue.wait_empty()  # the lane lives on (it raised IndexError at the empty lane)
+        nursery.cancel_scope.cancel()
+    assert target.calls == [["r1"]]
+
+
 async def test_a_backend_that_takes_no_batches_gets_each_write_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
