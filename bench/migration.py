@@ -342,10 +342,16 @@ def run(args: argparse.Namespace, server: Any, namespace: str) -> int:
         c.stop.set()
     for c in clients:
         c.thread.join()
+    # Every acknowledged write on both backends before they are compared: none
+    # waiting for retry (queued) nor still on its way (pending). The workers
+    # write these counters every second: one written before the clients
+    # stopped could show 0 with writes still in flight.
+    time.sleep(1.5)
     deadline = time.monotonic() + 30
-    while (
-        admin(url, "GET", f"/v1/migrations/{namespace}")["progress"]["queued"] and time.monotonic() < deadline
-    ):
+    while time.monotonic() < deadline:
+        progress = admin(url, "GET", f"/v1/migrations/{namespace}")["progress"]
+        if not progress["queued"] and not progress["pending"]:
+            break
         time.sleep(0.1)
     source, target = snapshot(Path(args.workdir / "data"), namespace, args.dsn)
     same = source == target

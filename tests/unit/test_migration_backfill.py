@@ -30,7 +30,8 @@ class Flaky(MemoryBackend):
         super().__init__()
         self.down = False
         self.pages = 0
-        self.limits: list[int] = []  # limit_items of each page asked for
+        self.limits: list[int] = []  # limit_items of each read (a slice of a page) asked for
+        self.exported = 0  # records read
 
     async def export_records(
         self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
@@ -39,9 +40,11 @@ class Flaky(MemoryBackend):
             raise Unavailable("source down")
         self.pages += 1
         self.limits.append(limit_items)
-        return await super().export_records(
+        page = await super().export_records(
             after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
         )
+        self.exported += len(page.records)
+        return page
 
     async def import_records(self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int) -> None:
         if self.down:
@@ -91,7 +94,7 @@ async def test_copies_everything_and_saves_every_second_and_at_the_end(
     await fill(source, 1200)
     saved = Saved()
     progress = await run(source, target, Progress(), save=saved)
-    assert source.limits == [500, 500, 500]  # PAGE_ITEMS a page at most
+    assert source.limits == [125] * 10  # PAGE_ITEMS a page at most, in SLICES_MAX slices
     assert (progress.done, progress.copied, progress.cursor) == (True, 1200, "id1199")
     assert await dump(target) == await dump(source)
     assert [(s.copied, s.done) for s in saved.saves] == [(1200, True)]  # well within a second
@@ -116,10 +119,10 @@ async def test_resumes_from_the_saved_cursor(autojump_clock: trio.testing.MockCl
     last = saved.saves[-1]
     assert not last.done and last.cursor == f"id{last.copied - 1:04}" and 20 <= last.copied <= 50
     assert last.copied <= len(await dump(target)) < last.copied + 10  # a second's pages not saved yet
-    exported_before = source.pages
+    exported_before = source.exported
     progress = await run(source, target, msgspec.structs.replace(last), rate=2000)
     assert progress.done and progress.copied == 100
-    assert source.pages - exported_before == 1  # one page of the 100 - copied left: none read twice
+    assert source.exported - exported_before == 100 - last.copied  # none read twice
     assert await dump(target) == await dump(source)
 
 
@@ -221,17 +224,70 @@ async def test_a_progress_file_that_cannot_be_written_is_retried(
     assert progress.done and saved.saves[-1].done
 
 
-async def test_a_page_is_a_twentieth_of_a_seconds_worth(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_page_is_a_twentieth_of_a_seconds_worth_read_and_written_in_slices(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     source, target = Flaky(), Flaky()
     await fill(source, 3)
     t0 = trio.current_time()
     await run(source, target, Progress(), rate=1)
     assert trio.current_time() - t0 == pytest.approx(2.0)  # a record a second
     assert backfill_module.PAGE_S == 0.05 and backfill_module.PAGE_ITEMS == 500
-    for rate, limit in ((1, 1), (39, 1), (40, 2), (1000, 50), (9999, 499), (20_000, 500), (10**6, 500)):
+    assert backfill_module.SLICE_ITEMS == 25 and backfill_module.SLICES_MAX == 4
+    await fill(source, 1000)
+    for rate, slices in (
+        (1, [1]),
+        (39, [1]),
+        (40, [2]),
+        (1000, [25, 25]),
+        (2000, [25, 25, 25, 25]),
+        (9999, [125, 125, 125, 124]),
+        (20_000, [125] * 4),
+        (10**6, [125] * 4),
+    ):
         source.limits.clear()
-        await run(source, Flaky(), Progress(), rate=rate)
-        assert source.limits[0] == limit
+        with trio.move_on_after(1e-4):  # the first page (no time passes within it), not the next
+            await run(source, Flaky(), Progress(), rate=rate)
+        assert source.limits == slices
+
+
+async def test_a_page_is_copied_a_slice_a_step(autojump_clock: trio.testing.MockClock) -> None:
+    """Between two checkpoints, the copy reads or writes one slice at most: a
+    client's call that arrives meanwhile waits for that, not for a page (a
+    SQLite read runs on the loop's thread and returns without a checkpoint,
+    as the in-memory backend's calls here)."""
+    step = [0]
+    touched: dict[int, int] = {}  # step of the backfill's task -> items read or written in it
+
+    class Counted(Flaky):
+        async def export_records(
+            self, *, after: str | None, limit_items: int, limit_bytes: int, now_ms: int
+        ) -> ExportPage:
+            page = await super().export_records(
+                after=after, limit_items=limit_items, limit_bytes=limit_bytes, now_ms=now_ms
+            )
+            touched[step[0]] = touched.get(step[0], 0) + sum(len(items) for _, items in page.records)
+            return page
+
+        async def import_records(
+            self, records: Sequence[tuple[str, Sequence[StampedItem]]], now_ms: int
+        ) -> None:
+            await super().import_records(records, now_ms)
+            touched[step[0]] = touched.get(step[0], 0) + sum(len(items) for _, items in records)
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name == "copy":
+                step[0] += 1
+
+    source, target = Counted(), Counted()
+    await fill(source, 200)
+    trio.lowlevel.add_instrument(Steps())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, source, target, Progress(), 1000, None, name="copy")
+    assert source.limits == [25] * 8  # pages of 50 (1000/s), two slices each
+    assert sum(touched.values()) == 2 * 200 and max(touched.values()) == 25
+    assert await dump(target) == await dump(source)
 
 
 async def test_a_busy_worker_is_served_first_and_the_copy_still_moves(
