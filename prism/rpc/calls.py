@@ -38,18 +38,14 @@ _REFUSED: Any = object()
 @functools.lru_cache(maxsize=4)
 def _shed_trailers(target_s: float, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
     """A shed call's trailers-only answer, as ``prism.limits.admission`` words it."""
-    message = f"worker overloaded: queueing delay above {target_s * 1000:g} ms; retry"
-    return (
-        *RESPONSE_HEADERS,
-        (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
-        (b"grpc-message", encode_grpc_message(message)),
-        *pushback_trailer(pushback_ms),
+    return _refusal_trailers(
+        f"worker overloaded: queueing delay above {target_s * 1000:g} ms; retry", pushback_ms
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _quota_trailers(message: str, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
-    """A call refused by a quota as it was read: its trailers-only answer."""
+def _refusal_trailers(message: str, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
+    """The trailers-only answer of a call refused as it was read (shed, or by a quota)."""
     return (
         *RESPONSE_HEADERS,
         (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
@@ -229,7 +225,7 @@ class Calls:
         self.quota_counts[key] = self.quota_counts.get(key, 0) + 1  # (counted once a read)
         self.limited += 1
         settings.admission.shedder.limited += 1
-        return _quota_trailers(message, pushback_ms)
+        return _refusal_trailers(message, pushback_ms)
 
     def _limit(self, call: Call, method: Method) -> Lease | None:
         """The quota and shedding check (``prism.limits.admission``) of a

@@ -101,12 +101,17 @@ class H2Client:
     async def start_call(
         self, path: str, body: bytes | None = None, *, end: bool = True, **kw: object
     ) -> int:
+        sid = self.queue_call(path, body, end=end, **kw)
+        await self.flush()
+        return sid
+
+    def queue_call(self, path: str, body: bytes | None = None, *, end: bool = True, **kw: object) -> int:
+        """``start_call`` without sending: several calls then go in one write."""
         sid = self.conn.get_next_available_stream_id()
         self.responses[sid] = Response()
         self.conn.send_headers(sid, self.headers(path, **kw), end_stream=body is None and end)  # type: ignore[arg-type]
         if body is not None:
             self.conn.send_data(sid, body, end_stream=end)
-        await self.flush()
         return sid
 
     async def pump(self) -> bool:

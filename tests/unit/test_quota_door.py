@@ -19,7 +19,7 @@ from prism.rpc import peek
 from prism.rpc.calls import Calls
 from prism.rpc.h2read import DATA_READ, HEADERS_READ, WINDOW_READ
 
-from .h2client import Response, frame
+from .h2client import frame
 from .test_quotas import GET, PUT, limited, put, refusal, served, table
 
 
@@ -54,10 +54,7 @@ async def test_a_read_s_calls_over_the_quota_are_refused_as_read_and_those_withi
             request = kv_pb2.PutItemsRequest(
                 namespace="profiles", id=f"r{n}", items=[kv_pb2.Item(key=b"k", value=b"v")]
             )
-            sid = client.conn.get_next_available_stream_id()
-            client.responses[sid] = Response()
-            client.conn.send_headers(sid, client.headers(PUT))
-            client.conn.send_data(sid, frame(request.SerializeToString()), end_stream=True)
+            sid = client.queue_call(PUT, frame(request.SerializeToString()))
             sids.append(sid)
         await client.flush()
         got = [await client.wait(sid) for sid in sids]

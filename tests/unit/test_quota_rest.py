@@ -23,16 +23,15 @@ import trio.testing
 from prism.config import NamespaceConfig, ServerConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
-from prism.limits.shed import MIN_WAITS
 from prism.proto import kv_pb2
 from prism.rpc.rest import LIMITED_READ_GAP_S, LIMITED_REST_S
 from prism.workers.app import App
 
 from .apps import connection_to
-from .h2client import H2Client, Response, frame
+from .h2client import H2Client, frame
 from .test_arrival import over_tcp
 from .test_quotas import PUT, put, refusal, served, table
-from .test_shedding import CONFIG
+from .test_shedding import CONFIG, standing_queue_before_handlers
 
 
 @asynccontextmanager
@@ -109,21 +108,14 @@ async def test_a_call_that_waited_out_its_connections_rest_is_not_late_to_the_sh
             for _ in range(3):  # warm the HPACK cache: the puts are read plainly
                 assert (await put(client, "neighbour")).status == StatusCode.OK
             assert (await put(client, "profiles")).status == StatusCode.OK
-            mock_clock.jump(0.1)
-            shedder.refuses(0, trio.current_time())  # an interval starts
-            for _ in range(MIN_WAITS):
-                shedder.observe_sojourn(0.02)
-            mock_clock.jump(0.1)
+            standing_queue_before_handlers(mock_clock, shedder)  # (the door shuts at its next decision)
             assert refusal(await put(client, "profiles"))[:2] == (
                 StatusCode.RESOURCE_EXHAUSTED,
                 'namespace "profiles": rps limit 0.1 exceeded',
             )
             assert shedder.shut
             request = kv_pb2.PutItemsRequest(namespace="neighbour", id="r", items=[kv_pb2.Item(key=b"k")])
-            sid = client.conn.get_next_available_stream_id()
-            client.responses[sid] = Response()
-            client.conn.send_headers(sid, client.headers(PUT))
-            client.conn.send_data(sid, frame(request.SerializeToString()), end_stream=True)
+            sid = client.queue_call(PUT, frame(request.SerializeToString()))
             assert isinstance(client.stream, trio.SocketStream)
             os.write(client.stream.socket.fileno(), client.conn.data_to_send())
             time.sleep(0.03)  # (the kernel's clock: the request waits unread, the connection resting)

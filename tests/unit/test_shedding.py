@@ -24,7 +24,7 @@ from prism.proto import kv_pb2
 from prism.workers.app import App
 
 from .apps import serving_app
-from .h2client import H2Client, Response, frame
+from .h2client import H2Client, frame
 from .test_arrival import over_tcp
 from .test_quotas import GET, PUSHBACK, PUT, put
 
@@ -41,6 +41,16 @@ def _standing_before_handlers() -> Shedder:
     for _ in range(MIN_WAITS):
         shedder.observe_sojourn(0.02)
     return shedder
+
+
+def standing_queue_before_handlers(mock_clock: trio.testing.MockClock, shedder: Shedder) -> None:
+    """``_standing_before_handlers`` on the test's clock: an interval of
+    calls that each waited 20 ms for their handlers, now over."""
+    mock_clock.jump(0.1)
+    shedder.refuses(0, trio.current_time())  # an interval starts
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.02)
+    mock_clock.jump(0.1)
 
 
 def _ask(shedder: Shedder, n: int, now: float, waited: float) -> None:
@@ -349,18 +359,11 @@ async def test_with_the_door_shut_a_call_that_waited_in_the_kernel_is_refused_a_
         async with over_tcp(app) as client:
             for _ in range(3):  # warm the HPACK cache: the puts are read plainly
                 assert (await put(client, "profiles")).status == StatusCode.OK
-            mock_clock.jump(0.1)
-            shedder.refuses(0, trio.current_time())  # an interval starts
-            for _ in range(MIN_WAITS):
-                shedder.observe_sojourn(0.02)
-            mock_clock.jump(0.1)
+            standing_queue_before_handlers(mock_clock, shedder)  # (the door shuts at its next decision)
             request = kv_pb2.PutItemsRequest(
                 namespace="profiles", id="late", items=[kv_pb2.Item(key=b"k", value=b"lost")]
             )
-            sid = client.conn.get_next_available_stream_id()
-            client.responses[sid] = Response()
-            client.conn.send_headers(sid, client.headers(PUT))
-            client.conn.send_data(sid, frame(request.SerializeToString()), end_stream=True)
+            sid = client.queue_call(PUT, frame(request.SerializeToString()))
             assert isinstance(client.stream, trio.SocketStream)
             os.write(client.stream.socket.fileno(), client.conn.data_to_send())
             time.sleep(0.02)  # (the kernel's clock: the request waits unread)
@@ -392,11 +395,7 @@ async def test_the_door_counts_the_calls_it_let_in_from_a_read_and_judges_each_c
         shedder = app.settings.admission.shedder
         for _ in range(3):  # warm the connection's HPACK cache: the next puts read plainly
             assert (await put(client, "profiles")).status == StatusCode.OK
-        mock_clock.jump(0.1)
-        shedder.refuses(0, trio.current_time())  # an interval starts
-        for _ in range(MIN_WAITS):
-            shedder.observe_sojourn(0.02)
-        mock_clock.jump(0.1)
+        standing_queue_before_handlers(mock_clock, shedder)  # (the door shuts at its next decision)
         shedder.refuses(0, trio.current_time())  # its decision: shut
         assert shedder.shut
         shedder.call_s = 0.002
@@ -404,10 +403,7 @@ async def test_the_door_counts_the_calls_it_let_in_from_a_read_and_judges_each_c
         request = kv_pb2.PutItemsRequest(namespace="profiles", id="r", items=[kv_pb2.Item(key=b"k")])
         sids = []
         for _ in range(5):  # one write, one read
-            sid = client.conn.get_next_available_stream_id()
-            client.responses[sid] = Response()
-            client.conn.send_headers(sid, client.headers(PUT))
-            client.conn.send_data(sid, frame(request.SerializeToString()), end_stream=True)
+            sid = client.queue_call(PUT, frame(request.SerializeToString()))
             sids.append(sid)
         await client.flush()
         statuses = [(await client.wait(sid)).status for sid in sids]
