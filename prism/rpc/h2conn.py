@@ -137,6 +137,7 @@ class ServerConnection(PlainReader, PlainSender):
         self.malformed: dict[int, str] = {}
         # The start of a frame a read ended inside of (``receive_plain``).
         self._held: bytes = b""
+        self._pending = {}  # streams the plain path opened, not yet h2's
         # WINDOW_UPDATE frames receive_plain took in since the caller last
         # looked (prism.rpc.flood counts them; the caller sends what they let out).
         self.plain_window_updates = 0
@@ -214,6 +215,7 @@ class ServerConnection(PlainReader, PlainSender):
         if held:
             self._held = b""
             data = held + data
+        self.materialize()  # (h2 may act on any stream)
         events: list[h2.events.Event] = super().receive_data(data)
         return events
 

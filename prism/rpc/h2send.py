@@ -230,6 +230,21 @@ class PlainSender(h2.connection.H2Connection):
         )
         return True
 
+    def send_refusal(self, sid: int, headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+        """Queue a trailers-only answer on stream ``sid``, which h2 does not
+        hold (a request read whole and refused as it was read): the frame
+        ``send_plain_final`` would write, with no state to drive. False
+        (nothing done) where that one would be False."""
+        if self.state_machine.state is not ConnectionState.SERVER_OPEN or self.encoder.header_table.resized:
+            return False
+        block = final_block(headers)
+        if len(block) > self.max_outbound_frame_size:
+            return False
+        self._data_to_send += b"".join(
+            (len(block).to_bytes(3, "big"), _FINAL_FRAME_FLAGS, sid.to_bytes(4, "big"), block)
+        )
+        return True
+
     def send_plain_data(self, sid: int, data: bytearray) -> int | None:
         """Queue as much of ``data`` on stream ``sid`` as both flow-control
         windows allow, in DATA frames of the peer's maximum frame size,

@@ -265,8 +265,9 @@ class GrpcProtocol(Requests, Responses):
                     if (shed is not None and (refusal := shed(value)) is not None) or (
                         limit is not None and (refusal := limit(value, plain, index)) is not None
                     ):
-                        self._write_final(sid, refusal)  # no Call: nothing else to let go
+                        self._refuse_read(sid, refusal)  # no Call: nothing else to let go
                         continue
+                    conn.open_pending(sid)
                     self._start_call(sid, value, ended, out, shed is not None)
                 elif kind == DATA_READ:
                     self._on_data(sid, value, length, ended, out)
@@ -277,6 +278,7 @@ class GrpcProtocol(Requests, Responses):
                     self._on_events(value, out)
             flood.opened += opened
             conn.plain_opened = 0
+            conn.materialize()  # (none left: each HEADERS read above took its own)
         if events:
             self._on_events(events, out)
         if self._unacked:

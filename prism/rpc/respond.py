@@ -159,6 +159,17 @@ class Responses:
         self._write_final(call.stream_id, headers)
         self._finish(call)
 
+    def _refuse_read(self, sid: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        """Answer ``headers`` (trailers only) on a stream refused as it was
+        read: if its request came whole, without h2 ever holding the stream
+        (``prism.rpc.h2read``), else as any stream's final answer."""
+        conn = self._h2
+        if conn.pending_ended(sid) and conn.send_refusal(sid, headers):
+            conn.forget_pending(sid)
+            return
+        conn.open_pending(sid)
+        self._write_final(sid, headers)
+
     def _write_final(self, sid: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         """One HEADERS frame that ends stream ``sid``: plainly when it can be, else by h2."""
         if sid not in self._h2.streams:

@@ -164,8 +164,7 @@ def _request_headers(path: str) -> list[tuple[bytes, bytes]]:
 class Run:
     def __init__(self, odd: list[list[tuple[bytes, bytes]]] | None = None) -> None:
         self.odd = odd or [_request_headers(PATHS[0])]
-        self.fast = GrpcProtocol(initial_window_bytes=WINDOW)
-        self.slow = _plain_off(GrpcProtocol(initial_window_bytes=WINDOW))
+        self.fast, self.slow = self.servers()
         self.client = h2.connection.H2Connection(
             h2.config.H2Configuration(
                 client_side=True,
@@ -183,6 +182,10 @@ class Run:
         self.late: list[tuple[int, bytes]] = []
         self.ping_acks = 0  # the client's
         self.deliver(0, everything=True)
+
+    def servers(self) -> tuple[GrpcProtocol, GrpcProtocol]:
+        """The server under test, and the one it must agree with."""
+        return GrpcProtocol(initial_window_bytes=WINDOW), _plain_off(GrpcProtocol(initial_window_bytes=WINDOW))
 
     def deliver(self, cut: int, *, everything: bool = False) -> None:
         if self.slow.broken:

@@ -1,0 +1,112 @@
+"""Calls refused as they are read, without h2 ever holding their streams.
+
+A request read whole by the plain path and refused at once (the overload
+door, a quota: ``GrpcProtocol.shed`` and ``limit``) is answered and closed
+without an h2 stream (``prism.rpc.h2read``: ``Pending``). Whatever the client
+does around it, the server must send the same bytes, report the same calls
+and leave h2's open streams as a server does that makes every such stream
+h2's first and refuses it through h2's state machine, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.events
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from prism.rpc.calls import _shed_trailers
+from prism.rpc.protocol import GrpcProtocol
+
+from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, WINDOW, Run, action
+
+REFUSAL = _shed_trailers(0.005, 10)
+
+
+def _refusing(proto: GrpcProtocol, refused: frozenset[int]) -> GrpcProtocol:
+    """``proto``, refusing the n-th request it reads plainly if n % 8 is in ``refused``."""
+    seen = 0
+
+    def shed(headers: Any) -> Any:
+        nonlocal seen
+        seen += 1
+        return REFUSAL if seen % 8 in refused else None
+
+    proto.shed = shed
+    return proto
+
+
+def _through_h2(proto: GrpcProtocol) -> GrpcProtocol:
+    """``proto``, making every stream h2's before it refuses it (the former path)."""
+    proto._h2.pending_ended = lambda sid: False  # type: ignore[method-assign]
+    return proto
+
+
+class RefusingRun(Run):
+    refused: frozenset[int] = frozenset()
+
+    def servers(self) -> tuple[GrpcProtocol, GrpcProtocol]:
+        return (
+            _refusing(GrpcProtocol(initial_window_bytes=WINDOW), self.refused),
+            _refusing(_through_h2(GrpcProtocol(initial_window_bytes=WINDOW)), self.refused),
+        )
+
+
+def _run(refused: set[int]) -> RefusingRun:
+    run_class = type("Run", (RefusingRun,), {"refused": frozenset(refused)})
+    return run_class()
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(action, min_size=10, max_size=100), refused=st.sets(st.integers(0, 7), min_size=1))
+# Frames on a refused stream after its answer: a window update, a reset, DATA again.
+@example(refused={0, 1, 2, 3, 4, 5, 6, 7}, steps=[PLAIN, ALL, ("stream_window", 50, 5), ALL])
+@example(refused={0, 1, 2, 3, 4, 5, 6, 7}, steps=[PLAIN, ("raw", "data_again"), ALL])
+# A refused request whose body comes in a later read: h2's stream, as before.
+@example(refused={0, 1, 2, 3, 4, 5, 6, 7}, steps=[("request", PATHS[0], b"", 3, None, None), ALL, ("late",), ALL])
+# grpc-core's calls: a window update on the stream between its HEADERS and DATA.
+@example(refused={1, 3, 5, 7}, steps=[("request", PATHS[0], b"abc", 4, None, None)] * 6 + [ALL])
+def test_refusals_without_h2_streams_agree_with_refusals_through_them(
+    steps: list[tuple[Any, ...]], refused: set[int]
+) -> None:
+    run = _run(refused)
+    for step in WARM_UP + steps:
+        run.act(step)
+        if run.slow.broken:
+            break
+    run.deliver(0, everything=True)
+
+
+def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves_on() -> None:
+    run = _run({0, 1, 2, 3, 4, 5, 6, 7})  # every request refused
+    for step in WARM_UP:
+        run.act(step)
+    events: list[h2.events.Event] = []
+    receive = run.client.receive_data
+
+    def recording(data: Any) -> Any:
+        got = receive(data)
+        events.extend(got)
+        return got
+
+    run.client.receive_data = recording  # type: ignore[method-assign]
+    refused = []
+    for n in range(10):
+        refused.append(run.client.get_next_available_stream_id())
+        run.act(("request", PATHS[0], b"%d" % n, 0, None, None))
+        run.deliver(0, everything=True)
+        assert refused[-1] not in run.fast._h2.streams  # never h2's
+    # What the client got: a trailers-only RESOURCE_EXHAUSTED answer ending each stream.
+    answers = {ev.stream_id: dict(ev.headers) for ev in events if isinstance(ev, h2.events.ResponseReceived)}
+    ended = [ev.stream_id for ev in events if isinstance(ev, h2.events.StreamEnded)]
+    assert sorted(answers) == sorted(ended) == refused
+    assert {a[b"grpc-status"] for a in answers.values()} == {b"8"}
+    assert all(b"grpc-retry-pushback-ms" in a for a in answers.values())
+    # The connection goes on: a request let in is a call, on a stream h2 holds.
+    run.fast.shed = run.slow.shed = lambda headers: None
+    sid = run.client.get_next_available_stream_id()
+    run.act(("request", PATHS[0], b"x", 0, None, None))
+    run.deliver(0, everything=True)
+    assert run.calls[-1][0].stream_id == sid
+    assert sid in run.fast._h2.streams
