@@ -185,7 +185,8 @@ class Run:
 
     def servers(self) -> tuple[GrpcProtocol, GrpcProtocol]:
         """The server under test, and the one it must agree with."""
-        return GrpcProtocol(initial_window_bytes=WINDOW), _plain_off(GrpcProtocol(initial_window_bytes=WINDOW))
+        fast = GrpcProtocol(initial_window_bytes=WINDOW)
+        return fast, _plain_off(GrpcProtocol(initial_window_bytes=WINDOW))
 
     def deliver(self, cut: int, *, everything: bool = False) -> None:
         if self.slow.broken:

@@ -44,7 +44,9 @@ def _through_h2(proto: GrpcProtocol) -> GrpcProtocol:
 
 
 class RefusingRun(Run):
-    refused: frozenset[int] = frozenset()
+    def __init__(self, refused: set[int]) -> None:
+        self.refused = frozenset(refused)
+        super().__init__()
 
     def servers(self) -> tuple[GrpcProtocol, GrpcProtocol]:
         return (
@@ -53,24 +55,19 @@ class RefusingRun(Run):
         )
 
 
-def _run(refused: set[int]) -> RefusingRun:
-    run_class = type("Run", (RefusingRun,), {"refused": frozenset(refused)})
-    return run_class()
-
-
 @settings(max_examples=200, deadline=None)
 @given(steps=st.lists(action, min_size=10, max_size=100), refused=st.sets(st.integers(0, 7), min_size=1))
 # Frames on a refused stream after its answer: a window update, a reset, DATA again.
-@example(refused={0, 1, 2, 3, 4, 5, 6, 7}, steps=[PLAIN, ALL, ("stream_window", 50, 5), ALL])
-@example(refused={0, 1, 2, 3, 4, 5, 6, 7}, steps=[PLAIN, ("raw", "data_again"), ALL])
+@example(refused=set(range(8)), steps=[PLAIN, ALL, ("stream_window", 50, 5), ALL])
+@example(refused=set(range(8)), steps=[PLAIN, ("raw", "data_again"), ALL])
 # A refused request whose body comes in a later read: h2's stream, as before.
-@example(refused={0, 1, 2, 3, 4, 5, 6, 7}, steps=[("request", PATHS[0], b"", 3, None, None), ALL, ("late",), ALL])
+@example(refused=set(range(8)), steps=[("request", PATHS[0], b"", 3, None, None), ALL, ("late",), ALL])
 # grpc-core's calls: a window update on the stream between its HEADERS and DATA.
 @example(refused={1, 3, 5, 7}, steps=[("request", PATHS[0], b"abc", 4, None, None)] * 6 + [ALL])
 def test_refusals_without_h2_streams_agree_with_refusals_through_them(
     steps: list[tuple[Any, ...]], refused: set[int]
 ) -> None:
-    run = _run(refused)
+    run = RefusingRun(refused)
     for step in WARM_UP + steps:
         run.act(step)
         if run.slow.broken:
@@ -79,7 +76,7 @@ def test_refusals_without_h2_streams_agree_with_refusals_through_them(
 
 
 def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves_on() -> None:
-    run = _run({0, 1, 2, 3, 4, 5, 6, 7})  # every request refused
+    run = RefusingRun(set(range(8)))  # every request refused
     for step in WARM_UP:
         run.act(step)
     events: list[h2.events.Event] = []
