@@ -350,27 +350,34 @@ async def test_with_the_door_shut_a_call_that_waited_in_the_kernel_is_refused_a_
 ) -> None:
     # Over real TCP (the kernel stamps what it receives): the shedder has
     # seen a standing queue before the handlers; a request left unread for
-    # 20 ms (past the 5 ms target) is refused as its headers are read, and
-    # nothing it sent is stored; one read at once is served.
-    app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=CONFIG))
-    app.settings.admission.shedder = shedder = Shedder(CONFIG)
+    # 200 ms (past the 50 ms target) is refused as its headers are read, and
+    # nothing it sent is stored; one read at once is served. (The kernel's
+    # clock is real: with a 5 ms target, this process descheduled for 5 ms
+    # between a write and its read made the fresh call late too.)
+    config = OverloadConfig(enabled=True, target_delay_ms=50, interval_ms=100)
+    app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=config))
+    app.settings.admission.shedder = shedder = Shedder(config)
     await app.apply([NamespaceConfig("profiles", backend="memory")])
     try:
         async with over_tcp(app) as client:
             for _ in range(3):  # warm the HPACK cache: the puts are read plainly
                 assert (await put(client, "profiles")).status == StatusCode.OK
-            standing_queue_before_handlers(mock_clock, shedder)  # (the door shuts at its next decision)
+            mock_clock.jump(0.1)  # an interval of calls that each waited 200 ms for their handlers
+            shedder.refuses(0, trio.current_time())
+            for _ in range(MIN_WAITS):
+                shedder.observe_sojourn(0.2)
+            mock_clock.jump(0.1)  # (the door shuts at its next decision)
             request = kv_pb2.PutItemsRequest(
                 namespace="profiles", id="late", items=[kv_pb2.Item(key=b"k", value=b"lost")]
             )
             sid = client.queue_call(PUT, frame(request.SerializeToString()))
             assert isinstance(client.stream, trio.SocketStream)
             os.write(client.stream.socket.fileno(), client.conn.data_to_send())
-            time.sleep(0.02)  # (the kernel's clock: the request waits unread)
+            time.sleep(0.2)  # (the kernel's clock: the request waits unread)
             r = await client.wait(sid)
             assert (r.status, r.message) == (
                 StatusCode.RESOURCE_EXHAUSTED,
-                "worker overloaded: queueing delay above 5 ms; retry",
+                "worker overloaded: queueing delay above 50 ms; retry",
             )
             assert shedder.shut
             assert (await put(client, "profiles")).status == StatusCode.OK  # read at once: served
