@@ -35,7 +35,8 @@ as latency and lowers the saturation it measures.
 - **Flood**: namespace ``flood`` has ``limits = { rps = R }``; namespace
   ``quiet`` is called at a modest rate alone (its quiet p99), then again
   while ``flood`` is offered 10x R by h2load (``--rps``; the server
-  uncapped). Target: quiet's p99 within 1.5x of its quiet p99, and flood's
+  uncapped), in turn ``--flood-rounds`` times, each p99 of all the rounds'
+  calls. Target: quiet's p99 within 1.5x of its quiet p99, and flood's
   goodput close to R.
 
 Prints the figures and writes JSON (``--out``). See README.md.
@@ -203,11 +204,14 @@ class Bench:
                 best, self.saturation_busy, self.saturation_refused = ok, self.busy, refused
         return best
 
-    def offer(self, namespace: str, rate: float) -> dict[str, Any]:
-        """Open-loop ``rate`` calls/s of ``namespace``; what came back."""
+    def offer(self, namespace: str, rate: float, keep: list[int] | None = None) -> dict[str, Any]:
+        """Open-loop ``rate`` calls/s of ``namespace``; what came back (each
+        OK call's latency, in us, also appended to ``keep``)."""
         rss_before = self.worker_rss_kib()
         totals = self._run(namespace, "open", CONNECTIONS, 0, rate)
         ok = totals.latencies_us.get("get", [])
+        if keep is not None:
+            keep += ok
         codes = totals.errors.get("get", {})
         return {
             "offered_per_s": round(rate, 1),
@@ -301,9 +305,18 @@ def ladder(bench: Bench, namespace: str, measured: dict[str, Any]) -> dict[str, 
 
 
 def flood(
-    bench: Bench, flood_rps: float, quiet_rps: float, tmp: Path, cap: CpuCap | None, client_cpus: set[int]
+    bench: Bench,
+    flood_rps: float,
+    quiet_rps: float,
+    tmp: Path,
+    cap: CpuCap | None,
+    client_cpus: set[int],
+    rounds: int,
 ) -> dict[str, Any]:
-    """The neighbour's p99 alone, then beside a namespace offered 10x its rps.
+    """The neighbour's p99 alone, then beside a namespace offered 10x its rps,
+    ``rounds`` times in turn: each p99 is of all its rounds' calls (one step
+    of a few seconds at 300 calls/s has its p99 in its ten slowest calls,
+    which the machine's noise alone moved by 2x between runs).
 
     The flood comes from h2load (``--rps`` per connection), not grpc.aio: five
     thousand calls a second from grpc.aio would take the client CPU the
@@ -321,7 +334,6 @@ def flood(
     request = kv_pb2.GetItemsRequest(namespace="flood", id="r").SerializeToString()
     body.write_bytes(grpc_frame(request))
     answer = len(grpc_frame(fetch_checked_answer(bench.server.target, request, [(b"k", b"v" * 100)])))
-    alone = bench.offer("quiet", quiet_rps)
     connections = FLOOD_CONNECTIONS
     argv = [
         "nice", "-n", "19", "taskset", "-c", ",".join(map(str, sorted(client_cpus))),
@@ -330,33 +342,50 @@ def flood(
         "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
         f"http://{bench.server.target}{GET_ITEMS}",
     ]  # fmt: skip
-    before = limited(bench.server, "flood")
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        both = bench.offer("quiet", quiet_rps)
-        out, _ = proc.communicate(timeout=bench.duration_s + 60)
-    refused = limited(bench.server, "flood") - before
-    started = _H2LOAD_REQUESTS.search(out)
-    data = _H2LOAD_DATA.search(out)
-    finished = _H2LOAD_FINISHED.search(out)
-    if started is None or data is None or finished is None:
-        raise SystemExit(f"cannot read h2load's output:\n{out}")
-    span = float(finished.group(1)) * (1.0 if finished.group(2) == "s" else 1e-3)
+    quiet_alone: list[int] = []
+    quiet_flooded: list[int] = []
+    steps: list[dict[str, Any]] = []
+    started = data = 0
+    span = refused = 0.0
+    for _ in range(rounds):
+        alone = bench.offer("quiet", quiet_rps, quiet_alone)
+        before = limited(bench.server, "flood")
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            both = bench.offer("quiet", quiet_rps, quiet_flooded)
+            out, _ = proc.communicate(timeout=bench.duration_s + 60)
+        refused += limited(bench.server, "flood") - before
+        requests = _H2LOAD_REQUESTS.search(out)
+        traffic = _H2LOAD_DATA.search(out)
+        finished = _H2LOAD_FINISHED.search(out)
+        if requests is None or traffic is None or finished is None:
+            raise SystemExit(f"cannot read h2load's output:\n{out}")
+        started += int(requests.group(1))
+        data += int(traffic.group(1))
+        span += float(finished.group(1)) * (1.0 if finished.group(2) == "s" else 1e-3)
+        steps.append({"quiet_alone": alone, "quiet_with_flood": both})
+    alone_p99, flooded_p99 = percentile(sorted(quiet_alone), 99), percentile(sorted(quiet_flooded), 99)
+    busy = sum(step["quiet_with_flood"]["worker_busy"] for step in steps) / rounds
     flood_out = {
         "offered_per_s": flood_rps * 10,
-        "sent_per_s": round(int(started.group(1)) / span, 1),
-        "goodput_per_s": round(int(data.group(1)) / answer / span, 1),
+        "sent_per_s": round(started / span, 1),
+        "goodput_per_s": round(data / answer / span, 1),
         "refused_per_s": round(refused / span, 1),
-        "worker_busy": both["worker_busy"],
+        "worker_busy": round(busy, 3),
     }
-    ratio = both["ok_p99_us"] / alone["ok_p99_us"]
-    print(f"\nflood: quiet alone p99 {alone['ok_p99_us'] / 1000:.2f} ms; with flood at 10x its rps "
+    ratio = flooded_p99 / alone_p99
+    by_round = ", ".join(
+        f"x{step['quiet_with_flood']['ok_p99_us'] / step['quiet_alone']['ok_p99_us']:.2f}" for step in steps
+    )
+    print(f"\nflood ({rounds} rounds): quiet alone p99 {alone_p99 / 1000:.2f} ms; with flood at 10x its rps "
           f"({flood_rps * 10:,.0f}/s offered, {flood_out['sent_per_s']:,.0f}/s sent): quiet p99 "
-          f"{both['ok_p99_us'] / 1000:.2f} ms (x{ratio:.2f}, <= 1.5), flood goodput "
+          f"{flooded_p99 / 1000:.2f} ms (x{ratio:.2f}, <= 1.5; by round {by_round}), flood goodput "
           f"{flood_out['goodput_per_s']:,.0f}/s (limit {flood_rps:,.0f}), refused "
-          f"{flood_out['refused_per_s']:,.0f}/s; worker busy {both['worker_busy']:.0%}")  # fmt: skip
+          f"{flood_out['refused_per_s']:,.0f}/s; worker busy {busy:.0%}")  # fmt: skip
     return {
-        "quiet_alone": alone,
-        "quiet_with_flood": both,
+        "rounds": steps,
+        "quiet_alone_p99_us": alone_p99,
+        "quiet_with_flood_p99_us": flooded_p99,
+        "quiet_calls": [len(quiet_alone), len(quiet_flooded)],
         "flood": flood_out,
         "neighbour_p99": round(ratio, 2),
     }
@@ -417,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
     parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
+    parser.add_argument(
+        "--flood-rounds", type=int, default=3, help="the flood phase's alone/flooded pairs (default 3)"
+    )
     parser.add_argument("--target-delay-ms", type=float, default=5.0)
     parser.add_argument("--interval-ms", type=float, default=100.0)
     parser.add_argument("--skip-ladder", action="store_true")
@@ -433,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not inflight or min(inflight) < 1:
         parser.error(f"--saturation-inflight: {args.saturation_inflight!r}: each must be at least 1")
+    if args.flood_rounds < 1:
+        parser.error(f"--flood-rounds: {args.flood_rounds} must be at least 1")
     if not 0 <= args.server_share <= 1:
         parser.error(f"--server-share: {args.server_share} is not a share of one CPU (0 to 1; 0: no cap)")
 
@@ -498,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             for namespace, key in (("sql", "sqlite"), ("pg", "postgres")):
                 if namespace in laddered:
                     result[key] = ladder(bench, namespace, measured[namespace])
-            result["flood"] = flood(bench, args.flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus)
+            result["flood"] = flood(
+                bench, args.flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus, args.flood_rounds
+            )
         finally:
             stack.close()
             if server is not None:
