@@ -154,6 +154,9 @@ class GrpcProtocol(Requests, Responses):
         # so when they reached the machine (``clock``'s; the door judges by it).
         self.arrival_lag = 0.0
         self.arrived = 0.0
+        # The frames the plain path read in the last read (a stream's DATA
+        # frames of one read count once): few in a full read, a large message.
+        self.plain_frames = 0
 
     # -- connection ----------------------------------------------------------
 
@@ -256,6 +259,7 @@ class GrpcProtocol(Requests, Responses):
             # The client's GOAWAY came in this read, after requests that are
             # answered below, some at once (a refusal): reopen before that.
             self._reopen_for_answers()
+        self.plain_frames = len(plain)
         if plain:
             opened = 0
             shed, limit = self.shed, self.limit

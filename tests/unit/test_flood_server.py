@@ -226,3 +226,38 @@ async def test_a_read_full_of_control_frames_makes_the_next_reads_small() -> Non
         assert sizes[0] == 16384  # a connection's first read
         assert max(sizes) <= 16384
         assert (await client.call(CHECK, req())).status == 0  # the connection is still served
+
+
+async def test_a_full_read_of_small_calls_keeps_reads_small_and_one_of_a_large_message_grows_them() -> None:
+    # Grown for a backlog of small calls, reads of up to 1 MiB on every
+    # connection of an overloaded worker grew its RSS by a third; a large
+    # message still comes in growing reads (16, 32, 64 KiB...).
+    sizes: list[int] = []
+    async with server() as s:
+        server_stream, client_stream = trio.testing.memory_stream_pair()
+        receive = server_stream.receive_some
+
+        async def noting(max_bytes: int | None = None) -> bytes | bytearray:
+            sizes.append(max_bytes or 0)
+            return await receive(max_bytes)
+
+        server_stream.receive_some = noting  # type: ignore[method-assign]
+        s.nursery.start_soon(Connection(server_stream, s.settings).serve)
+        client = H2Client(client_stream)
+        await client.start()
+        for _ in range(3):  # the HPACK cache learns the block: the next calls are read plainly
+            assert (await client.call(CHECK, req())).status == 0
+        small = req("s" * 300)
+        sids = [client.queue_call(CHECK, small) for _ in range(90)]  # ~30 KB in one write
+        await client.flush()
+        for sid in sids:
+            assert (await client.wait(sid)).status == 0
+        assert max(sizes) == 16384
+        del sizes[:]
+        large = req("L" * 60_000)  # one 60 KB message, in 16 KiB DATA frames, in one write
+        sid = client.queue_call(CHECK, end=False)
+        for at in range(0, len(large), 16384):
+            client.conn.send_data(sid, large[at : at + 16384], end_stream=at + 16384 >= len(large))
+        await client.flush()
+        assert (await client.wait(sid)).status == 0
+        assert max(sizes) > 16384
