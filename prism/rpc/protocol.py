@@ -154,9 +154,9 @@ class GrpcProtocol(Requests, Responses):
         # so when they reached the machine (``clock``'s; the door judges by it).
         self.arrival_lag = 0.0
         self.arrived = 0.0
-        # The frames the plain path read in the last read (a stream's DATA
-        # frames of one read count once): few in a full read, a large message.
-        self.plain_frames = 0
+        # The streams the plain path opened in the last read: many in a full
+        # read, a backlog of small calls; few, a large message.
+        self.read_opened = 0
 
     # -- connection ----------------------------------------------------------
 
@@ -259,7 +259,7 @@ class GrpcProtocol(Requests, Responses):
             # The client's GOAWAY came in this read, after requests that are
             # answered below, some at once (a refusal): reopen before that.
             self._reopen_for_answers()
-        self.plain_frames = len(plain)
+        self.read_opened = 0
         if plain:
             opened = 0
             shed, limit = self.shed, self.limit
@@ -281,6 +281,7 @@ class GrpcProtocol(Requests, Responses):
                 else:  # H2_READ: the events of a frame h2 read among them
                     self._on_events(value, out)
             flood.opened += opened
+            self.read_opened = opened
             conn.plain_opened = 0
             conn.materialize()  # (none left: each HEADERS read above took its own)
         if events:

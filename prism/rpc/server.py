@@ -37,8 +37,8 @@ __all__ = ["Connection", "Handoff", "Observer", "ServerSettings"]
 log = logging.getLogger("prism.rpc")
 
 _READ_SIZE = 16384
-# A read that fills its buffer with a large message (at most _LARGE_READ_FRAMES
-# frames read plainly) doubles the next one's size, up to this; one that
+# A read that fills its buffer with a large message (it opened at most
+# _LARGE_READ_OPENED streams) doubles the next one's size, up to this; one that
 # fills less than a quarter halves it, down to _READ_SIZE. Large requests
 # then arrive in a few reads instead of one per 64 KiB (a 1 MiB message took
 # 16, each a trip through trio and the kernel); small calls keep reading
@@ -46,7 +46,7 @@ _READ_SIZE = 16384
 # connection of an overloaded worker (PostgreSQL at 2x its saturation) grew
 # its RSS by a third, each read a few thousand calls taken in at once.
 _MAX_READ_SIZE = 1 << 20
-_LARGE_READ_FRAMES = 8
+_LARGE_READ_OPENED = 8
 # A read of more control frames than this (SETTINGS, PING...: ~14 us each in
 # h2) makes the next reads this small, each a schedule point: a flood is
 # taken in slices of ~6 ms, not in reads of 100 ms that the worker's other
@@ -442,7 +442,7 @@ class Connection(Calls):
         if flood.control - control > _CONTROL_BURST:
             return _CONTROL_READ_SIZE
         if len(data) == size:
-            if self.settings.admission.shedder.shut or self.proto.plain_frames > _LARGE_READ_FRAMES:
+            if self.settings.admission.shedder.shut or self.proto.read_opened > _LARGE_READ_OPENED:
                 return _READ_SIZE  # (shut: each small read of a backlog is judged, _read_socket)
             return min(2 * size, _MAX_READ_SIZE)
         if size > _READ_SIZE and 4 * len(data) < size:
