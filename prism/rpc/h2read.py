@@ -157,10 +157,12 @@ class PlainReader(h2.connection.H2Connection):
         stream._inbound_window_manager.current_window_size = pending[_INBOUND]
         stream._expected_content_length = pending[_EXPECTED]
         stream._actual_content_length = pending[_BODY]
+        # What its state machine's RECV_HEADERS (and RECV_END_STREAM) inputs
+        # do, less the events they make, which nobody reads: ~1.4 us a call.
         machine = stream.state_machine
-        machine.process_input(StreamInputs.RECV_HEADERS)
-        if pending[_ENDED]:
-            machine.process_input(StreamInputs.RECV_END_STREAM)
+        machine.client = False
+        machine.headers_received = True
+        machine.state = StreamState.HALF_CLOSED_REMOTE if pending[_ENDED] else StreamState.OPEN
 
     def materialize(self) -> None:
         """Make every stream the plain path opened h2's: before h2 reads a

@@ -133,6 +133,9 @@ def _h2_state(proto: GrpcProtocol) -> object:
     streams = {
         sid: (
             s.state_machine.state,
+            s.state_machine.client,
+            s.state_machine.headers_received,
+            s.state_machine.trailers_received,
             s._inbound_window_manager.current_window_size,
             s.outbound_flow_control_window,
             s._actual_content_length,
