@@ -136,6 +136,9 @@ def _h2_state(proto: GrpcProtocol) -> object:
             s.state_machine.client,
             s.state_machine.headers_received,
             s.state_machine.trailers_received,
+            s.state_machine.headers_sent,
+            s.state_machine.trailers_sent,
+            s.state_machine.stream_closed_by,
             s._inbound_window_manager.current_window_size,
             s.outbound_flow_control_window,
             s._actual_content_length,
@@ -558,3 +561,25 @@ def test_the_lean_connection_sets_what_h2s_own_init_does() -> None:
     other.remote_settings[s.MAX_FRAME_SIZE] = 32768
     other.remote_settings.acknowledge()
     assert ours.remote_settings.max_frame_size == 16384
+
+
+def test_plain_answers_leave_each_stream_as_h2s_own_send_path_does() -> None:
+    # The plain path opens streams and answers them setting their state
+    # machines' flags as h2's inputs would: an OK answer and a trailers-only
+    # error, each against a server whose answers all go through h2.
+    run = Run()
+    run.slow._h2.send_plain_unary = lambda sid, payload: False  # type: ignore[method-assign]
+    run.slow._h2.send_plain_final = lambda sid, headers: False  # type: ignore[method-assign]
+    for step in [*WARM_UP, PLAIN, PLAIN, ALL]:
+        run.act(step)
+    (fast_ok, slow_ok), (fast_error, slow_error) = run.calls[-2:]
+    run.fast.send_unary(fast_ok, b"answer")
+    run.slow.send_unary(slow_ok, b"answer")
+    run.fast.send_error(fast_error, StatusCode.NOT_FOUND, "no such record")
+    run.slow.send_error(slow_error, StatusCode.NOT_FOUND, "no such record")
+    assert run.fast.data_to_send() and run.slow.data_to_send()  # (HPACK-encoded differently)
+    for fast, slow in ((fast_ok, slow_ok), (fast_error, slow_error)):
+        ours = run.fast._h2.streams[fast.stream_id].state_machine
+        theirs = run.slow._h2.streams[slow.stream_id].state_machine
+        assert ours.state is h2.stream.StreamState.CLOSED
+        assert vars(ours) == vars(theirs)
