@@ -198,6 +198,7 @@ class App:
     async def _open(self, ns: NamespaceConfig) -> AnyBackend:
         if self.migrating is not None and (moving := await self.migrating.open(ns, self._data_dir)):
             return moving
+        await registry.import_off_loop(ns.abstraction, ns.backend)
         backend = registry.create_any(
             ns.abstraction, ns.backend, ns.options, data_dir=self._data_dir, namespace=ns.name
         )

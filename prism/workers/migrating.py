@@ -152,6 +152,8 @@ class WorkerMigrations:
         st = self.states.get(ns.name)
         if st is None or ns.abstraction != "keyvalue":
             return None
+        for backend in (st.source.backend, st.target.backend):
+            await registry.import_off_loop("keyvalue", backend)
         source = registry.create(st.source.backend, st.source.options, data_dir=data_dir, namespace=ns.name)
         target = registry.create(st.target.backend, st.target.options, data_dir=data_dir, namespace=ns.name)
         journals = {
