@@ -20,7 +20,8 @@ as latency and lowers the saturation it measures.
 
 - **Ladder**, per backend (``sql``: SQLite; ``pg``: PostgreSQL, with
   ``--pg-dsn``): the saturation throughput is measured first, closed loop
-  (the best of ``--saturation-inflight`` calls in flight, back to back), on
+  (``--saturation-inflight`` calls in flight, back to back, each count
+  ``--saturation-repeats`` times in turn; the best count's mean), on
   a server of the same configuration that does not shed (a closed loop at a
   shedding worker measures how fast it refuses: its clients call again at
   once); then, on the shedding server, an *open-loop* offered load (calls due on a fixed schedule, whatever
@@ -188,20 +189,27 @@ class Bench:
             raise SystemExit(f"{namespace}: {totals.wrong_total} wrong answers, e.g. {totals.wrong}")
         return totals
 
-    def saturation(self, namespace: str, inflight: tuple[int, ...]) -> float:
+    def saturation(self, namespace: str, inflight: tuple[int, ...], repeats: int = 1) -> float:
         """The most OK calls/s the worker served, closed loop, over ``inflight``
-        calls in flight (back to back, CONNECTIONS connections)."""
+        calls in flight (back to back, CONNECTIONS connections): each count
+        tried ``repeats`` times, in turn, and the best count's mean taken (the
+        best single step of a noisy machine is the machine's luck)."""
+        tried: dict[int, list[tuple[float, float, float]]] = {n: [] for n in inflight}
+        for _ in range(repeats):
+            for n in inflight:
+                totals = self._run(namespace, "closed", CONNECTIONS, max(1, n // CONNECTIONS), 0.0)
+                ok = totals.ok_calls / self.duration_s
+                refused = totals.errors.get("get", {}).get("RESOURCE_EXHAUSTED", 0) / self.duration_s
+                self.saturation_tried.append(
+                    {"inflight": n, "ok_per_s": round(ok, 1), "refused_per_s": round(refused, 1),
+                     "worker_busy": round(self.busy, 3)}
+                )  # fmt: skip
+                tried[n].append((ok, self.busy, refused))
         best = 0.0
-        for n in inflight:
-            totals = self._run(namespace, "closed", CONNECTIONS, max(1, n // CONNECTIONS), 0.0)
-            ok = totals.ok_calls / self.duration_s
-            refused = totals.errors.get("get", {}).get("RESOURCE_EXHAUSTED", 0) / self.duration_s
-            self.saturation_tried.append(
-                {"inflight": n, "ok_per_s": round(ok, 1), "refused_per_s": round(refused, 1),
-                 "worker_busy": round(self.busy, 3)}
-            )  # fmt: skip
+        for steps in tried.values():
+            ok, busy, refused = (sum(step[i] for step in steps) / len(steps) for i in range(3))
             if ok > best:
-                best, self.saturation_busy, self.saturation_refused = ok, self.busy, refused
+                best, self.saturation_busy, self.saturation_refused = ok, busy, refused
         return best
 
     def offer(self, namespace: str, rate: float, keep: list[int] | None = None) -> dict[str, Any]:
@@ -252,13 +260,15 @@ class Bench:
         return total
 
 
-def capacity(bench: Bench, namespace: str, inflight: tuple[int, ...]) -> dict[str, Any]:
+def capacity(bench: Bench, namespace: str, inflight: tuple[int, ...], repeats: int) -> dict[str, Any]:
     """The saturation throughput of ``namespace`` on ``bench``'s server (one
     without shedding: what the worker can serve, before it refuses anything)."""
-    saturation = bench.saturation(namespace, inflight)
+    before = len(bench.saturation_tried)
+    saturation = bench.saturation(namespace, inflight, repeats)
+    steps = ", ".join(f"{t['inflight']}: {t['ok_per_s']:,.0f}" for t in bench.saturation_tried[before:])
     print(
-        f"\n{namespace}: saturation (closed loop, {inflight} in flight, no shedding): {saturation:,.0f} "
-        f"calls/s, worker busy {bench.saturation_busy:.0%}"
+        f"\n{namespace}: saturation (closed loop, {inflight} in flight x{repeats}, no shedding): "
+        f"{saturation:,.0f} calls/s, worker busy {bench.saturation_busy:.0%} (steps {steps})"
     )
     return {
         "saturation_per_s": round(saturation, 1),
@@ -444,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         default="32,64,128",
         help="closed-loop calls in flight tried for the saturation (the best counts; default 32,64,128)",
     )
+    parser.add_argument(
+        "--saturation-repeats",
+        type=int,
+        default=2,
+        help="closed-loop steps per in-flight count, in turn; the best count's mean counts (default 2)",
+    )
     parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
     parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
     parser.add_argument(
@@ -465,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not inflight or min(inflight) < 1:
         parser.error(f"--saturation-inflight: {args.saturation_inflight!r}: each must be at least 1")
+    if args.saturation_repeats < 1:
+        parser.error(f"--saturation-repeats: {args.saturation_repeats} must be at least 1")
     if args.flood_rounds < 1:
         parser.error(f"--flood-rounds: {args.flood_rounds} must be at least 1")
     if not 0 <= args.server_share <= 1:
@@ -515,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                 for namespace in laddered:
                     probe = Bench(server, pool, args.duration)
                     probe.seed(namespace)
-                    measured[namespace] = capacity(probe, namespace, inflight)
+                    measured[namespace] = capacity(probe, namespace, inflight, args.saturation_repeats)
                 server.stop()
             server = started(Path(tmp), not args.no_shedding)
             seed(server.target, "flood", "r", b"k", b"v" * 100)  # (h2load's calls)
