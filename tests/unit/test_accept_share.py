@@ -13,12 +13,25 @@ import trio
 import trio.testing
 
 from prism.rpc.accept_share import CELLS, LEAVE_S, TABLE_BYTES, AcceptShare, forget
+from prism.rpc.settings import ServerSettings
 
 from .test_accept_limits import client_on, served, serving, settings_with
 
 
 def table() -> bytearray:
     return bytearray(TABLE_BYTES)
+
+
+def _beside_a_stalled_sibling() -> tuple[ServerSettings, AcceptShare]:
+    """Worker 0's settings, sharing accepts with worker 1, which has joined the
+    table and holds none and accepts none (stalled); and worker 1's share."""
+    shared = table()
+    settings = settings_with()
+    settings.accept_share = AcceptShare(shared, 0)
+    settings.accept_share.siblings = (1,)
+    sibling = AcceptShare(shared, 1)
+    sibling.join(0)
+    return settings, sibling
 
 
 def test_alone_a_worker_takes_every_connection() -> None:
@@ -72,12 +85,7 @@ def test_only_a_sibling_accepting_now_is_waited_for() -> None:
 async def test_a_worker_ahead_leaves_a_connection_to_its_siblings_for_a_while_then_takes_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    shared = table()
-    settings = settings_with()
-    settings.accept_share = AcceptShare(shared, 0)
-    settings.accept_share.siblings = (1,)
-    sibling = AcceptShare(shared, 1)
-    sibling.join(0)  # holds none and accepts none: stalled
+    settings, sibling = _beside_a_stalled_sibling()
     [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener.socket.getsockname()[1]
     async with serving(settings, listener):
@@ -108,11 +116,7 @@ async def test_a_worker_ahead_leaves_a_connection_to_its_siblings_for_a_while_th
 async def test_a_stalled_sibling_costs_a_burst_a_few_leave_s_in_all_not_one_per_connection(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    shared = table()
-    settings = settings_with()
-    settings.accept_share = AcceptShare(shared, 0)
-    settings.accept_share.siblings = (1,)
-    AcceptShare(shared, 1).join(0)  # holds none and accepts none: stalled
+    settings, _ = _beside_a_stalled_sibling()
     [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener.socket.getsockname()[1]
     async with serving(settings, listener):

@@ -203,23 +203,29 @@ async def test_a_window_update_flood_spares_the_neighbour(autojump_clock: trio.t
         assert trio.current_time() - start < 1.01
 
 
+async def _reads_noted(s: Server, sizes: list[int]) -> H2Client:
+    """A client of a connection of ``s`` whose every read's size goes to ``sizes``."""
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    receive = server_stream.receive_some
+
+    async def noting(max_bytes: int | None = None) -> bytes | bytearray:
+        sizes.append(max_bytes or 0)
+        return await receive(max_bytes)
+
+    server_stream.receive_some = noting  # type: ignore[method-assign]
+    s.nursery.start_soon(Connection(server_stream, s.settings).serve)
+    client = H2Client(client_stream)
+    await client.start()
+    return client
+
+
 async def test_a_read_full_of_control_frames_makes_the_next_reads_small() -> None:
     # A flood is taken in small reads, each a schedule point for the other
     # connections, not in reads of up to 1 MiB (~14 us per SETTINGS in h2).
     sizes: list[int] = []
     async with server() as s:
-        server_stream, client_stream = trio.testing.memory_stream_pair()
-        receive = server_stream.receive_some
-
-        async def noting(max_bytes: int | None = None) -> bytes | bytearray:
-            sizes.append(max_bytes or 0)
-            return await receive(max_bytes)
-
-        server_stream.receive_some = noting  # type: ignore[method-assign]
-        s.nursery.start_soon(Connection(server_stream, s.settings).serve)
-        client = H2Client(client_stream)
-        await client.start()
-        await client_stream.send_all(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" * 6_000)  # 54 KB of SETTINGS
+        client = await _reads_noted(s, sizes)
+        await client.stream.send_all(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" * 6_000)  # 54 KB of SETTINGS
         with trio.fail_after(5):
             while 4096 not in sizes:
                 await trio.sleep(0.01)
@@ -234,17 +240,7 @@ async def test_a_full_read_of_small_calls_keeps_reads_small_and_one_of_a_large_m
     # message still comes in growing reads (16, 32, 64 KiB...).
     sizes: list[int] = []
     async with server() as s:
-        server_stream, client_stream = trio.testing.memory_stream_pair()
-        receive = server_stream.receive_some
-
-        async def noting(max_bytes: int | None = None) -> bytes | bytearray:
-            sizes.append(max_bytes or 0)
-            return await receive(max_bytes)
-
-        server_stream.receive_some = noting  # type: ignore[method-assign]
-        s.nursery.start_soon(Connection(server_stream, s.settings).serve)
-        client = H2Client(client_stream)
-        await client.start()
+        client = await _reads_noted(s, sizes)
         for _ in range(3):  # the HPACK cache learns the block: the next calls are read plainly
             assert (await client.call(CHECK, req())).status == 0
         small = req("s" * 300)

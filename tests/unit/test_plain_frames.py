@@ -189,6 +189,14 @@ class Run:
         self.ping_acks = 0  # the client's
         self.deliver(0, everything=True)
 
+    def play(self, steps: list[tuple[Any, ...]]) -> None:
+        """Act out ``steps`` (until the connection breaks), then deliver everything."""
+        for step in steps:
+            self.act(step)
+            if self.slow.broken:
+                break
+        self.deliver(0, everything=True)
+
     def servers(self) -> tuple[GrpcProtocol, GrpcProtocol]:
         """The server under test, and the one it must agree with."""
         fast = GrpcProtocol(initial_window_bytes=WINDOW)
@@ -403,12 +411,7 @@ ODD = ("odd", 0, True)
 def test_plain_frames_agree_with_h2(
     steps: list[tuple[Any, ...]], odd: list[list[tuple[bytes, bytes]]]
 ) -> None:
-    run = Run(odd)
-    for step in WARM_UP + steps:
-        run.act(step)
-        if run.slow.broken:
-            break
-    run.deliver(0, everything=True)
+    Run(odd).play(WARM_UP + steps)
 
 
 def test_repeated_requests_take_the_plain_path() -> None:

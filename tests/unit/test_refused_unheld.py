@@ -67,12 +67,7 @@ class RefusingRun(Run):
 def test_refusals_without_h2_streams_agree_with_refusals_through_them(
     steps: list[tuple[Any, ...]], refused: set[int]
 ) -> None:
-    run = RefusingRun(refused)
-    for step in WARM_UP + steps:
-        run.act(step)
-        if run.slow.broken:
-            break
-    run.deliver(0, everything=True)
+    RefusingRun(refused).play(WARM_UP + steps)
 
 
 def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves_on() -> None:
