@@ -91,25 +91,25 @@ class Limit:
 
     def refusal(self, now: float) -> QuotaExceeded | None:
         """Why a call may not start now (nothing taken), or None."""
-        if self.inflight >= self.cap:
-            return QuotaExceeded(
+        why = self.shortfall(now, 0)
+        return None if why is None else QuotaExceeded(why[0], why[1], "", why[2])
+
+    def shortfall(self, now: float, ahead: int) -> tuple[str, int, str] | None:
+        """Why a call may not start now behind ``ahead`` calls let in and not
+        yet started (nothing taken): its message, pushback and reason; or None."""
+        if self.inflight + ahead >= self.cap:
+            return (
                 self._messages[0],
                 CONCURRENCY_PUSHBACK_MS,
-                "",
                 "concurrency" if self.kind == "namespace" else "tenant_concurrency",
             )
         if self.rate == math.inf:
             return None
         self.refill(now)
-        if self.tokens >= 1.0:
+        if self.tokens - ahead >= 1.0:
             return None
-        wait_ms = max(1, math.ceil((1.0 - self.tokens) / self.rate * 1000.0))
-        return QuotaExceeded(
-            self._messages[1],
-            wait_ms,
-            "",
-            "rps" if self.kind == "namespace" else "tenant_rps",
-        )
+        wait_ms = max(1, math.ceil((1.0 + ahead - self.tokens) / self.rate * 1000.0))
+        return self._messages[1], wait_ms, "rps" if self.kind == "namespace" else "tenant_rps"
 
 
 def _refused(limit: Limit, now: float, namespace: str) -> QuotaExceeded:
@@ -158,15 +158,9 @@ class Lease:
         ``ahead`` (per limit: let in, not admitted yet): its message, pushback
         and reason, or None, the call then counted in ``ahead``. Nothing taken."""
         for limit in self.limits:
-            n = ahead.get(limit, 0)
-            if limit.inflight + n >= limit.cap:
-                reason = "concurrency" if limit.kind == "namespace" else "tenant_concurrency"
-                return limit._messages[0], CONCURRENCY_PUSHBACK_MS, reason
-            if limit.rate != _INF:
-                limit.refill(now)
-                if limit.tokens - n < 1.0:
-                    wait_ms = max(1, math.ceil((1.0 + n - limit.tokens) / limit.rate * 1000.0))
-                    return limit._messages[1], wait_ms, "rps" if limit.kind == "namespace" else "tenant_rps"
+            why = limit.shortfall(now, ahead.get(limit, 0))
+            if why is not None:
+                return why
         for limit in self.limits:
             ahead[limit] = ahead.get(limit, 0) + 1
         return None
