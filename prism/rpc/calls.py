@@ -198,11 +198,12 @@ class Calls:
         Refused here, a call costs what the door's refusal does, a quarter of
         one through its Call. Only on a connection a quota has refused before;
         not while calls are checked for access (that comes first) or traced
-        (each is logged)."""
+        (each is logged). Set on the connection by its first refusal, a Call's
+        (``_answer_failure``): the others do not call it at all."""
         settings = self.settings
         quotas = settings.admission.quotas
-        if not self.limited or not quotas.active or settings.security.secured or settings.tracing is not None:
-            return None  # (the first refusal on a connection is a Call's: the others pay nothing)
+        if not quotas.active or settings.security.secured or settings.tracing is not None:
+            return None
         if plain is not self.peeked:  # (a read's frames, mapped once)
             self.peeked, self.first_data = plain, peek.first_data(plain)
         entry = self.first_data.get(plain[at][1])
@@ -431,6 +432,7 @@ class Calls:
         if type(exc) is QuotaExceeded and exc.reason != "overload":
             self.limited += 1
             self.settings.admission.shedder.limited += 1
+            self.proto.limit = self._limit_new  # (from now on: a connection unrefused pays no call)
         if pushback_ms is not None and pushback_ms >= 0:
             self.proto.send_error(call, status, message, pushback_trailer(pushback_ms))
         else:

@@ -95,7 +95,6 @@ class Connection(Calls):
         self.shed_counts: dict[str, int] = {}
         self.quota_ahead = {}
         self.quota_counts = {}
-        self.proto.limit = self._limit_new
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
         self._scopes: dict[int, trio.CancelScope] = {}
