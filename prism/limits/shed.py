@@ -67,11 +67,9 @@ a call: its frames read and its answer written. Every refusal takes a share
 of the CPU from the calls served: at twice the load a worker can serve, a
 refusal at a share ``r`` of a served call's CPU leaves it ``(1 - 2r) / (1 -
 r)`` of what it serves at saturation: nine tenths needs ``r`` under a
-tenth. Measured, in-process (the protocol alone, 100 calls a read): 9.6 us
-to refuse, 14.2 us to answer without a handler; on a worker saturated by
-SQLite reads (``bench/overload.py``, 2x), about a third of a served call,
-and the worker served about half its saturation throughput, each within
-a few milliseconds.
+tenth. A refusal is made without a Call or an HTTP/2 stream, and a read's
+refusals alone are not written at once but with the connection's next
+answer (``prism.rpc.held``): the write had been most of their cost.
 
 Shedding is per worker: the threads and the event loop that queue are the
 worker's. A call that needs no waiting (a shared-cache hit) is still answered

@@ -81,7 +81,7 @@ class Calls:
     first_data: dict[int, Any]
 
     def wake(self) -> None:
-        raise NotImplementedError  # Connection's: the writer flushes
+        raise NotImplementedError  # prism.rpc.writing: the writer flushes
 
     def _maybe_close(self) -> None:
         raise NotImplementedError  # Connection's

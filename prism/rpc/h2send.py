@@ -108,14 +108,23 @@ class PlainSender(h2.connection.H2Connection):
         # DATA frames queued to the client by every send path, for the
         # WINDOW_UPDATE flood limit (``prism.rpc.flood``).
         self.data_frames_sent = 0
+        # The bytes of refusals (``send_refusal``) queued since the queue was
+        # last emptied, while nothing else was: else -1 (``refusals_only``).
+        self._refusal_bytes = 0
 
     @property
     def unsent_bytes(self) -> int:
         """Bytes queued to send and not yet taken by the writer."""
         return self._segment_bytes + len(self._data_to_send)
 
+    @property
+    def refusals_only(self) -> bool:
+        """Whether what is queued to send is refusals and nothing else (``prism.rpc.held``)."""
+        return 0 < self._refusal_bytes == len(self._data_to_send) and not self._segments
+
     def buffers_to_send(self) -> list[Chunk]:
         """Everything queued to send, in order, as buffers (nothing copied); the queue is emptied."""
+        self._refusal_bytes = 0
         out = self._segments
         if self._data_to_send:
             out.append(self._data_to_send)
@@ -126,12 +135,13 @@ class PlainSender(h2.connection.H2Connection):
         return out
 
     def data_to_send(self, amount: int | None = None) -> bytes:
-        if not self._segments:
-            return super().data_to_send(amount)
-        if amount is not None:  # h2's partial reads: not ours to split, so join first
-            self._data_to_send = bytearray(b"".join(self.buffers_to_send()))
-            return super().data_to_send(amount)
-        return b"".join(self.buffers_to_send())
+        if amount is None:
+            return b"".join(self.buffers_to_send())
+        # h2's partial reads: not ours to split, so join first; what is left
+        # is not known to be refusals alone.
+        self._data_to_send = bytearray(b"".join(self.buffers_to_send()))
+        self._refusal_bytes = -1
+        return super().data_to_send(amount)
 
     def send_plain_unary(self, sid: int, payload: bytes) -> bool:
         """Queue a whole OK answer of one message (headers, DATA, trailers) on
@@ -254,9 +264,12 @@ class PlainSender(h2.connection.H2Connection):
         block = final_block(headers)
         if len(block) > self.max_outbound_frame_size:
             return False
-        self._data_to_send += b"".join(
-            (len(block).to_bytes(3, "big"), _FINAL_FRAME_FLAGS, sid.to_bytes(4, "big"), block)
-        )
+        out = self._data_to_send
+        if self._refusal_bytes == len(out) and not self._segments:
+            self._refusal_bytes += 9 + len(block)
+        else:
+            self._refusal_bytes = -1
+        out += b"".join((len(block).to_bytes(3, "big"), _FINAL_FRAME_FLAGS, sid.to_bytes(4, "big"), block))
         return True
 
     def send_plain_data(self, sid: int, data: bytearray) -> int | None:

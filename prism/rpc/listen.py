@@ -32,6 +32,7 @@ import trio
 from prism import metrics
 from prism.rpc.accept_share import LEAVE_S, LOOK_AGAIN_S, AcceptShare
 from prism.rpc.handshake import serve_tls
+from prism.rpc.held import Held
 from prism.rpc.keepalive import TimerHeap
 from prism.rpc.opening import client_magic, close, closed_by_server
 from prism.rpc.server import Connection, ServerSettings
@@ -68,6 +69,9 @@ async def serve_listeners(
         # One task runs every connection's timers (prism.rpc.keepalive.TimerHeap).
         heap = settings.timer_heap = TimerHeap()
         timers.start_soon(heap.run)
+        # And one writes every connection's held refusals (prism.rpc.held).
+        held = settings.held = Held()
+        timers.start_soon(held.run)
         async with trio.open_nursery() as connections:
             with trio.CancelScope() as accepting:
                 settings.accept_scope = accepting
@@ -77,7 +81,7 @@ async def serve_listeners(
                     task_status.started()
             for listener in listeners:
                 await listener.aclose()
-        settings.timer_heap = None
+        settings.timer_heap = settings.held = None
         timers.cancel_scope.cancel()
 
 

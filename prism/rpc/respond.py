@@ -53,6 +53,12 @@ class Responses:
 
         def _drop_input(self, call: Call) -> None: ...  # Requests'
 
+    @property
+    def refusals_only(self) -> bool:
+        """Whether all the connection has queued to send is refusals of calls
+        as they were read (``_refuse_read``): output that may be held (``prism.rpc.held``)."""
+        return self._h2.refusals_only
+
     def send_unary(self, call: Call, payload: bytes) -> None:
         """Answer a call with one message and status OK."""
         if call.done:

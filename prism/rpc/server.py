@@ -1,10 +1,9 @@
 """The trio side of the gRPC server: a connection's stream, tasks, deadlines.
 
 One ``Connection`` owns one byte stream. Its reader task feeds
-``GrpcProtocol`` and starts a task per call; its writer task is the only code
-that writes to the stream, and it writes everything the protocol has queued
-in one ``send_all`` after each scheduling batch, so that concurrent calls on a
-connection share writes. Exceptions become a ``grpc-status`` in one place,
+``GrpcProtocol`` and starts a task per call; what the protocol queues to send
+is written by the writer task, or by the reader after a read
+(``prism.rpc.writing``). Exceptions become a ``grpc-status`` in one place,
 ``prism.rpc.boundary``; the connection's timers are ``prism.rpc.keepalive``'s, and
 running its calls is ``prism.rpc.calls``'s.
 Accepting connections is ``prism.rpc.listen``'s job, and a TLS connection's
@@ -24,11 +23,10 @@ from prism.rpc import arrival, keepalive, rest
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.calls import Calls
-from prism.rpc.h2send import Chunk
 from prism.rpc.opening import close, closed_by_server, linger, opening_events
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.settings import Handoff, Observer, ServerSettings
-from prism.rpc.writev import rest_of, send_buffers, write_now
+from prism.rpc.writing import Writing
 from prism.security.identity import PeerIdentity
 from prism.tracing.traced import instrument
 
@@ -58,7 +56,7 @@ _CONTROL_READ_SIZE = 4096
 _GOAWAY_GRACE_S = 1.0
 
 
-class Connection(Calls):
+class Connection(Writing, Calls):
     """One client connection: the reader, the writer and the calls' tasks. ``peer``: the client's
     "host:port"; ``peer_principal``: the identity of its verified TLS client certificate, or None."""
 
@@ -98,14 +96,7 @@ class Connection(Calls):
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
         self._scopes: dict[int, trio.CancelScope] = {}
-        self._dirty = False
-        self._lot = trio.lowlevel.ParkingLot()
-        # The writer is parked with nothing to write: the reader may write
-        # itself (_after_read). While the reader acts on a read, wake()
-        # leaves the writer be (_holding) and the reader decides after.
-        self._writer_idle = False
-        self._holding = False
-        self._rest: list[Chunk] = []  # what the reader could not write at once: the writer's first
+        self._init_writing()
         # Streaming handlers waiting for the client to read, and for requests:
         # made by the first streaming call (a ParkingLot is ~0.9 KB, and most
         # connections never stream).
@@ -263,72 +254,12 @@ class Connection(Calls):
     def _closed(self, reason: str) -> None:
         closed_by_server(self.peer, reason)
 
-    def wake(self) -> None:
-        """Ask the writer to flush what the protocol has queued."""
-        if not self._dirty:
-            self._dirty = True
-            if not self._holding:
-                self._writer_idle = False
-                self._lot.unpark()
-
-    def _after_read(self, sock: trio.socket.SocketType) -> None:
-        """What a read's calls queued: written now from the reader, when the
-        writer is idle and the kernel takes it all (the common case), else
-        the writer's. A connection with one call at a time then costs no
-        wake-up of the writer per call (~10 us of scheduling)."""
-        if self._writer_idle and not self._closing:
-            proto = self.proto
-            buffers = proto.buffers_to_send()
-            if not buffers:
-                self._dirty = False
-                return
-            sent = write_now(sock.fileno(), buffers)
-            self.settings.traffic_bytes += sent
-            rest = rest_of(buffers, sent)
-            if not rest:
-                self._dirty = False
-                return
-            self._rest = rest
-        self._writer_idle = False
-        self._lot.unpark()
-
     def _maybe_close(self) -> None:
         # A connection that the client or we have said goodbye to closes once
         # its last call is answered; the writer flushes first.
         if (self.proto.draining or self.proto.peer_gone) and self.proto.idle:
             self._closing = True
             self.wake()
-
-    async def _writer(self) -> None:
-        proto = self.proto
-        stream = self.stream
-        sock = stream.socket if type(stream) is trio.SocketStream else None
-        while True:
-            if not self._dirty:
-                self._writer_idle = True
-                await self._lot.park()
-            self._dirty = False
-            buffers = proto.buffers_to_send()  # a large answer's message as it is, no copy
-            if self._rest:
-                buffers, self._rest = self._rest + buffers, []
-            if buffers:
-                size = proto.writing = sum(map(len, buffers))  # held until the kernel has it (budget)
-                try:
-                    if sock is not None:  # as much as the kernel takes now, without a schedule point
-                        sent = write_now(sock.fileno(), buffers)  # (closed: -1, nothing written)
-                        proto.written(sent)
-                        buffers = rest_of(buffers, sent)
-                    if buffers:
-                        await send_buffers(stream, buffers, proto.written)
-                except trio.BrokenResourceError:
-                    self._closing = True  # the peer is gone (see _reader)
-                    self._dirty = False
-                self.settings.traffic_bytes += size
-                proto.writing = 0
-            if self._closing and not self._dirty:
-                assert self._nursery is not None
-                self._nursery.cancel_scope.cancel()
-                return
 
     async def _reader(self) -> None:
         if type(self.stream) is trio.SocketStream:
@@ -366,6 +297,7 @@ class Connection(Calls):
         # bytes waited unread (prism.rpc.arrival): to the shedder, and to the
         # calls it opens.
         stamped = arrival.stamp(sock)
+        self._sock = sock
         proto = self.proto
         now = self._now
         # While the shedder's door is shut: when the last read filled its

@@ -23,6 +23,7 @@ from prism.security.runtime import Security
 
 if TYPE_CHECKING:
     from prism.rpc.accept_share import AcceptShare
+    from prism.rpc.held import Held
     from prism.rpc.keepalive import TimerHeap
     from prism.tracing.calls import CallTracing
 
@@ -119,6 +120,8 @@ class ServerSettings:
         self.accept_share: AcceptShare | None = None
         # The connections' timers, while a listener serves them (prism.rpc.listen).
         self.timer_heap: TimerHeap | None = None
+        # The connections whose refusals are held a moment, likewise (prism.rpc.held).
+        self.held: Held | None = None
         # Request and response bytes held for every connection (prism.rpc.budget).
         self.buffers = WorkerBudget(http2.max_worker_buffer_bytes)
         # Bytes read and written on every connection, ever (prism.workers.heap

@@ -1,0 +1,201 @@
+"""Refusals held a moment, to go out with their connection's next write (``prism.rpc.held``).
+
+A read whose only output is calls refused as they were read is not written
+at once: the refusals go out with the connection's next answer, or
+``HOLD_S`` later. What is held must be refusals and nothing else (a window
+update, a PING's ACK or an answer held would stall the client); what is
+held must reach the client, by itself, within ``HOLD_S``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from prism.config import NamespaceConfig, ServerConfig
+from prism.config.quotas import OverloadConfig
+from prism.errors import StatusCode
+from prism.limits import Shedder
+from prism.limits.shed import MIN_WAITS
+from prism.proto import kv_pb2
+from prism.rpc.h2send import final_block
+from prism.rpc.held import HOLD_S, Held
+from prism.rpc.server import Connection
+from prism.workers.app import App
+
+from .h2client import H2Client, frame
+from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, action
+from .test_quotas import PUT, put
+from .test_refused_unheld import REFUSAL, RefusingRun
+
+_REFUSAL_FRAME_END = b"\x01\x05"  # HEADERS, END_STREAM | END_HEADERS
+
+
+def _only_refusals(queued: bytes) -> bool:
+    """Whether ``queued`` is whole trailers-only refusal frames (``REFUSAL``), nothing else."""
+    block = final_block(REFUSAL)
+    pos = 0
+    while pos < len(queued):
+        head = queued[pos : pos + 9]
+        if int.from_bytes(head[:3], "big") != len(block) or head[3:5] != _REFUSAL_FRAME_END:
+            return False
+        if queued[pos + 9 : pos + 9 + len(block)] != block:
+            return False
+        pos += 9 + len(block)
+    return pos == len(queued) > 0
+
+
+class HoldingRun(RefusingRun):
+    """Whenever the server says that what it has queued is refusals alone, it is."""
+
+    held = 0
+
+    def compare(self) -> None:
+        h2conn = self.fast._h2
+        if self.fast.refusals_only:
+            queued = b"".join(bytes(b) for b in h2conn._segments) + bytes(h2conn._data_to_send)
+            assert _only_refusals(queued)
+            self.held += 1
+        super().compare()
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(action, min_size=10, max_size=80), refused=st.sets(st.integers(0, 7), min_size=1))
+@example(refused={1, 3, 5, 7}, steps=[PLAIN] * 6 + [ALL])  # refusals beside answers, in one read
+def test_output_said_to_be_refusals_alone_is_refusals_alone(
+    steps: list[tuple[Any, ...]], refused: set[int]
+) -> None:
+    HoldingRun(refused).play(WARM_UP + steps)
+
+
+def test_a_read_of_refusals_alone_may_be_held_and_one_with_an_answer_may_not() -> None:
+    run = HoldingRun(set(range(8)))  # every request refused
+    run.play(WARM_UP)
+    for n in range(3):
+        run.act(("request", PATHS[0], b"%d" % n, 0, None, None))
+    run.deliver(0, everything=True)
+    assert run.held == 1
+    # Let in, a call's answer is queued beside the next refusal: not held.
+    run.fast.shed = run.slow.shed = lambda headers: None
+    run.act(PLAIN)
+    run.deliver(0, everything=True)
+    fast, slow = run.calls[-1]
+    fast_refuse = iter([REFUSAL])
+    run.fast.shed = run.slow.shed = lambda headers: next(fast_refuse, REFUSAL)
+    run.fast.send_unary(fast, b"\x00\x00\x00\x00\x00")
+    run.slow.send_unary(slow, b"\x00\x00\x00\x00\x00")
+    run.act(PLAIN)
+    run.deliver(0, everything=True)
+    assert run.held == 1
+    assert not run.fast.refusals_only  # (drained)
+
+
+# ---------------------------------------------------------------- over TCP
+
+LATE = OverloadConfig(enabled=True, target_delay_ms=50, interval_ms=100)
+
+
+@asynccontextmanager
+async def door_shut(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> AsyncIterator[tuple[H2Client, Shedder]]:
+    """A client over TCP of a worker whose listener holds refusals and whose
+    door is shut (``test_shedding``'s late-call case: a 50 ms target)."""
+    app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=LATE))
+    app.settings.admission.shedder = shedder = Shedder(LATE)
+    await app.apply([NamespaceConfig("profiles", backend="memory")])
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    stream = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+    try:
+        async with trio.open_nursery() as nursery:
+            held = app.settings.held = Held()
+            nursery.start_soon(held.run)
+
+            async def serve_one() -> None:
+                await Connection(await listener.accept(), app.settings).serve()
+
+            nursery.start_soon(serve_one)
+            client = H2Client(stream)
+            await client.start()
+            for _ in range(3):  # warm the HPACK cache: the puts are read plainly
+                assert (await put(client, "profiles")).status == StatusCode.OK
+            mock_clock.jump(0.1)  # an interval of calls that each waited 200 ms for their handlers
+            shedder.refuses(0, trio.current_time())
+            for _ in range(MIN_WAITS):
+                shedder.observe_sojourn(0.2)
+            mock_clock.jump(0.1)  # (the door shuts at its next decision)
+            yield client, shedder
+            nursery.cancel_scope.cancel()
+    finally:
+        app.settings.held = None
+        await stream.aclose()
+        await listener.aclose()
+        await app.aclose()
+
+
+def _send_late(client: H2Client, value: bytes) -> int:
+    """A put the server reads 200 ms after the kernel has it: late, so refused."""
+    request = kv_pb2.PutItemsRequest(namespace="profiles", id="r", items=[kv_pb2.Item(key=b"k", value=value)])
+    sid = client.queue_call(PUT, frame(request.SerializeToString()))
+    assert isinstance(client.stream, trio.SocketStream)
+    os.write(client.stream.socket.fileno(), client.conn.data_to_send())
+    time.sleep(0.2)  # (the kernel's clock: the request waits unread)
+    return sid
+
+
+async def _nothing_came(client: H2Client) -> bool:
+    """Whether the client's socket has nothing to read, once the server has acted."""
+    for _ in range(3):
+        time.sleep(0.01)  # real time: the virtual clock stays
+        await trio.testing.wait_all_tasks_blocked()
+    assert isinstance(client.stream, trio.SocketStream)
+    with socket.fromfd(client.stream.socket.fileno(), socket.AF_INET, socket.SOCK_STREAM) as peek:
+        try:
+            peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+    return False
+
+
+async def test_a_held_refusal_reaches_its_client_by_itself_after_the_hold(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    async with door_shut(tmp_path, mock_clock) as (client, shedder):
+        start = trio.current_time()
+        sid = _send_late(client, b"lost")
+        assert await _nothing_came(client)  # refused, and held
+        mock_clock.jump(HOLD_S * 0.9)
+        assert await _nothing_came(client)
+        mock_clock.jump(HOLD_S * 0.1)
+        assert not await _nothing_came(client)  # written, by itself
+        r = await client.wait(sid)
+        assert (r.status, r.message) == (
+            StatusCode.RESOURCE_EXHAUSTED,
+            "worker overloaded: queueing delay above 50 ms; retry",
+        )
+        assert trio.current_time() == pytest.approx(start + HOLD_S)
+        assert shedder.shut
+
+
+async def test_a_held_refusal_goes_out_with_the_connections_next_answer(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    async with door_shut(tmp_path, mock_clock) as (client, _):
+        start = trio.current_time()
+        refused = _send_late(client, b"lost")
+        assert await _nothing_came(client)
+        assert (await put(client, "profiles")).status == StatusCode.OK  # read at once: served
+        r = await client.wait(refused)  # (already in: no time has passed)
+        assert r.status == StatusCode.RESOURCE_EXHAUSTED
+        assert trio.current_time() == start
