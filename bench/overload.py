@@ -25,7 +25,11 @@ as latency and lowers the saturation it measures.
   a server of the same configuration that does not shed (a closed loop at a
   shedding worker measures how fast it refuses: its clients call again at
   once); then, on the shedding server, an *open-loop* offered load (calls due on a fixed schedule, whatever
-  the answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. Per step: offered
+  the answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. The 2x step is taken
+  ``--pairs`` times, each just after the saturation is measured again (the
+  best count, on the server that does not shed, kept up for it), at twice
+  that: goodput at 2x is the median of the pairs' ratios (this machine's
+  CPU speed drifts between steps a minute apart). Per step: offered
   calls/s, goodput (OK answers/s), refused (RESOURCE_EXHAUSTED)/s, other
   failures, p50/p99 of the OK calls measured from their due time (so a call
   waiting for a free stream counts against the server, not for it; the most
@@ -51,6 +55,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,6 +172,7 @@ class Bench:
         self.duration_s = duration_s
         self.specs: dict[str, Spec] = {}
         self.saturation_busy = self.saturation_refused = 0.0
+        self.saturation_inflight = 0  # the count whose mean was the saturation
         self.saturation_tried: list[dict[str, float]] = []
 
     def seed(self, namespace: str) -> None:
@@ -206,10 +212,11 @@ class Bench:
                 )  # fmt: skip
                 tried[n].append((ok, self.busy, refused))
         best = 0.0
-        for steps in tried.values():
+        for n, steps in tried.items():
             ok, busy, refused = (sum(step[i] for step in steps) / len(steps) for i in range(3))
             if ok > best:
                 best, self.saturation_busy, self.saturation_refused = ok, busy, refused
+                self.saturation_inflight = n
         return best
 
     def offer(self, namespace: str, rate: float, keep: list[int] | None = None) -> dict[str, Any]:
@@ -273,43 +280,75 @@ def capacity(bench: Bench, namespace: str, inflight: tuple[int, ...], repeats: i
     return {
         "saturation_per_s": round(saturation, 1),
         "saturation_worker_busy": round(bench.saturation_busy, 3),
-        "saturation_tried": bench.saturation_tried,
+        "saturation_inflight": bench.saturation_inflight,
+        "saturation_tried": list(bench.saturation_tried),
     }
 
 
-def ladder(bench: Bench, namespace: str, measured: dict[str, Any]) -> dict[str, Any]:
+def ladder(
+    bench: Bench, namespace: str, measured: dict[str, Any], probe: Bench, pairs: int
+) -> dict[str, Any]:
+    """The offered-load ladder of ``namespace`` on ``bench``'s (shedding)
+    server. Its 2x step is taken ``pairs`` times, each right after the
+    saturation is measured again on ``probe``'s server (closed loop, the
+    count of calls in flight that gave the saturation): each pair's 2x is
+    twice that saturation, and goodput at 2x is the median of the pairs'
+    ratios. On a shared machine the CPU's speed drifts between steps a
+    minute apart (a worker 95% busy at 0.5x where it had served 1x at
+    100%): a ratio of two steps taken seconds apart measures the server,
+    not the drift."""
     saturation = measured["saturation_per_s"]
     print(f"{'load':>5} {'offered/s':>10} {'good/s':>9} {'refused/s':>10} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'backlog':>8} {'RSS MiB':>8} {'busy':>5} other")  # fmt: skip
     steps = []
-    for factor in LADDER:
-        got = bench.offer(namespace, saturation * factor)
-        got["load"] = factor
-        steps.append(got)
+    paired: list[dict[str, Any]] = []
+
+    def show(got: dict[str, Any]) -> None:
         print(
-            f"{factor:>5.1f} {got['offered_per_s']:>10,.0f} "
+            f"{got['load']:>5.1f} {got['offered_per_s']:>10,.0f} "
             f"{got['goodput_per_s']:>9,.0f} {got['refused_per_s']:>10,.0f} "
             f"{got['ok_p50_us'] / 1000:>7.2f} {got['ok_p99_us'] / 1000:>7.2f} "
             f"{got['client_backlog_max']:>8} {got['worker_rss_kib'] / 1024:>8.1f} "
             f"{got['worker_busy']:>5.0%} {got['other_failures'] or ''}"
         )
+
+    for factor in LADDER:
+        if factor != 2.0:
+            got = bench.offer(namespace, saturation * factor)
+            got["load"] = factor
+            steps.append(got)
+            show(got)
+            continue
+        for _ in range(pairs):
+            fresh = probe.saturation(namespace, (measured["saturation_inflight"],))
+            got = bench.offer(namespace, fresh * factor)
+            got["load"] = factor
+            got["saturation_per_s"] = round(fresh, 1)
+            paired.append(got)
+        steps.append(paired[0])
+        show(paired[0])
     at = {s["load"]: s for s in steps}
-    rss = [s["worker_rss_kib"] for s in steps]
+    ratios = [p["goodput_per_s"] / p["saturation_per_s"] for p in paired if p["saturation_per_s"]]
+    rss = [s["worker_rss_kib"] for s in steps + paired]
     figures = {
-        "goodput_at_2x_vs_saturation": round(at[2.0]["goodput_per_s"] / saturation, 3)
-        if saturation
-        else math.nan,
+        "goodput_at_2x_vs_saturation": round(statistics.median(ratios), 3) if ratios else math.nan,
         "p99_2x_vs_p99_0_8x": round(at[2.0]["ok_p99_us"] / at[0.8]["ok_p99_us"], 2),
         "rss_growth": round(max(rss) / rss[0], 3) if rss[0] else math.nan,
     }
     print(
-        f"{namespace}: goodput at 2x / saturation {figures['goodput_at_2x_vs_saturation']} (>= 0.9); "
+        f"{namespace}: 2x pairs (saturation just before, goodput): "
+        + ", ".join(f"{p['saturation_per_s']:,.0f} -> {p['goodput_per_s']:,.0f}" for p in paired)
+    )
+    print(
+        f"{namespace}: goodput at 2x / saturation {figures['goodput_at_2x_vs_saturation']} (>= 0.9, "
+        f"median of {len(ratios)} pairs: {', '.join(f'{r:.3f}' for r in ratios)}); "
         f"p99 at 2x / p99 at 0.8x {figures['p99_2x_vs_p99_0_8x']} (<= 3); "
         f"RSS growth {figures['rss_growth']} (<= 1.2)"
     )
     return {
         **measured,
         "steps": steps,
+        "pairs_at_2x": paired,
         **figures,
     }
 
@@ -465,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--flood-rounds", type=int, default=3, help="the flood phase's alone/flooded pairs (default 3)"
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        help="2x steps per backend, each right after the saturation is measured again (default 3)",
+    )
     parser.add_argument("--target-delay-ms", type=float, default=5.0)
     parser.add_argument("--interval-ms", type=float, default=100.0)
     parser.add_argument("--skip-ladder", action="store_true")
@@ -483,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--saturation-inflight: {args.saturation_inflight!r}: each must be at least 1")
     if args.saturation_repeats < 1:
         parser.error(f"--saturation-repeats: {args.saturation_repeats} must be at least 1")
+    if args.pairs < 1:
+        parser.error(f"--pairs: {args.pairs} must be at least 1")
     if args.flood_rounds < 1:
         parser.error(f"--flood-rounds: {args.flood_rounds} must be at least 1")
     if not 0 <= args.server_share <= 1:
@@ -522,19 +569,22 @@ def main(argv: list[str] | None = None) -> int:
                 print("no writable cgroup v1 cpu controller: the server runs uncapped", file=sys.stderr)
         stack = contextlib.ExitStack()
         server: PrismServer | None = None
+        unshed: PrismServer | None = None
         try:
             pool = stack.enter_context(LoadPool(1, tuple(sorted(client_cpus))))
             # The saturation first, on a server that does not shed (a closed
-            # loop at a shedding worker measures how fast it refuses).
+            # loop at a shedding worker measures how fast it refuses); it
+            # stays up, idle, for the saturation measured again before each
+            # 2x step (ladder).
             measured: dict[str, dict[str, Any]] = {}
+            probes: dict[str, Bench] = {}
             if laddered:
                 (Path(tmp) / "capacity").mkdir()
-                server = started(Path(tmp) / "capacity", False)
+                unshed = started(Path(tmp) / "capacity", False)
                 for namespace in laddered:
-                    probe = Bench(server, pool, args.duration)
+                    probe = probes[namespace] = Bench(unshed, pool, args.duration)
                     probe.seed(namespace)
                     measured[namespace] = capacity(probe, namespace, inflight, args.saturation_repeats)
-                server.stop()
             server = started(Path(tmp), not args.no_shedding)
             seed(server.target, "flood", "r", b"k", b"v" * 100)  # (h2load's calls)
             bench = Bench(server, pool, args.duration)
@@ -549,14 +599,18 @@ def main(argv: list[str] | None = None) -> int:
             result["targets"] = TARGETS
             for namespace, key in (("sql", "sqlite"), ("pg", "postgres")):
                 if namespace in laddered:
-                    result[key] = ladder(bench, namespace, measured[namespace])
+                    result[key] = ladder(bench, namespace, measured[namespace], probes[namespace], args.pairs)
+            if unshed is not None:
+                unshed.stop()
+                unshed = None
             result["flood"] = flood(
                 bench, args.flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus, args.flood_rounds
             )
         finally:
             stack.close()
-            if server is not None:
-                server.stop()
+            for running in (server, unshed):
+                if running is not None:
+                    running.stop()
             if cap is not None:
                 cap.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         (["--server-share", "1.5"], "--server-share: 1.5 is not a share of one CPU"),
         (["--saturation-repeats", "0"], "--saturation-repeats: 0 must be at least 1"),
         (["--flood-rounds", "0"], "--flood-rounds: 0 must be at least 1"),
+        (["--pairs", "0"], "--pairs: 0 must be at least 1"),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2(
