@@ -75,7 +75,10 @@ Shedding is per worker: the threads and the event loop that queue are the
 worker's. A call that needs no waiting (a shared-cache hit) is still answered
 when its request was read before the decision (it queues for nothing); one
 refused as its headers are read cannot be told from a miss yet. Calls that
-were admitted finish. The shedder holds no clock of its own: ``refuses``
+were admitted finish. The calls in flight it is given leave out the
+streaming ones (``ServerSettings.unary_inflight``): a subscription's task
+lives as long as its stream, queued for nothing, and 50 of them open had
+made every fresh call look 50 calls deep while the door was shut. The shedder holds no clock of its own: ``refuses``
 takes the time (trio's clock), so tests drive it with
 ``trio.testing.MockClock``.
 """

@@ -177,7 +177,7 @@ class Calls:
         # In flight: those running, and those of this read let in before it
         # (they start once the read is taken in; Connection._dispatch).
         let_in = self.let_in
-        if not shedder.refuses(settings.inflight + let_in, now, now - self.proto.arrived):
+        if not shedder.refuses(settings.unary_inflight + let_in, now, now - self.proto.arrived):
             self.let_in = let_in + 1
             return None
         for name, value in headers:
@@ -243,7 +243,7 @@ class Calls:
         # A call the door judged is not judged again (refused here, through
         # its Call, a call cost over twice what the door's refusal did).
         return settings.admission.admit(
-            namespace, settings.inflight, now, shed=not call.judged, waited=now - call.opened
+            namespace, settings.unary_inflight, now, shed=not call.judged, waited=now - call.opened
         )
 
     def _answer_now(self, call: Call, method: Method) -> bool:
@@ -367,6 +367,7 @@ class Calls:
     ) -> None:
         sid = call.stream_id
         proto = self.proto
+        self.settings.streams_open += 1
         try:
             with trio.CancelScope(deadline=call.deadline) as scope:
                 self._scopes[sid] = scope
@@ -396,6 +397,7 @@ class Calls:
         except Exception as exc:
             self._answer_failure(call, method, exc)
         finally:
+            self.settings.streams_open -= 1
             self._task_ended(sid, lease)
 
     def _task_ended(self, sid: int, lease: Lease | None) -> None:

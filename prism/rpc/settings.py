@@ -105,6 +105,10 @@ class ServerSettings:
         # admission costs a comparison, not a sum over the connections.
         self.max_inflight = max_inflight
         self.inflight = 0
+        # Of those, the streaming calls: a subscription's task lives as long
+        # as its stream, queued for nothing; the overload shedder counts the
+        # others (prism.limits.shed).
+        self.streams_open = 0
         # How long a connection that has said GOAWAY for its age (or a
         # worker's drain) waits for its calls: the server's graceful_timeout_s.
         self.drain_timeout_s = drain_timeout_s
@@ -148,6 +152,11 @@ class ServerSettings:
         # Quotas and overload shedding (prism.limits): the worker sets which
         # namespaces it holds and their limits; until then it admits all.
         self.admission = Admission()
+
+    @property
+    def unary_inflight(self) -> int:
+        """The calls in flight that are not streaming: what the overload shedder counts."""
+        return self.inflight - self.streams_open
 
     def start_drain(self) -> None:
         """Stop accepting, GOAWAY on every connection: in-flight calls finish, new ones go elsewhere."""
