@@ -1,0 +1,50 @@
+"""Door open or shut, a new call is refused behind more than ``AHEAD_TARGETS``
+targets of the CPU the calls in flight have yet to spend (``prism.limits.shed``).
+
+A verdict takes an interval or two; a jump to twice the load a PostgreSQL
+worker serves had put 2,785 calls in flight 160 ms into it, and the heap
+kept what they took. The bound is not the door's verdict: its refusals are
+not late calls, and they count in what a call costs, as the calls admitted do.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from prism.limits import Shedder, shed
+from prism.limits.shed import AHEAD_FLOOR, AHEAD_TARGETS, MIN_WAITS
+
+from .test_shedding import CONFIG
+
+
+def test_door_open_a_call_behind_more_than_four_targets_of_cpu_is_refused() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)  # an interval starts
+    shedder.call_s = 100e-6  # each call admitted lately cost 100 us
+    assert not shedder.shut and not shedder.capped
+    bound = AHEAD_TARGETS * CONFIG.target_delay_ms / 1000 / shedder.call_s  # 200 calls
+    assert not shedder.refuses(int(bound) - 10, 0.01)
+    assert shedder.refuses(int(bound) + 10, 0.01)
+    # However much each seems to cost, up to the floor, calls are let in.
+    shedder.call_s = 0.01
+    assert not shedder.refuses(AHEAD_FLOOR, 0.02)
+    assert shedder.refuses(AHEAD_FLOOR + 1, 0.02)
+
+
+def test_the_bounds_refusals_are_not_late_calls_and_count_in_a_calls_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = [0.0]
+    monkeypatch.setattr(shed.time, "process_time", lambda: cpu[0])
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)  # an interval starts (CPU 0)
+    shedder.call_s = 100e-6
+    for _ in range(MIN_WAITS + 2):  # ten calls admitted, none waited
+        assert not shedder.refuses(0, 0.01)
+        shedder.observe_sojourn(0.0)
+    for _ in range(100):  # a hundred refused behind 1,000 calls in flight
+        assert shedder.refuses(1000, 0.02)
+    cpu[0] = 0.011  # the interval's CPU: 110 calls' worth at 100 us
+    assert not shedder.refuses(0, 0.1)  # the next decision
+    assert not shedder.shut  # none was late
+    assert shedder.call_s == pytest.approx(100e-6)  # 11 ms over 110 calls, not over 10
