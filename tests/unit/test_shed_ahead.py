@@ -3,8 +3,8 @@ targets of the CPU the calls in flight have yet to spend (``prism.limits.shed``)
 
 A verdict takes an interval or two; a jump to twice the load a PostgreSQL
 worker serves had put 2,785 calls in flight 160 ms into it, and the heap
-kept what they took. The bound is not the door's verdict: its refusals are
-not late calls, and they count in what a call costs, as the calls admitted do.
+kept what they took. Its refusals are late calls (the door shuts if they
+go on coming), and they count in what a call costs, as the calls admitted do.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_door_open_a_call_behind_more_than_four_targets_of_cpu_is_refused() -> N
     assert shedder.refuses(AHEAD_FLOOR + 1, 0.02)
 
 
-def test_the_bounds_refusals_are_not_late_calls_and_count_in_a_calls_cost(
+def test_the_bounds_refusals_are_late_calls_and_count_in_a_calls_cost(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cpu = [0.0]
@@ -46,5 +46,8 @@ def test_the_bounds_refusals_are_not_late_calls_and_count_in_a_calls_cost(
         assert shedder.refuses(1000, 0.02)
     cpu[0] = 0.011  # the interval's CPU: 110 calls' worth at 100 us
     assert not shedder.refuses(0, 0.1)  # the next decision
-    assert not shedder.shut  # none was late
+    assert shedder.shut  # most calls of the interval were late: the door shuts
     assert shedder.call_s == pytest.approx(100e-6)  # 11 ms over 110 calls, not over 10
+    # Shut, its own bound holds: one target of CPU ahead (50 calls at 100 us).
+    assert not shedder.refuses(40, 0.11)
+    assert shedder.refuses(60, 0.11)
