@@ -27,6 +27,7 @@ class Writing:
     settings: ServerSettings
     ended: bool
     _closing: bool
+    _resting: bool
     _nursery: trio.Nursery | None
 
     def _init_writing(self) -> None:
@@ -57,7 +58,10 @@ class Writing:
         if self._writer_idle and not self._closing:
             proto = self.proto
             held = self.settings.held
-            if hold and held is not None and proto.refusals_only:
+            # (Not a read a quota refused: its connection rests, and the
+            # worker's reads of resting connections take turns 2 ms apart,
+            # prism.rpc.rest; held, their writes would all go at once.)
+            if hold and held is not None and proto.refusals_only and not self._resting:
                 self._dirty = False  # (the next wake writes them, or the held task does)
                 held.hold(self)
                 return

@@ -31,12 +31,13 @@ from prism.limits.shed import MIN_WAITS
 from prism.proto import kv_pb2
 from prism.rpc.h2send import final_block
 from prism.rpc.held import HOLD_S, Held
+from prism.rpc.rest import LIMITED_REST_S
 from prism.rpc.server import Connection
 from prism.workers.app import App
 
 from .h2client import H2Client, frame
 from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, action
-from .test_quotas import PUT, put
+from .test_quotas import PUT, put, refusal, table
 from .test_refused_unheld import REFUSAL, RefusingRun
 
 _REFUSAL_FRAME_END = b"\x01\x05"  # HEADERS, END_STREAM | END_HEADERS
@@ -107,14 +108,8 @@ LATE = OverloadConfig(enabled=True, target_delay_ms=50, interval_ms=100)
 
 
 @asynccontextmanager
-async def door_shut(
-    tmp_path: Path, mock_clock: trio.testing.MockClock
-) -> AsyncIterator[tuple[H2Client, Shedder]]:
-    """A client over TCP of a worker whose listener holds refusals and whose
-    door is shut (``test_shedding``'s late-call case: a 50 ms target)."""
-    app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=LATE))
-    app.settings.admission.shedder = shedder = Shedder(LATE)
-    await app.apply([NamespaceConfig("profiles", backend="memory")])
+async def held_over_tcp(app: App) -> AsyncIterator[H2Client]:
+    """A client over TCP of ``app``'s one connection, its refusals held as a listener's are."""
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     stream = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
     try:
@@ -128,29 +123,51 @@ async def door_shut(
             nursery.start_soon(serve_one)
             client = H2Client(stream)
             await client.start()
+            yield client
+            nursery.cancel_scope.cancel()
+    finally:
+        app.settings.held = None
+        await stream.aclose()
+        await listener.aclose()
+
+
+@asynccontextmanager
+async def door_shut(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> AsyncIterator[tuple[H2Client, App]]:
+    """A client over TCP of a worker whose listener holds refusals, whose
+    door is shut, and whose 10 calls in flight at 10 ms each keep a new call
+    out (``prism.limits.shed``: the calls ahead of it; no kernel clock)."""
+    app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=LATE))
+    app.settings.admission.shedder = shedder = Shedder(LATE)
+    await app.apply([NamespaceConfig("profiles", backend="memory")])
+    try:
+        async with held_over_tcp(app) as client:
             for _ in range(3):  # warm the HPACK cache: the puts are read plainly
                 assert (await put(client, "profiles")).status == StatusCode.OK
             mock_clock.jump(0.1)  # an interval of calls that each waited 200 ms for their handlers
             shedder.refuses(0, trio.current_time())
             for _ in range(MIN_WAITS):
                 shedder.observe_sojourn(0.2)
-            mock_clock.jump(0.1)  # (the door shuts at its next decision)
-            yield client, shedder
-            nursery.cancel_scope.cancel()
+            mock_clock.jump(0.1)
+            shedder.refuses(0, trio.current_time())  # the decision: the door shuts
+            assert shedder.shut
+            shedder.call_s = 0.01
+            app.settings.inflight += 10
+            yield client, app
+            app.settings.inflight -= 10
     finally:
-        app.settings.held = None
-        await stream.aclose()
-        await listener.aclose()
         await app.aclose()
 
 
-def _send_late(client: H2Client, value: bytes) -> int:
-    """A put the server reads 200 ms after the kernel has it: late, so refused."""
-    request = kv_pb2.PutItemsRequest(namespace="profiles", id="r", items=[kv_pb2.Item(key=b"k", value=value)])
+def _send_refused(client: H2Client) -> int:
+    """A put the server refuses as it reads it (the door is shut: ``door_shut``)."""
+    request = kv_pb2.PutItemsRequest(
+        namespace="profiles", id="r", items=[kv_pb2.Item(key=b"k", value=b"lost")]
+    )
     sid = client.queue_call(PUT, frame(request.SerializeToString()))
     assert isinstance(client.stream, trio.SocketStream)
     os.write(client.stream.socket.fileno(), client.conn.data_to_send())
-    time.sleep(0.2)  # (the kernel's clock: the request waits unread)
     return sid
 
 
@@ -171,9 +188,9 @@ async def _nothing_came(client: H2Client) -> bool:
 async def test_a_held_refusal_reaches_its_client_by_itself_after_the_hold(
     mock_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    async with door_shut(tmp_path, mock_clock) as (client, shedder):
+    async with door_shut(tmp_path, mock_clock) as (client, app):
         start = trio.current_time()
-        sid = _send_late(client, b"lost")
+        sid = _send_refused(client)
         assert await _nothing_came(client)  # refused, and held
         mock_clock.jump(HOLD_S * 0.9)
         assert await _nothing_came(client)
@@ -185,17 +202,53 @@ async def test_a_held_refusal_reaches_its_client_by_itself_after_the_hold(
             "worker overloaded: queueing delay above 50 ms; retry",
         )
         assert trio.current_time() == pytest.approx(start + HOLD_S)
-        assert shedder.shut
+        assert app.settings.admission.shedder.shut
 
 
 async def test_a_held_refusal_goes_out_with_the_connections_next_answer(
     mock_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    async with door_shut(tmp_path, mock_clock) as (client, _):
+    async with door_shut(tmp_path, mock_clock) as (client, app):
         start = trio.current_time()
-        refused = _send_late(client, b"lost")
+        refused = _send_refused(client)
         assert await _nothing_came(client)
-        assert (await put(client, "profiles")).status == StatusCode.OK  # read at once: served
+        app.settings.inflight -= 10  # nothing ahead of the next call now: served
+        try:
+            assert (await put(client, "profiles")).status == StatusCode.OK
+        finally:
+            app.settings.inflight += 10
         r = await client.wait(refused)  # (already in: no time has passed)
         assert r.status == StatusCode.RESOURCE_EXHAUSTED
         assert trio.current_time() == start
+
+
+async def test_a_read_a_quota_refused_is_written_at_once(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    # Its connection rests (prism.rpc.rest), and resting connections' reads
+    # take turns 2 ms apart, so that a neighbour's call waits behind one of
+    # them at most: held, their writes would all go at once, HOLD_S later.
+    app = App(ServerConfig(data_dir=str(tmp_path / "data")))
+    await app.apply([NamespaceConfig(n, backend="memory") for n in ("profiles", "neighbour")])
+    app.apply_limits("t", table({"profiles": {"rps": 0.1, "burst": 1}}))
+    try:
+        async with held_over_tcp(app) as client:
+            for _ in range(3):  # warm the HPACK cache: the puts are read plainly
+                assert (await put(client, "neighbour")).status == StatusCode.OK
+            assert (await put(client, "profiles")).status == StatusCode.OK  # the burst
+            assert refusal(await put(client, "profiles"))[0] == StatusCode.RESOURCE_EXHAUSTED
+            mock_clock.jump(LIMITED_REST_S)  # the rest it earned
+            start = trio.current_time()
+            # Refused as it is read now (the connection's quota check), its
+            # request whole in the read: by send_refusal, as the door's are.
+            request = kv_pb2.PutItemsRequest(namespace="profiles", id="r", items=[kv_pb2.Item(key=b"k")])
+            sid = await client.start_call(PUT, frame(request.SerializeToString()))
+            assert not await _nothing_came(client)  # written at once
+            r = await client.wait(sid)
+            assert refusal(r)[:2] == (
+                StatusCode.RESOURCE_EXHAUSTED,
+                'namespace "profiles": rps limit 0.1 exceeded',
+            )
+            assert trio.current_time() == start
+    finally:
+        await app.aclose()
