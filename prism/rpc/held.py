@@ -1,10 +1,13 @@
 """Refusals held back a moment, to go out with their connection's next write.
 
-A read whose only output is refusals (the overload door's, or a quota's,
-``prism.rpc.respond``) is not written at once: its connection is held, and
+A read whose only output is the overload door's refusals
+(``prism.rpc.respond``) is not written at once: its connection is held, and
 its refusals go out with whatever that connection writes next (an answer),
 or, if it writes nothing meanwhile, ``HOLD_S`` later, from one task that
-writes for every connection held (``Held.run``).
+writes for every connection held (``Held.run``). A read a quota refused is
+written at once: its connection rests (``prism.rpc.rest``), and resting
+connections' reads take turns 2 ms apart so that a neighbour's call waits
+behind one of them at most; held, their writes would all go at once.
 
 Overloaded, a worker refuses most calls, a few per read, and each read's
 write was most of what a refusal cost: ~20 us per ``writev`` on loopback,
