@@ -27,18 +27,18 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
-from prism.limits.shed import MIN_WAITS
 from prism.proto import kv_pb2
 from prism.rpc.h2send import final_block
 from prism.rpc.held import HOLD_S, Held
 from prism.rpc.rest import LIMITED_REST_S
-from prism.rpc.server import Connection
 from prism.workers.app import App
 
 from .h2client import H2Client, frame
+from .test_arrival import over_tcp
 from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, action
 from .test_quotas import PUT, put, refusal, table
 from .test_refused_unheld import REFUSAL, RefusingRun
+from .test_shedding import standing_queue_before_handlers
 
 _REFUSAL_FRAME_END = b"\x01\x05"  # HEADERS, END_STREAM | END_HEADERS
 
@@ -109,26 +109,16 @@ LATE = OverloadConfig(enabled=True, target_delay_ms=50, interval_ms=100)
 
 @asynccontextmanager
 async def held_over_tcp(app: App) -> AsyncIterator[H2Client]:
-    """A client over TCP of ``app``'s one connection, its refusals held as a listener's are."""
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    stream = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+    """``test_arrival.over_tcp``, its refusals held as a listener's are."""
+    held = app.settings.held = Held()
     try:
         async with trio.open_nursery() as nursery:
-            held = app.settings.held = Held()
             nursery.start_soon(held.run)
-
-            async def serve_one() -> None:
-                await Connection(await listener.accept(), app.settings).serve()
-
-            nursery.start_soon(serve_one)
-            client = H2Client(stream)
-            await client.start()
-            yield client
+            async with over_tcp(app) as client:  # type: ignore[arg-type]  # (an App has a Server's settings)
+                yield client
             nursery.cancel_scope.cancel()
     finally:
         app.settings.held = None
-        await stream.aclose()
-        await listener.aclose()
 
 
 @asynccontextmanager
@@ -145,11 +135,7 @@ async def door_shut(
         async with held_over_tcp(app) as client:
             for _ in range(3):  # warm the HPACK cache: the puts are read plainly
                 assert (await put(client, "profiles")).status == StatusCode.OK
-            mock_clock.jump(0.1)  # an interval of calls that each waited 200 ms for their handlers
-            shedder.refuses(0, trio.current_time())
-            for _ in range(MIN_WAITS):
-                shedder.observe_sojourn(0.2)
-            mock_clock.jump(0.1)
+            standing_queue_before_handlers(mock_clock, shedder, 0.2)  # sojourns of 200 ms
             shedder.refuses(0, trio.current_time())  # the decision: the door shuts
             assert shedder.shut
             shedder.call_s = 0.01

@@ -43,13 +43,15 @@ def _standing_before_handlers() -> Shedder:
     return shedder
 
 
-def standing_queue_before_handlers(mock_clock: trio.testing.MockClock, shedder: Shedder) -> None:
+def standing_queue_before_handlers(
+    mock_clock: trio.testing.MockClock, shedder: Shedder, sojourn: float = 0.02
+) -> None:
     """``_standing_before_handlers`` on the test's clock: an interval of
-    calls that each waited 20 ms for their handlers, now over."""
+    calls that each waited ``sojourn`` (20 ms) for their handlers, now over."""
     mock_clock.jump(0.1)
     shedder.refuses(0, trio.current_time())  # an interval starts
     for _ in range(MIN_WAITS):
-        shedder.observe_sojourn(0.02)
+        shedder.observe_sojourn(sojourn)
     mock_clock.jump(0.1)
 
 
@@ -364,11 +366,9 @@ async def test_with_the_door_shut_a_call_that_waited_in_the_kernel_is_refused_a_
         async with over_tcp(app) as client:
             for _ in range(3):  # warm the HPACK cache: the puts are read plainly
                 assert (await put(client, "profiles")).status == StatusCode.OK
-            mock_clock.jump(0.1)  # an interval of calls that each waited 200 ms for their handlers
-            shedder.refuses(0, trio.current_time())
-            for _ in range(MIN_WAITS):
-                shedder.observe_sojourn(0.2)
-            mock_clock.jump(0.1)  # (the door shuts at its next decision)
+            # An interval of calls that each waited 200 ms for their handlers
+            # (the door shuts at its next decision).
+            standing_queue_before_handlers(mock_clock, shedder, 0.2)
             request = kv_pb2.PutItemsRequest(
                 namespace="profiles", id="late", items=[kv_pb2.Item(key=b"k", value=b"lost")]
             )
