@@ -21,16 +21,15 @@ carries the same stamp (time and idempotency token), so both backends decide
 alike, whatever the order it arrives in; it never fails the call. A write
 whose call is cancelled while the primary has it (its outcome unknown: it
 may have committed) is queued for both, so the two agree either way. A
-secondary that cannot be reached at ``open`` is the same case: writes
-queue until it answers. With journals (``prism.migrate.journal``) every
-queued write is on disk before the client's answer, and ``open`` queues
-again what a previous run of this worker left.
+secondary unreachable at ``open`` is the same case: writes queue until it
+answers. With journals (``prism.migrate.journal``) every queued write is on
+disk before the client's answer; ``open`` queues what a previous run left.
 
 ``apply`` moves to a new state in place; ``switch`` does it, for a phase
 that moves the primary or ends the migration, once every write acknowledged
-is on the backend that answers next (else ``BarrierError``, nothing
-changed). ``run`` is the background work (deliveries, shadow reads), in the
-worker's nursery. ``stats`` is this worker's counters, for ``status``.
+is on the backend that answers next (else ``BarrierError``, nothing changed).
+``run`` is the background work (deliveries, shadow reads), in the worker's
+nursery. ``stats`` is this worker's counters, for ``status``.
 """
 
 from __future__ import annotations
@@ -355,14 +354,18 @@ class MigratingKeyValue:
             await queue.wait_empty()
 
     # --- writes ------------------------------------------------------------
-
     async def _write(self, write: QueuedWrite, now_ms: int) -> None:
         while self._gate is not None:  # a phase change waits for the writes already taken
             await self._gate.wait()
         self._inflight += 1
+        secondary = self._secondary  # (a phase change waits for the writes in flight)
+        if secondary is not None:  # (a shadow read's confirmation waits for it: RetryQueue.coming)
+            self.queues[secondary].coming(write.id)
         try:
             await self._write_now(write, now_ms)
         finally:
+            if secondary is not None:
+                self.queues[secondary].arrived(write.id)
             self._inflight -= 1
             if not self._inflight:
                 self._idle.unpark_all()
@@ -374,18 +377,15 @@ class MigratingKeyValue:
         try:
             await write.apply(self._backend(primary), now_ms)
         except trio.Cancelled:
-            # The client gave up (deadline, reset) while the primary had the
-            # write: it may have committed it or not. Deliver it to both later
-            # (the same stamp and token: at most once each), so the backends
-            # agree whichever it was.
+            # The client gave up while the primary had the write (committed or
+            # not): both get it later, same stamp and token, so they agree.
             for role in (primary, secondary):
                 if role is not None:
                     self.queues[role].push(pending)
             raise
         if secondary is None:
             return
-        # The secondary gets it in the background (``run``); the client waits only
-        # for room in its queue, and at most SECONDARY_TIMEOUT_S.
+        # The secondary gets it in the background; the client waits for room, SECONDARY_TIMEOUT_S at most.
         queue = self.queues[secondary]
         try:
             with trio.move_on_after(SECONDARY_TIMEOUT_S):
