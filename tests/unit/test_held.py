@@ -27,6 +27,7 @@ from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
 from prism.limits import Shedder
+from prism.limits.shed import AHEAD_FLOOR
 from prism.proto import kv_pb2
 from prism.rpc.h2send import final_block
 from prism.rpc.held import HOLD_S, Held
@@ -126,8 +127,9 @@ async def door_shut(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> AsyncIterator[tuple[H2Client, App]]:
     """A client over TCP of a worker whose listener holds refusals, whose
-    door is shut, and whose 10 calls in flight at 10 ms each keep a new call
-    out (``prism.limits.shed``: the calls ahead of it; no kernel clock)."""
+    door is shut, and whose calls in flight (more than ``AHEAD_FLOOR``, at
+    10 ms each) keep a new call out (``prism.limits.shed``: the calls ahead
+    of it; no kernel clock)."""
     app = App(ServerConfig(data_dir=str(tmp_path / "data"), overload=LATE))
     app.settings.admission.shedder = shedder = Shedder(LATE)
     await app.apply([NamespaceConfig("profiles", backend="memory")])
@@ -139,9 +141,9 @@ async def door_shut(
             shedder.refuses(0, trio.current_time())  # the decision: the door shuts
             assert shedder.shut
             shedder.call_s = 0.01
-            app.settings.inflight += 10
+            app.settings.inflight += AHEAD_FLOOR + 1
             yield client, app
-            app.settings.inflight -= 10
+            app.settings.inflight -= AHEAD_FLOOR + 1
     finally:
         await app.aclose()
 

@@ -48,6 +48,9 @@ def test_the_bounds_refusals_are_late_calls_and_count_in_a_calls_cost(
     assert not shedder.refuses(0, 0.1)  # the next decision
     assert shedder.shut  # most calls of the interval were late: the door shuts
     assert shedder.call_s == pytest.approx(100e-6)  # 11 ms over 110 calls, not over 10
-    # Shut, its own bound holds: one target of CPU ahead (50 calls at 100 us).
-    assert not shedder.refuses(40, 0.11)
-    assert shedder.refuses(60, 0.11)
+    # Shut, its own bound holds past AHEAD_FLOOR calls: one target of CPU
+    # ahead (100 calls at 50 us; at 100 us, 50 calls are under the floor).
+    assert not shedder.refuses(AHEAD_FLOOR, 0.11)
+    shedder.call_s = 50e-6
+    assert not shedder.refuses(90, 0.11)
+    assert shedder.refuses(110, 0.11)

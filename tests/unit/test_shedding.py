@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from grpc_health.v1 import health_pb2
@@ -18,7 +19,7 @@ from prometheus_client import REGISTRY
 from prism.config import NamespaceConfig, ServerConfig
 from prism.config.quotas import OverloadConfig
 from prism.errors import StatusCode
-from prism.limits import Shedder
+from prism.limits import Shedder, shed
 from prism.limits.shed import AHEAD_FLOOR, MIN_LIMIT, MIN_WAITS
 from prism.proto import kv_pb2
 from prism.workers.app import App
@@ -185,9 +186,18 @@ def test_half_the_calls_late_shuts_the_door_a_short_pause_does_not() -> None:
 def test_a_call_in_time_is_refused_if_the_calls_ahead_would_keep_it_past_the_target() -> None:
     shedder = _standing_before_handlers()
     shedder.refuses(0, 0.1)  # shut
-    shedder.call_s = 0.001  # a call costs 1 ms of CPU
-    assert not shedder.refuses(3, 0.11, waited=0.001)  # 1 + 3 x 1 ms: in time
-    assert shedder.refuses(5, 0.11, waited=0.001)  # 1 + 5 x 1 ms: past 5 ms
+    shedder.call_s = 40e-6  # a call costs 40 us of CPU
+    past = AHEAD_FLOOR + 20
+    assert not shedder.refuses(past, 0.11, waited=0.001)  # 1 ms + 84 x 40 us: in time
+    assert shedder.refuses(past, 0.11, waited=0.002)  # 2 ms + 84 x 40 us: past 5 ms
+    # Not with AHEAD_FLOOR calls or fewer in flight, however costly: fewer
+    # calls at a time cost a worker more CPU each (its reads and writes
+    # carry fewer of them).
+    shedder.call_s = 0.001
+    assert not shedder.refuses(AHEAD_FLOOR, 0.11, waited=0.001)  # 64 ms ahead, yet let in
+    assert shedder.refuses(AHEAD_FLOOR + 1, 0.11, waited=0.001)
+    assert not shedder.refuses(3, 0.11, waited=0.001)
+    assert shedder.refuses(3, 0.11, waited=0.006)  # late itself: refused, however few ahead
     # The door open, the calls in flight do not count (a burst is not refused).
     open_door = Shedder(CONFIG)
     assert not open_door.refuses(10_000, 0.0, waited=0.001)
@@ -393,13 +403,14 @@ async def test_with_the_door_shut_a_call_that_waited_in_the_kernel_is_refused_a_
 
 
 async def test_the_door_counts_the_calls_it_let_in_from_a_read_and_judges_each_call_once(
-    mock_clock: trio.testing.MockClock, tmp_path: Path
+    mock_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The door shut, an admitted call costing 2 ms of CPU: of five puts read
     # at once, three start within the 5 ms target, each behind those before
     # it; the door refuses the other two as their headers are read (counted
     # under ""). A call it let in is not judged again once its request is
     # complete: refused there, through its Call, it cost twice as much.
+    monkeypatch.setattr(shed, "AHEAD_FLOOR", 0)  # (the floor has its own test)
     async with served(tmp_path) as (app, client):
         shedder = app.settings.admission.shedder
         for _ in range(3):  # warm the connection's HPACK cache: the next puts read plainly
