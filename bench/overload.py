@@ -28,8 +28,10 @@ as latency and lowers the saturation it measures.
   the answers) of 0.5, 0.8, 1.0, 1.5 and 2.0x that. The 2x step is taken
   ``--pairs`` times, each just after the saturation is measured again (the
   best count, on the server that does not shed, kept up for it), at twice
-  that: goodput at 2x is the median of the pairs' ratios (this machine's
-  CPU speed drifts between steps a minute apart). Per step: offered
+  that: goodput at 2x is the median of the pairs' ratios, each against the
+  mean of the saturation measured just before and just after its step
+  (this machine's CPU speed drifts between steps a minute apart, and
+  within seconds). Per step: offered
   calls/s, goodput (OK answers/s), refused (RESOURCE_EXHAUSTED)/s, other
   failures, p50/p99 of the OK calls measured from their due time (so a call
   waiting for a free stream counts against the server, not for it; the most
@@ -60,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +296,8 @@ def ladder(
     saturation is measured again on ``probe``'s server (closed loop, the
     count of calls in flight that gave the saturation): each pair's 2x is
     twice that saturation, and goodput at 2x is the median of the pairs'
-    ratios. On a shared machine the CPU's speed drifts between steps a
+    ratios, each against the saturation before and after it
+    (``bracketed_pairs``). On a shared machine the CPU's speed drifts between steps a
     minute apart (a worker 95% busy at 0.5x where it had served 1x at
     100%): a ratio of two steps taken seconds apart measures the server,
     not the drift."""
@@ -319,12 +323,12 @@ def ladder(
             steps.append(got)
             show(got)
             continue
-        for _ in range(pairs):
-            fresh = probe.saturation(namespace, (measured["saturation_inflight"],))
-            got = bench.offer(namespace, fresh * factor)
-            got["load"] = factor
-            got["saturation_per_s"] = round(fresh, 1)
-            paired.append(got)
+        paired = bracketed_pairs(
+            lambda: probe.saturation(namespace, (measured["saturation_inflight"],)),
+            lambda rate: bench.offer(namespace, rate),
+            pairs,
+            factor,
+        )
         steps.append(paired[0])
         show(paired[0])
     at = {s["load"]: s for s in steps}
@@ -336,8 +340,12 @@ def ladder(
         "rss_growth": round(max(rss) / rss[0], 3) if rss[0] else math.nan,
     }
     print(
-        f"{namespace}: 2x pairs (saturation just before, goodput): "
-        + ", ".join(f"{p['saturation_per_s']:,.0f} -> {p['goodput_per_s']:,.0f}" for p in paired)
+        f"{namespace}: 2x pairs (saturation before and after, goodput): "
+        + ", ".join(
+            f"{p['saturation_before_per_s']:,.0f}/{p['saturation_after_per_s']:,.0f}"
+            f" -> {p['goodput_per_s']:,.0f}"
+            for p in paired
+        )
     )
     print(
         f"{namespace}: goodput at 2x / saturation {figures['goodput_at_2x_vs_saturation']} (>= 0.9, "
@@ -351,6 +359,30 @@ def ladder(
         "pairs_at_2x": paired,
         **figures,
     }
+
+
+def bracketed_pairs(
+    saturation: Callable[[], float], offer: Callable[[float], dict[str, Any]], pairs: int, factor: float
+) -> list[dict[str, Any]]:
+    """``pairs`` steps at ``factor`` times the saturation, each between two
+    measurements of it (``saturation()``; one more than there are steps, a
+    step's *after* the next one's *before*): a step is offered ``factor``
+    times the saturation just before it, and its ratio is taken against the
+    mean of the two around it (``saturation_per_s``). This machine's speed
+    drifts within seconds (consecutive saturations 2,600-3,400 calls/s): one
+    measurement on each side halves what a steady drift adds to the ratio."""
+    paired: list[dict[str, Any]] = []
+    before = saturation()
+    for _ in range(pairs):
+        got = offer(before * factor)
+        after = saturation()
+        got["load"] = factor
+        got["saturation_before_per_s"] = round(before, 1)
+        got["saturation_after_per_s"] = round(after, 1)
+        got["saturation_per_s"] = round((before + after) / 2, 1)
+        paired.append(got)
+        before = after
+    return paired
 
 
 def flood(

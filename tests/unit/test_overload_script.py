@@ -43,3 +43,26 @@ def test_a_bad_option_is_one_line_and_exit_2(
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert expected in err[-1]
+
+
+def test_each_2x_step_is_judged_against_the_saturation_before_and_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The machine speeds up steadily: 1,000, 1,200, 1,400, 1,600 calls/s.
+    bracketed_pairs = script(monkeypatch).bracketed_pairs
+    saturations = iter([1000.0, 1200.0, 1400.0, 1600.0])
+    offered: list[float] = []
+
+    def offer(rate: float) -> dict[str, float]:
+        offered.append(rate)
+        return {"goodput_per_s": 990.0}
+
+    pairs = bracketed_pairs(lambda: next(saturations), offer, 3, 2.0)
+    assert offered == [2000.0, 2400.0, 2800.0]  # twice the saturation just before
+    assert [(p["saturation_before_per_s"], p["saturation_after_per_s"]) for p in pairs] == [
+        (1000.0, 1200.0),
+        (1200.0, 1400.0),
+        (1400.0, 1600.0),
+    ]
+    assert [p["saturation_per_s"] for p in pairs] == [1100.0, 1300.0, 1500.0]
+    assert [p["load"] for p in pairs] == [2.0, 2.0, 2.0]
