@@ -39,7 +39,8 @@ as latency and lowers the saturation it measures.
   busy share. Targets: at 2x, goodput >= 90% of
   saturation and OK p99 <= 3x the OK p99 at 0.8x; RSS flat (largest <= 1.2x
   the first).
-- **Flood**: namespace ``flood`` has ``limits = { rps = R }``; namespace
+- **Flood**: namespace ``flood`` has ``limits = { rps = R }`` (by
+  default ``FLOOD_SHARE``, 5%, of the SQLite saturation); namespace
   ``quiet`` is called at a modest rate alone (its quiet p99), then again
   while ``flood`` is offered 10x R by h2load (``--rps``; the server
   uncapped), in turn ``--flood-rounds`` times, each p99 of all the rounds'
@@ -463,6 +464,7 @@ def flood(
           f"{flood_out['goodput_per_s']:,.0f}/s (limit {flood_rps:,.0f}), refused "
           f"{flood_out['refused_per_s']:,.0f}/s; worker busy {busy:.0%}")  # fmt: skip
     return {
+        "flood_rps": flood_rps,
         "rounds": steps,
         "quiet_alone_p99_us": alone_p99,
         "quiet_with_flood_p99_us": flooded_p99,
@@ -473,6 +475,15 @@ def flood(
 
 
 FLOOD_CONNECTIONS = 10
+# The flooded namespace's rps, by default: a share of the worker's SQLite
+# saturation, so that the calls its quota admits are the same share of the
+# worker on any machine (each of its refusals is measured against them).
+# 500 rps was 5.4% of a worker on the day this phase was written (9,300
+# calls/s); on a day this machine served 3,300, the same 500 (and its 4,500
+# refusals a second) kept the worker 70-80% busy and the neighbour's p99 at
+# x2.2-x4.6; at 165 rps, 50% busy and x1.29-x1.47.
+FLOOD_SHARE = 0.05
+FLOOD_RPS_SKIPPED = 500.0  # --skip-ladder: no saturation measured
 _H2LOAD_REQUESTS = re.compile(r"^requests: \d+ total, (\d+) started", re.M)
 _H2LOAD_DATA = re.compile(r"^traffic: .*\((\d+)\) data", re.M)
 _H2LOAD_FINISHED = re.compile(r"^finished in ([\d.]+)(s|ms)", re.M)
@@ -531,7 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="closed-loop steps per in-flight count, in turn; the best count's mean counts (default 2)",
     )
-    parser.add_argument("--flood-rps", type=float, default=500.0, help="the flooded namespace's rps limit")
+    parser.add_argument(
+        "--flood-rps",
+        type=float,
+        default=None,
+        help="the flooded namespace's rps limit (default: FLOOD_SHARE of the SQLite saturation; "
+        f"{FLOOD_RPS_SKIPPED:g} with --skip-ladder)",
+    )
     parser.add_argument("--quiet-rps", type=float, default=300.0, help="the neighbour's offered calls/s")
     parser.add_argument(
         "--flood-rounds", type=int, default=3, help="the flood phase's alone/flooded pairs (default 3)"
@@ -564,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pairs: {args.pairs} must be at least 1")
     if args.flood_rounds < 1:
         parser.error(f"--flood-rounds: {args.flood_rounds} must be at least 1")
+    if args.flood_rps is not None and not args.flood_rps > 0:
+        parser.error(f"--flood-rps: {args.flood_rps:g} must be more than 0")
     if not 0 <= args.server_share <= 1:
         parser.error(f"--server-share: {args.server_share} is not a share of one CPU (0 to 1; 0: no cap)")
 
@@ -571,11 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     client_cpus = allowed - {args.server_cpu} or allowed
     laddered = () if args.skip_ladder else ("sql", *(("pg",) if args.pg_dsn else ()))
 
+    # (Known once the saturation is: the server that does not shed is
+    # started with this one, and serves no flood.)
+    flood_rps = FLOOD_RPS_SKIPPED if args.flood_rps is None else args.flood_rps
+
     def config(shedding: bool) -> str:
         body = CONFIG.format(
             target_ms=args.target_delay_ms,
             interval_ms=args.interval_ms,
-            flood_rps=args.flood_rps,
+            flood_rps=flood_rps,
             shedding="true" if shedding else "false",
         )
         return body + (PG.format(dsn=args.pg_dsn) if args.pg_dsn else "")
@@ -617,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                     probe = probes[namespace] = Bench(unshed, pool, args.duration)
                     probe.seed(namespace)
                     measured[namespace] = capacity(probe, namespace, inflight, args.saturation_repeats)
+            if args.flood_rps is None and "sql" in measured:
+                flood_rps = float(max(1, round(FLOOD_SHARE * measured["sql"]["saturation_per_s"])))
             server = started(Path(tmp), not args.no_shedding)
             seed(server.target, "flood", "r", b"k", b"v" * 100)  # (h2load's calls)
             bench = Bench(server, pool, args.duration)
@@ -636,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                 unshed.stop()
                 unshed = None
             result["flood"] = flood(
-                bench, args.flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus, args.flood_rounds
+                bench, flood_rps, args.quiet_rps, Path(tmp), cap, client_cpus, args.flood_rounds
             )
         finally:
             stack.close()

@@ -32,6 +32,8 @@ def script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         (["--saturation-repeats", "0"], "--saturation-repeats: 0 must be at least 1"),
         (["--flood-rounds", "0"], "--flood-rounds: 0 must be at least 1"),
         (["--pairs", "0"], "--pairs: 0 must be at least 1"),
+        (["--flood-rps", "0"], "--flood-rps: 0 must be more than 0"),
+        (["--flood-rps", "-5"], "--flood-rps: -5 must be more than 0"),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2(
