@@ -64,9 +64,11 @@ calls at a time cost a worker more CPU each: its reads and writes carry
 fewer of them (an SQLite worker, closed loop: 460 us a call with 128
 connections of one call each, 283 us with 8 of 16; open loop, 527 us a
 call at half its saturation, 327 us at its saturation). On a machine
-where a call cost 300 us, one target was 17 calls; a worker held to that
-served 2,430 calls/s at twice its load, and held to 64, 2,810-3,470 (its
-saturation: 3,000-3,400).
+where a call cost 300 us, one target was 17 calls. Offered twice its
+saturation (measured again just before), a worker held to that served
+0.56-1.07 of it, mean 0.79 (4 runs); held to 64, 0.81-0.99, mean 0.89,
+the two taking turns in one session. (Floors of 128 and 256 measured the
+same, within that noise: the door's sojourn rule held the calls then.)
 
 A refusal carries a pushback of one interval (``grpc-retry-pushback-ms``),
 the time until the decision is made again. The two numbers are the whole
