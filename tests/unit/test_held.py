@@ -106,6 +106,7 @@ def test_a_read_of_refusals_alone_may_be_held_and_one_with_an_answer_may_not() -
 # ---------------------------------------------------------------- over TCP
 
 LATE = OverloadConfig(enabled=True, target_delay_ms=50, interval_ms=100)
+AHEAD = AHEAD_FLOOR + 1  # calls in flight ahead of a new one, with the door shut (door_shut)
 
 
 @asynccontextmanager
@@ -141,9 +142,9 @@ async def door_shut(
             shedder.refuses(0, trio.current_time())  # the decision: the door shuts
             assert shedder.shut
             shedder.call_s = 0.01
-            app.settings.inflight += AHEAD_FLOOR + 1
+            app.settings.inflight += AHEAD
             yield client, app
-            app.settings.inflight -= AHEAD_FLOOR + 1
+            app.settings.inflight -= AHEAD
     finally:
         await app.aclose()
 
@@ -200,11 +201,11 @@ async def test_a_held_refusal_goes_out_with_the_connections_next_answer(
         start = trio.current_time()
         refused = _send_refused(client)
         assert await _nothing_came(client)
-        app.settings.inflight -= 10  # nothing ahead of the next call now: served
+        app.settings.inflight -= AHEAD  # nothing ahead of the next call now: served
         try:
             assert (await put(client, "profiles")).status == StatusCode.OK
         finally:
-            app.settings.inflight += 10
+            app.settings.inflight += AHEAD
         r = await client.wait(refused)  # (already in: no time has passed)
         assert r.status == StatusCode.RESOURCE_EXHAUSTED
         assert trio.current_time() == start
