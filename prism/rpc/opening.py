@@ -94,12 +94,15 @@ LINGER_BYTES: Final = 4 * 1024 * 1024
 
 
 async def linger(stream: trio.abc.HalfCloseableStream) -> None:
-    """After a connection error's GOAWAY: end our side (the peer reads the
-    GOAWAY, then the end), and read and drop what the peer sends meanwhile,
+    """After our GOAWAY (a connection error's, or a drain's once the last
+    call is answered): end our side (the peer reads the GOAWAY, then the
+    end), and read and drop what the peer sends meanwhile,
     up to ``LINGER_BYTES``, until it ends its side too or the caller's
     deadline (the GOAWAY's grace) comes. Closing with its bytes unread made
     the kernel reset the connection, and a reset makes the peer's kernel drop
-    what the peer had not read yet: often the GOAWAY, and with it the reason."""
+    what the peer had not read yet: often the GOAWAY, and with it the reason
+    (and which of its requests were never taken, to be sent again elsewhere:
+    gRPC clients failed them UNAVAILABLE instead)."""
     try:
         await stream.send_eof()
         drained = 0

@@ -52,7 +52,7 @@ _LARGE_READ_OPENED = 8
 # 150 ms), until it trips its limit (prism.rpc.flood).
 _CONTROL_BURST = 256
 _CONTROL_READ_SIZE = 4096
-# A connection error's GOAWAY gets this long to be written (as in Go's net/http2).
+# Our GOAWAY gets this long to be read, the peer's last requests drained (as in Go's net/http2).
 _GOAWAY_GRACE_S = 1.0
 
 
@@ -148,10 +148,17 @@ class Connection(Writing, Calls):
             self.settings.connections.discard(self)
             if self._timer_slot is not None:
                 self._timer_slot.timers = None
-            self.proto.discard()
-            if self.proto.broken and isinstance(self.stream, trio.abc.HalfCloseableStream):
-                # Its calls are cancelled; the GOAWAY's grace is what is left.
-                with trio.CancelScope(deadline=self._grace_until, shield=True):
+            proto = self.proto
+            proto.discard()
+            if (proto.broken or proto.draining) and isinstance(self.stream, trio.abc.HalfCloseableStream):
+                # After our GOAWAY (a connection error's, or a drain's, an
+                # age's, an idle one's) the peer may still send requests it
+                # started before reading it: read and drop them (linger) so
+                # that the kernel does not reset the connection. A broken
+                # connection's calls are cancelled: its GOAWAY's grace is what
+                # is left; a drained one has a grace of its own.
+                grace = self._grace_until if proto.broken else trio.current_time() + _GOAWAY_GRACE_S
+                with trio.CancelScope(deadline=grace, shield=True):
                     await linger(self.stream)
             await close(self.stream)
 

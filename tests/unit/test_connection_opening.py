@@ -113,3 +113,59 @@ async def test_an_ended_connection_is_freed_at_once_without_the_collector(reset:
                     await trio.sleep(0.01)
             await trio.sleep(0.05)
             assert connections_alive() == 0
+
+
+PING_FRAME = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"frames.."
+GOAWAY = 0x7
+
+
+async def drained_to_eof(settings: object, client: H2Client) -> bytes:
+    """Drain the server (its GOAWAY on ``client``'s connection, which has no
+    call open); every byte the client then reads, up to the server's end."""
+    settings.start_drain()  # type: ignore[attr-defined]
+    with trio.fail_after(5):
+        _, received = await eof_at(client.stream)
+    return received
+
+
+async def test_a_drained_connection_reads_what_the_client_sent_after_the_goaway_and_is_not_reset() -> None:
+    """A client may send requests before it has read the drain's GOAWAY. The
+    server ends its side and reads on: closed with those bytes unread, the
+    kernel reset the connection, the client's kernel dropped the GOAWAY it
+    had not read yet, and gRPC clients failed the calls UNAVAILABLE instead of
+    sending them again elsewhere (a worker replaced on SIGHUP did that)."""
+    settings = settings_with(handshake_timeout_s=5)
+    listener, port = await listening(settings)
+    async with serving(settings, listener):
+        client = await client_on(port)
+        await served(client)
+        assert GOAWAY in frame_types(await drained_to_eof(settings, client))
+        for _ in range(3):  # a reset comes back within a round trip: the next send fails
+            await client.stream.send_all(PING_FRAME * 100)
+            await trio.sleep(0.05)
+        ended = trio.current_time()
+        await client.stream.aclose()  # the client's end ends the server's wait
+        with trio.fail_after(5):
+            while settings.connections or connections_alive():
+                await trio.sleep(0.01)
+        assert trio.current_time() - ended < 0.5  # well before the grace (1 s)
+
+
+async def test_a_drained_connection_whose_client_never_ends_its_side_is_closed_after_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = settings_with(handshake_timeout_s=5)
+    listener, port = await listening(settings)
+    async with serving(settings, listener):
+        client = await client_on(port)
+        await served(client)
+        await drained_to_eof(settings, client)
+        start = trio.current_time()
+        with trio.fail_after(60):
+            while True:  # the client keeps sending, never ends: closed at the grace
+                try:
+                    await client.stream.send_all(PING_FRAME)
+                except trio.BrokenResourceError:
+                    break
+                await trio.sleep(0.1)
+        assert 1.0 <= trio.current_time() - start <= 1.5
