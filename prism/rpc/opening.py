@@ -93,10 +93,11 @@ async def opening_events(
 LINGER_BYTES: Final = 4 * 1024 * 1024
 
 
-async def linger(stream: trio.abc.HalfCloseableStream) -> None:
+async def linger(stream: trio.abc.Stream) -> None:
     """After our GOAWAY (a connection error's, or a drain's once the last
-    call is answered): end our side (the peer reads the GOAWAY, then the
-    end), and read and drop what the peer sends meanwhile,
+    call is answered): end our side where the stream can (a socket; TLS has
+    no half-close, and its peer ends once it has read the GOAWAY), and read
+    and drop what the peer sends meanwhile,
     up to ``LINGER_BYTES``, until it ends its side too or the caller's
     deadline (the GOAWAY's grace) comes. Closing with its bytes unread made
     the kernel reset the connection, and a reset makes the peer's kernel drop
@@ -104,7 +105,8 @@ async def linger(stream: trio.abc.HalfCloseableStream) -> None:
     (and which of its requests were never taken, to be sent again elsewhere:
     gRPC clients failed them UNAVAILABLE instead)."""
     try:
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         drained = 0
         while drained < LINGER_BYTES:
             data = await stream.receive_some(_READ_SIZE)

@@ -150,7 +150,7 @@ class Connection(Writing, Calls):
                 self._timer_slot.timers = None
             proto = self.proto
             proto.discard()
-            if (proto.broken or proto.draining) and isinstance(self.stream, trio.abc.HalfCloseableStream):
+            if proto.broken or proto.draining:
                 # After our GOAWAY (a connection error's, or a drain's, an
                 # age's, an idle one's) the peer may still send requests it
                 # started before reading it: read and drop them (linger) so

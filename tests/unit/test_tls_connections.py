@@ -443,3 +443,29 @@ async def test_a_drain_does_not_wait_for_a_handshake_that_never_comes(
     assert tls_lines(caplog) == [
         f"tls: no handshake from 127.0.0.1:{silent.socket.getsockname()[1]} before the drain: closed"
     ]
+
+
+async def test_a_drained_tls_connection_reads_what_the_client_sent_after_the_goaway_and_is_not_reset(
+    ca: trustme.CA, files: Path
+) -> None:
+    """As over plaintext (test_connection_opening): the server reads on after
+    the drain's GOAWAY until the client ends, so what the client sent before
+    it read the GOAWAY does not make the kernel reset the connection."""
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"frames.."
+    async with server(server_files(files, ca)) as (port, settings):
+        client = await tls_client(port, client_context(ca))
+        await served(client)
+        settings.start_drain()
+        received = b""
+        with trio.fail_after(5):
+            while b"\x07\x00\x00\x00\x00\x00" not in received:  # a GOAWAY frame's type, flags, stream 0
+                received += await client.stream.receive_some()
+        for _ in range(3):  # a reset comes back within a round trip: the next send fails
+            await client.stream.send_all(ping * 100)
+            await trio.sleep(0.05)
+        ended = trio.current_time()
+        await client.stream.aclose()
+        with trio.fail_after(5):
+            while settings.connections or settings.accepted:
+                await trio.sleep(0.01)
+        assert trio.current_time() - ended < 0.5  # well before the grace (1 s)
