@@ -26,6 +26,19 @@ RAW_REQUEST_HEADERS = [
 ]
 
 
+GOAWAY = 0x7  # the frame type
+PING_FRAME = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"frames.."  # a PING, as raw bytes
+
+
+def frame_types(data: bytes) -> list[int]:
+    """The types of the HTTP/2 frames in ``data``, in order (the last may be partial)."""
+    types = []
+    while len(data) >= 9:
+        types.append(data[3])
+        data = data[9 + int.from_bytes(data[:3], "big") :]
+    return types
+
+
 def frame(payload: bytes, *, length: int | None = None, flag: int = 0) -> bytes:
     n = len(payload) if length is None else length
     return bytes([flag]) + n.to_bytes(4, "big") + payload

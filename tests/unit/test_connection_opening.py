@@ -16,11 +16,11 @@ import trio
 import trio.testing
 
 from prism.rpc.keepalive import PREFACE
-from prism.rpc.server import Connection
+from prism.rpc.server import Connection, ServerSettings
 
-from .h2client import H2Client
+from .h2client import GOAWAY, PING_FRAME, H2Client, frame_types
 from .test_accept_limits import client_on, served, serving, settings_with
-from .test_connection_timers import SETTINGS_FRAME, closed, eof_at, frame_types
+from .test_connection_timers import SETTINGS_FRAME, closed, eof_at
 
 SETTINGS, WINDOW_UPDATE = 0x4, 0x8
 
@@ -115,14 +115,10 @@ async def test_an_ended_connection_is_freed_at_once_without_the_collector(reset:
             assert connections_alive() == 0
 
 
-PING_FRAME = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"frames.."
-GOAWAY = 0x7
-
-
-async def drained_to_eof(settings: object, client: H2Client) -> bytes:
+async def drained_to_eof(settings: ServerSettings, client: H2Client) -> bytes:
     """Drain the server (its GOAWAY on ``client``'s connection, which has no
     call open); every byte the client then reads, up to the server's end."""
-    settings.start_drain()  # type: ignore[attr-defined]
+    settings.start_drain()
     with trio.fail_after(5):
         _, received = await eof_at(client.stream)
     return received

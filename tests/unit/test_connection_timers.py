@@ -32,7 +32,7 @@ from prism.rpc.protocol import GrpcProtocol
 from prism.rpc.server import Connection, ServerSettings
 from tests.certs import client_context, server_files
 
-from .h2client import H2Client
+from .h2client import H2Client, frame_types
 from .test_rpc_server import CHECK, FakeHealth, req
 from .test_tls_connections import settings_for, tls_client
 
@@ -125,14 +125,6 @@ async def eof_at(stream: trio.abc.ReceiveStream) -> tuple[float, bytes]:
     except trio.BrokenResourceError:
         pass  # TLS closed without close_notify: the end all the same
     return trio.current_time(), bytes(received)
-
-
-def frame_types(data: bytes) -> list[int]:
-    types = []
-    while len(data) >= 9:
-        types.append(data[3])
-        data = data[9 + int.from_bytes(data[:3], "big") :]
-    return types
 
 
 # -- the handshake -------------------------------------------------------------

@@ -37,7 +37,7 @@ from prism.rpc.server import ServerSettings
 from prism.security.section import SecuritySection
 from tests.certs import client_cert, client_context, server_files
 
-from .h2client import H2Client, frame
+from .h2client import GOAWAY, PING_FRAME, H2Client, frame, frame_types
 from .test_clienthello import extension, hello_body, python_hello, records, sni
 
 CHECK = "/grpc.health.v1.Health/Check"
@@ -451,17 +451,16 @@ async def test_a_drained_tls_connection_reads_what_the_client_sent_after_the_goa
     """As over plaintext (test_connection_opening): the server reads on after
     the drain's GOAWAY until the client ends, so what the client sent before
     it read the GOAWAY does not make the kernel reset the connection."""
-    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"frames.."
     async with server(server_files(files, ca)) as (port, settings):
         client = await tls_client(port, client_context(ca))
         await served(client)
         settings.start_drain()
         received = b""
         with trio.fail_after(5):
-            while b"\x07\x00\x00\x00\x00\x00" not in received:  # a GOAWAY frame's type, flags, stream 0
+            while GOAWAY not in frame_types(received):
                 received += await client.stream.receive_some()
         for _ in range(3):  # a reset comes back within a round trip: the next send fails
-            await client.stream.send_all(ping * 100)
+            await client.stream.send_all(PING_FRAME * 100)
             await trio.sleep(0.05)
         ended = trio.current_time()
         await client.stream.aclose()
