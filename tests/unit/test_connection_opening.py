@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from prism.rpc import opening
 from prism.rpc.keepalive import PREFACE
 from prism.rpc.server import Connection, ServerSettings
 
@@ -165,3 +166,29 @@ async def test_a_drained_connection_whose_client_never_ends_its_side_is_closed_a
                     break
                 await trio.sleep(0.1)
         assert 1.0 <= trio.current_time() - start <= 1.5
+
+
+async def test_a_drained_connection_stops_reading_at_its_linger_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that goes on sending fast after the drain's GOAWAY is read up
+    to ``LINGER_BYTES``, then closed, before the grace ends."""
+    monkeypatch.setattr(opening, "LINGER_BYTES", 64 * 1024)
+    settings = settings_with(handshake_timeout_s=5)
+    listener, port = await listening(settings)
+    async with serving(settings, listener):
+        client = await client_on(port)
+        await served(client)
+        await drained_to_eof(settings, client)
+        start = trio.current_time()
+        sent = 0
+        with trio.fail_after(5):
+            while True:  # never ends its side: the bytes bound, not the grace, ends it
+                try:
+                    await client.stream.send_all(PING_FRAME * 64)
+                except trio.BrokenResourceError:
+                    break
+                sent += len(PING_FRAME) * 64
+                await trio.sleep(0.001)
+        assert trio.current_time() - start < 0.5  # well before the grace (1 s)
+        assert sent >= 64 * 1024  # what it read first
