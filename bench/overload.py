@@ -556,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs",
         type=int,
-        default=3,
-        help="2x steps per backend, each right after the saturation is measured again (default 3)",
+        default=5,
+        help="2x steps per backend, each right after the saturation is measured again (default 5)",
     )
     parser.add_argument("--target-delay-ms", type=float, default=5.0)
     parser.add_argument("--interval-ms", type=float, default=100.0)
