@@ -533,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--saturation-inflight",
-        default="32,64,128",
-        help="closed-loop calls in flight tried for the saturation (the best counts; default 32,64,128)",
+        default="64,128,256,512",
+        help="closed-loop calls in flight tried for the saturation (the best counts; default 64,128,256,512)",
     )
     parser.add_argument(
         "--saturation-repeats",
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         inflight = tuple(int(n) for n in args.saturation_inflight.split(","))
     except ValueError:
         parser.error(
-            f"--saturation-inflight: {args.saturation_inflight!r} is not a list of numbers (32,64,128)"
+            f"--saturation-inflight: {args.saturation_inflight!r} is not a list of numbers (64,128,256,512)"
         )
     if not inflight or min(inflight) < 1:
         parser.error(f"--saturation-inflight: {args.saturation_inflight!r}: each must be at least 1")
