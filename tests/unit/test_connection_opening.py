@@ -125,6 +125,19 @@ async def drained_to_eof(settings: ServerSettings, client: H2Client) -> bytes:
     return received
 
 
+async def sent_until_closed(client: H2Client, chunk: bytes, pause_s: float) -> int:
+    """Send ``chunk`` every ``pause_s`` until the server's end breaks the
+    connection; the bytes sent before that."""
+    sent = 0
+    while True:
+        try:
+            await client.stream.send_all(chunk)
+        except trio.BrokenResourceError:
+            return sent
+        sent += len(chunk)
+        await trio.sleep(pause_s)
+
+
 async def test_a_drained_connection_reads_what_the_client_sent_after_the_goaway_and_is_not_reset() -> None:
     """A client may send requests before it has read the drain's GOAWAY. The
     server ends its side and reads on: closed with those bytes unread, the
@@ -158,13 +171,8 @@ async def test_a_drained_connection_whose_client_never_ends_its_side_is_closed_a
         await served(client)
         await drained_to_eof(settings, client)
         start = trio.current_time()
-        with trio.fail_after(60):
-            while True:  # the client keeps sending, never ends: closed at the grace
-                try:
-                    await client.stream.send_all(PING_FRAME)
-                except trio.BrokenResourceError:
-                    break
-                await trio.sleep(0.1)
+        with trio.fail_after(60):  # the client keeps sending, never ends: closed at the grace
+            await sent_until_closed(client, PING_FRAME, 0.1)
         assert 1.0 <= trio.current_time() - start <= 1.5
 
 
@@ -181,14 +189,7 @@ async def test_a_drained_connection_stops_reading_at_its_linger_bytes(
         await served(client)
         await drained_to_eof(settings, client)
         start = trio.current_time()
-        sent = 0
-        with trio.fail_after(5):
-            while True:  # never ends its side: the bytes bound, not the grace, ends it
-                try:
-                    await client.stream.send_all(PING_FRAME * 64)
-                except trio.BrokenResourceError:
-                    break
-                sent += len(PING_FRAME) * 64
-                await trio.sleep(0.001)
+        with trio.fail_after(5):  # never ends its side: the bytes bound, not the grace, ends it
+            sent = await sent_until_closed(client, PING_FRAME * 64, 0.001)
         assert trio.current_time() - start < 0.5  # well before the grace (1 s)
         assert sent >= 64 * 1024  # what it read first
