@@ -242,6 +242,22 @@ class Shedder:
             return True
         return False
 
+    def refuses_all(self, inflight: int, now: float, waited: float) -> bool:
+        """Whether the door, shut, refuses every new call of a read now: what
+        ``refuses`` would answer each of them (neither rule changes between
+        the calls of one read), decided once, uncounted (``count_refused``
+        counts them: ``prism.rpc.refuse_read``). False when a decision is due
+        (the calls' own path makes it)."""
+        if not self.shut or not self._window_start <= now < self._window_end:
+            return False
+        target = self.target_s
+        return waited > target or (inflight > AHEAD_FLOOR and waited + inflight * self.call_s > target)
+
+    def count_refused(self, n: int) -> None:
+        """``n`` new calls refused as ``refuses_all`` said, as ``refuses`` counts them."""
+        self._asked += n
+        self._late += n
+
     def _roll(self, inflight: int, now: float) -> None:
         # A standing queue: even the shortest wait of the interval was over
         # the target (over enough waits to be a queue: a few slow calls in an

@@ -52,6 +52,7 @@ from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS, Chunk
 from prism.rpc.headers import parse_timeout
 from prism.rpc.hpack_cache import FixedBlockEncoder
 from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
+from prism.rpc.refuse_read import Refusing, refuse_leading
 from prism.rpc.respond import Responses, encode_grpc_message
 
 # Event kinds returned by receive_data.
@@ -147,6 +148,8 @@ class GrpcProtocol(Requests, Responses):
         # it (``Call.judged``). A stream refused so never becomes a Call: its
         # answer is written here, its DATA dropped as any closed stream's.
         self.shed: Callable[[Any], Trailers | None] | None = None
+        # The same for a whole read, while the door is shut (prism.rpc.refuse_read).
+        self.refuse_read: Callable[[], Refusing | None] | None = None
         # The same for quotas (set by the connection), given the read's frames too.
         self.limit: Callable[[Any, list[PlainFrame], int], Trailers | None] | None = None
         # How long the bytes being taken in waited unread in the kernel
@@ -227,7 +230,7 @@ class GrpcProtocol(Requests, Responses):
         self._h2.buffers_to_send()
         self._h2.let_go()
         self.on_output = _nothing  # (a bound method of the connection: a cycle)
-        self.shed = self.limit = None  # (the same)
+        self.shed = self.limit = self.refuse_read = None  # (the same)
 
     @property
     def idle(self) -> bool:
@@ -246,6 +249,8 @@ class GrpcProtocol(Requests, Responses):
         read = data
         try:
             if not (self.draining or self.peer_gone):
+                if self.refuse_read is not None and (refusing := self.refuse_read()) is not None:
+                    data = refuse_leading(self, data, refusing)
                 data = conn.receive_plain(data, plain, flood)
             events = conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:

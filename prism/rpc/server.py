@@ -12,8 +12,10 @@ handshake ``prism.rpc.handshake``'s.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from typing import Any
 
 import trio
 
@@ -22,9 +24,12 @@ from prism.limits import shed
 from prism.rpc import arrival, keepalive, rest
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
-from prism.rpc.calls import Calls
+from prism.rpc.calls import Calls, _shed_trailers
+from prism.rpc.h2send import final_block
+from prism.rpc.methods import MethodTable
 from prism.rpc.opening import close, closed_by_server, linger, opening_events
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
+from prism.rpc.refuse_read import Refusing
 from prism.rpc.settings import Handoff, Observer, ServerSettings
 from prism.rpc.writing import Writing
 from prism.security.identity import PeerIdentity
@@ -95,6 +100,9 @@ class Connection(Writing, Calls):
         self.quota_counts = {}
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
+            self.proto.refuse_read = self._refusing_read
+        # (A function of the methods, not a method: the connection is freed without the collector.)
+        self._refusing = Refusing(functools.partial(_operation_of, settings.methods), self.shed_counts)
         self._scopes: dict[int, trio.CancelScope] = {}
         self._init_writing()
         # Streaming handlers waiting for the client to read, and for requests:
@@ -172,6 +180,9 @@ class Connection(Writing, Calls):
             self.quota_counts.clear()
         self.quota_ahead.clear()
         self.peeked = None
+        if self._refusing.refused:  # (refused whole: prism.rpc.refuse_read)
+            self.settings.admission.shedder.count_refused(self._refusing.refused)
+            self._refusing.refused = 0
         if self.shed_counts:  # the calls of the read refused at the door, counted once a read
             for operation, n in self.shed_counts.items():
                 metrics.call_shed(operation, n)
@@ -205,6 +216,22 @@ class Connection(Writing, Calls):
         if proto.peer_gone:
             self._maybe_close()
         return True
+
+    def _refusing_read(self) -> Refusing | None:
+        """``GrpcProtocol.refuse_read``: while the door is shut, whether it
+        refuses every new data call of the read being taken in, and with
+        what (``prism.rpc.refuse_read``); None to judge each call."""
+        shedder = self.settings.admission.shedder
+        if not shedder.shut:
+            return None
+        now = trio.current_time()
+        if not shedder.refuses_all(self.settings.unary_inflight, now, now - self.proto.arrived):
+            return None
+        refusing = self._refusing
+        trailers = _shed_trailers(shedder.target_s, shedder.pushback_ms)
+        if trailers is not refusing.trailers:
+            refusing.trailers, refusing.block = trailers, final_block(trailers)
+        return refusing
 
     async def _handshake(self, deadline: float) -> bool:
         """Read (and serve) until the client's preface and first SETTINGS are
@@ -386,3 +413,13 @@ class Connection(Writing, Calls):
         if size > _READ_SIZE and 4 * len(data) < size:
             return size // 2
         return size
+
+
+def _operation_of(methods: MethodTable, headers: Any) -> str | None:
+    """The operation of the data call ``headers`` open; None for any other
+    call (health, reflection: served), as ``Calls._shed_new`` tells them apart."""
+    for name, value in headers:
+        if name == b":path":
+            method = methods.get(bytes(value))
+            return None if method is None or method.action is None else method.operation
+    return None

@@ -1,0 +1,166 @@
+"""Refusing a read's new unary calls in one pass while the overload door is shut.
+
+At twice what a worker can serve, the door (``prism.limits.shed``) refuses
+more than half the calls it reads, and what the refusals cost comes out of
+the calls it serves. Through the plain path (``prism.rpc.h2read``) a
+refusal was read frame by frame into entries, judged, answered and
+forgotten one call at a time: py-spy on an SQLite worker offered twice its
+saturation put ~7 us of the reader's CPU on each, a share of a served
+call's ~87 us that alone left the worker under nine tenths of its
+saturation.
+
+But once the door is shut, its verdict is one for all the new calls of a
+read: a call is refused for having come late, or behind too much work in
+flight (``Shedder.refuses_all``), and neither changes between the calls of
+one read (the calls let in before a call only add to the work ahead of it).
+So a read the door refuses is refused here, whole: its leading requests, each
+a HEADERS frame opening a stream and one DATA frame ending it (a unary
+call's request, as gRPC clients send it), are read and answered in one loop,
+with the state changes the plain path and its refusal make (the stream id,
+the connection's window; the stream is never h2's, as there), and the same
+bytes out. Anything else ends the loop, and the rest of the read takes the
+ordinary path, where each call is judged on its own: a frame of another
+kind, a request in pieces or whose body is not in the read, a header block
+``CachingDecoder`` has not decoded before, or a call that is not a data call
+(health, reflection: served). ``tests/unit/test_refuse_read.py`` holds it
+against the plain path refusing each call.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from h2.connection import ConnectionState
+
+from prism.rpc.flood import FloodGuard
+from prism.rpc.h2conn import ServerConnection
+
+_DATA: Final = 0x0
+_HEADERS: Final = 0x1
+_END_STREAM: Final = 0x1
+_END_HEADERS: Final = 0x4
+_FRAME_HEAD: Final = 9
+_FINAL_FLAGS: Final = b"\x01\x05"  # HEADERS, END_HEADERS | END_STREAM
+_FRAME_HEADER: Final = struct.Struct(">IBI")
+# Header lists seen, by identity (the decoder's cache hands out the same list
+# for the same block), with the operation of the call they open (None: not a
+# data call). Kept with the list, so that its id is not another's.
+_MAX_KNOWN: Final = 64
+
+
+class Reading(Protocol):
+    """What is used of ``GrpcProtocol``: its h2 connection, the DATA bytes
+    of the read to give back to the connection's window, its flood guard."""
+
+    _h2: ServerConnection
+    _unacked: int
+    _flood: FloodGuard
+
+
+class Refusing:
+    """A read's refusal: the trailers-only block every data call of it is
+    answered with, and what was refused (the caller counts it)."""
+
+    __slots__ = ("block", "counts", "known", "operation_of", "refused", "trailers")
+
+    def __init__(self, operation_of: Callable[[Any], str | None], counts: dict[str, int]) -> None:
+        self.operation_of = operation_of  # a request's headers -> its data operation, or None
+        self.counts = counts  # operation -> calls refused (added to)
+        self.known: dict[int, tuple[Any, str | None]] = {}
+        self.trailers: Any = None  # the refusal's trailers, and their HPACK block
+        self.block = b""
+        self.refused = 0  # calls refused by the last ``refuse_leading``
+
+
+def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
+    """Refuse the leading unary data calls of ``data`` (see the module
+    docstring); what is left of it for the ordinary path."""
+    refusing.refused = 0
+    conn = proto._h2
+    buffer = conn.incoming_buffer
+    block = refusing.block
+    if (
+        conn._held
+        or buffer._preamble_len
+        or buffer._headers_buffer
+        or buffer._data
+        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+        or conn.encoder.header_table.resized
+        or len(block) > conn.max_outbound_frame_size
+    ):
+        return data
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
+    unpack = _FRAME_HEADER.unpack_from
+    max_length = conn.max_inbound_frame_size
+    window = conn._inbound_flow_control_window_manager
+    stream_window = conn.local_settings.initial_window_size
+    plain_block = conn._decoder.plain
+    known = refusing.known
+    counts = refusing.counts
+    highest = conn.highest_inbound_stream_id
+    sids: list[bytes] = []
+    taken = 0  # DATA bytes, for the connection's window
+    while end - pos >= 2 * _FRAME_HEAD:
+        head, flags, sid = unpack(view, pos)
+        length = head >> 8
+        if head & 0xFF != _HEADERS or flags != _END_HEADERS or length > max_length:
+            break
+        sid &= 0x7FFFFFFF
+        if not sid & 1 or sid <= highest:
+            break
+        at = pos + _FRAME_HEAD + length
+        if end - at < _FRAME_HEAD:
+            break
+        head, flags, body_sid = unpack(view, at)
+        size = head >> 8
+        stop = at + _FRAME_HEAD + size
+        if (
+            head & 0xFF != _DATA
+            or flags != _END_STREAM
+            or body_sid & 0x7FFFFFFF != sid
+            or stop > end
+            or size > max_length
+            or size > stream_window
+            or size > window.current_window_size
+        ):
+            break
+        decoded = plain_block(bytes(view[pos + _FRAME_HEAD : at]))
+        if decoded is None:
+            break
+        headers, expected = decoded
+        if expected is not None and expected != size:
+            break
+        seen = known.get(id(headers))
+        if seen is None or seen[0] is not headers:
+            if len(known) >= _MAX_KNOWN:
+                known.clear()
+            seen = known[id(headers)] = (headers, refusing.operation_of(headers))
+        operation = seen[1]
+        if operation is None:
+            break
+        # What the plain path's HEADERS and DATA and the refusal leave.
+        highest = conn.highest_inbound_stream_id = sid
+        window.current_window_size -= size
+        taken += size
+        counts[operation] = counts.get(operation, 0) + 1
+        sids.append(sid.to_bytes(4, "big"))
+        pos = stop
+    if not sids:
+        return data
+    n = refusing.refused = len(sids)
+    head = len(block).to_bytes(3, "big") + _FINAL_FLAGS
+    out = conn._data_to_send
+    # (As ``send_refusal`` keeps it: refusals alone may be held.)
+    if conn._refusal_bytes == len(out) and not conn._segments:
+        conn._refusal_bytes += n * (_FRAME_HEAD + len(block))
+    else:
+        conn._refusal_bytes = -1
+    out += b"".join([head + sid + block for sid in sids])
+    proto._unacked += taken
+    proto._flood.opened += n
+    proto._flood.empty_run = 0
+    return view[pos:]
