@@ -177,7 +177,7 @@ class Calls:
         # In flight: those running, and those of this read let in before it
         # (they start once the read is taken in; Connection._dispatch).
         let_in = self.let_in
-        if not shedder.refuses(settings.unary_inflight + let_in, now, now - self.proto.arrived):
+        if not shedder.refuses(settings.unary_inflight + let_in, now, now - self.proto.arrived, let_in):
             self.let_in = let_in + 1
             return None
         for name, value in headers:

@@ -54,3 +54,24 @@ def test_the_bounds_refusals_are_late_calls_and_count_in_a_calls_cost(
     shedder.call_s = 50e-6
     assert not shedder.refuses(90, 0.11)
     assert shedder.refuses(110, 0.11)
+
+
+def test_the_door_lets_a_read_in_as_one_up_to_the_floor() -> None:
+    shedder = Shedder(CONFIG)
+    shedder.refuses(0, 0.0)  # an interval starts
+    for _ in range(MIN_WAITS):
+        shedder.observe_sojourn(0.02)  # a standing queue before the handlers
+    shedder.refuses(0, 0.1)  # the decision: shut
+    assert shedder.shut
+    shedder.call_s = 100e-6
+    behind = AHEAD_FLOOR + 60  # 12.4 ms of CPU ahead: over the 5 ms target
+    assert shedder.refuses(behind, 0.11)  # a read's first call: refused
+    # Its read's first call let in, the rest of the read's calls are too...
+    assert not shedder.refuses(behind, 0.11, together=1)
+    assert not shedder.refuses(behind, 0.11, together=AHEAD_FLOOR - 1)
+    # ...up to AHEAD_FLOOR of them; a late call is refused all the same.
+    assert shedder.refuses(behind, 0.11, together=AHEAD_FLOOR)
+    assert shedder.refuses(behind, 0.11, waited=0.006, together=1)
+    # Calls capped at a backend (a standing queue there) are judged alone.
+    shedder.capped, shedder.limit = True, behind
+    assert shedder.refuses(behind, 0.11, together=1)
