@@ -15,15 +15,24 @@ flight (``Shedder.refuses_all``), and neither changes between the calls of
 one read (the calls let in before a call only add to the work ahead of it).
 So a read the door refuses is refused here, whole: its leading requests, each
 a HEADERS frame opening a stream and one DATA frame ending it (a unary
-call's request, as gRPC clients send it), are read and answered in one loop,
-with the state changes the plain path and its refusal make (the stream id,
-the connection's window; the stream is never h2's, as there), and the same
-bytes out. Anything else ends the loop, and the rest of the read takes the
-ordinary path, where each call is judged on its own: a frame of another
-kind, a request in pieces or whose body is not in the read, a header block
-``CachingDecoder`` has not decoded before, or a call that is not a data call
-(health, reflection: served). ``tests/unit/test_refuse_read.py`` holds it
-against the plain path refusing each call.
+call's request, as gRPC clients send it; grpc-core's, with a WINDOW_UPDATE
+for the stream between them and one for the connection after), are read
+and answered in one loop, with the state changes the plain path and its
+refusal make (the stream id, the windows, the flood guard's counts; the
+stream is never h2's, as there), and the same refusal frames. Anything
+else ends the loop, and the rest of the read takes the ordinary path, where
+each call is judged on its own: a frame of another kind, a request in
+pieces or whose body is not in the read, a header block ``CachingDecoder``
+has not decoded before, a WINDOW_UPDATE past the flood rule, or a call that
+is not a data call (health, reflection: served).
+
+One thing differs from refusing each call: the calls are answered and
+closed before the rest of the read is taken in. What the client sends
+about those streams later in the same read (a reset, DATA again, HEADERS
+again) finds them closed, and their answers may go out before h2's replies
+to the frames after them (a SETTINGS ACK): both HTTP/2's.
+``tests/unit/test_refuse_read.py`` holds it against the plain path refusing
+each call, and names those differences.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ _END_HEADERS: Final = 0x4
 _FRAME_HEAD: Final = 9
 _FINAL_FLAGS: Final = b"\x01\x05"  # HEADERS, END_HEADERS | END_STREAM
 _FRAME_HEADER: Final = struct.Struct(">IBI")
+_WINDOW_UPDATE_HEAD: Final = 4 << 8 | 0x8  # a WINDOW_UPDATE's length and type, as unpacked
+_LARGEST_WINDOW: Final = 2**31 - 1  # RFC 9113 6.9.1
 # Header lists seen, by identity (the decoder's cache hands out the same list
 # for the same block), with the operation of the call they open (None: not a
 # data call). Kept with the list, so that its id is not another's.
@@ -52,11 +63,15 @@ _MAX_KNOWN: Final = 64
 
 class Reading(Protocol):
     """What is used of ``GrpcProtocol``: its h2 connection, the DATA bytes
-    of the read to give back to the connection's window, its flood guard."""
+    of the read to give back to the connection's window, its flood guard,
+    and its answers waiting for window (a connection's WINDOW_UPDATE)."""
 
     _h2: ServerConnection
     _unacked: int
     _flood: FloodGuard
+    _blocked: dict[int, Any]  # streams whose answers wait for window
+
+    def _pump_blocked(self) -> None: ...
 
 
 class Refusing:
@@ -98,12 +113,16 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
     max_length = conn.max_inbound_frame_size
     window = conn._inbound_flow_control_window_manager
     stream_window = conn.local_settings.initial_window_size
+    send_window = conn.remote_settings.initial_window_size  # a new stream's
     plain_block = conn._decoder.plain
+    guard = proto._flood
     known = refusing.known
     counts = refusing.counts
     highest = conn.highest_inbound_stream_id
     sids: list[bytes] = []
     taken = 0  # DATA bytes, for the connection's window
+    updates = 0  # WINDOW_UPDATE frames taken in
+    connection_updates = 0
     while end - pos >= 2 * _FRAME_HEAD:
         head, flags, sid = unpack(view, pos)
         length = head >> 8
@@ -115,7 +134,22 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         at = pos + _FRAME_HEAD + length
         if end - at < _FRAME_HEAD:
             break
+        block_end = at
         head, flags, body_sid = unpack(view, at)
+        # grpc-core's clients send a WINDOW_UPDATE for the stream between its
+        # HEADERS and DATA, and one for the connection after them: taken in
+        # as the plain path takes them (valid, within the flood rule).
+        call_updates = 0
+        if head == _WINDOW_UPDATE_HEAD and body_sid & 0x7FFFFFFF == sid:
+            call_updates = 1
+            if (
+                end - at < 2 * _FRAME_HEAD + 4
+                or not 0 < _increment(view, at) <= _LARGEST_WINDOW - send_window
+                or not guard.window_updates_allowed(updates + 1, len(sids) + 1)
+            ):
+                break
+            at += _FRAME_HEAD + 4
+            head, flags, body_sid = unpack(view, at)
         size = head >> 8
         stop = at + _FRAME_HEAD + size
         if (
@@ -128,7 +162,16 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
             or size > window.current_window_size
         ):
             break
-        decoded = plain_block(bytes(view[pos + _FRAME_HEAD : at]))
+        increment = 0
+        if end - stop >= _FRAME_HEAD + 4 and _is_connection_update(unpack(view, stop)):
+            increment = _increment(view, stop)
+            if (
+                not 0 < increment <= _LARGEST_WINDOW - conn.outbound_flow_control_window
+                or not guard.window_updates_allowed(updates + call_updates + 1, len(sids) + 1)
+            ):
+                break
+            call_updates += 1
+        decoded = plain_block(bytes(view[pos + _FRAME_HEAD : block_end]))
         if decoded is None:
             break
         headers, expected = decoded
@@ -142,10 +185,15 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         operation = seen[1]
         if operation is None:
             break
-        # What the plain path's HEADERS and DATA and the refusal leave.
+        # What the plain path's HEADERS, DATA and WINDOW_UPDATEs and the refusal leave.
         highest = conn.highest_inbound_stream_id = sid
         window.current_window_size -= size
         taken += size
+        updates += call_updates
+        if increment:
+            conn.outbound_flow_control_window += increment
+            connection_updates += 1
+            stop += _FRAME_HEAD + 4
         counts[operation] = counts.get(operation, 0) + 1
         sids.append(sid.to_bytes(4, "big"))
         pos = stop
@@ -161,6 +209,21 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         conn._refusal_bytes = -1
     out += b"".join([head + sid + block for sid in sids])
     proto._unacked += taken
-    proto._flood.opened += n
-    proto._flood.empty_run = 0
+    guard.opened += n
+    guard.empty_run = 0
+    if updates:
+        guard.window_updates(updates)  # (each was allowed as it was read)
+        if connection_updates and proto._blocked:
+            proto._pump_blocked()  # (the plain path's WINDOW_UPDATE entry)
     return view[pos:]
+
+
+def _is_connection_update(frame_header: tuple[int, int, int]) -> bool:
+    """Whether an unpacked frame header is a WINDOW_UPDATE's for the connection."""
+    head, _, sid = frame_header
+    return head == _WINDOW_UPDATE_HEAD and not sid & 0x7FFFFFFF
+
+
+def _increment(view: memoryview, at: int) -> int:
+    """The window increment of the WINDOW_UPDATE frame at ``at``."""
+    return int.from_bytes(view[at + _FRAME_HEAD : at + _FRAME_HEAD + 4], "big") & 0x7FFFFFFF

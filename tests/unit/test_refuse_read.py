@@ -26,6 +26,7 @@ from prism.limits import Shedder
 from prism.limits.shed import AHEAD_FLOOR
 from prism.proto import kv_pb2
 from prism.rpc import protocol
+from prism.rpc.flood import WINDOW_UPDATES_PER_DATA_FRAME_SENT
 from prism.rpc.h2send import final_block
 from prism.rpc.held import HOLD_S
 from prism.rpc.protocol import GrpcProtocol
@@ -33,7 +34,7 @@ from prism.rpc.refuse_read import Refusing
 
 from .h2client import frame
 from .test_held import AHEAD, PUT, _nothing_came, door_shut
-from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, action
+from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, _request_headers, action
 from .test_quotas import limited
 from .test_refused_unheld import REFUSAL, RefusingRun
 
@@ -212,6 +213,40 @@ def test_a_read_of_plain_calls_is_refused_in_one_pass_and_the_connection_serves_
     run.deliver(0, everything=True)
     assert run.calls[-1][0].stream_id == sid
     assert sid in run.fast._h2.streams
+
+
+def test_grpc_core_calls_are_refused_in_one_pass_window_updates_and_all() -> None:
+    # grpc-core's clients send a WINDOW_UPDATE for the stream between a call's
+    # HEADERS and DATA, and one for the connection after them.
+    run = WholeRun()
+    run.play(WARM_UP)
+    window = run.fast._h2.outbound_flow_control_window
+    for n in range(6):
+        run.act(("request", PATHS[0], b"%d" % n, 4, None, None))
+    run.deliver(0, everything=True)
+    assert run.whole == 6
+    assert run.fast._h2.outbound_flow_control_window == window + 6 * (len(frame(b"0")) + 100)
+    assert run.fast._flood._window_updates == run.slow._flood._window_updates
+
+
+def test_a_window_update_past_the_flood_rule_ends_the_pass() -> None:
+    run = WholeRun()
+    run.play(WARM_UP)
+    # As many WINDOW_UPDATEs taken in as the rule allows, with the next
+    # stream opened (counted directly: sent, the guard's GOAWAY would come first).
+    for proto in (run.fast, run.slow):
+        guard = proto._flood
+        streams = guard.opened + 1
+        guard._window_updates = 1 + 2 * (
+            streams + WINDOW_UPDATES_PER_DATA_FRAME_SENT * proto._h2.data_frames_sent
+        )
+    sid = run.client.get_next_available_stream_id()
+    run.client.send_headers(sid, _request_headers(PATHS[0]))
+    run.client.increment_flow_control_window(5, stream_id=sid)  # one too many
+    run.client.send_data(sid, frame(b"x"), end_stream=True)
+    run.deliver(0, everything=True)
+    assert run.whole == 0  # judged on the ordinary path: the flood guard's
+    assert run.fast.broken and run.slow.broken
 
 
 # ---------------------------------------------------------------- the door's verdict, once a read
