@@ -180,15 +180,12 @@ class Calls:
         if not shedder.refuses(settings.unary_inflight + let_in, now, now - self.proto.arrived, let_in):
             self.let_in = let_in + 1
             return None
-        for name, value in headers:
-            if name == b":path":
-                method = settings.methods.get(bytes(value))
-                if method is None or method.action is None:
-                    return None  # not a data call (health, reflection): served
-                counts = self.shed_counts  # (counted in /metrics once a read: Connection._dispatch)
-                counts[method.operation] = counts.get(method.operation, 0) + 1
-                return _shed_trailers(shedder.target_s, shedder.pushback_ms)
-        return None
+        operation = settings.methods.data_operation(headers)
+        if operation is None:
+            return None  # not a data call (health, reflection): served
+        counts = self.shed_counts  # (counted in /metrics once a read: Connection._dispatch)
+        counts[operation] = counts.get(operation, 0) + 1
+        return _shed_trailers(shedder.target_s, shedder.pushback_ms)
 
     def _limit_new(self, headers: Any, plain: list[Any], at: int) -> tuple[tuple[bytes, bytes], ...] | None:
         """``GrpcProtocol.limit`` while this worker has quotas: the refusal of

@@ -187,3 +187,12 @@ class MethodTable:
 
     def get(self, path: bytes) -> Method | None:
         return self.methods.get(path)
+
+    def data_operation(self, headers: Any) -> str | None:
+        """The operation of the data call a request's ``headers`` open; None
+        for any other call (health, reflection), which the overload door serves."""
+        for name, value in headers:
+            if name == b":path":
+                method = self.methods.get(bytes(value))
+                return None if method is None or method.action is None else method.operation
+        return None

@@ -12,10 +12,8 @@ handshake ``prism.rpc.handshake``'s.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from typing import Any
 
 import trio
 
@@ -26,7 +24,6 @@ from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
 from prism.rpc.calls import Calls, _shed_trailers
 from prism.rpc.h2send import final_block
-from prism.rpc.methods import MethodTable
 from prism.rpc.opening import close, closed_by_server, linger, opening_events
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
 from prism.rpc.refuse_read import Refusing
@@ -101,8 +98,8 @@ class Connection(Writing, Calls):
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
             self.proto.refuse_read = self._refusing_read
-        # (A function of the methods, not a method: the connection is freed without the collector.)
-        self._refusing = Refusing(functools.partial(_operation_of, settings.methods), self.shed_counts)
+        # (The table's method, not the connection's: a connection is freed without the collector.)
+        self._refusing = Refusing(settings.methods.data_operation, self.shed_counts)
         self._scopes: dict[int, trio.CancelScope] = {}
         self._init_writing()
         # Streaming handlers waiting for the client to read, and for requests:
@@ -413,13 +410,3 @@ class Connection(Writing, Calls):
         if size > _READ_SIZE and 4 * len(data) < size:
             return size // 2
         return size
-
-
-def _operation_of(methods: MethodTable, headers: Any) -> str | None:
-    """The operation of the data call ``headers`` open; None for any other
-    call (health, reflection: served), as ``Calls._shed_new`` tells them apart."""
-    for name, value in headers:
-        if name == b":path":
-            method = methods.get(bytes(value))
-            return None if method is None or method.action is None else method.operation
-    return None
