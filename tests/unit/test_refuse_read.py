@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import h2.events
 import pytest
 import trio
 import trio.testing
@@ -36,7 +35,7 @@ from .h2client import frame
 from .test_held import AHEAD, PUT, _nothing_came, door_shut
 from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, _request_headers, action
 from .test_quotas import limited
-from .test_refused_unheld import REFUSAL, RefusingRun
+from .test_refused_unheld import REFUSAL, RefusingRun, client_events, trailers_only
 
 _DATA_PATHS = {
     p.encode() for p in PATHS[:2]
@@ -176,15 +175,7 @@ def test_a_read_refused_whole_agrees_with_each_call_refused(steps: list[tuple[An
 def test_a_read_of_plain_calls_is_refused_in_one_pass_and_the_connection_serves_on() -> None:
     run = WholeRun()
     run.play(WARM_UP)
-    events: list[h2.events.Event] = []
-    receive = run.client.receive_data
-
-    def recording(data: Any) -> Any:
-        got = receive(data)
-        events.extend(got)
-        return got
-
-    run.client.receive_data = recording  # type: ignore[method-assign]
+    events = client_events(run)
     sids = []
     for n in range(10):
         sids.append(run.client.get_next_available_stream_id())
@@ -194,9 +185,8 @@ def test_a_read_of_plain_calls_is_refused_in_one_pass_and_the_connection_serves_
     assert run.refusing.counts == {"get": 10}
     assert not set(sids) & set(run.fast._h2.streams)  # never h2's
     assert run.fast._flood.opened == run.slow._flood.opened
-    answers = {ev.stream_id: dict(ev.headers) for ev in events if isinstance(ev, h2.events.ResponseReceived)}
-    ended = [ev.stream_id for ev in events if isinstance(ev, h2.events.StreamEnded)]
-    assert sorted(answers) == sorted(ended) == sids
+    answers = trailers_only(events)
+    assert sorted(answers) == sids
     assert {a[b"grpc-status"] for a in answers.values()} == {b"8"}
     # A call that is not a data call ends the pass: it and what follows are
     # judged one by one (here the per-call door refuses them too).

@@ -93,10 +93,8 @@ def test_refusals_without_h2_streams_agree_with_refusals_through_them(
     RefusingRun(refused).play(WARM_UP + steps)
 
 
-def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves_on() -> None:
-    run = RefusingRun(set(range(8)))  # every request refused
-    for step in WARM_UP:
-        run.act(step)
+def client_events(run: Run) -> list[h2.events.Event]:
+    """What ``run``'s client receives from now on (appended as it comes)."""
     events: list[h2.events.Event] = []
     receive = run.client.receive_data
 
@@ -106,6 +104,22 @@ def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves
         return got
 
     run.client.receive_data = recording  # type: ignore[method-assign]
+    return events
+
+
+def trailers_only(events: list[h2.events.Event]) -> dict[int, dict[bytes, bytes]]:
+    """The answers in ``events`` by stream, each of which ended its stream (trailers only)."""
+    answers = {ev.stream_id: dict(ev.headers) for ev in events if isinstance(ev, h2.events.ResponseReceived)}
+    ended = [ev.stream_id for ev in events if isinstance(ev, h2.events.StreamEnded)]
+    assert sorted(answers) == sorted(ended)
+    return answers
+
+
+def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves_on() -> None:
+    run = RefusingRun(set(range(8)))  # every request refused
+    for step in WARM_UP:
+        run.act(step)
+    events = client_events(run)
     refused = []
     for n in range(10):
         refused.append(run.client.get_next_available_stream_id())
@@ -113,9 +127,8 @@ def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves
         run.deliver(0, everything=True)
         assert refused[-1] not in run.fast._h2.streams  # never h2's
     # What the client got: a trailers-only RESOURCE_EXHAUSTED answer ending each stream.
-    answers = {ev.stream_id: dict(ev.headers) for ev in events if isinstance(ev, h2.events.ResponseReceived)}
-    ended = [ev.stream_id for ev in events if isinstance(ev, h2.events.StreamEnded)]
-    assert sorted(answers) == sorted(ended) == refused
+    answers = trailers_only(events)
+    assert sorted(answers) == refused
     assert {a[b"grpc-status"] for a in answers.values()} == {b"8"}
     assert all(b"grpc-retry-pushback-ms" in a for a in answers.values())
     # The connection goes on: a request let in is a call, on a stream h2 holds.
