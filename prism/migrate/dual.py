@@ -122,11 +122,16 @@ class MigratingKeyValue:
             lambda: self.source,
             lambda: self.target,
             delivered=lambda id: self.queues["target"].wait_record(id),
+            epoch=lambda: self.roles_changed,
         )
         seed = progress or Progress()
         self._failures_base = seed.target_failures
         self._closed = False
         self.state = state
+        self._primary: str
+        self._secondary: str | None
+        self._primary, self._secondary = _roles(state.phase)
+        self.roles_changed = 0  # times the backend answering, or the one written second, changed
         self._apply_phase(state)
 
     # --- the state ---------------------------------------------------------
@@ -194,9 +199,10 @@ class MigratingKeyValue:
 
     def _apply_phase(self, state: MigrationState) -> None:
         phase = state.phase
-        self._primary: str
-        self._secondary: str | None
-        self._primary, self._secondary = _roles(phase)
+        roles = _roles(phase)
+        if roles != (self._primary, self._secondary):
+            self.roles_changed += 1
+        self._primary, self._secondary = roles
         if phase is Phase.ABORTED:
             dropped = self.queues["target"].clear()  # the target is let go
             if dropped:
@@ -417,20 +423,11 @@ class MigratingKeyValue:
     ) -> ItemPage:
         primary = self._primary
         await self._ensure_open(primary)
-        page = await self._backend(primary).get_items(
-            id,
-            predicate,
-            reverse=reverse,
-            after=after,
-            limit_items=limit_items,
-            limit_bytes=limit_bytes,
-            now_ms=now_ms,
-        )
+        read = ShadowRead(id, predicate, reverse, after, limit_items, limit_bytes, now_ms, self.roles_changed)
+        page = await read.read(self._backend(primary))
         state = self.state
         if state.phase is Phase.SHADOW_READ and self._rng.random() < state.shadow_fraction:
-            self.shadow.submit(
-                ShadowRead(id, predicate, reverse, after, limit_items, limit_bytes, now_ms, page)
-            )
+            self.shadow.submit(read, page)
         return page
 
     async def scan_items(
