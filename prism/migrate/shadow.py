@@ -135,7 +135,7 @@ class Shadow:
         self._send, self._receive = trio.open_memory_channel[tuple[ShadowRead, ItemPage]](max_pending)
         self.reads = 0  # compared
         self.skipped = 0  # not compared: too many waiting, or a backend did not answer
-        self.inconclusive = 0  # the source changed before the difference was confirmed
+        self.inconclusive = 0  # the source, or the roles, changed before a difference was confirmed
         self.mismatched_reads = 0
         self.mismatches: dict[str, int] = {}
         self._logged_at = -math.inf
