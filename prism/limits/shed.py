@@ -233,7 +233,7 @@ class Shedder:
             # few to a write: A/B, 2x an SQLite worker's saturation, three
             # runs of 6-8 steps each, goodput +1.3, +1.4 and +5 points.
             return False
-        elif self.shut and inflight > AHEAD_FLOOR and waited + inflight * self.call_s > self.target_s:
+        elif self.shut and self._behind(inflight, waited):
             # It came in time, but would wait too long behind the calls
             # admitted before it, each of which has its CPU to spend yet
             # (those of a large read wait for each other; those waiting for
@@ -264,8 +264,12 @@ class Shedder:
         (the calls' own path makes it)."""
         if not self.shut or not self._window_start <= now < self._window_end:
             return False
-        target = self.target_s
-        return waited > target or (inflight > AHEAD_FLOOR and waited + inflight * self.call_s > target)
+        return waited > self.target_s or self._behind(inflight, waited)
+
+    def _behind(self, inflight: int, waited: float) -> bool:
+        """Whether a call that has waited ``waited`` would wait past the target
+        behind ``inflight`` calls (the shut door's bound, past ``AHEAD_FLOOR``)."""
+        return inflight > AHEAD_FLOOR and waited + inflight * self.call_s > self.target_s
 
     def count_refused(self, n: int) -> None:
         """``n`` new calls refused as ``refuses_all`` said, as ``refuses`` counts them."""

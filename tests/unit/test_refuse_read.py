@@ -35,7 +35,7 @@ from .h2client import frame
 from .test_held import AHEAD, PUT, _nothing_came, door_shut
 from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, _request_headers, action
 from .test_quotas import limited
-from .test_refused_unheld import REFUSAL, RefusingRun, client_events, trailers_only
+from .test_refused_unheld import REFUSAL, RefusingRun, client_events, send_request, trailers_only
 
 _DATA_PATHS = {
     p.encode() for p in PATHS[:2]
@@ -176,10 +176,7 @@ def test_a_read_of_plain_calls_is_refused_in_one_pass_and_the_connection_serves_
     run = WholeRun()
     run.play(WARM_UP)
     events = client_events(run)
-    sids = []
-    for n in range(10):
-        sids.append(run.client.get_next_available_stream_id())
-        run.act(("request", PATHS[0], b"%d" % n, 0, None, None))
+    sids = [send_request(run, n) for n in range(10)]
     run.deliver(0, everything=True)
     assert run.whole == 10  # one pass: no call was judged on its own
     assert run.refusing.counts == {"get": 10}

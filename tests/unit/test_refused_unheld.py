@@ -107,6 +107,13 @@ def client_events(run: Run) -> list[h2.events.Event]:
     return events
 
 
+def send_request(run: RefusingRun, n: int) -> int:
+    """The client sends a unary data call (body ``n``); its stream id."""
+    sid: int = run.client.get_next_available_stream_id()
+    run.act(("request", PATHS[0], b"%d" % n, 0, None, None))
+    return sid
+
+
 def trailers_only(events: list[h2.events.Event]) -> dict[int, dict[bytes, bytes]]:
     """The answers in ``events`` by stream, each of which ended its stream (trailers only)."""
     answers = {ev.stream_id: dict(ev.headers) for ev in events if isinstance(ev, h2.events.ResponseReceived)}
@@ -122,8 +129,7 @@ def test_a_refused_call_read_whole_leaves_no_h2_stream_and_the_connection_serves
     events = client_events(run)
     refused = []
     for n in range(10):
-        refused.append(run.client.get_next_available_stream_id())
-        run.act(("request", PATHS[0], b"%d" % n, 0, None, None))
+        refused.append(send_request(run, n))
         run.deliver(0, everything=True)
         assert refused[-1] not in run.fast._h2.streams  # never h2's
     # What the client got: a trailers-only RESOURCE_EXHAUSTED answer ending each stream.
