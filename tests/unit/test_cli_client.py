@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -173,6 +174,36 @@ def test_endpoint_defaults_to_prism_endpoint_env(
     monkeypatch.setenv("PRISM_ENDPOINT", endpoint)
     assert cli.main(["kv", "scan", "ns", "--timeout", "1"]) == 1
     assert stderr_lines(capsys)[0].startswith(f"prism: cannot reach {endpoint}: ")
+
+
+def test_grpcios_poller_dying_on_a_closed_channel_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpcio's connectivity poller, run on a channel closed under it (the
+    race CI once hit: a traceback under the command's one error line), is
+    silent; another thread's error still reaches the hook before ours."""
+    from grpc import _channel
+
+    from prism.cli.client import Connection
+
+    reported: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(str(args.exc_value)))
+    conn = Connection(f"127.0.0.1:{unused_port()}")
+    conn.close()
+    channel = conn.channel
+    poller = threading.Thread(
+        target=_channel._poll_connectivity,  # what subscribe() runs, as it runs
+        args=(channel._connectivity_state, channel._channel, False),  # type: ignore[attr-defined]
+    )
+    poller.start()
+    poller.join()
+    assert reported == []
+
+    def fails() -> None:
+        raise ValueError("Channel closed! but not grpcio's poller")
+
+    other = threading.Thread(target=fails)
+    other.start()
+    other.join()
+    assert reported == ["Channel closed! but not grpcio's poller"]
 
 
 # ---------------------------------------------------------------- error lines
