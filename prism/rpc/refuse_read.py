@@ -112,6 +112,8 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
     unpack = _FRAME_HEADER.unpack_from
     max_length = conn.max_inbound_frame_size
     window = conn._inbound_flow_control_window_manager
+    room = window.current_window_size  # the connection's receive window, as the read takes it
+    outbound = conn.outbound_flow_control_window
     stream_window = conn.local_settings.initial_window_size
     send_window = conn.remote_settings.initial_window_size  # a new stream's
     plain_block = conn._decoder.plain
@@ -119,7 +121,15 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
     known = refusing.known
     counts = refusing.counts
     highest = conn.highest_inbound_stream_id
-    sids: list[bytes] = []
+    # The header block of the call before, as bytes, and what it was found
+    # to be: a client sends the same block for calls of the same method
+    # (every header indexed), read again here by a comparison in place.
+    same = b""
+    same_expected: int | None = None
+    operation = ""  # (before the first block: no calls, ``run`` 0)
+    run = 0  # calls of ``operation`` refused, not yet in ``counts``
+    as_bytes = type(data) is bytes
+    sids: list[int] = []
     taken = 0  # DATA bytes, for the connection's window
     updates = 0  # WINDOW_UPDATE frames taken in
     connection_updates = 0
@@ -131,10 +141,9 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         sid &= 0x7FFFFFFF
         if not sid & 1 or sid <= highest:
             break
-        at = pos + _FRAME_HEAD + length
+        at = block_end = pos + _FRAME_HEAD + length
         if end - at < _FRAME_HEAD:
             break
-        block_end = at
         head, flags, body_sid = unpack(view, at)
         # grpc-core's clients send a WINDOW_UPDATE for the stream between its
         # HEADERS and DATA, and one for the connection after them: taken in
@@ -159,46 +168,58 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
             or stop > end
             or size > max_length
             or size > stream_window
-            or size > window.current_window_size
+            or size > room
         ):
             break
         increment = 0
-        if end - stop >= _FRAME_HEAD + 4 and _is_connection_update(unpack(view, stop)):
-            increment = _increment(view, stop)
-            if (
-                not 0 < increment <= _LARGEST_WINDOW - conn.outbound_flow_control_window
-                or not guard.window_updates_allowed(updates + call_updates + 1, len(sids) + 1)
-            ):
+        if end - stop >= _FRAME_HEAD + 4:
+            head, _, update_sid = unpack(view, stop)
+            if head == _WINDOW_UPDATE_HEAD and not update_sid & 0x7FFFFFFF:  # the connection's
+                increment = _increment(view, stop)
+                if not 0 < increment <= _LARGEST_WINDOW - outbound or not guard.window_updates_allowed(
+                    updates + call_updates + 1, len(sids) + 1
+                ):
+                    break
+                call_updates += 1
+        at = pos + _FRAME_HEAD
+        if not (
+            length == len(same) and (data.startswith(same, at) if as_bytes else view[at:block_end] == same)
+        ):
+            request_block = bytes(view[at:block_end])
+            decoded = plain_block(request_block)
+            if decoded is None:
                 break
-            call_updates += 1
-        decoded = plain_block(bytes(view[pos + _FRAME_HEAD : block_end]))
-        if decoded is None:
-            break
-        headers, expected = decoded
-        if expected is not None and expected != size:
-            break
-        seen = known.get(id(headers))
-        if seen is None or seen[0] is not headers:
-            if len(known) >= _MAX_KNOWN:
-                known.clear()
-            seen = known[id(headers)] = (headers, refusing.operation_of(headers))
-        operation = seen[1]
-        if operation is None:
+            headers, expected = decoded
+            seen = known.get(id(headers))
+            if seen is None or seen[0] is not headers:
+                if len(known) >= _MAX_KNOWN:
+                    known.clear()
+                seen = known[id(headers)] = (headers, refusing.operation_of(headers))
+            found = seen[1]
+            if found is None:
+                break
+            if run:
+                counts[operation] = counts.get(operation, 0) + run
+                run = 0
+            same, same_expected, operation = request_block, expected, found
+        if same_expected is not None and same_expected != size:
             break
         # What the plain path's HEADERS, DATA and WINDOW_UPDATEs and the refusal leave.
-        highest = conn.highest_inbound_stream_id = sid
-        window.current_window_size -= size
+        highest = sid
+        room -= size
         taken += size
         updates += call_updates
         if increment:
-            conn.outbound_flow_control_window += increment
+            outbound += increment
             connection_updates += 1
             stop += _FRAME_HEAD + 4
-        counts[operation] = counts.get(operation, 0) + 1
-        sids.append(sid.to_bytes(4, "big"))
+        run += 1
+        sids.append(sid)
         pos = stop
     if not sids:
         return data
+    if run:
+        counts[operation] = counts.get(operation, 0) + run
     n = refusing.refused = len(sids)
     head = len(block).to_bytes(3, "big") + _FINAL_FLAGS
     out = conn._data_to_send
@@ -207,7 +228,10 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         conn._refusal_bytes += n * (_FRAME_HEAD + len(block))
     else:
         conn._refusal_bytes = -1
-    out += b"".join([head + sid + block for sid in sids])
+    out += b"".join([head + sid.to_bytes(4, "big") + block for sid in sids])
+    conn.highest_inbound_stream_id = highest
+    window.current_window_size = room
+    conn.outbound_flow_control_window = outbound
     proto._unacked += taken
     guard.opened += n
     guard.empty_run = 0
@@ -216,12 +240,6 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         if connection_updates and proto._blocked:
             proto._pump_blocked()  # (the plain path's WINDOW_UPDATE entry)
     return view[pos:]
-
-
-def _is_connection_update(frame_header: tuple[int, int, int]) -> bool:
-    """Whether an unpacked frame header is a WINDOW_UPDATE's for the connection."""
-    head, _, sid = frame_header
-    return head == _WINDOW_UPDATE_HEAD and not sid & 0x7FFFFFFF
 
 
 def _increment(view: memoryview, at: int) -> int:

@@ -172,6 +172,26 @@ def test_a_read_refused_whole_agrees_with_each_call_refused(steps: list[tuple[An
     WholeRun().play(WARM_UP + steps)
 
 
+def test_a_read_of_two_methods_counts_each_call_by_its_operation() -> None:
+    """Calls of two methods alternating in one read, refused in one pass
+    (each header block read again by comparison while it repeats): every
+    call counted under its own operation."""
+    run = WholeRun()
+    paths = {p.encode(): op for p, op in zip(PATHS[:2], ("get", "put"), strict=True)}
+    run.refusing.operation_of = lambda headers: paths.get(dict(headers)[b":path"])
+    put = ("request", PATHS[1], b"", 0, None, None)
+    # (Each block decoded once first: put's path enters HPACK's table, and
+    # GetItems' index in it moves.)
+    run.play(WARM_UP + [put, ALL, put, ALL, PLAIN, ALL])
+    run.refusing.counts.clear()
+    whole = run.whole
+    for step in [PLAIN, PLAIN, put, PLAIN, put, put, put, PLAIN]:
+        run.act(step)
+    run.deliver(0, everything=True)
+    assert run.whole - whole == 8  # one pass
+    assert run.refusing.counts == {"get": 4, "put": 4}
+
+
 def test_a_read_of_plain_calls_is_refused_in_one_pass_and_the_connection_serves_on() -> None:
     run = WholeRun()
     run.play(WARM_UP)
