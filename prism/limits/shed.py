@@ -266,6 +266,28 @@ class Shedder:
             return False
         return waited > self.target_s or self._behind(inflight, waited)
 
+    def admits_all(self, inflight: int, n: int, now: float, waited: float) -> bool:
+        """Whether ``refuses`` would let in each of a read's ``n`` new calls
+        (``inflight`` running before the first), decided once and counted as
+        it counts them; False, nothing counted, to judge each call (a call
+        would be refused, or a decision is due). Only the common case: in
+        time, no cap, and every call after the first let in as its read's
+        (below ``AHEAD_FLOOR``), so that the first call's verdict is the
+        read's. Judged call by call, each of the ~18 calls of a read let in
+        at twice an SQLite worker's saturation cost ~1.4 us more than at
+        the saturation, where the door is not asked: 2% of its goodput."""
+        if (
+            waited > self.target_s
+            or self.capped
+            or n > AHEAD_FLOOR
+            or not self._window_start <= now < self._window_end
+            or (self.shut and self._behind(inflight, waited))
+            or (inflight > AHEAD_FLOOR and inflight * self.call_s > AHEAD_TARGETS * self.target_s)
+        ):
+            return False
+        self._asked += n
+        return True
+
     def _behind(self, inflight: int, waited: float) -> bool:
         """Whether a call that has waited ``waited`` would wait past the target
         behind ``inflight`` calls (the shut door's bound, past ``AHEAD_FLOOR``)."""

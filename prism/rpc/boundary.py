@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from google.protobuf.message import DecodeError
 
 from prism.errors import PrismError, StatusCode
+from prism.rpc.h2conn import RESPONSE_HEADERS
 from prism.rpc.methods import Method
+from prism.rpc.respond import encode_grpc_message
 
 log = logging.getLogger("prism.rpc")
 
@@ -32,3 +35,22 @@ def pushback_trailer(pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
     """gRPC's retry pushback (design A6): the client should wait this long
     before it retries; a refusal by a quota or by overload shedding sends it."""
     return ((b"grpc-retry-pushback-ms", b"%d" % pushback_ms),)
+
+
+@functools.lru_cache(maxsize=4)
+def shed_trailers(target_s: float, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
+    """A shed call's trailers-only answer, as ``prism.limits.admission`` words it."""
+    return refusal_trailers(
+        f"worker overloaded: queueing delay above {target_s * 1000:g} ms; retry", pushback_ms
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def refusal_trailers(message: str, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
+    """The trailers-only answer of a call refused as it was read (shed, or by a quota)."""
+    return (
+        *RESPONSE_HEADERS,
+        (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
+        (b"grpc-message", encode_grpc_message(message)),
+        *pushback_trailer(pushback_ms),
+    )

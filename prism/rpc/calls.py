@@ -10,7 +10,6 @@ the connection's reader, writer and timers, is ``Connection``'s.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,10 +20,10 @@ from prism import metrics
 from prism.errors import DeadlineExceeded, PrismError, ResourceExhausted, StatusCode
 from prism.limits import Lease, QuotaExceeded
 from prism.rpc import peek, streams
-from prism.rpc.boundary import failure_status, pushback_trailer
+from prism.rpc.boundary import failure_status, pushback_trailer, refusal_trailers, shed_trailers
 from prism.rpc.call import Call
 from prism.rpc.methods import CLIENT_STREAM, SEND_HEADERS, UNARY, Method
-from prism.rpc.protocol import RESPONSE_HEADERS, GrpcProtocol, encode_grpc_message
+from prism.rpc.protocol import GrpcProtocol
 from prism.rpc.settings import ServerSettings
 from prism.security.identity import PeerIdentity
 
@@ -33,25 +32,6 @@ from prism.security.identity import PeerIdentity
 _OK = StatusCode.OK
 # ``Calls._admit``'s answer for a call it refused (else: the call's quota lease, or None).
 _REFUSED: Any = object()
-
-
-@functools.lru_cache(maxsize=4)
-def _shed_trailers(target_s: float, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
-    """A shed call's trailers-only answer, as ``prism.limits.admission`` words it."""
-    return _refusal_trailers(
-        f"worker overloaded: queueing delay above {target_s * 1000:g} ms; retry", pushback_ms
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _refusal_trailers(message: str, pushback_ms: int) -> tuple[tuple[bytes, bytes], ...]:
-    """The trailers-only answer of a call refused as it was read (shed, or by a quota)."""
-    return (
-        *RESPONSE_HEADERS,
-        (b"grpc-status", b"%d" % StatusCode.RESOURCE_EXHAUSTED),
-        (b"grpc-message", encode_grpc_message(message)),
-        *pushback_trailer(pushback_ms),
-    )
 
 
 class Calls:
@@ -185,7 +165,17 @@ class Calls:
             return None  # not a data call (health, reflection): served
         counts = self.shed_counts  # (counted in /metrics once a read: Connection._dispatch)
         counts[operation] = counts.get(operation, 0) + 1
-        return _shed_trailers(shedder.target_s, shedder.pushback_ms)
+        return shed_trailers(shedder.target_s, shedder.pushback_ms)
+
+    def _admit_read(self, n: int) -> bool:
+        """``GrpcProtocol.admit_read``: all ``n`` new calls of the read let in
+        at once (``Shedder.admits_all``; none was before them), else each judged."""
+        now = trio.current_time()
+        shedder, inflight = self.settings.admission.shedder, self.settings.unary_inflight
+        if self.let_in or not shedder.admits_all(inflight, n, now, now - self.proto.arrived):
+            return False
+        self.let_in = n
+        return True
 
     def _limit_new(self, headers: Any, plain: list[Any], at: int) -> tuple[tuple[bytes, bytes], ...] | None:
         """``GrpcProtocol.limit`` while this worker has quotas: the refusal of
@@ -223,7 +213,7 @@ class Calls:
         self.quota_counts[key] = self.quota_counts.get(key, 0) + 1  # (counted once a read)
         self.limited += 1
         settings.admission.shedder.limited += 1
-        return _refusal_trailers(message, pushback_ms)
+        return refusal_trailers(message, pushback_ms)
 
     def _limit(self, call: Call, method: Method) -> Lease | None:
         """The quota and shedding check (``prism.limits.admission``) of a

@@ -51,9 +51,11 @@ from prism.rpc.h2conn import (
 from prism.rpc.h2send import ENCODED_RESPONSE_HEADERS, Chunk
 from prism.rpc.headers import parse_timeout
 from prism.rpc.hpack_cache import FixedBlockEncoder
-from prism.rpc.inbound import CALL_END, CALL_MESSAGE, Requests
+from prism.rpc.inbound import CALL_END as CALL_END  # (event kinds of receive_data, as the others)
+from prism.rpc.inbound import CALL_MESSAGE as CALL_MESSAGE
+from prism.rpc.inbound import Requests
 from prism.rpc.refuse_read import Refusing, refuse_leading
-from prism.rpc.respond import Responses, encode_grpc_message
+from prism.rpc.respond import Responses
 
 # Event kinds returned by receive_data.
 CALL_START: Final = 0  # headers accepted; call.path, metadata, timeout_s set
@@ -148,8 +150,10 @@ class GrpcProtocol(Requests, Responses):
         # it (``Call.judged``). A stream refused so never becomes a Call: its
         # answer is written here, its DATA dropped as any closed stream's.
         self.shed: Callable[[Any], Trailers | None] | None = None
-        # The same for a whole read, while the door is shut (prism.rpc.refuse_read).
+        # The same for a whole read, while the door is shut (prism.rpc.refuse_read),
+        # and whether it lets in all of a read's ``n`` new calls (then none is judged).
         self.refuse_read: Callable[[], Refusing | None] | None = None
+        self.admit_read: Callable[[int], bool] | None = None
         # The same for quotas (set by the connection), given the read's frames too.
         self.limit: Callable[[Any, list[PlainFrame], int], Trailers | None] | None = None
         # How long the bytes being taken in waited unread in the kernel
@@ -230,7 +234,7 @@ class GrpcProtocol(Requests, Responses):
         self._h2.buffers_to_send()
         self._h2.let_go()
         self.on_output = _nothing  # (a bound method of the connection: a cycle)
-        self.shed = self.limit = self.refuse_read = None  # (the same)
+        self.shed = self.limit = self.refuse_read = self.admit_read = None  # (the same)
 
     @property
     def idle(self) -> bool:
@@ -268,6 +272,9 @@ class GrpcProtocol(Requests, Responses):
         if plain:
             opened = 0
             shed, limit = self.shed, self.limit
+            judged = shed is not None
+            if judged and conn.plain_opened > 1 and self.admit_read and self.admit_read(conn.plain_opened):
+                shed = None
             for index, (kind, sid, value, length, ended) in enumerate(plain):
                 if kind == HEADERS_READ:
                     opened += 1
@@ -277,7 +284,7 @@ class GrpcProtocol(Requests, Responses):
                         self._refuse_read(sid, refusal)  # no Call: nothing else to let go
                         continue
                     conn.open_pending(sid)
-                    self._start_call(sid, value, ended, out, shed is not None)
+                    self._start_call(sid, value, ended, out, judged)
                 elif kind == DATA_READ:
                     self._on_data(sid, value, length, ended, out)
                 elif kind == WINDOW_READ:
@@ -434,17 +441,3 @@ class GrpcProtocol(Requests, Responses):
 
 def _nothing() -> None:
     pass
-
-
-__all__ = [
-    "CALL_END",
-    "CALL_MESSAGE",
-    "CALL_RESET",
-    "CALL_START",
-    "CONNECTION_CLOSED",
-    "RESPONSE_HEADERS",
-    "TRAILERS_OK",
-    "GrpcProtocol",
-    "encode_grpc_message",
-    "parse_timeout",
-]

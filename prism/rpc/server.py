@@ -20,9 +20,10 @@ import trio
 from prism import metrics
 from prism.limits import shed
 from prism.rpc import arrival, keepalive, rest
+from prism.rpc.boundary import shed_trailers
 from prism.rpc.budget import ConnectionBudget
 from prism.rpc.call import Call
-from prism.rpc.calls import Calls, _shed_trailers
+from prism.rpc.calls import Calls
 from prism.rpc.h2send import final_block
 from prism.rpc.opening import close, closed_by_server, linger, opening_events
 from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_RESET, CALL_START, GrpcProtocol
@@ -98,6 +99,7 @@ class Connection(Writing, Calls):
         if settings.admission.shedder.enabled:
             self.proto.shed = self._shed_new
             self.proto.refuse_read = self._refusing_read
+            self.proto.admit_read = self._admit_read
         # (The table's method, not the connection's: a connection is freed without the collector.)
         self._refusing = Refusing(settings.methods.data_operation, self.shed_counts)
         self._scopes: dict[int, trio.CancelScope] = {}
@@ -225,7 +227,7 @@ class Connection(Writing, Calls):
         if not shedder.refuses_all(self.settings.unary_inflight, now, now - self.proto.arrived):
             return None
         refusing = self._refusing
-        trailers = _shed_trailers(shedder.target_s, shedder.pushback_ms)
+        trailers = shed_trailers(shedder.target_s, shedder.pushback_ms)
         if trailers is not refusing.trailers:
             refusing.trailers, refusing.block = trailers, final_block(trailers)
         return refusing

@@ -182,7 +182,7 @@ def test_a_read_of_two_methods_counts_each_call_by_its_operation() -> None:
     put = ("request", PATHS[1], b"", 0, None, None)
     # (Each block decoded once first: put's path enters HPACK's table, and
     # GetItems' index in it moves.)
-    run.play(WARM_UP + [put, ALL, put, ALL, PLAIN, ALL])
+    run.play([*WARM_UP, put, ALL, put, ALL, PLAIN, ALL])
     run.refusing.counts.clear()
     whole = run.whole
     for step in [PLAIN, PLAIN, put, PLAIN, put, put, put, PLAIN]:

@@ -16,12 +16,12 @@ import h2.events
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from prism.rpc.calls import _shed_trailers
+from prism.rpc.boundary import shed_trailers
 from prism.rpc.protocol import GrpcProtocol
 
 from .test_plain_frames import ALL, PATHS, PLAIN, WARM_UP, WINDOW, Run, action
 
-REFUSAL = _shed_trailers(0.005, 10)
+REFUSAL = shed_trailers(0.005, 10)
 _GOAWAY = 0x7
 _PROTOCOL_ERROR = (1).to_bytes(4, "big")
 _STREAM_CLOSED = (5).to_bytes(4, "big")

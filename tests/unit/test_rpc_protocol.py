@@ -19,14 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prism.errors import StatusCode
-from prism.rpc.protocol import (
-    CALL_END,
-    CALL_MESSAGE,
-    CALL_START,
-    GrpcProtocol,
-    encode_grpc_message,
-    parse_timeout,
-)
+from prism.rpc.headers import parse_timeout
+from prism.rpc.protocol import CALL_END, CALL_MESSAGE, CALL_START, GrpcProtocol
+from prism.rpc.respond import encode_grpc_message
 
 from .h2client import frame
 
