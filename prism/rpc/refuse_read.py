@@ -111,10 +111,10 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
     pos = 0
     unpack = _FRAME_HEADER.unpack_from
     max_length = conn.max_inbound_frame_size
+    largest = min(max_length, conn.local_settings.initial_window_size)  # a request's DATA frame
     window = conn._inbound_flow_control_window_manager
-    room = window.current_window_size  # the connection's receive window, as the read takes it
+    room = before = window.current_window_size  # the connection's receive window, as the read takes it
     outbound = conn.outbound_flow_control_window
-    stream_window = conn.local_settings.initial_window_size
     send_window = conn.remote_settings.initial_window_size  # a new stream's
     plain_block = conn._decoder.plain
     guard = proto._flood
@@ -126,15 +126,15 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
     # (every header indexed), read again here by a comparison in place.
     same = b""
     same_expected: int | None = None
-    operation = ""  # (before the first block: no calls, ``run`` 0)
-    run = 0  # calls of ``operation`` refused, not yet in ``counts``
+    operation = ""  # (before the first block: no calls)
+    run_from = 0  # the first of the calls refused since ``operation`` was found
     as_bytes = type(data) is bytes
     sids: list[int] = []
-    taken = 0  # DATA bytes, for the connection's window
     updates = 0  # WINDOW_UPDATE frames taken in
     connection_updates = 0
+    ahead: tuple[int, int, int] | None = None  # the header of the frame at ``pos``, if unpacked
     while end - pos >= 2 * _FRAME_HEAD:
-        head, flags, sid = unpack(view, pos)
+        head, flags, sid = ahead or unpack(view, pos)
         length = head >> 8
         if head & 0xFF != _HEADERS or flags != _END_HEADERS or length > max_length:
             break
@@ -166,21 +166,22 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
             or flags != _END_STREAM
             or body_sid & 0x7FFFFFFF != sid
             or stop > end
-            or size > max_length
-            or size > stream_window
+            or size > largest
             or size > room
         ):
             break
         increment = 0
+        ahead = None
         if end - stop >= _FRAME_HEAD + 4:
-            head, _, update_sid = unpack(view, stop)
-            if head == _WINDOW_UPDATE_HEAD and not update_sid & 0x7FFFFFFF:  # the connection's
+            ahead = unpack(view, stop)  # the next call's HEADERS, or the connection's WINDOW_UPDATE
+            if ahead[0] == _WINDOW_UPDATE_HEAD and not ahead[2] & 0x7FFFFFFF:
                 increment = _increment(view, stop)
                 if not 0 < increment <= _LARGEST_WINDOW - outbound or not guard.window_updates_allowed(
                     updates + call_updates + 1, len(sids) + 1
                 ):
                     break
                 call_updates += 1
+                ahead = None
         at = pos + _FRAME_HEAD
         if not (
             length == len(same) and (data.startswith(same, at) if as_bytes else view[at:block_end] == same)
@@ -198,29 +199,28 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
             found = seen[1]
             if found is None:
                 break
-            if run:
-                counts[operation] = counts.get(operation, 0) + run
-                run = 0
+            if len(sids) > run_from:
+                counts[operation] = counts.get(operation, 0) + len(sids) - run_from
+                run_from = len(sids)
             same, same_expected, operation = request_block, expected, found
         if same_expected is not None and same_expected != size:
             break
         # What the plain path's HEADERS, DATA and WINDOW_UPDATEs and the refusal leave.
         highest = sid
         room -= size
-        taken += size
         updates += call_updates
         if increment:
             outbound += increment
             connection_updates += 1
             stop += _FRAME_HEAD + 4
-        run += 1
         sids.append(sid)
         pos = stop
-    if not sids:
+    n = len(sids)
+    if not n:
         return data
-    if run:
-        counts[operation] = counts.get(operation, 0) + run
-    n = refusing.refused = len(sids)
+    if n > run_from:
+        counts[operation] = counts.get(operation, 0) + n - run_from
+    refusing.refused = n
     head = len(block).to_bytes(3, "big") + _FINAL_FLAGS
     out = conn._data_to_send
     # (As ``send_refusal`` keeps it: refusals alone may be held.)
@@ -228,11 +228,12 @@ def refuse_leading(proto: Reading, data: Any, refusing: Refusing) -> Any:
         conn._refusal_bytes += n * (_FRAME_HEAD + len(block))
     else:
         conn._refusal_bytes = -1
-    out += b"".join([head + sid.to_bytes(4, "big") + block for sid in sids])
+    # Each refusal a HEADERS frame: ``head``, its stream id, ``block``.
+    out += head + (block + head).join([sid.to_bytes(4, "big") for sid in sids]) + block
     conn.highest_inbound_stream_id = highest
     window.current_window_size = room
     conn.outbound_flow_control_window = outbound
-    proto._unacked += taken
+    proto._unacked += before - room
     guard.opened += n
     guard.empty_run = 0
     if updates:
