@@ -280,11 +280,12 @@ class _QuietClosedPoller:
         self.previous = previous
 
     def __call__(self, args: threading.ExceptHookArgs) -> None:
-        tb = args.exc_traceback
-        while tb is not None:
-            if tb.tb_frame.f_code.co_name == "_poll_connectivity" and "closed" in str(args.exc_value):
-                return
-            tb = tb.tb_next
+        if args.exc_type is ValueError and "closed" in str(args.exc_value):
+            tb = args.exc_traceback
+            while tb is not None:
+                if tb.tb_frame.f_code.co_name == "_poll_connectivity":
+                    return
+                tb = tb.tb_next
         self.previous(args)
 
     @classmethod

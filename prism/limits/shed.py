@@ -243,7 +243,7 @@ class Shedder:
             # fewer calls each, and each call costs it more CPU.
             self._late += 1
             return True
-        if inflight > AHEAD_FLOOR and inflight * self.call_s > AHEAD_TARGETS * self.target_s:
+        if self._far_behind(inflight):
             # Door open, behind more than AHEAD_TARGETS targets of CPU: late
             # as well (the door shuts at its next decision, to its own
             # tighter bound, if such calls go on coming).
@@ -282,7 +282,7 @@ class Shedder:
             or n > AHEAD_FLOOR
             or not self._window_start <= now < self._window_end
             or (self.shut and self._behind(inflight, waited))
-            or (inflight > AHEAD_FLOOR and inflight * self.call_s > AHEAD_TARGETS * self.target_s)
+            or self._far_behind(inflight)
         ):
             return False
         self._asked += n
@@ -292,6 +292,11 @@ class Shedder:
         """Whether a call that has waited ``waited`` would wait past the target
         behind ``inflight`` calls (the shut door's bound, past ``AHEAD_FLOOR``)."""
         return inflight > AHEAD_FLOOR and waited + inflight * self.call_s > self.target_s
+
+    def _far_behind(self, inflight: int) -> bool:
+        """Whether a new call would be behind more than ``AHEAD_TARGETS``
+        targets of CPU (every door's bound, past ``AHEAD_FLOOR``)."""
+        return inflight > AHEAD_FLOOR and inflight * self.call_s > AHEAD_TARGETS * self.target_s
 
     def count_refused(self, n: int) -> None:
         """``n`` new calls refused as ``refuses_all`` said, as ``refuses`` counts them."""
